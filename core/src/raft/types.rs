@@ -1,0 +1,264 @@
+//! The values that cross the boundary between a replica and its driver.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// A node of the cluster (one process). Every replica of a group lives on a distinct node.
+pub type NodeId = u64;
+/// A Raft group: one replicated log. A node hosts replicas of many groups.
+pub type GroupId = u64;
+pub type Term = u64;
+/// A log position; the first entry has index 1, and 0 means "before the log".
+pub type Index = u64;
+
+/// One log entry. A command entry holds a whole batch: many commands cost one entry, one
+/// write, and one round of replication.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Entry {
+    pub term: Term,
+    pub index: Index,
+    pub kind: EntryKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// Appended by every new leader at the start of its term, so entries of earlier terms
+    /// commit as soon as the current term's first entry does.
+    Noop,
+    /// A batch of opaque commands from one proposal.
+    Commands(Vec<Bytes>),
+}
+
+/// What must survive a crash besides the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HardState {
+    pub term: Term,
+    /// The candidate this replica voted for in `term`.
+    pub vote: Option<NodeId>,
+    /// A lower bound of the commit index, carried along with writes that happen anyway (a
+    /// commit advance alone never costs a sync). Always `<=` the last index of the log
+    /// written together with it.
+    pub commit: Index,
+}
+
+/// A Raft message between two replicas of one group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// "Would you vote for me in `term`?" Changes no state on the receiver.
+    PreVote { term: Term, last_index: Index, last_term: Term },
+    PreVoteResponse { term: Term, granted: bool },
+    Vote { term: Term, last_index: Index, last_term: Term },
+    VoteResponse { term: Term, granted: bool },
+    Append {
+        term: Term,
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        commit: Index,
+    },
+    AppendResponse { term: Term, result: AppendResult },
+    /// The leader's keep-alive. `commit` is at most what the receiver is known to hold.
+    Heartbeat { term: Term, commit: Index },
+    HeartbeatResponse { term: Term },
+}
+
+impl Message {
+    pub fn term(&self) -> Term {
+        match self {
+            Message::PreVote { term, .. }
+            | Message::PreVoteResponse { term, .. }
+            | Message::Vote { term, .. }
+            | Message::VoteResponse { term, .. }
+            | Message::Append { term, .. }
+            | Message::AppendResponse { term, .. }
+            | Message::Heartbeat { term, .. }
+            | Message::HeartbeatResponse { term } => *term,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendResult {
+    /// The receiver's log matches the leader's up to `match_index`, durably.
+    Accepted { match_index: Index },
+    /// The receiver has no entry `(prev_index, prev_term)`. `hint_index`/`hint_term` point at
+    /// the receiver's last entry at or below `rejected_index` so the leader can skip a whole
+    /// term of conflicting entries at once.
+    Rejected {
+        rejected_index: Index,
+        hint_index: Index,
+        hint_term: Term,
+    },
+}
+
+/// A message with its addressing, as returned by [`super::Replica::poll_message`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub group: GroupId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub message: Message,
+}
+
+/// Identifies a write; ids increase by one per write a replica hands out.
+pub type WriteId = u64;
+
+/// Something the driver must make durable, in order: first `hard_state` (if any), then the log
+/// change (if any): discard every entry at index `>= entries[0].index`, then append `entries`.
+/// When it has synced this write and every earlier one it calls
+/// [`super::Replica::persisted`] with `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub id: WriteId,
+    pub hard_state: Option<HardState>,
+    pub entries: Vec<Entry>,
+}
+
+/// A driver-chosen tag for a proposal, handed back with its fate.
+pub type ProposalId = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProposalOutcome {
+    /// The proposal's entry is committed at `index` (and will be returned by
+    /// `poll_committed` at that index).
+    Committed { index: Index },
+    /// The entry was overwritten by another leader's entry: it will never commit.
+    Dropped { leader_hint: Option<NodeId> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProposalFate {
+    pub id: ProposalId,
+    pub outcome: ProposalOutcome,
+}
+
+/// Why a proposal was refused at once; nothing was appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProposeError {
+    NotLeader { leader_hint: Option<NodeId> },
+    /// The replica is the leader but too many entries wait for a quorum; retry later.
+    Busy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// Planted bugs for the simulator's canaries. Each one only has an effect when the crate is
+/// built with the `canaries` feature; in a normal build [`Config::canary`] is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Canary {
+    /// Leaders commit entries of earlier terms by counting replicas (Raft paper figure 8).
+    CommitOldTerm,
+    /// A quorum is `n / 2` instead of `n / 2 + 1`: commit from a minority.
+    CommitFromMinority,
+    /// Followers acknowledge appended entries before they are durable.
+    AckBeforeDurable,
+    /// Votes leave before the term and vote that grant them are durable.
+    VoteBeforeDurable,
+    /// A restarted replica forgets whom it voted for.
+    ForgetVoteOnRestart,
+    /// Followers accept AppendEntries from a leader of an older term.
+    AcceptStaleAppend,
+    /// Votes are granted without checking that the candidate's log is up to date.
+    VoteWithoutLogCheck,
+}
+
+impl Canary {
+    pub const ALL: [Canary; 7] = [
+        Canary::CommitOldTerm,
+        Canary::CommitFromMinority,
+        Canary::AckBeforeDurable,
+        Canary::VoteBeforeDurable,
+        Canary::ForgetVoteOnRestart,
+        Canary::AcceptStaleAppend,
+        Canary::VoteWithoutLogCheck,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Canary::CommitOldTerm => "commit-old-term",
+            Canary::CommitFromMinority => "commit-from-minority",
+            Canary::AckBeforeDurable => "ack-before-durable",
+            Canary::VoteBeforeDurable => "vote-before-durable",
+            Canary::ForgetVoteOnRestart => "forget-vote-on-restart",
+            Canary::AcceptStaleAppend => "accept-stale-append",
+            Canary::VoteWithoutLogCheck => "vote-without-log-check",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Canary> {
+        Canary::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// Static configuration of one replica.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    pub group: GroupId,
+    /// Every voter of the group, this replica included.
+    pub voters: Vec<NodeId>,
+    /// Election timeouts are drawn uniformly from `[min, max)` with the replica's seeded RNG.
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    pub heartbeat_interval: Duration,
+    /// At most this many entries in one AppendEntries.
+    pub append_entries_max: usize,
+    /// At most this many AppendEntries in flight to one follower.
+    pub inflight_appends_max: usize,
+    /// At most this many uncommitted entries on a leader; further proposals get `Busy`.
+    pub uncommitted_entries_max: usize,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    /// A planted bug; effective only with the `canaries` feature.
+    pub canary: Option<Canary>,
+}
+
+impl Config {
+    /// Defaults that suit a LAN or loopback: elections in 150-300 ms, heartbeats every 50 ms.
+    pub fn new(id: NodeId, group: GroupId, voters: Vec<NodeId>) -> Self {
+        Config {
+            id,
+            group,
+            voters,
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            heartbeat_interval: Duration::from_millis(50),
+            append_entries_max: 64,
+            inflight_appends_max: 8,
+            uncommitted_entries_max: 4096,
+            pre_vote: true,
+            check_quorum: true,
+            canary: None,
+        }
+    }
+}
+
+/// What a replica finds on its disk when it starts: everything in here is durable.
+#[derive(Clone, Debug, Default)]
+pub struct Recovered {
+    pub hard_state: HardState,
+    /// The log, contiguous from index 1.
+    pub entries: Vec<Entry>,
+}
+
+/// A snapshot of a replica's state for status pages, traces and checkers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub group: GroupId,
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub vote: Option<NodeId>,
+    pub commit_index: Index,
+    pub applied_index: Index,
+    pub last_index: Index,
+    pub durable_index: Index,
+}

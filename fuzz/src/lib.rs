@@ -1,0 +1,1 @@
+//! Fuzz entry points shared by the cargo-fuzz targets and the stable corpus replay.

@@ -1,0 +1,66 @@
+//! What a leader knows about one follower (etcd's tracker/progress.go, reduced).
+
+use std::collections::VecDeque;
+
+use super::types::Index;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ProgressState {
+    /// Next index unknown: one Append at a time until one is accepted.
+    Probe,
+    /// The follower is known to match: stream Appends up to the in-flight window.
+    Replicate,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Progress {
+    pub(super) match_index: Index,
+    pub(super) next_index: Index,
+    pub(super) state: ProgressState,
+    /// In Probe: an Append is out and unanswered, so wait before sending another.
+    pub(super) probe_sent: bool,
+    /// In Replicate: the last index of each Append in flight, oldest first.
+    pub(super) inflight: VecDeque<Index>,
+    /// Heard from since the last CheckQuorum round.
+    pub(super) recent_active: bool,
+}
+
+impl Progress {
+    pub(super) fn new(next_index: Index) -> Self {
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ProgressState::Probe,
+            probe_sent: false,
+            inflight: VecDeque::new(),
+            recent_active: true,
+        }
+    }
+
+    /// Records that the follower holds everything up to `index`. Returns true if that is news.
+    pub(super) fn accept(&mut self, index: Index) -> bool {
+        while self.inflight.front().is_some_and(|&last| last <= index) {
+            self.inflight.pop_front();
+        }
+        self.probe_sent = false;
+        if self.state == ProgressState::Probe {
+            self.state = ProgressState::Replicate;
+            self.next_index = self.next_index.max(index + 1);
+        }
+        if index > self.match_index {
+            self.match_index = index;
+            self.next_index = self.next_index.max(index + 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Falls back to probing from `next_index` after a rejection.
+    pub(super) fn probe_from(&mut self, next_index: Index) {
+        self.state = ProgressState::Probe;
+        self.next_index = next_index.max(self.match_index + 1);
+        self.probe_sent = false;
+        self.inflight.clear();
+    }
+}

@@ -1,32 +1,229 @@
 //! The replica: election, replication, commit. See the module docs of `raft` for the contract.
 
-use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
 
+use bytes::Bytes;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::log::RaftLog;
+use super::progress::{Progress, ProgressState};
+use super::quorum::{majority, quorum_index};
 use super::types::*;
 use crate::time::Instant;
 
+/// A write handed to the driver and not yet reported durable.
+#[derive(Debug)]
+struct WriteInFlight {
+    id: WriteId,
+    /// The last log index once this write is on disk.
+    last_index: Index,
+    /// Entries above this index are being replaced by this write.
+    rewrite_floor: Index,
+}
+
 pub struct Replica {
-    _config: Config,
+    config: Config,
+    rng: ChaCha8Rng,
+
+    // Persistent state (mirrored to disk through `Write`s).
+    term: Term,
+    vote: Option<NodeId>,
+    log: RaftLog,
+
+    // Volatile state.
+    role: Role,
+    leader: Option<NodeId>,
+    commit: Index,
+    applied: Index,
+    /// Votes (or pre-votes) received in the current campaign.
+    votes: BTreeMap<NodeId, bool>,
+    /// The leader's view of each follower.
+    progress: BTreeMap<NodeId, Progress>,
+    /// Proposals whose entries are in the log but not yet committed or overwritten.
+    proposals: BTreeMap<Index, (ProposalId, Term)>,
+    fates: VecDeque<ProposalFate>,
+
+    // Timers.
+    election_deadline: Instant,
+    heartbeat_deadline: Instant,
+    check_quorum_deadline: Instant,
+    /// When this follower last heard from a leader of its term (for the CheckQuorum lease).
+    leader_contact: Option<Instant>,
+
+    // Durability bookkeeping.
+    /// Ids handed out so far; the next write gets `writes_issued + 1`.
+    writes_issued: WriteId,
+    durable_write: WriteId,
+    hard_state_dirty: bool,
+    /// The lowest log index changed since the last `poll_write`.
+    log_dirty_from: Option<Index>,
+    /// The commit index carried by the last write.
+    written_commit: Index,
+    /// The id of the write that carries the latest term and vote.
+    term_write: WriteId,
+    writes_in_flight: VecDeque<WriteInFlight>,
+    /// Every entry up to here is durable and equal to the in-memory log.
+    durable_index: Index,
+
+    // Outputs.
+    ready: VecDeque<Envelope>,
+    /// Messages waiting until the given write is durable, oldest first.
+    waiting: VecDeque<(WriteId, Envelope)>,
 }
 
 impl Replica {
     /// Starts a replica from what its disk holds. `seed` drives its randomised election
     /// timeouts; a driver passes a fresh seed on every start.
     pub fn new(config: Config, recovered: Recovered, seed: u64, now: Instant) -> Replica {
-        let _ = (recovered, seed, now);
-        todo!("{config:?}")
+        let Recovered {
+            hard_state,
+            entries,
+        } = recovered;
+        let log = RaftLog::from_entries(entries);
+        let durable_index = log.last_index();
+        let commit = hard_state.commit.min(log.last_index());
+        let mut replica = Replica {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            term: hard_state.term,
+            vote: hard_state.vote,
+            log,
+            role: Role::Follower,
+            leader: None,
+            commit,
+            applied: 0,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            proposals: BTreeMap::new(),
+            fates: VecDeque::new(),
+            election_deadline: now,
+            heartbeat_deadline: now,
+            check_quorum_deadline: now,
+            leader_contact: None,
+            writes_issued: 0,
+            durable_write: 0,
+            hard_state_dirty: false,
+            log_dirty_from: None,
+            written_commit: commit,
+            term_write: 0,
+            writes_in_flight: VecDeque::new(),
+            durable_index,
+            ready: VecDeque::new(),
+            waiting: VecDeque::new(),
+            config,
+        };
+        if replica.canary(Canary::ForgetVoteOnRestart) {
+            replica.vote = None;
+        }
+        replica.reset_election_deadline(now);
+        replica
     }
 
     /// Handles one message from the replica of node `from`.
     pub fn step(&mut self, now: Instant, from: NodeId, message: Message) {
-        let _ = (now, from, message);
-        todo!()
+        if from == self.config.id || !self.config.voters.contains(&from) {
+            return;
+        }
+        let term = message.term();
+        if term > self.term {
+            match &message {
+                // Asking changes nothing: that is the point of PreVote.
+                Message::PreVote { .. } => {}
+                // A granted pre-vote carries the term we would campaign in.
+                Message::PreVoteResponse { granted: true, .. } => {}
+                Message::Vote { .. } if self.in_lease(now) => return,
+                Message::Append { .. } | Message::Heartbeat { .. } => {
+                    self.become_follower(now, term, Some(from));
+                }
+                _ => self.become_follower(now, term, None),
+            }
+        } else if term < self.term {
+            match message {
+                Message::Append { .. } if self.canary(Canary::AcceptStaleAppend) => {}
+                // Tell a stale leader about the newer term so it steps down.
+                Message::Append { .. } | Message::Heartbeat { .. } => {
+                    let reply = Message::HeartbeatResponse { term: self.term };
+                    self.send_after_all_writes(from, reply);
+                    return;
+                }
+                Message::PreVote { .. } => {
+                    let reply = Message::PreVoteResponse {
+                        term: self.term,
+                        granted: false,
+                    };
+                    self.send_after_all_writes(from, reply);
+                    return;
+                }
+                _ => return,
+            }
+        }
+
+        match message {
+            Message::PreVote {
+                term,
+                last_index,
+                last_term,
+            } => self.handle_pre_vote(now, from, term, last_index, last_term),
+            Message::Vote {
+                term,
+                last_index,
+                last_term,
+            } => self.handle_vote(now, from, term, last_index, last_term),
+            Message::PreVoteResponse { term, granted } => {
+                // A grant must be for the term we would campaign in; a refusal counts whatever
+                // its term (a higher one has already made us a follower above).
+                if !granted || term == self.term + 1 {
+                    self.tally(now, Role::PreCandidate, from, granted);
+                }
+            }
+            Message::VoteResponse { granted, .. } => {
+                self.tally(now, Role::Candidate, from, granted);
+            }
+            Message::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+                ..
+            } => {
+                self.follow(now, from);
+                self.handle_append(from, prev_index, prev_term, entries, commit);
+            }
+            Message::Heartbeat { commit, .. } => {
+                self.follow(now, from);
+                self.advance_commit(commit.min(self.log.last_index()));
+                let reply = Message::HeartbeatResponse { term: self.term };
+                self.send_after_all_writes(from, reply);
+            }
+            Message::AppendResponse { result, .. } => {
+                self.handle_append_response(from, result);
+            }
+            Message::HeartbeatResponse { .. } => self.handle_heartbeat_response(from),
+        }
     }
 
     /// Fires every timer due at `now`; harmless if none is due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let _ = now;
-        todo!()
+        if self.role == Role::Leader {
+            if now >= self.check_quorum_deadline {
+                self.check_quorum_deadline = now + self.config.election_timeout_min;
+                if self.config.check_quorum && !self.quorum_recently_active() {
+                    self.become_follower(now, self.term, None);
+                    return;
+                }
+            }
+            if now >= self.heartbeat_deadline {
+                self.heartbeat_deadline = now + self.config.heartbeat_interval;
+                self.broadcast_heartbeat();
+            }
+        } else if now >= self.election_deadline {
+            if self.config.pre_vote {
+                self.become_pre_candidate(now);
+            } else {
+                self.become_candidate(now);
+            }
+        }
     }
 
     /// Appends one entry holding `commands`, on a leader. Returns the entry's index; the
@@ -37,52 +234,678 @@ impl Replica {
         id: ProposalId,
         commands: Vec<Bytes>,
     ) -> Result<Index, ProposeError> {
-        let _ = (now, id, commands);
-        todo!()
+        let _ = now;
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        let uncommitted = self.log.last_index() - self.commit;
+        if uncommitted >= self.config.uncommitted_entries_max as Index {
+            return Err(ProposeError::Busy);
+        }
+        let index = self.append_own(EntryKind::Commands(commands));
+        self.proposals.insert(index, (id, self.term));
+        self.broadcast_append();
+        Ok(index)
     }
 
     /// The driver has synced the write `id` and every write before it.
     pub fn persisted(&mut self, now: Instant, id: WriteId) {
-        let _ = (now, id);
-        todo!()
+        let _ = now;
+        if id <= self.durable_write || id > self.writes_issued {
+            return;
+        }
+        self.durable_write = id;
+        let mut durable_last = None;
+        while self.writes_in_flight.front().is_some_and(|w| w.id <= id) {
+            durable_last = self.writes_in_flight.pop_front().map(|w| w.last_index);
+        }
+        if let Some(last) = durable_last {
+            self.durable_index = self.rewrite_floor().min(last);
+        }
+        while self.waiting.front().is_some_and(|(req, _)| *req <= id) {
+            if let Some((_, envelope)) = self.waiting.pop_front() {
+                self.ready.push_back(envelope);
+            }
+        }
+        if self.role == Role::Leader {
+            self.maybe_commit();
+        }
     }
 
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Instant {
-        todo!()
+        if self.role == Role::Leader {
+            self.heartbeat_deadline.min(self.check_quorum_deadline)
+        } else {
+            self.election_deadline
+        }
     }
 
     /// The next write to perform and sync, coalescing every change made since the last call.
     pub fn poll_write(&mut self) -> Option<Write> {
-        todo!()
+        if !self.dirty() {
+            return None;
+        }
+        let id = self.writes_issued + 1;
+        self.writes_issued = id;
+        let entries = match self.log_dirty_from.take() {
+            Some(from) => self.log.slice(from, usize::MAX),
+            None => Vec::new(),
+        };
+        let rewrite_floor = entries
+            .first()
+            .map_or(Index::MAX, |e| e.index.saturating_sub(1));
+        self.writes_in_flight.push_back(WriteInFlight {
+            id,
+            last_index: self.log.last_index(),
+            rewrite_floor,
+        });
+        let carry_hard_state = self.hard_state_dirty || self.commit != self.written_commit;
+        self.hard_state_dirty = false;
+        self.written_commit = self.commit;
+        Some(Write {
+            id,
+            hard_state: carry_hard_state.then(|| self.hard_state()),
+            entries,
+        })
     }
 
     /// The next message that may be sent now.
     pub fn poll_message(&mut self) -> Option<Envelope> {
-        todo!()
+        self.ready.pop_front()
     }
 
     /// The next committed entry to apply, in index order.
     pub fn poll_committed(&mut self) -> Option<Entry> {
-        todo!()
+        if self.applied >= self.commit {
+            return None;
+        }
+        let entry = self.log.get(self.applied + 1)?.clone();
+        self.applied += 1;
+        Some(entry)
     }
 
     /// The next proposal whose fate is known.
     pub fn poll_proposal(&mut self) -> Option<ProposalFate> {
-        todo!()
+        self.fates.pop_front()
     }
 
     pub fn status(&self) -> Status {
-        todo!()
+        Status {
+            id: self.config.id,
+            group: self.config.group,
+            role: self.role,
+            term: self.term,
+            leader: self.leader,
+            vote: self.vote,
+            commit_index: self.commit,
+            applied_index: self.applied,
+            last_index: self.log.last_index(),
+            durable_index: self.durable_index,
+        }
     }
 
     pub fn config(&self) -> &Config {
-        &self._config
+        &self.config
     }
 
     /// The entry at `index` in this replica's (possibly not yet durable) log.
     pub fn entry(&self, index: Index) -> Option<&Entry> {
-        let _ = index;
-        todo!()
+        self.log.get(index)
+    }
+
+    // ----- roles -----
+
+    fn become_follower(&mut self, now: Instant, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+            self.mark_term_dirty();
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.leader_contact = leader.map(|_| now);
+        self.votes.clear();
+        self.progress.clear();
+        self.reset_election_deadline(now);
+    }
+
+    fn become_pre_candidate(&mut self, now: Instant) {
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.leader_contact = None;
+        self.votes.clear();
+        self.votes.insert(self.config.id, true);
+        self.reset_election_deadline(now);
+        if self.won_campaign() {
+            self.become_candidate(now);
+            return;
+        }
+        let request = Message::PreVote {
+            term: self.term + 1,
+            last_index: self.log.last_index(),
+            last_term: self.log.last_term(),
+        };
+        for peer in self.peers() {
+            self.send_after_all_writes(peer, request.clone());
+        }
+    }
+
+    fn become_candidate(&mut self, now: Instant) {
+        self.role = Role::Candidate;
+        self.term += 1;
+        self.vote = Some(self.config.id);
+        self.mark_term_dirty();
+        self.leader = None;
+        self.leader_contact = None;
+        self.votes.clear();
+        self.votes.insert(self.config.id, true);
+        self.reset_election_deadline(now);
+        if self.won_campaign() {
+            self.become_leader(now);
+            return;
+        }
+        // Must not leave before the vote for ourselves is durable, or a restart could let us
+        // vote for someone else in the same term.
+        let request = Message::Vote {
+            term: self.term,
+            last_index: self.log.last_index(),
+            last_term: self.log.last_term(),
+        };
+        for peer in self.peers() {
+            self.send_after_all_writes(peer, request.clone());
+        }
+    }
+
+    fn become_leader(&mut self, now: Instant) {
+        self.role = Role::Leader;
+        self.leader = Some(self.config.id);
+        self.leader_contact = None;
+        self.votes.clear();
+        let next_index = self.log.last_index() + 1;
+        self.progress = self
+            .peers()
+            .into_iter()
+            .map(|peer| (peer, Progress::new(next_index)))
+            .collect();
+        self.heartbeat_deadline = now + self.config.heartbeat_interval;
+        self.check_quorum_deadline = now + self.config.election_timeout_min;
+        // Entries of earlier terms commit only through an entry of this term (figure 8).
+        self.append_own(EntryKind::Noop);
+        self.broadcast_append();
+        self.maybe_commit();
+    }
+
+    /// A valid leader of the current term spoke: follow it.
+    fn follow(&mut self, now: Instant, leader: NodeId) {
+        if self.role != Role::Follower || self.leader != Some(leader) {
+            self.become_follower(now, self.term, Some(leader));
+        }
+        self.leader_contact = Some(now);
+        self.reset_election_deadline(now);
+    }
+
+    // ----- elections -----
+
+    fn handle_pre_vote(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+    ) {
+        let granted = term > self.term
+            && !self.in_lease(now)
+            && (self.log.is_up_to_date(last_index, last_term)
+                || self.canary(Canary::VoteWithoutLogCheck));
+        let reply = Message::PreVoteResponse {
+            term: if granted { term } else { self.term },
+            granted,
+        };
+        self.send_after_all_writes(from, reply);
+    }
+
+    fn handle_vote(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+    ) {
+        debug_assert_eq!(term, self.term);
+        let free_to_vote =
+            self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
+        let granted = free_to_vote
+            && (self.log.is_up_to_date(last_index, last_term)
+                || self.canary(Canary::VoteWithoutLogCheck));
+        if granted {
+            if self.vote != Some(from) {
+                self.vote = Some(from);
+                self.mark_term_dirty();
+            }
+            self.reset_election_deadline(now);
+        }
+        let reply = Message::VoteResponse {
+            term: self.term,
+            granted,
+        };
+        if self.canary(Canary::VoteBeforeDurable) {
+            self.send(from, reply, 0);
+        } else {
+            self.send_after_all_writes(from, reply);
+        }
+    }
+
+    fn tally(&mut self, now: Instant, campaign: Role, from: NodeId, granted: bool) {
+        if self.role != campaign {
+            return;
+        }
+        self.votes.insert(from, granted);
+        if self.won_campaign() {
+            match campaign {
+                Role::PreCandidate => self.become_candidate(now),
+                _ => self.become_leader(now),
+            }
+        } else if self.votes.values().filter(|g| !**g).count() >= self.quorum() {
+            self.become_follower(now, self.term, None);
+        }
+    }
+
+    fn won_campaign(&self) -> bool {
+        self.votes.values().filter(|g| **g).count() >= self.quorum()
+    }
+
+    /// CheckQuorum's lease: while a leader is known to be alive, ignore anyone campaigning,
+    /// so a node that merely lost touch cannot depose a healthy leader.
+    fn in_lease(&self, now: Instant) -> bool {
+        if !self.config.check_quorum {
+            return false;
+        }
+        match (self.role, self.leader_contact) {
+            (Role::Leader, _) => true,
+            (_, Some(at)) => self.leader.is_some() && now < at + self.config.election_timeout_min,
+            (_, None) => false,
+        }
+    }
+
+    // ----- replication, follower side -----
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        leader_commit: Index,
+    ) {
+        if prev_index < self.commit {
+            // Everything up to our commit matches already; say so and let the leader move on.
+            let result = AppendResult::Accepted {
+                match_index: self.commit,
+            };
+            self.reply_append(from, result);
+            return;
+        }
+        if self.log.term_at(prev_index) != Some(prev_term) {
+            let hint_index = self
+                .log
+                .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
+            let result = AppendResult::Rejected {
+                rejected_index: prev_index,
+                hint_index,
+                hint_term: self.log.term_at(hint_index).unwrap_or(0),
+            };
+            self.reply_append(from, result);
+            return;
+        }
+        let match_index = prev_index + entries.len() as Index;
+        // Entries we hold already (same index and term) are the same entries: log matching.
+        let held = entries
+            .iter()
+            .take_while(|e| self.log.term_at(e.index) == Some(e.term))
+            .count();
+        let mut new_entries = entries.into_iter().skip(held);
+        if let Some(first) = new_entries.next() {
+            if first.index <= self.log.last_index() {
+                debug_assert!(first.index > self.commit, "overwriting a committed entry");
+                self.truncate_from(first.index);
+            }
+            self.mark_log_dirty(first.index);
+            self.log.push(first);
+            for entry in new_entries {
+                self.log.push(entry);
+            }
+        }
+        self.advance_commit(leader_commit.min(match_index));
+        self.reply_append(from, AppendResult::Accepted { match_index });
+    }
+
+    fn reply_append(&mut self, to: NodeId, result: AppendResult) {
+        let reply = Message::AppendResponse {
+            term: self.term,
+            result,
+        };
+        if self.canary(Canary::AckBeforeDurable) {
+            self.send(to, reply, 0);
+        } else {
+            self.send_after_all_writes(to, reply);
+        }
+    }
+
+    fn truncate_from(&mut self, index: Index) {
+        self.log.truncate_from(index);
+        let leader_hint = self.leader;
+        for (_, (id, _)) in self.proposals.split_off(&index) {
+            self.fates.push_back(ProposalFate {
+                id,
+                outcome: ProposalOutcome::Dropped { leader_hint },
+            });
+        }
+    }
+
+    // ----- replication, leader side -----
+
+    fn append_own(&mut self, kind: EntryKind) -> Index {
+        let index = self.log.last_index() + 1;
+        self.mark_log_dirty(index);
+        self.log.push(Entry {
+            term: self.term,
+            index,
+            kind,
+        });
+        index
+    }
+
+    fn broadcast_append(&mut self) {
+        for peer in self.peers() {
+            while self.send_append(peer, false) {}
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        for peer in self.peers() {
+            let Some(progress) = self.progress.get(&peer) else {
+                continue;
+            };
+            let heartbeat = Message::Heartbeat {
+                term: self.term,
+                commit: self.commit.min(progress.match_index),
+            };
+            self.send(peer, heartbeat, self.term_write);
+        }
+    }
+
+    /// Sends `to` the entries it lacks, within the window. Returns true if it sent entries
+    /// and there may be more to send.
+    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
+        let Some(progress) = self.progress.get(&to) else {
+            return false;
+        };
+        let blocked = match progress.state {
+            ProgressState::Probe => progress.probe_sent,
+            ProgressState::Replicate => progress.inflight.len() >= self.config.inflight_appends_max,
+        };
+        if blocked {
+            return false;
+        }
+        let prev_index = progress.next_index - 1;
+        let Some(prev_term) = self.log.term_at(prev_index) else {
+            return false;
+        };
+        let entries = self
+            .log
+            .slice(progress.next_index, self.config.append_entries_max);
+        if entries.is_empty() && !allow_empty {
+            return false;
+        }
+        let last_sent = entries.last().map(|e| e.index);
+        let append = Message::Append {
+            term: self.term,
+            prev_index,
+            prev_term,
+            entries,
+            commit: self.commit,
+        };
+        let Some(progress) = self.progress.get_mut(&to) else {
+            return false;
+        };
+        let more = match progress.state {
+            ProgressState::Probe => {
+                progress.probe_sent = true;
+                false
+            }
+            ProgressState::Replicate => match last_sent {
+                Some(last) => {
+                    progress.next_index = last + 1;
+                    progress.inflight.push_back(last);
+                    true
+                }
+                None => false,
+            },
+        };
+        // Our term is durable (we campaigned with it); our entries need not be yet.
+        self.send(to, append, self.term_write);
+        more
+    }
+
+    fn handle_append_response(&mut self, from: NodeId, result: AppendResult) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let log = &self.log;
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return;
+        };
+        progress.recent_active = true;
+        match result {
+            AppendResult::Accepted { match_index } => {
+                if progress.accept(match_index) {
+                    self.maybe_commit();
+                }
+            }
+            AppendResult::Rejected {
+                rejected_index,
+                hint_index,
+                hint_term,
+            } => {
+                let stale = match progress.state {
+                    ProgressState::Replicate => rejected_index <= progress.match_index,
+                    ProgressState::Probe => rejected_index + 1 != progress.next_index,
+                };
+                if stale {
+                    return;
+                }
+                let probe = if hint_term > 0 {
+                    log.find_conflict_by_term(hint_index, hint_term)
+                } else {
+                    hint_index
+                };
+                progress.probe_from(probe.min(rejected_index) + 1);
+            }
+        }
+        while self.send_append(from, false) {}
+        // A probe that carried nothing new still needs to go out to learn where we stand.
+        if self
+            .progress
+            .get(&from)
+            .is_some_and(|p| p.state == ProgressState::Probe && !p.probe_sent)
+        {
+            self.send_append(from, true);
+        }
+    }
+
+    fn handle_heartbeat_response(&mut self, from: NodeId) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last_index = self.log.last_index();
+        let window = self.config.inflight_appends_max;
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return;
+        };
+        progress.recent_active = true;
+        progress.probe_sent = false;
+        if progress.match_index < last_index {
+            // An Append may have been lost: make room for one more, which either fills the
+            // gap or draws a rejection that sends us back to probing.
+            if progress.inflight.len() >= window {
+                progress.inflight.pop_front();
+            }
+            self.send_append(from, true);
+        }
+    }
+
+    fn maybe_commit(&mut self) {
+        let mut matches: Vec<Index> = self
+            .config
+            .voters
+            .iter()
+            .map(|voter| {
+                if *voter == self.config.id {
+                    // Counting ourselves beyond what is on our disk would ack a write that one
+                    // crash could erase.
+                    self.durable_index
+                } else {
+                    self.progress.get(voter).map_or(0, |p| p.match_index)
+                }
+            })
+            .collect();
+        let index = quorum_index(&mut matches, self.commit_quorum());
+        if index <= self.commit {
+            return;
+        }
+        if self.log.term_at(index) != Some(self.term) && !self.canary(Canary::CommitOldTerm) {
+            return;
+        }
+        self.advance_commit(index);
+    }
+
+    fn advance_commit(&mut self, index: Index) {
+        if index <= self.commit {
+            return;
+        }
+        self.commit = index;
+        let still_pending = self.proposals.split_off(&(index + 1));
+        for (at, (id, term)) in std::mem::replace(&mut self.proposals, still_pending) {
+            let outcome = if self.log.term_at(at) == Some(term) {
+                ProposalOutcome::Committed { index: at }
+            } else {
+                ProposalOutcome::Dropped {
+                    leader_hint: self.leader,
+                }
+            };
+            self.fates.push_back(ProposalFate { id, outcome });
+        }
+    }
+
+    fn quorum_recently_active(&mut self) -> bool {
+        let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+        for progress in self.progress.values_mut() {
+            progress.recent_active = false;
+        }
+        active >= self.quorum()
+    }
+
+    // ----- durability -----
+
+    fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.commit,
+        }
+    }
+
+    fn dirty(&self) -> bool {
+        self.hard_state_dirty || self.log_dirty_from.is_some()
+    }
+
+    /// The id of the write that will hold every change made so far.
+    fn pending_write(&self) -> WriteId {
+        self.writes_issued + WriteId::from(self.dirty())
+    }
+
+    fn mark_term_dirty(&mut self) {
+        self.hard_state_dirty = true;
+        self.term_write = self.writes_issued + 1;
+    }
+
+    fn mark_log_dirty(&mut self, from: Index) {
+        self.log_dirty_from = Some(self.log_dirty_from.map_or(from, |f| f.min(from)));
+        self.durable_index = self.durable_index.min(from - 1);
+    }
+
+    /// Entries above this index are being rewritten by a write that is not yet durable.
+    fn rewrite_floor(&self) -> Index {
+        let in_flight = self.writes_in_flight.iter().map(|w| w.rewrite_floor);
+        let unwritten = self.log_dirty_from.map(|from| from - 1);
+        in_flight.chain(unwritten).min().unwrap_or(Index::MAX)
+    }
+
+    // ----- sending -----
+
+    /// Queues a message that depends on every change made so far being durable.
+    fn send_after_all_writes(&mut self, to: NodeId, message: Message) {
+        self.send(to, message, self.pending_write());
+    }
+
+    /// Queues a message that may leave once write `requires` is durable.
+    fn send(&mut self, to: NodeId, message: Message, requires: WriteId) {
+        let envelope = Envelope {
+            group: self.config.group,
+            from: self.config.id,
+            to,
+            message,
+        };
+        if requires <= self.durable_write {
+            self.ready.push_back(envelope);
+        } else {
+            self.waiting.push_back((requires, envelope));
+        }
+    }
+
+    // ----- helpers -----
+
+    fn peers(&self) -> Vec<NodeId> {
+        let id = self.config.id;
+        self.config
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != id)
+            .collect()
+    }
+
+    fn quorum(&self) -> usize {
+        majority(self.config.voters.len())
+    }
+
+    fn commit_quorum(&self) -> usize {
+        if self.canary(Canary::CommitFromMinority) {
+            (self.config.voters.len() / 2).max(1)
+        } else {
+            self.quorum()
+        }
+    }
+
+    fn reset_election_deadline(&mut self, now: Instant) {
+        let min = self.config.election_timeout_min.as_micros() as u64;
+        let max = (self.config.election_timeout_max.as_micros() as u64).max(min + 1);
+        let timeout = rand::RngExt::random_range(&mut self.rng, min..max);
+        self.election_deadline = now + Duration::from_micros(timeout);
+    }
+
+    #[cfg(feature = "canaries")]
+    fn canary(&self, canary: Canary) -> bool {
+        self.config.canary == Some(canary)
+    }
+
+    #[cfg(not(feature = "canaries"))]
+    fn canary(&self, _canary: Canary) -> bool {
+        false
     }
 }

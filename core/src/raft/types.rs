@@ -46,10 +46,24 @@ pub struct HardState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// "Would you vote for me in `term`?" Changes no state on the receiver.
-    PreVote { term: Term, last_index: Index, last_term: Term },
-    PreVoteResponse { term: Term, granted: bool },
-    Vote { term: Term, last_index: Index, last_term: Term },
-    VoteResponse { term: Term, granted: bool },
+    PreVote {
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+    },
+    PreVoteResponse {
+        term: Term,
+        granted: bool,
+    },
+    Vote {
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+    },
+    VoteResponse {
+        term: Term,
+        granted: bool,
+    },
     Append {
         term: Term,
         prev_index: Index,
@@ -57,10 +71,18 @@ pub enum Message {
         entries: Vec<Entry>,
         commit: Index,
     },
-    AppendResponse { term: Term, result: AppendResult },
+    AppendResponse {
+        term: Term,
+        result: AppendResult,
+    },
     /// The leader's keep-alive. `commit` is at most what the receiver is known to hold.
-    Heartbeat { term: Term, commit: Index },
-    HeartbeatResponse { term: Term },
+    Heartbeat {
+        term: Term,
+        commit: Index,
+    },
+    HeartbeatResponse {
+        term: Term,
+    },
 }
 
 impl Message {
@@ -136,7 +158,9 @@ pub struct ProposalFate {
 /// Why a proposal was refused at once; nothing was appended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProposeError {
-    NotLeader { leader_hint: Option<NodeId> },
+    NotLeader {
+        leader_hint: Option<NodeId>,
+    },
     /// The replica is the leader but too many entries wait for a quorum; retry later.
     Busy,
 }

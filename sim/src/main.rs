@@ -1,1 +1,203 @@
-fn main() {}
+//! `holdfast-sim`: run many seeds, replay one, list the canaries.
+
+use std::process::ExitCode;
+use std::time::Instant as WallClock;
+
+use clap::{Parser, Subcommand};
+use holdfast_core::raft::Canary;
+use holdfast_sim::runner::{Summary, run_one, run_seeds};
+use holdfast_sim::{CANARIES_BUILT, Options};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "holdfast-sim",
+    version,
+    about = "Deterministic simulation of holdfast's Raft core under faults"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Cluster {
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3, value_parser = parse_nodes)]
+    nodes: usize,
+    /// Raft groups, each with a replica on every node.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    groups: u64,
+    /// Plant a bug (see `holdfast-sim canaries`); needs a build with `--features canaries`.
+    #[arg(long, value_name = "NAME")]
+    canary: Option<String>,
+    /// Simulated milliseconds of the fault phase.
+    #[arg(long, default_value_t = 10_000)]
+    fault_phase_ms: u64,
+    /// Simulated milliseconds allowed to converge after healing.
+    #[arg(long, default_value_t = 20_000)]
+    liveness_limit_ms: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run many seeds on every core and summarise; exit 1 if any seed fails.
+    Run {
+        /// How many seeds to run.
+        #[arg(long)]
+        seeds: u64,
+        /// The first seed.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+    /// Re-run one seed and print what happened; the last line is the run's trace hash.
+    Replay {
+        seed: u64,
+        /// Print every event.
+        #[arg(long)]
+        trace: bool,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+    /// List the planted bugs, one a line.
+    Canaries,
+}
+
+fn parse_nodes(value: &str) -> Result<usize, String> {
+    match value {
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err("a cluster has 3 or 5 nodes".into()),
+    }
+}
+
+fn options(cluster: &Cluster, seed: u64) -> Result<Options, String> {
+    let canary = match &cluster.canary {
+        None => None,
+        Some(name) => {
+            let canary = Canary::from_name(name).ok_or_else(|| {
+                format!("unknown canary {name:?}; `holdfast-sim canaries` lists them")
+            })?;
+            if !CANARIES_BUILT {
+                return Err(format!(
+                    "canary {name:?} needs a build with canaries: \
+                     cargo run -p holdfast-sim --release --features canaries -- ..."
+                ));
+            }
+            Some(canary)
+        }
+    };
+    let mut options = Options::new(seed);
+    options.nodes = cluster.nodes;
+    options.groups = cluster.groups as usize;
+    options.canary = canary;
+    options.fault_phase_ms = cluster.fault_phase_ms;
+    options.liveness_limit_ms = cluster.liveness_limit_ms;
+    Ok(options)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Canaries => {
+            for canary in Canary::ALL {
+                println!("{}", canary.name());
+            }
+            Ok(true)
+        }
+        Command::Run {
+            seeds,
+            from,
+            jobs,
+            cluster,
+        } => options(&cluster, from).map(|o| run(&o, &cluster, seeds, jobs)),
+        Command::Replay {
+            seed,
+            trace,
+            cluster,
+        } => options(&cluster, seed).map(|mut o| {
+            o.trace = trace;
+            replay(&o)
+        }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) -> bool {
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "holdfast-sim: seeds {}..{} nodes={} groups={} canary={} jobs={jobs}",
+        options.seed,
+        options.seed + seeds,
+        options.nodes,
+        options.groups,
+        cluster.canary.as_deref().unwrap_or("none"),
+    );
+    let bar = ProgressBar::new(seeds);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} seeds, {msg} ({eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("0 failed");
+    let failed = std::sync::atomic::AtomicU64::new(0);
+    let started = WallClock::now();
+    let outcomes = run_seeds(options, options.seed, seeds, jobs, &|outcome| {
+        if !outcome.passed() {
+            let n = failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            bar.set_message(format!("{n} failed"));
+        }
+        bar.inc(1);
+    });
+    bar.finish();
+    let summary = Summary::new(&outcomes, started.elapsed());
+    println!("{summary}");
+    if let Some((seed, _)) = summary.failed.first() {
+        let mut flags = format!("--nodes {} --groups {}", options.nodes, options.groups);
+        if let Some(name) = &cluster.canary {
+            flags.push_str(&format!(" --canary {name}"));
+        }
+        println!("replay the first failure: holdfast-sim replay {seed} {flags} --trace");
+    }
+    summary.failed.is_empty()
+}
+
+fn replay(options: &Options) -> bool {
+    let outcome = run_one(options);
+    for line in &outcome.trace {
+        println!("{line}");
+    }
+    let s = &outcome.stats;
+    match &outcome.violation {
+        None => println!("seed {} passed", outcome.seed),
+        Some((at, v)) => println!(
+            "seed {} FAILED at {at}: {}: {}",
+            outcome.seed, v.checker, v.detail
+        ),
+    }
+    println!(
+        "simulated {:.3} s, {} events, {} elections, {} entries committed, {} proposals acked, faults {:?}",
+        s.simulated_us as f64 / 1e6,
+        s.events,
+        s.elections,
+        s.entries_committed,
+        s.proposals_acked,
+        s.faults
+    );
+    println!("trace_hash={:016x}", outcome.trace_hash);
+    outcome.passed()
+}

@@ -116,6 +116,9 @@ impl Replica {
         if replica.canary(Canary::ForgetVoteOnRestart) {
             replica.vote = None;
         }
+        if replica.canary(Canary::ForgetCommitOnRestart) {
+            replica.commit = 0;
+        }
         replica.reset_election_deadline(now);
         replica
     }
@@ -264,6 +267,9 @@ impl Replica {
         if let Some(last) = durable_last {
             self.durable_index = self.rewrite_floor().min(last);
         }
+        if self.canary(Canary::DurableIndexAhead) {
+            self.durable_index = self.log.last_index();
+        }
         while self.waiting.front().is_some_and(|(req, _)| *req <= id) {
             if let Some((_, envelope)) = self.waiting.pop_front() {
                 self.ready.push_back(envelope);
@@ -319,7 +325,12 @@ impl Replica {
 
     /// The next committed entry to apply, in index order.
     pub fn poll_committed(&mut self) -> Option<Entry> {
-        if self.applied >= self.commit {
+        let limit = if self.canary(Canary::ApplyBeyondCommit) {
+            self.log.last_index()
+        } else {
+            self.commit
+        };
+        if self.applied >= limit {
             return None;
         }
         let entry = self.log.get(self.applied + 1)?.clone();
@@ -459,6 +470,7 @@ impl Replica {
     ) {
         let granted = term > self.term
             && !self.in_lease(now)
+            && !self.canary(Canary::RefusePreVotes)
             && (self.log.is_up_to_date(last_index, last_term)
                 || self.canary(Canary::VoteWithoutLogCheck));
         let reply = Message::PreVoteResponse {
@@ -550,7 +562,9 @@ impl Replica {
             self.reply_append(from, result);
             return;
         }
-        if self.log.term_at(prev_index) != Some(prev_term) {
+        let prev_matches = self.log.term_at(prev_index) == Some(prev_term)
+            || (self.canary(Canary::SkipPrevLogCheck) && prev_index <= self.log.last_index());
+        if !prev_matches {
             let hint_index = self
                 .log
                 .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
@@ -571,7 +585,10 @@ impl Replica {
         let mut new_entries = entries.into_iter().skip(held);
         if let Some(first) = new_entries.next() {
             if first.index <= self.log.last_index() {
-                debug_assert!(first.index > self.commit, "overwriting a committed entry");
+                debug_assert!(
+                    first.index > self.commit || self.canary(Canary::SkipPrevLogCheck),
+                    "overwriting a committed entry"
+                );
                 self.truncate_from(first.index);
             }
             self.mark_log_dirty(first.index);
@@ -599,11 +616,13 @@ impl Replica {
     fn truncate_from(&mut self, index: Index) {
         self.log.truncate_from(index);
         let leader_hint = self.leader;
-        for (_, (id, _)) in self.proposals.split_off(&index) {
-            self.fates.push_back(ProposalFate {
-                id,
-                outcome: ProposalOutcome::Dropped { leader_hint },
-            });
+        for (at, (id, _)) in self.proposals.split_off(&index) {
+            let outcome = if self.canary(Canary::AckOverwrittenProposal) {
+                ProposalOutcome::Committed { index: at }
+            } else {
+                ProposalOutcome::Dropped { leader_hint }
+            };
+            self.fates.push_back(ProposalFate { id, outcome });
         }
     }
 

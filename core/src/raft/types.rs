@@ -191,10 +191,22 @@ pub enum Canary {
     AcceptStaleAppend,
     /// Votes are granted without checking that the candidate's log is up to date.
     VoteWithoutLogCheck,
+    /// Followers append entries without checking that the previous entry matches.
+    SkipPrevLogCheck,
+    /// A proposal whose entry was overwritten by another leader is reported committed.
+    AckOverwrittenProposal,
+    /// A restarted replica starts with commit index 0 instead of its durable commit.
+    ForgetCommitOnRestart,
+    /// A sync report marks the whole log durable, even entries of writes still in flight.
+    DurableIndexAhead,
+    /// Every PreVote is refused, so no new leader can ever be elected.
+    RefusePreVotes,
+    /// Entries are handed out for applying as soon as they are in the log, before commit.
+    ApplyBeyondCommit,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 7] = [
+    pub const ALL: [Canary; 13] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -202,6 +214,12 @@ impl Canary {
         Canary::ForgetVoteOnRestart,
         Canary::AcceptStaleAppend,
         Canary::VoteWithoutLogCheck,
+        Canary::SkipPrevLogCheck,
+        Canary::AckOverwrittenProposal,
+        Canary::ForgetCommitOnRestart,
+        Canary::DurableIndexAhead,
+        Canary::RefusePreVotes,
+        Canary::ApplyBeyondCommit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -213,6 +231,12 @@ impl Canary {
             Canary::ForgetVoteOnRestart => "forget-vote-on-restart",
             Canary::AcceptStaleAppend => "accept-stale-append",
             Canary::VoteWithoutLogCheck => "vote-without-log-check",
+            Canary::SkipPrevLogCheck => "skip-prev-log-check",
+            Canary::AckOverwrittenProposal => "ack-overwritten-proposal",
+            Canary::ForgetCommitOnRestart => "forget-commit-on-restart",
+            Canary::DurableIndexAhead => "durable-index-ahead",
+            Canary::RefusePreVotes => "refuse-pre-votes",
+            Canary::ApplyBeyondCommit => "apply-beyond-commit",
         }
     }
 

@@ -1,0 +1,362 @@
+//! The oracles. Each method states one safety invariant of Raft and returns a [`Violation`]
+//! naming it when the run breaks it. The world calls them on every step.
+
+use std::collections::BTreeMap;
+
+use holdfast_core::raft::{
+    AppendResult, Entry, EntryKind, Envelope, GroupId, Index, Message, NodeId, Replica, Term,
+};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::disk::Disk;
+
+/// Every checker, by the name a violation reports.
+pub const CHECKERS: [&str; 11] = [
+    "one-leader-per-term",
+    "commit-safety",
+    "recovery",
+    "log-matching",
+    "leader-completeness",
+    "committed-prefix",
+    "commit-monotonic",
+    "persist-before-send",
+    "durable-index",
+    "acked-stays",
+    "liveness",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub checker: &'static str,
+    pub detail: String,
+}
+
+pub fn violation(checker: &'static str, detail: String) -> Violation {
+    debug_assert!(CHECKERS.contains(&checker));
+    Violation { checker, detail }
+}
+
+/// A content hash of one entry; the term and index are compared separately.
+pub fn digest(entry: &Entry) -> u64 {
+    let mut hasher = Xxh3::new();
+    match &entry.kind {
+        EntryKind::Noop => hasher.update(&[0]),
+        EntryKind::Commands(commands) => {
+            hasher.update(&[1]);
+            for command in commands {
+                hasher.update(&(command.len() as u64).to_le_bytes());
+                hasher.update(command);
+            }
+        }
+    }
+    hasher.digest()
+}
+
+/// The end of one log, and the term it holds at the index being checked.
+#[derive(Clone, Copy, Debug)]
+pub struct LogView {
+    pub last_index: Index,
+    pub last_term: Term,
+    pub term_at_index: Option<Term>,
+}
+
+struct Committed {
+    term: Term,
+    hash: u64,
+    /// An upper bound of the term in which the entry committed: the term of the first replica
+    /// seen applying it. Leaders of later terms must hold the entry (leader completeness);
+    /// a stale leader of an earlier term, elected by votes that were delayed, need not.
+    commit_term: Term,
+}
+
+#[derive(Default)]
+pub struct Checker {
+    leaders: BTreeMap<(GroupId, Term), NodeId>,
+    /// What every `(group, index, term)` ever written holds: its content and the term of the
+    /// entry before it. Log matching says both are fixed once any replica writes it.
+    written: BTreeMap<(GroupId, Index, Term), (u64, Term)>,
+    /// The one committed sequence per group, index `i + 1` at position `i`.
+    canonical: BTreeMap<GroupId, Vec<Committed>>,
+    /// Proposals reported committed to a client: `(group, index)` to the entry's digest.
+    acked: BTreeMap<(GroupId, Index), u64>,
+}
+
+impl Checker {
+    pub fn committed(&self, group: GroupId) -> u64 {
+        self.canonical.get(&group).map_or(0, |c| c.len() as u64)
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.acked.len()
+    }
+
+    pub fn leader(&mut self, group: GroupId, term: Term, node: NodeId) -> Result<(), Violation> {
+        let first = *self.leaders.entry((group, term)).or_insert(node);
+        if first != node {
+            return Err(violation(
+                "one-leader-per-term",
+                format!("group {group} term {term}: node {first} and node {node} both lead"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A replica in `term` follows `leader`: that node must be the one that leads `term`.
+    pub fn follows(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        term: Term,
+        leader: NodeId,
+    ) -> Result<(), Violation> {
+        let actual = self.leaders.get(&(group, term));
+        if actual != Some(&leader) {
+            return Err(violation(
+                "one-leader-per-term",
+                format!(
+                    "group {group} node {node} follows node {leader} in term {term}, whose leader is {actual:?}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A replica wrote `entries` after an entry of term `prev_term`.
+    pub fn written(
+        &mut self,
+        group: GroupId,
+        node: NodeId,
+        entries: &[Entry],
+        mut prev_term: Term,
+    ) -> Result<(), Violation> {
+        for entry in entries {
+            let seen = (digest(entry), prev_term);
+            let first = *self
+                .written
+                .entry((group, entry.index, entry.term))
+                .or_insert(seen);
+            if first != seen {
+                return Err(violation(
+                    "log-matching",
+                    format!(
+                        "group {group} node {node}: entry {}@{} holds {:016x} after term {}, \
+                         another replica holds {:016x} after term {}",
+                        entry.index, entry.term, seen.0, seen.1, first.0, first.1
+                    ),
+                ));
+            }
+            prev_term = entry.term;
+        }
+        Ok(())
+    }
+
+    /// A replica in term `term` applied `entry`; `expected` is the index it must have.
+    pub fn applied(
+        &mut self,
+        group: GroupId,
+        node: NodeId,
+        term: Term,
+        entry: &Entry,
+        expected: Index,
+    ) -> Result<(), Violation> {
+        if entry.index != expected {
+            return Err(violation(
+                "committed-prefix",
+                format!(
+                    "group {group} node {node} applied index {} after {}",
+                    entry.index,
+                    expected - 1
+                ),
+            ));
+        }
+        let canonical = self.canonical.entry(group).or_default();
+        let hash = digest(entry);
+        let position = (entry.index - 1) as usize;
+        match canonical.get(position) {
+            Some(c) if (c.term, c.hash) != (entry.term, hash) => Err(violation(
+                "committed-prefix",
+                format!(
+                    "group {group} node {node} applied {}@{} ({hash:016x}) where {}@{} ({:016x}) \
+                     was committed",
+                    entry.index, entry.term, entry.index, c.term, c.hash
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                canonical.push(Committed {
+                    term: entry.term,
+                    hash,
+                    commit_term: term,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// A replica that has committed up to `commit` wrote entries from `first` on: it must
+    /// never rewrite a committed entry.
+    pub fn rewrite(
+        group: GroupId,
+        node: NodeId,
+        first: Index,
+        commit: Index,
+    ) -> Result<(), Violation> {
+        if first <= commit {
+            return Err(violation(
+                "committed-prefix",
+                format!(
+                    "group {group} node {node} rewrote its log from {first}, below its commit {commit}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A replica just became leader: it must hold every entry committed in an earlier term.
+    pub fn leader_complete(&self, group: GroupId, replica: &Replica) -> Result<(), Violation> {
+        let Some(canonical) = self.canonical.get(&group) else {
+            return Ok(());
+        };
+        let status = replica.status();
+        for (i, c) in canonical.iter().enumerate() {
+            if c.commit_term >= status.term {
+                continue;
+            }
+            let index = i as Index + 1;
+            let held = replica.entry(index).map(|e| (e.term, digest(e)));
+            if held != Some((c.term, c.hash)) {
+                return Err(violation(
+                    "leader-completeness",
+                    format!(
+                        "group {group}: node {} leads term {} without entry {index}@{} committed \
+                         in term {} (it holds {held:?}, last index {})",
+                        status.id, status.term, c.term, c.commit_term, status.last_index
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A leader just committed up to `index`, an entry of `term`. Committed means no replica
+    /// lacking that entry can ever be elected: it would need votes from a majority whose
+    /// durable logs (what survives any crash) are no more up to date than its own. This is
+    /// the figure 8 argument of the Raft paper, checked at the moment of commit.
+    ///
+    /// `logs` holds, per node, its durable `(last_index, last_term, term at index)` and, if
+    /// it runs, the same of its in-memory log (an electable candidate may use either).
+    pub fn commit_safe(
+        group: GroupId,
+        leader: NodeId,
+        index: Index,
+        term: Term,
+        logs: &[(NodeId, LogView, Option<LogView>)],
+    ) -> Result<(), Violation> {
+        let majority = logs.len() / 2 + 1;
+        for (candidate, durable, memory) in logs {
+            for view in [Some(durable), memory.as_ref()].into_iter().flatten() {
+                if view.term_at_index == Some(term) {
+                    continue;
+                }
+                let voters: Vec<NodeId> = logs
+                    .iter()
+                    .filter(|(_, d, _)| {
+                        (view.last_term, view.last_index) >= (d.last_term, d.last_index)
+                    })
+                    .map(|(n, _, _)| *n)
+                    .collect();
+                if voters.len() >= majority {
+                    return Err(violation(
+                        "commit-safety",
+                        format!(
+                            "group {group}: node {leader} committed {index}@{term}, but node \
+                             {candidate} lacks it (log ends {}@{}) and could be elected by \
+                             {voters:?}",
+                            view.last_index, view.last_term
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A client was told its proposal committed at `index` with content `hash`.
+    pub fn acked(&mut self, group: GroupId, index: Index, hash: u64) -> Result<(), Violation> {
+        self.acked.insert((group, index), hash);
+        self.check_acked(group, index, hash)
+    }
+
+    /// Every acknowledged proposal is in the committed sequence at its index.
+    pub fn all_acked_stay(&self) -> Result<(), Violation> {
+        for ((group, index), hash) in &self.acked {
+            self.check_acked(*group, *index, *hash)?;
+        }
+        Ok(())
+    }
+
+    fn check_acked(&self, group: GroupId, index: Index, hash: u64) -> Result<(), Violation> {
+        let committed = self
+            .canonical
+            .get(&group)
+            .and_then(|c| c.get((index - 1) as usize));
+        match committed {
+            Some(c) if c.hash == hash => Ok(()),
+            other => Err(violation(
+                "acked-stays",
+                format!(
+                    "group {group}: proposal acked at index {index} ({hash:016x}) but the \
+                     committed sequence holds {:?} there",
+                    other.map(|c| (c.term, c.hash))
+                ),
+            )),
+        }
+    }
+
+    /// Nothing leaves a node that depends on state its disk does not hold yet.
+    pub fn sent(envelope: &Envelope, disk: &Disk) -> Result<(), Violation> {
+        let durable = disk.hard_state;
+        let fail = |why: String| {
+            Err(violation(
+                "persist-before-send",
+                format!(
+                    "group {} node {} sent {:?} to {}: {why}",
+                    envelope.group, envelope.from, envelope.message, envelope.to
+                ),
+            ))
+        };
+        let message = &envelope.message;
+        // A pre-vote and its grant speak of the term one would campaign in, not one held.
+        let speculative = matches!(
+            message,
+            Message::PreVote { .. } | Message::PreVoteResponse { granted: true, .. }
+        );
+        if !speculative && message.term() > durable.term {
+            return fail(format!("durable term is {}", durable.term));
+        }
+        match message {
+            // A reply may wait for its write while the replica moves on to a newer term; what
+            // counts is that the vote it carries was durable before it left.
+            Message::Vote { term, .. } if !disk.ever_voted(*term, envelope.from) => {
+                fail(format!("no durable vote for itself in term {term}"))
+            }
+            Message::VoteResponse {
+                term,
+                granted: true,
+            } if !disk.ever_voted(*term, envelope.to) => fail(format!(
+                "no durable vote for {} in term {term}; durable vote {:?} in term {}",
+                envelope.to, durable.vote, durable.term
+            )),
+            // The reply may have waited for its write while a newer leader rewrote the log in
+            // memory; what counts is that the entries it acknowledges reached the disk.
+            Message::AppendResponse {
+                result: AppendResult::Accepted { match_index },
+                term,
+            } if *match_index > 0 && !disk.ever_held(*match_index, *term) => fail(format!(
+                "no entry at {match_index} of term <= {term} was ever durable (disk ends at {})",
+                disk.last_index()
+            )),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! holdfast-sim: runs the production `holdfast-core` state machines in one thread under a
+//! seeded discrete-event simulation of networks, processes and disks, and checks Raft's
+//! safety on every step, then liveness after everything heals.
+//!
+//! One `u64` seed decides everything; the same seed gives the same run, bit for bit, which
+//! the trace hash shows.
+
+pub mod checker;
+pub mod disk;
+pub mod network;
+pub mod options;
+pub mod runner;
+pub mod trace;
+pub mod world;
+
+pub use options::Options;
+pub use world::{Outcome, Stats, run};
+
+/// Whether this build plants canaries when asked to (`--features canaries`).
+pub const CANARIES_BUILT: bool = cfg!(feature = "canaries");

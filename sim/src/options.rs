@@ -1,0 +1,34 @@
+//! What one simulated run looks like: cluster shape, phase lengths, the planted bug.
+
+use holdfast_core::raft::Canary;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    /// Nodes in the cluster; every group has a replica on every node.
+    pub nodes: usize,
+    pub groups: usize,
+    /// A planted bug for every replica; effective only with the `canaries` feature.
+    pub canary: Option<Canary>,
+    /// Simulated time during which faults are injected.
+    pub fault_phase_ms: u64,
+    /// After the fault phase everything heals; within this much simulated time every group
+    /// must have a leader and every pending proposal must resolve.
+    pub liveness_limit_ms: u64,
+    /// Keep a readable line per event (the trace hash is computed either way).
+    pub trace: bool,
+}
+
+impl Options {
+    pub fn new(seed: u64) -> Options {
+        Options {
+            seed,
+            nodes: 3,
+            groups: 1,
+            canary: None,
+            fault_phase_ms: 10_000,
+            liveness_limit_ms: 20_000,
+            trace: false,
+        }
+    }
+}

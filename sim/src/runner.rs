@@ -1,0 +1,145 @@
+//! Many seeds at once: one worker thread per core, each running whole seeds, and a summary.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use holdfast_core::time::Instant;
+
+use crate::checker::Violation;
+use crate::options::Options;
+use crate::world::{self, Outcome, Stats};
+
+/// Runs one seed; a panic anywhere in the run is a failure of that seed, not of the batch.
+pub fn run_one(options: &Options) -> Outcome {
+    match catch_unwind(AssertUnwindSafe(|| world::run(options))) {
+        Ok(outcome) => outcome,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Outcome {
+                seed: options.seed,
+                violation: Some((
+                    Instant::ZERO,
+                    Violation {
+                        checker: "panic",
+                        detail: message,
+                    },
+                )),
+                stats: Stats::default(),
+                trace_hash: 0,
+                trace: Vec::new(),
+            }
+        }
+    }
+}
+
+/// Runs `count` seeds from `from` on `jobs` threads; `progress` is called after each seed.
+/// The outcomes come back in seed order whatever the scheduling.
+pub fn run_seeds(
+    template: &Options,
+    from: u64,
+    count: u64,
+    jobs: usize,
+    progress: &(dyn Fn(&Outcome) + Sync),
+) -> Vec<Outcome> {
+    let next = AtomicU64::new(0);
+    let outcomes = Mutex::new(Vec::with_capacity(count as usize));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let mut options = template.clone();
+                    options.seed = from + i;
+                    let outcome = run_one(&options);
+                    progress(&outcome);
+                    // A poisoned lock only means another worker panicked outside a run;
+                    // its outcomes are still sound.
+                    outcomes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(outcome);
+                }
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
+    outcomes.sort_by_key(|o| o.seed);
+    outcomes
+}
+
+/// What a batch of seeds found.
+pub struct Summary {
+    pub passed: u64,
+    /// Failing seeds with what broke, in seed order.
+    pub failed: Vec<(u64, Violation)>,
+    pub stats: Stats,
+    pub wall: Duration,
+}
+
+impl Summary {
+    pub fn new(outcomes: &[Outcome], wall: Duration) -> Summary {
+        let mut stats = Stats::default();
+        let mut failed = Vec::new();
+        for outcome in outcomes {
+            stats.add(&outcome.stats);
+            if let Some((_, violation)) = &outcome.violation {
+                failed.push((outcome.seed, violation.clone()));
+            }
+        }
+        Summary {
+            passed: outcomes.len() as u64 - failed.len() as u64,
+            failed,
+            stats,
+            wall,
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        writeln!(f, "seeds passed: {}", self.passed)?;
+        writeln!(f, "seeds failed: {}", self.failed.len())?;
+        for (seed, violation) in self.failed.iter().take(20) {
+            let detail: String = violation.detail.chars().take(160).collect();
+            writeln!(f, "  seed {seed}: {}: {detail}", violation.checker)?;
+        }
+        if self.failed.len() > 20 {
+            writeln!(f, "  ... and {} more", self.failed.len() - 20)?;
+        }
+        let faults: u64 = s.faults.values().sum();
+        writeln!(f, "faults injected: {faults}")?;
+        for (kind, count) in &s.faults {
+            writeln!(f, "  {kind:<16} {count}")?;
+        }
+        writeln!(f, "elections won: {}", s.elections)?;
+        writeln!(f, "entries committed: {}", s.entries_committed)?;
+        writeln!(
+            f,
+            "proposals: {} acked, {} dropped, {} indeterminate (replica crashed)",
+            s.proposals_acked, s.proposals_dropped, s.proposals_indeterminate
+        )?;
+        writeln!(
+            f,
+            "messages: {} delivered, {} lost",
+            s.messages_delivered, s.messages_lost
+        )?;
+        let simulated = s.simulated_us as f64 / 1e6;
+        let wall = self.wall.as_secs_f64().max(1e-9);
+        write!(
+            f,
+            "simulated {simulated:.0} s in {wall:.1} s wall: {:.0} simulated s per wall s",
+            simulated / wall
+        )
+    }
+}

@@ -1,0 +1,792 @@
+//! One simulated run: a cluster of nodes hosting replicas of every group, a network, disks,
+//! clients, and a fault schedule, all driven by one seed through a discrete-event queue.
+//!
+//! The run has two phases, as TigerBeetle's simulator does: a safety phase in which faults
+//! are injected while every step is checked, then a liveness phase in which everything heals
+//! and the cluster must converge within a bounded simulated time.
+
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Duration;
+
+use holdfast_core::raft::{
+    Config, Envelope, GroupId, Index, NodeId, ProposalId, Replica, Role, Term, WriteId,
+};
+use holdfast_core::time::Instant;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checker::{Checker, LogView, Violation, violation};
+use crate::disk::Disk;
+use crate::network::Network;
+use crate::options::Options;
+use crate::trace::Trace;
+
+mod client;
+mod faults;
+mod render;
+
+use render::{describe, fields};
+
+/// A run that has not finished after this many events is stuck; it fails as a liveness bug.
+const EVENTS_MAX: u64 = 20_000_000;
+pub(crate) const LIVENESS_CHECK_INTERVAL_MS: u64 = 50;
+pub(crate) const COMMANDS_PER_PROPOSAL_MAX: u64 = 8;
+
+/// What happened in one run.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    pub elections: u64,
+    /// Entries in the committed sequence, summed over groups.
+    pub entries_committed: u64,
+    pub proposals_acked: u64,
+    pub proposals_dropped: u64,
+    /// Proposals whose replica crashed before their fate was known.
+    pub proposals_indeterminate: u64,
+    pub messages_delivered: u64,
+    pub messages_lost: u64,
+    pub events: u64,
+    pub simulated_us: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, other: &Stats) {
+        for (kind, count) in &other.faults {
+            *self.faults.entry(kind).or_default() += count;
+        }
+        self.elections += other.elections;
+        self.entries_committed += other.entries_committed;
+        self.proposals_acked += other.proposals_acked;
+        self.proposals_dropped += other.proposals_dropped;
+        self.proposals_indeterminate += other.proposals_indeterminate;
+        self.messages_delivered += other.messages_delivered;
+        self.messages_lost += other.messages_lost;
+        self.events += other.events;
+        self.simulated_us += other.simulated_us;
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    /// The first invariant broken, and when; `None` if the run passed.
+    pub violation: Option<(Instant, Violation)>,
+    pub stats: Stats,
+    pub trace_hash: u64,
+    /// Readable event lines, when the options asked for them.
+    pub trace: Vec<String>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.violation.is_none()
+    }
+}
+
+/// Runs one seed to completion.
+pub fn run(options: &Options) -> Outcome {
+    let mut world = World::new(options.clone());
+    let result = world.run();
+    world.stats.simulated_us = world.now.as_micros();
+    world.stats.entries_committed = (1..=options.groups as GroupId)
+        .map(|g| world.checker.committed(g))
+        .sum();
+    let violation = result.err().map(|v| (world.now, v));
+    if let Some((at, v)) = &violation {
+        let (checker, detail) = (v.checker, v.detail.clone());
+        world.trace.record(*at, &[u64::MAX], || {
+            format!("VIOLATION {checker}: {detail}")
+        });
+    }
+    Outcome {
+        seed: options.seed,
+        violation,
+        stats: world.stats,
+        trace_hash: world.trace.hash(),
+        trace: world.trace.into_lines(),
+    }
+}
+
+enum Event {
+    Deliver(Envelope),
+    Timer {
+        node: NodeId,
+        group: GroupId,
+        at: Instant,
+    },
+    Synced {
+        node: NodeId,
+        group: GroupId,
+        incarnation: u64,
+        upto: WriteId,
+    },
+    Propose {
+        group: GroupId,
+    },
+    Fault,
+    Restart {
+        node: NodeId,
+    },
+    Heal,
+    LivenessCheck,
+}
+
+impl Event {
+    /// The node whose process handles this event, if any; a paused node handles none.
+    fn node(&self) -> Option<NodeId> {
+        match self {
+            Event::Deliver(envelope) => Some(envelope.to),
+            Event::Timer { node, .. } | Event::Synced { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Reversed, so the max-heap pops the earliest event; ties go in scheduling order.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// One replica's place on a node: the replica while the process runs, and its disk always.
+struct Slot {
+    replica: Option<Replica>,
+    disk: Disk,
+    timer_at: Instant,
+    /// What the checker last saw of this replica (this incarnation).
+    commit: Index,
+    applied: Index,
+    role: Role,
+    term: Term,
+}
+
+struct Node {
+    up: bool,
+    /// Bumped on every crash, so a sync that completes after a crash is ignored.
+    incarnation: u64,
+    paused_until: Instant,
+    fsync_min_us: u64,
+    fsync_max_us: u64,
+    /// Indexed by group - 1.
+    slots: Vec<Option<Slot>>,
+}
+
+struct Pending {
+    node: NodeId,
+    index: Index,
+    hash: u64,
+    after_heal: bool,
+}
+
+/// The producer of one group: proposes batches to whoever it believes leads.
+struct Client {
+    leader_hint: Option<NodeId>,
+    pending: BTreeMap<ProposalId, Pending>,
+    committed_after_heal: bool,
+}
+
+impl Client {
+    /// In the liveness phase the client proposes until one post-heal proposal committed and
+    /// every proposal from the fault phase resolved (new entries overwrite stale tails).
+    fn needs_more(&self) -> bool {
+        !self.committed_after_heal || self.pending.values().any(|p| !p.after_heal)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Faults,
+    Liveness,
+}
+
+enum Step {
+    Continue,
+    Done,
+}
+
+struct World {
+    options: Options,
+    rng: ChaCha8Rng,
+    now: Instant,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    node_ids: Vec<NodeId>,
+    nodes: Vec<Node>,
+    network: Network,
+    clients: Vec<Client>,
+    next_proposal: ProposalId,
+    checker: Checker,
+    trace: Trace,
+    stats: Stats,
+    phase: Phase,
+    heal_at: Instant,
+    deadline: Instant,
+    /// Replication limits drawn per seed, so small batches and windows get explored too.
+    append_entries_max: usize,
+    inflight_appends_max: usize,
+}
+
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+fn us(us: u64) -> Duration {
+    Duration::from_micros(us)
+}
+
+impl World {
+    fn new(options: Options) -> World {
+        let node_ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
+        let heal_at = Instant::ZERO + ms(options.fault_phase_ms);
+        let deadline = heal_at + ms(options.liveness_limit_ms);
+        World {
+            rng: ChaCha8Rng::seed_from_u64(options.seed),
+            now: Instant::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes: Vec::new(),
+            node_ids,
+            network: Network::calm(),
+            clients: Vec::new(),
+            next_proposal: 1,
+            checker: Checker::default(),
+            trace: Trace::new(options.trace),
+            stats: Stats::default(),
+            phase: Phase::Faults,
+            heal_at,
+            deadline,
+            append_entries_max: 64,
+            inflight_appends_max: 8,
+            options,
+        }
+    }
+
+    fn groups(&self) -> impl Iterator<Item = GroupId> + use<> {
+        1..=self.options.groups as GroupId
+    }
+
+    fn schedule(&mut self, at: Instant, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    fn run(&mut self) -> Result<(), Violation> {
+        self.append_entries_max = [1, 4, 64][self.rng.random_range(0..3)];
+        self.inflight_appends_max = [1, 2, 8][self.rng.random_range(0..3)];
+        let (batch, window) = (self.append_entries_max, self.inflight_appends_max);
+        self.trace
+            .record(self.now, &[0, batch as u64, window as u64], || {
+                format!("config append_entries_max={batch} inflight_appends_max={window}")
+            });
+        for _ in &self.node_ids {
+            let slots = self.groups().map(|_| None).collect();
+            self.nodes.push(Node {
+                up: false,
+                incarnation: 0,
+                paused_until: Instant::ZERO,
+                fsync_min_us: 50,
+                fsync_max_us: 2_000,
+                slots,
+            });
+        }
+        for node in self.node_ids.clone() {
+            for group in self.groups() {
+                self.node_mut(node).slots[(group - 1) as usize] = Some(Slot {
+                    replica: None,
+                    disk: Disk::default(),
+                    timer_at: Instant::ZERO,
+                    commit: 0,
+                    applied: 0,
+                    role: Role::Follower,
+                    term: 0,
+                });
+            }
+            self.start(node)?;
+        }
+        for group in self.groups() {
+            self.clients.push(Client {
+                leader_hint: None,
+                pending: BTreeMap::new(),
+                committed_after_heal: false,
+            });
+            let at = self.now + ms(self.rng.random_range(1..50));
+            self.schedule(at, Event::Propose { group });
+        }
+        let first_fault = self.now + ms(self.rng.random_range(100..1_000));
+        self.schedule(first_fault, Event::Fault);
+        self.schedule(self.heal_at, Event::Heal);
+
+        while let Some(Scheduled { at, event, .. }) = self.queue.pop() {
+            self.stats.events += 1;
+            if self.stats.events > EVENTS_MAX {
+                return Err(violation(
+                    "liveness",
+                    format!("no convergence within {EVENTS_MAX} events"),
+                ));
+            }
+            debug_assert!(at >= self.now, "time went backwards");
+            self.now = at;
+            if let Some(node) = event.node() {
+                let paused_until = self.node(node).paused_until;
+                if self.now < paused_until {
+                    self.schedule(paused_until, event);
+                    continue;
+                }
+            }
+            if let Step::Done = self.dispatch(event)? {
+                return self.checker.all_acked_stay();
+            }
+        }
+        Err(violation("liveness", "the event queue ran dry".into()))
+    }
+
+    fn dispatch(&mut self, event: Event) -> Result<Step, Violation> {
+        match event {
+            Event::Deliver(envelope) => self.deliver(envelope)?,
+            Event::Timer { node, group, at } => {
+                let now = self.now;
+                let Some(slot) = self.live_slot(node, group) else {
+                    return Ok(Step::Continue);
+                };
+                if slot.timer_at != at {
+                    return Ok(Step::Continue);
+                }
+                if let Some(replica) = slot.replica.as_mut() {
+                    replica.handle_timeout(now);
+                }
+                self.trace.record(now, &[1, node, group], || {
+                    format!("n{node} g{group} timeout")
+                });
+                self.drain(node, group)?;
+            }
+            Event::Synced {
+                node,
+                group,
+                incarnation,
+                upto,
+            } => {
+                if self.node(node).incarnation != incarnation {
+                    return Ok(Step::Continue);
+                }
+                self.synced(node, group, upto)?;
+            }
+            Event::Propose { group } => self.propose(group)?,
+            Event::Fault => self.fault()?,
+            Event::Restart { node } => {
+                if !self.node(node).up {
+                    self.start(node)?;
+                }
+            }
+            Event::Heal => self.heal()?,
+            Event::LivenessCheck => return self.liveness_check(),
+        }
+        Ok(Step::Continue)
+    }
+
+    fn node(&self, node: NodeId) -> &Node {
+        &self.nodes[(node - 1) as usize]
+    }
+
+    fn node_mut(&mut self, node: NodeId) -> &mut Node {
+        &mut self.nodes[(node - 1) as usize]
+    }
+
+    /// The slot of a running replica, or `None` if its node is down.
+    fn live_slot(&mut self, node: NodeId, group: GroupId) -> Option<&mut Slot> {
+        let node = self.node_mut(node);
+        if !node.up {
+            return None;
+        }
+        node.slots.get_mut((group - 1) as usize)?.as_mut()
+    }
+
+    // ----- processes -----
+
+    /// Starts (or restarts) every replica of `node` from what its disks hold.
+    fn start(&mut self, node: NodeId) -> Result<(), Violation> {
+        self.node_mut(node).up = true;
+        for group in self.groups() {
+            let seed = self.rng.next_u64();
+            let mut config = Config::new(node, group, self.node_ids.clone());
+            config.canary = self.options.canary;
+            config.append_entries_max = self.append_entries_max;
+            config.inflight_appends_max = self.inflight_appends_max;
+            let now = self.now;
+            let Some(slot) = self.live_slot(node, group) else {
+                continue;
+            };
+            let recovered = slot.disk.recovered();
+            let durable = (
+                recovered.hard_state.term,
+                recovered.hard_state.vote,
+                slot.disk.last_index(),
+            );
+            let durable_commit = recovered.hard_state.commit;
+            let replica = Replica::new(config, recovered, seed, now);
+            let status = replica.status();
+            slot.replica = Some(replica);
+            slot.timer_at = Instant::ZERO;
+            slot.commit = status.commit_index;
+            slot.applied = 0;
+            slot.role = status.role;
+            slot.term = status.term;
+            self.trace.record(now, &[2, node, group, status.term], || {
+                format!(
+                    "n{node} g{group} start term={} commit={} last={}",
+                    status.term, status.commit_index, status.last_index
+                )
+            });
+            if (status.term, status.vote, status.last_index) != durable {
+                return Err(violation(
+                    "recovery",
+                    format!(
+                        "group {group} node {node} restarted with term {} vote {:?} last index {} \
+                         but its disk holds term {} vote {:?} last index {}",
+                        status.term,
+                        status.vote,
+                        status.last_index,
+                        durable.0,
+                        durable.1,
+                        durable.2
+                    ),
+                ));
+            }
+            if status.commit_index < durable_commit {
+                return Err(violation(
+                    "commit-monotonic",
+                    format!(
+                        "group {group} node {node} restarted with commit {} below its durable \
+                         commit {durable_commit}",
+                        status.commit_index
+                    ),
+                ));
+            }
+            self.drain(node, group)?;
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
+        let mut torn = 0;
+        for group in self.groups() {
+            let survivors = {
+                let unsynced = self
+                    .live_slot(node, group)
+                    .map_or(0, |s| s.disk.unsynced.len());
+                if unsynced > 0 && self.rng.random_bool(0.5) {
+                    torn += 1;
+                    self.rng.random_range(0..unsynced)
+                } else {
+                    0
+                }
+            };
+            if let Some(slot) = self.live_slot(node, group) {
+                slot.disk
+                    .crash(survivors)
+                    .map_err(|e| violation("durable-index", e))?;
+                slot.replica = None;
+            }
+        }
+        let n = self.node_mut(node);
+        n.up = false;
+        n.incarnation += 1;
+        n.paused_until = Instant::ZERO;
+        if torn > 0 {
+            *self.stats.faults.entry("torn-write").or_default() += 1;
+        }
+        for client in &mut self.clients {
+            let before = client.pending.len();
+            client.pending.retain(|_, p| p.node != node);
+            self.stats.proposals_indeterminate += (before - client.pending.len()) as u64;
+        }
+        // Half the crashes are quick bounces, within one election, when a forgotten vote or
+        // a lost write would do the most harm.
+        let down_ms = if self.rng.random_bool(0.5) {
+            self.rng.random_range(1..100)
+        } else {
+            self.rng.random_range(100..3_000)
+        };
+        let restart_at = self.now + ms(down_ms);
+        self.schedule(restart_at, Event::Restart { node });
+        self.trace
+            .record(self.now, &[3, node], || format!("n{node} CRASH"));
+        Ok(())
+    }
+
+    // ----- the replica's outputs, and the checks on every step -----
+
+    /// Collects everything `node`'s replica of `group` has to say after an input, and checks
+    /// every invariant that the step could have broken.
+    fn drain(&mut self, node: NodeId, group: GroupId) -> Result<(), Violation> {
+        let now = self.now;
+        let index = (group - 1) as usize;
+        let Some(mut slot) = self.node_mut(node).slots[index].take() else {
+            return Ok(());
+        };
+        let result = self.drain_slot(node, group, &mut slot);
+        let timer_at = slot.timer_at;
+        let new_timer = slot.replica.as_ref().and_then(|replica| {
+            let at = replica.poll_timeout().max(now + us(1));
+            (at != timer_at).then_some(at)
+        });
+        if let Some(at) = new_timer {
+            slot.timer_at = at;
+            self.schedule(at, Event::Timer { node, group, at });
+        }
+        self.node_mut(node).slots[index] = Some(slot);
+        result
+    }
+
+    fn drain_slot(
+        &mut self,
+        node: NodeId,
+        group: GroupId,
+        slot: &mut Slot,
+    ) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(replica) = slot.replica.as_mut() else {
+            return Ok(());
+        };
+        while let Some(write) = replica.poll_write() {
+            if let Some(first) = write.entries.first() {
+                let prev_term = match first.index {
+                    0 | 1 => 0,
+                    i => replica.entry(i - 1).map_or(0, |e| e.term),
+                };
+                self.checker
+                    .written(group, node, &write.entries, prev_term)?;
+                Checker::rewrite(group, node, first.index, slot.commit)?;
+            }
+            let (id, count) = (write.id, write.entries.len() as u64);
+            let first = write.entries.first().map_or(0, |e| e.index);
+            self.trace
+                .record(now, &[4, node, group, id, first, count], || {
+                    format!(
+                        "n{node} g{group} write #{id} entries={count} from={first} hard_state={:?}",
+                        write.hard_state
+                    )
+                });
+            slot.disk.unsynced.push_back(write);
+        }
+        if !slot.disk.syncing
+            && let Some(last) = slot.disk.unsynced.back()
+        {
+            slot.disk.syncing = true;
+            let upto = last.id;
+            let n = self.node(node);
+            let (lo, hi, incarnation) = (n.fsync_min_us, n.fsync_max_us, n.incarnation);
+            let at = now + us(self.rng.random_range(lo..hi));
+            self.schedule(
+                at,
+                Event::Synced {
+                    node,
+                    group,
+                    incarnation,
+                    upto,
+                },
+            );
+        }
+
+        let mut outbox = Vec::new();
+        while let Some(envelope) = replica.poll_message() {
+            Checker::sent(&envelope, &slot.disk)?;
+            outbox.push(envelope);
+        }
+
+        let term = replica.status().term;
+        while let Some(entry) = replica.poll_committed() {
+            self.checker
+                .applied(group, node, term, &entry, slot.applied + 1)?;
+            slot.applied = entry.index;
+        }
+
+        let mut fates = Vec::new();
+        while let Some(fate) = replica.poll_proposal() {
+            fates.push(fate);
+        }
+
+        let status = replica.status();
+        if status.commit_index < slot.commit || status.commit_index > status.last_index {
+            return Err(violation(
+                "commit-monotonic",
+                format!(
+                    "group {group} node {node}: commit went from {} to {} (last index {})",
+                    slot.commit, status.commit_index, status.last_index
+                ),
+            ));
+        }
+        let newly_committed = status.commit_index > slot.commit;
+        slot.commit = status.commit_index;
+        let durable = status.durable_index;
+        let durable_term = replica.entry(durable).map(|e| e.term);
+        if durable > 0 && slot.disk.term_at(durable) != durable_term {
+            return Err(violation(
+                "durable-index",
+                format!(
+                    "group {group} node {node} claims {durable} durable (term {durable_term:?}) \
+                     but its disk holds {:?} there and ends at {}",
+                    slot.disk.term_at(durable),
+                    slot.disk.last_index()
+                ),
+            ));
+        }
+        if let Some(leader) = status.leader.filter(|l| *l != node) {
+            self.checker.follows(group, node, status.term, leader)?;
+        }
+        if status.role == Role::Leader {
+            self.checker.leader(group, status.term, node)?;
+            if slot.role != Role::Leader || slot.term != status.term {
+                self.stats.elections += 1;
+                self.trace.record(now, &[5, node, group, status.term], || {
+                    format!("n{node} g{group} LEADER term={}", status.term)
+                });
+                self.checker.leader_complete(group, replica)?;
+            }
+        }
+        slot.role = status.role;
+        slot.term = status.term;
+        if status.role == Role::Leader && newly_committed {
+            let index = status.commit_index;
+            let term = replica.entry(index).map_or(0, |e| e.term);
+            let mut logs = vec![(node, slot.disk.view(index), Some(view(replica, index)))];
+            logs.extend(
+                self.node_ids
+                    .iter()
+                    .filter(|n| **n != node)
+                    .filter_map(|n| {
+                        let slot = self.node(*n).slots[(group - 1) as usize].as_ref()?;
+                        let memory = slot.replica.as_ref().map(|r| view(r, index));
+                        Some((*n, slot.disk.view(index), memory))
+                    }),
+            );
+            Checker::commit_safe(group, node, index, term, &logs)?;
+        }
+
+        for fate in fates {
+            self.fate(node, group, fate)?;
+        }
+        for envelope in outbox {
+            self.transmit(envelope);
+        }
+        Ok(())
+    }
+
+    fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(slot) = self.live_slot(node, group) else {
+            return Ok(());
+        };
+        slot.disk
+            .sync(upto)
+            .map_err(|e| violation("durable-index", e))?;
+        slot.disk.syncing = false;
+        if let Some(replica) = slot.replica.as_mut() {
+            replica.persisted(now, upto);
+        }
+        self.trace.record(now, &[6, node, group, upto], || {
+            format!("n{node} g{group} synced #{upto}")
+        });
+        self.drain(node, group)
+    }
+
+    // ----- network -----
+
+    fn transmit(&mut self, envelope: Envelope) {
+        let (from, to) = (envelope.from, envelope.to);
+        let lost = self.network.is_blocked(from, to)
+            || (self.network.loss_ppm > 0
+                && self.rng.random_range(0..1_000_000) < self.network.loss_ppm);
+        if lost {
+            self.stats.messages_lost += 1;
+            self.trace
+                .record(self.now, &[7, from, to, envelope.group], || {
+                    format!(
+                        "n{from}->n{to} g{} LOST {}",
+                        envelope.group,
+                        describe(&envelope.message)
+                    )
+                });
+            return;
+        }
+        let duplicated = self.network.duplicate_ppm > 0
+            && self.rng.random_range(0..1_000_000) < self.network.duplicate_ppm;
+        if duplicated {
+            let at = self.now + self.delay();
+            self.schedule(at, Event::Deliver(envelope.clone()));
+        }
+        let at = self.now + self.delay();
+        self.schedule(at, Event::Deliver(envelope));
+    }
+
+    fn delay(&mut self) -> Duration {
+        let (lo, hi) = (self.network.delay_min_us, self.network.delay_max_us);
+        let delay = self.rng.random_range(lo..=hi);
+        // A long tail reorders messages even on a calm network.
+        if self.rng.random_bool(0.02) {
+            us(delay * 10)
+        } else {
+            us(delay)
+        }
+    }
+
+    fn deliver(&mut self, envelope: Envelope) -> Result<(), Violation> {
+        let now = self.now;
+        let Envelope {
+            group,
+            from,
+            to,
+            message,
+        } = envelope;
+        let (kind, term, detail) = fields(&message);
+        let node = &mut self.nodes[(to - 1) as usize];
+        let replica = node
+            .slots
+            .get_mut((group - 1) as usize)
+            .and_then(|s| s.as_mut())
+            .and_then(|s| s.replica.as_mut())
+            .filter(|_| node.up);
+        let Some(replica) = replica else {
+            self.stats.messages_lost += 1;
+            return Ok(());
+        };
+        self.trace
+            .record(now, &[8, from, to, group, kind, term, detail], || {
+                format!("n{from}->n{to} g{group} {}", describe(&message))
+            });
+        replica.step(now, from, message);
+        self.stats.messages_delivered += 1;
+        self.drain(to, group)
+    }
+}
+
+fn view(replica: &Replica, index: Index) -> LogView {
+    let status = replica.status();
+    LogView {
+        last_index: status.last_index,
+        last_term: replica.entry(status.last_index).map_or(0, |e| e.term),
+        term_at_index: replica.entry(index).map(|e| e.term),
+    }
+}

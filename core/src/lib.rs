@@ -4,7 +4,8 @@
 //! randomness. Time comes in as an argument ([`time::Instant`]); everything a driver must do
 //! (send, write and sync, apply, arm a timer) goes out as typed values that the driver polls.
 //! The production shell and the simulator are two drivers of exactly this code.
-//! `tests/tests/core_is_pure.rs` enforces the rule.
+//! `tests/tests/purity.rs` enforces the rule.
 
+pub mod broker;
 pub mod raft;
 pub mod time;

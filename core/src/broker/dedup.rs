@@ -1,0 +1,95 @@
+//! Idempotent append: which batches each producer has written recently, and where.
+
+use std::collections::BTreeMap;
+
+use super::types::{Offset, ProducerId, QueueId, Refusal, Seq};
+
+/// How many of a producer's most recent sequence numbers are remembered. A retry older than
+/// this is refused rather than written twice.
+pub const DEDUP_WINDOW_SEQS: u64 = 65_536;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Batch {
+    queue: QueueId,
+    base_offset: Offset,
+    len: u64,
+}
+
+/// One producer's recent batches, by first sequence number.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct ProducerWindow {
+    batches: BTreeMap<Seq, Batch>,
+    seq_max: Seq,
+}
+
+/// What the window says about a batch about to be appended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    New,
+    /// Written before: these are its original offsets.
+    Duplicate {
+        queue: QueueId,
+        base_offset: Offset,
+    },
+}
+
+impl ProducerWindow {
+    pub(super) fn check(
+        &self,
+        producer_id: ProducerId,
+        first_seq: Seq,
+        len: u64,
+    ) -> Result<Verdict, Refusal> {
+        let last_seq = first_seq.saturating_add(len.saturating_sub(1));
+        if let Some(batch) = self.batches.get(&first_seq)
+            && batch.len == len
+        {
+            return Ok(Verdict::Duplicate {
+                queue: batch.queue.clone(),
+                base_offset: batch.base_offset,
+            });
+        }
+        // Any remembered batch that shares a sequence number with this one?
+        let overlapping = self
+            .batches
+            .range(..=last_seq)
+            .next_back()
+            .is_some_and(|(first, b)| first + b.len > first_seq);
+        if overlapping {
+            return Err(Refusal::SequenceOverlap {
+                producer_id,
+                seq: first_seq,
+            });
+        }
+        if self.seq_max >= DEDUP_WINDOW_SEQS && first_seq <= self.seq_max - DEDUP_WINDOW_SEQS {
+            return Err(Refusal::SequenceTooOld {
+                producer_id,
+                seq: first_seq,
+            });
+        }
+        Ok(Verdict::New)
+    }
+
+    pub(super) fn record(&mut self, first_seq: Seq, len: u64, queue: QueueId, base_offset: Offset) {
+        self.batches.insert(
+            first_seq,
+            Batch {
+                queue,
+                base_offset,
+                len,
+            },
+        );
+        self.seq_max = self.seq_max.max(first_seq + len.saturating_sub(1));
+        if self.seq_max >= DEDUP_WINDOW_SEQS {
+            let floor = self.seq_max - DEDUP_WINDOW_SEQS;
+            // Keep batches that still hold a sequence number inside the window.
+            let keep_from = self
+                .batches
+                .range(..=floor)
+                .next_back()
+                .filter(|(first, b)| *first + b.len > floor)
+                .map_or(floor + 1, |(first, _)| *first);
+            self.batches = self.batches.split_off(&keep_from);
+        }
+    }
+}

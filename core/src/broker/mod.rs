@@ -1,0 +1,27 @@
+//! The broker state machine: what a broker group's Raft log means.
+//!
+//! Every replica applies the same committed commands in the same order and so holds the same
+//! queues, consume offsets, ack sets and dedup windows. Nothing here reads a clock: commands
+//! carry the leader's time stamp (`stamp_ms`), so applying stays deterministic.
+//!
+//! - [`Command::Append`] adds a batch to a queue, idempotent by `(producer_id, seq)`.
+//! - [`Command::Ack`] records a consumer group's `Success`; the group's consume offset is the
+//!   lowest offset not yet acknowledged and never moves back.
+//! - [`Command::ReconsumeLater`] moves a message to the group's retry queue, due after the next
+//!   delay level, or to its dead-letter queue after `max_reconsume` attempts.
+//! - [`BrokerState::pull`] is a read of applied (hence committed) state.
+
+mod codec;
+mod dedup;
+mod offsets;
+mod state;
+mod types;
+
+pub use codec::{CodecError, decode_command, encode_command};
+pub use dedup::DEDUP_WINDOW_SEQS;
+pub use offsets::GroupOffsets;
+pub use state::BrokerState;
+pub use types::*;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+//! Values of the broker state machine: queues, messages, commands and their outcomes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub type Offset = u64;
+pub type ProducerId = u64;
+/// A producer's sequence number: one per message, the same on every retry of that message.
+pub type Seq = u64;
+
+/// One queue of a topic. Retry and dead-letter queues of a consumer group are queues too, of
+/// the topics [`QueueId::retry`] and [`QueueId::dead_letter`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QueueId {
+    pub topic: String,
+    pub queue: u32,
+}
+
+impl QueueId {
+    pub fn new(topic: impl Into<String>, queue: u32) -> QueueId {
+        QueueId {
+            topic: topic.into(),
+            queue,
+        }
+    }
+
+    /// The queue where a group's messages wait for their `attempt`-th redelivery. Each delay
+    /// level has its own queue, so due times rise with offsets within one queue.
+    pub fn retry(group: &str, level: u32) -> QueueId {
+        QueueId::new(format!("%RETRY%{group}"), level)
+    }
+
+    pub fn is_retry(&self) -> bool {
+        self.topic.starts_with("%RETRY%")
+    }
+
+    /// The queue where a group's messages go after `max_reconsume` attempts.
+    pub fn dead_letter(group: &str) -> QueueId {
+        QueueId::new(format!("%DLQ%{group}"), 0)
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.queue)
+    }
+}
+
+/// A message as a producer sends it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub key: Option<Bytes>,
+    pub tags: Vec<String>,
+    pub properties: BTreeMap<String, String>,
+    pub body: Bytes,
+}
+
+impl Message {
+    pub fn with_body(body: impl Into<Bytes>) -> Message {
+        Message {
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Bytes the message occupies, for pull limits.
+    pub fn size_bytes(&self) -> usize {
+        self.body.len()
+            + self.key.as_ref().map_or(0, |k| k.len())
+            + self.tags.iter().map(String::len).sum::<usize>()
+            + self
+                .properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// Where a retried message first came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub queue: QueueId,
+    pub offset: Offset,
+}
+
+/// A message as a queue holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub producer_id: ProducerId,
+    pub seq: Seq,
+    pub message: Message,
+    /// The leader's time when the message was appended.
+    pub stored_ms: u64,
+    /// How many times a consumer answered `ReconsumeLater` for it.
+    pub reconsume_times: u32,
+    /// Not before this time may it be delivered (retry queues only).
+    pub due_ms: u64,
+    /// Set on messages in retry and dead-letter queues.
+    pub origin: Option<Origin>,
+}
+
+/// A command in a broker group's Raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Creates queues `0..queues` of `topic` in this group; creating again is harmless, and a
+    /// topic only ever grows.
+    CreateTopic { topic: String, queues: u32 },
+    /// Appends `messages`, which carry the sequence numbers `first_seq..first_seq + n`.
+    Append {
+        queue: QueueId,
+        producer_id: ProducerId,
+        first_seq: Seq,
+        messages: Vec<Message>,
+        stamp_ms: u64,
+    },
+    /// A consumer group's `Success` for these offsets of `queue`.
+    Ack {
+        group: String,
+        queue: QueueId,
+        offsets: Vec<Offset>,
+    },
+    /// A consumer group's `ReconsumeLater` for the message at `offset` of `queue`.
+    ReconsumeLater {
+        group: String,
+        queue: QueueId,
+        offset: Offset,
+        stamp_ms: u64,
+    },
+}
+
+/// What applying a command did; handed back to whoever proposed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    TopicCreated,
+    /// The batch sits at `base_offset..base_offset + n` of `queue`. `duplicate` means this was
+    /// a retry of a batch already written, and these are its original place (the retry may
+    /// have named another queue of this group).
+    Appended {
+        queue: QueueId,
+        base_offset: Offset,
+        duplicate: bool,
+    },
+    Acked {
+        consume_offset: Offset,
+    },
+    /// The message went to the retry queue (or the dead-letter queue) at `offset`.
+    Requeued {
+        to: QueueId,
+        offset: Offset,
+        dead_letter: bool,
+    },
+    Refused(Refusal),
+}
+
+/// Why a command changed nothing. Every one is definitive: nothing was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownQueue(QueueId),
+    EmptyBatch,
+    /// The batch's sequence numbers are older than the dedup window remembers, so a retry
+    /// can no longer be told from a new message.
+    SequenceTooOld {
+        producer_id: ProducerId,
+        seq: Seq,
+    },
+    /// Part of the batch was written before under other sequence numbers' batch boundaries.
+    SequenceOverlap {
+        producer_id: ProducerId,
+        seq: Seq,
+    },
+    NoSuchOffset {
+        queue: QueueId,
+        offset: Offset,
+    },
+    /// The command did not decode: a corrupt or foreign entry.
+    Malformed(String),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnknownQueue(q) => write!(f, "unknown queue {q}"),
+            Refusal::EmptyBatch => write!(f, "empty batch"),
+            Refusal::SequenceTooOld { producer_id, seq } => write!(
+                f,
+                "producer {producer_id} seq {seq} is older than the dedup window"
+            ),
+            Refusal::SequenceOverlap { producer_id, seq } => write!(
+                f,
+                "producer {producer_id} seq {seq} was written in a different batch"
+            ),
+            Refusal::NoSuchOffset { queue, offset } => write!(f, "no offset {offset} in {queue}"),
+            Refusal::Malformed(why) => write!(f, "malformed command: {why}"),
+        }
+    }
+}
+
+/// How a broker group treats consumer failures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Delay before the n-th redelivery is `reconsume_delays_ms[min(n, len) - 1]`.
+    pub reconsume_delays_ms: Vec<u64>,
+    /// After this many `ReconsumeLater`, a message goes to the dead-letter queue.
+    pub max_reconsume: u32,
+}
+
+impl Default for BrokerConfig {
+    /// RocketMQ's delay levels from 1 s to 2 h, and 16 attempts.
+    fn default() -> Self {
+        const S: u64 = 1_000;
+        const M: u64 = 60 * S;
+        BrokerConfig {
+            reconsume_delays_ms: vec![
+                S,
+                5 * S,
+                10 * S,
+                30 * S,
+                M,
+                2 * M,
+                3 * M,
+                4 * M,
+                5 * M,
+                6 * M,
+                7 * M,
+                8 * M,
+                9 * M,
+                10 * M,
+                20 * M,
+                30 * M,
+                60 * M,
+                120 * M,
+            ],
+            max_reconsume: 16,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The delay level (0-based) of redelivery number `attempt` (1 for the first).
+    pub fn reconsume_level(&self, attempt: u32) -> u32 {
+        let levels = self.reconsume_delays_ms.len().max(1) as u32;
+        attempt.clamp(1, levels) - 1
+    }
+
+    pub fn reconsume_delay_ms(&self, attempt: u32) -> u64 {
+        let level = self.reconsume_level(attempt) as usize;
+        self.reconsume_delays_ms.get(level).copied().unwrap_or(0)
+    }
+}
+
+/// What one pull returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pulled {
+    pub messages: Vec<(Offset, StoredMessage)>,
+    /// Where the next pull should start.
+    pub next_offset: Offset,
+}

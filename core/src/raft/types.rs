@@ -145,7 +145,10 @@ pub enum ProposalOutcome {
     /// The proposal's entry is committed at `index` (and will be returned by
     /// `poll_committed` at that index).
     Committed { index: Index },
-    /// The entry was overwritten by another leader's entry: it will never commit.
+    /// This replica's copy of the entry was overwritten by a newer leader's entry. That does
+    /// not mean it will never commit: another replica may hold it and win a later election
+    /// (then it commits at the same index). A client must treat the outcome as unknown and
+    /// retry idempotently.
     Dropped { leader_hint: Option<NodeId> },
 }
 

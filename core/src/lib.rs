@@ -7,5 +7,6 @@
 //! `tests/tests/purity.rs` enforces the rule.
 
 pub mod broker;
+pub mod node;
 pub mod raft;
 pub mod time;

@@ -39,13 +39,11 @@ impl BrokerState {
 
     pub fn apply(&mut self, command: Command) -> Outcome {
         match command {
-            Command::CreateTopic { topic, queues } => {
-                for queue in 0..queues {
-                    self.queues
-                        .entry(QueueId::new(topic.clone(), queue))
-                        .or_default();
+            Command::CreateQueues { queues } => {
+                for queue in queues {
+                    self.queues.entry(queue).or_default();
                 }
-                Outcome::TopicCreated
+                Outcome::QueuesCreated
             }
             Command::Append {
                 queue,
@@ -238,6 +236,23 @@ impl BrokerState {
             pulled.messages.push((offset, stored.clone()));
         }
         Ok(pulled)
+    }
+
+    /// When the first message of a retry queue that `group` has not acknowledged, from `from`
+    /// on, falls due; `None` if there is none (or the queue is not a retry queue).
+    pub fn next_due_ms(&self, group: &str, queue: &QueueId, from: Offset) -> Option<u64> {
+        if !queue.is_retry() {
+            return None;
+        }
+        let progress = self.offsets.get(&(group.to_string(), queue.clone()));
+        let start = from.max(progress.map_or(0, |p| p.consume_offset()));
+        self.queues
+            .get(queue)?
+            .iter()
+            .enumerate()
+            .skip(start as usize)
+            .find(|(offset, _)| !progress.is_some_and(|p| p.is_acked(*offset as Offset)))
+            .map(|(_, stored)| stored.due_ms)
     }
 
     /// The group's consume offset on `queue`: every offset below it is acknowledged.

@@ -4,11 +4,10 @@ use proptest::prelude::*;
 use super::*;
 
 fn topic(state: &mut BrokerState, name: &str, queues: u32) {
-    let outcome = state.apply(Command::CreateTopic {
-        topic: name.into(),
-        queues,
+    let outcome = state.apply(Command::CreateQueues {
+        queues: (0..queues).map(|q| QueueId::new(name, q)).collect(),
     });
-    assert_eq!(outcome, Outcome::TopicCreated);
+    assert_eq!(outcome, Outcome::QueuesCreated);
 }
 
 fn append(

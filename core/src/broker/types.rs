@@ -105,9 +105,8 @@ pub struct StoredMessage {
 /// A command in a broker group's Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Creates queues `0..queues` of `topic` in this group; creating again is harmless, and a
-    /// topic only ever grows.
-    CreateTopic { topic: String, queues: u32 },
+    /// Creates these queues in this group; creating one again is harmless.
+    CreateQueues { queues: Vec<QueueId> },
     /// Appends `messages`, which carry the sequence numbers `first_seq..first_seq + n`.
     Append {
         queue: QueueId,
@@ -134,7 +133,7 @@ pub enum Command {
 /// What applying a command did; handed back to whoever proposed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    TopicCreated,
+    QueuesCreated,
     /// The batch sits at `base_offset..base_offset + n` of `queue`. `duplicate` means this was
     /// a retry of a batch already written, and these are its original place (the retry may
     /// have named another queue of this group).

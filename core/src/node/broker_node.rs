@@ -1,0 +1,692 @@
+//! One node of the cluster: a replica of the metadata group and of every broker group, the
+//! state machines applied from their logs, and the client requests waiting on them.
+//!
+//! Sans-IO like the replica: inputs carry `now`; writes, peer messages and client responses
+//! are polled. Requests that change state are batched: every command that arrives for a group
+//! before the driver next polls goes into one Raft entry, so one write, one sync and one round
+//! of replication serve them all.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::metadata::{METADATA_GROUP, MetaCommand, MetaState};
+use super::protocol::{ClientId, Request, RequestId, Response, Route};
+use crate::broker::{
+    BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
+};
+use crate::raft::{
+    Canary, Config, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId, ProposalOutcome,
+    ProposeError, Recovered, Replica, Role, Write,
+};
+use crate::time::Instant;
+
+/// Static configuration of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Every node of the cluster; each hosts a replica of every group.
+    pub nodes: Vec<NodeId>,
+    /// Broker groups, numbered from 1 (the metadata group is 0).
+    pub broker_groups: Vec<GroupId>,
+    pub broker: BrokerConfig,
+    /// Raft settings for every replica (its `id` and `group` are filled in per replica).
+    pub raft: Config,
+    /// Most long polls parked at once; more are answered empty at once.
+    pub parked_pulls_max: usize,
+    pub canary: Option<Canary>,
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, nodes: Vec<NodeId>, broker_groups: u64) -> NodeConfig {
+        NodeConfig {
+            id,
+            raft: Config::new(id, METADATA_GROUP, nodes.clone()),
+            nodes,
+            broker_groups: (1..=broker_groups).collect(),
+            broker: BrokerConfig::default(),
+            parked_pulls_max: 10_000,
+            canary: None,
+        }
+    }
+
+    fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        std::iter::once(METADATA_GROUP).chain(self.broker_groups.iter().copied())
+    }
+}
+
+enum Machine {
+    Meta(MetaState),
+    Broker(BrokerState),
+}
+
+/// A client request inside a proposed entry.
+struct Waiter {
+    client: ClientId,
+    request: RequestId,
+    queue: Option<QueueId>,
+}
+
+struct Group {
+    raft: Replica,
+    machine: Machine,
+    /// Commands to propose as one entry, with whoever waits for each (none for the node's own).
+    batch: Vec<(Option<Waiter>, Bytes)>,
+    /// Proposed entries: the waiters of each command, in order.
+    proposed: BTreeMap<ProposalId, Vec<Option<Waiter>>>,
+    /// Outcomes of applied entries that carry proposals of ours, until their fate arrives.
+    applied: BTreeMap<Index, Vec<Outcome>>,
+    /// Index of each proposal still in flight.
+    proposal_index: BTreeMap<ProposalId, Index>,
+    /// Queues this node asked the group to create and has not seen created yet.
+    creating: BTreeSet<QueueId>,
+}
+
+struct ParkedPull {
+    client: ClientId,
+    request: RequestId,
+    group: GroupId,
+    request_body: Request,
+    deadline: Instant,
+    /// Earlier than the deadline when a retry message falls due before it.
+    wake_at: Instant,
+}
+
+pub struct BrokerNode {
+    config: NodeConfig,
+    groups: BTreeMap<GroupId, Group>,
+    responses: VecDeque<(ClientId, RequestId, Response)>,
+    parked: Vec<ParkedPull>,
+    next_proposal: ProposalId,
+    /// Topics this node was asked to create, awaiting the metadata commit.
+    creating_topics: Vec<(ClientId, RequestId, String)>,
+}
+
+impl BrokerNode {
+    /// Starts a node from what its disks hold for each group (missing groups start empty).
+    /// `seed` drives the replicas' election timeouts.
+    pub fn new(
+        config: NodeConfig,
+        mut recovered: BTreeMap<GroupId, Recovered>,
+        seed: u64,
+        now: Instant,
+    ) -> BrokerNode {
+        let groups = config
+            .groups()
+            .map(|group| {
+                let mut raft_config = config.raft.clone();
+                raft_config.id = config.id;
+                raft_config.group = group;
+                raft_config.voters = config.nodes.clone();
+                raft_config.canary = config.canary;
+                let disk = recovered.remove(&group).unwrap_or_default();
+                let machine = if group == METADATA_GROUP {
+                    Machine::Meta(MetaState::default())
+                } else {
+                    Machine::Broker(BrokerState::new(config.broker.clone()))
+                };
+                let replica_seed = seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let group_state = Group {
+                    raft: Replica::new(raft_config, disk, replica_seed, now),
+                    machine,
+                    batch: Vec::new(),
+                    proposed: BTreeMap::new(),
+                    applied: BTreeMap::new(),
+                    proposal_index: BTreeMap::new(),
+                    creating: BTreeSet::new(),
+                };
+                (group, group_state)
+            })
+            .collect();
+        let mut node = BrokerNode {
+            config,
+            groups,
+            responses: VecDeque::new(),
+            parked: Vec::new(),
+            next_proposal: 1,
+            creating_topics: Vec::new(),
+        };
+        node.settle(now);
+        node
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// The replica of `group`, for status and checks.
+    pub fn replica(&self, group: GroupId) -> Option<&Replica> {
+        self.groups.get(&group).map(|g| &g.raft)
+    }
+
+    pub fn broker_state(&self, group: GroupId) -> Option<&BrokerState> {
+        match &self.groups.get(&group)?.machine {
+            Machine::Broker(state) => Some(state),
+            Machine::Meta(_) => None,
+        }
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.groups.keys().copied()
+    }
+
+    // ----- inputs -----
+
+    pub fn handle_peer(&mut self, now: Instant, envelope: Envelope) {
+        if envelope.to != self.config.id {
+            return;
+        }
+        if let Some(group) = self.groups.get_mut(&envelope.group) {
+            group.raft.step(now, envelope.from, envelope.message);
+        }
+        self.settle(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for group in self.groups.values_mut() {
+            if group.raft.poll_timeout() <= now {
+                group.raft.handle_timeout(now);
+            }
+        }
+        self.settle(now);
+    }
+
+    /// The driver synced `write` of `group` and everything before it.
+    pub fn persisted(&mut self, now: Instant, group: GroupId, write: crate::raft::WriteId) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.raft.persisted(now, write);
+        }
+        self.settle(now);
+    }
+
+    pub fn handle_request(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        request_id: RequestId,
+        request: Request,
+    ) {
+        self.request(now, client, request_id, request);
+        self.settle(now);
+    }
+
+    fn request(&mut self, now: Instant, client: ClientId, id: RequestId, request: Request) {
+        match request {
+            Request::Route { topic } => {
+                let response = self.routes(&topic);
+                self.responses.push_back((client, id, response));
+            }
+            Request::CreateTopic { topic, queues } => {
+                let command = MetaCommand::CreateTopic {
+                    topic: topic.clone(),
+                    queues,
+                };
+                let bytes = Bytes::from(postcard::to_allocvec(&command).unwrap_or_default());
+                if let Some(response) = self.not_leader(METADATA_GROUP) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                self.creating_topics.push((client, id, topic));
+                self.enqueue(METADATA_GROUP, None, bytes);
+            }
+            Request::Send {
+                broker,
+                queue,
+                producer_id,
+                first_seq,
+                messages,
+            } => {
+                let command = Command::Append {
+                    queue: queue.clone(),
+                    producer_id,
+                    first_seq,
+                    messages,
+                    stamp_ms: now.as_micros() / 1_000,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::Ack {
+                broker,
+                group,
+                queue,
+                offsets,
+            } => {
+                let command = Command::Ack {
+                    group,
+                    queue: queue.clone(),
+                    offsets,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::ReconsumeLater {
+                broker,
+                group,
+                queue,
+                offset,
+            } => {
+                let command = Command::ReconsumeLater {
+                    group,
+                    queue: queue.clone(),
+                    offset,
+                    stamp_ms: now.as_micros() / 1_000,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            pull @ Request::Pull { .. } => self.pull(now, client, id, pull),
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next write to perform and sync, for `group`.
+    pub fn poll_write(&mut self) -> Option<(GroupId, Write)> {
+        self.groups
+            .iter_mut()
+            .find_map(|(id, g)| g.raft.poll_write().map(|w| (*id, w)))
+    }
+
+    pub fn poll_message(&mut self) -> Option<Envelope> {
+        self.groups.values_mut().find_map(|g| g.raft.poll_message())
+    }
+
+    pub fn poll_response(&mut self) -> Option<(ClientId, RequestId, Response)> {
+        self.responses.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        let raft = self.groups.values().map(|g| g.raft.poll_timeout());
+        let pulls = self.parked.iter().map(|p| p.wake_at);
+        raft.chain(pulls).min().unwrap_or(Instant::ZERO)
+    }
+
+    // ----- internals -----
+
+    fn routes(&self, topic: &str) -> Response {
+        let Some(Group {
+            machine: Machine::Meta(meta),
+            ..
+        }) = self.groups.get(&METADATA_GROUP)
+        else {
+            return Response::Refused {
+                reason: "no metadata group".into(),
+            };
+        };
+        let Some(placement) = meta.placement(topic) else {
+            return Response::Refused {
+                reason: format!("unknown topic {topic:?}"),
+            };
+        };
+        let routes = placement
+            .into_iter()
+            .map(|(queue, group)| Route {
+                leader: self.groups.get(&group).and_then(|g| g.raft.status().leader),
+                queue,
+                group,
+            })
+            .collect();
+        Response::Routes {
+            topic: topic.to_string(),
+            routes,
+        }
+    }
+
+    fn not_leader(&self, group: GroupId) -> Option<Response> {
+        let status = self.groups.get(&group)?.raft.status();
+        (status.role != Role::Leader).then_some(Response::NotLeader {
+            group,
+            leader_hint: status.leader,
+        })
+    }
+
+    /// Queue requests go to the leader of an existing broker group.
+    fn check_broker_leader(&self, group: GroupId) -> Result<(), Response> {
+        if !self.config.broker_groups.contains(&group) {
+            let reason = format!("no broker group {group}");
+            return Err(Response::Refused { reason });
+        }
+        self.not_leader(group).map_or(Ok(()), Err)
+    }
+
+    fn propose_to_queue(
+        &mut self,
+        client: ClientId,
+        id: RequestId,
+        group: GroupId,
+        queue: QueueId,
+        command: Command,
+    ) {
+        if let Err(response) = self.check_broker_leader(group) {
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        let waiter = Waiter {
+            client,
+            request: id,
+            queue: Some(queue),
+        };
+        self.enqueue(group, Some(waiter), encode_command(&command));
+    }
+
+    fn enqueue(&mut self, group: GroupId, waiter: Option<Waiter>, bytes: Bytes) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.batch.push((waiter, bytes));
+        }
+    }
+
+    fn pull(&mut self, now: Instant, client: ClientId, id: RequestId, request: Request) {
+        let Request::Pull {
+            broker: group,
+            group: consumer_group,
+            queue,
+            from,
+            messages_max,
+            bytes_max,
+            wait_ms,
+        } = &request
+        else {
+            return;
+        };
+        let group = *group;
+        if let Err(response) = self.check_broker_leader(group) {
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        let Some(g) = self.groups.get(&group) else {
+            return;
+        };
+        // A new leader serves reads only once it has committed an entry of its own term:
+        // before that its applied state may lack entries committed by its predecessor.
+        let status = g.raft.status();
+        let current = g.raft.entry(status.commit_index).map(|e| e.term) == Some(status.term);
+        let Machine::Broker(state) = &g.machine else {
+            return;
+        };
+        let pulled = if current {
+            state.pull(
+                consumer_group,
+                queue,
+                *from,
+                *messages_max as usize,
+                *bytes_max as usize,
+                now.as_micros() / 1_000,
+            )
+        } else {
+            Ok(Default::default())
+        };
+        match pulled {
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                self.responses
+                    .push_back((client, id, Response::Refused { reason }));
+            }
+            Ok(pulled) if !pulled.messages.is_empty() || *wait_ms == 0 => {
+                let response = Response::Pulled {
+                    queue: queue.clone(),
+                    messages: pulled.messages,
+                    next_offset: pulled.next_offset,
+                };
+                self.responses.push_back((client, id, response));
+            }
+            Ok(pulled) => {
+                if self.parked.len() >= self.config.parked_pulls_max {
+                    let response = Response::Pulled {
+                        queue: queue.clone(),
+                        messages: Vec::new(),
+                        next_offset: pulled.next_offset,
+                    };
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let deadline = now + std::time::Duration::from_millis(*wait_ms);
+                let due = state
+                    .next_due_ms(consumer_group, queue, *from)
+                    .map(|ms| Instant::from_micros(ms.saturating_mul(1_000)));
+                let wake_at = due.map_or(deadline, |due| due.min(deadline));
+                self.parked.push(ParkedPull {
+                    client,
+                    request: id,
+                    group,
+                    request_body: request,
+                    deadline,
+                    wake_at,
+                });
+            }
+        }
+    }
+
+    /// Proposes what was batched, applies what committed, answers who waited, retries parked
+    /// pulls, and creates queues the metadata placed on groups this node leads.
+    fn settle(&mut self, now: Instant) {
+        let mut woken = BTreeSet::new();
+        let broker_groups = self.config.broker_groups.clone();
+        for (group_id, group) in &mut self.groups {
+            if !group.batch.is_empty() {
+                propose_batch(&mut self.next_proposal, group, &mut self.responses);
+            }
+            while let Some(entry) = group.raft.poll_committed() {
+                let EntryKind::Commands(commands) = entry.kind else {
+                    continue;
+                };
+                let mut outcomes = Vec::with_capacity(commands.len());
+                for bytes in &commands {
+                    match &mut group.machine {
+                        Machine::Broker(state) => {
+                            let outcome = state.apply_bytes(bytes);
+                            if let Outcome::Appended { .. } | Outcome::Requeued { .. } = outcome {
+                                woken.insert(*group_id);
+                            }
+                            outcomes.push(outcome);
+                        }
+                        Machine::Meta(meta) => {
+                            let created = postcard::from_bytes::<MetaCommand>(bytes)
+                                .is_ok_and(|c| meta.apply(c, &broker_groups));
+                            outcomes.push(if created {
+                                Outcome::QueuesCreated
+                            } else {
+                                Outcome::Refused(crate::broker::Refusal::Malformed(
+                                    "topic exists with another queue count, or bad request".into(),
+                                ))
+                            });
+                        }
+                    }
+                }
+                if group.proposal_index.values().any(|i| *i == entry.index) {
+                    group.applied.insert(entry.index, outcomes);
+                }
+            }
+            while let Some(fate) = group.raft.poll_proposal() {
+                let index = group.proposal_index.remove(&fate.id);
+                let waiters = group.proposed.remove(&fate.id).unwrap_or_default();
+                let outcomes = match (fate.outcome, index) {
+                    (ProposalOutcome::Committed { index }, _) => {
+                        group.applied.remove(&index).unwrap_or_default()
+                    }
+                    (ProposalOutcome::Dropped { .. }, Some(index)) => {
+                        group.applied.remove(&index);
+                        Vec::new()
+                    }
+                    (ProposalOutcome::Dropped { .. }, None) => Vec::new(),
+                };
+                let mut outcomes = outcomes.into_iter();
+                for waiter in waiters {
+                    let outcome = outcomes.next();
+                    let Some(waiter) = waiter else { continue };
+                    let response = match outcome {
+                        Some(outcome) => respond(outcome, waiter.queue),
+                        None => Response::Unknown,
+                    };
+                    self.responses
+                        .push_back((waiter.client, waiter.request, response));
+                }
+            }
+        }
+        self.answer_topic_creations();
+        self.create_placed_queues();
+        for group in self.groups.values_mut() {
+            if !group.batch.is_empty() {
+                propose_batch(&mut self.next_proposal, group, &mut self.responses);
+            }
+        }
+        self.retry_parked(now, &woken);
+    }
+
+    fn answer_topic_creations(&mut self) {
+        if self.creating_topics.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.creating_topics);
+        for (client, id, topic) in waiting {
+            match self.routes(&topic) {
+                Response::Routes { .. } => {
+                    self.responses
+                        .push_back((client, id, Response::TopicCreated { topic }));
+                }
+                _ if self.not_leader(METADATA_GROUP).is_some() => {
+                    self.responses.push_back((client, id, Response::Unknown));
+                }
+                _ => self.creating_topics.push((client, id, topic)),
+            }
+        }
+    }
+
+    /// The leader of a broker group creates the queues the topic table places there.
+    fn create_placed_queues(&mut self) {
+        let Some(Group {
+            machine: Machine::Meta(meta),
+            ..
+        }) = self.groups.get(&METADATA_GROUP)
+        else {
+            return;
+        };
+        let wanted: Vec<(GroupId, Vec<QueueId>)> = self
+            .config
+            .broker_groups
+            .iter()
+            .map(|g| (*g, meta.queues_of(*g)))
+            .collect();
+        for (group_id, queues) in wanted {
+            let Some(group) = self.groups.get_mut(&group_id) else {
+                continue;
+            };
+            if group.raft.status().role != Role::Leader {
+                group.creating.clear();
+                continue;
+            }
+            let Machine::Broker(state) = &group.machine else {
+                continue;
+            };
+            let missing: Vec<QueueId> = queues
+                .into_iter()
+                .filter(|q| state.queue_len(q).is_none() && !group.creating.contains(q))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            group.creating.extend(missing.iter().cloned());
+            let command = Command::CreateQueues { queues: missing };
+            group.batch.push((None, encode_command(&command)));
+        }
+    }
+
+    fn retry_parked(&mut self, now: Instant, woken: &BTreeSet<GroupId>) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut self.parked);
+        for pull in parked {
+            if woken.contains(&pull.group) || now >= pull.wake_at {
+                let mut request = pull.request_body;
+                if now >= pull.deadline
+                    && let Request::Pull { wait_ms, .. } = &mut request
+                {
+                    *wait_ms = 0;
+                }
+                let remaining = pull.deadline.saturating_since(now).as_millis() as u64;
+                if let Request::Pull { wait_ms, .. } = &mut request
+                    && *wait_ms > 0
+                {
+                    *wait_ms = remaining.max(1);
+                }
+                self.pull(now, pull.client, pull.request, request);
+            } else {
+                self.parked.push(pull);
+            }
+        }
+    }
+}
+
+fn propose_batch(
+    next_proposal: &mut ProposalId,
+    group: &mut Group,
+    responses: &mut VecDeque<(ClientId, RequestId, Response)>,
+) {
+    let batch = std::mem::take(&mut group.batch);
+    let id = *next_proposal;
+    *next_proposal += 1;
+    let commands: Vec<Bytes> = batch.iter().map(|(_, b)| b.clone()).collect();
+    let status = group.raft.status();
+    match group.raft.propose(Instant::ZERO, id, commands) {
+        Ok(index) => {
+            group.proposal_index.insert(id, index);
+            group
+                .proposed
+                .insert(id, batch.into_iter().map(|(w, _)| w).collect());
+        }
+        Err(error) => {
+            let response = match error {
+                ProposeError::NotLeader { leader_hint } => Response::NotLeader {
+                    group: status.group,
+                    leader_hint,
+                },
+                ProposeError::Busy => Response::Busy,
+            };
+            for (waiter, _) in batch {
+                if let Some(w) = waiter {
+                    responses.push_back((w.client, w.request, response.clone()));
+                }
+            }
+            group.creating.clear();
+        }
+    }
+}
+
+fn respond(outcome: Outcome, queue: Option<QueueId>) -> Response {
+    match outcome {
+        Outcome::Appended {
+            queue,
+            base_offset,
+            duplicate,
+        } => Response::Sent {
+            queue,
+            base_offset,
+            duplicate,
+        },
+        Outcome::Acked { consume_offset } => Response::Acked {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+            consume_offset,
+        },
+        Outcome::Requeued {
+            to,
+            offset,
+            dead_letter,
+        } => Response::Requeued {
+            to,
+            offset,
+            dead_letter,
+        },
+        Outcome::QueuesCreated => Response::Refused {
+            reason: "internal command".into(),
+        },
+        Outcome::Refused(refusal) => Response::Refused {
+            reason: refusal.to_string(),
+        },
+    }
+}
+
+/// Decodes a committed broker entry's commands, for checkers and tools.
+pub fn decode_entry(kind: &EntryKind) -> Vec<Option<Command>> {
+    match kind {
+        EntryKind::Noop => Vec::new(),
+        EntryKind::Commands(commands) => commands.iter().map(|c| decode_command(c).ok()).collect(),
+    }
+}

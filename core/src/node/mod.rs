@@ -1,0 +1,13 @@
+//! A whole node: replicas of the metadata group and of every broker group, the state machines
+//! applied from their logs, and the client protocol on top. The shell and the simulator both
+//! drive exactly this.
+
+mod broker_node;
+mod metadata;
+pub mod protocol;
+
+pub use broker_node::{BrokerNode, NodeConfig, decode_entry};
+pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+//! What clients ask a node and what it answers. The same values travel over the wire (shell)
+//! and through the simulator's network.
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::{Message, Offset, ProducerId, QueueId, Seq, StoredMessage};
+use crate::raft::{GroupId, NodeId};
+
+/// A connection (shell) or simulated client, as the node knows it.
+pub type ClientId = u64;
+/// Chosen by the client; echoed in the response.
+pub type RequestId = u64;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Which group holds each queue of `topic`, and who leads it as far as this node knows.
+    Route {
+        topic: String,
+    },
+    CreateTopic {
+        topic: String,
+        queues: u32,
+    },
+    /// Queue requests name the broker group that holds the queue (from the routes; retry and
+    /// dead-letter queues live in every group that had a message requeued).
+    Send {
+        broker: GroupId,
+        queue: QueueId,
+        producer_id: ProducerId,
+        first_seq: Seq,
+        messages: Vec<Message>,
+    },
+    /// Messages of `queue` from `from` on that `group` has not acknowledged; waits up to
+    /// `wait_ms` for some to arrive if there are none.
+    Pull {
+        broker: GroupId,
+        group: String,
+        queue: QueueId,
+        from: Offset,
+        messages_max: u32,
+        bytes_max: u32,
+        wait_ms: u64,
+    },
+    Ack {
+        broker: GroupId,
+        group: String,
+        queue: QueueId,
+        offsets: Vec<Offset>,
+    },
+    ReconsumeLater {
+        broker: GroupId,
+        group: String,
+        queue: QueueId,
+        offset: Offset,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub queue: QueueId,
+    pub group: GroupId,
+    pub leader: Option<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Routes {
+        topic: String,
+        routes: Vec<Route>,
+    },
+    TopicCreated {
+        topic: String,
+    },
+    /// Committed: the batch sits at `base_offset..` of `queue`, one offset per message.
+    Sent {
+        queue: QueueId,
+        base_offset: Offset,
+        duplicate: bool,
+    },
+    Pulled {
+        queue: QueueId,
+        messages: Vec<(Offset, StoredMessage)>,
+        next_offset: Offset,
+    },
+    /// The acknowledgement committed.
+    Acked {
+        queue: QueueId,
+        consume_offset: Offset,
+    },
+    Requeued {
+        to: QueueId,
+        offset: Offset,
+        dead_letter: bool,
+    },
+    /// This node does not lead `group`; nothing was done.
+    NotLeader {
+        group: GroupId,
+        leader_hint: Option<NodeId>,
+    },
+    /// Definitively refused: nothing was written.
+    Refused {
+        reason: String,
+    },
+    /// Too much is waiting for a quorum; nothing was written. Retry later.
+    Busy,
+    /// Leadership changed while the request waited for a quorum: it may or may not have been
+    /// written. Retry with the same ids; idempotence sorts it out.
+    Unknown,
+}
+
+impl Response {
+    /// Whether the request was certainly not carried out, so a retry cannot duplicate it.
+    pub fn nothing_written(&self) -> bool {
+        matches!(
+            self,
+            Response::NotLeader { .. } | Response::Refused { .. } | Response::Busy
+        )
+    }
+}

@@ -1,0 +1,327 @@
+//! A whole cluster of nodes driven in memory: instant disks, a FIFO network, 1 ms steps.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::protocol::{Request, Response, Route};
+use super::*;
+use crate::broker::{Message, QueueId};
+use crate::raft::{Envelope, GroupId, NodeId, Role};
+use crate::time::Instant;
+
+struct Cluster {
+    now: Instant,
+    nodes: BTreeMap<NodeId, BrokerNode>,
+    network: VecDeque<Envelope>,
+    responses: Vec<(NodeId, u64, Response)>,
+    next_request: u64,
+}
+
+impl Cluster {
+    fn new(nodes: u64, broker_groups: u64) -> Cluster {
+        let ids: Vec<NodeId> = (1..=nodes).collect();
+        let nodes = ids
+            .iter()
+            .map(|id| {
+                let config = NodeConfig::new(*id, ids.clone(), broker_groups);
+                (
+                    *id,
+                    BrokerNode::new(config, BTreeMap::new(), *id, Instant::ZERO),
+                )
+            })
+            .collect();
+        Cluster {
+            now: Instant::ZERO,
+            nodes,
+            network: VecDeque::new(),
+            responses: Vec::new(),
+            next_request: 1,
+        }
+    }
+
+    /// Moves time on by 1 ms and delivers everything sent, syncing every write at once.
+    fn step(&mut self) {
+        self.now = self.now + Duration::from_millis(1);
+        for node in self.nodes.values_mut() {
+            if node.poll_timeout() <= self.now {
+                node.handle_timeout(self.now);
+            }
+        }
+        for _ in 0..100 {
+            let mut quiet = true;
+            for (id, node) in &mut self.nodes {
+                while let Some((group, write)) = node.poll_write() {
+                    node.persisted(self.now, group, write.id);
+                    quiet = false;
+                }
+                while let Some(envelope) = node.poll_message() {
+                    self.network.push_back(envelope);
+                }
+                while let Some((_, request, response)) = node.poll_response() {
+                    self.responses.push((*id, request, response));
+                }
+            }
+            while let Some(envelope) = self.network.pop_front() {
+                quiet = false;
+                if let Some(node) = self.nodes.get_mut(&envelope.to) {
+                    node.handle_peer(self.now, envelope);
+                }
+            }
+            if quiet {
+                break;
+            }
+        }
+    }
+
+    fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.nodes
+            .values()
+            .find(|n| {
+                n.replica(group)
+                    .is_some_and(|r| r.status().role == Role::Leader)
+            })
+            .map(|n| n.id())
+    }
+
+    fn settle_leaders(&mut self, groups: &[GroupId]) {
+        for _ in 0..2_000 {
+            if groups.iter().all(|g| self.leader(*g).is_some()) {
+                return;
+            }
+            self.step();
+        }
+        panic!("no leaders for {groups:?}");
+    }
+
+    /// Sends `request` to `node` and steps until it is answered.
+    fn ask(&mut self, node: NodeId, request: Request) -> Response {
+        let id = self.next_request;
+        self.next_request += 1;
+        let now = self.now;
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.handle_request(now, 7, id, request);
+        }
+        for _ in 0..5_000 {
+            if let Some(at) = self
+                .responses
+                .iter()
+                .position(|(n, r, _)| *n == node && *r == id)
+            {
+                return self.responses.remove(at).2;
+            }
+            self.step();
+        }
+        panic!("request {id} to node {node} never answered");
+    }
+}
+
+fn batch(texts: &[&str]) -> Vec<Message> {
+    texts
+        .iter()
+        .map(|t| Message::with_body(Bytes::from(t.to_string())))
+        .collect()
+}
+
+fn routes(cluster: &mut Cluster, topic: &str) -> Vec<Route> {
+    match cluster.ask(
+        1,
+        Request::Route {
+            topic: topic.into(),
+        },
+    ) {
+        Response::Routes { routes, .. } => routes,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
+    let mut cluster = Cluster::new(3, 2);
+    cluster.settle_leaders(&[METADATA_GROUP, 1, 2]);
+    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
+    let created = cluster.ask(
+        meta,
+        Request::CreateTopic {
+            topic: "orders".into(),
+            queues: 4,
+        },
+    );
+    assert_eq!(
+        created,
+        Response::TopicCreated {
+            topic: "orders".into()
+        }
+    );
+    let follower = (1..=3).find(|n| *n != meta).unwrap_or(2);
+    assert!(matches!(
+        cluster.ask(
+            follower,
+            Request::CreateTopic {
+                topic: "x".into(),
+                queues: 1
+            }
+        ),
+        Response::NotLeader {
+            group: METADATA_GROUP,
+            ..
+        }
+    ));
+
+    let routes = routes(&mut cluster, "orders");
+    assert_eq!(routes.len(), 4);
+    let groups: std::collections::BTreeSet<_> = routes.iter().map(|r| r.group).collect();
+    assert_eq!(groups.len(), 2, "queues spread over both broker groups");
+    // Let the group leaders create the placed queues.
+    for _ in 0..20 {
+        cluster.step();
+    }
+
+    let route = routes[0].clone();
+    let leader = cluster.leader(route.group).unwrap_or(1);
+    let send = Request::Send {
+        broker: route.group,
+        queue: route.queue.clone(),
+        producer_id: 42,
+        first_seq: 0,
+        messages: batch(&["a", "b", "c"]),
+    };
+    let sent = cluster.ask(leader, send.clone());
+    assert_eq!(
+        sent,
+        Response::Sent {
+            queue: route.queue.clone(),
+            base_offset: 0,
+            duplicate: false
+        }
+    );
+    // The same batch again (a producer retry) gets the original offsets.
+    assert_eq!(
+        cluster.ask(leader, send),
+        Response::Sent {
+            queue: route.queue.clone(),
+            base_offset: 0,
+            duplicate: true
+        }
+    );
+
+    let pull = |from| Request::Pull {
+        broker: route.group,
+        group: "billing".into(),
+        queue: route.queue.clone(),
+        from,
+        messages_max: 10,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    };
+    let Response::Pulled {
+        messages,
+        next_offset,
+        ..
+    } = cluster.ask(leader, pull(0))
+    else {
+        panic!("no pull");
+    };
+    let bodies: Vec<_> = messages
+        .iter()
+        .map(|(_, m)| m.message.body.clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]
+    );
+    assert_eq!(next_offset, 3);
+
+    let ack = Request::Ack {
+        broker: route.group,
+        group: "billing".into(),
+        queue: route.queue.clone(),
+        offsets: vec![0, 2],
+    };
+    assert_eq!(
+        cluster.ask(leader, ack),
+        Response::Acked {
+            queue: route.queue.clone(),
+            consume_offset: 1
+        }
+    );
+    let nack = Request::ReconsumeLater {
+        broker: route.group,
+        group: "billing".into(),
+        queue: route.queue.clone(),
+        offset: 1,
+    };
+    let retry = QueueId::retry("billing", 0);
+    let nacked_at = cluster.now;
+    assert_eq!(
+        cluster.ask(leader, nack),
+        Response::Requeued {
+            to: retry.clone(),
+            offset: 0,
+            dead_letter: false
+        }
+    );
+    // Every replica applies the same thing, followers once the next heartbeat carries the commit.
+    for _ in 0..100 {
+        cluster.step();
+    }
+    for node in cluster.nodes.values() {
+        let state = node.broker_state(route.group).expect("broker group");
+        assert_eq!(state.consume_offset("billing", &route.queue), 3);
+    }
+    // A long poll on the retry queue is answered once the message is due (1 s).
+    let long_poll = Request::Pull {
+        broker: route.group,
+        group: "billing".into(),
+        queue: retry,
+        from: 0,
+        messages_max: 10,
+        bytes_max: 1 << 20,
+        wait_ms: 5_000,
+    };
+    let Response::Pulled { messages, .. } = cluster.ask(leader, long_poll) else {
+        panic!("no retry pull");
+    };
+    let waited = cluster.now.saturating_since(nacked_at);
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].1.message.body, Bytes::from("b"));
+    assert_eq!(messages[0].1.reconsume_times, 1);
+    assert!(
+        waited >= Duration::from_millis(990) && waited < Duration::from_millis(5_000),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn unknown_topics_and_groups_are_refused_without_harm() {
+    let mut cluster = Cluster::new(3, 1);
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    assert!(matches!(
+        cluster.ask(
+            1,
+            Request::Route {
+                topic: "nope".into()
+            }
+        ),
+        Response::Refused { .. }
+    ));
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = |broker, queue: &str| Request::Send {
+        broker,
+        queue: QueueId::new(queue, 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["x"]),
+    };
+    assert!(matches!(
+        cluster.ask(leader, send(9, "t")),
+        Response::Refused { .. }
+    ));
+    let answer = cluster.ask(leader, send(1, "never-created"));
+    assert!(
+        matches!(&answer, Response::Refused { reason } if reason.contains("unknown queue")),
+        "{answer:?}"
+    );
+    assert!(answer.nothing_written());
+}

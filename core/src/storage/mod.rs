@@ -1,0 +1,34 @@
+//! The on-disk formats of a replica: its log and its hard state, as pure functions over bytes.
+//!
+//! The shell's files and the simulator's disk both call these, so a crash recovers through the
+//! same code in production and under simulation (DESIGN.md §3).
+//!
+//! # Log records ([`record`])
+//!
+//! ```text
+//! [len u32 LE][crc32c u32 LE][index u64 LE][term u64 LE][payload]
+//! payload = 0x00                                    Noop
+//!         | 0x01 [count u32 LE] ([len u32 LE][bytes])*count   Commands
+//! ```
+//!
+//! `len` counts the bytes from `index` to the end of the payload, and the checksum covers
+//! exactly those bytes. [`scan`] finds the valid prefix of a log region and separates a torn
+//! tail (unsynced bytes, safe to drop) from corruption of synced bytes (never dropped silently).
+//!
+//! # Hard state ([`state`])
+//!
+//! Two fixed-size slots, written alternately, each with its own sequence number and checksum:
+//! a torn write can only damage the slot being written, and the other still holds the previous
+//! state.
+
+pub mod record;
+pub mod state;
+
+pub use record::{
+    CorruptReason, EncodeError, HEADER_BYTES, PayloadError, RECORD_BYTES_MAX, Scan, ScanOutcome,
+    encode_entry, record_len_bytes, scan,
+};
+pub use state::{
+    SLOT_BYTES, STATE_BYTES, SlotError, StateError, StoredState, decode_state, decode_stored_state,
+    encode_state_slot, next_slot, slot_of,
+};

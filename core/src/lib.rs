@@ -7,6 +7,8 @@
 //! `tests/tests/purity.rs` enforces the rule.
 
 pub mod broker;
+pub mod client;
 pub mod node;
 pub mod raft;
+pub mod storage;
 pub mod time;

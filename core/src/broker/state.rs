@@ -207,10 +207,13 @@ impl BrokerState {
         bytes_max: usize,
         now_ms: u64,
     ) -> Result<Pulled, Refusal> {
-        let log = self
-            .queues
-            .get(queue)
-            .ok_or_else(|| Refusal::UnknownQueue(queue.clone()))?;
+        // Retry and dead-letter queues come into being with their first message.
+        let empty = Vec::new();
+        let log = match self.queues.get(queue) {
+            Some(log) => log,
+            None if queue.is_retry() || queue.is_dead_letter() => &empty,
+            None => return Err(Refusal::UnknownQueue(queue.clone())),
+        };
         let progress = self.offsets.get(&(group.to_string(), queue.clone()));
         let start = from.max(progress.map_or(0, |p| p.consume_offset()));
         let mut pulled = Pulled {

@@ -37,6 +37,10 @@ impl QueueId {
         self.topic.starts_with("%RETRY%")
     }
 
+    pub fn is_dead_letter(&self) -> bool {
+        self.topic.starts_with("%DLQ%")
+    }
+
     /// The queue where a group's messages go after `max_reconsume` attempts.
     pub fn dead_letter(group: &str) -> QueueId {
         QueueId::new(format!("%DLQ%{group}"), 0)

@@ -34,6 +34,8 @@ pub struct NodeConfig {
     pub raft: Config,
     /// Most long polls parked at once; more are answered empty at once.
     pub parked_pulls_max: usize,
+    /// A consumer not heard from for this long has left its group.
+    pub member_session_ms: u64,
     pub canary: Option<Canary>,
 }
 
@@ -46,6 +48,7 @@ impl NodeConfig {
             broker_groups: (1..=broker_groups).collect(),
             broker: BrokerConfig::default(),
             parked_pulls_max: 10_000,
+            member_session_ms: 10_000,
             canary: None,
         }
     }
@@ -100,6 +103,9 @@ pub struct BrokerNode {
     next_proposal: ProposalId,
     /// Topics this node was asked to create, awaiting the metadata commit.
     creating_topics: Vec<(ClientId, RequestId, String)>,
+    /// Consumer group to member to when it was last heard from. Soft state on the metadata
+    /// leader: a new leader learns the members from their next heartbeats.
+    members: BTreeMap<String, BTreeMap<String, Instant>>,
 }
 
 impl BrokerNode {
@@ -145,6 +151,7 @@ impl BrokerNode {
             parked: Vec::new(),
             next_proposal: 1,
             creating_topics: Vec::new(),
+            members: BTreeMap::new(),
         };
         node.settle(now);
         node
@@ -214,6 +221,17 @@ impl BrokerNode {
         match request {
             Request::Route { topic } => {
                 let response = self.routes(&topic);
+                self.responses.push_back((client, id, response));
+            }
+            Request::Heartbeat { group, member } => {
+                let response = self.heartbeat(now, group, Some(member));
+                self.responses.push_back((client, id, response));
+            }
+            Request::Leave { group, member } => {
+                if let Some(members) = self.members.get_mut(&group) {
+                    members.remove(&member);
+                }
+                let response = self.heartbeat(now, group, None);
                 self.responses.push_back((client, id, response));
             }
             Request::CreateTopic { topic, queues } => {
@@ -330,6 +348,23 @@ impl BrokerNode {
         }
     }
 
+    fn heartbeat(&mut self, now: Instant, group: String, member: Option<String>) -> Response {
+        if let Some(response) = self.not_leader(METADATA_GROUP) {
+            self.members.clear();
+            return response;
+        }
+        let session = std::time::Duration::from_millis(self.config.member_session_ms);
+        let members = self.members.entry(group.clone()).or_default();
+        if let Some(member) = member {
+            members.insert(member, now);
+        }
+        members.retain(|_, seen| now.saturating_since(*seen) < session);
+        Response::Members {
+            group,
+            members: members.keys().cloned().collect(),
+        }
+    }
+
     fn not_leader(&self, group: GroupId) -> Option<Response> {
         let status = self.groups.get(&group)?.raft.status();
         (status.role != Role::Leader).then_some(Response::NotLeader {
@@ -359,6 +394,7 @@ impl BrokerNode {
             self.responses.push_back((client, id, response));
             return;
         }
+        self.create_if_placed(group, &queue);
         let waiter = Waiter {
             client,
             request: id,
@@ -546,6 +582,29 @@ impl BrokerNode {
                 }
                 _ => self.creating_topics.push((client, id, topic)),
             }
+        }
+    }
+
+    /// A request may reach a group's leader before it has created a queue the topic table
+    /// places there: create it in the same entry, ahead of the request.
+    fn create_if_placed(&mut self, group: GroupId, queue: &QueueId) {
+        let placed = matches!(
+            self.groups.get(&METADATA_GROUP).map(|g| &g.machine),
+            Some(Machine::Meta(meta)) if meta.placement(&queue.topic)
+                .is_some_and(|p| p.iter().any(|(q, g)| q == queue && *g == group))
+        );
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let Machine::Broker(state) = &g.machine else {
+            return;
+        };
+        if placed && state.queue_len(queue).is_none() && !g.creating.contains(queue) {
+            g.creating.insert(queue.clone());
+            let command = Command::CreateQueues {
+                queues: vec![queue.clone()],
+            };
+            g.batch.push((None, encode_command(&command)));
         }
     }
 

@@ -21,6 +21,17 @@ pub enum Request {
         topic: String,
         queues: u32,
     },
+    /// A consumer of `group` is alive; answered by the metadata leader with the group's live
+    /// members, from which every member computes the same queue allocation.
+    Heartbeat {
+        group: String,
+        member: String,
+    },
+    /// A consumer leaves `group` now rather than after its session times out.
+    Leave {
+        group: String,
+        member: String,
+    },
     /// Queue requests name the broker group that holds the queue (from the routes; retry and
     /// dead-letter queues live in every group that had a message requeued).
     Send {
@@ -70,6 +81,11 @@ pub enum Response {
     },
     TopicCreated {
         topic: String,
+    },
+    /// The live members of a consumer group, sorted.
+    Members {
+        group: String,
+        members: Vec<String>,
     },
     /// Committed: the batch sits at `base_offset..` of `queue`, one offset per message.
     Sent {

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::protocol::{Request, Response, Route};
+use super::protocol::{ClientId, Request, Response, Route};
 use super::*;
 use crate::broker::{Message, QueueId};
+use crate::client::{AckStatus, Consumer, ConsumerConfig, Producer, ProducerConfig, SendResult};
 use crate::raft::{Envelope, GroupId, NodeId, Role};
 use crate::time::Instant;
 
@@ -15,7 +16,7 @@ struct Cluster {
     now: Instant,
     nodes: BTreeMap<NodeId, BrokerNode>,
     network: VecDeque<Envelope>,
-    responses: Vec<(NodeId, u64, Response)>,
+    responses: Vec<(NodeId, ClientId, u64, Response)>,
     next_request: u64,
 }
 
@@ -59,8 +60,8 @@ impl Cluster {
                 while let Some(envelope) = node.poll_message() {
                     self.network.push_back(envelope);
                 }
-                while let Some((_, request, response)) = node.poll_response() {
-                    self.responses.push((*id, request, response));
+                while let Some((client, request, response)) = node.poll_response() {
+                    self.responses.push((*id, client, request, response));
                 }
             }
             while let Some(envelope) = self.network.pop_front() {
@@ -104,12 +105,12 @@ impl Cluster {
             n.handle_request(now, 7, id, request);
         }
         for _ in 0..5_000 {
-            if let Some(at) = self
+            let answered = self
                 .responses
                 .iter()
-                .position(|(n, r, _)| *n == node && *r == id)
-            {
-                return self.responses.remove(at).2;
+                .position(|(n, c, r, _)| (*n, *c, *r) == (node, 7, id));
+            if let Some(at) = answered {
+                return self.responses.remove(at).3;
             }
             self.step();
         }
@@ -136,24 +137,27 @@ fn routes(cluster: &mut Cluster, topic: &str) -> Vec<Route> {
     }
 }
 
-#[test]
-fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
+/// Three nodes, two broker groups, and a topic "orders" of four queues; returns the metadata
+/// leader too.
+fn cluster_with_orders() -> (Cluster, NodeId) {
     let mut cluster = Cluster::new(3, 2);
     cluster.settle_leaders(&[METADATA_GROUP, 1, 2]);
     let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
-    let created = cluster.ask(
-        meta,
-        Request::CreateTopic {
-            topic: "orders".into(),
-            queues: 4,
-        },
-    );
-    assert_eq!(
-        created,
-        Response::TopicCreated {
-            topic: "orders".into()
-        }
-    );
+    let create = Request::CreateTopic {
+        topic: "orders".into(),
+        queues: 4,
+    };
+    let created = cluster.ask(meta, create);
+    let expected = Response::TopicCreated {
+        topic: "orders".into(),
+    };
+    assert_eq!(created, expected);
+    (cluster, meta)
+}
+
+#[test]
+fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
+    let (mut cluster, meta) = cluster_with_orders();
     let follower = (1..=3).find(|n| *n != meta).unwrap_or(2);
     assert!(matches!(
         cluster.ask(
@@ -324,4 +328,116 @@ fn unknown_topics_and_groups_are_refused_without_harm() {
         "{answer:?}"
     );
     assert!(answer.nothing_written());
+}
+
+/// Hands client requests to nodes and responses back, for one producer and some consumers.
+fn pump(cluster: &mut Cluster, producer: &mut Producer, consumers: &mut [Consumer]) {
+    let now = cluster.now;
+    while let Some((node, request, body)) = producer.poll_request() {
+        if let Some(n) = cluster.nodes.get_mut(&node) {
+            n.handle_request(now, 100, request, body);
+        }
+    }
+    for (i, consumer) in consumers.iter_mut().enumerate() {
+        while let Some((node, request, body)) = consumer.poll_request() {
+            if let Some(n) = cluster.nodes.get_mut(&node) {
+                n.handle_request(now, 200 + i as ClientId, request, body);
+            }
+        }
+    }
+    cluster.step();
+    let now = cluster.now;
+    for (_, client, request, response) in std::mem::take(&mut cluster.responses) {
+        match client {
+            100 => producer.handle_response(now, request, response),
+            c if c >= 200 => {
+                if let Some(consumer) = consumers.get_mut((c - 200) as usize) {
+                    consumer.handle_response(now, request, response);
+                }
+            }
+            _ => {}
+        }
+    }
+    if producer.poll_timeout().is_some_and(|t| t <= now) {
+        producer.handle_timeout(now);
+    }
+    for consumer in consumers.iter_mut() {
+        if consumer.poll_timeout() <= now {
+            consumer.handle_timeout(now);
+        }
+    }
+}
+
+#[test]
+fn a_producer_and_two_consumers_move_every_message_with_retries() {
+    let (mut cluster, _) = cluster_with_orders();
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let nodes = vec![1, 2, 3];
+    let mut producer = Producer::new(ProducerConfig::new(9, nodes.clone()));
+    let mut consumers: Vec<Consumer> = ["a", "b"]
+        .iter()
+        .map(|m| {
+            let mut config = ConsumerConfig::new("billing", m, "orders", nodes.clone());
+            config.heartbeat_ms = 200;
+            config.retry_levels = 2;
+            Consumer::new(config, cluster.now)
+        })
+        .collect();
+
+    let total = 200;
+    let mut sent = 0;
+    let mut acked_sends = 0;
+    let mut succeeded = std::collections::BTreeSet::new();
+    let mut retried = std::collections::BTreeSet::new();
+    for _ in 0..30_000 {
+        if sent < total && producer.in_flight() < 4 {
+            let body = format!("m{sent:03}");
+            producer.send(
+                cluster.now,
+                "orders",
+                vec![Message::with_body(Bytes::from(body))],
+            );
+            sent += 1;
+        }
+        pump(&mut cluster, &mut producer, &mut consumers);
+        while let Some((_, result)) = producer.poll_result() {
+            assert!(matches!(result, SendResult::Acked { .. }), "{result:?}");
+            acked_sends += 1;
+        }
+        let now = cluster.now;
+        for consumer in consumers.iter_mut() {
+            while let Some(delivery) = consumer.poll_delivery() {
+                let body = String::from_utf8_lossy(&delivery.message.message.body).to_string();
+                // Every tenth message fails once and must come back from the retry queue.
+                if body.ends_with('7') && delivery.message.reconsume_times == 0 {
+                    consumer.answer(now, &delivery, AckStatus::ReconsumeLater);
+                } else {
+                    if body.ends_with('7') {
+                        retried.insert(body.clone());
+                    }
+                    succeeded.insert(body);
+                    consumer.answer(now, &delivery, AckStatus::Success);
+                }
+            }
+            while consumer.poll_event().is_some() {}
+        }
+        if acked_sends == total && succeeded.len() == total {
+            break;
+        }
+    }
+    assert_eq!(acked_sends, total);
+    assert_eq!(succeeded.len(), total, "not every message was consumed");
+    assert_eq!(retried.len(), total / 10, "every nacked message came back");
+    let owned: usize = consumers.iter().map(|c| c.owned().count()).sum();
+    assert_eq!(
+        owned,
+        4 + 2 * 2,
+        "four queues and two retry levels per broker group, shared"
+    );
+    assert!(
+        consumers.iter().all(|c| c.owned().count() > 0),
+        "both members own a share"
+    );
 }

@@ -1,0 +1,440 @@
+//! The producer: routes, queue selection, retries and broker failover, sans-IO.
+//!
+//! Every message gets a sequence number once, and every retry of it carries the same one, so a
+//! retry to the same broker group is deduplicated there. A broker group that timed out is
+//! avoided for a while and the retry goes to a queue of another group (RocketMQ's
+//! `lastFailedBrokerName` and latency fault tolerance); there a retry of a message that was in
+//! fact written becomes a duplicate, which is why such a send reports it may have been written.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use crate::broker::{Message, Offset, ProducerId, QueueId, Seq};
+use crate::node::protocol::{Request, RequestId, Response, Route};
+use crate::raft::{GroupId, NodeId};
+use crate::time::Instant;
+
+pub type SendId = u64;
+
+/// Wait before retrying a send the broker refused or was too busy for.
+const REFUSAL_BACKOFF_MS: u64 = 100;
+
+#[derive(Clone, Debug)]
+pub struct ProducerConfig {
+    pub producer_id: ProducerId,
+    /// Nodes to ask for routes.
+    pub nodes: Vec<NodeId>,
+    /// Attempts after the first that failed (redirects to a hinted leader do not count).
+    pub retries: u32,
+    /// The whole send, retries included.
+    pub send_timeout_ms: u64,
+    /// One request.
+    pub request_timeout_ms: u64,
+    /// How long a broker group that timed out is avoided.
+    pub avoid_ms: u64,
+    /// Routes older than this are fetched again.
+    pub route_ttl_ms: u64,
+    /// Redirects one send may follow before it counts as a failed attempt.
+    pub redirects_max: u32,
+}
+
+impl ProducerConfig {
+    pub fn new(producer_id: ProducerId, nodes: Vec<NodeId>) -> ProducerConfig {
+        ProducerConfig {
+            producer_id,
+            nodes,
+            retries: 2,
+            send_timeout_ms: 3_000,
+            request_timeout_ms: 1_000,
+            avoid_ms: 10_000,
+            route_ttl_ms: 30_000,
+            redirects_max: 8,
+        }
+    }
+}
+
+/// How a send ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendResult {
+    /// Written at `base_offset..` of `queue` in broker group `broker`.
+    Acked {
+        broker: GroupId,
+        queue: QueueId,
+        base_offset: Offset,
+    },
+    /// Given up. `maybe_written` is false only when every attempt was definitively refused.
+    Failed { reason: String, maybe_written: bool },
+}
+
+struct Target {
+    broker: GroupId,
+    queue: QueueId,
+    node: NodeId,
+}
+
+struct Pending {
+    topic: String,
+    messages: Vec<Message>,
+    first_seq: Seq,
+    deadline: Instant,
+    failures: u32,
+    redirects: u32,
+    maybe_written: bool,
+    last_error: String,
+    target: Option<Target>,
+    /// The request in flight and when it times out.
+    request: Option<(RequestId, Instant)>,
+    /// After a refusal, the next attempt waits until here (routes may be catching up).
+    not_before: Instant,
+}
+
+pub struct Producer {
+    config: ProducerConfig,
+    next_seq: Seq,
+    next_send: SendId,
+    next_request: RequestId,
+    /// Round-robin counters for queue and node choice.
+    turn: u64,
+    routes: BTreeMap<String, (Vec<Route>, Instant)>,
+    route_requests: BTreeMap<RequestId, (String, Instant)>,
+    leaders: BTreeMap<GroupId, NodeId>,
+    avoid_until: BTreeMap<GroupId, Instant>,
+    pending: BTreeMap<SendId, Pending>,
+    by_request: BTreeMap<RequestId, SendId>,
+    outbox: VecDeque<(NodeId, RequestId, Request)>,
+    results: VecDeque<(SendId, SendResult)>,
+}
+
+impl Producer {
+    pub fn new(config: ProducerConfig) -> Producer {
+        Producer {
+            config,
+            next_seq: 0,
+            next_send: 1,
+            next_request: 1,
+            turn: 0,
+            routes: BTreeMap::new(),
+            route_requests: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            avoid_until: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            by_request: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            results: VecDeque::new(),
+        }
+    }
+
+    pub fn producer_id(&self) -> ProducerId {
+        self.config.producer_id
+    }
+
+    /// Starts sending `messages` to `topic` as one batch. Returns the send's id and the
+    /// sequence number of its first message.
+    pub fn send(&mut self, now: Instant, topic: &str, messages: Vec<Message>) -> (SendId, Seq) {
+        let id = self.next_send;
+        self.next_send += 1;
+        let first_seq = self.next_seq;
+        self.next_seq += messages.len() as Seq;
+        let deadline = now + Duration::from_millis(self.config.send_timeout_ms);
+        self.pending.insert(
+            id,
+            Pending {
+                topic: topic.to_string(),
+                messages,
+                first_seq,
+                deadline,
+                failures: 0,
+                redirects: 0,
+                maybe_written: false,
+                last_error: String::new(),
+                target: None,
+                request: None,
+                not_before: now,
+            },
+        );
+        self.advance(now, id);
+        (id, first_seq)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn handle_response(&mut self, now: Instant, request: RequestId, response: Response) {
+        if let Some((topic, _)) = self.route_requests.remove(&request) {
+            if let Response::Routes { routes, .. } = response {
+                for route in &routes {
+                    if let Some(leader) = route.leader {
+                        self.leaders.insert(route.group, leader);
+                    }
+                }
+                self.routes.insert(topic.clone(), (routes, now));
+            }
+            let waiting: Vec<SendId> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.topic == topic && p.request.is_none())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in waiting {
+                self.advance(now, id);
+            }
+            return;
+        }
+        let Some(id) = self.by_request.remove(&request) else {
+            return; // an attempt already given up on
+        };
+        let Some(pending) = self.pending.get_mut(&id) else {
+            return;
+        };
+        pending.request = None;
+        let broker = pending.target.as_ref().map_or(0, |t| t.broker);
+        match response {
+            Response::Sent {
+                queue, base_offset, ..
+            } => {
+                self.pending.remove(&id);
+                self.avoid_until.remove(&broker);
+                let result = SendResult::Acked {
+                    broker,
+                    queue,
+                    base_offset,
+                };
+                self.results.push_back((id, result));
+            }
+            Response::NotLeader { group, leader_hint } => {
+                pending.redirects += 1;
+                match leader_hint {
+                    Some(leader) => {
+                        self.leaders.insert(group, leader);
+                    }
+                    None => {
+                        self.leaders.remove(&group);
+                    }
+                }
+                if pending.redirects > self.config.redirects_max {
+                    self.fail_attempt(now, id, "too many redirects".into(), false);
+                } else {
+                    // Same queue, at the hinted leader: dedup still covers a retry there.
+                    if let Some(target) = pending.target.as_mut() {
+                        target.node = match leader_hint {
+                            Some(leader) => leader,
+                            None => pick(&self.config.nodes, &mut self.turn),
+                        };
+                    }
+                    self.advance(now, id);
+                }
+            }
+            Response::Unknown => {
+                // Leadership moved while the batch waited for a quorum. Retrying in the same
+                // group is deduplicated, so keep the target.
+                pending.maybe_written = true;
+                self.fail_attempt(now, id, "leadership changed before commit".into(), true);
+            }
+            Response::Busy => {
+                pending.not_before = now + Duration::from_millis(REFUSAL_BACKOFF_MS);
+                self.fail_attempt(now, id, "broker busy".into(), false);
+            }
+            Response::Refused { reason } => {
+                // Perhaps the routes are stale, or the group has not created a new topic's
+                // queue yet: back off, fetch routes again, and choose afresh.
+                pending.not_before = now + Duration::from_millis(REFUSAL_BACKOFF_MS);
+                pending.target = None;
+                let topic = pending.topic.clone();
+                self.routes.remove(&topic);
+                self.fail_attempt(now, id, reason, false);
+            }
+            other => self.fail_attempt(now, id, format!("unexpected answer {other:?}"), false),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired_routes: Vec<RequestId> = self
+            .route_requests
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired_routes {
+            if let Some((topic, _)) = self.route_requests.remove(&id) {
+                self.request_routes(now, &topic);
+            }
+        }
+        let timed_out: Vec<SendId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.request.is_some_and(|(_, at)| at <= now)
+                    || p.deadline <= now
+                    || (p.request.is_none() && p.not_before <= now)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in timed_out {
+            let Some(pending) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            if let Some((request, _)) = pending.request.take() {
+                self.by_request.remove(&request);
+                pending.maybe_written = true;
+                if let Some(target) = pending.target.take() {
+                    let until = now + Duration::from_millis(self.config.avoid_ms);
+                    self.avoid_until.insert(target.broker, until);
+                    self.leaders.remove(&target.broker);
+                }
+                self.fail_attempt(now, id, "request timed out".into(), true);
+            } else {
+                self.advance(now, id);
+            }
+        }
+    }
+
+    pub fn poll_request(&mut self) -> Option<(NodeId, RequestId, Request)> {
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_result(&mut self) -> Option<(SendId, SendResult)> {
+        self.results.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let sends = self.pending.values().map(|p| match p.request {
+            Some((_, at)) => at.min(p.deadline),
+            None => p.not_before.min(p.deadline),
+        });
+        let routes = self.route_requests.values().map(|(_, at)| *at);
+        sends.chain(routes).min()
+    }
+
+    /// Counts a failed attempt; gives up after `retries` of them.
+    fn fail_attempt(&mut self, now: Instant, id: SendId, error: String, maybe_written: bool) {
+        let Some(pending) = self.pending.get_mut(&id) else {
+            return;
+        };
+        pending.failures += 1;
+        pending.maybe_written |= maybe_written;
+        pending.last_error = error;
+        pending.redirects = 0;
+        if pending.failures > self.config.retries {
+            self.give_up(id);
+        } else {
+            self.advance(now, id);
+        }
+    }
+
+    fn give_up(&mut self, id: SendId) {
+        if let Some(pending) = self.pending.remove(&id) {
+            if let Some((request, _)) = pending.request {
+                self.by_request.remove(&request);
+            }
+            let result = SendResult::Failed {
+                reason: pending.last_error,
+                maybe_written: pending.maybe_written,
+            };
+            self.results.push_back((id, result));
+        }
+    }
+
+    /// Sends the next attempt of `id`, fetching routes first if needed.
+    fn advance(&mut self, now: Instant, id: SendId) {
+        let Some(pending) = self.pending.get(&id) else {
+            return;
+        };
+        if now >= pending.deadline {
+            let pending = self.pending.get_mut(&id);
+            if let Some(p) = pending
+                && p.last_error.is_empty()
+            {
+                p.last_error = "send timed out".into();
+            }
+            return self.give_up(id);
+        }
+        if pending.request.is_some() || now < pending.not_before {
+            return;
+        }
+        let topic = pending.topic.clone();
+        let fresh = self.routes.get(&topic).is_some_and(|(routes, at)| {
+            !routes.is_empty()
+                && now.saturating_since(*at) < Duration::from_millis(self.config.route_ttl_ms)
+        });
+        if !fresh {
+            if !self.route_requests.values().any(|(t, _)| *t == topic) {
+                self.request_routes(now, &topic);
+            }
+            return;
+        }
+        let target = match self.pending.get_mut(&id).and_then(|p| p.target.take()) {
+            Some(target) => target,
+            None => match self.choose_target(now, &topic) {
+                Some(target) => target,
+                None => return,
+            },
+        };
+        let Some(pending) = self.pending.get_mut(&id) else {
+            return;
+        };
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let request = Request::Send {
+            broker: target.broker,
+            queue: target.queue.clone(),
+            producer_id: self.config.producer_id,
+            first_seq: pending.first_seq,
+            messages: pending.messages.clone(),
+        };
+        let timeout = now + Duration::from_millis(self.config.request_timeout_ms);
+        pending.request = Some((request_id, timeout));
+        self.outbox.push_back((target.node, request_id, request));
+        pending.target = Some(target);
+        self.by_request.insert(request_id, id);
+    }
+
+    /// The next queue round-robin, skipping broker groups being avoided while any other is
+    /// available.
+    fn choose_target(&mut self, now: Instant, topic: &str) -> Option<Target> {
+        let (routes, _) = self.routes.get(topic)?;
+        let usable = |r: &&Route| {
+            self.avoid_until
+                .get(&r.group)
+                .is_none_or(|until| now >= *until)
+        };
+        let candidates: Vec<&Route> = routes.iter().filter(usable).collect();
+        let candidates = if candidates.is_empty() {
+            routes.iter().collect()
+        } else {
+            candidates
+        };
+        let route = candidates.get((self.turn % candidates.len().max(1) as u64) as usize)?;
+        self.turn += 1;
+        let node = match self.leaders.get(&route.group).copied().or(route.leader) {
+            Some(node) => node,
+            None => pick(&self.config.nodes, &mut self.turn),
+        };
+        Some(Target {
+            broker: route.group,
+            queue: route.queue.clone(),
+            node,
+        })
+    }
+
+    fn request_routes(&mut self, now: Instant, topic: &str) {
+        let id = self.next_request;
+        self.next_request += 1;
+        let node = pick(&self.config.nodes, &mut self.turn);
+        let deadline = now + Duration::from_millis(self.config.request_timeout_ms);
+        self.route_requests
+            .insert(id, (topic.to_string(), deadline));
+        let request = Request::Route {
+            topic: topic.to_string(),
+        };
+        self.outbox.push_back((node, id, request));
+    }
+}
+
+fn pick(nodes: &[NodeId], turn: &mut u64) -> NodeId {
+    *turn += 1;
+    nodes
+        .get((*turn % nodes.len().max(1) as u64) as usize)
+        .copied()
+        .unwrap_or(0)
+}

@@ -7,8 +7,10 @@
 
 pub mod checker;
 pub mod disk;
+pub mod faults;
 pub mod network;
 pub mod options;
+pub mod raft_checks;
 pub mod runner;
 pub mod trace;
 pub mod world;

@@ -33,6 +33,13 @@ impl GroupOffsets {
         true
     }
 
+    /// The planted bug `overwrite-consume-offset`: the consume offset jumps past the latest
+    /// ack, forward or back.
+    pub fn overwrite(&mut self, offset: Offset) {
+        self.consume_offset = offset + 1;
+        self.acked_above.clear();
+    }
+
     /// Acknowledgements held above the consume offset (bounded by the consumer's in-flight
     /// window in practice).
     pub fn pending_acks(&self) -> usize {

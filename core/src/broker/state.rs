@@ -6,6 +6,7 @@ use super::codec::decode_command;
 use super::dedup::{ProducerWindow, Verdict};
 use super::offsets::GroupOffsets;
 use super::types::*;
+use crate::raft::Canary;
 
 #[derive(Clone, Debug, Default)]
 pub struct BrokerState {
@@ -82,7 +83,12 @@ impl BrokerState {
         }
         let len = messages.len() as u64;
         let window = self.producers.entry(producer_id).or_default();
-        match window.check(producer_id, first_seq, len) {
+        let verdict = if Canary::NoDedup.planted(self.config.canary) {
+            Ok(Verdict::New)
+        } else {
+            window.check(producer_id, first_seq, len)
+        };
+        match verdict {
             Err(refusal) => return Outcome::Refused(refusal),
             Ok(Verdict::Duplicate { queue, base_offset }) => {
                 return Outcome::Appended {
@@ -111,7 +117,9 @@ impl BrokerState {
                     origin: None,
                 }),
         );
-        window.record(first_seq, len, queue.clone(), base_offset);
+        if !Canary::NoDedup.planted(self.config.canary) {
+            window.record(first_seq, len, queue.clone(), base_offset);
+        }
         Outcome::Appended {
             queue,
             base_offset,
@@ -131,7 +139,11 @@ impl BrokerState {
         }
         let progress = self.offsets.entry((group, queue)).or_default();
         for offset in offsets {
-            progress.ack(offset);
+            if Canary::OverwriteConsumeOffset.planted(self.config.canary) {
+                progress.overwrite(offset);
+            } else {
+                progress.ack(offset);
+            }
         }
         Outcome::Acked {
             consume_offset: progress.consume_offset(),
@@ -187,10 +199,12 @@ impl BrokerState {
         };
         progress.ack(offset);
         let log = self.queues.entry(to.clone()).or_default();
-        log.push(copy);
+        if !Canary::NackDropsMessage.planted(self.config.canary) {
+            log.push(copy);
+        }
         Outcome::Requeued {
             to,
-            offset: log.len() as Offset - 1,
+            offset: (log.len() as Offset).saturating_sub(1),
             dead_letter,
         }
     }

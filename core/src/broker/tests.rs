@@ -161,6 +161,7 @@ fn reconsume_later_requeues_by_delay_level_then_dead_letters() {
     let config = BrokerConfig {
         reconsume_delays_ms: vec![1_000, 5_000],
         max_reconsume: 3,
+        canary: None,
     };
     let mut state = BrokerState::new(config);
     topic(&mut state, "orders", 1);

@@ -208,6 +208,8 @@ pub struct BrokerConfig {
     pub reconsume_delays_ms: Vec<u64>,
     /// After this many `ReconsumeLater`, a message goes to the dead-letter queue.
     pub max_reconsume: u32,
+    /// A planted bug; effective only with the `canaries` feature.
+    pub canary: Option<crate::raft::Canary>,
 }
 
 impl Default for BrokerConfig {
@@ -237,6 +239,7 @@ impl Default for BrokerConfig {
                 120 * M,
             ],
             max_reconsume: 16,
+            canary: None,
         }
     }
 }

@@ -56,11 +56,13 @@ impl ProducerConfig {
 /// How a send ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendResult {
-    /// Written at `base_offset..` of `queue` in broker group `broker`.
+    /// Written at `base_offset..` of `queue` in broker group `broker`. `ambiguous` says an
+    /// earlier attempt timed out or lost its leader, so a copy may sit elsewhere too.
     Acked {
         broker: GroupId,
         queue: QueueId,
         base_offset: Offset,
+        ambiguous: bool,
     },
     /// Given up. `maybe_written` is false only when every attempt was definitively refused.
     Failed { reason: String, maybe_written: bool },
@@ -193,12 +195,14 @@ impl Producer {
             Response::Sent {
                 queue, base_offset, ..
             } => {
+                let ambiguous = pending.maybe_written;
                 self.pending.remove(&id);
                 self.avoid_until.remove(&broker);
                 let result = SendResult::Acked {
                     broker,
                     queue,
                     base_offset,
+                    ambiguous,
                 };
                 self.results.push_back((id, result));
             }

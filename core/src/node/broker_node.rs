@@ -16,7 +16,7 @@ use crate::broker::{
     BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
 };
 use crate::raft::{
-    Canary, Config, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId, ProposalOutcome,
+    Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId, ProposalOutcome,
     ProposeError, Recovered, Replica, Role, Write,
 };
 use crate::time::Instant;
@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub parked_pulls_max: usize,
     /// A consumer not heard from for this long has left its group.
     pub member_session_ms: u64,
+    /// Keep every applied entry for [`BrokerNode::poll_applied`] (the simulator's checkers).
+    pub record_applied: bool,
     pub canary: Option<Canary>,
 }
 
@@ -49,6 +51,7 @@ impl NodeConfig {
             broker: BrokerConfig::default(),
             parked_pulls_max: 10_000,
             member_session_ms: 10_000,
+            record_applied: false,
             canary: None,
         }
     }
@@ -106,6 +109,7 @@ pub struct BrokerNode {
     /// Consumer group to member to when it was last heard from. Soft state on the metadata
     /// leader: a new leader learns the members from their next heartbeats.
     members: BTreeMap<String, BTreeMap<String, Instant>>,
+    applied: VecDeque<(GroupId, Entry)>,
 }
 
 impl BrokerNode {
@@ -129,7 +133,9 @@ impl BrokerNode {
                 let machine = if group == METADATA_GROUP {
                     Machine::Meta(MetaState::default())
                 } else {
-                    Machine::Broker(BrokerState::new(config.broker.clone()))
+                    let mut broker = config.broker.clone();
+                    broker.canary = config.canary;
+                    Machine::Broker(BrokerState::new(broker))
                 };
                 let replica_seed = seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let group_state = Group {
@@ -152,6 +158,7 @@ impl BrokerNode {
             next_proposal: 1,
             creating_topics: Vec::new(),
             members: BTreeMap::new(),
+            applied: VecDeque::new(),
         };
         node.settle(now);
         node
@@ -311,6 +318,11 @@ impl BrokerNode {
         self.responses.pop_front()
     }
 
+    /// The next entry applied, in order per group, when `record_applied` is set.
+    pub fn poll_applied(&mut self) -> Option<(GroupId, Entry)> {
+        self.applied.pop_front()
+    }
+
     pub fn poll_timeout(&self) -> Instant {
         let raft = self.groups.values().map(|g| g.raft.poll_timeout());
         let pulls = self.parked.iter().map(|p| p.wake_at);
@@ -395,6 +407,22 @@ impl BrokerNode {
             return;
         }
         self.create_if_placed(group, &queue);
+        if Canary::AckSendBeforeCommit.planted(self.config.canary)
+            && matches!(command, Command::Append { .. })
+        {
+            let base_offset = self
+                .broker_state(group)
+                .and_then(|s| s.queue_len(&queue))
+                .unwrap_or(0);
+            let response = Response::Sent {
+                queue,
+                base_offset,
+                duplicate: false,
+            };
+            self.responses.push_back((client, id, response));
+            self.enqueue(group, None, encode_command(&command));
+            return;
+        }
         let waiter = Waiter {
             client,
             request: id,
@@ -423,7 +451,10 @@ impl BrokerNode {
             return;
         };
         let group = *group;
-        if let Err(response) = self.check_broker_leader(group) {
+        let stale_reads = Canary::ServePullOnFollower.planted(self.config.canary);
+        if let Err(response) = self.check_broker_leader(group)
+            && !(stale_reads && self.config.broker_groups.contains(&group))
+        {
             self.responses.push_back((client, id, response));
             return;
         }
@@ -433,7 +464,8 @@ impl BrokerNode {
         // A new leader serves reads only once it has committed an entry of its own term:
         // before that its applied state may lack entries committed by its predecessor.
         let status = g.raft.status();
-        let current = g.raft.entry(status.commit_index).map(|e| e.term) == Some(status.term);
+        let current = g.raft.entry(status.commit_index).map(|e| e.term) == Some(status.term)
+            || stale_reads;
         let Machine::Broker(state) = &g.machine else {
             return;
         };
@@ -500,6 +532,9 @@ impl BrokerNode {
                 propose_batch(&mut self.next_proposal, group, &mut self.responses);
             }
             while let Some(entry) = group.raft.poll_committed() {
+                if self.config.record_applied {
+                    self.applied.push_back((*group_id, entry.clone()));
+                }
                 let EntryKind::Commands(commands) = entry.kind else {
                     continue;
                 };

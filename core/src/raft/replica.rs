@@ -918,13 +918,7 @@ impl Replica {
         self.election_deadline = now + Duration::from_micros(timeout);
     }
 
-    #[cfg(feature = "canaries")]
     fn canary(&self, canary: Canary) -> bool {
-        self.config.canary == Some(canary)
-    }
-
-    #[cfg(not(feature = "canaries"))]
-    fn canary(&self, _canary: Canary) -> bool {
-        false
+        canary.planted(self.config.canary)
     }
 }

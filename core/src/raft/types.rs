@@ -206,10 +206,20 @@ pub enum Canary {
     RefusePreVotes,
     /// Entries are handed out for applying as soon as they are in the log, before commit.
     ApplyBeyondCommit,
+    /// A broker answers a send as soon as it is proposed, before it commits.
+    AckSendBeforeCommit,
+    /// Followers serve pulls from their possibly stale state.
+    ServePullOnFollower,
+    /// An ack sets the consume offset past itself instead of to the lowest unacked offset.
+    OverwriteConsumeOffset,
+    /// Appends skip the producer dedup window, so a retry writes the batch again.
+    NoDedup,
+    /// `ReconsumeLater` consumes the message without requeueing it.
+    NackDropsMessage,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 13] = [
+    pub const ALL: [Canary; 18] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -223,6 +233,11 @@ impl Canary {
         Canary::DurableIndexAhead,
         Canary::RefusePreVotes,
         Canary::ApplyBeyondCommit,
+        Canary::AckSendBeforeCommit,
+        Canary::ServePullOnFollower,
+        Canary::OverwriteConsumeOffset,
+        Canary::NoDedup,
+        Canary::NackDropsMessage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -240,11 +255,33 @@ impl Canary {
             Canary::DurableIndexAhead => "durable-index-ahead",
             Canary::RefusePreVotes => "refuse-pre-votes",
             Canary::ApplyBeyondCommit => "apply-beyond-commit",
+            Canary::AckSendBeforeCommit => "ack-send-before-commit",
+            Canary::ServePullOnFollower => "serve-pull-on-follower",
+            Canary::OverwriteConsumeOffset => "overwrite-consume-offset",
+            Canary::NoDedup => "no-dedup",
+            Canary::NackDropsMessage => "nack-drops-message",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Canary> {
         Canary::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Whether `chosen` plants this bug; never in a build without the `canaries` feature.
+    pub fn planted(self, chosen: Option<Canary>) -> bool {
+        cfg!(feature = "canaries") && chosen == Some(self)
+    }
+
+    /// The planted bugs of the Raft core, as opposed to the queue's.
+    pub fn is_raft(self) -> bool {
+        !matches!(
+            self,
+            Canary::AckSendBeforeCommit
+                | Canary::ServePullOnFollower
+                | Canary::OverwriteConsumeOffset
+                | Canary::NoDedup
+                | Canary::NackDropsMessage
+        )
     }
 }
 

@@ -1,10 +1,10 @@
 //! The fault schedule of the safety phase, and the healing that starts the liveness phase.
 
 use rand::RngExt;
-use rand_chacha::ChaCha8Rng;
 
 use super::{Event, LIVENESS_CHECK_INTERVAL_MS, Phase, Step, World, ms};
 use crate::checker::{Violation, violation};
+use crate::faults::{self, NodeFault};
 use holdfast_core::raft::{GroupId, Replica, Role};
 
 impl World {
@@ -12,76 +12,24 @@ impl World {
         if self.phase != Phase::Faults {
             return Ok(());
         }
-        let all = self.node_ids.clone();
-        let pick = |rng: &mut ChaCha8Rng| all[rng.random_range(0..all.len())];
-        let kind: &'static str = match self.rng.random_range(0..100) {
-            0..12 => {
-                let node = pick(&mut self.rng);
-                self.network.split(&[node], &all);
-                "isolate"
-            }
-            12..22 => {
-                let minority = self.rng.random_range(1..=(all.len() - 1) / 2);
-                let mut side = all.clone();
-                for i in 0..side.len() {
-                    let j = self.rng.random_range(i..side.len());
-                    side.swap(i, j);
-                }
-                side.truncate(minority);
-                self.network.split(&side, &all);
-                "partition"
-            }
-            22..32 => {
-                let node = pick(&mut self.rng);
-                let outbound = self.rng.random_bool(0.5);
-                self.network.one_way(node, &all, outbound);
-                "one-way"
-            }
-            32..47 => {
-                self.network.blocked.clear();
-                "heal-partition"
-            }
-            47..62 => {
-                let node = pick(&mut self.rng);
+        let (kind, node_fault) = faults::draw(&mut self.rng, &mut self.network, &self.node_ids);
+        match node_fault {
+            Some(NodeFault::Crash(node)) => {
                 if !self.node(node).up {
                     return self.next_fault();
                 }
                 self.crash(node)?;
-                "crash"
             }
-            62..72 => {
-                let node = pick(&mut self.rng);
-                let until = self.now + ms(self.rng.random_range(10..1_500));
-                self.node_mut(node).paused_until = until;
-                "pause"
+            Some(NodeFault::Pause(node, pause)) => {
+                self.node_mut(node).paused_until = self.now + pause;
             }
-            72..80 => {
-                self.network.loss_ppm = self.rng.random_range(10_000..300_000);
-                self.network.duplicate_ppm = self.rng.random_range(0..100_000);
-                "lossy-network"
-            }
-            80..88 => {
-                self.network.delay_min_us = 1_000;
-                self.network.delay_max_us = self.rng.random_range(10_000..200_000);
-                "slow-network"
-            }
-            88..94 => {
-                let blocked = std::mem::take(&mut self.network.blocked);
-                self.network.heal();
-                self.network.blocked = blocked;
-                "calm-network"
-            }
-            _ => {
-                let node = pick(&mut self.rng);
+            Some(NodeFault::ToggleSlowDisk(node)) => {
                 let n = self.node_mut(node);
-                if n.fsync_max_us > 2_000 {
-                    (n.fsync_min_us, n.fsync_max_us) = (50, 2_000);
-                } else {
-                    (n.fsync_min_us, n.fsync_max_us) = (1_000, 50_000);
-                }
-                "slow-disk"
+                (n.fsync_min_us, n.fsync_max_us) =
+                    faults::toggle_fsync_us((n.fsync_min_us, n.fsync_max_us));
             }
-        };
+            None => {}
+        }
         *self.stats.faults.entry(kind).or_default() += 1;
         self.trace.record(self.now, &[11, kind.len() as u64], || {
             format!("FAULT {kind} blocked={:?}", self.network.blocked)
@@ -104,7 +52,7 @@ impl World {
             .record(self.now, &[12], || "HEAL: liveness phase".into());
         for node in self.node_ids.clone() {
             let n = self.node_mut(node);
-            (n.fsync_min_us, n.fsync_max_us) = (50, 2_000);
+            (n.fsync_min_us, n.fsync_max_us) = faults::FSYNC_US;
             if !n.up {
                 self.start(node)?;
             }

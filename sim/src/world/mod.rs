@@ -9,16 +9,19 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
 
 use holdfast_core::raft::{
-    Config, Envelope, GroupId, Index, NodeId, ProposalId, Replica, Role, Term, WriteId,
+    Config, Envelope, GroupId, Index, NodeId, ProposalId, Replica, Role, WriteId,
 };
 use holdfast_core::time::Instant;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::checker::{Checker, LogView, Violation, violation};
+use crate::checker::{Checker, Violation, violation};
 use crate::disk::Disk;
 use crate::network::Network;
 use crate::options::Options;
+use crate::raft_checks::{
+    ReplicaView, check_applied, check_recovery, check_status, check_write, log_view,
+};
 use crate::trace::Trace;
 
 mod client;
@@ -172,11 +175,8 @@ struct Slot {
     replica: Option<Replica>,
     disk: Disk,
     timer_at: Instant,
-    /// What the checker last saw of this replica (this incarnation).
-    commit: Index,
-    applied: Index,
-    role: Role,
-    term: Term,
+    /// What the checkers last saw of this replica (this incarnation).
+    view: ReplicaView,
 }
 
 struct Node {
@@ -307,8 +307,8 @@ impl World {
                 up: false,
                 incarnation: 0,
                 paused_until: Instant::ZERO,
-                fsync_min_us: 50,
-                fsync_max_us: 2_000,
+                fsync_min_us: crate::faults::FSYNC_US.0,
+                fsync_max_us: crate::faults::FSYNC_US.1,
                 slots,
             });
         }
@@ -318,10 +318,12 @@ impl World {
                     replica: None,
                     disk: Disk::default(),
                     timer_at: Instant::ZERO,
-                    commit: 0,
-                    applied: 0,
-                    role: Role::Follower,
-                    term: 0,
+                    view: ReplicaView {
+                        commit: 0,
+                        applied: 0,
+                        role: Role::Follower,
+                        term: 0,
+                    },
                 });
             }
             self.start(node)?;
@@ -438,52 +440,18 @@ impl World {
             let Some(slot) = self.live_slot(node, group) else {
                 continue;
             };
-            let recovered = slot.disk.recovered();
-            let durable = (
-                recovered.hard_state.term,
-                recovered.hard_state.vote,
-                slot.disk.last_index(),
-            );
-            let durable_commit = recovered.hard_state.commit;
-            let replica = Replica::new(config, recovered, seed, now);
+            let replica = Replica::new(config, slot.disk.recovered(), seed, now);
             let status = replica.status();
             slot.replica = Some(replica);
             slot.timer_at = Instant::ZERO;
-            slot.commit = status.commit_index;
-            slot.applied = 0;
-            slot.role = status.role;
-            slot.term = status.term;
+            slot.view = ReplicaView::new(&status);
+            check_recovery(node, group, &status, &slot.disk)?;
             self.trace.record(now, &[2, node, group, status.term], || {
                 format!(
                     "n{node} g{group} start term={} commit={} last={}",
                     status.term, status.commit_index, status.last_index
                 )
             });
-            if (status.term, status.vote, status.last_index) != durable {
-                return Err(violation(
-                    "recovery",
-                    format!(
-                        "group {group} node {node} restarted with term {} vote {:?} last index {} \
-                         but its disk holds term {} vote {:?} last index {}",
-                        status.term,
-                        status.vote,
-                        status.last_index,
-                        durable.0,
-                        durable.1,
-                        durable.2
-                    ),
-                ));
-            }
-            if status.commit_index < durable_commit {
-                return Err(violation(
-                    "commit-monotonic",
-                    format!(
-                        "group {group} node {node} restarted with commit {} below its durable \
-                         commit {durable_commit}",
-                        status.commit_index
-                    ),
-                ));
-            }
             self.drain(node, group)?;
         }
         Ok(())
@@ -522,14 +490,7 @@ impl World {
             client.pending.retain(|_, p| p.node != node);
             self.stats.proposals_indeterminate += (before - client.pending.len()) as u64;
         }
-        // Half the crashes are quick bounces, within one election, when a forgotten vote or
-        // a lost write would do the most harm.
-        let down_ms = if self.rng.random_bool(0.5) {
-            self.rng.random_range(1..100)
-        } else {
-            self.rng.random_range(100..3_000)
-        };
-        let restart_at = self.now + ms(down_ms);
+        let restart_at = self.now + crate::faults::downtime(&mut self.rng);
         self.schedule(restart_at, Event::Restart { node });
         self.trace
             .record(self.now, &[3, node], || format!("n{node} CRASH"));
@@ -571,15 +532,7 @@ impl World {
             return Ok(());
         };
         while let Some(write) = replica.poll_write() {
-            if let Some(first) = write.entries.first() {
-                let prev_term = match first.index {
-                    0 | 1 => 0,
-                    i => replica.entry(i - 1).map_or(0, |e| e.term),
-                };
-                self.checker
-                    .written(group, node, &write.entries, prev_term)?;
-                Checker::rewrite(group, node, first.index, slot.commit)?;
-            }
+            check_write(&mut self.checker, node, group, &slot.view, replica, &write)?;
             let (id, count) = (write.id, write.entries.len() as u64);
             let first = write.entries.first().map_or(0, |e| e.index);
             self.trace
@@ -618,9 +571,7 @@ impl World {
 
         let term = replica.status().term;
         while let Some(entry) = replica.poll_committed() {
-            self.checker
-                .applied(group, node, term, &entry, slot.applied + 1)?;
-            slot.applied = entry.index;
+            check_applied(&mut self.checker, node, group, &mut slot.view, term, &entry)?;
         }
 
         let mut fates = Vec::new();
@@ -628,61 +579,36 @@ impl World {
             fates.push(fate);
         }
 
-        let status = replica.status();
-        if status.commit_index < slot.commit || status.commit_index > status.last_index {
-            return Err(violation(
-                "commit-monotonic",
-                format!(
-                    "group {group} node {node}: commit went from {} to {} (last index {})",
-                    slot.commit, status.commit_index, status.last_index
-                ),
-            ));
-        }
-        let newly_committed = status.commit_index > slot.commit;
-        slot.commit = status.commit_index;
-        let durable = status.durable_index;
-        let durable_term = replica.entry(durable).map(|e| e.term);
-        if durable > 0 && slot.disk.term_at(durable) != durable_term {
-            return Err(violation(
-                "durable-index",
-                format!(
-                    "group {group} node {node} claims {durable} durable (term {durable_term:?}) \
-                     but its disk holds {:?} there and ends at {}",
-                    slot.disk.term_at(durable),
-                    slot.disk.last_index()
-                ),
-            ));
-        }
-        if let Some(leader) = status.leader.filter(|l| *l != node) {
-            self.checker.follows(group, node, status.term, leader)?;
-        }
-        if status.role == Role::Leader {
-            self.checker.leader(group, status.term, node)?;
-            if slot.role != Role::Leader || slot.term != status.term {
-                self.stats.elections += 1;
-                self.trace.record(now, &[5, node, group, status.term], || {
-                    format!("n{node} g{group} LEADER term={}", status.term)
-                });
-                self.checker.leader_complete(group, replica)?;
-            }
-        }
-        slot.role = status.role;
-        slot.term = status.term;
-        if status.role == Role::Leader && newly_committed {
-            let index = status.commit_index;
-            let term = replica.entry(index).map_or(0, |e| e.term);
-            let mut logs = vec![(node, slot.disk.view(index), Some(view(replica, index)))];
+        let nodes = &self.nodes;
+        let logs = |index: Index| {
+            let mut logs = vec![(node, slot.disk.view(index), Some(log_view(replica, index)))];
             logs.extend(
                 self.node_ids
                     .iter()
                     .filter(|n| **n != node)
                     .filter_map(|n| {
-                        let slot = self.node(*n).slots[(group - 1) as usize].as_ref()?;
-                        let memory = slot.replica.as_ref().map(|r| view(r, index));
+                        let slot = nodes[(*n - 1) as usize].slots[(group - 1) as usize].as_ref()?;
+                        let memory = slot.replica.as_ref().map(|r| log_view(r, index));
                         Some((*n, slot.disk.view(index), memory))
                     }),
             );
-            Checker::commit_safe(group, node, index, term, &logs)?;
+            logs
+        };
+        let elected = check_status(
+            &mut self.checker,
+            node,
+            group,
+            &mut slot.view,
+            replica,
+            &slot.disk,
+            &logs,
+        )?;
+        if elected {
+            self.stats.elections += 1;
+            let term = slot.view.term;
+            self.trace.record(now, &[5, node, group, term], || {
+                format!("n{node} g{group} LEADER term={term}")
+            });
         }
 
         for fate in fates {
@@ -779,14 +705,5 @@ impl World {
         replica.step(now, from, message);
         self.stats.messages_delivered += 1;
         self.drain(to, group)
-    }
-}
-
-fn view(replica: &Replica, index: Index) -> LogView {
-    let status = replica.status();
-    LogView {
-        last_index: status.last_index,
-        last_term: replica.entry(status.last_index).map_or(0, |e| e.term),
-        term_at_index: replica.entry(index).map(|e| e.term),
     }
 }

@@ -1,0 +1,100 @@
+//! Which fault comes next. Network faults apply to the network at once; faults of one node
+//! come back to the world that owns the node.
+
+use std::time::Duration;
+
+use holdfast_core::raft::NodeId;
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+
+use crate::network::Network;
+
+pub enum NodeFault {
+    Crash(NodeId),
+    Pause(NodeId, Duration),
+    /// Slow the node's fsyncs down, or back to normal if they are slow.
+    ToggleSlowDisk(NodeId),
+}
+
+/// Draws one fault over `nodes`, by weight; returns its kind for the summary.
+pub fn draw(
+    rng: &mut ChaCha8Rng,
+    network: &mut Network,
+    nodes: &[NodeId],
+) -> (&'static str, Option<NodeFault>) {
+    let pick = |rng: &mut ChaCha8Rng| nodes[rng.random_range(0..nodes.len())];
+    match rng.random_range(0..100) {
+        0..12 => {
+            let node = pick(rng);
+            network.split(&[node], nodes);
+            ("isolate", None)
+        }
+        12..22 => {
+            let minority = rng.random_range(1..=(nodes.len() - 1) / 2);
+            let mut side = nodes.to_vec();
+            for i in 0..side.len() {
+                let j = rng.random_range(i..side.len());
+                side.swap(i, j);
+            }
+            side.truncate(minority);
+            network.split(&side, nodes);
+            ("partition", None)
+        }
+        22..32 => {
+            let node = pick(rng);
+            let outbound = rng.random_bool(0.5);
+            network.one_way(node, nodes, outbound);
+            ("one-way", None)
+        }
+        32..47 => {
+            network.blocked.clear();
+            ("heal-partition", None)
+        }
+        47..62 => ("crash", Some(NodeFault::Crash(pick(rng)))),
+        62..72 => {
+            let node = pick(rng);
+            let pause = Duration::from_millis(rng.random_range(10..1_500));
+            ("pause", Some(NodeFault::Pause(node, pause)))
+        }
+        72..80 => {
+            network.loss_ppm = rng.random_range(10_000..300_000);
+            network.duplicate_ppm = rng.random_range(0..100_000);
+            ("lossy-network", None)
+        }
+        80..88 => {
+            network.delay_min_us = 1_000;
+            network.delay_max_us = rng.random_range(10_000..200_000);
+            ("slow-network", None)
+        }
+        88..94 => {
+            let blocked = std::mem::take(&mut network.blocked);
+            network.heal();
+            network.blocked = blocked;
+            ("calm-network", None)
+        }
+        _ => ("slow-disk", Some(NodeFault::ToggleSlowDisk(pick(rng)))),
+    }
+}
+
+/// How long a crashed node stays down: half the crashes are quick bounces, within one
+/// election, when a forgotten vote or a lost write would do the most harm.
+pub fn downtime(rng: &mut ChaCha8Rng) -> Duration {
+    let ms = if rng.random_bool(0.5) {
+        rng.random_range(1..100)
+    } else {
+        rng.random_range(100..3_000)
+    };
+    Duration::from_millis(ms)
+}
+
+/// The fsync latency range of a node after [`NodeFault::ToggleSlowDisk`].
+pub fn toggle_fsync_us(range: (u64, u64)) -> (u64, u64) {
+    if range.1 > FSYNC_US.1 {
+        FSYNC_US
+    } else {
+        (1_000, 50_000)
+    }
+}
+
+/// Normal fsync latency, in microseconds.
+pub const FSYNC_US: (u64, u64) = (50, 2_000);

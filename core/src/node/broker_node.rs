@@ -16,8 +16,8 @@ use crate::broker::{
     BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
 };
 use crate::raft::{
-    Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId, ProposalOutcome,
-    ProposeError, Recovered, Replica, Role, Write,
+    Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
+    ProposalOutcome, ProposeError, Recovered, Replica, Role, Write,
 };
 use crate::time::Instant;
 
@@ -461,11 +461,9 @@ impl BrokerNode {
         let Some(g) = self.groups.get(&group) else {
             return;
         };
-        // A new leader serves reads only once it has committed an entry of its own term:
-        // before that its applied state may lack entries committed by its predecessor.
-        let status = g.raft.status();
-        let current = g.raft.entry(status.commit_index).map(|e| e.term) == Some(status.term)
-            || stale_reads;
+        // Only a leader holding the read lease serves: a deposed leader that does not know
+        // it yet could hand out a message whose ack its successor already confirmed.
+        let current = g.raft.read_lease(now) || stale_reads;
         let Machine::Broker(state) = &g.machine else {
             return;
         };

@@ -23,6 +23,8 @@ pub(super) struct Progress {
     pub(super) inflight: VecDeque<Index>,
     /// Heard from since the last CheckQuorum round.
     pub(super) recent_active: bool,
+    /// The latest heartbeat `context` (leader clock, micros) the follower answered.
+    pub(super) lease_context_us: u64,
 }
 
 impl Progress {
@@ -34,6 +36,7 @@ impl Progress {
             probe_sent: false,
             inflight: VecDeque::new(),
             recent_active: true,
+            lease_context_us: 0,
         }
     }
 

@@ -51,6 +51,7 @@ pub struct Replica {
     check_quorum_deadline: Instant,
     /// When this follower last heard from a leader of its term (for the CheckQuorum lease).
     leader_contact: Option<Instant>,
+    started_at: Instant,
 
     // Durability bookkeeping.
     /// Ids handed out so far; the next write gets `writes_issued + 1`.
@@ -101,6 +102,7 @@ impl Replica {
             heartbeat_deadline: now,
             check_quorum_deadline: now,
             leader_contact: None,
+            started_at: now,
             writes_issued: 0,
             durable_write: 0,
             hard_state_dirty: false,
@@ -146,7 +148,10 @@ impl Replica {
                 Message::Append { .. } if self.canary(Canary::AcceptStaleAppend) => {}
                 // Tell a stale leader about the newer term so it steps down.
                 Message::Append { .. } | Message::Heartbeat { .. } => {
-                    let reply = Message::HeartbeatResponse { term: self.term };
+                    let reply = Message::HeartbeatResponse {
+                        term: self.term,
+                        context: 0,
+                    };
                     self.send_after_all_writes(from, reply);
                     return;
                 }
@@ -193,16 +198,23 @@ impl Replica {
                 self.follow(now, from);
                 self.handle_append(from, prev_index, prev_term, entries, commit);
             }
-            Message::Heartbeat { commit, .. } => {
+            Message::Heartbeat {
+                commit, context, ..
+            } => {
                 self.follow(now, from);
                 self.advance_commit(commit.min(self.log.last_index()));
-                let reply = Message::HeartbeatResponse { term: self.term };
+                let reply = Message::HeartbeatResponse {
+                    term: self.term,
+                    context,
+                };
                 self.send_after_all_writes(from, reply);
             }
             Message::AppendResponse { result, .. } => {
                 self.handle_append_response(from, result);
             }
-            Message::HeartbeatResponse { .. } => self.handle_heartbeat_response(from),
+            Message::HeartbeatResponse { context, .. } => {
+                self.handle_heartbeat_response(from, context)
+            }
         }
     }
 
@@ -218,7 +230,7 @@ impl Replica {
             }
             if now >= self.heartbeat_deadline {
                 self.heartbeat_deadline = now + self.config.heartbeat_interval;
-                self.broadcast_heartbeat();
+                self.broadcast_heartbeat(now);
             }
         } else if now >= self.election_deadline {
             if self.config.pre_vote {
@@ -341,6 +353,29 @@ impl Replica {
     /// The next proposal whose fate is known.
     pub fn poll_proposal(&mut self) -> Option<ProposalFate> {
         self.fates.pop_front()
+    }
+
+    /// Whether this leader may serve reads from its applied state without asking anyone: a
+    /// majority (itself included) answered heartbeats recent enough that none of them will
+    /// vote for another leader yet, and it has committed an entry of its own term, so its
+    /// applied state holds everything committed before it. The lease is shorter than the
+    /// followers' promise by a fifth, a margin for clocks that run at slightly different rates.
+    pub fn read_lease(&self, now: Instant) -> bool {
+        if self.role != Role::Leader || !self.config.check_quorum {
+            return false;
+        }
+        if self.log.term_at(self.commit) != Some(self.term) {
+            return false;
+        }
+        let mut contexts: Vec<u64> = self.progress.values().map(|p| p.lease_context_us).collect();
+        contexts.push(now.as_micros());
+        contexts.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(oldest_in_quorum) = contexts.get(self.quorum() - 1) else {
+            return false;
+        };
+        let promise = self.config.election_timeout_min;
+        let lease = promise - promise / 5;
+        now < Instant::from_micros(*oldest_in_quorum) + lease
     }
 
     pub fn status(&self) -> Status {
@@ -537,6 +572,11 @@ impl Replica {
         if !self.config.check_quorum {
             return false;
         }
+        // A restarted replica may have promised a leader its vote before the crash: keep
+        // the promise for one election timeout after starting.
+        if now < self.started_at + self.config.election_timeout_min {
+            return true;
+        }
         match (self.role, self.leader_contact) {
             (Role::Leader, _) => true,
             (_, Some(at)) => self.leader.is_some() && now < at + self.config.election_timeout_min,
@@ -645,7 +685,7 @@ impl Replica {
         }
     }
 
-    fn broadcast_heartbeat(&mut self) {
+    fn broadcast_heartbeat(&mut self, now: Instant) {
         for peer in self.peers() {
             let Some(progress) = self.progress.get(&peer) else {
                 continue;
@@ -653,6 +693,7 @@ impl Replica {
             let heartbeat = Message::Heartbeat {
                 term: self.term,
                 commit: self.commit.min(progress.match_index),
+                context: now.as_micros(),
             };
             self.send(peer, heartbeat, self.term_write);
         }
@@ -757,7 +798,7 @@ impl Replica {
         }
     }
 
-    fn handle_heartbeat_response(&mut self, from: NodeId) {
+    fn handle_heartbeat_response(&mut self, from: NodeId, context: u64) {
         if self.role != Role::Leader {
             return;
         }
@@ -768,6 +809,7 @@ impl Replica {
         };
         progress.recent_active = true;
         progress.probe_sent = false;
+        progress.lease_context_us = progress.lease_context_us.max(context);
         if progress.match_index < last_index {
             // An Append may have been lost: make room for one more, which either fills the
             // gap or draws a rejection that sends us back to probing.

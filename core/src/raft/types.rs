@@ -76,12 +76,17 @@ pub enum Message {
         result: AppendResult,
     },
     /// The leader's keep-alive. `commit` is at most what the receiver is known to hold.
+    /// `context` is the leader's clock when it sent this, echoed back in the response: a
+    /// follower that answers promises not to vote for anyone else until an election timeout
+    /// after it received it, which is what the leader's read lease rests on.
     Heartbeat {
         term: Term,
         commit: Index,
+        context: u64,
     },
     HeartbeatResponse {
         term: Term,
+        context: u64,
     },
 }
 
@@ -95,7 +100,7 @@ impl Message {
             | Message::Append { term, .. }
             | Message::AppendResponse { term, .. }
             | Message::Heartbeat { term, .. }
-            | Message::HeartbeatResponse { term } => *term,
+            | Message::HeartbeatResponse { term, .. } => *term,
         }
     }
 }

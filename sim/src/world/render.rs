@@ -23,8 +23,8 @@ pub(super) fn fields(message: &Message) -> (u64, u64, u64) {
             AppendResult::Accepted { match_index } => (6, *term, *match_index),
             AppendResult::Rejected { rejected_index, .. } => (7, *term, *rejected_index),
         },
-        Message::Heartbeat { term, commit } => (8, *term, *commit),
-        Message::HeartbeatResponse { term } => (9, *term, 0),
+        Message::Heartbeat { term, commit, .. } => (8, *term, *commit),
+        Message::HeartbeatResponse { term, context } => (9, *term, *context),
     }
 }
 
@@ -69,7 +69,7 @@ pub(super) fn describe(message: &Message) -> String {
                 "AppendResponse t{term} REJECT at={rejected_index} hint={hint_index}@{hint_term}"
             ),
         },
-        Message::Heartbeat { term, commit } => format!("Heartbeat t{term} commit={commit}"),
-        Message::HeartbeatResponse { term } => format!("HeartbeatResponse t{term}"),
+        Message::Heartbeat { term, commit, .. } => format!("Heartbeat t{term} commit={commit}"),
+        Message::HeartbeatResponse { term, .. } => format!("HeartbeatResponse t{term}"),
     }
 }

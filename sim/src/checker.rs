@@ -10,8 +10,8 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::disk::Disk;
 
-/// Every checker, by the name a violation reports.
-pub const CHECKERS: [&str; 11] = [
+/// The Raft checkers, by the name a violation reports.
+pub const RAFT_CHECKERS: [&str; 11] = [
     "one-leader-per-term",
     "commit-safety",
     "recovery",
@@ -25,6 +25,17 @@ pub const CHECKERS: [&str; 11] = [
     "liveness",
 ];
 
+/// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
+pub const QUEUE_CHECKERS: [&str; 7] = [
+    "lost",
+    "unexpected",
+    "duplicated",
+    "inconsistent-offsets",
+    "nonmonotonic-poll",
+    "offset-regression",
+    "order",
+];
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
     pub checker: &'static str,
@@ -32,7 +43,7 @@ pub struct Violation {
 }
 
 pub fn violation(checker: &'static str, detail: String) -> Violation {
-    debug_assert!(CHECKERS.contains(&checker));
+    debug_assert!(RAFT_CHECKERS.contains(&checker) || QUEUE_CHECKERS.contains(&checker));
     Violation { checker, detail }
 }
 

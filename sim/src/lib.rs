@@ -10,13 +10,22 @@ pub mod disk;
 pub mod faults;
 pub mod network;
 pub mod options;
+pub mod queue;
 pub mod raft_checks;
 pub mod runner;
 pub mod trace;
 pub mod world;
 
-pub use options::Options;
-pub use world::{Outcome, Stats, run};
+pub use options::{Options, Workload};
+pub use world::{Outcome, Stats};
+
+/// Runs one seed of the workload the options choose.
+pub fn run(options: &Options) -> Outcome {
+    match options.workload {
+        Workload::Raft => world::run(options),
+        Workload::Queue => queue::run(options),
+    }
+}
 
 /// Whether this build plants canaries when asked to (`--features canaries`).
 pub const CANARIES_BUILT: bool = cfg!(feature = "canaries");

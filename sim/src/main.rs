@@ -6,7 +6,7 @@ use std::time::Instant as WallClock;
 use clap::{Parser, Subcommand};
 use holdfast_core::raft::Canary;
 use holdfast_sim::runner::{Summary, run_one, run_seeds};
-use holdfast_sim::{CANARIES_BUILT, Options};
+use holdfast_sim::{CANARIES_BUILT, Options, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -20,13 +20,25 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum WorkloadArg {
+    /// Producers and two consumer groups on a topic over whole broker nodes.
+    Queue,
+    /// Clients proposing raw batches straight to Raft replicas.
+    Raft,
+}
+
 #[derive(clap::Args, Clone)]
 struct Cluster {
+    /// What the clients do.
+    #[arg(long, value_enum, default_value = "queue")]
+    workload: WorkloadArg,
     /// Nodes in the cluster.
     #[arg(long, default_value_t = 3, value_parser = parse_nodes)]
     nodes: usize,
-    /// Raft groups, each with a replica on every node.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    /// Raft groups, each with a replica on every node (queue workload: broker groups, at
+    /// least 2, plus the metadata group).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     groups: u64,
     /// Plant a bug (see `holdfast-sim canaries`); needs a build with `--features canaries`.
     #[arg(long, value_name = "NAME")]
@@ -93,6 +105,10 @@ fn options(cluster: &Cluster, seed: u64) -> Result<Options, String> {
         }
     };
     let mut options = Options::new(seed);
+    options.workload = match cluster.workload {
+        WorkloadArg::Queue => Workload::Queue,
+        WorkloadArg::Raft => Workload::Raft,
+    };
     options.nodes = cluster.nodes;
     options.groups = cluster.groups as usize;
     options.canary = canary;
@@ -138,7 +154,8 @@ fn main() -> ExitCode {
 fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) -> bool {
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!(
-        "holdfast-sim: seeds {}..{} nodes={} groups={} canary={} jobs={jobs}",
+        "holdfast-sim: {:?} workload, seeds {}..{} nodes={} groups={} canary={} jobs={jobs}",
+        options.workload,
         options.seed,
         options.seed + seeds,
         options.nodes,
@@ -167,7 +184,14 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
     let summary = Summary::new(&outcomes, started.elapsed());
     println!("{summary}");
     if let Some((seed, _)) = summary.failed.first() {
-        let mut flags = format!("--nodes {} --groups {}", options.nodes, options.groups);
+        let workload = match options.workload {
+            Workload::Queue => "queue",
+            Workload::Raft => "raft",
+        };
+        let mut flags = format!(
+            "--workload {workload} --nodes {} --groups {}",
+            options.nodes, options.groups
+        );
         if let Some(name) = &cluster.canary {
             flags.push_str(&format!(" --canary {name}"));
         }
@@ -190,14 +214,28 @@ fn replay(options: &Options) -> bool {
         ),
     }
     println!(
-        "simulated {:.3} s, {} events, {} elections, {} entries committed, {} proposals acked, faults {:?}",
+        "simulated {:.3} s, {} events, {} elections, {} entries committed, faults {:?}",
         s.simulated_us as f64 / 1e6,
         s.events,
         s.elections,
         s.entries_committed,
-        s.proposals_acked,
         s.faults
     );
+    match options.workload {
+        Workload::Raft => println!(
+            "proposals: {} acked, {} dropped, {} indeterminate",
+            s.proposals_acked, s.proposals_dropped, s.proposals_indeterminate
+        ),
+        Workload::Queue => println!(
+            "messages: {} acked, {} failed, {} ambiguous; {} deliveries, {} redeliveries, {} dead-lettered",
+            s.messages_acked,
+            s.messages_failed,
+            s.messages_ambiguous,
+            s.deliveries,
+            s.redeliveries,
+            s.dead_lettered
+        ),
+    }
     println!("trace_hash={:016x}", outcome.trace_hash);
     outcome.passed()
 }

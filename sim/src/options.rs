@@ -2,11 +2,22 @@
 
 use holdfast_core::raft::Canary;
 
+/// What the clients do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Producers and consumer groups on a topic, over whole broker nodes.
+    Queue,
+    /// Clients proposing raw batches straight to Raft replicas.
+    Raft,
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
+    pub workload: Workload,
     pub seed: u64,
     /// Nodes in the cluster; every group has a replica on every node.
     pub nodes: usize,
+    /// Raft groups in the Raft workload; broker groups (at least 2) in the queue workload.
     pub groups: usize,
     /// A planted bug for every replica; effective only with the `canaries` feature.
     pub canary: Option<Canary>,
@@ -22,6 +33,7 @@ pub struct Options {
 impl Options {
     pub fn new(seed: u64) -> Options {
         Options {
+            workload: Workload::Queue,
             seed,
             nodes: 3,
             groups: 1,

@@ -10,11 +10,11 @@ use holdfast_core::time::Instant;
 
 use crate::checker::Violation;
 use crate::options::Options;
-use crate::world::{self, Outcome, Stats};
+use crate::world::{Outcome, Stats};
 
 /// Runs one seed; a panic anywhere in the run is a failure of that seed, not of the batch.
 pub fn run_one(options: &Options) -> Outcome {
-    match catch_unwind(AssertUnwindSafe(|| world::run(options))) {
+    match catch_unwind(AssertUnwindSafe(|| crate::run(options))) {
         Ok(outcome) => outcome,
         Err(payload) => {
             let message = payload
@@ -124,14 +124,29 @@ impl fmt::Display for Summary {
         }
         writeln!(f, "elections won: {}", s.elections)?;
         writeln!(f, "entries committed: {}", s.entries_committed)?;
+        if s.proposals_acked + s.proposals_dropped + s.proposals_indeterminate > 0 {
+            writeln!(
+                f,
+                "proposals: {} acked, {} dropped, {} indeterminate (replica crashed)",
+                s.proposals_acked, s.proposals_dropped, s.proposals_indeterminate
+            )?;
+        }
+        if s.messages_acked + s.messages_failed + s.messages_ambiguous > 0 {
+            let sent = s.messages_acked + s.messages_failed + s.messages_ambiguous;
+            writeln!(
+                f,
+                "queue messages: {sent} sent: {} acked, {} failed, {} ambiguous",
+                s.messages_acked, s.messages_failed, s.messages_ambiguous
+            )?;
+            writeln!(
+                f,
+                "deliveries: {} ({} redeliveries), {} dead-lettered",
+                s.deliveries, s.redeliveries, s.dead_lettered
+            )?;
+        }
         writeln!(
             f,
-            "proposals: {} acked, {} dropped, {} indeterminate (replica crashed)",
-            s.proposals_acked, s.proposals_dropped, s.proposals_indeterminate
-        )?;
-        writeln!(
-            f,
-            "messages: {} delivered, {} lost",
+            "network messages: {} delivered, {} lost",
             s.messages_delivered, s.messages_lost
         )?;
         let simulated = s.simulated_us as f64 / 1e6;

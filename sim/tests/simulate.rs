@@ -2,7 +2,20 @@
 //! planted bug is caught by the checker meant for it.
 
 use holdfast_sim::runner::{run_one, run_seeds};
-use holdfast_sim::{Options, run};
+use holdfast_sim::{Options, Workload, run};
+
+fn raft(seed: u64) -> Options {
+    let mut options = Options::new(seed);
+    options.workload = Workload::Raft;
+    options
+}
+
+fn queue(seed: u64) -> Options {
+    let mut options = Options::new(seed);
+    options.workload = Workload::Queue;
+    options.groups = 2;
+    options
+}
 
 fn jobs() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -17,7 +30,10 @@ fn assert_all_pass(template: &Options, from: u64, count: u64) {
         .collect();
     assert!(failed.is_empty(), "failing seeds: {failed:#?}");
     let elections: u64 = outcomes.iter().map(|o| o.stats.elections).sum();
-    let acked: u64 = outcomes.iter().map(|o| o.stats.proposals_acked).sum();
+    let acked: u64 = outcomes
+        .iter()
+        .map(|o| o.stats.proposals_acked + o.stats.messages_acked)
+        .sum();
     let faults: u64 = outcomes
         .iter()
         .map(|o| o.stats.faults.values().sum::<u64>())
@@ -33,25 +49,53 @@ fn assert_all_pass(template: &Options, from: u64, count: u64) {
 
 #[test]
 fn three_nodes_survive_three_hundred_seeds() {
-    assert_all_pass(&Options::new(0), 0, 300);
+    assert_all_pass(&raft(0), 0, 300);
 }
 
 #[test]
 fn five_nodes_with_two_groups_survive_a_hundred_seeds() {
-    let mut options = Options::new(0);
+    let mut options = raft(0);
     options.nodes = 5;
     options.groups = 2;
     assert_all_pass(&options, 50_000, 100);
 }
 
 #[test]
+fn the_queue_survives_a_hundred_and_fifty_seeds_of_three_nodes() {
+    let outcomes = run_seeds(&queue(0), 0, 150, jobs(), &|_| {});
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !o.passed())
+        .map(|o| (o.seed, o.violation.clone()))
+        .collect();
+    assert!(failed.is_empty(), "failing seeds: {failed:#?}");
+    let sum =
+        |f: &dyn Fn(&holdfast_sim::Stats) -> u64| outcomes.iter().map(|o| f(&o.stats)).sum::<u64>();
+    // Runs that send, consume, retry and crash, or they prove nothing.
+    assert!(sum(&|s| s.messages_acked) > 150 * 200);
+    assert!(sum(&|s| s.deliveries) > sum(&|s| s.messages_acked));
+    assert!(sum(&|s| s.redeliveries) > 0);
+    assert!(sum(&|s| s.faults.get("crash").copied().unwrap_or(0)) > 150);
+    assert!(sum(&|s| s.faults.get("consumer-crash").copied().unwrap_or(0)) > 150);
+}
+
+#[test]
+fn the_queue_survives_forty_seeds_of_five_nodes_and_three_broker_groups() {
+    let mut options = queue(0);
+    options.nodes = 5;
+    options.groups = 3;
+    assert_all_pass(&options, 70_000, 40);
+}
+
+#[test]
 fn a_seed_replays_bit_for_bit() {
-    for seed in [3, 77, 1_000_003] {
-        let first = run(&Options::new(seed));
-        let again = run(&Options::new(seed));
+    for options in [raft(3), raft(77), raft(1_000_003), queue(3), queue(77)] {
+        let seed = options.seed;
+        let first = run(&options);
+        let again = run(&options);
         assert_eq!(first.trace_hash, again.trace_hash, "seed {seed}");
         assert_eq!(first.stats.events, again.stats.events, "seed {seed}");
-        let mut traced = Options::new(seed);
+        let mut traced = options.clone();
         traced.trace = true;
         let traced = run(&traced);
         assert_eq!(
@@ -72,7 +116,7 @@ fn a_seed_replays_bit_for_bit() {
 
 #[test]
 fn a_trace_reads_as_events() {
-    let mut options = Options::new(5);
+    let mut options = raft(5);
     options.trace = true;
     let outcome = run_one(&options);
     assert!(outcome.passed(), "{:?}", outcome.violation);
@@ -87,14 +131,20 @@ mod canaries {
     use std::collections::BTreeSet;
 
     use holdfast_core::raft::Canary;
-    use holdfast_sim::checker::CHECKERS;
+    use holdfast_sim::checker::{QUEUE_CHECKERS, RAFT_CHECKERS};
 
     use super::*;
 
-    /// The first of 200 seeds that catches `canary`, with the checker that fired.
-    fn first_catch(canary: Canary, nodes: usize) -> Option<(u64, &'static str)> {
-        (0..200).find_map(|seed| {
-            let mut options = Options::new(seed);
+    /// The first of `seeds` seeds that catches `canary`, with the checker that fired.
+    fn first_catch(
+        template: &Options,
+        canary: Canary,
+        nodes: usize,
+        seeds: u64,
+    ) -> Option<(u64, &'static str)> {
+        (0..seeds).find_map(|seed| {
+            let mut options = template.clone();
+            options.seed = seed;
             options.canary = Some(canary);
             options.nodes = nodes;
             let outcome = run_one(&options);
@@ -108,7 +158,7 @@ mod canaries {
         let mut missed = Vec::new();
         for canary in Canary::ALL.into_iter().filter(|c| c.is_raft()) {
             for nodes in [3, 5] {
-                match first_catch(canary, nodes) {
+                match first_catch(&raft(0), canary, nodes, 200) {
                     Some((seed, checker)) => {
                         println!(
                             "{:<26} {nodes} nodes: seed {seed:>3} by {checker}",
@@ -130,7 +180,38 @@ mod canaries {
             missed.is_empty(),
             "canaries not caught within 200 seeds: {missed:?}"
         );
-        let idle: Vec<_> = CHECKERS.iter().filter(|c| !fired.contains(*c)).collect();
+        let idle: Vec<_> = RAFT_CHECKERS
+            .iter()
+            .filter(|c| !fired.contains(*c))
+            .collect();
         assert!(idle.is_empty(), "checkers that caught no canary: {idle:?}");
+    }
+
+    #[test]
+    fn every_queue_canary_is_caught_within_500_seeds_and_every_queue_checker_catches_one() {
+        let mut fired = BTreeSet::new();
+        let mut missed = Vec::new();
+        for canary in Canary::ALL.into_iter().filter(|c| !c.is_raft()) {
+            match first_catch(&queue(0), canary, 3, 500) {
+                Some((seed, checker)) => {
+                    println!("{:<26} seed {seed:>3} by {checker}", canary.name());
+                    assert_ne!(checker, "panic", "{} panicked", canary.name());
+                    fired.insert(checker);
+                }
+                None => missed.push(canary.name()),
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "canaries not caught within 500 seeds: {missed:?}"
+        );
+        let idle: Vec<_> = QUEUE_CHECKERS
+            .iter()
+            .filter(|c| !fired.contains(*c))
+            .collect();
+        assert!(
+            idle.is_empty(),
+            "queue checkers that caught no canary: {idle:?}"
+        );
     }
 }

@@ -229,7 +229,13 @@ impl BrokerState {
             None => return Err(Refusal::UnknownQueue(queue.clone())),
         };
         let progress = self.offsets.get(&(group.to_string(), queue.clone()));
-        let start = from.max(progress.map_or(0, |p| p.consume_offset()));
+        let consume_offset = progress.map_or(0, |p| p.consume_offset());
+        let start = if Canary::PullIgnoresFrom.planted(self.config.canary) {
+            consume_offset
+        } else {
+            from.max(consume_offset)
+        };
+        let label_shift = u64::from(Canary::ShiftPullOffsets.planted(self.config.canary));
         let mut pulled = Pulled {
             messages: Vec::new(),
             next_offset: start,
@@ -250,7 +256,7 @@ impl BrokerState {
                 continue;
             }
             bytes += stored.message.size_bytes();
-            pulled.messages.push((offset, stored.clone()));
+            pulled.messages.push((offset + label_shift, stored.clone()));
         }
         Ok(pulled)
     }
@@ -277,6 +283,13 @@ impl BrokerState {
         self.offsets
             .get(&(group.to_string(), queue.clone()))
             .map_or(0, GroupOffsets::consume_offset)
+    }
+
+    /// Every `(consumer group, queue, consume offset)` this group tracks.
+    pub fn consume_offsets(&self) -> impl Iterator<Item = (&str, &QueueId, Offset)> {
+        self.offsets
+            .iter()
+            .map(|((group, queue), o)| (group.as_str(), queue, o.consume_offset()))
     }
 
     pub fn queue_len(&self, queue: &QueueId) -> Option<Offset> {

@@ -95,9 +95,11 @@ pub enum ConsumerEvent {
 struct Owned {
     next: Offset,
     unanswered: u32,
-    /// Not before this time (after an empty or failed pull).
+    /// The next pull may leave at this time; [`NEVER`] while one is in flight.
     retry_at: Instant,
 }
+
+const NEVER: Instant = Instant::from_micros(u64::MAX);
 
 enum InFlight {
     Heartbeat,
@@ -281,18 +283,28 @@ impl Consumer {
         self.events.pop_front()
     }
 
+    /// When `handle_timeout` must next be called. Work blocked behind a request in flight
+    /// (a heartbeat, a route fetch, a pull) waits for that request, not for the clock.
     pub fn poll_timeout(&self) -> Instant {
+        let in_flight = |f: &dyn Fn(&InFlight) -> bool| self.in_flight.values().any(|(w, _)| f(w));
         let requests = self.in_flight.values().map(|(_, deadline)| *deadline);
-        let pulls = self.owned.values().map(|o| o.retry_at);
+        let pulls = self
+            .owned
+            .values()
+            .filter(|o| o.unanswered == 0)
+            .map(|o| o.retry_at);
         let routes = self
             .routes_at
+            .filter(|_| !in_flight(&|w| matches!(w, InFlight::Routes)))
             .map(|at| at + Duration::from_millis(self.config.route_ttl_ms));
+        let heartbeat =
+            Some(self.heartbeat_due).filter(|_| !in_flight(&|w| matches!(w, InFlight::Heartbeat)));
         requests
             .chain(pulls)
             .chain(routes)
-            .chain(std::iter::once(self.heartbeat_due))
+            .chain(heartbeat)
             .min()
-            .unwrap_or(self.heartbeat_due)
+            .unwrap_or(NEVER)
     }
 
     /// Unanswered deliveries, unconfirmed answers and requests in flight: zero when idle.
@@ -392,6 +404,10 @@ impl Consumer {
                 &|w| matches!(w, InFlight::Pull { broker: b, queue: q, .. } if *b == broker && *q == queue),
             );
             if pulling {
+                // The answer to the pull in flight decides when to pull next.
+                if let Some(owned) = self.owned.get_mut(&(broker, queue)) {
+                    owned.retry_at = NEVER;
+                }
                 continue;
             }
             let request = Request::Pull {
@@ -403,6 +419,9 @@ impl Consumer {
                 bytes_max: 4 << 20,
                 wait_ms: self.config.long_poll_ms,
             };
+            if let Some(owned) = self.owned.get_mut(&(broker, queue.clone())) {
+                owned.retry_at = NEVER;
+            }
             let what = InFlight::Pull {
                 broker,
                 queue,
@@ -433,9 +452,11 @@ impl Consumer {
                 };
                 owned.next = owned.next.max(next_offset);
                 owned.unanswered += messages.len() as u32;
-                if messages.is_empty() {
-                    owned.retry_at = now + Duration::from_millis(10);
-                }
+                owned.retry_at = if messages.is_empty() {
+                    now + Duration::from_millis(10)
+                } else {
+                    now
+                };
                 self.events.push_back(ConsumerEvent::Pulled {
                     broker,
                     queue: queue.clone(),

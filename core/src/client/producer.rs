@@ -179,6 +179,9 @@ impl Producer {
                 .map(|(id, _)| *id)
                 .collect();
             for id in waiting {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.not_before = p.not_before.min(now);
+                }
                 self.advance(now, id);
             }
             return;
@@ -364,6 +367,10 @@ impl Producer {
         if !fresh {
             if !self.route_requests.values().any(|(t, _)| *t == topic) {
                 self.request_routes(now, &topic);
+            }
+            // The routes' arrival wakes this send; until then only its deadline matters.
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.not_before = p.deadline;
             }
             return;
         }

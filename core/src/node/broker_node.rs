@@ -21,6 +21,9 @@ use crate::raft::{
 };
 use crate::time::Instant;
 
+/// How often a parked pull on a leader without its read lease looks again.
+const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Static configuration of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -423,6 +426,15 @@ impl BrokerNode {
             self.enqueue(group, None, encode_command(&command));
             return;
         }
+        if Canary::WriteDespiteRefusal.planted(self.config.canary)
+            && matches!(command, Command::Append { producer_id: 3, .. })
+        {
+            let reason = "refused (planted bug: written anyway)".to_string();
+            self.responses
+                .push_back((client, id, Response::Refused { reason }));
+            self.enqueue(group, None, encode_command(&command));
+            return;
+        }
         let waiter = Waiter {
             client,
             request: id,
@@ -504,10 +516,16 @@ impl BrokerNode {
                     return;
                 }
                 let deadline = now + std::time::Duration::from_millis(*wait_ms);
-                let due = state
-                    .next_due_ms(consumer_group, queue, *from)
-                    .map(|ms| Instant::from_micros(ms.saturating_mul(1_000)));
-                let wake_at = due.map_or(deadline, |due| due.min(deadline));
+                // Without the lease, look again shortly; otherwise when a retry falls due.
+                let recheck = if current {
+                    state
+                        .next_due_ms(consumer_group, queue, *from)
+                        .map(|ms| Instant::from_micros(ms.saturating_mul(1_000)))
+                } else {
+                    Some(now + LEASE_RECHECK)
+                };
+                let soonest = now + std::time::Duration::from_millis(1);
+                let wake_at = recheck.map_or(deadline, |at| at.max(soonest).min(deadline));
                 self.parked.push(ParkedPull {
                     client,
                     request: id,

@@ -221,10 +221,19 @@ pub enum Canary {
     NoDedup,
     /// `ReconsumeLater` consumes the message without requeueing it.
     NackDropsMessage,
+    /// A broker refuses every send of producer 3 yet writes it anyway.
+    WriteDespiteRefusal,
+    /// A pull starts at the consume offset, ignoring where the consumer asked to start.
+    PullIgnoresFrom,
+    /// A pull labels each message with the offset after its own.
+    ShiftPullOffsets,
+    /// The simulated producers send without waiting for the previous send (the planted bug
+    /// is in how the client is used, not in the broker).
+    AsyncSend,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 18] = [
+    pub const ALL: [Canary; 22] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -243,6 +252,10 @@ impl Canary {
         Canary::OverwriteConsumeOffset,
         Canary::NoDedup,
         Canary::NackDropsMessage,
+        Canary::WriteDespiteRefusal,
+        Canary::PullIgnoresFrom,
+        Canary::ShiftPullOffsets,
+        Canary::AsyncSend,
     ];
 
     pub fn name(self) -> &'static str {
@@ -265,6 +278,10 @@ impl Canary {
             Canary::OverwriteConsumeOffset => "overwrite-consume-offset",
             Canary::NoDedup => "no-dedup",
             Canary::NackDropsMessage => "nack-drops-message",
+            Canary::WriteDespiteRefusal => "write-despite-refusal",
+            Canary::PullIgnoresFrom => "pull-ignores-from",
+            Canary::ShiftPullOffsets => "shift-pull-offsets",
+            Canary::AsyncSend => "async-send",
         }
     }
 
@@ -286,6 +303,10 @@ impl Canary {
                 | Canary::OverwriteConsumeOffset
                 | Canary::NoDedup
                 | Canary::NackDropsMessage
+                | Canary::WriteDespiteRefusal
+                | Canary::PullIgnoresFrom
+                | Canary::ShiftPullOffsets
+                | Canary::AsyncSend
         )
     }
 }

@@ -51,6 +51,15 @@ pub struct Stats {
     pub messages_lost: u64,
     pub events: u64,
     pub simulated_us: u64,
+    /// Queue workload: messages whose send was acked, definitively failed, or left ambiguous.
+    pub messages_acked: u64,
+    pub messages_failed: u64,
+    pub messages_ambiguous: u64,
+    /// Queue workload: messages handed to consumers, redeliveries included.
+    pub deliveries: u64,
+    /// Deliveries of a message a consumer group had received before.
+    pub redeliveries: u64,
+    pub dead_lettered: u64,
 }
 
 impl Stats {
@@ -67,6 +76,12 @@ impl Stats {
         self.messages_lost += other.messages_lost;
         self.events += other.events;
         self.simulated_us += other.simulated_us;
+        self.messages_acked += other.messages_acked;
+        self.messages_failed += other.messages_failed;
+        self.messages_ambiguous += other.messages_ambiguous;
+        self.deliveries += other.deliveries;
+        self.redeliveries += other.redeliveries;
+        self.dead_lettered += other.dead_lettered;
     }
 }
 

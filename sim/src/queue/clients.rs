@@ -1,0 +1,521 @@
+//! The clients of the queue workload: an admin that creates the topic, producers, and the
+//! members of two consumer groups, driven through the simulated network.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use holdfast_core::broker::Message;
+use holdfast_core::client::{
+    AckStatus, Consumer, ConsumerConfig, ConsumerEvent, Producer, ProducerConfig, SendResult,
+};
+use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
+use holdfast_core::raft::{Canary, GroupId, NodeId};
+use holdfast_core::time::Instant;
+use rand::RngExt;
+
+use super::history::{Found, SendOutcome};
+use super::{CONSUMER_GROUPS, Event, Phase, QueueWorld, TOPIC, broker_config, ms};
+use crate::checker::Violation;
+
+const PRODUCERS: usize = 3;
+const MEMBERS_PER_GROUP: usize = 2;
+const ADMIN: ClientId = 1;
+/// One answer in ten is `ReconsumeLater`.
+const RECONSUME_PER_MILLE: u32 = 100;
+
+struct ProducerSlot {
+    id: ClientId,
+    producer: Producer,
+    /// First sequence number of each send in flight.
+    sends: BTreeMap<u64, u64>,
+    messages: u64,
+}
+
+struct ConsumerSlot {
+    group: &'static str,
+    name: String,
+    generation: u32,
+    id: ClientId,
+    consumer: Option<Consumer>,
+}
+
+enum Who {
+    Producer(usize),
+    Consumer(usize),
+}
+
+pub(crate) struct Clients {
+    nodes: Vec<NodeId>,
+    topic_ready: bool,
+    admin_turn: usize,
+    producers: Vec<ProducerSlot>,
+    consumers: Vec<ConsumerSlot>,
+    by_id: BTreeMap<ClientId, Who>,
+    next_id: ClientId,
+    timers: BTreeMap<ClientId, Instant>,
+    retry_levels: u32,
+}
+
+impl Clients {
+    pub(crate) fn new(nodes: &[NodeId], _broker_groups: GroupId) -> Clients {
+        let mut clients = Clients {
+            nodes: nodes.to_vec(),
+            topic_ready: false,
+            admin_turn: 0,
+            producers: Vec::new(),
+            consumers: Vec::new(),
+            by_id: BTreeMap::new(),
+            next_id: 100,
+            timers: BTreeMap::new(),
+            retry_levels: broker_config().reconsume_delays_ms.len() as u32,
+        };
+        for i in 0..PRODUCERS {
+            let id = clients.fresh_id();
+            let mut config = ProducerConfig::new(i as u64 + 1, nodes.to_vec());
+            config.request_timeout_ms = 500;
+            config.avoid_ms = 1_000;
+            config.route_ttl_ms = 2_000;
+            clients.by_id.insert(id, Who::Producer(i));
+            clients.producers.push(ProducerSlot {
+                id,
+                producer: Producer::new(config),
+                sends: BTreeMap::new(),
+                messages: 0,
+            });
+        }
+        for group in CONSUMER_GROUPS {
+            for m in 0..MEMBERS_PER_GROUP {
+                clients.consumers.push(ConsumerSlot {
+                    group,
+                    name: format!("{group}-{m}"),
+                    generation: 0,
+                    id: 0,
+                    consumer: None,
+                });
+            }
+        }
+        clients
+    }
+
+    fn fresh_id(&mut self) -> ClientId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Nothing in flight anywhere: every send resolved, every consumer answered and
+    /// confirmed everything it was handed.
+    pub(crate) fn idle(&self) -> Result<(), String> {
+        if !self.topic_ready {
+            return Err("the topic is not created".into());
+        }
+        if let Some(p) = self.producers.iter().find(|p| p.producer.in_flight() > 0) {
+            return Err(format!("producer {} has sends in flight", p.id));
+        }
+        for slot in &self.consumers {
+            match &slot.consumer {
+                None => return Err(format!("consumer {} is down", slot.name)),
+                Some(c) if c.busy() > 0 => {
+                    return Err(format!(
+                        "consumer {} has {} answers pending",
+                        slot.name,
+                        c.busy()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl QueueWorld {
+    pub(super) fn admin(&mut self) -> Result<(), Violation> {
+        if self.clients.topic_ready {
+            return Ok(());
+        }
+        let clients = &mut self.clients;
+        clients.admin_turn += 1;
+        let node = clients.nodes[clients.admin_turn % clients.nodes.len()];
+        let request = Request::CreateTopic {
+            topic: TOPIC.into(),
+            queues: 4,
+        };
+        self.send_to_node(
+            node,
+            ADMIN,
+            clients_request_id(self.clients.admin_turn),
+            request,
+        );
+        self.schedule(self.now + ms(200), Event::Admin);
+        Ok(())
+    }
+
+    fn topic_created(&mut self) -> Result<(), Violation> {
+        if self.clients.topic_ready {
+            return Ok(());
+        }
+        self.clients.topic_ready = true;
+        self.trace
+            .record(self.now, &[20], || "topic created".into());
+        for producer in 0..self.clients.producers.len() {
+            self.schedule(self.now, Event::Produce { producer });
+        }
+        self.restart_all_consumers()
+    }
+
+    pub(super) fn produce(&mut self, index: usize) -> Result<(), Violation> {
+        if self.phase == Phase::Liveness {
+            return Ok(());
+        }
+        let now = self.now;
+        let count = self.rng.random_range(1..=4u64);
+        let Some(slot) = self.clients.producers.get_mut(index) else {
+            return Ok(());
+        };
+        let producer_id = slot.producer.producer_id();
+        let bodies: Vec<Bytes> = (0..count)
+            .map(|k| Bytes::from(format!("p{producer_id}-{}", slot.messages + k)))
+            .collect();
+        slot.messages += count;
+        let messages = bodies.iter().cloned().map(Message::with_body).collect();
+        let (send, first_seq) = slot.producer.send(now, TOPIC, messages);
+        slot.sends.insert(send, first_seq);
+        self.history.sent(producer_id, first_seq, bodies);
+        if self.async_send() {
+            // The planted bug: the next send leaves without waiting for this one.
+            let think = ms(self.rng.random_range(1..10));
+            self.schedule(now + think, Event::Produce { producer: index });
+        }
+        self.flush_producer(index)
+    }
+
+    fn flush_producer(&mut self, index: usize) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(slot) = self.clients.producers.get_mut(index) else {
+            return Ok(());
+        };
+        let id = slot.id;
+        let producer_id = slot.producer.producer_id();
+        let mut requests = Vec::new();
+        while let Some(request) = slot.producer.poll_request() {
+            requests.push(request);
+        }
+        let mut ended = Vec::new();
+        while let Some((send, result)) = slot.producer.poll_result() {
+            if let Some(first_seq) = slot.sends.remove(&send) {
+                ended.push((first_seq, result));
+            }
+        }
+        let timer = slot.producer.poll_timeout();
+        for (node, request_id, request) in requests {
+            self.send_to_node(node, id, request_id, request);
+        }
+        for (first_seq, result) in ended {
+            let outcome = match result {
+                SendResult::Acked {
+                    broker,
+                    queue,
+                    base_offset,
+                    ambiguous,
+                } => SendOutcome::Acked {
+                    broker,
+                    queue,
+                    base_offset,
+                    ambiguous,
+                },
+                SendResult::Failed { maybe_written, .. } => SendOutcome::Failed { maybe_written },
+            };
+            self.trace.record(now, &[21, producer_id, first_seq], || {
+                format!("producer {producer_id} seq {first_seq}: {outcome:?}")
+            });
+            self.history.send_ended(producer_id, first_seq, outcome);
+            // One send at a time per producer, so its acked batches keep their order.
+            if !self.async_send() {
+                let think = ms(self.rng.random_range(1..30));
+                self.schedule(now + think, Event::Produce { producer: index });
+            }
+        }
+        self.arm_timer(id, timer);
+        Ok(())
+    }
+
+    /// inconsistent-offsets, at once: what a consumer was handed from a place is what every
+    /// replica that has applied that place holds there.
+    fn check_place(
+        &self,
+        group: &str,
+        broker: GroupId,
+        queue: &holdfast_core::broker::QueueId,
+        offset: holdfast_core::broker::Offset,
+        found: &Found,
+    ) -> Result<(), Violation> {
+        for (node, state) in self.broker_states(broker) {
+            let Some(stored) = state.message(queue, offset) else {
+                continue;
+            };
+            let held = (stored.producer_id, stored.seq, stored.reconsume_times);
+            if held != (found.producer_id, found.seq, found.reconsume_times) {
+                return Err(crate::checker::violation(
+                    "inconsistent-offsets",
+                    format!(
+                        "{group} was handed {found:?} as {queue}@{offset} of group {broker}, where \
+                         node {node} holds producer {} seq {} (reconsumed {})",
+                        held.0, held.1, held.2
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn async_send(&self) -> bool {
+        Canary::AsyncSend.planted(self.canary)
+    }
+
+    fn arm_timer(&mut self, client: ClientId, at: Option<Instant>) {
+        let Some(at) = at else {
+            self.clients.timers.remove(&client);
+            return;
+        };
+        let at = at.max(self.now + std::time::Duration::from_micros(1));
+        if self.clients.timers.get(&client) != Some(&at) {
+            self.clients.timers.insert(client, at);
+            self.schedule(at, Event::ClientTimer { client, at });
+        }
+    }
+
+    pub(super) fn client_timer(&mut self, client: ClientId, at: Instant) -> Result<(), Violation> {
+        if self.clients.timers.get(&client) != Some(&at) {
+            return Ok(());
+        }
+        self.clients.timers.remove(&client);
+        let now = self.now;
+        match self.clients.by_id.get(&client) {
+            Some(Who::Producer(i)) => {
+                let i = *i;
+                if let Some(slot) = self.clients.producers.get_mut(i) {
+                    slot.producer.handle_timeout(now);
+                }
+                self.flush_producer(i)
+            }
+            Some(Who::Consumer(i)) => {
+                let i = *i;
+                if let Some(c) = self.consumer_mut(i) {
+                    c.handle_timeout(now);
+                }
+                self.flush_consumer(i)
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn client_response(
+        &mut self,
+        client: ClientId,
+        id: RequestId,
+        response: Response,
+    ) -> Result<(), Violation> {
+        let now = self.now;
+        if client == ADMIN {
+            return match response {
+                Response::TopicCreated { .. } => self.topic_created(),
+                _ => Ok(()),
+            };
+        }
+        match self.clients.by_id.get(&client) {
+            Some(Who::Producer(i)) => {
+                let i = *i;
+                if let Some(slot) = self.clients.producers.get_mut(i) {
+                    slot.producer.handle_response(now, id, response);
+                }
+                self.flush_producer(i)
+            }
+            Some(Who::Consumer(i)) => {
+                let i = *i;
+                if let Some(c) = self.consumer_mut(i) {
+                    c.handle_response(now, id, response);
+                }
+                self.flush_consumer(i)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn consumer_mut(&mut self, slot: usize) -> Option<&mut Consumer> {
+        self.clients.consumers.get_mut(slot)?.consumer.as_mut()
+    }
+
+    /// Hands out the consumer's requests, answers its deliveries, and records what it saw.
+    fn flush_consumer(&mut self, index: usize) -> Result<(), Violation> {
+        let now = self.now;
+        loop {
+            let Some(slot) = self.clients.consumers.get_mut(index) else {
+                return Ok(());
+            };
+            let (id, group) = (slot.id, slot.group);
+            let Some(consumer) = slot.consumer.as_mut() else {
+                return Ok(());
+            };
+            let mut requests = Vec::new();
+            while let Some(request) = consumer.poll_request() {
+                requests.push(request);
+            }
+            let mut events = Vec::new();
+            while let Some(event) = consumer.poll_event() {
+                events.push(event);
+            }
+            let mut deliveries = Vec::new();
+            while let Some(delivery) = consumer.poll_delivery() {
+                deliveries.push(delivery);
+            }
+            let timer = consumer.poll_timeout();
+            if requests.is_empty() && events.is_empty() && deliveries.is_empty() {
+                self.arm_timer(id, Some(timer));
+                return Ok(());
+            }
+            for (node, request_id, request) in requests {
+                self.send_to_node(node, id, request_id, request);
+            }
+            for event in events {
+                self.consumer_event(id, group, event)?;
+            }
+            for delivery in deliveries {
+                let stored = &delivery.message;
+                let found = Found {
+                    producer_id: stored.producer_id,
+                    seq: stored.seq,
+                    reconsume_times: stored.reconsume_times,
+                    body: stored.message.body.clone(),
+                };
+                self.check_place(
+                    group,
+                    delivery.broker,
+                    &delivery.queue,
+                    delivery.offset,
+                    &found,
+                )?;
+                self.history.delivered(
+                    group,
+                    delivery.broker,
+                    &delivery.queue,
+                    delivery.offset,
+                    found,
+                )?;
+                let status = if self.rng.random_range(0..1_000) < RECONSUME_PER_MILLE {
+                    AckStatus::ReconsumeLater
+                } else {
+                    AckStatus::Success
+                };
+                if let Some(c) = self.consumer_mut(index) {
+                    c.answer(now, &delivery, status);
+                }
+            }
+        }
+    }
+
+    fn consumer_event(
+        &mut self,
+        client: ClientId,
+        group: &str,
+        event: ConsumerEvent,
+    ) -> Result<(), Violation> {
+        let now = self.now;
+        match event {
+            ConsumerEvent::Rebalanced { owned } => {
+                self.history.rebalanced(client);
+                self.trace
+                    .record(now, &[22, client, owned.len() as u64], || {
+                        format!("consumer {client} of {group} owns {owned:?}")
+                    });
+            }
+            ConsumerEvent::Pulled {
+                broker,
+                queue,
+                requested_at,
+                offsets,
+            } => {
+                self.trace.record(now, &[23, client, broker, offsets.len() as u64], || {
+                    format!("consumer {client} of {group} pulled {queue} of group {broker}: {offsets:?}")
+                });
+                self.history
+                    .pulled(client, group, broker, &queue, requested_at, &offsets)?;
+            }
+            ConsumerEvent::AckConfirmed {
+                broker,
+                queue,
+                offsets,
+            } => self
+                .history
+                .ack_confirmed(now, group, broker, &queue, &offsets),
+            ConsumerEvent::Requeued {
+                broker,
+                queue,
+                offset,
+                dead_letter,
+            } => self
+                .history
+                .requeued(group, broker, &queue, offset, dead_letter),
+        }
+        Ok(())
+    }
+
+    /// Takes a random running consumer down; false if none runs.
+    pub(super) fn crash_consumer(&mut self) -> bool {
+        let running: Vec<usize> = (0..self.clients.consumers.len())
+            .filter(|i| self.clients.consumers[*i].consumer.is_some())
+            .collect();
+        if running.is_empty() {
+            return false;
+        }
+        let slot = running[self.rng.random_range(0..running.len())];
+        let consumer = &mut self.clients.consumers[slot];
+        consumer.consumer = None;
+        let id = consumer.id;
+        self.clients.by_id.remove(&id);
+        self.clients.timers.remove(&id);
+        let back = self.now + ms(self.rng.random_range(100..2_000));
+        self.schedule(back, Event::RestartConsumer { slot });
+        true
+    }
+
+    pub(super) fn restart_consumer(&mut self, slot: usize) -> Result<(), Violation> {
+        if !self.clients.topic_ready {
+            return Ok(());
+        }
+        let id = self.clients.fresh_id();
+        let nodes = self.clients.nodes.clone();
+        let levels = self.clients.retry_levels;
+        let now = self.now;
+        let Some(s) = self.clients.consumers.get_mut(slot) else {
+            return Ok(());
+        };
+        if s.consumer.is_some() {
+            return Ok(());
+        }
+        s.generation += 1;
+        s.id = id;
+        let member = format!("{}-{}", s.name, s.generation);
+        let mut config = ConsumerConfig::new(s.group, &member, TOPIC, nodes);
+        config.heartbeat_ms = 300;
+        config.request_timeout_ms = 1_000;
+        config.long_poll_ms = 300;
+        config.pull_batch = 16;
+        config.retry_levels = levels;
+        config.route_ttl_ms = 2_000;
+        s.consumer = Some(Consumer::new(config, now));
+        self.clients.by_id.insert(id, Who::Consumer(slot));
+        self.flush_consumer(slot)
+    }
+
+    pub(super) fn restart_all_consumers(&mut self) -> Result<(), Violation> {
+        for slot in 0..self.clients.consumers.len() {
+            self.restart_consumer(slot)?;
+        }
+        Ok(())
+    }
+}
+
+/// The admin's request ids: one per attempt.
+fn clients_request_id(turn: usize) -> RequestId {
+    turn as RequestId
+}

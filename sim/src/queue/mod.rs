@@ -1,0 +1,813 @@
+//! The queue workload: whole broker nodes (the metadata group and every broker group), real
+//! producers and consumer groups, and the same faults and Raft checks as the Raft workload,
+//! plus the queue's own checks over the history of what clients saw.
+//!
+//! Clients sit outside the cluster: their messages are delayed, lost and duplicated like any
+//! other, but partitions cut only links between nodes.
+
+mod clients;
+mod history;
+
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Duration;
+
+use holdfast_core::broker::{BrokerConfig, BrokerState};
+use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
+use holdfast_core::node::{BrokerNode, METADATA_GROUP, NodeConfig};
+use holdfast_core::raft::{Envelope, GroupId, Index, NodeId, Recovered, WriteId};
+use holdfast_core::time::Instant;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checker::{Checker, Violation, violation};
+use crate::disk::Disk;
+use crate::faults::{self, NodeFault};
+use crate::network::Network;
+use crate::options::Options;
+use crate::raft_checks::{
+    ReplicaView, check_applied, check_recovery, check_status, check_write, log_view,
+};
+use crate::trace::Trace;
+use crate::world::{Outcome, Stats};
+use clients::Clients;
+use history::History;
+
+const EVENTS_MAX: u64 = 20_000_000;
+const CHECK_INTERVAL_MS: u64 = 50;
+pub(crate) const TOPIC: &str = "orders";
+pub(crate) const CONSUMER_GROUPS: [&str; 2] = ["billing", "audit"];
+
+pub fn run(options: &Options) -> Outcome {
+    let mut world = QueueWorld::new(options.clone());
+    let result = world.run();
+    world.stats.simulated_us = world.now.as_micros();
+    let (acked, failed, ambiguous, _) = world.history.counts();
+    world.stats.messages_acked = acked;
+    world.stats.messages_failed = failed;
+    world.stats.messages_ambiguous = ambiguous;
+    world.stats.deliveries = world.history.deliveries() as u64;
+    world.stats.redeliveries = world.history.redeliveries() as u64;
+    world.stats.dead_lettered = world.history.dead_lettered;
+    world.stats.entries_committed = (0..=world.broker_groups)
+        .map(|g| world.checker.committed(g))
+        .sum();
+    let violation = result.err().map(|v| (world.now, v));
+    if let Some((at, v)) = &violation {
+        let (checker, detail) = (v.checker, v.detail.clone());
+        world.trace.record(*at, &[u64::MAX], || {
+            format!("VIOLATION {checker}: {detail}")
+        });
+    }
+    Outcome {
+        seed: options.seed,
+        violation,
+        stats: world.stats,
+        trace_hash: world.trace.hash(),
+        trace: world.trace.into_lines(),
+    }
+}
+
+pub(crate) enum Event {
+    Peer(Envelope),
+    Request {
+        node: NodeId,
+        client: ClientId,
+        id: RequestId,
+        request: Request,
+    },
+    Response {
+        client: ClientId,
+        id: RequestId,
+        response: Response,
+    },
+    NodeTimer {
+        node: NodeId,
+        at: Instant,
+    },
+    ClientTimer {
+        client: ClientId,
+        at: Instant,
+    },
+    Synced {
+        node: NodeId,
+        group: GroupId,
+        incarnation: u64,
+        upto: WriteId,
+    },
+    Produce {
+        producer: usize,
+    },
+    Admin,
+    Fault,
+    Restart {
+        node: NodeId,
+    },
+    RestartConsumer {
+        slot: usize,
+    },
+    Heal,
+    Check,
+}
+
+impl Event {
+    fn node(&self) -> Option<NodeId> {
+        match self {
+            Event::Peer(envelope) => Some(envelope.to),
+            Event::Request { node, .. }
+            | Event::NodeTimer { node, .. }
+            | Event::Synced { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+#[derive(Default)]
+struct Host {
+    up: bool,
+    incarnation: u64,
+    paused_until: Instant,
+    fsync_us: (u64, u64),
+    broker: Option<BrokerNode>,
+    disks: BTreeMap<GroupId, Disk>,
+    views: BTreeMap<GroupId, ReplicaView>,
+    timer_at: Instant,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Faults,
+    Liveness,
+}
+
+pub(crate) struct QueueWorld {
+    options: Options,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) now: Instant,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    pub(crate) node_ids: Vec<NodeId>,
+    hosts: Vec<Host>,
+    broker_groups: GroupId,
+    network: Network,
+    pub(crate) clients: Clients,
+    pub(crate) history: History,
+    checker: Checker,
+    pub(crate) trace: Trace,
+    pub(crate) stats: Stats,
+    pub(crate) phase: Phase,
+    pub(crate) canary: Option<holdfast_core::raft::Canary>,
+    heal_at: Instant,
+    deadline: Instant,
+}
+
+pub(crate) fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+fn us(us: u64) -> Duration {
+    Duration::from_micros(us)
+}
+
+/// Redelivery delays short enough that retries come back within a run.
+pub(crate) fn broker_config() -> BrokerConfig {
+    BrokerConfig {
+        reconsume_delays_ms: vec![100, 300, 1_000],
+        max_reconsume: 3,
+        canary: None,
+    }
+}
+
+impl QueueWorld {
+    fn new(options: Options) -> QueueWorld {
+        let node_ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
+        let heal_at = Instant::ZERO + ms(options.fault_phase_ms);
+        let deadline = heal_at + ms(options.liveness_limit_ms);
+        let broker_groups = options.groups.max(2) as GroupId;
+        QueueWorld {
+            rng: ChaCha8Rng::seed_from_u64(options.seed),
+            now: Instant::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            hosts: node_ids.iter().map(|_| Host::default()).collect(),
+            clients: Clients::new(&node_ids, broker_groups),
+            node_ids,
+            broker_groups,
+            network: Network::calm(),
+            history: History::default(),
+            checker: Checker::default(),
+            trace: Trace::new(options.trace),
+            stats: Stats::default(),
+            phase: Phase::Faults,
+            canary: options.canary,
+            heal_at,
+            deadline,
+            options,
+        }
+    }
+
+    pub(crate) fn schedule(&mut self, at: Instant, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    fn groups(&self) -> impl Iterator<Item = GroupId> + use<> {
+        0..=self.broker_groups
+    }
+
+    fn run(&mut self) -> Result<(), Violation> {
+        for node in self.node_ids.clone() {
+            let host = self.host_mut(node);
+            host.fsync_us = faults::FSYNC_US;
+            self.start(node)?;
+        }
+        self.schedule(self.now + ms(300), Event::Admin);
+        let first_fault = self.now + ms(self.rng.random_range(100..1_000));
+        self.schedule(first_fault, Event::Fault);
+        self.schedule(self.heal_at, Event::Heal);
+        self.schedule(self.now + ms(CHECK_INTERVAL_MS), Event::Check);
+
+        while let Some(Scheduled { at, event, .. }) = self.queue.pop() {
+            self.stats.events += 1;
+            if self.stats.events > EVENTS_MAX {
+                return Err(violation(
+                    "liveness",
+                    format!("no convergence within {EVENTS_MAX} events"),
+                ));
+            }
+            self.now = at;
+            if let Some(node) = event.node() {
+                let paused_until = self.host(node).paused_until;
+                if self.now < paused_until {
+                    self.schedule(paused_until, event);
+                    continue;
+                }
+            }
+            if self.dispatch(event)? {
+                return self.final_check();
+            }
+        }
+        Err(violation("liveness", "the event queue ran dry".into()))
+    }
+
+    /// Handles one event; true when the run is over.
+    fn dispatch(&mut self, event: Event) -> Result<bool, Violation> {
+        let now = self.now;
+        match event {
+            Event::Peer(envelope) => {
+                let to = envelope.to;
+                let Some(broker) = self.live_broker(to) else {
+                    self.stats.messages_lost += 1;
+                    return Ok(false);
+                };
+                broker.handle_peer(now, envelope);
+                self.stats.messages_delivered += 1;
+                self.drain(to)?;
+            }
+            Event::Request {
+                node,
+                client,
+                id,
+                request,
+            } => {
+                let Some(broker) = self.live_broker(node) else {
+                    return Ok(false);
+                };
+                broker.handle_request(now, client, id, request);
+                self.drain(node)?;
+            }
+            Event::Response {
+                client,
+                id,
+                response,
+            } => self.client_response(client, id, response)?,
+            Event::NodeTimer { node, at } => {
+                if self.host(node).timer_at != at {
+                    return Ok(false);
+                }
+                let Some(broker) = self.live_broker(node) else {
+                    return Ok(false);
+                };
+                broker.handle_timeout(now);
+                self.drain(node)?;
+            }
+            Event::ClientTimer { client, at } => self.client_timer(client, at)?,
+            Event::Synced {
+                node,
+                group,
+                incarnation,
+                upto,
+            } => {
+                if self.host(node).incarnation != incarnation {
+                    return Ok(false);
+                }
+                self.synced(node, group, upto)?;
+            }
+            Event::Produce { producer } => self.produce(producer)?,
+            Event::Admin => self.admin()?,
+            Event::Fault => self.fault()?,
+            Event::Restart { node } => {
+                if !self.host(node).up {
+                    self.start(node)?;
+                }
+            }
+            Event::RestartConsumer { slot } => self.restart_consumer(slot)?,
+            Event::Heal => self.heal()?,
+            Event::Check => return self.check(),
+        }
+        Ok(false)
+    }
+
+    fn host(&self, node: NodeId) -> &Host {
+        &self.hosts[(node - 1) as usize]
+    }
+
+    fn host_mut(&mut self, node: NodeId) -> &mut Host {
+        &mut self.hosts[(node - 1) as usize]
+    }
+
+    /// The applied state of broker group `group` on every running node.
+    pub(crate) fn broker_states(&self, group: GroupId) -> Vec<(NodeId, &BrokerState)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.up)
+            .filter_map(|(i, h)| Some((i as NodeId + 1, h.broker.as_ref()?.broker_state(group)?)))
+            .collect()
+    }
+
+    fn live_broker(&mut self, node: NodeId) -> Option<&mut BrokerNode> {
+        let host = self.host_mut(node);
+        if !host.up {
+            return None;
+        }
+        host.broker.as_mut()
+    }
+
+    // ----- nodes -----
+
+    fn start(&mut self, node: NodeId) -> Result<(), Violation> {
+        let mut config = NodeConfig::new(node, self.node_ids.clone(), self.broker_groups);
+        config.broker = broker_config();
+        config.member_session_ms = 2_000;
+        config.record_applied = true;
+        config.canary = self.options.canary;
+        let seed = self.rng.next_u64();
+        let now = self.now;
+        let groups: Vec<GroupId> = self.groups().collect();
+        let host = self.host_mut(node);
+        let recovered: BTreeMap<GroupId, Recovered> = groups
+            .iter()
+            .map(|g| (*g, host.disks.entry(*g).or_default().recovered()))
+            .collect();
+        let broker = BrokerNode::new(config, recovered, seed, now);
+        host.views.clear();
+        for group in &groups {
+            let Some(replica) = broker.replica(*group) else {
+                continue;
+            };
+            let status = replica.status();
+            let disk = host.disks.entry(*group).or_default();
+            check_recovery(node, *group, &status, disk)?;
+            host.views.insert(*group, ReplicaView::new(&status));
+        }
+        host.broker = Some(broker);
+        host.up = true;
+        host.timer_at = Instant::ZERO;
+        self.trace
+            .record(now, &[2, node], || format!("n{node} start"));
+        self.drain(node)
+    }
+
+    fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
+        let groups: Vec<GroupId> = self.groups().collect();
+        let mut torn = false;
+        for group in groups {
+            let unsynced = self
+                .host(node)
+                .disks
+                .get(&group)
+                .map_or(0, |d| d.unsynced.len());
+            let survivors = if unsynced > 0 && self.rng.random_bool(0.5) {
+                torn = true;
+                self.rng.random_range(0..unsynced)
+            } else {
+                0
+            };
+            if let Some(disk) = self.host_mut(node).disks.get_mut(&group) {
+                disk.crash(survivors)
+                    .map_err(|e| violation("durable-index", e))?;
+            }
+        }
+        let host = self.host_mut(node);
+        host.up = false;
+        host.broker = None;
+        host.incarnation += 1;
+        host.paused_until = Instant::ZERO;
+        if torn {
+            *self.stats.faults.entry("torn-write").or_default() += 1;
+        }
+        let restart_at = self.now + faults::downtime(&mut self.rng);
+        self.schedule(restart_at, Event::Restart { node });
+        self.trace
+            .record(self.now, &[3, node], || format!("n{node} CRASH"));
+        Ok(())
+    }
+
+    /// Collects a node's outputs after an input, checking every replica on the way.
+    fn drain(&mut self, node: NodeId) -> Result<(), Violation> {
+        let index = (node - 1) as usize;
+        let mut host = std::mem::take(&mut self.hosts[index]);
+        let result = self.drain_host(node, &mut host);
+        self.hosts[index] = host;
+        result
+    }
+
+    fn drain_host(&mut self, node: NodeId, host: &mut Host) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(broker) = host.broker.as_mut() else {
+            return Ok(());
+        };
+        while let Some((group, write)) = broker.poll_write() {
+            let (Some(view), Some(replica)) = (host.views.get(&group), broker.replica(group))
+            else {
+                continue;
+            };
+            check_write(&mut self.checker, node, group, view, replica, &write)?;
+            let (id, count) = (write.id, write.entries.len() as u64);
+            self.trace.record(now, &[4, node, group, id, count], || {
+                format!("n{node} g{group} write #{id} entries={count}")
+            });
+            host.disks
+                .entry(group)
+                .or_default()
+                .unsynced
+                .push_back(write);
+        }
+        for (group, disk) in &mut host.disks {
+            if disk.syncing {
+                continue;
+            }
+            let Some(last) = disk.unsynced.back() else {
+                continue;
+            };
+            disk.syncing = true;
+            let (lo, hi) = host.fsync_us;
+            let at = now + us(self.rng.random_range(lo..hi));
+            let event = Event::Synced {
+                node,
+                group: *group,
+                incarnation: host.incarnation,
+                upto: last.id,
+            };
+            self.seq += 1;
+            self.queue.push(Scheduled {
+                at,
+                seq: self.seq,
+                event,
+            });
+        }
+        let mut outbox = Vec::new();
+        while let Some(envelope) = broker.poll_message() {
+            if let Some(disk) = host.disks.get(&envelope.group) {
+                Checker::sent(&envelope, disk)?;
+            }
+            outbox.push(envelope);
+        }
+        while let Some((group, entry)) = broker.poll_applied() {
+            let term = broker.replica(group).map_or(0, |r| r.status().term);
+            if let Some(view) = host.views.get_mut(&group) {
+                check_applied(&mut self.checker, node, group, view, term, &entry)?;
+            }
+        }
+        let mut responses = Vec::new();
+        while let Some(response) = broker.poll_response() {
+            responses.push(response);
+        }
+        for group in 0..=self.broker_groups {
+            let (Some(replica), Some(view), Some(disk)) = (
+                broker.replica(group),
+                host.views.get_mut(&group),
+                host.disks.get(&group),
+            ) else {
+                continue;
+            };
+            let hosts = &self.hosts;
+            let node_ids = &self.node_ids;
+            let logs = |index: Index| {
+                let mut logs = vec![(node, disk.view(index), Some(log_view(replica, index)))];
+                for other in node_ids.iter().filter(|n| **n != node) {
+                    let h = &hosts[(*other - 1) as usize];
+                    let Some(d) = h.disks.get(&group) else {
+                        continue;
+                    };
+                    let memory = h
+                        .broker
+                        .as_ref()
+                        .and_then(|b| b.replica(group))
+                        .map(|r| log_view(r, index));
+                    logs.push((*other, d.view(index), memory));
+                }
+                logs
+            };
+            if check_status(&mut self.checker, node, group, view, replica, disk, &logs)? {
+                self.stats.elections += 1;
+                let term = view.term;
+                self.trace.record(now, &[5, node, group, term], || {
+                    format!("n{node} g{group} LEADER term={term}")
+                });
+            }
+        }
+        let timer = broker.poll_timeout().max(now + us(1));
+        if timer != host.timer_at {
+            host.timer_at = timer;
+            self.schedule(timer, Event::NodeTimer { node, at: timer });
+        }
+        for envelope in outbox {
+            self.transmit(envelope);
+        }
+        for (client, id, response) in responses {
+            self.send_to_client(client, id, response);
+        }
+        Ok(())
+    }
+
+    fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
+        let now = self.now;
+        let host = self.host_mut(node);
+        if !host.up {
+            return Ok(());
+        }
+        if let Some(disk) = host.disks.get_mut(&group) {
+            disk.sync(upto).map_err(|e| violation("durable-index", e))?;
+            disk.syncing = false;
+        }
+        if let Some(broker) = host.broker.as_mut() {
+            broker.persisted(now, group, upto);
+        }
+        self.drain(node)
+    }
+
+    // ----- network -----
+
+    fn delay(&mut self) -> Duration {
+        let (lo, hi) = (self.network.delay_min_us, self.network.delay_max_us);
+        let delay = self.rng.random_range(lo..=hi);
+        if self.rng.random_bool(0.02) {
+            us(delay * 10)
+        } else {
+            us(delay)
+        }
+    }
+
+    /// Whether the network loses a message (a partition too, for links between nodes), and
+    /// otherwise how many copies arrive.
+    fn copies(&mut self, link: Option<(NodeId, NodeId)>) -> usize {
+        let blocked = link.is_some_and(|(from, to)| self.network.is_blocked(from, to));
+        let lost = blocked
+            || (self.network.loss_ppm > 0
+                && self.rng.random_range(0..1_000_000) < self.network.loss_ppm);
+        if lost {
+            self.stats.messages_lost += 1;
+            return 0;
+        }
+        let duplicated = self.network.duplicate_ppm > 0
+            && self.rng.random_range(0..1_000_000) < self.network.duplicate_ppm;
+        1 + usize::from(duplicated)
+    }
+
+    fn transmit(&mut self, envelope: Envelope) {
+        for _ in 0..self.copies(Some((envelope.from, envelope.to))) {
+            let at = self.now + self.delay();
+            self.schedule(at, Event::Peer(envelope.clone()));
+        }
+    }
+
+    pub(crate) fn send_to_node(
+        &mut self,
+        node: NodeId,
+        client: ClientId,
+        id: RequestId,
+        request: Request,
+    ) {
+        for _ in 0..self.copies(None) {
+            let at = self.now + self.delay();
+            let event = Event::Request {
+                node,
+                client,
+                id,
+                request: request.clone(),
+            };
+            self.schedule(at, event);
+        }
+    }
+
+    fn send_to_client(&mut self, client: ClientId, id: RequestId, response: Response) {
+        for _ in 0..self.copies(None) {
+            let at = self.now + self.delay();
+            let event = Event::Response {
+                client,
+                id,
+                response: response.clone(),
+            };
+            self.schedule(at, event);
+        }
+    }
+
+    // ----- faults and phases -----
+
+    fn fault(&mut self) -> Result<(), Violation> {
+        if self.phase != Phase::Faults {
+            return Ok(());
+        }
+        // One fault in eight takes a consumer down instead of a node or a link.
+        let kind = if self.rng.random_bool(0.125) {
+            if !self.crash_consumer() {
+                return self.next_fault();
+            }
+            "consumer-crash"
+        } else {
+            let (kind, node_fault) = faults::draw(&mut self.rng, &mut self.network, &self.node_ids);
+            match node_fault {
+                Some(NodeFault::Crash(node)) => {
+                    if !self.host(node).up {
+                        return self.next_fault();
+                    }
+                    self.crash(node)?;
+                }
+                Some(NodeFault::Pause(node, pause)) => {
+                    self.host_mut(node).paused_until = self.now + pause;
+                }
+                Some(NodeFault::ToggleSlowDisk(node)) => {
+                    let host = self.host_mut(node);
+                    host.fsync_us = faults::toggle_fsync_us(host.fsync_us);
+                }
+                None => {}
+            }
+            kind
+        };
+        *self.stats.faults.entry(kind).or_default() += 1;
+        self.trace.record(self.now, &[11, kind.len() as u64], || {
+            format!("FAULT {kind}")
+        });
+        self.next_fault()
+    }
+
+    fn next_fault(&mut self) -> Result<(), Violation> {
+        let at = self.now + ms(self.rng.random_range(20..600));
+        if at < self.heal_at {
+            self.schedule(at, Event::Fault);
+        }
+        Ok(())
+    }
+
+    fn heal(&mut self) -> Result<(), Violation> {
+        self.phase = Phase::Liveness;
+        self.network.heal();
+        self.trace
+            .record(self.now, &[12], || "HEAL: liveness phase".into());
+        for node in self.node_ids.clone() {
+            let host = self.host_mut(node);
+            host.fsync_us = faults::FSYNC_US;
+            if !host.up {
+                self.start(node)?;
+            }
+        }
+        self.restart_all_consumers()
+    }
+
+    /// Periodic checks: consume offsets never move back; after healing, has everything
+    /// drained?
+    fn check(&mut self) -> Result<bool, Violation> {
+        for (i, host) in self.hosts.iter().enumerate() {
+            let (Some(broker), true) = (host.broker.as_ref(), host.up) else {
+                continue;
+            };
+            for group in 1..=self.broker_groups {
+                if let Some(state) = broker.broker_state(group) {
+                    self.history
+                        .consume_offsets(i as u64 + 1, host.incarnation, group, state)?;
+                }
+            }
+        }
+        if self.phase == Phase::Liveness {
+            match self.drained() {
+                Ok(()) => {
+                    self.trace.record(self.now, &[13], || "DRAINED".into());
+                    return Ok(true);
+                }
+                Err(why) if self.now >= self.deadline => {
+                    return Err(violation(
+                        "liveness",
+                        format!(
+                            "not drained {} ms after healing: {why}",
+                            self.options.liveness_limit_ms
+                        ),
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+        self.schedule(self.now + ms(CHECK_INTERVAL_MS), Event::Check);
+        Ok(false)
+    }
+
+    /// The leader's replica of each group, if there is exactly one of the highest term.
+    fn leader_of(&self, group: GroupId) -> Result<&BrokerNode, String> {
+        let statuses: Vec<(&BrokerNode, _)> = self
+            .hosts
+            .iter()
+            .filter(|h| h.up)
+            .filter_map(|h| h.broker.as_ref())
+            .filter_map(|b| Some((b, b.replica(group)?.status())))
+            .collect();
+        if statuses.len() < self.node_ids.len() {
+            return Err("a node is down".into());
+        }
+        let term_max = statuses.iter().map(|(_, s)| s.term).max().unwrap_or(0);
+        let Some((leader, status)) = statuses
+            .iter()
+            .find(|(_, s)| s.role == holdfast_core::raft::Role::Leader && s.term == term_max)
+        else {
+            return Err(format!("group {group} has no leader in term {term_max}"));
+        };
+        if status.commit_index != status.last_index {
+            return Err(format!("group {group} leader has not committed its log"));
+        }
+        if statuses.iter().any(|(_, s)| {
+            s.commit_index != status.commit_index || s.applied_index != s.commit_index
+        }) {
+            return Err(format!("group {group} replicas have not caught up"));
+        }
+        Ok(leader)
+    }
+
+    /// Every group has a settled leader, every send resolved, and every consumer group has
+    /// acknowledged everything in every queue, retry queues included.
+    fn drained(&self) -> Result<(), String> {
+        self.leader_of(METADATA_GROUP)?;
+        self.clients.idle()?;
+        for group in 1..=self.broker_groups {
+            let leader = self.leader_of(group)?;
+            let Some(state) = leader.broker_state(group) else {
+                continue;
+            };
+            for queue in state.queues() {
+                let len = state.queue_len(queue).unwrap_or(0);
+                for consumer_group in CONSUMER_GROUPS {
+                    let own_retry = queue.topic.ends_with(consumer_group);
+                    if queue.is_dead_letter() || (queue.is_retry() && !own_retry) {
+                        continue;
+                    }
+                    let offset = state.consume_offset(consumer_group, queue);
+                    if offset < len {
+                        return Err(format!(
+                            "{consumer_group} is at {offset} of {len} in {queue} of group {group}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn final_check(&mut self) -> Result<(), Violation> {
+        self.checker.all_acked_stay()?;
+        let mut states: BTreeMap<GroupId, &BrokerState> = BTreeMap::new();
+        for group in 1..=self.broker_groups {
+            let leader = self
+                .leader_of(group)
+                .map_err(|why| violation("liveness", why))?;
+            if let Some(state) = leader.broker_state(group) {
+                states.insert(group, state);
+            }
+        }
+        self.history.check_final(&states, &CONSUMER_GROUPS)
+    }
+}

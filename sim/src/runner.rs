@@ -143,6 +143,9 @@ impl fmt::Display for Summary {
                 "deliveries: {} ({} redeliveries), {} dead-lettered",
                 s.deliveries, s.redeliveries, s.dead_lettered
             )?;
+            for (cause, count) in &s.redeliveries_by_cause {
+                writeln!(f, "  redelivered after {cause:<16} {count}")?;
+            }
         }
         writeln!(
             f,

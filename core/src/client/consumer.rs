@@ -27,8 +27,11 @@ pub struct ConsumerConfig {
     pub heartbeat_ms: u64,
     pub request_timeout_ms: u64,
     pub long_poll_ms: u64,
-    /// Messages per pull, and at most this many unanswered per queue.
+    /// Messages per pull.
     pub pull_batch: u32,
+    /// No pull while this many messages of a queue wait for the application's answer
+    /// (RocketMQ's process-queue limit): a slow message does not stall the queue behind it.
+    pub unanswered_max: u32,
     /// Retry queues per broker group to consume (the brokers' delay levels).
     pub retry_levels: u32,
     pub route_ttl_ms: u64,
@@ -45,6 +48,7 @@ impl ConsumerConfig {
             request_timeout_ms: 3_000,
             long_poll_ms: 1_000,
             pull_batch: 32,
+            unanswered_max: 1_000,
             retry_levels: 18,
             route_ttl_ms: 30_000,
         }
@@ -291,7 +295,7 @@ impl Consumer {
         let pulls = self
             .owned
             .values()
-            .filter(|o| o.unanswered == 0)
+            .filter(|o| o.unanswered < self.config.unanswered_max)
             .map(|o| o.retry_at);
         let routes = self
             .routes_at
@@ -395,7 +399,7 @@ impl Consumer {
         let ready: Vec<(GroupId, QueueId, Offset)> = self
             .owned
             .iter()
-            .filter(|(_, o)| o.unanswered == 0 && now >= o.retry_at)
+            .filter(|(_, o)| o.unanswered < self.config.unanswered_max && now >= o.retry_at)
             .map(|((broker, queue), o)| (*broker, queue.clone(), o.next))
             .collect();
         for (broker, queue, from) in ready {

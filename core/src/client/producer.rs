@@ -88,6 +88,8 @@ struct Pending {
     request: Option<(RequestId, Instant)>,
     /// After a refusal, the next attempt waits until here (routes may be catching up).
     not_before: Instant,
+    /// Parked until routes for its topic arrive.
+    awaiting_routes: bool,
 }
 
 pub struct Producer {
@@ -152,6 +154,7 @@ impl Producer {
                 target: None,
                 request: None,
                 not_before: now,
+                awaiting_routes: false,
             },
         );
         self.advance(now, id);
@@ -175,12 +178,13 @@ impl Producer {
             let waiting: Vec<SendId> = self
                 .pending
                 .iter()
-                .filter(|(_, p)| p.topic == topic && p.request.is_none())
+                .filter(|(_, p)| p.topic == topic && p.awaiting_routes)
                 .map(|(id, _)| *id)
                 .collect();
             for id in waiting {
                 if let Some(p) = self.pending.get_mut(&id) {
-                    p.not_before = p.not_before.min(now);
+                    p.awaiting_routes = false;
+                    p.not_before = now;
                 }
                 self.advance(now, id);
             }
@@ -371,6 +375,7 @@ impl Producer {
             // The routes' arrival wakes this send; until then only its deadline matters.
             if let Some(p) = self.pending.get_mut(&id) {
                 p.not_before = p.deadline;
+                p.awaiting_routes = true;
             }
             return;
         }

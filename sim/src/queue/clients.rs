@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use holdfast_core::broker::Message;
+use std::time::Duration;
+
 use holdfast_core::client::{
-    AckStatus, Consumer, ConsumerConfig, ConsumerEvent, Producer, ProducerConfig, SendResult,
+    AckStatus, Consumer, ConsumerConfig, ConsumerEvent, Delivery, Producer, ProducerConfig,
+    SendResult,
 };
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::raft::{Canary, GroupId, NodeId};
@@ -395,6 +398,7 @@ impl QueueWorld {
                     &found,
                 )?;
                 self.history.delivered(
+                    id,
                     group,
                     delivery.broker,
                     &delivery.queue,
@@ -406,8 +410,25 @@ impl QueueWorld {
                 } else {
                     AckStatus::Success
                 };
-                if let Some(c) = self.consumer_mut(index) {
-                    c.answer(now, &delivery, status);
+                // Most answers come at once; some consumers are slow, a few very slow.
+                let think = match self.rng.random_range(0..100) {
+                    0..80 => Duration::ZERO,
+                    80..97 => ms(self.rng.random_range(1..100)),
+                    _ => ms(self.rng.random_range(500..3_000)),
+                };
+                if think.is_zero() {
+                    if let Some(c) = self.consumer_mut(index) {
+                        c.answer(now, &delivery, status);
+                    }
+                } else {
+                    let generation = self.clients.consumers[index].generation;
+                    let event = Event::Answer {
+                        slot: index,
+                        generation,
+                        delivery: Box::new(delivery),
+                        status,
+                    };
+                    self.schedule(now + think, event);
                 }
             }
         }
@@ -459,6 +480,27 @@ impl QueueWorld {
         Ok(())
     }
 
+    /// A slow consumer's answer, if that consumer is still the one that was handed it.
+    pub(super) fn answer_later(
+        &mut self,
+        slot: usize,
+        generation: u32,
+        delivery: &Delivery,
+        status: AckStatus,
+    ) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(s) = self.clients.consumers.get_mut(slot) else {
+            return Ok(());
+        };
+        if s.generation != generation {
+            return Ok(());
+        }
+        if let Some(consumer) = s.consumer.as_mut() {
+            consumer.answer(now, delivery, status);
+        }
+        self.flush_consumer(slot)
+    }
+
     /// Takes a random running consumer down; false if none runs.
     pub(super) fn crash_consumer(&mut self) -> bool {
         let running: Vec<usize> = (0..self.clients.consumers.len())
@@ -500,6 +542,7 @@ impl QueueWorld {
         config.request_timeout_ms = 1_000;
         config.long_poll_ms = 300;
         config.pull_batch = 16;
+        config.unanswered_max = 64;
         config.retry_levels = levels;
         config.route_ttl_ms = 2_000;
         s.consumer = Some(Consumer::new(config, now));

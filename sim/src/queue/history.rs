@@ -59,6 +59,9 @@ pub struct History {
     sends: BTreeMap<(ProducerId, Seq), SendRecord>,
     /// Every delivery: (consumer group, broker, queue, offset) and what it held.
     deliveries: Vec<(String, GroupId, QueueId, Offset, Found)>,
+    /// The latest delivery of each message to each group: place, reconsume count, consumer.
+    latest: BTreeMap<(String, ProducerId, Seq), (Place, u32, u64)>,
+    pub redeliveries_by_cause: BTreeMap<&'static str, u64>,
     /// (consumer group, broker, queue, offset) to when an ack for it was first confirmed.
     confirmed: BTreeMap<(String, GroupId, QueueId, Offset), Instant>,
     /// (consumer group, broker, queue, offset) of messages requeued for a retry.
@@ -107,15 +110,6 @@ impl History {
         self.deliveries.len()
     }
 
-    /// Deliveries of a message its consumer group had already received.
-    pub fn redeliveries(&self) -> usize {
-        let mut seen = BTreeSet::new();
-        self.deliveries
-            .iter()
-            .filter(|(group, _, _, _, f)| !seen.insert((group, f.producer_id, f.seq)))
-            .count()
-    }
-
     /// The batch a message belongs to, and its place in it.
     fn batch_of(&self, producer_id: ProducerId, seq: Seq) -> Option<(&SendRecord, usize)> {
         let ((_, first), record) = self
@@ -130,6 +124,7 @@ impl History {
     /// no send could have written it.
     pub fn delivered(
         &mut self,
+        consumer: u64,
         group: &str,
         broker: GroupId,
         queue: &QueueId,
@@ -161,6 +156,22 @@ impl History {
                     ),
                 ));
             }
+        }
+        let place = (broker, queue.clone(), offset);
+        let key = (group.to_string(), found.producer_id, found.seq);
+        let now = (place.clone(), found.reconsume_times, consumer);
+        if let Some((before, times, by)) = self.latest.insert(key, now) {
+            // Why the group sees this message again (DESIGN §1 item 4).
+            let cause = if found.reconsume_times > times {
+                "nack"
+            } else if before != place {
+                "ambiguous-send"
+            } else if by != consumer {
+                "rebalance"
+            } else {
+                "unconfirmed-ack"
+            };
+            *self.redeliveries_by_cause.entry(cause).or_default() += 1;
         }
         self.deliveries
             .push((group.to_string(), broker, queue.clone(), offset, found));

@@ -46,7 +46,8 @@ pub fn run(options: &Options) -> Outcome {
     world.stats.messages_failed = failed;
     world.stats.messages_ambiguous = ambiguous;
     world.stats.deliveries = world.history.deliveries() as u64;
-    world.stats.redeliveries = world.history.redeliveries() as u64;
+    world.stats.redeliveries = world.history.redeliveries_by_cause.values().sum();
+    world.stats.redeliveries_by_cause = world.history.redeliveries_by_cause.clone();
     world.stats.dead_lettered = world.history.dead_lettered;
     world.stats.entries_committed = (0..=world.broker_groups)
         .map(|g| world.checker.committed(g))
@@ -104,6 +105,13 @@ pub(crate) enum Event {
     },
     RestartConsumer {
         slot: usize,
+    },
+    /// A slow consumer answers a delivery.
+    Answer {
+        slot: usize,
+        generation: u32,
+        delivery: Box<holdfast_core::client::Delivery>,
+        status: holdfast_core::client::AckStatus,
     },
     Heal,
     Check,
@@ -338,6 +346,12 @@ impl QueueWorld {
                 }
             }
             Event::RestartConsumer { slot } => self.restart_consumer(slot)?,
+            Event::Answer {
+                slot,
+                generation,
+                delivery,
+                status,
+            } => self.answer_later(slot, generation, &delivery, status)?,
             Event::Heal => self.heal()?,
             Event::Check => return self.check(),
         }

@@ -57,8 +57,9 @@ pub struct Stats {
     pub messages_ambiguous: u64,
     /// Queue workload: messages handed to consumers, redeliveries included.
     pub deliveries: u64,
-    /// Deliveries of a message a consumer group had received before.
+    /// Deliveries of a message a consumer group had received before, and why.
     pub redeliveries: u64,
+    pub redeliveries_by_cause: BTreeMap<&'static str, u64>,
     pub dead_lettered: u64,
 }
 
@@ -81,6 +82,9 @@ impl Stats {
         self.messages_ambiguous += other.messages_ambiguous;
         self.deliveries += other.deliveries;
         self.redeliveries += other.redeliveries;
+        for (cause, count) in &other.redeliveries_by_cause {
+            *self.redeliveries_by_cause.entry(cause).or_default() += count;
+        }
         self.dead_lettered += other.dead_lettered;
     }
 }

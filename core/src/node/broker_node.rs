@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 
 use super::metadata::{METADATA_GROUP, MetaCommand, MetaState};
-use super::protocol::{ClientId, Request, RequestId, Response, Route};
+use super::protocol::{ClientId, GroupStatus, Request, RequestId, Response, Route};
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
 };
@@ -231,6 +231,37 @@ impl BrokerNode {
         match request {
             Request::Route { topic } => {
                 let response = self.routes(&topic);
+                self.responses.push_back((client, id, response));
+            }
+            Request::Topics => {
+                let topics = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+                    Some(Machine::Meta(meta)) => meta.topics(),
+                    _ => Vec::new(),
+                };
+                self.responses
+                    .push_back((client, id, Response::Topics { topics }));
+            }
+            Request::Status => {
+                let groups = self
+                    .groups
+                    .iter()
+                    .map(|(group, g)| {
+                        let s = g.raft.status();
+                        GroupStatus {
+                            group: *group,
+                            role: format!("{:?}", s.role),
+                            term: s.term,
+                            leader: s.leader,
+                            commit_index: s.commit_index,
+                            applied_index: s.applied_index,
+                            last_index: s.last_index,
+                        }
+                    })
+                    .collect();
+                let response = Response::Status {
+                    node: self.config.id,
+                    groups,
+                };
                 self.responses.push_back((client, id, response));
             }
             Request::Heartbeat { group, member } => {

@@ -58,6 +58,14 @@ impl MetaState {
         )
     }
 
+    /// Every topic with its queue count.
+    pub fn topics(&self) -> Vec<(String, u32)> {
+        self.topics
+            .iter()
+            .map(|(name, groups)| (name.clone(), groups.len() as u32))
+            .collect()
+    }
+
     /// Every queue placed in `group`.
     pub fn queues_of(&self, group: GroupId) -> Vec<QueueId> {
         self.topics

@@ -17,6 +17,10 @@ pub enum Request {
     Route {
         topic: String,
     },
+    /// Every topic and its queue count, as this node's metadata replica knows them.
+    Topics,
+    /// This node's replicas: role, term, leader, commit and applied index of each group.
+    Status,
     CreateTopic {
         topic: String,
         queues: u32,
@@ -66,6 +70,18 @@ pub enum Request {
     },
 }
 
+/// One replica as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: GroupId,
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub queue: QueueId,
@@ -81,6 +97,13 @@ pub enum Response {
     },
     TopicCreated {
         topic: String,
+    },
+    Topics {
+        topics: Vec<(String, u32)>,
+    },
+    Status {
+        node: NodeId,
+        groups: Vec<GroupStatus>,
     },
     /// The live members of a consumer group, sorted.
     Members {

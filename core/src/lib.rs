@@ -12,3 +12,4 @@ pub mod node;
 pub mod raft;
 pub mod storage;
 pub mod time;
+pub mod wire;

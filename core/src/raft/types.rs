@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 /// A node of the cluster (one process). Every replica of a group lives on a distinct node.
 pub type NodeId = u64;
@@ -14,14 +15,14 @@ pub type Index = u64;
 
 /// One log entry. A command entry holds a whole batch: many commands cost one entry, one
 /// write, and one round of replication.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Entry {
     pub term: Term,
     pub index: Index,
     pub kind: EntryKind,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
     /// Appended by every new leader at the start of its term, so entries of earlier terms
     /// commit as soon as the current term's first entry does.
@@ -43,7 +44,7 @@ pub struct HardState {
 }
 
 /// A Raft message between two replicas of one group.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// "Would you vote for me in `term`?" Changes no state on the receiver.
     PreVote {
@@ -105,7 +106,7 @@ impl Message {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AppendResult {
     /// The receiver's log matches the leader's up to `match_index`, durably.
     Accepted { match_index: Index },
@@ -120,7 +121,7 @@ pub enum AppendResult {
 }
 
 /// A message with its addressing, as returned by [`super::Replica::poll_message`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     pub group: GroupId,
     pub from: NodeId,

@@ -230,10 +230,19 @@ impl BrokerNode {
     fn request(&mut self, now: Instant, client: ClientId, id: RequestId, request: Request) {
         match request {
             Request::Route { topic } => {
-                let response = self.routes(&topic);
+                // A follower may not have applied a topic just created: only the metadata
+                // leader's word that a topic does not exist is final.
+                let response = match (self.routes(&topic), self.not_leader(METADATA_GROUP)) {
+                    (Response::Refused { .. }, Some(redirect)) => redirect,
+                    (response, _) => response,
+                };
                 self.responses.push_back((client, id, response));
             }
             Request::Topics => {
+                if let Some(response) = self.not_leader(METADATA_GROUP) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
                 let topics = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
                     Some(Machine::Meta(meta)) => meta.topics(),
                     _ => Vec::new(),

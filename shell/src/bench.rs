@@ -1,0 +1,159 @@
+//! `holdfast bench`: producers and consumers against a running cluster; throughput and latency.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use holdfast_core::broker::Message;
+use holdfast_core::node::protocol::{Request, Response};
+
+use crate::client::{Admin, ConsumeStatus, Consumer, DEFAULT_SERVERS, Producer, parse_servers};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Messages in all.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Bytes per message body.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Sends in flight per producer.
+    #[arg(long, default_value_t = 32)]
+    pub inflight: usize,
+    #[arg(long, default_value_t = 2)]
+    pub producers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    #[arg(long, default_value_t = 8)]
+    pub queues: u32,
+    #[arg(long, env = "HOLDFAST_SERVERS", default_value = DEFAULT_SERVERS)]
+    pub servers: String,
+}
+
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    let servers = parse_servers(&args.servers).map_err(|e| e.to_string())?;
+    let mut admin = Admin::connect(servers.clone()).map_err(|e| e.to_string())?;
+    let create = Request::CreateTopic {
+        topic: args.topic.clone(),
+        queues: args.queues,
+    };
+    match admin.ask_leader(create, Duration::from_secs(10)) {
+        Ok(Response::TopicCreated { .. }) => {}
+        other => return Err(format!("cannot create topic {}: {other:?}", args.topic)),
+    }
+    println!(
+        "bench: {} messages of {} bytes, {} producers x {} in flight, {} consumers, topic {} ({} queues)",
+        args.messages,
+        args.size,
+        args.producers,
+        args.inflight,
+        args.consumers,
+        args.topic,
+        args.queues
+    );
+    println!(
+        "durability: acked after a majority synced it to disk (fdatasync per batch, group commit)"
+    );
+
+    let group = format!("bench-{}", std::process::id());
+    let started = Instant::now();
+    let per_producer = args.messages / args.producers.max(1) as u64;
+    let producers: Vec<_> = (0..args.producers)
+        .map(|_| {
+            let (servers, topic, args) = (servers.clone(), args.topic.clone(), args.clone());
+            std::thread::spawn(move || produce(servers, &topic, per_producer, &args))
+        })
+        .collect();
+    let total = per_producer * args.producers.max(1) as u64;
+    let consumers: Vec<_> = (0..args.consumers)
+        .map(|_| {
+            let (servers, topic, group) = (servers.clone(), args.topic.clone(), group.clone());
+            let share = total.div_ceil(args.consumers.max(1) as u64) as usize;
+            std::thread::spawn(move || consume(servers, &topic, &group, share))
+        })
+        .collect();
+
+    let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut sent = 0u64;
+    let mut failed = 0u64;
+    for handle in producers {
+        let (h, ok, bad) = handle
+            .join()
+            .map_err(|_| "a producer thread panicked".to_string())??;
+        latency.add(h).map_err(|e| e.to_string())?;
+        sent += ok;
+        failed += bad;
+    }
+    let produce_secs = started.elapsed().as_secs_f64();
+    let mut consumed = 0;
+    for handle in consumers {
+        consumed += handle
+            .join()
+            .map_err(|_| "a consumer thread panicked".to_string())?;
+    }
+    let consume_secs = started.elapsed().as_secs_f64();
+    let msgs_per_s = sent as f64 / produce_secs.max(1e-9);
+    let mb_per_s = msgs_per_s * args.size as f64 / 1e6;
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1_000.0;
+    println!(
+        "produced {sent} ({failed} failed) in {produce_secs:.2} s; consumed {consumed} in {consume_secs:.2} s"
+    );
+    println!(
+        "send latency: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms",
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        latency.max() as f64 / 1_000.0
+    );
+    println!(
+        "msgs_per_s={msgs_per_s:.0} mb_per_s={mb_per_s:.2} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
+        ms(0.5),
+        ms(0.99),
+        ms(0.999)
+    );
+    Ok(())
+}
+
+type ProduceResult = Result<(Histogram<u64>, u64, u64), String>;
+
+fn produce(
+    servers: Vec<std::net::SocketAddr>,
+    topic: &str,
+    count: u64,
+    args: &BenchArgs,
+) -> ProduceResult {
+    let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
+    let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let body = Bytes::from(vec![b'x'; args.size]);
+    let mut started = BTreeMap::new();
+    let (mut issued, mut ok, mut failed) = (0u64, 0u64, 0u64);
+    while ok + failed < count {
+        while issued < count && producer.in_flight() < args.inflight {
+            let id = producer.send_async(topic, vec![Message::with_body(body.clone())]);
+            started.insert(id, Instant::now());
+            issued += 1;
+        }
+        for (id, result) in producer.poll(Duration::from_millis(50)) {
+            if let Some(at) = started.remove(&id) {
+                let _ = latency.record(at.elapsed().as_micros() as u64);
+            }
+            match result {
+                Ok(_) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    Ok((latency, ok, failed))
+}
+
+fn consume(servers: Vec<std::net::SocketAddr>, topic: &str, group: &str, count: usize) -> usize {
+    let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
+        return 0;
+    };
+    consumer.run(Some(count), Duration::from_secs(10), |_| {
+        ConsumeStatus::Success
+    })
+}

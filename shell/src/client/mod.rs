@@ -1,0 +1,336 @@
+//! The blocking client library, built on the core's producer and consumer state machines.
+
+mod io;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use holdfast_core::broker::{Message, Offset, QueueId};
+use holdfast_core::client::{
+    AckStatus, Consumer as ConsumerMachine, ConsumerConfig, Delivery, Producer as ProducerMachine,
+    ProducerConfig, SendId, SendResult,
+};
+use holdfast_core::node::METADATA_GROUP;
+use holdfast_core::node::protocol::{Request, RequestId, Response};
+use holdfast_core::raft::{GroupId, NodeId};
+use holdfast_core::time::Instant;
+
+pub use io::{ClientIo, Machine};
+
+/// The addresses `holdfast cluster` uses by default, so one laptop needs no flag.
+pub const DEFAULT_SERVERS: &str = "127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303";
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(std::io::Error),
+    /// The send was given up. `maybe_written` says whether it may still have been written.
+    Send {
+        reason: String,
+        maybe_written: bool,
+    },
+    Refused(String),
+    Timeout,
+    BadAddress(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "i/o: {e}"),
+            ClientError::Send {
+                reason,
+                maybe_written,
+            } => {
+                let written = if *maybe_written {
+                    "it may have been written"
+                } else {
+                    "nothing was written"
+                };
+                write!(f, "send failed ({reason}); {written}")
+            }
+            ClientError::Refused(reason) => write!(f, "refused: {reason}"),
+            ClientError::Timeout => write!(f, "no answer from the cluster in time"),
+            ClientError::BadAddress(a) => write!(f, "bad server address {a:?}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// Parses `host:port,host:port,…`; the n-th address is node n.
+pub fn parse_servers(list: &str) -> Result<Vec<SocketAddr>, ClientError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            std::net::ToSocketAddrs::to_socket_addrs(s)
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| ClientError::BadAddress(s.to_string()))
+        })
+        .collect()
+}
+
+/// Where a message was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendReceipt {
+    pub broker: GroupId,
+    pub queue: QueueId,
+    pub offset: Offset,
+    /// An earlier attempt timed out or lost its leader, so a second copy may exist elsewhere:
+    /// consumers may see this message twice (at-least-once).
+    pub ambiguous: bool,
+}
+
+pub struct Producer {
+    io: ClientIo,
+    machine: ProducerMachine,
+    results: Vec<(SendId, SendResult)>,
+}
+
+impl Producer {
+    pub fn connect(servers: Vec<SocketAddr>) -> Result<Producer, ClientError> {
+        let io = ClientIo::new(servers).map_err(ClientError::Io)?;
+        // Distinct producers need distinct ids: the process and the time make one.
+        let producer_id = (u64::from(std::process::id()) << 32) ^ io.now().as_micros();
+        let config = ProducerConfig::new(producer_id, io.node_ids());
+        Ok(Producer {
+            io,
+            machine: ProducerMachine::new(config),
+            results: Vec::new(),
+        })
+    }
+
+    /// Sends one batch and waits for its receipt (the first message's place).
+    pub fn send(
+        &mut self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Result<SendReceipt, ClientError> {
+        let id = self.send_async(topic, messages);
+        loop {
+            if let Some(at) = self.results.iter().position(|(s, _)| *s == id) {
+                return receipt(self.results.remove(at).1);
+            }
+            self.drive(Duration::from_secs(1));
+        }
+    }
+
+    /// Starts a send; its result comes from [`Producer::poll`].
+    pub fn send_async(&mut self, topic: &str, messages: Vec<Message>) -> SendId {
+        let now = self.io.now();
+        self.machine.send(now, topic, messages).0
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.machine.in_flight()
+    }
+
+    /// Drives the network for up to `wait` (less if a send ends sooner) and returns the sends
+    /// that ended.
+    pub fn poll(&mut self, wait: Duration) -> Vec<(SendId, Result<SendReceipt, ClientError>)> {
+        if self.results.is_empty() {
+            self.drive(wait);
+        }
+        std::mem::take(&mut self.results)
+            .into_iter()
+            .map(|(id, r)| (id, receipt(r)))
+            .collect()
+    }
+
+    /// Runs the network until at least one more send has ended or `wait` passes.
+    fn drive(&mut self, wait: Duration) {
+        let deadline = std::time::Instant::now() + wait;
+        let results = &mut self.results;
+        let before = results.len();
+        self.io.drive(&mut self.machine, deadline, |m| {
+            while let Some(result) = m.poll_result() {
+                results.push(result);
+            }
+            results.len() > before
+        });
+    }
+}
+
+fn receipt(result: SendResult) -> Result<SendReceipt, ClientError> {
+    match result {
+        SendResult::Acked {
+            broker,
+            queue,
+            base_offset,
+            ambiguous,
+        } => Ok(SendReceipt {
+            broker,
+            queue,
+            offset: base_offset,
+            ambiguous,
+        }),
+        SendResult::Failed {
+            reason,
+            maybe_written,
+        } => Err(ClientError::Send {
+            reason,
+            maybe_written,
+        }),
+    }
+}
+
+/// What a listener answers for each message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumeStatus {
+    Success,
+    ReconsumeLater,
+}
+
+pub struct Consumer {
+    io: ClientIo,
+    machine: ConsumerMachine,
+    /// Delivered by the machine, not yet handed to a listener: the next `run` starts with
+    /// them. The machine holds them as unanswered, so dropping them would stall their queue.
+    undelivered: std::collections::VecDeque<Delivery>,
+}
+
+impl Consumer {
+    pub fn connect(
+        servers: Vec<SocketAddr>,
+        group: &str,
+        topic: &str,
+    ) -> Result<Consumer, ClientError> {
+        let io = ClientIo::new(servers).map_err(ClientError::Io)?;
+        let member = format!("{}-{}", std::process::id(), io.now().as_micros());
+        let config = ConsumerConfig::new(group, &member, topic, io.node_ids());
+        let machine = ConsumerMachine::new(config, io.now());
+        Ok(Consumer {
+            io,
+            machine,
+            undelivered: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// Hands messages to `listener` until it has seen `count` of them or `idle` passes with
+    /// none, then waits (up to 5 s) for the answers to be confirmed. Returns how many it saw.
+    pub fn run(
+        &mut self,
+        count: Option<usize>,
+        idle: Duration,
+        mut listener: impl FnMut(&Delivery) -> ConsumeStatus,
+    ) -> usize {
+        let mut seen = 0;
+        let mut last = std::time::Instant::now();
+        while count.is_none_or(|c| seen < c) && last.elapsed() < idle {
+            if self.undelivered.is_empty() {
+                let deadline = std::time::Instant::now() + Duration::from_millis(100);
+                let undelivered = &mut self.undelivered;
+                self.io.drive(&mut self.machine, deadline, |m| {
+                    while let Some(d) = m.poll_delivery() {
+                        undelivered.push_back(d);
+                    }
+                    !undelivered.is_empty()
+                });
+            }
+            let now = self.io.now();
+            while count.is_none_or(|c| seen < c)
+                && let Some(delivery) = self.undelivered.pop_front()
+            {
+                last = std::time::Instant::now();
+                seen += 1;
+                let status = match listener(&delivery) {
+                    ConsumeStatus::Success => AckStatus::Success,
+                    ConsumeStatus::ReconsumeLater => AckStatus::ReconsumeLater,
+                };
+                self.machine.answer(now, &delivery, status);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let undelivered = &mut self.undelivered;
+        self.io.drive(&mut self.machine, deadline, |m| {
+            while let Some(d) = m.poll_delivery() {
+                undelivered.push_back(d);
+            }
+            m.busy() == 0
+        });
+        seen
+    }
+}
+
+/// One request at a time, for admin commands: follows leader hints for the metadata group.
+pub struct Admin {
+    io: ClientIo,
+    call: Call,
+}
+
+struct Call {
+    outbox: Option<(NodeId, RequestId, Request)>,
+    answer: Option<Response>,
+    deadline: Option<Instant>,
+}
+
+impl Machine for Call {
+    fn poll_request(&mut self) -> Option<(NodeId, RequestId, Request)> {
+        self.outbox.take()
+    }
+    fn handle_response(&mut self, _now: Instant, _id: RequestId, response: Response) {
+        self.answer = Some(response);
+    }
+    fn handle_timeout(&mut self, _now: Instant) {
+        self.deadline = None;
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+}
+
+impl Admin {
+    pub fn connect(servers: Vec<SocketAddr>) -> Result<Admin, ClientError> {
+        let io = ClientIo::new(servers).map_err(ClientError::Io)?;
+        let call = Call {
+            outbox: None,
+            answer: None,
+            deadline: None,
+        };
+        Ok(Admin { io, call })
+    }
+
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.io.node_ids()
+    }
+
+    /// Asks `node` and waits up to 2 s.
+    pub fn ask(&mut self, node: NodeId, request: Request) -> Option<Response> {
+        self.call.answer = None;
+        self.call.outbox = Some((node, 1, request));
+        self.call.deadline = Some(self.io.now() + Duration::from_secs(2));
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        self.io
+            .drive(&mut self.call, deadline, |c| c.answer.is_some());
+        self.call.answer.take()
+    }
+
+    /// Asks the metadata leader, following hints from any node; retries for up to `wait`.
+    pub fn ask_leader(
+        &mut self,
+        request: Request,
+        wait: Duration,
+    ) -> Result<Response, ClientError> {
+        let deadline = std::time::Instant::now() + wait;
+        let nodes = self.node_ids();
+        let mut target = nodes.first().copied().unwrap_or(1);
+        let mut turn = 0;
+        while std::time::Instant::now() < deadline {
+            match self.ask(target, request.clone()) {
+                Some(Response::NotLeader {
+                    group: METADATA_GROUP,
+                    leader_hint: Some(leader),
+                }) => target = leader,
+                Some(Response::NotLeader { .. } | Response::Unknown | Response::Busy) | None => {
+                    turn += 1;
+                    target = nodes[turn % nodes.len().max(1)];
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some(Response::Refused { reason }) => return Err(ClientError::Refused(reason)),
+                Some(answer) => return Ok(answer),
+            }
+        }
+        Err(ClientError::Timeout)
+    }
+}

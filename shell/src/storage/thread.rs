@@ -1,0 +1,171 @@
+//! The storage thread: group commit for every group of a node.
+//!
+//! The event loop must never wait on a disk, and an fsync per message would cap a node at the
+//! disk's sync rate. So the loop hands writes over a channel, and this thread takes everything
+//! queued at once, applies it, syncs each touched group once, and reports per group only the
+//! highest write id (the core reads `persisted(id)` as "this and every earlier write"). The
+//! longer a sync takes, the more the next batch holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use holdfast_core::raft::{GroupId, Write, WriteId};
+use tracing::error;
+
+use super::{GroupStore, StorageError};
+
+/// At most this many writes go into one batch, so a producer that never lets the queue run
+/// empty still gets syncs (and reports).
+const BATCH_WRITES_MAX: usize = 4096;
+
+type Done = Result<(GroupId, WriteId), (GroupId, StorageError)>;
+
+#[derive(Default)]
+struct Shared {
+    done: Mutex<Vec<Done>>,
+    fsyncs: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Shared {
+    fn report(&self, reports: Vec<Done>) {
+        // A poisoned lock only means another thread panicked while holding it; the Vec is
+        // still a valid list of reports.
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        done.extend(reports);
+    }
+}
+
+/// Owns every group's [`GroupStore`] on a thread of its own.
+pub struct StorageThread {
+    sender: Sender<(GroupId, Write)>,
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl StorageThread {
+    /// Starts the thread. `notify` runs on it after each batch that produced reports, to wake
+    /// the event loop, which then calls [`StorageThread::poll_done`].
+    pub fn spawn(
+        stores: BTreeMap<GroupId, GroupStore>,
+        notify: Box<dyn Fn() + Send>,
+    ) -> StorageThread {
+        let (sender, receiver) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("holdfast-storage".to_string())
+            .spawn(move || run(stores, &receiver, &thread_shared, &*notify));
+        let handle = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // The receiver is gone with the closure, so every submit reports ThreadGone.
+                error!("cannot start the storage thread: {e}");
+                None
+            }
+        };
+        StorageThread {
+            sender,
+            shared,
+            handle,
+        }
+    }
+
+    /// Queues `write` for `group`; never blocks on the disk.
+    pub fn submit(&self, group: GroupId, write: Write) {
+        if self.sender.send((group, write)).is_err() {
+            self.shared
+                .report(vec![Err((group, StorageError::ThreadGone))]);
+        }
+    }
+
+    /// Takes the reports so far, without blocking: `Ok((group, id))` means every write of
+    /// `group` up to `id` is durable; `Err` comes once per failed group, and no later write of
+    /// that group is ever reported.
+    pub fn poll_done(&self) -> Vec<Result<(GroupId, WriteId), (GroupId, StorageError)>> {
+        let mut done = self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *done)
+    }
+
+    /// How many `fdatasync`s the thread has made (state and log files together).
+    pub fn syncs(&self) -> u64 {
+        self.shared.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// How many batches the thread has taken off the queue.
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Relaxed)
+    }
+
+    /// Writes and syncs everything submitted so far, then joins the thread.
+    pub fn shutdown(self) {
+        let StorageThread { sender, handle, .. } = self;
+        // The thread sees the channel close only after it has drained every queued write.
+        drop(sender);
+        if let Some(Err(_)) = handle.map(JoinHandle::join) {
+            error!("the storage thread panicked");
+        }
+    }
+}
+
+fn run(
+    mut stores: BTreeMap<GroupId, GroupStore>,
+    receiver: &Receiver<(GroupId, Write)>,
+    shared: &Shared,
+    notify: &dyn Fn(),
+) {
+    let mut failed: BTreeSet<GroupId> = BTreeSet::new();
+    while let Ok(first) = receiver.recv() {
+        let mut reports = Vec::new();
+        let mut last_ids: BTreeMap<GroupId, WriteId> = BTreeMap::new();
+        let queued = receiver.try_iter().take(BATCH_WRITES_MAX - 1);
+        for (group, write) in std::iter::once(first).chain(queued) {
+            if failed.contains(&group) {
+                continue;
+            }
+            let result = match stores.get_mut(&group) {
+                Some(store) => store.write(&write),
+                None => Err(StorageError::UnknownGroup { group }),
+            };
+            match result {
+                Ok(()) => {
+                    last_ids.insert(group, write.id);
+                }
+                Err(e) => {
+                    failed.insert(group);
+                    last_ids.remove(&group);
+                    reports.push(Err((group, e)));
+                }
+            }
+        }
+        for (group, id) in last_ids {
+            let Some(store) = stores.get_mut(&group) else {
+                continue;
+            };
+            let before = store.fsyncs();
+            let result = store.sync();
+            shared
+                .fsyncs
+                .fetch_add(store.fsyncs().saturating_sub(before), Ordering::Relaxed);
+            match result {
+                Ok(()) => reports.push(Ok((group, id))),
+                Err(e) => {
+                    failed.insert(group);
+                    reports.push(Err((group, e)));
+                }
+            }
+        }
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        if !reports.is_empty() {
+            shared.report(reports);
+            notify();
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! End to end: real `holdfast server` processes on loopback, killed with SIGKILL.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use holdfast_core::broker::Message;
+use holdfast_core::node::protocol::{Request, Response};
+use holdfast_core::wire::{Frame, PROTOCOL_VERSION, encode_frame};
+use holdfast_shell::client::{Admin, ConsumeStatus, Consumer, Producer};
+
+/// Three nodes on free loopback ports, each with its own data directory under `dir`.
+struct Cluster {
+    dir: PathBuf,
+    addrs: Vec<SocketAddr>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    fn start(dir: &Path, nodes: usize) -> Cluster {
+        let addrs: Vec<SocketAddr> = (0..nodes)
+            .map(|_| {
+                let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+                listener.local_addr().expect("an address")
+            })
+            .collect();
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            addrs,
+            children: (0..nodes).map(|_| None).collect(),
+        };
+        for id in 1..=nodes {
+            cluster.start_node(id);
+        }
+        cluster
+    }
+
+    fn start_node(&mut self, id: usize) {
+        let node_dir = self.dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        let mut config = format!(
+            "id = {id}\ndata_dir = {:?}\nbroker_groups = 2\n[nodes]\n",
+            node_dir.join("data").display().to_string()
+        );
+        for (i, addr) in self.addrs.iter().enumerate() {
+            config.push_str(&format!("{} = \"{addr}\"\n", i + 1));
+        }
+        let path = node_dir.join("node.toml");
+        std::fs::write(&path, config).expect("config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node_dir.join("server.log"))
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(["server", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("server starts");
+        self.children[id - 1] = Some(child);
+    }
+
+    /// SIGKILL: no chance to sync or say goodbye.
+    fn kill(&mut self, id: usize) {
+        if let Some(mut child) = self.children[id - 1].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for id in 1..=self.children.len() {
+            self.kill(id);
+        }
+    }
+
+    fn servers(&self) -> Vec<SocketAddr> {
+        self.addrs.clone()
+    }
+
+    /// The node that leads broker group `group`, as the nodes report it.
+    fn leader_of(&self, group: u64) -> Option<usize> {
+        let mut admin = Admin::connect(self.servers()).ok()?;
+        for node in 1..=self.addrs.len() as u64 {
+            if let Some(Response::Status { groups, .. }) = admin.ask(node, Request::Status)
+                && let Some(g) = groups.iter().find(|g| g.group == group)
+                && g.role == "Leader"
+            {
+                return Some(node as usize);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+fn create_topic(cluster: &Cluster, topic: &str) {
+    let mut admin = Admin::connect(cluster.servers()).expect("admin");
+    let request = Request::CreateTopic {
+        topic: topic.into(),
+        queues: 4,
+    };
+    let answer = admin.ask_leader(request, Duration::from_secs(20));
+    assert!(
+        matches!(answer, Ok(Response::TopicCreated { .. })),
+        "{answer:?}"
+    );
+}
+
+/// What one consumer group saw.
+#[derive(Default)]
+struct Consumed {
+    /// Bodies answered `Success`, with how many times each was.
+    succeeded: BTreeMap<String, u32>,
+    reconsumed: usize,
+}
+
+/// Consumes until every message of `expected` was seen (or a minute passes). Every first
+/// delivery of a body ending in 7 is answered `ReconsumeLater`, so it must come back.
+fn consume_all(cluster: &Cluster, group: &str, expected: &BTreeSet<String>) -> Consumed {
+    let mut consumer = Consumer::connect(cluster.servers(), group, "orders").expect("consumer");
+    let mut consumed = Consumed::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = |c: &Consumed| expected.iter().all(|m| c.succeeded.contains_key(m));
+    while !done(&consumed) && Instant::now() < deadline {
+        consumer.run(Some(10_000), Duration::from_secs(2), |delivery| {
+            let body = String::from_utf8_lossy(&delivery.message.message.body).to_string();
+            if delivery.message.reconsume_times == 0 && body.ends_with('7') {
+                consumed.reconsumed += 1;
+                return ConsumeStatus::ReconsumeLater;
+            }
+            *consumed.succeeded.entry(body).or_default() += 1;
+            ConsumeStatus::Success
+        });
+    }
+    consumed
+}
+
+/// Nothing acked is missing, nothing was consumed that was never sent, and a message was
+/// consumed twice only if its send was ambiguous or failed (so a retry may have written it
+/// twice): a single consumer of a stable cluster has no other excuse.
+fn check(consumed: &Consumed, sent: &Sent, when: &str) {
+    let missing: Vec<_> = sent
+        .acked
+        .keys()
+        .filter(|m| !consumed.succeeded.contains_key(*m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{when}: {} acked messages never consumed, the first {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let unexpected: Vec<_> = consumed
+        .succeeded
+        .keys()
+        .filter(|m| !sent.acked.contains_key(*m) && !sent.failed.contains(*m))
+        .collect();
+    assert!(unexpected.is_empty(), "{when}: never sent: {unexpected:?}");
+    let unexplained: Vec<_> = consumed
+        .succeeded
+        .iter()
+        .filter(|(m, n)| **n > 1 && sent.acked.get(*m) == Some(&false))
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "{when}: consumed twice though sent once: {unexplained:?}"
+    );
+    assert!(consumed.reconsumed > 0, "{when}: nothing was reconsumed");
+}
+
+#[derive(Default)]
+struct Sent {
+    /// Acked bodies, with whether the send was ambiguous.
+    acked: BTreeMap<String, bool>,
+    /// Sends given up: they may or may not have been written.
+    failed: BTreeSet<String>,
+}
+
+#[test]
+fn acked_messages_survive_a_leader_killed_mid_stream_and_a_whole_cluster_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    create_topic(&cluster, "orders");
+
+    let total = 100_000;
+    let mut producer = Producer::connect(cluster.servers()).expect("producer");
+    let mut sent = Sent::default();
+    let mut killed = None;
+    let mut issued = 0;
+    let mut in_flight = BTreeMap::new();
+    let started = Instant::now();
+    while (issued < total || producer.in_flight() > 0)
+        && started.elapsed() < Duration::from_secs(300)
+    {
+        while issued < total && producer.in_flight() < 256 {
+            let body = format!("m{issued:06}");
+            let id = producer.send_async(
+                "orders",
+                vec![Message::with_body(Bytes::from(body.clone()))],
+            );
+            in_flight.insert(id, body);
+            issued += 1;
+        }
+        for (id, result) in producer.poll(Duration::from_millis(20)) {
+            let body = in_flight.remove(&id).expect("a send we made");
+            match result {
+                Ok(receipt) => {
+                    sent.acked.insert(body, receipt.ambiguous);
+                }
+                Err(_) => {
+                    sent.failed.insert(body);
+                }
+            }
+        }
+        // A third of the way in, SIGKILL the leader of broker group 1; two thirds in, bring
+        // it back, so it recovers and catches up while the stream goes on.
+        if killed.is_none() && issued >= total / 3 {
+            let leader = cluster.leader_of(1).expect("group 1 has a leader");
+            cluster.kill(leader);
+            killed = Some(leader);
+        }
+        if let Some(node) = killed
+            && issued >= total * 2 / 3
+            && cluster.children[node - 1].is_none()
+        {
+            cluster.start_node(node);
+        }
+    }
+    assert!(killed.is_some(), "the leader was never killed");
+    assert_eq!(
+        sent.acked.len() + sent.failed.len(),
+        total,
+        "every send ends, acked or failed"
+    );
+    assert!(
+        sent.acked.len() > total * 9 / 10,
+        "only {} of {total} acked",
+        sent.acked.len()
+    );
+    eprintln!(
+        "{} acked ({} ambiguous), {} failed, in {:?}",
+        sent.acked.len(),
+        sent.acked.values().filter(|a| **a).count(),
+        sent.failed.len(),
+        started.elapsed()
+    );
+
+    let consumed = consume_all(&cluster, "billing", &sent.acked.keys().cloned().collect());
+    check(&consumed, &sent, "after the leader was killed");
+
+    // Everything down at once, then up again: the data is all there.
+    cluster.kill_all();
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    let consumed = consume_all(&cluster, "audit", &sent.acked.keys().cloned().collect());
+    check(&consumed, &sent, "after the whole cluster was killed");
+}
+
+#[test]
+fn garbage_on_one_connection_closes_only_that_connection() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(dir.path(), 3);
+    create_topic(&cluster, "orders");
+    let hello = {
+        let mut out = Vec::new();
+        let frame = Frame::Hello {
+            version: PROTOCOL_VERSION,
+            node: None,
+        };
+        encode_frame(&frame, &mut out).expect("encodes");
+        out
+    };
+    let unknown_variant = {
+        let payload = [200u8, 1, 2, 3];
+        let mut out = hello.clone();
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    };
+    let wrong_version = {
+        let mut out = Vec::new();
+        let frame = Frame::Hello {
+            version: PROTOCOL_VERSION + 1,
+            node: None,
+        };
+        encode_frame(&frame, &mut out).expect("encodes");
+        out
+    };
+    let truncated = {
+        let mut out = hello.clone();
+        out.extend_from_slice(&[100, 0, 0, 0, 1, 2, 3, 4, 5]); // 100 bytes announced, 1 sent
+        out
+    };
+    let garbage: [(&str, &[u8]); 6] = [
+        ("http", b"GET / HTTP/1.1\r\n\r\n"),
+        ("oversized", &[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0]),
+        ("bad checksum", &[5, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9]),
+        ("unknown variant", &unknown_variant),
+        ("wrong version", &wrong_version),
+        ("truncated", &truncated),
+    ];
+    for (what, bytes) in garbage {
+        let mut stream = TcpStream::connect(cluster.addrs[0]).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream.write_all(bytes).expect("write");
+        // A truncated frame ends with the connection: the server must not wait for the rest.
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let mut buf = Vec::new();
+        let read = stream.read_to_end(&mut buf);
+        // The server answers our garbage by closing: the read ends (after its Hello).
+        assert!(read.is_ok(), "{what}: the server did not close: {read:?}");
+    }
+    let log = std::fs::read_to_string(dir.path().join("node-1/server.log")).expect("log");
+    for reason in [
+        "frame of",
+        "checksum mismatch",
+        "malformed frame",
+        "protocol version mismatch",
+        "inside a frame",
+    ] {
+        assert!(log.contains(reason), "no {reason:?} in the log:\n{log}");
+    }
+    // The node still serves everyone else.
+    let mut producer = Producer::connect(cluster.servers()).expect("producer");
+    let receipt = producer.send(
+        "orders",
+        vec![Message::with_body(Bytes::from("still here"))],
+    );
+    assert!(receipt.is_ok(), "{receipt:?}");
+}

@@ -132,7 +132,9 @@ fn produce(
     let (mut issued, mut ok, mut failed) = (0u64, 0u64, 0u64);
     while ok + failed < count {
         while issued < count && producer.in_flight() < args.inflight {
-            let id = producer.send_async(topic, vec![Message::with_body(body.clone())]);
+            let id = producer
+                .send_async(topic, vec![Message::with_body(body.clone())])
+                .map_err(|e| e.to_string())?;
             started.insert(id, Instant::now());
             issued += 1;
         }

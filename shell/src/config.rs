@@ -22,6 +22,14 @@ pub struct ServerConfig {
     pub broker_groups: u64,
 }
 
+/// The 1-based number and the trimmed text of the line holding byte `at`.
+fn line_of(text: &str, at: usize) -> Option<(usize, &str)> {
+    let before = text.get(..at)?;
+    let number = before.matches('\n').count() + 1;
+    let line = text.lines().nth(number - 1)?.trim();
+    Some((number, line))
+}
+
 fn default_broker_groups() -> u64 {
     2
 }
@@ -46,7 +54,16 @@ impl ServerConfig {
 
     pub fn from_toml(text: &str) -> Result<ServerConfig, ConfigError> {
         let config: ServerConfig = toml::from_str(text)
-            .map_err(|e| ConfigError(e.message().replace('\n', " ")))
+            .map_err(|e| {
+                let message = e.message().replace('\n', " ");
+                // Name the offending line: serde's messages about values omit the key.
+                match e.span().and_then(|span| line_of(text, span.start)) {
+                    Some((number, line)) => {
+                        ConfigError(format!("line {number} `{line}`: {message}"))
+                    }
+                    None => ConfigError(message),
+                }
+            })
             .map_err(|e| match e.0.as_str() {
                 m if m.contains("unknown field") => ConfigError(format!("bad config key: {m}")),
                 _ => e,

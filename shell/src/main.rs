@@ -18,6 +18,18 @@ use holdfast_shell::client::{
 use holdfast_shell::config::ServerConfig;
 use holdfast_shell::{bench, cluster, server};
 
+/// `println!` that does not panic when stdout is a closed pipe (`holdfast status | head`).
+macro_rules! out {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "holdfast",
@@ -177,8 +189,13 @@ fn run(cli: Cli) -> Result<(), String> {
             let mut consumer =
                 Consumer::connect(servers(&s)?, &group, &topic).map_err(|e| e.to_string())?;
             let seen = consumer.run(count, Duration::from_secs(timeout), |d| {
-                println!("{}", String::from_utf8_lossy(&d.message.message.body));
-                ConsumeStatus::Success
+                use std::io::Write as _;
+                let line = String::from_utf8_lossy(&d.message.message.body);
+                // Acknowledge only what reached stdout; the rest comes back to the group.
+                match writeln!(std::io::stdout(), "{line}") {
+                    Ok(()) => ConsumeStatus::Success,
+                    Err(_) => ConsumeStatus::ReconsumeLater,
+                }
             });
             eprintln!("consumed {seen} message(s)");
             Ok(())
@@ -203,7 +220,7 @@ fn topic(command: TopicCommand) -> Result<(), String> {
             };
             match admin.ask_leader(request, wait) {
                 Ok(Response::TopicCreated { .. }) => {
-                    println!("created topic {name} with {queues} queues");
+                    out!("created topic {name} with {queues} queues");
                     Ok(())
                 }
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -218,7 +235,7 @@ fn topic(command: TopicCommand) -> Result<(), String> {
             match admin.ask_leader(Request::Topics, wait) {
                 Ok(Response::Topics { topics }) => {
                     for (name, queues) in topics {
-                        println!("{name}\t{queues} queues");
+                        out!("{name}\t{queues} queues");
                     }
                     Ok(())
                 }
@@ -230,10 +247,10 @@ fn topic(command: TopicCommand) -> Result<(), String> {
             let mut admin = Admin::connect(servers(&s)?).map_err(|e| e.to_string())?;
             match admin.ask_leader(Request::Route { topic: name }, wait) {
                 Ok(Response::Routes { topic, routes }) => {
-                    println!("{topic}");
+                    out!("{topic}");
                     for r in routes {
                         let leader = r.leader.map_or("?".into(), |l| format!("node {l}"));
-                        println!("  {}\tgroup {}\tleader {leader}", r.queue, r.group);
+                        out!("  {}\tgroup {}\tleader {leader}", r.queue, r.group);
                     }
                     Ok(())
                 }
@@ -251,7 +268,7 @@ fn produce(servers: Vec<SocketAddr>, topic: &str, messages: Vec<String>) -> Resu
         let receipt = producer
             .send(topic, vec![message])
             .map_err(|e| e.to_string())?;
-        println!("{}@{}", receipt.queue, receipt.offset);
+        out!("{}@{}", receipt.queue, receipt.offset);
         Ok(())
     };
     if messages.is_empty() {
@@ -272,10 +289,10 @@ fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
         let node = i as u64 + 1;
         match admin.ask(node, Request::Status) {
             Some(Response::Status { node, groups }) => {
-                println!("node {node} ({addr})");
+                out!("node {node} ({addr})");
                 for g in groups {
                     let leader = g.leader.map_or("-".into(), |l| l.to_string());
-                    println!(
+                    out!(
                         "  group {:<3} {:<12} term {:<5} leader {:<3} commit {:<8} applied {:<8} last {}",
                         g.group,
                         g.role,
@@ -287,7 +304,7 @@ fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
                     );
                 }
             }
-            _ => println!("node {node} ({addr}): no answer"),
+            _ => out!("node {node} ({addr}): no answer"),
         }
     }
     Ok(())

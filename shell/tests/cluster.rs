@@ -206,10 +206,12 @@ fn acked_messages_survive_a_leader_killed_mid_stream_and_a_whole_cluster_restart
     {
         while issued < total && producer.in_flight() < 256 {
             let body = format!("m{issued:06}");
-            let id = producer.send_async(
-                "orders",
-                vec![Message::with_body(Bytes::from(body.clone()))],
-            );
+            let id = producer
+                .send_async(
+                    "orders",
+                    vec![Message::with_body(Bytes::from(body.clone()))],
+                )
+                .expect("a small message");
             in_flight.insert(id, body);
             issued += 1;
         }

@@ -167,14 +167,21 @@ impl Producer {
 
     pub fn handle_response(&mut self, now: Instant, request: RequestId, response: Response) {
         if let Some((topic, _)) = self.route_requests.remove(&request) {
-            if let Response::Routes { routes, .. } = response {
-                for route in &routes {
-                    if let Some(leader) = route.leader {
-                        self.leaders.insert(route.group, leader);
+            let refusal = match response {
+                Response::Routes { routes, .. } => {
+                    for route in &routes {
+                        if let Some(leader) = route.leader {
+                            self.leaders.insert(route.group, leader);
+                        }
                     }
+                    self.routes.insert(topic.clone(), (routes, now));
+                    None
                 }
-                self.routes.insert(topic.clone(), (routes, now));
-            }
+                // The sends keep trying until their deadline (the topic may be on its way),
+                // but if they give up, this is why.
+                Response::Refused { reason } => Some(reason),
+                _ => None,
+            };
             let waiting: Vec<SendId> = self
                 .pending
                 .iter()
@@ -185,6 +192,9 @@ impl Producer {
                 if let Some(p) = self.pending.get_mut(&id) {
                     p.awaiting_routes = false;
                     p.not_before = now;
+                    if let Some(reason) = &refusal {
+                        p.last_error.clone_from(reason);
+                    }
                 }
                 self.advance(now, id);
             }

@@ -22,6 +22,11 @@ use crate::raft::{
 use crate::time::Instant;
 
 /// How often a parked pull on a leader without its read lease looks again.
+/// The most message bytes one `Send` may carry; larger batches are refused whole.
+pub const SEND_BYTES_MAX: usize = 4 << 20;
+/// Batched commands are split into entries of about this many bytes (one command always goes):
+/// entries, records and AppendEntries stay far below the storage and wire limits.
+const ENTRY_BYTES_MAX: usize = 8 << 20;
 const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Static configuration of a node.
@@ -227,6 +232,19 @@ impl BrokerNode {
         self.settle(now);
     }
 
+    /// Many requests that arrived together: their commands for one group are proposed as one
+    /// entry, so a burst of sends costs one log entry, one write and one replication round.
+    pub fn handle_requests(
+        &mut self,
+        now: Instant,
+        requests: impl IntoIterator<Item = (ClientId, RequestId, Request)>,
+    ) {
+        for (client, request_id, request) in requests {
+            self.request(now, client, request_id, request);
+        }
+        self.settle(now);
+    }
+
     fn request(&mut self, now: Instant, client: ClientId, id: RequestId, request: Request) {
         match request {
             Request::Route { topic } => {
@@ -304,6 +322,18 @@ impl BrokerNode {
                 first_seq,
                 messages,
             } => {
+                let bytes: usize = messages
+                    .iter()
+                    .map(crate::broker::Message::size_bytes)
+                    .sum();
+                if bytes > SEND_BYTES_MAX {
+                    let reason = format!(
+                        "a send of {bytes} message bytes exceeds the maximum of {SEND_BYTES_MAX}"
+                    );
+                    self.responses
+                        .push_back((client, id, Response::Refused { reason }));
+                    return;
+                }
                 let command = Command::Append {
                     queue: queue.clone(),
                     producer_id,
@@ -770,7 +800,30 @@ fn propose_batch(
     group: &mut Group,
     responses: &mut VecDeque<(ClientId, RequestId, Response)>,
 ) {
-    let batch = std::mem::take(&mut group.batch);
+    let mut batch = std::mem::take(&mut group.batch);
+    while !batch.is_empty() {
+        let mut bytes = 0usize;
+        let take = batch
+            .iter()
+            .take_while(|(_, command)| {
+                bytes = bytes.saturating_add(command.len());
+                bytes <= ENTRY_BYTES_MAX
+            })
+            .count()
+            .max(1);
+        let rest = batch.split_off(take);
+        propose_entry(next_proposal, group, responses, batch);
+        batch = rest;
+    }
+}
+
+/// Proposes `batch` as one entry.
+fn propose_entry(
+    next_proposal: &mut ProposalId,
+    group: &mut Group,
+    responses: &mut VecDeque<(ClientId, RequestId, Response)>,
+    batch: Vec<(Option<Waiter>, Bytes)>,
+) {
     let id = *next_proposal;
     *next_proposal += 1;
     let commands: Vec<Bytes> = batch.iter().map(|(_, b)| b.clone()).collect();

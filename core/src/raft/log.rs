@@ -34,12 +34,22 @@ impl RaftLog {
         self.entries.get(offset)
     }
 
-    /// Up to `count_max` entries starting at `from` (an empty slice past the end).
-    pub(super) fn slice(&self, from: Index, count_max: usize) -> Vec<Entry> {
+    /// Up to `count_max` entries starting at `from` (an empty slice past the end), stopping
+    /// before the entry that would take their command bytes past `bytes_max` unless it is the
+    /// first.
+    pub(super) fn slice(&self, from: Index, count_max: usize, bytes_max: usize) -> Vec<Entry> {
         let start = usize::try_from(from.saturating_sub(1)).unwrap_or(usize::MAX);
         let start = start.min(self.entries.len());
-        let end = start.saturating_add(count_max).min(self.entries.len());
-        self.entries[start..end].to_vec()
+        let mut bytes = 0usize;
+        let mut slice = Vec::new();
+        for entry in self.entries[start..].iter().take(count_max) {
+            bytes = bytes.saturating_add(entry.command_bytes());
+            if !slice.is_empty() && bytes > bytes_max {
+                break;
+            }
+            slice.push(entry.clone());
+        }
+        slice
     }
 
     pub(super) fn push(&mut self, entry: Entry) {

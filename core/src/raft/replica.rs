@@ -309,7 +309,7 @@ impl Replica {
         let id = self.writes_issued + 1;
         self.writes_issued = id;
         let entries = match self.log_dirty_from.take() {
-            Some(from) => self.log.slice(from, usize::MAX),
+            Some(from) => self.log.slice(from, usize::MAX, usize::MAX),
             None => Vec::new(),
         };
         let rewrite_floor = entries
@@ -716,9 +716,11 @@ impl Replica {
         let Some(prev_term) = self.log.term_at(prev_index) else {
             return false;
         };
-        let entries = self
-            .log
-            .slice(progress.next_index, self.config.append_entries_max);
+        let entries = self.log.slice(
+            progress.next_index,
+            self.config.append_entries_max,
+            self.config.append_bytes_max,
+        );
         if entries.is_empty() && !allow_empty {
             return false;
         }

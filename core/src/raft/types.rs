@@ -22,6 +22,17 @@ pub struct Entry {
     pub kind: EntryKind,
 }
 
+impl Entry {
+    /// The bytes of its commands: what it weighs in a message or on disk, give or take a
+    /// few bytes of framing per command.
+    pub fn command_bytes(&self) -> usize {
+        match &self.kind {
+            EntryKind::Noop => 0,
+            EntryKind::Commands(commands) => commands.iter().map(Bytes::len).sum(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
     /// Appended by every new leader at the start of its term, so entries of earlier terms
@@ -325,6 +336,9 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// At most this many entries in one AppendEntries.
     pub append_entries_max: usize,
+    /// At most about this many command bytes in one AppendEntries (one entry always goes,
+    /// however large), so a message stays well under the wire's frame limit.
+    pub append_bytes_max: usize,
     /// At most this many AppendEntries in flight to one follower.
     pub inflight_appends_max: usize,
     /// At most this many uncommitted entries on a leader; further proposals get `Busy`.
@@ -346,6 +360,7 @@ impl Config {
             election_timeout_max: Duration::from_millis(300),
             heartbeat_interval: Duration::from_millis(50),
             append_entries_max: 64,
+            append_bytes_max: 1 << 20,
             inflight_appends_max: 8,
             uncommitted_entries_max: 4096,
             pre_vote: true,

@@ -10,8 +10,8 @@ use holdfast_core::client::{
     AckStatus, Consumer as ConsumerMachine, ConsumerConfig, Delivery, Producer as ProducerMachine,
     ProducerConfig, SendId, SendResult,
 };
-use holdfast_core::node::METADATA_GROUP;
 use holdfast_core::node::protocol::{Request, RequestId, Response};
+use holdfast_core::node::{METADATA_GROUP, SEND_BYTES_MAX};
 use holdfast_core::raft::{GroupId, NodeId};
 use holdfast_core::time::Instant;
 
@@ -31,6 +31,10 @@ pub enum ClientError {
     Refused(String),
     Timeout,
     BadAddress(String),
+    /// A batch larger than the brokers accept; nothing was sent.
+    TooLarge {
+        bytes: usize,
+    },
 }
 
 impl std::fmt::Display for ClientError {
@@ -51,6 +55,10 @@ impl std::fmt::Display for ClientError {
             ClientError::Refused(reason) => write!(f, "refused: {reason}"),
             ClientError::Timeout => write!(f, "no answer from the cluster in time"),
             ClientError::BadAddress(a) => write!(f, "bad server address {a:?}"),
+            ClientError::TooLarge { bytes } => write!(
+                f,
+                "{bytes} message bytes in one send exceed the maximum of {SEND_BYTES_MAX}; nothing was sent"
+            ),
         }
     }
 }
@@ -107,7 +115,7 @@ impl Producer {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<SendReceipt, ClientError> {
-        let id = self.send_async(topic, messages);
+        let id = self.send_async(topic, messages)?;
         loop {
             if let Some(at) = self.results.iter().position(|(s, _)| *s == id) {
                 return receipt(self.results.remove(at).1);
@@ -116,10 +124,19 @@ impl Producer {
         }
     }
 
-    /// Starts a send; its result comes from [`Producer::poll`].
-    pub fn send_async(&mut self, topic: &str, messages: Vec<Message>) -> SendId {
+    /// Starts a send; its result comes from [`Producer::poll`]. A batch over
+    /// [`SEND_BYTES_MAX`] is refused here, before anything is sent.
+    pub fn send_async(
+        &mut self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Result<SendId, ClientError> {
+        let bytes: usize = messages.iter().map(Message::size_bytes).sum();
+        if bytes > SEND_BYTES_MAX {
+            return Err(ClientError::TooLarge { bytes });
+        }
         let now = self.io.now();
-        self.machine.send(now, topic, messages).0
+        Ok(self.machine.send(now, topic, messages).0)
     }
 
     pub fn in_flight(&self) -> usize {

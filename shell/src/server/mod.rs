@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use holdfast_core::node::protocol::ClientId;
+use holdfast_core::node::protocol::{ClientId, Request, RequestId};
 use holdfast_core::node::{BrokerNode, NodeConfig};
 use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, check_hello};
@@ -62,6 +62,9 @@ struct Server {
     conns: BTreeMap<Token, Conn>,
     links: BTreeMap<NodeId, Link>,
     clients: BTreeMap<ClientId, Token>,
+    /// Requests read in this turn of the loop, handed to the node together so their commands
+    /// share log entries.
+    requests: Vec<(ClientId, RequestId, Request)>,
     next_token: usize,
     next_client: ClientId,
     clock: Clock,
@@ -131,13 +134,16 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         conns: BTreeMap::new(),
         links,
         clients: BTreeMap::new(),
+        requests: Vec::new(),
         next_token: FIRST_CONN,
         next_client: 1,
         clock,
     };
     let result = server.run(&stop);
     info!("stopping: finishing queued writes");
+    let (syncs, batches) = (server.storage.syncs(), server.storage.batches());
     server.storage.shutdown();
+    info!(syncs, batches, "stopped");
     result
 }
 
@@ -173,6 +179,10 @@ impl Server {
             }
             self.storage_done()?;
             let now = self.clock.now();
+            if !self.requests.is_empty() {
+                self.node
+                    .handle_requests(now, std::mem::take(&mut self.requests));
+            }
             if self.node.poll_timeout() <= now {
                 self.node.handle_timeout(now);
             }
@@ -293,7 +303,7 @@ impl Server {
                     self.node.handle_peer(now, envelope);
                 }
                 (Kind::Client(client), Frame::Request { id, request }) => {
-                    self.node.handle_request(now, client, id, request);
+                    self.requests.push((client, id, request));
                 }
                 (_, frame) => {
                     let why = format!("unexpected frame {}", frame_name(&frame));

@@ -44,7 +44,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         Ok(Response::TopicCreated { .. }) => {}
         other => return Err(format!("cannot create topic {}: {other:?}", args.topic)),
     }
-    println!(
+    crate::out!(
         "bench: {} messages of {} bytes, {} producers x {} in flight, {} consumers, topic {} ({} queues)",
         args.messages,
         args.size,
@@ -54,7 +54,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         args.topic,
         args.queues
     );
-    println!(
+    crate::out!(
         "durability: acked after a majority synced it to disk (fdatasync per batch, group commit)"
     );
 
@@ -98,17 +98,17 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let msgs_per_s = sent as f64 / produce_secs.max(1e-9);
     let mb_per_s = msgs_per_s * args.size as f64 / 1e6;
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1_000.0;
-    println!(
+    crate::out!(
         "produced {sent} ({failed} failed) in {produce_secs:.2} s; consumed {consumed} in {consume_secs:.2} s"
     );
-    println!(
+    crate::out!(
         "send latency: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms",
         ms(0.5),
         ms(0.99),
         ms(0.999),
         latency.max() as f64 / 1_000.0
     );
-    println!(
+    crate::out!(
         "msgs_per_s={msgs_per_s:.0} mb_per_s={mb_per_s:.2} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
         ms(0.5),
         ms(0.99),

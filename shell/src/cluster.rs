@@ -55,22 +55,22 @@ pub fn run(
         children.push((id, child, log_path));
     }
     let servers = addrs.join(",");
-    println!("holdfast cluster: {nodes} nodes, data in {}", dir.display());
+    crate::out!("holdfast cluster: {nodes} nodes, data in {}", dir.display());
     for (i, addr) in addrs.iter().enumerate() {
-        println!(
+        crate::out!(
             "  node {} listening on {addr}  (log: {})",
             i + 1,
             children[i].2.display()
         );
     }
-    println!();
-    println!("In another terminal (add --servers {servers} if you changed the ports):");
-    println!("  holdfast topic create orders --queues 4");
-    println!("  holdfast produce orders hello world");
-    println!("  holdfast consume orders --group billing --count 2");
-    println!("  holdfast status");
-    println!("(with cargo: cargo run --release -p holdfast-shell -- <command>)");
-    println!("Ctrl-C stops the cluster; started again, it finds its data.");
+    crate::out!();
+    crate::out!("In another terminal (add --servers {servers} if you changed the ports):");
+    crate::out!("  holdfast topic create orders --queues 4");
+    crate::out!("  holdfast produce orders hello world");
+    crate::out!("  holdfast consume orders --group billing --count 2");
+    crate::out!("  holdfast status");
+    crate::out!("(with cargo: cargo run --release -p holdfast-shell -- <command>)");
+    crate::out!("Ctrl-C stops the cluster; started again, it finds its data.");
 
     while !stop.load(Ordering::Relaxed) {
         for (id, child, log) in &mut children {
@@ -83,7 +83,7 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("stopping the cluster");
+    crate::out!("stopping the cluster");
     for (_, child, _) in &children {
         // SIGTERM: each node finishes its queued writes and syncs before it exits.
         let _ = Command::new("kill")

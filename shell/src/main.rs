@@ -1,5 +1,6 @@
 //! `holdfast`: the server, a one-command local cluster, and the client commands.
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,19 +17,7 @@ use holdfast_shell::client::{
     Admin, ClientError, ConsumeStatus, Consumer, DEFAULT_SERVERS, Producer, parse_servers,
 };
 use holdfast_shell::config::ServerConfig;
-use holdfast_shell::{bench, cluster, server};
-
-/// `println!` that does not panic when stdout is a closed pipe (`holdfast status | head`).
-macro_rules! out {
-    () => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout());
-    }};
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
+use holdfast_shell::{bench, cluster, out, server};
 
 #[derive(Parser)]
 #[command(
@@ -285,6 +274,9 @@ fn produce(servers: Vec<SocketAddr>, topic: &str, messages: Vec<String>) -> Resu
 
 fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
     let mut admin = Admin::connect(servers.clone()).map_err(|e| e.to_string())?;
+    // Consumer progress as each broker group's leader has applied it: (group, consumer
+    // group) -> (messages waiting, queues).
+    let mut lag: BTreeMap<(u64, String), (u64, usize)> = BTreeMap::new();
     for (i, addr) in servers.iter().enumerate() {
         let node = i as u64 + 1;
         match admin.ask(node, Request::Status) {
@@ -302,9 +294,24 @@ fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
                         g.applied_index,
                         g.last_index
                     );
+                    if g.role == "Leader" {
+                        for c in g.consumers {
+                            let entry = lag.entry((g.group, c.group)).or_default();
+                            entry.0 += c.queue_len.saturating_sub(c.consume_offset);
+                            entry.1 += 1;
+                        }
+                    }
                 }
             }
             _ => out!("node {node} ({addr}): no answer"),
+        }
+    }
+    if !lag.is_empty() {
+        out!(
+            "consumer groups: messages not yet acknowledged, per broker group, on the queues where the group has acknowledged any"
+        );
+        for ((group, consumers), (waiting, queues)) in lag {
+            out!("  {consumers:<20} group {group:<3} lag {waiting:<8} over {queues} queue(s)");
         }
     }
     Ok(())

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 
 use super::metadata::{METADATA_GROUP, MetaCommand, MetaState};
-use super::protocol::{ClientId, GroupStatus, Request, RequestId, Response, Route};
+use super::protocol::{
+    ClientId, ConsumerProgress, GroupStatus, Request, RequestId, Response, Route,
+};
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
 };
@@ -274,7 +276,20 @@ impl BrokerNode {
                     .iter()
                     .map(|(group, g)| {
                         let s = g.raft.status();
+                        let consumers = match &g.machine {
+                            Machine::Broker(state) => state
+                                .consume_offsets()
+                                .map(|(group, queue, consume_offset)| ConsumerProgress {
+                                    group: group.to_string(),
+                                    queue: queue.clone(),
+                                    consume_offset,
+                                    queue_len: state.queue_len(queue).unwrap_or(0),
+                                })
+                                .collect(),
+                            Machine::Meta(_) => Vec::new(),
+                        };
                         GroupStatus {
+                            consumers,
                             group: *group,
                             role: format!("{:?}", s.role),
                             term: s.term,

@@ -80,6 +80,18 @@ pub struct GroupStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub last_index: u64,
+    /// For a broker group: each consumer group's progress on each queue it has acknowledged
+    /// in, as this replica has applied it.
+    pub consumers: Vec<ConsumerProgress>,
+}
+
+/// How far a consumer group is on one queue: `queue_len - consume_offset` messages wait.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerProgress {
+    pub group: String,
+    pub queue: QueueId,
+    pub consume_offset: Offset,
+    pub queue_len: Offset,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

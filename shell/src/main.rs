@@ -186,6 +186,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     Err(_) => ConsumeStatus::ReconsumeLater,
                 }
             });
+            consumer.close();
             eprintln!("consumed {seen} message(s)");
             Ok(())
         }

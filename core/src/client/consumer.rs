@@ -114,6 +114,16 @@ enum InFlight {
         sent_at: Instant,
     },
     Ack(Answer),
+    Leave,
+}
+
+/// Where a member that is shutting down is in leaving its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leaving {
+    Staying,
+    /// Owns nothing any more; waits for its answers to be confirmed, then says goodbye.
+    Draining,
+    Left,
 }
 
 #[derive(Clone)]
@@ -140,6 +150,7 @@ pub struct Consumer {
     deliveries: VecDeque<Delivery>,
     events: VecDeque<ConsumerEvent>,
     outbox: VecDeque<(NodeId, RequestId, Request)>,
+    leaving: Leaving,
 }
 
 impl Consumer {
@@ -159,6 +170,7 @@ impl Consumer {
             deliveries: VecDeque::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
+            leaving: Leaving::Staying,
         };
         consumer.work(now);
         consumer
@@ -170,6 +182,23 @@ impl Consumer {
 
     pub fn owned(&self) -> impl Iterator<Item = &(GroupId, QueueId)> {
         self.owned.keys()
+    }
+
+    /// Leaves the group now rather than after the session times out, so the others take over
+    /// its queues at once: pulls stop, answers already given are still confirmed, then the
+    /// metadata leader is told. Deliveries not yet answered come again to the new owners.
+    pub fn leave(&mut self, now: Instant) {
+        if self.leaving == Leaving::Staying {
+            self.leaving = Leaving::Draining;
+            self.owned.clear();
+            self.deliveries.clear();
+        }
+        self.work(now);
+    }
+
+    /// Whether the group has confirmed that this member left.
+    pub fn has_left(&self) -> bool {
+        self.leaving == Leaving::Left
     }
 
     /// The application's answer for a delivery.
@@ -239,6 +268,11 @@ impl Consumer {
                 response,
             ) => self.pulled(now, broker, queue, sent_at, response),
             (InFlight::Ack(answer), response) => self.acked(now, answer, response),
+            (InFlight::Leave, Response::Members { .. }) => self.leaving = Leaving::Left,
+            (InFlight::Leave, Response::NotLeader { leader_hint, .. }) => {
+                self.hint(METADATA_GROUP, leader_hint);
+            }
+            (InFlight::Leave, _) => {}
         }
         self.work(now);
     }
@@ -269,6 +303,9 @@ impl Consumer {
                 InFlight::Ack(answer) => {
                     self.leaders.remove(&answer.broker);
                     self.answers.push(answer);
+                }
+                InFlight::Leave => {
+                    self.leaders.remove(&METADATA_GROUP);
                 }
             }
         }
@@ -357,27 +394,7 @@ impl Consumer {
         self.outbox.push_back((node, id, request));
     }
 
-    /// Sends whatever is due: heartbeat, routes, answers, pulls.
-    fn work(&mut self, now: Instant) {
-        let waiting =
-            |c: &Consumer, f: &dyn Fn(&InFlight) -> bool| c.in_flight.values().any(|(w, _)| f(w));
-        if now >= self.heartbeat_due && !waiting(self, &|w| matches!(w, InFlight::Heartbeat)) {
-            let request = Request::Heartbeat {
-                group: self.config.group.clone(),
-                member: self.config.member.clone(),
-            };
-            self.heartbeat_due = now + Duration::from_millis(self.config.heartbeat_ms);
-            self.request(now, METADATA_GROUP, InFlight::Heartbeat, request, 0);
-        }
-        let routes_stale = self
-            .routes_at
-            .is_none_or(|at| now >= at + Duration::from_millis(self.config.route_ttl_ms));
-        if routes_stale && !waiting(self, &|w| matches!(w, InFlight::Routes)) {
-            let request = Request::Route {
-                topic: self.config.topic.clone(),
-            };
-            self.request(now, METADATA_GROUP, InFlight::Routes, request, 0);
-        }
+    fn send_answers(&mut self, now: Instant) {
         for answer in std::mem::take(&mut self.answers) {
             let request = match answer.status {
                 AckStatus::Success => Request::Ack {
@@ -396,6 +413,50 @@ impl Consumer {
             let broker = answer.broker;
             self.request(now, broker, InFlight::Ack(answer), request, 0);
         }
+    }
+
+    /// While leaving: confirm every answer first (a Leave that overtook an ack would hand the
+    /// queue over at an offset that is about to move), then say goodbye until it is heard.
+    fn work_leaving(&mut self, now: Instant) {
+        self.send_answers(now);
+        let busy = self
+            .in_flight
+            .values()
+            .any(|(w, _)| !matches!(w, InFlight::Pull { .. }));
+        if self.leaving == Leaving::Draining && !busy {
+            let request = Request::Leave {
+                group: self.config.group.clone(),
+                member: self.config.member.clone(),
+            };
+            self.request(now, METADATA_GROUP, InFlight::Leave, request, 0);
+        }
+    }
+
+    /// Sends whatever is due: heartbeat, routes, answers, pulls.
+    fn work(&mut self, now: Instant) {
+        let waiting =
+            |c: &Consumer, f: &dyn Fn(&InFlight) -> bool| c.in_flight.values().any(|(w, _)| f(w));
+        if self.leaving != Leaving::Staying {
+            return self.work_leaving(now);
+        }
+        if now >= self.heartbeat_due && !waiting(self, &|w| matches!(w, InFlight::Heartbeat)) {
+            let request = Request::Heartbeat {
+                group: self.config.group.clone(),
+                member: self.config.member.clone(),
+            };
+            self.heartbeat_due = now + Duration::from_millis(self.config.heartbeat_ms);
+            self.request(now, METADATA_GROUP, InFlight::Heartbeat, request, 0);
+        }
+        let routes_stale = self
+            .routes_at
+            .is_none_or(|at| now >= at + Duration::from_millis(self.config.route_ttl_ms));
+        if routes_stale && !waiting(self, &|w| matches!(w, InFlight::Routes)) {
+            let request = Request::Route {
+                topic: self.config.topic.clone(),
+            };
+            self.request(now, METADATA_GROUP, InFlight::Routes, request, 0);
+        }
+        self.send_answers(now);
         let ready: Vec<(GroupId, QueueId, Offset)> = self
             .owned
             .iter()

@@ -441,3 +441,57 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
         "both members own a share"
     );
 }
+
+#[test]
+fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() {
+    let (mut cluster, _) = cluster_with_orders();
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let nodes = vec![1, 2, 3];
+    let mut producer = Producer::new(ProducerConfig::new(9, nodes.clone()));
+    let mut consumers: Vec<Consumer> = ["a", "b"]
+        .iter()
+        .map(|m| {
+            let mut config = ConsumerConfig::new("billing", m, "orders", nodes.clone());
+            config.heartbeat_ms = 200;
+            config.retry_levels = 2;
+            Consumer::new(config, cluster.now)
+        })
+        .collect();
+    let all_queues = 4 + 2 * 2;
+    let shared = |c: &[Consumer]| c.iter().all(|c| c.owned().count() > 0);
+    for _ in 0..5_000 {
+        pump(&mut cluster, &mut producer, &mut consumers);
+        if shared(&consumers) {
+            break;
+        }
+    }
+    assert!(shared(&consumers), "both members own a share first");
+
+    let left_at = cluster.now;
+    consumers[1].leave(left_at);
+    assert_eq!(
+        consumers[1].owned().count(),
+        0,
+        "a leaving member pulls nothing"
+    );
+    for _ in 0..5_000 {
+        pump(&mut cluster, &mut producer, &mut consumers);
+        if consumers[1].has_left() && consumers[0].owned().count() == all_queues {
+            break;
+        }
+    }
+    assert!(consumers[1].has_left(), "the group heard the goodbye");
+    assert_eq!(
+        consumers[0].owned().count(),
+        all_queues,
+        "the other took over"
+    );
+    let session = std::time::Duration::from_millis(NodeConfig::new(1, nodes, 2).member_session_ms);
+    assert!(
+        cluster.now.saturating_since(left_at) < session,
+        "handed over in {:?}, not after the session timeout",
+        cluster.now.saturating_since(left_at)
+    );
+}

@@ -270,6 +270,19 @@ impl Consumer {
     }
 }
 
+impl Consumer {
+    /// Leaves the group at once, after the answers given so far are confirmed, so the other
+    /// members take over this one's queues now instead of after its session expires. Waits up
+    /// to 5 s; messages delivered but not answered go to the new owners.
+    pub fn close(mut self) {
+        let now = self.io.now();
+        self.undelivered.clear();
+        self.machine.leave(now);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        self.io.drive(&mut self.machine, deadline, |m| m.has_left());
+    }
+}
+
 /// One request at a time, for admin commands: follows leader hints for the metadata group.
 pub struct Admin {
     io: ClientIo,

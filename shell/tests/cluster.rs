@@ -126,24 +126,38 @@ struct Consumed {
     reconsumed: usize,
 }
 
-/// Consumes until every message of `expected` was seen (or a minute passes). Every first
-/// delivery of a body ending in 7 is answered `ReconsumeLater`, so it must come back.
-fn consume_all(cluster: &Cluster, group: &str, expected: &BTreeSet<String>) -> Consumed {
+/// Consumes until every message of `expected` was seen (or a minute passes), handing the
+/// listener `batch_max` messages at a time. A batch holding a first delivery of a body ending
+/// in 7 is answered `ReconsumeLater` whole, so all of it must come back.
+fn consume_all(
+    cluster: &Cluster,
+    group: &str,
+    expected: &BTreeSet<String>,
+    batch_max: usize,
+) -> Consumed {
     let mut consumer = Consumer::connect(cluster.servers(), group, "orders").expect("consumer");
     let mut consumed = Consumed::default();
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = |c: &Consumed| expected.iter().all(|m| c.succeeded.contains_key(m));
     while !done(&consumed) && Instant::now() < deadline {
-        consumer.run(Some(10_000), Duration::from_secs(2), |delivery| {
-            let body = String::from_utf8_lossy(&delivery.message.message.body).to_string();
-            if delivery.message.reconsume_times == 0 && body.ends_with('7') {
-                consumed.reconsumed += 1;
+        consumer.run_batches(Some(10_000), Duration::from_secs(2), batch_max, |batch| {
+            let body = |d: &holdfast_core::client::Delivery| {
+                String::from_utf8_lossy(&d.message.message.body).to_string()
+            };
+            let nack = batch
+                .iter()
+                .any(|d| d.message.reconsume_times == 0 && body(d).ends_with('7'));
+            if nack {
+                consumed.reconsumed += batch.len();
                 return ConsumeStatus::ReconsumeLater;
             }
-            *consumed.succeeded.entry(body).or_default() += 1;
+            for d in batch {
+                *consumed.succeeded.entry(body(d)).or_default() += 1;
+            }
             ConsumeStatus::Success
         });
     }
+    consumer.close();
     consumed
 }
 
@@ -259,7 +273,12 @@ fn acked_messages_survive_a_leader_killed_mid_stream_and_a_whole_cluster_restart
         started.elapsed()
     );
 
-    let consumed = consume_all(&cluster, "billing", &sent.acked.keys().cloned().collect());
+    let consumed = consume_all(
+        &cluster,
+        "billing",
+        &sent.acked.keys().cloned().collect(),
+        1,
+    );
     check(&consumed, &sent, "after the leader was killed");
 
     // Everything down at once, then up again: the data is all there.
@@ -267,7 +286,7 @@ fn acked_messages_survive_a_leader_killed_mid_stream_and_a_whole_cluster_restart
     for id in 1..=3 {
         cluster.start_node(id);
     }
-    let consumed = consume_all(&cluster, "audit", &sent.acked.keys().cloned().collect());
+    let consumed = consume_all(&cluster, "audit", &sent.acked.keys().cloned().collect(), 16);
     check(&consumed, &sent, "after the whole cluster was killed");
 }
 

@@ -232,6 +232,20 @@ impl Consumer {
         idle: Duration,
         mut listener: impl FnMut(&Delivery) -> ConsumeStatus,
     ) -> usize {
+        self.run_batches(count, idle, 1, |batch| {
+            batch.first().map_or(ConsumeStatus::Success, &mut listener)
+        })
+    }
+
+    /// Like [`Consumer::run`], but hands the listener up to `batch_max` messages at once (as
+    /// many as have arrived); its one answer holds for the whole batch.
+    pub fn run_batches(
+        &mut self,
+        count: Option<usize>,
+        idle: Duration,
+        batch_max: usize,
+        mut listener: impl FnMut(&[Delivery]) -> ConsumeStatus,
+    ) -> usize {
         let mut seen = 0;
         let mut last = std::time::Instant::now();
         while count.is_none_or(|c| seen < c) && last.elapsed() < idle {
@@ -246,16 +260,21 @@ impl Consumer {
                 });
             }
             let now = self.io.now();
-            while count.is_none_or(|c| seen < c)
-                && let Some(delivery) = self.undelivered.pop_front()
-            {
+            while !self.undelivered.is_empty() && count.is_none_or(|c| seen < c) {
+                let take = count
+                    .map_or(usize::MAX, |c| c - seen)
+                    .min(batch_max.max(1))
+                    .min(self.undelivered.len());
+                let batch: Vec<Delivery> = self.undelivered.drain(..take).collect();
                 last = std::time::Instant::now();
-                seen += 1;
-                let status = match listener(&delivery) {
+                seen += batch.len();
+                let status = match listener(&batch) {
                     ConsumeStatus::Success => AckStatus::Success,
                     ConsumeStatus::ReconsumeLater => AckStatus::ReconsumeLater,
                 };
-                self.machine.answer(now, &delivery, status);
+                for delivery in &batch {
+                    self.machine.answer(now, delivery, status);
+                }
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

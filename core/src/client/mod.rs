@@ -9,3 +9,6 @@ mod producer;
 pub use allocation::allocate;
 pub use consumer::{AckStatus, Consumer, ConsumerConfig, ConsumerEvent, Delivery};
 pub use producer::{Producer, ProducerConfig, SendId, SendResult};
+
+#[cfg(test)]
+mod tests;

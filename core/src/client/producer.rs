@@ -100,9 +100,13 @@ pub struct Producer {
     /// Round-robin counters for queue and node choice.
     turn: u64,
     routes: BTreeMap<String, (Vec<Route>, Instant)>,
-    route_requests: BTreeMap<RequestId, (String, Instant)>,
+    route_requests: BTreeMap<RequestId, (String, Instant, NodeId)>,
     leaders: BTreeMap<GroupId, NodeId>,
     avoid_until: BTreeMap<GroupId, Instant>,
+    /// Nodes that let a request time out: not asked again, for leadership or routes, before
+    /// then, unless no other node is left. Without this a cut-off leader that the cached
+    /// routes still name would take every retry until the routes expire.
+    suspect_until: BTreeMap<NodeId, Instant>,
     pending: BTreeMap<SendId, Pending>,
     by_request: BTreeMap<RequestId, SendId>,
     outbox: VecDeque<(NodeId, RequestId, Request)>,
@@ -121,6 +125,7 @@ impl Producer {
             route_requests: BTreeMap::new(),
             leaders: BTreeMap::new(),
             avoid_until: BTreeMap::new(),
+            suspect_until: BTreeMap::new(),
             pending: BTreeMap::new(),
             by_request: BTreeMap::new(),
             outbox: VecDeque::new(),
@@ -166,7 +171,8 @@ impl Producer {
     }
 
     pub fn handle_response(&mut self, now: Instant, request: RequestId, response: Response) {
-        if let Some((topic, _)) = self.route_requests.remove(&request) {
+        if let Some((topic, _, node)) = self.route_requests.remove(&request) {
+            self.suspect_until.remove(&node);
             let refusal = match response {
                 Response::Routes { routes, .. } => {
                     for route in &routes {
@@ -208,6 +214,9 @@ impl Producer {
         };
         pending.request = None;
         let broker = pending.target.as_ref().map_or(0, |t| t.broker);
+        if let Some(target) = &pending.target {
+            self.suspect_until.remove(&target.node);
+        }
         match response {
             Response::Sent {
                 queue, base_offset, ..
@@ -240,7 +249,12 @@ impl Producer {
                     if let Some(target) = pending.target.as_mut() {
                         target.node = match leader_hint {
                             Some(leader) => leader,
-                            None => pick(&self.config.nodes, &mut self.turn),
+                            None => pick_live(
+                                &self.config.nodes,
+                                &mut self.turn,
+                                &self.suspect_until,
+                                now,
+                            ),
                         };
                     }
                     self.advance(now, id);
@@ -273,11 +287,12 @@ impl Producer {
         let expired_routes: Vec<RequestId> = self
             .route_requests
             .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
+            .filter(|(_, (_, deadline, _))| *deadline <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in expired_routes {
-            if let Some((topic, _)) = self.route_requests.remove(&id) {
+            if let Some((topic, _, node)) = self.route_requests.remove(&id) {
+                self.suspect(now, node);
                 self.request_routes(now, &topic);
             }
         }
@@ -302,6 +317,7 @@ impl Producer {
                     let until = now + Duration::from_millis(self.config.avoid_ms);
                     self.avoid_until.insert(target.broker, until);
                     self.leaders.remove(&target.broker);
+                    self.suspect(now, target.node);
                 }
                 self.fail_attempt(now, id, "request timed out".into(), true);
             } else {
@@ -323,7 +339,7 @@ impl Producer {
             Some((_, at)) => at.min(p.deadline),
             None => p.not_before.min(p.deadline),
         });
-        let routes = self.route_requests.values().map(|(_, at)| *at);
+        let routes = self.route_requests.values().map(|(_, at, _)| *at);
         sends.chain(routes).min()
     }
 
@@ -379,7 +395,7 @@ impl Producer {
                 && now.saturating_since(*at) < Duration::from_millis(self.config.route_ttl_ms)
         });
         if !fresh {
-            if !self.route_requests.values().any(|(t, _)| *t == topic) {
+            if !self.route_requests.values().any(|(t, _, _)| *t == topic) {
                 self.request_routes(now, &topic);
             }
             // The routes' arrival wakes this send; until then only its deadline matters.
@@ -432,29 +448,71 @@ impl Producer {
         };
         let route = candidates.get((self.turn % candidates.len().max(1) as u64) as usize)?;
         self.turn += 1;
-        let node = match self.leaders.get(&route.group).copied().or(route.leader) {
+        let (broker, queue) = (route.group, route.queue.clone());
+        let known_leader = self.leaders.get(&broker).copied().or(route.leader);
+        let node = match known_leader.filter(|n| !self.is_suspect(now, *n)) {
             Some(node) => node,
-            None => pick(&self.config.nodes, &mut self.turn),
+            // Any live node answers with a hint to the current leader.
+            None => self.pick_node(now),
         };
         Some(Target {
-            broker: route.group,
-            queue: route.queue.clone(),
+            broker,
+            queue,
             node,
         })
+    }
+
+    fn suspect(&mut self, now: Instant, node: NodeId) {
+        let until = now + Duration::from_millis(self.config.avoid_ms);
+        self.suspect_until.insert(node, until);
+        // Forget it as the leader the cached routes name, too.
+        for (routes, _) in self.routes.values_mut() {
+            for route in routes.iter_mut().filter(|r| r.leader == Some(node)) {
+                route.leader = None;
+            }
+        }
+    }
+
+    fn is_suspect(&self, now: Instant, node: NodeId) -> bool {
+        is_suspect(&self.suspect_until, now, node)
+    }
+
+    fn pick_node(&mut self, now: Instant) -> NodeId {
+        pick_live(&self.config.nodes, &mut self.turn, &self.suspect_until, now)
     }
 
     fn request_routes(&mut self, now: Instant, topic: &str) {
         let id = self.next_request;
         self.next_request += 1;
-        let node = pick(&self.config.nodes, &mut self.turn);
+        let node = self.pick_node(now);
         let deadline = now + Duration::from_millis(self.config.request_timeout_ms);
         self.route_requests
-            .insert(id, (topic.to_string(), deadline));
+            .insert(id, (topic.to_string(), deadline, node));
         let request = Request::Route {
             topic: topic.to_string(),
         };
         self.outbox.push_back((node, id, request));
     }
+}
+
+fn is_suspect(suspect_until: &BTreeMap<NodeId, Instant>, now: Instant, node: NodeId) -> bool {
+    suspect_until.get(&node).is_some_and(|until| now < *until)
+}
+
+/// The next node round-robin, skipping suspects while any other is left.
+fn pick_live(
+    nodes: &[NodeId],
+    turn: &mut u64,
+    suspect_until: &BTreeMap<NodeId, Instant>,
+    now: Instant,
+) -> NodeId {
+    for _ in 0..nodes.len() {
+        let node = pick(nodes, turn);
+        if !is_suspect(suspect_until, now, node) {
+            return node;
+        }
+    }
+    pick(nodes, turn)
 }
 
 fn pick(nodes: &[NodeId], turn: &mut u64) -> NodeId {

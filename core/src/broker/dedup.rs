@@ -54,7 +54,7 @@ impl ProducerWindow {
             .batches
             .range(..=last_seq)
             .next_back()
-            .is_some_and(|(first, b)| first + b.len > first_seq);
+            .is_some_and(|(first, b)| first + (b.len - 1) >= first_seq);
         if overlapping {
             return Err(Refusal::SequenceOverlap {
                 producer_id,
@@ -87,7 +87,7 @@ impl ProducerWindow {
                 .batches
                 .range(..=floor)
                 .next_back()
-                .filter(|(first, b)| *first + b.len > floor)
+                .filter(|(first, b)| *first + (b.len - 1) >= floor)
                 .map_or(floor + 1, |(first, _)| *first);
             self.batches = self.batches.split_off(&keep_from);
         }

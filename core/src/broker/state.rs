@@ -82,6 +82,14 @@ impl BrokerState {
             return Outcome::Refused(Refusal::UnknownQueue(queue));
         }
         let len = messages.len() as u64;
+        // A client chooses `first_seq`: a batch that would run past the largest sequence
+        // number cannot be numbered, and would wrap the dedup window's arithmetic.
+        if first_seq.checked_add(len - 1).is_none() {
+            return Outcome::Refused(Refusal::SequenceOverflow {
+                producer_id,
+                seq: first_seq,
+            });
+        }
         let window = self.producers.entry(producer_id).or_default();
         let verdict = if Canary::NoDedup.planted(self.config.canary) {
             Ok(Verdict::New)

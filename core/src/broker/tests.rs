@@ -93,6 +93,45 @@ fn a_batch_that_overlaps_a_written_one_or_is_too_old_is_refused() {
 }
 
 #[test]
+fn sequence_numbers_near_the_largest_are_refused_or_deduplicated_without_overflow() {
+    // Found by the `broker` fuzz target: `first_seq` comes from the client, and a batch
+    // running past `Seq::MAX` overflowed (a panic on every replica applying the entry, or
+    // wrapped sequence numbers in a release build).
+    let mut state = orders();
+    let mut send = |queue: u32, first_seq: Seq, n: usize| {
+        state.apply(Command::Append {
+            queue: QueueId::new("orders", queue),
+            producer_id: 1,
+            first_seq,
+            messages: vec![Message::with_body("m"); n],
+            stamp_ms: 1_000,
+        })
+    };
+    assert_eq!(
+        send(0, u64::MAX, 2),
+        Outcome::Refused(Refusal::SequenceOverflow {
+            producer_id: 1,
+            seq: u64::MAX
+        })
+    );
+    // A batch ending exactly at the largest sequence number is fine, and so is its retry;
+    // one overlapping it is refused, not written again.
+    assert_eq!(
+        appended_at(send(0, u64::MAX, 1)),
+        (QueueId::new("orders", 0), 0, false)
+    );
+    assert_eq!(
+        appended_at(send(1, u64::MAX, 1)),
+        (QueueId::new("orders", 0), 0, true)
+    );
+    assert!(matches!(
+        send(0, u64::MAX - 1, 2),
+        Outcome::Refused(Refusal::SequenceOverlap { .. })
+    ));
+    assert_eq!(state.queue_len(&QueueId::new("orders", 0)), Some(1));
+}
+
+#[test]
 fn unknown_queues_empty_batches_and_garbage_are_refused() {
     let mut state = orders();
     assert!(matches!(

@@ -174,6 +174,11 @@ pub enum Refusal {
         producer_id: ProducerId,
         seq: Seq,
     },
+    /// The batch's sequence numbers would run past `Seq::MAX`.
+    SequenceOverflow {
+        producer_id: ProducerId,
+        seq: Seq,
+    },
     NoSuchOffset {
         queue: QueueId,
         offset: Offset,
@@ -194,6 +199,10 @@ impl fmt::Display for Refusal {
             Refusal::SequenceOverlap { producer_id, seq } => write!(
                 f,
                 "producer {producer_id} seq {seq} was written in a different batch"
+            ),
+            Refusal::SequenceOverflow { producer_id, seq } => write!(
+                f,
+                "producer {producer_id} seq {seq}: the batch runs past the largest sequence number"
             ),
             Refusal::NoSuchOffset { queue, offset } => write!(f, "no offset {offset} in {queue}"),
             Refusal::Malformed(why) => write!(f, "malformed command: {why}"),

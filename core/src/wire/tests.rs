@@ -217,17 +217,17 @@ proptest! {
         prop_assert_eq!(got, frames);
     }
 
-    /// Arbitrary bytes never panic the decoder, and whatever it accepts re-encodes to exactly
-    /// the bytes it came from (no frame is misread).
+    /// Arbitrary bytes never panic the decoder, and whatever it accepts survives a round trip
+    /// (postcard accepts non-canonical varints, so the bytes themselves may differ).
     #[test]
-    fn garbage_is_refused_or_read_exactly(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+    fn garbage_is_refused_or_read_consistently(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let mut decoder = FrameDecoder::new();
         decoder.push(&bytes);
-        let mut consumed = 0;
         while let Ok(Some(frame)) = decoder.next_frame() {
             let again = encoded(std::slice::from_ref(&frame));
-            prop_assert_eq!(&bytes[consumed..consumed + again.len()], &again[..]);
-            consumed += again.len();
+            let mut redecoder = FrameDecoder::new();
+            redecoder.push(&again);
+            prop_assert_eq!(redecoder.next_frame(), Ok(Some(frame)));
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use holdfast_core::raft::{
     AppendResult, Entry, EntryKind, Envelope, GroupId, Index, Message, NodeId, Replica, Term,
 };
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::disk::Disk;
 
@@ -24,6 +24,10 @@ pub const RAFT_CHECKERS: [&str; 11] = [
     "acked-stays",
     "liveness",
 ];
+
+/// The checkers that only disk faults exercise: byte-level agreement and the damaged-replica
+/// rule. (Recovery losing a durable entry is the `recovery` checker's.)
+pub const DISK_CHECKERS: [&str; 2] = ["committed-bytes", "damaged-vote"];
 
 /// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
 pub const QUEUE_CHECKERS: [&str; 7] = [
@@ -43,7 +47,11 @@ pub struct Violation {
 }
 
 pub fn violation(checker: &'static str, detail: String) -> Violation {
-    debug_assert!(RAFT_CHECKERS.contains(&checker) || QUEUE_CHECKERS.contains(&checker));
+    debug_assert!(
+        RAFT_CHECKERS.contains(&checker)
+            || DISK_CHECKERS.contains(&checker)
+            || QUEUE_CHECKERS.contains(&checker)
+    );
     Violation { checker, detail }
 }
 
@@ -63,12 +71,21 @@ pub fn digest(entry: &Entry) -> u64 {
     hasher.digest()
 }
 
+/// A hash of `entry`'s record as the core's storage format encodes it.
+pub fn record_hash(entry: &Entry) -> u64 {
+    let mut bytes = Vec::new();
+    let _ = holdfast_core::storage::encode_entry(entry, &mut bytes);
+    xxh3_64(&bytes)
+}
+
 /// The end of one log, and the term it holds at the index being checked.
 #[derive(Clone, Copy, Debug)]
 pub struct LogView {
     pub last_index: Index,
     pub last_term: Term,
     pub term_at_index: Option<Term>,
+    /// The replica is damaged and must not vote: it counts for no election.
+    pub damaged: bool,
 }
 
 struct Committed {
@@ -78,6 +95,8 @@ struct Committed {
     /// seen applying it. Leaders of later terms must hold the entry (leader completeness);
     /// a stale leader of an earlier term, elected by votes that were delayed, need not.
     commit_term: Term,
+    /// A hash of the entry's encoded record: what every replica's disk must hold there.
+    record_hash: u64,
 }
 
 #[derive(Default)]
@@ -198,6 +217,7 @@ impl Checker {
                     term: entry.term,
                     hash,
                     commit_term: term,
+                    record_hash: record_hash(entry),
                 });
                 Ok(())
             }
@@ -272,7 +292,8 @@ impl Checker {
                 let voters: Vec<NodeId> = logs
                     .iter()
                     .filter(|(_, d, _)| {
-                        (view.last_term, view.last_index) >= (d.last_term, d.last_index)
+                        !d.damaged
+                            && (view.last_term, view.last_index) >= (d.last_term, d.last_index)
                     })
                     .map(|(n, _, _)| *n)
                     .collect();
@@ -287,6 +308,37 @@ impl Checker {
                         ),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replicas agree byte for byte on committed entries: every record of `disk` up to
+    /// `upto` (a prefix this replica knows committed and durable) is the encoding of the
+    /// committed entry at its index.
+    pub fn committed_bytes(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        disk: &Disk,
+        upto: Index,
+    ) -> Result<(), Violation> {
+        let Some(canonical) = self.canonical.get(&group) else {
+            return Ok(());
+        };
+        for (i, c) in canonical.iter().enumerate().take(upto as usize) {
+            let index = i as Index + 1;
+            let held = disk.record_bytes(index).map(xxh3_64);
+            if held != Some(c.record_hash) {
+                return Err(violation(
+                    "committed-bytes",
+                    format!(
+                        "group {group} node {node}: the record of committed entry {index}@{} on \
+                         disk is not the committed one's bytes ({} bytes there)",
+                        c.term,
+                        disk.record_bytes(index).map_or(0, <[u8]>::len)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -337,6 +389,22 @@ impl Checker {
             ))
         };
         let message = &envelope.message;
+        let campaigns_or_grants = matches!(
+            message,
+            Message::PreVote { .. }
+                | Message::Vote { .. }
+                | Message::PreVoteResponse { granted: true, .. }
+                | Message::VoteResponse { granted: true, .. }
+        );
+        if campaigns_or_grants && disk.damage.is_some() {
+            return Err(violation(
+                "damaged-vote",
+                format!(
+                    "group {} node {} is damaged ({:?}) but sent {:?} to {}",
+                    envelope.group, envelope.from, disk.damage, envelope.message, envelope.to
+                ),
+            ));
+        }
         // A pre-vote and its grant speak of the term one would campaign in, not one held.
         let speculative = matches!(
             message,

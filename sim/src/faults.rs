@@ -7,6 +7,7 @@ use holdfast_core::raft::NodeId;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
+use crate::disk::Corruption;
 use crate::network::Network;
 
 pub enum NodeFault {
@@ -14,6 +15,19 @@ pub enum NodeFault {
     Pause(NodeId, Duration),
     /// Slow the node's fsyncs down, or back to normal if they are slow.
     ToggleSlowDisk(NodeId),
+    /// Damage synced bytes of one replica's log on the node (the world picks the group, and
+    /// only where the group keeps a majority of undamaged replicas); `crash` says whether the
+    /// node then crashes, so a restart reads the damage soon.
+    Corrupt {
+        node: NodeId,
+        corruption: Corruption,
+        crash: bool,
+    },
+    /// The node's next fsync fails (an I/O error, or the disk is full): the node must stop,
+    /// and does, as a crash. Never reported as synced.
+    FailSync(NodeId),
+    /// The node crashes and every file of every replica on it is gone.
+    Wipe(NodeId),
 }
 
 /// Draws one fault over `nodes`, by weight; returns its kind for the summary.
@@ -23,7 +37,7 @@ pub fn draw(
     nodes: &[NodeId],
 ) -> (&'static str, Option<NodeFault>) {
     let pick = |rng: &mut ChaCha8Rng| nodes[rng.random_range(0..nodes.len())];
-    match rng.random_range(0..100) {
+    match rng.random_range(0..114) {
         0..12 => {
             let node = pick(rng);
             network.split(&[node], nodes);
@@ -72,7 +86,26 @@ pub fn draw(
             network.blocked = blocked;
             ("calm-network", None)
         }
-        _ => ("slow-disk", Some(NodeFault::ToggleSlowDisk(pick(rng)))),
+        94..100 => ("slow-disk", Some(NodeFault::ToggleSlowDisk(pick(rng)))),
+        100..104 => {
+            let fault = NodeFault::Corrupt {
+                node: pick(rng),
+                corruption: Corruption::BitFlip,
+                crash: rng.random_bool(0.5),
+            };
+            ("bit-flip", Some(fault))
+        }
+        104..107 => {
+            let fault = NodeFault::Corrupt {
+                node: pick(rng),
+                corruption: Corruption::Misdirect,
+                crash: rng.random_bool(0.5),
+            };
+            ("misdirected-write", Some(fault))
+        }
+        107..110 => ("fsync-error", Some(NodeFault::FailSync(pick(rng)))),
+        110..112 => ("disk-full", Some(NodeFault::FailSync(pick(rng)))),
+        _ => ("wipe", Some(NodeFault::Wipe(pick(rng)))),
     }
 }
 

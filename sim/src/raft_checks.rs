@@ -33,6 +33,7 @@ pub fn log_view(replica: &Replica, index: Index) -> LogView {
         last_index: status.last_index,
         last_term: replica.entry(status.last_index).map_or(0, |e| e.term),
         term_at_index: replica.entry(index).map(|e| e.term),
+        damaged: replica.damaged_from().is_some(),
     }
 }
 
@@ -151,7 +152,7 @@ pub fn check_recovery(
             ),
         ));
     }
-    if status.commit_index < disk.hard_state.commit {
+    if status.commit_index < disk.hard_state.commit.min(disk.last_index()) {
         return Err(violation(
             "commit-monotonic",
             format!(

@@ -122,6 +122,13 @@ impl fmt::Display for Summary {
         for (kind, count) in &s.faults {
             writeln!(f, "  {kind:<16} {count}")?;
         }
+        if s.damaged_starts > 0 {
+            writeln!(
+                f,
+                "damaged replicas: {} started damaged, {} repaired",
+                s.damaged_starts, s.repairs
+            )?;
+        }
         writeln!(f, "elections won: {}", s.elections)?;
         writeln!(f, "entries committed: {}", s.entries_committed)?;
         if s.proposals_acked + s.proposals_dropped + s.proposals_indeterminate > 0 {

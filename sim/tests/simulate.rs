@@ -21,7 +21,7 @@ fn jobs() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn assert_all_pass(template: &Options, from: u64, count: u64) {
+fn assert_all_pass(template: &Options, from: u64, count: u64) -> Vec<holdfast_sim::Outcome> {
     let outcomes = run_seeds(template, from, count, jobs(), &|_| {});
     assert_eq!(outcomes.len() as u64, count);
     let failed: Vec<_> = outcomes
@@ -45,11 +45,38 @@ fn assert_all_pass(template: &Options, from: u64, count: u64) {
         "{acked} proposals acked in {count} seeds"
     );
     assert!(faults >= count * 10, "{faults} faults in {count} seeds");
+    outcomes
+}
+
+/// Every kind of disk fault was injected, replicas came back damaged, and damaged replicas
+/// were repaired: the runs exercised what the damaged-replica rule is for.
+fn assert_disk_faults(outcomes: &[holdfast_sim::Outcome]) {
+    let mut stats = holdfast_sim::Stats::default();
+    for outcome in outcomes {
+        stats.add(&outcome.stats);
+    }
+    for kind in [
+        "torn-write",
+        "bit-flip",
+        "misdirected-write",
+        "fsync-error",
+        "disk-full",
+        "wipe",
+    ] {
+        assert!(
+            stats.faults.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} in {:?}",
+            stats.faults
+        );
+    }
+    assert!(stats.damaged_starts > 0, "no replica started damaged");
+    assert!(stats.repairs > 0, "no damaged replica was repaired");
 }
 
 #[test]
 fn three_nodes_survive_three_hundred_seeds() {
-    assert_all_pass(&raft(0), 0, 300);
+    let outcomes = assert_all_pass(&raft(0), 0, 300);
+    assert_disk_faults(&outcomes);
 }
 
 #[test]
@@ -77,6 +104,7 @@ fn the_queue_survives_a_hundred_and_fifty_seeds_of_three_nodes() {
     assert!(sum(&|s| s.redeliveries) > 0);
     assert!(sum(&|s| s.faults.get("crash").copied().unwrap_or(0)) > 150);
     assert!(sum(&|s| s.faults.get("consumer-crash").copied().unwrap_or(0)) > 150);
+    assert_disk_faults(&outcomes);
 }
 
 #[test]
@@ -131,7 +159,7 @@ mod canaries {
     use std::collections::BTreeSet;
 
     use holdfast_core::raft::Canary;
-    use holdfast_sim::checker::{QUEUE_CHECKERS, RAFT_CHECKERS};
+    use holdfast_sim::checker::{DISK_CHECKERS, QUEUE_CHECKERS, RAFT_CHECKERS};
 
     use super::*;
 
@@ -156,7 +184,10 @@ mod canaries {
     fn every_canary_is_caught_within_200_seeds_and_every_checker_catches_one() {
         let mut fired = BTreeSet::new();
         let mut missed = Vec::new();
-        for canary in Canary::ALL.into_iter().filter(|c| c.is_raft()) {
+        for canary in Canary::ALL
+            .into_iter()
+            .filter(|c| c.is_raft() && !c.is_disk())
+        {
             for nodes in [3, 5] {
                 match first_catch(&raft(0), canary, nodes, 200) {
                     Some((seed, checker)) => {
@@ -185,6 +216,42 @@ mod canaries {
             .filter(|c| !fired.contains(*c))
             .collect();
         assert!(idle.is_empty(), "checkers that caught no canary: {idle:?}");
+    }
+
+    /// The storage canaries, on both workloads: each caught within 500 seeds, and each disk
+    /// checker the first to catch at least one.
+    #[test]
+    fn every_disk_canary_is_caught_within_500_seeds_and_every_disk_checker_catches_one() {
+        let mut fired = BTreeSet::new();
+        let mut missed = Vec::new();
+        for canary in Canary::ALL.into_iter().filter(|c| c.is_disk()) {
+            for (workload, template) in [("raft", raft(0)), ("queue", queue(0))] {
+                match first_catch(&template, canary, 3, 500) {
+                    Some((seed, checker)) => {
+                        println!(
+                            "{:<26} {workload:<5} seed {seed:>3} by {checker}",
+                            canary.name()
+                        );
+                        assert_ne!(checker, "panic", "{} panicked", canary.name());
+                        assert_ne!(checker, "liveness", "{} only stalled", canary.name());
+                        fired.insert(checker);
+                    }
+                    None => missed.push((canary.name(), workload)),
+                }
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "canaries not caught within 500 seeds: {missed:?}"
+        );
+        let idle: Vec<_> = DISK_CHECKERS
+            .iter()
+            .filter(|c| !fired.contains(*c))
+            .collect();
+        assert!(
+            idle.is_empty(),
+            "disk checkers that caught no canary: {idle:?}"
+        );
     }
 
     #[test]

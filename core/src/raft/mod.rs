@@ -21,6 +21,8 @@ mod log;
 mod progress;
 mod quorum;
 mod replica;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use replica::Replica;

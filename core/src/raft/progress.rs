@@ -60,8 +60,16 @@ impl Progress {
     }
 
     /// Falls back to probing from `next_index` after a rejection.
+    ///
+    /// A probe at or below `match_index` means the follower no longer holds what it once
+    /// acknowledged: its disk was damaged and it restarted with only a valid prefix (see
+    /// `Replica::damaged_from`). The match falls back with it, or the leader would probe
+    /// above the follower's log forever; lowering a match only ever delays a commit.
     pub(super) fn probe_from(&mut self, next_index: Index) {
         self.state = ProgressState::Probe;
+        if next_index <= self.match_index {
+            self.match_index = next_index.saturating_sub(1);
+        }
         self.next_index = next_index.max(self.match_index + 1);
         self.probe_sent = false;
         self.inflight.clear();

@@ -23,6 +23,18 @@ struct WriteInFlight {
     rewrite_floor: Index,
 }
 
+/// A damaged replica's progress towards repair.
+#[derive(Debug)]
+struct DamageState {
+    from: Index,
+    /// Every term in which this replica voted or acknowledged before the damage is at most this.
+    recovered_term: Term,
+    votes_lost: bool,
+    /// The commit index at which repair was reached; repair is complete once every entry up to
+    /// here is durable.
+    repaired_at: Option<Index>,
+}
+
 pub struct Replica {
     config: Config,
     rng: ChaCha8Rng,
@@ -67,6 +79,8 @@ pub struct Replica {
     writes_in_flight: VecDeque<WriteInFlight>,
     /// Every entry up to here is durable and equal to the in-memory log.
     durable_index: Index,
+    /// Set while recovery's damage is not repaired; see [`Replica::damaged_from`].
+    damage: Option<DamageState>,
 
     // Outputs.
     ready: VecDeque<Envelope>,
@@ -82,7 +96,17 @@ impl Replica {
             hard_state,
             entries,
         } = recovered;
-        let log = RaftLog::from_entries(entries);
+        let mut log = RaftLog::from_entries(entries);
+        let damage = config.damaged.get(&config.group).map(|damage| {
+            // Only the valid prefix, whatever the driver passed.
+            log.truncate_from(damage.from.max(1));
+            DamageState {
+                from: damage.from.max(1),
+                recovered_term: hard_state.term.max(log.last_term()),
+                votes_lost: damage.votes_lost,
+                repaired_at: None,
+            }
+        });
         let durable_index = log.last_index();
         let commit = hard_state.commit.min(log.last_index());
         let mut replica = Replica {
@@ -111,6 +135,7 @@ impl Replica {
             term_write: 0,
             writes_in_flight: VecDeque::new(),
             durable_index,
+            damage,
             ready: VecDeque::new(),
             waiting: VecDeque::new(),
             config,
@@ -202,6 +227,16 @@ impl Replica {
                 commit, context, ..
             } => {
                 self.follow(now, from);
+                if self.damage.is_some() && commit > self.log.last_index() {
+                    // The leader believes we hold entries our damaged disk lost; an idle
+                    // leader would never send them again unless told.
+                    let result = AppendResult::RejectedDamaged {
+                        rejected_index: commit,
+                        hint_index: self.log.last_index(),
+                        hint_term: self.log.last_term(),
+                    };
+                    self.reply_append(from, result);
+                }
                 self.advance_commit(commit.min(self.log.last_index()));
                 let reply = Message::HeartbeatResponse {
                     term: self.term,
@@ -216,6 +251,7 @@ impl Replica {
                 self.handle_heartbeat_response(from, context)
             }
         }
+        self.check_repaired();
     }
 
     /// Fires every timer due at `now`; harmless if none is due.
@@ -233,6 +269,11 @@ impl Replica {
                 self.broadcast_heartbeat(now);
             }
         } else if now >= self.election_deadline {
+            if !self.may_vote() {
+                // A damaged replica waits for a leader to repair it; it never campaigns.
+                self.reset_election_deadline(now);
+                return;
+            }
             if self.config.pre_vote {
                 self.become_pre_candidate(now);
             } else {
@@ -290,6 +331,7 @@ impl Replica {
         if self.role == Role::Leader {
             self.maybe_commit();
         }
+        self.check_repaired();
     }
 
     /// When `handle_timeout` must next be called.
@@ -395,6 +437,36 @@ impl Replica {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The first log index recovery found damaged, while this replica is not repaired: until
+    /// then it grants no vote or pre-vote and never campaigns (it still follows, appends and
+    /// acknowledges: it holds what it acknowledges). `None` for a healthy replica. A driver
+    /// that keeps a damage marker on disk clears it once this returns `None`.
+    ///
+    /// Repaired means: in a term `t` strictly greater than every term this replica recovered
+    /// (its durable term and its last entry's term), it has learned from the leader of `t` a
+    /// commit index `c` whose entry in its own log has term `t`, and every entry up to `c` is
+    /// durable here.
+    ///
+    /// Why that is safe. Before the damage this replica voted and acknowledged only in terms up
+    /// to what it recovered (both wait for the term to be durable), so a leader that counted
+    /// its acknowledgement to commit an entry led such a term; since the damage it has voted in
+    /// no term at all. The leader of `t` therefore holds every entry committed before `t`
+    /// (leader completeness, whose quorums never relied on this replica's lost entries), and
+    /// they all sit below its first entry of term `t`, so below `c`. An entry with index `c` and
+    /// term `t` in our log makes our log equal to the leader's up to `c` (log matching; the
+    /// prefix we kept passed its checksums). So once repaired this replica holds every entry
+    /// whose commit could have counted on it, and it has never voted in `t` or later: its
+    /// future votes are as sound as an undamaged replica's. Requiring only a match up to the
+    /// leader's commit would not do: a new leader's commit may still lag behind entries that
+    /// an older leader committed.
+    ///
+    /// A wiped disk ([`Damage::votes_lost`]) is never repaired: the state file went with it,
+    /// so no term is known to exceed the terms it voted in, and voting again could vote twice
+    /// in one term. It stays a non-voting follower.
+    pub fn damaged_from(&self) -> Option<Index> {
+        self.damage.as_ref().map(|d| d.from)
     }
 
     /// The entry at `index` in this replica's (possibly not yet durable) log.
@@ -504,6 +576,7 @@ impl Replica {
         last_term: Term,
     ) {
         let granted = term > self.term
+            && self.may_vote()
             && !self.in_lease(now)
             && !self.canary(Canary::RefusePreVotes)
             && (self.log.is_up_to_date(last_index, last_term)
@@ -527,6 +600,7 @@ impl Replica {
         let free_to_vote =
             self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
         let granted = free_to_vote
+            && self.may_vote()
             && (self.log.is_up_to_date(last_index, last_term)
                 || self.canary(Canary::VoteWithoutLogCheck));
         if granted {
@@ -564,6 +638,33 @@ impl Replica {
 
     fn won_campaign(&self) -> bool {
         self.votes.values().filter(|g| **g).count() >= self.quorum()
+    }
+
+    /// A damaged replica must not vote or campaign until it is repaired.
+    fn may_vote(&self) -> bool {
+        self.damage.is_none() || self.canary(Canary::VoteWhileDamaged)
+    }
+
+    /// Notes repair progress; see [`Replica::damaged_from`].
+    fn check_repaired(&mut self) {
+        let Some(damage) = self.damage.as_mut() else {
+            return;
+        };
+        if damage.repaired_at.is_none()
+            && !damage.votes_lost
+            && self.role == Role::Follower
+            && self.leader.is_some()
+            && self.term > damage.recovered_term
+            && self.log.term_at(self.commit) == Some(self.term)
+        {
+            damage.repaired_at = Some(self.commit);
+        }
+        if damage
+            .repaired_at
+            .is_some_and(|at| self.durable_index >= at)
+        {
+            self.damage = None;
+        }
     }
 
     /// CheckQuorum's lease: while a leader is known to be alive, ignore anyone campaigning,
@@ -608,10 +709,19 @@ impl Replica {
             let hint_index = self
                 .log
                 .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
-            let result = AppendResult::Rejected {
-                rejected_index: prev_index,
-                hint_index,
-                hint_term: self.log.term_at(hint_index).unwrap_or(0),
+            let hint_term = self.log.term_at(hint_index).unwrap_or(0);
+            let result = if self.damage.is_some() {
+                AppendResult::RejectedDamaged {
+                    rejected_index: prev_index,
+                    hint_index,
+                    hint_term,
+                }
+            } else {
+                AppendResult::Rejected {
+                    rejected_index: prev_index,
+                    hint_index,
+                    hint_term,
+                }
             };
             self.reply_append(from, result);
             return;
@@ -773,11 +883,20 @@ impl Replica {
                 rejected_index,
                 hint_index,
                 hint_term,
+            }
+            | AppendResult::RejectedDamaged {
+                rejected_index,
+                hint_index,
+                hint_term,
             } => {
+                let damaged = matches!(result, AppendResult::RejectedDamaged { .. });
                 let stale = match progress.state {
                     ProgressState::Replicate => rejected_index <= progress.match_index,
                     ProgressState::Probe => rejected_index + 1 != progress.next_index,
                 };
+                // A damaged follower may really have lost what it acknowledged; at worst a
+                // stale one costs a probe.
+                let stale = stale && !(damaged && rejected_index <= progress.match_index);
                 if stale {
                     return;
                 }

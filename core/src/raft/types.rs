@@ -1,5 +1,6 @@
 //! The values that cross the boundary between a replica and its driver.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -129,6 +130,15 @@ pub enum AppendResult {
         hint_index: Index,
         hint_term: Term,
     },
+    /// `Rejected` from a replica recovered with a damaged log (see
+    /// [`super::Replica::damaged_from`]): it may lack entries it acknowledged before, so the
+    /// leader must not dismiss this rejection as stale for being at or below the follower's
+    /// known match, and lowers the match instead.
+    RejectedDamaged {
+        rejected_index: Index,
+        hint_index: Index,
+        hint_term: Term,
+    },
 }
 
 /// A message with its addressing, as returned by [`super::Replica::poll_message`].
@@ -242,10 +252,24 @@ pub enum Canary {
     /// The simulated producers send without waiting for the previous send (the planted bug
     /// is in how the client is used, not in the broker).
     AsyncSend,
+    /// The simulator's recovery treats corruption inside the synced log as a torn tail: it cuts
+    /// the log there silently and the replica starts undamaged, votes and all.
+    TruncateAtCorruption,
+    /// A replica recovered with a damaged log votes (and campaigns) as if it were whole.
+    VoteWhileDamaged,
+    /// The simulator's recovery trusts a record whose checksum fails, reading damaged bytes as
+    /// an entry.
+    TrustBadChecksum,
+    /// The simulated disk reports a sync complete when it starts, covering writes handed over
+    /// since, which are not on the platter yet (a driver-level lie, unlike `AckBeforeDurable`).
+    AckBeforeFsync,
+    /// The simulated disk writes the hard state in place, in one slot: a torn write of it
+    /// loses the term and vote.
+    StateFileSingleSlot,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 22] = [
+    pub const ALL: [Canary; 27] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -268,6 +292,11 @@ impl Canary {
         Canary::PullIgnoresFrom,
         Canary::ShiftPullOffsets,
         Canary::AsyncSend,
+        Canary::TruncateAtCorruption,
+        Canary::VoteWhileDamaged,
+        Canary::TrustBadChecksum,
+        Canary::AckBeforeFsync,
+        Canary::StateFileSingleSlot,
     ];
 
     pub fn name(self) -> &'static str {
@@ -294,6 +323,11 @@ impl Canary {
             Canary::PullIgnoresFrom => "pull-ignores-from",
             Canary::ShiftPullOffsets => "shift-pull-offsets",
             Canary::AsyncSend => "async-send",
+            Canary::TruncateAtCorruption => "truncate-at-corruption",
+            Canary::VoteWhileDamaged => "vote-while-damaged",
+            Canary::TrustBadChecksum => "trust-bad-checksum",
+            Canary::AckBeforeFsync => "ack-before-fsync",
+            Canary::StateFileSingleSlot => "state-file-single-slot",
         }
     }
 
@@ -319,6 +353,19 @@ impl Canary {
                 | Canary::PullIgnoresFrom
                 | Canary::ShiftPullOffsets
                 | Canary::AsyncSend
+        )
+    }
+
+    /// The planted bugs of storage and recovery: disk faults are what reveal them. Most live
+    /// in the simulator's disk (the part a driver owns), one in the replica.
+    pub fn is_disk(self) -> bool {
+        matches!(
+            self,
+            Canary::TruncateAtCorruption
+                | Canary::VoteWhileDamaged
+                | Canary::TrustBadChecksum
+                | Canary::AckBeforeFsync
+                | Canary::StateFileSingleSlot
         )
     }
 }
@@ -347,6 +394,13 @@ pub struct Config {
     pub check_quorum: bool,
     /// A planted bug; effective only with the `canaries` feature.
     pub canary: Option<Canary>,
+    /// What the driver's log recovery found damaged, per group: the replica of
+    /// [`Config::group`] starts damaged if its group is in here (see [`Damage`]). Empty for a
+    /// healthy disk.
+    ///
+    /// A map in the config rather than a field of [`Recovered`]: a node hosts many groups
+    /// from one shared `Config`, and existing drivers build `Recovered` field by field.
+    pub damaged: BTreeMap<GroupId, Damage>,
 }
 
 impl Config {
@@ -366,6 +420,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             canary: None,
+            damaged: BTreeMap::new(),
         }
     }
 }
@@ -376,6 +431,23 @@ pub struct Recovered {
     pub hard_state: HardState,
     /// The log, contiguous from index 1.
     pub entries: Vec<Entry>,
+}
+
+/// Damage that log recovery found on a replica's disk. Only a driver that chooses to bring a
+/// damaged replica back (the simulator) passes it; the shell refuses to start instead.
+///
+/// A damaged replica keeps the valid prefix of its log (the driver passes only entries below
+/// `from`) and follows, appends and acknowledges as usual (it holds what it acknowledges), but
+/// grants no vote or pre-vote and never campaigns until it is repaired. See
+/// [`super::Replica::damaged_from`] for when that is and why it is safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Damage {
+    /// The first log index that may be lost; entries from here on were dropped.
+    pub from: Index,
+    /// The whole disk was lost (wiped): the state file with it, so the terms in which this
+    /// replica voted or acknowledged are unknown. Such a replica is never repaired: it stays a
+    /// non-voting follower (making it a voter again needs a membership change).
+    pub votes_lost: bool,
 }
 
 /// A snapshot of a replica's state for status pages, traces and checkers.

@@ -162,6 +162,8 @@ struct Host {
     disks: BTreeMap<GroupId, Disk>,
     views: BTreeMap<GroupId, ReplicaView>,
     timer_at: Instant,
+    /// The next fsync fails (I/O error or disk full): the node stops instead.
+    fail_sync: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -395,11 +397,32 @@ impl QueueWorld {
         let seed = self.rng.next_u64();
         let now = self.now;
         let groups: Vec<GroupId> = self.groups().collect();
+        let canary = self.options.canary;
+        let index = (node - 1) as usize;
+        let mut recovered: BTreeMap<GroupId, Recovered> = BTreeMap::new();
+        for group in &groups {
+            let disk = self.hosts[index].disks.entry(*group).or_default();
+            let recovery = disk.recover(canary);
+            let upto = recovery
+                .commit
+                .min(recovery.recovered.entries.len() as Index);
+            self.checker.committed_bytes(*group, node, disk, upto)?;
+            if let Some(problem) = recovery.problem {
+                return Err(violation(
+                    "recovery",
+                    format!("group {group} node {node}: {problem}"),
+                ));
+            }
+            if let Some(damage) = recovery.damage {
+                config.raft.damaged.insert(*group, damage);
+                self.stats.damaged_starts += 1;
+                self.trace.record(now, &[2, node, *group, damage.from], || {
+                    format!("n{node} g{group} starts damaged: {damage:?}")
+                });
+            }
+            recovered.insert(*group, recovery.recovered);
+        }
         let host = self.host_mut(node);
-        let recovered: BTreeMap<GroupId, Recovered> = groups
-            .iter()
-            .map(|g| (*g, host.disks.entry(*g).or_default().recovered()))
-            .collect();
         let broker = BrokerNode::new(config, recovered, seed, now);
         host.views.clear();
         for group in &groups {
@@ -422,6 +445,7 @@ impl QueueWorld {
     fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
         let groups: Vec<GroupId> = self.groups().collect();
         let mut torn = false;
+        let canary = self.options.canary;
         for group in groups {
             let unsynced = self
                 .host(node)
@@ -430,17 +454,19 @@ impl QueueWorld {
                 .map_or(0, |d| d.unsynced.len());
             let survivors = if unsynced > 0 && self.rng.random_bool(0.5) {
                 torn = true;
-                self.rng.random_range(0..unsynced)
+                Some(self.rng.random_range(0..unsynced))
             } else {
-                0
+                None
             };
-            if let Some(disk) = self.host_mut(node).disks.get_mut(&group) {
-                disk.crash(survivors)
+            let QueueWorld { hosts, rng, .. } = self;
+            if let Some(disk) = hosts[(node - 1) as usize].disks.get_mut(&group) {
+                disk.crash(survivors, rng, canary)
                     .map_err(|e| violation("durable-index", e))?;
             }
         }
         let host = self.host_mut(node);
         host.up = false;
+        host.fail_sync = false;
         host.broker = None;
         host.incarnation += 1;
         host.paused_until = Instant::ZERO;
@@ -468,6 +494,16 @@ impl QueueWorld {
         let Some(broker) = host.broker.as_mut() else {
             return Ok(());
         };
+        for (group, disk) in &mut host.disks {
+            let damaged_from = broker.replica(*group).and_then(|r| r.damaged_from());
+            if disk.note_repair(damaged_from) {
+                self.stats.repairs += 1;
+                let group = *group;
+                self.trace.record(now, &[14, node, group], || {
+                    format!("n{node} g{group} REPAIRED")
+                });
+            }
+        }
         while let Some((group, write)) = broker.poll_write() {
             let (Some(view), Some(replica)) = (host.views.get(&group), broker.replica(group))
             else {
@@ -574,16 +610,27 @@ impl QueueWorld {
 
     fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
         let now = self.now;
+        let canary = self.options.canary;
         let host = self.host_mut(node);
         if !host.up {
             return Ok(());
         }
+        if host.fail_sync {
+            // The fsync failed: the node stops, and nothing is reported synced.
+            self.trace.record(now, &[6, node, group, 0], || {
+                format!("n{node} g{group} FSYNC FAILED: node stops")
+            });
+            return self.crash(node);
+        }
+        let mut report = upto;
         if let Some(disk) = host.disks.get_mut(&group) {
-            disk.sync(upto).map_err(|e| violation("durable-index", e))?;
+            report = disk
+                .sync(upto, canary)
+                .map_err(|e| violation("durable-index", e))?;
             disk.syncing = false;
         }
         if let Some(broker) = host.broker.as_mut() {
-            broker.persisted(now, group, upto);
+            broker.persisted(now, group, report);
         }
         self.drain(node)
     }
@@ -682,6 +729,45 @@ impl QueueWorld {
                     let host = self.host_mut(node);
                     host.fsync_us = faults::toggle_fsync_us(host.fsync_us);
                 }
+                Some(NodeFault::Corrupt {
+                    node,
+                    corruption,
+                    crash,
+                }) => {
+                    let groups: Vec<GroupId> = self
+                        .groups()
+                        .filter(|g| self.may_damage(node, *g))
+                        .collect();
+                    if groups.is_empty() {
+                        return self.next_fault();
+                    }
+                    let group = groups[self.rng.random_range(0..groups.len())];
+                    let QueueWorld { hosts, rng, .. } = self;
+                    let disk = hosts[(node - 1) as usize].disks.get_mut(&group);
+                    if !disk.is_some_and(|d| d.corrupt(corruption, rng)) {
+                        return self.next_fault();
+                    }
+                    if crash && self.host(node).up {
+                        self.crash(node)?;
+                    }
+                }
+                Some(NodeFault::FailSync(node)) => {
+                    if !self.host(node).up {
+                        return self.next_fault();
+                    }
+                    self.host_mut(node).fail_sync = true;
+                }
+                Some(NodeFault::Wipe(node)) => {
+                    if !self.groups().all(|g| self.may_damage(node, g)) {
+                        return self.next_fault();
+                    }
+                    if self.host(node).up {
+                        self.crash(node)?;
+                    }
+                    for disk in self.host_mut(node).disks.values_mut() {
+                        disk.wipe();
+                    }
+                }
                 None => {}
             }
             kind
@@ -691,6 +777,35 @@ impl QueueWorld {
             format!("FAULT {kind}")
         });
         self.next_fault()
+    }
+
+    /// Whether corrupting `node`'s replica of `group` leaves a majority of the group's
+    /// replicas undamaged (see the Raft world's rule).
+    fn may_damage(&self, node: NodeId, group: GroupId) -> bool {
+        let damaged = |h: &Host| h.disks.get(&group).is_some_and(Disk::is_damaged);
+        if damaged(self.host(node)) {
+            return true;
+        }
+        let others = self.hosts.iter().filter(|h| damaged(h)).count();
+        others < (self.hosts.len() - 1) / 2
+    }
+
+    /// At the end of a run: every replica's disk holds exactly the committed records up to
+    /// what it knows committed and durable (unless a fault changed bytes nobody read yet).
+    fn check_committed_bytes(&self) -> Result<(), Violation> {
+        for (node, host) in self.node_ids.iter().zip(&self.hosts) {
+            let Some(broker) = host.broker.as_ref() else {
+                continue;
+            };
+            for (group, disk) in host.disks.iter().filter(|(_, d)| !d.hit) {
+                let Some(status) = broker.replica(*group).map(|r| r.status()) else {
+                    continue;
+                };
+                let upto = status.commit_index.min(status.durable_index);
+                self.checker.committed_bytes(*group, *node, disk, upto)?;
+            }
+        }
+        Ok(())
     }
 
     fn next_fault(&mut self) -> Result<(), Violation> {
@@ -813,6 +928,7 @@ impl QueueWorld {
 
     fn final_check(&mut self) -> Result<(), Violation> {
         self.checker.all_acked_stay()?;
+        self.check_committed_bytes()?;
         let mut states: BTreeMap<GroupId, &BrokerState> = BTreeMap::new();
         for group in 1..=self.broker_groups {
             let leader = self

@@ -2,10 +2,10 @@
 
 use rand::RngExt;
 
-use super::{Event, LIVENESS_CHECK_INTERVAL_MS, Phase, Step, World, ms};
+use super::{Event, LIVENESS_CHECK_INTERVAL_MS, Node, Phase, Step, World, ms};
 use crate::checker::{Violation, violation};
 use crate::faults::{self, NodeFault};
-use holdfast_core::raft::{GroupId, Replica, Role};
+use holdfast_core::raft::{GroupId, NodeId, Replica, Role};
 
 impl World {
     pub(super) fn fault(&mut self) -> Result<(), Violation> {
@@ -28,6 +28,45 @@ impl World {
                 (n.fsync_min_us, n.fsync_max_us) =
                     faults::toggle_fsync_us((n.fsync_min_us, n.fsync_max_us));
             }
+            Some(NodeFault::Corrupt {
+                node,
+                corruption,
+                crash,
+            }) => {
+                let groups: Vec<GroupId> = self
+                    .groups()
+                    .filter(|g| self.may_damage(node, *g))
+                    .collect();
+                if groups.is_empty() {
+                    return self.next_fault();
+                }
+                let group = groups[self.rng.random_range(0..groups.len())];
+                let World { nodes, rng, .. } = self;
+                let slot = nodes[(node - 1) as usize].slots[(group - 1) as usize].as_mut();
+                if !slot.is_some_and(|s| s.disk.corrupt(corruption, rng)) {
+                    return self.next_fault();
+                }
+                if crash && self.node(node).up {
+                    self.crash(node)?;
+                }
+            }
+            Some(NodeFault::FailSync(node)) => {
+                if !self.node(node).up {
+                    return self.next_fault();
+                }
+                self.node_mut(node).fail_sync = true;
+            }
+            Some(NodeFault::Wipe(node)) => {
+                if !self.groups().all(|g| self.may_damage(node, g)) {
+                    return self.next_fault();
+                }
+                if self.node(node).up {
+                    self.crash(node)?;
+                }
+                for slot in self.node_mut(node).slots.iter_mut().flatten() {
+                    slot.disk.wipe();
+                }
+            }
             None => {}
         }
         *self.stats.faults.entry(kind).or_default() += 1;
@@ -35,6 +74,22 @@ impl World {
             format!("FAULT {kind} blocked={:?}", self.network.blocked)
         });
         self.next_fault()
+    }
+
+    /// Whether corrupting `node`'s replica of `group` leaves a majority of the group's
+    /// replicas undamaged: corruption of a majority is beyond what any design survives, so
+    /// a failure under it would prove nothing.
+    fn may_damage(&self, node: NodeId, group: GroupId) -> bool {
+        let damaged = |n: &Node| {
+            n.slots[(group - 1) as usize]
+                .as_ref()
+                .is_some_and(|s| s.disk.is_damaged())
+        };
+        if damaged(self.node(node)) {
+            return true;
+        }
+        let others = self.nodes.iter().filter(|n| damaged(n)).count();
+        others < (self.nodes.len() - 1) / 2
     }
 
     pub(super) fn next_fault(&mut self) -> Result<(), Violation> {

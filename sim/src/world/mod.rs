@@ -61,6 +61,9 @@ pub struct Stats {
     pub redeliveries: u64,
     pub redeliveries_by_cause: BTreeMap<&'static str, u64>,
     pub dead_lettered: u64,
+    /// Replicas that started with a damaged log (or a wiped disk), and damage repaired.
+    pub damaged_starts: u64,
+    pub repairs: u64,
 }
 
 impl Stats {
@@ -86,6 +89,8 @@ impl Stats {
             *self.redeliveries_by_cause.entry(cause).or_default() += count;
         }
         self.dead_lettered += other.dead_lettered;
+        self.damaged_starts += other.damaged_starts;
+        self.repairs += other.repairs;
     }
 }
 
@@ -205,6 +210,8 @@ struct Node {
     paused_until: Instant,
     fsync_min_us: u64,
     fsync_max_us: u64,
+    /// The next fsync fails (I/O error or disk full): the node stops instead.
+    fail_sync: bool,
     /// Indexed by group - 1.
     slots: Vec<Option<Slot>>,
 }
@@ -328,6 +335,7 @@ impl World {
                 paused_until: Instant::ZERO,
                 fsync_min_us: crate::faults::FSYNC_US.0,
                 fsync_max_us: crate::faults::FSYNC_US.1,
+                fail_sync: false,
                 slots,
             });
         }
@@ -378,7 +386,8 @@ impl World {
                 }
             }
             if let Step::Done = self.dispatch(event)? {
-                return self.checker.all_acked_stay();
+                self.checker.all_acked_stay()?;
+                return self.check_committed_bytes();
             }
         }
         Err(violation("liveness", "the event queue ran dry".into()))
@@ -456,18 +465,37 @@ impl World {
             config.append_entries_max = self.append_entries_max;
             config.inflight_appends_max = self.inflight_appends_max;
             let now = self.now;
-            let Some(slot) = self.live_slot(node, group) else {
+            let canary = self.options.canary;
+            let index = (group - 1) as usize;
+            let Some(slot) = self.nodes[(node - 1) as usize].slots[index].as_mut() else {
                 continue;
             };
-            let replica = Replica::new(config, slot.disk.recovered(), seed, now);
+            let recovery = slot.disk.recover(canary);
+            let upto = recovery
+                .commit
+                .min(recovery.recovered.entries.len() as Index);
+            self.checker
+                .committed_bytes(group, node, &slot.disk, upto)?;
+            if let Some(problem) = recovery.problem {
+                return Err(violation(
+                    "recovery",
+                    format!("group {group} node {node}: {problem}"),
+                ));
+            }
+            if let Some(damage) = recovery.damage {
+                config.damaged.insert(group, damage);
+                self.stats.damaged_starts += 1;
+            }
+            let replica = Replica::new(config, recovery.recovered, seed, now);
             let status = replica.status();
             slot.replica = Some(replica);
             slot.timer_at = Instant::ZERO;
             slot.view = ReplicaView::new(&status);
             check_recovery(node, group, &status, &slot.disk)?;
+            let damage = recovery.damage;
             self.trace.record(now, &[2, node, group, status.term], || {
                 format!(
-                    "n{node} g{group} start term={} commit={} last={}",
+                    "n{node} g{group} start term={} commit={} last={} damage={damage:?}",
                     status.term, status.commit_index, status.last_index
                 )
             });
@@ -478,27 +506,32 @@ impl World {
 
     fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
         let mut torn = 0;
+        let canary = self.options.canary;
         for group in self.groups() {
-            let survivors = {
-                let unsynced = self
-                    .live_slot(node, group)
-                    .map_or(0, |s| s.disk.unsynced.len());
-                if unsynced > 0 && self.rng.random_bool(0.5) {
-                    torn += 1;
-                    self.rng.random_range(0..unsynced)
-                } else {
-                    0
-                }
+            let unsynced = self
+                .live_slot(node, group)
+                .map_or(0, |s| s.disk.unsynced.len());
+            let survivors = if unsynced > 0 && self.rng.random_bool(0.5) {
+                torn += 1;
+                Some(self.rng.random_range(0..unsynced))
+            } else {
+                None
             };
-            if let Some(slot) = self.live_slot(node, group) {
+            let World { nodes, rng, .. } = self;
+            let n = &mut nodes[(node - 1) as usize];
+            if !n.up {
+                continue;
+            }
+            if let Some(slot) = n.slots[(group - 1) as usize].as_mut() {
                 slot.disk
-                    .crash(survivors)
+                    .crash(survivors, rng, canary)
                     .map_err(|e| violation("durable-index", e))?;
                 slot.replica = None;
             }
         }
         let n = self.node_mut(node);
         n.up = false;
+        n.fail_sync = false;
         n.incarnation += 1;
         n.paused_until = Instant::ZERO;
         if torn > 0 {
@@ -550,6 +583,12 @@ impl World {
         let Some(replica) = slot.replica.as_mut() else {
             return Ok(());
         };
+        if slot.disk.note_repair(replica.damaged_from()) {
+            self.stats.repairs += 1;
+            self.trace.record(now, &[14, node, group], || {
+                format!("n{node} g{group} REPAIRED")
+            });
+        }
         while let Some(write) = replica.poll_write() {
             check_write(&mut self.checker, node, group, &slot.view, replica, &write)?;
             let (id, count) = (write.id, write.entries.len() as u64);
@@ -641,20 +680,52 @@ impl World {
 
     fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
         let now = self.now;
+        if self.node(node).up && self.node(node).fail_sync {
+            // The fsync failed: the node stops, and nothing is reported synced.
+            self.trace.record(now, &[6, node, group, 0], || {
+                format!("n{node} g{group} FSYNC FAILED: node stops")
+            });
+            return self.crash(node);
+        }
+        let canary = self.options.canary;
         let Some(slot) = self.live_slot(node, group) else {
             return Ok(());
         };
-        slot.disk
-            .sync(upto)
+        let report = slot
+            .disk
+            .sync(upto, canary)
             .map_err(|e| violation("durable-index", e))?;
         slot.disk.syncing = false;
         if let Some(replica) = slot.replica.as_mut() {
-            replica.persisted(now, upto);
+            replica.persisted(now, report);
         }
         self.trace.record(now, &[6, node, group, upto], || {
             format!("n{node} g{group} synced #{upto}")
         });
         self.drain(node, group)
+    }
+
+    /// At the end of a run: every replica's disk holds exactly the committed records up to
+    /// what it knows committed and durable (unless a fault changed bytes nobody read yet).
+    fn check_committed_bytes(&self) -> Result<(), Violation> {
+        for (n, node) in self.nodes.iter().enumerate() {
+            for (g, slot) in node.slots.iter().enumerate() {
+                let Some(slot) = slot.as_ref().filter(|s| !s.disk.hit) else {
+                    continue;
+                };
+                let Some(status) = slot.replica.as_ref().map(Replica::status) else {
+                    continue;
+                };
+                let upto = status.commit_index.min(status.durable_index);
+                self.checker.committed_bytes(
+                    g as GroupId + 1,
+                    n as NodeId + 1,
+                    &slot.disk,
+                    upto,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     // ----- network -----

@@ -22,6 +22,7 @@ pub(super) fn fields(message: &Message) -> (u64, u64, u64) {
         Message::AppendResponse { term, result } => match result {
             AppendResult::Accepted { match_index } => (6, *term, *match_index),
             AppendResult::Rejected { rejected_index, .. } => (7, *term, *rejected_index),
+            AppendResult::RejectedDamaged { rejected_index, .. } => (10, *term, *rejected_index),
         },
         Message::Heartbeat { term, commit, .. } => (8, *term, *commit),
         Message::HeartbeatResponse { term, context } => (9, *term, *context),
@@ -67,6 +68,14 @@ pub(super) fn describe(message: &Message) -> String {
                 hint_term,
             } => format!(
                 "AppendResponse t{term} REJECT at={rejected_index} hint={hint_index}@{hint_term}"
+            ),
+            AppendResult::RejectedDamaged {
+                rejected_index,
+                hint_index,
+                hint_term,
+            } => format!(
+                "AppendResponse t{term} REJECT(damaged) at={rejected_index} \
+                 hint={hint_index}@{hint_term}"
             ),
         },
         Message::Heartbeat { term, commit, .. } => format!("Heartbeat t{term} commit={commit}"),

@@ -1,0 +1,216 @@
+//! The damaged-replica rule, step by step: a replica recovered with a damaged log (or a wiped
+//! disk) neither votes nor campaigns until a leader of a newer term has repaired it.
+
+use std::time::Duration;
+
+use super::*;
+use crate::time::Instant;
+
+fn entry(index: Index, term: Term) -> Entry {
+    Entry {
+        term,
+        index,
+        kind: EntryKind::Noop,
+    }
+}
+
+/// Node 1 of a three-node group, recovered at `term` with entries 1..=last of that term and
+/// the given damage.
+fn recovered(term: Term, last: Index, damage: Option<Damage>) -> Replica {
+    let mut config = Config::new(1, 1, vec![1, 2, 3]);
+    if let Some(damage) = damage {
+        config.damaged.insert(1, damage);
+    }
+    let recovered = Recovered {
+        hard_state: HardState {
+            term,
+            vote: None,
+            commit: last,
+        },
+        entries: (1..=last).map(|i| entry(i, term)).collect(),
+    };
+    Replica::new(config, recovered, 7, Instant::ZERO)
+}
+
+/// Syncs every write and returns every message that may leave.
+fn settle(replica: &mut Replica, now: Instant) -> Vec<Message> {
+    while let Some(write) = replica.poll_write() {
+        replica.persisted(now, write.id);
+    }
+    std::iter::from_fn(|| replica.poll_message())
+        .map(|e| e.message)
+        .collect()
+}
+
+fn later(seconds: u64) -> Instant {
+    Instant::ZERO + Duration::from_secs(seconds)
+}
+
+fn damage(from: Index) -> Option<Damage> {
+    Some(Damage {
+        from,
+        votes_lost: false,
+    })
+}
+
+fn granted(messages: &[Message]) -> bool {
+    messages.iter().any(|m| {
+        matches!(
+            m,
+            Message::VoteResponse { granted: true, .. }
+                | Message::PreVoteResponse { granted: true, .. }
+        )
+    })
+}
+
+#[test]
+fn a_damaged_replica_keeps_its_valid_prefix_and_neither_votes_nor_campaigns() {
+    let mut replica = recovered(3, 10, damage(6));
+    assert_eq!(replica.damaged_from(), Some(6));
+    assert_eq!(
+        replica.status().last_index,
+        5,
+        "only the prefix below the damage"
+    );
+    assert_eq!(replica.status().commit_index, 5);
+
+    let now = later(10);
+    replica.handle_timeout(now);
+    assert_eq!(
+        replica.status().role,
+        Role::Follower,
+        "it must not campaign"
+    );
+    assert!(settle(&mut replica, now).is_empty());
+
+    // A candidate with a longer log than ours would get an undamaged replica's vote.
+    let pre_vote = Message::PreVote {
+        term: 4,
+        last_index: 20,
+        last_term: 3,
+    };
+    replica.step(now, 2, pre_vote);
+    let vote = Message::Vote {
+        term: 4,
+        last_index: 20,
+        last_term: 3,
+    };
+    replica.step(now, 2, vote);
+    let sent = settle(&mut replica, now);
+    assert!(!sent.is_empty(), "refusals are still sent");
+    assert!(
+        !granted(&sent),
+        "a damaged replica granted a vote: {sent:?}"
+    );
+    assert_eq!(replica.status().vote, None);
+
+    // The same request to an undamaged replica is granted: the refusal is the damage's.
+    let mut healthy = recovered(3, 10, None);
+    healthy.step(now, 2, vote_for(4));
+    assert!(granted(&settle(&mut healthy, now)));
+}
+
+fn vote_for(term: Term) -> Message {
+    Message::Vote {
+        term,
+        last_index: 20,
+        last_term: 3,
+    }
+}
+
+fn append(term: Term, prev: Index, prev_term: Term, entries: Vec<Entry>, commit: Index) -> Message {
+    Message::Append {
+        term,
+        prev_index: prev,
+        prev_term,
+        entries,
+        commit,
+    }
+}
+
+#[test]
+fn a_leader_of_a_newer_term_repairs_it_once_it_commits_an_entry_of_its_term_here() {
+    let mut replica = recovered(3, 10, damage(6));
+    let now = later(1);
+    // The leader of the recovered term cannot repair it, however much it commits.
+    replica.step(now, 2, append(3, 5, 3, vec![entry(6, 3), entry(7, 3)], 7));
+    settle(&mut replica, now);
+    assert_eq!(replica.status().commit_index, 7);
+    assert_eq!(replica.damaged_from(), Some(6));
+
+    // A leader of term 4 whose commit still lags behind its own entries: not yet.
+    replica.step(now, 3, append(4, 7, 3, vec![entry(8, 3), entry(9, 4)], 8));
+    settle(&mut replica, now);
+    assert_eq!(
+        replica.damaged_from(),
+        Some(6),
+        "commit 8 holds no entry of term 4"
+    );
+
+    // Its commit reaches its own no-op: repaired once that is durable.
+    replica.step(now, 3, append(4, 9, 4, vec![], 9));
+    assert_eq!(replica.status().commit_index, 9);
+    settle(&mut replica, now);
+    assert_eq!(replica.damaged_from(), None);
+
+    // And now it votes like anyone else, in a later term.
+    replica.step(later(20), 2, vote_for_long(5));
+    assert!(granted(&settle(&mut replica, later(20))));
+}
+
+fn vote_for_long(term: Term) -> Message {
+    Message::Vote {
+        term,
+        last_index: 30,
+        last_term: 4,
+    }
+}
+
+#[test]
+fn a_damaged_follower_tells_an_idle_leader_what_it_lost() {
+    let mut replica = recovered(3, 10, damage(6));
+    let now = later(1);
+    let heartbeat = Message::Heartbeat {
+        term: 3,
+        commit: 10,
+        context: 1,
+    };
+    replica.step(now, 2, heartbeat);
+    let sent = settle(&mut replica, now);
+    assert!(
+        sent.iter().any(|m| matches!(
+            m,
+            Message::AppendResponse {
+                result: AppendResult::RejectedDamaged {
+                    rejected_index: 10,
+                    hint_index: 5,
+                    ..
+                },
+                ..
+            }
+        )),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_wiped_replica_is_never_repaired_and_never_votes() {
+    let wiped = Some(Damage {
+        from: 1,
+        votes_lost: true,
+    });
+    let mut replica = recovered(0, 0, wiped);
+    let now = later(1);
+    replica.step(now, 3, append(4, 0, 0, vec![entry(1, 4), entry(2, 4)], 2));
+    settle(&mut replica, now);
+    assert_eq!(replica.status().commit_index, 2);
+    assert_eq!(
+        replica.damaged_from(),
+        Some(1),
+        "it may have voted in any term"
+    );
+    replica.step(later(20), 2, vote_for_long(9));
+    assert!(!granted(&settle(&mut replica, later(20))));
+    replica.handle_timeout(later(40));
+    assert_eq!(replica.status().role, Role::Follower);
+}

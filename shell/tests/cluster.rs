@@ -367,3 +367,60 @@ fn garbage_on_one_connection_closes_only_that_connection() {
     );
     assert!(receipt.is_ok(), "{receipt:?}");
 }
+
+/// A bit flipped inside one node's synced log: that node cuts its log back, stays out of
+/// elections until a leader of a newer term has repaired it from its peers, and nothing acked
+/// is lost.
+#[test]
+fn a_bit_flip_on_one_node_is_repaired_from_its_peers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    create_topic(&cluster, "orders");
+    let mut producer = Producer::connect(cluster.servers()).expect("producer");
+    let mut sent = Sent::default();
+    for i in 0..300 {
+        let body = format!("f{i:04}");
+        let message = Message::with_body(Bytes::from(body.clone()));
+        match producer.send("orders", vec![message]) {
+            Ok(receipt) => sent.acked.insert(body, receipt.ambiguous),
+            Err(e) => panic!("a healthy cluster refused {body}: {e}"),
+        };
+    }
+
+    cluster.kill_all();
+    let log = dir.path().join("node-2/data/group-1/log");
+    let mut bytes = std::fs::read(&log).expect("node 2 holds group 1");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&log, &bytes).expect("flip a bit");
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+
+    let server_log = dir.path().join("node-2/server.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let logged =
+        |what: &str| std::fs::read_to_string(&server_log).is_ok_and(|text| text.contains(what));
+    while !logged("repaired from peers") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(logged("damage inside the log"), "node 2 saw the damage");
+    assert!(logged("repaired from peers"), "node 2 was repaired");
+    assert!(
+        !dir.path().join("node-2/data/group-1/damaged").exists(),
+        "the damage marker is gone once repaired"
+    );
+
+    let consumed = consume_all(
+        &cluster,
+        "after-flip",
+        &sent.acked.keys().cloned().collect(),
+        8,
+    );
+    let missing: Vec<_> = sent
+        .acked
+        .keys()
+        .filter(|m| !consumed.succeeded.contains_key(*m))
+        .collect();
+    assert!(missing.is_empty(), "lost after the flip: {missing:?}");
+}

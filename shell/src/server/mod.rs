@@ -7,8 +7,9 @@
 
 mod conn;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -65,6 +66,9 @@ struct Server {
     /// Requests read in this turn of the loop, handed to the node together so their commands
     /// share log entries.
     requests: Vec<(ClientId, RequestId, Request)>,
+    /// Groups recovered damaged and not yet repaired: their markers go once the core says so.
+    damaged: BTreeSet<GroupId>,
+    data_dir: PathBuf,
     next_token: usize,
     next_client: ClientId,
     clock: Clock,
@@ -76,9 +80,18 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
     let groups: Vec<GroupId> = (0..=config.broker_groups).collect();
     let mut stores = BTreeMap::new();
     let mut recovered = BTreeMap::new();
+    let mut damaged = BTreeMap::new();
     for group in &groups {
-        let (store, disk) = GroupStore::open(&config.data_dir, *group)
+        let (store, disk, damage) = GroupStore::open_repairing(&config.data_dir, *group)
             .map_err(|e| ServerError(format!("group {group}: cannot recover its data: {e}")))?;
+        if let Some(damage) = damage {
+            warn!(
+                group,
+                from = damage.from,
+                "log damaged: not voting until a leader has repaired it"
+            );
+            damaged.insert(*group, damage);
+        }
         info!(
             group,
             entries = disk.entries.len(),
@@ -106,7 +119,8 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(|e| ServerError(format!("mio: {e}")))?;
     let node_ids: Vec<NodeId> = config.nodes.keys().copied().collect();
-    let node_config = NodeConfig::new(config.id, node_ids, config.broker_groups);
+    let mut node_config = NodeConfig::new(config.id, node_ids, config.broker_groups);
+    node_config.raft.damaged = damaged.clone();
     let seed = clock.now().as_micros() ^ config.id.rotate_left(32);
     let node = BrokerNode::new(node_config, recovered, seed, clock.now());
     let now = std::time::Instant::now();
@@ -135,6 +149,8 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         links,
         clients: BTreeMap::new(),
         requests: Vec::new(),
+        damaged: damaged.keys().copied().collect(),
+        data_dir: config.data_dir.clone(),
         next_token: FIRST_CONN,
         next_client: 1,
         clock,
@@ -187,6 +203,28 @@ impl Server {
                 self.node.handle_timeout(now);
             }
             self.drain();
+            self.forget_repaired_damage()?;
+        }
+        Ok(())
+    }
+
+    fn forget_repaired_damage(&mut self) -> Result<(), ServerError> {
+        let repaired: Vec<GroupId> = self
+            .damaged
+            .iter()
+            .copied()
+            .filter(|g| {
+                self.node
+                    .replica(*g)
+                    .is_some_and(|r| r.damaged_from().is_none())
+            })
+            .collect();
+        for group in repaired {
+            GroupStore::clear_damage(&self.data_dir, group).map_err(|e| {
+                ServerError(format!("group {group}: cannot record its repair: {e}"))
+            })?;
+            info!(group, "repaired from peers: voting again");
+            self.damaged.remove(&group);
         }
         Ok(())
     }

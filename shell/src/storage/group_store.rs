@@ -1,16 +1,18 @@
 //! One group's log and state files: staging writes, syncing them, and recovery.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, Write as _};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use holdfast_core::raft::{Entry, GroupId, HardState, Index, Recovered, Term, Write, WriteId};
+use holdfast_core::raft::{
+    Damage, Entry, GroupId, HardState, Index, Recovered, Term, Write, WriteId,
+};
 use holdfast_core::storage::{
     HEADER_BYTES, SLOT_BYTES, STATE_BYTES, ScanOutcome, decode_stored_state, encode_entry,
     encode_state_slot, next_slot, record_len_bytes, scan,
 };
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::StorageError;
 
@@ -64,6 +66,37 @@ impl GroupStore {
     /// that may cover acknowledged data is [`StorageError::Corrupt`], and the server refuses to
     /// start on it: repairing the damaged range from peers is future work.
     pub fn open(dir: &Path, group: GroupId) -> Result<(GroupStore, Recovered), StorageError> {
+        Self::open_with(dir, group, false).map(|(store, recovered, _)| (store, recovered))
+    }
+
+    /// Like [`GroupStore::open`], but a log damaged inside its synced part is not refused: it
+    /// is cut back to its valid prefix and the replica starts [`Damage`]d, so it neither votes
+    /// nor campaigns until a leader has repaired it from its peers (the core's rule; see
+    /// `Replica::damaged_from`). A `damaged` marker file, synced before the cut, keeps that
+    /// across restarts until [`GroupStore::clear_damage`] removes it.
+    pub fn open_repairing(
+        dir: &Path,
+        group: GroupId,
+    ) -> Result<(GroupStore, Recovered, Option<Damage>), StorageError> {
+        Self::open_with(dir, group, true)
+    }
+
+    /// The replica of `group` has been repaired: forget its damage.
+    pub fn clear_damage(dir: &Path, group: GroupId) -> Result<(), StorageError> {
+        let group_dir = dir.join(format!("group-{group}"));
+        let marker = group_dir.join(DAMAGE_MARKER);
+        match fs::remove_file(&marker) {
+            Ok(()) => sync_dir(&group_dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(&marker, "remove", e)),
+        }
+    }
+
+    fn open_with(
+        dir: &Path,
+        group: GroupId,
+        repair: bool,
+    ) -> Result<(GroupStore, Recovered, Option<Damage>), StorageError> {
         let group_dir = dir.join(format!("group-{group}"));
         create_dir_durable(&group_dir)?;
         let state_path = group_dir.join("state");
@@ -92,14 +125,54 @@ impl GroupStore {
             fsyncs: 0,
             failed: None,
         };
-        let entries = store.recover_log(hard_state.commit)?;
+        let marker = group_dir.join(DAMAGE_MARKER);
+        let earlier = read_damage_marker(&marker)?;
+        let (entries, damage) = match store.recover_log(hard_state.commit) {
+            Ok(entries) => (entries, earlier),
+            Err(StorageError::Corrupt {
+                offset: Some(at),
+                index: Some(from),
+                reason,
+                ..
+            }) if repair => {
+                let from = earlier.map_or(from, |earlier| earlier.min(from));
+                error!(
+                    path = %store.log_path.display(),
+                    at, from, "{reason}; cutting the log back to its valid prefix: this replica will not vote until its peers have repaired it"
+                );
+                write_damage_marker(&group_dir, &marker, from)?;
+                store.cut_damaged(at)?;
+                let entries = store.recover_log(hard_state.commit.min(from.saturating_sub(1)))?;
+                (entries, Some(from))
+            }
+            Err(e) => return Err(e),
+        };
+        let damage = damage.map(|from| Damage {
+            from,
+            votes_lost: false,
+        });
         Ok((
             store,
             Recovered {
                 hard_state,
                 entries,
             },
+            damage,
         ))
+    }
+
+    /// Cuts the log file back to `at` for a repairing open, and makes the cut durable.
+    fn cut_damaged(&mut self, at: u64) -> Result<(), StorageError> {
+        self.log
+            .set_len(at)
+            .map_err(|e| io_error(&self.log_path, "truncate", e))?;
+        self.sync_log()?;
+        self.log
+            .seek(io::SeekFrom::Start(0))
+            .map_err(|e| io_error(&self.log_path, "seek", e))?;
+        self.offsets.clear();
+        self.terms.clear();
+        Ok(())
     }
 
     /// Stages `write` in memory; nothing is durable (or even in the files) until
@@ -473,6 +546,38 @@ fn read_state(file: &File, path: &Path) -> Result<(u64, HardState), StorageError
 }
 
 /// Opens `path` for reading and writing, creating it when missing; says whether it did.
+/// The marker of a damaged replica: the first index that may have been lost, as text.
+const DAMAGE_MARKER: &str = "damaged";
+
+fn read_damage_marker(marker: &Path) -> Result<Option<Index>, StorageError> {
+    match fs::read_to_string(marker) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| StorageError::Corrupt {
+                path: marker.to_path_buf(),
+                offset: None,
+                index: None,
+                reason: format!("the damage marker holds {text:?}, not an index"),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(marker, "read", e)),
+    }
+}
+
+/// Durable before the log is cut: a crash in between must not leave a shorter log that looks
+/// whole.
+fn write_damage_marker(dir: &Path, marker: &Path, from: Index) -> Result<(), StorageError> {
+    let write = || -> io::Result<()> {
+        let mut file = File::create(marker)?;
+        file.write_all(format!("{from}\n").as_bytes())?;
+        file.sync_all()
+    };
+    write().map_err(|e| io_error(marker, "write", e))?;
+    sync_dir(dir)
+}
+
 fn open_file(path: &Path) -> Result<(File, bool), StorageError> {
     let mut options = fs::OpenOptions::new();
     options.read(true).write(true);

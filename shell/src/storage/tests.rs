@@ -313,6 +313,38 @@ fn bit_flip_inside_the_log_is_corrupt() {
     }
 }
 
+#[test]
+fn a_repairing_open_cuts_damage_and_remembers_it_until_cleared() {
+    let mut model = Model::default();
+    five_entries().iter().for_each(|w| model.apply(w));
+    let starts = record_starts(&model.log);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_synced(dir.path(), &five_entries());
+    let log = log_path(dir.path(), 1);
+    let mut bytes = fs::read(&log).expect("read");
+    bytes[(starts[3] - 2) as usize] ^= 0x10; // inside entry 3, with entries 4 and 5 after it
+    fs::write(&log, &bytes).expect("write");
+
+    let (_, recovered, damage) = GroupStore::open_repairing(dir.path(), 1).expect("opens");
+    assert_eq!(damage.map(|d| d.from), Some(3), "damaged from entry 3");
+    assert!(damage.is_some_and(|d| !d.votes_lost));
+    assert_eq!(recovered.entries, model.log[..2], "the valid prefix");
+    assert_eq!(file_len(&log), starts[2], "cut at the damaged record");
+
+    // Now the log looks whole; only the marker says it is not.
+    let (_, recovered, damage) = GroupStore::open_repairing(dir.path(), 1).expect("reopens");
+    assert_eq!(
+        damage.map(|d| d.from),
+        Some(3),
+        "the damage survives a restart"
+    );
+    assert_eq!(recovered.entries, model.log[..2]);
+
+    GroupStore::clear_damage(dir.path(), 1).expect("clears");
+    let (_, _, damage) = GroupStore::open_repairing(dir.path(), 1).expect("reopens");
+    assert_eq!(damage, None, "repaired");
+}
+
 fn expect_corrupt_message(dir: &Path) -> String {
     match GroupStore::open(dir, 1) {
         Err(e) => e.to_string(),

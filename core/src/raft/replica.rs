@@ -35,6 +35,9 @@ struct DamageState {
     repaired_at: Option<Index>,
 }
 
+/// Messages of this term or higher are dropped unread.
+pub const TERM_MAX: Term = u64::MAX / 2;
+
 pub struct Replica {
     config: Config,
     rng: ChaCha8Rng,
@@ -156,6 +159,11 @@ impl Replica {
             return;
         }
         let term = message.term();
+        if term >= TERM_MAX {
+            // No election could have reached it: a corrupt or hostile peer. Adopting it would
+            // leave no term to campaign in (`term + 1` overflows).
+            return;
+        }
         if term > self.term {
             match &message {
                 // Asking changes nothing: that is the point of PreVote.

@@ -214,3 +214,23 @@ fn a_wiped_replica_is_never_repaired_and_never_votes() {
     replica.handle_timeout(later(40));
     assert_eq!(replica.status().role, Role::Follower);
 }
+
+#[test]
+fn a_message_of_an_absurd_term_is_dropped_unread() {
+    let mut replica = recovered(3, 2, None);
+    let before = replica.status().term;
+    let heartbeat = Message::Heartbeat {
+        term: u64::MAX,
+        commit: 0,
+        context: 0,
+    };
+    replica.step(later(1), 2, heartbeat);
+    assert_eq!(replica.status().term, before, "not adopted");
+    // Still able to campaign: its own next term exists.
+    replica.handle_timeout(later(10));
+    assert!(
+        settle(&mut replica, later(10))
+            .iter()
+            .any(|m| matches!(m, Message::PreVote { term, .. } if *term == before + 1))
+    );
+}

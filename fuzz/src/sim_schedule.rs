@@ -8,8 +8,9 @@
 //! sending about half a second in. Every checker of the simulator runs; a
 //! violation panics with the options and the command that replays the run.
 //!
-//! The simulator draws its faults from its seeded RNG, so the fuzzer chooses a schedule only
-//! through the seed: it cannot yet place a particular fault at a particular time.
+//! The bytes after those choose the fault schedule itself (`Options::fault_script`): each
+//! fault's kind, target, parameters and the gap before the next are read from them in turn, so
+//! a mutation of one byte changes one decision; when they run out the seed takes over.
 
 use std::cell::RefCell;
 use std::sync::Once;
@@ -17,7 +18,8 @@ use std::sync::Once;
 use arbitrary::{Arbitrary, Unstructured};
 use holdfast_sim::{Options, Workload};
 
-/// The seed comes last, so that even the shortest inputs choose the shape of the cluster.
+/// The cluster's shape comes first, so that even the shortest inputs choose it; the rest of the
+/// input is the fault script.
 #[derive(Arbitrary, Debug)]
 struct Input {
     raft: bool,
@@ -29,6 +31,7 @@ struct Input {
     /// `% 16 == 0`: run twice and compare the trace hashes (a run must be deterministic).
     twice: u8,
     seed: u64,
+    script: Vec<u8>,
 }
 
 impl Input {
@@ -41,6 +44,7 @@ impl Input {
         };
         options.nodes = if self.five_nodes { 5 } else { 3 };
         options.fault_phase_ms = 500 + u64::from(self.fault_phase % 11) * 100;
+        options.fault_script = (!self.script.is_empty()).then(|| self.script.clone());
         options
     }
 }
@@ -51,9 +55,16 @@ pub fn replay_command(options: &Options) -> String {
         Workload::Queue => "queue",
         Workload::Raft => "raft",
     };
+    let script = options
+        .fault_script
+        .as_ref()
+        .map_or(String::new(), |bytes| {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            format!(" --fault-script {hex}")
+        });
     format!(
         "cargo run -p holdfast-sim --release -- replay {} --workload {workload} --nodes {} \
-         --groups {} --fault-phase-ms {} --liveness-limit-ms {} --trace",
+         --groups {} --fault-phase-ms {} --liveness-limit-ms {}{script} --trace",
         options.seed,
         options.nodes,
         options.groups,
@@ -103,8 +114,8 @@ pub struct SimStats {
 /// Runs the simulator with options decoded from `data`; panics on any violation, naming the
 /// options and the replay command.
 pub fn run_sim_schedule(data: &[u8]) -> SimStats {
-    let mut u = Unstructured::new(data);
-    let Ok(input) = Input::arbitrary(&mut u) else {
+    let u = Unstructured::new(data);
+    let Ok(input) = Input::arbitrary_take_rest(u) else {
         return SimStats::default();
     };
     let options = input.options();

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use holdfast_core::raft::NodeId;
-use rand::RngExt;
+use rand::{Rng, RngExt, SeedableRng, TryRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::disk::Corruption;
@@ -31,12 +31,12 @@ pub enum NodeFault {
 }
 
 /// Draws one fault over `nodes`, by weight; returns its kind for the summary.
-pub fn draw(
-    rng: &mut ChaCha8Rng,
+pub fn draw<R: Rng>(
+    rng: &mut R,
     network: &mut Network,
     nodes: &[NodeId],
 ) -> (&'static str, Option<NodeFault>) {
-    let pick = |rng: &mut ChaCha8Rng| nodes[rng.random_range(0..nodes.len())];
+    let pick = |rng: &mut R| nodes[rng.random_range(0..nodes.len())];
     match rng.random_range(0..114) {
         0..12 => {
             let node = pick(rng);
@@ -131,3 +131,59 @@ pub fn toggle_fsync_us(range: (u64, u64)) -> (u64, u64) {
 
 /// Normal fsync latency, in microseconds.
 pub const FSYNC_US: (u64, u64) = (50, 2_000);
+
+/// A fault schedule chosen byte by byte (`Options::fault_script`: the `sim_schedule` fuzz
+/// target, `--fault-script`). Every decision that [`draw`] and the spacing of faults would take
+/// from the seeded RNG is read from the script instead, so changing byte `i` changes one
+/// decision, not the whole run as changing the seed would. Values are read big-endian: ranges
+/// are mapped from the high bits, so the first byte of each value weighs most. Once the script
+/// runs out, an RNG seeded from the run's seed takes over.
+pub struct FaultScript {
+    bytes: Vec<u8>,
+    at: usize,
+    rest: ChaCha8Rng,
+}
+
+impl FaultScript {
+    pub fn new(bytes: Vec<u8>, seed: u64) -> FaultScript {
+        FaultScript {
+            bytes,
+            at: 0,
+            rest: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_fa17),
+        }
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let chunk = self.bytes.get(self.at..self.at + N)?;
+        self.at += N;
+        chunk.try_into().ok()
+    }
+}
+
+impl TryRng for FaultScript {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(match self.take::<4>() {
+            Some(bytes) => u32::from_be_bytes(bytes),
+            None => self.rest.next_u32(),
+        })
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(match self.take::<8>() {
+            Some(bytes) => u64::from_be_bytes(bytes),
+            None => self.rest.next_u64(),
+        })
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        for byte in dst {
+            *byte = match self.take::<1>() {
+                Some([b]) => b,
+                None => self.rest.next_u32() as u8,
+            };
+        }
+        Ok(())
+    }
+}

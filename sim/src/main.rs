@@ -49,6 +49,24 @@ struct Cluster {
     /// Simulated milliseconds allowed to converge after healing.
     #[arg(long, default_value_t = 20_000)]
     liveness_limit_ms: u64,
+    /// Hex bytes that choose the fault schedule instead of the seed (what the `sim_schedule`
+    /// fuzz target prints when it finds a failure).
+    #[arg(long, value_name = "HEX")]
+    fault_script: Option<String>,
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    if !text.len().is_multiple_of(2) {
+        return Err("an even number of hex digits".into());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(|| format!("not hex at position {i}"))
+        })
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -114,6 +132,10 @@ fn options(cluster: &Cluster, seed: u64) -> Result<Options, String> {
     options.canary = canary;
     options.fault_phase_ms = cluster.fault_phase_ms;
     options.liveness_limit_ms = cluster.liveness_limit_ms;
+    options.fault_script = match &cluster.fault_script {
+        Some(hex) => Some(parse_hex(hex).map_err(|e| format!("--fault-script: {e}"))?),
+        None => None,
+    };
     Ok(options)
 }
 

@@ -28,6 +28,9 @@ pub struct Options {
     pub liveness_limit_ms: u64,
     /// Keep a readable line per event (the trace hash is computed either way).
     pub trace: bool,
+    /// Chooses the fault schedule byte by byte instead of the seed (see
+    /// [`crate::faults::FaultScript`]); everything else still comes from the seed.
+    pub fault_script: Option<Vec<u8>>,
 }
 
 impl Options {
@@ -41,6 +44,7 @@ impl Options {
             fault_phase_ms: 10_000,
             liveness_limit_ms: 20_000,
             trace: false,
+            fault_script: None,
         }
     }
 }

@@ -175,6 +175,8 @@ pub(crate) enum Phase {
 pub(crate) struct QueueWorld {
     options: Options,
     pub(crate) rng: ChaCha8Rng,
+    /// Fault decisions, when a script chooses them; else `rng` does.
+    fault_script: Option<crate::faults::FaultScript>,
     pub(crate) now: Instant,
     seq: u64,
     queue: BinaryHeap<Scheduled>,
@@ -218,6 +220,10 @@ impl QueueWorld {
         let broker_groups = options.groups.max(2) as GroupId;
         QueueWorld {
             rng: ChaCha8Rng::seed_from_u64(options.seed),
+            fault_script: options
+                .fault_script
+                .clone()
+                .map(|bytes| crate::faults::FaultScript::new(bytes, options.seed)),
             now: Instant::ZERO,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -714,7 +720,10 @@ impl QueueWorld {
             }
             "consumer-crash"
         } else {
-            let (kind, node_fault) = faults::draw(&mut self.rng, &mut self.network, &self.node_ids);
+            let (kind, node_fault) = match self.fault_script.as_mut() {
+                Some(script) => faults::draw(script, &mut self.network, &self.node_ids),
+                None => faults::draw(&mut self.rng, &mut self.network, &self.node_ids),
+            };
             match node_fault {
                 Some(NodeFault::Crash(node)) => {
                     if !self.host(node).up {
@@ -809,7 +818,11 @@ impl QueueWorld {
     }
 
     fn next_fault(&mut self) -> Result<(), Violation> {
-        let at = self.now + ms(self.rng.random_range(20..600));
+        let gap_ms = match self.fault_script.as_mut() {
+            Some(script) => script.random_range(20..600),
+            None => self.rng.random_range(20..600),
+        };
+        let at = self.now + ms(gap_ms);
         if at < self.heal_at {
             self.schedule(at, Event::Fault);
         }

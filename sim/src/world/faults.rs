@@ -12,7 +12,10 @@ impl World {
         if self.phase != Phase::Faults {
             return Ok(());
         }
-        let (kind, node_fault) = faults::draw(&mut self.rng, &mut self.network, &self.node_ids);
+        let (kind, node_fault) = match self.fault_script.as_mut() {
+            Some(script) => faults::draw(script, &mut self.network, &self.node_ids),
+            None => faults::draw(&mut self.rng, &mut self.network, &self.node_ids),
+        };
         match node_fault {
             Some(NodeFault::Crash(node)) => {
                 if !self.node(node).up {
@@ -93,7 +96,11 @@ impl World {
     }
 
     pub(super) fn next_fault(&mut self) -> Result<(), Violation> {
-        let at = self.now + ms(self.rng.random_range(20..600));
+        let gap_ms = match self.fault_script.as_mut() {
+            Some(script) => script.random_range(20..600),
+            None => self.rng.random_range(20..600),
+        };
+        let at = self.now + ms(gap_ms);
         if at < self.heal_at {
             self.schedule(at, Event::Fault);
         }

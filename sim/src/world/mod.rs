@@ -252,6 +252,8 @@ enum Step {
 struct World {
     options: Options,
     rng: ChaCha8Rng,
+    /// Fault decisions, when a script chooses them; else `rng` does.
+    fault_script: Option<crate::faults::FaultScript>,
     now: Instant,
     seq: u64,
     queue: BinaryHeap<Scheduled>,
@@ -286,6 +288,10 @@ impl World {
         let deadline = heal_at + ms(options.liveness_limit_ms);
         World {
             rng: ChaCha8Rng::seed_from_u64(options.seed),
+            fault_script: options
+                .fault_script
+                .clone()
+                .map(|bytes| crate::faults::FaultScript::new(bytes, options.seed)),
             now: Instant::ZERO,
             seq: 0,
             queue: BinaryHeap::new(),

@@ -21,7 +21,7 @@ use holdfast_core::raft::{
 };
 use holdfast_core::storage::{
     HEADER_BYTES, SLOT_BYTES, STATE_BYTES, ScanOutcome, decode_stored_state, encode_entry,
-    encode_state_slot, next_slot, scan,
+    encode_state_slot, find_record_after, next_slot, scan,
 };
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -401,7 +401,7 @@ impl Disk {
         let mut damaged_at = match found.outcome {
             ScanOutcome::Clean => None,
             ScanOutcome::TornTail { at } => {
-                record_after(&self.log_bytes, at, count + 1, last_term).then_some(count + 1)
+                find_record_after(&self.log_bytes, at, count + 1, last_term).map(|_| count + 1)
             }
             ScanOutcome::Corrupt { .. } => Some(count + 1),
         };
@@ -485,35 +485,6 @@ impl Disk {
     }
 }
 
-/// Whether a record with a good checksum that could continue the log starts after the bad
-/// one at `at`: the shell's rule that tells damage inside the log from a torn last write.
-fn record_after(bytes: &[u8], at: u64, next_index: Index, min_term: Term) -> bool {
-    let start = at as usize + 1;
-    for pos in start..bytes.len() {
-        let (Some(len), Some(index), Some(term)) = (
-            le_u32(bytes, pos),
-            le_u64(bytes, pos + HEADER_BYTES),
-            le_u64(bytes, pos + HEADER_BYTES + 8),
-        ) else {
-            return false;
-        };
-        if index < next_index || term < min_term {
-            continue;
-        }
-        let end = pos
-            .saturating_add(HEADER_BYTES)
-            .saturating_add(len as usize);
-        let Some(record) = bytes.get(pos..end) else {
-            continue;
-        };
-        let one = scan(record, 0, index);
-        if one.entries.len() == 1 && one.outcome == ScanOutcome::Clean {
-            return true;
-        }
-    }
-    false
-}
-
 /// The planted bug of [`Canary::TrustBadChecksum`]: every record's checksum is recomputed
 /// over whatever its bytes are now, so a damaged record reads as a valid one.
 fn trust_checksums(bytes: &mut [u8]) {
@@ -533,9 +504,4 @@ fn trust_checksums(bytes: &mut [u8]) {
 fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let field = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes(field.try_into().ok()?))
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    let field = bytes.get(at..at.checked_add(8)?)?;
-    Some(u64::from_le_bytes(field.try_into().ok()?))
 }

@@ -26,7 +26,7 @@ pub mod state;
 
 pub use record::{
     CorruptReason, EncodeError, HEADER_BYTES, PayloadError, RECORD_BYTES_MAX, Scan, ScanOutcome,
-    encode_entry, record_len_bytes, scan,
+    encode_entry, find_record_after, record_len_bytes, scan,
 };
 pub use state::{
     SLOT_BYTES, STATE_BYTES, SlotError, StateError, StoredState, decode_state, decode_stored_state,

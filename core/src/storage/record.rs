@@ -384,6 +384,69 @@ fn decode_kind(mut payload: Reader<'_>) -> Result<EntryKind, PayloadError> {
     }
 }
 
+/// The shortest valid record: a Noop.
+const RECORD_BYTES_MIN: usize = HEADER_BYTES + BODY_BYTES_MIN;
+
+/// The first record with a good checksum that starts after the damaged one at `at` and could
+/// belong to this log: a torn write only ever damages the end of the file, so such a record
+/// means the damage is inside the log (a bit flip, a lost sector) and must not be cut away.
+///
+/// Cost: one pass over the bytes after `at`, reading a header at each offset. The checksum
+/// (a pass over one record) only runs where the length fits in the file, the index lies in the
+/// range the remaining bytes could hold after `next_index`, and the term does not decrease;
+/// zeroed or random bytes almost never pass that. The search ends at the first hit, so a real
+/// mid-log flip costs about one record, and a torn tail is at most one batch long.
+///
+/// A torn write that persisted a later page but not an earlier one also looks like this; it is
+/// reported as corruption (failing safe) because without a recorded synced length the two
+/// cannot be told apart.
+pub fn find_record_after(
+    bytes: &[u8],
+    at: u64,
+    next_index: Index,
+    min_term: Term,
+) -> Option<(u64, Index)> {
+    let start = usize::try_from(at).ok()?.checked_add(1)?;
+    let most_records = (bytes.len().saturating_sub(start) / RECORD_BYTES_MIN) as Index;
+    let indexes = next_index..=next_index.saturating_add(most_records);
+    for pos in start..bytes.len() {
+        let (Some(len), Some(index), Some(term)) = (
+            le_u32(bytes, pos),
+            le_u64(bytes, pos + HEADER_BYTES),
+            le_u64(bytes, pos + HEADER_BYTES + 8),
+        ) else {
+            break;
+        };
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|len| pos.checked_add(HEADER_BYTES)?.checked_add(len))
+        else {
+            continue;
+        };
+        if end - pos < RECORD_BYTES_MIN || !indexes.contains(&index) || term < min_term {
+            continue;
+        }
+        let Some(record) = bytes.get(pos..end) else {
+            continue;
+        };
+        let one = scan(record, 0, index);
+        if one.entries.len() == 1 && one.outcome == ScanOutcome::Clean {
+            return Some((pos as u64, index));
+        }
+    }
+    None
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let field = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(field.try_into().ok()?))
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let field = bytes.get(at..at.checked_add(8)?)?;
+    Some(u64::from_le_bytes(field.try_into().ok()?))
+}
+
 /// A cursor whose reads return `None` instead of panicking when the bytes run out.
 struct Reader<'a> {
     rest: &'a [u8],

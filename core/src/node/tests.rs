@@ -368,15 +368,16 @@ fn pump(cluster: &mut Cluster, producer: &mut Producer, consumers: &mut [Consume
     }
 }
 
-#[test]
-fn a_producer_and_two_consumers_move_every_message_with_retries() {
+/// A settled cluster with `orders`, a producer, and members `a` and `b` of group `billing`
+/// (heartbeats every 200 ms, two retry levels).
+fn a_producer_and_two_consumers() -> (Cluster, Producer, Vec<Consumer>) {
     let (mut cluster, _) = cluster_with_orders();
     for _ in 0..20 {
         cluster.step();
     }
     let nodes = vec![1, 2, 3];
-    let mut producer = Producer::new(ProducerConfig::new(9, nodes.clone()));
-    let mut consumers: Vec<Consumer> = ["a", "b"]
+    let producer = Producer::new(ProducerConfig::new(9, nodes.clone()));
+    let consumers: Vec<Consumer> = ["a", "b"]
         .iter()
         .map(|m| {
             let mut config = ConsumerConfig::new("billing", m, "orders", nodes.clone());
@@ -385,6 +386,12 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
             Consumer::new(config, cluster.now)
         })
         .collect();
+    (cluster, producer, consumers)
+}
+
+#[test]
+fn a_producer_and_two_consumers_move_every_message_with_retries() {
+    let (mut cluster, mut producer, mut consumers) = a_producer_and_two_consumers();
 
     let total = 200;
     let mut sent = 0;
@@ -444,21 +451,7 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
 
 #[test]
 fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() {
-    let (mut cluster, _) = cluster_with_orders();
-    for _ in 0..20 {
-        cluster.step();
-    }
-    let nodes = vec![1, 2, 3];
-    let mut producer = Producer::new(ProducerConfig::new(9, nodes.clone()));
-    let mut consumers: Vec<Consumer> = ["a", "b"]
-        .iter()
-        .map(|m| {
-            let mut config = ConsumerConfig::new("billing", m, "orders", nodes.clone());
-            config.heartbeat_ms = 200;
-            config.retry_levels = 2;
-            Consumer::new(config, cluster.now)
-        })
-        .collect();
+    let (mut cluster, mut producer, mut consumers) = a_producer_and_two_consumers();
     let all_queues = 4 + 2 * 2;
     let shared = |c: &[Consumer]| c.iter().all(|c| c.owned().count() > 0);
     for _ in 0..5_000 {
@@ -488,7 +481,8 @@ fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() 
         all_queues,
         "the other took over"
     );
-    let session = std::time::Duration::from_millis(NodeConfig::new(1, nodes, 2).member_session_ms);
+    let session =
+        std::time::Duration::from_millis(NodeConfig::new(1, vec![1, 2, 3], 2).member_session_ms);
     assert!(
         cluster.now.saturating_since(left_at) < session,
         "handed over in {:?}, not after the session timeout",

@@ -142,15 +142,19 @@ fn a_flipped_bit_fails_the_checksum() {
     ));
 }
 
+/// `payload` behind a valid header: length and checksum right, whatever the payload is.
+fn checksummed(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
 #[test]
 fn an_unknown_variant_is_malformed() {
     // A well-checksummed payload naming a frame variant this version does not have.
-    let payload = [200u8, 1, 2, 3];
-    let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
     let mut decoder = FrameDecoder::new();
-    decoder.push(&bytes);
+    decoder.push(&checksummed(&[200, 1, 2, 3]));
     assert!(matches!(decoder.next_frame(), Err(WireError::Malformed(_))));
 }
 
@@ -162,11 +166,8 @@ fn trailing_bytes_inside_a_frame_are_malformed() {
     })
     .expect("encodes");
     payload.push(0);
-    let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
     let mut decoder = FrameDecoder::new();
-    decoder.push(&bytes);
+    decoder.push(&checksummed(&payload));
     assert!(matches!(decoder.next_frame(), Err(WireError::Malformed(_))));
 }
 

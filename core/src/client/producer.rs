@@ -18,6 +18,8 @@ pub type SendId = u64;
 
 /// Wait before retrying a send the broker refused or was too busy for.
 const REFUSAL_BACKOFF_MS: u64 = 100;
+/// The pause before the n-th redirect of one send is `(n - 1)` times this.
+const REDIRECT_BACKOFF_MS: u64 = 10;
 
 #[derive(Clone, Debug)]
 pub struct ProducerConfig {
@@ -245,6 +247,11 @@ impl Producer {
                 if pending.redirects > self.config.redirects_max {
                     self.fail_attempt(now, id, "too many redirects".into(), false);
                 } else {
+                    // During an election nodes' hints disagree and go stale; a growing pause
+                    // lets the redirects span an election instead of using them all up in
+                    // one round trip each. The first redirect goes at once.
+                    let pause_ms = REDIRECT_BACKOFF_MS * u64::from(pending.redirects - 1);
+                    pending.not_before = now + Duration::from_millis(pause_ms);
                     // Same queue, at the hinted leader: dedup still covers a retry there.
                     if let Some(target) = pending.target.as_mut() {
                         target.node = match leader_hint {

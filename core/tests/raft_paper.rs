@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use holdfast_core::raft::{
-    AppendResult, Config, Entry, EntryKind, Envelope, GroupId, HardState, Index, Message, NodeId,
-    Recovered, Replica, Role, Status, Term, Write,
+    AppendResult, CompactError, Config, Entry, EntryKind, Envelope, GroupId, HardState, Index,
+    Message, NodeId, Recovered, Replica, Role, Snapshot, Status, Term, Write,
 };
 use holdfast_core::time::Instant;
 
@@ -35,6 +35,7 @@ fn recovered(term: Term, terms: &[Term]) -> Recovered {
             vote: None,
             commit: 0,
         },
+        snapshot: None,
         entries: (1..).zip(terms).map(|(i, t)| entry(i, *t)).collect(),
     }
 }
@@ -62,6 +63,10 @@ struct Net {
     delivered: Vec<Envelope>,
     /// The highest commit index seen per node: checked never to move back.
     max_commit: BTreeMap<NodeId, Index>,
+    /// Every write handed out, per node, in order.
+    writes: BTreeMap<NodeId, Vec<Write>>,
+    /// Each node's state machine in these tests: the commands it applied, in order.
+    applied: BTreeMap<NodeId, Vec<Bytes>>,
 }
 
 impl Net {
@@ -90,6 +95,8 @@ impl Net {
             held: BTreeMap::new(),
             delivered: Vec::new(),
             max_commit: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            applied: BTreeMap::new(),
         }
     }
 
@@ -106,6 +113,7 @@ impl Net {
         let now = self.now;
         let replica = self.nodes.get_mut(&id).expect("node");
         while let Some(write) = replica.poll_write() {
+            self.writes.entry(id).or_default().push(write.clone());
             if self.unsynced.contains(&id) {
                 self.held.entry(id).or_default().push(write);
             } else {
@@ -205,6 +213,34 @@ impl Net {
         assert_eq!(self.status(id).role, Role::Leader, "node {id} not elected");
     }
 
+    /// Applies what `id` committed to its state machine, restoring it from an installed
+    /// snapshot first if there is one; returns the state.
+    fn apply(&mut self, id: NodeId) -> Vec<Bytes> {
+        let replica = self.nodes.get_mut(&id).expect("node");
+        let state = self.applied.entry(id).or_default();
+        if let Some(snapshot) = replica.poll_restore() {
+            *state = decode_state(&snapshot.data);
+        }
+        while let Some(entry) = replica.poll_committed() {
+            if let EntryKind::Commands(commands) = entry.kind {
+                state.extend(commands);
+            }
+        }
+        state.clone()
+    }
+
+    /// Compacts `id`'s log up to what it applied.
+    fn compact(&mut self, id: NodeId) -> Index {
+        let state = self.apply(id);
+        let replica = self.nodes.get_mut(&id).expect("node");
+        let index = replica.status().applied_index;
+        replica
+            .compact(index, encode_state(&state))
+            .expect("compacts what it applied");
+        self.flush(id);
+        index
+    }
+
     fn propose(&mut self, id: NodeId, tag: u64) -> Index {
         let now = self.now;
         let command = vec![Bytes::from(format!("command {tag}"))];
@@ -213,6 +249,21 @@ impl Net {
         self.flush(id);
         index
     }
+}
+
+/// The test state machine's snapshot: its commands joined by newlines.
+fn encode_state(state: &[Bytes]) -> Bytes {
+    let parts: Vec<&[u8]> = state.iter().map(|b| b.as_ref()).collect();
+    Bytes::from(parts.join(&b'\n'))
+}
+
+fn decode_state(data: &[u8]) -> Vec<Bytes> {
+    if data.is_empty() {
+        return Vec::new();
+    }
+    data.split(|b| *b == b'\n')
+        .map(Bytes::copy_from_slice)
+        .collect()
 }
 
 /// A single replica of the group {1, 2, 3}, driven message by message.
@@ -743,4 +794,231 @@ fn commit_index_never_moves_back_under_replays_and_leader_change() {
     for (id, old) in (1..=3).zip(before) {
         assert!(net.status(id).commit_index >= old.commit_index, "node {id}");
     }
+}
+
+// ----- snapshots and compaction (Raft paper §7) -----
+
+fn install(term: Term, index: Index, snapshot_term: Term, data: &'static [u8]) -> Message {
+    Message::InstallSnapshot {
+        term,
+        index,
+        snapshot_term,
+        offset: 0,
+        total: data.len() as u64,
+        chunk: Bytes::from_static(data),
+    }
+}
+
+#[test]
+fn lagging_follower_is_brought_up_by_a_chunked_snapshot_and_restores_the_same_state() {
+    let mut net = Net::new(3, |c| c.snapshot_chunk_bytes_max = 8);
+    net.elect(1);
+    net.run();
+    net.isolated.insert(3);
+    for tag in 0..10 {
+        net.propose(1, tag);
+        net.run();
+    }
+    let snapshot_index = net.compact(1);
+    assert_eq!(net.status(1).snapshot_index, snapshot_index);
+    assert!(net.node(1).entry(snapshot_index).is_none(), "compacted");
+    let leader_state = net.apply(1);
+    assert_eq!(leader_state.len(), 10);
+    let after = net.propose(1, 10);
+    net.run();
+
+    net.isolated.remove(&3);
+    net.advance(ms(200));
+    let chunks = net
+        .delivered
+        .iter()
+        .filter(|e| e.to == 3 && matches!(e.message, Message::InstallSnapshot { .. }))
+        .count();
+    let size = encode_state(&leader_state).len();
+    assert!(
+        chunks >= size.div_ceil(8),
+        "{chunks} chunks for {size} bytes"
+    );
+    let status = net.status(3);
+    assert_eq!(status.snapshot_index, snapshot_index);
+    assert_eq!(status.commit_index, after, "caught up past the snapshot");
+    let installed = net.writes[&3]
+        .iter()
+        .find_map(|w| w.snapshot.clone())
+        .expect("the snapshot was written");
+    assert_eq!(installed.index, snapshot_index);
+    assert_eq!(installed.data, encode_state(&leader_state));
+    let state = net.apply(3);
+    assert_eq!(
+        state,
+        net.apply(1),
+        "the follower's state equals the leader's"
+    );
+    assert_eq!(state.len(), 11);
+}
+
+#[test]
+fn install_keeps_a_log_that_continues_the_snapshot_and_replaces_one_that_conflicts() {
+    // Entry 3 has the snapshot's term: entry 4 continues it and stays.
+    let mut replica = solo(2, recovered(2, &[1, 1, 2, 2]));
+    replica.step(Instant::ZERO, 1, install(3, 3, 2, b"abc"));
+    let write = replica.poll_write().expect("a write");
+    assert_eq!(write.snapshot.as_ref().map(|s| s.index), Some(3));
+    assert!(!write.discard_log);
+    assert_eq!(replica.entry(4).map(|e| e.term), Some(2));
+    assert_eq!(replica.status().last_index, 4);
+
+    // Entry 3 has another term: everything after the snapshot conflicts and goes.
+    let mut replica = solo(2, recovered(1, &[1, 1, 1, 1]));
+    replica.step(Instant::ZERO, 1, install(3, 3, 2, b"abc"));
+    let write = replica.poll_write().expect("a write");
+    assert!(write.discard_log, "the disk's log is replaced whole");
+    assert!(write.entries.is_empty());
+    assert_eq!(replica.entry(4), None);
+    assert_eq!(replica.status().last_index, 3);
+    assert_eq!(replica.status().commit_index, 3);
+    assert_eq!(
+        replica.poll_restore().map(|s| s.data),
+        Some(Bytes::from_static(b"abc"))
+    );
+    assert_eq!(
+        replica.poll_committed(),
+        None,
+        "nothing below the snapshot to apply"
+    );
+}
+
+#[test]
+fn follower_acknowledges_a_snapshot_only_once_durable() {
+    let mut replica = solo(2, recovered(1, &[1]));
+    replica.step(Instant::ZERO, 1, install(3, 5, 2, b"state"));
+    assert_eq!(
+        replica.poll_message(),
+        None,
+        "nothing leaves before the sync"
+    );
+    let write = replica.poll_write().expect("a write");
+    assert_eq!(replica.poll_message(), None);
+    replica.persisted(Instant::ZERO, write.id);
+    let out: Vec<Envelope> = std::iter::from_fn(|| replica.poll_message()).collect();
+    assert_eq!(
+        append_answer(&out),
+        Some(AppendResult::Accepted { match_index: 5 })
+    );
+    assert_eq!(replica.status().durable_index, 5);
+}
+
+#[test]
+fn snapshot_below_the_commit_index_changes_nothing() {
+    let mut disk = recovered(2, &[1, 2, 2]);
+    disk.hard_state.commit = 3;
+    let mut replica = solo(2, disk);
+    replica.step(Instant::ZERO, 1, install(3, 2, 2, b"old"));
+    let out = settle(&mut replica, Instant::ZERO);
+    assert_eq!(
+        append_answer(&out),
+        Some(AppendResult::Accepted { match_index: 3 })
+    );
+    assert_eq!(replica.status().snapshot_index, 0);
+    assert_eq!(replica.poll_restore(), None);
+    assert_eq!(replica.entry(3).map(|e| e.term), Some(2));
+}
+
+#[test]
+fn compaction_covers_only_applied_entries_past_the_last_snapshot() {
+    let mut disk = recovered(1, &[1, 1, 1]);
+    disk.hard_state.commit = 3;
+    let mut replica = solo(1, disk);
+    assert_eq!(
+        replica.compact(1, Bytes::new()),
+        Err(CompactError::NotApplied {
+            index: 1,
+            applied: 0
+        })
+    );
+    while replica.poll_committed().is_some() {}
+    assert_eq!(replica.compact(2, Bytes::from_static(b"2")), Ok(()));
+    assert_eq!(
+        replica.compact(2, Bytes::new()),
+        Err(CompactError::Stale {
+            index: 2,
+            snapshot_index: 2
+        })
+    );
+    let write = replica.poll_write().expect("the snapshot is written");
+    assert_eq!(write.snapshot.map(|s| (s.index, s.term)), Some((2, 1)));
+    assert!(!write.discard_log && write.entries.is_empty());
+    assert_eq!(replica.entry(2), None);
+    assert_eq!(replica.entry(3).map(|e| e.index), Some(3));
+}
+
+#[test]
+fn restart_from_a_snapshot_applies_only_what_follows_it() {
+    let disk = Recovered {
+        hard_state: HardState {
+            term: 2,
+            vote: None,
+            commit: 6,
+        },
+        snapshot: Some(Snapshot {
+            index: 4,
+            term: 2,
+            data: Bytes::from_static(b"four"),
+        }),
+        entries: vec![entry(5, 2), entry(6, 2), entry(7, 2)],
+    };
+    let mut replica = solo(1, disk);
+    let status = replica.status();
+    assert_eq!(
+        (
+            status.snapshot_index,
+            status.applied_index,
+            status.commit_index
+        ),
+        (4, 4, 6)
+    );
+    assert_eq!(status.last_index, 7);
+    let applied: Vec<Index> = std::iter::from_fn(|| replica.poll_committed())
+        .map(|e| e.index)
+        .collect();
+    assert_eq!(applied, vec![5, 6]);
+    // Its log still matches at the snapshot's index, so it votes by the snapshot's term.
+    let out = settle(&mut replica, Instant::ZERO);
+    assert!(out.is_empty());
+    replica.step(Instant::ZERO, 2, vote(3, 4, 2));
+    let out = settle(&mut replica, Instant::ZERO);
+    assert_eq!(
+        vote_answer(&out, 2),
+        Some(false),
+        "candidate's log is behind"
+    );
+}
+
+#[test]
+fn a_lost_snapshot_chunk_is_sent_again() {
+    let mut net = Net::new(3, |c| c.snapshot_chunk_bytes_max = 4);
+    net.elect(1);
+    net.run();
+    net.isolated.insert(3);
+    for tag in 0..4 {
+        net.propose(1, tag);
+        net.run();
+    }
+    let snapshot_index = net.compact(1);
+    net.isolated.remove(&3);
+    // Every chunk to node 3 is lost for a while.
+    for _ in 0..20 {
+        net.now = net.now + ms(10);
+        let now = net.now;
+        for replica in net.nodes.values_mut() {
+            if now >= replica.poll_timeout() {
+                replica.handle_timeout(now);
+            }
+        }
+        net.run_holding(|_, e| matches!(e.message, Message::InstallSnapshot { .. }));
+    }
+    assert_eq!(net.status(3).snapshot_index, 0);
+    net.advance(ms(500));
+    assert_eq!(net.status(3).snapshot_index, snapshot_index);
+    assert_eq!(net.apply(3), net.apply(1));
 }

@@ -3,9 +3,12 @@
 //!
 //! Commands reach [`BrokerState`] as bytes, the way they come out of the Raft log. Most are
 //! built from a structured description (appends with `(producer, seq)` pairs, retries of
-//! earlier batches, pulls, acks and `ReconsumeLater`, clock advances and skew); raw bytes are
-//! decoded as commands too, and whatever decodes is checked against the model like the rest.
-//! The metadata group's state machine gets raw and structured `CreateTopic`s on the side.
+//! earlier batches, pulls, acks and `ReconsumeLater`, retention trims under small age and size
+//! limits, clock advances and skew); raw bytes are decoded as commands too, and whatever
+//! decodes is checked against the model like the rest. Now and then the state is replaced by
+//! the one restored from its snapshot (as a replica restores after log compaction), and
+//! everything after must still match the model. The metadata group's state machine gets raw
+//! and structured `CreateTopic`s on the side.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +36,9 @@ struct Setup {
     max_reconsume: u8,
     /// `% 3 + 1` queues of the topic exist from the start.
     queues: u8,
+    /// Small limits, so that trims drop messages within a run.
+    retention_ms: Option<u16>,
+    retention_bytes: Option<u8>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -106,6 +112,13 @@ enum Op {
         queues: u16,
         groups: u8,
     },
+    /// Retention at the leader's time.
+    Trim,
+    /// Replaces the state by the one restored from its snapshot, after checking that the
+    /// snapshot cut short or with one bit flipped (at `damage`) is refused.
+    Snapshot {
+        damage: u16,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -147,6 +160,11 @@ pub struct BrokerStats {
     pub dead_lettered: usize,
     pub raw_decoded: usize,
     pub topics_created: usize,
+    /// Trims that dropped something, and the messages they dropped.
+    pub trims: usize,
+    pub trimmed: usize,
+    /// States replaced by their restored snapshot.
+    pub restores: usize,
 }
 
 /// A batch as the model remembers it.
@@ -160,15 +178,20 @@ struct Batch {
 /// The reference model: what the broker must do, stated as plainly as possible.
 struct Model {
     config: BrokerConfig,
+    /// Every message ever written, at its offset: retention only raises `starts`.
     queues: BTreeMap<QueueId, Vec<StoredMessage>>,
+    /// Each queue's first retained offset (0 if absent).
+    starts: BTreeMap<QueueId, Offset>,
     /// Every batch ever written, by producer and first sequence number.
     batches: BTreeMap<ProducerId, BTreeMap<Seq, Batch>>,
     seq_max: BTreeMap<ProducerId, Seq>,
     acked: BTreeMap<(String, QueueId), BTreeSet<Offset>>,
 }
 
-fn lowest_unacked(acked: Option<&BTreeSet<Offset>>) -> Offset {
-    let mut offset = 0;
+/// The lowest offset from `start` on that is not in `acked`: every offset below the start
+/// was dropped by retention and counts as consumed.
+fn lowest_unacked(acked: Option<&BTreeSet<Offset>>, start: Offset) -> Offset {
+    let mut offset = start;
     if let Some(acked) = acked {
         while acked.contains(&offset) {
             offset += 1;
@@ -178,14 +201,59 @@ fn lowest_unacked(acked: Option<&BTreeSet<Offset>>) -> Offset {
 }
 
 impl Model {
+    fn start(&self, queue: &QueueId) -> Offset {
+        self.starts.get(queue).copied().unwrap_or(0)
+    }
+
     fn consume_offset(&self, group: &str, queue: &QueueId) -> Offset {
-        lowest_unacked(self.acked.get(&(group.to_string(), queue.clone())))
+        lowest_unacked(
+            self.acked.get(&(group.to_string(), queue.clone())),
+            self.start(queue),
+        )
     }
 
     fn is_acked(&self, group: &str, queue: &QueueId, offset: Offset) -> bool {
-        self.acked
-            .get(&(group.to_string(), queue.clone()))
-            .is_some_and(|a| a.contains(&offset))
+        offset < self.start(queue)
+            || self
+                .acked
+                .get(&(group.to_string(), queue.clone()))
+                .is_some_and(|a| a.contains(&offset))
+    }
+
+    /// Where each queue would start after a trim stamped `stamp_ms`: from the front, drop a
+    /// message while it is at least `retention_ms` old, or while the retained bytes are over
+    /// `retention_bytes` and it is not the newest.
+    fn trimmed_starts(&self, stamp_ms: u64) -> BTreeMap<QueueId, Offset> {
+        let mut starts = BTreeMap::new();
+        for (queue, log) in &self.queues {
+            let mut start = self.start(queue) as usize;
+            let mut bytes: u64 = log[start..]
+                .iter()
+                .map(|m| m.message.size_bytes() as u64)
+                .sum();
+            while let Some(oldest) = log.get(start) {
+                let too_old = self
+                    .config
+                    .retention_ms
+                    .is_some_and(|keep| oldest.stored_ms.saturating_add(keep) <= stamp_ms);
+                let too_big = self
+                    .config
+                    .retention_bytes
+                    .is_some_and(|limit| bytes > limit && start + 1 < log.len());
+                if !too_old && !too_big {
+                    break;
+                }
+                bytes -= oldest.message.size_bytes() as u64;
+                start += 1;
+            }
+            starts.insert(queue.clone(), start as Offset);
+        }
+        starts
+    }
+
+    fn trim(&mut self, stamp_ms: u64) -> Outcome {
+        self.starts = self.trimmed_starts(stamp_ms);
+        Outcome::QueuesCreated
     }
 
     /// The window remembers a batch while its last sequence number is at least
@@ -283,10 +351,11 @@ impl Model {
         if let Some(&offset) = offsets.iter().find(|&&o| o >= len) {
             return Outcome::Refused(Refusal::NoSuchOffset { queue, offset });
         }
+        let start = self.start(&queue);
         let acked = self.acked.entry((group, queue)).or_default();
         acked.extend(offsets);
         Outcome::Acked {
-            consume_offset: lowest_unacked(Some(acked)),
+            consume_offset: lowest_unacked(Some(acked), start),
         }
     }
 
@@ -305,14 +374,16 @@ impl Model {
         else {
             return Outcome::Refused(Refusal::NoSuchOffset { queue, offset });
         };
+        let start = self.start(&queue);
         let acked = self
             .acked
             .entry((group.clone(), queue.clone()))
             .or_default();
-        if acked.contains(&offset) {
-            // The consumer asked again: requeued once only.
+        // The consumer asked again (requeued once only), or the message is gone: retention
+        // dropped it, and a dropped message counts as consumed.
+        if acked.contains(&offset) || offset < start {
             return Outcome::Acked {
-                consume_offset: lowest_unacked(Some(acked)),
+                consume_offset: lowest_unacked(Some(acked), start),
             };
         }
         acked.insert(offset);
@@ -374,6 +445,7 @@ impl Model {
                 offset,
                 stamp_ms,
             } => self.reconsume_later(group, queue, offset, stamp_ms),
+            Command::Trim { stamp_ms } => self.trim(stamp_ms),
         }
     }
 }
@@ -409,6 +481,8 @@ impl Broker {
                 .map(|&d| u64::from(d))
                 .collect(),
             max_reconsume: u32::from(setup.max_reconsume % 5),
+            retention_ms: setup.retention_ms.map(u64::from),
+            retention_bytes: setup.retention_bytes.map(u64::from),
             canary: None,
         };
         let mut broker = Broker {
@@ -416,6 +490,7 @@ impl Broker {
             model: Model {
                 config,
                 queues: BTreeMap::new(),
+                starts: BTreeMap::new(),
                 batches: BTreeMap::new(),
                 seq_max: BTreeMap::new(),
                 acked: BTreeMap::new(),
@@ -496,19 +571,30 @@ impl Broker {
         outcome
     }
 
-    /// Every queue has the model's length; no consume offset moves back, and each is the
-    /// lowest offset its group has not acknowledged.
+    /// Every queue has the model's start and end offsets; no consume offset moves back, and
+    /// each is the lowest offset from the queue's start on that its group has not
+    /// acknowledged.
     fn check_queues_and_offsets(&mut self) {
-        let queues: Vec<(QueueId, Option<Offset>)> = self
+        type Range = (QueueId, Option<Offset>, Option<Offset>);
+        let queues: Vec<Range> = self
             .state
             .queues()
-            .map(|q| (q.clone(), self.state.queue_len(q)))
+            .map(|q| {
+                (
+                    q.clone(),
+                    self.state.start_offset(q),
+                    self.state.queue_len(q),
+                )
+            })
             .collect();
-        let expected: Vec<(QueueId, Option<Offset>)> = self
+        let expected: Vec<Range> = self
             .model
             .queues
             .iter()
-            .map(|(q, log)| (q.clone(), Some(log.len() as Offset)))
+            .map(|(q, log)| {
+                let start = self.model.start(q);
+                (q.clone(), Some(start), Some(log.len() as Offset))
+            })
             .collect();
         assert_eq!(queues, expected, "queues differ from the model");
 
@@ -521,7 +607,10 @@ impl Broker {
             .model
             .acked
             .iter()
-            .map(|((g, q), acked)| (g.clone(), q.clone(), lowest_unacked(Some(acked))))
+            .map(|((g, q), acked)| {
+                let start = self.model.start(q);
+                (g.clone(), q.clone(), lowest_unacked(Some(acked), start))
+            })
             .collect();
         assert_eq!(tracked, expected, "consume offsets differ from the model");
         for (group, queue, offset) in tracked {
@@ -877,17 +966,79 @@ impl Broker {
                 },
                 groups,
             ),
+            Op::Trim => {
+                let before = self.model.starts.clone();
+                let due = self
+                    .model
+                    .trimmed_starts(stamp_ms)
+                    .iter()
+                    .any(|(q, start)| *start != self.model.start(q));
+                assert_eq!(
+                    self.state.trim_due(stamp_ms),
+                    due,
+                    "trim_due({stamp_ms}) disagrees with the model"
+                );
+                self.command(Command::Trim { stamp_ms });
+                let dropped: u64 = self
+                    .model
+                    .starts
+                    .iter()
+                    .map(|(q, start)| start - before.get(q).copied().unwrap_or(0))
+                    .sum();
+                if dropped > 0 {
+                    self.stats.trims += 1;
+                    self.stats.trimmed += dropped as usize;
+                }
+                assert!(!self.state.trim_due(stamp_ms), "a trim left something due");
+            }
+            Op::Snapshot { damage } => self.restore(damage),
         }
     }
 
-    /// Every queue holds exactly what the model does, and no `(producer, seq)` was written
-    /// twice outside retry and dead-letter queues.
+    /// Replaces the state by the one its snapshot restores to; damaged copies of the snapshot
+    /// must be refused.
+    fn restore(&mut self, damage: u16) {
+        let bytes = self.state.snapshot();
+        let config = self.model.config.clone();
+        let restored = match BrokerState::restore(config.clone(), &bytes) {
+            Ok(restored) => restored,
+            Err(e) => panic!("a snapshot does not restore: {e}"),
+        };
+        assert_eq!(
+            restored.snapshot(),
+            bytes,
+            "a restored state snapshots differently"
+        );
+        let at = usize::from(damage) % bytes.len();
+        assert!(
+            BrokerState::restore(config.clone(), &bytes[..at]).is_err(),
+            "a snapshot cut to {at} bytes restored"
+        );
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 1 << (damage >> 13);
+        assert!(
+            BrokerState::restore(config, &flipped).is_err(),
+            "a snapshot with a bit flipped at byte {at} restored"
+        );
+        self.state = restored;
+        self.stats.restores += 1;
+        self.check_queues_and_offsets();
+    }
+
+    /// Every queue holds exactly what the model does (nothing below its start), and no
+    /// `(producer, seq)` was written twice outside retry and dead-letter queues.
     fn final_check(&self) {
         let mut written = BTreeSet::new();
         for (queue, log) in &self.model.queues {
+            let start = self.model.start(queue);
             for (offset, expected) in log.iter().enumerate() {
-                let stored = self.state.message(queue, offset as Offset);
-                assert_eq!(stored, Some(expected), "{queue} at {offset}");
+                let offset = offset as Offset;
+                let stored = self.state.message(queue, offset);
+                if offset < start {
+                    assert_eq!(stored, None, "{queue} at {offset}, below the start {start}");
+                } else {
+                    assert_eq!(stored, Some(expected), "{queue} at {offset}");
+                }
                 if expected.origin.is_none() {
                     assert!(
                         written.insert((expected.producer_id, expected.seq)),

@@ -2,21 +2,25 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::types::{Offset, ProducerId, QueueId, Refusal, Seq};
 
 /// How many of a producer's most recent sequence numbers are remembered. A retry older than
 /// this is refused rather than written twice.
 pub const DEDUP_WINDOW_SEQS: u64 = 65_536;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Batch {
     queue: QueueId,
     base_offset: Offset,
     len: u64,
 }
 
-/// One producer's recent batches, by first sequence number.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// One producer's recent batches, by first sequence number. It outlives the messages it points
+/// at: a retry of a batch that retention has dropped still gets the batch's original offsets,
+/// not a second copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct ProducerWindow {
     batches: BTreeMap<Seq, Batch>,
     seq_max: Seq,
@@ -68,6 +72,18 @@ impl ProducerWindow {
             });
         }
         Ok(Verdict::New)
+    }
+
+    /// Whether every batch is one `record` can have written (at least one sequence number,
+    /// none past `Seq::MAX` or `seq_max`), so the arithmetic above cannot overflow on a
+    /// restored window.
+    pub(super) fn consistent(&self) -> bool {
+        self.batches.iter().all(|(first, b)| {
+            b.len >= 1
+                && first
+                    .checked_add(b.len - 1)
+                    .is_some_and(|last| last <= self.seq_max)
+        })
     }
 
     pub(super) fn record(&mut self, first_seq: Seq, len: u64, queue: QueueId, base_offset: Offset) {

@@ -9,17 +9,25 @@
 //!   lowest offset not yet acknowledged and never moves back.
 //! - [`Command::ReconsumeLater`] moves a message to the group's retry queue, due after the next
 //!   delay level, or to its dead-letter queue after `max_reconsume` attempts.
+//! - [`Command::Trim`] applies the retention policy: queues drop their oldest messages by age
+//!   and size. Offsets keep their meaning: a queue's [`BrokerState::start_offset`] rises,
+//!   and pulls from below it start there.
 //! - [`BrokerState::pull`] is a read of applied (hence committed) state.
+//! - [`BrokerState::snapshot`] and [`BrokerState::restore`] turn the applied state into bytes
+//!   and back, for Raft log compaction.
 
 mod codec;
 mod dedup;
 mod offsets;
+mod queue_log;
+mod snapshot;
 mod state;
 mod types;
 
 pub use codec::{CodecError, decode_command, encode_command};
 pub use dedup::DEDUP_WINDOW_SEQS;
 pub use offsets::GroupOffsets;
+pub use snapshot::{SNAPSHOT_VERSION, SnapshotError};
 pub use state::BrokerState;
 pub use types::*;
 

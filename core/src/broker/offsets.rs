@@ -2,11 +2,16 @@
 
 use std::collections::BTreeSet;
 
+use serde::{Deserialize, Serialize};
+
 use super::types::Offset;
 
 /// The consume offset is the lowest offset not yet acknowledged; acknowledgements above it are
 /// kept until the gap below them closes. It never moves back.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Retention moves it forward to the queue's first retained offset ([`GroupOffsets::advance_to`]):
+/// a dropped message counts as consumed, so the gap it left never holds the offset back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupOffsets {
     consume_offset: Offset,
     acked_above: BTreeSet<Offset>,
@@ -21,16 +26,53 @@ impl GroupOffsets {
         offset < self.consume_offset || self.acked_above.contains(&offset)
     }
 
+    /// A group's progress on a queue whose first retained offset is `start`.
+    pub fn starting_at(start: Offset) -> GroupOffsets {
+        GroupOffsets {
+            consume_offset: start,
+            acked_above: BTreeSet::new(),
+        }
+    }
+
     /// Acknowledges `offset`; returns whether it was new.
     pub fn ack(&mut self, offset: Offset) -> bool {
         if self.is_acked(offset) {
             return false;
         }
         self.acked_above.insert(offset);
+        self.close_gap();
+        true
+    }
+
+    /// Counts every offset below `start` as acknowledged (retention dropped them); forward
+    /// only, so a consume offset already past `start` stays where it is.
+    pub fn advance_to(&mut self, start: Offset) {
+        if start <= self.consume_offset {
+            return;
+        }
+        self.consume_offset = start;
+        // Acks below the new consume offset are implied by it now.
+        self.acked_above = self.acked_above.split_off(&start);
+        self.close_gap();
+    }
+
+    fn close_gap(&mut self) {
         while self.acked_above.remove(&self.consume_offset) {
             self.consume_offset += 1;
         }
-        true
+    }
+
+    /// Whether this is a state `ack` can build on a queue ending at `end` (acks of offsets at
+    /// or past the end are refused); a snapshot holding anything else is refused on restore.
+    /// The consume offset may lag the queue's start: the planted bug
+    /// `overwrite-consume-offset` moves it back, and readers take the larger of the two.
+    pub(super) fn consistent(&self, end: Offset) -> bool {
+        self.consume_offset <= end
+            && self
+                .acked_above
+                .first()
+                .is_none_or(|first| *first > self.consume_offset)
+            && self.acked_above.last().is_none_or(|last| *last < end)
     }
 
     /// The planted bug `overwrite-consume-offset`: the consume offset jumps past the latest
@@ -64,5 +106,26 @@ mod tests {
         assert_eq!(offsets.pending_acks(), 0);
         assert!(offsets.ack(5));
         assert!(offsets.is_acked(5) && !offsets.is_acked(4) && !offsets.is_acked(3));
+    }
+
+    #[test]
+    fn retention_moves_the_consume_offset_forward_only_and_closes_gaps() {
+        let mut offsets = GroupOffsets::default();
+        assert!(offsets.ack(0));
+        assert!(offsets.ack(4));
+        assert!(offsets.ack(6));
+        offsets.advance_to(3);
+        assert_eq!(offsets.consume_offset(), 3);
+        assert_eq!(offsets.pending_acks(), 2);
+        offsets.advance_to(4);
+        assert_eq!(offsets.consume_offset(), 5, "the ack of 4 closes the gap");
+        assert_eq!(offsets.pending_acks(), 1);
+        offsets.advance_to(2);
+        assert_eq!(offsets.consume_offset(), 5, "never back");
+        assert!(!offsets.ack(1), "an ack below the start is a no-op");
+        assert!(offsets.consistent(7));
+        assert!(!offsets.consistent(6), "an ack at or past the end");
+        assert!(!offsets.consistent(4), "a consume offset past the end");
+        assert_eq!(GroupOffsets::starting_at(9).consume_offset(), 9);
     }
 }

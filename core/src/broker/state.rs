@@ -5,13 +5,15 @@ use std::collections::BTreeMap;
 use super::codec::decode_command;
 use super::dedup::{ProducerWindow, Verdict};
 use super::offsets::GroupOffsets;
+use super::queue_log::QueueLog;
+use super::snapshot::{self, ImageRef, SnapshotError};
 use super::types::*;
 use crate::raft::Canary;
 
 #[derive(Clone, Debug, Default)]
 pub struct BrokerState {
     config: BrokerConfig,
-    queues: BTreeMap<QueueId, Vec<StoredMessage>>,
+    queues: BTreeMap<QueueId, QueueLog>,
     /// `(group, queue)` to the group's progress there.
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
@@ -27,6 +29,35 @@ impl BrokerState {
 
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    /// The applied state as bytes (see [`BrokerState::restore`]): queues with their retained
+    /// messages and start offsets, every group's consume offset and acks, every producer's
+    /// dedup window. Not the config, which each node has from its own configuration. Equal
+    /// states give equal bytes, so replicas can compare snapshots.
+    pub fn snapshot(&self) -> Vec<u8> {
+        snapshot::encode(&ImageRef {
+            queues: &self.queues,
+            offsets: &self.offsets,
+            producers: &self.producers,
+        })
+    }
+
+    /// The state [`BrokerState::snapshot`] wrote, under `config`. Damaged, truncated or foreign
+    /// bytes, or another format version, are an error, never a panic or a partial state.
+    pub fn restore(config: BrokerConfig, bytes: &[u8]) -> Result<BrokerState, SnapshotError> {
+        let image = snapshot::decode(bytes)?;
+        let producers = if Canary::SnapshotOmitsDedup.planted(config.canary) {
+            BTreeMap::new()
+        } else {
+            image.producers
+        };
+        Ok(BrokerState {
+            config,
+            queues: image.queues,
+            offsets: image.offsets,
+            producers,
+        })
     }
 
     /// Applies one committed log entry's bytes. A command that does not decode is refused,
@@ -64,6 +95,10 @@ impl BrokerState {
                 offset,
                 stamp_ms,
             } => self.reconsume_later(group, queue, offset, stamp_ms),
+            Command::Trim { stamp_ms } => {
+                self.trim(stamp_ms);
+                Outcome::QueuesCreated
+            }
         }
     }
 
@@ -98,6 +133,8 @@ impl BrokerState {
         };
         match verdict {
             Err(refusal) => return Outcome::Refused(refusal),
+            // The window outlives retention: a retry of a batch whose messages were dropped
+            // still gets their offsets, not a second copy.
             Ok(Verdict::Duplicate { queue, base_offset }) => {
                 return Outcome::Appended {
                     queue,
@@ -110,21 +147,18 @@ impl BrokerState {
         let Some(log) = self.queues.get_mut(&queue) else {
             return Outcome::Refused(Refusal::UnknownQueue(queue));
         };
-        let base_offset = log.len() as Offset;
-        log.extend(
-            messages
-                .into_iter()
-                .enumerate()
-                .map(|(i, message)| StoredMessage {
-                    producer_id,
-                    seq: first_seq + i as Seq,
-                    message,
-                    stored_ms: stamp_ms,
-                    reconsume_times: 0,
-                    due_ms: 0,
-                    origin: None,
-                }),
-        );
+        let base_offset = log.end();
+        for (i, message) in messages.into_iter().enumerate() {
+            log.push(StoredMessage {
+                producer_id,
+                seq: first_seq + i as Seq,
+                message,
+                stored_ms: stamp_ms,
+                reconsume_times: 0,
+                due_ms: 0,
+                origin: None,
+            });
+        }
         if !Canary::NoDedup.planted(self.config.canary) {
             window.record(first_seq, len, queue.clone(), base_offset);
         }
@@ -135,29 +169,39 @@ impl BrokerState {
         }
     }
 
+    /// Acks of offsets below the queue's start (dropped by retention) are accepted and change
+    /// nothing: those offsets already count as consumed.
     fn ack(&mut self, group: String, queue: QueueId, offsets: Vec<Offset>) -> Outcome {
-        let Some(len) = self.queue_len(&queue) else {
+        let Some(log) = self.queues.get(&queue) else {
             return Outcome::Refused(Refusal::UnknownQueue(queue));
         };
-        if let Some(offset) = offsets.iter().find(|o| **o >= len) {
+        let (start, end) = (log.start(), log.end());
+        if let Some(offset) = offsets.iter().find(|o| **o >= end) {
             return Outcome::Refused(Refusal::NoSuchOffset {
                 queue,
                 offset: *offset,
             });
         }
-        let progress = self.offsets.entry((group, queue)).or_default();
+        let progress = self
+            .offsets
+            .entry((group, queue))
+            .or_insert_with(|| GroupOffsets::starting_at(start));
         for offset in offsets {
             if Canary::OverwriteConsumeOffset.planted(self.config.canary) {
                 progress.overwrite(offset);
-            } else {
+            } else if offset >= start {
                 progress.ack(offset);
             }
         }
         Outcome::Acked {
-            consume_offset: progress.consume_offset(),
+            consume_offset: progress.consume_offset().max(start),
         }
     }
 
+    /// A `ReconsumeLater` of an offset retention has dropped is answered as an ack of it
+    /// (`Acked`): the message can no longer be redelivered, and below the queue's start every
+    /// offset counts as consumed, as for a `ReconsumeLater` repeated after the first one
+    /// requeued the message. An offset at or past the end is refused with `NoSuchOffset`.
     fn reconsume_later(
         &mut self,
         group: String,
@@ -165,24 +209,24 @@ impl BrokerState {
         offset: Offset,
         stamp_ms: u64,
     ) -> Outcome {
-        let Some(stored) = self
-            .queues
-            .get(&queue)
-            .and_then(|log| log.get(offset as usize))
-        else {
+        let Some(log) = self.queues.get(&queue).filter(|log| offset < log.end()) else {
             return Outcome::Refused(Refusal::NoSuchOffset { queue, offset });
         };
+        let start = log.start();
         let progress = self
             .offsets
             .entry((group.clone(), queue.clone()))
-            .or_default();
+            .or_insert_with(|| GroupOffsets::starting_at(start));
         // A repeated ReconsumeLater (the consumer retried it) must not requeue twice.
-        if progress.is_acked(offset) {
-            return Outcome::Acked {
-                consume_offset: progress.consume_offset(),
-            };
-        }
-        let attempt = stored.reconsume_times + 1;
+        let stored = match log.get(offset) {
+            Some(stored) if !progress.is_acked(offset) => stored,
+            _ => {
+                return Outcome::Acked {
+                    consume_offset: progress.consume_offset().max(start),
+                };
+            }
+        };
+        let attempt = stored.reconsume_times.saturating_add(1);
         let dead_letter = attempt > self.config.max_reconsume;
         let (to, due_ms) = if dead_letter {
             (QueueId::dead_letter(&group), stamp_ms)
@@ -212,14 +256,40 @@ impl BrokerState {
         }
         Outcome::Requeued {
             to,
-            offset: (log.len() as Offset).saturating_sub(1),
+            offset: log.end().saturating_sub(1),
             dead_letter,
         }
     }
 
+    /// Retention at the leader's time `stamp_ms`: see [`Command::Trim`]. Every group's consume
+    /// offset on a trimmed queue moves up to the queue's new start, so the gap the dropped
+    /// messages leave never holds it back (and the acks kept above it do not pile up).
+    fn trim(&mut self, stamp_ms: u64) {
+        for log in self.queues.values_mut() {
+            while front_expires(&self.config, log, stamp_ms) {
+                log.pop_front();
+            }
+        }
+        for ((_, queue), progress) in &mut self.offsets {
+            if let Some(log) = self.queues.get(queue) {
+                progress.advance_to(log.start());
+            }
+        }
+    }
+
+    /// Whether a [`Command::Trim`] stamped `now_ms` would drop anything: the node proposes one
+    /// only then, so an idle group's log does not fill with trims that do nothing.
+    pub fn trim_due(&self, now_ms: u64) -> bool {
+        self.queues
+            .values()
+            .any(|log| front_expires(&self.config, log, now_ms))
+    }
+
     /// Up to `messages_max` messages (and about `bytes_max` bytes, at least one message) of
     /// `queue` from `from` on that `group` has not acknowledged. In a retry queue, delivery
-    /// stops at the first message not due at `now_ms`.
+    /// stops at the first message not due at `now_ms`. From below the queue's start (retention
+    /// dropped what was there), delivery starts at the start, as Kafka's
+    /// `auto.offset.reset=earliest` does.
     pub fn pull(
         &self,
         group: &str,
@@ -230,14 +300,14 @@ impl BrokerState {
         now_ms: u64,
     ) -> Result<Pulled, Refusal> {
         // Retry and dead-letter queues come into being with their first message.
-        let empty = Vec::new();
+        let empty = QueueLog::default();
         let log = match self.queues.get(queue) {
             Some(log) => log,
             None if queue.is_retry() || queue.is_dead_letter() => &empty,
             None => return Err(Refusal::UnknownQueue(queue.clone())),
         };
         let progress = self.offsets.get(&(group.to_string(), queue.clone()));
-        let consume_offset = progress.map_or(0, |p| p.consume_offset());
+        let consume_offset = progress.map_or(0, |p| p.consume_offset()).max(log.start());
         let start = if Canary::PullIgnoresFrom.planted(self.config.canary) {
             consume_offset
         } else {
@@ -249,8 +319,7 @@ impl BrokerState {
             next_offset: start,
         };
         let mut bytes = 0;
-        for (offset, stored) in log.iter().enumerate().skip(start as usize) {
-            let offset = offset as Offset;
+        for (offset, stored) in log.iter_from(start) {
             if pulled.messages.len() >= messages_max
                 || (!pulled.messages.is_empty() && bytes >= bytes_max)
             {
@@ -275,41 +344,67 @@ impl BrokerState {
         if !queue.is_retry() {
             return None;
         }
+        let log = self.queues.get(queue)?;
         let progress = self.offsets.get(&(group.to_string(), queue.clone()));
-        let start = from.max(progress.map_or(0, |p| p.consume_offset()));
-        self.queues
-            .get(queue)?
-            .iter()
-            .enumerate()
-            .skip(start as usize)
-            .find(|(offset, _)| !progress.is_some_and(|p| p.is_acked(*offset as Offset)))
+        let start = from.max(self.consume_offset(group, queue));
+        log.iter_from(start)
+            .find(|(offset, _)| !progress.is_some_and(|p| p.is_acked(*offset)))
             .map(|(_, stored)| stored.due_ms)
     }
 
-    /// The group's consume offset on `queue`: every offset below it is acknowledged.
+    /// The group's consume offset on `queue`: every offset below it is acknowledged or was
+    /// dropped by retention, so it is never below the queue's start offset.
     pub fn consume_offset(&self, group: &str, queue: &QueueId) -> Offset {
-        self.offsets
+        let acked = self
+            .offsets
             .get(&(group.to_string(), queue.clone()))
-            .map_or(0, GroupOffsets::consume_offset)
+            .map_or(0, GroupOffsets::consume_offset);
+        acked.max(self.start_offset(queue).unwrap_or(0))
     }
 
-    /// Every `(consumer group, queue, consume offset)` this group tracks.
+    /// Every `(consumer group, queue, consume offset)` this group tracks, each consume offset
+    /// as [`BrokerState::consume_offset`] reports it.
     pub fn consume_offsets(&self) -> impl Iterator<Item = (&str, &QueueId, Offset)> {
-        self.offsets
-            .iter()
-            .map(|((group, queue), o)| (group.as_str(), queue, o.consume_offset()))
+        self.offsets.iter().map(|((group, queue), o)| {
+            let start = self.start_offset(queue).unwrap_or(0);
+            (group.as_str(), queue, o.consume_offset().max(start))
+        })
     }
 
+    /// The queue's end offset: the offset the next message will get (not how many messages
+    /// it retains, which is `queue_len - start_offset`).
     pub fn queue_len(&self, queue: &QueueId) -> Option<Offset> {
-        self.queues.get(queue).map(|log| log.len() as Offset)
+        self.queues.get(queue).map(QueueLog::end)
     }
 
+    /// The queue's first retained offset: retention dropped every message below it.
+    pub fn start_offset(&self, queue: &QueueId) -> Option<Offset> {
+        self.queues.get(queue).map(QueueLog::start)
+    }
+
+    /// The message at `offset`, if the queue retains one there.
     pub fn message(&self, queue: &QueueId, offset: Offset) -> Option<&StoredMessage> {
-        self.queues.get(queue)?.get(usize::try_from(offset).ok()?)
+        self.queues.get(queue)?.get(offset)
     }
 
     /// Every queue, retry and dead-letter queues included, in order.
     pub fn queues(&self) -> impl Iterator<Item = &QueueId> {
         self.queues.keys()
     }
+}
+
+/// Whether retention drops `log`'s oldest message at `stamp_ms`: it is too old, or the queue
+/// is over its size limit and holds more than that one (the newest message is never dropped
+/// for size; see [`BrokerConfig::retention_bytes`]).
+fn front_expires(config: &BrokerConfig, log: &QueueLog, stamp_ms: u64) -> bool {
+    let Some(oldest) = log.front() else {
+        return false;
+    };
+    let too_old = config
+        .retention_ms
+        .is_some_and(|keep_ms| oldest.stored_ms.saturating_add(keep_ms) <= stamp_ms);
+    let too_big = config
+        .retention_bytes
+        .is_some_and(|limit| log.bytes() > limit && log.len() > 1);
+    too_old || too_big
 }

@@ -200,7 +200,7 @@ fn reconsume_later_requeues_by_delay_level_then_dead_letters() {
     let config = BrokerConfig {
         reconsume_delays_ms: vec![1_000, 5_000],
         max_reconsume: 3,
-        canary: None,
+        ..BrokerConfig::default()
     };
     let mut state = BrokerState::new(config);
     topic(&mut state, "orders", 1);
@@ -319,7 +319,52 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 stamp_ms,
             }
         }),
+        (0..120_000u64).prop_map(|stamp_ms| Command::Trim { stamp_ms }),
     ]
+}
+
+/// Commands of both groups on the topic's queues and on the retry and dead-letter queues.
+fn arb_any_command() -> impl Strategy<Value = Command> {
+    let queue = prop_oneof![
+        (0..3u32).prop_map(|q| QueueId::new("orders", q)),
+        (0..2usize, 0..2u32).prop_map(|(g, level)| QueueId::retry(GROUPS[g], level)),
+        (0..2usize).prop_map(|g| QueueId::dead_letter(GROUPS[g])),
+    ];
+    prop_oneof![
+        3 => arb_command(),
+        1 => (0..2usize, queue.clone(), prop::collection::vec(0..40u64, 0..4)).prop_map(
+            |(g, queue, offsets)| Command::Ack {
+                group: GROUPS[g].into(),
+                queue,
+                offsets,
+            }
+        ),
+        1 => (0..2usize, queue, 0..40u64, 0..100_000u64).prop_map(
+            |(g, queue, offset, stamp_ms)| Command::ReconsumeLater {
+                group: GROUPS[g].into(),
+                queue,
+                offset,
+                stamp_ms,
+            }
+        ),
+    ]
+}
+
+fn arb_retention() -> impl Strategy<Value = BrokerConfig> {
+    (
+        prop::option::of(0..30_000u64),
+        prop::option::of(0..24u64),
+        0..3u32,
+    )
+        .prop_map(
+            |(retention_ms, retention_bytes, max_reconsume)| BrokerConfig {
+                reconsume_delays_ms: vec![1_000, 5_000],
+                max_reconsume,
+                retention_ms,
+                retention_bytes,
+                canary: None,
+            },
+        )
 }
 
 proptest! {
@@ -354,9 +399,734 @@ proptest! {
         }
     }
 
+    /// A state restored from a snapshot taken anywhere in a command sequence answers the rest
+    /// exactly as the original does, and snapshots to the same bytes all along.
+    #[test]
+    fn a_restored_state_is_indistinguishable(
+        config in arb_retention(),
+        commands in prop::collection::vec(arb_any_command(), 1..100),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut original = BrokerState::new(config);
+        topic(&mut original, "orders", 3);
+        let cut = cut.index(commands.len());
+        for command in &commands[..cut] {
+            original.apply(command.clone());
+        }
+        let mut copy = restored(&original);
+        for command in &commands[cut..] {
+            prop_assert_eq!(original.apply(command.clone()), copy.apply(command.clone()));
+        }
+        prop_assert_eq!(observe(&copy, 50_000), observe(&original, 50_000));
+        prop_assert_eq!(copy.snapshot(), original.snapshot());
+    }
+
+    /// Whatever the commands, a consume offset never moves back and is never below the
+    /// queue's start; the start never moves back nor past the end.
+    #[test]
+    fn retention_moves_starts_and_consume_offsets_forward_only(
+        config in arb_retention(),
+        commands in prop::collection::vec(arb_any_command(), 1..120),
+    ) {
+        let mut state = BrokerState::new(config);
+        topic(&mut state, "orders", 3);
+        let mut seen = std::collections::BTreeMap::new();
+        for command in commands {
+            let trim_due = match command {
+                Command::Trim { stamp_ms } => Some((stamp_ms, state.trim_due(stamp_ms))),
+                _ => None,
+            };
+            let before = state.snapshot();
+            state.apply(command);
+            if let Some((stamp_ms, due)) = trim_due {
+                prop_assert_eq!(due, state.snapshot() != before, "trim_due({})", stamp_ms);
+                prop_assert!(!state.trim_due(stamp_ms), "a trim leaves nothing due");
+            }
+            for queue in state.queues().cloned().collect::<Vec<_>>() {
+                let start = state.start_offset(&queue).unwrap_or(0);
+                prop_assert!(start <= state.queue_len(&queue).unwrap_or(0));
+                for group in GROUPS {
+                    let now = (start, state.consume_offset(group, &queue));
+                    prop_assert!(now.1 >= now.0);
+                    let before = seen.insert((group, queue.clone()), now).unwrap_or((0, 0));
+                    prop_assert!(now.0 >= before.0 && now.1 >= before.1, "{} went back", queue);
+                }
+            }
+        }
+    }
+
     #[test]
     fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let mut state = orders();
         let _ = state.apply_bytes(&bytes);
+        let _ = BrokerState::restore(BrokerConfig::default(), &bytes);
     }
+
+    /// A snapshot damaged anywhere, by any byte, is refused.
+    #[test]
+    fn damaged_snapshot_bytes_are_refused(at in any::<prop::sample::Index>(), xor in 1..=255u8) {
+        let (state, _) = mixed_history();
+        let mut bytes = state.snapshot();
+        let at = at.index(bytes.len());
+        bytes[at] ^= xor;
+        prop_assert!(BrokerState::restore(state.config().clone(), &bytes).is_err());
+    }
+}
+
+// ----- retention -----
+
+fn retaining(retention_ms: Option<u64>, retention_bytes: Option<u64>) -> BrokerState {
+    let mut state = BrokerState::new(BrokerConfig {
+        reconsume_delays_ms: vec![1_000, 2_000],
+        max_reconsume: 2,
+        retention_ms,
+        retention_bytes,
+        canary: None,
+    });
+    topic(&mut state, "orders", 2);
+    state
+}
+
+/// Appends `bodies` (one message each) as one batch of `producer_id` from `first_seq`.
+fn send(
+    state: &mut BrokerState,
+    queue: u32,
+    producer_id: u64,
+    first_seq: u64,
+    bodies: &[&str],
+    stamp_ms: u64,
+) -> Outcome {
+    state.apply(Command::Append {
+        queue: QueueId::new("orders", queue),
+        producer_id,
+        first_seq,
+        messages: bodies
+            .iter()
+            .map(|b| Message::with_body(b.to_string()))
+            .collect(),
+        stamp_ms,
+    })
+}
+
+fn ack(state: &mut BrokerState, group: &str, queue: &QueueId, offsets: &[Offset]) -> Outcome {
+    state.apply(Command::Ack {
+        group: group.into(),
+        queue: queue.clone(),
+        offsets: offsets.to_vec(),
+    })
+}
+
+fn nack(state: &mut BrokerState, group: &str, queue: &QueueId, offset: Offset, at: u64) -> Outcome {
+    state.apply(Command::ReconsumeLater {
+        group: group.into(),
+        queue: queue.clone(),
+        offset,
+        stamp_ms: at,
+    })
+}
+
+fn trim(state: &mut BrokerState, stamp_ms: u64) {
+    assert_eq!(
+        state.apply(Command::Trim { stamp_ms }),
+        Outcome::QueuesCreated
+    );
+}
+
+fn pulled_offsets(state: &BrokerState, group: &str, queue: &QueueId, from: Offset) -> Vec<Offset> {
+    let pulled = state.pull(group, queue, from, 100, 1 << 20, u64::MAX);
+    pulled
+        .map(|p| p.messages.iter().map(|(o, _)| *o).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn age_retention_drops_the_front_once_it_is_old_enough() {
+    let mut state = retaining(Some(10_000), None);
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b"], 1_000);
+    send(&mut state, 0, 1, 2, &["c"], 5_000);
+    send(&mut state, 0, 1, 3, &["d"], 2_000); // a lagging leader's stamp
+    assert!(!state.trim_due(10_999));
+    trim(&mut state, 10_999);
+    assert_eq!(
+        state.start_offset(&queue),
+        Some(0),
+        "nothing is old enough yet"
+    );
+    assert!(
+        state.trim_due(11_000),
+        "stored_ms + retention_ms <= stamp drops"
+    );
+    trim(&mut state, 11_000);
+    assert_eq!(state.start_offset(&queue), Some(2));
+    assert_eq!(
+        state.queue_len(&queue),
+        Some(4),
+        "the end offset does not move"
+    );
+    assert_eq!(state.message(&queue, 1), None);
+    assert_eq!(
+        state.message(&queue, 2).map(|m| m.message.body.clone()),
+        Some(Bytes::from("c")),
+        "offsets keep their meaning"
+    );
+    // Only the front is cut: "d", older than "c", waits until "c" goes.
+    trim(&mut state, 14_000);
+    assert_eq!(state.start_offset(&queue), Some(2));
+    assert!(!state.trim_due(14_999));
+    trim(&mut state, 15_000);
+    assert_eq!(
+        state.start_offset(&queue),
+        Some(4),
+        "empty, and still at its end"
+    );
+    assert!(
+        !state.trim_due(u64::MAX),
+        "an empty queue has nothing to drop"
+    );
+    assert_eq!(
+        appended_at(send(&mut state, 0, 1, 4, &["e"], 16_000)),
+        (queue.clone(), 4, false),
+        "an offset is never reused"
+    );
+    assert_eq!(state.start_offset(&QueueId::new("orders", 1)), Some(0));
+    assert_eq!(state.start_offset(&QueueId::new("nope", 0)), None);
+}
+
+#[test]
+fn size_retention_keeps_each_queue_at_or_under_its_limit_and_keeps_the_newest() {
+    let mut state = retaining(None, Some(5));
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["aa", "bb", "cc"], 0);
+    send(&mut state, 1, 2, 0, &["12345"], 0);
+    assert!(state.trim_due(0));
+    trim(&mut state, 0);
+    assert_eq!(
+        state.start_offset(&queue),
+        Some(1),
+        "6 bytes over 5: the oldest goes"
+    );
+    assert_eq!(
+        state.start_offset(&QueueId::new("orders", 1)),
+        Some(0),
+        "exactly at the limit is kept"
+    );
+    assert!(!state.trim_due(u64::MAX), "age retention is off");
+    send(&mut state, 0, 1, 3, &["a much longer body"], 0);
+    trim(&mut state, 0);
+    assert_eq!(
+        (state.start_offset(&queue), state.queue_len(&queue)),
+        (Some(3), Some(4)),
+        "the newest message stays, even over the limit on its own"
+    );
+    assert!(!state.trim_due(0));
+}
+
+#[test]
+fn no_retention_and_the_default_keep_messages() {
+    let mut state = retaining(None, None);
+    send(&mut state, 0, 1, 0, &["a"], 0);
+    assert!(!state.trim_due(u64::MAX));
+    trim(&mut state, u64::MAX);
+    assert_eq!(state.start_offset(&QueueId::new("orders", 0)), Some(0));
+
+    let mut state = orders();
+    let day_ms = 24 * 3600 * 1000;
+    append(&mut state, 0, 1, 0, 1); // stamped 1 000
+    assert!(
+        !state.trim_due(1_000 + 3 * day_ms - 1),
+        "72 hours by default"
+    );
+    assert!(state.trim_due(1_000 + 3 * day_ms));
+}
+
+#[test]
+fn pulls_from_below_the_start_begin_at_the_start() {
+    let mut state = retaining(Some(10), None);
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b"], 0);
+    send(&mut state, 0, 1, 2, &["c", "d"], 100);
+    trim(&mut state, 50);
+    assert_eq!(state.start_offset(&queue), Some(2));
+    let pulled = state
+        .pull("g", &queue, 0, 1, 1 << 20, 0)
+        .unwrap_or_default();
+    assert_eq!(pulled.messages.len(), 1);
+    assert_eq!((pulled.messages[0].0, pulled.next_offset), (2, 3));
+    assert_eq!(pulled_offsets(&state, "g", &queue, 1), vec![2, 3]);
+    assert_eq!(pulled_offsets(&state, "g", &queue, 3), vec![3]);
+    assert_eq!(
+        state.consume_offset("g", &queue),
+        2,
+        "a new group starts at the start"
+    );
+}
+
+#[test]
+fn acks_of_dropped_offsets_are_harmless_and_consume_offsets_never_move_back() {
+    let mut state = retaining(Some(10), None);
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b", "c"], 0);
+    send(&mut state, 0, 1, 3, &["d", "e", "f"], 100);
+    // "audit" is ahead of the cut, "billing" behind it with an ack above a gap.
+    assert_eq!(
+        ack(&mut state, "audit", &queue, &[0, 1, 2, 3, 4]),
+        Outcome::Acked { consume_offset: 5 }
+    );
+    assert_eq!(
+        ack(&mut state, "billing", &queue, &[0, 4]),
+        Outcome::Acked { consume_offset: 1 }
+    );
+    trim(&mut state, 50);
+    assert_eq!(state.start_offset(&queue), Some(3));
+    assert_eq!(
+        state.consume_offset("audit", &queue),
+        5,
+        "not moved back to the start"
+    );
+    assert_eq!(
+        state.consume_offset("billing", &queue),
+        3,
+        "moved up to the start"
+    );
+    assert_eq!(state.consume_offset("newcomer", &queue), 3);
+    let listed: Vec<(String, Offset)> = state
+        .consume_offsets()
+        .map(|(g, _, o)| (g.to_string(), o))
+        .collect();
+    assert_eq!(listed, vec![("audit".into(), 5), ("billing".into(), 3)]);
+    // Acks below the start are accepted and move nothing.
+    assert_eq!(
+        ack(&mut state, "billing", &queue, &[1, 2]),
+        Outcome::Acked { consume_offset: 3 }
+    );
+    assert_eq!(
+        ack(&mut state, "audit", &queue, &[0]),
+        Outcome::Acked { consume_offset: 5 }
+    );
+    assert_eq!(
+        ack(&mut state, "newcomer", &queue, &[0]),
+        Outcome::Acked { consume_offset: 3 }
+    );
+    // The ack of 4 kept above the gap still counts once 3 is acked.
+    assert_eq!(pulled_offsets(&state, "billing", &queue, 0), vec![3, 5]);
+    assert_eq!(
+        ack(&mut state, "billing", &queue, &[3]),
+        Outcome::Acked { consume_offset: 5 }
+    );
+    // Past the end is still refused.
+    assert!(matches!(
+        ack(&mut state, "billing", &queue, &[2, 6]),
+        Outcome::Refused(Refusal::NoSuchOffset { offset: 6, .. })
+    ));
+    // Emptied by age, the queue keeps every consume offset where it was or at its end.
+    trim(&mut state, 1_000);
+    assert_eq!(state.start_offset(&queue), Some(6));
+    for group in ["audit", "billing", "newcomer"] {
+        assert_eq!(state.consume_offset(group, &queue), 6, "{group}");
+    }
+}
+
+#[test]
+fn reconsume_later_of_a_dropped_offset_is_answered_as_acked() {
+    let mut state = retaining(Some(10), None);
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b"], 0);
+    send(&mut state, 0, 1, 2, &["c"], 100);
+    trim(&mut state, 50);
+    assert_eq!(
+        nack(&mut state, "billing", &queue, 0, 60),
+        Outcome::Acked { consume_offset: 2 }
+    );
+    assert_eq!(
+        state.queues().filter(|q| q.is_retry()).count(),
+        0,
+        "nothing requeued"
+    );
+    assert!(matches!(
+        nack(&mut state, "billing", &queue, 2, 60),
+        Outcome::Requeued {
+            offset: 0,
+            dead_letter: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        nack(&mut state, "billing", &queue, 3, 60),
+        Outcome::Refused(Refusal::NoSuchOffset { offset: 3, .. })
+    ));
+    // Retry queues are trimmed like any other, and offsets in them keep their meaning too.
+    let retry = QueueId::retry("billing", 0);
+    trim(&mut state, 1_000);
+    assert_eq!(state.start_offset(&retry), Some(1));
+    assert_eq!(state.next_due_ms("billing", &retry, 0), None);
+    assert_eq!(
+        nack(&mut state, "billing", &retry, 0, 1_000),
+        Outcome::Acked { consume_offset: 1 }
+    );
+}
+
+#[test]
+fn a_retry_of_a_batch_retention_dropped_gets_its_original_offsets() {
+    let mut state = retaining(Some(10), None);
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b"], 0);
+    send(&mut state, 0, 2, 0, &["x"], 0);
+    trim(&mut state, 10);
+    assert_eq!(state.start_offset(&queue), Some(3));
+    assert_eq!(
+        appended_at(send(&mut state, 1, 1, 0, &["a", "b"], 20)),
+        (queue.clone(), 0, true)
+    );
+    assert_eq!(
+        appended_at(send(&mut state, 0, 2, 0, &["x"], 20)),
+        (queue.clone(), 2, true)
+    );
+    assert_eq!(state.queue_len(&queue), Some(3), "no second copy");
+    assert!(matches!(
+        send(&mut state, 0, 1, 1, &["b"], 20),
+        Outcome::Refused(Refusal::SequenceOverlap { .. })
+    ));
+}
+
+#[test]
+fn trim_is_the_last_command_variant_so_earlier_encodings_stay_valid() {
+    // postcard writes the variant's index first: CreateQueues 0 .. ReconsumeLater 3.
+    assert_eq!(encode_command(&Command::Trim { stamp_ms: 7 })[..], [4, 7]);
+    assert_eq!(
+        decode_command(&[3, 1, b'g', 1, b't', 2, 5, 6]),
+        Ok(Command::ReconsumeLater {
+            group: "g".into(),
+            queue: QueueId::new("t", 2),
+            offset: 5,
+            stamp_ms: 6,
+        })
+    );
+}
+
+// ----- snapshots -----
+
+const GROUPS: [&str; 2] = ["billing", "audit"];
+
+/// Everything a client can learn from a state: each queue's start and end, every message
+/// retained, every consume offset, and what every group would pull from each queue (from 0,
+/// from where its consume offset is, and in small steps) and when its retries fall due.
+fn observe(state: &BrokerState, now_ms: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for queue in state.queues() {
+        let (start, end) = (state.start_offset(queue), state.queue_len(queue));
+        let _ = writeln!(out, "{queue}: {start:?}..{end:?}");
+        for offset in start.unwrap_or(0)..end.unwrap_or(0) {
+            let _ = writeln!(out, "  {offset}: {:?}", state.message(queue, offset));
+        }
+        for group in GROUPS {
+            let consume = state.consume_offset(group, queue);
+            let _ = writeln!(
+                out,
+                "  {group} at {consume}: {:?} / {:?} / {:?} / due {:?}",
+                state.pull(group, queue, 0, 100, 1 << 20, now_ms),
+                state.pull(group, queue, consume, 2, 1, now_ms),
+                state.pull(group, queue, end.unwrap_or(0), 100, 1 << 20, now_ms),
+                state.next_due_ms(group, queue, 0)
+            );
+        }
+    }
+    let offsets: Vec<_> = state.consume_offsets().collect();
+    let _ = writeln!(out, "{offsets:?}");
+    out
+}
+
+/// Restores `state` from its snapshot and checks the copy writes the same bytes again.
+fn restored(state: &BrokerState) -> BrokerState {
+    let bytes = state.snapshot();
+    let copy = match BrokerState::restore(state.config().clone(), &bytes) {
+        Ok(copy) => copy,
+        Err(e) => panic!("restore: {e}"),
+    };
+    assert_eq!(
+        copy.snapshot(),
+        bytes,
+        "a restored state snapshots differently"
+    );
+    copy
+}
+
+fn mixed_history() -> (BrokerState, Vec<Command>) {
+    let mut state = retaining(Some(10_000), Some(64));
+    let q0 = QueueId::new("orders", 0);
+    appended_at(send(&mut state, 0, 1, 0, &["a0", "a1", "a2"], 1_000));
+    appended_at(send(&mut state, 1, 2, 0, &["b0"], 1_500));
+    // A retry to the other queue: deduplicated.
+    assert!(appended_at(send(&mut state, 1, 1, 0, &["a0", "a1", "a2"], 1_600)).2);
+    appended_at(send(&mut state, 0, 1, 3, &["a3", "a4"], 9_000));
+    ack(&mut state, "billing", &q0, &[2, 4]);
+    ack(&mut state, "billing", &q0, &[0]);
+    // ReconsumeLater to the retry queues, then to the dead-letter queue (max_reconsume 2).
+    assert!(matches!(
+        nack(&mut state, "billing", &q0, 1, 2_000),
+        Outcome::Requeued { .. }
+    ));
+    let retry0 = QueueId::retry("billing", 0);
+    assert!(matches!(
+        nack(&mut state, "billing", &retry0, 0, 3_000),
+        Outcome::Requeued {
+            dead_letter: false,
+            ..
+        }
+    ));
+    let retry1 = QueueId::retry("billing", 1);
+    assert!(matches!(
+        nack(&mut state, "billing", &retry1, 0, 5_000),
+        Outcome::Requeued {
+            dead_letter: true,
+            ..
+        }
+    ));
+    nack(&mut state, "audit", &q0, 3, 9_500);
+    appended_at(send(
+        &mut state,
+        1,
+        2,
+        1,
+        &[&"x".repeat(40), &"y".repeat(30)],
+        9_600,
+    ));
+    // Age drops q0's first three and b0 and the first retry copy; size drops a 40-byte one.
+    trim(&mut state, 12_000);
+    assert_eq!(state.start_offset(&q0), Some(3));
+    assert_eq!(state.start_offset(&QueueId::new("orders", 1)), Some(2));
+    assert_eq!(state.start_offset(&retry0), Some(1));
+
+    let later = vec![
+        // The duplicate retry of the first batch, whose messages are gone.
+        Command::Append {
+            queue: QueueId::new("orders", 1),
+            producer_id: 1,
+            first_seq: 0,
+            messages: ["a0", "a1", "a2"].map(Message::with_body).to_vec(),
+            stamp_ms: 12_500,
+        },
+        Command::Ack {
+            group: "audit".into(),
+            queue: q0.clone(),
+            offsets: vec![0, 4],
+        },
+        Command::ReconsumeLater {
+            group: "audit".into(),
+            queue: q0.clone(),
+            offset: 1,
+            stamp_ms: 12_600,
+        },
+        Command::ReconsumeLater {
+            group: "billing".into(),
+            queue: q0.clone(),
+            offset: 3,
+            stamp_ms: 12_700,
+        },
+        Command::Append {
+            queue: q0.clone(),
+            producer_id: 3,
+            first_seq: 0,
+            messages: vec![Message::with_body("c0")],
+            stamp_ms: 13_000,
+        },
+        Command::Ack {
+            group: "billing".into(),
+            queue: q0.clone(),
+            offsets: vec![6, 5],
+        },
+        Command::Trim { stamp_ms: 19_600 },
+        Command::Append {
+            queue: q0.clone(),
+            producer_id: 1,
+            first_seq: 3,
+            messages: ["a3", "a4"].map(Message::with_body).to_vec(),
+            stamp_ms: 20_000,
+        },
+        Command::Ack {
+            group: "audit".into(),
+            queue: q0,
+            offsets: vec![3, 99],
+        },
+        Command::Trim { stamp_ms: 40_000 },
+    ];
+    (state, later)
+}
+
+#[test]
+fn a_restored_state_snapshots_the_same_and_answers_everything_the_same() {
+    let (mut original, later) = mixed_history();
+    let mut copy = restored(&original);
+    assert_eq!(observe(&copy, 12_000), observe(&original, 12_000));
+    for command in later {
+        let (a, b) = (original.apply(command.clone()), copy.apply(command.clone()));
+        assert_eq!(a, b, "{command:?}");
+        if let Command::Append {
+            producer_id: 1,
+            first_seq: 0,
+            ..
+        } = command
+        {
+            assert_eq!(
+                a,
+                Outcome::Appended {
+                    queue: QueueId::new("orders", 0),
+                    base_offset: 0,
+                    duplicate: true
+                },
+                "the dedup window survives the snapshot"
+            );
+        }
+        for now_ms in [0, 15_000, u64::MAX] {
+            assert_eq!(
+                observe(&copy, now_ms),
+                observe(&original, now_ms),
+                "{command:?}"
+            );
+        }
+        assert_eq!(copy.snapshot(), original.snapshot());
+        copy = restored(&copy);
+    }
+}
+
+#[test]
+fn equal_states_give_equal_snapshots_and_different_ones_differ() {
+    let (a, _) = mixed_history();
+    let (mut b, _) = mixed_history();
+    assert_eq!(a.snapshot(), b.snapshot());
+    assert_eq!(a.snapshot()[0], SNAPSHOT_VERSION);
+    ack(&mut b, "audit", &QueueId::new("orders", 0), &[4]);
+    assert_ne!(
+        a.snapshot(),
+        b.snapshot(),
+        "an ack above the gap is in the snapshot"
+    );
+    let empty = BrokerState::new(BrokerConfig::default());
+    let restored = BrokerState::restore(BrokerConfig::default(), &empty.snapshot());
+    assert_eq!(restored.map(|s| s.queues().count()).ok(), Some(0));
+}
+
+#[test]
+fn damaged_snapshots_are_refused_never_misread() {
+    let (state, _) = mixed_history();
+    let bytes = state.snapshot();
+    let config = state.config().clone();
+    let restore = |bytes: &[u8]| BrokerState::restore(config.clone(), bytes).map(|_| ());
+    assert_eq!(restore(&bytes), Ok(()));
+    assert_eq!(restore(&[]), Err(SnapshotError::Truncated { len: 0 }));
+    for len in 1..bytes.len() {
+        assert!(restore(&bytes[..len]).is_err(), "cut to {len} bytes");
+    }
+    for bit in 0..bytes.len() * 8 {
+        let mut flipped = bytes.clone();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        assert!(restore(&flipped).is_err(), "bit {bit} flipped");
+    }
+    let mut other = bytes.clone();
+    other[0] = SNAPSHOT_VERSION + 1;
+    assert_eq!(
+        restore(&other),
+        Err(SnapshotError::UnknownVersion(SNAPSHOT_VERSION + 1))
+    );
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(
+        restore(&longer),
+        Err(SnapshotError::Checksum { .. })
+    ));
+    // Trailing bytes under a valid checksum (a writer's bug, not damage).
+    let mut padded = bytes[..bytes.len() - 4].to_vec();
+    padded.push(0);
+    let checksum = crc32c::crc32c(&padded);
+    padded.extend_from_slice(&checksum.to_le_bytes());
+    assert_eq!(restore(&padded), Err(SnapshotError::TrailingBytes(1)));
+    for error in [
+        SnapshotError::Truncated { len: 3 },
+        SnapshotError::UnknownVersion(9),
+        SnapshotError::Checksum {
+            stored: 1,
+            computed: 2,
+        },
+        SnapshotError::Undecodable("x".into()),
+        SnapshotError::TrailingBytes(1),
+        SnapshotError::Inconsistent("y".into()),
+    ] {
+        assert!(error.to_string().starts_with("broker snapshot"), "{error}");
+    }
+}
+
+/// Snapshot images with a valid checksum but a state no command sequence builds: written
+/// with stand-ins of the same shape (postcard writes no field names).
+#[test]
+fn inconsistent_snapshots_are_refused() {
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+    type Queues = BTreeMap<QueueId, (Offset, VecDeque<StoredMessage>)>;
+    type Offsets = BTreeMap<(String, QueueId), (Offset, BTreeSet<Offset>)>;
+    type Windows = BTreeMap<ProducerId, (BTreeMap<Seq, (QueueId, Offset, u64)>, Seq)>;
+    fn forge(image: &(Queues, Offsets, Windows)) -> Vec<u8> {
+        let mut bytes = postcard::to_extend(image, vec![SNAPSHOT_VERSION]).unwrap_or_default();
+        let checksum = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
+    let restore = |image| BrokerState::restore(BrokerConfig::default(), &forge(&image));
+    let q = QueueId::new("orders", 0);
+    let one = StoredMessage {
+        producer_id: 1,
+        seq: 0,
+        message: Message::with_body("m"),
+        stored_ms: 0,
+        reconsume_times: 0,
+        due_ms: 0,
+        origin: None,
+    };
+    let queues: Queues = [(q.clone(), (5, VecDeque::from([one])))].into();
+    let good = (
+        queues.clone(),
+        [(("g".to_string(), q.clone()), (5, BTreeSet::new()))].into(),
+        [(1, ([(0, (q.clone(), 5, 1))].into(), 0))].into(),
+    );
+    let state = restore(good.clone()).map_err(|e| e.to_string());
+    assert_eq!(state.as_ref().map(|s| s.snapshot()), Ok(forge(&good)));
+    assert_eq!(state.map(|s| s.message(&q, 5).cloned().is_some()), Ok(true));
+
+    let mut bad = good.clone();
+    bad.1 = [(
+        ("g".to_string(), QueueId::new("nope", 0)),
+        (0, BTreeSet::new()),
+    )]
+    .into();
+    assert!(matches!(restore(bad), Err(SnapshotError::Inconsistent(_))));
+    let mut bad = good.clone();
+    bad.1 = [(("g".to_string(), q.clone()), (5, BTreeSet::from([6])))].into();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "an ack past the end"
+    );
+    let mut bad = good.clone();
+    bad.1 = [(("g".to_string(), q.clone()), (7, BTreeSet::new()))].into();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "consumed past the end"
+    );
+    let mut bad = good.clone();
+    bad.2 = [(1, ([(0, (q.clone(), 5, 0))].into(), 0))].into();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "an empty batch"
+    );
+    let mut bad = good.clone();
+    bad.2 = [(1, ([(u64::MAX, (q.clone(), 5, 2))].into(), u64::MAX))].into();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "past Seq::MAX"
+    );
+    let mut bad = good;
+    bad.0 = [(q, (u64::MAX, VecDeque::new()))].into();
+    bad.1 = BTreeMap::new();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "offsets past 2^63"
+    );
 }

@@ -132,11 +132,26 @@ pub enum Command {
         offset: Offset,
         stamp_ms: u64,
     },
+    /// Applies the retention policy ([`BrokerConfig::retention_ms`],
+    /// [`BrokerConfig::retention_bytes`]) at the leader's time `stamp_ms`: every queue, retry
+    /// and dead-letter queues included, drops messages from its front, consumed or not (as
+    /// Kafka and RocketMQ delete old segments). It is a command in the log, not a timer on each
+    /// replica, so every replica drops the same messages at the same index.
+    ///
+    /// Its outcome is [`Outcome::QueuesCreated`], the outcome of the commands the node proposes
+    /// itself (`respond` in the node already tells a client "internal command" for it) rather
+    /// than a new variant that every exhaustive match on outcomes would have to learn; what was
+    /// dropped shows in [`crate::broker::BrokerState::start_offset`].
+    ///
+    /// The last variant: postcard numbers variants in order, so the earlier ones keep the
+    /// encodings already in logs.
+    Trim { stamp_ms: u64 },
 }
 
 /// What applying a command did; handed back to whoever proposed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// A `CreateQueues` or a `Trim` was applied.
     QueuesCreated,
     /// The batch sits at `base_offset..base_offset + n` of `queue`. `duplicate` means this was
     /// a retry of a batch already written, and these are its original place (the retry may
@@ -210,19 +225,34 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// How a broker group treats consumer failures.
+/// How a broker group treats consumer failures and how long it keeps messages. Applying
+/// commands depends on it, so every replica of a group must have the same one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
     /// Delay before the n-th redelivery is `reconsume_delays_ms[min(n, len) - 1]`.
     pub reconsume_delays_ms: Vec<u64>,
     /// After this many `ReconsumeLater`, a message goes to the dead-letter queue.
     pub max_reconsume: u32,
+    /// A [`Command::Trim`] stamped `t` drops a queue's oldest message while
+    /// `stored_ms + retention_ms <= t` (Kafka's `retention.ms`, RocketMQ's
+    /// `fileReservedTime`). "Oldest" is the lowest offset: retention only ever cuts the front,
+    /// so a message stamped by a leader whose clock lagged keeps the ones behind it a little
+    /// longer. A message in a retry or dead-letter queue ages from when it was moved there.
+    /// `None` keeps messages whatever their age.
+    pub retention_ms: Option<u64>,
+    /// A [`Command::Trim`] drops a queue's oldest messages while the queue's retained
+    /// [`Message::size_bytes`] exceed this (Kafka's `retention.bytes`, per queue as Kafka's is
+    /// per partition), down to at or under the limit, but it never drops the newest message:
+    /// as Kafka never deletes the active segment, the latest write stays readable until age
+    /// retention or a newer write takes it. `None` sets no size limit.
+    pub retention_bytes: Option<u64>,
     /// A planted bug; effective only with the `canaries` feature.
     pub canary: Option<crate::raft::Canary>,
 }
 
 impl Default for BrokerConfig {
-    /// RocketMQ's delay levels from 1 s to 2 h, and 16 attempts.
+    /// RocketMQ's delay levels from 1 s to 2 h, 16 attempts, and its 72 hours of retention
+    /// with no size limit.
     fn default() -> Self {
         const S: u64 = 1_000;
         const M: u64 = 60 * S;
@@ -248,6 +278,8 @@ impl Default for BrokerConfig {
                 120 * M,
             ],
             max_reconsume: 16,
+            retention_ms: Some(72 * 60 * M),
+            retention_bytes: None,
             canary: None,
         }
     }

@@ -48,6 +48,12 @@ pub struct NodeConfig {
     pub member_session_ms: u64,
     /// Keep every applied entry for [`BrokerNode::poll_applied`] (the simulator's checkers).
     pub record_applied: bool,
+    /// Compact a group's log into a snapshot of its state once this many entries were applied
+    /// since the last snapshot and their command bytes exceed that snapshot's size (so the
+    /// work of snapshotting stays proportional to what the log grew by). `None`: never.
+    pub snapshot_entries_min: Option<u64>,
+    /// How often a broker group's leader checks whether retention has messages to delete.
+    pub trim_interval_ms: u64,
     pub canary: Option<Canary>,
 }
 
@@ -62,6 +68,8 @@ impl NodeConfig {
             parked_pulls_max: 10_000,
             member_session_ms: 10_000,
             record_applied: false,
+            snapshot_entries_min: Some(10_000),
+            trim_interval_ms: 1_000,
             canary: None,
         }
     }
@@ -74,6 +82,34 @@ impl NodeConfig {
 enum Machine {
     Meta(MetaState),
     Broker(BrokerState),
+}
+
+impl Machine {
+    fn snapshot(&self) -> Vec<u8> {
+        match self {
+            Machine::Meta(meta) => meta.snapshot(),
+            Machine::Broker(state) => state.snapshot(),
+        }
+    }
+
+    /// The same kind of machine, restored from a snapshot's data.
+    fn restored(&self, data: &[u8]) -> Result<Machine, String> {
+        match self {
+            Machine::Meta(_) => MetaState::restore(data).map(Machine::Meta),
+            Machine::Broker(state) => BrokerState::restore(state.config().clone(), data)
+                .map(Machine::Broker)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Log growth since a group's last snapshot, to decide when to compact.
+#[derive(Debug, Default)]
+struct SnapshotPace {
+    entries_since: u64,
+    bytes_since: u64,
+    /// The size of the last snapshot's data.
+    last_bytes: u64,
 }
 
 /// A client request inside a proposed entry.
@@ -96,6 +132,9 @@ struct Group {
     proposal_index: BTreeMap<ProposalId, Index>,
     /// Queues this node asked the group to create and has not seen created yet.
     creating: BTreeSet<QueueId>,
+    pace: SnapshotPace,
+    /// When this node, as leader, last proposed a retention trim.
+    trimmed_at: Option<Instant>,
 }
 
 struct ParkedPull {
@@ -120,6 +159,8 @@ pub struct BrokerNode {
     /// leader: a new leader learns the members from their next heartbeats.
     members: BTreeMap<String, BTreeMap<String, Instant>>,
     applied: VecDeque<(GroupId, Entry)>,
+    /// Snapshots whose state did not decode: the node cannot go on with that group.
+    faults: VecDeque<String>,
 }
 
 impl BrokerNode {
@@ -131,6 +172,7 @@ impl BrokerNode {
         seed: u64,
         now: Instant,
     ) -> BrokerNode {
+        let mut faults = VecDeque::new();
         let groups = config
             .groups()
             .map(|group| {
@@ -140,13 +182,24 @@ impl BrokerNode {
                 raft_config.voters = config.nodes.clone();
                 raft_config.canary = config.canary;
                 let disk = recovered.remove(&group).unwrap_or_default();
-                let machine = if group == METADATA_GROUP {
+                let mut machine = if group == METADATA_GROUP {
                     Machine::Meta(MetaState::default())
                 } else {
                     let mut broker = config.broker.clone();
                     broker.canary = config.canary;
                     Machine::Broker(BrokerState::new(broker))
                 };
+                let mut pace = SnapshotPace::default();
+                if let Some(snapshot) = &disk.snapshot {
+                    pace.last_bytes = snapshot.data.len() as u64;
+                    match machine.restored(&snapshot.data) {
+                        Ok(restored) => machine = restored,
+                        Err(e) => faults.push_back(format!(
+                            "group {group}: the snapshot at index {} on disk does not restore: {e}",
+                            snapshot.index
+                        )),
+                    }
+                }
                 let replica_seed = seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let group_state = Group {
                     raft: Replica::new(raft_config, disk, replica_seed, now),
@@ -156,6 +209,8 @@ impl BrokerNode {
                     applied: BTreeMap::new(),
                     proposal_index: BTreeMap::new(),
                     creating: BTreeSet::new(),
+                    pace,
+                    trimmed_at: None,
                 };
                 (group, group_state)
             })
@@ -169,6 +224,7 @@ impl BrokerNode {
             creating_topics: Vec::new(),
             members: BTreeMap::new(),
             applied: VecDeque::new(),
+            faults,
         };
         node.settle(now);
         node
@@ -406,6 +462,12 @@ impl BrokerNode {
         self.responses.pop_front()
     }
 
+    /// A snapshot whose state does not decode (a bug, or bytes damaged past their checksums):
+    /// the driver must stop the node, since that group can no longer apply anything.
+    pub fn poll_fault(&mut self) -> Option<String> {
+        self.faults.pop_front()
+    }
+
     /// The next entry applied, in order per group, when `record_applied` is set.
     pub fn poll_applied(&mut self) -> Option<(GroupId, Entry)> {
         self.applied.pop_front()
@@ -632,7 +694,28 @@ impl BrokerNode {
             if !group.batch.is_empty() {
                 propose_batch(&mut self.next_proposal, group, &mut self.responses);
             }
+            if let Some(snapshot) = group.raft.poll_restore() {
+                match group.machine.restored(&snapshot.data) {
+                    Ok(machine) => {
+                        group.machine = machine;
+                        group.pace = SnapshotPace {
+                            last_bytes: snapshot.data.len() as u64,
+                            ..SnapshotPace::default()
+                        };
+                        // Outcomes of entries the snapshot covers are gone with them.
+                        group.applied = group.applied.split_off(&(snapshot.index + 1));
+                        woken.insert(*group_id);
+                    }
+                    Err(e) => self.faults.push_back(format!(
+                        "group {group_id}: the snapshot at index {} from the leader does not \
+                         restore: {e}",
+                        snapshot.index
+                    )),
+                }
+            }
             while let Some(entry) = group.raft.poll_committed() {
+                group.pace.entries_since += 1;
+                group.pace.bytes_since += entry.command_bytes() as u64;
                 if self.config.record_applied {
                     self.applied.push_back((*group_id, entry.clone()));
                 }
@@ -666,6 +749,7 @@ impl BrokerNode {
                     group.applied.insert(entry.index, outcomes);
                 }
             }
+            maybe_compact(*group_id, group, self.config.snapshot_entries_min);
             while let Some(fate) = group.raft.poll_proposal() {
                 let index = group.proposal_index.remove(&fate.id);
                 let waiters = group.proposed.remove(&fate.id).unwrap_or_default();
@@ -694,6 +778,7 @@ impl BrokerNode {
         }
         self.answer_topic_creations();
         self.create_placed_queues();
+        self.propose_trims(now);
         for group in self.groups.values_mut() {
             if !group.batch.is_empty() {
                 propose_batch(&mut self.next_proposal, group, &mut self.responses);
@@ -783,6 +868,30 @@ impl BrokerNode {
         }
     }
 
+    /// On the leader of each broker group, a retention trim when some message has outlived
+    /// the policy, at most once per `trim_interval_ms`. The leader's clock goes into the
+    /// command, so every replica deletes exactly the same messages.
+    fn propose_trims(&mut self, now: Instant) {
+        let interval = std::time::Duration::from_millis(self.config.trim_interval_ms);
+        let now_ms = now.as_micros() / 1_000;
+        for group in self.groups.values_mut() {
+            let Machine::Broker(state) = &group.machine else {
+                continue;
+            };
+            if group.raft.status().role != Role::Leader
+                || group
+                    .trimmed_at
+                    .is_some_and(|at| now.saturating_since(at) < interval)
+                || !state.trim_due(now_ms)
+            {
+                continue;
+            }
+            group.trimmed_at = Some(now);
+            let command = Command::Trim { stamp_ms: now_ms };
+            group.batch.push((None, encode_command(&command)));
+        }
+    }
+
     fn retry_parked(&mut self, now: Instant, woken: &BTreeSet<GroupId>) {
         if self.parked.is_empty() {
             return;
@@ -807,6 +916,36 @@ impl BrokerNode {
                 self.parked.push(pull);
             }
         }
+    }
+}
+
+/// Snapshots a group's state and compacts its log when the log grew enough since the last one.
+fn maybe_compact(group_id: GroupId, group: &mut Group, entries_min: Option<u64>) {
+    let Some(entries_min) = entries_min else {
+        return;
+    };
+    let pace = &group.pace;
+    if pace.entries_since < entries_min.max(1) || pace.bytes_since < pace.last_bytes {
+        return;
+    }
+    let status = group.raft.status();
+    if status.applied_index <= status.snapshot_index {
+        return;
+    }
+    let data = group.machine.snapshot();
+    let bytes = data.len() as u64;
+    // Only fails for an index not past the last snapshot, which the check above excludes.
+    if group
+        .raft
+        .compact(status.applied_index, Bytes::from(data))
+        .is_ok()
+    {
+        group.pace = SnapshotPace {
+            last_bytes: bytes,
+            ..SnapshotPace::default()
+        };
+    } else {
+        debug_assert!(false, "group {group_id}: compaction refused");
     }
 }
 

@@ -17,13 +17,40 @@ pub enum MetaCommand {
     CreateTopic { topic: String, queues: u32 },
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MetaState {
     /// Topic to the broker group of each of its queues.
     topics: BTreeMap<String, Vec<GroupId>>,
 }
 
+/// The first byte of a metadata snapshot, for the day its encoding changes.
+const META_SNAPSHOT_VERSION: u8 = 1;
+
 impl MetaState {
+    /// The topic table's encoding, for a Raft snapshot; equal tables give equal bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = vec![META_SNAPSHOT_VERSION];
+        // A table of strings and numbers always encodes.
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    pub fn restore(bytes: &[u8]) -> Result<MetaState, String> {
+        match bytes.split_first() {
+            Some((&META_SNAPSHOT_VERSION, body)) => {
+                let (state, rest) = postcard::take_from_bytes::<MetaState>(body)
+                    .map_err(|e| format!("metadata snapshot does not decode: {e}"))?;
+                if rest.is_empty() {
+                    Ok(state)
+                } else {
+                    Err(format!("{} bytes after the metadata snapshot", rest.len()))
+                }
+            }
+            Some((version, _)) => Err(format!("metadata snapshot of unknown version {version}")),
+            None => Err("empty metadata snapshot".into()),
+        }
+    }
+
     /// Places the topic's queues round-robin over `broker_groups`, starting after the
     /// previous topic's start so that topics spread too. Creating an existing topic keeps its
     /// placement; returns false if it asked for a different number of queues.

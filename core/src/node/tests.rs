@@ -9,7 +9,7 @@ use super::protocol::{ClientId, Request, Response, Route};
 use super::*;
 use crate::broker::{Message, QueueId};
 use crate::client::{AckStatus, Consumer, ConsumerConfig, Producer, ProducerConfig, SendResult};
-use crate::raft::{Envelope, GroupId, NodeId, Role};
+use crate::raft::{Envelope, GroupId, NodeId, Recovered, Role};
 use crate::time::Instant;
 
 struct Cluster {
@@ -18,15 +18,22 @@ struct Cluster {
     network: VecDeque<Envelope>,
     responses: Vec<(NodeId, ClientId, u64, Response)>,
     next_request: u64,
+    /// Nodes that are stopped: no timers, and messages to them are lost.
+    down: std::collections::BTreeSet<NodeId>,
 }
 
 impl Cluster {
     fn new(nodes: u64, broker_groups: u64) -> Cluster {
+        Cluster::with(nodes, broker_groups, |_| {})
+    }
+
+    fn with(nodes: u64, broker_groups: u64, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         let ids: Vec<NodeId> = (1..=nodes).collect();
         let nodes = ids
             .iter()
             .map(|id| {
-                let config = NodeConfig::new(*id, ids.clone(), broker_groups);
+                let mut config = NodeConfig::new(*id, ids.clone(), broker_groups);
+                tweak(&mut config);
                 (
                     *id,
                     BrokerNode::new(config, BTreeMap::new(), *id, Instant::ZERO),
@@ -39,13 +46,17 @@ impl Cluster {
             network: VecDeque::new(),
             responses: Vec::new(),
             next_request: 1,
+            down: std::collections::BTreeSet::new(),
         }
     }
 
     /// Moves time on by 1 ms and delivers everything sent, syncing every write at once.
     fn step(&mut self) {
         self.now = self.now + Duration::from_millis(1);
-        for node in self.nodes.values_mut() {
+        for (id, node) in &mut self.nodes {
+            if self.down.contains(id) {
+                continue;
+            }
             if node.poll_timeout() <= self.now {
                 node.handle_timeout(self.now);
             }
@@ -66,6 +77,9 @@ impl Cluster {
             }
             while let Some(envelope) = self.network.pop_front() {
                 quiet = false;
+                if self.down.contains(&envelope.to) || self.down.contains(&envelope.from) {
+                    continue;
+                }
                 if let Some(node) = self.nodes.get_mut(&envelope.to) {
                     node.handle_peer(self.now, envelope);
                 }
@@ -488,4 +502,168 @@ fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() 
         "handed over in {:?}, not after the session timeout",
         cluster.now.saturating_since(left_at)
     );
+}
+
+#[test]
+fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_same_state() {
+    let mut cluster = Cluster::with(3, 1, |config| config.snapshot_entries_min = Some(4));
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
+    let create = Request::CreateTopic {
+        topic: "orders".into(),
+        queues: 1,
+    };
+    assert!(matches!(
+        cluster.ask(meta, create),
+        Response::TopicCreated { .. }
+    ));
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let leader = cluster.leader(1).unwrap_or(1);
+    let absent = (1..=3).find(|n| *n != leader && *n != meta).unwrap_or(3);
+    cluster.down.insert(absent);
+    let queue = QueueId::new("orders", 0);
+    let send = |seq: u64| Request::Send {
+        broker: 1,
+        queue: queue.clone(),
+        producer_id: 9,
+        first_seq: seq,
+        messages: batch(&["x", "y"]),
+    };
+    for seq in (0..60).step_by(2) {
+        assert!(matches!(
+            cluster.ask(leader, send(seq)),
+            Response::Sent {
+                duplicate: false,
+                ..
+            }
+        ));
+    }
+    let ack = Request::Ack {
+        broker: 1,
+        group: "billing".into(),
+        queue: queue.clone(),
+        offsets: (0..25).collect(),
+    };
+    assert!(matches!(cluster.ask(leader, ack), Response::Acked { .. }));
+    let compacted = cluster.nodes[&leader]
+        .replica(1)
+        .map_or(0, |r| r.status().snapshot_index);
+    assert!(compacted > 0, "the leader compacted its log");
+
+    cluster.down.remove(&absent);
+    for _ in 0..500 {
+        cluster.step();
+    }
+    let back = cluster.nodes[&absent].replica(1).map(|r| r.status());
+    assert!(
+        back.is_some_and(|s| s.snapshot_index >= compacted),
+        "installed a snapshot: {back:?}"
+    );
+    let state_of = |cluster: &Cluster, node: NodeId| {
+        cluster.nodes[&node]
+            .broker_state(1)
+            .map(|s| s.snapshot())
+            .unwrap_or_default()
+    };
+    assert_eq!(state_of(&cluster, absent), state_of(&cluster, leader));
+    assert_eq!(
+        cluster.nodes[&absent]
+            .broker_state(1)
+            .map(|s| s.consume_offset("billing", &queue)),
+        Some(25)
+    );
+    // A retry of an early batch is still recognised by its dedup window, after the restore.
+    let mut restored = cluster.nodes[&absent]
+        .broker_state(1)
+        .cloned()
+        .expect("broker group");
+    let retry = crate::broker::Command::Append {
+        queue: queue.clone(),
+        producer_id: 9,
+        first_seq: 58,
+        messages: batch(&["x", "y"]),
+        stamp_ms: cluster.now.as_micros() / 1_000,
+    };
+    assert_eq!(
+        restored.apply(retry),
+        crate::broker::Outcome::Appended {
+            queue: queue.clone(),
+            base_offset: 58,
+            duplicate: true
+        }
+    );
+    assert!(cluster.nodes.values_mut().all(|n| n.poll_fault().is_none()));
+}
+
+#[test]
+fn a_node_restarts_from_a_snapshot_on_its_disk() {
+    let mut cluster = Cluster::with(3, 1, |config| config.snapshot_entries_min = Some(2));
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
+    let create = Request::CreateTopic {
+        topic: "orders".into(),
+        queues: 2,
+    };
+    assert!(matches!(
+        cluster.ask(meta, create),
+        Response::TopicCreated { .. }
+    ));
+    for _ in 0..50 {
+        cluster.step();
+    }
+    let node = &cluster.nodes[&meta];
+    let snapshot = node
+        .replica(METADATA_GROUP)
+        .and_then(|r| r.snapshot().cloned())
+        .expect("the metadata group compacted");
+    let disk = Recovered {
+        hard_state: crate::raft::HardState {
+            term: node.replica(METADATA_GROUP).map_or(0, |r| r.status().term),
+            vote: None,
+            commit: snapshot.index,
+        },
+        snapshot: Some(snapshot),
+        entries: Vec::new(),
+    };
+    let config = NodeConfig::new(meta, vec![1, 2, 3], 1);
+    let mut restarted = BrokerNode::new(
+        config,
+        BTreeMap::from([(METADATA_GROUP, disk)]),
+        5,
+        cluster.now,
+    );
+    assert_eq!(restarted.poll_fault(), None);
+    // Routes come from the restored topic table (its leader hints are unknown yet).
+    restarted.handle_request(
+        cluster.now,
+        1,
+        1,
+        Request::Route {
+            topic: "orders".into(),
+        },
+    );
+    let routes = std::iter::from_fn(|| restarted.poll_response()).find_map(|(_, _, r)| match r {
+        Response::Routes { routes, .. } => Some(routes),
+        _ => None,
+    });
+    assert_eq!(routes.map(|r| r.len()), Some(2));
+
+    // A snapshot that does not decode is a fault, not a panic.
+    let bad = Recovered {
+        snapshot: Some(crate::raft::Snapshot {
+            index: 3,
+            term: 1,
+            data: Bytes::from_static(b"garbage"),
+        }),
+        ..Recovered::default()
+    };
+    let mut broken = BrokerNode::new(
+        NodeConfig::new(meta, vec![1, 2, 3], 1),
+        BTreeMap::from([(1, bad)]),
+        5,
+        cluster.now,
+    );
+    assert!(broken.poll_fault().is_some_and(|f| f.contains("group 1")));
 }

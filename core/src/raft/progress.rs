@@ -10,6 +10,9 @@ pub(super) enum ProgressState {
     Probe,
     /// The follower is known to match: stream Appends up to the in-flight window.
     Replicate,
+    /// The follower needs entries the leader has compacted: send it the snapshot, one chunk
+    /// at a time.
+    Snapshot,
 }
 
 #[derive(Clone, Debug)]
@@ -25,6 +28,20 @@ pub(super) struct Progress {
     pub(super) recent_active: bool,
     /// The latest heartbeat `context` (leader clock, micros) the follower answered.
     pub(super) lease_context_us: u64,
+    /// In Snapshot: which snapshot is being sent and how far.
+    pub(super) snapshot: SnapshotTransfer,
+}
+
+/// A leader's progress in sending one snapshot to one follower.
+#[derive(Clone, Debug, Default)]
+pub(super) struct SnapshotTransfer {
+    pub(super) index: Index,
+    /// Bytes the follower confirmed holding; the next chunk starts here.
+    pub(super) offset: u64,
+    /// A chunk is out and unanswered.
+    pub(super) in_flight: bool,
+    /// Heartbeat answers to wait for before sending an unanswered chunk again.
+    pub(super) wait_heartbeats: u32,
 }
 
 impl Progress {
@@ -37,7 +54,19 @@ impl Progress {
             inflight: VecDeque::new(),
             recent_active: true,
             lease_context_us: 0,
+            snapshot: SnapshotTransfer::default(),
         }
+    }
+
+    /// Starts sending the snapshot at `index` from its first byte.
+    pub(super) fn send_snapshot(&mut self, index: Index) {
+        self.state = ProgressState::Snapshot;
+        self.probe_sent = false;
+        self.inflight.clear();
+        self.snapshot = SnapshotTransfer {
+            index,
+            ..SnapshotTransfer::default()
+        };
     }
 
     /// Records that the follower holds everything up to `index`. Returns true if that is news.
@@ -46,9 +75,17 @@ impl Progress {
             self.inflight.pop_front();
         }
         self.probe_sent = false;
-        if self.state == ProgressState::Probe {
-            self.state = ProgressState::Replicate;
-            self.next_index = self.next_index.max(index + 1);
+        match self.state {
+            ProgressState::Probe => {
+                self.state = ProgressState::Replicate;
+                self.next_index = self.next_index.max(index + 1);
+            }
+            // An answer from before the snapshot was needed must not restart its transfer.
+            ProgressState::Snapshot if index >= self.snapshot.index => {
+                self.state = ProgressState::Replicate;
+                self.next_index = index + 1;
+            }
+            ProgressState::Snapshot | ProgressState::Replicate => {}
         }
         if index > self.match_index {
             self.match_index = index;

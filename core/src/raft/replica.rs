@@ -35,6 +35,15 @@ struct DamageState {
     repaired_at: Option<Index>,
 }
 
+/// A snapshot a follower is receiving, chunk by chunk.
+#[derive(Debug)]
+struct IncomingSnapshot {
+    index: Index,
+    term: Term,
+    total: u64,
+    data: Vec<u8>,
+}
+
 /// Messages of this term or higher are dropped unread.
 pub const TERM_MAX: Term = u64::MAX / 2;
 
@@ -85,6 +94,16 @@ pub struct Replica {
     /// Set while recovery's damage is not repaired; see [`Replica::damaged_from`].
     damage: Option<DamageState>,
 
+    // Snapshots.
+    /// The latest snapshot, standing in for the log up to its index (sent to followers that
+    /// need what it replaced).
+    snapshot: Option<Snapshot>,
+    /// `snapshot` is not yet handed out in a write.
+    snapshot_dirty: bool,
+    incoming_snapshot: Option<IncomingSnapshot>,
+    /// An installed snapshot the driver has not yet restored its state machine from.
+    restore: Option<Snapshot>,
+
     // Outputs.
     ready: VecDeque<Envelope>,
     /// Messages waiting until the given write is durable, oldest first.
@@ -97,21 +116,26 @@ impl Replica {
     pub fn new(config: Config, recovered: Recovered, seed: u64, now: Instant) -> Replica {
         let Recovered {
             hard_state,
+            snapshot,
             entries,
         } = recovered;
-        let mut log = RaftLog::from_entries(entries);
+        let (snapshot_index, snapshot_term) =
+            snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
+        let mut log = RaftLog::new(snapshot_index, snapshot_term, entries);
         let damage = config.damaged.get(&config.group).map(|damage| {
-            // Only the valid prefix, whatever the driver passed.
-            log.truncate_from(damage.from.max(1));
+            // Only the valid prefix, whatever the driver passed; a snapshot is never damaged
+            // (a driver whose snapshot fails its checksum passes none).
+            let from = damage.from.max(snapshot_index + 1);
+            log.truncate_from(from);
             DamageState {
-                from: damage.from.max(1),
+                from,
                 recovered_term: hard_state.term.max(log.last_term()),
                 votes_lost: damage.votes_lost,
                 repaired_at: None,
             }
         });
         let durable_index = log.last_index();
-        let commit = hard_state.commit.min(log.last_index());
+        let commit = hard_state.commit.min(log.last_index()).max(snapshot_index);
         let mut replica = Replica {
             rng: ChaCha8Rng::seed_from_u64(seed),
             term: hard_state.term,
@@ -120,7 +144,7 @@ impl Replica {
             role: Role::Follower,
             leader: None,
             commit,
-            applied: 0,
+            applied: snapshot_index,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             proposals: BTreeMap::new(),
@@ -139,6 +163,10 @@ impl Replica {
             writes_in_flight: VecDeque::new(),
             durable_index,
             damage,
+            snapshot,
+            snapshot_dirty: false,
+            incoming_snapshot: None,
+            restore: None,
             ready: VecDeque::new(),
             waiting: VecDeque::new(),
             config,
@@ -147,7 +175,7 @@ impl Replica {
             replica.vote = None;
         }
         if replica.canary(Canary::ForgetCommitOnRestart) {
-            replica.commit = 0;
+            replica.commit = snapshot_index;
         }
         replica.reset_election_deadline(now);
         replica
@@ -171,7 +199,9 @@ impl Replica {
                 // A granted pre-vote carries the term we would campaign in.
                 Message::PreVoteResponse { granted: true, .. } => {}
                 Message::Vote { .. } if self.in_lease(now) => return,
-                Message::Append { .. } | Message::Heartbeat { .. } => {
+                Message::Append { .. }
+                | Message::Heartbeat { .. }
+                | Message::InstallSnapshot { .. } => {
                     self.become_follower(now, term, Some(from));
                 }
                 _ => self.become_follower(now, term, None),
@@ -180,7 +210,9 @@ impl Replica {
             match message {
                 Message::Append { .. } if self.canary(Canary::AcceptStaleAppend) => {}
                 // Tell a stale leader about the newer term so it steps down.
-                Message::Append { .. } | Message::Heartbeat { .. } => {
+                Message::Append { .. }
+                | Message::Heartbeat { .. }
+                | Message::InstallSnapshot { .. } => {
                     let reply = Message::HeartbeatResponse {
                         term: self.term,
                         context: 0,
@@ -258,6 +290,20 @@ impl Replica {
             Message::HeartbeatResponse { context, .. } => {
                 self.handle_heartbeat_response(from, context)
             }
+            Message::InstallSnapshot {
+                index,
+                snapshot_term,
+                offset,
+                total,
+                chunk,
+                ..
+            } => {
+                self.follow(now, from);
+                self.handle_snapshot_chunk(from, index, snapshot_term, offset, total, chunk);
+            }
+            Message::SnapshotResponse {
+                index, received, ..
+            } => self.handle_snapshot_response(from, index, received),
         }
         self.check_repaired();
     }
@@ -358,13 +404,33 @@ impl Replica {
         }
         let id = self.writes_issued + 1;
         self.writes_issued = id;
-        let entries = match self.log_dirty_from.take() {
+        let snapshot = if std::mem::take(&mut self.snapshot_dirty) {
+            self.snapshot.clone()
+        } else {
+            None
+        };
+        let dirty_from = self.log_dirty_from.take();
+        // A rewrite that starts at or below the snapshot (an installed snapshot replacing a log
+        // that does not continue it, or a truncation the snapshot then covered) cannot be
+        // expressed as a suffix of the disk's log: the disk's log is replaced whole.
+        let discard_log = match (&snapshot, dirty_from) {
+            (Some(snapshot), Some(from)) => from <= snapshot.index,
+            _ => false,
+        };
+        debug_assert!(
+            snapshot.is_some() || dirty_from.is_none_or(|from| from > self.log.snapshot_index()),
+            "a log rewrite below the snapshot without the snapshot"
+        );
+        let entries = match dirty_from {
             Some(from) => self.log.slice(from, usize::MAX, usize::MAX),
             None => Vec::new(),
         };
-        let rewrite_floor = entries
-            .first()
-            .map_or(Index::MAX, |e| e.index.saturating_sub(1));
+        let rewrite_floor = match &snapshot {
+            Some(snapshot) if discard_log => snapshot.index,
+            _ => entries
+                .first()
+                .map_or(Index::MAX, |e| e.index.saturating_sub(1)),
+        };
         self.writes_in_flight.push_back(WriteInFlight {
             id,
             last_index: self.log.last_index(),
@@ -376,6 +442,8 @@ impl Replica {
         Some(Write {
             id,
             hard_state: carry_hard_state.then(|| self.hard_state()),
+            snapshot,
+            discard_log,
             entries,
         })
     }
@@ -385,8 +453,18 @@ impl Replica {
         self.ready.pop_front()
     }
 
+    /// A snapshot installed from the leader: the driver replaces its state machine by the
+    /// snapshot's state before it applies anything more (`poll_committed` hands out nothing
+    /// while one waits here).
+    pub fn poll_restore(&mut self) -> Option<Snapshot> {
+        self.restore.take()
+    }
+
     /// The next committed entry to apply, in index order.
     pub fn poll_committed(&mut self) -> Option<Entry> {
+        if self.restore.is_some() {
+            return None;
+        }
         let limit = if self.canary(Canary::ApplyBeyondCommit) {
             self.log.last_index()
         } else {
@@ -440,7 +518,39 @@ impl Replica {
             applied_index: self.applied,
             last_index: self.log.last_index(),
             durable_index: self.durable_index,
+            snapshot_index: self.log.snapshot_index(),
         }
+    }
+
+    /// Replaces the log up to `index` by a snapshot whose state machine `data` the driver made
+    /// after applying exactly the entries up to `index`. The snapshot goes to disk with the
+    /// next write, and followers that need what it replaced are sent it.
+    pub fn compact(&mut self, index: Index, data: Bytes) -> Result<(), CompactError> {
+        if index > self.applied {
+            return Err(CompactError::NotApplied {
+                index,
+                applied: self.applied,
+            });
+        }
+        let snapshot_index = self.log.snapshot_index();
+        let term = match self.log.term_at(index) {
+            Some(term) if index > snapshot_index => term,
+            _ => {
+                return Err(CompactError::Stale {
+                    index,
+                    snapshot_index,
+                });
+            }
+        };
+        self.log.compact_to(index, term);
+        self.snapshot = Some(Snapshot { index, term, data });
+        self.snapshot_dirty = true;
+        Ok(())
+    }
+
+    /// The latest snapshot, durable or on its way to disk.
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
     }
 
     pub fn config(&self) -> &Config {
@@ -759,6 +869,97 @@ impl Replica {
         self.reply_append(from, AppendResult::Accepted { match_index });
     }
 
+    fn handle_snapshot_chunk(
+        &mut self,
+        from: NodeId,
+        index: Index,
+        term: Term,
+        offset: u64,
+        total: u64,
+        chunk: Bytes,
+    ) {
+        if index <= self.commit {
+            // We hold everything it stands for already (committed entries are the leader's).
+            self.incoming_snapshot = None;
+            let result = AppendResult::Accepted {
+                match_index: self.commit,
+            };
+            self.reply_append(from, result);
+            return;
+        }
+        let mut incoming = match self.incoming_snapshot.take() {
+            Some(incoming)
+                if incoming.index == index && incoming.term == term && incoming.total == total =>
+            {
+                incoming
+            }
+            _ => IncomingSnapshot {
+                index,
+                term,
+                total,
+                data: Vec::new(),
+            },
+        };
+        let held = incoming.data.len() as u64;
+        let fits = offset
+            .checked_add(chunk.len() as u64)
+            .is_some_and(|end| end <= total);
+        if offset == held && fits {
+            incoming.data.extend_from_slice(&chunk);
+        }
+        if (incoming.data.len() as u64) < total {
+            let reply = Message::SnapshotResponse {
+                term: self.term,
+                index,
+                received: incoming.data.len() as u64,
+            };
+            self.incoming_snapshot = Some(incoming);
+            self.send_after_all_writes(from, reply);
+            return;
+        }
+        let snapshot = Snapshot {
+            index,
+            term,
+            data: Bytes::from(incoming.data),
+        };
+        self.install_snapshot(snapshot);
+        let reply = Message::AppendResponse {
+            term: self.term,
+            result: AppendResult::Accepted { match_index: index },
+        };
+        if self.canary(Canary::AckSnapshotBeforeDurable) {
+            self.send(from, reply, 0);
+        } else {
+            self.send_after_all_writes(from, reply);
+        }
+    }
+
+    /// Makes a whole snapshot from the leader this replica's state; `snapshot.index` is above
+    /// the commit index.
+    fn install_snapshot(&mut self, snapshot: Snapshot) {
+        let (index, term) = (snapshot.index, snapshot.term);
+        let keeps_log = index <= self.log.last_index()
+            && (self.log.term_at(index) == Some(term)
+                || self.canary(Canary::InstallKeepsConflictingLog));
+        if keeps_log {
+            // Our log continues it (log matching): keep what follows.
+            self.advance_commit(index);
+            self.log.compact_to(index, term);
+        } else {
+            let commit_before = self.commit;
+            self.truncate_from(self.log.snapshot_index() + 1);
+            self.log.reset_to(index, term);
+            // Only what was committed before is still equal to the disk's old log.
+            self.mark_log_dirty(index);
+            self.durable_index = self.durable_index.min(commit_before);
+            self.advance_commit(index);
+        }
+        self.applied = index;
+        self.restore = Some(snapshot.clone());
+        self.snapshot = Some(snapshot);
+        self.snapshot_dirty = true;
+    }
+
     fn reply_append(&mut self, to: NodeId, result: AppendResult) {
         let reply = Message::AppendResponse {
             term: self.term,
@@ -826,11 +1027,16 @@ impl Replica {
         let blocked = match progress.state {
             ProgressState::Probe => progress.probe_sent,
             ProgressState::Replicate => progress.inflight.len() >= self.config.inflight_appends_max,
+            ProgressState::Snapshot => false,
         };
         if blocked {
             return false;
         }
         let prev_index = progress.next_index - 1;
+        if prev_index < self.log.snapshot_index() || progress.state == ProgressState::Snapshot {
+            self.send_snapshot_chunk(to);
+            return false;
+        }
         let Some(prev_term) = self.log.term_at(prev_index) else {
             return false;
         };
@@ -854,7 +1060,7 @@ impl Replica {
             return false;
         };
         let more = match progress.state {
-            ProgressState::Probe => {
+            ProgressState::Probe | ProgressState::Snapshot => {
                 progress.probe_sent = true;
                 false
             }
@@ -901,6 +1107,8 @@ impl Replica {
                 let stale = match progress.state {
                     ProgressState::Replicate => rejected_index <= progress.match_index,
                     ProgressState::Probe => rejected_index + 1 != progress.next_index,
+                    // Answers an Append from before the snapshot was needed.
+                    ProgressState::Snapshot => true,
                 };
                 // A damaged follower may really have lost what it acknowledged; at worst a
                 // stale one costs a probe.
@@ -939,6 +1147,20 @@ impl Replica {
         progress.recent_active = true;
         progress.probe_sent = false;
         progress.lease_context_us = progress.lease_context_us.max(context);
+        if progress.state == ProgressState::Snapshot {
+            // A lost chunk or answer would stall the transfer; a follower busy syncing a
+            // large snapshot gets a few heartbeats before the chunk goes again.
+            let transfer = &mut progress.snapshot;
+            if transfer.in_flight {
+                if transfer.wait_heartbeats > 0 {
+                    transfer.wait_heartbeats -= 1;
+                    return;
+                }
+                transfer.in_flight = false;
+            }
+            self.send_snapshot_chunk(from);
+            return;
+        }
         if progress.match_index < last_index {
             // An Append may have been lost: make room for one more, which either fills the
             // gap or draws a rejection that sends us back to probing.
@@ -947,6 +1169,56 @@ impl Replica {
             }
             self.send_append(from, true);
         }
+    }
+
+    /// Sends `to` the next chunk of our snapshot, unless one is out unanswered.
+    fn send_snapshot_chunk(&mut self, to: NodeId) {
+        let Some(snapshot) = &self.snapshot else {
+            return;
+        };
+        let Some(progress) = self.progress.get_mut(&to) else {
+            return;
+        };
+        if progress.state != ProgressState::Snapshot || progress.snapshot.index != snapshot.index {
+            progress.send_snapshot(snapshot.index);
+        }
+        let transfer = &mut progress.snapshot;
+        if transfer.in_flight {
+            return;
+        }
+        let total = snapshot.data.len();
+        let start = usize::try_from(transfer.offset).unwrap_or(total).min(total);
+        let end = start
+            .saturating_add(self.config.snapshot_chunk_bytes_max.max(1))
+            .min(total);
+        transfer.in_flight = true;
+        transfer.wait_heartbeats = self.config.snapshot_resend_heartbeats;
+        let message = Message::InstallSnapshot {
+            term: self.term,
+            index: snapshot.index,
+            snapshot_term: snapshot.term,
+            offset: start as u64,
+            total: total as u64,
+            chunk: snapshot.data.slice(start..end),
+        };
+        // Our term is durable (we campaigned with it); the snapshot is committed state.
+        self.send(to, message, self.term_write);
+    }
+
+    fn handle_snapshot_response(&mut self, from: NodeId, index: Index, received: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return;
+        };
+        progress.recent_active = true;
+        if progress.state != ProgressState::Snapshot || progress.snapshot.index != index {
+            return;
+        }
+        progress.snapshot.offset = received;
+        progress.snapshot.in_flight = false;
+        self.send_snapshot_chunk(from);
     }
 
     fn maybe_commit(&mut self) {
@@ -1011,7 +1283,7 @@ impl Replica {
     }
 
     fn dirty(&self) -> bool {
-        self.hard_state_dirty || self.log_dirty_from.is_some()
+        self.hard_state_dirty || self.log_dirty_from.is_some() || self.snapshot_dirty
     }
 
     /// The id of the write that will hold every change made so far.

@@ -27,6 +27,7 @@ fn recovered(term: Term, last: Index, damage: Option<Damage>) -> Replica {
             vote: None,
             commit: last,
         },
+        snapshot: None,
         entries: (1..=last).map(|i| entry(i, term)).collect(),
     };
     Replica::new(config, recovered, 7, Instant::ZERO)

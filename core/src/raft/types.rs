@@ -101,6 +101,24 @@ pub enum Message {
         term: Term,
         context: u64,
     },
+    /// One chunk of the leader's snapshot, for a follower that needs entries the leader has
+    /// compacted away. Chunks go one at a time, `offset` being where `chunk` starts in the
+    /// snapshot's `data` of `total` bytes; the follower installs it when it holds all of it
+    /// and answers with an `AppendResponse` once the snapshot is durable.
+    InstallSnapshot {
+        term: Term,
+        index: Index,
+        snapshot_term: Term,
+        offset: u64,
+        total: u64,
+        chunk: Bytes,
+    },
+    /// The follower holds the first `received` bytes of the snapshot at `index` (in memory).
+    SnapshotResponse {
+        term: Term,
+        index: Index,
+        received: u64,
+    },
 }
 
 impl Message {
@@ -113,7 +131,9 @@ impl Message {
             | Message::Append { term, .. }
             | Message::AppendResponse { term, .. }
             | Message::Heartbeat { term, .. }
-            | Message::HeartbeatResponse { term, .. } => *term,
+            | Message::HeartbeatResponse { term, .. }
+            | Message::InstallSnapshot { term, .. }
+            | Message::SnapshotResponse { term, .. } => *term,
         }
     }
 }
@@ -153,14 +173,37 @@ pub struct Envelope {
 /// Identifies a write; ids increase by one per write a replica hands out.
 pub type WriteId = u64;
 
-/// Something the driver must make durable, in order: first `hard_state` (if any), then the log
-/// change (if any): discard every entry at index `>= entries[0].index`, then append `entries`.
+/// The applied state of a group's state machine after the entry `(index, term)`: it stands in
+/// for every entry up to `index`, which the log no longer needs to hold.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub index: Index,
+    pub term: Term,
+    /// The state machine's encoding; opaque to Raft.
+    pub data: Bytes,
+}
+
+/// Something the driver must make durable, in this order:
+/// 1. `snapshot` (if any), durably, before anything else of this write: it stands in for
+///    every entry up to its index. The driver may then drop entries at or below that index
+///    from its log whenever it likes (whole segments, oldest first), but must keep the entry
+///    at `snapshot.index + 1` if it has it.
+/// 2. If `discard_log`: the whole log is dropped (newest records first, so that a crash half
+///    way leaves a prefix); `entries` then start at `snapshot.index + 1`. Set when an
+///    installed snapshot replaced a log that does not continue it.
+/// 3. `hard_state` (if any).
+/// 4. The log change (if any): discard every entry at index `>= entries[0].index`, then append
+///    `entries`.
+///
 /// When it has synced this write and every earlier one it calls
-/// [`super::Replica::persisted`] with `id`.
+/// [`super::Replica::persisted`] with `id`. Recovery reads it back through
+/// [`crate::storage::log_after_snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
     pub id: WriteId,
     pub hard_state: Option<HardState>,
+    pub snapshot: Option<Snapshot>,
+    pub discard_log: bool,
     pub entries: Vec<Entry>,
 }
 
@@ -193,6 +236,35 @@ pub enum ProposeError {
     },
     /// The replica is the leader but too many entries wait for a quorum; retry later.
     Busy,
+}
+
+/// Why [`super::Replica::compact`] refused; nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompactError {
+    /// A snapshot may only cover entries the driver has applied.
+    NotApplied { index: Index, applied: Index },
+    /// The log is compacted up to `snapshot_index` already.
+    Stale { index: Index, snapshot_index: Index },
+}
+
+impl std::fmt::Display for CompactError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompactError::NotApplied { index, applied } => {
+                write!(
+                    f,
+                    "snapshot at {index} is beyond the applied index {applied}"
+                )
+            }
+            CompactError::Stale {
+                index,
+                snapshot_index,
+            } => write!(
+                f,
+                "snapshot at {index} is not past the latest snapshot at {snapshot_index}"
+            ),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -266,10 +338,21 @@ pub enum Canary {
     /// The simulated disk writes the hard state in place, in one slot: a torn write of it
     /// loses the term and vote.
     StateFileSingleSlot,
+    /// A follower installing a snapshot keeps the log after it without checking that its
+    /// entry at the snapshot's index has the snapshot's term.
+    InstallKeepsConflictingLog,
+    /// A follower acknowledges an installed snapshot before it is durable.
+    AckSnapshotBeforeDurable,
+    /// The simulated disk drops a replaced log (`Write::discard_log`) before the snapshot that
+    /// replaces it is durable.
+    DiscardBeforeSnapshot,
+    /// A broker's snapshot leaves out the producers' dedup windows, so a retry after a restore
+    /// from a snapshot is written again.
+    SnapshotOmitsDedup,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 27] = [
+    pub const ALL: [Canary; 31] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -297,6 +380,10 @@ impl Canary {
         Canary::TrustBadChecksum,
         Canary::AckBeforeFsync,
         Canary::StateFileSingleSlot,
+        Canary::InstallKeepsConflictingLog,
+        Canary::AckSnapshotBeforeDurable,
+        Canary::DiscardBeforeSnapshot,
+        Canary::SnapshotOmitsDedup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -328,6 +415,10 @@ impl Canary {
             Canary::TrustBadChecksum => "trust-bad-checksum",
             Canary::AckBeforeFsync => "ack-before-fsync",
             Canary::StateFileSingleSlot => "state-file-single-slot",
+            Canary::InstallKeepsConflictingLog => "install-keeps-conflicting-log",
+            Canary::AckSnapshotBeforeDurable => "ack-snapshot-before-durable",
+            Canary::DiscardBeforeSnapshot => "discard-before-snapshot",
+            Canary::SnapshotOmitsDedup => "snapshot-omits-dedup",
         }
     }
 
@@ -353,6 +444,7 @@ impl Canary {
                 | Canary::PullIgnoresFrom
                 | Canary::ShiftPullOffsets
                 | Canary::AsyncSend
+                | Canary::SnapshotOmitsDedup
         )
     }
 
@@ -366,6 +458,18 @@ impl Canary {
                 | Canary::TrustBadChecksum
                 | Canary::AckBeforeFsync
                 | Canary::StateFileSingleSlot
+                | Canary::DiscardBeforeSnapshot
+        )
+    }
+
+    /// The planted bugs of snapshots and compaction: only runs that compact reveal them.
+    pub fn is_snapshot(self) -> bool {
+        matches!(
+            self,
+            Canary::InstallKeepsConflictingLog
+                | Canary::AckSnapshotBeforeDurable
+                | Canary::DiscardBeforeSnapshot
+                | Canary::SnapshotOmitsDedup
         )
     }
 }
@@ -390,6 +494,11 @@ pub struct Config {
     pub inflight_appends_max: usize,
     /// At most this many uncommitted entries on a leader; further proposals get `Busy`.
     pub uncommitted_entries_max: usize,
+    /// At most this many snapshot bytes in one InstallSnapshot chunk.
+    pub snapshot_chunk_bytes_max: usize,
+    /// A follower that has not answered a snapshot chunk is sent it again after this many
+    /// heartbeat intervals (it may be busy syncing a large snapshot).
+    pub snapshot_resend_heartbeats: u32,
     pub pre_vote: bool,
     pub check_quorum: bool,
     /// A planted bug; effective only with the `canaries` feature.
@@ -417,6 +526,8 @@ impl Config {
             append_bytes_max: 1 << 20,
             inflight_appends_max: 8,
             uncommitted_entries_max: 4096,
+            snapshot_chunk_bytes_max: 1 << 20,
+            snapshot_resend_heartbeats: 4,
             pre_vote: true,
             check_quorum: true,
             canary: None,
@@ -429,7 +540,9 @@ impl Config {
 #[derive(Clone, Debug, Default)]
 pub struct Recovered {
     pub hard_state: HardState,
-    /// The log, contiguous from index 1.
+    /// The latest durable snapshot; the driver restores its state machine from it.
+    pub snapshot: Option<Snapshot>,
+    /// The log, contiguous from the snapshot's index + 1 (from 1 without a snapshot).
     pub entries: Vec<Entry>,
 }
 
@@ -463,4 +576,6 @@ pub struct Status {
     pub applied_index: Index,
     pub last_index: Index,
     pub durable_index: Index,
+    /// The index of the latest snapshot (0 if none): the log holds entries above it only.
+    pub snapshot_index: Index,
 }

@@ -15,6 +15,11 @@
 //! exactly those bytes. [`scan`] finds the valid prefix of a log region and separates a torn
 //! tail (unsynced bytes, safe to drop) from corruption of synced bytes (never dropped silently).
 //!
+//! # Snapshots ([`snapshot`])
+//!
+//! One checksummed file per snapshot, and the rule that says which recovered log entries
+//! continue it ([`log_after_snapshot`]).
+//!
 //! # Hard state ([`state`])
 //!
 //! Two fixed-size slots, written alternately, each with its own sequence number and checksum:
@@ -22,11 +27,16 @@
 //! state.
 
 pub mod record;
+pub mod snapshot;
 pub mod state;
 
 pub use record::{
     CorruptReason, EncodeError, HEADER_BYTES, PayloadError, RECORD_BYTES_MAX, Scan, ScanOutcome,
     encode_entry, find_record_after, record_len_bytes, scan,
+};
+pub use snapshot::{
+    LogGap, SNAPSHOT_HEADER_BYTES, SnapshotFileError, decode_snapshot, encode_snapshot,
+    encode_snapshot_header, log_after_snapshot,
 };
 pub use state::{
     SLOT_BYTES, STATE_BYTES, SlotError, StateError, StoredState, decode_state, decode_stored_state,

@@ -1,0 +1,155 @@
+//! The applied state as bytes, for Raft log compaction: `[version][postcard body][crc32c]`.
+//!
+//! The bytes replace every applied entry up to some index and may be sent to a replica that
+//! restores from them, so they must be a function of the state alone (ordered maps only, and
+//! nothing derived), and bad bytes must come back as an error, never as a panic or as a state
+//! `apply` could not have built.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::dedup::ProducerWindow;
+use super::offsets::GroupOffsets;
+use super::queue_log::QueueLog;
+use super::types::{ProducerId, QueueId};
+
+/// The format of [`crate::broker::BrokerState::snapshot`]'s bytes; bump it when the image
+/// changes shape, so an old build refuses a new snapshot instead of misreading it.
+pub const SNAPSHOT_VERSION: u8 = 1;
+
+/// The version byte in front, the checksum behind.
+const CHECKSUM_LEN: usize = 4;
+
+/// Why bytes are not a snapshot this build can restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// Too short to hold a version byte and a checksum.
+    Truncated { len: usize },
+    /// Written in a format this build does not know.
+    UnknownVersion(u8),
+    /// The checksum does not match: the bytes were damaged (or cut short) after writing.
+    Checksum { stored: u32, computed: u32 },
+    /// The checksum matches but the body does not decode.
+    Undecodable(String),
+    /// The body decodes with this many bytes left over.
+    TrailingBytes(usize),
+    /// The body decodes to a state no sequence of commands builds.
+    Inconsistent(String),
+}
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnapshotError::Truncated { len } => {
+                write!(f, "broker snapshot truncated: {len} bytes")
+            }
+            SnapshotError::UnknownVersion(v) => write!(
+                f,
+                "broker snapshot of version {v}; this build reads version {SNAPSHOT_VERSION}"
+            ),
+            SnapshotError::Checksum { stored, computed } => write!(
+                f,
+                "broker snapshot damaged: checksum {stored:#010x}, computed {computed:#010x}"
+            ),
+            SnapshotError::Undecodable(why) => write!(f, "broker snapshot does not decode: {why}"),
+            SnapshotError::TrailingBytes(n) => {
+                write!(f, "broker snapshot has {n} bytes after its body")
+            }
+            SnapshotError::Inconsistent(why) => write!(f, "broker snapshot inconsistent: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+/// The state as it is written: borrowed, so taking a snapshot copies nothing but the bytes.
+/// Field for field the same shape as [`Image`], which is how it is read back.
+#[derive(Serialize)]
+pub(super) struct ImageRef<'a> {
+    pub(super) queues: &'a BTreeMap<QueueId, QueueLog>,
+    pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
+    pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Image {
+    pub(super) queues: BTreeMap<QueueId, QueueLog>,
+    pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
+}
+
+pub(super) fn encode(image: &ImageRef<'_>) -> Vec<u8> {
+    // Serialising in-memory maps of plain values to a Vec cannot fail; if serde ever reports
+    // an error, the empty result is refused as truncated on restore, loudly, rather than
+    // standing for some other state.
+    let Ok(mut bytes) = postcard::to_extend(image, vec![SNAPSHOT_VERSION]) else {
+        return Vec::new();
+    };
+    let checksum = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+    bytes
+}
+
+pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
+    // The version first: another version may lay out (and checksum) its bytes differently.
+    let Some(&version) = bytes.first() else {
+        return Err(SnapshotError::Truncated { len: 0 });
+    };
+    if version != SNAPSHOT_VERSION {
+        return Err(SnapshotError::UnknownVersion(version));
+    }
+    let Some(body_end) = bytes
+        .len()
+        .checked_sub(CHECKSUM_LEN)
+        .filter(|&end| end >= 1)
+    else {
+        return Err(SnapshotError::Truncated { len: bytes.len() });
+    };
+    let (checked, tail) = bytes.split_at(body_end);
+    let mut stored = [0; CHECKSUM_LEN];
+    stored.copy_from_slice(tail);
+    let stored = u32::from_le_bytes(stored);
+    let computed = crc32c::crc32c(checked);
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    let (mut image, rest): (Image, &[u8]) = postcard::take_from_bytes(&checked[1..])
+        .map_err(|e| SnapshotError::Undecodable(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SnapshotError::TrailingBytes(rest.len()));
+    }
+    validate(&mut image).map_err(SnapshotError::Inconsistent)?;
+    Ok(image)
+}
+
+/// Rebuilds what the image leaves out and refuses what `apply` never builds, so a restored
+/// state cannot make a later command overflow or index out of range.
+fn validate(image: &mut Image) -> Result<(), String> {
+    for (queue, log) in &mut image.queues {
+        log.recount().map_err(|why| format!("{queue}: {why}"))?;
+    }
+    for ((group, queue), progress) in &image.offsets {
+        // Offsets are only ever recorded on a queue that exists, below its end.
+        let Some(log) = image.queues.get(queue) else {
+            return Err(format!(
+                "group {group} has offsets on the unknown queue {queue}"
+            ));
+        };
+        if !progress.consistent(log.end()) {
+            return Err(format!(
+                "group {group} on {queue}: acks beyond the end {} or below the consume offset",
+                log.end()
+            ));
+        }
+    }
+    for (producer_id, window) in &image.producers {
+        if !window.consistent() {
+            return Err(format!(
+                "producer {producer_id}: a batch past its sequence numbers"
+            ));
+        }
+    }
+    Ok(())
+}

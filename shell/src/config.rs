@@ -20,6 +20,54 @@ pub struct ServerConfig {
     /// Broker groups (the metadata group comes on top).
     #[serde(default = "default_broker_groups")]
     pub broker_groups: u64,
+    /// What an empty or missing `data_dir` means: `new`, a first start, or `existing`, a node
+    /// whose disk was lost. Only read while the data directory holds no identity yet.
+    #[serde(default)]
+    pub initial_cluster_state: InitialClusterState,
+    /// Messages older than this are deleted, consumed or not (RocketMQ's `fileReservedTime`);
+    /// 0 keeps them for ever.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+    /// Each queue deletes its oldest messages while it holds more message bytes than this
+    /// (Kafka's `retention.bytes`); 0 is no limit.
+    #[serde(default)]
+    pub retention_bytes: u64,
+    /// A group's log is compacted into a snapshot once this many entries were applied since
+    /// the last one (and they outweigh it); 0 never compacts.
+    #[serde(default = "default_snapshot_entries")]
+    pub snapshot_entries: u64,
+}
+
+fn default_retention_hours() -> u64 {
+    72
+}
+
+fn default_snapshot_entries() -> u64 {
+    10_000
+}
+
+/// What a node's empty data directory means, as etcd's `--initial-cluster-state`: the server
+/// cannot tell a first start from a wiped disk, so the operator says which. Once the directory
+/// holds its identity file (`server::identity`), the directory says it itself and this is not
+/// read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialClusterState {
+    /// The cluster is being created: an empty data directory is a first start.
+    #[default]
+    New,
+    /// The cluster already runs: an empty data directory means this node lost its disk, so
+    /// it rejoins without ever voting again (its vote promises went with the disk).
+    Existing,
+}
+
+impl std::fmt::Display for InitialClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InitialClusterState::New => "new",
+            InitialClusterState::Existing => "existing",
+        })
+    }
 }
 
 /// The 1-based number and the trimmed text of the line holding byte `at`.
@@ -95,6 +143,17 @@ impl ServerConfig {
     pub fn listen(&self) -> SocketAddr {
         self.nodes[&self.id]
     }
+
+    /// The node's settings that come from this file.
+    pub fn node_config(&self) -> holdfast_core::node::NodeConfig {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut config = holdfast_core::node::NodeConfig::new(self.id, ids, self.broker_groups);
+        config.broker.retention_ms =
+            (self.retention_hours > 0).then(|| self.retention_hours.saturating_mul(3_600_000));
+        config.broker.retention_bytes = (self.retention_bytes > 0).then_some(self.retention_bytes);
+        config.snapshot_entries_min = (self.snapshot_entries > 0).then_some(self.snapshot_entries);
+        config
+    }
 }
 
 #[cfg(test)]
@@ -126,5 +185,34 @@ mod tests {
         assert!(error.contains("key `id`"), "{error}");
         let wrong_type = good.replace("id = 2", "id = \"two\"");
         assert!(ServerConfig::from_toml(&wrong_type).is_err());
+    }
+
+    #[test]
+    fn initial_cluster_state_defaults_to_new_and_refuses_unknown_values() {
+        let base = "id = 1\ndata_dir = \"/tmp/x\"\n";
+        let nodes = "[nodes]\n1 = \"127.0.0.1:7301\"\n";
+        let parse = |extra: &str| ServerConfig::from_toml(&format!("{base}{extra}{nodes}"));
+        let default = parse("").expect("parses");
+        assert_eq!(default.initial_cluster_state, InitialClusterState::New);
+        let existing = parse("initial_cluster_state = \"existing\"\n").expect("parses");
+        assert_eq!(
+            existing.initial_cluster_state,
+            InitialClusterState::Existing
+        );
+        let defaults = default.node_config();
+        assert_eq!(defaults.broker.retention_ms, Some(72 * 3_600_000));
+        assert_eq!(defaults.broker.retention_bytes, None);
+        assert_eq!(defaults.snapshot_entries_min, Some(10_000));
+        let tuned = parse("retention_hours = 0\nretention_bytes = 1024\nsnapshot_entries = 0\n")
+            .expect("parses")
+            .node_config();
+        assert_eq!(tuned.broker.retention_ms, None, "0 keeps messages for ever");
+        assert_eq!(tuned.broker.retention_bytes, Some(1024));
+        assert_eq!(tuned.snapshot_entries_min, None);
+        let error = parse("initial_cluster_state = \"old\"\n")
+            .expect_err("unknown value refused")
+            .to_string();
+        assert!(error.contains("initial_cluster_state"), "{error}");
+        assert!(error.contains("existing"), "{error}");
     }
 }

@@ -16,7 +16,7 @@ use holdfast_core::node::protocol::{Request, Response};
 use holdfast_shell::client::{
     Admin, ClientError, ConsumeStatus, Consumer, DEFAULT_SERVERS, Producer, parse_servers,
 };
-use holdfast_shell::config::ServerConfig;
+use holdfast_shell::config::{InitialClusterState, ServerConfig};
 use holdfast_shell::{bench, cluster, out, server};
 
 #[derive(Parser)]
@@ -41,12 +41,17 @@ struct Servers {
 enum Command {
     /// Run one node.
     Server {
-        /// The node's TOML config (id, nodes, data_dir, broker_groups).
+        /// The node's TOML config (id, nodes, data_dir, broker_groups, initial_cluster_state).
         #[arg(long)]
         config: PathBuf,
         /// Overrides `data_dir`.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Overrides `initial_cluster_state`: what an empty data directory means. `new` (the
+        /// default): a first start. `existing`: this node's disk was lost; it rejoins, follows
+        /// and stores data, but never votes again. Ignored once the directory is initialised.
+        #[arg(long, value_enum)]
+        initial_cluster_state: Option<InitialClusterState>,
     },
     /// Start a local cluster on loopback and keep it running until Ctrl-C.
     Cluster {
@@ -149,10 +154,17 @@ fn stop_flag() -> Result<Arc<AtomicBool>, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Server { config, data_dir } => {
+        Command::Server {
+            config,
+            data_dir,
+            initial_cluster_state,
+        } => {
             let mut config = ServerConfig::from_file(&config).map_err(|e| e.to_string())?;
             if let Some(dir) = data_dir {
                 config.data_dir = dir;
+            }
+            if let Some(state) = initial_cluster_state {
+                config.initial_cluster_state = state;
             }
             server::run(config, stop_flag()?).map_err(|e| e.to_string())
         }
@@ -286,14 +298,15 @@ fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
                 for g in groups {
                     let leader = g.leader.map_or("-".into(), |l| l.to_string());
                     out!(
-                        "  group {:<3} {:<12} term {:<5} leader {:<3} commit {:<8} applied {:<8} last {}",
+                        "  group {:<3} {:<12} term {:<5} leader {:<3} commit {:<8} applied {:<8} last {:<8} snapshot {}",
                         g.group,
                         g.role,
                         g.term,
                         leader,
                         g.commit_index,
                         g.applied_index,
-                        g.last_index
+                        g.last_index,
+                        g.snapshot_index
                     );
                     if g.role == "Leader" {
                         for c in g.consumers {

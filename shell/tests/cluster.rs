@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use holdfast_core::broker::Message;
-use holdfast_core::node::protocol::{Request, Response};
+use holdfast_core::node::protocol::{GroupStatus, Request, Response};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, encode_frame};
 use holdfast_shell::client::{Admin, ConsumeStatus, Consumer, Producer};
 
@@ -18,10 +18,16 @@ struct Cluster {
     dir: PathBuf,
     addrs: Vec<SocketAddr>,
     children: Vec<Option<Child>>,
+    /// Config lines every node gets besides the defaults.
+    extra_config: String,
 }
 
 impl Cluster {
     fn start(dir: &Path, nodes: usize) -> Cluster {
+        Cluster::start_with(dir, nodes, "")
+    }
+
+    fn start_with(dir: &Path, nodes: usize, extra_config: &str) -> Cluster {
         let addrs: Vec<SocketAddr> = (0..nodes)
             .map(|_| {
                 let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -32,6 +38,7 @@ impl Cluster {
             dir: dir.to_path_buf(),
             addrs,
             children: (0..nodes).map(|_| None).collect(),
+            extra_config: extra_config.to_string(),
         };
         for id in 1..=nodes {
             cluster.start_node(id);
@@ -43,8 +50,9 @@ impl Cluster {
         let node_dir = self.dir.join(format!("node-{id}"));
         std::fs::create_dir_all(&node_dir).expect("node dir");
         let mut config = format!(
-            "id = {id}\ndata_dir = {:?}\nbroker_groups = 2\n[nodes]\n",
-            node_dir.join("data").display().to_string()
+            "id = {id}\ndata_dir = {:?}\nbroker_groups = 2\n{}\n[nodes]\n",
+            node_dir.join("data").display().to_string(),
+            self.extra_config
         );
         for (i, addr) in self.addrs.iter().enumerate() {
             config.push_str(&format!("{} = \"{addr}\"\n", i + 1));
@@ -82,6 +90,15 @@ impl Cluster {
 
     fn servers(&self) -> Vec<SocketAddr> {
         self.addrs.clone()
+    }
+
+    /// What `node` reports of `group`.
+    fn group_status(&self, node: usize, group: u64) -> Option<GroupStatus> {
+        let mut admin = Admin::connect(self.servers()).ok()?;
+        match admin.ask(node as u64, Request::Status) {
+            Some(Response::Status { groups, .. }) => groups.into_iter().find(|g| g.group == group),
+            _ => None,
+        }
     }
 
     /// The node that leads broker group `group`, as the nodes report it.
@@ -388,7 +405,9 @@ fn a_bit_flip_on_one_node_is_repaired_from_its_peers() {
     }
 
     cluster.kill_all();
-    let log = dir.path().join("node-2/data/group-1/log");
+    let log = dir
+        .path()
+        .join("node-2/data/group-1/log-00000000000000000001.seg");
     let mut bytes = std::fs::read(&log).expect("node 2 holds group 1");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x10;
@@ -423,4 +442,92 @@ fn a_bit_flip_on_one_node_is_repaired_from_its_peers() {
         .filter(|m| !consumed.succeeded.contains_key(*m))
         .collect();
     assert!(missing.is_empty(), "lost after the flip: {missing:?}");
+}
+
+/// The snapshot files in a node's group directory.
+fn snapshot_files(cluster: &Cluster, node: usize, group: u64) -> Vec<String> {
+    let dir = cluster.dir.join(format!("node-{node}/data/group-{group}"));
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("snapshot-") && n.ends_with(".snap"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_node_that_missed_compacted_entries_is_brought_up_by_a_snapshot_and_all_recover_from_theirs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start_with(dir.path(), 3, "snapshot_entries = 20");
+    create_topic(&cluster, "orders");
+    let mut producer = Producer::connect(cluster.servers()).expect("producer");
+    let mut sent = Sent::default();
+    let send = |producer: &mut Producer, sent: &mut Sent, n: usize| {
+        let body = format!("s{n:05}");
+        let message = vec![Message::with_body(Bytes::from(body.clone()))];
+        match producer.send("orders", message) {
+            Ok(receipt) => {
+                sent.acked.insert(body, receipt.ambiguous);
+            }
+            Err(_) => {
+                sent.failed.insert(body);
+            }
+        }
+    };
+    send(&mut producer, &mut sent, 0);
+    let leader = cluster.leader_of(1).expect("group 1 has a leader");
+    let absent = (1..=3).find(|n| *n != leader).unwrap_or(3);
+    cluster.kill(absent);
+    // One message per send, so one entry each: many compactions of a small state.
+    for n in 1..1_500 {
+        send(&mut producer, &mut sent, n);
+    }
+    let compacted = cluster
+        .group_status(leader, 1)
+        .map_or(0, |g| g.snapshot_index);
+    assert!(
+        compacted > 20,
+        "the leader compacted: snapshot at {compacted}"
+    );
+    assert!(!snapshot_files(&cluster, leader, 1).is_empty());
+
+    cluster.start_node(absent);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let caught_up = loop {
+        let ours = cluster.group_status(absent, 1);
+        let theirs = cluster.group_status(leader, 1);
+        if let (Some(ours), Some(theirs)) = (&ours, &theirs)
+            && ours.applied_index >= theirs.commit_index
+            && ours.snapshot_index >= compacted
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        caught_up,
+        "node {absent} never caught up past the leader's snapshot"
+    );
+    assert!(!snapshot_files(&cluster, absent, 1).is_empty());
+
+    // Everything down at once: each node recovers from its snapshot and the log after it.
+    cluster.kill_all();
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    let consumed = consume_all(
+        &cluster,
+        "billing",
+        &sent.acked.keys().cloned().collect(),
+        4,
+    );
+    check(&consumed, &sent, "after restarting from snapshots");
 }

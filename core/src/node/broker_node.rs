@@ -353,6 +353,7 @@ impl BrokerNode {
                             commit_index: s.commit_index,
                             applied_index: s.applied_index,
                             last_index: s.last_index,
+                            snapshot_index: s.snapshot_index,
                         }
                     })
                     .collect();

@@ -80,6 +80,8 @@ pub struct GroupStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub last_index: u64,
+    /// The log holds entries above this index only; a snapshot stands in for the rest.
+    pub snapshot_index: u64,
     /// For a broker group: each consumer group's progress on each queue it has acknowledged
     /// in, as this replica has applied it.
     pub consumers: Vec<ConsumerProgress>,

@@ -6,6 +6,7 @@
 //! failed is never taken for a success.
 
 mod conn;
+pub mod identity;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -14,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use holdfast_core::node::BrokerNode;
 use holdfast_core::node::protocol::{ClientId, Request, RequestId};
-use holdfast_core::node::{BrokerNode, NodeConfig};
 use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, check_hello};
 use mio::net::{TcpListener, TcpStream};
@@ -24,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::clock::Clock;
 use crate::config::ServerConfig;
-use crate::storage::{GroupStore, StorageThread};
+use crate::storage::{GroupStore, StorageConfig, StorageThread};
 use conn::{Closed, Conn, Kind};
 
 const LISTENER: Token = Token(0);
@@ -78,12 +79,15 @@ struct Server {
 pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerError> {
     let clock = Clock::new();
     let groups: Vec<GroupId> = (0..=config.broker_groups).collect();
+    // Before any group's files: which groups, if any, lost their data and their votes.
+    let mut identity = identity::Identity::open(&config).map_err(ServerError)?;
     let mut stores = BTreeMap::new();
     let mut recovered = BTreeMap::new();
     let mut damaged = BTreeMap::new();
     for group in &groups {
-        let (store, disk, damage) = GroupStore::open_repairing(&config.data_dir, *group)
-            .map_err(|e| ServerError(format!("group {group}: cannot recover its data: {e}")))?;
+        let (store, disk, damage) =
+            GroupStore::open_repairing(&config.data_dir, *group, &StorageConfig::default())
+                .map_err(|e| ServerError(format!("group {group}: cannot recover its data: {e}")))?;
         if let Some(damage) = damage {
             warn!(
                 group,
@@ -95,12 +99,16 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         info!(
             group,
             entries = disk.entries.len(),
+            snapshot = disk.snapshot.as_ref().map_or(0, |s| s.index),
             term = disk.hard_state.term,
             "recovered"
         );
         stores.insert(*group, store);
         recovered.insert(*group, disk);
     }
+    identity
+        .opened(&recovered, &mut damaged)
+        .map_err(ServerError)?;
     let poll = Poll::new().map_err(|e| ServerError(format!("mio: {e}")))?;
     let waker =
         Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| ServerError(format!("mio: {e}")))?);
@@ -118,8 +126,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(|e| ServerError(format!("mio: {e}")))?;
-    let node_ids: Vec<NodeId> = config.nodes.keys().copied().collect();
-    let mut node_config = NodeConfig::new(config.id, node_ids, config.broker_groups);
+    let mut node_config = config.node_config();
     node_config.raft.damaged = damaged.clone();
     let seed = clock.now().as_micros() ^ config.id.rotate_left(32);
     let node = BrokerNode::new(node_config, recovered, seed, clock.now());
@@ -203,6 +210,10 @@ impl Server {
                 self.node.handle_timeout(now);
             }
             self.drain();
+            if let Some(fault) = self.node.poll_fault() {
+                error!("stopping this node: {fault}");
+                return Err(ServerError(fault));
+            }
             self.forget_repaired_damage()?;
         }
         Ok(())

@@ -1,20 +1,21 @@
-//! One group's log and state files: staging writes, syncing them, and recovery.
+//! One group's files: staging writes in memory and making them durable in the order
+//! [`Write`] prescribes. Opening and recovery are in `recover.rs`.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, Write as _};
+use std::io::{self, Write as _};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use holdfast_core::raft::{
-    Damage, Entry, GroupId, HardState, Index, Recovered, Term, Write, WriteId,
-};
+use holdfast_core::raft::{Entry, HardState, Index, Snapshot, Term, Write, WriteId};
 use holdfast_core::storage::{
-    SLOT_BYTES, STATE_BYTES, ScanOutcome, decode_stored_state, encode_entry, encode_state_slot,
-    find_record_after, next_slot, record_len_bytes, scan,
+    SLOT_BYTES, encode_entry, encode_snapshot_header, encode_state_slot, next_slot,
 };
-use tracing::{error, warn};
 
 use super::StorageError;
+use super::files::{
+    self, SyncedRecord, io_error, list_dir, remove_file, segment_name, snapshot_name,
+    snapshot_temp_name, sync_dir,
+};
 
 /// A commit advance alone (same term and vote) is written to the state file only once it has
 /// moved this far past the last written commit. The stored commit is only a lower bound that a
@@ -22,198 +23,173 @@ use super::StorageError;
 /// would cost a state sync per batch for little; this bounds how far a restart falls behind.
 const COMMIT_WRITE_INTERVAL: Index = 1000;
 
-/// The files of one group, with the log's layout in memory so a truncating write knows where
-/// to cut. Writes are staged in memory and reach the files in [`GroupStore::sync`].
+/// One segment file of the log, as staged writes will leave it.
+pub(super) struct Segment {
+    /// The index of its first record, which is also its name.
+    pub first: Index,
+    pub path: PathBuf,
+    /// `None` for a segment staged but not yet created.
+    pub file: Option<File>,
+    /// Where each record starts and its term: the entry `first + i` at `starts[i]`.
+    pub starts: Vec<u64>,
+    pub terms: Vec<Term>,
+    /// The bytes of the file that stay: what is in it, less a staged cut.
+    pub written: u64,
+    /// The file is longer than `written`: the next sync cuts it before appending.
+    pub cut: bool,
+    /// Staged records, which belong at `written`.
+    pub pending: Vec<u8>,
+}
+
+impl Segment {
+    pub fn staged(dir: &Path, first: Index) -> Segment {
+        Segment {
+            first,
+            path: dir.join(segment_name(first)),
+            file: None,
+            starts: Vec::new(),
+            terms: Vec::new(),
+            written: 0,
+            cut: false,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn count(&self) -> Index {
+        self.starts.len() as Index
+    }
+
+    /// The index its next record would have.
+    pub fn next_index(&self) -> Index {
+        self.first + self.count()
+    }
+
+    /// Its last entry's index (`first - 1` when empty).
+    pub fn last(&self) -> Index {
+        self.next_index().saturating_sub(1)
+    }
+
+    fn end(&self) -> u64 {
+        self.written + self.pending.len() as u64
+    }
+}
+
+/// A group's log segments, state file and synced record, with the log's layout in memory so a
+/// truncating write knows where to cut. Writes are staged in memory and reach the files in
+/// [`GroupStore::sync`].
 pub struct GroupStore {
-    log_path: PathBuf,
-    state_path: PathBuf,
-    log: File,
-    state: File,
-    /// Where each entry's record starts: the entry with index `i` at `offsets[i - 1]`.
-    offsets: Vec<u64>,
-    /// Each entry's term, to refuse a write whose terms decrease: recovery would stop there.
-    terms: Vec<Term>,
-    /// Log bytes staged but not yet in the file; they belong at `pending_at`.
-    pending: Vec<u8>,
-    pending_at: u64,
-    /// A truncation of bytes already in the file, applied by the next sync before `pending`.
-    cut: Option<u64>,
-    /// How many leading entries are durable and have not been cut since. A commit written to
-    /// the state file is clamped to it: the state is synced before the log, so a crash between
-    /// the two must not leave a commit that the log cannot back (recovery would call it
-    /// corruption).
-    durable_floor: Index,
+    pub(super) dir: PathBuf,
+    pub(super) state_path: PathBuf,
+    pub(super) state: File,
+    pub(super) synced_path: PathBuf,
+    pub(super) synced: File,
+    pub(super) segment_bytes_max: u64,
+    /// The log's segments, oldest first, as the staged writes leave them.
+    pub(super) segments: Vec<Segment>,
+    /// Segments on disk that staged writes dropped (a truncation or a discard): the next sync
+    /// deletes them newest first, so that a crash half way leaves a prefix of the log.
+    pub(super) doomed: Vec<Segment>,
+    /// `doomed` holds a discarded log: deleted before the hard state, as `Write` orders.
+    pub(super) discard_staged: bool,
+    /// The newest snapshot handed over and not yet written.
+    pub(super) staged_snapshot: Option<Snapshot>,
+    /// The newest snapshot, staged or written (0 without one).
+    pub(super) snapshot_index: Index,
+    pub(super) snapshot_term: Term,
+    /// Directory entries were removed and the directory has not been synced since.
+    pub(super) dir_dirty: bool,
+    /// Every entry up to here is durable (in the log or a snapshot) and not cut by a staged
+    /// write. A commit written to the state file is clamped to it, and it is what the synced
+    /// record may claim: the state is synced before the log, so a crash between the two must
+    /// not leave a commit (or a synced claim) the log cannot back.
+    pub(super) durable_floor: Index,
     /// The sequence of the newest valid slot (0 for a fresh file).
-    state_sequence: u64,
+    pub(super) state_sequence: u64,
     /// The hard state in the newest slot.
-    written: HardState,
+    pub(super) written: HardState,
     /// The newest hard state handed over, written by the next sync when `state_dirty`.
-    latest: HardState,
-    state_dirty: bool,
-    fsyncs: u64,
+    pub(super) latest: HardState,
+    pub(super) state_dirty: bool,
+    /// What the synced record on disk says.
+    pub(super) synced_record: SyncedRecord,
+    pub(super) fsyncs: u64,
     /// The first error; after it every call fails, so a failed fsync is never retried.
-    failed: Option<String>,
+    pub(super) failed: Option<String>,
+    /// Tests stop a sync after this many durable steps, leaving the files as a crash would.
+    #[cfg(test)]
+    pub(super) crash_after_steps: Option<u32>,
+    #[cfg(test)]
+    pub(super) steps: u32,
 }
 
 impl GroupStore {
-    /// Opens (creating when missing) `dir/group-<id>/` with its `log` and `state`, fsyncing
-    /// every directory that gains an entry, and recovers what they hold.
-    ///
-    /// A torn tail of the log (bytes of a write that never finished syncing) is cut off. Damage
-    /// that may cover acknowledged data is [`StorageError::Corrupt`], and the server refuses to
-    /// start on it: repairing the damaged range from peers is future work.
-    pub fn open(dir: &Path, group: GroupId) -> Result<(GroupStore, Recovered), StorageError> {
-        Self::open_with(dir, group, false).map(|(store, recovered, _)| (store, recovered))
-    }
-
-    /// Like [`GroupStore::open`], but a log damaged inside its synced part is not refused: it
-    /// is cut back to its valid prefix and the replica starts [`Damage`]d, so it neither votes
-    /// nor campaigns until a leader has repaired it from its peers (the core's rule; see
-    /// `Replica::damaged_from`). A `damaged` marker file, synced before the cut, keeps that
-    /// across restarts until [`GroupStore::clear_damage`] removes it.
-    pub fn open_repairing(
-        dir: &Path,
-        group: GroupId,
-    ) -> Result<(GroupStore, Recovered, Option<Damage>), StorageError> {
-        Self::open_with(dir, group, true)
-    }
-
-    /// The replica of `group` has been repaired: forget its damage.
-    pub fn clear_damage(dir: &Path, group: GroupId) -> Result<(), StorageError> {
-        let group_dir = dir.join(format!("group-{group}"));
-        let marker = group_dir.join(DAMAGE_MARKER);
-        match fs::remove_file(&marker) {
-            Ok(()) => sync_dir(&group_dir),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_error(&marker, "remove", e)),
-        }
-    }
-
-    fn open_with(
-        dir: &Path,
-        group: GroupId,
-        repair: bool,
-    ) -> Result<(GroupStore, Recovered, Option<Damage>), StorageError> {
-        let group_dir = dir.join(format!("group-{group}"));
-        create_dir_durable(&group_dir)?;
-        let state_path = group_dir.join("state");
-        let log_path = group_dir.join("log");
-        let (state, state_created) = open_file(&state_path)?;
-        let (log, log_created) = open_file(&log_path)?;
-        if state_created || log_created {
-            sync_dir(&group_dir)?;
-        }
-        let (state_sequence, hard_state) = read_state(&state, &state_path)?;
-        let mut store = GroupStore {
-            log_path,
-            state_path,
-            log,
-            state,
-            offsets: Vec::new(),
-            terms: Vec::new(),
-            pending: Vec::new(),
-            pending_at: 0,
-            cut: None,
-            durable_floor: 0,
-            state_sequence,
-            written: hard_state,
-            latest: hard_state,
-            state_dirty: false,
-            fsyncs: 0,
-            failed: None,
-        };
-        let marker = group_dir.join(DAMAGE_MARKER);
-        let earlier = read_damage_marker(&marker)?;
-        let (entries, damage) = match store.recover_log(hard_state.commit) {
-            Ok(entries) => (entries, earlier),
-            Err(StorageError::Corrupt {
-                offset: Some(at),
-                index: Some(from),
-                reason,
-                ..
-            }) if repair => {
-                let from = earlier.map_or(from, |earlier| earlier.min(from));
-                error!(
-                    path = %store.log_path.display(),
-                    at, from, "{reason}; cutting the log back to its valid prefix: this replica will not vote until its peers have repaired it"
-                );
-                write_damage_marker(&group_dir, &marker, from)?;
-                store.cut_damaged(at)?;
-                let entries = store.recover_log(hard_state.commit.min(from.saturating_sub(1)))?;
-                (entries, Some(from))
-            }
-            Err(e) => return Err(e),
-        };
-        let damage = damage.map(|from| Damage {
-            from,
-            votes_lost: false,
-        });
-        Ok((
-            store,
-            Recovered {
-                hard_state,
-                entries,
-            },
-            damage,
-        ))
-    }
-
-    /// Cuts the log file back to `at` for a repairing open, and makes the cut durable.
-    fn cut_damaged(&mut self, at: u64) -> Result<(), StorageError> {
-        self.log
-            .set_len(at)
-            .map_err(|e| io_error(&self.log_path, "truncate", e))?;
-        self.sync_log()?;
-        self.log
-            .seek(io::SeekFrom::Start(0))
-            .map_err(|e| io_error(&self.log_path, "seek", e))?;
-        self.offsets.clear();
-        self.terms.clear();
-        Ok(())
-    }
-
     /// Stages `write` in memory; nothing is durable (or even in the files) until
-    /// [`GroupStore::sync`]. A write that would leave a hole in the log, or whose entries are
-    /// not contiguous with non-decreasing terms, is refused and fails the store.
+    /// [`GroupStore::sync`]. A write that does not fit the log (a hole, entries that are not
+    /// contiguous or whose terms decrease, a snapshot that is not newer or that neither
+    /// continues the log nor discards it) is refused and fails the store.
     pub fn write(&mut self, write: &Write) -> Result<(), StorageError> {
         self.check_usable()?;
-        let result = self.stage_entries(write.id, &write.entries);
-        self.record_failure(result)?;
-        if let Some(hard_state) = write.hard_state {
-            self.stage_state(hard_state);
-        }
-        Ok(())
+        let result = self.stage(write);
+        self.record_failure(result)
     }
 
-    /// Makes every write so far durable: the state slot first (if it changed), then a pending
-    /// truncation, then the appended bytes.
+    /// Makes every write so far durable, in the order of [`Write`]: a snapshot first (temp
+    /// file, fsync, rename, fsync of the directory), a discarded log next, then the state
+    /// slot, a truncation, the appended records, and last the segments the snapshot made
+    /// unnecessary. Each step that a later one relies on is durable before that one starts.
     pub fn sync(&mut self) -> Result<(), StorageError> {
         self.check_usable()?;
         let result = self.sync_files();
         self.record_failure(result)
     }
 
-    /// How many `fdatasync`s this store has made.
+    /// Records durably that the log is synced through its last entry, unless the synced record
+    /// says so already. One fdatasync; the storage thread calls it when it is idle, so a busy
+    /// node pays nothing for it (see `thread.rs`).
+    pub fn record_synced(&mut self) -> Result<(), StorageError> {
+        self.check_usable()?;
+        if self.synced_record.index == Some(self.durable_floor) {
+            return Ok(());
+        }
+        let result = self.write_synced(self.durable_floor);
+        self.record_failure(result)
+    }
+
+    /// How many `fdatasync`s this store has made (of files and of its directory).
     pub fn fsyncs(&self) -> u64 {
         self.fsyncs
     }
 
-    /// The index of the last entry written (synced or not).
+    /// The index of the last entry written (synced or not), or of the snapshot when the log
+    /// holds nothing after it.
     pub fn last_index(&self) -> Index {
-        self.offsets.len() as Index
+        self.log_last().unwrap_or(0).max(self.snapshot_index)
+    }
+
+    /// The index of the newest snapshot written (synced or not), 0 without one.
+    pub fn snapshot_index(&self) -> Index {
+        self.snapshot_index
+    }
+
+    /// How many segment files the log has (or will have after the next sync).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
     }
 
     fn check_usable(&self) -> Result<(), StorageError> {
         match &self.failed {
             None => Ok(()),
             Some(first) => Err(StorageError::Failed {
-                path: self.log_path.clone(),
+                path: self.dir.clone(),
                 first: first.clone(),
             }),
         }
     }
 
-    fn record_failure<T>(&mut self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+    pub(super) fn record_failure<T>(
+        &mut self,
+        result: Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
         }
@@ -222,88 +198,226 @@ impl GroupStore {
 
     fn invalid(&self, id: WriteId, reason: String) -> StorageError {
         StorageError::InvalidWrite {
-            path: self.log_path.clone(),
+            path: self.dir.clone(),
             id,
             reason,
         }
     }
 
+    /// The indexes of the first and last entry in the segments, if they hold any.
+    fn log_range(&self) -> Option<(Index, Index)> {
+        let first = self.segments.first()?.first;
+        let last = self.segments.last()?.last();
+        (last >= first).then_some((first, last))
+    }
+
+    fn log_last(&self) -> Option<Index> {
+        self.log_range().map(|(_, last)| last)
+    }
+
+    fn term_at(&self, index: Index) -> Option<Term> {
+        let after = self.segments.partition_point(|s| s.first <= index);
+        let segment = self.segments.get(after.checked_sub(1)?)?;
+        let at = usize::try_from(index - segment.first).ok()?;
+        segment.terms.get(at).copied()
+    }
+
     /// Checks and encodes the whole write before changing anything, so a refused write leaves
     /// the staged state as it was.
-    fn stage_entries(&mut self, id: WriteId, entries: &[Entry]) -> Result<(), StorageError> {
-        let Some(first) = entries.first() else {
-            return Ok(());
+    fn stage(&mut self, write: &Write) -> Result<(), StorageError> {
+        let id = write.id;
+        match &write.snapshot {
+            Some(snapshot) if snapshot.index <= self.snapshot_index => {
+                let reason = format!(
+                    "its snapshot at index {} is not past the snapshot at {}",
+                    snapshot.index, self.snapshot_index
+                );
+                return Err(self.invalid(id, reason));
+            }
+            Some(snapshot) if !write.discard_log && self.log_range().is_some() => {
+                // Without a discard the log must go on from the snapshot's own entry, or
+                // recovery (`log_after_snapshot`) would drop it as a replaced log.
+                let held = self.term_at(snapshot.index);
+                if held != Some(snapshot.term) {
+                    let reason = format!(
+                        "its snapshot at index {} (term {}) keeps the log, whose entry there has term {held:?} (log ends at {})",
+                        snapshot.index,
+                        snapshot.term,
+                        self.last_index()
+                    );
+                    return Err(self.invalid(id, reason));
+                }
+            }
+            Some(_) => {}
+            None if write.discard_log => {
+                return Err(self.invalid(id, "it discards the log without a snapshot".into()));
+            }
+            None => {}
+        }
+        let (base, base_term) = match &write.snapshot {
+            Some(snapshot) => (snapshot.index, snapshot.term),
+            None => (self.snapshot_index, self.snapshot_term),
         };
-        let last = self.last_index();
-        if first.index == 0 || first.index > last.saturating_add(1) {
-            return Err(self.invalid(
-                id,
-                format!(
+        let last = if write.discard_log {
+            base
+        } else {
+            self.last_index()
+        };
+        let mut records = Vec::new();
+        let mut lens = Vec::with_capacity(write.entries.len());
+        if let Some(first) = write.entries.first() {
+            if first.index <= base {
+                let reason = format!(
+                    "it starts at index {} but the snapshot holds everything up to {base}",
+                    first.index
+                );
+                return Err(self.invalid(id, reason));
+            }
+            if first.index > last.saturating_add(1) {
+                let reason = format!(
                     "it starts at index {} but the log ends at {last}",
                     first.index
-                ),
-            ));
-        }
-        let keep = usize::try_from(first.index - 1).unwrap_or(usize::MAX);
-        let mut previous_term = keep
-            .checked_sub(1)
-            .and_then(|i| self.terms.get(i))
-            .copied()
-            .unwrap_or(0);
-        let mut expected = Some(first.index);
-        let mut encoded = Vec::new();
-        let mut starts = Vec::with_capacity(entries.len());
-        for entry in entries {
-            if expected != Some(entry.index) {
-                let reason = format!(
-                    "entry {} is not contiguous with the one before",
-                    entry.index
                 );
                 return Err(self.invalid(id, reason));
             }
-            if entry.term < previous_term {
-                let reason = format!(
-                    "entry {} has term {} after term {previous_term}",
-                    entry.index, entry.term
-                );
-                return Err(self.invalid(id, reason));
+            let before = first.index - 1;
+            let mut previous_term = if before == base {
+                base_term
+            } else {
+                self.term_at(before).unwrap_or(0)
+            };
+            let mut expected = Some(first.index);
+            for entry in &write.entries {
+                if expected != Some(entry.index) {
+                    let reason = format!(
+                        "entry {} is not contiguous with the one before",
+                        entry.index
+                    );
+                    return Err(self.invalid(id, reason));
+                }
+                if entry.term < previous_term {
+                    let reason = format!(
+                        "entry {} has term {} after term {previous_term}",
+                        entry.index, entry.term
+                    );
+                    return Err(self.invalid(id, reason));
+                }
+                let len = encode_entry(entry, &mut records)
+                    .map_err(|e| self.invalid(id, format!("entry {}: {e}", entry.index)))?;
+                lens.push(len);
+                expected = entry.index.checked_add(1);
+                previous_term = entry.term;
             }
-            starts.push(encoded.len() as u64);
-            encode_entry(entry, &mut encoded)
-                .map_err(|e| self.invalid(id, format!("entry {}: {e}", entry.index)))?;
-            expected = entry.index.checked_add(1);
-            previous_term = entry.term;
         }
-        self.truncate_to(keep);
-        let base = self.end();
-        self.offsets.extend(starts.iter().map(|start| base + start));
-        self.terms.extend(entries.iter().map(|e| e.term));
-        self.pending.extend_from_slice(&encoded);
+
+        if let Some(snapshot) = &write.snapshot {
+            self.snapshot_index = snapshot.index;
+            self.snapshot_term = snapshot.term;
+            // A newer snapshot in the same batch stands for this one: only the newest is written.
+            self.staged_snapshot = Some(snapshot.clone());
+        }
+        if write.discard_log {
+            self.discard_log(base);
+        }
+        if let Some(first) = write.entries.first() {
+            self.truncate_from(first.index);
+            self.append(&write.entries, &records, &lens);
+        }
+        if let Some(hard_state) = write.hard_state {
+            self.stage_state(hard_state);
+        }
         Ok(())
     }
 
-    /// Keeps the first `keep` entries. Staged bytes are simply dropped; bytes already in the
-    /// file are cut by the next sync.
-    fn truncate_to(&mut self, keep: usize) {
-        let Some(&offset) = self.offsets.get(keep) else {
-            return;
-        };
-        self.offsets.truncate(keep);
-        self.terms.truncate(keep);
-        self.durable_floor = self.durable_floor.min(keep as Index);
-        if offset >= self.pending_at {
-            let staged = usize::try_from(offset - self.pending_at).unwrap_or(usize::MAX);
-            self.pending.truncate(staged);
-        } else {
-            self.pending.clear();
-            self.pending_at = offset;
-            self.cut = Some(offset);
+    /// Drops the whole log for a snapshot at `base` that it does not continue.
+    fn discard_log(&mut self, base: Index) {
+        for segment in std::mem::take(&mut self.segments) {
+            self.doom(segment);
+        }
+        self.discard_staged = true;
+        self.durable_floor = self.durable_floor.min(base);
+    }
+
+    /// Keeps the entries below `index`. Staged bytes are simply dropped; segments on disk are
+    /// deleted or cut by the next sync.
+    fn truncate_from(&mut self, index: Index) {
+        let mut cut_any = false;
+        // Whole segments from `index` on; an empty one that starts there is where the
+        // appended entries go, so it stays.
+        while self
+            .segments
+            .last()
+            .is_some_and(|s| s.first > index || (s.first == index && s.count() > 0))
+        {
+            cut_any = true;
+            if let Some(segment) = self.segments.pop() {
+                self.doom(segment);
+            }
+        }
+        if let Some(segment) = self
+            .segments
+            .last_mut()
+            .filter(|segment| segment.last() >= index)
+        {
+            cut_any = true;
+            let keep = usize::try_from(index - segment.first).unwrap_or(usize::MAX);
+            let at = segment.starts.get(keep).copied().unwrap_or(segment.end());
+            segment.starts.truncate(keep);
+            segment.terms.truncate(keep);
+            if at >= segment.written {
+                let staged = usize::try_from(at - segment.written).unwrap_or(usize::MAX);
+                segment.pending.truncate(staged);
+            } else {
+                segment.pending.clear();
+                segment.written = at;
+                segment.cut = true;
+            }
+        }
+        if cut_any {
+            self.durable_floor = self.durable_floor.min(index.saturating_sub(1));
         }
     }
 
-    /// The byte offset where the next record goes.
-    fn end(&self) -> u64 {
-        self.pending_at + self.pending.len() as u64
+    /// A segment leaves the log: the next sync deletes its file, if it has one yet.
+    fn doom(&mut self, segment: Segment) {
+        if segment.file.is_some() {
+            self.doomed.push(segment);
+        }
+    }
+
+    /// Appends encoded records (checked by `stage`), starting a new segment whenever the
+    /// last one has passed `segment_bytes_max`.
+    fn append(&mut self, entries: &[Entry], records: &[u8], lens: &[usize]) {
+        let mut at = 0;
+        for (entry, &len) in entries.iter().zip(lens) {
+            let record = records.get(at..at + len).unwrap_or_default();
+            at += len;
+            // An empty segment that does not start here (left by a recovery cut, then
+            // passed by a snapshot) would leave a hole in the names: it goes.
+            if self
+                .segments
+                .last()
+                .is_some_and(|s| s.count() == 0 && s.first != entry.index)
+                && let Some(segment) = self.segments.pop()
+            {
+                self.doom(segment);
+            }
+            let roll = match self.segments.last() {
+                None => true,
+                Some(segment) => {
+                    segment.next_index() != entry.index
+                        || (segment.count() > 0 && segment.end() >= self.segment_bytes_max)
+                }
+            };
+            if roll {
+                self.segments.push(Segment::staged(&self.dir, entry.index));
+            }
+            if let Some(segment) = self.segments.last_mut() {
+                segment.starts.push(segment.end());
+                segment.terms.push(entry.term);
+                segment.pending.extend_from_slice(record);
+            }
+        }
     }
 
     fn stage_state(&mut self, hard_state: HardState) {
@@ -317,28 +431,155 @@ impl GroupStore {
     }
 
     fn sync_files(&mut self) -> Result<(), StorageError> {
+        // Lowered before anything that could leave the recovered log shorter than the record
+        // says (a truncation, a discard, or a snapshot the old log does not continue), or
+        // recovery would call a legitimate cut damage. Rare: only writes that cut need it.
+        if self
+            .synced_record
+            .index
+            .is_none_or(|index| index > self.durable_floor)
+        {
+            self.write_synced(self.durable_floor)?;
+            self.step("lowered the synced record")?;
+        }
+        if let Some(snapshot) = self.staged_snapshot.take() {
+            self.write_snapshot(&snapshot)?;
+            self.durable_floor = self.durable_floor.max(snapshot.index);
+            self.remove_older_snapshots(snapshot.index)?;
+        }
+        if std::mem::take(&mut self.discard_staged) {
+            self.delete_doomed()?;
+        }
         if self.state_dirty {
             self.write_state_slot()?;
+            self.step("wrote the state slot")?;
         }
-        if let Some(cut) = self.cut.take() {
-            // Synced on its own before new bytes go in: otherwise a crash could keep the old
-            // length with new records written over part of it, and a stale record behind a torn
-            // new one would make recovery see mid-log corruption. Truncations are rare (a new
-            // leader overwriting uncommitted entries), so the extra sync is too.
-            self.log
-                .set_len(cut)
-                .map_err(|e| io_error(&self.log_path, "truncate", e))?;
-            self.sync_log()?;
-        }
-        if !self.pending.is_empty() {
-            self.log
-                .write_all_at(&self.pending, self.pending_at)
-                .map_err(|e| io_error(&self.log_path, "write", e))?;
-            self.pending_at += self.pending.len() as u64;
-            self.pending.clear();
-            self.sync_log()?;
-        }
+        self.delete_doomed()?;
+        self.write_segments()?;
+        self.compact()?;
         self.durable_floor = self.last_index();
+        Ok(())
+    }
+
+    /// The snapshot file: written whole under a temporary name, synced, renamed into place and
+    /// the directory synced, so the name only ever holds a whole, durable snapshot.
+    fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let temp = self.dir.join(snapshot_temp_name(snapshot.index));
+        let path = self.dir.join(snapshot_name(snapshot.index));
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&temp)?;
+            file.write_all(&encode_snapshot_header(snapshot))?;
+            file.write_all(&snapshot.data)?;
+            file.sync_all()
+        };
+        write().map_err(|e| io_error(&temp, "write", e))?;
+        self.fsyncs += 1;
+        fs::rename(&temp, &path).map_err(|e| io_error(&path, "rename", e))?;
+        self.sync_dir()?;
+        self.step("wrote the snapshot")
+    }
+
+    /// Older snapshots are never read again once a newer one is durable. Their removal need
+    /// not be durable at once (recovery takes the newest), so the next directory sync of this
+    /// sync covers it.
+    fn remove_older_snapshots(&mut self, index: Index) -> Result<(), StorageError> {
+        for (older, path) in list_dir(&self.dir)?.snapshots {
+            if older < index {
+                remove_file(&path)?;
+                self.dir_dirty = true;
+                self.step("removed an older snapshot")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the doomed segments newest first, syncing the directory after each, so that a
+    /// crash at any point leaves a prefix of the log (never a hole).
+    fn delete_doomed(&mut self) -> Result<(), StorageError> {
+        let mut doomed = std::mem::take(&mut self.doomed);
+        doomed.sort_by_key(|s| std::cmp::Reverse(s.first));
+        for segment in doomed {
+            drop(segment.file);
+            remove_file(&segment.path)?;
+            self.sync_dir()?;
+            self.step("removed a segment")?;
+        }
+        Ok(())
+    }
+
+    /// Cuts and appends, one segment after the other: each is synced before the next one is
+    /// created, so only the last segment can ever hold a torn write.
+    fn write_segments(&mut self) -> Result<(), StorageError> {
+        for i in 0..self.segments.len() {
+            let Some(segment) = self.segments.get_mut(i) else {
+                break;
+            };
+            if segment.cut {
+                // Synced on its own before new bytes go in: otherwise a crash could keep the old
+                // length with new records written over part of it, and a stale record behind a
+                // torn new one would make recovery see corruption. Truncations are rare (a new
+                // leader overwriting uncommitted entries), so the extra sync is too.
+                let file = open_segment(segment)?;
+                file.set_len(segment.written)
+                    .map_err(|e| io_error(&segment.path, "truncate", e))?;
+                file.sync_data()
+                    .map_err(|e| io_error(&segment.path, "fdatasync", e))?;
+                segment.cut = false;
+                self.fsyncs += 1;
+                self.step("cut a segment")?;
+            }
+            let Some(segment) = self.segments.get_mut(i) else {
+                break;
+            };
+            if segment.pending.is_empty() {
+                continue;
+            }
+            let created = segment.file.is_none();
+            if created {
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&segment.path)
+                    .map_err(|e| io_error(&segment.path, "create", e))?;
+                segment.file = Some(file);
+            }
+            let file = open_segment(segment)?;
+            file.write_all_at(&segment.pending, segment.written)
+                .map_err(|e| io_error(&segment.path, "write", e))?;
+            file.sync_data()
+                .map_err(|e| io_error(&segment.path, "fdatasync", e))?;
+            segment.written += segment.pending.len() as u64;
+            segment.pending = Vec::new();
+            self.fsyncs += 1;
+            if created {
+                // The records are durable only once the new name is.
+                self.sync_dir()?;
+            }
+            self.step("appended to a segment")?;
+        }
+        Ok(())
+    }
+
+    /// Deletes, oldest first, the segments whose every entry the snapshot holds; never the one
+    /// holding `snapshot_index + 1`. Recovery skips such leftovers, so a crash part way is
+    /// harmless, and one directory sync at the end suffices.
+    fn compact(&mut self) -> Result<(), StorageError> {
+        let index = self.snapshot_index;
+        let covered = self
+            .segments
+            .iter()
+            .take_while(|s| s.first <= index && s.last() <= index)
+            .count();
+        for segment in self.segments.drain(..covered).collect::<Vec<_>>() {
+            drop(segment.file);
+            remove_file(&segment.path)?;
+            self.dir_dirty = true;
+            self.step("removed a compacted segment")?;
+        }
+        if self.dir_dirty {
+            self.sync_dir()?;
+        }
         Ok(())
     }
 
@@ -370,193 +611,46 @@ impl GroupStore {
         Ok(())
     }
 
-    fn sync_log(&mut self) -> Result<(), StorageError> {
-        self.log
-            .sync_data()
-            .map_err(|e| io_error(&self.log_path, "fdatasync", e))?;
+    pub(super) fn write_synced(&mut self, index: Index) -> Result<(), StorageError> {
+        self.synced_record =
+            files::write_synced(&self.synced, &self.synced_path, &self.synced_record, index)?;
         self.fsyncs += 1;
         Ok(())
     }
 
-    /// Reads and checks the whole log, cuts a torn tail, and fills in the layout.
-    ///
-    /// No synced length is recorded, so the scan treats everything as possibly unsynced and the
-    /// damage is classified here: too few entries for the stored commit, or a valid record
-    /// behind the damage, means synced data was hit; anything else is a torn last write.
-    fn recover_log(&mut self, commit: Index) -> Result<Vec<Entry>, StorageError> {
-        let mut bytes = Vec::new();
-        (&self.log)
-            .read_to_end(&mut bytes)
-            .map_err(|e| io_error(&self.log_path, "read", e))?;
-        let found = scan(&bytes, 0, 1);
-        let count = found.entries.len() as Index;
-        let next_index = count.saturating_add(1);
-        let damage = match found.outcome {
-            ScanOutcome::Clean => None,
-            ScanOutcome::TornTail { at } => Some(at),
-            // Unreachable with a synced length of 0, but never ignored.
-            ScanOutcome::Corrupt {
-                at,
-                index_hint,
-                reason,
-            } => return Err(self.corrupt(at, index_hint, reason.to_string())),
-        };
-        if count < commit {
-            let what = match damage {
-                Some(_) => damage_reason(&bytes),
-                None => "the log ends cleanly".to_string(),
-            };
-            let reason = format!(
-                "the state file says {commit} entries are committed but only {count} are readable ({what})"
-            );
-            return Err(self.corrupt(found.valid_len, next_index, reason));
+    pub(super) fn sync_dir(&mut self) -> Result<(), StorageError> {
+        sync_dir(&self.dir)?;
+        self.fsyncs += 1;
+        self.dir_dirty = false;
+        Ok(())
+    }
+
+    /// A point where a crash may stop a sync: tests use it to leave the files as they are
+    /// there and recover from them.
+    #[cfg(not(test))]
+    #[inline]
+    pub(super) fn step(&mut self, _what: &'static str) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(super) fn step(&mut self, what: &'static str) -> Result<(), StorageError> {
+        self.steps += 1;
+        if self.crash_after_steps == Some(self.steps) {
+            return Err(StorageError::Io {
+                path: self.dir.clone(),
+                op: "crash (test)",
+                source: io::Error::other(what),
+            });
         }
-        if let Some(at) = damage {
-            let last_term = found.entries.last().map_or(0, |e| e.term);
-            if let Some((offset, index)) = find_record_after(&bytes, at, next_index, last_term) {
-                let reason = format!(
-                    "{}; a valid record (index {index}) follows at byte {offset}, so this is damage inside the log, not a torn tail",
-                    damage_reason(&bytes)
-                );
-                return Err(self.corrupt(at, next_index, reason));
-            }
-            self.log
-                .set_len(at)
-                .map_err(|e| io_error(&self.log_path, "truncate", e))?;
-            self.sync_log()?;
-            warn!(
-                path = %self.log_path.display(),
-                dropped_bytes = (bytes.len() as u64).saturating_sub(at),
-                entries = count,
-                "cut a torn tail off the log"
-            );
-        }
-        let mut offset = 0;
-        for entry in &found.entries {
-            self.offsets.push(offset);
-            self.terms.push(entry.term);
-            let len = record_len_bytes(entry)
-                .map_err(|e| self.corrupt(offset, entry.index, e.to_string()))?;
-            offset += len as u64;
-        }
-        self.pending_at = found.valid_len;
-        self.durable_floor = count;
-        Ok(found.entries)
-    }
-
-    fn corrupt(&self, offset: u64, index: Index, reason: String) -> StorageError {
-        StorageError::Corrupt {
-            path: self.log_path.clone(),
-            offset: Some(offset),
-            index: Some(index),
-            reason,
-        }
+        Ok(())
     }
 }
 
-/// Why the log's first bad record is bad: the scan again, now calling every byte synced.
-/// Only runs on the way to an error.
-fn damage_reason(bytes: &[u8]) -> String {
-    match scan(bytes, bytes.len() as u64, 1).outcome {
-        ScanOutcome::Corrupt { reason, .. } => reason.to_string(),
-        other => other.to_string(),
-    }
-}
-
-/// The newest hard state and its slot sequence; a missing or empty file is the default state.
-fn read_state(file: &File, path: &Path) -> Result<(u64, HardState), StorageError> {
-    let mut bytes = Vec::new();
-    // One byte more than a valid file, so a longer one is refused without reading it all.
-    file.take(STATE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| io_error(path, "read", e))?;
-    match decode_stored_state(&bytes) {
-        Ok(None) => Ok((0, HardState::default())),
-        Ok(Some(stored)) => Ok((stored.sequence, stored.hard_state)),
-        Err(e) => Err(StorageError::Corrupt {
-            path: path.to_path_buf(),
-            offset: None,
-            index: None,
-            reason: e.to_string(),
-        }),
-    }
-}
-
-/// Opens `path` for reading and writing, creating it when missing; says whether it did.
-/// The marker of a damaged replica: the first index that may have been lost, as text.
-const DAMAGE_MARKER: &str = "damaged";
-
-fn read_damage_marker(marker: &Path) -> Result<Option<Index>, StorageError> {
-    match fs::read_to_string(marker) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| StorageError::Corrupt {
-                path: marker.to_path_buf(),
-                offset: None,
-                index: None,
-                reason: format!("the damage marker holds {text:?}, not an index"),
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(marker, "read", e)),
-    }
-}
-
-/// Durable before the log is cut: a crash in between must not leave a shorter log that looks
-/// whole.
-fn write_damage_marker(dir: &Path, marker: &Path, from: Index) -> Result<(), StorageError> {
-    let write = || -> io::Result<()> {
-        let mut file = File::create(marker)?;
-        file.write_all(format!("{from}\n").as_bytes())?;
-        file.sync_all()
-    };
-    write().map_err(|e| io_error(marker, "write", e))?;
-    sync_dir(dir)
-}
-
-fn open_file(path: &Path) -> Result<(File, bool), StorageError> {
-    let mut options = fs::OpenOptions::new();
-    options.read(true).write(true);
-    match options.clone().create_new(true).open(path) {
-        Ok(file) => Ok((file, true)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => options
-            .open(path)
-            .map(|file| (file, false))
-            .map_err(|e| io_error(path, "open", e)),
-        Err(e) => Err(io_error(path, "create", e)),
-    }
-}
-
-/// Creates `path` and any missing ancestors, fsyncing the parent of each one created: a new
-/// directory entry is only durable once its parent directory is synced.
-fn create_dir_durable(path: &Path) -> Result<(), StorageError> {
-    if path.is_dir() {
-        return Ok(());
-    }
-    let parent = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    create_dir_durable(parent)?;
-    match fs::create_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_error(path, "mkdir", e)),
-    }
-    sync_dir(parent)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, "fsync directory", e))
-}
-
-fn io_error(path: &Path, op: &'static str, source: io::Error) -> StorageError {
-    StorageError::Io {
-        path: path.to_path_buf(),
-        op,
-        source,
-    }
+fn open_segment(segment: &Segment) -> Result<&File, StorageError> {
+    segment.file.as_ref().ok_or_else(|| StorageError::Io {
+        path: segment.path.clone(),
+        op: "write",
+        source: io::Error::other("the segment file is not open"),
+    })
 }

@@ -25,8 +25,9 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use holdfast_core::raft::{
-    AppendResult, Config, Entry, EntryKind, Envelope, GroupId, HardState, Index, Message, NodeId,
-    ProposalId, ProposalOutcome, Recovered, Replica, Role, Term, Write, WriteId,
+    AppendResult, CompactError, Config, Entry, EntryKind, Envelope, GroupId, HardState, Index,
+    Message, NodeId, ProposalId, ProposalOutcome, Recovered, Replica, Role, Snapshot, Term, Write,
+    WriteId,
 };
 use holdfast_core::time::Instant;
 
@@ -38,6 +39,8 @@ const MAX_OPS: usize = 2048;
 const MAX_IN_FLIGHT: usize = 256;
 /// Entries in one forged Append.
 const MAX_FORGED_ENTRIES: usize = 4;
+/// Bytes of a forged snapshot (and of one forged chunk at most).
+const MAX_FORGED_SNAPSHOT_BYTES: u8 = 32;
 
 /// How the group is configured; the first bytes of an input.
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -50,6 +53,8 @@ struct Setup {
     append_entries_max: u8,
     inflight_appends_max: u8,
     uncommitted_entries_max: u8,
+    /// `% 8 + 1` bytes per InstallSnapshot chunk: the state machine's 16 bytes go in pieces.
+    snapshot_chunk_bytes_max: u8,
     seeds: [u64; 3],
 }
 
@@ -81,6 +86,9 @@ enum Op {
     /// Up to `rounds % 8 + 1` rounds of: every disk syncs everything, every message in flight
     /// is delivered in order. Lets short inputs reach elections and commits.
     Settle { rounds: u8 },
+    /// `node` compacts its log at its applied index minus `back % 4` (which the replica
+    /// refuses if that is not past its snapshot), with its state machine's state there.
+    Compact { node: u8, back: u8 },
 }
 
 /// A forged message. Numbers are offsets around the receiver's own term and log.
@@ -131,6 +139,24 @@ enum Forged {
         /// The clock echoed back: `now` minus this many 10 ms steps.
         age: u8,
     },
+    /// A chunk of a snapshot around the receiver's log end.
+    InstallSnapshot {
+        term: u8,
+        index: u8,
+        snapshot_term: u8,
+        /// `% (total + 1)`: where the chunk starts.
+        offset: u8,
+        /// `% MAX_FORGED_SNAPSHOT_BYTES`: the snapshot's size.
+        total: u8,
+        /// `% 9`, cut at `total`: the chunk's size.
+        len: u8,
+        byte: u8,
+    },
+    SnapshotResponse {
+        term: u8,
+        index: u8,
+        received: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -151,18 +177,74 @@ pub struct RaftStats {
     pub leaders: usize,
     pub max_commit: Index,
     pub proposals_committed: usize,
+    /// Compactions the replicas accepted, and snapshots installed from a leader.
+    pub compactions: usize,
+    pub snapshots_installed: usize,
 }
 
 /// The node's disk: what a restart recovers.
 #[derive(Default)]
 struct Disk {
     hard_state: HardState,
+    snapshot: Option<Snapshot>,
+    /// Contiguous from the snapshot's index + 1.
     entries: Vec<Entry>,
 }
 
 impl Disk {
+    fn snapshot_index(&self) -> Index {
+        self.snapshot.as_ref().map_or(0, |s| s.index)
+    }
+
+    fn last_index(&self) -> Index {
+        self.snapshot_index() + self.entries.len() as Index
+    }
+
+    fn entry(&self, index: Index) -> Option<&Entry> {
+        let at = index.checked_sub(self.snapshot_index() + 1)?;
+        self.entries.get(usize::try_from(at).ok()?)
+    }
+
+    fn term_at(&self, index: Index) -> Option<Term> {
+        match &self.snapshot {
+            Some(s) if s.index == index => Some(s.term),
+            _ if index == 0 => Some(0),
+            _ => self.entry(index).map(|e| e.term),
+        }
+    }
+
     /// Performs `write` as the contract in `raft::Write` says, checking it is well formed.
     fn apply(&mut self, node: NodeId, write: &Write) {
+        if let Some(snapshot) = &write.snapshot {
+            assert!(
+                snapshot.index > self.snapshot_index(),
+                "node {node}: write {} replaces the snapshot at {} by one at {}",
+                write.id,
+                self.snapshot_index(),
+                snapshot.index
+            );
+            // Unless the log is replaced, what it keeps after the snapshot must continue it.
+            assert!(
+                write.discard_log || self.term_at(snapshot.index) == Some(snapshot.term),
+                "node {node}: write {} keeps a log holding {:?} at the index of its snapshot \
+                 {}@{}",
+                write.id,
+                self.term_at(snapshot.index),
+                snapshot.index,
+                snapshot.term
+            );
+            let replaced = (snapshot.index - self.snapshot_index()) as usize;
+            self.entries.drain(..replaced.min(self.entries.len()));
+            self.snapshot = Some(snapshot.clone());
+        }
+        if write.discard_log {
+            assert!(
+                write.snapshot.is_some(),
+                "node {node}: write {} discards the log without a snapshot",
+                write.id
+            );
+            self.entries.clear();
+        }
         if let Some(hard_state) = write.hard_state {
             assert!(
                 hard_state.term >= self.hard_state.term,
@@ -174,18 +256,19 @@ impl Disk {
             self.hard_state = hard_state;
         }
         if let Some(first) = write.entries.first() {
-            let on_disk = self.entries.len() as Index;
+            let (snapshot, last) = (self.snapshot_index(), self.last_index());
             assert!(
-                first.index >= 1 && first.index <= on_disk + 1,
-                "node {node}: write {} starts at index {} but the disk holds 1..={on_disk}",
+                first.index > snapshot && first.index <= last + 1,
+                "node {node}: write {} starts at index {} but the disk holds a snapshot at \
+                 {snapshot} and entries up to {last}",
                 write.id,
                 first.index
             );
-            self.entries.truncate((first.index - 1) as usize);
+            self.entries.truncate((first.index - snapshot - 1) as usize);
             for entry in &write.entries {
                 assert_eq!(
                     entry.index,
-                    self.entries.len() as Index + 1,
+                    self.last_index() + 1,
                     "node {node}: write {} is not contiguous",
                     write.id
                 );
@@ -193,12 +276,56 @@ impl Disk {
             }
         }
         assert!(
-            self.hard_state.commit <= self.entries.len() as Index,
-            "node {node}: durable commit {} beyond the durable log 1..={} after write {}",
+            self.hard_state.commit <= self.last_index(),
+            "node {node}: durable commit {} beyond the durable log ..={} after write {}",
             self.hard_state.commit,
-            self.entries.len(),
+            self.last_index(),
             write.id
         );
+    }
+}
+
+/// A running hash of the entries a state machine applied: its state, and a snapshot's data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Machine {
+    chain: u64,
+    index: Index,
+}
+
+impl Machine {
+    fn apply(&mut self, entry: &Entry) {
+        // FNV-1a over the previous state and the entry: any change anywhere changes it.
+        let mut hash = self.chain ^ 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            for byte in bytes {
+                hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        mix(&entry.index.to_le_bytes());
+        match &entry.kind {
+            EntryKind::Noop => mix(&[0]),
+            EntryKind::Commands(commands) => {
+                for command in commands {
+                    mix(&(command.len() as u64).to_le_bytes());
+                    mix(command);
+                }
+            }
+        }
+        self.chain = hash;
+        self.index = entry.index;
+    }
+
+    fn encode(&self) -> Bytes {
+        let mut data = self.chain.to_le_bytes().to_vec();
+        data.extend_from_slice(&self.index.to_le_bytes());
+        Bytes::from(data)
+    }
+
+    /// `None` for bytes no machine encoded (a forged snapshot).
+    fn decode(data: &[u8]) -> Option<Machine> {
+        let chain = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
+        let index = u64::from_le_bytes(data.get(8..16)?.try_into().ok()?);
+        (data.len() == 16).then_some(Machine { chain, index })
     }
 }
 
@@ -216,6 +343,10 @@ struct Node {
     applied: Index,
     /// Proposals accepted by this incarnation whose fate is not known yet.
     pending_proposals: BTreeSet<ProposalId>,
+    /// The state machine, and its states at the last few indexes applied (for compactions
+    /// below the applied index). `None` after restoring a forged snapshot.
+    machine: Option<Machine>,
+    recent: VecDeque<Machine>,
     /// Whom this node granted its vote in each term, over all its incarnations.
     votes_granted: BTreeMap<Term, NodeId>,
 }
@@ -231,15 +362,36 @@ impl Node {
     ) -> Node {
         let recovered = Recovered {
             hard_state: disk.hard_state,
+            snapshot: disk.snapshot.clone(),
             entries: disk.entries.clone(),
         };
         let replica = Replica::new(config, recovered, seed, now);
         let status = replica.status();
         assert_eq!(
             status.commit_index,
-            disk.hard_state.commit.min(disk.entries.len() as Index),
+            disk.hard_state
+                .commit
+                .min(disk.last_index())
+                .max(disk.snapshot_index()),
             "node {id}: restarted with a commit index other than its durable one"
         );
+        assert_eq!(
+            (
+                status.snapshot_index,
+                status.applied_index,
+                status.last_index
+            ),
+            (
+                disk.snapshot_index(),
+                disk.snapshot_index(),
+                disk.last_index()
+            ),
+            "node {id}: restarted with another snapshot or log than its disk's"
+        );
+        let machine = match &disk.snapshot {
+            Some(snapshot) => Machine::decode(&snapshot.data),
+            None => Some(Machine::default()),
+        };
         Node {
             id,
             term: status.term,
@@ -250,6 +402,8 @@ impl Node {
             unsynced: VecDeque::new(),
             last_write: 0,
             pending_proposals: BTreeSet::new(),
+            recent: machine.into_iter().collect(),
+            machine,
             votes_granted,
         }
     }
@@ -277,9 +431,12 @@ struct Group {
     nodes: Vec<Node>,
     network: VecDeque<Envelope>,
     next_proposal: ProposalId,
-    /// Every entry any replica applied, by index; all replicas must agree. Only meaningful
-    /// while no forged message was delivered (a forger can make replicas disagree).
-    applied: BTreeMap<Index, Entry>,
+    /// Every entry any replica applied, by index, and the state machine after it; all
+    /// replicas must agree. Only meaningful while no forged message was delivered (a forger
+    /// can make replicas disagree).
+    applied: BTreeMap<Index, (Entry, Machine)>,
+    /// Every snapshot any replica held, by index: one term and one content each (honest).
+    snapshots: BTreeMap<Index, (Term, Bytes)>,
     leaders: BTreeSet<(Term, NodeId)>,
     stats: RaftStats,
 }
@@ -292,6 +449,7 @@ impl Group {
         config.append_entries_max = usize::from(setup.append_entries_max % 4) + 1;
         config.inflight_appends_max = usize::from(setup.inflight_appends_max % 3) + 1;
         config.uncommitted_entries_max = usize::from(setup.uncommitted_entries_max % 8) + 1;
+        config.snapshot_chunk_bytes_max = usize::from(setup.snapshot_chunk_bytes_max % 8) + 1;
         let now = Instant::ZERO;
         let nodes = VOTERS
             .iter()
@@ -312,6 +470,7 @@ impl Group {
             network: VecDeque::new(),
             next_proposal: 0,
             applied: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
             leaders: BTreeSet::new(),
             stats: RaftStats::default(),
         }
@@ -432,6 +591,67 @@ impl Group {
                 self.nodes[node] = Node::start(id, config, disk, votes, seed, now);
                 self.stats.restarts += 1;
             }
+            Op::Compact { node, back } => {
+                let node = self.node_index(node);
+                let node = &mut self.nodes[node];
+                let before = node.replica.status();
+                let back = usize::from(back % 4);
+                // (No state known only after restoring a forged snapshot.)
+                let state = node
+                    .recent
+                    .len()
+                    .checked_sub(1)
+                    .and_then(|last| node.recent.get(last - back.min(last)))
+                    .copied();
+                let index = state.map_or(before.applied_index, |m| m.index);
+                let data = state.map_or_else(|| Bytes::from_static(b"unknown"), |m| m.encode());
+                let result = node.replica.compact(index, data.clone());
+                let after = node.replica.status();
+                match result {
+                    Ok(()) => {
+                        assert!(
+                            index <= before.applied_index && index > before.snapshot_index,
+                            "node {}: compacted at {index} with applied {} and a snapshot at {}",
+                            node.id,
+                            before.applied_index,
+                            before.snapshot_index
+                        );
+                        let held = node.replica.snapshot().map(|s| (s.index, s.data.clone()));
+                        assert_eq!(
+                            held,
+                            Some((index, data)),
+                            "node {}: compaction kept another snapshot",
+                            node.id
+                        );
+                        assert_eq!(after.snapshot_index, index);
+                        assert!(
+                            node.replica.entry(index).is_none(),
+                            "node {}: entry {index} is still there after compaction",
+                            node.id
+                        );
+                        self.stats.compactions += 1;
+                    }
+                    Err(CompactError::NotApplied { .. }) => assert!(
+                        index > before.applied_index,
+                        "node {}: refused a compaction at {index} as not applied (applied {})",
+                        node.id,
+                        before.applied_index
+                    ),
+                    Err(CompactError::Stale { .. }) => assert!(
+                        index <= before.snapshot_index,
+                        "node {}: refused a compaction at {index} as stale (snapshot at {})",
+                        node.id,
+                        before.snapshot_index
+                    ),
+                }
+                if result.is_err() {
+                    assert_eq!(
+                        after, before,
+                        "node {}: a refused compaction changed the replica",
+                        node.id
+                    );
+                }
+            }
             Op::Settle { rounds } => {
                 for _ in 0..=rounds % 8 {
                     for node in &mut self.nodes {
@@ -499,6 +719,35 @@ impl Group {
                 }
                 self.network.push_back(envelope);
             }
+            // An installed snapshot replaces the state machine before anything more applies.
+            if let Some(snapshot) = node.replica.poll_restore() {
+                let status = node.replica.status();
+                assert!(
+                    snapshot.index > node.applied && snapshot.index == status.applied_index,
+                    "node {id}: restores a snapshot at {} after applying {} (applied index {})",
+                    snapshot.index,
+                    node.applied,
+                    status.applied_index
+                );
+                assert_eq!(
+                    node.replica.snapshot(),
+                    Some(&snapshot),
+                    "node {id}: restores another snapshot than it holds"
+                );
+                node.machine = Machine::decode(&snapshot.data);
+                node.recent = node.machine.into_iter().collect();
+                node.applied = snapshot.index;
+                if honest {
+                    let agreed = self.applied.get(&snapshot.index).map(|(_, m)| *m);
+                    assert!(
+                        agreed.is_some() && node.machine == agreed,
+                        "node {id}: restored {:?} at {}, where the applied sequence has {agreed:?}",
+                        node.machine,
+                        snapshot.index
+                    );
+                }
+                self.stats.snapshots_installed += 1;
+            }
             while let Some(entry) = node.replica.poll_committed() {
                 assert_eq!(
                     entry.index,
@@ -506,11 +755,35 @@ impl Group {
                     "node {id}: applied out of order"
                 );
                 node.applied = entry.index;
+                if let Some(machine) = node.machine.as_mut() {
+                    machine.apply(&entry);
+                    node.recent.push_back(*machine);
+                    if node.recent.len() > 4 {
+                        node.recent.pop_front();
+                    }
+                }
                 if honest {
-                    let agreed = self.applied.entry(entry.index).or_insert(entry.clone());
+                    // The first replica to apply an index has applied the one before it (or
+                    // restored a snapshot there, which someone applied first).
+                    let before = entry
+                        .index
+                        .checked_sub(1)
+                        .and_then(|i| self.applied.get(&i));
+                    let mut agreed_machine = before.map_or_else(Machine::default, |(_, m)| *m);
+                    agreed_machine.apply(&entry);
+                    let (agreed, _) = self
+                        .applied
+                        .entry(entry.index)
+                        .or_insert((entry.clone(), agreed_machine));
                     assert_eq!(
                         *agreed, entry,
                         "node {id}: applied an entry another replica applied differently"
+                    );
+                    assert_eq!(
+                        node.machine,
+                        Some(agreed_machine),
+                        "node {id}: its state machine at {} is not the applied sequence's",
+                        entry.index
                     );
                 }
             }
@@ -529,12 +802,16 @@ impl Group {
                         fate.id,
                         status.commit_index
                     );
-                    let kind = node.replica.entry(index).map(|e| &e.kind);
-                    assert!(
-                        matches!(kind, Some(EntryKind::Commands(_))),
-                        "node {id}: proposal {} committed at {index}, which holds {kind:?}",
-                        fate.id
-                    );
+                    // (The entry may be compacted already: an installed snapshot commits up to
+                    // its index and replaces those entries at once.)
+                    if index > status.snapshot_index {
+                        let kind = node.replica.entry(index).map(|e| &e.kind);
+                        assert!(
+                            matches!(kind, Some(EntryKind::Commands(_))),
+                            "node {id}: proposal {} committed at {index}, which holds {kind:?}",
+                            fate.id
+                        );
+                    }
                     self.stats.proposals_committed += 1;
                 }
             }
@@ -551,6 +828,31 @@ impl Group {
                 node.commit,
                 status.commit_index
             );
+            assert!(
+                status.snapshot_index <= status.applied_index,
+                "node {id}: snapshot at {} beyond the applied index {}",
+                status.snapshot_index,
+                status.applied_index
+            );
+            assert_eq!(
+                status.snapshot_index,
+                node.replica.snapshot().map_or(0, |s| s.index),
+                "node {id}: the status and the snapshot disagree"
+            );
+            if let Some(snapshot) = node.replica.snapshot()
+                && honest
+            {
+                let (term, data) = self
+                    .snapshots
+                    .entry(snapshot.index)
+                    .or_insert((snapshot.term, snapshot.data.clone()));
+                assert_eq!(
+                    (*term, data.clone()),
+                    (snapshot.term, snapshot.data.clone()),
+                    "node {id}: its snapshot at {} differs from another replica's",
+                    snapshot.index
+                );
+            }
             assert!(
                 status.applied_index <= status.commit_index,
                 "node {id}: applied {} beyond commit {}",
@@ -581,17 +883,19 @@ impl Group {
                 );
                 self.leaders.insert((status.term, id));
             }
-            // Every entry up to the durable index is on disk as it is in memory.
+            // Every entry up to the durable index is on disk as it is in memory (or stood for
+            // by a snapshot on disk, or compacted in memory and held by the disk either way).
             assert!(
-                status.durable_index <= node.disk.entries.len() as Index,
-                "node {id}: durable index {} but the disk holds 1..={}",
+                status.durable_index <= node.disk.last_index(),
+                "node {id}: durable index {} but the disk holds up to {}",
                 status.durable_index,
-                node.disk.entries.len()
+                node.disk.last_index()
             );
-            for index in 1..=status.durable_index {
+            let covered = node.disk.snapshot_index().max(status.snapshot_index);
+            for index in covered + 1..=status.durable_index {
                 assert_eq!(
                     node.replica.entry(index),
-                    node.disk.entries.get((index - 1) as usize),
+                    node.disk.entry(index),
                     "node {id}: entry {index} is below the durable index {} but differs on disk",
                     status.durable_index
                 );
@@ -601,6 +905,18 @@ impl Group {
             self.stats.max_commit = self.stats.max_commit.max(status.commit_index);
         }
         self.stats.leaders = self.leaders.len();
+    }
+}
+
+/// `replica`'s term at `index`, its snapshot's at the snapshot's index; `None` where it holds
+/// nothing (compacted, or past the end).
+fn term_of(replica: &Replica, index: Index) -> Option<Term> {
+    if index == 0 {
+        return Some(0);
+    }
+    match replica.snapshot() {
+        Some(snapshot) if snapshot.index == index => Some(snapshot.term),
+        _ => replica.entry(index).map(|e| e.term),
     }
 }
 
@@ -624,7 +940,7 @@ fn past(now: Instant, age: u8) -> u64 {
 fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
     let status = to.status();
     let (term, last) = (status.term, status.last_index);
-    let last_term = to.entry(last).map_or(0, |e| e.term);
+    let last_term = term_of(to, last).unwrap_or(0);
     match forged {
         Forged::PreVote {
             term: t,
@@ -662,11 +978,7 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
         } => {
             let term = near_term(t, term);
             let prev_index = near_index(prev_index, last);
-            let own_term = if prev_index == 0 {
-                Some(0)
-            } else {
-                to.entry(prev_index).map(|e| e.term)
-            };
+            let own_term = term_of(to, prev_index);
             let prev_term = match own_term {
                 Some(own) if prev_term % 2 == 0 => own,
                 _ => near_term(prev_term, last_term),
@@ -736,6 +1048,37 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
             term: near_term(t, term),
             context: past(now, age),
         },
+        Forged::InstallSnapshot {
+            term: t,
+            index,
+            snapshot_term,
+            offset,
+            total,
+            len,
+            byte,
+        } => {
+            let term = near_term(t, term);
+            let total = total % MAX_FORGED_SNAPSHOT_BYTES;
+            let offset = offset % (total + 1);
+            let len = (len % 9).min(total - offset);
+            Message::InstallSnapshot {
+                term,
+                index: near_index(index, last + 2),
+                snapshot_term: near_term(snapshot_term, last_term).min(term),
+                offset: u64::from(offset),
+                total: u64::from(total),
+                chunk: Bytes::from(vec![byte; usize::from(len)]),
+            }
+        }
+        Forged::SnapshotResponse {
+            term: t,
+            index,
+            received,
+        } => Message::SnapshotResponse {
+            term: near_term(t, term),
+            index: near_index(index, status.snapshot_index + 2),
+            received: u64::from(received % MAX_FORGED_SNAPSHOT_BYTES),
+        },
     }
 }
 
@@ -743,12 +1086,18 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
 /// Panics if a replica breaks one of its invariants.
 ///
 /// Checked after every operation, on every replica: commit `<=` last index, commit never
-/// decreases (within one incarnation), applied `<=` commit, `poll_committed` yields
-/// consecutive indexes, durable index `<=` last index and every entry up to it is on the
-/// (modelled) disk as in memory, the term never decreases, write ids increase by one, writes
-/// are contiguous, a granted vote leaves only once it is durable, proposal fates are unique
-/// and committed ones point at command entries. While no forged message has been delivered,
-/// replicas must also agree on every entry they apply.
+/// decreases (within one incarnation), snapshot index `<=` applied `<=` commit,
+/// `poll_committed` yields consecutive indexes except across a restored snapshot (which lies
+/// ahead of what was applied and is the snapshot the replica holds), durable index `<=` last
+/// index and every entry up to it is on the (modelled) disk as in memory, the term never
+/// decreases, write ids increase by one, writes are contiguous and replace the snapshot only by
+/// a newer one whose index the log they keep holds with the snapshot's term (or discard the log,
+/// with a snapshot), a granted vote leaves only once it is durable, proposal fates are unique
+/// and committed ones point at command entries, a compaction is accepted exactly when it is past
+/// the snapshot and not past the applied index and refused without a change otherwise, a
+/// restart recovers the disk's snapshot and log. While no forged message has been delivered,
+/// replicas must also agree on every entry they apply, on every snapshot they hold, and every
+/// restored snapshot is the state machine of the applied sequence up to its index.
 pub fn run_raft_messages(data: &[u8]) -> RaftStats {
     let mut u = Unstructured::new(data);
     let Ok(setup) = Setup::arbitrary(&mut u) else {

@@ -249,6 +249,8 @@ fn broker_goals() -> Vec<Goal<BrokerStats>> {
         ("refused", |s| s.refused as u64),
         ("raw-decoded", |s| s.raw_decoded as u64),
         ("topics", |s| s.topics_created as u64),
+        ("trimmed", |s| s.trimmed as u64),
+        ("restores", |s| s.restores as u64),
     ]
 }
 

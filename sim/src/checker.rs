@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use holdfast_core::raft::{
-    AppendResult, Entry, EntryKind, Envelope, GroupId, Index, Message, NodeId, Replica, Term,
+    AppendResult, Entry, EntryKind, Envelope, GroupId, Index, Message, NodeId, Replica, Snapshot,
+    Term,
 };
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -29,6 +31,9 @@ pub const RAFT_CHECKERS: [&str; 11] = [
 /// rule. (Recovery losing a durable entry is the `recovery` checker's.)
 pub const DISK_CHECKERS: [&str; 2] = ["committed-bytes", "damaged-vote"];
 
+/// The checkers that only runs that compact exercise.
+pub const SNAPSHOT_CHECKERS: [&str; 1] = ["snapshot-agreement"];
+
 /// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
 pub const QUEUE_CHECKERS: [&str; 7] = [
     "lost",
@@ -50,6 +55,7 @@ pub fn violation(checker: &'static str, detail: String) -> Violation {
     debug_assert!(
         RAFT_CHECKERS.contains(&checker)
             || DISK_CHECKERS.contains(&checker)
+            || SNAPSHOT_CHECKERS.contains(&checker)
             || QUEUE_CHECKERS.contains(&checker)
     );
     Violation { checker, detail }
@@ -71,6 +77,57 @@ pub fn digest(entry: &Entry) -> u64 {
     hasher.digest()
 }
 
+/// The Raft workload's state machine: a running hash of every entry applied (its index and
+/// content), the commands applied, and the last index. Its encoding is a snapshot's `data`, so
+/// the snapshot-agreement checker can tell whether a snapshot stands for exactly the committed
+/// sequence up to its index; the checker keeps the same digest for every committed prefix.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MachineDigest {
+    pub chain: u64,
+    pub commands: u64,
+    pub index: Index,
+}
+
+impl MachineDigest {
+    pub const BYTES: usize = 24;
+
+    pub fn apply(&mut self, entry: &Entry) {
+        let mut link = [0u8; 24];
+        link[..8].copy_from_slice(&self.chain.to_le_bytes());
+        link[8..16].copy_from_slice(&entry.index.to_le_bytes());
+        link[16..].copy_from_slice(&digest(entry).to_le_bytes());
+        self.chain = xxh3_64(&link);
+        if let EntryKind::Commands(commands) = &entry.kind {
+            self.commands += commands.len() as u64;
+        }
+        self.index = entry.index;
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(Self::BYTES);
+        out.extend_from_slice(&self.chain.to_le_bytes());
+        out.extend_from_slice(&self.commands.to_le_bytes());
+        out.extend_from_slice(&self.index.to_le_bytes());
+        Bytes::from(out)
+    }
+
+    pub fn decode(data: &[u8]) -> Option<MachineDigest> {
+        if data.len() != Self::BYTES {
+            return None;
+        }
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&data[at..at + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        Some(MachineDigest {
+            chain: word(0),
+            commands: word(8),
+            index: word(16),
+        })
+    }
+}
+
 /// A hash of `entry`'s record as the core's storage format encodes it.
 pub fn record_hash(entry: &Entry) -> u64 {
     let mut bytes = Vec::new();
@@ -86,6 +143,8 @@ pub struct LogView {
     pub term_at_index: Option<Term>,
     /// The replica is damaged and must not vote: it counts for no election.
     pub damaged: bool,
+    /// The latest snapshot's index (0 if none): the log holds nothing at or below it.
+    pub snapshot_index: Index,
 }
 
 struct Committed {
@@ -97,6 +156,16 @@ struct Committed {
     commit_term: Term,
     /// A hash of the entry's encoded record: what every replica's disk must hold there.
     record_hash: u64,
+    /// The Raft workload's state machine after applying the sequence up to this entry.
+    machine: MachineDigest,
+}
+
+/// The first snapshot seen at one `(group, index)`: every other must equal it.
+struct SnapshotSeen {
+    term: Term,
+    data_hash: u64,
+    data_len: usize,
+    node: NodeId,
 }
 
 #[derive(Default)]
@@ -109,6 +178,10 @@ pub struct Checker {
     canonical: BTreeMap<GroupId, Vec<Committed>>,
     /// Proposals reported committed to a client: `(group, index)` to the entry's digest.
     acked: BTreeMap<(GroupId, Index), u64>,
+    /// Every snapshot any replica held or wrote, by `(group, index)`.
+    snapshots: BTreeMap<(GroupId, Index), SnapshotSeen>,
+    /// Snapshots hold a [`MachineDigest`] (the Raft workload): check it too.
+    pub digest_snapshots: bool,
 }
 
 impl Checker {
@@ -118,6 +191,12 @@ impl Checker {
 
     pub fn acked_count(&self) -> usize {
         self.acked.len()
+    }
+
+    /// The term of the committed entry at `index`, if the committed sequence reaches it.
+    pub fn committed_term(&self, group: GroupId, index: Index) -> Option<Term> {
+        let position = usize::try_from(index.checked_sub(1)?).ok()?;
+        self.canonical.get(&group)?.get(position).map(|c| c.term)
     }
 
     pub fn leader(&mut self, group: GroupId, term: Term, node: NodeId) -> Result<(), Violation> {
@@ -212,12 +291,29 @@ impl Checker {
                 ),
             )),
             Some(_) => Ok(()),
+            // Only a replica that jumped over a snapshot can apply past the end, and a
+            // snapshot only ever stands for entries some replica applied (and so recorded).
+            None if position > canonical.len() => Err(violation(
+                "committed-prefix",
+                format!(
+                    "group {group} node {node} applied {}@{} but the committed sequence ends at \
+                     {}: its snapshot stood for entries no replica applied",
+                    entry.index,
+                    entry.term,
+                    canonical.len()
+                ),
+            )),
             None => {
+                let mut machine = canonical
+                    .last()
+                    .map_or_else(MachineDigest::default, |c| c.machine);
+                machine.apply(entry);
                 canonical.push(Committed {
                     term: entry.term,
                     hash,
                     commit_term: term,
                     record_hash: record_hash(entry),
+                    machine,
                 });
                 Ok(())
             }
@@ -249,11 +345,20 @@ impl Checker {
             return Ok(());
         };
         let status = replica.status();
+        let snapshot = replica.snapshot().map(|s| (s.index, s.term));
         for (i, c) in canonical.iter().enumerate() {
             if c.commit_term >= status.term {
                 continue;
             }
             let index = i as Index + 1;
+            // A compacted entry is held by the snapshot that replaced it (whether the
+            // snapshot stands for the committed one is snapshot-agreement's business); the
+            // snapshot's own entry must at least have the committed term.
+            match snapshot {
+                Some((at, _)) if index < at => continue,
+                Some((at, term)) if index == at && term == c.term => continue,
+                _ => {}
+            }
             let held = replica.entry(index).map(|e| (e.term, digest(e)));
             if held != Some((c.term, c.hash)) {
                 return Err(violation(
@@ -286,7 +391,8 @@ impl Checker {
         let majority = logs.len() / 2 + 1;
         for (candidate, durable, memory) in logs {
             for view in [Some(durable), memory.as_ref()].into_iter().flatten() {
-                if view.term_at_index == Some(term) {
+                // A snapshot at or past the index holds the committed entry.
+                if view.term_at_index == Some(term) || index <= view.snapshot_index {
                     continue;
                 }
                 let voters: Vec<NodeId> = logs
@@ -326,8 +432,14 @@ impl Checker {
         let Some(canonical) = self.canonical.get(&group) else {
             return Ok(());
         };
+        // Records at or below the disk's snapshot may be gone (compacted) or be what is left
+        // of a replaced log whose removal a crash interrupted (recovery ignores both).
+        let compacted = disk.snapshot_index();
         for (i, c) in canonical.iter().enumerate().take(upto as usize) {
             let index = i as Index + 1;
+            if index <= compacted {
+                continue;
+            }
             let held = disk.record_bytes(index).map(xxh3_64);
             if held != Some(c.record_hash) {
                 return Err(violation(
@@ -340,6 +452,116 @@ impl Checker {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `node` holds `snapshot` of `group` (in memory, on its way to disk, or recovered from
+    /// it): every snapshot at one `(group, index)` has one term and one content, and the
+    /// term is that of the committed entry at that index. `what` says where it was seen.
+    pub fn snapshot(
+        &mut self,
+        group: GroupId,
+        node: NodeId,
+        snapshot: &Snapshot,
+        what: &str,
+    ) -> Result<(), Violation> {
+        let index = snapshot.index;
+        let seen = SnapshotSeen {
+            term: snapshot.term,
+            data_hash: xxh3_64(&snapshot.data),
+            data_len: snapshot.data.len(),
+            node,
+        };
+        match self.snapshots.get(&(group, index)) {
+            Some(first) if (first.term, first.data_hash) != (seen.term, seen.data_hash) => {
+                return Err(violation(
+                    "snapshot-agreement",
+                    format!(
+                        "group {group}: node {node}'s snapshot at {index} ({what}) has term {} and \
+                         {} bytes of data {:016x}; node {}'s has term {} and {} bytes {:016x}",
+                        seen.term,
+                        seen.data_len,
+                        seen.data_hash,
+                        first.node,
+                        first.term,
+                        first.data_len,
+                        first.data_hash
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.snapshots.insert((group, index), seen);
+            }
+        }
+        match self.committed_term(group, index) {
+            Some(term) if term == snapshot.term && self.digest_snapshots => {
+                self.snapshot_digest(group, node, snapshot, what)
+            }
+            Some(term) if term == snapshot.term => Ok(()),
+            committed => Err(violation(
+                "snapshot-agreement",
+                format!(
+                    "group {group}: node {node}'s snapshot at {index}@{} ({what}) does not stand \
+                     for a committed entry: the committed sequence holds {committed:?} there",
+                    snapshot.term
+                ),
+            )),
+        }
+    }
+
+    /// `node` holds a snapshot at `(index, term)` and, after it, `next`: the log must continue
+    /// the snapshot, so `next` was written after an entry of the snapshot's term (log matching
+    /// across the snapshot's boundary). A follower that kept a log of another history beside an
+    /// installed snapshot fails this.
+    pub fn snapshot_continued(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        (index, term): (Index, Term),
+        next: &Entry,
+    ) -> Result<(), Violation> {
+        let Some(&(_, prev_term)) = self.written.get(&(group, next.index, next.term)) else {
+            return Ok(());
+        };
+        if prev_term != term {
+            return Err(violation(
+                "snapshot-agreement",
+                format!(
+                    "group {group} node {node} holds a snapshot at {index}@{term} followed by \
+                     entry {}@{}, which was written after an entry of term {prev_term}: the log \
+                     does not continue the snapshot",
+                    next.index, next.term
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Raft workload: a snapshot's data is the state machine after exactly the committed
+    /// sequence up to its index.
+    pub fn snapshot_digest(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        snapshot: &Snapshot,
+        what: &str,
+    ) -> Result<(), Violation> {
+        let index = snapshot.index;
+        let expected = usize::try_from(index.saturating_sub(1))
+            .ok()
+            .and_then(|at| self.canonical.get(&group)?.get(at))
+            .map(|c| c.machine);
+        let found = MachineDigest::decode(&snapshot.data);
+        if found.is_none() || found != expected {
+            return Err(violation(
+                "snapshot-agreement",
+                format!(
+                    "group {group}: node {node}'s snapshot at {index} ({what}) holds {found:?}, \
+                     but the committed sequence up to {index} digests to {expected:?}"
+                ),
+            ));
         }
         Ok(())
     }

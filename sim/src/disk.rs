@@ -2,45 +2,62 @@
 //! what a correct recovery must return from them.
 //!
 //! The files are the ones the shell keeps (`shell/src/storage/group_store.rs`): a log of
-//! records from [`encode_entry`] and a hard-state file of two slots from [`encode_state_slot`],
-//! written alternately. A restart reads them back through [`scan`] and
-//! [`decode_stored_state`], with the shell's rules: a bad record after the synced bytes is a
-//! torn tail and is cut; a bad record inside them, a bad record followed by a valid one, or
-//! fewer entries than the recorded commit is damage. Unlike the shell, which refuses to start
-//! on damage, the simulator brings the replica back damaged ([`Damage`]) and keeps a marker
-//! (a third file) until the replica reports itself repaired.
+//! records from [`encode_entry`], a hard-state file of two slots from [`encode_state_slot`],
+//! written alternately, and a snapshot file from [`encode_snapshot`]. A restart reads them back
+//! through [`decode_snapshot`], [`scan`], [`log_after_snapshot`] and [`decode_stored_state`],
+//! with the shell's rules: a bad record after the synced bytes is a torn tail and is cut; a bad
+//! record inside them, a bad record followed by a valid one, fewer entries than the recorded
+//! commit, a log that does not reach its snapshot ([`LogGap`]) or a snapshot that fails its
+//! checksum is damage. Unlike the shell, which refuses to start on damage, the simulator brings
+//! the replica back damaged ([`Damage`]) and keeps a marker (a fourth file) until the replica
+//! reports itself repaired.
 //!
-//! Beside the files, the disk keeps the model: the hard state and entries every write so far
-//! made durable (whole writes only; a torn one counts for what of it fully landed), which is
-//! what the checkers compare the replica and its recovery against.
+//! A write is performed in the order [`Write`] prescribes. Its snapshot is written whole to a
+//! temporary file, synced and renamed over the old one, so a crash before the rename leaves
+//! the previous snapshot. Log records at or below the snapshot's index are deleted lazily, as
+//! whole segments would be: some at a later sync, the rest on restart, oldest first, never the
+//! record after the snapshot. A `discard_log` write drops the whole log newest first, so a crash
+//! half way leaves a prefix of the replaced log (which recovery then ignores).
+//!
+//! Beside the files, the disk keeps the model: the hard state, snapshot and entries every write
+//! so far made durable (whole writes only; a torn one counts for what of it fully landed),
+//! which is what the checkers compare the replica and its recovery against.
 
 use std::collections::{BTreeSet, VecDeque};
 
+use bytes::Bytes;
 use holdfast_core::raft::{
-    Canary, Damage, Entry, HardState, Index, NodeId, Recovered, Term, Write, WriteId,
+    Canary, Damage, Entry, HardState, Index, NodeId, Recovered, Snapshot, Term, Write, WriteId,
 };
 use holdfast_core::storage::{
-    HEADER_BYTES, SLOT_BYTES, STATE_BYTES, ScanOutcome, decode_stored_state, encode_entry,
-    encode_state_slot, find_record_after, next_slot, scan,
+    HEADER_BYTES, SLOT_BYTES, STATE_BYTES, ScanOutcome, decode_snapshot, decode_stored_state,
+    encode_entry, encode_snapshot, encode_state_slot, find_record_after, log_after_snapshot,
+    next_slot, record_len_bytes, scan,
 };
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
-use crate::checker::LogView;
+use crate::checker::{LogView, Violation, violation};
 
 pub struct Disk {
     // ----- the files -----
     /// The log file as written (synced or not).
     log_bytes: Vec<u8>,
-    /// Where the record of index `i + 1` starts, as the writer laid the records out.
+    /// The index of the log file's first record. File metadata, as the shell's segment names
+    /// carry their first index: after lazy deletion or a discard the log starts above 1.
+    log_first: Index,
+    /// Where the record of index `log_first + i` starts, as the writer laid the records out.
     offsets: Vec<u64>,
     /// The leading bytes of the log known to be synced.
     synced_len: u64,
-    /// Entries wholly inside the synced bytes: a state slot claims no commit beyond them.
-    synced_entries: Index,
+    /// Records (from `log_first`) wholly inside the synced bytes: with the snapshot, what a
+    /// state slot may claim committed.
+    synced_records: usize,
     state_bytes: Box<[u8; STATE_BYTES]>,
     /// The sequence of the newest slot written.
     state_sequence: u64,
+    /// The snapshot file: the latest snapshot renamed into place, if any.
+    snapshot_file: Option<Vec<u8>>,
     /// The damage marker: set by a recovery that found damage, cleared once the replica
     /// reports itself repaired. Survives restarts, so a replica cannot forget its damage by
     /// crashing before the repair.
@@ -51,13 +68,16 @@ pub struct Disk {
     // ----- the model -----
     /// Everything synced: what a restart must recover (the commit as the state file holds it).
     pub hard_state: HardState,
+    /// The durable snapshot.
+    pub snapshot: Option<Snapshot>,
+    /// The durable entries after the snapshot, contiguous from its index + 1.
     pub log: Vec<Entry>,
     /// Writes handed over by the replica and not yet synced, oldest first.
     pub unsynced: VecDeque<Write>,
     /// A sync is under way and will report when it completes.
     pub syncing: bool,
-    /// Every `(index, term)` that was ever durable, for checking acknowledgements that were
-    /// true when made and later overwritten.
+    /// Every `(index, term)` that was ever durable (as an entry or a snapshot's last entry),
+    /// for checking acknowledgements that were true when made and later overwritten.
     ever: BTreeSet<(Index, Term)>,
     /// Every `(term, vote)` that was ever durable, likewise for votes.
     votes_ever: BTreeSet<(Term, NodeId)>,
@@ -67,14 +87,17 @@ impl Default for Disk {
     fn default() -> Disk {
         Disk {
             log_bytes: Vec::new(),
+            log_first: 1,
             offsets: Vec::new(),
             synced_len: 0,
-            synced_entries: 0,
+            synced_records: 0,
             state_bytes: Box::new([0; STATE_BYTES]),
             state_sequence: 0,
+            snapshot_file: None,
             damage: None,
             hit: false,
             hard_state: HardState::default(),
+            snapshot: None,
             log: Vec::new(),
             unsynced: VecDeque::new(),
             syncing: false,
@@ -91,32 +114,43 @@ pub struct Recovery {
     pub damage: Option<Damage>,
     /// The commit index the state file holds (the log may hold less).
     pub commit: Index,
+    /// The last index recovered: the snapshot's, or the last entry's after it.
+    pub last_index: Index,
     /// Where recovery returned something a correct recovery would not (the "recovery"
     /// checker); reported after the byte comparison of committed records.
     pub problem: Option<String>,
 }
 
-/// Faults that change synced bytes of the log.
+/// Faults that change synced bytes of the log (or of the snapshot file).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Corruption {
-    /// One bit of the synced region flips.
+    /// One bit of the synced region flips, in the log or in the snapshot file.
     BitFlip,
     /// A record's bytes land at a wrong offset inside the synced region.
     Misdirect,
 }
 
 impl Disk {
-    pub fn last_index(&self) -> Index {
-        self.log.len() as Index
+    pub fn snapshot_index(&self) -> Index {
+        self.snapshot.as_ref().map_or(0, |s| s.index)
     }
 
+    pub fn last_index(&self) -> Index {
+        self.snapshot_index() + self.log.len() as Index
+    }
+
+    /// The durable term at `index`: 0 before the log, the snapshot's term at its index, `None`
+    /// below the snapshot (compacted) and past the end.
     pub fn term_at(&self, index: Index) -> Option<Term> {
         if index == 0 {
             return Some(0);
         }
-        self.log
-            .get(usize::try_from(index - 1).ok()?)
-            .map(|e| e.term)
+        let snapshot = self.snapshot_index();
+        if index == snapshot {
+            return self.snapshot.as_ref().map(|s| s.term);
+        }
+        let at = index.checked_sub(snapshot + 1)?;
+        self.log.get(usize::try_from(at).ok()?).map(|e| e.term)
     }
 
     /// Whether an entry at `index` of a term no newer than `term` was ever durable here.
@@ -142,12 +176,13 @@ impl Disk {
             last_term: self.term_at(last_index).unwrap_or(0),
             term_at_index: self.term_at(index),
             damaged: self.damage.is_some(),
+            snapshot_index: self.snapshot_index(),
         }
     }
 
     /// The bytes of the record of `index` in the log file, as laid out by the writer.
     pub fn record_bytes(&self, index: Index) -> Option<&[u8]> {
-        let i = usize::try_from(index.checked_sub(1)?).ok()?;
+        let i = usize::try_from(index.checked_sub(self.log_first)?).ok()?;
         let start = usize::try_from(*self.offsets.get(i)?).ok()?;
         let end = match self.offsets.get(i + 1) {
             Some(end) => usize::try_from(*end).ok()?,
@@ -156,10 +191,26 @@ impl Disk {
         self.log_bytes.get(start..end)
     }
 
+    /// The position among the unsynced writes up to `upto` of the first that carries a
+    /// snapshot, and whether it replaces the log: where a crash does the most harm.
+    pub fn snapshot_write(&self, upto: WriteId) -> Option<(usize, bool)> {
+        self.unsynced
+            .iter()
+            .take_while(|w| w.id <= upto)
+            .position(|w| w.snapshot.is_some())
+            .map(|at| (at, self.unsynced[at].discard_log))
+    }
+
     /// Makes every unsynced write up to `upto` durable, in order, and returns the write id to
-    /// report to the replica as synced. Returns an error when a write would leave a hole in
-    /// the log: the replica handed out an impossible write.
-    pub fn sync(&mut self, upto: WriteId, canary: Option<Canary>) -> Result<WriteId, String> {
+    /// report to the replica as synced; then deletes some records the snapshot replaced, as
+    /// a background cleanup would. Fails when a write is impossible: a hole in the log, or a
+    /// snapshot that the log it keeps does not continue.
+    pub fn sync(
+        &mut self,
+        upto: WriteId,
+        rng: &mut ChaCha8Rng,
+        canary: Option<Canary>,
+    ) -> Result<WriteId, Violation> {
         // The planted bug: the report covers writes handed over after this sync began.
         let report = match self.unsynced.back() {
             Some(last) if Canary::AckBeforeFsync.planted(canary) => last.id.max(upto),
@@ -171,20 +222,32 @@ impl Disk {
             }
         }
         self.synced_len = self.log_bytes.len() as u64;
-        self.synced_entries = self.offsets.len() as Index;
+        self.synced_records = self.offsets.len();
+        // Half the time every replaced record goes, else some of the oldest: recovery sees
+        // logs that hold the snapshot's entry, and logs that start right after it.
+        let replaced = self.replaced_records();
+        if replaced > 0 {
+            let drop = if rng.random_bool(0.5) {
+                replaced
+            } else {
+                rng.random_range(0..=replaced)
+            };
+            self.drop_oldest(drop);
+        }
         Ok(report)
     }
 
     /// A crash: unsynced writes are lost. With `survivors = Some(k)` the first `k` of them
     /// reached the platter anyway (the OS flushed them) and the one after is torn: part of
-    /// its bytes land, either a prefix of its state slot or, after the whole slot, a prefix of
-    /// its log records. Recovery must cut or ignore the torn part.
+    /// it lands in the order a write is performed (its snapshot, the discard of the old log,
+    /// a prefix of its state slot or, after the whole slot, a prefix of its log records).
+    /// Recovery must cut or ignore the torn part.
     pub fn crash(
         &mut self,
         survivors: Option<usize>,
         rng: &mut ChaCha8Rng,
         canary: Option<Canary>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Violation> {
         let mut unsynced = std::mem::take(&mut self.unsynced);
         self.syncing = false;
         let Some(survivors) = survivors else {
@@ -199,9 +262,18 @@ impl Disk {
         Ok(())
     }
 
-    fn apply(&mut self, write: Write, canary: Option<Canary>) -> Result<(), String> {
+    fn apply(&mut self, write: Write, canary: Option<Canary>) -> Result<(), Violation> {
+        if let Some(snapshot) = &write.snapshot {
+            self.store_snapshot(write.id, snapshot, write.discard_log)?;
+        }
+        // (`DiscardBeforeSnapshot` swaps these two steps, which only shows when a crash comes
+        // between them: see `tear`.)
+        if write.discard_log {
+            self.keep_records(0);
+            self.log.clear();
+        }
         if let Some(hard_state) = write.hard_state {
-            self.write_state(hard_state, canary);
+            self.write_state(hard_state, cut_floor(&write), canary);
         }
         if let Some(first) = write.entries.first() {
             self.cut(write.id, first.index)?;
@@ -214,24 +286,51 @@ impl Disk {
         Ok(())
     }
 
-    /// Lands part of `write`: a prefix of its state slot, or its whole slot and a prefix of
-    /// its records' bytes.
+    /// Lands part of `write`, in the order of [`Write`]: nothing or its whole snapshot; then a
+    /// prefix of the old log (the discard stopped half way), or all of the discard and then a
+    /// prefix of its state slot, or its whole slot and a prefix of its records' bytes.
     fn tear(
         &mut self,
         write: Write,
         rng: &mut ChaCha8Rng,
         canary: Option<Canary>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Violation> {
+        if write.discard_log && Canary::DiscardBeforeSnapshot.planted(canary) {
+            // The planted bug: the old log goes first, so the crash can come before the
+            // snapshot that replaces it is durable. The model keeps what a correct disk
+            // would still hold: the old log.
+            let keep = rng.random_range(0..=self.offsets.len());
+            self.keep_records(keep);
+            if keep > 0 || rng.random_bool(0.5) {
+                return Ok(());
+            }
+        }
+        if let Some(snapshot) = &write.snapshot {
+            if rng.random_bool(0.5) {
+                // The crash came before the rename: the temporary file is ignored.
+                return Ok(());
+            }
+            self.store_snapshot(write.id, snapshot, write.discard_log)?;
+        }
+        if write.discard_log {
+            self.log.clear();
+            let keep = rng.random_range(0..=self.offsets.len());
+            self.keep_records(keep);
+            if keep > 0 {
+                return Ok(());
+            }
+        }
+        let floor = cut_floor(&write);
         if let Some(hard_state) = write.hard_state
             && (write.entries.is_empty() || rng.random_bool(0.5))
         {
-            let (at, slot) = self.state_slot(&hard_state, canary);
+            let (at, slot) = self.state_slot(&hard_state, floor, canary);
             let landed = rng.random_range(1..SLOT_BYTES);
             self.state_bytes[at..at + landed].copy_from_slice(&slot[..landed]);
             return Ok(());
         }
         if let Some(hard_state) = write.hard_state {
-            self.write_state(hard_state, canary);
+            self.write_state(hard_state, floor, canary);
         }
         let Some(first) = write.entries.first() else {
             return Ok(());
@@ -240,10 +339,14 @@ impl Disk {
         let mut bytes = Vec::new();
         let mut ends = Vec::with_capacity(write.entries.len());
         for entry in &write.entries {
-            encode_entry(entry, &mut bytes).map_err(|e| e.to_string())?;
+            encode_entry(entry, &mut bytes)
+                .map_err(|e| violation("durable-index", e.to_string()))?;
             ends.push(bytes.len());
         }
         let landed = rng.random_range(0..bytes.len());
+        if self.offsets.is_empty() {
+            self.log_first = first.index;
+        }
         let base = self.log_bytes.len() as u64;
         let mut start = 0;
         for (entry, end) in write.entries.into_iter().zip(ends) {
@@ -259,41 +362,130 @@ impl Disk {
         Ok(())
     }
 
-    /// Drops every record from `index` on, in the file and in the model.
-    fn cut(&mut self, id: WriteId, index: Index) -> Result<(), String> {
-        let keep = index.saturating_sub(1);
-        if keep > self.last_index() {
-            return Err(format!(
-                "write {id} starts at index {index} but the disk ends at {}",
-                self.last_index()
+    /// The snapshot of write `id` is renamed into place. Unless the write replaces the log,
+    /// the log it keeps must continue the snapshot: hold the snapshot's own entry.
+    fn store_snapshot(
+        &mut self,
+        id: WriteId,
+        snapshot: &Snapshot,
+        discard_log: bool,
+    ) -> Result<(), Violation> {
+        let held = self.term_at(snapshot.index);
+        if !discard_log && held != Some(snapshot.term) {
+            return Err(violation(
+                "snapshot-agreement",
+                format!(
+                    "write #{id} stores a snapshot at {}@{} and keeps the log, whose entry there \
+                     has term {held:?} (log {}..={}, snapshot at {})",
+                    snapshot.index,
+                    snapshot.term,
+                    self.snapshot_index() + 1,
+                    self.last_index(),
+                    self.snapshot_index()
+                ),
             ));
         }
-        self.log.truncate(keep as usize);
-        if let Some(&at) = self.offsets.get(keep as usize) {
-            self.offsets.truncate(keep as usize);
-            self.log_bytes.truncate(at as usize);
-            self.synced_len = self.synced_len.min(at);
-            self.synced_entries = self.synced_entries.min(keep);
-        }
+        let replaced = snapshot.index.saturating_sub(self.snapshot_index());
+        let replaced = usize::try_from(replaced).unwrap_or(usize::MAX);
+        self.log.drain(..replaced.min(self.log.len()));
+        self.snapshot_file = Some(encode_snapshot(snapshot));
+        self.ever.insert((snapshot.index, snapshot.term));
+        self.snapshot = Some(snapshot.clone());
         Ok(())
     }
 
-    fn append_record(&mut self, entry: &Entry) -> Result<(), String> {
+    /// Records of the log file at or below the snapshot's index: deletable.
+    fn replaced_records(&self) -> usize {
+        let replaced = (self.snapshot_index() + 1).saturating_sub(self.log_first);
+        usize::try_from(replaced)
+            .unwrap_or(usize::MAX)
+            .min(self.offsets.len())
+    }
+
+    /// Deletes the oldest `count` records of the log file.
+    fn drop_oldest(&mut self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let cut = match self.offsets.get(count) {
+            Some(&at) => at,
+            None => self.log_bytes.len() as u64,
+        };
+        self.log_bytes.drain(..cut as usize);
+        self.offsets.drain(..count.min(self.offsets.len()));
+        for offset in &mut self.offsets {
+            *offset -= cut;
+        }
+        self.log_first += count as Index;
+        self.synced_len = self.synced_len.saturating_sub(cut);
+        self.synced_records = self.synced_records.saturating_sub(count);
+    }
+
+    /// Keeps the first `count` records of the log file, dropping the rest (the file only).
+    fn keep_records(&mut self, count: usize) {
+        if let Some(&at) = self.offsets.get(count) {
+            self.offsets.truncate(count);
+            self.log_bytes.truncate(at as usize);
+            self.synced_len = self.synced_len.min(at);
+            self.synced_records = self.synced_records.min(count);
+        }
+        if self.offsets.is_empty() {
+            self.log_bytes.clear();
+            self.synced_len = 0;
+        }
+    }
+
+    /// Drops every record from `index` on, in the file and in the model.
+    fn cut(&mut self, id: WriteId, index: Index) -> Result<(), Violation> {
+        let keep = index.saturating_sub(1);
+        if keep > self.last_index() || keep < self.snapshot_index() {
+            return Err(violation(
+                "durable-index",
+                format!(
+                    "write {id} starts at index {index} but the disk holds a snapshot at {} and \
+                     entries up to {}",
+                    self.snapshot_index(),
+                    self.last_index()
+                ),
+            ));
+        }
+        self.log.truncate((keep - self.snapshot_index()) as usize);
+        let records = (keep + 1).saturating_sub(self.log_first);
+        self.keep_records(usize::try_from(records).unwrap_or(usize::MAX));
+        Ok(())
+    }
+
+    fn append_record(&mut self, entry: &Entry) -> Result<(), Violation> {
+        if self.offsets.is_empty() {
+            // A new first segment, named after its first record.
+            self.log_bytes.clear();
+            self.log_first = entry.index;
+        }
         self.offsets.push(self.log_bytes.len() as u64);
         encode_entry(entry, &mut self.log_bytes)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| violation("durable-index", e.to_string()))
     }
 
-    /// Where the next slot goes and its bytes. The commit is clamped to the synced entries,
-    /// as the shell does: the slot is synced before the log bytes of the same write.
+    /// The last index a state slot may claim committed: synced records that the write does
+    /// not cut (below `floor`), or the snapshot.
+    fn durable_floor(&self, floor: Index) -> Index {
+        let records = self.log_first - 1 + self.synced_records as Index;
+        records.min(floor).max(self.snapshot_index())
+    }
+
+    /// Where the next slot goes and its bytes. The commit is clamped to what is synced and
+    /// not cut by the same write (below `floor`), as the shell's `durable_floor` does: the slot
+    /// is synced before the log bytes of the same write, so a crash between the two must not
+    /// leave a commit that the log cannot back, nor one that names entries being replaced.
     fn state_slot(
         &self,
         hard_state: &HardState,
+        floor: Index,
         canary: Option<Canary>,
     ) -> (usize, [u8; SLOT_BYTES]) {
         let mut hard_state = *hard_state;
-        hard_state.commit = hard_state.commit.min(self.synced_entries);
+        hard_state.commit = hard_state.commit.min(self.durable_floor(floor));
         if Canary::StateFileSingleSlot.planted(canary) {
             // The planted bug: always slot 0, written in place (even sequences live there).
             let sequence = (self.state_sequence + 2) & !1;
@@ -304,8 +496,8 @@ impl Disk {
         (at, encode_state_slot(sequence, &hard_state))
     }
 
-    fn write_state(&mut self, hard_state: HardState, canary: Option<Canary>) {
-        let (at, slot) = self.state_slot(&hard_state, canary);
+    fn write_state(&mut self, hard_state: HardState, floor: Index, canary: Option<Canary>) {
+        let (at, slot) = self.state_slot(&hard_state, floor, canary);
         self.state_bytes[at..at + SLOT_BYTES].copy_from_slice(&slot);
         self.state_sequence = if Canary::StateFileSingleSlot.planted(canary) {
             (self.state_sequence + 2) & !1
@@ -316,16 +508,26 @@ impl Disk {
             self.votes_ever.insert((hard_state.term, vote));
         }
         self.hard_state = HardState {
-            commit: hard_state.commit.min(self.synced_entries),
+            commit: hard_state.commit.min(self.durable_floor(floor)),
             ..hard_state
         };
     }
 
     // ----- faults -----
 
-    /// Damages the synced part of the log; returns whether any byte changed.
+    /// Damages the synced part of the log, or the snapshot file; returns whether any byte
+    /// changed.
     pub fn corrupt(&mut self, corruption: Corruption, rng: &mut ChaCha8Rng) -> bool {
         let synced = self.synced_len.min(self.log_bytes.len() as u64) as usize;
+        if corruption == Corruption::BitFlip
+            && let Some(file) = self.snapshot_file.as_mut()
+            && (synced == 0 || rng.random_bool(0.25))
+        {
+            let at = rng.random_range(0..file.len());
+            file[at] ^= 1 << rng.random_range(0..8);
+            self.hit = true;
+            return true;
+        }
         if synced == 0 {
             return false;
         }
@@ -342,7 +544,7 @@ impl Disk {
                     .iter()
                     .take_while(|o| (**o as usize) < synced)
                     .count();
-                let index = rng.random_range(0..records) as Index + 1;
+                let index = self.log_first + rng.random_range(0..records) as Index;
                 let Some(record) = self.record_bytes(index).map(<[u8]>::to_vec) else {
                     return false;
                 };
@@ -378,8 +580,9 @@ impl Disk {
 
     // ----- recovery -----
 
-    /// Reads the files back as a restarting node does, cuts a torn tail, marks damage, and
-    /// checks the result against the model. The model becomes what was recovered.
+    /// Reads the files back as a restarting node does, cuts a torn tail, removes what the
+    /// snapshot replaced, marks damage, and checks the result against the model. The model
+    /// becomes what was recovered.
     pub fn recover(&mut self, canary: Option<Canary>) -> Recovery {
         debug_assert!(self.unsynced.is_empty(), "recovery with writes in flight");
         let mut problems = Vec::new();
@@ -392,41 +595,98 @@ impl Disk {
         };
         let (sequence, hard_state) =
             stored.map_or((0, HardState::default()), |s| (s.sequence, s.hard_state));
+        let (mut snapshot, snapshot_error) = match &self.snapshot_file {
+            None => (None, None),
+            Some(bytes) => match decode_snapshot(Bytes::copy_from_slice(bytes)) {
+                Ok(snapshot) => (Some(snapshot), None),
+                Err(e) => (None, Some(e)),
+            },
+        };
         if Canary::TrustBadChecksum.planted(canary) {
             trust_checksums(&mut self.log_bytes);
         }
-        let found = scan(&self.log_bytes, self.synced_len, 1);
+        let found = scan(&self.log_bytes, self.synced_len, self.log_first);
+        let (scanned_from, outcome) = (self.log_first, found.outcome);
         let count = found.entries.len() as Index;
+        let next = self.log_first + count;
         let last_term = found.entries.last().map_or(0, |e| e.term);
         let mut damaged_at = match found.outcome {
             ScanOutcome::Clean => None,
             ScanOutcome::TornTail { at } => {
-                find_record_after(&self.log_bytes, at, count + 1, last_term).map(|_| count + 1)
+                find_record_after(&self.log_bytes, at, next, last_term).map(|_| next)
             }
-            ScanOutcome::Corrupt { .. } => Some(count + 1),
+            ScanOutcome::Corrupt { .. } => Some(next),
         };
-        if damaged_at.is_none() && count < hard_state.commit {
-            damaged_at = Some(count + 1);
-        }
-        if Canary::TruncateAtCorruption.planted(canary) {
-            // The planted bug: damage is cut off like a torn tail, and forgotten.
-            damaged_at = None;
-        }
-        // Cut to the valid prefix (a torn tail, or the damage the marker now remembers) and
-        // sync: everything left is durable.
+        // Cut to the valid prefix (a torn tail, or the damage the marker now remembers).
         self.log_bytes.truncate(found.valid_len as usize);
         self.offsets.clear();
         let mut offset = 0u64;
         for entry in &found.entries {
             self.offsets.push(offset);
-            offset += holdfast_core::storage::record_len_bytes(entry).unwrap_or(0) as u64;
+            offset += record_len_bytes(entry).unwrap_or(0) as u64;
         }
-        self.synced_len = found.valid_len;
-        self.synced_entries = count;
+        // Which entries continue the snapshot; the rest of the file goes, as the shell deletes
+        // replaced segments and what is left of an interrupted discard on start.
+        let beside = snapshot.as_ref().map(|s| (s.index, s.term));
+        let mut entries = match log_after_snapshot(beside, found.entries) {
+            Ok(entries) => entries,
+            Err(gap) => {
+                damaged_at = Some(damaged_at.map_or(gap.expected, |d| d.min(gap.expected)));
+                Vec::new()
+            }
+        };
+        if Canary::TruncateAtCorruption.planted(canary) {
+            // The planted bug: damage is cut off like a torn tail, and forgotten.
+            damaged_at = None;
+        }
+        if let Some(error) = &snapshot_error {
+            // Without its snapshot nothing of the log can be trusted to continue anything:
+            // the replica starts over, damaged from index 1 (its state file is intact, so it
+            // can be repaired).
+            if !self.hit && self.damage.is_none() {
+                problems.push(format!("the snapshot file is unreadable: {error}"));
+            }
+            damaged_at = Some(1);
+            snapshot = None;
+            entries.clear();
+            self.snapshot_file = None;
+        }
+        let snapshot_index = snapshot.as_ref().map_or(0, |s| s.index);
+        match entries.first() {
+            Some(first) => self.drop_oldest((first.index - self.log_first) as usize),
+            None => {
+                self.offsets.clear();
+                self.log_bytes.clear();
+                self.log_first = snapshot_index + 1;
+            }
+        }
+        let last = snapshot_index + entries.len() as Index;
+        if damaged_at.is_none() && last < hard_state.commit {
+            damaged_at = Some(last + 1);
+        }
+        if damaged_at.is_some() && !self.hit && self.damage.is_none() {
+            // Damage needs a fault that changed bytes (or a wipe, which leaves the marker):
+            // otherwise the disk lost a durable write.
+            problems.push(format!(
+                "recovery found damage from {damaged_at:?} though no fault touched this disk: \
+                 a durable write was lost (scan: {:?} from {} after {count} records; snapshot at \
+                 {snapshot_index}, {} entries after it, durable commit {}; the model held a \
+                 snapshot at {} and {} entries after it)",
+                outcome,
+                scanned_from,
+                entries.len(),
+                hard_state.commit,
+                self.snapshot_index(),
+                self.log.len()
+            ));
+        }
+        self.synced_len = self.log_bytes.len() as u64;
+        self.synced_records = self.offsets.len();
         self.state_sequence = sequence;
         if damaged_at.is_some() || self.damage.is_some() {
+            let from = damaged_at.unwrap_or(last + 1).max(snapshot_index + 1);
             self.damage = Some(Damage {
-                from: damaged_at.unwrap_or(count + 1),
+                from,
                 votes_lost: self.damage.is_some_and(|d| d.votes_lost),
             });
         }
@@ -439,21 +699,34 @@ impl Disk {
                 hard_state.term, hard_state.vote, self.hard_state.term, self.hard_state.vote
             ));
         }
+        if snapshot_error.is_none() && snapshot != self.snapshot {
+            let brief = |s: &Option<Snapshot>| s.as_ref().map(|s| (s.index, s.term, s.data.len()));
+            problems.push(format!(
+                "recovered the snapshot {:?} but {:?} was durable",
+                brief(&snapshot),
+                brief(&self.snapshot)
+            ));
+        }
         let ids = |entries: &[Entry]| -> Vec<(Index, Term)> {
             entries.iter().map(|e| (e.index, e.term)).collect()
         };
-        let (recovered_ids, durable_ids) = (ids(&found.entries), ids(&self.log));
+        let (recovered_ids, durable_ids) = (ids(&entries), ids(&self.log));
         match self.damage {
             None if recovered_ids != durable_ids => problems.push(format!(
-                "recovered {count} entries (last term {last_term}) as undamaged, but {} \
-                 entries (last term {}) were durable: a durable entry was lost or changed \
-                 without marking the replica damaged",
+                "recovered {} entries after the snapshot at {snapshot_index} (last {:?}) as \
+                 undamaged, but {} entries (last {:?}) were durable: a durable entry was lost or \
+                 changed without marking the replica damaged",
+                entries.len(),
+                recovered_ids.last(),
                 self.log.len(),
-                self.log.last().map_or(0, |e| e.term)
+                durable_ids.last()
             )),
-            Some(_) if !durable_ids.starts_with(&recovered_ids) => problems.push(format!(
-                "recovered {count} entries that are not a prefix of the durable log"
-            )),
+            Some(_) if snapshot == self.snapshot && !durable_ids.starts_with(&recovered_ids) => {
+                problems.push(format!(
+                    "recovered {} entries that are not a prefix of the durable log",
+                    entries.len()
+                ))
+            }
             _ => {}
         }
         if self.damage.is_none() && hard_state.commit != self.hard_state.commit {
@@ -463,14 +736,17 @@ impl Disk {
             ));
         }
         self.hard_state = hard_state;
-        self.log = found.entries.clone();
+        self.snapshot = snapshot.clone();
+        self.log = entries.clone();
         Recovery {
             recovered: Recovered {
                 hard_state,
-                entries: found.entries,
+                snapshot,
+                entries,
             },
             damage: self.damage,
             commit: hard_state.commit,
+            last_index: last,
             problem: (!problems.is_empty()).then(|| problems.join("; ")),
         }
     }
@@ -483,6 +759,15 @@ impl Disk {
         }
         false
     }
+}
+
+/// The last index a write keeps of the log before it: one before its first entry (the write
+/// cuts the log there), or all of it.
+fn cut_floor(write: &Write) -> Index {
+    write
+        .entries
+        .first()
+        .map_or(Index::MAX, |e| e.index.saturating_sub(1))
 }
 
 /// The planted bug of [`Canary::TrustBadChecksum`]: every record's checksum is recomputed

@@ -243,6 +243,10 @@ fn replay(options: &Options) -> bool {
         s.entries_committed,
         s.faults
     );
+    println!(
+        "snapshots: {} taken, {} installed, {} chunks sent",
+        s.snapshots_taken, s.snapshots_installed, s.snapshot_chunks
+    );
     match options.workload {
         Workload::Raft => println!(
             "proposals: {} acked, {} dropped, {} indeterminate",

@@ -1,7 +1,9 @@
 //! The Raft checks a world runs around every step of a replica, whoever drives the replica
 //! (the Raft workload drives replicas directly, the queue workload drives whole nodes).
 
-use holdfast_core::raft::{Entry, GroupId, Index, NodeId, Replica, Role, Status, Term, Write};
+use holdfast_core::raft::{
+    Entry, GroupId, Index, NodeId, Replica, Role, Snapshot, Status, Term, Write,
+};
 
 use crate::checker::{Checker, LogView, Violation, violation};
 use crate::disk::Disk;
@@ -13,17 +15,36 @@ pub struct ReplicaView {
     pub applied: Index,
     pub role: Role,
     pub term: Term,
+    /// The index of the latest snapshot the checkers saw the replica hold.
+    pub snapshot: Index,
 }
 
 impl ReplicaView {
+    /// A replica just started: it has applied what its recovered snapshot stands for.
     pub fn new(status: &Status) -> ReplicaView {
         ReplicaView {
             commit: status.commit_index,
-            applied: 0,
+            applied: status.snapshot_index,
             role: status.role,
             term: status.term,
+            snapshot: status.snapshot_index,
         }
     }
+}
+
+/// The term of `replica`'s entry at `index`: 0 before the log, its snapshot's term at the
+/// snapshot's index, `None` below it (compacted) and past the end.
+pub fn term_of(replica: &Replica, index: Index) -> Option<Term> {
+    if index == 0 {
+        return Some(0);
+    }
+    if let Some(entry) = replica.entry(index) {
+        return Some(entry.term);
+    }
+    replica
+        .snapshot()
+        .filter(|s| s.index == index)
+        .map(|s| s.term)
 }
 
 /// The end of `replica`'s in-memory log, and its term at `index`.
@@ -31,13 +52,16 @@ pub fn log_view(replica: &Replica, index: Index) -> LogView {
     let status = replica.status();
     LogView {
         last_index: status.last_index,
-        last_term: replica.entry(status.last_index).map_or(0, |e| e.term),
-        term_at_index: replica.entry(index).map(|e| e.term),
+        last_term: term_of(replica, status.last_index).unwrap_or(0),
+        term_at_index: term_of(replica, index),
         damaged: replica.damaged_from().is_some(),
+        snapshot_index: status.snapshot_index,
     }
 }
 
-/// A replica hands `write` to its disk: log matching, and no rewrite below its commit.
+/// A replica hands `write` to its disk: log matching, and no rewrite below its commit. (The
+/// write's snapshot is the one the replica holds, which [`check_status`] checks once the
+/// step's entries are applied, so that the committed sequence reaches it.)
 pub fn check_write(
     checker: &mut Checker,
     node: NodeId,
@@ -46,15 +70,65 @@ pub fn check_write(
     replica: &Replica,
     write: &Write,
 ) -> Result<(), Violation> {
+    if write.discard_log {
+        // Dropping the whole log drops committed entries: only a snapshot that stands for
+        // all of them may replace it.
+        let covered = write.snapshot.as_ref().map_or(0, |s| s.index);
+        if covered < view.commit {
+            return Err(violation(
+                "committed-prefix",
+                format!(
+                    "group {group} node {node}: write #{} discards the log (commit {}) for a \
+                     snapshot at {covered}",
+                    write.id, view.commit
+                ),
+            ));
+        }
+        if write
+            .entries
+            .first()
+            .is_some_and(|e| e.index != covered + 1)
+        {
+            return Err(violation(
+                "committed-prefix",
+                format!(
+                    "group {group} node {node}: write #{} replaces the log by a snapshot at \
+                     {covered} and entries from {:?}",
+                    write.id,
+                    write.entries.first().map(|e| e.index)
+                ),
+            ));
+        }
+    }
     let Some(first) = write.entries.first() else {
         return Ok(());
     };
-    let prev_term = match first.index {
-        0 | 1 => 0,
-        i => replica.entry(i - 1).map_or(0, |e| e.term),
-    };
+    let prev_term = term_of(replica, first.index - 1).unwrap_or(0);
     checker.written(group, node, &write.entries, prev_term)?;
     Checker::rewrite(group, node, first.index, view.commit)
+}
+
+/// A replica installed `snapshot` from its leader and the driver restored its state machine
+/// from it: the applied sequence jumps over what the snapshot stands for.
+pub fn check_restored(
+    checker: &mut Checker,
+    node: NodeId,
+    group: GroupId,
+    view: &mut ReplicaView,
+    snapshot: &Snapshot,
+) -> Result<(), Violation> {
+    if snapshot.index <= view.applied {
+        return Err(violation(
+            "committed-prefix",
+            format!(
+                "group {group} node {node} restored a snapshot at {} after applying up to {}",
+                snapshot.index, view.applied
+            ),
+        ));
+    }
+    checker.snapshot(group, node, snapshot, "installed")?;
+    view.applied = snapshot.index;
+    Ok(())
 }
 
 /// A replica applied `entry` while in `term`.
@@ -96,17 +170,34 @@ pub fn check_status(
     let newly_committed = status.commit_index > view.commit;
     view.commit = status.commit_index;
     let durable = status.durable_index;
-    let durable_term = replica.entry(durable).map(|e| e.term);
-    if durable > 0 && disk.term_at(durable) != durable_term {
+    let durable_term = term_of(replica, durable);
+    // At or below the disk's snapshot the disk holds it whatever its log; below the
+    // replica's own snapshot (compacted in memory) any durable copy will do.
+    let held = durable <= disk.snapshot_index()
+        || match durable_term {
+            Some(term) => disk.term_at(durable) == Some(term),
+            None => disk.term_at(durable).is_some(),
+        };
+    if durable > 0 && !held {
         return Err(violation(
             "durable-index",
             format!(
                 "group {group} node {node} claims {durable} durable (term {durable_term:?}) \
-                 but its disk holds {:?} there and ends at {}",
+                 but its disk holds {:?} there, its snapshot at {} and ends at {}",
                 disk.term_at(durable),
+                disk.snapshot_index(),
                 disk.last_index()
             ),
         ));
+    }
+    if let Some(snapshot) = replica.snapshot() {
+        if snapshot.index != view.snapshot {
+            view.snapshot = snapshot.index;
+            checker.snapshot(group, node, snapshot, "held")?;
+        }
+        if let Some(next) = replica.entry(snapshot.index + 1) {
+            checker.snapshot_continued(group, node, (snapshot.index, snapshot.term), next)?;
+        }
     }
     if let Some(leader) = status.leader.filter(|l| *l != node) {
         checker.follows(group, node, status.term, leader)?;
@@ -123,7 +214,7 @@ pub fn check_status(
     view.term = status.term;
     if status.role == Role::Leader && newly_committed {
         let index = status.commit_index;
-        let term = replica.entry(index).map_or(0, |e| e.term);
+        let term = term_of(replica, index).unwrap_or(0);
         Checker::commit_safe(group, node, index, term, &logs(index))?;
     }
     Ok(elected)
@@ -141,14 +232,28 @@ pub fn check_recovery(
         disk.hard_state.term,
         disk.hard_state.vote,
         disk.last_index(),
+        disk.snapshot_index(),
     );
-    if (status.term, status.vote, status.last_index) != durable {
+    let started = (
+        status.term,
+        status.vote,
+        status.last_index,
+        status.snapshot_index,
+    );
+    if started != durable {
         return Err(violation(
             "recovery",
             format!(
                 "group {group} node {node} restarted with term {} vote {:?} last index {} \
-                 but its disk holds term {} vote {:?} last index {}",
-                status.term, status.vote, status.last_index, durable.0, durable.1, durable.2
+                 snapshot at {} but its disk holds term {} vote {:?} last index {} snapshot at {}",
+                started.0,
+                started.1,
+                started.2,
+                started.3,
+                durable.0,
+                durable.1,
+                durable.2,
+                durable.3
             ),
         ));
     }

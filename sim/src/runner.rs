@@ -130,6 +130,11 @@ impl fmt::Display for Summary {
             )?;
         }
         writeln!(f, "elections won: {}", s.elections)?;
+        writeln!(
+            f,
+            "snapshots: {} taken, {} installed, {} chunks sent",
+            s.snapshots_taken, s.snapshots_installed, s.snapshot_chunks
+        )?;
         writeln!(f, "entries committed: {}", s.entries_committed)?;
         if s.proposals_acked + s.proposals_dropped + s.proposals_indeterminate > 0 {
             writeln!(

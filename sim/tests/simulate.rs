@@ -73,10 +73,32 @@ fn assert_disk_faults(outcomes: &[holdfast_sim::Outcome]) {
     assert!(stats.repairs > 0, "no damaged replica was repaired");
 }
 
+/// Replicas compacted, followers were sent snapshots (in several chunks), and crashes came
+/// while snapshots were being written: the runs exercised what snapshots are for.
+fn assert_snapshots(outcomes: &[holdfast_sim::Outcome]) {
+    let mut stats = holdfast_sim::Stats::default();
+    for outcome in outcomes {
+        stats.add(&outcome.stats);
+    }
+    assert!(stats.snapshots_taken > 0, "no compaction");
+    assert!(stats.snapshots_installed > 0, "no snapshot installed");
+    assert!(
+        stats.snapshot_chunks > stats.snapshots_installed,
+        "snapshots never went in several chunks: {} chunks for {} installs",
+        stats.snapshot_chunks,
+        stats.snapshots_installed
+    );
+    assert!(
+        stats.faults.get("snapshot-crash").copied().unwrap_or(0) > 0,
+        "no crash while writing a snapshot"
+    );
+}
+
 #[test]
 fn three_nodes_survive_three_hundred_seeds() {
     let outcomes = assert_all_pass(&raft(0), 0, 300);
     assert_disk_faults(&outcomes);
+    assert_snapshots(&outcomes);
 }
 
 #[test]
@@ -105,6 +127,7 @@ fn the_queue_survives_a_hundred_and_fifty_seeds_of_three_nodes() {
     assert!(sum(&|s| s.faults.get("crash").copied().unwrap_or(0)) > 150);
     assert!(sum(&|s| s.faults.get("consumer-crash").copied().unwrap_or(0)) > 150);
     assert_disk_faults(&outcomes);
+    assert_snapshots(&outcomes);
 }
 
 #[test]
@@ -159,7 +182,7 @@ mod canaries {
     use std::collections::BTreeSet;
 
     use holdfast_core::raft::Canary;
-    use holdfast_sim::checker::{DISK_CHECKERS, QUEUE_CHECKERS, RAFT_CHECKERS};
+    use holdfast_sim::checker::{DISK_CHECKERS, QUEUE_CHECKERS, RAFT_CHECKERS, SNAPSHOT_CHECKERS};
 
     use super::*;
 
@@ -186,7 +209,7 @@ mod canaries {
         let mut missed = Vec::new();
         for canary in Canary::ALL
             .into_iter()
-            .filter(|c| c.is_raft() && !c.is_disk())
+            .filter(|c| c.is_raft() && !c.is_disk() && !c.is_snapshot())
         {
             for nodes in [3, 5] {
                 match first_catch(&raft(0), canary, nodes, 200) {
@@ -224,7 +247,10 @@ mod canaries {
     fn every_disk_canary_is_caught_within_500_seeds_and_every_disk_checker_catches_one() {
         let mut fired = BTreeSet::new();
         let mut missed = Vec::new();
-        for canary in Canary::ALL.into_iter().filter(|c| c.is_disk()) {
+        for canary in Canary::ALL
+            .into_iter()
+            .filter(|c| c.is_disk() && !c.is_snapshot())
+        {
             for (workload, template) in [("raft", raft(0)), ("queue", queue(0))] {
                 match first_catch(&template, canary, 3, 500) {
                     Some((seed, checker)) => {
@@ -258,7 +284,10 @@ mod canaries {
     fn every_queue_canary_is_caught_within_500_seeds_and_every_queue_checker_catches_one() {
         let mut fired = BTreeSet::new();
         let mut missed = Vec::new();
-        for canary in Canary::ALL.into_iter().filter(|c| !c.is_raft()) {
+        for canary in Canary::ALL
+            .into_iter()
+            .filter(|c| !c.is_raft() && !c.is_snapshot())
+        {
             match first_catch(&queue(0), canary, 3, 500) {
                 Some((seed, checker)) => {
                     println!("{:<26} seed {seed:>3} by {checker}", canary.name());
@@ -279,6 +308,46 @@ mod canaries {
         assert!(
             idle.is_empty(),
             "queue checkers that caught no canary: {idle:?}"
+        );
+    }
+
+    /// The snapshot canaries, each on the workload whose code it plants a bug in (the Raft
+    /// core's and the simulated disk's on the Raft workload, the broker's on the queue):
+    /// each caught within 500 seeds, and each snapshot checker the first to catch one.
+    #[test]
+    fn every_snapshot_canary_is_caught_within_500_seeds_and_every_snapshot_checker_catches_one() {
+        let mut fired = BTreeSet::new();
+        let mut missed = Vec::new();
+        for canary in Canary::ALL.into_iter().filter(|c| c.is_snapshot()) {
+            let (workload, template) = if canary.is_raft() {
+                ("raft", raft(0))
+            } else {
+                ("queue", queue(0))
+            };
+            match first_catch(&template, canary, 3, 500) {
+                Some((seed, checker)) => {
+                    println!(
+                        "{:<30} {workload:<5} seed {seed:>3} by {checker}",
+                        canary.name()
+                    );
+                    assert_ne!(checker, "panic", "{} panicked", canary.name());
+                    assert_ne!(checker, "liveness", "{} only stalled", canary.name());
+                    fired.insert(checker);
+                }
+                None => missed.push((canary.name(), workload)),
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "canaries not caught within 500 seeds: {missed:?}"
+        );
+        let idle: Vec<_> = SNAPSHOT_CHECKERS
+            .iter()
+            .filter(|c| !fired.contains(*c))
+            .collect();
+        assert!(
+            idle.is_empty(),
+            "snapshot checkers that caught no canary: {idle:?}"
         );
     }
 }

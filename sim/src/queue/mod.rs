@@ -14,7 +14,7 @@ use std::time::Duration;
 use holdfast_core::broker::{BrokerConfig, BrokerState};
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::node::{BrokerNode, METADATA_GROUP, NodeConfig};
-use holdfast_core::raft::{Envelope, GroupId, Index, NodeId, Recovered, WriteId};
+use holdfast_core::raft::{Envelope, GroupId, Index, Message, NodeId, Recovered, WriteId};
 use holdfast_core::time::Instant;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,7 +25,7 @@ use crate::faults::{self, NodeFault};
 use crate::network::Network;
 use crate::options::Options;
 use crate::raft_checks::{
-    ReplicaView, check_applied, check_recovery, check_status, check_write, log_view,
+    ReplicaView, check_applied, check_recovery, check_restored, check_status, check_write, log_view,
 };
 use crate::trace::Trace;
 use crate::world::{Outcome, Stats};
@@ -193,6 +193,9 @@ pub(crate) struct QueueWorld {
     pub(crate) canary: Option<holdfast_core::raft::Canary>,
     heal_at: Instant,
     deadline: Instant,
+    /// Drawn per seed: when nodes compact (`None`: never) and the snapshot chunk size.
+    snapshot_entries_min: Option<u64>,
+    snapshot_chunk_bytes_max: usize,
 }
 
 pub(crate) fn ms(ms: u64) -> Duration {
@@ -208,6 +211,9 @@ pub(crate) fn broker_config() -> BrokerConfig {
     BrokerConfig {
         reconsume_delays_ms: vec![100, 300, 1_000],
         max_reconsume: 3,
+        // Retention deletes messages the checkers expect every consumer group to receive.
+        retention_ms: None,
+        retention_bytes: None,
         canary: None,
     }
 }
@@ -240,6 +246,8 @@ impl QueueWorld {
             canary: options.canary,
             heal_at,
             deadline,
+            snapshot_entries_min: None,
+            snapshot_chunk_bytes_max: 1 << 20,
             options,
         }
     }
@@ -258,6 +266,16 @@ impl QueueWorld {
     }
 
     fn run(&mut self) -> Result<(), Violation> {
+        // A fifth of the seeds never compact; the rest do often, so snapshots are installed on
+        // followers that fell behind and restored on restart, in several chunks in some seeds.
+        self.snapshot_entries_min =
+            [None, Some(5), Some(20), Some(60), Some(200)][self.rng.random_range(0..5)];
+        self.snapshot_chunk_bytes_max = [64, 1024, 1 << 20][self.rng.random_range(0..3)];
+        let (every, chunk) = (self.snapshot_entries_min, self.snapshot_chunk_bytes_max);
+        self.trace
+            .record(self.now, &[0, every.unwrap_or(0), chunk as u64], || {
+                format!("config snapshot_entries_min={every:?} snapshot_chunk_bytes_max={chunk}")
+            });
         for node in self.node_ids.clone() {
             let host = self.host_mut(node);
             host.fsync_us = faults::FSYNC_US;
@@ -400,6 +418,8 @@ impl QueueWorld {
         config.member_session_ms = 2_000;
         config.record_applied = true;
         config.canary = self.options.canary;
+        config.snapshot_entries_min = self.snapshot_entries_min;
+        config.raft.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
         let seed = self.rng.next_u64();
         let now = self.now;
         let groups: Vec<GroupId> = self.groups().collect();
@@ -409,15 +429,16 @@ impl QueueWorld {
         for group in &groups {
             let disk = self.hosts[index].disks.entry(*group).or_default();
             let recovery = disk.recover(canary);
-            let upto = recovery
-                .commit
-                .min(recovery.recovered.entries.len() as Index);
+            let upto = recovery.commit.min(recovery.last_index);
             self.checker.committed_bytes(*group, node, disk, upto)?;
             if let Some(problem) = recovery.problem {
                 return Err(violation(
                     "recovery",
                     format!("group {group} node {node}: {problem}"),
                 ));
+            }
+            if let Some(snapshot) = &recovery.recovered.snapshot {
+                self.checker.snapshot(*group, node, snapshot, "recovered")?;
             }
             if let Some(damage) = recovery.damage {
                 config.raft.damaged.insert(*group, damage);
@@ -449,6 +470,16 @@ impl QueueWorld {
     }
 
     fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
+        self.crash_tearing(node, None)
+    }
+
+    /// A crash; `tear = Some((group, k))` makes that group's disk land its first `k` unsynced
+    /// writes and tear the next (else each group's disk draws its own fate).
+    fn crash_tearing(
+        &mut self,
+        node: NodeId,
+        tear: Option<(GroupId, usize)>,
+    ) -> Result<(), Violation> {
         let groups: Vec<GroupId> = self.groups().collect();
         let mut torn = false;
         let canary = self.options.canary;
@@ -458,16 +489,20 @@ impl QueueWorld {
                 .disks
                 .get(&group)
                 .map_or(0, |d| d.unsynced.len());
-            let survivors = if unsynced > 0 && self.rng.random_bool(0.5) {
-                torn = true;
-                Some(self.rng.random_range(0..unsynced))
-            } else {
-                None
+            let survivors = match tear {
+                Some((g, k)) if g == group => {
+                    torn = true;
+                    Some(k)
+                }
+                _ if unsynced > 0 && self.rng.random_bool(0.5) => {
+                    torn = true;
+                    Some(self.rng.random_range(0..unsynced))
+                }
+                _ => None,
             };
             let QueueWorld { hosts, rng, .. } = self;
             if let Some(disk) = hosts[(node - 1) as usize].disks.get_mut(&group) {
-                disk.crash(survivors, rng, canary)
-                    .map_err(|e| violation("durable-index", e))?;
+                disk.crash(survivors, rng, canary)?;
             }
         }
         let host = self.host_mut(node);
@@ -510,6 +545,12 @@ impl QueueWorld {
                 });
             }
         }
+        if let Some(fault) = broker.poll_fault() {
+            return Err(violation(
+                "snapshot-agreement",
+                format!("node {node}: {fault}"),
+            ));
+        }
         while let Some((group, write)) = broker.poll_write() {
             let (Some(view), Some(replica)) = (host.views.get(&group), broker.replica(group))
             else {
@@ -517,9 +558,18 @@ impl QueueWorld {
             };
             check_write(&mut self.checker, node, group, view, replica, &write)?;
             let (id, count) = (write.id, write.entries.len() as u64);
-            self.trace.record(now, &[4, node, group, id, count], || {
-                format!("n{node} g{group} write #{id} entries={count}")
-            });
+            let snapshot = write.snapshot.as_ref().map_or(0, |s| s.index);
+            let discard = write.discard_log;
+            self.trace.record(
+                now,
+                &[4, node, group, id, count, snapshot, discard as u64],
+                || {
+                    format!(
+                        "n{node} g{group} write #{id} entries={count} snapshot={snapshot} \
+                         discard_log={discard}"
+                    )
+                },
+            );
             host.disks
                 .entry(group)
                 .or_default()
@@ -557,9 +607,50 @@ impl QueueWorld {
             outbox.push(envelope);
         }
         while let Some((group, entry)) = broker.poll_applied() {
-            let term = broker.replica(group).map_or(0, |r| r.status().term);
-            if let Some(view) = host.views.get_mut(&group) {
-                check_applied(&mut self.checker, node, group, view, term, &entry)?;
+            let (Some(replica), Some(view)) = (broker.replica(group), host.views.get_mut(&group))
+            else {
+                continue;
+            };
+            if entry.index > view.applied + 1 {
+                // Only an installed snapshot at the entry before may explain a jump (the node
+                // restores from it inside the step; the replica still holds it, since a
+                // compaction needs entries applied after the restore, so a later step).
+                if let Some(snapshot) = replica.snapshot().filter(|s| s.index + 1 == entry.index) {
+                    check_restored(&mut self.checker, node, group, view, snapshot)?;
+                    view.snapshot = snapshot.index;
+                    self.stats.snapshots_installed += 1;
+                }
+            }
+            let term = replica.status().term;
+            check_applied(&mut self.checker, node, group, view, term, &entry)?;
+        }
+        for (group, view) in &mut host.views {
+            let Some(replica) = broker.replica(*group) else {
+                continue;
+            };
+            let status = replica.status();
+            if status.applied_index > view.applied {
+                // Applied moved with no entry to show for it: a restore, and nothing after.
+                let snapshot = replica
+                    .snapshot()
+                    .filter(|s| s.index == status.applied_index);
+                let Some(snapshot) = snapshot else {
+                    return Err(violation(
+                        "committed-prefix",
+                        format!(
+                            "group {group} node {node} has applied {} but handed out entries up \
+                             to {} only, and holds no snapshot there",
+                            status.applied_index, view.applied
+                        ),
+                    ));
+                };
+                check_restored(&mut self.checker, node, *group, view, snapshot)?;
+                view.snapshot = snapshot.index;
+                self.stats.snapshots_installed += 1;
+            }
+            if status.snapshot_index > view.snapshot {
+                // Not a restore (those are seen above): a compaction.
+                self.stats.snapshots_taken += 1;
             }
         }
         let mut responses = Vec::new();
@@ -628,11 +719,30 @@ impl QueueWorld {
             });
             return self.crash(node);
         }
+        let faults = self.phase == Phase::Faults;
+        let QueueWorld {
+            hosts,
+            rng,
+            stats,
+            trace,
+            ..
+        } = self;
+        let host = &mut hosts[(node - 1) as usize];
         let mut report = upto;
         if let Some(disk) = host.disks.get_mut(&group) {
-            report = disk
-                .sync(upto, canary)
-                .map_err(|e| violation("durable-index", e))?;
+            // A crash while a snapshot is being written, which chance alone almost never
+            // brings (see the Raft world).
+            if let Some((at, discard)) = disk.snapshot_write(upto)
+                && faults
+                && rng.random_bool(if discard { 0.25 } else { 0.02 })
+            {
+                *stats.faults.entry("snapshot-crash").or_default() += 1;
+                trace.record(now, &[6, node, group, u64::MAX], || {
+                    format!("n{node} g{group} CRASH while writing a snapshot")
+                });
+                return self.crash_tearing(node, Some((group, at)));
+            }
+            report = disk.sync(upto, rng, canary)?;
             disk.syncing = false;
         }
         if let Some(broker) = host.broker.as_mut() {
@@ -670,6 +780,9 @@ impl QueueWorld {
     }
 
     fn transmit(&mut self, envelope: Envelope) {
+        if let Message::InstallSnapshot { .. } = envelope.message {
+            self.stats.snapshot_chunks += 1;
+        }
         for _ in 0..self.copies(Some((envelope.from, envelope.to))) {
             let at = self.now + self.delay();
             self.schedule(at, Event::Peer(envelope.clone()));

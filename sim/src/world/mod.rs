@@ -9,18 +9,18 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
 
 use holdfast_core::raft::{
-    Config, Envelope, GroupId, Index, NodeId, ProposalId, Replica, Role, WriteId,
+    Config, Envelope, GroupId, Index, Message, NodeId, ProposalId, Replica, Role, WriteId,
 };
 use holdfast_core::time::Instant;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::checker::{Checker, Violation, violation};
+use crate::checker::{Checker, MachineDigest, Violation, violation};
 use crate::disk::Disk;
 use crate::network::Network;
 use crate::options::Options;
 use crate::raft_checks::{
-    ReplicaView, check_applied, check_recovery, check_status, check_write, log_view,
+    ReplicaView, check_applied, check_recovery, check_restored, check_status, check_write, log_view,
 };
 use crate::trace::Trace;
 
@@ -64,6 +64,11 @@ pub struct Stats {
     /// Replicas that started with a damaged log (or a wiped disk), and damage repaired.
     pub damaged_starts: u64,
     pub repairs: u64,
+    /// Compactions (a replica replaced its log up to its applied index by a snapshot),
+    /// snapshots installed from a leader (and restored from), and InstallSnapshot chunks sent.
+    pub snapshots_taken: u64,
+    pub snapshots_installed: u64,
+    pub snapshot_chunks: u64,
 }
 
 impl Stats {
@@ -91,6 +96,9 @@ impl Stats {
         self.dead_lettered += other.dead_lettered;
         self.damaged_starts += other.damaged_starts;
         self.repairs += other.repairs;
+        self.snapshots_taken += other.snapshots_taken;
+        self.snapshots_installed += other.snapshots_installed;
+        self.snapshot_chunks += other.snapshot_chunks;
     }
 }
 
@@ -201,6 +209,9 @@ struct Slot {
     timer_at: Instant,
     /// What the checkers last saw of this replica (this incarnation).
     view: ReplicaView,
+    /// The state machine: a digest of what the replica applied (volatile: rebuilt from the
+    /// recovered snapshot on restart).
+    machine: MachineDigest,
 }
 
 struct Node {
@@ -271,6 +282,10 @@ struct World {
     /// Replication limits drawn per seed, so small batches and windows get explored too.
     append_entries_max: usize,
     inflight_appends_max: usize,
+    /// Compact every this many applied entries (`None`: never), and the snapshot chunk size:
+    /// drawn per seed, small, so snapshots are installed in pieces under faults.
+    compact_every: Option<u64>,
+    snapshot_chunk_bytes_max: usize,
 }
 
 fn ms(ms: u64) -> Duration {
@@ -308,6 +323,8 @@ impl World {
             deadline,
             append_entries_max: 64,
             inflight_appends_max: 8,
+            compact_every: None,
+            snapshot_chunk_bytes_max: 1 << 20,
             options,
         }
     }
@@ -328,11 +345,31 @@ impl World {
     fn run(&mut self) -> Result<(), Violation> {
         self.append_entries_max = [1, 4, 64][self.rng.random_range(0..3)];
         self.inflight_appends_max = [1, 2, 8][self.rng.random_range(0..3)];
+        // A fifth of the seeds never compact, so runs without snapshots stay exercised as
+        // before; the rest compact often enough that followers lagging behind a partition or
+        // a crash must be sent a snapshot.
+        self.compact_every =
+            [None, Some(5), Some(12), Some(30), Some(100)][self.rng.random_range(0..5)];
+        self.snapshot_chunk_bytes_max = [3, 8, 1 << 20][self.rng.random_range(0..3)];
+        self.checker.digest_snapshots = true;
         let (batch, window) = (self.append_entries_max, self.inflight_appends_max);
-        self.trace
-            .record(self.now, &[0, batch as u64, window as u64], || {
-                format!("config append_entries_max={batch} inflight_appends_max={window}")
-            });
+        let (every, chunk) = (self.compact_every, self.snapshot_chunk_bytes_max);
+        self.trace.record(
+            self.now,
+            &[
+                0,
+                batch as u64,
+                window as u64,
+                every.unwrap_or(0),
+                chunk as u64,
+            ],
+            || {
+                format!(
+                    "config append_entries_max={batch} inflight_appends_max={window} \
+                     compact_every={every:?} snapshot_chunk_bytes_max={chunk}"
+                )
+            },
+        );
         for _ in &self.node_ids {
             let slots = self.groups().map(|_| None).collect();
             self.nodes.push(Node {
@@ -356,7 +393,9 @@ impl World {
                         applied: 0,
                         role: Role::Follower,
                         term: 0,
+                        snapshot: 0,
                     },
+                    machine: MachineDigest::default(),
                 });
             }
             self.start(node)?;
@@ -470,6 +509,7 @@ impl World {
             config.canary = self.options.canary;
             config.append_entries_max = self.append_entries_max;
             config.inflight_appends_max = self.inflight_appends_max;
+            config.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
             let now = self.now;
             let canary = self.options.canary;
             let index = (group - 1) as usize;
@@ -477,9 +517,7 @@ impl World {
                 continue;
             };
             let recovery = slot.disk.recover(canary);
-            let upto = recovery
-                .commit
-                .min(recovery.recovered.entries.len() as Index);
+            let upto = recovery.commit.min(recovery.last_index);
             self.checker
                 .committed_bytes(group, node, &slot.disk, upto)?;
             if let Some(problem) = recovery.problem {
@@ -487,6 +525,11 @@ impl World {
                     "recovery",
                     format!("group {group} node {node}: {problem}"),
                 ));
+            }
+            slot.machine = MachineDigest::default();
+            if let Some(snapshot) = &recovery.recovered.snapshot {
+                self.checker.snapshot(group, node, snapshot, "recovered")?;
+                slot.machine = MachineDigest::decode(&snapshot.data).unwrap_or_default();
             }
             if let Some(damage) = recovery.damage {
                 config.damaged.insert(group, damage);
@@ -511,17 +554,32 @@ impl World {
     }
 
     fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
+        self.crash_tearing(node, None)
+    }
+
+    /// A crash; `tear = Some((group, k))` makes that group's disk land its first `k` unsynced
+    /// writes and tear the next (else each group's disk draws its own fate).
+    fn crash_tearing(
+        &mut self,
+        node: NodeId,
+        tear: Option<(GroupId, usize)>,
+    ) -> Result<(), Violation> {
         let mut torn = 0;
         let canary = self.options.canary;
         for group in self.groups() {
             let unsynced = self
                 .live_slot(node, group)
                 .map_or(0, |s| s.disk.unsynced.len());
-            let survivors = if unsynced > 0 && self.rng.random_bool(0.5) {
-                torn += 1;
-                Some(self.rng.random_range(0..unsynced))
-            } else {
-                None
+            let survivors = match tear {
+                Some((g, k)) if g == group => {
+                    torn += 1;
+                    Some(k)
+                }
+                _ if unsynced > 0 && self.rng.random_bool(0.5) => {
+                    torn += 1;
+                    Some(self.rng.random_range(0..unsynced))
+                }
+                _ => None,
             };
             let World { nodes, rng, .. } = self;
             let n = &mut nodes[(node - 1) as usize];
@@ -529,9 +587,7 @@ impl World {
                 continue;
             }
             if let Some(slot) = n.slots[(group - 1) as usize].as_mut() {
-                slot.disk
-                    .crash(survivors, rng, canary)
-                    .map_err(|e| violation("durable-index", e))?;
+                slot.disk.crash(survivors, rng, canary)?;
                 slot.replica = None;
             }
         }
@@ -595,37 +651,11 @@ impl World {
                 format!("n{node} g{group} REPAIRED")
             });
         }
-        while let Some(write) = replica.poll_write() {
-            check_write(&mut self.checker, node, group, &slot.view, replica, &write)?;
-            let (id, count) = (write.id, write.entries.len() as u64);
-            let first = write.entries.first().map_or(0, |e| e.index);
-            self.trace
-                .record(now, &[4, node, group, id, first, count], || {
-                    format!(
-                        "n{node} g{group} write #{id} entries={count} from={first} hard_state={:?}",
-                        write.hard_state
-                    )
-                });
-            slot.disk.unsynced.push_back(write);
-        }
-        if !slot.disk.syncing
-            && let Some(last) = slot.disk.unsynced.back()
-        {
-            slot.disk.syncing = true;
-            let upto = last.id;
-            let n = self.node(node);
-            let (lo, hi, incarnation) = (n.fsync_min_us, n.fsync_max_us, n.incarnation);
-            let at = now + us(self.rng.random_range(lo..hi));
-            self.schedule(
-                at,
-                Event::Synced {
-                    node,
-                    group,
-                    incarnation,
-                    upto,
-                },
-            );
-        }
+
+        self.take_writes(node, group, slot)?;
+        let Some(replica) = slot.replica.as_mut() else {
+            return Ok(());
+        };
 
         let mut outbox = Vec::new();
         while let Some(envelope) = replica.poll_message() {
@@ -633,10 +663,41 @@ impl World {
             outbox.push(envelope);
         }
 
+        // An installed snapshot replaces the state machine before anything more is applied.
         let term = replica.status().term;
+        if let Some(snapshot) = replica.poll_restore() {
+            check_restored(&mut self.checker, node, group, &mut slot.view, &snapshot)?;
+            slot.machine = MachineDigest::decode(&snapshot.data).unwrap_or_default();
+            self.stats.snapshots_installed += 1;
+            let index = snapshot.index;
+            self.trace.record(now, &[15, node, group, index], || {
+                format!("n{node} g{group} RESTORED snapshot at {index}")
+            });
+        }
         while let Some(entry) = replica.poll_committed() {
             check_applied(&mut self.checker, node, group, &mut slot.view, term, &entry)?;
+            slot.machine.apply(&entry);
         }
+        let status = replica.status();
+        if let Some(every) = self.compact_every
+            && status.applied_index >= status.snapshot_index + every
+        {
+            let index = status.applied_index;
+            debug_assert_eq!(slot.machine.index, index, "the machine follows the replica");
+            replica
+                .compact(index, slot.machine.encode())
+                .map_err(|e| violation("committed-prefix", format!("compaction refused: {e}")))?;
+            self.stats.snapshots_taken += 1;
+            self.trace.record(now, &[16, node, group, index], || {
+                format!("n{node} g{group} COMPACTED to {index}")
+            });
+            // The compaction's write goes out now (after the step's own writes, whose checks
+            // come first as before compaction existed).
+            self.take_writes(node, group, slot)?;
+        }
+        let Some(replica) = slot.replica.as_mut() else {
+            return Ok(());
+        };
 
         let mut fates = Vec::new();
         while let Some(fate) = replica.poll_proposal() {
@@ -684,6 +745,57 @@ impl World {
         Ok(())
     }
 
+    /// Hands the replica's writes to its disk, checking each, and starts a sync if none runs.
+    fn take_writes(
+        &mut self,
+        node: NodeId,
+        group: GroupId,
+        slot: &mut Slot,
+    ) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(replica) = slot.replica.as_mut() else {
+            return Ok(());
+        };
+        while let Some(write) = replica.poll_write() {
+            check_write(&mut self.checker, node, group, &slot.view, replica, &write)?;
+            let (id, count) = (write.id, write.entries.len() as u64);
+            let first = write.entries.first().map_or(0, |e| e.index);
+            let snapshot = write.snapshot.as_ref().map_or(0, |s| s.index);
+            let discard = write.discard_log;
+            self.trace.record(
+                now,
+                &[4, node, group, id, first, count, snapshot, discard as u64],
+                || {
+                    format!(
+                        "n{node} g{group} write #{id} entries={count} from={first} hard_state={:?} \
+                         snapshot={snapshot} discard_log={discard}",
+                        write.hard_state
+                    )
+                },
+            );
+            slot.disk.unsynced.push_back(write);
+        }
+        if !slot.disk.syncing
+            && let Some(last) = slot.disk.unsynced.back()
+        {
+            slot.disk.syncing = true;
+            let upto = last.id;
+            let n = self.node(node);
+            let (lo, hi, incarnation) = (n.fsync_min_us, n.fsync_max_us, n.incarnation);
+            let at = now + us(self.rng.random_range(lo..hi));
+            self.schedule(
+                at,
+                Event::Synced {
+                    node,
+                    group,
+                    incarnation,
+                    upto,
+                },
+            );
+        }
+        Ok(())
+    }
+
     fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
         let now = self.now;
         if self.node(node).up && self.node(node).fail_sync {
@@ -694,13 +806,25 @@ impl World {
             return self.crash(node);
         }
         let canary = self.options.canary;
-        let Some(slot) = self.live_slot(node, group) else {
+        let faults = self.phase == Phase::Faults;
+        let World { nodes, rng, .. } = self;
+        let n = &mut nodes[(node - 1) as usize];
+        let Some(slot) = n.slots[(group - 1) as usize].as_mut().filter(|_| n.up) else {
             return Ok(());
         };
-        let report = slot
-            .disk
-            .sync(upto, canary)
-            .map_err(|e| violation("durable-index", e))?;
+        // A crash while a snapshot is being written is when the order of a write matters
+        // most; left to chance it almost never happens, so it is a fault of its own.
+        if let Some((at, discard)) = slot.disk.snapshot_write(upto)
+            && faults
+            && rng.random_bool(if discard { 0.25 } else { 0.02 })
+        {
+            *self.stats.faults.entry("snapshot-crash").or_default() += 1;
+            self.trace.record(now, &[6, node, group, u64::MAX], || {
+                format!("n{node} g{group} CRASH while writing a snapshot")
+            });
+            return self.crash_tearing(node, Some((group, at)));
+        }
+        let report = slot.disk.sync(upto, rng, canary)?;
         slot.disk.syncing = false;
         if let Some(replica) = slot.replica.as_mut() {
             replica.persisted(now, report);
@@ -737,6 +861,9 @@ impl World {
     // ----- network -----
 
     fn transmit(&mut self, envelope: Envelope) {
+        if let Message::InstallSnapshot { .. } = envelope.message {
+            self.stats.snapshot_chunks += 1;
+        }
         let (from, to) = (envelope.from, envelope.to);
         let lost = self.network.is_blocked(from, to)
             || (self.network.loss_ppm > 0

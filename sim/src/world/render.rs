@@ -26,6 +26,17 @@ pub(super) fn fields(message: &Message) -> (u64, u64, u64) {
         },
         Message::Heartbeat { term, commit, .. } => (8, *term, *commit),
         Message::HeartbeatResponse { term, context } => (9, *term, *context),
+        Message::InstallSnapshot {
+            term,
+            index,
+            offset,
+            ..
+        } => (11, *term, index << 24 | offset),
+        Message::SnapshotResponse {
+            term,
+            index,
+            received,
+        } => (12, *term, index << 24 | received),
     }
 }
 
@@ -80,5 +91,21 @@ pub(super) fn describe(message: &Message) -> String {
         },
         Message::Heartbeat { term, commit, .. } => format!("Heartbeat t{term} commit={commit}"),
         Message::HeartbeatResponse { term, .. } => format!("HeartbeatResponse t{term}"),
+        Message::InstallSnapshot {
+            term,
+            index,
+            snapshot_term,
+            offset,
+            total,
+            chunk,
+        } => format!(
+            "InstallSnapshot t{term} {index}@{snapshot_term} bytes {offset}..{} of {total}",
+            offset + chunk.len() as u64
+        ),
+        Message::SnapshotResponse {
+            term,
+            index,
+            received,
+        } => format!("SnapshotResponse t{term} {index} received={received}"),
     }
 }

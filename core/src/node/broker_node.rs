@@ -133,8 +133,8 @@ struct Group {
     /// Queues this node asked the group to create and has not seen created yet.
     creating: BTreeSet<QueueId>,
     pace: SnapshotPace,
-    /// When this node, as leader, last proposed a retention trim.
-    trimmed_at: Option<Instant>,
+    /// When this node, as leader, last looked for messages retention deletes.
+    trim_checked_at: Option<Instant>,
 }
 
 struct ParkedPull {
@@ -210,7 +210,7 @@ impl BrokerNode {
                     proposal_index: BTreeMap::new(),
                     creating: BTreeSet::new(),
                     pace,
-                    trimmed_at: None,
+                    trim_checked_at: None,
                 };
                 (group, group_state)
             })
@@ -870,7 +870,7 @@ impl BrokerNode {
     }
 
     /// On the leader of each broker group, a retention trim when some message has outlived
-    /// the policy, at most once per `trim_interval_ms`. The leader's clock goes into the
+    /// the policy, looked for at most once per `trim_interval_ms`. The leader's clock goes into the
     /// command, so every replica deletes exactly the same messages.
     fn propose_trims(&mut self, now: Instant) {
         let interval = std::time::Duration::from_millis(self.config.trim_interval_ms);
@@ -881,13 +881,16 @@ impl BrokerNode {
             };
             if group.raft.status().role != Role::Leader
                 || group
-                    .trimmed_at
+                    .trim_checked_at
                     .is_some_and(|at| now.saturating_since(at) < interval)
-                || !state.trim_due(now_ms)
             {
                 continue;
             }
-            group.trimmed_at = Some(now);
+            // Looking costs a pass over the queues: not on every event.
+            group.trim_checked_at = Some(now);
+            if !state.trim_due(now_ms) {
+                continue;
+            }
             let command = Command::Trim { stamp_ms: now_ms };
             group.batch.push((None, encode_command(&command)));
         }

@@ -667,3 +667,75 @@ fn a_node_restarts_from_a_snapshot_on_its_disk() {
     );
     assert!(broken.poll_fault().is_some_and(|f| f.contains("group 1")));
 }
+
+#[test]
+fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
+    let mut cluster = Cluster::with(3, 1, |config| {
+        config.broker.retention_ms = Some(2_000);
+        config.trim_interval_ms = 100;
+    });
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
+    let create = Request::CreateTopic {
+        topic: "orders".into(),
+        queues: 1,
+    };
+    assert!(matches!(
+        cluster.ask(meta, create),
+        Response::TopicCreated { .. }
+    ));
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let leader = cluster.leader(1).unwrap_or(1);
+    let queue = QueueId::new("orders", 0);
+    let send = |seq: u64| Request::Send {
+        broker: 1,
+        queue: queue.clone(),
+        producer_id: 3,
+        first_seq: seq,
+        messages: batch(&["old"]),
+    };
+    assert!(matches!(
+        cluster.ask(leader, send(0)),
+        Response::Sent { .. }
+    ));
+    for _ in 0..1_500 {
+        cluster.step();
+    }
+    // Sent 1.5 s after the first: still retained when the first goes.
+    assert!(matches!(
+        cluster.ask(leader, send(1)),
+        Response::Sent { .. }
+    ));
+    for _ in 0..1_000 {
+        cluster.step();
+    }
+    for (id, node) in &cluster.nodes {
+        let state = node.broker_state(1).expect("broker group");
+        assert_eq!(state.start_offset(&queue), Some(1), "node {id}");
+        assert_eq!(
+            state.queue_len(&queue),
+            Some(2),
+            "node {id}: offsets keep their meaning"
+        );
+    }
+    let pull = Request::Pull {
+        broker: 1,
+        group: "billing".into(),
+        queue: queue.clone(),
+        from: 0,
+        messages_max: 10,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    };
+    let Response::Pulled { messages, .. } = cluster.ask(leader, pull) else {
+        panic!("no pull");
+    };
+    let offsets: Vec<u64> = messages.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        vec![1],
+        "a pull from below the start begins at the start"
+    );
+}

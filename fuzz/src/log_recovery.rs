@@ -4,15 +4,17 @@
 //! [`decode_stored_state`] the hard-state file. Five kinds of input: raw bytes; records with
 //! correct lengths and checksums around fuzzer-chosen bodies (to reach the checks behind the
 //! checksum); a log encoded from arbitrary entries, then truncated, bit-flipped and
-//! zero-filled; a raw hard-state file; and a hard-state file written through its protocol
-//! with the last write torn.
+//! zero-filled; a raw hard-state file; a hard-state file written through its protocol
+//! with the last write torn; a snapshot file, raw or encoded then damaged; and a recovered log
+//! beside a snapshot, through `log_after_snapshot`.
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
-use holdfast_core::raft::{Entry, EntryKind, HardState, Index, Term};
+use holdfast_core::raft::{Entry, EntryKind, HardState, Index, Snapshot, Term};
 use holdfast_core::storage::{
-    SLOT_BYTES, STATE_BYTES, Scan, ScanOutcome, StateError, StoredState, decode_state,
-    decode_stored_state, encode_entry, encode_state_slot, next_slot, scan, slot_of,
+    SLOT_BYTES, STATE_BYTES, Scan, ScanOutcome, StateError, StoredState, decode_snapshot,
+    decode_state, decode_stored_state, encode_entry, encode_snapshot, encode_state_slot,
+    log_after_snapshot, next_slot, scan, slot_of,
 };
 
 /// More records or damages than this in one input are ignored.
@@ -50,6 +52,21 @@ enum Input {
         written: [bool; SLOT_BYTES],
         /// The file is cut to this length (`% (STATE_BYTES + 1)`) after the write, if set.
         cut: Option<u8>,
+    },
+    SnapshotRaw {
+        bytes: Vec<u8>,
+    },
+    SnapshotDamaged {
+        index: u64,
+        term: u64,
+        data: Vec<u8>,
+        damages: Vec<Damage>,
+    },
+    BesideSnapshot {
+        /// `(index, term)` of the snapshot, if any.
+        snapshot: Option<(u8, u8)>,
+        first_index: u8,
+        terms: Vec<u8>,
     },
 }
 
@@ -143,6 +160,25 @@ impl From<ArbitraryHardState> for HardState {
     }
 }
 
+impl Damage {
+    fn apply(&self, bytes: &mut Vec<u8>) {
+        match *self {
+            Damage::Truncate(at) => bytes.truncate(usize::from(at) % (bytes.len() + 1)),
+            Damage::FlipBit { at, bit } => {
+                if !bytes.is_empty() {
+                    let at = usize::from(at) % bytes.len();
+                    bytes[at] ^= 1 << (bit % 8);
+                }
+            }
+            Damage::Zero { at, len } => {
+                let from = usize::from(at).min(bytes.len());
+                let to = (from + usize::from(len)).min(bytes.len());
+                bytes[from..to].fill(0);
+            }
+        }
+    }
+}
+
 /// What one run reached; used by the corpus test to show the corpus is not trivial.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -153,6 +189,10 @@ pub struct LogStats {
     pub damaged_logs: usize,
     pub states_decoded: usize,
     pub states_refused: usize,
+    pub snapshots_decoded: usize,
+    pub snapshots_refused: usize,
+    /// Logs beside a snapshot of which `log_after_snapshot` kept some entries.
+    pub logs_kept_beside_snapshot: usize,
 }
 
 impl LogStats {
@@ -328,20 +368,7 @@ fn run_damaged(
 
     let mut bytes = original.clone();
     for damage in damages.into_iter().take(DAMAGES_MAX) {
-        match damage {
-            Damage::Truncate(at) => bytes.truncate(usize::from(at) % (bytes.len() + 1)),
-            Damage::FlipBit { at, bit } => {
-                if !bytes.is_empty() {
-                    let at = usize::from(at) % bytes.len();
-                    bytes[at] ^= 1 << (bit % 8);
-                }
-            }
-            Damage::Zero { at, len } => {
-                let from = usize::from(at).min(bytes.len());
-                let to = (from + usize::from(len)).min(bytes.len());
-                bytes[from..to].fill(0);
-            }
-        }
+        damage.apply(&mut bytes);
     }
     let first_difference = bytes
         .iter()
@@ -477,6 +504,71 @@ fn run_torn_state(
     decoded
 }
 
+/// A snapshot file decodes to exactly what was encoded, or is refused: never a partial or
+/// altered snapshot.
+fn run_snapshot_damaged(index: u64, term: u64, data: Vec<u8>, damages: Vec<Damage>) -> bool {
+    let snapshot = Snapshot {
+        index,
+        term,
+        data: Bytes::from(data),
+    };
+    let mut bytes = encode_snapshot(&snapshot);
+    let original = bytes.clone();
+    for damage in damages.into_iter().take(DAMAGES_MAX) {
+        damage.apply(&mut bytes);
+    }
+    match decode_snapshot(Bytes::from(bytes.clone())) {
+        Ok(decoded) => {
+            assert_eq!(bytes, original, "a damaged snapshot file decoded");
+            assert_eq!(decoded, snapshot);
+            true
+        }
+        Err(_) => {
+            assert_ne!(bytes, original, "an intact snapshot file was refused");
+            false
+        }
+    }
+}
+
+/// `log_after_snapshot` keeps a suffix of the recovered log that continues the snapshot, or
+/// nothing, or reports a gap exactly when the log starts past the snapshot's next index.
+fn run_beside_snapshot(snapshot: Option<(u8, u8)>, first_index: u8, terms: Vec<u8>) -> bool {
+    let first = Index::from(first_index).max(1);
+    let entries: Vec<Entry> = terms
+        .iter()
+        .take(RECORDS_MAX)
+        .enumerate()
+        .map(|(i, t)| Entry {
+            term: Term::from(*t),
+            index: first + i as Index,
+            kind: EntryKind::Noop,
+        })
+        .collect();
+    let snapshot = snapshot.map(|(i, t)| (Index::from(i), Term::from(t)));
+    let (index, term) = snapshot.unwrap_or((0, 0));
+    match log_after_snapshot(snapshot, entries.clone()) {
+        Err(gap) => {
+            assert!(!entries.is_empty() && first > index + 1, "{gap:?}");
+            assert_eq!((gap.expected, gap.found), (index + 1, first));
+            false
+        }
+        Ok(kept) => {
+            let Some(head) = kept.first() else {
+                return false;
+            };
+            assert_eq!(head.index, index + 1, "kept entries continue the snapshot");
+            assert!(
+                entries.ends_with(&kept),
+                "kept entries are a suffix of the log"
+            );
+            let continues =
+                first == index + 1 || entries.iter().any(|e| e.index == index && e.term == term);
+            assert!(continues, "kept a log that does not continue the snapshot");
+            true
+        }
+    }
+}
+
 /// Runs one input decoded from `data`; panics if recovery breaks one of the properties above.
 pub fn run_log_recovery(data: &[u8]) -> LogStats {
     let Ok(input) = Input::arbitrary_take_rest(Unstructured::new(data)) else {
@@ -532,6 +624,38 @@ pub fn run_log_recovery(data: &[u8]) -> LogStats {
             Ok(None) => {}
             Err(_) => stats.states_refused += 1,
         },
+        Input::SnapshotRaw { bytes } => match decode_snapshot(Bytes::from(bytes)) {
+            Ok(snapshot) => {
+                assert_eq!(
+                    decode_snapshot(Bytes::from(encode_snapshot(&snapshot))).as_ref(),
+                    Ok(&snapshot),
+                    "a decoded snapshot re-encodes to itself"
+                );
+                stats.snapshots_decoded += 1;
+            }
+            Err(_) => stats.snapshots_refused += 1,
+        },
+        Input::SnapshotDamaged {
+            index,
+            term,
+            data,
+            damages,
+        } => {
+            if run_snapshot_damaged(index, term, data, damages) {
+                stats.snapshots_decoded += 1;
+            } else {
+                stats.snapshots_refused += 1;
+            }
+        }
+        Input::BesideSnapshot {
+            snapshot,
+            first_index,
+            terms,
+        } => {
+            if run_beside_snapshot(snapshot, first_index, terms) {
+                stats.logs_kept_beside_snapshot += 1;
+            }
+        }
     }
     stats
 }

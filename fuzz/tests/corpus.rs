@@ -235,6 +235,11 @@ fn log_recovery_goals() -> Vec<Goal<LogStats>> {
         }),
         ("state-decoded", |s| s.states_decoded as u64),
         ("state-refused", |s| s.states_refused as u64),
+        ("snapshot-decoded", |s| s.snapshots_decoded as u64),
+        ("snapshot-refused", |s| s.snapshots_refused as u64),
+        ("kept-beside-snapshot", |s| {
+            s.logs_kept_beside_snapshot as u64
+        }),
     ]
 }
 

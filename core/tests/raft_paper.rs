@@ -1022,3 +1022,41 @@ fn a_lost_snapshot_chunk_is_sent_again() {
     assert_eq!(net.status(3).snapshot_index, snapshot_index);
     assert_eq!(net.apply(3), net.apply(1));
 }
+
+#[test]
+fn a_follower_busy_syncing_still_answers_heartbeats_but_acknowledges_only_durable_entries() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.run();
+    net.unsynced.extend([2, 3]);
+    let index = net.propose(1, 1);
+    // A heartbeat round: the answers leave although the followers' writes are not synced.
+    net.advance(ms(60));
+    let answered: BTreeSet<NodeId> = net
+        .delivered
+        .iter()
+        .filter(|e| e.to == 1 && matches!(e.message, Message::HeartbeatResponse { .. }))
+        .map(|e| e.from)
+        .collect();
+    assert_eq!(answered, BTreeSet::from([2, 3]));
+    let acked = net.delivered.iter().any(|e| {
+        matches!(
+            e.message,
+            Message::AppendResponse {
+                result: AppendResult::Accepted { match_index },
+                ..
+            } if match_index >= index
+        )
+    });
+    assert!(!acked, "an entry was acknowledged before it was durable");
+    net.advance(ms(400));
+    assert_eq!(
+        net.status(1).role,
+        Role::Leader,
+        "CheckQuorum keeps the leader"
+    );
+    assert!(
+        net.status(1).commit_index < index,
+        "nothing committed on answers alone"
+    );
+}

@@ -204,7 +204,10 @@ mod canaries {
     }
 
     #[test]
-    fn every_canary_is_caught_within_200_seeds_and_every_checker_catches_one() {
+    // 500, as for the other classes: `commit-old-term` needs a leader change at the figure 8
+    // moment, rarer since heartbeat answers stopped waiting for slow disks (first caught at
+    // seed 241 on 5 nodes, 85 on 3).
+    fn every_canary_is_caught_within_500_seeds_and_every_checker_catches_one() {
         let mut fired = BTreeSet::new();
         let mut missed = Vec::new();
         for canary in Canary::ALL
@@ -212,7 +215,7 @@ mod canaries {
             .filter(|c| c.is_raft() && !c.is_disk() && !c.is_snapshot())
         {
             for nodes in [3, 5] {
-                match first_catch(&raft(0), canary, nodes, 200) {
+                match first_catch(&raft(0), canary, nodes, 500) {
                     Some((seed, checker)) => {
                         println!(
                             "{:<26} {nodes} nodes: seed {seed:>3} by {checker}",
@@ -232,7 +235,7 @@ mod canaries {
         }
         assert!(
             missed.is_empty(),
-            "canaries not caught within 200 seeds: {missed:?}"
+            "canaries not caught within 500 seeds: {missed:?}"
         );
         let idle: Vec<_> = RAFT_CHECKERS
             .iter()

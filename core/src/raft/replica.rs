@@ -282,7 +282,10 @@ impl Replica {
                     term: self.term,
                     context,
                 };
-                self.send_after_all_writes(from, reply);
+                // It claims only the term (and a promise not to vote, which lives in memory
+                // and across a restart in `in_lease`), so it waits for the term alone: a
+                // follower busy syncing a large write must not look dead to CheckQuorum.
+                self.send(from, reply, self.term_write);
             }
             Message::AppendResponse { result, .. } => {
                 self.handle_append_response(from, result);

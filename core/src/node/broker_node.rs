@@ -19,7 +19,7 @@ use crate::broker::{
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
-    ProposalOutcome, ProposeError, Recovered, Replica, Role, Write,
+    ProposalOutcome, ProposeError, Recovered, Replica, Role, Term, Write,
 };
 use crate::time::Instant;
 
@@ -79,6 +79,7 @@ impl NodeConfig {
     }
 }
 
+#[derive(Clone)]
 enum Machine {
     Meta(MetaState),
     Broker(BrokerState),
@@ -100,6 +101,26 @@ impl Machine {
                 .map(Machine::Broker)
                 .map_err(|e| e.to_string()),
         }
+    }
+}
+
+/// A group's state machine as it was after applying entry `index`, to encode into a snapshot.
+/// Encoding a large state takes long enough to stall heartbeats (hundreds of milliseconds for
+/// a few hundred megabytes of messages), so the node only copies the state (cheap: message
+/// bodies are shared) and the driver encodes it wherever it likes, another thread included,
+/// then hands the bytes back through [`BrokerNode::snapshot_encoded`].
+pub struct SnapshotJob {
+    pub group: GroupId,
+    pub index: Index,
+    /// The term of the entry at `index`: the snapshot's term.
+    pub term: Term,
+    image: Machine,
+}
+
+impl SnapshotJob {
+    /// The snapshot's data; a pure function of the image, safe to call on any thread.
+    pub fn encode(&self) -> Vec<u8> {
+        self.image.snapshot()
     }
 }
 
@@ -133,6 +154,8 @@ struct Group {
     /// Queues this node asked the group to create and has not seen created yet.
     creating: BTreeSet<QueueId>,
     pace: SnapshotPace,
+    /// The index of a snapshot handed out to encode and not yet back.
+    encoding: Option<Index>,
     /// When this node, as leader, last looked for messages retention deletes.
     trim_checked_at: Option<Instant>,
 }
@@ -161,6 +184,7 @@ pub struct BrokerNode {
     applied: VecDeque<(GroupId, Entry)>,
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
+    snapshot_jobs: VecDeque<SnapshotJob>,
 }
 
 impl BrokerNode {
@@ -210,6 +234,7 @@ impl BrokerNode {
                     proposal_index: BTreeMap::new(),
                     creating: BTreeSet::new(),
                     pace,
+                    encoding: None,
                     trim_checked_at: None,
                 };
                 (group, group_state)
@@ -225,6 +250,7 @@ impl BrokerNode {
             members: BTreeMap::new(),
             applied: VecDeque::new(),
             faults,
+            snapshot_jobs: VecDeque::new(),
         };
         node.settle(now);
         node
@@ -461,6 +487,27 @@ impl BrokerNode {
 
     pub fn poll_response(&mut self) -> Option<(ClientId, RequestId, Response)> {
         self.responses.pop_front()
+    }
+
+    /// A state to encode into a snapshot; see [`SnapshotJob`].
+    pub fn poll_snapshot_job(&mut self) -> Option<SnapshotJob> {
+        self.snapshot_jobs.pop_front()
+    }
+
+    /// The driver encoded the job of `group` at `index` into `data`: the group's log up to
+    /// `index` is replaced by it. A snapshot installed from the leader meanwhile may have
+    /// made it stale; then it is dropped.
+    pub fn snapshot_encoded(&mut self, now: Instant, group: GroupId, index: Index, data: Bytes) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            if g.encoding == Some(index) {
+                g.encoding = None;
+            }
+            let bytes = data.len() as u64;
+            if g.raft.compact(index, data).is_ok() {
+                g.pace.last_bytes = bytes;
+            }
+        }
+        self.settle(now);
     }
 
     /// A snapshot whose state does not decode (a bug, or bytes damaged past their checksums):
@@ -705,6 +752,8 @@ impl BrokerNode {
                         };
                         // Outcomes of entries the snapshot covers are gone with them.
                         group.applied = group.applied.split_off(&(snapshot.index + 1));
+                        // A job still out is older: it will come back stale.
+                        group.encoding = None;
                         woken.insert(*group_id);
                     }
                     Err(e) => self.faults.push_back(format!(
@@ -750,7 +799,9 @@ impl BrokerNode {
                     group.applied.insert(entry.index, outcomes);
                 }
             }
-            maybe_compact(*group_id, group, self.config.snapshot_entries_min);
+            if let Some(job) = snapshot_due(*group_id, group, self.config.snapshot_entries_min) {
+                self.snapshot_jobs.push_back(job);
+            }
             while let Some(fate) = group.raft.poll_proposal() {
                 let index = group.proposal_index.remove(&fate.id);
                 let waiters = group.proposed.remove(&fate.id).unwrap_or_default();
@@ -923,34 +974,35 @@ impl BrokerNode {
     }
 }
 
-/// Snapshots a group's state and compacts its log when the log grew enough since the last one.
-fn maybe_compact(group_id: GroupId, group: &mut Group, entries_min: Option<u64>) {
-    let Some(entries_min) = entries_min else {
-        return;
-    };
+/// A copy of a group's state to snapshot, when its log grew enough since the last snapshot and
+/// no other snapshot of it is being encoded.
+fn snapshot_due(
+    group_id: GroupId,
+    group: &mut Group,
+    entries_min: Option<u64>,
+) -> Option<SnapshotJob> {
+    let entries_min = entries_min?;
     let pace = &group.pace;
-    if pace.entries_since < entries_min.max(1) || pace.bytes_since < pace.last_bytes {
-        return;
+    if group.encoding.is_some()
+        || pace.entries_since < entries_min.max(1)
+        || pace.bytes_since < pace.last_bytes
+    {
+        return None;
     }
     let status = group.raft.status();
     if status.applied_index <= status.snapshot_index {
-        return;
+        return None;
     }
-    let data = group.machine.snapshot();
-    let bytes = data.len() as u64;
-    // Only fails for an index not past the last snapshot, which the check above excludes.
-    if group
-        .raft
-        .compact(status.applied_index, Bytes::from(data))
-        .is_ok()
-    {
-        group.pace = SnapshotPace {
-            last_bytes: bytes,
-            ..SnapshotPace::default()
-        };
-    } else {
-        debug_assert!(false, "group {group_id}: compaction refused");
-    }
+    let term = group.raft.entry(status.applied_index)?.term;
+    group.encoding = Some(status.applied_index);
+    group.pace.entries_since = 0;
+    group.pace.bytes_since = 0;
+    Some(SnapshotJob {
+        group: group_id,
+        index: status.applied_index,
+        term,
+        image: group.machine.clone(),
+    })
 }
 
 fn propose_batch(

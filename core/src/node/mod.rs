@@ -6,7 +6,7 @@ mod broker_node;
 mod metadata;
 pub mod protocol;
 
-pub use broker_node::{BrokerNode, NodeConfig, SEND_BYTES_MAX, decode_entry};
+pub use broker_node::{BrokerNode, NodeConfig, SEND_BYTES_MAX, SnapshotJob, decode_entry};
 pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX};
 
 #[cfg(test)]

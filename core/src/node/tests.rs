@@ -64,6 +64,11 @@ impl Cluster {
         for _ in 0..100 {
             let mut quiet = true;
             for (id, node) in &mut self.nodes {
+                while let Some(job) = node.poll_snapshot_job() {
+                    let data = Bytes::from(job.encode());
+                    node.snapshot_encoded(self.now, job.group, job.index, data);
+                    quiet = false;
+                }
                 while let Some((group, write)) = node.poll_write() {
                     node.persisted(self.now, group, write.id);
                     quiet = false;

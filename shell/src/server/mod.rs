@@ -2,11 +2,13 @@
 //! syncs in batches, links to every peer, and client connections.
 //!
 //! The loop never waits on disk: writes go to the storage thread, and the node learns they are
-//! durable when the thread wakes the loop. A storage error stops the server: an fsync that
+//! durable when the thread wakes the loop. Nor on encoding a snapshot of a large state: a
+//! snapshot thread does that. A storage error stops the server: an fsync that
 //! failed is never taken for a success.
 
 mod conn;
 pub mod identity;
+mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, check_hello};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use snapshots::SnapshotEncoder;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::Clock;
@@ -61,6 +64,7 @@ struct Server {
     listener: TcpListener,
     node: BrokerNode,
     storage: StorageThread,
+    snapshots: SnapshotEncoder,
     conns: BTreeMap<Token, Conn>,
     links: BTreeMap<NodeId, Link>,
     clients: BTreeMap<ClientId, Token>,
@@ -121,6 +125,17 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         })
     };
     let storage = StorageThread::spawn(stores, notify);
+    let snapshots = {
+        let waker = waker.clone();
+        SnapshotEncoder::spawn(
+            config.data_dir.clone(),
+            Box::new(move || {
+                if let Err(e) = waker.wake() {
+                    warn!("cannot wake the event loop: {e}");
+                }
+            }),
+        )
+    };
     let mut listener = TcpListener::bind(config.listen())
         .map_err(|e| ServerError(format!("cannot listen on {}: {e}", config.listen())))?;
     poll.registry()
@@ -152,6 +167,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         listener,
         node,
         storage,
+        snapshots,
         conns: BTreeMap::new(),
         links,
         clients: BTreeMap::new(),
@@ -202,6 +218,9 @@ impl Server {
             }
             self.storage_done()?;
             let now = self.clock.now();
+            for (group, index, data) in self.snapshots.poll_done() {
+                self.node.snapshot_encoded(now, group, index, data);
+            }
             if !self.requests.is_empty() {
                 self.node
                     .handle_requests(now, std::mem::take(&mut self.requests));
@@ -406,6 +425,9 @@ impl Server {
 
     /// Hands the node's outputs to the storage thread and the sockets.
     fn drain(&mut self) {
+        while let Some(job) = self.node.poll_snapshot_job() {
+            self.snapshots.submit(job);
+        }
         while let Some((group, write)) = self.node.poll_write() {
             self.storage.submit(group, write);
         }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use holdfast_core::raft::{Entry, HardState, Index, Snapshot, Term, Write, WriteId};
 use holdfast_core::storage::{
-    SLOT_BYTES, encode_entry, encode_snapshot_header, encode_state_slot, next_slot,
+    SLOT_BYTES, SNAPSHOT_HEADER_BYTES, encode_entry, encode_snapshot_header, encode_state_slot,
+    next_slot,
 };
 
 use super::StorageError;
@@ -462,20 +463,17 @@ impl GroupStore {
     }
 
     /// The snapshot file: written whole under a temporary name, synced, renamed into place and
-    /// the directory synced, so the name only ever holds a whole, durable snapshot.
+    /// the directory synced, so the name only ever holds a whole, durable snapshot. The
+    /// snapshot thread usually wrote it already ([`write_snapshot_file`]), durably, before the
+    /// core ever saw the snapshot: then only its header is compared.
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let temp = self.dir.join(snapshot_temp_name(snapshot.index));
         let path = self.dir.join(snapshot_name(snapshot.index));
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&temp)?;
-            file.write_all(&encode_snapshot_header(snapshot))?;
-            file.write_all(&snapshot.data)?;
-            file.sync_all()
-        };
-        write().map_err(|e| io_error(&temp, "write", e))?;
-        self.fsyncs += 1;
-        fs::rename(&temp, &path).map_err(|e| io_error(&path, "rename", e))?;
-        self.sync_dir()?;
+        if snapshot_file_holds(&path, snapshot) {
+            return self.step("found the snapshot written");
+        }
+        write_snapshot_file(&self.dir, snapshot)?;
+        self.fsyncs += 2;
+        self.dir_dirty = false;
         self.step("wrote the snapshot")
     }
 
@@ -653,4 +651,37 @@ fn open_segment(segment: &Segment) -> Result<&File, StorageError> {
         op: "write",
         source: io::Error::other("the segment file is not open"),
     })
+}
+
+/// Writes `snapshot` into the group directory `dir` as its snapshot file, durably: a temporary
+/// file, fsync, rename, fsync of the directory. Safe beside the storage thread: nothing else
+/// writes a snapshot of the same index with other bytes (a snapshot is a pure function of the
+/// committed log up to its index), and recovery takes the newest whole snapshot file, which is
+/// always committed state.
+pub(crate) fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(), StorageError> {
+    let temp = dir.join(snapshot_temp_name(snapshot.index));
+    let path = dir.join(snapshot_name(snapshot.index));
+    let write = || -> io::Result<()> {
+        let mut file = File::create(&temp)?;
+        file.write_all(&encode_snapshot_header(snapshot))?;
+        file.write_all(&snapshot.data)?;
+        file.sync_all()
+    };
+    write().map_err(|e| io_error(&temp, "write", e))?;
+    fs::rename(&temp, &path).map_err(|e| io_error(&path, "rename", e))?;
+    sync_dir(dir)
+}
+
+/// Whether the file at `path` is `snapshot`'s file: its size, and its header (which holds the
+/// index, the term, the length and a checksum of the data) equal what `snapshot` encodes to.
+fn snapshot_file_holds(path: &Path, snapshot: &Snapshot) -> bool {
+    let header = encode_snapshot_header(snapshot);
+    let expected_len = (header.len() + snapshot.data.len()) as u64;
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    let mut stored = [0u8; SNAPSHOT_HEADER_BYTES];
+    file.metadata().is_ok_and(|m| m.len() == expected_len)
+        && io::Read::read_exact(&mut file, &mut stored).is_ok()
+        && stored == header
 }

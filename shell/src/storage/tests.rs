@@ -1578,3 +1578,43 @@ fn the_synced_record_costs_no_fsync_per_batch() {
     // A cut below the record: lower the record, cut the segment, append.
     assert_eq!(batch(&mut store, run(5, 6, 2)), 3);
 }
+
+#[test]
+fn a_snapshot_file_written_early_is_found_in_place_and_a_wrong_one_is_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, _) = thirty(dir.path(), &tiny());
+    // The snapshot thread wrote the file before the core compacted.
+    super::write_snapshot_file(&group_dir(dir.path()), &snap(20, 2)).expect("early write");
+    let written = fs::read(&snapshot_files(dir.path())[0].1).expect("read");
+    let before = store.fsyncs();
+    store
+        .write(&full_write(100, None, Some(snap(20, 2)), false, vec![]))
+        .expect("write");
+    store.sync().expect("sync");
+    let in_place = store.fsyncs() - before;
+    assert_eq!(
+        fs::read(&snapshot_files(dir.path())[0].1).expect("read"),
+        written
+    );
+
+    // A file of the same name with other bytes is not taken for the snapshot.
+    let other = Snapshot {
+        data: Bytes::from_static(b"another state"),
+        ..snap(25, 2)
+    };
+    super::write_snapshot_file(&group_dir(dir.path()), &other).expect("early write");
+    let before = store.fsyncs();
+    store
+        .write(&full_write(101, None, Some(snap(25, 2)), false, vec![]))
+        .expect("write");
+    store.sync().expect("sync");
+    let rewritten = store.fsyncs() - before;
+    assert!(
+        rewritten >= in_place + 2,
+        "the wrong file was rewritten: {rewritten} syncs against {in_place}"
+    );
+    drop(store);
+    let (_, recovered) = GroupStore::open(dir.path(), 1, &tiny()).expect("open");
+    assert_eq!(recovered.snapshot, Some(snap(25, 2)));
+    assert_eq!(read_disk(dir.path()).0, Some(snap(25, 2)));
+}

@@ -95,6 +95,15 @@ pub(crate) enum Event {
         incarnation: u64,
         upto: WriteId,
     },
+    /// A snapshot the node handed out to encode comes back (the shell encodes on a thread of
+    /// its own, so entries go on being applied, and snapshots installed, meanwhile).
+    SnapshotEncoded {
+        node: NodeId,
+        incarnation: u64,
+        group: GroupId,
+        index: holdfast_core::raft::Index,
+        data: bytes::Bytes,
+    },
     Produce {
         producer: usize,
     },
@@ -123,7 +132,8 @@ impl Event {
             Event::Peer(envelope) => Some(envelope.to),
             Event::Request { node, .. }
             | Event::NodeTimer { node, .. }
-            | Event::Synced { node, .. } => Some(*node),
+            | Event::Synced { node, .. }
+            | Event::SnapshotEncoded { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -363,6 +373,22 @@ impl QueueWorld {
                 }
                 self.synced(node, group, upto)?;
             }
+            Event::SnapshotEncoded {
+                node,
+                incarnation,
+                group,
+                index,
+                data,
+            } => {
+                if self.host(node).incarnation != incarnation {
+                    return Ok(false);
+                }
+                let Some(broker) = self.live_broker(node) else {
+                    return Ok(false);
+                };
+                broker.snapshot_encoded(now, group, index, data);
+                self.drain(node)?;
+            }
             Event::Produce { producer } => self.produce(producer)?,
             Event::Admin => self.admin()?,
             Event::Fault => self.fault()?,
@@ -550,6 +576,17 @@ impl QueueWorld {
                 "snapshot-agreement",
                 format!("node {node}: {fault}"),
             ));
+        }
+        while let Some(job) = broker.poll_snapshot_job() {
+            let at = now + Duration::from_micros(self.rng.random_range(0..20_000));
+            let event = Event::SnapshotEncoded {
+                node,
+                incarnation: host.incarnation,
+                group: job.group,
+                index: job.index,
+                data: bytes::Bytes::from(job.encode()),
+            };
+            self.schedule(at, event);
         }
         while let Some((group, write)) = broker.poll_write() {
             let (Some(view), Some(replica)) = (host.views.get(&group), broker.replica(group))

@@ -174,6 +174,23 @@ fn cluster_with_orders() -> (Cluster, NodeId) {
     (cluster, meta)
 }
 
+/// Three nodes with one broker group and a topic "orders" of `queues` queues, settled; returns
+/// the metadata leader too.
+fn one_group_with_orders(queues: u32, tweak: impl Fn(&mut NodeConfig)) -> (Cluster, NodeId) {
+    let mut cluster = Cluster::with(3, 1, tweak);
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
+    let create = Request::CreateTopic {
+        topic: "orders".into(),
+        queues,
+    };
+    assert!(matches!(
+        cluster.ask(meta, create),
+        Response::TopicCreated { .. }
+    ));
+    (cluster, meta)
+}
+
 #[test]
 fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let (mut cluster, meta) = cluster_with_orders();
@@ -511,17 +528,9 @@ fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() 
 
 #[test]
 fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_same_state() {
-    let mut cluster = Cluster::with(3, 1, |config| config.snapshot_entries_min = Some(4));
-    cluster.settle_leaders(&[METADATA_GROUP, 1]);
-    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
-    let create = Request::CreateTopic {
-        topic: "orders".into(),
-        queues: 1,
-    };
-    assert!(matches!(
-        cluster.ask(meta, create),
-        Response::TopicCreated { .. }
-    ));
+    let (mut cluster, meta) = one_group_with_orders(1, |config| {
+        config.snapshot_entries_min = Some(4);
+    });
     for _ in 0..20 {
         cluster.step();
     }
@@ -604,17 +613,9 @@ fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_sam
 
 #[test]
 fn a_node_restarts_from_a_snapshot_on_its_disk() {
-    let mut cluster = Cluster::with(3, 1, |config| config.snapshot_entries_min = Some(2));
-    cluster.settle_leaders(&[METADATA_GROUP, 1]);
-    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
-    let create = Request::CreateTopic {
-        topic: "orders".into(),
-        queues: 2,
-    };
-    assert!(matches!(
-        cluster.ask(meta, create),
-        Response::TopicCreated { .. }
-    ));
+    let (mut cluster, meta) = one_group_with_orders(2, |config| {
+        config.snapshot_entries_min = Some(2);
+    });
     for _ in 0..50 {
         cluster.step();
     }
@@ -675,20 +676,10 @@ fn a_node_restarts_from_a_snapshot_on_its_disk() {
 
 #[test]
 fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
-    let mut cluster = Cluster::with(3, 1, |config| {
+    let (mut cluster, _) = one_group_with_orders(1, |config| {
         config.broker.retention_ms = Some(2_000);
         config.trim_interval_ms = 100;
     });
-    cluster.settle_leaders(&[METADATA_GROUP, 1]);
-    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
-    let create = Request::CreateTopic {
-        topic: "orders".into(),
-        queues: 1,
-    };
-    assert!(matches!(
-        cluster.ask(meta, create),
-        Response::TopicCreated { .. }
-    ));
     for _ in 0..20 {
         cluster.step();
     }

@@ -13,6 +13,9 @@ use holdfast_core::node::protocol::{GroupStatus, Request, Response};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, encode_frame};
 use holdfast_shell::client::{Admin, ConsumeStatus, Consumer, Producer};
 
+mod common;
+use common::{server_log, write_node_config};
+
 /// Three nodes on free loopback ports, each with its own data directory under `dir`.
 struct Cluster {
     dir: PathBuf,
@@ -48,22 +51,8 @@ impl Cluster {
 
     fn start_node(&mut self, id: usize) {
         let node_dir = self.dir.join(format!("node-{id}"));
-        std::fs::create_dir_all(&node_dir).expect("node dir");
-        let mut config = format!(
-            "id = {id}\ndata_dir = {:?}\nbroker_groups = 2\n{}\n[nodes]\n",
-            node_dir.join("data").display().to_string(),
-            self.extra_config
-        );
-        for (i, addr) in self.addrs.iter().enumerate() {
-            config.push_str(&format!("{} = \"{addr}\"\n", i + 1));
-        }
-        let path = node_dir.join("node.toml");
-        std::fs::write(&path, config).expect("config");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node_dir.join("server.log"))
-            .expect("log");
+        let path = write_node_config(&node_dir, id, &self.addrs, &self.extra_config);
+        let log = server_log(&node_dir);
         let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
             .args(["server", "--config"])
             .arg(&path)

@@ -15,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::wait_for;
+
 const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 const NODES: usize = 3;
 /// Every node listens on the same port: each has a network stack of its own.
@@ -75,21 +78,6 @@ fn ip(args: &[&str]) -> Result<(), String> {
 fn must_ip(args: &[&str]) {
     if let Err(e) = ip(args) {
         panic!("{e}");
-    }
-}
-
-/// Polls `probe` every 100 ms until it yields, or panics naming `what` after `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(found) = probe() {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited {limit:?} in vain: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

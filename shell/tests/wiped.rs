@@ -14,6 +14,9 @@ use holdfast_core::node::protocol::{GroupStatus, Request, Response};
 use holdfast_core::storage::decode_stored_state;
 use holdfast_shell::client::{Admin, ConsumeStatus, Consumer, Producer};
 
+mod common;
+use common::{server_log, wait_for, write_node_config};
+
 const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 /// The metadata group and two broker groups.
 const GROUPS: [u64; 3] = [0, 1, 2];
@@ -50,21 +53,8 @@ impl Cluster {
     /// `node-id/server.log`.
     fn command(&self, id: usize, extra: &[&str]) -> Command {
         let node_dir = self.node_dir(id);
-        std::fs::create_dir_all(&node_dir).expect("node dir");
-        let mut config = format!(
-            "id = {id}\ndata_dir = {:?}\nbroker_groups = 2\n[nodes]\n",
-            node_dir.join("data").display().to_string()
-        );
-        for (i, addr) in self.addrs.iter().enumerate() {
-            config.push_str(&format!("{} = \"{addr}\"\n", i + 1));
-        }
-        let path = node_dir.join("node.toml");
-        std::fs::write(&path, config).expect("config");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node_dir.join("server.log"))
-            .expect("log");
+        let path = write_node_config(&node_dir, id, &self.addrs, "");
+        let log = server_log(&node_dir);
         let mut command = Command::new(HOLDFAST);
         command
             .args(["server", "--config"])
@@ -118,21 +108,6 @@ impl Drop for Cluster {
         for id in 1..=3 {
             self.kill(id);
         }
-    }
-}
-
-/// Polls `probe` every 100 ms until it yields, or panics naming `what` after `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(found) = probe() {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited {limit:?} in vain: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

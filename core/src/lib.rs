@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod limits;
 pub mod node;
 pub mod raft;
 pub mod storage;

@@ -21,9 +21,9 @@ use crate::raft::{Envelope, NodeId};
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The largest payload a frame may carry. Bounds what a garbage length field can make a
 /// receiver buffer.
-pub const FRAME_BYTES_MAX: usize = 16 << 20;
+pub use crate::limits::FRAME_BYTES_MAX;
 /// The `len` and `crc32c` fields in front of every payload.
-pub const FRAME_HEADER_BYTES: usize = 8;
+pub use crate::limits::FRAME_HEADER_BYTES;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {

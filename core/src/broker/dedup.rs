@@ -8,7 +8,7 @@ use super::types::{Offset, ProducerId, QueueId, Refusal, Seq};
 
 /// How many of a producer's most recent sequence numbers are remembered. A retry older than
 /// this is refused rather than written twice.
-pub const DEDUP_WINDOW_SEQS: u64 = 65_536;
+pub use crate::limits::DEDUP_WINDOW_SEQS;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Batch {

@@ -23,12 +23,12 @@ use crate::raft::{
 };
 use crate::time::Instant;
 
-/// How often a parked pull on a leader without its read lease looks again.
-/// The most message bytes one `Send` may carry; larger batches are refused whole.
-pub const SEND_BYTES_MAX: usize = 4 << 20;
 /// Batched commands are split into entries of about this many bytes (one command always goes):
 /// entries, records and AppendEntries stay far below the storage and wire limits.
-const ENTRY_BYTES_MAX: usize = 8 << 20;
+use crate::limits::ENTRY_BYTES_MAX;
+/// How often a parked pull on a leader without its read lease looks again.
+/// The most message bytes one `Send` may carry; larger batches are refused whole.
+pub use crate::limits::SEND_BYTES_MAX;
 const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Static configuration of a node.

@@ -10,7 +10,7 @@ use crate::raft::GroupId;
 /// The Raft group that holds the topic table; broker groups are numbered from 1.
 pub const METADATA_GROUP: GroupId = 0;
 /// More queues than this in one topic is a mistake, not a plan.
-pub const QUEUES_PER_TOPIC_MAX: u32 = 1_024;
+pub use crate::limits::QUEUES_PER_TOPIC_MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {

@@ -14,7 +14,7 @@ use crate::raft::{Entry, EntryKind, Index, Term};
 pub const HEADER_BYTES: usize = 8;
 /// The largest record, header included. Bounds what a garbage `len` field can make recovery
 /// read or allocate, and what one entry may hold.
-pub const RECORD_BYTES_MAX: usize = 64 << 20;
+pub use crate::limits::RECORD_BYTES_MAX;
 
 const INDEX_TERM_BYTES: usize = 16;
 const KIND_NOOP: u8 = 0;

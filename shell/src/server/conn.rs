@@ -8,7 +8,7 @@ use holdfast_core::wire::{Frame, FrameDecoder, WireError, encode_frame};
 use mio::net::TcpStream;
 
 /// A connection that has queued this much unsent output is too slow to keep.
-pub const OUTPUT_BYTES_MAX: usize = 64 << 20;
+pub use holdfast_core::limits::CONNECTION_OUTPUT_BYTES_MAX as OUTPUT_BYTES_MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

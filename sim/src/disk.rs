@@ -897,3 +897,120 @@ fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let field = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes(field.try_into().ok()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use holdfast_core::storage::slot_of;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn state(term: Term, vote: Option<NodeId>) -> HardState {
+        HardState {
+            term,
+            vote,
+            commit: 0,
+        }
+    }
+
+    /// A disk whose durable hard state is term 1, vote for 2 (slot sequence 1).
+    fn durable_disk() -> Disk {
+        let mut disk = Disk::default();
+        disk.unsynced.push_back(Write {
+            id: 1,
+            hard_state: Some(state(1, Some(2))),
+            snapshot: None,
+            discard_log: false,
+            entries: Vec::new(),
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(19);
+        assert_eq!(disk.sync(1, &mut rng, None).ok(), Some(1));
+        disk
+    }
+
+    fn recover(disk: &mut Disk) -> (HardState, Option<String>) {
+        let recovery = disk.recover(None);
+        (recovery.recovered.hard_state, recovery.problem)
+    }
+
+    #[test]
+    fn a_torn_slot_that_landed_whole_is_recovered_and_becomes_durable() {
+        // The seeds of issue 19: all but the last byte landed, and the byte already on the
+        // platter was the one the write would have put there.
+        let mut disk = durable_disk();
+        let at = slot_of(2) * SLOT_BYTES;
+        disk.state_bytes[at + SLOT_BYTES - 1] = encode_state_slot(2, &state(2, Some(3)))[63];
+        disk.tear_slot(&state(2, Some(3)), Index::MAX, SLOT_BYTES - 1, None);
+        let (recovered, problem) = recover(&mut disk);
+        assert_eq!(problem, None);
+        assert_eq!(recovered, state(2, Some(3)));
+        assert_eq!(disk.hard_state, state(2, Some(3)));
+        assert!(
+            disk.ever_voted(2, 3),
+            "a recovered vote is durable from then on"
+        );
+    }
+
+    #[test]
+    fn a_torn_slot_that_did_not_land_leaves_the_durable_state() {
+        let mut disk = durable_disk();
+        disk.tear_slot(&state(2, Some(3)), Index::MAX, SLOT_BYTES - 1, None);
+        let (recovered, problem) = recover(&mut disk);
+        assert_eq!(problem, None);
+        assert_eq!(recovered, state(1, Some(2)));
+        // What was never recovered is no longer allowed: the next recovery must agree.
+        assert!(disk.unconfirmed.is_empty());
+    }
+
+    #[test]
+    fn a_state_that_was_never_written_is_refused() {
+        let mut disk = durable_disk();
+        let slot = encode_state_slot(2, &state(2, Some(3)));
+        let at = slot_of(2) * SLOT_BYTES;
+        disk.state_bytes[at..at + SLOT_BYTES].copy_from_slice(&slot);
+        let (_, problem) = recover(&mut disk);
+        let problem = problem.unwrap_or_default();
+        assert!(problem.contains("no later slot held it"), "{problem}");
+    }
+
+    #[test]
+    fn a_slot_that_differs_from_what_was_written_is_refused() {
+        let mut disk = durable_disk();
+        disk.tear_slot(&state(2, Some(3)), Index::MAX, SLOT_BYTES, None);
+        let slot = encode_state_slot(2, &state(2, Some(1)));
+        let at = slot_of(2) * SLOT_BYTES;
+        disk.state_bytes[at..at + SLOT_BYTES].copy_from_slice(&slot);
+        let (_, problem) = recover(&mut disk);
+        let problem = problem.unwrap_or_default();
+        assert!(problem.contains("which was written with"), "{problem}");
+    }
+
+    #[test]
+    fn an_unconfirmed_state_older_than_the_durable_one_is_refused() {
+        let mut disk = durable_disk();
+        // Not something a correct replica writes (its terms never go back, nor its vote in a
+        // term): the rule must still refuse it rather than take any later slot.
+        for older in [state(0, None), state(1, Some(3)), state(1, None)] {
+            let mut disk = durable_disk();
+            disk.tear_slot(&older, Index::MAX, SLOT_BYTES, None);
+            let (_, problem) = recover(&mut disk);
+            let problem = problem.unwrap_or_default();
+            assert!(
+                problem.contains("older than the durable"),
+                "{older:?}: {problem}"
+            );
+        }
+        // The same term with a vote where none was durable is a promise it may keep.
+        disk.unsynced.push_back(Write {
+            id: 2,
+            hard_state: Some(state(3, None)),
+            snapshot: None,
+            discard_log: false,
+            entries: Vec::new(),
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(19);
+        assert_eq!(disk.sync(2, &mut rng, None).ok(), Some(2));
+        disk.tear_slot(&state(3, Some(1)), Index::MAX, SLOT_BYTES, None);
+        assert_eq!(recover(&mut disk), (state(3, Some(1)), None));
+    }
+}

@@ -21,9 +21,11 @@
 //!
 //! Beside the files, the disk keeps the model: the hard state, snapshot and entries every write
 //! so far made durable (whole writes only; a torn one counts for what of it fully landed),
-//! which is what the checkers compare the replica and its recovery against.
+//! which is what the checkers compare the replica and its recovery against, and the hard
+//! states written but never confirmed durable (see [`Disk::recover`] for what recovery may
+//! return of those).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use holdfast_core::raft::{
@@ -54,7 +56,7 @@ pub struct Disk {
     /// state slot may claim committed.
     synced_records: usize,
     state_bytes: Box<[u8; STATE_BYTES]>,
-    /// The sequence of the newest slot written.
+    /// The sequence of the newest slot written whole: the durable hard state's.
     state_sequence: u64,
     /// The snapshot file: the latest snapshot renamed into place, if any.
     snapshot_file: Option<Vec<u8>>,
@@ -81,6 +83,11 @@ pub struct Disk {
     ever: BTreeSet<(Index, Term)>,
     /// Every `(term, vote)` that was ever durable, likewise for votes.
     votes_ever: BTreeSet<(Term, NodeId)>,
+    /// Hard states whose slot was written after the durable one but never confirmed durable
+    /// (a torn slot write), by sequence, as the slot holds them (commit clamped). The bytes a
+    /// torn write missed may already hold the values it would have written (the slot's
+    /// checksum ends it), so the slot can read back whole: see [`Disk::recover`].
+    unconfirmed: BTreeMap<u64, HardState>,
 }
 
 impl Default for Disk {
@@ -103,6 +110,7 @@ impl Default for Disk {
             syncing: false,
             ever: BTreeSet::new(),
             votes_ever: BTreeSet::new(),
+            unconfirmed: BTreeMap::new(),
         }
     }
 }
@@ -324,9 +332,8 @@ impl Disk {
         if let Some(hard_state) = write.hard_state
             && (write.entries.is_empty() || rng.random_bool(0.5))
         {
-            let (at, slot) = self.state_slot(&hard_state, floor, canary);
             let landed = rng.random_range(1..SLOT_BYTES);
-            self.state_bytes[at..at + landed].copy_from_slice(&slot[..landed]);
+            self.tear_slot(&hard_state, floor, landed, canary);
             return Ok(());
         }
         if let Some(hard_state) = write.hard_state {
@@ -360,6 +367,22 @@ impl Disk {
         }
         self.log_bytes.extend_from_slice(&bytes[..landed]);
         Ok(())
+    }
+
+    /// The first `landed` bytes of the next slot reach the file, and the slot is never synced.
+    /// When the bytes it missed already hold what it would have written (its checksum's last
+    /// byte, 1 time in 256 for `landed = SLOT_BYTES - 1`), the slot reads back whole.
+    fn tear_slot(
+        &mut self,
+        hard_state: &HardState,
+        floor: Index,
+        landed: usize,
+        canary: Option<Canary>,
+    ) {
+        let (at, sequence, written, slot) = self.state_slot(hard_state, floor, canary);
+        let landed = landed.min(SLOT_BYTES);
+        self.state_bytes[at..at + landed].copy_from_slice(&slot[..landed]);
+        self.unconfirmed.insert(sequence, written);
     }
 
     /// The snapshot of write `id` is renamed into place. Unless the write replaces the log,
@@ -474,7 +497,8 @@ impl Disk {
         records.min(floor).max(self.snapshot_index())
     }
 
-    /// Where the next slot goes and its bytes. The commit is clamped to what is synced and
+    /// Where the next slot goes, its sequence, the state it holds and its bytes. The commit
+    /// is clamped to what is synced and
     /// not cut by the same write (below `floor`), as the shell's `durable_floor` does: the slot
     /// is synced before the log bytes of the same write, so a crash between the two must not
     /// leave a commit that the log cannot back, nor one that names entries being replaced.
@@ -483,34 +507,37 @@ impl Disk {
         hard_state: &HardState,
         floor: Index,
         canary: Option<Canary>,
-    ) -> (usize, [u8; SLOT_BYTES]) {
+    ) -> (usize, u64, HardState, [u8; SLOT_BYTES]) {
         let mut hard_state = *hard_state;
         hard_state.commit = hard_state.commit.min(self.durable_floor(floor));
         if Canary::StateFileSingleSlot.planted(canary) {
             // The planted bug: always slot 0, written in place (even sequences live there).
             let sequence = (self.state_sequence + 2) & !1;
-            return (0, encode_state_slot(sequence, &hard_state));
+            return (
+                0,
+                sequence,
+                hard_state,
+                encode_state_slot(sequence, &hard_state),
+            );
         }
         let sequence = self.state_sequence + 1;
         let at = next_slot(self.state_sequence) * SLOT_BYTES;
-        (at, encode_state_slot(sequence, &hard_state))
+        (
+            at,
+            sequence,
+            hard_state,
+            encode_state_slot(sequence, &hard_state),
+        )
     }
 
     fn write_state(&mut self, hard_state: HardState, floor: Index, canary: Option<Canary>) {
-        let (at, slot) = self.state_slot(&hard_state, floor, canary);
+        let (at, sequence, written, slot) = self.state_slot(&hard_state, floor, canary);
         self.state_bytes[at..at + SLOT_BYTES].copy_from_slice(&slot);
-        self.state_sequence = if Canary::StateFileSingleSlot.planted(canary) {
-            (self.state_sequence + 2) & !1
-        } else {
-            self.state_sequence + 1
-        };
-        if let Some(vote) = hard_state.vote {
-            self.votes_ever.insert((hard_state.term, vote));
+        self.state_sequence = sequence;
+        if let Some(vote) = written.vote {
+            self.votes_ever.insert((written.term, vote));
         }
-        self.hard_state = HardState {
-            commit: hard_state.commit.min(self.durable_floor(floor)),
-            ..hard_state
-        };
+        self.hard_state = written;
     }
 
     // ----- faults -----
@@ -682,7 +709,7 @@ impl Disk {
         }
         self.synced_len = self.log_bytes.len() as u64;
         self.synced_records = self.offsets.len();
-        self.state_sequence = sequence;
+        let durable_sequence = std::mem::replace(&mut self.state_sequence, sequence);
         if damaged_at.is_some() || self.damage.is_some() {
             let from = damaged_at.unwrap_or(last + 1).max(snapshot_index + 1);
             self.damage = Some(Damage {
@@ -692,12 +719,10 @@ impl Disk {
         }
         self.hit = false;
 
-        // What a correct recovery returns: the model, or (damaged) a prefix of its log.
-        if (hard_state.term, hard_state.vote) != (self.hard_state.term, self.hard_state.vote) {
-            problems.push(format!(
-                "recovered term {} vote {:?} but term {} vote {:?} was durable",
-                hard_state.term, hard_state.vote, self.hard_state.term, self.hard_state.vote
-            ));
+        // What a correct recovery returns: the model, or (damaged) a prefix of its log; and
+        // for the hard state the rule of `check_hard_state`.
+        if let Err(problem) = self.check_hard_state(durable_sequence, sequence, &hard_state) {
+            problems.push(problem);
         }
         if snapshot_error.is_none() && snapshot != self.snapshot {
             let brief = |s: &Option<Snapshot>| s.as_ref().map(|s| (s.index, s.term, s.data.len()));
@@ -729,11 +754,10 @@ impl Disk {
             }
             _ => {}
         }
-        if self.damage.is_none() && hard_state.commit != self.hard_state.commit {
-            problems.push(format!(
-                "recovered commit {} but {} was durable",
-                hard_state.commit, self.hard_state.commit
-            ));
+        self.unconfirmed.clear();
+        if let Some(vote) = hard_state.vote {
+            // Recovered, it is durable now, and the replica may grant it again.
+            self.votes_ever.insert((hard_state.term, vote));
         }
         self.hard_state = hard_state;
         self.snapshot = snapshot.clone();
@@ -749,6 +773,89 @@ impl Disk {
             last_index: last,
             problem: (!problems.is_empty()).then(|| problems.join("; ")),
         }
+    }
+
+    /// The recovery checker's rule for the hard state. Recovery must return the durable hard
+    /// state, or one whose slot was written after it and never confirmed durable (in
+    /// `unconfirmed`: a torn slot write whose missing bytes already held the right values),
+    /// with a term no older than the durable one and, in the same term, the same vote if one
+    /// was durable. Nothing that was never written, nothing older than the durable state. The
+    /// commit is compared only on an undamaged replica (damage may leave the log short of it,
+    /// and the replica repairs from the leader).
+    ///
+    /// Why taking an unconfirmed state is safe for Raft: the replica acts on a hard state only
+    /// once the sync covering it completes (it grants a vote, acknowledges entries or reports
+    /// a higher term after `persisted`; the ack-before-fsync and vote checkers hold it to
+    /// that), so nobody has seen this state. Recovering it is the same as if the crash had come
+    /// just after the sync rather than just before. Its term is at least the durable term,
+    /// and its vote is one the replica had decided to cast in that term: keeping a promise it
+    /// never announced only narrows what it may grant later, and it can never vote twice in a
+    /// term, since in the durable state's term the vote is the durable one. Its commit was
+    /// clamped, when written, to records that were already synced and that the same write
+    /// did not cut (or the snapshot), and is a lower bound of what the cluster committed;
+    /// recovery still marks damage (a lost durable write, here a problem) if the log does not
+    /// reach it, and the committed bytes up to it are compared with every other replica's.
+    fn check_hard_state(
+        &self,
+        durable_sequence: u64,
+        sequence: u64,
+        recovered: &HardState,
+    ) -> Result<(), String> {
+        let durable = &self.hard_state;
+        let commit_counts = self.damage.is_none();
+        let same = |a: &HardState, b: &HardState| {
+            (a.term, a.vote) == (b.term, b.vote) && (!commit_counts || a.commit == b.commit)
+        };
+        if same(recovered, durable) {
+            return Ok(());
+        }
+        let unconfirmed = self
+            .unconfirmed
+            .get(&sequence)
+            .filter(|_| sequence > durable_sequence);
+        let Some(written) = unconfirmed else {
+            return Err(
+                if (recovered.term, recovered.vote) != (durable.term, durable.vote) {
+                    format!(
+                        "recovered term {} vote {:?} but term {} vote {:?} was durable, and no \
+                     later slot held it",
+                        recovered.term, recovered.vote, durable.term, durable.vote
+                    )
+                } else {
+                    format!(
+                        "recovered commit {} but {} was durable, and no later slot held it",
+                        recovered.commit, durable.commit
+                    )
+                },
+            );
+        };
+        if !same(recovered, written) {
+            return Err(format!(
+                "recovered term {} vote {:?} commit {} from slot sequence {sequence}, which was \
+                 written with term {} vote {:?} commit {} (durable: term {} vote {:?} commit {})",
+                recovered.term,
+                recovered.vote,
+                recovered.commit,
+                written.term,
+                written.vote,
+                written.commit,
+                durable.term,
+                durable.vote,
+                durable.commit
+            ));
+        }
+        let older = recovered.term < durable.term
+            || (recovered.term == durable.term
+                && durable.vote.is_some()
+                && recovered.vote != durable.vote);
+        if older {
+            return Err(format!(
+                "recovered the unsynced term {} vote {:?}, older than the durable term {} vote \
+                 {:?}",
+                recovered.term, recovered.vote, durable.term, durable.vote
+            ));
+        }
+        Ok(())
     }
 
     /// The replica reports whether it is still damaged: a repaired one clears the marker.
@@ -789,4 +896,121 @@ fn trust_checksums(bytes: &mut [u8]) {
 fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let field = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes(field.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use holdfast_core::storage::slot_of;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn state(term: Term, vote: Option<NodeId>) -> HardState {
+        HardState {
+            term,
+            vote,
+            commit: 0,
+        }
+    }
+
+    /// A disk whose durable hard state is term 1, vote for 2 (slot sequence 1).
+    fn durable_disk() -> Disk {
+        let mut disk = Disk::default();
+        disk.unsynced.push_back(Write {
+            id: 1,
+            hard_state: Some(state(1, Some(2))),
+            snapshot: None,
+            discard_log: false,
+            entries: Vec::new(),
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(19);
+        assert_eq!(disk.sync(1, &mut rng, None).ok(), Some(1));
+        disk
+    }
+
+    fn recover(disk: &mut Disk) -> (HardState, Option<String>) {
+        let recovery = disk.recover(None);
+        (recovery.recovered.hard_state, recovery.problem)
+    }
+
+    #[test]
+    fn a_torn_slot_that_landed_whole_is_recovered_and_becomes_durable() {
+        // The seeds of issue 19: all but the last byte landed, and the byte already on the
+        // platter was the one the write would have put there.
+        let mut disk = durable_disk();
+        let at = slot_of(2) * SLOT_BYTES;
+        disk.state_bytes[at + SLOT_BYTES - 1] = encode_state_slot(2, &state(2, Some(3)))[63];
+        disk.tear_slot(&state(2, Some(3)), Index::MAX, SLOT_BYTES - 1, None);
+        let (recovered, problem) = recover(&mut disk);
+        assert_eq!(problem, None);
+        assert_eq!(recovered, state(2, Some(3)));
+        assert_eq!(disk.hard_state, state(2, Some(3)));
+        assert!(
+            disk.ever_voted(2, 3),
+            "a recovered vote is durable from then on"
+        );
+    }
+
+    #[test]
+    fn a_torn_slot_that_did_not_land_leaves_the_durable_state() {
+        let mut disk = durable_disk();
+        disk.tear_slot(&state(2, Some(3)), Index::MAX, SLOT_BYTES - 1, None);
+        let (recovered, problem) = recover(&mut disk);
+        assert_eq!(problem, None);
+        assert_eq!(recovered, state(1, Some(2)));
+        // What was never recovered is no longer allowed: the next recovery must agree.
+        assert!(disk.unconfirmed.is_empty());
+    }
+
+    #[test]
+    fn a_state_that_was_never_written_is_refused() {
+        let mut disk = durable_disk();
+        let slot = encode_state_slot(2, &state(2, Some(3)));
+        let at = slot_of(2) * SLOT_BYTES;
+        disk.state_bytes[at..at + SLOT_BYTES].copy_from_slice(&slot);
+        let (_, problem) = recover(&mut disk);
+        let problem = problem.unwrap_or_default();
+        assert!(problem.contains("no later slot held it"), "{problem}");
+    }
+
+    #[test]
+    fn a_slot_that_differs_from_what_was_written_is_refused() {
+        let mut disk = durable_disk();
+        disk.tear_slot(&state(2, Some(3)), Index::MAX, SLOT_BYTES, None);
+        let slot = encode_state_slot(2, &state(2, Some(1)));
+        let at = slot_of(2) * SLOT_BYTES;
+        disk.state_bytes[at..at + SLOT_BYTES].copy_from_slice(&slot);
+        let (_, problem) = recover(&mut disk);
+        let problem = problem.unwrap_or_default();
+        assert!(problem.contains("which was written with"), "{problem}");
+    }
+
+    #[test]
+    fn an_unconfirmed_state_older_than_the_durable_one_is_refused() {
+        let mut disk = durable_disk();
+        // Not something a correct replica writes (its terms never go back, nor its vote in a
+        // term): the rule must still refuse it rather than take any later slot.
+        for older in [state(0, None), state(1, Some(3)), state(1, None)] {
+            let mut disk = durable_disk();
+            disk.tear_slot(&older, Index::MAX, SLOT_BYTES, None);
+            let (_, problem) = recover(&mut disk);
+            let problem = problem.unwrap_or_default();
+            assert!(
+                problem.contains("older than the durable"),
+                "{older:?}: {problem}"
+            );
+        }
+        // The same term with a vote where none was durable is a promise it may keep.
+        disk.unsynced.push_back(Write {
+            id: 2,
+            hard_state: Some(state(3, None)),
+            snapshot: None,
+            discard_log: false,
+            entries: Vec::new(),
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(19);
+        assert_eq!(disk.sync(2, &mut rng, None).ok(), Some(2));
+        disk.tear_slot(&state(3, Some(1)), Index::MAX, SLOT_BYTES, None);
+        assert_eq!(recover(&mut disk), (state(3, Some(1)), None));
+    }
 }

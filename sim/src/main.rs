@@ -1,11 +1,12 @@
-//! `holdfast-sim`: run many seeds, replay one, list the canaries.
+//! `holdfast-sim`: run many seeds, replay one, replay the regression list, list the canaries.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant as WallClock;
 
 use clap::{Parser, Subcommand};
 use holdfast_core::raft::Canary;
-use holdfast_sim::runner::{Summary, run_one, run_seeds};
+use holdfast_sim::runner::{Summary, explore_start, run_each, run_one, run_seeds};
 use holdfast_sim::{CANARIES_BUILT, Options, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -79,6 +80,10 @@ enum Command {
         /// The first seed.
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Start instead at a seed derived from TEXT (CI passes the commit hash and the date):
+        /// a window of seeds no fixed range and, almost surely, no earlier window has tried.
+        #[arg(long, value_name = "TEXT", conflicts_with = "from")]
+        explore: Option<String>,
         /// Worker threads (default: every core).
         #[arg(long)]
         jobs: Option<usize>,
@@ -93,6 +98,16 @@ enum Command {
         trace: bool,
         #[command(flatten)]
         cluster: Cluster,
+    },
+    /// Replay every seed of a regression list (each line: `replay` arguments, then `# why`);
+    /// exit 1 if any fails.
+    Regress {
+        /// The list.
+        #[arg(default_value = "sim/regressions.txt")]
+        file: PathBuf,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// List the planted bugs, one a line.
     Canaries,
@@ -151,9 +166,23 @@ fn main() -> ExitCode {
         Command::Run {
             seeds,
             from,
+            explore,
             jobs,
             cluster,
-        } => options(&cluster, from).map(|o| run(&o, &cluster, seeds, jobs)),
+        } => {
+            let from = match &explore {
+                Some(text) => explore_start(text),
+                None => from,
+            };
+            if let Some(text) = &explore {
+                println!(
+                    "exploring seeds {from}..{} (derived from {text:?})",
+                    from + seeds
+                );
+            }
+            options(&cluster, from).map(|o| run(&o, &cluster, seeds, jobs))
+        }
+        Command::Regress { file, jobs } => regress(&file, jobs),
         Command::Replay {
             seed,
             trace,
@@ -173,8 +202,34 @@ fn main() -> ExitCode {
     }
 }
 
+fn jobs_or_cores(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The arguments of `holdfast-sim replay` that rerun `seed` as `cluster` ran it, every option
+/// spelled out, so that the line still means the same run if a default changes: what a failure
+/// prints, and what a line of the regression list holds.
+fn replay_args(seed: u64, cluster: &Cluster) -> String {
+    let workload = match cluster.workload {
+        WorkloadArg::Queue => "queue",
+        WorkloadArg::Raft => "raft",
+    };
+    let mut args = format!(
+        "{seed} --workload {workload} --nodes {} --groups {} --fault-phase-ms {} \
+         --liveness-limit-ms {}",
+        cluster.nodes, cluster.groups, cluster.fault_phase_ms, cluster.liveness_limit_ms
+    );
+    if let Some(name) = &cluster.canary {
+        args.push_str(&format!(" --canary {name}"));
+    }
+    if let Some(hex) = &cluster.fault_script {
+        args.push_str(&format!(" --fault-script {hex}"));
+    }
+    args
+}
+
 fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) -> bool {
-    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = jobs_or_cores(jobs);
     println!(
         "holdfast-sim: {:?} workload, seeds {}..{} nodes={} groups={} canary={} jobs={jobs}",
         options.workload,
@@ -206,20 +261,141 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
     let summary = Summary::new(&outcomes, started.elapsed());
     println!("{summary}");
     if let Some((seed, _)) = summary.failed.first() {
-        let workload = match options.workload {
-            Workload::Queue => "queue",
-            Workload::Raft => "raft",
-        };
-        let mut flags = format!(
-            "--workload {workload} --nodes {} --groups {}",
-            options.nodes, options.groups
-        );
-        if let Some(name) = &cluster.canary {
-            flags.push_str(&format!(" --canary {name}"));
+        let args = replay_args(*seed, cluster);
+        println!("replay the first failure: holdfast-sim replay {args} --trace");
+        // Every failure, as a line to add to the regression list (sim/regressions.txt).
+        for (seed, violation) in summary.failed.iter().take(20) {
+            let detail: String = violation.detail.chars().take(100).collect();
+            println!(
+                "regression: {} # {}: {detail}",
+                replay_args(*seed, cluster),
+                violation.checker
+            );
         }
-        println!("replay the first failure: holdfast-sim replay {seed} {flags} --trace");
     }
     summary.failed.is_empty()
+}
+
+/// One line of a regression list: where it is, its `replay` arguments and why it is there.
+struct Regression {
+    line: usize,
+    args: String,
+    why: String,
+    options: Options,
+    /// An open failure (`# OPEN checker: ...`): the seed must still fail, with this checker,
+    /// until a fix makes it pass and the line drops its `OPEN`.
+    open: Option<String>,
+}
+
+/// Reads a regression list: blank lines and lines starting with `#` are skipped; every other
+/// line is the arguments of `holdfast-sim replay` (seed first), then `#` and why the seed is
+/// kept. A why that starts with `OPEN checker:` marks a failure not fixed yet: it must go on
+/// failing with that checker (so CI stays green while it is tracked, and turns red once it
+/// passes, to have the `OPEN` dropped). A line that does not parse, says no why, or plants a
+/// canary is refused with its line number.
+fn read_regressions(path: &Path) -> Result<Vec<Regression>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut regressions = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = format!("{}:{}", path.display(), n + 1);
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((args, why)) = line
+            .split_once('#')
+            .filter(|(_, why)| !why.trim().is_empty())
+        else {
+            return Err(format!("{at}: say why the seed is kept, after a `#`"));
+        };
+        let words = ["holdfast-sim", "replay"]
+            .into_iter()
+            .chain(args.split_whitespace());
+        let cli = Cli::try_parse_from(words).map_err(|e| {
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            format!("{at}: {first}")
+        })?;
+        let Command::Replay { seed, cluster, .. } = cli.command else {
+            return Err(format!("{at}: not the arguments of `replay`"));
+        };
+        if cluster.canary.is_some() {
+            return Err(format!(
+                "{at}: a regression seed must pass; planted bugs belong in the canary tests"
+            ));
+        }
+        let why = why.trim();
+        let open = match why.strip_prefix("OPEN") {
+            None => None,
+            Some(rest) => {
+                let checker = rest.split_once(':').map(|(c, _)| c.trim());
+                match checker.filter(|c| !c.is_empty() && !c.contains(' ')) {
+                    Some(checker) => Some(checker.to_string()),
+                    None => {
+                        return Err(format!(
+                            "{at}: an open failure says which checker fails: `# OPEN checker: why`"
+                        ));
+                    }
+                }
+            }
+        };
+        regressions.push(Regression {
+            line: n + 1,
+            args: args.trim().to_string(),
+            why: why.to_string(),
+            open,
+            options: options(&cluster, seed).map_err(|e| format!("{at}: {e}"))?,
+        });
+    }
+    if regressions.is_empty() {
+        return Err(format!("{}: no seeds in the list", path.display()));
+    }
+    Ok(regressions)
+}
+
+fn regress(path: &Path, jobs: Option<usize>) -> Result<bool, String> {
+    let regressions = read_regressions(path)?;
+    let jobs = jobs_or_cores(jobs);
+    println!(
+        "holdfast-sim: {} regression seeds from {} jobs={jobs}",
+        regressions.len(),
+        path.display()
+    );
+    let started = WallClock::now();
+    let runs: Vec<Options> = regressions.iter().map(|r| r.options.clone()).collect();
+    let outcomes = run_each(&runs, jobs);
+    let (mut failed, mut open) = (0, 0);
+    for (regression, outcome) in regressions.iter().zip(&outcomes) {
+        let (args, line, why) = (&regression.args, regression.line, &regression.why);
+        match (&outcome.violation, &regression.open) {
+            (None, None) => println!("ok    {args}  ({why})"),
+            (Some((_, v)), Some(checker)) if v.checker == checker => {
+                open += 1;
+                println!("open  {args}  (still fails, line {line}: {why})");
+            }
+            (None, Some(_)) => {
+                failed += 1;
+                println!(
+                    "FAIL  {args}  (line {line}: {why})\n      it passes now: if a fix made it \
+                     pass, drop the `OPEN` from line {line}"
+                );
+            }
+            (Some((at, v)), _) => {
+                failed += 1;
+                println!(
+                    "FAIL  {args}  (line {line}: {why})\n      at {at}: {}: {}\n      replay: \
+                     holdfast-sim replay {args} --trace",
+                    v.checker, v.detail
+                );
+            }
+        }
+    }
+    println!(
+        "regressions passed: {}, open (failing as recorded): {open}, failed: {failed} ({:.1} s \
+         wall)",
+        outcomes.len() - failed - open,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(failed == 0)
 }
 
 fn replay(options: &Options) -> bool {

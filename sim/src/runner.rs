@@ -12,6 +12,14 @@ use crate::checker::Violation;
 use crate::options::Options;
 use crate::world::{Outcome, Stats};
 
+/// The first seed of an exploring window named by `text` (CI passes the commit hash and the
+/// date). The fixed ranges CI and the tests run are all below 2^32, so a window from here
+/// never repeats them; starts are spread over 2^62 values, so two windows of `n` seeds
+/// overlap with a chance of about 2n / 2^62; and a window of up to 2^32 seeds cannot overflow.
+pub fn explore_start(text: &str) -> u64 {
+    (xxhash_rust::xxh3::xxh3_64(text.as_bytes()) >> 2) + (1 << 32)
+}
+
 /// Runs one seed; a panic anywhere in the run is a failure of that seed, not of the batch.
 pub fn run_one(options: &Options) -> Outcome {
     match catch_unwind(AssertUnwindSafe(|| crate::run(options))) {
@@ -75,6 +83,33 @@ pub fn run_seeds(
     let mut outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
     outcomes.sort_by_key(|o| o.seed);
     outcomes
+}
+
+/// Runs each of `runs` (any seeds and shapes, as a regression list holds them) on `jobs`
+/// threads; the outcomes come back in the order of `runs`.
+pub fn run_each(runs: &[Options], jobs: usize) -> Vec<Outcome> {
+    let next = AtomicU64::new(0);
+    let outcomes = Mutex::new(Vec::with_capacity(runs.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(options) = runs.get(i) else {
+                        break;
+                    };
+                    let outcome = run_one(options);
+                    outcomes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, outcome));
+                }
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
+    outcomes.sort_by_key(|(i, _)| *i);
+    outcomes.into_iter().map(|(_, o)| o).collect()
 }
 
 /// What a batch of seeds found.

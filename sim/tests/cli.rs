@@ -70,6 +70,18 @@ fn a_caught_canary_fails_the_run_and_names_a_replay() {
         text.contains("replay the first failure: holdfast-sim replay"),
         "{text}"
     );
+    // Every option spelled out, ready for the regression list.
+    let regression = text
+        .lines()
+        .find(|l| l.starts_with("regression: "))
+        .unwrap_or_default();
+    assert!(
+        regression.contains(
+            " --workload queue --nodes 3 --groups 2 --fault-phase-ms 10000 \
+             --liveness-limit-ms 20000 --canary commit-from-minority # "
+        ),
+        "{text}"
+    );
 }
 
 #[cfg(not(feature = "canaries"))]
@@ -77,4 +89,153 @@ fn a_caught_canary_fails_the_run_and_names_a_replay() {
 fn a_canary_needs_the_feature() {
     let output = sim(&["run", "--seeds", "1", "--canary", "commit-from-minority"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// A regression list written for one test, removed when dropped.
+struct List(std::path::PathBuf);
+
+impl List {
+    fn new(name: &str, text: &str) -> List {
+        let path =
+            std::env::temp_dir().join(format!("holdfast-sim-{}-{name}.txt", std::process::id()));
+        std::fs::write(&path, text).expect("the temporary directory is writable");
+        List(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl Drop for List {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn the_regression_list_in_the_repository_passes() {
+    let list = concat!(env!("CARGO_MANIFEST_DIR"), "/regressions.txt");
+    let output = sim(&["regress", list]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("ok    3018330 --workload queue"), "{text}");
+    assert!(text.contains("failed: 0"), "{text}");
+}
+
+#[test]
+fn a_failing_regression_seed_fails_the_run_and_names_its_replay() {
+    let list = List::new(
+        "failing",
+        "# a liveness limit no run meets\n\
+         5 --workload queue --liveness-limit-ms 1 # fails on purpose\n\
+         40 --workload raft # passes\n",
+    );
+    let output = sim(&["regress", list.path(), "--jobs", "1"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  5 --workload queue --liveness-limit-ms 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("replay: holdfast-sim replay 5 --workload queue --liveness-limit-ms 1"),
+        "{text}"
+    );
+    assert!(text.contains("ok    40 --workload raft"), "{text}");
+    assert!(
+        text.contains("regressions passed: 1, open (failing as recorded): 0, failed: 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_open_regression_must_go_on_failing_with_its_checker() {
+    let open = "5 --workload queue --liveness-limit-ms 1 # OPEN liveness: not fixed yet\n";
+    let list = List::new("open", open);
+    let output = sim(&["regress", list.path(), "--jobs", "1"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("open  5 --workload queue"), "{text}");
+    assert!(
+        text.contains("open (failing as recorded): 1, failed: 0"),
+        "{text}"
+    );
+    for (name, line, expected) in [
+        (
+            "other-checker",
+            "5 --workload queue --liveness-limit-ms 1 # OPEN lost: another bug\n",
+            "at ",
+        ),
+        (
+            "fixed",
+            "40 --workload raft # OPEN liveness: fixed meanwhile\n",
+            "drop the `OPEN` from line 1",
+        ),
+    ] {
+        let list = List::new(name, line);
+        let output = sim(&["regress", list.path(), "--jobs", "1"]);
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(1), "{name}: {text}");
+        assert!(text.contains(expected), "{name}: {text}");
+    }
+}
+
+#[test]
+fn a_bad_regression_list_is_refused_with_its_line() {
+    for (name, text, expected) in [
+        ("no-why", "7 --workload raft\n", ":1: say why"),
+        (
+            "empty-why",
+            "# fine\n7 --workload raft #  \n",
+            ":2: say why",
+        ),
+        ("bad-option", "7 --nodes 4 # why\n", ":1: error"),
+        (
+            "canary",
+            "7 --canary no-dedup # why\n",
+            ":1: a regression seed must pass",
+        ),
+        ("empty", "# nothing\n\n", "no seeds"),
+        (
+            "open-no-checker",
+            "7 # OPEN: a bug\n",
+            ":1: an open failure says which",
+        ),
+    ] {
+        let list = List::new(name, text);
+        let output = sim(&["regress", list.path()]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+    assert_eq!(
+        sim(&["regress", "/no/such/list.txt"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn explore_runs_a_window_derived_from_its_text() {
+    let output = sim(&["run", "--seeds", "2", "--explore", "0123abcd 2026-12-02"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let start = holdfast_sim::runner::explore_start("0123abcd 2026-12-02");
+    assert!(start >= 1 << 32, "{start}");
+    assert!(
+        text.contains(&format!("exploring seeds {start}..{}", start + 2)),
+        "{text}"
+    );
+    assert!(text.contains("seeds passed: 2"), "{text}");
+    assert_ne!(
+        start,
+        holdfast_sim::runner::explore_start("0123abcd 2026-12-03")
+    );
+    assert_eq!(
+        sim(&["run", "--seeds", "1", "--from", "3", "--explore", "x"])
+            .status
+            .code(),
+        Some(2),
+        "--from and --explore name the first seed twice"
+    );
 }

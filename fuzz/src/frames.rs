@@ -45,6 +45,10 @@ enum Template {
         /// Even: [`PROTOCOL_VERSION`].
         version: u16,
         node: Option<u8>,
+        token: Option<String>,
+    },
+    Goodbye {
+        reason: String,
     },
     Append {
         term: u8,
@@ -79,14 +83,20 @@ impl Template {
     fn frame(self) -> Frame {
         let queue = QueueId::new("t", 1);
         match self {
-            Template::Hello { version, node } => Frame::Hello {
+            Template::Hello {
+                version,
+                node,
+                token,
+            } => Frame::Hello {
                 version: if version % 2 == 0 {
                     PROTOCOL_VERSION
                 } else {
                     version
                 },
                 node: node.map(u64::from),
+                token,
             },
+            Template::Goodbye { reason } => Frame::Goodbye { reason },
             Template::Append {
                 term,
                 commands,
@@ -376,9 +386,16 @@ pub fn run_frames(data: &[u8]) -> FramesStats {
         assert_eq!(decoder.next_frame(), Ok(None));
 
         match (frame, check_hello(frame)) {
-            (Frame::Hello { version, node }, Ok(peer)) => {
+            (
+                Frame::Hello {
+                    version,
+                    node,
+                    token,
+                },
+                Ok(hello),
+            ) => {
                 assert_eq!(*version, PROTOCOL_VERSION);
-                assert_eq!(*node, peer);
+                assert_eq!((node, token), (&hello.node, &hello.token));
                 stats.hellos_accepted += 1;
             }
             (Frame::Hello { version, .. }, Err(WireError::VersionMismatch { ours, theirs })) => {
@@ -404,10 +421,14 @@ pub fn run_frames(data: &[u8]) -> FramesStats {
                 );
             }
         }
-        Some(WireError::TooLarge { len_bytes }) => {
+        Some(WireError::TooLarge {
+            len_bytes,
+            max_bytes,
+        }) => {
             stats.too_large = true;
             let (len, _) = header(rest).expect("a length was read");
             assert_eq!(*len_bytes, len as u64);
+            assert_eq!(*max_bytes, FRAME_BYTES_MAX as u64);
             assert!(len > FRAME_BYTES_MAX);
         }
         Some(WireError::Checksum { stored, computed }) => {

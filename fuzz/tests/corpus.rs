@@ -367,6 +367,20 @@ fn generate<S>(
     }
 }
 
+/// `cargo test -p holdfast-fuzz --test corpus -- --ignored generate_frames_corpus`: the
+/// frames target's alone, for a change of the wire format.
+#[test]
+#[ignore = "writes the committed seed corpus of the frames target; run by hand"]
+fn generate_frames_corpus() {
+    generate(
+        "frames",
+        run_frames,
+        &frames_goals(),
+        &[64, 256, 1024],
+        3000,
+    );
+}
+
 /// `cargo test -p holdfast-fuzz --test corpus -- --ignored generate_corpus`; the files are
 /// committed.
 #[test]

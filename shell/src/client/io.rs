@@ -3,9 +3,10 @@
 //!
 //! Servers are named by node id: the n-th address of `--servers` is node n. With TLS, each
 //! server must present a certificate of the cluster CA for `cluster.holdfast`; the client
-//! presents its token in the Hello. A server that refuses (a Goodbye, or a request refused as
-//! not authorised) is remembered as the [`ClientIo::refusal`], so callers can stop and say why
-//! instead of retrying until they time out.
+//! presents its token in the Hello. A server that refuses the connection (a Goodbye, a failed
+//! handshake) is remembered as the [`ClientIo::refusal`], and a request refused as not
+//! authorised as the [`ClientIo::denial`], so callers can stop and say why instead of
+//! retrying until they time out.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -67,14 +68,19 @@ struct ServerConn {
     decoder: FrameDecoder,
     out: Vec<u8>,
     written: usize,
+    /// The server's Hello arrived: it speaks our protocol on this transport.
+    hello_seen: bool,
 }
 
 pub struct ClientIo {
     servers: Vec<SocketAddr>,
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     token: Option<String>,
-    /// Why a server last refused this client (its credential, or a request its ACL forbids).
+    /// Why a server refused this client's connection (its credential, TLS, the port): every
+    /// later request would be refused the same way.
     refusal: Option<String>,
+    /// The last request a server refused as not authorised for this client's principal.
+    denial: Option<String>,
     poll: Poll,
     events: Events,
     conns: BTreeMap<NodeId, ServerConn>,
@@ -90,6 +96,7 @@ impl ClientIo {
             tls: config.tls,
             token: config.token,
             refusal: None,
+            denial: None,
             poll: Poll::new()?,
             events: Events::with_capacity(256),
             conns: BTreeMap::new(),
@@ -106,10 +113,15 @@ impl ClientIo {
         self.clock.now()
     }
 
-    /// Why a server refused this client, if one did: a bad or missing credential, or a
-    /// request its principal may not make.
+    /// Why a server refused this client's connection, if one did: a bad or missing
+    /// credential, no TLS where it is required, a server that is not of the cluster.
     pub fn refusal(&self) -> Option<&str> {
         self.refusal.as_deref()
+    }
+
+    /// The last request refused as not authorised for this client's principal, if any.
+    pub fn denial(&self) -> Option<&str> {
+        self.denial.as_deref()
     }
 
     /// Queues `request` for `node`; a server that cannot be reached drops it, and the
@@ -165,6 +177,7 @@ impl ClientIo {
                 decoder: FrameDecoder::new(),
                 out,
                 written: 0,
+                hello_seen: false,
             };
             self.conns.insert(node, conn);
         }
@@ -286,7 +299,7 @@ impl ClientIo {
                         if let Response::Refused { reason } = &response
                             && reason.starts_with("not authorised")
                         {
-                            self.refusal = Some(format!("node {node}: {reason}"));
+                            self.denial = Some(format!("node {node}: {reason}"));
                         }
                         responses.push((id, response));
                     }
@@ -296,10 +309,12 @@ impl ClientIo {
                         break;
                     }
                     Ok(Some(hello @ Frame::Hello { .. })) => {
-                        if check_hello(&hello).is_err() {
+                        if let Err(e) = check_hello(&hello) {
+                            self.refusal = Some(format!("node {node}: {e}"));
                             broken.push(node);
                             break;
                         }
+                        conn.hello_seen = true;
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
@@ -312,6 +327,18 @@ impl ClientIo {
             }
         }
         for node in broken {
+            // A plaintext client that a server drops before its Hello most likely reached a
+            // cluster that requires TLS: say so rather than retry until the timeout.
+            if self.tls.is_none()
+                && self.refusal.is_none()
+                && self.conns.get(&node).is_some_and(|c| !c.hello_seen)
+            {
+                self.refusal = Some(format!(
+                    "node {node} closed the connection before its Hello: does the cluster \
+                     require TLS and a credential? Give the client file (--client-file or \
+                     HOLDFAST_CLIENT; `holdfast cluster` writes holdfast-data/client.toml)"
+                ));
+            }
             self.drop_conn(node);
         }
         responses

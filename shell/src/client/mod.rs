@@ -152,7 +152,8 @@ impl Producer {
         self.machine.in_flight()
     }
 
-    /// Why a server refused this producer (credential or ACL), if one did.
+    /// Why a server refused this producer's connection (its credential), if one did. A send
+    /// its principal may not make fails alone, with the reason.
     pub fn refusal(&self) -> Option<&str> {
         self.io.refusal()
     }
@@ -262,8 +263,7 @@ impl Consumer {
     ) -> usize {
         let mut seen = 0;
         let mut last = std::time::Instant::now();
-        while count.is_none_or(|c| seen < c) && last.elapsed() < idle && self.io.refusal().is_none()
-        {
+        while count.is_none_or(|c| seen < c) && last.elapsed() < idle && self.refusal().is_none() {
             if self.undelivered.is_empty() {
                 let deadline = std::time::Instant::now() + Duration::from_millis(100);
                 let undelivered = &mut self.undelivered;
@@ -292,6 +292,9 @@ impl Consumer {
                 }
             }
         }
+        if self.refusal().is_some() {
+            return seen; // nothing of this consumer's will be confirmed
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let undelivered = &mut self.undelivered;
         self.io.drive(&mut self.machine, deadline, |m| {
@@ -305,9 +308,10 @@ impl Consumer {
 }
 
 impl Consumer {
-    /// Why a server refused this consumer (credential or ACL), if one did: `run` stops then.
+    /// Why a server refused this consumer (its credential, or its principal may not consume
+    /// this topic as this group), if one did: `run` stops then.
     pub fn refusal(&self) -> Option<&str> {
-        self.io.refusal()
+        self.io.refusal().or(self.io.denial())
     }
 
     /// Leaves the group at once, after the answers given so far are confirmed, so the other
@@ -317,6 +321,9 @@ impl Consumer {
         let now = self.io.now();
         self.undelivered.clear();
         self.machine.leave(now);
+        if self.refusal().is_some() {
+            return;
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         self.io.drive(&mut self.machine, deadline, |m| m.has_left());
     }
@@ -364,7 +371,7 @@ impl Admin {
         self.io.node_ids()
     }
 
-    /// Why a server refused this client (credential or ACL), if one did.
+    /// Why a server refused this client's connection (its credential), if one did.
     pub fn refusal(&self) -> Option<&str> {
         self.io.refusal()
     }

@@ -198,6 +198,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
             Some(Security { tls, principals })
         }
     };
+    raise_open_files_limit();
     let mut client_listener = TcpListener::bind(config.listen()).map_err(|e| {
         ServerError(format!(
             "cannot listen for clients on {}: {e}",
@@ -506,6 +507,11 @@ impl Server {
         }
         let read = match conn.read(budget) {
             Ok(read) => read,
+            Err(why @ Closed::Wire(_)) => {
+                // Framing is lost, but the other side may still read: tell it why.
+                conn.goodbye(&why.to_string());
+                return self.close(token, &why);
+            }
             Err(why) => return self.close(token, &why),
         };
         // A read can make a TLS handshake want to answer.
@@ -765,6 +771,36 @@ impl Server {
         if let Err(why) = conn.queue(frame) {
             self.close(token, &why);
         }
+    }
+}
+
+/// Raises the soft limit of open files towards the hard one, so `CONNECTIONS_MAX` (and not a
+/// default of 1,024 descriptors) is what bounds connections: at the descriptor limit, accept
+/// fails and connections wait in the backlog unanswered.
+fn raise_open_files_limit() {
+    let wanted = (CONNECTIONS_MAX + 1_024) as libc::rlim_t;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur >= wanted {
+            return;
+        }
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            warn!("cannot raise the open files limit to {}", limit.rlim_cur);
+        }
+    }
+    if limit.rlim_cur < wanted {
+        warn!(
+            open_files_max = limit.rlim_cur,
+            "the open files limit is below CONNECTIONS_MAX ({CONNECTIONS_MAX}) plus the node's own files"
+        );
     }
 }
 

@@ -221,6 +221,10 @@ fn frames_goals() -> Vec<Goal<FramesStats>> {
         ("malformed", |s| {
             u64::from(s.malformed) * (1 + s.frames as u64)
         }),
+        ("peer-accepted", |s| u64::from(s.node_accepted)),
+        ("client-accepted", |s| u64::from(s.client_accepted)),
+        ("hello-refused", |s| u64::from(s.hello_refused)),
+        ("tls-refused", |s| u64::from(s.tls_refused)),
     ]
 }
 

@@ -23,12 +23,7 @@ pub enum Kind {
     Client(ClientId),
 }
 
-/// Which listener a connection came from (or, for links this node dialed, `Peer`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Port {
-    Client,
-    Peer,
-}
+pub use super::handshake::Port;
 
 pub struct Conn {
     pub transport: Transport,

@@ -17,6 +17,7 @@
 //! failed is never taken for a success.
 
 mod conn;
+pub mod handshake;
 pub mod identity;
 mod snapshots;
 
@@ -31,7 +32,7 @@ use holdfast_core::limits::{CONNECTIONS_MAX, REQUESTS_PENDING_PER_CONNECTION_MAX
 use holdfast_core::node::BrokerNode;
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::raft::{Envelope, GroupId, NodeId};
-use holdfast_core::wire::{Frame, PROTOCOL_VERSION, check_hello};
+use holdfast_core::wire::{Frame, PROTOCOL_VERSION};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use snapshots::SnapshotEncoder;
@@ -43,7 +44,8 @@ use crate::config::ServerConfig;
 use crate::storage::{GroupStore, StorageConfig, StorageThread};
 use crate::tls::NodeTls;
 use crate::transport::Transport;
-use conn::{Closed, Conn, Kind, Port};
+use conn::{Closed, Conn, Kind};
+use handshake::Port;
 
 const CLIENT_LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -625,58 +627,39 @@ impl Server {
     /// Checks a connection's Hello against its port and, with security, its certificate or
     /// its token; on success the connection is a node or a client.
     fn hello(&mut self, token: Token, frame: &Frame) -> Result<(), String> {
-        let hello = check_hello(frame).map_err(|e| e.to_string())?;
         let Some(conn) = self.conns.get_mut(&token) else {
             return Ok(());
         };
-        match (conn.port, hello.node) {
-            (Port::Client, Some(node)) => Err(format!(
-                "a node's Hello (node {node}) on the client port; nodes use the peer port"
-            )),
-            (Port::Peer, None) => {
-                Err("a client's Hello on the peer port; clients use the client port".into())
-            }
-            (Port::Peer, Some(node)) => {
-                if let Some(dialed) = conn.dialed
-                    && dialed != node
-                {
-                    return Err(format!("dialed node {dialed} but node {node} answered"));
-                }
-                if node == self.id || !self.nodes.contains(&node) {
-                    return Err(format!("node {node} is not a peer of node {}", self.id));
-                }
-                if self.security.is_some() {
-                    // rustls verified the chain to the CA (and, dialing, the name); the
-                    // dialer's certificate must also name the node its Hello claims.
-                    crate::tls::verify_peer_identity(conn.transport.peer_certificate(), node)?;
-                }
+        let context = handshake::HelloContext {
+            port: conn.port,
+            me: self.id,
+            nodes: &self.nodes,
+            dialed: conn.dialed,
+            principals: self.security.as_ref().map(|s| &s.principals),
+            certificate: conn.transport.peer_certificate(),
+        };
+        match handshake::accept_hello(&context, frame)? {
+            handshake::Accepted::Node(node) => {
                 conn.kind = Kind::Node(node);
                 conn.authenticated();
                 if let Some(link) = conn.dialed.and_then(|p| self.links.get_mut(&p)) {
                     link.backoff = RECONNECT_MIN;
                 }
                 info!(peer = node, addr = %conn.addr, dialed = conn.dialed.is_some(), "peer connected");
-                Ok(())
             }
-            (Port::Client, None) => {
-                if let Some(security) = &self.security {
-                    let Some(presented) = hello.token.as_deref() else {
-                        return Err("no credential: this cluster requires a token".into());
-                    };
-                    let Some(principal) = security.principals.authenticate(presented) else {
-                        return Err("bad credential: no principal has this token".into());
-                    };
-                    debug!(principal = principal.name, addr = %conn.addr, "client authenticated");
-                    conn.principal = Some(principal.clone());
+            handshake::Accepted::Client(principal) => {
+                if let Some(p) = &principal {
+                    debug!(principal = p.name, addr = %conn.addr, "client authenticated");
                 }
+                conn.principal = principal;
                 let client = self.next_client;
                 self.next_client += 1;
                 conn.kind = Kind::Client(client);
                 conn.authenticated();
                 self.clients.insert(client, token);
-                Ok(())
             }
         }
+        Ok(())
     }
 
     fn close(&mut self, token: Token, why: &Closed) {

@@ -26,6 +26,10 @@ pub struct ServerConfig {
     /// Certificates and principals (paths relative to the config file's directory).
     #[serde(default)]
     pub security: Option<Security>,
+    /// Connections this node holds at once, peers and clients together; more are refused at
+    /// accept. At most (and by default) `limits::CONNECTIONS_MAX`.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
     /// Where this node keeps its data (a directory per group).
     pub data_dir: PathBuf,
     /// Broker groups (the metadata group comes on top).
@@ -66,6 +70,10 @@ pub struct Security {
 
 /// A node without a `[peers]` entry takes its client port plus this for its peer port.
 pub const PEER_PORT_OFFSET: u16 = 100;
+
+fn default_connections_max() -> usize {
+    holdfast_core::limits::CONNECTIONS_MAX
+}
 
 fn default_retention_hours() -> u64 {
     72
@@ -213,6 +221,15 @@ impl ServerConfig {
                 )));
             }
         }
+        let most = holdfast_core::limits::CONNECTIONS_MAX;
+        if !(self.nodes.len()..=most).contains(&self.connections_max) {
+            return Err(ConfigError(format!(
+                "key `connections_max`: {} is not in {}..={most} (one link per node at least, \
+                 CONNECTIONS_MAX at most)",
+                self.connections_max,
+                self.nodes.len()
+            )));
+        }
         if !self.no_auth && self.security.is_none() {
             return Err(ConfigError(
                 "no [security] section (ca_cert, cert, key, principals): give one, or set \
@@ -341,5 +358,11 @@ mod tests {
             .expect_err("unknown node")
             .to_string();
         assert!(stranger.contains("node 5"), "{stranger}");
+        let open = parse("no_auth = true\n", "").expect("parses");
+        assert_eq!(open.connections_max, holdfast_core::limits::CONNECTIONS_MAX);
+        let error = parse("no_auth = true\nconnections_max = 1\n", "")
+            .expect_err("fewer than the nodes")
+            .to_string();
+        assert!(error.contains("connections_max"), "{error}");
     }
 }

@@ -42,6 +42,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(dir: &Path) -> Cluster {
+        Cluster::start_with(dir, "")
+    }
+
+    fn start_with(dir: &Path, extra_config: &str) -> Cluster {
         let net = Net::secure(dir, 3);
         let pki = net.pki.as_ref().expect("secure");
         pki.add_principal(
@@ -52,7 +56,7 @@ impl Cluster {
         let children = (1..=3)
             .map(|id| {
                 let node_dir = dir.join(format!("node-{id}"));
-                let path = write_node_config(&node_dir, id, &net, "");
+                let path = write_node_config(&node_dir, id, &net, extra_config);
                 Command::new(HOLDFAST)
                     .args(["server", "--config"])
                     .arg(&path)
@@ -644,4 +648,74 @@ fn clients_need_a_credential_and_an_acl_allowing_what_they_ask() {
     ] {
         assert!(log.contains(reason), "no {reason:?} in the logs");
     }
+}
+
+/// A TLS connection to `addr` that has said Hello as the admin and got an answer to Status.
+fn served(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> Option<Tls> {
+    let mut stream = tls_connect(addr, tls.clone(), "cluster.holdfast");
+    let request = Frame::Request {
+        id: 1,
+        request: Request::Status,
+    };
+    stream
+        .write_all(&frames(&[hello(None, Some(ADMIN_TOKEN)), request]))
+        .ok()?;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        decoder.push(&buf[..n]);
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            if let Frame::Response { id: 1, .. } = frame {
+                return Some(stream);
+            }
+        }
+    }
+}
+
+#[test]
+fn connections_beyond_the_maximum_are_refused_and_strangers_make_room() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start_with(dir.path(), "connections_max = 8");
+    let ca = certificates_from_pem(&cluster.pki().ca_pem).expect("ca");
+    let tls = client_config(&ca).expect("tls");
+    let addr = cluster.net.clients[0];
+
+    // Eight authenticated clients fill node 1; the ninth is closed at once, unanswered.
+    let held: Vec<Tls> = (0..8)
+        .map(|i| served(addr, &tls).unwrap_or_else(|| panic!("client {i} is served")))
+        .collect();
+    let mut ninth = tls_connect(addr, tls.clone(), "cluster.holdfast");
+    let _ = ninth.write_all(&frames(&[hello(None, Some(ADMIN_TOKEN))]));
+    let (got, closed) = read_until_closed(&mut ninth);
+    assert!(closed && got.is_empty(), "the ninth connection: {got:?}");
+    wait_for(Duration::from_secs(5), "a WARN about the refusal", || {
+        cluster
+            .log(1)
+            .contains("refusing connections")
+            .then_some(())
+    });
+    drop(held);
+
+    // Eight strangers that never finish their handshake do not shut out a real client: the
+    // oldest makes room for it.
+    let strangers: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        served(addr, &tls).is_some(),
+        "a client is served while strangers hold every slot"
+    );
+    assert!(
+        cluster
+            .log(1)
+            .contains("the oldest connection still in its handshake makes room")
+    );
+    drop(strangers);
+    cluster.create_topic("orders", 2);
+    cluster.serves();
 }

@@ -7,7 +7,8 @@
 //! checked against before it reaches the node. Anything else (a node's Hello on the client
 //! port, a client's on the peer port, a failed handshake, no Hello within
 //! [`HANDSHAKE_TIMEOUT`]) is answered with a Goodbye saying why, closed and logged at WARN.
-//! Every connection is bounded: at most `CONNECTIONS_MAX` of them, small frames until
+//! Every connection is bounded: at most `connections_max` (`CONNECTIONS_MAX`) clients and a few
+//! connections per node on the peer port, small frames until
 //! authenticated, at most `REQUESTS_PENDING_PER_CONNECTION_MAX` requests unanswered (reading
 //! stops meanwhile, and while much output waits), and bounded buffers each way.
 //!
@@ -57,6 +58,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client connection is not read while this much output waits for it: a client that
 /// pipelines requests and does not read the answers stops being read, not served into memory.
 pub const READ_PAUSE_OUTPUT_BYTES: usize = 4 << 20;
+/// Connections the peer port holds per node of the cluster (a node needs one or two).
+const PEER_CONNECTIONS_PER_NODE: usize = 4;
 /// Frames read from one peer link per turn of the loop, so one busy link cannot starve the
 /// others.
 const PEER_FRAMES_PER_TURN_MAX: usize = 4_096;
@@ -101,6 +104,10 @@ struct Server {
     security: Option<Security>,
     /// Every node's id, to refuse a Hello from a node that is not one of them.
     nodes: BTreeSet<NodeId>,
+    /// Client connections held at once; see `accept`.
+    connections_max: usize,
+    /// Connections accepted on each port and open: (client port, peer port).
+    accepted: (usize, usize),
     node: BrokerNode,
     storage: StorageThread,
     snapshots: SnapshotEncoder,
@@ -252,6 +259,8 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         peer_listener,
         security,
         nodes: config.nodes.keys().copied().collect(),
+        connections_max: config.connections_max,
+        accepted: (0, 0),
         node,
         storage,
         snapshots,
@@ -385,9 +394,9 @@ impl Server {
             };
             match listener.accept() {
                 Ok((stream, addr)) => {
-                    if self.conns.len() >= CONNECTIONS_MAX {
+                    if !self.room_to_accept(port) {
                         // Dropping the stream closes it at once.
-                        self.refused_at_accept(addr);
+                        self.refused_at_accept(addr, port);
                         continue;
                     }
                     debug!(%addr, ?port, "accepted");
@@ -400,7 +409,15 @@ impl Server {
                             continue;
                         }
                     };
-                    self.register(Conn::new(transport, port, addr, None));
+                    if self
+                        .register(Conn::new(transport, port, addr, None))
+                        .is_some()
+                    {
+                        match port {
+                            Port::Client => self.accepted.0 += 1,
+                            Port::Peer => self.accepted.1 += 1,
+                        }
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -423,7 +440,41 @@ impl Server {
         Some(rustls::ServerConnection::new(config))
     }
 
-    fn refused_at_accept(&mut self, addr: SocketAddr) {
+    /// Whether one more connection fits on `port`: at most `connections_max` on the client
+    /// port, and a few per node on the peer port, so a flood of clients cannot crowd out the
+    /// links between nodes. At the limit, the oldest connection still in its handshake makes
+    /// room (closed, logged): strangers that never finish cannot hold the port shut against
+    /// one that does (in milliseconds) until their handshake deadline.
+    fn room_to_accept(&mut self, port: Port) -> bool {
+        let (open, max) = match port {
+            Port::Client => (self.accepted.0, self.connections_max),
+            Port::Peer => (
+                self.accepted.1,
+                PEER_CONNECTIONS_PER_NODE * self.nodes.len(),
+            ),
+        };
+        if open < max {
+            return true;
+        }
+        let oldest = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.port == port && c.dialed.is_none() && c.kind == Kind::Unknown)
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(t, _)| *t);
+        match oldest {
+            Some(token) => {
+                self.refuse(
+                    token,
+                    "connection limit reached: the oldest connection still in its handshake makes room",
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn refused_at_accept(&mut self, addr: SocketAddr, port: Port) {
         self.refused_unlogged += 1;
         let now = std::time::Instant::now();
         if self
@@ -432,8 +483,11 @@ impl Server {
         {
             warn!(
                 %addr,
+                ?port,
                 refused = self.refused_unlogged,
-                "refusing connections: {CONNECTIONS_MAX} open already (CONNECTIONS_MAX)"
+                "refusing connections: as many open and authenticated as this port takes \
+                 (connections_max {} for clients, {PEER_CONNECTIONS_PER_NODE} per node for peers)",
+                self.connections_max
             );
             self.refused_unlogged = 0;
             self.refused_logged_at = Some(now);
@@ -668,6 +722,12 @@ impl Server {
         };
         let _ = self.poll.registry().deregister(&mut conn.transport.stream);
         self.paused.remove(&token);
+        if conn.dialed.is_none() {
+            match conn.port {
+                Port::Client => self.accepted.0 = self.accepted.0.saturating_sub(1),
+                Port::Peer => self.accepted.1 = self.accepted.1.saturating_sub(1),
+            }
+        }
         let (kind, addr, port) = (conn.kind, conn.addr, conn.port);
         match (&conn.kind, why) {
             (_, Closed::Eof) => debug!(?kind, %addr, "connection closed"),

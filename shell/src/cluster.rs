@@ -68,10 +68,11 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     let client_file = dir.join(CLIENT_FILE);
     let token = security.as_ref().map(|s| s.token.as_str());
     let ca = security.as_ref().map(|_| "tls/ca.pem");
+    // It holds the admin token: the owner's only, like the keys.
     write_file(
         &client_file,
         &crate::client::client_file_text(&addrs, ca, token),
-        true,
+        false,
     )?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
     let mut children: Vec<(u16, Child, PathBuf)> = Vec::new();

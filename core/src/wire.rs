@@ -5,10 +5,12 @@
 //! ```
 //!
 //! The checksum covers the payload. Every connection starts with a [`Frame::Hello`] each way,
-//! carrying [`PROTOCOL_VERSION`]; a node says which node it is, a client says nothing. A
-//! frame whose length exceeds [`FRAME_BYTES_MAX`], whose checksum fails, or whose payload does
-//! not decode is an error of that one connection: the shell closes it and logs the reason.
-//! Nothing here may panic on bytes from a socket.
+//! carrying [`PROTOCOL_VERSION`]; a node says which node it is (and, over mutual TLS, proves
+//! it with its certificate), a client presents its credential. A frame whose length exceeds
+//! the decoder's maximum ([`FRAME_BYTES_MAX`], or less before a connection has
+//! authenticated), whose checksum fails, or whose payload does not decode is an error of that
+//! one connection: the shell closes it and logs the reason. Nothing here may panic on bytes
+//! from a socket.
 
 use std::fmt;
 
@@ -18,7 +20,7 @@ use crate::node::protocol::{Request, RequestId, Response};
 use crate::raft::{Envelope, NodeId};
 
 /// Bumped on any change of [`Frame`] or of the types it carries.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest payload a frame may carry. Bounds what a garbage length field can make a
 /// receiver buffer.
 pub use crate::limits::FRAME_BYTES_MAX;
@@ -27,10 +29,13 @@ pub use crate::limits::FRAME_HEADER_BYTES;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
-    /// The first frame each way. `node` is the sender's node id, or `None` for a client.
+    /// The first frame each way. `node` is the sender's node id, or `None` for a client;
+    /// `token` is a client's bearer credential (`None` from nodes and from clients of a
+    /// cluster without authentication).
     Hello {
         version: u16,
         node: Option<NodeId>,
+        token: Option<String>,
     },
     /// A Raft message between two nodes.
     Peer(Envelope),
@@ -42,13 +47,27 @@ pub enum Frame {
         id: RequestId,
         response: Response,
     },
+    /// A server's last frame on a connection it is about to close: why (a refused credential,
+    /// a frame on the wrong port, a limit), so the other side can say so instead of timing out.
+    Goodbye {
+        reason: String,
+    },
+}
+
+/// What a valid [`Frame::Hello`] says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub node: Option<NodeId>,
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WireError {
-    /// A frame (to send or announced by a received header) is larger than [`FRAME_BYTES_MAX`].
+    /// A frame (to send or announced by a received header) is larger than the maximum
+    /// (`max_bytes`: [`FRAME_BYTES_MAX`], or less on a connection not yet authenticated).
     TooLarge {
         len_bytes: u64,
+        max_bytes: u64,
     },
     Checksum {
         stored: u32,
@@ -65,9 +84,12 @@ pub enum WireError {
 impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WireError::TooLarge { len_bytes } => write!(
+            WireError::TooLarge {
+                len_bytes,
+                max_bytes,
+            } => write!(
                 f,
-                "frame of {len_bytes} bytes exceeds the maximum of {FRAME_BYTES_MAX}"
+                "frame of {len_bytes} bytes exceeds the maximum of {max_bytes}"
             ),
             WireError::Checksum { stored, computed } => write!(
                 f,
@@ -93,6 +115,7 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
         _ => {
             return Err(WireError::TooLarge {
                 len_bytes: payload.len() as u64,
+                max_bytes: FRAME_BYTES_MAX as u64,
             });
         }
     };
@@ -104,9 +127,11 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
 }
 
 /// Reassembles frames from a byte stream that arrives in arbitrary pieces.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// The largest payload accepted: a header announcing more ends the stream.
+    frame_bytes_max: usize,
     /// Bytes of `buf` already returned as frames; compacted lazily so a burst of small frames
     /// does not shift the buffer once per frame.
     consumed: usize,
@@ -115,9 +140,35 @@ pub struct FrameDecoder {
     failed: Option<WireError>,
 }
 
+impl Default for FrameDecoder {
+    fn default() -> FrameDecoder {
+        FrameDecoder::with_frame_bytes_max(FRAME_BYTES_MAX)
+    }
+}
+
 impl FrameDecoder {
     pub fn new() -> FrameDecoder {
         FrameDecoder::default()
+    }
+
+    /// A decoder that refuses payloads over `frame_bytes_max` (capped at [`FRAME_BYTES_MAX`]):
+    /// a server reads a stranger's frames with a small maximum until it has authenticated.
+    pub fn with_frame_bytes_max(frame_bytes_max: usize) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            frame_bytes_max: frame_bytes_max.min(FRAME_BYTES_MAX),
+            consumed: 0,
+            failed: None,
+        }
+    }
+
+    /// Changes the maximum for the frames not yet returned.
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: usize) {
+        self.frame_bytes_max = frame_bytes_max.min(FRAME_BYTES_MAX);
+    }
+
+    pub fn frame_bytes_max(&self) -> usize {
+        self.frame_bytes_max
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -153,8 +204,11 @@ impl FrameDecoder {
         let Some((len, stored)) = read_header(rest) else {
             return Ok(None);
         };
-        if len > FRAME_BYTES_MAX as u64 {
-            return Err(WireError::TooLarge { len_bytes: len });
+        if len > self.frame_bytes_max as u64 {
+            return Err(WireError::TooLarge {
+                len_bytes: len,
+                max_bytes: self.frame_bytes_max as u64,
+            });
         }
         let end = FRAME_HEADER_BYTES + len as usize;
         let Some(payload) = rest.get(FRAME_HEADER_BYTES..end) else {
@@ -185,11 +239,18 @@ fn read_header(bytes: &[u8]) -> Option<(u64, u32)> {
     Some((u64::from(len), crc))
 }
 
-/// Checks the first frame of a connection: a [`Frame::Hello`] of our version. Returns the
-/// peer's node id (`None` for a client).
-pub fn check_hello(frame: &Frame) -> Result<Option<NodeId>, WireError> {
+/// Checks the first frame of a connection: a [`Frame::Hello`] of our version. Returns what it
+/// says: the peer's node id (`None` for a client) and a client's credential.
+pub fn check_hello(frame: &Frame) -> Result<Hello, WireError> {
     match frame {
-        Frame::Hello { version, node } if *version == PROTOCOL_VERSION => Ok(*node),
+        Frame::Hello {
+            version,
+            node,
+            token,
+        } if *version == PROTOCOL_VERSION => Ok(Hello {
+            node: *node,
+            token: token.clone(),
+        }),
         Frame::Hello { version, .. } => Err(WireError::VersionMismatch {
             ours: PROTOCOL_VERSION,
             theirs: *version,

@@ -1,8 +1,15 @@
-//! The `frames` target: [`FrameDecoder`] fed a byte stream in arbitrary pieces.
+//! The `frames` target: [`FrameDecoder`] fed a byte stream in arbitrary pieces, and the
+//! connection handshake in front of it: the first frame judged as a Hello on either port
+//! (with or without security, with each node's certificate or none, with real tokens or
+//! not), and arbitrary bytes fed to a node's TLS server, which must never hand out plaintext
+//! before a handshake that only the holder of a key could complete.
 //!
 //! The stream is built from pieces of four kinds: raw bytes, payloads sealed with a correct
 //! header (so postcard's decoder behind the checksum is reached), whole frames encoded from a
 //! few templates (so valid streams are common), and bare headers (oversized lengths).
+
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
@@ -13,6 +20,11 @@ use holdfast_core::wire::{
     FRAME_BYTES_MAX, FRAME_HEADER_BYTES, Frame, FrameDecoder, PROTOCOL_VERSION, WireError,
     check_hello, encode_frame,
 };
+use holdfast_shell::auth::{Principals, token_sha256_hex};
+use holdfast_shell::server::handshake::{Accepted, HelloContext, Port, accept_hello};
+use holdfast_shell::tls::{NodeTls, certificates_from_pem, generate_ca, issue_node_certificate};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Bytes of stream beyond this are ignored: they only slow the fuzzer down.
 const STREAM_BYTES_MAX: usize = 1 << 16;
@@ -20,6 +32,7 @@ const STREAM_BYTES_MAX: usize = 1 << 16;
 #[derive(Arbitrary, Debug)]
 struct Input {
     pieces: Vec<Piece>,
+    handshake: Handshake,
     /// Sizes of the pieces the stream arrives in (each `% 256 + 1` bytes), used in turn;
     /// none: the whole stream at once.
     chunks: Vec<u8>,
@@ -38,13 +51,199 @@ enum Piece {
     },
 }
 
+/// How the first frame is judged, and what reaches the TLS server.
+#[derive(Arbitrary, Debug)]
+struct Handshake {
+    peer_port: bool,
+    /// `None`: `no_auth`.
+    secure: bool,
+    /// For a dialed link: the node dialed (`% 4`).
+    dialed: Option<u8>,
+    /// The verified certificate presented: node `n % 4` (0: none).
+    certificate: u8,
+    /// Bytes offered to node 1's TLS server (peer or client port, as `peer_port`).
+    tls: Vec<u8>,
+}
+
+/// A token in a Hello: a real principal's sometimes, so acceptance is reachable.
+#[derive(Arbitrary, Debug)]
+enum Token {
+    Admin,
+    Billing,
+    Other(String),
+}
+
+const ADMIN_TOKEN: &str = "hf_fuzz-admin";
+const BILLING_TOKEN: &str = "hf_fuzz-billing";
+
+impl Token {
+    fn text(self) -> String {
+        match self {
+            Token::Admin => ADMIN_TOKEN.into(),
+            Token::Billing => BILLING_TOKEN.into(),
+            Token::Other(text) => text,
+        }
+    }
+}
+
+/// A small cluster's credentials, made once per process: keys do not change what is checked.
+struct Pki {
+    /// Node `n`'s certificate at `n - 1`.
+    certificates: Vec<CertificateDer<'static>>,
+    node1: NodeTls,
+    principals: Principals,
+}
+
+fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let (ca_pem, ca_key) = generate_ca().expect("a CA");
+        let ca = certificates_from_pem(&ca_pem).expect("CA pem");
+        let mut certificates = Vec::new();
+        let mut node1 = None;
+        for id in 1..=3 {
+            let (cert, key) = issue_node_certificate(&ca_key, id).expect("a certificate");
+            let chain = certificates_from_pem(&cert).expect("pem");
+            certificates.push(chain[0].clone());
+            if id == 1 {
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+                node1 = Some(NodeTls::new(&ca, chain, key).expect("TLS configs"));
+            }
+        }
+        let principals = Principals::from_toml(&format!(
+            "[principals.admin]\ntoken_sha256 = \"{}\"\nadmin = true\n\
+             [principals.billing]\ntoken_sha256 = \"{}\"\nproduce = [\"orders\"]\n",
+            token_sha256_hex(ADMIN_TOKEN),
+            token_sha256_hex(BILLING_TOKEN)
+        ))
+        .expect("principals");
+        Pki {
+            certificates,
+            node1: node1.expect("node 1"),
+            principals,
+        }
+    })
+}
+
+/// Judges `frame` as node 1's first frame under `handshake` and checks the verdict against the
+/// rules: a node only on the peer port, as itself, proven by its certificate when secure; a
+/// client only on the client port, with a real principal's token when secure. Returns whether
+/// it was accepted.
+fn judge(handshake: &Handshake, frame: &Frame) -> bool {
+    let pki = pki();
+    let nodes: BTreeSet<u64> = [1, 2, 3].into();
+    let dialed = handshake.dialed.map(|d| u64::from(d % 4));
+    let presented = u64::from(handshake.certificate % 4);
+    let certificate = (presented > 0).then(|| &pki.certificates[presented as usize - 1]);
+    let context = HelloContext {
+        port: if handshake.peer_port {
+            Port::Peer
+        } else {
+            Port::Client
+        },
+        me: 1,
+        nodes: &nodes,
+        dialed,
+        principals: handshake.secure.then_some(&pki.principals),
+        certificate,
+    };
+    let verdict = accept_hello(&context, frame);
+    let hello = check_hello(frame).ok();
+    // What the rules say.
+    let expected = match (&hello, handshake.peer_port) {
+        (None, _) => None,
+        (Some(h), true) => h
+            .node
+            .filter(|n| *n != 1 && nodes.contains(n))
+            .filter(|n| dialed.is_none_or(|d| d == *n))
+            .filter(|n| !handshake.secure || presented == *n)
+            .map(Accepted::Node),
+        (Some(h), false) => match (&h.node, handshake.secure, h.token.as_deref()) {
+            (Some(_), _, _) => None,
+            (None, false, _) => Some(Accepted::Client(None)),
+            (None, true, token) => token
+                .and_then(|t| pki.principals.authenticate(t))
+                .map(|p| Accepted::Client(Some(p.clone()))),
+        },
+    };
+    match (verdict, expected) {
+        (Ok(got), Some(want)) => {
+            assert_eq!(got, want, "accepted as another identity");
+            true
+        }
+        (Err(why), None) => {
+            assert!(!why.is_empty(), "a refusal says why");
+            false
+        }
+        (Ok(got), None) => panic!("accepted what the rules refuse: {frame:?} as {got:?}"),
+        (Err(why), Some(want)) => panic!("refused {frame:?} (rules: {want:?}): {why}"),
+    }
+}
+
+/// Feeds `bytes` to node 1's TLS server in `chunks`: whatever they are, no plaintext comes
+/// out and the handshake does not complete (that takes a key exchange the bytes cannot fake).
+/// Returns whether TLS refused them.
+fn tls_refuses(handshake: &Handshake, chunks: &[u8]) -> bool {
+    let pki = pki();
+    let config = if handshake.peer_port {
+        pki.node1.peer_server.clone()
+    } else {
+        pki.node1.client_server.clone()
+    };
+    let Ok(mut server) = rustls::ServerConnection::new(config) else {
+        return false;
+    };
+    let mut rest: &[u8] = &handshake.tls;
+    let mut sizes = chunks.iter().cycle();
+    let mut sink = Vec::new();
+    while !rest.is_empty() {
+        let size = sizes
+            .next()
+            .map_or(rest.len(), |c| usize::from(*c) % 256 + 1)
+            .min(rest.len());
+        let (piece, after) = rest.split_at(size);
+        rest = after;
+        let mut reader = piece;
+        while !reader.is_empty() {
+            match server.read_tls(&mut reader) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if server.process_new_packets().is_err() {
+                return true;
+            }
+            let mut plain = [0u8; 256];
+            match std::io::Read::read(&mut server.reader(), &mut plain) {
+                Ok(n) => assert_eq!(n, 0, "plaintext from an unauthenticated stream"),
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+            }
+            assert!(
+                server.is_handshaking(),
+                "a handshake completed from arbitrary bytes"
+            );
+            sink.clear();
+            while server.wants_write() {
+                if server.write_tls(&mut sink).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    false
+}
+
 /// A few frame shapes, filled in by the fuzzer.
 #[derive(Arbitrary, Debug)]
 enum Template {
     Hello {
         /// Even: [`PROTOCOL_VERSION`].
         version: u16,
+        /// `% 5`: nodes 1 to 3 are the cluster's, 0 and 4 are not.
         node: Option<u8>,
+        token: Option<Token>,
+    },
+    Goodbye {
+        reason: String,
     },
     Append {
         term: u8,
@@ -79,14 +278,20 @@ impl Template {
     fn frame(self) -> Frame {
         let queue = QueueId::new("t", 1);
         match self {
-            Template::Hello { version, node } => Frame::Hello {
+            Template::Hello {
+                version,
+                node,
+                token,
+            } => Frame::Hello {
                 version: if version % 2 == 0 {
                     PROTOCOL_VERSION
                 } else {
                     version
                 },
-                node: node.map(u64::from),
+                node: node.map(|n| u64::from(n % 5)),
+                token: token.map(Token::text),
             },
+            Template::Goodbye { reason } => Frame::Goodbye { reason },
             Template::Append {
                 term,
                 commands,
@@ -218,6 +423,12 @@ pub struct FramesStats {
     pub too_large: bool,
     pub checksum: bool,
     pub malformed: bool,
+    /// The first frame, judged as a Hello, made the connection a node's / a client's.
+    pub node_accepted: bool,
+    pub client_accepted: bool,
+    pub hello_refused: bool,
+    /// TLS refused the bytes offered to it.
+    pub tls_refused: bool,
 }
 
 /// How a decoder left a stream: the frames it returned, each with the bytes it consumed, and
@@ -342,6 +553,7 @@ pub fn run_frames(data: &[u8]) -> FramesStats {
 
     let whole = decode(&stream, &[]);
     let split = decode(&stream, &input.chunks);
+    let tls_refused = tls_refuses(&input.handshake, &input.chunks);
     assert_eq!(
         whole, split,
         "splitting the stream into pieces changed what was decoded"
@@ -350,8 +562,16 @@ pub fn run_frames(data: &[u8]) -> FramesStats {
     let mut stats = FramesStats {
         stream_bytes: stream.len(),
         frames: whole.frames.len(),
+        tls_refused,
         ..FramesStats::default()
     };
+    if let Some((first, _)) = whole.frames.first() {
+        let accepted = judge(&input.handshake, first);
+        let node = matches!(first, Frame::Hello { node: Some(_), .. });
+        stats.node_accepted = accepted && node;
+        stats.client_accepted = accepted && !node;
+        stats.hello_refused = !accepted;
+    }
     let mut at = 0;
     for (frame, consumed) in &whole.frames {
         let rest = stream.get(at..).unwrap_or_default();
@@ -376,9 +596,16 @@ pub fn run_frames(data: &[u8]) -> FramesStats {
         assert_eq!(decoder.next_frame(), Ok(None));
 
         match (frame, check_hello(frame)) {
-            (Frame::Hello { version, node }, Ok(peer)) => {
+            (
+                Frame::Hello {
+                    version,
+                    node,
+                    token,
+                },
+                Ok(hello),
+            ) => {
                 assert_eq!(*version, PROTOCOL_VERSION);
-                assert_eq!(*node, peer);
+                assert_eq!((node, token), (&hello.node, &hello.token));
                 stats.hellos_accepted += 1;
             }
             (Frame::Hello { version, .. }, Err(WireError::VersionMismatch { ours, theirs })) => {
@@ -404,10 +631,14 @@ pub fn run_frames(data: &[u8]) -> FramesStats {
                 );
             }
         }
-        Some(WireError::TooLarge { len_bytes }) => {
+        Some(WireError::TooLarge {
+            len_bytes,
+            max_bytes,
+        }) => {
             stats.too_large = true;
             let (len, _) = header(rest).expect("a length was read");
             assert_eq!(*len_bytes, len as u64);
+            assert_eq!(*max_bytes, FRAME_BYTES_MAX as u64);
             assert!(len > FRAME_BYTES_MAX);
         }
         Some(WireError::Checksum { stored, computed }) => {

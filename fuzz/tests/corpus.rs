@@ -221,6 +221,10 @@ fn frames_goals() -> Vec<Goal<FramesStats>> {
         ("malformed", |s| {
             u64::from(s.malformed) * (1 + s.frames as u64)
         }),
+        ("peer-accepted", |s| u64::from(s.node_accepted)),
+        ("client-accepted", |s| u64::from(s.client_accepted)),
+        ("hello-refused", |s| u64::from(s.hello_refused)),
+        ("tls-refused", |s| u64::from(s.tls_refused)),
     ]
 }
 
@@ -365,6 +369,20 @@ fn generate<S>(
         eprintln!("{}: score {score}, {} bytes", path.display(), data.len());
         written.push(data.clone());
     }
+}
+
+/// `cargo test -p holdfast-fuzz --test corpus -- --ignored generate_frames_corpus`: the
+/// frames target's alone, for a change of the wire format.
+#[test]
+#[ignore = "writes the committed seed corpus of the frames target; run by hand"]
+fn generate_frames_corpus() {
+    generate(
+        "frames",
+        run_frames,
+        &frames_goals(),
+        &[64, 256, 1024],
+        3000,
+    );
 }
 
 /// `cargo test -p holdfast-fuzz --test corpus -- --ignored generate_corpus`; the files are

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use holdfast_core::broker::Message;
 use holdfast_core::node::protocol::{Request, Response};
 
-use crate::client::{Admin, ConsumeStatus, Consumer, DEFAULT_SERVERS, Producer, parse_servers};
+use crate::client::{Admin, ClientConfig, ConsumeStatus, Consumer, Producer};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -29,12 +29,17 @@ pub struct BenchArgs {
     pub topic: String,
     #[arg(long, default_value_t = 8)]
     pub queues: u32,
-    #[arg(long, env = "HOLDFAST_SERVERS", default_value = DEFAULT_SERVERS)]
-    pub servers: String,
+    /// The cluster's nodes (default: the client file's, else the local cluster's).
+    #[arg(long, env = "HOLDFAST_SERVERS")]
+    pub servers: Option<String>,
+    /// A client file (servers, CA, token); default: ./holdfast-data/client.toml if it exists.
+    #[arg(long, env = "HOLDFAST_CLIENT")]
+    pub client_file: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
-    let servers = parse_servers(&args.servers).map_err(|e| e.to_string())?;
+    let servers = ClientConfig::resolve(args.servers.as_deref(), args.client_file.as_deref())
+        .map_err(|e| e.to_string())?;
     let mut admin = Admin::connect(servers.clone()).map_err(|e| e.to_string())?;
     let create = Request::CreateTopic {
         topic: args.topic.clone(),
@@ -56,6 +61,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     );
     crate::out!(
         "durability: acked after a majority synced it to disk (fdatasync per batch, group commit)"
+    );
+    crate::out!(
+        "transport: {}",
+        if servers.tls.is_some() {
+            "TLS 1.3, token authentication"
+        } else {
+            "plaintext, no authentication"
+        }
     );
 
     let group = format!("bench-{}", std::process::id());
@@ -119,12 +132,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 
 type ProduceResult = Result<(Histogram<u64>, u64, u64), String>;
 
-fn produce(
-    servers: Vec<std::net::SocketAddr>,
-    topic: &str,
-    count: u64,
-    args: &BenchArgs,
-) -> ProduceResult {
+fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> ProduceResult {
     let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
     let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let body = Bytes::from(vec![b'x'; args.size]);
@@ -151,7 +159,7 @@ fn produce(
     Ok((latency, ok, failed))
 }
 
-fn consume(servers: Vec<std::net::SocketAddr>, topic: &str, group: &str, count: usize) -> usize {
+fn consume(servers: ClientConfig, topic: &str, group: &str, count: usize) -> usize {
     let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
         return 0;
     };

@@ -13,8 +13,23 @@ use serde::Deserialize;
 pub struct ServerConfig {
     /// This node's id: a key of `nodes`.
     pub id: NodeId,
-    /// Every node of the cluster, this one included: id to the address it listens on.
+    /// Every node of the cluster, this one included: id to the address it serves clients on.
     pub nodes: BTreeMap<NodeId, SocketAddr>,
+    /// Every node's address for the other nodes (Raft traffic), a port of its own. A node
+    /// missing here listens for peers on its client address's port + [`PEER_PORT_OFFSET`].
+    #[serde(default)]
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// No TLS, no credentials: anyone who reaches a port is a client or a node. Only for
+    /// experiments; the server logs a warning at start. Otherwise `[security]` is required.
+    #[serde(default)]
+    pub no_auth: bool,
+    /// Certificates and principals (paths relative to the config file's directory).
+    #[serde(default)]
+    pub security: Option<Security>,
+    /// Connections this node holds at once, peers and clients together; more are refused at
+    /// accept. At most (and by default) `limits::CONNECTIONS_MAX`.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
     /// Where this node keeps its data (a directory per group).
     pub data_dir: PathBuf,
     /// Broker groups (the metadata group comes on top).
@@ -36,6 +51,28 @@ pub struct ServerConfig {
     /// the last one (and they outweigh it); 0 never compacts.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+}
+
+/// Where a node's certificates and principals are.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// The cluster CA's certificate (PEM): peers and this node's clients are verified
+    /// against it.
+    pub ca_cert: PathBuf,
+    /// This node's certificate (PEM), for the name `node-<id>.holdfast`, signed by the CA.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// The principals file (`auth.toml`): clients' token hashes and ACLs.
+    pub principals: PathBuf,
+}
+
+/// A node without a `[peers]` entry takes its client port plus this for its peer port.
+pub const PEER_PORT_OFFSET: u16 = 100;
+
+fn default_connections_max() -> usize {
+    holdfast_core::limits::CONNECTIONS_MAX
 }
 
 fn default_retention_hours() -> u64 {
@@ -97,7 +134,21 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<ServerConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+        let mut config = Self::from_toml(&text)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?;
+        if let (Some(security), Some(dir)) = (&mut config.security, path.parent()) {
+            for file in [
+                &mut security.ca_cert,
+                &mut security.cert,
+                &mut security.key,
+                &mut security.principals,
+            ] {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
+        Ok(config)
     }
 
     pub fn from_toml(text: &str) -> Result<ServerConfig, ConfigError> {
@@ -116,8 +167,28 @@ impl ServerConfig {
                 m if m.contains("unknown field") => ConfigError(format!("bad config key: {m}")),
                 _ => e,
             })?;
+        let mut config = config;
+        config.fill_peers()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Gives every node without a `[peers]` entry its default peer address.
+    pub fn fill_peers(&mut self) -> Result<(), ConfigError> {
+        for (id, addr) in &self.nodes {
+            if self.peers.contains_key(id) {
+                continue;
+            }
+            let port = addr.port().checked_add(PEER_PORT_OFFSET).ok_or_else(|| {
+                ConfigError(format!(
+                    "node {id}: client port {} leaves no default peer port (+{PEER_PORT_OFFSET}); \
+                     give one in [peers]",
+                    addr.port()
+                ))
+            })?;
+            self.peers.insert(*id, SocketAddr::new(addr.ip(), port));
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -137,11 +208,49 @@ impl ServerConfig {
                 self.broker_groups
             )));
         }
+        if let Some(stranger) = self.peers.keys().find(|id| !self.nodes.contains_key(id)) {
+            return Err(ConfigError(format!(
+                "key `peers`: node {stranger} is not among `nodes`"
+            )));
+        }
+        for (id, peer) in &self.peers {
+            if let Some((other, _)) = self.nodes.iter().find(|(_, a)| *a == peer) {
+                return Err(ConfigError(format!(
+                    "key `peers`: node {id}'s peer address {peer} is node {other}'s client \
+                     address; peers and clients need ports of their own"
+                )));
+            }
+        }
+        let most = holdfast_core::limits::CONNECTIONS_MAX;
+        if !(self.nodes.len()..=most).contains(&self.connections_max) {
+            return Err(ConfigError(format!(
+                "key `connections_max`: {} is not in {}..={most} (one link per node at least, \
+                 CONNECTIONS_MAX at most)",
+                self.connections_max,
+                self.nodes.len()
+            )));
+        }
+        if !self.no_auth && self.security.is_none() {
+            return Err(ConfigError(
+                "no [security] section (ca_cert, cert, key, principals): give one, or set \
+                 `no_auth = true` to run without TLS and credentials (experiments only)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
+    /// Where clients connect.
     pub fn listen(&self) -> SocketAddr {
         self.nodes[&self.id]
+    }
+
+    /// Where the other nodes connect.
+    pub fn listen_peers(&self) -> SocketAddr {
+        self.peers
+            .get(&self.id)
+            .copied()
+            .unwrap_or_else(|| self.listen())
     }
 
     /// The node's settings that come from this file.
@@ -165,12 +274,18 @@ mod tests {
         let good = r#"
             id = 2
             data_dir = "/tmp/x"
+            no_auth = true
             [nodes]
             1 = "127.0.0.1:7301"
             2 = "127.0.0.1:7302"
         "#;
         let config = ServerConfig::from_toml(good).expect("parses");
         assert_eq!(config.listen().port(), 7302);
+        assert_eq!(
+            config.listen_peers().port(),
+            7402,
+            "default peer port: client + 100"
+        );
         assert_eq!(config.broker_groups, 2);
 
         let typo = good.replace("data_dir", "datadir");
@@ -189,7 +304,7 @@ mod tests {
 
     #[test]
     fn initial_cluster_state_defaults_to_new_and_refuses_unknown_values() {
-        let base = "id = 1\ndata_dir = \"/tmp/x\"\n";
+        let base = "id = 1\ndata_dir = \"/tmp/x\"\nno_auth = true\n";
         let nodes = "[nodes]\n1 = \"127.0.0.1:7301\"\n";
         let parse = |extra: &str| ServerConfig::from_toml(&format!("{base}{extra}{nodes}"));
         let default = parse("").expect("parses");
@@ -214,5 +329,40 @@ mod tests {
             .to_string();
         assert!(error.contains("initial_cluster_state"), "{error}");
         assert!(error.contains("existing"), "{error}");
+    }
+
+    #[test]
+    fn peers_get_ports_of_their_own_and_security_is_required_unless_refused() {
+        let nodes = "[nodes]\n1 = \"127.0.0.1:7301\"\n2 = \"127.0.0.1:7302\"\n";
+        let parse = |top: &str, rest: &str| {
+            ServerConfig::from_toml(&format!("id = 1\ndata_dir = \"/x\"\n{top}{nodes}{rest}"))
+        };
+        let error = parse("", "").expect_err("no security").to_string();
+        assert!(
+            error.contains("[security]") && error.contains("no_auth"),
+            "{error}"
+        );
+        let secure = parse(
+            "",
+            "[peers]\n1 = \"127.0.0.1:9001\"\n[security]\nca_cert = \"ca.pem\"\n\
+             cert = \"n.pem\"\nkey = \"n.key\"\nprincipals = \"auth.toml\"\n",
+        )
+        .expect("parses");
+        assert_eq!(secure.listen_peers().port(), 9001);
+        assert_eq!(secure.peers[&2].port(), 7402);
+        let clash = parse("no_auth = true\n", "[peers]\n1 = \"127.0.0.1:7302\"\n")
+            .expect_err("peer port = a client port")
+            .to_string();
+        assert!(clash.contains("ports of their own"), "{clash}");
+        let stranger = parse("no_auth = true\n", "[peers]\n5 = \"127.0.0.1:9005\"\n")
+            .expect_err("unknown node")
+            .to_string();
+        assert!(stranger.contains("node 5"), "{stranger}");
+        let open = parse("no_auth = true\n", "").expect("parses");
+        assert_eq!(open.connections_max, holdfast_core::limits::CONNECTIONS_MAX);
+        let error = parse("no_auth = true\nconnections_max = 1\n", "")
+            .expect_err("fewer than the nodes")
+            .to_string();
+        assert!(error.contains("connections_max"), "{error}");
     }
 }

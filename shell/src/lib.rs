@@ -14,6 +14,7 @@ macro_rules! out {
     }};
 }
 
+pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod clock;
@@ -21,3 +22,5 @@ pub mod cluster;
 pub mod config;
 pub mod server;
 pub mod storage;
+pub mod tls;
+pub mod transport;

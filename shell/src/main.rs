@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,9 +12,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use holdfast_core::broker::Message;
 use holdfast_core::node::protocol::{Request, Response};
-use holdfast_shell::client::{
-    Admin, ClientError, ConsumeStatus, Consumer, DEFAULT_SERVERS, Producer, parse_servers,
-};
+use holdfast_shell::client::{Admin, ClientConfig, ClientError, ConsumeStatus, Consumer, Producer};
 use holdfast_shell::config::{InitialClusterState, ServerConfig};
 use holdfast_shell::{bench, cluster, out, server};
 
@@ -32,9 +29,14 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Servers {
-    /// The cluster's nodes, in node-id order.
-    #[arg(long, env = "HOLDFAST_SERVERS", default_value = DEFAULT_SERVERS)]
-    servers: String,
+    /// The cluster's nodes (client addresses), in node-id order. Default: the client file's,
+    /// else the local cluster's (127.0.0.1:7301-7303).
+    #[arg(long, env = "HOLDFAST_SERVERS")]
+    servers: Option<String>,
+    /// A client file (servers, CA certificate, token), as `holdfast cluster` writes. Default:
+    /// ./holdfast-data/client.toml if it exists, else plaintext without a credential.
+    #[arg(long, env = "HOLDFAST_CLIENT")]
+    client_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -60,11 +62,19 @@ enum Command {
         /// Where the nodes keep their data; started again, the cluster finds it there.
         #[arg(long, default_value = "./holdfast-data")]
         dir: PathBuf,
-        /// Node n listens on base_port + n - 1.
+        /// Node n serves clients on base_port + n - 1.
         #[arg(long, default_value_t = 7301)]
         base_port: u16,
+        /// Node n listens for the other nodes on peer_base_port + n - 1 (default: base_port
+        /// + 100).
+        #[arg(long)]
+        peer_base_port: Option<u16>,
         #[arg(long, default_value_t = 2)]
         broker_groups: u64,
+        /// No TLS and no credentials: anyone who reaches a port can act as a client or a
+        /// node. For experiments only.
+        #[arg(long)]
+        no_auth: bool,
     },
     /// Create, list and describe topics.
     Topic {
@@ -139,8 +149,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn servers(s: &Servers) -> Result<Vec<SocketAddr>, String> {
-    parse_servers(&s.servers).map_err(|e| e.to_string())
+/// How a client command reaches the cluster: the client file's settings (named, or found
+/// under ./holdfast-data), with `--servers` over its servers.
+fn servers(s: &Servers) -> Result<ClientConfig, String> {
+    ClientConfig::resolve(s.servers.as_deref(), s.client_file.as_deref()).map_err(|e| e.to_string())
 }
 
 /// Set by SIGINT or SIGTERM.
@@ -172,8 +184,25 @@ fn run(cli: Cli) -> Result<(), String> {
             nodes,
             dir,
             base_port,
+            peer_base_port,
             broker_groups,
-        } => cluster::run(nodes, &dir, base_port, broker_groups, stop_flag()?),
+            no_auth,
+        } => {
+            let args = cluster::ClusterArgs {
+                nodes,
+                dir,
+                base_port,
+                peer_base_port: match peer_base_port {
+                    Some(port) => port,
+                    None => base_port.checked_add(100).ok_or_else(|| {
+                        format!("--base-port {base_port}: give --peer-base-port too")
+                    })?,
+                },
+                broker_groups,
+                no_auth,
+            };
+            cluster::run(&args, stop_flag()?)
+        }
         Command::Topic { command } => topic(command),
         Command::Produce {
             topic,
@@ -198,9 +227,13 @@ fn run(cli: Cli) -> Result<(), String> {
                     Err(_) => ConsumeStatus::ReconsumeLater,
                 }
             });
+            let refusal = consumer.refusal().map(str::to_string);
             consumer.close();
             eprintln!("consumed {seen} message(s)");
-            Ok(())
+            match refusal {
+                Some(why) => Err(format!("refused: {why}")),
+                None => Ok(()),
+            }
         }
         Command::Status { servers: s } => status(servers(&s)?),
         Command::Bench(args) => bench::run(args),
@@ -263,7 +296,7 @@ fn topic(command: TopicCommand) -> Result<(), String> {
     }
 }
 
-fn produce(servers: Vec<SocketAddr>, topic: &str, messages: Vec<String>) -> Result<(), String> {
+fn produce(servers: ClientConfig, topic: &str, messages: Vec<String>) -> Result<(), String> {
     let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
     let mut send = |text: String| -> Result<(), String> {
         let message = Message::with_body(Bytes::from(text));
@@ -285,8 +318,9 @@ fn produce(servers: Vec<SocketAddr>, topic: &str, messages: Vec<String>) -> Resu
     Ok(())
 }
 
-fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
-    let mut admin = Admin::connect(servers.clone()).map_err(|e| e.to_string())?;
+fn status(config: ClientConfig) -> Result<(), String> {
+    let servers = config.servers.clone();
+    let mut admin = Admin::connect(config).map_err(|e| e.to_string())?;
     // Consumer progress as each broker group's leader has applied it: (group, consumer
     // group) -> (messages waiting, queues).
     let mut lag: BTreeMap<(u64, String), (u64, usize)> = BTreeMap::new();
@@ -317,7 +351,10 @@ fn status(servers: Vec<SocketAddr>) -> Result<(), String> {
                     }
                 }
             }
-            _ => out!("node {node} ({addr}): no answer"),
+            _ => match admin.refusal() {
+                Some(why) => return Err(format!("refused: {why}")),
+                None => out!("node {node} ({addr}): no answer"),
+            },
         }
     }
     if !lag.is_empty() {

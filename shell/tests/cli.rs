@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 
-/// Three consecutive free ports, as `cluster --base-port` needs.
+/// Three consecutive free ports, and the three 100 above them, as `cluster --base-port` needs
+/// (clients on base.., peers on base + 100..).
 fn base_port() -> u16 {
     for _ in 0..100 {
         let first = TcpListener::bind("127.0.0.1:0").expect("a port");
         let base = first.local_addr().expect("addr").port();
         drop(first);
-        let rest_free = (0..3u16).all(|i| {
+        let rest_free = (0..3u16).chain(100..103).all(|i| {
             base.checked_add(i)
                 .is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
         });
@@ -28,6 +29,8 @@ fn base_port() -> u16 {
 
 struct LocalCluster {
     child: Child,
+    /// The client file named by the `export HOLDFAST_CLIENT=…` line the cluster printed.
+    client_file: String,
 }
 
 impl LocalCluster {
@@ -50,11 +53,16 @@ impl LocalCluster {
             }
         }
         assert!(
-            printed.contains(&format!("listening on 127.0.0.1:{base}")),
+            printed.contains(&format!("clients on 127.0.0.1:{base}")),
             "{printed}"
         );
         assert!(printed.contains("holdfast produce"), "{printed}");
-        LocalCluster { child }
+        let client_file = printed
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("export HOLDFAST_CLIENT="))
+            .unwrap_or_else(|| panic!("no export line: {printed}"))
+            .to_string();
+        LocalCluster { child, client_file }
     }
 
     /// Ctrl-C: the cluster stops its nodes and exits cleanly.
@@ -85,14 +93,25 @@ impl Drop for LocalCluster {
     }
 }
 
-fn holdfast(base: u16, args: &[&str]) -> Output {
-    let servers = (0..3)
-        .map(|i| format!("127.0.0.1:{}", base + i))
-        .collect::<Vec<_>>()
-        .join(",");
+/// Runs a client command the way the cluster's printed hint says: with `HOLDFAST_CLIENT`.
+fn holdfast(cluster: &LocalCluster, args: &[&str]) -> Output {
     Command::new(HOLDFAST)
         .args(args)
-        .env("HOLDFAST_SERVERS", servers)
+        .env("HOLDFAST_CLIENT", &cluster.client_file)
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null())
+        .output()
+        .expect("holdfast runs")
+}
+
+/// Runs a client command in `cwd` with no client settings at all: it must find
+/// `holdfast-data/client.toml` by itself.
+fn holdfast_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(HOLDFAST)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("HOLDFAST_CLIENT")
+        .env_remove("HOLDFAST_SERVERS")
         .stdin(Stdio::null())
         .output()
         .expect("holdfast runs")
@@ -109,18 +128,23 @@ fn stdout(output: &Output) -> String {
 
 #[test]
 fn the_readme_walkthrough_works_and_survives_a_restart() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let top = tempfile::tempdir().expect("temp dir");
+    let dir = top.path().join("holdfast-data");
     let base = base_port();
-    let cluster = LocalCluster::start(dir.path(), base);
+    let cluster = LocalCluster::start(&dir, base);
 
     let created = stdout(&holdfast(
-        base,
+        &cluster,
         &["topic", "create", "orders", "--queues", "4"],
     ));
     assert!(created.contains("created topic orders"), "{created}");
-    let listed = stdout(&holdfast(base, &["topic", "list"]));
+    // From the directory holding holdfast-data, with no flag and no variable.
+    let listed = stdout(&holdfast_in(top.path(), &["topic", "list"]));
     assert!(listed.contains("orders\t4 queues"), "{listed}");
-    let produced = stdout(&holdfast(base, &["produce", "orders", "hello", "world"]));
+    let produced = stdout(&holdfast(
+        &cluster,
+        &["produce", "orders", "hello", "world"],
+    ));
     assert_eq!(
         produced.lines().count(),
         2,
@@ -131,25 +155,54 @@ fn the_readme_walkthrough_works_and_survives_a_restart() {
         "{produced}"
     );
     let consumed = stdout(&holdfast(
-        base,
+        &cluster,
         &["consume", "orders", "--group", "billing", "--count", "2"],
     ));
     let mut bodies: Vec<&str> = consumed.lines().collect();
     bodies.sort_unstable();
     assert_eq!(bodies, ["hello", "world"]);
-    let status = stdout(&holdfast(base, &["status"]));
+    let status = stdout(&holdfast(&cluster, &["status"]));
     assert_eq!(status.matches("Leader ").count(), 3, "{status}");
     assert!(status.contains("billing"), "{status}");
 
+    // A wrong credential is refused at once, the CLI says why and exits non-zero.
+    let text = std::fs::read_to_string(&cluster.client_file).expect("client file");
+    let token_line = text
+        .lines()
+        .find(|l| l.starts_with("token"))
+        .expect("a token line");
+    let forged = dir.join("forged.toml");
+    std::fs::write(&forged, text.replace(token_line, "token = \"hf_guess\"")).expect("write");
+    let started = Instant::now();
+    let refused = Command::new(HOLDFAST)
+        .args(["topic", "list", "--client-file"])
+        .arg(&forged)
+        .env_remove("HOLDFAST_CLIENT")
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("bad credential"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
+
     // Unknown topics and oversized messages get an error that says so.
-    let unknown = holdfast(base, &["produce", "nosuch", "x"]);
+    let unknown = holdfast(&cluster, &["produce", "nosuch", "x"]);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown topic"));
 
+    let first_client_file = std::fs::read_to_string(&cluster.client_file).expect("client file");
     cluster.interrupt();
-    let cluster = LocalCluster::start(dir.path(), base);
+    let cluster = LocalCluster::start(&dir, base);
+    assert_eq!(
+        std::fs::read_to_string(&cluster.client_file).expect("client file"),
+        first_client_file,
+        "a restart reuses the CA and the admin token"
+    );
     let again = stdout(&holdfast(
-        base,
+        &cluster,
         &["consume", "orders", "--group", "audit", "--count", "2"],
     ));
     let mut bodies: Vec<&str> = again.lines().collect();

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,15 +11,15 @@ use bytes::Bytes;
 use holdfast_core::broker::Message;
 use holdfast_core::node::protocol::{GroupStatus, Request, Response};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, encode_frame};
-use holdfast_shell::client::{Admin, ConsumeStatus, Consumer, Producer};
+use holdfast_shell::client::{Admin, ClientConfig, ConsumeStatus, Consumer, Producer};
 
 mod common;
-use common::{server_log, write_node_config};
+use common::{Net, server_log, write_node_config};
 
 /// Three nodes on free loopback ports, each with its own data directory under `dir`.
 struct Cluster {
     dir: PathBuf,
-    addrs: Vec<SocketAddr>,
+    net: Net,
     children: Vec<Option<Child>>,
     /// Config lines every node gets besides the defaults.
     extra_config: String,
@@ -31,15 +31,19 @@ impl Cluster {
     }
 
     fn start_with(dir: &Path, nodes: usize, extra_config: &str) -> Cluster {
-        let addrs: Vec<SocketAddr> = (0..nodes)
-            .map(|_| {
-                let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-                listener.local_addr().expect("an address")
-            })
-            .collect();
+        Cluster::start_on(dir, Net::secure(dir, nodes), extra_config)
+    }
+
+    /// Without TLS and credentials (`no_auth`), to reach the framing with raw bytes.
+    fn start_no_auth(dir: &Path, nodes: usize) -> Cluster {
+        Cluster::start_on(dir, Net::no_auth(nodes), "")
+    }
+
+    fn start_on(dir: &Path, net: Net, extra_config: &str) -> Cluster {
+        let nodes = net.clients.len();
         let mut cluster = Cluster {
             dir: dir.to_path_buf(),
-            addrs,
+            net,
             children: (0..nodes).map(|_| None).collect(),
             extra_config: extra_config.to_string(),
         };
@@ -51,7 +55,7 @@ impl Cluster {
 
     fn start_node(&mut self, id: usize) {
         let node_dir = self.dir.join(format!("node-{id}"));
-        let path = write_node_config(&node_dir, id, &self.addrs, &self.extra_config);
+        let path = write_node_config(&node_dir, id, &self.net, &self.extra_config);
         let log = server_log(&node_dir);
         let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
             .args(["server", "--config"])
@@ -77,8 +81,9 @@ impl Cluster {
         }
     }
 
-    fn servers(&self) -> Vec<SocketAddr> {
-        self.addrs.clone()
+    /// The admin's client settings.
+    fn servers(&self) -> ClientConfig {
+        self.net.admin()
     }
 
     /// What `node` reports of `group`.
@@ -93,7 +98,7 @@ impl Cluster {
     /// The node that leads broker group `group`, as the nodes report it.
     fn leader_of(&self, group: u64) -> Option<usize> {
         let mut admin = Admin::connect(self.servers()).ok()?;
-        for node in 1..=self.addrs.len() as u64 {
+        for node in 1..=self.net.clients.len() as u64 {
             if let Some(Response::Status { groups, .. }) = admin.ask(node, Request::Status)
                 && let Some(g) = groups.iter().find(|g| g.group == group)
                 && g.role == "Leader"
@@ -299,13 +304,14 @@ fn acked_messages_survive_a_leader_killed_mid_stream_and_a_whole_cluster_restart
 #[test]
 fn garbage_on_one_connection_closes_only_that_connection() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = Cluster::start(dir.path(), 3);
+    let cluster = Cluster::start_no_auth(dir.path(), 3);
     create_topic(&cluster, "orders");
     let hello = {
         let mut out = Vec::new();
         let frame = Frame::Hello {
             version: PROTOCOL_VERSION,
             node: None,
+            token: None,
         };
         encode_frame(&frame, &mut out).expect("encodes");
         out
@@ -323,6 +329,7 @@ fn garbage_on_one_connection_closes_only_that_connection() {
         let frame = Frame::Hello {
             version: PROTOCOL_VERSION + 1,
             node: None,
+            token: None,
         };
         encode_frame(&frame, &mut out).expect("encodes");
         out
@@ -341,7 +348,7 @@ fn garbage_on_one_connection_closes_only_that_connection() {
         ("truncated", &truncated),
     ];
     for (what, bytes) in garbage {
-        let mut stream = TcpStream::connect(cluster.addrs[0]).expect("connect");
+        let mut stream = TcpStream::connect(cluster.net.clients[0]).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::wait_for;
+use common::{ADMIN_TOKEN, Pki, wait_for};
 
 const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 const NODES: usize = 3;
@@ -174,6 +174,10 @@ struct Lab {
     namespaces: Vec<String>,
     servers: Vec<Option<Child>>,
     dir: tempfile::TempDir,
+    /// The cluster's CA, node certificates and admin principal.
+    pki: Pki,
+    /// The admin's client file, for every CLI run.
+    client_file: PathBuf,
     runs: AtomicUsize,
 }
 
@@ -181,14 +185,22 @@ impl Lab {
     /// Builds the network, or says why it cannot (a reason to skip).
     fn create() -> Result<Lab, String> {
         let pid = std::process::id();
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let pki = Pki::create(dir.path(), NODES);
         let mut lab = Lab {
             pid,
             net: (pid % 250) as u8 + 1,
             namespaces: Vec::new(),
             servers: (0..NODES).map(|_| None).collect(),
-            dir: tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?,
+            dir,
+            pki,
+            client_file: PathBuf::new(),
             runs: AtomicUsize::new(0),
         };
+        let servers: Vec<std::net::SocketAddr> = (1..=NODES)
+            .map(|id| lab.addr(id).parse().expect("an address"))
+            .collect();
+        lab.client_file = lab.pki.client_file(&servers, ADMIN_TOKEN);
         lab.remove_stale();
         // The first namespace is the probe: a container without the privilege fails here.
         let bridge_ns = lab.bridge_ns();
@@ -270,6 +282,8 @@ impl Lab {
             for peer in 1..=NODES {
                 config.push_str(&format!("{peer} = \"{}\"\n", self.addr(peer)));
             }
+            // Peers on the default port (client port + 100), over mutual TLS.
+            config.push_str(&self.pki.security_section(id));
             let path = node_dir.join("node.toml");
             std::fs::write(&path, config).expect("config");
             let log = std::fs::File::create(node_dir.join("server.log")).expect("log");
@@ -306,6 +320,7 @@ impl Lab {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns, HOLDFAST])
             .args(args)
+            .env("HOLDFAST_CLIENT", &self.client_file)
             .stdin(input)
             .stdout(std::fs::File::create(&out_path).expect("stdout file"))
             .stderr(std::fs::File::create(&err_path).expect("stderr file"))

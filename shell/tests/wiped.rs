@@ -3,7 +3,6 @@
 //! node's data directory is refused. Real `holdfast server` processes on loopback, SIGKILLed.
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use holdfast_core::storage::decode_stored_state;
 use holdfast_shell::client::{Admin, ConsumeStatus, Consumer, Producer};
 
 mod common;
-use common::{server_log, wait_for, write_node_config};
+use common::{Net, server_log, wait_for, write_node_config};
 
 const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 /// The metadata group and two broker groups.
@@ -26,21 +25,15 @@ const VOTES_LOST: &str = "votes lost: this node's data for these groups was lost
 /// Three nodes on free loopback ports; node n keeps its config, log and data in `dir/node-n`.
 struct Cluster {
     dir: PathBuf,
-    addrs: Vec<SocketAddr>,
+    net: Net,
     children: Vec<Option<Child>>,
 }
 
 impl Cluster {
     fn new(dir: &Path) -> Cluster {
-        let addrs = (0..3)
-            .map(|_| {
-                let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-                listener.local_addr().expect("an address")
-            })
-            .collect();
         Cluster {
             dir: dir.to_path_buf(),
-            addrs,
+            net: Net::secure(dir, 3),
             children: (0..3).map(|_| None).collect(),
         }
     }
@@ -53,7 +46,7 @@ impl Cluster {
     /// `node-id/server.log`.
     fn command(&self, id: usize, extra: &[&str]) -> Command {
         let node_dir = self.node_dir(id);
-        let path = write_node_config(&node_dir, id, &self.addrs, "");
+        let path = write_node_config(&node_dir, id, &self.net, "");
         let log = server_log(&node_dir);
         let mut command = Command::new(HOLDFAST);
         command
@@ -84,7 +77,7 @@ impl Cluster {
 
     /// Every group as node `id` reports it, if it answers.
     fn status(&self, id: usize) -> Option<Vec<GroupStatus>> {
-        let mut admin = Admin::connect(self.addrs.clone()).ok()?;
+        let mut admin = Admin::connect(self.net.admin()).ok()?;
         match admin.ask(id as u64, Request::Status) {
             Some(Response::Status { groups, .. }) => Some(groups),
             _ => None,
@@ -112,7 +105,7 @@ impl Drop for Cluster {
 }
 
 fn produce(cluster: &Cluster, prefix: &str, count: usize, acked: &mut BTreeSet<String>) {
-    let mut producer = Producer::connect(cluster.addrs.clone()).expect("producer");
+    let mut producer = Producer::connect(cluster.net.admin()).expect("producer");
     for i in 0..count {
         let body = format!("{prefix}{i:04}");
         let message = Message::with_body(Bytes::from(body.clone()));
@@ -125,7 +118,7 @@ fn produce(cluster: &Cluster, prefix: &str, count: usize, acked: &mut BTreeSet<S
 
 /// Consumes until everything in `expected` was seen, or panics naming what is missing.
 fn consume_all(cluster: &Cluster, group: &str, expected: &BTreeSet<String>) {
-    let mut consumer = Consumer::connect(cluster.addrs.clone(), group, "orders").expect("consumer");
+    let mut consumer = Consumer::connect(cluster.net.admin(), group, "orders").expect("consumer");
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !expected.is_subset(&seen) && Instant::now() < deadline {
@@ -151,7 +144,7 @@ fn a_wiped_node_rejoins_votes_lost_stores_data_and_never_votes_or_leads() {
     for id in 1..=3 {
         cluster.start(id, &[]);
     }
-    let mut admin = Admin::connect(cluster.addrs.clone()).expect("admin");
+    let mut admin = Admin::connect(cluster.net.admin()).expect("admin");
     let created = admin.ask_leader(
         Request::CreateTopic {
             topic: "orders".into(),

@@ -69,6 +69,15 @@ fn frames_survive_arbitrary_splits() {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             node: Some(1),
+            token: None,
+        },
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            node: None,
+            token: Some("hf_secret".into()),
+        },
+        Frame::Goodbye {
+            reason: "refused".into(),
         },
         send(&[b"a".to_vec(), vec![0; 3000]]),
         append(vec![b"x".to_vec()], 5),
@@ -107,7 +116,8 @@ fn an_oversized_length_is_refused_before_buffering() {
     assert_eq!(
         decoder.next_frame(),
         Err(WireError::TooLarge {
-            len_bytes: u64::from(u32::MAX)
+            len_bytes: u64::from(u32::MAX),
+            max_bytes: FRAME_BYTES_MAX as u64,
         })
     );
     // The stream has lost its framing: later bytes never resynchronise it.
@@ -176,11 +186,19 @@ fn hello_checks_the_version() {
     let ours = Frame::Hello {
         version: PROTOCOL_VERSION,
         node: Some(4),
+        token: None,
     };
-    assert_eq!(check_hello(&ours), Ok(Some(4)));
+    assert_eq!(
+        check_hello(&ours),
+        Ok(Hello {
+            node: Some(4),
+            token: None
+        })
+    );
     let theirs = Frame::Hello {
         version: PROTOCOL_VERSION + 1,
         node: None,
+        token: None,
     };
     assert_eq!(
         check_hello(&theirs),
@@ -231,4 +249,25 @@ proptest! {
             prop_assert_eq!(redecoder.next_frame(), Ok(Some(frame)));
         }
     }
+}
+
+#[test]
+fn a_small_maximum_refuses_what_the_default_accepts() {
+    let frame = send(&[vec![0; 20_000]]);
+    let bytes = encoded(std::slice::from_ref(&frame));
+    let mut small = FrameDecoder::with_frame_bytes_max(16 << 10);
+    // The header alone is enough to refuse: nothing of the payload needs to arrive.
+    small.push(&bytes[..FRAME_HEADER_BYTES]);
+    assert!(matches!(
+        small.next_frame(),
+        Err(WireError::TooLarge { max_bytes, .. }) if max_bytes == 16 << 10
+    ));
+    let mut raised = FrameDecoder::with_frame_bytes_max(16 << 10);
+    raised.set_frame_bytes_max(FRAME_BYTES_MAX);
+    raised.push(&bytes);
+    assert_eq!(raised.next_frame(), Ok(Some(frame)));
+    assert_eq!(
+        FrameDecoder::with_frame_bytes_max(usize::MAX).frame_bytes_max(),
+        FRAME_BYTES_MAX
+    );
 }

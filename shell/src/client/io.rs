@@ -1,10 +1,15 @@
 //! The client's network: one connection per server, opened on demand, driving a core state
 //! machine (producer, consumer, or a one-shot call) until it has what it waits for.
 //!
-//! Servers are named by node id: the n-th address of `--servers` is node n.
+//! Servers are named by node id: the n-th address of `--servers` is node n. With TLS, each
+//! server must present a certificate of the cluster CA for `cluster.holdfast`; the client
+//! presents its token in the Hello. A server that refuses the connection (a Goodbye, a failed
+//! handshake) is remembered as the [`ClientIo::refusal`], and a request refused as not
+//! authorised as the [`ClientIo::denial`], so callers can stop and say why instead of
+//! retrying until they time out.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -16,7 +21,9 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use tracing::debug;
 
+use super::config::ClientConfig;
 use crate::clock::Clock;
+use crate::transport::Transport;
 
 /// A client state machine the I/O can drive.
 pub trait Machine {
@@ -57,13 +64,23 @@ impl Machine for holdfast_core::client::Consumer {
 }
 
 struct ServerConn {
-    stream: TcpStream,
+    transport: Transport,
     decoder: FrameDecoder,
     out: Vec<u8>,
+    written: usize,
+    /// The server's Hello arrived: it speaks our protocol on this transport.
+    hello_seen: bool,
 }
 
 pub struct ClientIo {
     servers: Vec<SocketAddr>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    token: Option<String>,
+    /// Why a server refused this client's connection (its credential, TLS, the port): every
+    /// later request would be refused the same way.
+    refusal: Option<String>,
+    /// The last request a server refused as not authorised for this client's principal.
+    denial: Option<String>,
     poll: Poll,
     events: Events,
     conns: BTreeMap<NodeId, ServerConn>,
@@ -73,9 +90,13 @@ pub struct ClientIo {
 }
 
 impl ClientIo {
-    pub fn new(servers: Vec<SocketAddr>) -> io::Result<ClientIo> {
+    pub fn new(config: ClientConfig) -> io::Result<ClientIo> {
         Ok(ClientIo {
-            servers,
+            servers: config.servers,
+            tls: config.tls,
+            token: config.token,
+            refusal: None,
+            denial: None,
             poll: Poll::new()?,
             events: Events::with_capacity(256),
             conns: BTreeMap::new(),
@@ -90,6 +111,17 @@ impl ClientIo {
 
     pub fn now(&self) -> Instant {
         self.clock.now()
+    }
+
+    /// Why a server refused this client's connection, if one did: a bad or missing
+    /// credential, no TLS where it is required, a server that is not of the cluster.
+    pub fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
+    }
+
+    /// The last request refused as not authorised for this client's principal, if any.
+    pub fn denial(&self) -> Option<&str> {
+        self.denial.as_deref()
     }
 
     /// Queues `request` for `node`; a server that cannot be reached drops it, and the
@@ -111,7 +143,7 @@ impl ClientIo {
                 return None;
             }
             let addr = *self.servers.get(node.checked_sub(1)? as usize)?;
-            let mut stream = match TcpStream::connect(addr) {
+            let stream = match TcpStream::connect(addr) {
                 Ok(stream) => stream,
                 Err(e) => {
                     debug!(%addr, "connect: {e}");
@@ -120,21 +152,32 @@ impl ClientIo {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let mut transport = match &self.tls {
+                None => Transport::plain(stream),
+                Some(tls) => {
+                    let name = crate::tls::client_server_name().ok()?;
+                    let tls = rustls::ClientConnection::new(tls.clone(), name).ok()?;
+                    Transport::tls(stream, tls)
+                }
+            };
             let interest = Interest::READABLE | Interest::WRITABLE;
             self.poll
                 .registry()
-                .register(&mut stream, Token(node as usize), interest)
+                .register(&mut transport.stream, Token(node as usize), interest)
                 .ok()?;
             let mut out = Vec::new();
             let hello = Frame::Hello {
                 version: PROTOCOL_VERSION,
                 node: None,
+                token: self.token.clone(),
             };
             encode_frame(&hello, &mut out).ok()?;
             let conn = ServerConn {
-                stream,
+                transport,
                 decoder: FrameDecoder::new(),
                 out,
+                written: 0,
+                hello_seen: false,
             };
             self.conns.insert(node, conn);
         }
@@ -143,7 +186,7 @@ impl ClientIo {
 
     fn drop_conn(&mut self, node: NodeId) {
         if let Some(mut conn) = self.conns.remove(&node) {
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            let _ = self.poll.registry().deregister(&mut conn.transport.stream);
         }
         self.retry_at
             .insert(node, std::time::Instant::now() + Duration::from_millis(200));
@@ -164,6 +207,9 @@ impl ClientIo {
             self.flush();
             if done(machine) {
                 return true;
+            }
+            if self.refusal.is_some() {
+                return false;
             }
             let wall = std::time::Instant::now();
             if wall >= deadline {
@@ -190,26 +236,16 @@ impl ClientIo {
     fn flush(&mut self) {
         let mut broken = Vec::new();
         for (node, conn) in &mut self.conns {
-            while !conn.out.is_empty() {
-                match conn.stream.write(&conn.out) {
-                    Ok(0) => {
-                        broken.push(*node);
-                        break;
+            match conn.transport.flush(&conn.out, &mut conn.written) {
+                Ok(()) => {
+                    if conn.written == conn.out.len() {
+                        conn.out.clear();
+                        conn.written = 0;
                     }
-                    Ok(n) => {
-                        conn.out.drain(..n);
-                    }
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock
-                            || e.kind() == io::ErrorKind::NotConnected =>
-                    {
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        broken.push(*node);
-                        break;
-                    }
+                }
+                Err(e) => {
+                    debug!(node, "write: {e}");
+                    broken.push(*node);
                 }
             }
         }
@@ -237,7 +273,7 @@ impl ClientIo {
             };
             let mut buf = [0u8; 64 * 1024];
             loop {
-                match conn.stream.read(&mut buf) {
+                match conn.transport.read(&mut buf) {
                     Ok(0) => {
                         broken.push(node);
                         break;
@@ -245,7 +281,13 @@ impl ClientIo {
                     Ok(n) => conn.decoder.push(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
+                    Err(e) => {
+                        debug!(node, "read: {e}");
+                        if e.kind() == io::ErrorKind::InvalidData {
+                            // A TLS failure: a server that is not what it claims is as good
+                            // as a refusal, and retrying it will not help.
+                            self.refusal = Some(format!("node {node}: {e}"));
+                        }
                         broken.push(node);
                         break;
                     }
@@ -253,12 +295,26 @@ impl ClientIo {
             }
             loop {
                 match conn.decoder.next_frame() {
-                    Ok(Some(Frame::Response { id, response })) => responses.push((id, response)),
+                    Ok(Some(Frame::Response { id, response })) => {
+                        if let Response::Refused { reason } = &response
+                            && reason.starts_with("not authorised")
+                        {
+                            self.denial = Some(format!("node {node}: {reason}"));
+                        }
+                        responses.push((id, response));
+                    }
+                    Ok(Some(Frame::Goodbye { reason })) => {
+                        self.refusal = Some(format!("node {node}: {reason}"));
+                        broken.push(node);
+                        break;
+                    }
                     Ok(Some(hello @ Frame::Hello { .. })) => {
-                        if check_hello(&hello).is_err() {
+                        if let Err(e) = check_hello(&hello) {
+                            self.refusal = Some(format!("node {node}: {e}"));
                             broken.push(node);
                             break;
                         }
+                        conn.hello_seen = true;
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
@@ -271,6 +327,18 @@ impl ClientIo {
             }
         }
         for node in broken {
+            // A plaintext client that a server drops before its Hello most likely reached a
+            // cluster that requires TLS: say so rather than retry until the timeout.
+            if self.tls.is_none()
+                && self.refusal.is_none()
+                && self.conns.get(&node).is_some_and(|c| !c.hello_seen)
+            {
+                self.refusal = Some(format!(
+                    "node {node} closed the connection before its Hello: does the cluster \
+                     require TLS and a credential? Give the client file (--client-file or \
+                     HOLDFAST_CLIENT; `holdfast cluster` writes holdfast-data/client.toml)"
+                ));
+            }
             self.drop_conn(node);
         }
         responses

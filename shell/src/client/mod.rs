@@ -1,5 +1,6 @@
 //! The blocking client library, built on the core's producer and consumer state machines.
 
+mod config;
 mod io;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use holdfast_core::node::{METADATA_GROUP, SEND_BYTES_MAX};
 use holdfast_core::raft::{GroupId, NodeId};
 use holdfast_core::time::Instant;
 
+pub use config::{CLIENT_FILE_ENV, ClientConfig, DEFAULT_CLIENT_FILE, client_file_text};
 pub use io::{ClientIo, Machine};
 
 /// The addresses `holdfast cluster` uses by default, so one laptop needs no flag.
@@ -31,6 +33,8 @@ pub enum ClientError {
     Refused(String),
     Timeout,
     BadAddress(String),
+    /// A client file or TLS setting that cannot be used.
+    Config(String),
     /// A batch larger than the brokers accept; nothing was sent.
     TooLarge {
         bytes: usize,
@@ -55,6 +59,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Refused(reason) => write!(f, "refused: {reason}"),
             ClientError::Timeout => write!(f, "no answer from the cluster in time"),
             ClientError::BadAddress(a) => write!(f, "bad server address {a:?}"),
+            ClientError::Config(why) => f.write_str(why),
             ClientError::TooLarge { bytes } => write!(
                 f,
                 "{bytes} message bytes in one send exceed the maximum of {SEND_BYTES_MAX}; nothing was sent"
@@ -97,8 +102,9 @@ pub struct Producer {
 }
 
 impl Producer {
-    pub fn connect(servers: Vec<SocketAddr>) -> Result<Producer, ClientError> {
-        let io = ClientIo::new(servers).map_err(ClientError::Io)?;
+    /// `config`: a [`ClientConfig`], or just the servers of a cluster without authentication.
+    pub fn connect(config: impl Into<ClientConfig>) -> Result<Producer, ClientError> {
+        let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         // Distinct producers need distinct ids: the process and the time make one.
         let producer_id = (u64::from(std::process::id()) << 32) ^ io.now().as_micros();
         let config = ProducerConfig::new(producer_id, io.node_ids());
@@ -119,6 +125,9 @@ impl Producer {
         loop {
             if let Some(at) = self.results.iter().position(|(s, _)| *s == id) {
                 return receipt(self.results.remove(at).1);
+            }
+            if let Some(why) = self.io.refusal() {
+                return Err(ClientError::Refused(why.to_string()));
             }
             self.drive(Duration::from_secs(1));
         }
@@ -141,6 +150,12 @@ impl Producer {
 
     pub fn in_flight(&self) -> usize {
         self.machine.in_flight()
+    }
+
+    /// Why a server refused this producer's connection (its credential), if one did. A send
+    /// its principal may not make fails alone, with the reason.
+    pub fn refusal(&self) -> Option<&str> {
+        self.io.refusal()
     }
 
     /// Drives the network for up to `wait` (less if a send ends sooner) and returns the sends
@@ -209,11 +224,11 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn connect(
-        servers: Vec<SocketAddr>,
+        config: impl Into<ClientConfig>,
         group: &str,
         topic: &str,
     ) -> Result<Consumer, ClientError> {
-        let io = ClientIo::new(servers).map_err(ClientError::Io)?;
+        let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         let member = format!("{}-{}", std::process::id(), io.now().as_micros());
         let config = ConsumerConfig::new(group, &member, topic, io.node_ids());
         let machine = ConsumerMachine::new(config, io.now());
@@ -248,7 +263,7 @@ impl Consumer {
     ) -> usize {
         let mut seen = 0;
         let mut last = std::time::Instant::now();
-        while count.is_none_or(|c| seen < c) && last.elapsed() < idle {
+        while count.is_none_or(|c| seen < c) && last.elapsed() < idle && self.refusal().is_none() {
             if self.undelivered.is_empty() {
                 let deadline = std::time::Instant::now() + Duration::from_millis(100);
                 let undelivered = &mut self.undelivered;
@@ -277,6 +292,9 @@ impl Consumer {
                 }
             }
         }
+        if self.refusal().is_some() {
+            return seen; // nothing of this consumer's will be confirmed
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let undelivered = &mut self.undelivered;
         self.io.drive(&mut self.machine, deadline, |m| {
@@ -290,6 +308,12 @@ impl Consumer {
 }
 
 impl Consumer {
+    /// Why a server refused this consumer (its credential, or its principal may not consume
+    /// this topic as this group), if one did: `run` stops then.
+    pub fn refusal(&self) -> Option<&str> {
+        self.io.refusal().or(self.io.denial())
+    }
+
     /// Leaves the group at once, after the answers given so far are confirmed, so the other
     /// members take over this one's queues now instead of after its session expires. Waits up
     /// to 5 s; messages delivered but not answered go to the new owners.
@@ -297,6 +321,9 @@ impl Consumer {
         let now = self.io.now();
         self.undelivered.clear();
         self.machine.leave(now);
+        if self.refusal().is_some() {
+            return;
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         self.io.drive(&mut self.machine, deadline, |m| m.has_left());
     }
@@ -330,8 +357,8 @@ impl Machine for Call {
 }
 
 impl Admin {
-    pub fn connect(servers: Vec<SocketAddr>) -> Result<Admin, ClientError> {
-        let io = ClientIo::new(servers).map_err(ClientError::Io)?;
+    pub fn connect(config: impl Into<ClientConfig>) -> Result<Admin, ClientError> {
+        let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         let call = Call {
             outbox: None,
             answer: None,
@@ -342,6 +369,11 @@ impl Admin {
 
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.io.node_ids()
+    }
+
+    /// Why a server refused this client's connection (its credential), if one did.
+    pub fn refusal(&self) -> Option<&str> {
+        self.io.refusal()
     }
 
     /// Asks `node` and waits up to 2 s.
@@ -366,7 +398,11 @@ impl Admin {
         let mut target = nodes.first().copied().unwrap_or(1);
         let mut turn = 0;
         while std::time::Instant::now() < deadline {
-            match self.ask(target, request.clone()) {
+            let answer = self.ask(target, request.clone());
+            if let Some(why) = self.io.refusal() {
+                return Err(ClientError::Refused(why.to_string()));
+            }
+            match answer {
                 Some(Response::NotLeader {
                     group: METADATA_GROUP,
                     leader_hint: Some(leader),

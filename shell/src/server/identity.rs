@@ -370,7 +370,7 @@ mod tests {
 
     fn config(dir: &Path, id: NodeId, state: &str) -> ServerConfig {
         let text = format!(
-            "id = {id}\ndata_dir = {:?}\ninitial_cluster_state = \"{state}\"\n[nodes]\n\
+            "id = {id}\ndata_dir = {:?}\ninitial_cluster_state = \"{state}\"\nno_auth = true\n[nodes]\n\
              1 = \"127.0.0.1:7301\"\n2 = \"127.0.0.1:7302\"\n3 = \"127.0.0.1:7303\"\n",
             dir.display().to_string()
         );

@@ -1,12 +1,24 @@
 //! The server: one mio event loop around one `BrokerNode`, a storage thread that writes and
 //! syncs in batches, links to every peer, and client connections.
 //!
+//! Peers and clients have listeners of their own. On the peer port a connection must complete
+//! mutual TLS with a certificate of the cluster CA naming the node its Hello claims; on the
+//! client port, TLS and a token of a principal in `auth.toml`, whose ACL every request is
+//! checked against before it reaches the node. Anything else (a node's Hello on the client
+//! port, a client's on the peer port, a failed handshake, no Hello within
+//! [`HANDSHAKE_TIMEOUT`]) is answered with a Goodbye saying why, closed and logged at WARN.
+//! Every connection is bounded: at most `connections_max` (`CONNECTIONS_MAX`) clients and a few
+//! connections per node on the peer port, small frames until
+//! authenticated, at most `REQUESTS_PENDING_PER_CONNECTION_MAX` requests unanswered (reading
+//! stops meanwhile, and while much output waits), and bounded buffers each way.
+//!
 //! The loop never waits on disk: writes go to the storage thread, and the node learns they are
 //! durable when the thread wakes the loop. Nor on encoding a snapshot of a large state: a
 //! snapshot thread does that. A storage error stops the server: an fsync that
 //! failed is never taken for a success.
 
 mod conn;
+pub mod handshake;
 pub mod identity;
 mod snapshots;
 
@@ -17,23 +29,43 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use holdfast_core::limits::{CONNECTIONS_MAX, REQUESTS_PENDING_PER_CONNECTION_MAX};
 use holdfast_core::node::BrokerNode;
-use holdfast_core::node::protocol::{ClientId, Request, RequestId};
+use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::raft::{Envelope, GroupId, NodeId};
-use holdfast_core::wire::{Frame, PROTOCOL_VERSION, check_hello};
+use holdfast_core::wire::{Frame, PROTOCOL_VERSION};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use snapshots::SnapshotEncoder;
 use tracing::{debug, error, info, warn};
 
+use crate::auth::Principals;
 use crate::clock::Clock;
 use crate::config::ServerConfig;
 use crate::storage::{GroupStore, StorageConfig, StorageThread};
+use crate::tls::NodeTls;
+use crate::transport::Transport;
 use conn::{Closed, Conn, Kind};
+use handshake::Port;
 
-const LISTENER: Token = Token(0);
+const CLIENT_LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-const FIRST_CONN: usize = 2;
+const PEER_LISTENER: Token = Token(2);
+const FIRST_CONN: usize = 3;
+/// A connection that has not completed its TLS handshake and an accepted Hello by then is
+/// closed: a stranger cannot hold a connection (and its buffers) by saying nothing.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client connection is not read while this much output waits for it: a client that
+/// pipelines requests and does not read the answers stops being read, not served into memory.
+pub const READ_PAUSE_OUTPUT_BYTES: usize = 4 << 20;
+/// Connections the peer port holds per node of the cluster (a node needs one or two).
+const PEER_CONNECTIONS_PER_NODE: usize = 4;
+/// Frames read from one peer link per turn of the loop, so one busy link cannot starve the
+/// others.
+const PEER_FRAMES_PER_TURN_MAX: usize = 4_096;
+/// Refused connections are logged at most this often (with a count), so a flood of them does
+/// not become a flood of log lines.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// The loop wakes at least this often to look at the stop flag and reconnect peers.
 const TICK: Duration = Duration::from_millis(50);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -58,10 +90,24 @@ struct Link {
     backoff: Duration,
 }
 
+/// What a node checks connections against; `None` with `no_auth`.
+struct Security {
+    tls: NodeTls,
+    principals: Principals,
+}
+
 struct Server {
     id: NodeId,
     poll: Poll,
-    listener: TcpListener,
+    client_listener: TcpListener,
+    peer_listener: TcpListener,
+    security: Option<Security>,
+    /// Every node's id, to refuse a Hello from a node that is not one of them.
+    nodes: BTreeSet<NodeId>,
+    /// Client connections held at once; see `accept`.
+    connections_max: usize,
+    /// Connections accepted on each port and open: (client port, peer port).
+    accepted: (usize, usize),
     node: BrokerNode,
     storage: StorageThread,
     snapshots: SnapshotEncoder,
@@ -77,6 +123,12 @@ struct Server {
     next_token: usize,
     next_client: ClientId,
     clock: Clock,
+    /// Connections that stopped reading at their budget, read again when there is room.
+    paused: BTreeSet<Token>,
+    /// Connections refused at accept since the last log line about it.
+    refused_unlogged: u64,
+    refused_logged_at: Option<std::time::Instant>,
+    last_deadline_check: std::time::Instant,
 }
 
 /// Runs a node until `stop` is set (SIGINT/SIGTERM) or storage fails.
@@ -136,10 +188,43 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
             }),
         )
     };
-    let mut listener = TcpListener::bind(config.listen())
-        .map_err(|e| ServerError(format!("cannot listen on {}: {e}", config.listen())))?;
+    let security = match &config.security {
+        None => {
+            warn!(
+                "no_auth: TLS and authentication are OFF; anyone who reaches a port can act as a \
+                 client or as a node (for experiments only)"
+            );
+            None
+        }
+        Some(files) => {
+            let tls =
+                NodeTls::load(&files.ca_cert, &files.cert, &files.key).map_err(ServerError)?;
+            let principals = Principals::from_file(&files.principals).map_err(ServerError)?;
+            info!(
+                principals = principals.len(),
+                "mutual TLS between nodes; TLS and tokens for clients"
+            );
+            Some(Security { tls, principals })
+        }
+    };
+    raise_open_files_limit();
+    let mut client_listener = TcpListener::bind(config.listen()).map_err(|e| {
+        ServerError(format!(
+            "cannot listen for clients on {}: {e}",
+            config.listen()
+        ))
+    })?;
+    let mut peer_listener = TcpListener::bind(config.listen_peers()).map_err(|e| {
+        ServerError(format!(
+            "cannot listen for peers on {}: {e}",
+            config.listen_peers()
+        ))
+    })?;
     poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)
+        .register(&mut client_listener, CLIENT_LISTENER, Interest::READABLE)
+        .map_err(|e| ServerError(format!("mio: {e}")))?;
+    poll.registry()
+        .register(&mut peer_listener, PEER_LISTENER, Interest::READABLE)
         .map_err(|e| ServerError(format!("mio: {e}")))?;
     let mut node_config = config.node_config();
     node_config.raft.damaged = damaged.clone();
@@ -147,7 +232,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
     let node = BrokerNode::new(node_config, recovered, seed, clock.now());
     let now = std::time::Instant::now();
     let links = config
-        .nodes
+        .peers
         .iter()
         .filter(|(id, _)| **id != config.id)
         .map(|(id, addr)| {
@@ -160,11 +245,22 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
             (*id, link)
         })
         .collect();
-    info!(id = config.id, listen = %config.listen(), data = %config.data_dir.display(), "node started");
+    info!(
+        id = config.id,
+        clients = %config.listen(),
+        peers = %config.listen_peers(),
+        data = %config.data_dir.display(),
+        "node started"
+    );
     let mut server = Server {
         id: config.id,
         poll,
-        listener,
+        client_listener,
+        peer_listener,
+        security,
+        nodes: config.nodes.keys().copied().collect(),
+        connections_max: config.connections_max,
+        accepted: (0, 0),
         node,
         storage,
         snapshots,
@@ -177,6 +273,10 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         next_token: FIRST_CONN,
         next_client: 1,
         clock,
+        paused: BTreeSet::new(),
+        refused_unlogged: 0,
+        refused_logged_at: None,
+        last_deadline_check: std::time::Instant::now(),
     };
     let result = server.run(&stop);
     info!("stopping: finishing queued writes");
@@ -201,7 +301,8 @@ impl Server {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    CLIENT_LISTENER => self.accept(Port::Client),
+                    PEER_LISTENER => self.accept(Port::Peer),
                     WAKER => {}
                     token => {
                         if event.is_readable() {
@@ -229,6 +330,8 @@ impl Server {
                 self.node.handle_timeout(now);
             }
             self.drain();
+            self.resume_paused();
+            self.close_late_handshakes();
             if let Some(fault) = self.node.poll_fault() {
                 error!("stopping this node: {fault}");
                 return Err(ServerError(fault));
@@ -266,7 +369,7 @@ impl Server {
         if let Err(e) = self
             .poll
             .registry()
-            .register(&mut conn.stream, token, interest)
+            .register(&mut conn.transport.stream, token, interest)
         {
             warn!("cannot register a connection: {e}");
             return None;
@@ -274,6 +377,7 @@ impl Server {
         let hello = Frame::Hello {
             version: PROTOCOL_VERSION,
             node: Some(self.id),
+            token: None,
         };
         if conn.queue(&hello).is_err() {
             return None;
@@ -282,13 +386,38 @@ impl Server {
         Some(token)
     }
 
-    fn accept(&mut self) {
+    fn accept(&mut self, port: Port) {
         loop {
-            match self.listener.accept() {
+            let listener = match port {
+                Port::Client => &self.client_listener,
+                Port::Peer => &self.peer_listener,
+            };
+            match listener.accept() {
                 Ok((stream, addr)) => {
-                    debug!(%addr, "accepted");
+                    if !self.room_to_accept(port) {
+                        // Dropping the stream closes it at once.
+                        self.refused_at_accept(addr, port);
+                        continue;
+                    }
+                    debug!(%addr, ?port, "accepted");
                     let _ = stream.set_nodelay(true);
-                    self.register(Conn::new(stream, None));
+                    let transport = match self.tls_for_accept(port) {
+                        None => Transport::plain(stream),
+                        Some(Ok(tls)) => Transport::tls(stream, tls),
+                        Some(Err(e)) => {
+                            warn!(%addr, "cannot start TLS: {e}");
+                            continue;
+                        }
+                    };
+                    if self
+                        .register(Conn::new(transport, port, addr, None))
+                        .is_some()
+                    {
+                        match port {
+                            Port::Client => self.accepted.0 += 1,
+                            Port::Peer => self.accepted.1 += 1,
+                        }
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -296,6 +425,72 @@ impl Server {
                     return;
                 }
             }
+        }
+    }
+
+    fn tls_for_accept(
+        &self,
+        port: Port,
+    ) -> Option<Result<rustls::ServerConnection, rustls::Error>> {
+        let security = self.security.as_ref()?;
+        let config = match port {
+            Port::Client => security.tls.client_server.clone(),
+            Port::Peer => security.tls.peer_server.clone(),
+        };
+        Some(rustls::ServerConnection::new(config))
+    }
+
+    /// Whether one more connection fits on `port`: at most `connections_max` on the client
+    /// port, and a few per node on the peer port, so a flood of clients cannot crowd out the
+    /// links between nodes. At the limit, the oldest connection still in its handshake makes
+    /// room (closed, logged): strangers that never finish cannot hold the port shut against
+    /// one that does (in milliseconds) until their handshake deadline.
+    fn room_to_accept(&mut self, port: Port) -> bool {
+        let (open, max) = match port {
+            Port::Client => (self.accepted.0, self.connections_max),
+            Port::Peer => (
+                self.accepted.1,
+                PEER_CONNECTIONS_PER_NODE * self.nodes.len(),
+            ),
+        };
+        if open < max {
+            return true;
+        }
+        let oldest = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.port == port && c.dialed.is_none() && c.kind == Kind::Unknown)
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(t, _)| *t);
+        match oldest {
+            Some(token) => {
+                self.refuse(
+                    token,
+                    "connection limit reached: the oldest connection still in its handshake makes room",
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn refused_at_accept(&mut self, addr: SocketAddr, port: Port) {
+        self.refused_unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .refused_logged_at
+            .is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL)
+        {
+            warn!(
+                %addr,
+                ?port,
+                refused = self.refused_unlogged,
+                "refusing connections: as many open and authenticated as this port takes \
+                 (connections_max {} for clients, {PEER_CONNECTIONS_PER_NODE} per node for peers)",
+                self.connections_max
+            );
+            self.refused_unlogged = 0;
+            self.refused_logged_at = Some(now);
         }
     }
 
@@ -311,7 +506,22 @@ impl Server {
             let token = match TcpStream::connect(addr) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    self.register(Conn::new(stream, Some(peer)))
+                    let transport = match &self.security {
+                        None => Some(Transport::plain(stream)),
+                        Some(security) => crate::tls::server_name(peer)
+                            .and_then(|name| {
+                                rustls::ClientConnection::new(
+                                    security.tls.peer_client.clone(),
+                                    name,
+                                )
+                                .map_err(|e| e.to_string())
+                            })
+                            .map(|tls| Transport::tls(stream, tls))
+                            .map_err(|e| warn!(peer, "cannot start TLS: {e}"))
+                            .ok(),
+                    };
+                    transport
+                        .and_then(|t| self.register(Conn::new(t, Port::Peer, addr, Some(peer))))
                 }
                 Err(e) => {
                     debug!(peer, %addr, "connect: {e}");
@@ -328,16 +538,94 @@ impl Server {
         }
     }
 
+    /// How many frames a connection may be read for now: 1 before its Hello (the rest waits
+    /// for the limits that follow from it), else what its budget of pending requests leaves,
+    /// and nothing while much output waits.
+    fn read_budget(conn: &Conn) -> usize {
+        match conn.kind {
+            Kind::Unknown => 1,
+            Kind::Node(_) => PEER_FRAMES_PER_TURN_MAX,
+            Kind::Client(_) if conn.pending_bytes() > READ_PAUSE_OUTPUT_BYTES => 0,
+            Kind::Client(_) => {
+                REQUESTS_PENDING_PER_CONNECTION_MAX.saturating_sub(conn.requests_pending)
+            }
+        }
+    }
+
     fn readable(&mut self, token: Token) {
-        let (frames, closed) = match self.conns.get_mut(&token).map(Conn::read) {
-            None => return,
-            Some(Ok(read)) => read,
-            Some(Err(why)) => return self.close(token, &why),
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
         };
-        self.handle_frames(token, frames);
-        if let Some(why) = closed {
+        let budget = Self::read_budget(conn);
+        if budget == 0 {
+            self.paused.insert(token);
+            return;
+        }
+        let read = match conn.read(budget) {
+            Ok(read) => read,
+            Err(why @ Closed::Wire(_)) => {
+                // Framing is lost, but the other side may still read: tell it why.
+                conn.goodbye(&why.to_string());
+                return self.close(token, &why);
+            }
+            Err(why) => return self.close(token, &why),
+        };
+        // A read can make a TLS handshake want to answer.
+        if let Err(why) = conn.flush() {
+            return self.close(token, &why);
+        }
+        if read.stopped {
+            self.paused.insert(token);
+        }
+        self.handle_frames(token, read.frames);
+        if let Some(why) = read.closed {
             self.close(token, &why);
         }
+    }
+
+    /// Reads again the connections that stopped at their budget and now have room.
+    fn resume_paused(&mut self) {
+        let ready: Vec<Token> = self
+            .paused
+            .iter()
+            .copied()
+            .filter(|t| self.conns.get(t).is_none_or(|c| Self::read_budget(c) > 0))
+            .collect();
+        for token in ready {
+            self.paused.remove(&token);
+            self.readable(token);
+        }
+    }
+
+    fn close_late_handshakes(&mut self) {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.last_deadline_check) < Duration::from_millis(500) {
+            return;
+        }
+        self.last_deadline_check = now;
+        let late: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.kind == Kind::Unknown && now.duration_since(c.opened) > HANDSHAKE_TIMEOUT
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            let why = format!(
+                "no TLS handshake and accepted Hello within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            );
+            self.refuse(token, &why);
+        }
+    }
+
+    /// Tells the other side why in a Goodbye, then closes (logged at WARN).
+    fn refuse(&mut self, token: Token, why: &str) {
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.goodbye(why);
+        }
+        self.close(token, &Closed::Refused(why.to_string()));
     }
 
     fn handle_frames(&mut self, token: Token, frames: Vec<Frame>) {
@@ -347,55 +635,107 @@ impl Server {
                 return;
             };
             match (conn.kind, frame) {
-                (Kind::Unknown, hello) => match check_hello(&hello) {
-                    Ok(Some(node)) if conn.dialed.is_some_and(|peer| peer != node) => {
-                        let why = format!("dialed node {:?} but node {node} answered", conn.dialed);
-                        let e = holdfast_core::wire::WireError::Malformed(why);
-                        return self.close(token, &Closed::Wire(e));
+                (Kind::Unknown, hello) => {
+                    if let Err(why) = self.hello(token, &hello) {
+                        return self.refuse(token, &why);
                     }
-                    Ok(Some(node)) => {
-                        conn.kind = Kind::Node(node);
-                        if let Some(link) = conn.dialed.and_then(|p| self.links.get_mut(&p)) {
-                            link.backoff = RECONNECT_MIN;
-                        }
-                    }
-                    Ok(None) => {
-                        let client = self.next_client;
-                        self.next_client += 1;
-                        conn.kind = Kind::Client(client);
-                        self.clients.insert(client, token);
-                    }
-                    Err(e) => return self.close(token, &Closed::Wire(e)),
-                },
+                    // Frames after the Hello are read with the limits that follow from it.
+                    self.paused.insert(token);
+                }
                 (Kind::Node(from), Frame::Peer(envelope)) if envelope.from == from => {
                     self.node.handle_peer(now, envelope);
                 }
                 (Kind::Client(client), Frame::Request { id, request }) => {
-                    self.requests.push((client, id, request));
+                    let denied = conn
+                        .principal
+                        .as_ref()
+                        .and_then(|p| p.authorise(&request).err().map(|why| (p.name.clone(), why)));
+                    match denied {
+                        None => {
+                            conn.requests_pending += 1;
+                            self.requests.push((client, id, request));
+                        }
+                        Some((principal, reason)) => {
+                            warn!(principal, addr = %conn.addr, request = request_name(&request), "request refused: {reason}");
+                            let response = Response::Refused { reason };
+                            self.queue(token, &Frame::Response { id, response });
+                        }
+                    }
                 }
-                (_, frame) => {
-                    let why = format!("unexpected frame {}", frame_name(&frame));
-                    return self.close(
-                        token,
-                        &Closed::Wire(holdfast_core::wire::WireError::Malformed(why)),
-                    );
+                (kind, frame) => {
+                    let why = match (kind, &frame) {
+                        (Kind::Client(_), Frame::Peer(_)) => {
+                            "a Raft message on the client port".to_string()
+                        }
+                        (Kind::Node(_), Frame::Request { .. }) => {
+                            "a client request on the peer port".to_string()
+                        }
+                        _ => format!("unexpected frame {}", frame_name(&frame)),
+                    };
+                    return self.refuse(token, &why);
                 }
             }
         }
+    }
+
+    /// Checks a connection's Hello against its port and, with security, its certificate or
+    /// its token; on success the connection is a node or a client.
+    fn hello(&mut self, token: Token, frame: &Frame) -> Result<(), String> {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Ok(());
+        };
+        let context = handshake::HelloContext {
+            port: conn.port,
+            me: self.id,
+            nodes: &self.nodes,
+            dialed: conn.dialed,
+            principals: self.security.as_ref().map(|s| &s.principals),
+            certificate: conn.transport.peer_certificate(),
+        };
+        match handshake::accept_hello(&context, frame)? {
+            handshake::Accepted::Node(node) => {
+                conn.kind = Kind::Node(node);
+                conn.authenticated();
+                if let Some(link) = conn.dialed.and_then(|p| self.links.get_mut(&p)) {
+                    link.backoff = RECONNECT_MIN;
+                }
+                info!(peer = node, addr = %conn.addr, dialed = conn.dialed.is_some(), "peer connected");
+            }
+            handshake::Accepted::Client(principal) => {
+                if let Some(p) = &principal {
+                    debug!(principal = p.name, addr = %conn.addr, "client authenticated");
+                }
+                conn.principal = principal;
+                let client = self.next_client;
+                self.next_client += 1;
+                conn.kind = Kind::Client(client);
+                conn.authenticated();
+                self.clients.insert(client, token);
+            }
+        }
+        Ok(())
     }
 
     fn close(&mut self, token: Token, why: &Closed) {
         let Some(mut conn) = self.conns.remove(&token) else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut conn.stream);
-        match (&conn.kind, why) {
-            (_, Closed::Eof) => debug!(?conn.kind, "connection closed"),
-            (Kind::Node(_), Closed::Io(_)) => debug!(?conn.kind, "peer link down: {why}"),
-            (_, Closed::Io(_)) if conn.dialed.is_some() => {
-                debug!(peer = conn.dialed, "cannot reach peer: {why}");
+        let _ = self.poll.registry().deregister(&mut conn.transport.stream);
+        self.paused.remove(&token);
+        if conn.dialed.is_none() {
+            match conn.port {
+                Port::Client => self.accepted.0 = self.accepted.0.saturating_sub(1),
+                Port::Peer => self.accepted.1 = self.accepted.1.saturating_sub(1),
             }
-            _ => warn!(?conn.kind, "closing connection: {why}"),
+        }
+        let (kind, addr, port) = (conn.kind, conn.addr, conn.port);
+        match (&conn.kind, why) {
+            (_, Closed::Eof) => debug!(?kind, %addr, "connection closed"),
+            (Kind::Node(_), Closed::Io(_)) => debug!(?kind, %addr, "peer link down: {why}"),
+            (_, Closed::Io(_)) if conn.dialed.is_some() => {
+                debug!(peer = conn.dialed, %addr, "cannot reach peer: {why}");
+            }
+            _ => warn!(?kind, ?port, %addr, "closing connection: {why}"),
         }
         if let Kind::Client(client) = conn.kind {
             self.clients.remove(&client);
@@ -438,13 +778,16 @@ impl Server {
             let Some(token) = self.clients.get(&client).copied() else {
                 continue; // the client left; it will retry elsewhere
             };
+            if let Some(conn) = self.conns.get_mut(&token) {
+                conn.requests_pending = conn.requests_pending.saturating_sub(1);
+            }
             let frame = Frame::Response { id, response };
             self.queue(token, &frame);
         }
         let pending: Vec<Token> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.pending_bytes() > 0)
+            .filter(|(_, c)| c.wants_flush())
             .map(|(t, _)| *t)
             .collect();
         for token in pending {
@@ -474,11 +817,57 @@ impl Server {
     }
 }
 
+/// Raises the soft limit of open files towards the hard one, so `CONNECTIONS_MAX` (and not a
+/// default of 1,024 descriptors) is what bounds connections: at the descriptor limit, accept
+/// fails and connections wait in the backlog unanswered.
+fn raise_open_files_limit() {
+    let wanted = (CONNECTIONS_MAX + 1_024) as libc::rlim_t;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur >= wanted {
+            return;
+        }
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            warn!("cannot raise the open files limit to {}", limit.rlim_cur);
+        }
+    }
+    if limit.rlim_cur < wanted {
+        warn!(
+            open_files_max = limit.rlim_cur,
+            "the open files limit is below CONNECTIONS_MAX ({CONNECTIONS_MAX}) plus the node's own files"
+        );
+    }
+}
+
 fn frame_name(frame: &Frame) -> &'static str {
     match frame {
         Frame::Hello { .. } => "Hello",
         Frame::Peer(_) => "Peer",
         Frame::Request { .. } => "Request",
         Frame::Response { .. } => "Response",
+        Frame::Goodbye { .. } => "Goodbye",
+    }
+}
+
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Route { .. } => "Route",
+        Request::Topics => "Topics",
+        Request::Status => "Status",
+        Request::CreateTopic { .. } => "CreateTopic",
+        Request::Heartbeat { .. } => "Heartbeat",
+        Request::Leave { .. } => "Leave",
+        Request::Send { .. } => "Send",
+        Request::Pull { .. } => "Pull",
+        Request::Ack { .. } => "Ack",
+        Request::ReconsumeLater { .. } => "ReconsumeLater",
     }
 }

@@ -169,6 +169,7 @@ fn cluster_with_orders() -> (Cluster, NodeId) {
     let created = cluster.ask(meta, create);
     let expected = Response::TopicCreated {
         topic: "orders".into(),
+        existed: false,
     };
     assert_eq!(created, expected);
     (cluster, meta)

@@ -228,6 +228,9 @@ pub struct BrokerNode {
     members_swept_at: Option<Instant>,
     /// For the operator's log; the oldest go first past `EVENTS_BUFFERED_MAX`.
     events: VecDeque<NodeEvent>,
+    /// Passes over the topic table looking for queues to create, for tests to count.
+    #[cfg(test)]
+    pub(super) placement_scans: u64,
     applied: VecDeque<(GroupId, Entry)>,
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
@@ -297,6 +300,8 @@ impl BrokerNode {
             members: BTreeMap::new(),
             members_swept_at: None,
             events: VecDeque::new(),
+            #[cfg(test)]
+            placement_scans: 0,
             applied: VecDeque::new(),
             faults,
             snapshot_jobs: VecDeque::new(),
@@ -1109,6 +1114,10 @@ impl BrokerNode {
                 group.creating.clear();
                 group.placement_stale = true;
             }
+        }
+        #[cfg(test)]
+        {
+            self.placement_scans += wanted.len() as u64;
         }
         for (group_id, queues) in wanted {
             let Some(group) = self.groups.get_mut(&group_id) else {

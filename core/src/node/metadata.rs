@@ -175,3 +175,72 @@ impl MetaState {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_and_queues_over_all_topics_are_bounded() {
+        let groups = [1, 2, 3];
+        let mut meta = MetaState::default();
+        let per_topic = QUEUES_PER_TOPIC_MAX as usize;
+        for t in 0..QUEUES_MAX / per_topic {
+            let command = MetaCommand::CreateTopic {
+                topic: format!("big{t}"),
+                queues: QUEUES_PER_TOPIC_MAX,
+            };
+            assert_eq!(meta.apply(command, &groups), Ok(TopicApplied::Created));
+        }
+        let one_more = MetaCommand::CreateTopic {
+            topic: "one-more".into(),
+            queues: 1,
+        };
+        let refused = meta.apply(one_more, &groups);
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("maximum of 65536")),
+            "{refused:?}"
+        );
+        // The count survives a snapshot, where it is not stored.
+        let restored = MetaState::restore(&meta.snapshot()).expect("restores");
+        assert_eq!(restored.queues_total, QUEUES_MAX);
+
+        let mut meta = MetaState::default();
+        for t in 0..TOPICS_MAX {
+            let command = MetaCommand::CreateTopic {
+                topic: format!("t{t}"),
+                queues: 1,
+            };
+            assert_eq!(meta.apply(command, &groups), Ok(TopicApplied::Created));
+        }
+        let refused = meta.check_create("late", 1, &groups);
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("maximum of 10000 topics")),
+            "{refused:?}"
+        );
+        // An existing one is still answered as such.
+        assert_eq!(
+            meta.check_create("t7", 1, &groups),
+            Ok(TopicApplied::Existed)
+        );
+        assert!(meta.check_create("t7", 2, &groups).is_err());
+        assert!(meta.check_create("fresh", 1, &[]).is_err());
+    }
+
+    #[test]
+    fn group_of_finds_a_queue_without_copying_the_topic() {
+        let mut meta = MetaState::default();
+        let command = MetaCommand::CreateTopic {
+            topic: "orders".into(),
+            queues: 3,
+        };
+        assert_eq!(meta.apply(command, &[1, 2]), Ok(TopicApplied::Created));
+        assert_eq!(meta.group_of(&QueueId::new("orders", 1)), Some(2));
+        assert_eq!(meta.group_of(&QueueId::new("orders", 3)), None);
+        assert_eq!(meta.group_of(&QueueId::new("other", 0)), None);
+    }
+}

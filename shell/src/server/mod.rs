@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use holdfast_core::node::BrokerNode;
 use holdfast_core::node::protocol::{ClientId, Request, RequestId};
+use holdfast_core::node::{BrokerNode, NodeEvent};
 use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION, check_hello};
 use mio::net::{TcpListener, TcpStream};
@@ -441,6 +441,9 @@ impl Server {
             let frame = Frame::Response { id, response };
             self.queue(token, &frame);
         }
+        while let Some(event) = self.node.poll_event() {
+            log_event(event);
+        }
         let pending: Vec<Token> = self
             .conns
             .iter()
@@ -471,6 +474,23 @@ impl Server {
         if let Err(why) = conn.queue(frame) {
             self.close(token, &why);
         }
+    }
+}
+
+/// Elections and leader changes at INFO, refusals at WARN, so a storm or an attack shows.
+fn log_event(event: NodeEvent) {
+    match event {
+        NodeEvent::BecameLeader { group, term } => info!(group, term, "became leader"),
+        NodeEvent::SteppedDown { group, term } => info!(group, term, "stepped down"),
+        NodeEvent::LeaderChanged {
+            group,
+            term,
+            leader,
+        } => info!(group, term, leader, "leader changed"),
+        NodeEvent::MessageRefused { group, from, why } => {
+            warn!(group, from, %why, "refused a peer message")
+        }
+        NodeEvent::RequestRefused { client, why } => warn!(client, %why, "refused a request"),
     }
 }
 

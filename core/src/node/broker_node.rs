@@ -20,8 +20,8 @@ use crate::broker::{
 use crate::limits::{
     ACK_OFFSETS_MAX, COMMAND_BYTES_MAX, CONSUMER_GROUPS_MAX, CREATE_QUEUES_PER_COMMAND_MAX,
     EVENTS_BUFFERED_MAX, MEMBERS_PER_GROUP_MAX, MESSAGE_PROPERTIES_MAX, MESSAGE_TAGS_MAX,
-    PULL_BYTES_MAX, PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX, SEND_MESSAGES_MAX, check_member,
-    check_name,
+    PULL_BYTES_MAX, PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX, SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX,
+    check_member, check_name,
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
@@ -422,14 +422,17 @@ impl BrokerNode {
                     .push_back((client, id, Response::Topics { topics }));
             }
             Request::Status => {
+                // The first consumers only, so that the answer always fits a frame.
+                let mut consumers_left = STATUS_CONSUMERS_MAX;
                 let groups = self
                     .groups
                     .iter()
                     .map(|(group, g)| {
                         let s = g.raft.status();
-                        let consumers = match &g.machine {
+                        let consumers: Vec<ConsumerProgress> = match &g.machine {
                             Machine::Broker(state) => state
                                 .consume_offsets()
+                                .take(consumers_left)
                                 .map(|(group, queue, consume_offset)| ConsumerProgress {
                                     group: group.to_string(),
                                     queue: queue.clone(),
@@ -439,6 +442,7 @@ impl BrokerNode {
                                 .collect(),
                             Machine::Meta(_) => Vec::new(),
                         };
+                        consumers_left -= consumers.len();
                         GroupStatus {
                             consumers,
                             group: *group,

@@ -581,3 +581,38 @@ fn elections_and_refused_peer_messages_are_events() {
         Response::Refused { .. }
     ));
 }
+
+#[test]
+fn a_status_answer_lists_a_bounded_number_of_consumers() {
+    let (mut cluster, _meta) = one_group_with_orders(1, |_| {});
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let queue = QueueId::new("orders", 0);
+    let leader = cluster.leader(1).expect("a leader");
+    let sent = cluster.ask(leader, heavy_send(&queue, 0, 1, 1, 0));
+    assert!(matches!(sent, Response::Sent { .. }), "{sent:?}");
+    let acks = (0..STATUS_CONSUMERS_MAX as u64 + 10).map(|g| {
+        let ack = Request::Ack {
+            broker: 1,
+            group: format!("g{g}"),
+            queue: queue.clone(),
+            offsets: vec![0],
+        };
+        (8, g, ack)
+    });
+    let now = cluster.now;
+    cluster
+        .nodes
+        .get_mut(&leader)
+        .expect("the leader")
+        .handle_requests(now, acks);
+    for _ in 0..50 {
+        cluster.step();
+    }
+    let Response::Status { groups, .. } = cluster.ask(leader, Request::Status) else {
+        panic!("no status");
+    };
+    let consumers: usize = groups.iter().map(|g| g.consumers.len()).sum();
+    assert_eq!(consumers, STATUS_CONSUMERS_MAX);
+}

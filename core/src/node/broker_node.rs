@@ -725,7 +725,11 @@ impl BrokerNode {
             return response;
         }
         let session = std::time::Duration::from_millis(self.config.member_session_ms);
-        if !self.members.contains_key(&group) && self.members.len() >= CONSUMER_GROUPS_MAX {
+        // Only a member joining adds a group: leaving never needs room.
+        if member.is_some()
+            && !self.members.contains_key(&group)
+            && self.members.len() >= CONSUMER_GROUPS_MAX
+        {
             // Groups whose members all left without a word still count until swept; a sweep
             // is a pass over every group, so at most one per session.
             if self

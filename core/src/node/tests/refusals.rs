@@ -255,6 +255,15 @@ fn members_and_consumer_groups_are_bounded() {
     }
     let answer = ask_now(&mut cluster, meta, heartbeat("late", "m".into()));
     assert_refused(&answer, &["maximum of 10000 consumer groups"]);
+    // Leaving never needs room.
+    let leave_unknown = Request::Leave {
+        group: "never-joined".into(),
+        member: "m".into(),
+    };
+    assert!(matches!(
+        ask_now(&mut cluster, meta, leave_unknown),
+        Response::Members { .. }
+    ));
     // A group that left makes room.
     let leave = Request::Leave {
         group: "g1".into(),

@@ -346,7 +346,10 @@ fn the_largest_accepted_send_replicates_and_a_larger_one_is_refused() {
         &["encodes to", "maximum of 5242880"],
     );
     // Two of the largest in one batch, behind a small one: cut into entries that fit, and
-    // every AppendEntries that carries them fits a frame (`check_frames`).
+    // every AppendEntries that carries them fits a frame (`check_frames`), also to a
+    // follower that was away and is sent what it missed together.
+    let away = (1..=3).find(|n| *n != leader).expect("a follower");
+    cluster.down.insert(away);
     let now = cluster.now;
     let small = Request::Send {
         broker: 1,
@@ -383,7 +386,8 @@ fn the_largest_accepted_send_replicates_and_a_larger_one_is_refused() {
     }
     assert_eq!(sent, 3, "the sends were answered");
     let total = 1 + 2 * SEND_MESSAGES_MAX as u64;
-    for _ in 0..200 {
+    cluster.down.remove(&away);
+    for _ in 0..500 {
         cluster.step();
     }
     for node in cluster.nodes.values() {
@@ -674,4 +678,46 @@ fn what_a_full_topic_table_costs() {
          {second:?} of CPU with {} passes (before this change: one pass per group per event)",
         scans_after - scans
     );
+}
+
+/// The frame check of the test above fires: with a byte budget per AppendEntries of two
+/// frames, four of the largest sends go to a follower that was away in one message that does
+/// not fit.
+#[test]
+#[should_panic(expected = "does not fit a frame")]
+fn the_frame_check_catches_an_append_entries_over_the_budget() {
+    let (mut cluster, _meta) = one_group_with_orders(1, |config| {
+        config.raft.append_bytes_max = 2 * FRAME_BYTES_MAX;
+    });
+    cluster.check_frames = true;
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let queue = QueueId::new("orders", 0);
+    let leader = cluster.leader(1).expect("a leader");
+    let body = SEND_BYTES_MAX / SEND_MESSAGES_MAX;
+    // A follower away while they commit is later sent them together.
+    let away = (1..=3).find(|n| *n != leader).expect("a follower");
+    cluster.down.insert(away);
+    let now = cluster.now;
+    let requests = (0..4u64).map(|i| {
+        let first_seq = i * SEND_MESSAGES_MAX as u64;
+        (
+            8,
+            i,
+            heavy_send(&queue, first_seq, SEND_MESSAGES_MAX, body, 11),
+        )
+    });
+    cluster
+        .nodes
+        .get_mut(&leader)
+        .expect("the leader")
+        .handle_requests(now, requests);
+    for _ in 0..100 {
+        cluster.step();
+    }
+    cluster.down.remove(&away);
+    for _ in 0..500 {
+        cluster.step();
+    }
 }

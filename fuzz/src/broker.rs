@@ -724,9 +724,8 @@ impl Broker {
         let existing = self.topics.get(&topic).copied();
         let applied = self.meta.apply(command, &broker_groups);
         let queues_total: u64 = self.topics.values().map(|q| u64::from(*q)).sum();
-        let named = holdfast_core::limits::check_name("topic", &topic).is_ok();
+        // `apply` leaves names to the node (see `MetaState::check_create`).
         let expected = match existing {
-            _ if !named => None,
             Some(count) => (count == queues).then_some(TopicApplied::Existed),
             None => (!broker_groups.is_empty()
                 && (1..=QUEUES_PER_TOPIC_MAX).contains(&queues)

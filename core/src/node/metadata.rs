@@ -74,6 +74,19 @@ impl MetaState {
         broker_groups: &[GroupId],
     ) -> Result<TopicApplied, String> {
         check_name("topic", topic)?;
+        self.check_table(topic, queues, broker_groups)
+    }
+
+    /// What `apply` checks: everything but the name. A name cannot race (the node checks it
+    /// before proposing), and a rule that refused names committed under an older build would
+    /// drop their topics from a replica that replays its log but not from one that restored a
+    /// snapshot holding them: replicas must never diverge, so names are not checked here.
+    fn check_table(
+        &self,
+        topic: &str,
+        queues: u32,
+        broker_groups: &[GroupId],
+    ) -> Result<TopicApplied, String> {
         if let Some(existing) = self.topics.get(topic) {
             let count = existing.len();
             return if count == queues as usize {
@@ -109,8 +122,8 @@ impl MetaState {
 
     /// Places the topic's queues round-robin over `broker_groups`, starting after the
     /// previous topic's start so that topics spread too. Creating an existing topic with the
-    /// same count keeps its placement; everything [`MetaState::check_create`] refuses changes
-    /// nothing and comes back as the reason.
+    /// same count keeps its placement; everything [`MetaState::check_create`] refuses but the
+    /// name changes nothing and comes back as the reason.
     pub fn apply(
         &mut self,
         command: MetaCommand,
@@ -118,7 +131,7 @@ impl MetaState {
     ) -> Result<TopicApplied, String> {
         match command {
             MetaCommand::CreateTopic { topic, queues } => {
-                let applied = self.check_create(&topic, queues, broker_groups)?;
+                let applied = self.check_table(&topic, queues, broker_groups)?;
                 if applied == TopicApplied::Existed {
                     return Ok(applied);
                 }
@@ -229,6 +242,19 @@ mod tests {
         );
         assert!(meta.check_create("t7", 2, &groups).is_err());
         assert!(meta.check_create("fresh", 1, &[]).is_err());
+    }
+
+    #[test]
+    fn a_name_committed_by_an_older_build_applies_as_it_did() {
+        let mut meta = MetaState::default();
+        assert!(meta.check_create("old name/1", 2, &[1]).is_err());
+        let command = MetaCommand::CreateTopic {
+            topic: "old name/1".into(),
+            queues: 2,
+        };
+        // Replaying the log gives the table a snapshot of it holds.
+        assert_eq!(meta.apply(command, &[1]), Ok(TopicApplied::Created));
+        assert_eq!(meta.topics(), vec![("old name/1".to_string(), 2)]);
     }
 
     #[test]

@@ -56,9 +56,11 @@ pub const COMMAND_BYTES_MAX: usize = SEND_BYTES_MAX + (1 << 20);
 pub const ACK_OFFSETS_MAX: usize = 65_536;
 /// Queues named in one `CreateQueues` command the node proposes itself (more go in several).
 pub const CREATE_QUEUES_PER_COMMAND_MAX: usize = 1_024;
-/// The bytes an entry adds around its commands, bounded: a length prefix per command
-/// (at most 5 bytes as a varint of a length under 4 GiB), and index, term and kind.
+/// The bytes an entry adds around each of its commands, at most: a length prefix (5 bytes as
+/// a varint of a length under 4 GiB).
 pub const COMMAND_FRAMING_BYTES: usize = 5;
+/// The bytes an entry adds once, at most: index, term, kind and the count of its commands
+/// (10 + 10 + 1 + 5 as varints).
 pub const ENTRY_HEADER_BYTES: usize = 32;
 /// Batched commands are split into entries of about this many bytes (one command always goes).
 pub const ENTRY_BYTES_MAX: usize = 8 << 20;

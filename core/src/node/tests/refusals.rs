@@ -630,56 +630,6 @@ fn a_status_answer_lists_a_bounded_number_of_consumers() {
     assert_eq!(consumers, STATUS_CONSUMERS_MAX);
 }
 
-/// Prints what a full table costs: one pass over it, against a second of cluster time now.
-/// `cargo test -p holdfast-core --release -- --ignored --nocapture what_a_full_topic_table_costs`
-#[test]
-#[ignore = "a measurement; run by hand in release"]
-fn what_a_full_topic_table_costs() {
-    let mut cluster = Cluster::new(3, 3);
-    cluster.settle_leaders(&[METADATA_GROUP, 1, 2, 3]);
-    let meta = cluster.leader(METADATA_GROUP).expect("a leader");
-    let topics = QUEUES_MAX / QUEUES_PER_TOPIC_MAX as usize;
-    for t in 0..topics {
-        let name = format!("{t:03}{}", "n".repeat(NAME_BYTES_MAX - 3));
-        let create = Request::CreateTopic {
-            topic: name,
-            queues: QUEUES_PER_TOPIC_MAX,
-        };
-        assert!(matches!(
-            cluster.ask(meta, create),
-            Response::TopicCreated { .. }
-        ));
-    }
-    for _ in 0..500 {
-        cluster.step();
-    }
-    // The same table, built the same way, to time one pass over it.
-    let mut table = MetaState::default();
-    for t in 0..topics {
-        let command = MetaCommand::CreateTopic {
-            topic: format!("{t:03}{}", "n".repeat(NAME_BYTES_MAX - 3)),
-            queues: QUEUES_PER_TOPIC_MAX,
-        };
-        assert!(table.apply(command, &[1, 2, 3]).is_ok());
-    }
-    let started = std::time::Instant::now();
-    let queues: usize = (1..=3).map(|g| table.queues_of(g).len()).sum();
-    let pass = started.elapsed();
-    let scans: u64 = cluster.nodes.values().map(|n| n.placement_scans).sum();
-    let started = std::time::Instant::now();
-    for _ in 0..1_000 {
-        cluster.step();
-    }
-    let second = started.elapsed();
-    let scans_after: u64 = cluster.nodes.values().map(|n| n.placement_scans).sum();
-    eprintln!(
-        "{topics} topics, {queues} queues of {NAME_BYTES_MAX}-byte names: one pass over the \
-         table for every broker group {pass:?}; 1 s of cluster time (3 nodes, 4 groups) now \
-         {second:?} of CPU with {} passes (before this change: one pass per group per event)",
-        scans_after - scans
-    );
-}
-
 /// The frame check of the test above fires: with a byte budget per AppendEntries of two
 /// frames, four of the largest sends go to a follower that was away in one message that does
 /// not fit.

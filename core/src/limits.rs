@@ -25,6 +25,10 @@ pub const CONSUMER_GROUPS_MAX: usize = 10_000;
 pub const MEMBERS_PER_GROUP_MAX: usize = 1_024;
 /// The longest consumer member id, in bytes.
 pub const MEMBER_BYTES_MAX: usize = 249;
+/// Producers whose dedup window one broker group remembers. A new producer beyond it evicts
+/// the one whose last append is oldest (see `BrokerState`): the cost of a bounded table is that
+/// a producer silent for longer than the other producers' whole churn loses its dedup memory.
+pub const PRODUCERS_PER_GROUP_MAX: usize = 100_000;
 
 // ----- messages, entries, records, frames -----
 
@@ -32,25 +36,78 @@ pub const MEMBER_BYTES_MAX: usize = 249;
 pub const SEND_BYTES_MAX: usize = 4 << 20;
 /// Messages in one `Send`.
 pub const SEND_MESSAGES_MAX: usize = 65_536;
+/// Tags on one message.
+pub const MESSAGE_TAGS_MAX: usize = 64;
+/// Properties on one message.
+pub const MESSAGE_PROPERTIES_MAX: usize = 64;
+/// The most bytes a message costs on the wire beyond its [`Message::size_bytes`]: the
+/// length prefixes of its body, key, tags and properties, and the fields a stored message
+/// adds (producer, sequence, stamps, origin with its queue name). Tags and properties are
+/// counted so that a message of empty strings cannot weigh megabytes while counting zero.
+///
+/// [`Message::size_bytes`]: crate::broker::Message::size_bytes
+pub const MESSAGE_OVERHEAD_BYTES_MAX: usize =
+    128 + NAME_BYTES_MAX + MESSAGE_TAGS_MAX * 5 + MESSAGE_PROPERTIES_MAX * 10;
+/// The largest command in a broker group's log, encoded: the largest send with the overhead
+/// of its messages, or any other command (acks, queue creations) cut to fit. A send whose
+/// encoded command is larger is refused whole, whatever its `size_bytes`.
+pub const COMMAND_BYTES_MAX: usize = SEND_BYTES_MAX + (1 << 20);
+/// Offsets in one `Ack`.
+pub const ACK_OFFSETS_MAX: usize = 65_536;
+/// Queues named in one `CreateQueues` command the node proposes itself (more go in several).
+pub const CREATE_QUEUES_PER_COMMAND_MAX: usize = 1_024;
+/// The bytes an entry adds around each of its commands, at most: a length prefix (5 bytes as
+/// a varint of a length under 4 GiB).
+pub const COMMAND_FRAMING_BYTES: usize = 5;
+/// The bytes an entry adds once, at most: index, term, kind and the count of its commands
+/// (10 + 10 + 1 + 5 as varints).
+pub const ENTRY_HEADER_BYTES: usize = 32;
 /// Batched commands are split into entries of about this many bytes (one command always goes).
 pub const ENTRY_BYTES_MAX: usize = 8 << 20;
 /// The largest log record, header included.
 pub const RECORD_BYTES_MAX: usize = 64 << 20;
 /// The largest frame payload on the wire.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
-/// AppendEntries carries at most this many bytes of commands (plus always one entry).
+/// AppendEntries carries at most this many bytes of entries, framing counted (plus always
+/// one entry).
 pub const APPEND_BYTES_MAX: usize = 1 << 20;
+/// Entries in one AppendEntries.
+pub const APPEND_ENTRIES_MAX: usize = 64;
+/// A Raft message's fields around its entries or chunk: term, indexes, envelope.
+pub const RAFT_MESSAGE_HEADER_BYTES: usize = 128;
 /// One InstallSnapshot chunk.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1 << 20;
 /// The most message bytes one pull response carries.
 pub const PULL_BYTES_MAX: usize = 4 << 20;
 /// Messages in one pull response.
 pub const PULL_MESSAGES_MAX: u32 = 4_096;
+/// The longest a pull may wait for messages; a longer wait asked for is cut to it.
+pub const PULL_WAIT_MS_MAX: u64 = 60_000;
+/// Consumer progress entries (a group on a queue) in one `status` answer, over all groups;
+/// the rest are left out.
+pub const STATUS_CONSUMERS_MAX: usize = 4_096;
 
 // ----- producers -----
 
 /// How many of a producer's most recent sequence numbers are remembered for dedup.
 pub const DEDUP_WINDOW_SEQS: u64 = 65_536;
+
+// ----- the operator's log -----
+
+/// Events a node holds for its driver to log; past it the oldest are dropped, so a driver
+/// that never polls (a test, the simulator) holds no more than this.
+pub const EVENTS_BUFFERED_MAX: usize = 1_024;
+
+// ----- terms -----
+
+/// Raft messages whose term is above this and more than one past the receiver's own term are
+/// refused unread: no honest election jumps that far (each adds one; at a term of
+/// `u64::MAX / 2` the replica's arithmetic stops, and a replica pushed near it by one forged
+/// message could never elect again, even after a restart). Below it, terms are taken as Raft
+/// takes them; above it, only one at a time, so a forged message costs the group at most
+/// reaching this limit plus one term per message: 2^32 terms remain, some 136 years of an
+/// election every second.
+pub const TERM_ACCEPTED_MAX: u64 = u64::MAX / 2 - (1 << 32);
 
 // ----- connections (the shell) -----
 
@@ -72,32 +129,134 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 
 // ----- how the limits relate -----
 
+/// The most bytes an entry of commands encodes to: batching cuts entries at
+/// [`ENTRY_BYTES_MAX`] counting [`COMMAND_FRAMING_BYTES`] per command, and one command alone
+/// is at most [`COMMAND_BYTES_MAX`].
+pub const ENTRY_ENCODED_BYTES_MAX: usize =
+    max(ENTRY_BYTES_MAX, COMMAND_BYTES_MAX + COMMAND_FRAMING_BYTES) + ENTRY_HEADER_BYTES;
+/// The most bytes an AppendEntries encodes to: the byte budget, overrun by at most one whole
+/// entry, the headers of every entry, and the message around them.
+pub const APPEND_ENCODED_BYTES_MAX: usize = APPEND_BYTES_MAX
+    + ENTRY_ENCODED_BYTES_MAX
+    + APPEND_ENTRIES_MAX * ENTRY_HEADER_BYTES
+    + RAFT_MESSAGE_HEADER_BYTES;
+/// The most bytes a pull response encodes to: at most one message past the byte budget (and
+/// one message is at most a whole send), and the overhead of every message in it.
+pub const PULL_ENCODED_BYTES_MAX: usize = PULL_BYTES_MAX
+    + SEND_BYTES_MAX
+    + PULL_MESSAGES_MAX as usize * MESSAGE_OVERHEAD_BYTES_MAX
+    + RAFT_MESSAGE_HEADER_BYTES
+    + NAME_BYTES_MAX;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
+
 const _: () = assert!(
-    SEND_BYTES_MAX < ENTRY_BYTES_MAX,
-    "the largest send fits an entry"
+    SEND_BYTES_MAX + SEND_MESSAGES_MAX * 8 <= COMMAND_BYTES_MAX,
+    "a send of the largest size in the most messages, with no tags, fits a command"
 );
 const _: () = assert!(
-    ENTRY_BYTES_MAX * 2 <= RECORD_BYTES_MAX,
-    "an entry, with its framing and one oversized command, fits a record"
+    COMMAND_BYTES_MAX + COMMAND_FRAMING_BYTES <= ENTRY_BYTES_MAX,
+    "the largest command fits an entry"
 );
 const _: () = assert!(
-    SEND_BYTES_MAX * 2 < FRAME_BYTES_MAX,
-    "a send request, with its framing, fits a frame"
+    ENTRY_ENCODED_BYTES_MAX + FRAME_HEADER_BYTES <= RECORD_BYTES_MAX,
+    "the largest entry, with its record header, fits a record"
 );
 const _: () = assert!(
-    APPEND_BYTES_MAX + ENTRY_BYTES_MAX < FRAME_BYTES_MAX,
-    "the largest AppendEntries (the byte budget plus one whole entry) fits a frame"
+    COMMAND_BYTES_MAX + RAFT_MESSAGE_HEADER_BYTES <= FRAME_BYTES_MAX,
+    "a send request whose command fits, with its framing, fits a frame"
 );
 const _: () = assert!(
-    SNAPSHOT_CHUNK_BYTES_MAX * 2 < FRAME_BYTES_MAX,
+    APPEND_ENCODED_BYTES_MAX <= FRAME_BYTES_MAX,
+    "the largest AppendEntries fits a frame"
+);
+const _: () = assert!(
+    SNAPSHOT_CHUNK_BYTES_MAX + RAFT_MESSAGE_HEADER_BYTES <= FRAME_BYTES_MAX,
     "a snapshot chunk fits a frame"
 );
 const _: () = assert!(
-    PULL_BYTES_MAX * 2 < FRAME_BYTES_MAX,
+    PULL_ENCODED_BYTES_MAX <= FRAME_BYTES_MAX,
     "a pull response fits a frame"
+);
+const _: () = assert!(
+    STATUS_CONSUMERS_MAX * (2 * NAME_BYTES_MAX + 64) + 64 * 1_024 <= FRAME_BYTES_MAX,
+    "a status answer fits a frame (with up to a thousand groups)"
+);
+const _: () = assert!(
+    CREATE_QUEUES_PER_COMMAND_MAX * (NAME_BYTES_MAX + 16) <= COMMAND_BYTES_MAX,
+    "a CreateQueues of internal queue names fits a command"
+);
+const _: () = assert!(
+    ACK_OFFSETS_MAX * 10 + NAME_BYTES_MAX * 2 + 64 <= COMMAND_BYTES_MAX,
+    "the largest Ack fits a command"
 );
 const _: () = assert!(NAME_BYTES_MAX < UNAUTHENTICATED_FRAME_BYTES_MAX);
 const _: () = assert!(
     (QUEUES_PER_TOPIC_MAX as usize) <= QUEUES_MAX,
     "one topic can be created"
 );
+const _: () = assert!(TERM_ACCEPTED_MAX < u64::MAX / 2);
+
+/// Whether `name` may name a topic or a consumer group: 1 to [`NAME_BYTES_MAX`] bytes of
+/// `[A-Za-z0-9._-]` (Kafka's rule), so names are safe in logs, paths and the internal retry
+/// and dead-letter names, which start with `%`. `what` names the thing in the refusal.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} name is empty"));
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(format!(
+            "{what} name of {} bytes exceeds the maximum of {NAME_BYTES_MAX}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} name {name:?} holds {c:?}: only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `member` may name a consumer group member: 1 to [`MEMBER_BYTES_MAX`] bytes with no
+/// control character (member ids are free-form, often a host and process id).
+pub fn check_member(member: &str) -> Result<(), String> {
+    if member.is_empty() {
+        return Err("member id is empty".into());
+    }
+    if member.len() > MEMBER_BYTES_MAX {
+        return Err(format!(
+            "member id of {} bytes exceeds the maximum of {MEMBER_BYTES_MAX}",
+            member.len()
+        ));
+    }
+    if member.chars().any(char::is_control) {
+        return Err(format!("member id {member:?} holds a control character"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kafkas_rule() {
+        assert!(check_name("topic", "orders.v2_EU-1").is_ok());
+        assert!(check_name("topic", &"a".repeat(NAME_BYTES_MAX)).is_ok());
+        for bad in ["", "a b", "a\nb", "a\0", "%RETRY%g", "é", "a/b"] {
+            assert!(check_name("topic", bad).is_err(), "{bad:?}");
+        }
+        let err = check_name("topic", &"a".repeat(NAME_BYTES_MAX + 1)).unwrap_err();
+        assert!(err.contains("250 bytes"), "{err}");
+        assert!(check_member("host-1:4242").is_ok());
+        assert!(check_member("").is_err());
+        assert!(check_member("a\nb").is_err());
+        assert!(check_member(&"m".repeat(MEMBER_BYTES_MAX + 1)).is_err());
+    }
+}

@@ -18,7 +18,9 @@ use holdfast_core::broker::{
     BrokerConfig, BrokerState, Command, DEDUP_WINDOW_SEQS, Message, Offset, Origin, Outcome,
     ProducerId, QueueId, Refusal, Seq, StoredMessage, decode_command, encode_command,
 };
-use holdfast_core::node::{MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, decode_entry};
+use holdfast_core::node::{
+    MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied, decode_entry,
+};
 use holdfast_core::raft::{EntryKind, GroupId};
 
 const TOPIC: &str = "orders";
@@ -720,15 +722,23 @@ impl Broker {
         let broker_groups: Vec<GroupId> = (1..=GroupId::from(groups % 4)).collect();
         let MetaCommand::CreateTopic { topic, queues } = command.clone();
         let existing = self.topics.get(&topic).copied();
-        let created = self.meta.apply(command, &broker_groups);
+        let applied = self.meta.apply(command, &broker_groups);
+        let queues_total: u64 = self.topics.values().map(|q| u64::from(*q)).sum();
+        // `apply` leaves names to the node (see `MetaState::check_create`).
         let expected = match existing {
-            Some(count) => count == queues,
-            None => !broker_groups.is_empty() && (1..=QUEUES_PER_TOPIC_MAX).contains(&queues),
+            Some(count) => (count == queues).then_some(TopicApplied::Existed),
+            None => (!broker_groups.is_empty()
+                && (1..=QUEUES_PER_TOPIC_MAX).contains(&queues)
+                && self.topics.len() < holdfast_core::limits::TOPICS_MAX
+                && queues_total + u64::from(queues) <= holdfast_core::limits::QUEUES_MAX as u64)
+                .then_some(TopicApplied::Created),
         };
         assert_eq!(
-            created, expected,
-            "CreateTopic {topic:?} of {queues} queues"
+            applied.clone().ok(),
+            expected,
+            "CreateTopic {topic:?} of {queues} queues: {applied:?}"
         );
+        let created = applied == Ok(TopicApplied::Created);
         if existing.is_none() && created {
             self.topics.insert(topic.clone(), queues);
             self.stats.topics_created += 1;

@@ -26,8 +26,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use holdfast_core::raft::{
     AppendResult, CompactError, Config, Entry, EntryKind, Envelope, GroupId, HardState, Index,
-    Message, NodeId, ProposalId, ProposalOutcome, Recovered, Replica, Role, Snapshot, Term, Write,
-    WriteId,
+    Message, NodeId, ProposalId, ProposalOutcome, Recovered, Replica, Role, Snapshot,
+    TERM_ACCEPTED_MAX, TERM_MAX, Term, Write, WriteId,
 };
 use holdfast_core::time::Instant;
 
@@ -173,6 +173,8 @@ pub struct RaftStats {
     pub ops: usize,
     pub forged: usize,
     pub restarts: usize,
+    /// Forged messages whose term was above [`TERM_ACCEPTED_MAX`].
+    pub far_terms: usize,
     /// Distinct (term, leader) pairs seen.
     pub leaders: usize,
     pub max_commit: Index,
@@ -520,6 +522,9 @@ impl Group {
                 let from = NodeId::from(from % 4) + 1; // 4 is not a member
                 let message = forge(&self.nodes[to].replica, now, message);
                 self.stats.forged += 1;
+                if message.term() > TERM_ACCEPTED_MAX {
+                    self.stats.far_terms += 1;
+                }
                 self.nodes[to].replica.step(now, from, message);
             }
             Op::Tick { node, millis } => {
@@ -668,6 +673,42 @@ impl Group {
                 }
             }
         }
+    }
+
+    /// Whatever came before (forged messages of any term included), once the network is
+    /// honest and timers fire, the replicas elect a leader of the highest term any of them
+    /// holds. Above the term limit replicas reach each other one term per message, so the
+    /// bound on rounds grows with the number of forged messages.
+    fn elect(&mut self) {
+        let rounds = 256 + 8 * self.stats.forged;
+        for _ in 0..rounds {
+            self.apply(Op::Settle { rounds: 7 });
+            let term_max = self.nodes.iter().map(|n| n.replica.status().term).max();
+            let elected = self.nodes.iter().any(|n| {
+                let status = n.replica.status();
+                status.role == Role::Leader && Some(status.term) == term_max
+            });
+            if elected {
+                return;
+            }
+            // The earliest timer fires alone (replicas seeded alike would split every vote).
+            let Some(first) = self
+                .nodes
+                .iter_mut()
+                .min_by_key(|n| n.replica.poll_timeout())
+            else {
+                break;
+            };
+            self.now = self.now.max(first.replica.poll_timeout());
+            first.replica.handle_timeout(self.now);
+            self.drain_and_check();
+        }
+        let terms: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|n| (n.replica.status().role, n.replica.status().term))
+            .collect();
+        panic!("no leader after {rounds} honest rounds: {terms:?}");
     }
 
     /// Polls every output of every replica, checking each one and the replica's state.
@@ -920,9 +961,18 @@ fn term_of(replica: &Replica, index: Index) -> Option<Term> {
     }
 }
 
-/// A term around `base`: `base - 2 ..= base + 2`.
+/// A term around `base`: `base - 2 ..= base + 2`; or, for the top few offsets, a term no
+/// honest election reaches (around the refusal limit and the end of the term space).
 fn near_term(offset: u8, base: Term) -> Term {
-    base.saturating_sub(2) + Term::from(offset % 5)
+    match offset {
+        250 => TERM_ACCEPTED_MAX,
+        251 => TERM_ACCEPTED_MAX + 1,
+        252 => TERM_ACCEPTED_MAX + 2,
+        253 => TERM_MAX - 1,
+        254 => TERM_MAX,
+        255 => u64::MAX,
+        _ => base.saturating_sub(2) + Term::from(offset % 5),
+    }
 }
 
 /// An index around `base`: `base - 4 ..= base + 2`.
@@ -1113,6 +1163,7 @@ pub fn run_raft_messages(data: &[u8]) -> RaftStats {
         group.drain_and_check();
         group.stats.ops += 1;
     }
+    group.elect();
     group.stats
 }
 

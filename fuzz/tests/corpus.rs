@@ -60,6 +60,20 @@ fn raft_messages_corpus_replays_cleanly() {
     assert!(total.forged > 0, "no input forges a message: {total:?}");
 }
 
+/// Random inputs that forge messages of terms near the end of the term space: every run
+/// ends with the check that the replicas still elect (in `run_raft_messages`), and enough of
+/// them reach such terms for that to mean something.
+#[test]
+fn raft_messages_far_terms_leave_the_group_able_to_elect() {
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut far = 0;
+    for _ in 0..200 {
+        let data: Vec<u8> = (0..512).map(|_| rng.next() as u8).collect();
+        far += run_raft_messages(&data).far_terms;
+    }
+    assert!(far > 0, "no input forged a far term");
+}
+
 #[test]
 fn raft_messages_survives_degenerate_inputs() {
     for data in [

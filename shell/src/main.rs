@@ -254,14 +254,16 @@ fn topic(command: TopicCommand) -> Result<(), String> {
                 queues,
             };
             match admin.ask_leader(request, wait) {
-                Ok(Response::TopicCreated { .. }) => {
+                Ok(Response::TopicCreated { existed: false, .. }) => {
                     out!("created topic {name} with {queues} queues");
                     Ok(())
                 }
+                Ok(Response::TopicCreated { existed: true, .. }) => {
+                    out!("topic {name} already exists with {queues} queues");
+                    Ok(())
+                }
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(ClientError::Refused(reason)) => Err(format!(
-                    "topic {name}: {reason} (does it exist with another queue count?)"
-                )),
+                Err(ClientError::Refused(reason)) => Err(format!("topic {name}: {reason}")),
                 Err(e) => Err(e.to_string()),
             }
         }

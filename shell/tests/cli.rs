@@ -192,6 +192,31 @@ fn the_readme_walkthrough_works_and_survives_a_restart() {
     let unknown = holdfast(&cluster, &["produce", "nosuch", "x"]);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown topic"));
+    // A refused creation is answered at once, says why and exits non-zero; the same creation
+    // again says the topic exists.
+    let started = Instant::now();
+    for (name, queues, why) in [
+        ("orders", "5", "exists with 4 queues"),
+        ("fresh", "0", "1 to 1024 queues"),
+        ("fresh", "100000", "1 to 1024 queues"),
+        ("bad name", "1", "topic name"),
+    ] {
+        let refused = holdfast(&cluster, &["topic", "create", name, "--queues", queues]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(why),
+            "{stderr}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusals come at once"
+    );
+    let again = stdout(&holdfast(
+        &cluster,
+        &["topic", "create", "orders", "--queues", "4"],
+    ));
+    assert!(again.contains("already exists with 4 queues"), "{again}");
 
     let first_client_file = std::fs::read_to_string(&cluster.client_file).expect("client file");
     cluster.interrupt();

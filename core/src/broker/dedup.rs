@@ -24,6 +24,28 @@ struct Batch {
 pub(super) struct ProducerWindow {
     batches: BTreeMap<Seq, Batch>,
     seq_max: Seq,
+    /// When the producer last wrote a batch, counted in batches the group has recorded: its
+    /// place in the least-recently-used order by which producers are forgotten (see
+    /// `BrokerState`). Part of the applied state, so every replica forgets the same one.
+    pub(super) touched: u64,
+}
+
+/// A window as snapshots of version 1 hold it, before `touched`.
+#[derive(Deserialize)]
+pub(super) struct ProducerWindowV1 {
+    batches: BTreeMap<Seq, Batch>,
+    seq_max: Seq,
+}
+
+impl From<ProducerWindowV1> for ProducerWindow {
+    /// Every producer of an old snapshot counts as used at once; ties go by producer id.
+    fn from(v1: ProducerWindowV1) -> ProducerWindow {
+        ProducerWindow {
+            batches: v1.batches,
+            seq_max: v1.seq_max,
+            touched: 0,
+        }
+    }
 }
 
 /// What the window says about a batch about to be appended.

@@ -10,14 +10,17 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::dedup::ProducerWindow;
+use super::dedup::{ProducerWindow, ProducerWindowV1};
 use super::offsets::GroupOffsets;
 use super::queue_log::QueueLog;
 use super::types::{ProducerId, QueueId};
 
 /// The format of [`crate::broker::BrokerState::snapshot`]'s bytes; bump it when the image
 /// changes shape, so an old build refuses a new snapshot instead of misreading it.
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
+/// The format before producers' windows carried their place in the least-recently-used order;
+/// still read.
+const SNAPSHOT_VERSION_V1: u8 = 1;
 
 /// The version byte in front, the checksum behind.
 const CHECKSUM_LEN: usize = 4;
@@ -80,6 +83,13 @@ pub(super) struct Image {
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
 }
 
+#[derive(Deserialize)]
+struct ImageV1 {
+    queues: BTreeMap<QueueId, QueueLog>,
+    offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    producers: BTreeMap<ProducerId, ProducerWindowV1>,
+}
+
 pub(super) fn encode(image: &ImageRef<'_>) -> Vec<u8> {
     // Serialising in-memory maps of plain values to a Vec cannot fail; if serde ever reports
     // an error, the empty result is refused as truncated on restore, loudly, rather than
@@ -97,7 +107,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
     let Some(&version) = bytes.first() else {
         return Err(SnapshotError::Truncated { len: 0 });
     };
-    if version != SNAPSHOT_VERSION {
+    if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_V1 {
         return Err(SnapshotError::UnknownVersion(version));
     }
     let Some(body_end) = bytes
@@ -115,8 +125,23 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
     if stored != computed {
         return Err(SnapshotError::Checksum { stored, computed });
     }
-    let (mut image, rest): (Image, &[u8]) = postcard::take_from_bytes(&checked[1..])
-        .map_err(|e| SnapshotError::Undecodable(e.to_string()))?;
+    let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
+    let (mut image, rest): (Image, &[u8]) = if version == SNAPSHOT_VERSION_V1 {
+        let (v1, rest): (ImageV1, &[u8]) =
+            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+        let image = Image {
+            queues: v1.queues,
+            offsets: v1.offsets,
+            producers: v1
+                .producers
+                .into_iter()
+                .map(|(id, window)| (id, window.into()))
+                .collect(),
+        };
+        (image, rest)
+    } else {
+        postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?
+    };
     if !rest.is_empty() {
         return Err(SnapshotError::TrailingBytes(rest.len()));
     }

@@ -1,6 +1,6 @@
 //! The applied state of one broker group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::codec::decode_command;
 use super::dedup::{ProducerWindow, Verdict};
@@ -8,6 +8,7 @@ use super::offsets::GroupOffsets;
 use super::queue_log::QueueLog;
 use super::snapshot::{self, ImageRef, SnapshotError};
 use super::types::*;
+use crate::limits::PRODUCERS_PER_GROUP_MAX;
 use crate::raft::Canary;
 
 #[derive(Clone, Debug, Default)]
@@ -17,6 +18,10 @@ pub struct BrokerState {
     /// `(group, queue)` to the group's progress there.
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
+    /// Derived from `producers` (not in the snapshot): each producer by when it last wrote,
+    /// least recent first, and the latest such time.
+    by_touch: BTreeSet<(u64, ProducerId)>,
+    touched_max: u64,
 }
 
 impl BrokerState {
@@ -47,16 +52,30 @@ impl BrokerState {
     /// bytes, or another format version, are an error, never a panic or a partial state.
     pub fn restore(config: BrokerConfig, bytes: &[u8]) -> Result<BrokerState, SnapshotError> {
         let image = snapshot::decode(bytes)?;
-        let producers = if Canary::SnapshotOmitsDedup.planted(config.canary) {
-            BTreeMap::new()
-        } else {
-            image.producers
-        };
+        let producers: BTreeMap<ProducerId, ProducerWindow> =
+            if Canary::SnapshotOmitsDedup.planted(config.canary) {
+                BTreeMap::new()
+            } else {
+                image.producers
+            };
+        if producers.len() > PRODUCERS_PER_GROUP_MAX {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} producers, more than the maximum of {PRODUCERS_PER_GROUP_MAX}",
+                producers.len()
+            )));
+        }
+        let by_touch = producers
+            .iter()
+            .map(|(id, window)| (window.touched, *id))
+            .collect();
+        let touched_max = producers.values().map(|w| w.touched).max().unwrap_or(0);
         Ok(BrokerState {
             config,
             queues: image.queues,
             offsets: image.offsets,
             producers,
+            by_touch,
+            touched_max,
         })
     }
 
@@ -125,11 +144,13 @@ impl BrokerState {
                 seq: first_seq,
             });
         }
-        let window = self.producers.entry(producer_id).or_default();
         let verdict = if Canary::NoDedup.planted(self.config.canary) {
             Ok(Verdict::New)
         } else {
-            window.check(producer_id, first_seq, len)
+            match self.producers.get(&producer_id) {
+                Some(window) => window.check(producer_id, first_seq, len),
+                None => Ok(Verdict::New),
+            }
         };
         match verdict {
             Err(refusal) => return Outcome::Refused(refusal),
@@ -160,13 +181,36 @@ impl BrokerState {
             });
         }
         if !Canary::NoDedup.planted(self.config.canary) {
-            window.record(first_seq, len, queue.clone(), base_offset);
+            self.touch(producer_id)
+                .record(first_seq, len, queue.clone(), base_offset);
         }
         Outcome::Appended {
             queue,
             base_offset,
             duplicate: false,
         }
+    }
+
+    /// The window of `producer_id`, moved to the most recently used place. A producer new to
+    /// a full table takes the place of the least recently used one, whose retries are then
+    /// no longer recognised: the table stays within `PRODUCERS_PER_GROUP_MAX` however many
+    /// producer ids clients make up, and a producer that keeps writing is never the one
+    /// forgotten. (Refusing new producers instead would let anyone lock every new producer
+    /// out for good by filling the table once.)
+    fn touch(&mut self, producer_id: ProducerId) -> &mut ProducerWindow {
+        if !self.producers.contains_key(&producer_id)
+            && self.producers.len() >= PRODUCERS_PER_GROUP_MAX
+            && let Some((_, oldest)) = self.by_touch.pop_first()
+        {
+            self.producers.remove(&oldest);
+        }
+        self.touched_max += 1;
+        let touched = self.touched_max;
+        let window = self.producers.entry(producer_id).or_default();
+        self.by_touch.remove(&(window.touched, producer_id));
+        window.touched = touched;
+        self.by_touch.insert((touched, producer_id));
+        window
     }
 
     /// Acks of offsets below the queue's start (dropped by retention) are accepted and change

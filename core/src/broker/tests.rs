@@ -1065,7 +1065,8 @@ fn inconsistent_snapshots_are_refused() {
     type Offsets = BTreeMap<(String, QueueId), (Offset, BTreeSet<Offset>)>;
     type Windows = BTreeMap<ProducerId, (BTreeMap<Seq, (QueueId, Offset, u64)>, Seq)>;
     fn forge(image: &(Queues, Offsets, Windows)) -> Vec<u8> {
-        let mut bytes = postcard::to_extend(image, vec![SNAPSHOT_VERSION]).unwrap_or_default();
+        // Version 1's shape (windows without their place in the LRU order), still read.
+        let mut bytes = postcard::to_extend(image, vec![1]).unwrap_or_default();
         let checksum = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&checksum.to_le_bytes());
         bytes
@@ -1088,7 +1089,11 @@ fn inconsistent_snapshots_are_refused() {
         [(1, ([(0, (q.clone(), 5, 1))].into(), 0))].into(),
     );
     let state = restore(good.clone()).map_err(|e| e.to_string());
-    assert_eq!(state.as_ref().map(|s| s.snapshot()), Ok(forge(&good)));
+    // Read as version 1, written as the current version, which reads back the same.
+    let again = state.as_ref().map(|s| s.snapshot()).expect("restored");
+    assert_eq!(again[0], SNAPSHOT_VERSION);
+    let reread = BrokerState::restore(BrokerConfig::default(), &again).map(|s| s.snapshot());
+    assert_eq!(reread, Ok(again));
     assert_eq!(state.map(|s| s.message(&q, 5).cloned().is_some()), Ok(true));
 
     let mut bad = good.clone();
@@ -1129,4 +1134,41 @@ fn inconsistent_snapshots_are_refused() {
         matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
         "offsets past 2^63"
     );
+}
+
+#[test]
+fn a_new_producer_beyond_the_maximum_forgets_the_least_recently_used_one() {
+    use crate::limits::PRODUCERS_PER_GROUP_MAX;
+    let mut state = orders();
+    let max = PRODUCERS_PER_GROUP_MAX as u64;
+    for producer in 0..max {
+        appended_at(append(&mut state, 0, producer, 0, 1));
+    }
+    // Producer 0 writes again: now producer 1 is the least recently used.
+    appended_at(append(&mut state, 0, 0, 1, 1));
+    let mut restored =
+        BrokerState::restore(state.config().clone(), &state.snapshot()).expect("restores");
+    for state in [&mut state, &mut restored] {
+        appended_at(append(state, 0, max, 0, 1));
+        // Producer 0's retry is still known; producer 1's is not, and is written again.
+        assert!(
+            appended_at(append(state, 0, 0, 1, 1)).2,
+            "producer 0 remembered"
+        );
+        assert!(
+            !appended_at(append(state, 0, 1, 0, 1)).2,
+            "producer 1 forgotten"
+        );
+        // Which evicted producer 2, the next least recent, which in turn evicts producer 3.
+        assert!(
+            !appended_at(append(state, 0, 2, 0, 1)).2,
+            "producer 2 forgotten"
+        );
+        assert!(
+            appended_at(append(state, 0, 4, 0, 1)).2,
+            "producer 4 remembered"
+        );
+    }
+    // The replica that restored forgets exactly what the one that applied everything did.
+    assert_eq!(state.snapshot(), restored.snapshot());
 }

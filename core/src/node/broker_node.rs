@@ -10,26 +10,57 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
-use super::metadata::{METADATA_GROUP, MetaCommand, MetaState};
+use super::metadata::{METADATA_GROUP, MetaCommand, MetaState, TopicApplied};
 use super::protocol::{
     ClientId, ConsumerProgress, GroupStatus, Request, RequestId, Response, Route,
 };
 use crate::broker::{
-    BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
+    BrokerConfig, BrokerState, Command, Message, Outcome, QueueId, decode_command, encode_command,
+};
+use crate::limits::{
+    ACK_OFFSETS_MAX, COMMAND_BYTES_MAX, CONSUMER_GROUPS_MAX, CREATE_QUEUES_PER_COMMAND_MAX,
+    EVENTS_BUFFERED_MAX, MEMBERS_PER_GROUP_MAX, MESSAGE_PROPERTIES_MAX, MESSAGE_TAGS_MAX,
+    PULL_BYTES_MAX, PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX, SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX,
+    check_member, check_name,
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
-    ProposalOutcome, ProposeError, Recovered, Replica, Role, Term, Write,
+    ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role, Term, Write,
 };
 use crate::time::Instant;
 
-/// Batched commands are split into entries of about this many bytes (one command always goes):
-/// entries, records and AppendEntries stay far below the storage and wire limits.
-use crate::limits::ENTRY_BYTES_MAX;
-/// How often a parked pull on a leader without its read lease looks again.
 /// The most message bytes one `Send` may carry; larger batches are refused whole.
 pub use crate::limits::SEND_BYTES_MAX;
+/// Batched commands are split into entries of about this many bytes (one command always goes):
+/// entries, records and AppendEntries stay far below the storage and wire limits.
+use crate::limits::{COMMAND_FRAMING_BYTES, ENTRY_BYTES_MAX};
+/// How often a parked pull on a leader without its read lease looks again.
 const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// What happened in a node that its operator should see in the log: elections, leader
+/// changes, and input refused. Polled with [`BrokerNode::poll_event`]; the core reports them
+/// as they happen rather than leaving the driver to infer them from changes of state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// This node's replica of `group` won the election of `term`.
+    BecameLeader { group: GroupId, term: Term },
+    /// This node's replica of `group` stopped leading; `term` is its term now.
+    SteppedDown { group: GroupId, term: Term },
+    /// This node's replica of `group` follows `leader` in `term`.
+    LeaderChanged {
+        group: GroupId,
+        term: Term,
+        leader: NodeId,
+    },
+    /// A Raft message claiming to come from `from` was dropped unread.
+    MessageRefused {
+        group: GroupId,
+        from: NodeId,
+        why: String,
+    },
+    /// A client request was refused: it changed nothing.
+    RequestRefused { client: ClientId, why: String },
+}
 
 /// Static configuration of a node.
 #[derive(Clone, Debug)]
@@ -133,6 +164,15 @@ struct SnapshotPace {
     last_bytes: u64,
 }
 
+/// What applying one command did, to answer whoever proposed it.
+enum Applied {
+    Broker(Outcome),
+    Topic {
+        topic: String,
+        result: Result<TopicApplied, String>,
+    },
+}
+
 /// A client request inside a proposed entry.
 struct Waiter {
     client: ClientId,
@@ -148,11 +188,15 @@ struct Group {
     /// Proposed entries: the waiters of each command, in order.
     proposed: BTreeMap<ProposalId, Vec<Option<Waiter>>>,
     /// Outcomes of applied entries that carry proposals of ours, until their fate arrives.
-    applied: BTreeMap<Index, Vec<Outcome>>,
+    applied: BTreeMap<Index, Vec<Applied>>,
     /// Index of each proposal still in flight.
     proposal_index: BTreeMap<ProposalId, Index>,
     /// Queues this node asked the group to create and has not seen created yet.
     creating: BTreeSet<QueueId>,
+    /// The topic table changed, or this replica's leadership did, since its leader last
+    /// looked for queues the table places here and it has not created: the look is a pass
+    /// over the table, so it is not made on every event.
+    placement_stale: bool,
     pace: SnapshotPace,
     /// The index of a snapshot handed out to encode and not yet back.
     encoding: Option<Index>,
@@ -176,11 +220,17 @@ pub struct BrokerNode {
     responses: VecDeque<(ClientId, RequestId, Response)>,
     parked: Vec<ParkedPull>,
     next_proposal: ProposalId,
-    /// Topics this node was asked to create, awaiting the metadata commit.
-    creating_topics: Vec<(ClientId, RequestId, String)>,
     /// Consumer group to member to when it was last heard from. Soft state on the metadata
-    /// leader: a new leader learns the members from their next heartbeats.
+    /// leader: a new leader learns the members from their next heartbeats. At most
+    /// `CONSUMER_GROUPS_MAX` groups of `MEMBERS_PER_GROUP_MAX` members.
     members: BTreeMap<String, BTreeMap<String, Instant>>,
+    /// When `members` was last swept of expired members in every group.
+    members_swept_at: Option<Instant>,
+    /// For the operator's log; the oldest go first past `EVENTS_BUFFERED_MAX`.
+    events: VecDeque<NodeEvent>,
+    /// Passes over the topic table looking for queues to create, for tests to count.
+    #[cfg(test)]
+    pub(super) placement_scans: u64,
     applied: VecDeque<(GroupId, Entry)>,
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
@@ -233,6 +283,7 @@ impl BrokerNode {
                     applied: BTreeMap::new(),
                     proposal_index: BTreeMap::new(),
                     creating: BTreeSet::new(),
+                    placement_stale: true,
                     pace,
                     encoding: None,
                     trim_checked_at: None,
@@ -246,8 +297,11 @@ impl BrokerNode {
             responses: VecDeque::new(),
             parked: Vec::new(),
             next_proposal: 1,
-            creating_topics: Vec::new(),
             members: BTreeMap::new(),
+            members_swept_at: None,
+            events: VecDeque::new(),
+            #[cfg(test)]
+            placement_scans: 0,
             applied: VecDeque::new(),
             faults,
             snapshot_jobs: VecDeque::new(),
@@ -279,7 +333,19 @@ impl BrokerNode {
     // ----- inputs -----
 
     pub fn handle_peer(&mut self, now: Instant, envelope: Envelope) {
-        if envelope.to != self.config.id {
+        let why = if envelope.to != self.config.id {
+            Some(format!("addressed to node {}", envelope.to))
+        } else if !self.groups.contains_key(&envelope.group) {
+            Some("no such group".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.event(NodeEvent::MessageRefused {
+                group: envelope.group,
+                from: envelope.from,
+                why,
+            });
             return;
         }
         if let Some(group) = self.groups.get_mut(&envelope.group) {
@@ -332,6 +398,9 @@ impl BrokerNode {
     fn request(&mut self, now: Instant, client: ClientId, id: RequestId, request: Request) {
         match request {
             Request::Route { topic } => {
+                if let Err(why) = check_name("topic", &topic) {
+                    return self.refuse(client, id, why);
+                }
                 // A follower may not have applied a topic just created: only the metadata
                 // leader's word that a topic does not exist is final.
                 let response = match (self.routes(&topic), self.not_leader(METADATA_GROUP)) {
@@ -353,14 +422,17 @@ impl BrokerNode {
                     .push_back((client, id, Response::Topics { topics }));
             }
             Request::Status => {
+                // The first consumers only, so that the answer always fits a frame.
+                let mut consumers_left = STATUS_CONSUMERS_MAX;
                 let groups = self
                     .groups
                     .iter()
                     .map(|(group, g)| {
                         let s = g.raft.status();
-                        let consumers = match &g.machine {
+                        let consumers: Vec<ConsumerProgress> = match &g.machine {
                             Machine::Broker(state) => state
                                 .consume_offsets()
+                                .take(consumers_left)
                                 .map(|(group, queue, consume_offset)| ConsumerProgress {
                                     group: group.to_string(),
                                     queue: queue.clone(),
@@ -370,6 +442,7 @@ impl BrokerNode {
                                 .collect(),
                             Machine::Meta(_) => Vec::new(),
                         };
+                        consumers_left -= consumers.len();
                         GroupStatus {
                             consumers,
                             group: *group,
@@ -390,28 +463,60 @@ impl BrokerNode {
                 self.responses.push_back((client, id, response));
             }
             Request::Heartbeat { group, member } => {
+                if let Err(why) = check_name("consumer group", &group).and(check_member(&member)) {
+                    return self.refuse(client, id, why);
+                }
                 let response = self.heartbeat(now, group, Some(member));
                 self.responses.push_back((client, id, response));
             }
             Request::Leave { group, member } => {
+                if let Err(why) = check_name("consumer group", &group).and(check_member(&member)) {
+                    return self.refuse(client, id, why);
+                }
                 if let Some(members) = self.members.get_mut(&group) {
                     members.remove(&member);
+                    if members.is_empty() {
+                        self.members.remove(&group);
+                    }
                 }
                 let response = self.heartbeat(now, group, None);
                 self.responses.push_back((client, id, response));
             }
             Request::CreateTopic { topic, queues } => {
-                let command = MetaCommand::CreateTopic {
-                    topic: topic.clone(),
-                    queues,
-                };
-                let bytes = Bytes::from(postcard::to_allocvec(&command).unwrap_or_default());
                 if let Some(response) = self.not_leader(METADATA_GROUP) {
                     self.responses.push_back((client, id, response));
                     return;
                 }
-                self.creating_topics.push((client, id, topic));
-                self.enqueue(METADATA_GROUP, None, bytes);
+                // Refused or already there on the applied table: answered now. A creation of
+                // the same topic still in flight is sorted out when it applies.
+                let checked = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+                    Some(Machine::Meta(meta)) => {
+                        meta.check_create(&topic, queues, &self.config.broker_groups)
+                    }
+                    _ => Err("no metadata group".into()),
+                };
+                match checked {
+                    Err(why) => self.refuse(client, id, why),
+                    Ok(TopicApplied::Existed) => {
+                        let response = Response::TopicCreated {
+                            topic,
+                            existed: true,
+                        };
+                        self.responses.push_back((client, id, response));
+                    }
+                    Ok(TopicApplied::Created) => {
+                        let command = MetaCommand::CreateTopic { topic, queues };
+                        // A name and a number always encode.
+                        let bytes =
+                            Bytes::from(postcard::to_allocvec(&command).unwrap_or_default());
+                        let waiter = Waiter {
+                            client,
+                            request: id,
+                            queue: None,
+                        };
+                        self.enqueue(METADATA_GROUP, Some(waiter), bytes);
+                    }
+                }
             }
             Request::Send {
                 broker,
@@ -420,17 +525,8 @@ impl BrokerNode {
                 first_seq,
                 messages,
             } => {
-                let bytes: usize = messages
-                    .iter()
-                    .map(crate::broker::Message::size_bytes)
-                    .sum();
-                if bytes > SEND_BYTES_MAX {
-                    let reason = format!(
-                        "a send of {bytes} message bytes exceeds the maximum of {SEND_BYTES_MAX}"
-                    );
-                    self.responses
-                        .push_back((client, id, Response::Refused { reason }));
-                    return;
+                if let Err(why) = check_name("topic", &queue.topic).and(check_send(&messages)) {
+                    return self.refuse(client, id, why);
                 }
                 let command = Command::Append {
                     queue: queue.clone(),
@@ -447,6 +543,19 @@ impl BrokerNode {
                 queue,
                 offsets,
             } => {
+                let checked = check_consumer_queue(&group, &queue).and_then(|()| {
+                    if offsets.len() > ACK_OFFSETS_MAX {
+                        Err(format!(
+                            "an ack of {} offsets exceeds the maximum of {ACK_OFFSETS_MAX}",
+                            offsets.len()
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(why) = checked {
+                    return self.refuse(client, id, why);
+                }
                 let command = Command::Ack {
                     group,
                     queue: queue.clone(),
@@ -460,6 +569,9 @@ impl BrokerNode {
                 queue,
                 offset,
             } => {
+                if let Err(why) = check_consumer_queue(&group, &queue) {
+                    return self.refuse(client, id, why);
+                }
                 let command = Command::ReconsumeLater {
                     group,
                     queue: queue.clone(),
@@ -468,8 +580,44 @@ impl BrokerNode {
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
             }
-            pull @ Request::Pull { .. } => self.pull(now, client, id, pull),
+            Request::Pull {
+                broker,
+                group,
+                queue,
+                from,
+                messages_max,
+                bytes_max,
+                wait_ms,
+            } => {
+                if let Err(why) = check_consumer_queue(&group, &queue) {
+                    return self.refuse(client, id, why);
+                }
+                // What a client asks for is clamped, not refused: a response always fits.
+                let pull = Request::Pull {
+                    broker,
+                    group,
+                    queue,
+                    from,
+                    messages_max: messages_max.min(PULL_MESSAGES_MAX),
+                    bytes_max: bytes_max.min(PULL_BYTES_MAX as u32),
+                    wait_ms: wait_ms.min(PULL_WAIT_MS_MAX),
+                };
+                self.pull(now, client, id, pull)
+            }
         }
+    }
+
+    /// Answers `Refused` with `why`, now.
+    fn refuse(&mut self, client: ClientId, id: RequestId, why: String) {
+        self.responses
+            .push_back((client, id, Response::Refused { reason: why }));
+    }
+
+    fn event(&mut self, event: NodeEvent) {
+        if self.events.len() >= EVENTS_BUFFERED_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 
     // ----- outputs -----
@@ -486,7 +634,20 @@ impl BrokerNode {
     }
 
     pub fn poll_response(&mut self) -> Option<(ClientId, RequestId, Response)> {
-        self.responses.pop_front()
+        let answer = self.responses.pop_front()?;
+        if let (client, _, Response::Refused { reason }) = &answer {
+            self.event(NodeEvent::RequestRefused {
+                client: *client,
+                why: reason.clone(),
+            });
+        }
+        Some(answer)
+    }
+
+    /// The next thing the operator should see in the log; see [`NodeEvent`]. At most
+    /// `EVENTS_BUFFERED_MAX` wait: a driver that never polls loses the oldest.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
     }
 
     /// A state to encode into a snapshot; see [`SnapshotJob`].
@@ -564,15 +725,48 @@ impl BrokerNode {
             return response;
         }
         let session = std::time::Duration::from_millis(self.config.member_session_ms);
+        // Only a member joining adds a group: leaving never needs room.
+        if member.is_some()
+            && !self.members.contains_key(&group)
+            && self.members.len() >= CONSUMER_GROUPS_MAX
+        {
+            // Groups whose members all left without a word still count until swept; a sweep
+            // is a pass over every group, so at most one per session.
+            if self
+                .members_swept_at
+                .is_none_or(|at| now.saturating_since(at) >= session)
+            {
+                self.members_swept_at = Some(now);
+                self.members.retain(|_, members| {
+                    members.retain(|_, seen| now.saturating_since(*seen) < session);
+                    !members.is_empty()
+                });
+            }
+            if self.members.len() >= CONSUMER_GROUPS_MAX {
+                return Response::Refused {
+                    reason: format!(
+                        "the cluster tracks the maximum of {CONSUMER_GROUPS_MAX} consumer groups"
+                    ),
+                };
+            }
+        }
         let members = self.members.entry(group.clone()).or_default();
+        members.retain(|_, seen| now.saturating_since(*seen) < session);
         if let Some(member) = member {
+            if !members.contains_key(&member) && members.len() >= MEMBERS_PER_GROUP_MAX {
+                return Response::Refused {
+                    reason: format!(
+                        "consumer group {group} has the maximum of {MEMBERS_PER_GROUP_MAX} members"
+                    ),
+                };
+            }
             members.insert(member, now);
         }
-        members.retain(|_, seen| now.saturating_since(*seen) < session);
-        Response::Members {
-            group,
-            members: members.keys().cloned().collect(),
+        let members: Vec<String> = members.keys().cloned().collect();
+        if members.is_empty() {
+            self.members.remove(&group);
         }
+        Response::Members { group, members }
     }
 
     fn not_leader(&self, group: GroupId) -> Option<Response> {
@@ -604,6 +798,14 @@ impl BrokerNode {
             self.responses.push_back((client, id, response));
             return;
         }
+        let bytes = encode_command(&command);
+        if bytes.len() > COMMAND_BYTES_MAX {
+            let why = format!(
+                "the request encodes to {} bytes, more than the maximum of {COMMAND_BYTES_MAX}",
+                bytes.len()
+            );
+            return self.refuse(client, id, why);
+        }
         self.create_if_placed(group, &queue);
         if Canary::AckSendBeforeCommit.planted(self.config.canary)
             && matches!(command, Command::Append { .. })
@@ -618,7 +820,7 @@ impl BrokerNode {
                 duplicate: false,
             };
             self.responses.push_back((client, id, response));
-            self.enqueue(group, None, encode_command(&command));
+            self.enqueue(group, None, bytes);
             return;
         }
         if Canary::WriteDespiteRefusal.planted(self.config.canary)
@@ -627,7 +829,7 @@ impl BrokerNode {
             let reason = "refused (planted bug: written anyway)".to_string();
             self.responses
                 .push_back((client, id, Response::Refused { reason }));
-            self.enqueue(group, None, encode_command(&command));
+            self.enqueue(group, None, bytes);
             return;
         }
         let waiter = Waiter {
@@ -635,7 +837,7 @@ impl BrokerNode {
             request: id,
             queue: Some(queue),
         };
-        self.enqueue(group, Some(waiter), encode_command(&command));
+        self.enqueue(group, Some(waiter), bytes);
     }
 
     fn enqueue(&mut self, group: GroupId, waiter: Option<Waiter>, bytes: Bytes) {
@@ -737,6 +939,7 @@ impl BrokerNode {
     /// pulls, and creates queues the metadata placed on groups this node leads.
     fn settle(&mut self, now: Instant) {
         let mut woken = BTreeSet::new();
+        let mut table_changed = false;
         let broker_groups = self.config.broker_groups.clone();
         for (group_id, group) in &mut self.groups {
             if !group.batch.is_empty() {
@@ -745,6 +948,7 @@ impl BrokerNode {
             if let Some(snapshot) = group.raft.poll_restore() {
                 match group.machine.restored(&snapshot.data) {
                     Ok(machine) => {
+                        table_changed |= matches!(machine, Machine::Meta(_));
                         group.machine = machine;
                         group.pace = SnapshotPace {
                             last_bytes: snapshot.data.len() as u64,
@@ -780,18 +984,23 @@ impl BrokerNode {
                             if let Outcome::Appended { .. } | Outcome::Requeued { .. } = outcome {
                                 woken.insert(*group_id);
                             }
-                            outcomes.push(outcome);
+                            outcomes.push(Applied::Broker(outcome));
                         }
                         Machine::Meta(meta) => {
-                            let created = postcard::from_bytes::<MetaCommand>(bytes)
-                                .is_ok_and(|c| meta.apply(c, &broker_groups));
-                            outcomes.push(if created {
-                                Outcome::QueuesCreated
-                            } else {
-                                Outcome::Refused(crate::broker::Refusal::Malformed(
-                                    "topic exists with another queue count, or bad request".into(),
-                                ))
-                            });
+                            let applied = match postcard::from_bytes::<MetaCommand>(bytes) {
+                                Ok(command) => {
+                                    let MetaCommand::CreateTopic { topic, .. } = &command;
+                                    let topic = topic.clone();
+                                    let result = meta.apply(command, &broker_groups);
+                                    table_changed |= result == Ok(TopicApplied::Created);
+                                    Applied::Topic { topic, result }
+                                }
+                                Err(e) => Applied::Topic {
+                                    topic: String::new(),
+                                    result: Err(format!("malformed metadata command: {e}")),
+                                },
+                            };
+                            outcomes.push(applied);
                         }
                     }
                 }
@@ -827,8 +1036,34 @@ impl BrokerNode {
                         .push_back((waiter.client, waiter.request, response));
                 }
             }
+            while let Some(event) = group.raft.poll_event() {
+                if let RaftEvent::BecameLeader { .. } = event {
+                    group.placement_stale = true;
+                }
+                let group = *group_id;
+                let event = match event {
+                    RaftEvent::BecameLeader { term } => NodeEvent::BecameLeader { group, term },
+                    RaftEvent::SteppedDown { term } => NodeEvent::SteppedDown { group, term },
+                    RaftEvent::LeaderChanged { term, leader } => NodeEvent::LeaderChanged {
+                        group,
+                        term,
+                        leader,
+                    },
+                    RaftEvent::MessageRefused { from, why } => {
+                        NodeEvent::MessageRefused { group, from, why }
+                    }
+                };
+                if self.events.len() >= EVENTS_BUFFERED_MAX {
+                    self.events.pop_front();
+                }
+                self.events.push_back(event);
+            }
         }
-        self.answer_topic_creations();
+        if table_changed {
+            for group in self.groups.values_mut() {
+                group.placement_stale = true;
+            }
+        }
         self.create_placed_queues();
         self.propose_trims(now);
         for group in self.groups.values_mut() {
@@ -839,32 +1074,12 @@ impl BrokerNode {
         self.retry_parked(now, &woken);
     }
 
-    fn answer_topic_creations(&mut self) {
-        if self.creating_topics.is_empty() {
-            return;
-        }
-        let waiting = std::mem::take(&mut self.creating_topics);
-        for (client, id, topic) in waiting {
-            match self.routes(&topic) {
-                Response::Routes { .. } => {
-                    self.responses
-                        .push_back((client, id, Response::TopicCreated { topic }));
-                }
-                _ if self.not_leader(METADATA_GROUP).is_some() => {
-                    self.responses.push_back((client, id, Response::Unknown));
-                }
-                _ => self.creating_topics.push((client, id, topic)),
-            }
-        }
-    }
-
     /// A request may reach a group's leader before it has created a queue the topic table
     /// places there: create it in the same entry, ahead of the request.
     fn create_if_placed(&mut self, group: GroupId, queue: &QueueId) {
         let placed = matches!(
             self.groups.get(&METADATA_GROUP).map(|g| &g.machine),
-            Some(Machine::Meta(meta)) if meta.placement(&queue.topic)
-                .is_some_and(|p| p.iter().any(|(q, g)| q == queue && *g == group))
+            Some(Machine::Meta(meta)) if meta.group_of(queue) == Some(group)
         );
         let Some(g) = self.groups.get_mut(&group) else {
             return;
@@ -881,7 +1096,9 @@ impl BrokerNode {
         }
     }
 
-    /// The leader of a broker group creates the queues the topic table places there.
+    /// The leader of a broker group creates the queues the topic table places there. The
+    /// look is a pass over the whole table, made only when the table changed or the group's
+    /// leadership did since the last look, so no event costs work that grows with the table.
     fn create_placed_queues(&mut self) {
         let Some(Group {
             machine: Machine::Meta(meta),
@@ -890,20 +1107,31 @@ impl BrokerNode {
         else {
             return;
         };
-        let wanted: Vec<(GroupId, Vec<QueueId>)> = self
-            .config
-            .broker_groups
-            .iter()
-            .map(|g| (*g, meta.queues_of(*g)))
-            .collect();
+        let mut wanted: Vec<(GroupId, Vec<QueueId>)> = Vec::new();
+        for group_id in &self.config.broker_groups {
+            let Some(group) = self.groups.get(group_id) else {
+                continue;
+            };
+            if group.placement_stale && group.raft.status().role == Role::Leader {
+                wanted.push((*group_id, meta.queues_of(*group_id)));
+            }
+        }
+        for group in self.groups.values_mut() {
+            if group.raft.status().role != Role::Leader {
+                // Whoever leads next looks afresh.
+                group.creating.clear();
+                group.placement_stale = true;
+            }
+        }
+        #[cfg(test)]
+        {
+            self.placement_scans += wanted.len() as u64;
+        }
         for (group_id, queues) in wanted {
             let Some(group) = self.groups.get_mut(&group_id) else {
                 continue;
             };
-            if group.raft.status().role != Role::Leader {
-                group.creating.clear();
-                continue;
-            }
+            group.placement_stale = false;
             let Machine::Broker(state) = &group.machine else {
                 continue;
             };
@@ -911,12 +1139,14 @@ impl BrokerNode {
                 .into_iter()
                 .filter(|q| state.queue_len(q).is_none() && !group.creating.contains(q))
                 .collect();
-            if missing.is_empty() {
-                continue;
-            }
             group.creating.extend(missing.iter().cloned());
-            let command = Command::CreateQueues { queues: missing };
-            group.batch.push((None, encode_command(&command)));
+            // In several commands if need be, each within the size of one.
+            for chunk in missing.chunks(CREATE_QUEUES_PER_COMMAND_MAX) {
+                let command = Command::CreateQueues {
+                    queues: chunk.to_vec(),
+                };
+                group.batch.push((None, encode_command(&command)));
+            }
         }
     }
 
@@ -1016,7 +1246,7 @@ fn propose_batch(
         let take = batch
             .iter()
             .take_while(|(_, command)| {
-                bytes = bytes.saturating_add(command.len());
+                bytes = bytes.saturating_add(command.len() + COMMAND_FRAMING_BYTES);
                 bytes <= ENTRY_BYTES_MAX
             })
             .count()
@@ -1059,11 +1289,28 @@ fn propose_entry(
                 }
             }
             group.creating.clear();
+            group.placement_stale = true;
         }
     }
 }
 
-fn respond(outcome: Outcome, queue: Option<QueueId>) -> Response {
+fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
+    let outcome = match applied {
+        Applied::Broker(outcome) => outcome,
+        Applied::Topic {
+            topic,
+            result: Ok(applied),
+        } => {
+            return Response::TopicCreated {
+                topic,
+                existed: applied == TopicApplied::Existed,
+            };
+        }
+        Applied::Topic {
+            result: Err(reason),
+            ..
+        } => return Response::Refused { reason },
+    };
     match outcome {
         Outcome::Appended {
             queue,
@@ -1102,4 +1349,54 @@ pub fn decode_entry(kind: &EntryKind) -> Vec<Option<Command>> {
         EntryKind::Noop => Vec::new(),
         EntryKind::Commands(commands) => commands.iter().map(|c| decode_command(c).ok()).collect(),
     }
+}
+
+/// Why a send is refused before it is proposed: too many messages, tags or properties, or more
+/// message bytes than a send may carry. (Its encoded size is checked with the command.)
+fn check_send(messages: &[Message]) -> Result<(), String> {
+    if messages.len() > SEND_MESSAGES_MAX {
+        return Err(format!(
+            "a send of {} messages exceeds the maximum of {SEND_MESSAGES_MAX}",
+            messages.len()
+        ));
+    }
+    let mut bytes = 0usize;
+    for message in messages {
+        if message.tags.len() > MESSAGE_TAGS_MAX {
+            return Err(format!(
+                "a message with {} tags exceeds the maximum of {MESSAGE_TAGS_MAX}",
+                message.tags.len()
+            ));
+        }
+        if message.properties.len() > MESSAGE_PROPERTIES_MAX {
+            return Err(format!(
+                "a message with {} properties exceeds the maximum of {MESSAGE_PROPERTIES_MAX}",
+                message.properties.len()
+            ));
+        }
+        bytes = bytes.saturating_add(message.size_bytes());
+    }
+    if bytes > SEND_BYTES_MAX {
+        return Err(format!(
+            "a send of {bytes} message bytes exceeds the maximum of {SEND_BYTES_MAX}"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a consumer of `group` may name `queue`: a topic's queue, or the group's own retry
+/// or dead-letter queue (internal names, which no topic can take: they hold a `%`).
+fn check_consumer_queue(group: &str, queue: &QueueId) -> Result<(), String> {
+    check_name("consumer group", group)?;
+    if queue.is_retry() || queue.is_dead_letter() {
+        let own =
+            queue == &QueueId::retry(group, queue.queue) || queue == &QueueId::dead_letter(group);
+        if own {
+            return Ok(());
+        }
+        return Err(format!(
+            "queue {queue} is not a retry or dead-letter queue of consumer group {group}"
+        ));
+    }
+    check_name("topic", &queue.topic)
 }

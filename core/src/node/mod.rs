@@ -6,8 +6,10 @@ mod broker_node;
 mod metadata;
 pub mod protocol;
 
-pub use broker_node::{BrokerNode, NodeConfig, SEND_BYTES_MAX, SnapshotJob, decode_entry};
-pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX};
+pub use broker_node::{
+    BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, decode_entry,
+};
+pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied};
 
 #[cfg(test)]
 mod tests;

@@ -109,8 +109,11 @@ pub enum Response {
         topic: String,
         routes: Vec<Route>,
     },
+    /// The topic exists with the queue count asked for: created now, or `existed` already
+    /// (creating is idempotent; another count is refused).
     TopicCreated {
         topic: String,
+        existed: bool,
     },
     Topics {
         topics: Vec<(String, u32)>,

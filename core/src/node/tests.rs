@@ -12,6 +12,8 @@ use crate::client::{AckStatus, Consumer, ConsumerConfig, Producer, ProducerConfi
 use crate::raft::{Envelope, GroupId, NodeId, Recovered, Role};
 use crate::time::Instant;
 
+mod refusals;
+
 struct Cluster {
     now: Instant,
     nodes: BTreeMap<NodeId, BrokerNode>,
@@ -20,6 +22,8 @@ struct Cluster {
     next_request: u64,
     /// Nodes that are stopped: no timers, and messages to them are lost.
     down: std::collections::BTreeSet<NodeId>,
+    /// Check that every peer message fits a wire frame (it costs an encoding each).
+    check_frames: bool,
 }
 
 impl Cluster {
@@ -47,6 +51,7 @@ impl Cluster {
             responses: Vec::new(),
             next_request: 1,
             down: std::collections::BTreeSet::new(),
+            check_frames: false,
         }
     }
 
@@ -82,6 +87,14 @@ impl Cluster {
             }
             while let Some(envelope) = self.network.pop_front() {
                 quiet = false;
+                if self.check_frames {
+                    let frame = crate::wire::Frame::Peer(envelope.clone());
+                    let encoded = crate::wire::encode_frame(&frame, &mut Vec::new());
+                    assert!(
+                        encoded.is_ok(),
+                        "a peer message does not fit a frame: {encoded:?}"
+                    );
+                }
                 if self.down.contains(&envelope.to) || self.down.contains(&envelope.from) {
                     continue;
                 }
@@ -169,6 +182,7 @@ fn cluster_with_orders() -> (Cluster, NodeId) {
     let created = cluster.ask(meta, create);
     let expected = Response::TopicCreated {
         topic: "orders".into(),
+        existed: false,
     };
     assert_eq!(created, expected);
     (cluster, meta)

@@ -67,7 +67,7 @@ impl RaftLog {
         let mut bytes = 0usize;
         let mut slice = Vec::new();
         for entry in self.entries[start..].iter().take(count_max) {
-            bytes = bytes.saturating_add(entry.command_bytes());
+            bytes = bytes.saturating_add(entry.encoded_bytes_max());
             if !slice.is_empty() && bytes > bytes_max {
                 break;
             }

@@ -25,5 +25,5 @@ mod replica;
 mod tests;
 mod types;
 
-pub use replica::{Replica, TERM_MAX};
+pub use replica::{Replica, TERM_ACCEPTED_MAX, TERM_MAX};
 pub use types::*;

@@ -46,6 +46,11 @@ struct IncomingSnapshot {
 
 /// Messages of this term or higher are dropped unread.
 pub const TERM_MAX: Term = u64::MAX / 2;
+/// Messages of a term above this, and more than one past the replica's own, are dropped
+/// unread and reported: see [`crate::limits::TERM_ACCEPTED_MAX`].
+pub use crate::limits::TERM_ACCEPTED_MAX;
+/// Events a replica holds for its driver; past it the oldest are dropped.
+const EVENTS_MAX: usize = 64;
 
 pub struct Replica {
     config: Config,
@@ -105,6 +110,7 @@ pub struct Replica {
     restore: Option<Snapshot>,
 
     // Outputs.
+    events: VecDeque<RaftEvent>,
     ready: VecDeque<Envelope>,
     /// Messages waiting until the given write is durable, oldest first.
     waiting: VecDeque<(WriteId, Envelope)>,
@@ -167,6 +173,7 @@ impl Replica {
             snapshot_dirty: false,
             incoming_snapshot: None,
             restore: None,
+            events: VecDeque::new(),
             ready: VecDeque::new(),
             waiting: VecDeque::new(),
             config,
@@ -184,12 +191,45 @@ impl Replica {
     /// Handles one message from the replica of node `from`.
     pub fn step(&mut self, now: Instant, from: NodeId, message: Message) {
         if from == self.config.id || !self.config.voters.contains(&from) {
+            self.event(RaftEvent::MessageRefused {
+                from,
+                why: format!("node {from} is not another voter of this group"),
+            });
             return;
         }
         let term = message.term();
+        if term > TERM_ACCEPTED_MAX && term > self.term.saturating_add(1) {
+            // No honest election jumps there: a corrupt or hostile peer. Adopting it would
+            // leave too few terms to campaign in (at `TERM_MAX` none: `term + 1` overflows),
+            // and once durable it would stay after a restart. It is dropped unread; but as
+            // any message of a newer term would, it moves this replica's term on, only by
+            // one (or up to the limit): replicas honestly past the limit (after a forged
+            // message pushed them to it) then still reach each other one term at a time, and
+            // no message can take a replica more than one term past the limit.
+            self.event(RaftEvent::MessageRefused {
+                from,
+                why: format!(
+                    "term {term} is above the maximum of {TERM_ACCEPTED_MAX} and more than one \
+                     past this replica's term {}",
+                    self.term
+                ),
+            });
+            let bumps = match &message {
+                Message::PreVote { .. } | Message::PreVoteResponse { granted: true, .. } => false,
+                Message::Vote { .. } => !self.in_lease(now),
+                _ => true,
+            };
+            let bumped = self.term.saturating_add(1).max(TERM_ACCEPTED_MAX);
+            if bumps && bumped < TERM_MAX {
+                self.become_follower(now, bumped, None);
+            }
+            return;
+        }
         if term >= TERM_MAX {
-            // No election could have reached it: a corrupt or hostile peer. Adopting it would
-            // leave no term to campaign in (`term + 1` overflows).
+            self.event(RaftEvent::MessageRefused {
+                from,
+                why: format!("term {term} leaves no term to campaign in"),
+            });
             return;
         }
         if term > self.term {
@@ -486,6 +526,18 @@ impl Replica {
         self.fates.pop_front()
     }
 
+    /// The next election, leader change or refused message, for the operator's log.
+    pub fn poll_event(&mut self) -> Option<RaftEvent> {
+        self.events.pop_front()
+    }
+
+    fn event(&mut self, event: RaftEvent) {
+        if self.events.len() >= EVENTS_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
     /// Whether this leader may serve reads from its applied state without asking anyone: a
     /// majority (itself included) answered heartbeats recent enough that none of them will
     /// vote for another leader yet, and it has committed an entry of its own term, so its
@@ -603,6 +655,17 @@ impl Replica {
             self.vote = None;
             self.mark_term_dirty();
         }
+        if self.role == Role::Leader {
+            self.event(RaftEvent::SteppedDown { term: self.term });
+        }
+        if let Some(leader) = leader
+            && self.leader != Some(leader)
+        {
+            self.event(RaftEvent::LeaderChanged {
+                term: self.term,
+                leader,
+            });
+        }
         self.role = Role::Follower;
         self.leader = leader;
         self.leader_contact = leader.map(|_| now);
@@ -659,6 +722,7 @@ impl Replica {
     }
 
     fn become_leader(&mut self, now: Instant) {
+        self.event(RaftEvent::BecameLeader { term: self.term });
         self.role = Role::Leader;
         self.leader = Some(self.config.id);
         self.leader_contact = None;

@@ -217,21 +217,64 @@ fn a_wiped_replica_is_never_repaired_and_never_votes() {
 }
 
 #[test]
-fn a_message_of_an_absurd_term_is_dropped_unread() {
-    let mut replica = recovered(3, 2, None);
-    let before = replica.status().term;
-    let heartbeat = Message::Heartbeat {
-        term: u64::MAX,
-        commit: 0,
+fn a_message_of_an_absurd_term_is_dropped_unread_and_reported() {
+    for absurd in [u64::MAX, TERM_MAX, TERM_MAX - 1, TERM_ACCEPTED_MAX + 2] {
+        let mut replica = recovered(3, 2, None);
+        let heartbeat = Message::Heartbeat {
+            term: absurd,
+            commit: 2,
+            context: 0,
+        };
+        replica.step(later(1), 2, heartbeat);
+        let status = replica.status();
+        // Not adopted (its leader is not followed), though the replica moves to the limit,
+        // from where honest replicas go on one term at a time.
+        assert_eq!(status.term, TERM_ACCEPTED_MAX, "term {absurd}");
+        assert_eq!(status.leader, None, "term {absurd}");
+        assert!(
+            matches!(
+                replica.poll_event(),
+                Some(RaftEvent::MessageRefused { from: 2, ref why }) if why.contains("above the maximum")
+            ),
+            "term {absurd}"
+        );
+        // Still able to campaign: its own next term exists, and is one anyone accepts.
+        replica.handle_timeout(later(10));
+        assert!(
+            settle(&mut replica, later(10)).iter().any(
+                |m| matches!(m, Message::PreVote { term, .. } if *term == TERM_ACCEPTED_MAX + 1)
+            ),
+            "term {absurd}"
+        );
+    }
+}
+
+#[test]
+fn above_the_term_limit_terms_are_taken_one_at_a_time() {
+    let mut replica = recovered(TERM_ACCEPTED_MAX + 5, 2, None);
+    let heartbeat = |term| Message::Heartbeat {
+        term,
+        commit: 2,
         context: 0,
     };
-    replica.step(later(1), 2, heartbeat);
-    assert_eq!(replica.status().term, before, "not adopted");
-    // Still able to campaign: its own next term exists.
-    replica.handle_timeout(later(10));
-    assert!(
-        settle(&mut replica, later(10))
-            .iter()
-            .any(|m| matches!(m, Message::PreVote { term, .. } if *term == before + 1))
+    // One past its own: a leader elected after it; followed.
+    replica.step(later(1), 2, heartbeat(TERM_ACCEPTED_MAX + 6));
+    assert_eq!(replica.status().term, TERM_ACCEPTED_MAX + 6);
+    assert_eq!(replica.status().leader, Some(2));
+    // Further: refused, one term further on, following nobody.
+    replica.step(later(2), 3, heartbeat(TERM_ACCEPTED_MAX + 100));
+    assert_eq!(replica.status().term, TERM_ACCEPTED_MAX + 7);
+    assert_eq!(replica.status().leader, None);
+    // A pre-vote asking for a far term changes nothing.
+    replica.step(
+        later(3),
+        3,
+        Message::PreVote {
+            term: TERM_MAX - 1,
+            last_index: 9,
+            last_term: TERM_MAX - 2,
+        },
     );
+    assert_eq!(replica.status().term, TERM_ACCEPTED_MAX + 7);
+    assert!(!granted(&settle(&mut replica, later(3))));
 }

@@ -32,6 +32,17 @@ impl Entry {
             EntryKind::Commands(commands) => commands.iter().map(Bytes::len).sum(),
         }
     }
+
+    /// At least what it encodes to: its commands with their framing, and its header.
+    pub fn encoded_bytes_max(&self) -> usize {
+        let commands = match &self.kind {
+            EntryKind::Noop => 0,
+            EntryKind::Commands(commands) => commands.len(),
+        };
+        self.command_bytes()
+            + commands * crate::limits::COMMAND_FRAMING_BYTES
+            + crate::limits::ENTRY_HEADER_BYTES
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -159,6 +170,19 @@ pub enum AppendResult {
         hint_index: Index,
         hint_term: Term,
     },
+}
+
+/// What a replica reports for the operator's log ([`super::Replica::poll_event`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RaftEvent {
+    /// Won the election of `term`.
+    BecameLeader { term: Term },
+    /// Stopped leading; `term` is the replica's term now.
+    SteppedDown { term: Term },
+    /// Follows `leader` in `term`.
+    LeaderChanged { term: Term, leader: NodeId },
+    /// A message claiming to come from `from` was dropped unread.
+    MessageRefused { from: NodeId, why: String },
 }
 
 /// A message with its addressing, as returned by [`super::Replica::poll_message`].
@@ -522,7 +546,7 @@ impl Config {
             election_timeout_min: Duration::from_millis(150),
             election_timeout_max: Duration::from_millis(300),
             heartbeat_interval: Duration::from_millis(50),
-            append_entries_max: 64,
+            append_entries_max: crate::limits::APPEND_ENTRIES_MAX,
             append_bytes_max: crate::limits::APPEND_BYTES_MAX,
             inflight_appends_max: 8,
             uncommitted_entries_max: 4096,

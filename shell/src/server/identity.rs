@@ -116,6 +116,20 @@ impl Identity {
         recovered: &BTreeMap<GroupId, Recovered>,
         damaged: &mut BTreeMap<GroupId, Damage>,
     ) -> Result<(), String> {
+        // A group whose store found its state lost (recovery said votes-lost) is recorded
+        // here before the replica starts, so that it stays votes-lost once the replica has
+        // written a new state file.
+        let mut changed = false;
+        for (group, damage) in damaged.iter() {
+            if damage.votes_lost && self.file.votes_lost.insert(*group) {
+                warn!(
+                    group,
+                    "the group's state file was lost: recording its votes as lost in {}",
+                    IDENTITY_FILE
+                );
+                changed = true;
+            }
+        }
         for (group, disk) in recovered {
             if !self.file.votes_lost.contains(group) {
                 continue;
@@ -137,7 +151,7 @@ impl Identity {
         }
         let before = self.file.groups.len();
         self.file.groups.extend(recovered.keys().copied());
-        if self.file.groups.len() != before {
+        if changed || self.file.groups.len() != before {
             self.write()?;
         }
         Ok(())
@@ -441,6 +455,25 @@ mod tests {
         }
         let (_, damaged) = start(&config(&dir, 1, "new")).expect("restart");
         assert_eq!(damaged.len(), 3);
+    }
+
+    #[test]
+    fn a_group_whose_state_file_was_lost_stays_votes_lost() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().join("data");
+        let config = config(&dir, 1, "new");
+        start(&config).expect("first start");
+        // Recovery of group 2 found its state file lost.
+        let mut identity = Identity::open(&config).expect("restart");
+        let recovered: BTreeMap<GroupId, Recovered> =
+            (0..=2).map(|group| (group, Recovered::default())).collect();
+        let mut damaged = BTreeMap::from([(2, LOST)]);
+        identity.opened(&recovered, &mut damaged).expect("recorded");
+        assert_eq!(damaged, BTreeMap::from([(2, LOST)]));
+        // Later starts find a state file again, and the identity still says so.
+        let (_, damaged) = start(&config).expect("restart");
+        assert_eq!(damaged.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert!(damaged[&2].votes_lost);
     }
 
     #[test]

@@ -30,8 +30,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use holdfast_core::limits::{CONNECTIONS_MAX, REQUESTS_PENDING_PER_CONNECTION_MAX};
-use holdfast_core::node::BrokerNode;
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
+use holdfast_core::node::{BrokerNode, NodeEvent};
 use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION};
 use mio::net::{TcpListener, TcpStream};
@@ -784,6 +784,9 @@ impl Server {
             let frame = Frame::Response { id, response };
             self.queue(token, &frame);
         }
+        while let Some(event) = self.node.poll_event() {
+            log_event(event);
+        }
         let pending: Vec<Token> = self
             .conns
             .iter()
@@ -844,6 +847,23 @@ fn raise_open_files_limit() {
             open_files_max = limit.rlim_cur,
             "the open files limit is below CONNECTIONS_MAX ({CONNECTIONS_MAX}) plus the node's own files"
         );
+    }
+}
+
+/// Elections and leader changes at INFO, refusals at WARN, so a storm or an attack shows.
+fn log_event(event: NodeEvent) {
+    match event {
+        NodeEvent::BecameLeader { group, term } => info!(group, term, "became leader"),
+        NodeEvent::SteppedDown { group, term } => info!(group, term, "stepped down"),
+        NodeEvent::LeaderChanged {
+            group,
+            term,
+            leader,
+        } => info!(group, term, leader, "leader changed"),
+        NodeEvent::MessageRefused { group, from, why } => {
+            warn!(group, from, %why, "refused a peer message")
+        }
+        NodeEvent::RequestRefused { client, why } => warn!(client, %why, "refused a request"),
     }
 }
 

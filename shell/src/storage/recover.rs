@@ -96,8 +96,48 @@ impl GroupStore {
         }
         sync_dir(&group_dir)?;
         fsyncs += 1;
-        let (state_sequence, hard_state) = read_state(&state, &state_path)?;
         let synced_record = read_synced(&synced, &synced_path)?;
+        // The state slot is synced before any segment is written, so a log (or a snapshot,
+        // or a synced record) beside a missing, empty or unreadable state file means the
+        // state was lost: with it, the memory of this replica's votes. Taking it for a first
+        // start could vote twice in one term; it is damage, and the replica never votes again
+        // (as with a wiped disk).
+        let holds_log = !listing.segments.is_empty()
+            || !listing.snapshots.is_empty()
+            || synced_record.index.is_some_and(|index| index > 0);
+        let (state_sequence, hard_state, state_lost) = match read_state(&state, &state_path)? {
+            StateRead::Present(sequence, hard_state) => (sequence, hard_state, None),
+            StateRead::Missing if !holds_log => (0, HardState::default(), None),
+            StateRead::Missing => (
+                0,
+                HardState::default(),
+                Some(
+                    "the state file is missing or empty though the group's directory holds a log"
+                        .to_string(),
+                ),
+            ),
+            StateRead::Damaged(reason) => (
+                0,
+                HardState::default(),
+                Some(format!("the state file is damaged ({reason})")),
+            ),
+        };
+        if let Some(reason) = &state_lost {
+            if !repair {
+                return Err(StorageError::Corrupt {
+                    path: state_path,
+                    offset: None,
+                    index: None,
+                    reason: reason.clone(),
+                });
+            }
+            error!(
+                path = %state_path.display(),
+                "{reason}: this replica's term and votes are lost, so it will never vote or \
+                 campaign again (as after a wiped disk); its log is dropped and fetched again \
+                 from the leader"
+            );
+        }
         let synced_index = synced_record.index;
         let marker = group_dir.join(DAMAGE_MARKER);
         let earlier = read_damage_marker(&marker)?;
@@ -227,12 +267,27 @@ impl GroupStore {
                 snapshot: plan.snapshot,
                 entries: plan.entries,
             },
-            damage.map(|from| Damage {
-                from,
-                votes_lost: false,
-            }),
+            match state_lost {
+                Some(_) => Some(Damage {
+                    from: 1,
+                    votes_lost: true,
+                }),
+                None => damage.map(|from| Damage {
+                    from,
+                    votes_lost: false,
+                }),
+            },
         ))
     }
+}
+
+/// What the state file holds.
+enum StateRead {
+    Present(u64, HardState),
+    /// Missing or empty: nothing was ever written to it.
+    Missing,
+    /// Written, and unreadable now.
+    Damaged(String),
 }
 
 /// Damage that recovery found: where, and the first index that may be lost.
@@ -597,21 +652,16 @@ fn migrate_legacy_log(dir: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// The newest hard state and its slot sequence; a missing or empty file is the default state.
-fn read_state(file: &File, path: &Path) -> Result<(u64, HardState), StorageError> {
+/// The newest hard state and its slot sequence, if the file holds one.
+fn read_state(file: &File, path: &Path) -> Result<StateRead, StorageError> {
     let mut bytes = Vec::new();
     // One byte more than a valid file, so a longer one is refused without reading it all.
     file.take(STATE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| io_error(path, "read", e))?;
-    match decode_stored_state(&bytes) {
-        Ok(None) => Ok((0, HardState::default())),
-        Ok(Some(stored)) => Ok((stored.sequence, stored.hard_state)),
-        Err(e) => Err(StorageError::Corrupt {
-            path: path.to_path_buf(),
-            offset: None,
-            index: None,
-            reason: e.to_string(),
-        }),
-    }
+    Ok(match decode_stored_state(&bytes) {
+        Ok(None) => StateRead::Missing,
+        Ok(Some(stored)) => StateRead::Present(stored.sequence, stored.hard_state),
+        Err(e) => StateRead::Damaged(e.to_string()),
+    })
 }

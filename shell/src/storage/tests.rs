@@ -554,7 +554,9 @@ fn shutdown_finishes_submitted_writes() {
     let (store, _) = open(dir.path(), 1).expect("open");
     let (thread, _wakeups) = spawn_gated(BTreeMap::from([(1, store)]), Gate::new(true));
     for i in 1..=100 {
-        thread.submit(1, write(i, None, vec![noop(i, 1)]));
+        // A replica's term is durable before its entries of that term.
+        let state = (i == 1).then(|| hs(1, None, 0));
+        thread.submit(1, write(i, state, vec![noop(i, 1)]));
     }
     thread.shutdown();
     let (_, recovered) = open(dir.path(), 1).expect("reopen");
@@ -1386,7 +1388,8 @@ fn a_log_of_the_single_file_layout_becomes_the_first_segment() {
     for entry in &entries {
         holdfast_core::storage::encode_entry(entry, &mut bytes).expect("encode");
     }
-    fs::create_dir_all(group_dir(dir.path())).expect("mkdir");
+    // The layout had a state file too, written before the log.
+    write_synced(dir.path(), &[write(1, Some(hs(1, None, 0)), vec![])]);
     fs::write(group_dir(dir.path()).join("log"), &bytes).expect("write");
     let (_, recovered) = open(dir.path(), 1).expect("opens");
     assert_eq!(recovered.entries, entries);
@@ -1512,7 +1515,12 @@ fn random_writes_recover_as_the_model_says() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut model = SnapModel::default();
         let (mut store, _) = GroupStore::open(dir.path(), 1, &config).expect("open");
-        let mut id = 0;
+        // A replica's term is durable before any entry of it (recovery relies on it).
+        let first = write(1, Some(hs(1, None, 0)), vec![]);
+        store.write(&first).expect("write");
+        store.sync().expect("sync");
+        model.apply(&first);
+        let mut id = 1;
         for round in 0..40 {
             for _ in 0..1 + rng.below(4) {
                 id += 1;
@@ -1617,4 +1625,55 @@ fn a_snapshot_file_written_early_is_found_in_place_and_a_wrong_one_is_replaced()
     let (_, recovered) = GroupStore::open(dir.path(), 1, &tiny()).expect("open");
     assert_eq!(recovered.snapshot, Some(snap(25, 2)));
     assert_eq!(read_disk(dir.path()).0, Some(snap(25, 2)));
+}
+
+#[test]
+fn a_lost_or_damaged_state_file_beside_a_log_is_votes_lost_damage() {
+    let lost = Damage {
+        from: 1,
+        votes_lost: true,
+    };
+    type Harm = fn(&Path);
+    let harms: [(&str, Harm); 3] = [
+        ("deleted", |state| fs::remove_file(state).expect("rm")),
+        ("truncated", |state| set_file_len(state, 0)),
+        ("overwritten", |state| {
+            fs::write(state, vec![0xAB; 2 * SLOT_BYTES]).expect("write")
+        }),
+    ];
+    for (what, harm) in harms {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_synced(dir.path(), &five_entries());
+        let state = state_path(dir.path(), 1);
+        harm(&state);
+
+        // Not a first start: refused by a plain open, naming the file...
+        let message = expect_corrupt_message(dir.path());
+        assert!(message.contains("state file"), "{what}: {message}");
+        assert!(
+            message.contains(&state.display().to_string()),
+            "{what}: {message}"
+        );
+        // ...and the wiped-disk case for a repairing one: it will never vote again.
+        let (mut store, recovered, damage) = open_repairing(dir.path(), 1).expect("opens");
+        assert_eq!(damage, Some(lost), "{what}");
+        assert_eq!(recovered.hard_state, HardState::default(), "{what}");
+        // The replica writes a state again; the directory alone then looks whole, which is
+        // why the server records the loss in its identity (`identity.rs`).
+        store
+            .write(&write(6, Some(hs(4, None, 0)), vec![]))
+            .expect("write");
+        store.sync().expect("sync");
+        drop(store);
+        let (_, recovered, damage) = open_repairing(dir.path(), 1).expect("reopens");
+        assert_eq!(recovered.hard_state, hs(4, None, 0), "{what}");
+        assert_eq!(damage, None, "{what}");
+    }
+    // A missing state file and nothing else is a first start.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, recovered, damage) = open_repairing(dir.path(), 1).expect("opens");
+    assert_eq!((recovered.hard_state, damage), (HardState::default(), None));
+    fs::remove_file(state_path(dir.path(), 1)).expect("rm");
+    let (_, _, damage) = open_repairing(dir.path(), 1).expect("opens");
+    assert_eq!(damage, None);
 }

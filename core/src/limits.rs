@@ -109,6 +109,9 @@ pub const EVENTS_BUFFERED_MAX: usize = 1_024;
 /// election every second.
 pub const TERM_ACCEPTED_MAX: u64 = u64::MAX / 2 - (1 << 32);
 
+/// Client requests a node remembers, to drop a duplicated copy of one unanswered.
+pub const REQUESTS_REMEMBERED_MAX: usize = 65_536;
+
 // ----- connections (the shell) -----
 
 /// Connections one node accepts at once (peers and clients together); more are refused.

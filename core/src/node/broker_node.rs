@@ -14,6 +14,7 @@ use super::metadata::{METADATA_GROUP, MetaCommand, MetaState, TopicApplied};
 use super::protocol::{
     ClientId, ConsumerProgress, GroupStatus, Request, RequestId, Response, Route,
 };
+use super::seen_requests::SeenRequests;
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Message, Outcome, QueueId, decode_command, encode_command,
 };
@@ -219,6 +220,8 @@ pub struct BrokerNode {
     groups: BTreeMap<GroupId, Group>,
     responses: VecDeque<(ClientId, RequestId, Response)>,
     parked: Vec<ParkedPull>,
+    /// Requests taken, so a duplicated copy is dropped (see `seen_requests`).
+    seen_requests: SeenRequests,
     next_proposal: ProposalId,
     /// Consumer group to member to when it was last heard from. Soft state on the metadata
     /// leader: a new leader learns the members from their next heartbeats. At most
@@ -295,6 +298,7 @@ impl BrokerNode {
             config,
             groups,
             responses: VecDeque::new(),
+            seen_requests: SeenRequests::default(),
             parked: Vec::new(),
             next_proposal: 1,
             members: BTreeMap::new(),
@@ -396,6 +400,10 @@ impl BrokerNode {
     }
 
     fn request(&mut self, now: Instant, client: ClientId, id: RequestId, request: Request) {
+        if !self.seen_requests.first_time(client, id) {
+            // A copy of a request already taken: its answer comes (or came) for the first.
+            return;
+        }
         match request {
             Request::Route { topic } => {
                 if let Err(why) = check_name("topic", &topic) {

@@ -5,6 +5,7 @@
 mod broker_node;
 mod metadata;
 pub mod protocol;
+mod seen_requests;
 
 pub use broker_node::{
     BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, decode_entry,

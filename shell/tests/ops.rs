@@ -100,3 +100,155 @@ fn a_second_server_on_a_locked_data_directory_refuses_at_once_naming_the_holder(
     kill(third.id(), "-TERM");
     let _ = third.wait();
 }
+
+/// Three consecutive free ports and the three 100 above them, as `cluster --base-port` needs.
+fn base_port() -> u16 {
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let base = first.local_addr().expect("addr").port();
+        drop(first);
+        let rest_free = (0..3u16).chain(100..103).all(|i| {
+            base.checked_add(i)
+                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        });
+        if rest_free {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+/// `holdfast cluster` in `dir`, its stdout read line by line into a channel.
+fn start_cluster(dir: &Path, base: u16) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(HOLDFAST)
+        .args(["cluster", "--base-port", &base.to_string(), "--dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cluster starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Reads lines until one contains `what`; returns it.
+fn expect_line(lines: &std::sync::mpsc::Receiver<String>, what: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(what) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {what:?} in {limit:?}: {e}"),
+        }
+    }
+}
+
+fn lock_pid(node_data: &Path) -> Option<u32> {
+    std::fs::read_to_string(node_data.join("LOCK"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `holdfast status` against the cluster in `dir`: node `id`'s section, if it answered.
+fn node_answers(dir: &Path, id: usize) -> bool {
+    let output = Command::new(HOLDFAST)
+        .arg("status")
+        .env("HOLDFAST_CLIENT", dir.join("client.toml"))
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null())
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("node {id} ")));
+    lines.next().is_some_and(|l| !l.contains("no answer"))
+        && lines
+            .next()
+            .is_some_and(|l| l.trim_start().starts_with("group"))
+}
+
+/// Kills, when dropped, whichever processes hold these data directories' locks.
+struct Reaper(Vec<std::path::PathBuf>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for data in &self.0 {
+            if let Some(pid) = lock_pid(data).filter(|p| alive(*p)) {
+                kill(pid, "-KILL");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_local_cluster_restarts_a_killed_node_and_its_nodes_die_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (mut cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    // Whatever happens, the test leaves no node behind.
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let pids: Vec<u32> = (1..=3)
+        .map(|id| {
+            wait_for(Duration::from_secs(20), "a node locks", || {
+                lock_pid(&data(id))
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), "node 2 answers", || {
+        node_answers(dir.path(), 2).then_some(())
+    });
+
+    // A second cluster on the same directory refuses instead of rewriting its files.
+    let second = Command::new(HOLDFAST)
+        .args(["cluster", "--base-port", &base_port().to_string(), "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("second cluster runs");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("process {}", cluster.id())),
+        "{stderr}"
+    );
+
+    kill(pids[1], "-KILL");
+    let line = expect_line(&lines, "node 2 exited", Duration::from_secs(10));
+    assert!(line.contains("signal: 9"), "{line}");
+    assert!(line.contains("restarting in"), "{line}");
+    expect_line(&lines, "node 2 restarted", Duration::from_secs(10));
+    let new_pid = wait_for(Duration::from_secs(20), "node 2 locks again", || {
+        lock_pid(&data(2)).filter(|p| *p != pids[1])
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted node 2 answers",
+        || node_answers(dir.path(), 2).then_some(()),
+    );
+
+    // The cluster process killed outright: its nodes follow it.
+    let _ = cluster.kill();
+    let _ = cluster.wait();
+    let nodes = [pids[0], new_pid, pids[2]];
+    wait_for(Duration::from_secs(20), "every node exits", || {
+        nodes.iter().all(|p| !alive(*p)).then_some(())
+    });
+}

@@ -252,3 +252,145 @@ fn the_local_cluster_restarts_a_killed_node_and_its_nodes_die_with_it() {
         nodes.iter().all(|p| !alive(*p)).then_some(())
     });
 }
+
+/// Runs a client command from an empty directory, with only the settings given in `args`
+/// and `client_file`.
+fn client(client_file: Option<&Path>, args: &[&str]) -> std::process::Output {
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(HOLDFAST);
+    command
+        .args(args)
+        .current_dir(cwd.path())
+        .env_remove("HOLDFAST_CLIENT")
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null());
+    if let Some(file) = client_file {
+        command.env("HOLDFAST_CLIENT", file);
+    }
+    command.output().expect("holdfast runs")
+}
+
+fn closed_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    listener.local_addr().expect("addr")
+}
+
+#[test]
+fn an_unreachable_cluster_fails_at_once_with_code_3_naming_each_address_and_why() {
+    let (a, b) = (closed_port(), closed_port());
+    let servers = format!("{a},{b}");
+    for args in [
+        vec!["status", "--servers", &servers],
+        vec!["topic", "list", "--servers", &servers],
+        vec!["topic", "create", "t", "--servers", &servers],
+        vec!["produce", "t", "hello", "--servers", &servers],
+    ] {
+        let started = Instant::now();
+        let output = client(None, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{args:?}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{args:?}: slow");
+        for addr in [a, b] {
+            assert!(
+                stderr.contains(&format!("{addr} (connection refused)")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn servers_that_accept_but_never_answer_are_a_timeout_code_5() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let addr = silent.local_addr().expect("addr").to_string();
+    // Accepts and holds every connection, says nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let output = client(None, &["status", "--servers", &addr]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("no server answered"), "{stderr}");
+}
+
+#[test]
+fn refusals_exit_4_and_json_output_parses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (_cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+
+    let created = wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "orders", "--queues", "2"]);
+        output.status.success().then_some(output)
+    });
+    assert!(String::from_utf8_lossy(&created.stdout).contains("created topic orders"));
+
+    let produced = client(good, &["produce", "orders", "a", "b", "--output", "json"]);
+    assert!(produced.status.success(), "{produced:?}");
+    let receipts: Vec<serde_json::Value> = String::from_utf8_lossy(&produced.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(receipts.len(), 2);
+    for r in &receipts {
+        assert_eq!(r["topic"], "orders", "{r}");
+        assert!(r["queue"].as_u64().is_some_and(|q| q < 2), "{r}");
+        assert!(r["offset"].is_u64(), "{r}");
+        assert_eq!(r["ambiguous"], serde_json::Value::Bool(false), "{r}");
+    }
+
+    let listed = client(good, &["topic", "list", "--json"]);
+    let listed: serde_json::Value =
+        serde_json::from_slice(&listed.stdout).expect("topic list JSON");
+    assert_eq!(
+        listed["topics"],
+        serde_json::json!([{"name": "orders", "queues": 2}])
+    );
+    let described = client(good, &["topic", "describe", "orders", "--json"]);
+    let described: serde_json::Value =
+        serde_json::from_slice(&described.stdout).expect("topic describe JSON");
+    assert_eq!(described["topic"], "orders");
+    assert_eq!(described["queues"].as_array().map(Vec::len), Some(2));
+    assert_eq!(described["queues"][1]["queue"], 1);
+
+    let status = wait_for(Duration::from_secs(30), "every node knows a leader", || {
+        let output = client(good, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let nodes = status["nodes"].as_array()?.clone();
+        let all_led = nodes.iter().all(|n| {
+            n["answered"] == true
+                && n["groups"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().all(|g| g["leader"].is_u64()))
+        });
+        (output.status.success() && nodes.len() == 3 && all_led).then_some(status)
+    });
+    assert_eq!(status["nodes"][0]["node"], 1);
+
+    // The wrong token: the cluster refuses, exit 4.
+    let text = std::fs::read_to_string(&file).expect("client file");
+    let token_line = text
+        .lines()
+        .find(|l| l.starts_with("token"))
+        .expect("a token line");
+    let bad = dir.path().join("bad-client.toml");
+    std::fs::write(&bad, text.replace(token_line, "token = \"not-the-token\"")).expect("write");
+    for args in [
+        vec!["status"],
+        vec!["topic", "list"],
+        vec!["produce", "orders", "x"],
+    ] {
+        let output = client(Some(&bad), &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "{args:?}: {stderr}");
+        assert!(stderr.contains("refused"), "{args:?}: {stderr}");
+    }
+}

@@ -37,12 +37,21 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     if nodes == 0 || nodes > 9 {
         return Err(format!("--nodes {nodes}: a local cluster has 1 to 9 nodes"));
     }
+    if args.base_port == 0 || args.peer_base_port == 0 {
+        return Err("--base-port and --peer-base-port must be 1 to 65535".into());
+    }
     let ports = |base: u16| -> Result<Vec<SocketAddr>, String> {
         (0..nodes)
             .map(|i| {
                 base.checked_add(i)
                     .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-                    .ok_or_else(|| format!("port {base} + {i} is past 65535"))
+                    .ok_or_else(|| {
+                        format!(
+                            "node {}'s port would be {base} + {i}, past 65535: choose a lower \
+                             base port",
+                            i + 1
+                        )
+                    })
             })
             .collect()
     };

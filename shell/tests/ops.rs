@@ -394,3 +394,30 @@ fn refusals_exit_4_and_json_output_parses() {
         assert!(stderr.contains("refused"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn the_local_cluster_refuses_ports_past_65535_or_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        vec!["--base-port", "65534"],
+        vec!["--base-port", "65534", "--peer-base-port", "1000"],
+        vec!["--base-port", "1000", "--peer-base-port", "65535"],
+        vec!["--base-port", "0", "--peer-base-port", "1000"],
+    ] {
+        let output = Command::new(HOLDFAST)
+            .arg("cluster")
+            .args(&args)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("cluster runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    }
+    assert!(
+        !dir.path().join("node-1").exists(),
+        "nothing is started or written before the ports are checked"
+    );
+}

@@ -352,6 +352,13 @@ fn topic(command: TopicCommand) -> Result<(), Failed> {
     }
 }
 
+/// Sends from stdin in flight at once: enough to hide the round trip, well under what a
+/// server reads ahead of its answers (`REQUESTS_PENDING_PER_CONNECTION_MAX`).
+const PRODUCE_IN_FLIGHT_MAX: usize = 256;
+
+/// Sends each message as it is read, up to [`PRODUCE_IN_FLIGHT_MAX`] in flight, and prints
+/// the receipts in input order. Stops reading at the first failed send, lets the others end,
+/// and fails.
 fn produce(
     servers: ClientConfig,
     topic: &str,
@@ -359,22 +366,92 @@ fn produce(
     json: bool,
 ) -> Result<(), Failed> {
     let mut producer = Producer::connect(servers)?;
-    let mut send = |text: String| -> Result<(), Failed> {
-        let message = Message::with_body(Bytes::from(text));
-        let receipt = producer.send(topic, vec![message])?;
-        print_receipt(&receipt, json);
-        Ok(())
-    };
-    if messages.is_empty() {
-        for line in std::io::stdin().lock().lines() {
-            send(line.map_err(|e| format!("reading stdin: {e}"))?)?;
-        }
+    let mut lines: Box<dyn Iterator<Item = Result<String, Failed>>> = if messages.is_empty() {
+        Box::new(
+            std::io::stdin()
+                .lock()
+                .lines()
+                .map(|l| l.map_err(|e| Failed::from(format!("reading stdin: {e}")))),
+        )
     } else {
-        for text in messages {
-            send(text)?;
+        Box::new(messages.into_iter().map(Ok))
+    };
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {pos} sent ({per_sec}), {msg} {elapsed}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    // Receipts by send id (ids ascend in input order), printed once all before them are.
+    let mut done: BTreeMap<u64, SendReceipt> = BTreeMap::new();
+    let mut next_to_print = None;
+    let mut failed: Option<Failed> = None;
+    let mut ambiguous = 0u64;
+    let mut reading = true;
+    loop {
+        while reading && failed.is_none() && producer.in_flight() < PRODUCE_IN_FLIGHT_MAX {
+            match lines.next() {
+                None => reading = false,
+                Some(Err(e)) => failed = Some(e),
+                Some(Ok(text)) => {
+                    let message = Message::with_body(Bytes::from(text));
+                    match producer.send_async(topic, vec![message]) {
+                        Ok(id) => {
+                            next_to_print.get_or_insert(id);
+                        }
+                        Err(e) => failed = Some(e.into()),
+                    }
+                }
+            }
+        }
+        if producer.in_flight() == 0 {
+            break;
+        }
+        if let Some(why) = producer.refusal() {
+            failed.get_or_insert(Failed::refused(format!("refused: {why}")));
+            break;
+        }
+        for (id, result) in producer.poll(Duration::from_millis(100)) {
+            match result {
+                Ok(receipt) => {
+                    ambiguous += u64::from(receipt.ambiguous);
+                    done.insert(id, receipt);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e.into());
+                }
+            }
+        }
+        while let Some(next) = next_to_print {
+            let Some(receipt) = done.remove(&next) else {
+                break;
+            };
+            print_receipt(&receipt, json);
+            if let Some(bar) = &progress {
+                bar.inc(1);
+                bar.set_message(format!("{ambiguous} ambiguous"));
+            }
+            next_to_print = Some(next + 1);
         }
     }
-    Ok(())
+    // What came back after a failed send, in order; a gap is the failed one.
+    for receipt in done.values() {
+        print_receipt(receipt, json);
+    }
+    if let Some(bar) = progress {
+        bar.finish();
+    }
+    if ambiguous > 0 {
+        eprintln!("{ambiguous} send(s) ambiguous: resent after a lost answer, may be stored twice");
+    }
+    match failed {
+        Some(failed) => Err(failed),
+        None => Ok(()),
+    }
 }
 
 /// `queue@offset`, or one JSON object a line; an ambiguous send (resent after a lost answer,

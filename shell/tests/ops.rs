@@ -421,3 +421,51 @@ fn the_local_cluster_refuses_ports_past_65535_or_zero() {
         "nothing is started or written before the ports are checked"
     );
 }
+
+#[test]
+fn produce_from_stdin_pipelines_and_prints_every_receipt_once() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (_cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(Some(&file), &["topic", "create", "lines", "--queues", "4"]);
+        output.status.success().then_some(())
+    });
+    let count = 10_000;
+    let input: String = (0..count).map(|i| format!("line {i}\n")).collect();
+    let started = Instant::now();
+    let mut child = Command::new(HOLDFAST)
+        .args(["produce", "lines", "--json"])
+        .env("HOLDFAST_CLIENT", &file)
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("produce runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let output = child.wait_with_output().expect("produce ends");
+    writer.join().expect("writer").expect("stdin written");
+    let elapsed = started.elapsed();
+    assert!(output.status.success(), "{output:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let r: serde_json::Value = serde_json::from_str(line).expect("JSON receipt");
+        let place = (
+            r["queue"].as_u64().expect("queue"),
+            r["offset"].as_u64().expect("offset"),
+        );
+        assert!(seen.insert(place), "two receipts for one place: {place:?}");
+    }
+    assert_eq!(seen.len(), count, "one receipt per line");
+    eprintln!(
+        "produce: {count} lines from stdin in {elapsed:?}, {:.0} lines/s",
+        count as f64 / elapsed.as_secs_f64()
+    );
+}

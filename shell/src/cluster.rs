@@ -118,6 +118,18 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         }
         children.push(node);
     }
+    // The banner says "in another terminal ...": by then the client ports must accept, or the
+    // first command would be told the cluster is unreachable.
+    let ready_by = Instant::now() + READY_WAIT;
+    for (node, addr) in children.iter_mut().zip(&addrs) {
+        while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_err() {
+            if stop.load(Ordering::Relaxed) || Instant::now() >= ready_by {
+                break;
+            }
+            node.supervise();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     crate::out!("holdfast cluster: {nodes} nodes, data in {}", dir.display());
     for (i, addr) in addrs.iter().enumerate() {
         crate::out!(
@@ -170,6 +182,8 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// How long the banner waits for every node's client port to accept.
+const READY_WAIT: Duration = Duration::from_secs(15);
 /// How long a node has to finish its writes after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 

@@ -37,12 +37,21 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     if nodes == 0 || nodes > 9 {
         return Err(format!("--nodes {nodes}: a local cluster has 1 to 9 nodes"));
     }
+    if args.base_port == 0 || args.peer_base_port == 0 {
+        return Err("--base-port and --peer-base-port must be 1 to 65535".into());
+    }
     let ports = |base: u16| -> Result<Vec<SocketAddr>, String> {
         (0..nodes)
             .map(|i| {
                 base.checked_add(i)
                     .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-                    .ok_or_else(|| format!("port {base} + {i} is past 65535"))
+                    .ok_or_else(|| {
+                        format!(
+                            "node {}'s port would be {base} + {i}, past 65535: choose a lower \
+                             base port",
+                            i + 1
+                        )
+                    })
             })
             .collect()
     };
@@ -60,6 +69,9 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("cannot find {}: {e}", args.dir.display()))?;
     let dir = dir.as_path();
+    // A second `holdfast cluster` on this directory would rewrite the keys and the client file
+    // under the first one's nodes.
+    let _lock = crate::server::lock::DataDirLock::acquire(dir)?;
     let security = if args.no_auth {
         None
     } else {
@@ -75,7 +87,7 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         false,
     )?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let mut children: Vec<(u16, Child, PathBuf)> = Vec::new();
+    let mut children: Vec<Supervised> = Vec::new();
     for id in 1..=nodes {
         let node_dir = dir.join(format!("node-{id}"));
         fs::create_dir_all(&node_dir)
@@ -90,33 +102,42 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
             security.is_some().then_some(dir),
         );
         fs::write(&config, text).map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-        let log_path = node_dir.join("server.log");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let child = Command::new(&exe)
-            .arg("server")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start node {id}: {e}"))?;
-        children.push((id, child, log_path));
+        let mut node = Supervised {
+            id,
+            exe: exe.clone(),
+            config,
+            log: node_dir.join("server.log"),
+            child: None,
+            started: Instant::now(),
+            backoff: BACKOFF_MIN,
+            restart_at: None,
+        };
+        if let Err(e) = node.spawn() {
+            stop_all(&mut children);
+            return Err(e);
+        }
+        children.push(node);
+    }
+    // The banner says "in another terminal ...": by then the client ports must accept, or the
+    // first command would be told the cluster is unreachable.
+    let ready_by = Instant::now() + READY_WAIT;
+    for (node, addr) in children.iter_mut().zip(&addrs) {
+        while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_err() {
+            if stop.load(Ordering::Relaxed) || Instant::now() >= ready_by {
+                break;
+            }
+            node.supervise();
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     crate::out!("holdfast cluster: {nodes} nodes, data in {}", dir.display());
     for (i, addr) in addrs.iter().enumerate() {
         crate::out!(
-            "  node {} clients on {addr}, peers on {}  (log: {})",
+            "  node {} clients on {addr}, peers on {}  (pid {}, log: {})",
             i + 1,
             peers[i],
-            children[i].2.display()
+            children[i].child.as_ref().map_or(0, Child::id),
+            children[i].log.display()
         );
     }
     match &security {
@@ -142,34 +163,138 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     crate::out!("  holdfast consume orders --group billing --count 2");
     crate::out!("  holdfast status");
     crate::out!("(with cargo: cargo run --release -p holdfast-shell -- <command>)");
+    crate::out!("A node that dies is restarted, with back-off; its log says why it died.");
     crate::out!("Ctrl-C stops the cluster; started again, it finds its data.");
 
     while !stop.load(Ordering::Relaxed) {
-        for (id, child, log) in &mut children {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "node {id} stopped ({status}); see {}",
-                    log.display()
-                ));
-            }
+        for node in &mut children {
+            node.supervise();
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
     crate::out!("stopping the cluster");
-    for (_, child, _) in &children {
-        // SIGTERM: each node finishes its queued writes and syncs before it exits.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+    stop_all(&mut children);
+    Ok(())
+}
+
+/// The first wait before restarting a node that died; it doubles on each death up to
+/// [`BACKOFF_MAX`], and is back to this once the node has stayed up [`BACKOFF_RESET`].
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// How long the banner waits for every node's client port to accept.
+const READY_WAIT: Duration = Duration::from_secs(15);
+/// How long a node has to finish its writes after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// One node's process, restarted when it dies.
+struct Supervised {
+    id: u16,
+    exe: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    /// `None` while waiting to restart it.
+    child: Option<Child>,
+    started: Instant,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+}
+
+impl Supervised {
+    fn spawn(&mut self) -> Result<(), String> {
+        let id = self.id;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("server")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        die_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start node {id}: {e}"))?;
+        self.child = Some(child);
+        self.started = Instant::now();
+        self.restart_at = None;
+        Ok(())
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for (id, child, _) in &mut children {
+
+    /// Notices a death and schedules the restart, or restarts when it is due.
+    fn supervise(&mut self) {
+        let id = self.id;
+        match &mut self.child {
+            Some(child) => {
+                let Ok(Some(status)) = child.try_wait() else {
+                    return;
+                };
+                if self.started.elapsed() >= BACKOFF_RESET {
+                    self.backoff = BACKOFF_MIN;
+                }
+                let wait = self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.child = None;
+                self.restart_at = Some(Instant::now() + wait);
+                crate::out!(
+                    "node {id} exited ({status}); restarting in {} (log: {})",
+                    seconds(wait),
+                    self.log.display()
+                );
+            }
+            None => {
+                if self.restart_at.is_some_and(|at| Instant::now() >= at) {
+                    match self.spawn() {
+                        Ok(()) => crate::out!(
+                            "node {id} restarted (pid {})",
+                            self.child.as_ref().map_or(0, Child::id)
+                        ),
+                        Err(e) => {
+                            let wait = self.backoff;
+                            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                            self.restart_at = Some(Instant::now() + wait);
+                            crate::out!("{e}; trying again in {}", seconds(wait));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// SIGTERM to every node (each finishes its queued writes and syncs before it exits), then
+/// SIGKILL to those still running after [`STOP_GRACE`].
+fn stop_all(children: &mut [Supervised]) {
+    for node in children.iter() {
+        if let Some(child) = &node.child
+            && let Ok(pid) = libc::pid_t::try_from(child.id())
+        {
+            // SAFETY: a signal to our own child, not yet reaped, so the pid is still ours.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    for node in children.iter_mut() {
+        let Some(child) = &mut node.child else {
+            continue;
+        };
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
                 _ if Instant::now() >= deadline => {
-                    eprintln!("node {id} did not stop in time; killing it");
+                    eprintln!("node {} did not stop in time; killing it", node.id);
                     let _ = child.kill();
                     let _ = child.wait();
                     break;
@@ -177,8 +302,29 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+        node.child = None;
     }
-    Ok(())
+}
+
+/// The node gets SIGTERM when the cluster process dies, however it dies (even SIGKILL), so a
+/// killed cluster leaves no nodes holding its ports and directories.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: getpid before the fork; prctl and getppid are async-signal-safe and touch no
+    // memory of the parent's.
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between the fork and the prctl.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the cluster process is gone"));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The credentials of a secure local cluster.

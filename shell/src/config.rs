@@ -13,11 +13,14 @@ use serde::Deserialize;
 pub struct ServerConfig {
     /// This node's id: a key of `nodes`.
     pub id: NodeId,
-    /// Every node of the cluster, this one included: id to the address it serves clients on.
+    /// Every node of the cluster, this one included: id to the address it serves clients on
+    /// (`host:port`; a host name is resolved once, at start, to its first address, as the
+    /// client commands resolve theirs).
+    #[serde(deserialize_with = "resolved_addrs")]
     pub nodes: BTreeMap<NodeId, SocketAddr>,
     /// Every node's address for the other nodes (Raft traffic), a port of its own. A node
     /// missing here listens for peers on its client address's port + [`PEER_PORT_OFFSET`].
-    #[serde(default)]
+    #[serde(default, deserialize_with = "resolved_addrs")]
     pub peers: BTreeMap<NodeId, SocketAddr>,
     /// No TLS, no credentials: anyone who reaches a port is a client or a node. Only for
     /// experiments; the server logs a warning at start. Otherwise `[security]` is required.
@@ -70,6 +73,33 @@ pub struct Security {
 
 /// A node without a `[peers]` entry takes its client port plus this for its peer port.
 pub const PEER_PORT_OFFSET: u16 = 100;
+
+/// `id = "host:port"` entries, each resolved to its first socket address.
+fn resolved_addrs<'de, D>(deserializer: D) -> Result<BTreeMap<NodeId, SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let raw = BTreeMap::<NodeId, String>::deserialize(deserializer)?;
+    raw.into_iter()
+        .map(|(id, text)| resolve_addr(&text).map(|addr| (id, addr)))
+        .collect::<Result<_, String>>()
+        .map_err(serde::de::Error::custom)
+}
+
+/// `host:port` or `ip:port` to one address; port 0 is refused (it would mean "any port",
+/// and no other node could find this one).
+pub fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("address {text:?}: {e} (expected host:port, port 1-65535)"))?
+        .next()
+        .ok_or_else(|| format!("address {text:?}: the name resolves to no address"))?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "address {text:?}: port 0 is not a port a node can be found on"
+        ));
+    }
+    Ok(addr)
+}
 
 fn default_connections_max() -> usize {
     holdfast_core::limits::CONNECTIONS_MAX
@@ -212,6 +242,19 @@ impl ServerConfig {
             return Err(ConfigError(format!(
                 "key `peers`: node {stranger} is not among `nodes`"
             )));
+        }
+        for (kind, map) in [("nodes", &self.nodes), ("peers", &self.peers)] {
+            let mut seen: BTreeMap<SocketAddr, NodeId> = BTreeMap::new();
+            for (id, addr) in map {
+                if addr.port() == 0 {
+                    return Err(ConfigError(format!("key `{kind}`: node {id} has port 0")));
+                }
+                if let Some(other) = seen.insert(*addr, *id) {
+                    return Err(ConfigError(format!(
+                        "key `{kind}`: nodes {other} and {id} have the same address {addr}"
+                    )));
+                }
+            }
         }
         for (id, peer) in &self.peers {
             if let Some((other, _)) = self.nodes.iter().find(|(_, a)| *a == peer) {
@@ -364,5 +407,42 @@ mod tests {
             .expect_err("fewer than the nodes")
             .to_string();
         assert!(error.contains("connections_max"), "{error}");
+    }
+
+    #[test]
+    fn host_names_resolve_and_duplicate_or_zero_ports_are_refused() {
+        let parse = |nodes: &str, peers: &str| {
+            ServerConfig::from_toml(&format!(
+                "id = 1\ndata_dir = \"/x\"\nno_auth = true\n[nodes]\n{nodes}[peers]\n{peers}"
+            ))
+        };
+        let named = parse("1 = \"localhost:7401\"\n2 = \"127.0.0.1:7402\"\n", "")
+            .expect("a host name is accepted");
+        assert_eq!(named.listen().port(), 7401);
+        assert!(named.listen().ip().is_loopback(), "{}", named.listen());
+
+        let twice = parse("1 = \"127.0.0.1:7401\"\n2 = \"127.0.0.1:7401\"\n", "")
+            .expect_err("two nodes, one address")
+            .to_string();
+        assert!(twice.contains("same address 127.0.0.1:7401"), "{twice}");
+        let peers_twice = parse(
+            "1 = \"127.0.0.1:7401\"\n2 = \"127.0.0.1:7402\"\n",
+            "1 = \"127.0.0.1:9000\"\n2 = \"127.0.0.1:9000\"\n",
+        )
+        .expect_err("two peers, one address")
+        .to_string();
+        assert!(peers_twice.contains("`peers`"), "{peers_twice}");
+        let zero = parse("1 = \"127.0.0.1:0\"\n", "")
+            .expect_err("port 0")
+            .to_string();
+        assert!(zero.contains("port 0"), "{zero}");
+        let past = parse("1 = \"127.0.0.1:65536\"\n", "")
+            .expect_err("no such port")
+            .to_string();
+        assert!(past.contains("65536"), "{past}");
+        let unknown = parse("1 = \"no-such-host.invalid:7401\"\n", "")
+            .expect_err("a name that resolves to nothing")
+            .to_string();
+        assert!(unknown.contains("no-such-host.invalid"), "{unknown}");
     }
 }

@@ -12,15 +12,20 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use holdfast_core::broker::Message;
 use holdfast_core::node::protocol::{Request, Response};
-use holdfast_shell::client::{Admin, ClientConfig, ClientError, ConsumeStatus, Consumer, Producer};
+use holdfast_shell::client::{
+    Admin, ClientConfig, ClientError, ConsumeStatus, Consumer, Producer, SendReceipt,
+};
 use holdfast_shell::config::{InitialClusterState, ServerConfig};
+use holdfast_shell::output::{self, Failed, Failure, Format};
 use holdfast_shell::{bench, cluster, out, server};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(
     name = "holdfast",
     version,
-    about = "A replicated message queue that never loses an acknowledged message"
+    about = "A replicated message queue that never loses an acknowledged message",
+    after_help = output::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +42,23 @@ struct Servers {
     /// ./holdfast-data/client.toml if it exists, else plaintext without a credential.
     #[arg(long, env = "HOLDFAST_CLIENT")]
     client_file: Option<PathBuf>,
+}
+
+/// How a command prints what it finds.
+#[derive(clap::Args, Clone, Copy)]
+struct OutputArgs {
+    /// `text` for people, `json` for programs (see --json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Same as `--output json`.
+    #[arg(long)]
+    json: bool,
+}
+
+impl OutputArgs {
+    fn json(self) -> bool {
+        self.json || self.output == Format::Json
+    }
 }
 
 #[derive(Subcommand)]
@@ -81,12 +103,15 @@ enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
-    /// Send messages (the arguments, or one per line of stdin), printing each one's offset.
+    /// Send messages (the arguments, or one per line of stdin), printing each one's
+    /// `queue@offset`, marked `ambiguous` when it may have been stored twice.
     Produce {
         topic: String,
         messages: Vec<String>,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Print messages, one a line, acknowledging each one printed.
     Consume {
@@ -106,6 +131,8 @@ enum Command {
     Status {
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Measure throughput and latency against a running cluster.
     Bench(bench::BenchArgs),
@@ -123,11 +150,15 @@ enum TopicCommand {
     List {
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     Describe {
         name: String,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -142,17 +173,21 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
+        Err(failed) => {
+            eprintln!("error: {}", failed.message);
+            failed.exit_code()
         }
     }
 }
 
 /// How a client command reaches the cluster: the client file's settings (named, or found
-/// under ./holdfast-data), with `--servers` over its servers.
-fn servers(s: &Servers) -> Result<ClientConfig, String> {
-    ClientConfig::resolve(s.servers.as_deref(), s.client_file.as_deref()).map_err(|e| e.to_string())
+/// under ./holdfast-data), with `--servers` over its servers; fails at once if no server
+/// accepts a connection.
+fn servers(s: &Servers) -> Result<ClientConfig, Failed> {
+    let config = ClientConfig::resolve(s.servers.as_deref(), s.client_file.as_deref())
+        .map_err(|e| e.to_string())?;
+    output::reachable(&config.servers)?;
+    Ok(config)
 }
 
 /// Set by SIGINT or SIGTERM.
@@ -164,7 +199,7 @@ fn stop_flag() -> Result<Arc<AtomicBool>, String> {
     Ok(stop)
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<(), Failed> {
     match cli.command {
         Command::Server {
             config,
@@ -178,7 +213,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(state) = initial_cluster_state {
                 config.initial_cluster_state = state;
             }
-            server::run(config, stop_flag()?).map_err(|e| e.to_string())
+            Ok(server::run(config, stop_flag()?).map_err(|e| e.to_string())?)
         }
         Command::Cluster {
             nodes,
@@ -201,14 +236,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 broker_groups,
                 no_auth,
             };
-            cluster::run(&args, stop_flag()?)
+            Ok(cluster::run(&args, stop_flag()?)?)
         }
         Command::Topic { command } => topic(command),
         Command::Produce {
             topic,
             messages,
             servers: s,
-        } => produce(servers(&s)?, &topic, messages),
+            output,
+        } => produce(servers(&s)?, &topic, messages, output.json()),
         Command::Consume {
             topic,
             group,
@@ -231,16 +267,16 @@ fn run(cli: Cli) -> Result<(), String> {
             consumer.close();
             eprintln!("consumed {seen} message(s)");
             match refusal {
-                Some(why) => Err(format!("refused: {why}")),
+                Some(why) => Err(Failed::refused(format!("refused: {why}"))),
                 None => Ok(()),
             }
         }
-        Command::Status { servers: s } => status(servers(&s)?),
-        Command::Bench(args) => bench::run(args),
+        Command::Status { servers: s, output } => status(servers(&s)?, output.json()),
+        Command::Bench(args) => Ok(bench::run(args)?),
     }
 }
 
-fn topic(command: TopicCommand) -> Result<(), String> {
+fn topic(command: TopicCommand) -> Result<(), Failed> {
     let wait = Duration::from_secs(10);
     match command {
         TopicCommand::Create {
@@ -248,7 +284,7 @@ fn topic(command: TopicCommand) -> Result<(), String> {
             queues,
             servers: s,
         } => {
-            let mut admin = Admin::connect(servers(&s)?).map_err(|e| e.to_string())?;
+            let mut admin = Admin::connect(servers(&s)?)?;
             let request = Request::CreateTopic {
                 topic: name.clone(),
                 queues,
@@ -262,28 +298,51 @@ fn topic(command: TopicCommand) -> Result<(), String> {
                     out!("topic {name} already exists with {queues} queues");
                     Ok(())
                 }
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(ClientError::Refused(reason)) => Err(format!("topic {name}: {reason}")),
-                Err(e) => Err(e.to_string()),
+                Ok(other) => Err(format!("unexpected answer {other:?}").into()),
+                Err(ClientError::Refused(reason)) => {
+                    Err(Failed::refused(format!("topic {name}: {reason}")))
+                }
+                Err(e) => Err(e.into()),
             }
         }
-        TopicCommand::List { servers: s } => {
-            let mut admin = Admin::connect(servers(&s)?).map_err(|e| e.to_string())?;
-            match admin.ask_leader(Request::Topics, wait) {
-                Ok(Response::Topics { topics }) => {
+        TopicCommand::List { servers: s, output } => {
+            let mut admin = Admin::connect(servers(&s)?)?;
+            match admin.ask_leader(Request::Topics, wait)? {
+                Response::Topics { topics } => {
+                    if output.json() {
+                        let topics: Vec<_> = topics
+                            .into_iter()
+                            .map(|(name, queues)| json!({"name": name, "queues": queues}))
+                            .collect();
+                        output::json_line(&json!({ "topics": topics }));
+                        return Ok(());
+                    }
                     for (name, queues) in topics {
                         out!("{name}\t{queues} queues");
                     }
                     Ok(())
                 }
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e.to_string()),
+                other => Err(format!("unexpected answer {other:?}").into()),
             }
         }
-        TopicCommand::Describe { name, servers: s } => {
-            let mut admin = Admin::connect(servers(&s)?).map_err(|e| e.to_string())?;
-            match admin.ask_leader(Request::Route { topic: name }, wait) {
-                Ok(Response::Routes { topic, routes }) => {
+        TopicCommand::Describe {
+            name,
+            servers: s,
+            output,
+        } => {
+            let mut admin = Admin::connect(servers(&s)?)?;
+            match admin.ask_leader(Request::Route { topic: name }, wait)? {
+                Response::Routes { topic, routes } => {
+                    if output.json() {
+                        let queues: Vec<_> = routes
+                            .iter()
+                            .map(|r| {
+                                json!({"queue": r.queue.queue, "group": r.group, "leader": r.leader})
+                            })
+                            .collect();
+                        output::json_line(&json!({"topic": topic, "queues": queues}));
+                        return Ok(());
+                    }
                     out!("{topic}");
                     for r in routes {
                         let leader = r.leader.map_or("?".into(), |l| format!("node {l}"));
@@ -291,59 +350,178 @@ fn topic(command: TopicCommand) -> Result<(), String> {
                     }
                     Ok(())
                 }
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e.to_string()),
+                other => Err(format!("unexpected answer {other:?}").into()),
             }
         }
     }
 }
 
-fn produce(servers: ClientConfig, topic: &str, messages: Vec<String>) -> Result<(), String> {
-    let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
-    let mut send = |text: String| -> Result<(), String> {
-        let message = Message::with_body(Bytes::from(text));
-        let receipt = producer
-            .send(topic, vec![message])
-            .map_err(|e| e.to_string())?;
-        out!("{}@{}", receipt.queue, receipt.offset);
-        Ok(())
-    };
-    if messages.is_empty() {
-        for line in std::io::stdin().lock().lines() {
-            send(line.map_err(|e| e.to_string())?)?;
-        }
+/// Sends from stdin in flight at once: enough to hide the round trip, well under what a
+/// server reads ahead of its answers (`REQUESTS_PENDING_PER_CONNECTION_MAX`).
+const PRODUCE_IN_FLIGHT_MAX: usize = 256;
+
+/// Sends each message as it is read, up to [`PRODUCE_IN_FLIGHT_MAX`] in flight, and prints
+/// the receipts in input order. Stops reading at the first failed send, lets the others end,
+/// and fails.
+fn produce(
+    servers: ClientConfig,
+    topic: &str,
+    messages: Vec<String>,
+    json: bool,
+) -> Result<(), Failed> {
+    let mut producer = Producer::connect(servers)?;
+    let mut lines: Box<dyn Iterator<Item = Result<String, Failed>>> = if messages.is_empty() {
+        Box::new(
+            std::io::stdin()
+                .lock()
+                .lines()
+                .map(|l| l.map_err(|e| Failed::from(format!("reading stdin: {e}")))),
+        )
     } else {
-        for text in messages {
-            send(text)?;
+        Box::new(messages.into_iter().map(Ok))
+    };
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {pos} sent ({per_sec}), {msg} {elapsed}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    // Receipts by send id (ids ascend in input order), printed once all before them are.
+    let mut done: BTreeMap<u64, SendReceipt> = BTreeMap::new();
+    let mut next_to_print = None;
+    let mut failed: Option<Failed> = None;
+    let mut ambiguous = 0u64;
+    let mut reading = true;
+    loop {
+        while reading && failed.is_none() && producer.in_flight() < PRODUCE_IN_FLIGHT_MAX {
+            match lines.next() {
+                None => reading = false,
+                Some(Err(e)) => failed = Some(e),
+                Some(Ok(text)) => {
+                    let message = Message::with_body(Bytes::from(text));
+                    match producer.send_async(topic, vec![message]) {
+                        Ok(id) => {
+                            next_to_print.get_or_insert(id);
+                        }
+                        Err(e) => failed = Some(e.into()),
+                    }
+                }
+            }
+        }
+        if producer.in_flight() == 0 {
+            break;
+        }
+        if let Some(why) = producer.refusal() {
+            failed.get_or_insert(Failed::refused(format!("refused: {why}")));
+            break;
+        }
+        for (id, result) in producer.poll(Duration::from_millis(100)) {
+            match result {
+                Ok(receipt) => {
+                    ambiguous += u64::from(receipt.ambiguous);
+                    done.insert(id, receipt);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e.into());
+                }
+            }
+        }
+        while let Some(next) = next_to_print {
+            let Some(receipt) = done.remove(&next) else {
+                break;
+            };
+            print_receipt(&receipt, json);
+            if let Some(bar) = &progress {
+                bar.inc(1);
+                bar.set_message(format!("{ambiguous} ambiguous"));
+            }
+            next_to_print = Some(next + 1);
         }
     }
-    Ok(())
+    // What came back after a failed send, in order; a gap is the failed one.
+    for receipt in done.values() {
+        print_receipt(receipt, json);
+    }
+    if let Some(bar) = progress {
+        bar.finish();
+    }
+    if ambiguous > 0 {
+        eprintln!("{ambiguous} send(s) ambiguous: resent after a lost answer, may be stored twice");
+    }
+    match failed {
+        Some(failed) => Err(failed),
+        None => Ok(()),
+    }
 }
 
-fn status(config: ClientConfig) -> Result<(), String> {
+/// `queue@offset`, or one JSON object a line; an ambiguous send (resent after a lost answer,
+/// so possibly stored twice) says so.
+fn print_receipt(receipt: &SendReceipt, json: bool) {
+    if json {
+        output::json_line(&json!({
+            "topic": receipt.queue.topic,
+            "queue": receipt.queue.queue,
+            "offset": receipt.offset,
+            "ambiguous": receipt.ambiguous,
+        }));
+    } else if receipt.ambiguous {
+        out!(
+            "{}@{} ambiguous (resent after a lost answer: may be stored twice)",
+            receipt.queue,
+            receipt.offset
+        );
+    } else {
+        out!("{}@{}", receipt.queue, receipt.offset);
+    }
+}
+
+fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
     let servers = config.servers.clone();
-    let mut admin = Admin::connect(config).map_err(|e| e.to_string())?;
+    let mut admin = Admin::connect(config)?;
     // Consumer progress as each broker group's leader has applied it: (group, consumer
     // group) -> (messages waiting, queues).
     let mut lag: BTreeMap<(u64, String), (u64, usize)> = BTreeMap::new();
+    let mut nodes_json = Vec::new();
+    let mut answered = 0;
     for (i, addr) in servers.iter().enumerate() {
         let node = i as u64 + 1;
         match admin.ask(node, Request::Status) {
             Some(Response::Status { node, groups }) => {
-                out!("node {node} ({addr})");
+                answered += 1;
+                if !json {
+                    out!("node {node} ({addr})");
+                }
+                let mut groups_json = Vec::new();
                 for g in groups {
                     let leader = g.leader.map_or("-".into(), |l| l.to_string());
-                    out!(
-                        "  group {:<3} {:<12} term {:<5} leader {:<3} commit {:<8} applied {:<8} last {:<8} snapshot {}",
-                        g.group,
-                        g.role,
-                        g.term,
-                        leader,
-                        g.commit_index,
-                        g.applied_index,
-                        g.last_index,
-                        g.snapshot_index
-                    );
+                    if json {
+                        groups_json.push(json!({
+                            "group": g.group,
+                            "role": g.role,
+                            "term": g.term,
+                            "leader": g.leader,
+                            "commit_index": g.commit_index,
+                            "applied_index": g.applied_index,
+                            "last_index": g.last_index,
+                            "snapshot_index": g.snapshot_index,
+                        }));
+                    } else {
+                        out!(
+                            "  group {:<3} {:<12} term {:<5} leader {:<3} commit {:<8} applied {:<8} last {:<8} snapshot {}",
+                            g.group,
+                            g.role,
+                            g.term,
+                            leader,
+                            g.commit_index,
+                            g.applied_index,
+                            g.last_index,
+                            g.snapshot_index
+                        );
+                    }
                     if g.role == "Leader" {
                         for c in g.consumers {
                             let entry = lag.entry((g.group, c.group)).or_default();
@@ -352,20 +530,54 @@ fn status(config: ClientConfig) -> Result<(), String> {
                         }
                     }
                 }
+                nodes_json.push(json!({
+                    "node": node,
+                    "addr": addr.to_string(),
+                    "answered": true,
+                    "groups": groups_json,
+                }));
             }
             _ => match admin.refusal() {
-                Some(why) => return Err(format!("refused: {why}")),
-                None => out!("node {node} ({addr}): no answer"),
+                Some(why) => return Err(Failed::refused(format!("refused: {why}"))),
+                None => {
+                    if !json {
+                        out!("node {node} ({addr}): no answer");
+                    }
+                    nodes_json.push(json!({
+                        "node": node,
+                        "addr": addr.to_string(),
+                        "answered": false,
+                    }));
+                }
             },
         }
     }
-    if !lag.is_empty() {
+    if json {
+        let lag: Vec<_> = lag
+            .into_iter()
+            .map(|((group, consumers), (waiting, queues))| {
+                json!({
+                    "consumer_group": consumers,
+                    "broker_group": group,
+                    "lag": waiting,
+                    "queues": queues,
+                })
+            })
+            .collect();
+        output::json_line(&json!({"nodes": nodes_json, "consumer_lag": lag}));
+    } else if !lag.is_empty() {
         out!(
             "consumer groups: messages not yet acknowledged, per broker group, on the queues where the group has acknowledged any"
         );
         for ((group, consumers), (waiting, queues)) in lag {
             out!("  {consumers:<20} group {group:<3} lag {waiting:<8} over {queues} queue(s)");
         }
+    }
+    if answered == 0 {
+        return Err(Failed::new(
+            Failure::Timeout,
+            "no server answered in time (they accept connections: no node is serving)",
+        ));
     }
     Ok(())
 }

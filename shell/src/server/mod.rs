@@ -20,6 +20,7 @@
 mod conn;
 pub mod handshake;
 pub mod identity;
+pub mod lock;
 mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -135,6 +136,8 @@ struct Server {
 pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerError> {
     let clock = Clock::new();
     let groups: Vec<GroupId> = (0..=config.broker_groups).collect();
+    // Before anything reads or writes the directory; held until this function returns.
+    let _lock = lock::DataDirLock::acquire(&config.data_dir).map_err(ServerError)?;
     // Before any group's files: which groups, if any, lost their data and their votes.
     let mut identity = identity::Identity::open(&config).map_err(ServerError)?;
     let mut stores = BTreeMap::new();

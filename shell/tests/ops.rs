@@ -1,0 +1,471 @@
+//! Operating holdfast through the binary: data directory locks, the supervising local cluster,
+//! exit codes and machine-readable output.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Net, wait_for, write_node_config};
+
+const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
+
+fn start_server(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    Command::new(HOLDFAST)
+        .args(["server", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("server starts")
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status();
+}
+
+fn alive(pid: u32) -> bool {
+    // Signal 0: exists (a zombie still counts, so the caller reaps its own children first).
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_second_server_on_a_locked_data_directory_refuses_at_once_naming_the_holder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::no_auth(1);
+    let node_dir = dir.path().join("node-1");
+    let config = write_node_config(&node_dir, 1, &net, "");
+    let mut first = start_server(&config, &node_dir.join("first.log"));
+    let data = node_dir.join("data");
+    wait_for(Duration::from_secs(20), "the first server locks", || {
+        std::fs::read_to_string(data.join("LOCK"))
+            .ok()
+            .filter(|t| t.trim() == first.id().to_string())
+    });
+    // The second one shares the config (same ports too): it must fail on the lock, before it
+    // gets anywhere near the ports or the files.
+    let started = Instant::now();
+    let second = Command::new(HOLDFAST)
+        .args(["server", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("second server runs");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let error_line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        error_line.contains(&data.display().to_string()),
+        "{error_line}"
+    );
+    assert!(
+        error_line.contains(&format!("process {}", first.id())),
+        "{error_line}"
+    );
+    assert!(alive(first.id()), "the first server must be untouched");
+    // Killed without a chance to clean up, the first one leaves no stale lock.
+    let _ = first.kill();
+    let _ = first.wait();
+    let mut third = start_server(&config, &node_dir.join("third.log"));
+    wait_for(
+        Duration::from_secs(20),
+        "a new server takes the lock",
+        || {
+            std::fs::read_to_string(data.join("LOCK"))
+                .ok()
+                .filter(|t| t.trim() == third.id().to_string())
+        },
+    );
+    kill(third.id(), "-TERM");
+    let _ = third.wait();
+}
+
+/// Three consecutive free ports and the three 100 above them, as `cluster --base-port` needs.
+fn base_port() -> u16 {
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let base = first.local_addr().expect("addr").port();
+        drop(first);
+        let rest_free = (0..3u16).chain(100..103).all(|i| {
+            base.checked_add(i)
+                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        });
+        if rest_free {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+/// `holdfast cluster` in `dir`, its stdout read line by line into a channel.
+fn start_cluster(dir: &Path, base: u16) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(HOLDFAST)
+        .args(["cluster", "--base-port", &base.to_string(), "--dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cluster starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Reads lines until one contains `what`; returns it.
+fn expect_line(lines: &std::sync::mpsc::Receiver<String>, what: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(what) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {what:?} in {limit:?}: {e}"),
+        }
+    }
+}
+
+fn lock_pid(node_data: &Path) -> Option<u32> {
+    std::fs::read_to_string(node_data.join("LOCK"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `holdfast status` against the cluster in `dir`: node `id`'s section, if it answered.
+fn node_answers(dir: &Path, id: usize) -> bool {
+    let output = Command::new(HOLDFAST)
+        .arg("status")
+        .env("HOLDFAST_CLIENT", dir.join("client.toml"))
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null())
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("node {id} ")));
+    lines.next().is_some_and(|l| !l.contains("no answer"))
+        && lines
+            .next()
+            .is_some_and(|l| l.trim_start().starts_with("group"))
+}
+
+/// Kills, when dropped, whichever processes hold these data directories' locks.
+struct Reaper(Vec<std::path::PathBuf>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for data in &self.0 {
+            if let Some(pid) = lock_pid(data).filter(|p| alive(*p)) {
+                kill(pid, "-KILL");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_local_cluster_restarts_a_killed_node_and_its_nodes_die_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (mut cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    // Whatever happens, the test leaves no node behind.
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let pids: Vec<u32> = (1..=3)
+        .map(|id| {
+            wait_for(Duration::from_secs(20), "a node locks", || {
+                lock_pid(&data(id))
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), "node 2 answers", || {
+        node_answers(dir.path(), 2).then_some(())
+    });
+
+    // A second cluster on the same directory refuses instead of rewriting its files.
+    let second = Command::new(HOLDFAST)
+        .args(["cluster", "--base-port", &base_port().to_string(), "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("second cluster runs");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("process {}", cluster.id())),
+        "{stderr}"
+    );
+
+    kill(pids[1], "-KILL");
+    let line = expect_line(&lines, "node 2 exited", Duration::from_secs(10));
+    assert!(line.contains("signal: 9"), "{line}");
+    assert!(line.contains("restarting in"), "{line}");
+    expect_line(&lines, "node 2 restarted", Duration::from_secs(10));
+    let new_pid = wait_for(Duration::from_secs(20), "node 2 locks again", || {
+        lock_pid(&data(2)).filter(|p| *p != pids[1])
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted node 2 answers",
+        || node_answers(dir.path(), 2).then_some(()),
+    );
+
+    // The cluster process killed outright: its nodes follow it.
+    let _ = cluster.kill();
+    let _ = cluster.wait();
+    let nodes = [pids[0], new_pid, pids[2]];
+    wait_for(Duration::from_secs(20), "every node exits", || {
+        nodes.iter().all(|p| !alive(*p)).then_some(())
+    });
+}
+
+/// Runs a client command from an empty directory, with only the settings given in `args`
+/// and `client_file`.
+fn client(client_file: Option<&Path>, args: &[&str]) -> std::process::Output {
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(HOLDFAST);
+    command
+        .args(args)
+        .current_dir(cwd.path())
+        .env_remove("HOLDFAST_CLIENT")
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null());
+    if let Some(file) = client_file {
+        command.env("HOLDFAST_CLIENT", file);
+    }
+    command.output().expect("holdfast runs")
+}
+
+fn closed_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    listener.local_addr().expect("addr")
+}
+
+#[test]
+fn an_unreachable_cluster_fails_at_once_with_code_3_naming_each_address_and_why() {
+    let (a, b) = (closed_port(), closed_port());
+    let servers = format!("{a},{b}");
+    for args in [
+        vec!["status", "--servers", &servers],
+        vec!["topic", "list", "--servers", &servers],
+        vec!["topic", "create", "t", "--servers", &servers],
+        vec!["produce", "t", "hello", "--servers", &servers],
+    ] {
+        let started = Instant::now();
+        let output = client(None, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{args:?}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{args:?}: slow");
+        for addr in [a, b] {
+            assert!(
+                stderr.contains(&format!("{addr} (connection refused)")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn servers_that_accept_but_never_answer_are_a_timeout_code_5() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let addr = silent.local_addr().expect("addr").to_string();
+    // Accepts and holds every connection, says nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let output = client(None, &["status", "--servers", &addr]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("no server answered"), "{stderr}");
+}
+
+#[test]
+fn refusals_exit_4_and_json_output_parses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (_cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+
+    let created = wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "orders", "--queues", "2"]);
+        output.status.success().then_some(output)
+    });
+    assert!(String::from_utf8_lossy(&created.stdout).contains("created topic orders"));
+
+    let produced = client(good, &["produce", "orders", "a", "b", "--output", "json"]);
+    assert!(produced.status.success(), "{produced:?}");
+    let receipts: Vec<serde_json::Value> = String::from_utf8_lossy(&produced.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(receipts.len(), 2);
+    for r in &receipts {
+        assert_eq!(r["topic"], "orders", "{r}");
+        assert!(r["queue"].as_u64().is_some_and(|q| q < 2), "{r}");
+        assert!(r["offset"].is_u64(), "{r}");
+        assert_eq!(r["ambiguous"], serde_json::Value::Bool(false), "{r}");
+    }
+
+    let listed = client(good, &["topic", "list", "--json"]);
+    let listed: serde_json::Value =
+        serde_json::from_slice(&listed.stdout).expect("topic list JSON");
+    assert_eq!(
+        listed["topics"],
+        serde_json::json!([{"name": "orders", "queues": 2}])
+    );
+    let described = client(good, &["topic", "describe", "orders", "--json"]);
+    let described: serde_json::Value =
+        serde_json::from_slice(&described.stdout).expect("topic describe JSON");
+    assert_eq!(described["topic"], "orders");
+    assert_eq!(described["queues"].as_array().map(Vec::len), Some(2));
+    assert_eq!(described["queues"][1]["queue"], 1);
+
+    let status = wait_for(Duration::from_secs(30), "every node knows a leader", || {
+        let output = client(good, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let nodes = status["nodes"].as_array()?.clone();
+        let all_led = nodes.iter().all(|n| {
+            n["answered"] == true
+                && n["groups"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().all(|g| g["leader"].is_u64()))
+        });
+        (output.status.success() && nodes.len() == 3 && all_led).then_some(status)
+    });
+    assert_eq!(status["nodes"][0]["node"], 1);
+
+    // The wrong token: the cluster refuses, exit 4.
+    let text = std::fs::read_to_string(&file).expect("client file");
+    let token_line = text
+        .lines()
+        .find(|l| l.starts_with("token"))
+        .expect("a token line");
+    let bad = dir.path().join("bad-client.toml");
+    std::fs::write(&bad, text.replace(token_line, "token = \"not-the-token\"")).expect("write");
+    for args in [
+        vec!["status"],
+        vec!["topic", "list"],
+        vec!["produce", "orders", "x"],
+    ] {
+        let output = client(Some(&bad), &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "{args:?}: {stderr}");
+        assert!(stderr.contains("refused"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn the_local_cluster_refuses_ports_past_65535_or_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        vec!["--base-port", "65534"],
+        vec!["--base-port", "65534", "--peer-base-port", "1000"],
+        vec!["--base-port", "1000", "--peer-base-port", "65535"],
+        vec!["--base-port", "0", "--peer-base-port", "1000"],
+    ] {
+        let output = Command::new(HOLDFAST)
+            .arg("cluster")
+            .args(&args)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("cluster runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    }
+    assert!(
+        !dir.path().join("node-1").exists(),
+        "nothing is started or written before the ports are checked"
+    );
+}
+
+#[test]
+fn produce_from_stdin_pipelines_and_prints_every_receipt_once() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (_cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(Some(&file), &["topic", "create", "lines", "--queues", "4"]);
+        output.status.success().then_some(())
+    });
+    let count = 10_000;
+    let input: String = (0..count).map(|i| format!("line {i}\n")).collect();
+    let started = Instant::now();
+    let mut child = Command::new(HOLDFAST)
+        .args(["produce", "lines", "--json"])
+        .env("HOLDFAST_CLIENT", &file)
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("produce runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let output = child.wait_with_output().expect("produce ends");
+    writer.join().expect("writer").expect("stdin written");
+    let elapsed = started.elapsed();
+    assert!(output.status.success(), "{output:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let r: serde_json::Value = serde_json::from_str(line).expect("JSON receipt");
+        let place = (
+            r["queue"].as_u64().expect("queue"),
+            r["offset"].as_u64().expect("offset"),
+        );
+        assert!(seen.insert(place), "two receipts for one place: {place:?}");
+    }
+    assert_eq!(seen.len(), count, "one receipt per line");
+    eprintln!(
+        "produce: {count} lines from stdin in {elapsed:?}, {:.0} lines/s",
+        count as f64 / elapsed.as_secs_f64()
+    );
+}

@@ -478,7 +478,14 @@ fn stalled_oversized_and_greedy_connections_stay_bounded() {
         while let Some(frame) = decoder.next_frame().expect("frames") {
             if let Frame::Response { id, response } = frame {
                 assert_eq!(id, answered, "answers in order");
-                assert!(matches!(response, Response::Topics { .. }), "{response:?}");
+                // Leadership may move under load: a redirect is an answer too.
+                assert!(
+                    matches!(
+                        response,
+                        Response::Topics { .. } | Response::NotLeader { .. }
+                    ),
+                    "{response:?}"
+                );
                 answered += 1;
             }
         }

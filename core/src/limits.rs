@@ -25,6 +25,11 @@ pub const CONSUMER_GROUPS_MAX: usize = 10_000;
 pub const MEMBERS_PER_GROUP_MAX: usize = 1_024;
 /// The longest consumer member id, in bytes.
 pub const MEMBER_BYTES_MAX: usize = 249;
+/// Queue leases (consumer group, queue) one broker group records; a claim beyond is refused.
+pub const LEASES_PER_BROKER_GROUP_MAX: usize = 1 << 20;
+/// How long a consumer may go unheard before the metadata leader drops it from its group
+/// and a broker hands its queues to their next owner, unless configured otherwise.
+pub const MEMBER_SESSION_MS_DEFAULT: u64 = 10_000;
 
 // ----- messages, entries, records, frames -----
 

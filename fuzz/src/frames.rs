@@ -145,6 +145,8 @@ impl Template {
                 request: Request::Pull {
                     broker: 2,
                     group,
+                    member: "m".into(),
+                    generation: from,
                     queue,
                     from,
                     messages_max: 32,
@@ -181,6 +183,8 @@ impl Template {
                 request: Request::Ack {
                     broker: 1,
                     group: "g".into(),
+                    member: "m".into(),
+                    generation: 7,
                     queue,
                     offsets,
                 },

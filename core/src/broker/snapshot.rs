@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use super::dedup::ProducerWindow;
 use super::offsets::GroupOffsets;
 use super::queue_log::QueueLog;
-use super::types::{ProducerId, QueueId};
+use super::types::{Lease, ProducerId, QueueId};
 
 /// The format of [`crate::broker::BrokerState::snapshot`]'s bytes; bump it when the image
 /// changes shape, so an old build refuses a new snapshot instead of misreading it.
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
 
 /// The version byte in front, the checksum behind.
 const CHECKSUM_LEN: usize = 4;
@@ -71,6 +71,7 @@ pub(super) struct ImageRef<'a> {
     pub(super) queues: &'a BTreeMap<QueueId, QueueLog>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +79,7 @@ pub(super) struct Image {
     pub(super) queues: BTreeMap<QueueId, QueueLog>,
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 pub(super) fn encode(image: &ImageRef<'_>) -> Vec<u8> {
@@ -141,6 +143,14 @@ fn validate(image: &mut Image) -> Result<(), String> {
             return Err(format!(
                 "group {group} on {queue}: acks beyond the end {} or below the consume offset",
                 log.end()
+            ));
+        }
+    }
+    for ((group, queue), lease) in &image.leases {
+        if lease.since > lease.generation {
+            return Err(format!(
+                "group {group} on {queue}: a tenure from generation {} past the queue's {}",
+                lease.since, lease.generation
             ));
         }
     }

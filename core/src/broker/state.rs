@@ -17,6 +17,8 @@ pub struct BrokerState {
     /// `(group, queue)` to the group's progress there.
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
+    /// `(consumer group, queue)` to who holds it: see [`Command::Claim`].
+    leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 impl BrokerState {
@@ -40,6 +42,7 @@ impl BrokerState {
             queues: &self.queues,
             offsets: &self.offsets,
             producers: &self.producers,
+            leases: &self.leases,
         })
     }
 
@@ -57,6 +60,7 @@ impl BrokerState {
             queues: image.queues,
             offsets: image.offsets,
             producers,
+            leases: image.leases,
         })
     }
 
@@ -99,7 +103,144 @@ impl BrokerState {
                 self.trim(stamp_ms);
                 Outcome::QueuesCreated
             }
+            Command::Claim {
+                group,
+                queue,
+                member,
+                generation,
+                takeover,
+            } => self.claim(group, queue, member, generation, takeover),
+            Command::Release {
+                group,
+                queue,
+                member,
+                generation,
+            } => self.release(group, queue, member, generation),
+            Command::OwnedAck {
+                group,
+                queue,
+                member,
+                generation,
+                offsets,
+            } => match self.holder_check(&group, &queue, &member, generation) {
+                Err(refusal) => Outcome::Refused(refusal),
+                Ok(()) => self.ack(group, queue, offsets),
+            },
+            Command::OwnedReconsumeLater {
+                group,
+                queue,
+                member,
+                generation,
+                offset,
+                stamp_ms,
+            } => match self.holder_check(&group, &queue, &member, generation) {
+                Err(refusal) => Outcome::Refused(refusal),
+                Ok(()) => self.reconsume_later(group, queue, offset, stamp_ms),
+            },
         }
+    }
+
+    /// Who holds `queue` for consumer group `group`, if anyone ever claimed it.
+    pub fn lease(&self, group: &str, queue: &QueueId) -> Option<&Lease> {
+        self.leases.get(&(group.to_string(), queue.clone()))
+    }
+
+    /// Every lease, for status and checks.
+    pub fn leases(&self) -> impl Iterator<Item = (&(String, QueueId), &Lease)> {
+        self.leases.iter()
+    }
+
+    /// Whether `member`, speaking for `generation`, holds `queue` under its current tenure.
+    fn holder_check(
+        &self,
+        group: &str,
+        queue: &QueueId,
+        member: &str,
+        generation: u64,
+    ) -> Result<(), Refusal> {
+        let lease = self.lease(group, queue).cloned().unwrap_or_default();
+        if lease.owner.as_deref() == Some(member) && generation >= lease.since {
+            return Ok(());
+        }
+        Err(Refusal::NotOwner(Box::new(NotOwner {
+            group: group.to_string(),
+            queue: queue.clone(),
+            member: member.to_string(),
+            generation,
+            lease,
+        })))
+    }
+
+    fn claim(
+        &mut self,
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        takeover: bool,
+    ) -> Outcome {
+        // Retry queues come into being with their first message; a claim may come first.
+        let retry_level_ok =
+            queue.is_retry() && (queue.queue as usize) < self.config.reconsume_delays_ms.len();
+        if !self.queues.contains_key(&queue) && !retry_level_ok {
+            return Outcome::Refused(Refusal::UnknownQueue(queue));
+        }
+        let key = (group, queue);
+        if !self.leases.contains_key(&key)
+            && self.leases.len() >= crate::limits::LEASES_PER_BROKER_GROUP_MAX
+        {
+            return Outcome::Refused(Refusal::Malformed(format!(
+                "this broker group holds the most queue leases it may ({})",
+                crate::limits::LEASES_PER_BROKER_GROUP_MAX
+            )));
+        }
+        let lease = self.leases.get(&key).cloned().unwrap_or_default();
+        let granted = match &lease.owner {
+            _ if generation < lease.generation => false,
+            None => true,
+            Some(owner) if *owner == member => true,
+            Some(_) => takeover && generation > lease.generation,
+        };
+        if !granted {
+            let (group, queue) = key;
+            return Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
+                group,
+                queue,
+                member,
+                generation,
+                lease,
+            })));
+        }
+        let since = if lease.owner.as_deref() == Some(member.as_str()) {
+            lease.since
+        } else {
+            generation
+        };
+        let lease = Lease {
+            owner: Some(member),
+            generation,
+            since,
+        };
+        self.leases.insert(key, lease.clone());
+        Outcome::Leased(lease)
+    }
+
+    fn release(
+        &mut self,
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+    ) -> Outcome {
+        if let Err(refusal) = self.holder_check(&group, &queue, &member, generation) {
+            return Outcome::Refused(refusal);
+        }
+        let Some(lease) = self.leases.get_mut(&(group, queue)) else {
+            return Outcome::Leased(Lease::default());
+        };
+        lease.owner = None;
+        lease.generation = lease.generation.max(generation);
+        Outcome::Leased(lease.clone())
     }
 
     fn append(

@@ -1064,7 +1064,8 @@ fn inconsistent_snapshots_are_refused() {
     type Queues = BTreeMap<QueueId, (Offset, VecDeque<StoredMessage>)>;
     type Offsets = BTreeMap<(String, QueueId), (Offset, BTreeSet<Offset>)>;
     type Windows = BTreeMap<ProducerId, (BTreeMap<Seq, (QueueId, Offset, u64)>, Seq)>;
-    fn forge(image: &(Queues, Offsets, Windows)) -> Vec<u8> {
+    type Leases = BTreeMap<(String, QueueId), (Option<String>, u64, u64)>;
+    fn forge(image: &(Queues, Offsets, Windows, Leases)) -> Vec<u8> {
         let mut bytes = postcard::to_extend(image, vec![SNAPSHOT_VERSION]).unwrap_or_default();
         let checksum = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&checksum.to_le_bytes());
@@ -1086,6 +1087,7 @@ fn inconsistent_snapshots_are_refused() {
         queues.clone(),
         [(("g".to_string(), q.clone()), (5, BTreeSet::new()))].into(),
         [(1, ([(0, (q.clone(), 5, 1))].into(), 0))].into(),
+        [(("g".to_string(), q.clone()), (Some("m".to_string()), 7, 3))].into(),
     );
     let state = restore(good.clone()).map_err(|e| e.to_string());
     assert_eq!(state.as_ref().map(|s| s.snapshot()), Ok(forge(&good)));
@@ -1121,6 +1123,12 @@ fn inconsistent_snapshots_are_refused() {
     assert!(
         matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
         "past Seq::MAX"
+    );
+    let mut bad = good.clone();
+    bad.3 = [(("g".to_string(), q.clone()), (Some("m".to_string()), 3, 7))].into();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "a tenure from a generation after the queue's"
     );
     let mut bad = good;
     bad.0 = [(q, (u64::MAX, VecDeque::new()))].into();

@@ -10,13 +10,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
+use super::membership::{Allocation, LeaseClocks, Membership, PullAsk, PullVerdict};
 use super::metadata::{METADATA_GROUP, MetaCommand, MetaState};
 use super::protocol::{
     ClientId, ConsumerProgress, GroupStatus, Request, RequestId, Response, Route,
 };
 use crate::broker::{
-    BrokerConfig, BrokerState, Command, Outcome, QueueId, decode_command, encode_command,
+    BrokerConfig, BrokerState, Command, Outcome, QueueId, Refusal, decode_command, encode_command,
 };
+use crate::client::AllocationStrategy;
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
     ProposalOutcome, ProposeError, Recovered, Replica, Role, Term, Write,
@@ -30,6 +32,11 @@ use crate::limits::ENTRY_BYTES_MAX;
 /// The most message bytes one `Send` may carry; larger batches are refused whole.
 pub use crate::limits::SEND_BYTES_MAX;
 const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+/// A pull that waits for its queue's lease (a claim going through the log, or the holder's
+/// release or expiry) waits at least this long before it is answered empty.
+const CLAIM_WAIT_MS: u64 = 1_000;
+/// A parked claim looks again after this long, in case its entry was lost.
+const CLAIM_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Static configuration of a node.
 #[derive(Clone, Debug)]
@@ -44,8 +51,11 @@ pub struct NodeConfig {
     pub raft: Config,
     /// Most long polls parked at once; more are answered empty at once.
     pub parked_pulls_max: usize,
-    /// A consumer not heard from for this long has left its group.
+    /// A consumer not heard from for this long has left its group, and a broker may hand the
+    /// queues it held to their next owners.
     pub member_session_ms: u64,
+    /// How the metadata leader shares a group's queues among its members.
+    pub allocation: AllocationStrategy,
     /// Keep every applied entry for [`BrokerNode::poll_applied`] (the simulator's checkers).
     pub record_applied: bool,
     /// Compact a group's log into a snapshot of its state once this many entries were applied
@@ -66,7 +76,8 @@ impl NodeConfig {
             broker_groups: (1..=broker_groups).collect(),
             broker: BrokerConfig::default(),
             parked_pulls_max: 10_000,
-            member_session_ms: 10_000,
+            member_session_ms: crate::limits::MEMBER_SESSION_MS_DEFAULT,
+            allocation: AllocationStrategy::default(),
             record_applied: false,
             snapshot_entries_min: Some(10_000),
             trim_interval_ms: 1_000,
@@ -168,6 +179,8 @@ struct ParkedPull {
     deadline: Instant,
     /// Earlier than the deadline when a retry message falls due before it.
     wake_at: Instant,
+    /// Waits for its queue's lease rather than for messages: answered empty at the deadline.
+    for_lease: bool,
 }
 
 pub struct BrokerNode {
@@ -178,9 +191,11 @@ pub struct BrokerNode {
     next_proposal: ProposalId,
     /// Topics this node was asked to create, awaiting the metadata commit.
     creating_topics: Vec<(ClientId, RequestId, String)>,
-    /// Consumer group to member to when it was last heard from. Soft state on the metadata
-    /// leader: a new leader learns the members from their next heartbeats.
-    members: BTreeMap<String, BTreeMap<String, Instant>>,
+    /// Consumer groups' members and generations, on the metadata leader (soft state, fenced
+    /// by the metadata term: see `membership`).
+    membership: Membership,
+    /// On broker leaders: when each queue's holder was last heard from, who waits for it.
+    lease_clocks: LeaseClocks,
     applied: VecDeque<(GroupId, Entry)>,
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
@@ -247,7 +262,8 @@ impl BrokerNode {
             parked: Vec::new(),
             next_proposal: 1,
             creating_topics: Vec::new(),
-            members: BTreeMap::new(),
+            membership: Membership::default(),
+            lease_clocks: LeaseClocks::default(),
             applied: VecDeque::new(),
             faults,
             snapshot_jobs: VecDeque::new(),
@@ -389,15 +405,16 @@ impl BrokerNode {
                 };
                 self.responses.push_back((client, id, response));
             }
-            Request::Heartbeat { group, member } => {
-                let response = self.heartbeat(now, group, Some(member));
+            Request::Heartbeat {
+                group,
+                member,
+                topic,
+            } => {
+                let response = self.heartbeat(now, &group, &member, Some(&topic));
                 self.responses.push_back((client, id, response));
             }
             Request::Leave { group, member } => {
-                if let Some(members) = self.members.get_mut(&group) {
-                    members.remove(&member);
-                }
-                let response = self.heartbeat(now, group, None);
+                let response = self.heartbeat(now, &group, &member, None);
                 self.responses.push_back((client, id, response));
             }
             Request::CreateTopic { topic, queues } => {
@@ -444,12 +461,17 @@ impl BrokerNode {
             Request::Ack {
                 broker,
                 group,
+                member,
+                generation,
                 queue,
                 offsets,
             } => {
-                let command = Command::Ack {
+                self.heard_from_holder(now, broker, &group, &queue, &member);
+                let command = Command::OwnedAck {
                     group,
                     queue: queue.clone(),
+                    member,
+                    generation,
                     offsets,
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
@@ -457,14 +479,34 @@ impl BrokerNode {
             Request::ReconsumeLater {
                 broker,
                 group,
+                member,
+                generation,
                 queue,
                 offset,
             } => {
-                let command = Command::ReconsumeLater {
+                self.heard_from_holder(now, broker, &group, &queue, &member);
+                let command = Command::OwnedReconsumeLater {
                     group,
                     queue: queue.clone(),
+                    member,
+                    generation,
                     offset,
                     stamp_ms: now.as_micros() / 1_000,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::Release {
+                broker,
+                group,
+                member,
+                generation,
+                queue,
+            } => {
+                let command = Command::Release {
+                    group,
+                    queue: queue.clone(),
+                    member,
+                    generation,
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
             }
@@ -558,20 +600,55 @@ impl BrokerNode {
         }
     }
 
-    fn heartbeat(&mut self, now: Instant, group: String, member: Option<String>) -> Response {
+    /// A member's heartbeat (`topic` set) or goodbye, on the metadata leader.
+    fn heartbeat(
+        &mut self,
+        now: Instant,
+        group: &str,
+        member: &str,
+        topic: Option<&str>,
+    ) -> Response {
         if let Some(response) = self.not_leader(METADATA_GROUP) {
-            self.members.clear();
+            self.membership = Membership::default();
             return response;
         }
-        let session = std::time::Duration::from_millis(self.config.member_session_ms);
-        let members = self.members.entry(group.clone()).or_default();
-        if let Some(member) = member {
-            members.insert(member, now);
-        }
-        members.retain(|_, seen| now.saturating_since(*seen) < session);
-        Response::Members {
-            group,
-            members: members.keys().cloned().collect(),
+        let Some(Group {
+            raft,
+            machine: Machine::Meta(meta),
+            ..
+        }) = self.groups.get(&METADATA_GROUP)
+        else {
+            return Response::Refused {
+                reason: "no metadata group".into(),
+            };
+        };
+        let placement = |topic: &str| meta.placement(topic);
+        let how = Allocation {
+            strategy: self.config.allocation,
+            session_ms: self.config.member_session_ms,
+            retry_levels: self.config.broker.reconsume_delays_ms.len() as u32,
+            placement: &placement,
+        };
+        let term = raft.status().term;
+        self.membership
+            .heartbeat(now, term, group, member, topic, &how)
+    }
+
+    /// An answer from the member holding a queue renews its lease.
+    fn heard_from_holder(
+        &mut self,
+        now: Instant,
+        broker: GroupId,
+        group: &str,
+        queue: &QueueId,
+        member: &str,
+    ) {
+        let holds = self
+            .broker_state(broker)
+            .and_then(|s| s.lease(group, queue))
+            .is_some_and(|l| l.owner.as_deref() == Some(member));
+        if holds {
+            self.lease_clocks.touch(broker, group, queue, now);
         }
     }
 
@@ -648,6 +725,8 @@ impl BrokerNode {
         let Request::Pull {
             broker: group,
             group: consumer_group,
+            member,
+            generation,
             queue,
             from,
             messages_max,
@@ -672,6 +751,57 @@ impl BrokerNode {
         // it yet could hand out a message whose ack its successor already confirmed.
         let current = g.raft.read_lease(now) || stale_reads;
         let Machine::Broker(state) = &g.machine else {
+            return;
+        };
+        if current {
+            let ask = PullAsk {
+                broker: group,
+                group: consumer_group,
+                queue,
+                member,
+                generation: *generation,
+                session_ms: self.config.member_session_ms,
+                serve_any: Canary::ServeStaleGeneration.planted(self.config.canary) || stale_reads,
+                hand_over_early: Canary::HandOverEarly.planted(self.config.canary),
+            };
+            let lease = state.lease(consumer_group, queue);
+            match self.lease_clocks.decide(&ask, lease, now) {
+                PullVerdict::Serve => {}
+                PullVerdict::ServeAndBump => {
+                    let claim = claim_command(&ask, false);
+                    self.enqueue(group, None, encode_command(&claim));
+                }
+                PullVerdict::Revoked(reason) => {
+                    let response = Response::Revoked {
+                        queue: queue.clone(),
+                        reason,
+                    };
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                PullVerdict::Claim { takeover } => {
+                    let claim = claim_command(&ask, takeover);
+                    let wake_at = now + CLAIM_RECHECK;
+                    if !self.lease_clocks.claim_in_flight(&ask, now) {
+                        let queue = queue.clone();
+                        self.create_if_placed(group, &queue);
+                        self.enqueue(group, None, encode_command(&claim));
+                    }
+                    self.park_for_lease(now, client, id, group, request, wake_at);
+                    return;
+                }
+                PullVerdict::Wait { until } => {
+                    let wake_at = until.max(now + LEASE_RECHECK);
+                    self.park_for_lease(now, client, id, group, request, wake_at);
+                    return;
+                }
+            }
+        }
+        let Some(Group {
+            machine: Machine::Broker(state),
+            ..
+        }) = self.groups.get(&group)
+        else {
             return;
         };
         let pulled = if current {
@@ -728,6 +858,7 @@ impl BrokerNode {
                     request_body: request,
                     deadline,
                     wake_at,
+                    for_lease: false,
                 });
             }
         }
@@ -777,7 +908,11 @@ impl BrokerNode {
                     match &mut group.machine {
                         Machine::Broker(state) => {
                             let outcome = state.apply_bytes(bytes);
-                            if let Outcome::Appended { .. } | Outcome::Requeued { .. } = outcome {
+                            if let Outcome::Appended { .. }
+                            | Outcome::Requeued { .. }
+                            | Outcome::Leased(_)
+                            | Outcome::Refused(Refusal::NotOwner(_)) = outcome
+                            {
                                 woken.insert(*group_id);
                             }
                             outcomes.push(outcome);
@@ -827,6 +962,14 @@ impl BrokerNode {
                         .push_back((waiter.client, waiter.request, response));
                 }
             }
+        }
+        for (group_id, group) in &self.groups {
+            if *group_id == METADATA_GROUP {
+                continue;
+            }
+            let status = group.raft.status();
+            let term = (status.role == Role::Leader).then_some(status.term);
+            self.lease_clocks.leading(*group_id, term, now);
         }
         self.answer_topic_creations();
         self.create_placed_queues();
@@ -947,12 +1090,70 @@ impl BrokerNode {
         }
     }
 
+    /// Parks a pull that waits for its queue's lease, at least [`CLAIM_WAIT_MS`]; one whose
+    /// wait is over is answered with no messages.
+    fn park_for_lease(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        id: RequestId,
+        group: GroupId,
+        mut request: Request,
+        wake_at: Instant,
+    ) {
+        let Request::Pull {
+            queue,
+            from,
+            wait_ms,
+            ..
+        } = &mut request
+        else {
+            return;
+        };
+        if self.parked.len() >= self.config.parked_pulls_max {
+            let response = Response::Pulled {
+                queue: queue.clone(),
+                messages: Vec::new(),
+                next_offset: *from,
+            };
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        // A pull that would not wait for messages still waits for its claim to go through.
+        if *wait_ms == 0 {
+            *wait_ms = CLAIM_WAIT_MS;
+        }
+        let deadline = now + std::time::Duration::from_millis(*wait_ms);
+        self.parked.push(ParkedPull {
+            client,
+            request: id,
+            group,
+            request_body: request,
+            deadline,
+            wake_at: wake_at.min(deadline),
+            for_lease: true,
+        });
+    }
+
     fn retry_parked(&mut self, now: Instant, woken: &BTreeSet<GroupId>) {
         if self.parked.is_empty() {
             return;
         }
         let parked = std::mem::take(&mut self.parked);
         for pull in parked {
+            if pull.for_lease
+                && now >= pull.deadline
+                && let Request::Pull { queue, from, .. } = &pull.request_body
+            {
+                let response = Response::Pulled {
+                    queue: queue.clone(),
+                    messages: Vec::new(),
+                    next_offset: *from,
+                };
+                self.responses
+                    .push_back((pull.client, pull.request, response));
+                continue;
+            }
             if woken.contains(&pull.group) || now >= pull.wake_at {
                 let mut request = pull.request_body;
                 if now >= pull.deadline
@@ -1090,9 +1291,26 @@ fn respond(outcome: Outcome, queue: Option<QueueId>) -> Response {
         Outcome::QueuesCreated => Response::Refused {
             reason: "internal command".into(),
         },
+        Outcome::Leased(_) => Response::Released {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+        },
+        Outcome::Refused(refusal @ Refusal::NotOwner(_)) => Response::Revoked {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+            reason: refusal.to_string(),
+        },
         Outcome::Refused(refusal) => Response::Refused {
             reason: refusal.to_string(),
         },
+    }
+}
+
+fn claim_command(ask: &PullAsk<'_>, takeover: bool) -> Command {
+    Command::Claim {
+        group: ask.group.to_string(),
+        queue: ask.queue.clone(),
+        member: ask.member.to_string(),
+        generation: ask.generation,
+        takeover,
     }
 }
 

@@ -249,6 +249,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let pull = |from| Request::Pull {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: route.queue.clone(),
         from,
         messages_max: 10,
@@ -276,6 +278,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let ack = Request::Ack {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: route.queue.clone(),
         offsets: vec![0, 2],
     };
@@ -289,6 +293,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let nack = Request::ReconsumeLater {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: route.queue.clone(),
         offset: 1,
     };
@@ -314,6 +320,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let long_poll = Request::Pull {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: retry,
         from: 0,
         messages_max: 10,
@@ -405,7 +413,7 @@ fn pump(cluster: &mut Cluster, producer: &mut Producer, consumers: &mut [Consume
 }
 
 /// A settled cluster with `orders`, a producer, and members `a` and `b` of group `billing`
-/// (heartbeats every 200 ms, two retry levels).
+/// (heartbeats every 200 ms).
 fn a_producer_and_two_consumers() -> (Cluster, Producer, Vec<Consumer>) {
     let (mut cluster, _) = cluster_with_orders();
     for _ in 0..20 {
@@ -418,7 +426,6 @@ fn a_producer_and_two_consumers() -> (Cluster, Producer, Vec<Consumer>) {
         .map(|m| {
             let mut config = ConsumerConfig::new("billing", m, "orders", nodes.clone());
             config.heartbeat_ms = 200;
-            config.retry_levels = 2;
             Consumer::new(config, cluster.now)
         })
         .collect();
@@ -474,10 +481,13 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
     assert_eq!(succeeded.len(), total, "not every message was consumed");
     assert_eq!(retried.len(), total / 10, "every nacked message came back");
     let owned: usize = consumers.iter().map(|c| c.owned().count()).sum();
+    let levels = crate::broker::BrokerConfig::default()
+        .reconsume_delays_ms
+        .len();
     assert_eq!(
         owned,
-        4 + 2 * 2,
-        "four queues and two retry levels per broker group, shared"
+        4 + 2 * levels,
+        "four queues and a retry queue per delay level per broker group, shared"
     );
     assert!(
         consumers.iter().all(|c| c.owned().count() > 0),
@@ -488,7 +498,9 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
 #[test]
 fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() {
     let (mut cluster, mut producer, mut consumers) = a_producer_and_two_consumers();
-    let all_queues = 4 + 2 * 2;
+    let all_queues = 4 + 2 * crate::broker::BrokerConfig::default()
+        .reconsume_delays_ms
+        .len();
     let shared = |c: &[Consumer]| c.iter().all(|c| c.owned().count() > 0);
     for _ in 0..5_000 {
         pump(&mut cluster, &mut producer, &mut consumers);
@@ -554,9 +566,27 @@ fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_sam
             }
         ));
     }
+    // The member's first pull claims the queue; its acks are accepted from then on.
+    let claim = Request::Pull {
+        broker: 1,
+        group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
+        queue: queue.clone(),
+        from: 0,
+        messages_max: 1,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    };
+    assert!(matches!(
+        cluster.ask(leader, claim),
+        Response::Pulled { .. }
+    ));
     let ack = Request::Ack {
         broker: 1,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: queue.clone(),
         offsets: (0..25).collect(),
     };
@@ -719,6 +749,8 @@ fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
     let pull = Request::Pull {
         broker: 1,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: queue.clone(),
         from: 0,
         messages_max: 10,

@@ -176,6 +176,7 @@ impl Template {
                         })
                         .collect(),
                     next_offset: offsets.iter().max().map_or(0, |&o| u64::from(o) + 1),
+                    delivered_below: offsets.first().map_or(0, |&o| u64::from(o)),
                 },
             },
             Template::Ack { offsets } => Frame::Request {

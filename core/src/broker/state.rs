@@ -238,8 +238,11 @@ impl BrokerState {
         let Some(lease) = self.leases.get_mut(&(group, queue)) else {
             return Outcome::Leased(Lease::default());
         };
+        // A release closes the holder's generation: a pull of it still on its way (a long
+        // poll woken by the release, say) must not claim the queue back for a member that has
+        // let go. Generations rise by at least one, so the next one's members may claim.
         lease.owner = None;
-        lease.generation = lease.generation.max(generation);
+        lease.generation = lease.generation.max(generation.saturating_add(1));
         Outcome::Leased(lease.clone())
     }
 

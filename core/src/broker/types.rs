@@ -160,6 +160,7 @@ pub enum Command {
         takeover: bool,
     },
     /// The holder gives `queue` up: the next claimant need not wait for its lease to expire.
+    /// `generation` is the one it last pulled under; nothing up to it may claim again.
     Release {
         group: String,
         queue: QueueId,
@@ -191,8 +192,8 @@ pub enum Command {
 pub struct Lease {
     /// `None` once released (or never claimed).
     pub owner: Option<String>,
-    /// The highest generation this queue was claimed at: a claim, pull or answer from an
-    /// older generation is stale.
+    /// The oldest generation that may still claim or pull the queue: the highest it was
+    /// claimed at, or the one after the generation it was released at.
     pub generation: u64,
     /// The generation at which the current owner's tenure began: its answers from before it
     /// (an earlier tenure, perhaps before someone else held the queue) are refused.

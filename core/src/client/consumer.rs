@@ -61,6 +61,8 @@ pub struct Delivery {
     pub message: StoredMessage,
     /// The group generation it was pulled under; its answer speaks for it.
     pub generation: u64,
+    /// Handed to this group before (to this member or another), or back from a retry queue.
+    pub redelivered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +108,8 @@ pub enum ConsumerEvent {
 }
 
 struct Owned {
+    /// The generation of the latest pull sent (0: none yet, so nothing to release).
+    generation: u64,
     next: Offset,
     unanswered: u32,
     /// The next pull may leave at this time; [`NEVER`] while one is in flight.
@@ -132,6 +136,8 @@ enum InFlight {
 
 /// A queue this member no longer owns: its answers are confirmed, then it is released.
 struct Releasing {
+    /// The generation this member last pulled the queue under: the release speaks for it.
+    generation: u64,
     /// Handed to the application and not answered yet.
     unanswered: u32,
     /// When the release may be (re)sent; [`NEVER`] while one is in flight.
@@ -406,6 +412,16 @@ impl Consumer {
                 .count()
     }
 
+    /// Answers given and not yet confirmed by the broker.
+    pub fn unconfirmed(&self) -> usize {
+        self.answers.len()
+            + self
+                .in_flight
+                .values()
+                .filter(|(w, _)| matches!(w, InFlight::Ack(_)))
+                .count()
+    }
+
     fn hint(&mut self, group: GroupId, leader: Option<NodeId>) {
         match leader {
             Some(leader) => self.leaders.insert(group, leader),
@@ -478,13 +494,13 @@ impl Consumer {
                     |(w, _)| matches!(w, InFlight::Ack(a) if a.broker == key.0 && a.queue == key.1),
                 )
         };
-        let due: Vec<(GroupId, QueueId)> = self
+        let due: Vec<(GroupId, QueueId, u64)> = self
             .releasing
             .iter()
             .filter(|(key, r)| r.unanswered == 0 && now >= r.send_at && !answering(self, key))
-            .map(|(key, _)| key.clone())
+            .map(|(key, r)| (key.0, key.1.clone(), r.generation))
             .collect();
-        for (broker, queue) in due {
+        for (broker, queue, generation) in due {
             if let Some(releasing) = self.releasing.get_mut(&(broker, queue.clone())) {
                 releasing.send_at = NEVER;
             }
@@ -492,7 +508,7 @@ impl Consumer {
                 broker,
                 group: self.config.group.clone(),
                 member: self.config.member.clone(),
-                generation: self.generation,
+                generation,
                 queue: queue.clone(),
             };
             self.events.push_back(ConsumerEvent::ReleaseSent {
@@ -545,8 +561,12 @@ impl Consumer {
                 self,
                 &|w| matches!(w, InFlight::Pull { broker: b, queue: q, .. } if *b == broker && *q == queue),
             );
+            let generation = self.generation;
             if let Some(owned) = self.owned.get_mut(&(broker, queue.clone())) {
                 owned.retry_at = NEVER;
+                if !pulling {
+                    owned.generation = generation;
+                }
             }
             if pulling {
                 continue; // the answer to the pull in flight decides when to pull next
@@ -587,6 +607,7 @@ impl Consumer {
             Response::Pulled {
                 messages,
                 next_offset,
+                delivered_below,
                 ..
             } => {
                 let Some(owned) = self.owned.get_mut(&key) else {
@@ -611,6 +632,7 @@ impl Consumer {
                         broker,
                         queue: queue.clone(),
                         offset,
+                        redelivered: offset < delivered_below || message.reconsume_times > 0,
                         message,
                         generation,
                     }));
@@ -723,9 +745,13 @@ impl Consumer {
         self.deliveries
             .retain(|d| (d.broker, &d.queue) != (key.0, &key.1));
         let dropped = (before - self.deliveries.len()) as u32;
+        if owned.generation == 0 {
+            return; // never pulled, so never claimed: nothing to release
+        }
         self.releasing.insert(
             key.clone(),
             Releasing {
+                generation: owned.generation,
                 unanswered: owned.unanswered.saturating_sub(dropped),
                 send_at: now,
             },
@@ -764,6 +790,7 @@ impl Consumer {
             self.owned.insert(
                 key.clone(),
                 Owned {
+                    generation: 0,
                     next: 0,
                     unanswered: 0,
                     retry_at: now,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::membership::{Allocation, LeaseClocks, Membership, PullAsk, PullVerdict};
 use super::metadata::{METADATA_GROUP, MetaCommand, MetaState};
 use super::protocol::{
-    ClientId, ConsumerProgress, GroupStatus, Request, RequestId, Response, Route,
+    ClientId, ConsumerProgress, GroupStatus, QueueHolder, Request, RequestId, Response, Route,
 };
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Outcome, QueueId, Refusal, decode_command, encode_command,
@@ -386,8 +386,21 @@ impl BrokerNode {
                                 .collect(),
                             Machine::Meta(_) => Vec::new(),
                         };
+                        let holders = match &g.machine {
+                            Machine::Broker(state) => state
+                                .leases()
+                                .map(|((group, queue), lease)| QueueHolder {
+                                    group: group.clone(),
+                                    queue: queue.clone(),
+                                    member: lease.owner.clone(),
+                                    generation: lease.generation,
+                                })
+                                .collect(),
+                            Machine::Meta(_) => Vec::new(),
+                        };
                         GroupStatus {
                             consumers,
+                            holders,
                             group: *group,
                             role: format!("{:?}", s.role),
                             term: s.term,
@@ -823,10 +836,14 @@ impl BrokerNode {
                     .push_back((client, id, Response::Refused { reason }));
             }
             Ok(pulled) if !pulled.messages.is_empty() || *wait_ms == 0 => {
+                let delivered_below =
+                    self.lease_clocks
+                        .delivered(group, consumer_group, queue, pulled.next_offset);
                 let response = Response::Pulled {
                     queue: queue.clone(),
                     messages: pulled.messages,
                     next_offset: pulled.next_offset,
+                    delivered_below,
                 };
                 self.responses.push_back((client, id, response));
             }
@@ -836,6 +853,7 @@ impl BrokerNode {
                         queue: queue.clone(),
                         messages: Vec::new(),
                         next_offset: pulled.next_offset,
+                        delivered_below: 0,
                     };
                     self.responses.push_back((client, id, response));
                     return;
@@ -1115,6 +1133,7 @@ impl BrokerNode {
                 queue: queue.clone(),
                 messages: Vec::new(),
                 next_offset: *from,
+                delivered_below: 0,
             };
             self.responses.push_back((client, id, response));
             return;
@@ -1149,6 +1168,7 @@ impl BrokerNode {
                     queue: queue.clone(),
                     messages: Vec::new(),
                     next_offset: *from,
+                    delivered_below: 0,
                 };
                 self.responses
                     .push_back((pull.client, pull.request, response));

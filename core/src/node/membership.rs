@@ -226,6 +226,8 @@ pub(super) struct LeaseClocks {
     seen: BTreeMap<LeaseKey, Instant>,
     pending: BTreeMap<LeaseKey, (String, u64)>,
     claiming: BTreeMap<LeaseKey, (String, u64, Instant)>,
+    /// How far each queue was handed out to its group: below it, a delivery is a repeat.
+    delivered: BTreeMap<LeaseKey, u64>,
 }
 
 /// A claim is proposed again if it has not applied after this long (its entry was lost).
@@ -266,6 +268,24 @@ impl LeaseClocks {
         self.seen.retain(|(b, _, _), _| *b != broker);
         self.pending.retain(|(b, _, _), _| *b != broker);
         self.claiming.retain(|(b, _, _), _| *b != broker);
+        self.delivered.retain(|(b, _, _), _| *b != broker);
+    }
+
+    /// A pull handed out a queue's messages up to `next_offset`: returns how far it had been
+    /// handed out before.
+    pub(super) fn delivered(
+        &mut self,
+        broker: GroupId,
+        group: &str,
+        queue: &QueueId,
+        next_offset: u64,
+    ) -> u64 {
+        let key = (broker, group.to_string(), queue.clone());
+        let before = self.delivered.get(&key).copied().unwrap_or(0);
+        if self.delivered.len() < CLOCK_ENTRIES_MAX || self.delivered.contains_key(&key) {
+            self.delivered.insert(key, before.max(next_offset));
+        }
+        before
     }
 
     /// The holder of a queue was heard from.

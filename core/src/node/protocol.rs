@@ -103,6 +103,18 @@ pub struct GroupStatus {
     /// For a broker group: each consumer group's progress on each queue it has acknowledged
     /// in, as this replica has applied it.
     pub consumers: Vec<ConsumerProgress>,
+    /// For a broker group: who holds each queue a consumer group has claimed, as this
+    /// replica has applied it (`None`: released).
+    pub holders: Vec<QueueHolder>,
+}
+
+/// A queue's lease as a broker group's log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueHolder {
+    pub group: String,
+    pub queue: QueueId,
+    pub member: Option<String>,
+    pub generation: u64,
 }
 
 /// How far a consumer group is on one queue: `queue_len - consume_offset` messages wait.
@@ -169,6 +181,9 @@ pub enum Response {
         queue: QueueId,
         messages: Vec<(Offset, StoredMessage)>,
         next_offset: Offset,
+        /// Offsets below this were handed to the group before (as far as this leader knows,
+        /// since it took office): those messages are redeliveries.
+        delivered_below: Offset,
     },
     /// The acknowledgement committed.
     Acked {

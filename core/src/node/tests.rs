@@ -767,3 +767,162 @@ fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
         "a pull from below the start begins at the start"
     );
 }
+
+impl Cluster {
+    /// Sends `request` to `node` without waiting; see [`Cluster::answer`].
+    fn send(&mut self, node: NodeId, request: Request) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        let now = self.now;
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.handle_request(now, 7, id, request);
+        }
+        id
+    }
+
+    /// The answer to request `id` to `node`, if it came.
+    fn answer(&mut self, node: NodeId, id: u64) -> Option<Response> {
+        let at = self
+            .responses
+            .iter()
+            .position(|(n, c, r, _)| (*n, *c, *r) == (node, 7, id))?;
+        Some(self.responses.remove(at).3)
+    }
+}
+
+/// A pull, ack or release of "orders"/0 in group "billing" by `member` at `generation`.
+fn lease_request(kind: &str, member: &str, generation: u64) -> Request {
+    let (broker, group, member, queue) = (
+        1,
+        "billing".to_string(),
+        member.to_string(),
+        QueueId::new("orders", 0),
+    );
+    match kind {
+        "pull" => Request::Pull {
+            broker,
+            group,
+            member,
+            generation,
+            queue,
+            from: 0,
+            messages_max: 10,
+            bytes_max: 1 << 20,
+            wait_ms: 100,
+        },
+        "ack" => Request::Ack {
+            broker,
+            group,
+            member,
+            generation,
+            queue,
+            offsets: vec![0],
+        },
+        _ => Request::Release {
+            broker,
+            group,
+            member,
+            generation,
+            queue,
+        },
+    }
+}
+
+#[test]
+fn a_queue_is_served_to_one_holder_and_moves_on_release_or_expiry() {
+    let (mut cluster, _) = one_group_with_orders(1, |c| c.member_session_ms = 2_000);
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["x", "y"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let pulled =
+        |r: &Response| matches!(r, Response::Pulled { messages, .. } if !messages.is_empty());
+
+    // a's first pull claims the queue and is served.
+    let first = cluster.ask(leader, lease_request("pull", "a", 10));
+    assert!(pulled(&first), "{first:?}");
+    // b, given the queue at a newer generation, waits while a holds it...
+    let waiting = cluster.send(leader, lease_request("pull", "b", 11));
+    for _ in 0..50 {
+        cluster.step();
+    }
+    assert_eq!(
+        cluster.answer(leader, waiting),
+        None,
+        "b is not served while a holds"
+    );
+    // ...b cannot ack what a was handed, and a stale member cannot pull...
+    assert!(matches!(
+        cluster.ask(leader, lease_request("ack", "b", 11)),
+        Response::Revoked { .. }
+    ));
+    assert!(matches!(
+        cluster.ask(leader, lease_request("pull", "c", 9)),
+        Response::Revoked { .. }
+    ));
+    // ...a is told to let go, its answers still count, and its release hands over at once.
+    assert!(matches!(
+        cluster.ask(leader, lease_request("pull", "a", 10)),
+        Response::Revoked { .. }
+    ));
+    assert!(matches!(
+        cluster.ask(leader, lease_request("ack", "a", 10)),
+        Response::Acked {
+            consume_offset: 1,
+            ..
+        }
+    ));
+    let released_at = cluster.now;
+    assert!(matches!(
+        cluster.ask(leader, lease_request("release", "a", 10)),
+        Response::Released { .. }
+    ));
+    let mut served = None;
+    for _ in 0..1_000 {
+        served = cluster.answer(leader, waiting);
+        if served.is_some() {
+            break;
+        }
+        cluster.step();
+    }
+    let served = served.expect("b's pull answered");
+    assert!(
+        matches!(&served, Response::Pulled { messages, .. } if messages.iter().map(|(o, _)| *o).eq([1])),
+        "b starts at the committed offset: {served:?}"
+    );
+    assert!(cluster.now.saturating_since(released_at) < Duration::from_millis(100));
+    assert!(
+        matches!(
+            cluster.ask(leader, lease_request("ack", "a", 10)),
+            Response::Revoked { .. }
+        ),
+        "a's tenure is over"
+    );
+
+    // b goes silent: d, at a newer generation, takes over once b's lease expired.
+    let silent_from = cluster.now;
+    let mut d = None;
+    for _ in 0..40 {
+        let id = cluster.send(leader, lease_request("pull", "d", 12));
+        let mut answer = None;
+        while answer.is_none() {
+            cluster.step();
+            answer = cluster.answer(leader, id);
+        }
+        if answer.as_ref().is_some_and(pulled) {
+            d = answer;
+            break;
+        }
+    }
+    assert!(d.is_some(), "d took over");
+    let waited = cluster.now.saturating_since(silent_from);
+    assert!(
+        waited >= Duration::from_millis(2_000) && waited < Duration::from_millis(3_500),
+        "after the session: {waited:?}"
+    );
+}

@@ -173,8 +173,10 @@ pub struct Consumer {
     assigned: Vec<(GroupId, QueueId)>,
     owned: BTreeMap<(GroupId, QueueId), Owned>,
     releasing: BTreeMap<(GroupId, QueueId), Releasing>,
-    /// Queues a broker revoked at this generation: not taken again before a newer one.
-    revoked: BTreeMap<(GroupId, QueueId), u64>,
+    /// Queues a broker revoked at this generation, and when: not taken again before a newer
+    /// generation, or a few heartbeats later (the queue may be free by then, and the metadata
+    /// leader still gives it to this member).
+    revoked: BTreeMap<(GroupId, QueueId), (u64, Instant)>,
     leaders: BTreeMap<GroupId, NodeId>,
     heartbeat_due: Instant,
     in_flight: BTreeMap<RequestId, (InFlight, Instant)>,
@@ -288,7 +290,7 @@ impl Consumer {
             ) => {
                 self.heartbeat_due = now + Duration::from_millis(self.config.heartbeat_ms);
                 // An answer overtaken by a newer one says nothing new.
-                if generation > self.generation && self.leaving == Leaving::Staying {
+                if generation >= self.generation && self.leaving == Leaving::Staying {
                     self.generation = generation;
                     self.assigned = queues;
                     self.rebalance(now);
@@ -384,7 +386,13 @@ impl Consumer {
             .values()
             .filter(|o| o.unanswered < self.config.unanswered_max)
             .map(|o| o.retry_at);
-        let releases = self.releasing.values().map(|r| r.send_at);
+        // A release waiting for answers is sent when they come (or are confirmed), not on a
+        // timer: a deadline in the past here would spin.
+        let releases = self
+            .releasing
+            .iter()
+            .filter(|(key, r)| r.unanswered == 0 && !self.answering(key))
+            .map(|(_, r)| r.send_at);
         let heartbeat_in_flight = self
             .in_flight
             .values()
@@ -483,21 +491,23 @@ impl Consumer {
         }
     }
 
+    /// Whether answers for `key` wait to be sent or confirmed.
+    fn answering(&self, key: &(GroupId, QueueId)) -> bool {
+        self.answers
+            .iter()
+            .any(|a| a.broker == key.0 && a.queue == key.1)
+            || self.in_flight.values().any(
+                |(w, _)| matches!(w, InFlight::Ack(a) if a.broker == key.0 && a.queue == key.1),
+            )
+    }
+
     /// Releases each dropped queue whose answers are all confirmed: an answer that overtook
     /// the release would be refused, and its message delivered again to the next owner.
     fn send_releases(&mut self, now: Instant) {
-        let answering = |c: &Consumer, key: &(GroupId, QueueId)| {
-            c.answers
-                .iter()
-                .any(|a| a.broker == key.0 && a.queue == key.1)
-                || c.in_flight.values().any(
-                    |(w, _)| matches!(w, InFlight::Ack(a) if a.broker == key.0 && a.queue == key.1),
-                )
-        };
         let due: Vec<(GroupId, QueueId, u64)> = self
             .releasing
             .iter()
-            .filter(|(key, r)| r.unanswered == 0 && now >= r.send_at && !answering(self, key))
+            .filter(|(key, r)| r.unanswered == 0 && now >= r.send_at && !self.answering(key))
             .map(|(key, r)| (key.0, key.1.clone(), r.generation))
             .collect();
         for (broker, queue, generation) in due {
@@ -646,7 +656,7 @@ impl Consumer {
                 // A pull from an older generation than ours says nothing about this one.
                 if generation == self.generation {
                     self.drop_queue(now, &key);
-                    self.revoked.insert(key, generation);
+                    self.revoked.insert(key, (generation, now));
                     // Someone newer has it: learn the new assignment now.
                     self.heartbeat_due = now;
                 } else if let Some(owned) = self.owned.get_mut(&key) {
@@ -695,7 +705,7 @@ impl Consumer {
                 });
                 if self.owned.contains_key(&key) && answer.generation >= self.generation {
                     self.drop_queue(now, &key);
-                    self.revoked.insert(key, self.generation);
+                    self.revoked.insert(key, (self.generation, now));
                     self.heartbeat_due = now;
                 }
             }
@@ -765,7 +775,9 @@ impl Consumer {
             return;
         }
         let generation = self.generation;
-        self.revoked.retain(|_, at| *at >= generation);
+        let retry_after = Duration::from_millis(self.config.heartbeat_ms.saturating_mul(2));
+        self.revoked
+            .retain(|_, (at, when)| *at >= generation && now < *when + retry_after);
         let mine: Vec<(GroupId, QueueId)> = self
             .assigned
             .iter()

@@ -224,7 +224,10 @@ pub(super) struct LeaseClocks {
     /// Per broker group this node leads: the term and when it noticed it leads.
     led: BTreeMap<GroupId, (Term, Instant)>,
     seen: BTreeMap<LeaseKey, Instant>,
-    pending: BTreeMap<LeaseKey, (String, u64)>,
+    /// Who waits for each queue, at what generation, and whether a takeover of it (after the
+    /// holder's lease expired) is on its way through the log: then the holder is not served
+    /// again, or it could be served after the takeover was decided and before it applies.
+    pending: BTreeMap<LeaseKey, (String, u64, bool)>,
     claiming: BTreeMap<LeaseKey, (String, u64, Instant)>,
     /// How far each queue was handed out to its group: below it, a delivery is a repeat.
     delivered: BTreeMap<LeaseKey, u64>,
@@ -336,11 +339,15 @@ impl LeaseClocks {
             ));
         }
         match &lease.owner {
-            None => PullVerdict::Claim { takeover: false },
+            None => {
+                self.pending.remove(&key);
+                PullVerdict::Claim { takeover: false }
+            }
             Some(owner) if owner == ask.member => {
                 self.touch(ask.broker, ask.group, ask.queue, now);
-                if let Some((next, at)) = self.pending.get(&key) {
-                    if *at > ask.generation {
+                if let Some((next, at, takeover)) = self.pending.get(&key) {
+                    // The one that waited holds it now; otherwise the holder must let go.
+                    if next != ask.member && (*at > ask.generation || *takeover) {
                         return PullVerdict::Revoked(format!(
                             "{} goes to {next} at generation {at}",
                             ask.queue
@@ -364,18 +371,19 @@ impl LeaseClocks {
                 let since_led = self.led.get(&ask.broker).map_or(now, |(_, at)| *at);
                 let seen = self.seen.get(&key).copied().unwrap_or(since_led);
                 let until = seen.max(since_led) + Duration::from_millis(ask.session_ms);
-                if now >= until || ask.hand_over_early {
-                    return PullVerdict::Claim { takeover: true };
-                }
+                let takeover = now >= until || ask.hand_over_early;
                 let newer = self
                     .pending
                     .get(&key)
-                    .is_none_or(|(_, at)| *at < ask.generation);
+                    .is_none_or(|(_, at, _)| *at <= ask.generation);
                 if newer
                     && (self.pending.len() < CLOCK_ENTRIES_MAX || self.pending.contains_key(&key))
                 {
                     self.pending
-                        .insert(key, (ask.member.to_string(), ask.generation));
+                        .insert(key, (ask.member.to_string(), ask.generation, takeover));
+                }
+                if takeover {
+                    return PullVerdict::Claim { takeover: true };
                 }
                 PullVerdict::Wait { until }
             }

@@ -755,13 +755,30 @@ impl Consumer {
         self.deliveries
             .retain(|d| (d.broker, &d.queue) != (key.0, &key.1));
         let dropped = (before - self.deliveries.len()) as u32;
-        if owned.generation == 0 {
+        // A pull still on its way (sent before the queue was last dropped and taken again,
+        // say) may claim the queue: release under its generation too.
+        let in_flight = self
+            .in_flight
+            .values()
+            .filter_map(|(w, _)| match w {
+                InFlight::Pull {
+                    broker,
+                    queue,
+                    generation,
+                    ..
+                } if (*broker, queue) == (key.0, &key.1) => Some(*generation),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let generation = owned.generation.max(in_flight);
+        if generation == 0 {
             return; // never pulled, so never claimed: nothing to release
         }
         self.releasing.insert(
             key.clone(),
             Releasing {
-                generation: owned.generation,
+                generation,
                 unanswered: owned.unanswered.saturating_sub(dropped),
                 send_at: now,
             },

@@ -29,6 +29,11 @@ pub const MEMBER_BYTES_MAX: usize = 249;
 /// the one whose last append is oldest (see `BrokerState`): the cost of a bounded table is that
 /// a producer silent for longer than the other producers' whole churn loses its dedup memory.
 pub const PRODUCERS_PER_GROUP_MAX: usize = 100_000;
+/// Queue leases (consumer group, queue) one broker group records; a claim beyond is refused.
+pub const LEASES_PER_BROKER_GROUP_MAX: usize = 1 << 20;
+/// How long a consumer may go unheard before the metadata leader drops it from its group
+/// and a broker hands its queues to their next owner, unless configured otherwise.
+pub const MEMBER_SESSION_MS_DEFAULT: u64 = 10_000;
 
 // ----- messages, entries, records, frames -----
 

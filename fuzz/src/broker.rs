@@ -448,6 +448,13 @@ impl Model {
                 stamp_ms,
             } => self.reconsume_later(group, queue, offset, stamp_ms),
             Command::Trim { stamp_ms } => self.trim(stamp_ms),
+            // The fuzzer generates none of these (leases have their own tests in the core).
+            Command::Claim { .. }
+            | Command::Release { .. }
+            | Command::OwnedAck { .. }
+            | Command::OwnedReconsumeLater { .. } => {
+                Outcome::Refused(Refusal::Malformed("lease commands are not modelled".into()))
+            }
         }
     }
 }
@@ -567,7 +574,7 @@ impl Broker {
                 dead_letter: true, ..
             } => self.stats.dead_lettered += 1,
             Outcome::Refused(_) => self.stats.refused += 1,
-            Outcome::QueuesCreated => {}
+            Outcome::QueuesCreated | Outcome::Leased(_) => {}
         }
         self.check_queues_and_offsets();
         outcome

@@ -350,6 +350,8 @@ impl Template {
                 request: Request::Pull {
                     broker: 2,
                     group,
+                    member: "m".into(),
+                    generation: from,
                     queue,
                     from,
                     messages_max: 32,
@@ -379,6 +381,7 @@ impl Template {
                         })
                         .collect(),
                     next_offset: offsets.iter().max().map_or(0, |&o| u64::from(o) + 1),
+                    delivered_below: offsets.first().map_or(0, |&o| u64::from(o)),
                 },
             },
             Template::Ack { offsets } => Frame::Request {
@@ -386,6 +389,8 @@ impl Template {
                 request: Request::Ack {
                     broker: 1,
                     group: "g".into(),
+                    member: "m".into(),
+                    generation: 7,
                     queue,
                     offsets,
                 },

@@ -192,9 +192,11 @@ impl Principal {
             Request::CreateTopic { topic, .. } => Err(format!(
                 "not authorised: principal {name} may not create topic {topic} (not admin)"
             )),
-            Request::Heartbeat { group, .. } | Request::Leave { group, .. } => {
-                self.may_consume_as(group)
+            Request::Heartbeat { group, topic, .. } => {
+                self.may_consume_as(group)?;
+                self.may_consume_from(group, &QueueId::new(topic.as_str(), 0))
             }
+            Request::Leave { group, .. } => self.may_consume_as(group),
             Request::Send { queue, .. } => {
                 if any_matches(&self.produce, &queue.topic) {
                     Ok(())
@@ -207,7 +209,8 @@ impl Principal {
             }
             Request::Pull { group, queue, .. }
             | Request::Ack { group, queue, .. }
-            | Request::ReconsumeLater { group, queue, .. } => {
+            | Request::ReconsumeLater { group, queue, .. }
+            | Request::Release { group, queue, .. } => {
                 self.may_consume_as(group)?;
                 self.may_consume_from(group, queue)
             }
@@ -278,6 +281,8 @@ mod tests {
         Request::Pull {
             broker: 1,
             group: group.into(),
+            member: "m".into(),
+            generation: 0,
             queue,
             from: 0,
             messages_max: 1,
@@ -348,6 +353,7 @@ mod tests {
         let heartbeat = Request::Heartbeat {
             group: "shipping".into(),
             member: "m".into(),
+            topic: "orders".into(),
         };
         assert!(billing.authorise(&heartbeat).is_err());
     }

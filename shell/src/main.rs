@@ -252,11 +252,17 @@ fn run(cli: Cli) -> Result<(), Failed> {
             timeout,
             servers: s,
         } => {
+            let servers = servers(&s)?;
             let mut consumer =
-                Consumer::connect(servers(&s)?, &group, &topic).map_err(|e| e.to_string())?;
+                Consumer::connect(servers.clone(), &group, &topic).map_err(|e| e.to_string())?;
+            // Ctrl-C or SIGTERM: stop taking messages, confirm what was printed, and hand the
+            // queues over at once (close), rather than leave them to the session timeout.
+            consumer.stop_when(stop_flag()?);
+            let mut redelivered = 0usize;
             let seen = consumer.run(count, Duration::from_secs(timeout), |d| {
                 use std::io::Write as _;
                 let line = String::from_utf8_lossy(&d.message.message.body);
+                redelivered += usize::from(d.redelivered);
                 // Acknowledge only what reached stdout; the rest comes back to the group.
                 match writeln!(std::io::stdout(), "{line}") {
                     Ok(()) => ConsumeStatus::Success,
@@ -265,11 +271,25 @@ fn run(cli: Cli) -> Result<(), Failed> {
             });
             let refusal = consumer.refusal().map(str::to_string);
             consumer.close();
-            eprintln!("consumed {seen} message(s)");
-            match refusal {
-                Some(why) => Err(Failed::refused(format!("refused: {why}"))),
-                None => Ok(()),
+            eprintln!(
+                "consumed {seen} message(s), {redelivered} of them redelivered (handed to the group before and not acknowledged, or retried after ReconsumeLater)"
+            );
+            if let Some(why) = refusal {
+                return Err(Failed::refused(format!("refused: {why}")));
             }
+            if seen == 0 {
+                // Nothing came: say so if it is because the topic does not exist.
+                let mut admin = Admin::connect(servers)?;
+                let route = Request::Route {
+                    topic: topic.clone(),
+                };
+                if let Err(ClientError::Refused(reason)) =
+                    admin.ask_leader(route, Duration::from_secs(5))
+                {
+                    return Err(Failed::refused(format!("consumed nothing: {reason}")));
+                }
+            }
+            Ok(())
         }
         Command::Status { servers: s, output } => status(servers(&s)?, output.json()),
         Command::Bench(args) => Ok(bench::run(args)?),
@@ -523,6 +543,15 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
                         );
                     }
                     if g.role == "Leader" {
+                        for h in g.holders.iter().filter(|h| !h.queue.is_retry()) {
+                            let member = h.member.as_deref().unwrap_or("(released)");
+                            out!(
+                                "    {} {} held by {member} (generation {})",
+                                h.group,
+                                h.queue,
+                                h.generation
+                            );
+                        }
                         for c in g.consumers {
                             let entry = lag.entry((g.group, c.group)).or_default();
                             entry.0 += c.queue_len.saturating_sub(c.consume_offset);

@@ -35,7 +35,8 @@ pub const DISK_CHECKERS: [&str; 2] = ["committed-bytes", "damaged-vote"];
 pub const SNAPSHOT_CHECKERS: [&str; 1] = ["snapshot-agreement"];
 
 /// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
-pub const QUEUE_CHECKERS: [&str; 7] = [
+pub const QUEUE_CHECKERS: [&str; 8] = [
+    "exclusive-owner",
     "lost",
     "unexpected",
     "duplicated",

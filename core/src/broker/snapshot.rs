@@ -13,13 +13,13 @@ use serde::{Deserialize, Serialize};
 use super::dedup::{ProducerWindow, ProducerWindowV1};
 use super::offsets::GroupOffsets;
 use super::queue_log::QueueLog;
-use super::types::{ProducerId, QueueId};
+use super::types::{Lease, ProducerId, QueueId};
 
 /// The format of [`crate::broker::BrokerState::snapshot`]'s bytes; bump it when the image
 /// changes shape, so an old build refuses a new snapshot instead of misreading it.
 pub const SNAPSHOT_VERSION: u8 = 2;
-/// The format before producers' windows carried their place in the least-recently-used order;
-/// still read.
+/// The format before producers' windows carried their place in the least-recently-used order
+/// and before queue leases; still read (with no leases).
 const SNAPSHOT_VERSION_V1: u8 = 1;
 
 /// The version byte in front, the checksum behind.
@@ -74,6 +74,7 @@ pub(super) struct ImageRef<'a> {
     pub(super) queues: &'a BTreeMap<QueueId, QueueLog>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +82,7 @@ pub(super) struct Image {
     pub(super) queues: BTreeMap<QueueId, QueueLog>,
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 #[derive(Deserialize)]
@@ -137,6 +139,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
                 .into_iter()
                 .map(|(id, window)| (id, window.into()))
                 .collect(),
+            leases: BTreeMap::new(),
         };
         (image, rest)
     } else {
@@ -166,6 +169,14 @@ fn validate(image: &mut Image) -> Result<(), String> {
             return Err(format!(
                 "group {group} on {queue}: acks beyond the end {} or below the consume offset",
                 log.end()
+            ));
+        }
+    }
+    for ((group, queue), lease) in &image.leases {
+        if lease.since > lease.generation {
+            return Err(format!(
+                "group {group} on {queue}: a tenure from generation {} past the queue's {}",
+                lease.since, lease.generation
             ));
         }
     }

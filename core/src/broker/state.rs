@@ -22,6 +22,8 @@ pub struct BrokerState {
     /// least recent first, and the latest such time.
     by_touch: BTreeSet<(u64, ProducerId)>,
     touched_max: u64,
+    /// `(consumer group, queue)` to who holds it: see [`Command::Claim`].
+    leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 impl BrokerState {
@@ -45,6 +47,7 @@ impl BrokerState {
             queues: &self.queues,
             offsets: &self.offsets,
             producers: &self.producers,
+            leases: &self.leases,
         })
     }
 
@@ -76,6 +79,7 @@ impl BrokerState {
             producers,
             by_touch,
             touched_max,
+            leases: image.leases,
         })
     }
 
@@ -118,7 +122,147 @@ impl BrokerState {
                 self.trim(stamp_ms);
                 Outcome::QueuesCreated
             }
+            Command::Claim {
+                group,
+                queue,
+                member,
+                generation,
+                takeover,
+            } => self.claim(group, queue, member, generation, takeover),
+            Command::Release {
+                group,
+                queue,
+                member,
+                generation,
+            } => self.release(group, queue, member, generation),
+            Command::OwnedAck {
+                group,
+                queue,
+                member,
+                generation,
+                offsets,
+            } => match self.holder_check(&group, &queue, &member, generation) {
+                Err(refusal) => Outcome::Refused(refusal),
+                Ok(()) => self.ack(group, queue, offsets),
+            },
+            Command::OwnedReconsumeLater {
+                group,
+                queue,
+                member,
+                generation,
+                offset,
+                stamp_ms,
+            } => match self.holder_check(&group, &queue, &member, generation) {
+                Err(refusal) => Outcome::Refused(refusal),
+                Ok(()) => self.reconsume_later(group, queue, offset, stamp_ms),
+            },
         }
+    }
+
+    /// Who holds `queue` for consumer group `group`, if anyone ever claimed it.
+    pub fn lease(&self, group: &str, queue: &QueueId) -> Option<&Lease> {
+        self.leases.get(&(group.to_string(), queue.clone()))
+    }
+
+    /// Every lease, for status and checks.
+    pub fn leases(&self) -> impl Iterator<Item = (&(String, QueueId), &Lease)> {
+        self.leases.iter()
+    }
+
+    /// Whether `member`, speaking for `generation`, holds `queue` under its current tenure.
+    fn holder_check(
+        &self,
+        group: &str,
+        queue: &QueueId,
+        member: &str,
+        generation: u64,
+    ) -> Result<(), Refusal> {
+        let lease = self.lease(group, queue).cloned().unwrap_or_default();
+        if lease.owner.as_deref() == Some(member) && generation >= lease.since {
+            return Ok(());
+        }
+        Err(Refusal::NotOwner(Box::new(NotOwner {
+            group: group.to_string(),
+            queue: queue.clone(),
+            member: member.to_string(),
+            generation,
+            lease,
+        })))
+    }
+
+    fn claim(
+        &mut self,
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        takeover: bool,
+    ) -> Outcome {
+        // Retry queues come into being with their first message; a claim may come first.
+        let retry_level_ok =
+            queue.is_retry() && (queue.queue as usize) < self.config.reconsume_delays_ms.len();
+        if !self.queues.contains_key(&queue) && !retry_level_ok {
+            return Outcome::Refused(Refusal::UnknownQueue(queue));
+        }
+        let key = (group, queue);
+        if !self.leases.contains_key(&key)
+            && self.leases.len() >= crate::limits::LEASES_PER_BROKER_GROUP_MAX
+        {
+            return Outcome::Refused(Refusal::Malformed(format!(
+                "this broker group holds the most queue leases it may ({})",
+                crate::limits::LEASES_PER_BROKER_GROUP_MAX
+            )));
+        }
+        let lease = self.leases.get(&key).cloned().unwrap_or_default();
+        let granted = match &lease.owner {
+            _ if generation < lease.generation => false,
+            None => true,
+            Some(owner) if *owner == member => true,
+            Some(_) => takeover && generation > lease.generation,
+        };
+        if !granted {
+            let (group, queue) = key;
+            return Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
+                group,
+                queue,
+                member,
+                generation,
+                lease,
+            })));
+        }
+        let since = if lease.owner.as_deref() == Some(member.as_str()) {
+            lease.since
+        } else {
+            generation
+        };
+        let lease = Lease {
+            owner: Some(member),
+            generation,
+            since,
+        };
+        self.leases.insert(key, lease.clone());
+        Outcome::Leased(lease)
+    }
+
+    fn release(
+        &mut self,
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+    ) -> Outcome {
+        if let Err(refusal) = self.holder_check(&group, &queue, &member, generation) {
+            return Outcome::Refused(refusal);
+        }
+        let Some(lease) = self.leases.get_mut(&(group, queue)) else {
+            return Outcome::Leased(Lease::default());
+        };
+        // A release closes the holder's generation: a pull of it still on its way (a long
+        // poll woken by the release, say) must not claim the queue back for a member that has
+        // let go. Generations rise by at least one, so the next one's members may claim.
+        lease.owner = None;
+        lease.generation = lease.generation.max(generation.saturating_add(1));
+        Outcome::Leased(lease.clone())
     }
 
     fn append(

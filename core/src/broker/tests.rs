@@ -1063,10 +1063,10 @@ fn inconsistent_snapshots_are_refused() {
     use std::collections::{BTreeMap, BTreeSet, VecDeque};
     type Queues = BTreeMap<QueueId, (Offset, VecDeque<StoredMessage>)>;
     type Offsets = BTreeMap<(String, QueueId), (Offset, BTreeSet<Offset>)>;
-    type Windows = BTreeMap<ProducerId, (BTreeMap<Seq, (QueueId, Offset, u64)>, Seq)>;
-    fn forge(image: &(Queues, Offsets, Windows)) -> Vec<u8> {
-        // Version 1's shape (windows without their place in the LRU order), still read.
-        let mut bytes = postcard::to_extend(image, vec![1]).unwrap_or_default();
+    type Windows = BTreeMap<ProducerId, (BTreeMap<Seq, (QueueId, Offset, u64)>, Seq, u64)>;
+    type Leases = BTreeMap<(String, QueueId), (Option<String>, u64, u64)>;
+    fn forge(image: &(Queues, Offsets, Windows, Leases)) -> Vec<u8> {
+        let mut bytes = postcard::to_extend(image, vec![SNAPSHOT_VERSION]).unwrap_or_default();
         let checksum = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&checksum.to_le_bytes());
         bytes
@@ -1086,10 +1086,11 @@ fn inconsistent_snapshots_are_refused() {
     let good = (
         queues.clone(),
         [(("g".to_string(), q.clone()), (5, BTreeSet::new()))].into(),
-        [(1, ([(0, (q.clone(), 5, 1))].into(), 0))].into(),
+        [(1, ([(0, (q.clone(), 5, 1))].into(), 0, 0))].into(),
+        [(("g".to_string(), q.clone()), (Some("m".to_string()), 7, 3))].into(),
     );
     let state = restore(good.clone()).map_err(|e| e.to_string());
-    // Read as version 1, written as the current version, which reads back the same.
+    // Written again, it reads back the same.
     let again = state.as_ref().map(|s| s.snapshot()).expect("restored");
     assert_eq!(again[0], SNAPSHOT_VERSION);
     let reread = BrokerState::restore(BrokerConfig::default(), &again).map(|s| s.snapshot());
@@ -1116,16 +1117,22 @@ fn inconsistent_snapshots_are_refused() {
         "consumed past the end"
     );
     let mut bad = good.clone();
-    bad.2 = [(1, ([(0, (q.clone(), 5, 0))].into(), 0))].into();
+    bad.2 = [(1, ([(0, (q.clone(), 5, 0))].into(), 0, 0))].into();
     assert!(
         matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
         "an empty batch"
     );
     let mut bad = good.clone();
-    bad.2 = [(1, ([(u64::MAX, (q.clone(), 5, 2))].into(), u64::MAX))].into();
+    bad.2 = [(1, ([(u64::MAX, (q.clone(), 5, 2))].into(), u64::MAX, 0))].into();
     assert!(
         matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
         "past Seq::MAX"
+    );
+    let mut bad = good.clone();
+    bad.3 = [(("g".to_string(), q.clone()), (Some("m".to_string()), 3, 7))].into();
+    assert!(
+        matches!(restore(bad), Err(SnapshotError::Inconsistent(_))),
+        "a tenure from a generation after the queue's"
     );
     let mut bad = good;
     bad.0 = [(q, (u64::MAX, VecDeque::new()))].into();

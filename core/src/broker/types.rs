@@ -146,6 +146,58 @@ pub enum Command {
     /// The last variant: postcard numbers variants in order, so the earlier ones keep the
     /// encodings already in logs.
     Trim { stamp_ms: u64 },
+    /// `member` of consumer group `group` takes `queue` at `generation` (decided by the
+    /// metadata leader). Granted if nobody holds the queue and `generation` is not older than
+    /// the queue's, if `member` holds it already (its generation moves up), or, with
+    /// `takeover`, if `generation` is newer than the holder's: the broker leader proposes a
+    /// takeover only once the holder released it or its lease expired. The lease table is in
+    /// the log, so a new broker leader knows who holds what.
+    Claim {
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        takeover: bool,
+    },
+    /// The holder gives `queue` up: the next claimant need not wait for its lease to expire.
+    /// `generation` is the one it last pulled under; nothing up to it may claim again.
+    Release {
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+    },
+    /// [`Command::Ack`] bound to its delivery: applied only if `member` holds the queue under
+    /// the tenure that began at or before `generation`.
+    OwnedAck {
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        offsets: Vec<Offset>,
+    },
+    /// [`Command::ReconsumeLater`] bound to its delivery, like [`Command::OwnedAck`].
+    OwnedReconsumeLater {
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        offset: Offset,
+        stamp_ms: u64,
+    },
+}
+
+/// Who holds a queue for a consumer group, as the broker group's log decided it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// `None` once released (or never claimed).
+    pub owner: Option<String>,
+    /// The oldest generation that may still claim or pull the queue: the highest it was
+    /// claimed at, or the one after the generation it was released at.
+    pub generation: u64,
+    /// The generation at which the current owner's tenure began: its answers from before it
+    /// (an earlier tenure, perhaps before someone else held the queue) are refused.
+    pub since: u64,
 }
 
 /// What applying a command did; handed back to whoever proposed it.
@@ -153,6 +205,8 @@ pub enum Command {
 pub enum Outcome {
     /// A `CreateQueues` or a `Trim` was applied.
     QueuesCreated,
+    /// A `Claim` or `Release` was applied; the queue's lease is now this.
+    Leased(Lease),
     /// The batch sits at `base_offset..base_offset + n` of `queue`. `duplicate` means this was
     /// a retry of a batch already written, and these are its original place (the retry may
     /// have named another queue of this group).
@@ -200,6 +254,9 @@ pub enum Refusal {
     },
     /// The command did not decode: a corrupt or foreign entry.
     Malformed(String),
+    /// An answer, claim or release from a member that does not hold the queue (or holds it
+    /// under a newer tenure than the one the request speaks for).
+    NotOwner(Box<NotOwner>),
 }
 
 impl fmt::Display for Refusal {
@@ -221,8 +278,32 @@ impl fmt::Display for Refusal {
             ),
             Refusal::NoSuchOffset { queue, offset } => write!(f, "no offset {offset} in {queue}"),
             Refusal::Malformed(why) => write!(f, "malformed command: {why}"),
+            Refusal::NotOwner(n) => match &n.lease.owner {
+                Some(owner) => write!(
+                    f,
+                    "{} (generation {}) does not hold {} for group {}: \
+                     {owner} does since generation {} (queue generation {})",
+                    n.member, n.generation, n.queue, n.group, n.lease.since, n.lease.generation
+                ),
+                None => write!(
+                    f,
+                    "{} (generation {}) does not hold {} for group {}: \
+                     nobody does (queue generation {})",
+                    n.member, n.generation, n.queue, n.group, n.lease.generation
+                ),
+            },
         }
     }
+}
+
+/// Who asked for a queue it does not hold, and who does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotOwner {
+    pub group: String,
+    pub queue: QueueId,
+    pub member: String,
+    pub generation: u64,
+    pub lease: Lease,
 }
 
 /// How a broker group treats consumer failures and how long it keeps messages. Applying

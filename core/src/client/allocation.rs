@@ -1,5 +1,56 @@
-//! Which queues a consumer owns: every member computes the same answer from the same sorted
-//! member and queue lists (RocketMQ's AllocateMessageQueueAveragely).
+//! How a consumer group's queues are shared out among its members. The metadata leader
+//! computes it once per generation; members only follow what it says.
+
+use serde::{Deserialize, Serialize};
+
+/// A named, swappable way to share queues among members. Topic queues and retry queues are
+/// allocated separately (each with the strategy), so N members of a topic with at least N
+/// queues each get topic queues whatever the retry queues do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllocationStrategy {
+    /// Contiguous shares, the first `queues % members` members one queue more (RocketMQ's
+    /// `AllocateMessageQueueAveragely`).
+    #[default]
+    Averagely,
+    /// Queue `i` to member `i % members` (RocketMQ's `AllocateMessageQueueAveragelyByCircle`).
+    Circle,
+}
+
+impl AllocationStrategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            AllocationStrategy::Averagely => "averagely",
+            AllocationStrategy::Circle => "circle",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<AllocationStrategy> {
+        [AllocationStrategy::Averagely, AllocationStrategy::Circle]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
+
+    /// The queues member number `me` of `members` owns, from `queues` (sorted the same way
+    /// for every member). Every queue has exactly one owner when `members > 0`.
+    pub fn share<Q: Clone>(self, queues: &[Q], members: usize, me: usize) -> Vec<Q> {
+        if me >= members {
+            return Vec::new();
+        }
+        match self {
+            AllocationStrategy::Averagely => {
+                let (n, m) = (queues.len(), members);
+                let base = n / m;
+                let extra = n % m;
+                let start = me * base + me.min(extra);
+                let len = base + usize::from(me < extra);
+                queues.get(start..start + len).unwrap_or(&[]).to_vec()
+            }
+            AllocationStrategy::Circle => {
+                queues.iter().skip(me).step_by(members).cloned().collect()
+            }
+        }
+    }
+}
 
 /// The contiguous share of `queues` that `member` owns among `members` (both sorted the same
 /// way by every member). A member not in the list owns nothing.
@@ -22,15 +73,26 @@ mod tests {
     #[test]
     fn every_queue_has_exactly_one_owner() {
         let queues: Vec<u32> = (0..11).collect();
-        for size in 1..6 {
-            let members: Vec<String> = (0..size).map(|i| format!("m{i}")).collect();
-            let mut owned: Vec<u32> = members
-                .iter()
-                .flat_map(|m| allocate(&queues, &members, m).iter().copied())
-                .collect();
-            owned.sort();
-            assert_eq!(owned, queues, "{size} members");
+        for strategy in [AllocationStrategy::Averagely, AllocationStrategy::Circle] {
+            for size in 1..6 {
+                let mut owned: Vec<u32> = (0..size)
+                    .flat_map(|me| strategy.share(&queues, size, me))
+                    .collect();
+                owned.sort();
+                assert_eq!(owned, queues, "{} with {size} members", strategy.name());
+                let fewest = (0..size)
+                    .map(|me| strategy.share(&queues, size, me).len())
+                    .min();
+                assert_eq!(fewest, Some(11 / size), "{}", strategy.name());
+            }
+            assert!(strategy.share(&queues, 3, 3).is_empty());
+            assert_eq!(
+                AllocationStrategy::from_name(strategy.name()),
+                Some(strategy)
+            );
         }
+        let members: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+        assert_eq!(allocate(&queues, &members, "m1"), &[4, 5, 6, 7]);
         assert!(allocate(&queues, &["a".into()], "stranger").is_empty());
     }
 }

@@ -1,20 +1,22 @@
 //! The consumer: group membership, queue allocation, long-polling pulls, acks and nacks,
 //! sans-IO.
 //!
-//! A member heartbeats to the metadata leader and gets the group's live members back; every
-//! member allocates the same sorted queue list over the same sorted member list, so ownership
-//! needs no coordinator. A newly owned queue is pulled from offset 0 and the broker starts at
-//! the group's committed consume offset, so ownership moves lose nothing; what was delivered
-//! but not acknowledged before a move comes again (at-least-once). Acks and nacks are retried
-//! until the broker confirms them: both are idempotent.
+//! A member heartbeats to the metadata leader and gets back the queues it owns and the
+//! group's generation (the metadata leader allocates; see `node::membership`). Every pull,
+//! ack and nack carries the member and generation; the broker serves a queue only to the
+//! member holding its lease and refuses a stale one with `Revoked`. A queue the member loses
+//! (revoked, or gone from its assignment) is dropped: deliveries not yet handed out go, answers
+//! already given are confirmed, then the queue is released so the next owner starts at once
+//! from the committed consume offset. What was delivered but never acknowledged comes again
+//! (at-least-once). Acks and nacks are retried until the broker confirms them: both are
+//! idempotent.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use super::allocation::allocate;
 use crate::broker::{Offset, QueueId, StoredMessage};
 use crate::node::METADATA_GROUP;
-use crate::node::protocol::{Request, RequestId, Response, Route};
+use crate::node::protocol::{Request, RequestId, Response};
 use crate::raft::{GroupId, NodeId};
 use crate::time::Instant;
 
@@ -32,9 +34,6 @@ pub struct ConsumerConfig {
     /// No pull while this many messages of a queue wait for the application's answer
     /// (RocketMQ's process-queue limit): a slow message does not stall the queue behind it.
     pub unanswered_max: u32,
-    /// Retry queues per broker group to consume (the brokers' delay levels).
-    pub retry_levels: u32,
-    pub route_ttl_ms: u64,
 }
 
 impl ConsumerConfig {
@@ -49,8 +48,6 @@ impl ConsumerConfig {
             long_poll_ms: 1_000,
             pull_batch: 32,
             unanswered_max: 1_000,
-            retry_levels: 18,
-            route_ttl_ms: 30_000,
         }
     }
 }
@@ -62,6 +59,10 @@ pub struct Delivery {
     pub queue: QueueId,
     pub offset: Offset,
     pub message: StoredMessage,
+    /// The group generation it was pulled under; its answer speaks for it.
+    pub generation: u64,
+    /// Handed to this group before (to this member or another), or back from a retry queue.
+    pub redelivered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,15 +75,25 @@ pub enum AckStatus {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsumerEvent {
     Rebalanced {
+        generation: u64,
         owned: Vec<(GroupId, QueueId)>,
     },
-    /// A pull sent at `requested_at` returned these offsets.
+    /// A pull sent at `requested_at` under `generation` returned these offsets.
     Pulled {
         broker: GroupId,
         queue: QueueId,
         requested_at: Instant,
+        generation: u64,
         offsets: Vec<Offset>,
     },
+    /// The broker refused a pull or an answer: another member holds the queue now.
+    Revoked {
+        broker: GroupId,
+        queue: QueueId,
+        reason: String,
+    },
+    /// A release of the queue's lease left (its answers are all confirmed).
+    ReleaseSent { broker: GroupId, queue: QueueId },
     AckConfirmed {
         broker: GroupId,
         queue: QueueId,
@@ -97,6 +108,8 @@ pub enum ConsumerEvent {
 }
 
 struct Owned {
+    /// The generation of the latest pull sent (0: none yet, so nothing to release).
+    generation: u64,
     next: Offset,
     unanswered: u32,
     /// The next pull may leave at this time; [`NEVER`] while one is in flight.
@@ -107,21 +120,36 @@ const NEVER: Instant = Instant::from_micros(u64::MAX);
 
 enum InFlight {
     Heartbeat,
-    Routes,
     Pull {
         broker: GroupId,
         queue: QueueId,
         sent_at: Instant,
+        generation: u64,
     },
     Ack(Answer),
+    Release {
+        broker: GroupId,
+        queue: QueueId,
+    },
     Leave,
+}
+
+/// A queue this member no longer owns: its answers are confirmed, then it is released.
+struct Releasing {
+    /// The generation this member last pulled the queue under: the release speaks for it.
+    generation: u64,
+    /// Handed to the application and not answered yet.
+    unanswered: u32,
+    /// When the release may be (re)sent; [`NEVER`] while one is in flight.
+    send_at: Instant,
 }
 
 /// Where a member that is shutting down is in leaving its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Leaving {
     Staying,
-    /// Owns nothing any more; waits for its answers to be confirmed, then says goodbye.
+    /// Owns nothing any more; waits for its answers to be confirmed and its queues released,
+    /// then says goodbye.
     Draining,
     Left,
 }
@@ -130,6 +158,7 @@ enum Leaving {
 struct Answer {
     broker: GroupId,
     queue: QueueId,
+    generation: u64,
     offsets: Vec<Offset>,
     status: AckStatus,
 }
@@ -138,10 +167,16 @@ pub struct Consumer {
     config: ConsumerConfig,
     next_request: RequestId,
     turn: u64,
-    members: Vec<String>,
-    routes: Vec<Route>,
-    routes_at: Option<Instant>,
+    /// The generation of the assignment this member follows (0: none yet).
+    generation: u64,
+    /// The queues the latest assignment gives this member.
+    assigned: Vec<(GroupId, QueueId)>,
     owned: BTreeMap<(GroupId, QueueId), Owned>,
+    releasing: BTreeMap<(GroupId, QueueId), Releasing>,
+    /// Queues a broker revoked at this generation, and when: not taken again before a newer
+    /// generation, or a few heartbeats later (the queue may be free by then, and the metadata
+    /// leader still gives it to this member).
+    revoked: BTreeMap<(GroupId, QueueId), (u64, Instant)>,
     leaders: BTreeMap<GroupId, NodeId>,
     heartbeat_due: Instant,
     in_flight: BTreeMap<RequestId, (InFlight, Instant)>,
@@ -159,10 +194,11 @@ impl Consumer {
             config,
             next_request: 1,
             turn: 0,
-            members: Vec::new(),
-            routes: Vec::new(),
-            routes_at: None,
+            generation: 0,
+            assigned: Vec::new(),
             owned: BTreeMap::new(),
+            releasing: BTreeMap::new(),
+            revoked: BTreeMap::new(),
             leaders: BTreeMap::new(),
             heartbeat_due: now,
             in_flight: BTreeMap::new(),
@@ -180,17 +216,29 @@ impl Consumer {
         &self.config.member
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn owned(&self) -> impl Iterator<Item = &(GroupId, QueueId)> {
         self.owned.keys()
     }
 
     /// Leaves the group now rather than after the session times out, so the others take over
-    /// its queues at once: pulls stop, answers already given are still confirmed, then the
-    /// metadata leader is told. Deliveries not yet answered come again to the new owners.
+    /// its queues at once: pulls stop, deliveries not yet answered are given up (they come
+    /// again to the new owners), answers already given are confirmed, every queue is
+    /// released, then the metadata leader is told.
     pub fn leave(&mut self, now: Instant) {
         if self.leaving == Leaving::Staying {
             self.leaving = Leaving::Draining;
-            self.owned.clear();
+            self.assigned.clear();
+            let owned: Vec<(GroupId, QueueId)> = self.owned.keys().cloned().collect();
+            for key in owned {
+                self.drop_queue(now, &key);
+            }
+            for releasing in self.releasing.values_mut() {
+                releasing.unanswered = 0;
+            }
             self.deliveries.clear();
         }
         self.work(now);
@@ -203,23 +251,25 @@ impl Consumer {
 
     /// The application's answer for a delivery.
     pub fn answer(&mut self, now: Instant, delivery: &Delivery, status: AckStatus) {
-        if let Some(owned) = self
-            .owned
-            .get_mut(&(delivery.broker, delivery.queue.clone()))
-        {
+        let key = (delivery.broker, delivery.queue.clone());
+        if let Some(owned) = self.owned.get_mut(&key) {
             owned.unanswered = owned.unanswered.saturating_sub(1);
+        } else if let Some(releasing) = self.releasing.get_mut(&key) {
+            releasing.unanswered = releasing.unanswered.saturating_sub(1);
         }
         let same = self.answers.iter_mut().find(|a| {
             a.status == AckStatus::Success
                 && status == AckStatus::Success
                 && a.broker == delivery.broker
                 && a.queue == delivery.queue
+                && a.generation == delivery.generation
         });
         match same {
             Some(answer) => answer.offsets.push(delivery.offset),
             None => self.answers.push(Answer {
                 broker: delivery.broker,
                 queue: delivery.queue.clone(),
+                generation: delivery.generation,
                 offsets: vec![delivery.offset],
                 status,
             }),
@@ -232,10 +282,17 @@ impl Consumer {
             return;
         };
         match (what, response) {
-            (InFlight::Heartbeat, Response::Members { members, .. }) => {
+            (
+                InFlight::Heartbeat,
+                Response::Assignment {
+                    generation, queues, ..
+                },
+            ) => {
                 self.heartbeat_due = now + Duration::from_millis(self.config.heartbeat_ms);
-                if members != self.members {
-                    self.members = members;
+                // An answer overtaken by a newer one says nothing new.
+                if generation >= self.generation && self.leaving == Leaving::Staying {
+                    self.generation = generation;
+                    self.assigned = queues;
                     self.rebalance(now);
                 }
             }
@@ -246,29 +303,20 @@ impl Consumer {
             (InFlight::Heartbeat, _) => {
                 self.heartbeat_due = now + Duration::from_millis(100);
             }
-            (InFlight::Routes, Response::Routes { routes, .. }) => {
-                for route in &routes {
-                    if let Some(leader) = route.leader {
-                        self.leaders.insert(route.group, leader);
-                    }
-                }
-                self.routes = routes;
-                self.routes_at = Some(now);
-                self.rebalance(now);
-            }
-            (InFlight::Routes, _) => {
-                self.routes_at = None;
-            }
             (
                 InFlight::Pull {
                     broker,
                     queue,
                     sent_at,
+                    generation,
                 },
                 response,
-            ) => self.pulled(now, broker, queue, sent_at, response),
+            ) => self.pulled(now, broker, queue, sent_at, generation, response),
             (InFlight::Ack(answer), response) => self.acked(now, answer, response),
-            (InFlight::Leave, Response::Members { .. }) => self.leaving = Leaving::Left,
+            (InFlight::Release { broker, queue }, response) => {
+                self.released(now, broker, queue, response);
+            }
+            (InFlight::Leave, Response::Left { .. }) => self.leaving = Leaving::Left,
             (InFlight::Leave, Response::NotLeader { leader_hint, .. }) => {
                 self.hint(METADATA_GROUP, leader_hint);
             }
@@ -293,7 +341,6 @@ impl Consumer {
                     self.leaders.remove(&METADATA_GROUP);
                     self.heartbeat_due = now;
                 }
-                InFlight::Routes => self.routes_at = None,
                 InFlight::Pull { broker, queue, .. } => {
                     self.leaders.remove(&broker);
                     if let Some(owned) = self.owned.get_mut(&(broker, queue)) {
@@ -303,6 +350,12 @@ impl Consumer {
                 InFlight::Ack(answer) => {
                     self.leaders.remove(&answer.broker);
                     self.answers.push(answer);
+                }
+                InFlight::Release { broker, queue, .. } => {
+                    self.leaders.remove(&broker);
+                    if let Some(releasing) = self.releasing.get_mut(&(broker, queue)) {
+                        releasing.send_at = now;
+                    }
                 }
                 InFlight::Leave => {
                     self.leaders.remove(&METADATA_GROUP);
@@ -325,33 +378,51 @@ impl Consumer {
     }
 
     /// When `handle_timeout` must next be called. Work blocked behind a request in flight
-    /// (a heartbeat, a route fetch, a pull) waits for that request, not for the clock.
+    /// (a heartbeat, a pull, a release) waits for that request, not for the clock.
     pub fn poll_timeout(&self) -> Instant {
-        let in_flight = |f: &dyn Fn(&InFlight) -> bool| self.in_flight.values().any(|(w, _)| f(w));
         let requests = self.in_flight.values().map(|(_, deadline)| *deadline);
         let pulls = self
             .owned
             .values()
             .filter(|o| o.unanswered < self.config.unanswered_max)
             .map(|o| o.retry_at);
-        let routes = self
-            .routes_at
-            .filter(|_| !in_flight(&|w| matches!(w, InFlight::Routes)))
-            .map(|at| at + Duration::from_millis(self.config.route_ttl_ms));
-        let heartbeat =
-            Some(self.heartbeat_due).filter(|_| !in_flight(&|w| matches!(w, InFlight::Heartbeat)));
+        // A release waiting for answers is sent when they come (or are confirmed), not on a
+        // timer: a deadline in the past here would spin.
+        let releases = self
+            .releasing
+            .iter()
+            .filter(|(key, r)| r.unanswered == 0 && !self.answering(key))
+            .map(|(_, r)| r.send_at);
+        let heartbeat_in_flight = self
+            .in_flight
+            .values()
+            .any(|(w, _)| matches!(w, InFlight::Heartbeat));
+        let heartbeat = Some(self.heartbeat_due)
+            .filter(|_| !heartbeat_in_flight && self.leaving == Leaving::Staying);
         requests
             .chain(pulls)
-            .chain(routes)
+            .chain(releases)
             .chain(heartbeat)
             .min()
             .unwrap_or(NEVER)
     }
 
-    /// Unanswered deliveries, unconfirmed answers and requests in flight: zero when idle.
+    /// Unanswered deliveries, unconfirmed answers, queues not yet released and answers in
+    /// flight: zero when idle.
     pub fn busy(&self) -> usize {
         self.deliveries.len()
             + self.answers.len()
+            + self.releasing.len()
+            + self
+                .in_flight
+                .values()
+                .filter(|(w, _)| matches!(w, InFlight::Ack(_)))
+                .count()
+    }
+
+    /// Answers given and not yet confirmed by the broker.
+    pub fn unconfirmed(&self) -> usize {
+        self.answers.len()
             + self
                 .in_flight
                 .values()
@@ -396,16 +467,21 @@ impl Consumer {
 
     fn send_answers(&mut self, now: Instant) {
         for answer in std::mem::take(&mut self.answers) {
+            let (group, member) = (self.config.group.clone(), self.config.member.clone());
             let request = match answer.status {
                 AckStatus::Success => Request::Ack {
                     broker: answer.broker,
-                    group: self.config.group.clone(),
+                    group,
+                    member,
+                    generation: answer.generation,
                     queue: answer.queue.clone(),
                     offsets: answer.offsets.clone(),
                 },
                 AckStatus::ReconsumeLater => Request::ReconsumeLater {
                     broker: answer.broker,
-                    group: self.config.group.clone(),
+                    group,
+                    member,
+                    generation: answer.generation,
                     queue: answer.queue.clone(),
                     offset: answer.offsets.first().copied().unwrap_or(0),
                 },
@@ -415,48 +491,75 @@ impl Consumer {
         }
     }
 
-    /// While leaving: confirm every answer first (a Leave that overtook an ack would hand the
-    /// queue over at an offset that is about to move), then say goodbye until it is heard.
-    fn work_leaving(&mut self, now: Instant) {
-        self.send_answers(now);
-        let busy = self
-            .in_flight
-            .values()
-            .any(|(w, _)| !matches!(w, InFlight::Pull { .. }));
-        if self.leaving == Leaving::Draining && !busy {
-            let request = Request::Leave {
+    /// Whether answers for `key` wait to be sent or confirmed.
+    fn answering(&self, key: &(GroupId, QueueId)) -> bool {
+        self.answers
+            .iter()
+            .any(|a| a.broker == key.0 && a.queue == key.1)
+            || self.in_flight.values().any(
+                |(w, _)| matches!(w, InFlight::Ack(a) if a.broker == key.0 && a.queue == key.1),
+            )
+    }
+
+    /// Releases each dropped queue whose answers are all confirmed: an answer that overtook
+    /// the release would be refused, and its message delivered again to the next owner.
+    fn send_releases(&mut self, now: Instant) {
+        let due: Vec<(GroupId, QueueId, u64)> = self
+            .releasing
+            .iter()
+            .filter(|(key, r)| r.unanswered == 0 && now >= r.send_at && !self.answering(key))
+            .map(|(key, r)| (key.0, key.1.clone(), r.generation))
+            .collect();
+        for (broker, queue, generation) in due {
+            if let Some(releasing) = self.releasing.get_mut(&(broker, queue.clone())) {
+                releasing.send_at = NEVER;
+            }
+            let request = Request::Release {
+                broker,
                 group: self.config.group.clone(),
                 member: self.config.member.clone(),
+                generation,
+                queue: queue.clone(),
             };
-            self.request(now, METADATA_GROUP, InFlight::Leave, request, 0);
+            self.events.push_back(ConsumerEvent::ReleaseSent {
+                broker,
+                queue: queue.clone(),
+            });
+            let what = InFlight::Release { broker, queue };
+            self.request(now, broker, what, request, 0);
         }
     }
 
-    /// Sends whatever is due: heartbeat, routes, answers, pulls.
+    /// Sends whatever is due: heartbeat, answers, releases, pulls; while leaving, the goodbye
+    /// once every answer is confirmed and every queue released.
     fn work(&mut self, now: Instant) {
         let waiting =
             |c: &Consumer, f: &dyn Fn(&InFlight) -> bool| c.in_flight.values().any(|(w, _)| f(w));
+        self.send_answers(now);
+        self.send_releases(now);
         if self.leaving != Leaving::Staying {
-            return self.work_leaving(now);
+            let busy = self
+                .in_flight
+                .values()
+                .any(|(w, _)| !matches!(w, InFlight::Pull { .. }));
+            if self.leaving == Leaving::Draining && !busy && self.releasing.is_empty() {
+                let request = Request::Leave {
+                    group: self.config.group.clone(),
+                    member: self.config.member.clone(),
+                };
+                self.request(now, METADATA_GROUP, InFlight::Leave, request, 0);
+            }
+            return;
         }
         if now >= self.heartbeat_due && !waiting(self, &|w| matches!(w, InFlight::Heartbeat)) {
             let request = Request::Heartbeat {
                 group: self.config.group.clone(),
                 member: self.config.member.clone(),
+                topic: self.config.topic.clone(),
             };
             self.heartbeat_due = now + Duration::from_millis(self.config.heartbeat_ms);
             self.request(now, METADATA_GROUP, InFlight::Heartbeat, request, 0);
         }
-        let routes_stale = self
-            .routes_at
-            .is_none_or(|at| now >= at + Duration::from_millis(self.config.route_ttl_ms));
-        if routes_stale && !waiting(self, &|w| matches!(w, InFlight::Routes)) {
-            let request = Request::Route {
-                topic: self.config.topic.clone(),
-            };
-            self.request(now, METADATA_GROUP, InFlight::Routes, request, 0);
-        }
-        self.send_answers(now);
         let ready: Vec<(GroupId, QueueId, Offset)> = self
             .owned
             .iter()
@@ -468,29 +571,32 @@ impl Consumer {
                 self,
                 &|w| matches!(w, InFlight::Pull { broker: b, queue: q, .. } if *b == broker && *q == queue),
             );
-            if pulling {
-                // The answer to the pull in flight decides when to pull next.
-                if let Some(owned) = self.owned.get_mut(&(broker, queue)) {
-                    owned.retry_at = NEVER;
+            let generation = self.generation;
+            if let Some(owned) = self.owned.get_mut(&(broker, queue.clone())) {
+                owned.retry_at = NEVER;
+                if !pulling {
+                    owned.generation = generation;
                 }
-                continue;
+            }
+            if pulling {
+                continue; // the answer to the pull in flight decides when to pull next
             }
             let request = Request::Pull {
                 broker,
                 group: self.config.group.clone(),
+                member: self.config.member.clone(),
+                generation: self.generation,
                 queue: queue.clone(),
                 from,
                 messages_max: self.config.pull_batch,
                 bytes_max: 4 << 20,
                 wait_ms: self.config.long_poll_ms,
             };
-            if let Some(owned) = self.owned.get_mut(&(broker, queue.clone())) {
-                owned.retry_at = NEVER;
-            }
             let what = InFlight::Pull {
                 broker,
                 queue,
                 sent_at: now,
+                generation: self.generation,
             };
             let wait_ms = self.config.long_poll_ms;
             self.request(now, broker, what, request, wait_ms);
@@ -503,6 +609,7 @@ impl Consumer {
         broker: GroupId,
         queue: QueueId,
         sent_at: Instant,
+        generation: u64,
         response: Response,
     ) {
         let key = (broker, queue.clone());
@@ -510,6 +617,7 @@ impl Consumer {
             Response::Pulled {
                 messages,
                 next_offset,
+                delivered_below,
                 ..
             } => {
                 let Some(owned) = self.owned.get_mut(&key) else {
@@ -526,6 +634,7 @@ impl Consumer {
                     broker,
                     queue: queue.clone(),
                     requested_at: sent_at,
+                    generation,
                     offsets: messages.iter().map(|(o, _)| *o).collect(),
                 });
                 self.deliveries
@@ -533,8 +642,26 @@ impl Consumer {
                         broker,
                         queue: queue.clone(),
                         offset,
+                        redelivered: offset < delivered_below || message.reconsume_times > 0,
                         message,
+                        generation,
                     }));
+            }
+            Response::Revoked { reason, .. } => {
+                self.events.push_back(ConsumerEvent::Revoked {
+                    broker,
+                    queue: queue.clone(),
+                    reason,
+                });
+                // A pull from an older generation than ours says nothing about this one.
+                if generation == self.generation {
+                    self.drop_queue(now, &key);
+                    self.revoked.insert(key, (generation, now));
+                    // Someone newer has it: learn the new assignment now.
+                    self.heartbeat_due = now;
+                } else if let Some(owned) = self.owned.get_mut(&key) {
+                    owned.retry_at = now;
+                }
             }
             Response::NotLeader { leader_hint, .. } => {
                 self.hint(broker, leader_hint);
@@ -568,48 +695,142 @@ impl Consumer {
                     dead_letter,
                 });
             }
+            Response::Revoked { reason, .. } => {
+                // Another member holds the queue now: it gets these messages again.
+                let key = (answer.broker, answer.queue.clone());
+                self.events.push_back(ConsumerEvent::Revoked {
+                    broker: answer.broker,
+                    queue: answer.queue,
+                    reason,
+                });
+                if self.owned.contains_key(&key) && answer.generation >= self.generation {
+                    self.drop_queue(now, &key);
+                    self.revoked.insert(key, (self.generation, now));
+                    self.heartbeat_due = now;
+                }
+            }
             Response::Refused { .. } => {} // nothing to retry: the offset is not there
             Response::NotLeader { leader_hint, .. } => {
                 self.hint(answer.broker, leader_hint);
                 self.answers.push(answer);
             }
             _ => {
-                let _ = now;
                 self.leaders.remove(&answer.broker);
                 self.answers.push(answer);
             }
         }
     }
 
-    /// Recomputes which queues this member owns.
-    fn rebalance(&mut self, now: Instant) {
-        let mut queues: Vec<(GroupId, QueueId)> = self
-            .routes
-            .iter()
-            .map(|r| (r.group, r.queue.clone()))
-            .collect();
-        let mut brokers: Vec<GroupId> = self.routes.iter().map(|r| r.group).collect();
-        brokers.sort();
-        brokers.dedup();
-        for broker in brokers {
-            for level in 0..self.config.retry_levels {
-                queues.push((broker, QueueId::retry(&self.config.group, level)));
+    fn released(&mut self, now: Instant, broker: GroupId, queue: QueueId, response: Response) {
+        let key = (broker, queue);
+        match response {
+            // Released, or not ours to release any more: either way the queue is let go.
+            Response::Released { .. } | Response::Revoked { .. } | Response::Refused { .. } => {
+                self.releasing.remove(&key);
+                // A queue the latest assignment gives back waited for this.
+                self.rebalance(now);
+            }
+            Response::NotLeader { leader_hint, .. } => {
+                self.hint(broker, leader_hint);
+                if let Some(r) = self.releasing.get_mut(&key) {
+                    r.send_at = now + Duration::from_millis(10);
+                }
+            }
+            _ => {
+                self.leaders.remove(&broker);
+                if let Some(r) = self.releasing.get_mut(&key) {
+                    r.send_at = now + Duration::from_millis(100);
+                }
             }
         }
-        queues.sort();
-        let mine = allocate(&queues, &self.members, &self.config.member).to_vec();
-        self.owned.retain(|key, _| mine.contains(key));
+    }
+
+    /// Stops consuming `key`: deliveries not handed out yet go, and the queue is released
+    /// once the application's answers for it are confirmed.
+    fn drop_queue(&mut self, now: Instant, key: &(GroupId, QueueId)) {
+        let Some(owned) = self.owned.remove(key) else {
+            return;
+        };
+        let before = self.deliveries.len();
+        self.deliveries
+            .retain(|d| (d.broker, &d.queue) != (key.0, &key.1));
+        let dropped = (before - self.deliveries.len()) as u32;
+        // A pull still on its way (sent before the queue was last dropped and taken again,
+        // say) may claim the queue: release under its generation too.
+        let in_flight = self
+            .in_flight
+            .values()
+            .filter_map(|(w, _)| match w {
+                InFlight::Pull {
+                    broker,
+                    queue,
+                    generation,
+                    ..
+                } if (*broker, queue) == (key.0, &key.1) => Some(*generation),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let generation = owned.generation.max(in_flight);
+        if generation == 0 {
+            return; // never pulled, so never claimed: nothing to release
+        }
+        self.releasing.insert(
+            key.clone(),
+            Releasing {
+                generation,
+                unanswered: owned.unanswered.saturating_sub(dropped),
+                send_at: now,
+            },
+        );
+    }
+
+    /// Follows the latest assignment: queues no longer ours are dropped, new ones are pulled
+    /// from the committed consume offset once any release of them by this member is done.
+    fn rebalance(&mut self, now: Instant) {
+        if self.leaving != Leaving::Staying {
+            return;
+        }
+        let generation = self.generation;
+        let retry_after = Duration::from_millis(self.config.heartbeat_ms.saturating_mul(2));
+        self.revoked
+            .retain(|_, (at, when)| *at >= generation && now < *when + retry_after);
+        let mine: Vec<(GroupId, QueueId)> = self
+            .assigned
+            .iter()
+            .filter(|key| !self.revoked.contains_key(*key))
+            .cloned()
+            .collect();
+        let gone: Vec<(GroupId, QueueId)> = self
+            .owned
+            .keys()
+            .filter(|key| !mine.contains(key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.drop_queue(now, key);
+        }
+        let mut changed = !gone.is_empty();
         for key in &mine {
-            self.owned.entry(key.clone()).or_insert(Owned {
-                next: 0,
-                unanswered: 0,
-                retry_at: now,
+            if self.owned.contains_key(key) || self.releasing.contains_key(key) {
+                continue;
+            }
+            changed = true;
+            self.owned.insert(
+                key.clone(),
+                Owned {
+                    generation: 0,
+                    next: 0,
+                    unanswered: 0,
+                    retry_at: now,
+                },
+            );
+        }
+        if changed {
+            self.events.push_back(ConsumerEvent::Rebalanced {
+                generation: self.generation,
+                owned: self.owned.keys().cloned().collect(),
             });
         }
-        // Deliveries of queues we no longer own are dropped: the new owner gets them again.
-        self.deliveries
-            .retain(|d| mine.contains(&(d.broker, d.queue.clone())));
-        self.events
-            .push_back(ConsumerEvent::Rebalanced { owned: mine });
     }
 }

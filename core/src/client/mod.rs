@@ -6,7 +6,7 @@ mod allocation;
 mod consumer;
 mod producer;
 
-pub use allocation::allocate;
+pub use allocation::{AllocationStrategy, allocate};
 pub use consumer::{AckStatus, Consumer, ConsumerConfig, ConsumerEvent, Delivery};
 pub use producer::{Producer, ProducerConfig, SendId, SendResult};
 

@@ -10,19 +10,21 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
+use super::membership::{Allocation, LeaseClocks, Membership, PullAsk, PullVerdict};
 use super::metadata::{METADATA_GROUP, MetaCommand, MetaState, TopicApplied};
 use super::protocol::{
-    ClientId, ConsumerProgress, GroupStatus, Request, RequestId, Response, Route,
+    ClientId, ConsumerProgress, GroupStatus, QueueHolder, Request, RequestId, Response, Route,
 };
 use super::seen_requests::SeenRequests;
 use crate::broker::{
-    BrokerConfig, BrokerState, Command, Message, Outcome, QueueId, decode_command, encode_command,
+    BrokerConfig, BrokerState, Command, Message, Outcome, QueueId, Refusal, decode_command,
+    encode_command,
 };
+use crate::client::AllocationStrategy;
 use crate::limits::{
-    ACK_OFFSETS_MAX, COMMAND_BYTES_MAX, CONSUMER_GROUPS_MAX, CREATE_QUEUES_PER_COMMAND_MAX,
-    EVENTS_BUFFERED_MAX, MEMBERS_PER_GROUP_MAX, MESSAGE_PROPERTIES_MAX, MESSAGE_TAGS_MAX,
-    PULL_BYTES_MAX, PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX, SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX,
-    check_member, check_name,
+    ACK_OFFSETS_MAX, COMMAND_BYTES_MAX, CREATE_QUEUES_PER_COMMAND_MAX, EVENTS_BUFFERED_MAX,
+    MESSAGE_PROPERTIES_MAX, MESSAGE_TAGS_MAX, PULL_BYTES_MAX, PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX,
+    SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX, check_member, check_name,
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
@@ -37,6 +39,11 @@ pub use crate::limits::SEND_BYTES_MAX;
 use crate::limits::{COMMAND_FRAMING_BYTES, ENTRY_BYTES_MAX};
 /// How often a parked pull on a leader without its read lease looks again.
 const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+/// A pull that waits for its queue's lease (a claim going through the log, or the holder's
+/// release or expiry) waits at least this long before it is answered empty.
+const CLAIM_WAIT_MS: u64 = 1_000;
+/// A parked claim looks again after this long, in case its entry was lost.
+const CLAIM_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What happened in a node that its operator should see in the log: elections, leader
 /// changes, and input refused. Polled with [`BrokerNode::poll_event`]; the core reports them
@@ -76,8 +83,11 @@ pub struct NodeConfig {
     pub raft: Config,
     /// Most long polls parked at once; more are answered empty at once.
     pub parked_pulls_max: usize,
-    /// A consumer not heard from for this long has left its group.
+    /// A consumer not heard from for this long has left its group, and a broker may hand the
+    /// queues it held to their next owners.
     pub member_session_ms: u64,
+    /// How the metadata leader shares a group's queues among its members.
+    pub allocation: AllocationStrategy,
     /// Keep every applied entry for [`BrokerNode::poll_applied`] (the simulator's checkers).
     pub record_applied: bool,
     /// Compact a group's log into a snapshot of its state once this many entries were applied
@@ -98,7 +108,8 @@ impl NodeConfig {
             broker_groups: (1..=broker_groups).collect(),
             broker: BrokerConfig::default(),
             parked_pulls_max: 10_000,
-            member_session_ms: 10_000,
+            member_session_ms: crate::limits::MEMBER_SESSION_MS_DEFAULT,
+            allocation: AllocationStrategy::default(),
             record_applied: false,
             snapshot_entries_min: Some(10_000),
             trim_interval_ms: 1_000,
@@ -213,6 +224,8 @@ struct ParkedPull {
     deadline: Instant,
     /// Earlier than the deadline when a retry message falls due before it.
     wake_at: Instant,
+    /// Waits for its queue's lease rather than for messages: answered empty at the deadline.
+    for_lease: bool,
 }
 
 pub struct BrokerNode {
@@ -223,12 +236,12 @@ pub struct BrokerNode {
     /// Requests taken, so a duplicated copy is dropped (see `seen_requests`).
     seen_requests: SeenRequests,
     next_proposal: ProposalId,
-    /// Consumer group to member to when it was last heard from. Soft state on the metadata
-    /// leader: a new leader learns the members from their next heartbeats. At most
-    /// `CONSUMER_GROUPS_MAX` groups of `MEMBERS_PER_GROUP_MAX` members.
-    members: BTreeMap<String, BTreeMap<String, Instant>>,
-    /// When `members` was last swept of expired members in every group.
-    members_swept_at: Option<Instant>,
+    /// Consumer groups' members and generations, on the metadata leader (soft state, fenced
+    /// by the metadata term: see `membership`). At most `CONSUMER_GROUPS_MAX` groups of
+    /// `MEMBERS_PER_GROUP_MAX` members.
+    membership: Membership,
+    /// On broker leaders: when each queue's holder was last heard from, who waits for it.
+    lease_clocks: LeaseClocks,
     /// For the operator's log; the oldest go first past `EVENTS_BUFFERED_MAX`.
     events: VecDeque<NodeEvent>,
     /// Passes over the topic table looking for queues to create, for tests to count.
@@ -301,8 +314,8 @@ impl BrokerNode {
             seen_requests: SeenRequests::default(),
             parked: Vec::new(),
             next_proposal: 1,
-            members: BTreeMap::new(),
-            members_swept_at: None,
+            membership: Membership::default(),
+            lease_clocks: LeaseClocks::default(),
             events: VecDeque::new(),
             #[cfg(test)]
             placement_scans: 0,
@@ -451,8 +464,21 @@ impl BrokerNode {
                             Machine::Meta(_) => Vec::new(),
                         };
                         consumers_left -= consumers.len();
+                        let holders = match &g.machine {
+                            Machine::Broker(state) => state
+                                .leases()
+                                .map(|((group, queue), lease)| QueueHolder {
+                                    group: group.clone(),
+                                    queue: queue.clone(),
+                                    member: lease.owner.clone(),
+                                    generation: lease.generation,
+                                })
+                                .collect(),
+                            Machine::Meta(_) => Vec::new(),
+                        };
                         GroupStatus {
                             consumers,
+                            holders,
                             group: *group,
                             role: format!("{:?}", s.role),
                             term: s.term,
@@ -470,24 +496,25 @@ impl BrokerNode {
                 };
                 self.responses.push_back((client, id, response));
             }
-            Request::Heartbeat { group, member } => {
-                if let Err(why) = check_name("consumer group", &group).and(check_member(&member)) {
+            Request::Heartbeat {
+                group,
+                member,
+                topic,
+            } => {
+                if let Err(why) = check_name("consumer group", &group)
+                    .and(check_member(&member))
+                    .and(check_name("topic", &topic))
+                {
                     return self.refuse(client, id, why);
                 }
-                let response = self.heartbeat(now, group, Some(member));
+                let response = self.heartbeat(now, &group, &member, Some(&topic));
                 self.responses.push_back((client, id, response));
             }
             Request::Leave { group, member } => {
                 if let Err(why) = check_name("consumer group", &group).and(check_member(&member)) {
                     return self.refuse(client, id, why);
                 }
-                if let Some(members) = self.members.get_mut(&group) {
-                    members.remove(&member);
-                    if members.is_empty() {
-                        self.members.remove(&group);
-                    }
-                }
-                let response = self.heartbeat(now, group, None);
+                let response = self.heartbeat(now, &group, &member, None);
                 self.responses.push_back((client, id, response));
             }
             Request::CreateTopic { topic, queues } => {
@@ -548,25 +575,32 @@ impl BrokerNode {
             Request::Ack {
                 broker,
                 group,
+                member,
+                generation,
                 queue,
                 offsets,
             } => {
-                let checked = check_consumer_queue(&group, &queue).and_then(|()| {
-                    if offsets.len() > ACK_OFFSETS_MAX {
-                        Err(format!(
-                            "an ack of {} offsets exceeds the maximum of {ACK_OFFSETS_MAX}",
-                            offsets.len()
-                        ))
-                    } else {
-                        Ok(())
-                    }
-                });
+                let checked = check_consumer_queue(&group, &queue)
+                    .and(check_member(&member))
+                    .and_then(|()| {
+                        if offsets.len() > ACK_OFFSETS_MAX {
+                            Err(format!(
+                                "an ack of {} offsets exceeds the maximum of {ACK_OFFSETS_MAX}",
+                                offsets.len()
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    });
                 if let Err(why) = checked {
                     return self.refuse(client, id, why);
                 }
-                let command = Command::Ack {
+                self.heard_from_holder(now, broker, &group, &queue, &member);
+                let command = Command::OwnedAck {
                     group,
                     queue: queue.clone(),
+                    member,
+                    generation,
                     offsets,
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
@@ -574,36 +608,63 @@ impl BrokerNode {
             Request::ReconsumeLater {
                 broker,
                 group,
+                member,
+                generation,
                 queue,
                 offset,
             } => {
-                if let Err(why) = check_consumer_queue(&group, &queue) {
+                if let Err(why) = check_consumer_queue(&group, &queue).and(check_member(&member)) {
                     return self.refuse(client, id, why);
                 }
-                let command = Command::ReconsumeLater {
+                self.heard_from_holder(now, broker, &group, &queue, &member);
+                let command = Command::OwnedReconsumeLater {
                     group,
                     queue: queue.clone(),
+                    member,
+                    generation,
                     offset,
                     stamp_ms: now.as_micros() / 1_000,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::Release {
+                broker,
+                group,
+                member,
+                generation,
+                queue,
+            } => {
+                if let Err(why) = check_consumer_queue(&group, &queue).and(check_member(&member)) {
+                    return self.refuse(client, id, why);
+                }
+                let command = Command::Release {
+                    group,
+                    queue: queue.clone(),
+                    member,
+                    generation,
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
             }
             Request::Pull {
                 broker,
                 group,
+                member,
+                generation,
                 queue,
                 from,
                 messages_max,
                 bytes_max,
                 wait_ms,
             } => {
-                if let Err(why) = check_consumer_queue(&group, &queue) {
+                if let Err(why) = check_consumer_queue(&group, &queue).and(check_member(&member)) {
                     return self.refuse(client, id, why);
                 }
                 // What a client asks for is clamped, not refused: a response always fits.
                 let pull = Request::Pull {
                     broker,
                     group,
+                    member,
+                    generation,
                     queue,
                     from,
                     messages_max: messages_max.min(PULL_MESSAGES_MAX),
@@ -727,54 +788,56 @@ impl BrokerNode {
         }
     }
 
-    fn heartbeat(&mut self, now: Instant, group: String, member: Option<String>) -> Response {
+    /// A member's heartbeat (`topic` set) or goodbye, on the metadata leader.
+    fn heartbeat(
+        &mut self,
+        now: Instant,
+        group: &str,
+        member: &str,
+        topic: Option<&str>,
+    ) -> Response {
         if let Some(response) = self.not_leader(METADATA_GROUP) {
-            self.members.clear();
+            self.membership = Membership::default();
             return response;
         }
-        let session = std::time::Duration::from_millis(self.config.member_session_ms);
-        // Only a member joining adds a group: leaving never needs room.
-        if member.is_some()
-            && !self.members.contains_key(&group)
-            && self.members.len() >= CONSUMER_GROUPS_MAX
-        {
-            // Groups whose members all left without a word still count until swept; a sweep
-            // is a pass over every group, so at most one per session.
-            if self
-                .members_swept_at
-                .is_none_or(|at| now.saturating_since(at) >= session)
-            {
-                self.members_swept_at = Some(now);
-                self.members.retain(|_, members| {
-                    members.retain(|_, seen| now.saturating_since(*seen) < session);
-                    !members.is_empty()
-                });
-            }
-            if self.members.len() >= CONSUMER_GROUPS_MAX {
-                return Response::Refused {
-                    reason: format!(
-                        "the cluster tracks the maximum of {CONSUMER_GROUPS_MAX} consumer groups"
-                    ),
-                };
-            }
+        let Some(Group {
+            raft,
+            machine: Machine::Meta(meta),
+            ..
+        }) = self.groups.get(&METADATA_GROUP)
+        else {
+            return Response::Refused {
+                reason: "no metadata group".into(),
+            };
+        };
+        let placement = |topic: &str| meta.placement(topic);
+        let how = Allocation {
+            strategy: self.config.allocation,
+            session_ms: self.config.member_session_ms,
+            retry_levels: self.config.broker.reconsume_delays_ms.len() as u32,
+            placement: &placement,
+        };
+        let term = raft.status().term;
+        self.membership
+            .heartbeat(now, term, group, member, topic, &how)
+    }
+
+    /// An answer from the member holding a queue renews its lease.
+    fn heard_from_holder(
+        &mut self,
+        now: Instant,
+        broker: GroupId,
+        group: &str,
+        queue: &QueueId,
+        member: &str,
+    ) {
+        let holds = self
+            .broker_state(broker)
+            .and_then(|s| s.lease(group, queue))
+            .is_some_and(|l| l.owner.as_deref() == Some(member));
+        if holds {
+            self.lease_clocks.touch(broker, group, queue, now);
         }
-        let members = self.members.entry(group.clone()).or_default();
-        members.retain(|_, seen| now.saturating_since(*seen) < session);
-        if let Some(member) = member {
-            if !members.contains_key(&member) && members.len() >= MEMBERS_PER_GROUP_MAX {
-                return Response::Refused {
-                    reason: format!(
-                        "consumer group {group} has the maximum of {MEMBERS_PER_GROUP_MAX} members"
-                    ),
-                };
-            }
-            members.insert(member, now);
-        }
-        let members: Vec<String> = members.keys().cloned().collect();
-        if members.is_empty() {
-            self.members.remove(&group);
-        }
-        Response::Members { group, members }
     }
 
     fn not_leader(&self, group: GroupId) -> Option<Response> {
@@ -858,6 +921,8 @@ impl BrokerNode {
         let Request::Pull {
             broker: group,
             group: consumer_group,
+            member,
+            generation,
             queue,
             from,
             messages_max,
@@ -884,6 +949,57 @@ impl BrokerNode {
         let Machine::Broker(state) = &g.machine else {
             return;
         };
+        if current {
+            let ask = PullAsk {
+                broker: group,
+                group: consumer_group,
+                queue,
+                member,
+                generation: *generation,
+                session_ms: self.config.member_session_ms,
+                serve_any: Canary::ServeStaleGeneration.planted(self.config.canary) || stale_reads,
+                hand_over_early: Canary::HandOverEarly.planted(self.config.canary),
+            };
+            let lease = state.lease(consumer_group, queue);
+            match self.lease_clocks.decide(&ask, lease, now) {
+                PullVerdict::Serve => {}
+                PullVerdict::ServeAndBump => {
+                    let claim = claim_command(&ask, false);
+                    self.enqueue(group, None, encode_command(&claim));
+                }
+                PullVerdict::Revoked(reason) => {
+                    let response = Response::Revoked {
+                        queue: queue.clone(),
+                        reason,
+                    };
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                PullVerdict::Claim { takeover } => {
+                    let claim = claim_command(&ask, takeover);
+                    let wake_at = now + CLAIM_RECHECK;
+                    if !self.lease_clocks.claim_in_flight(&ask, now) {
+                        let queue = queue.clone();
+                        self.create_if_placed(group, &queue);
+                        self.enqueue(group, None, encode_command(&claim));
+                    }
+                    self.park_for_lease(now, client, id, group, request, wake_at);
+                    return;
+                }
+                PullVerdict::Wait { until } => {
+                    let wake_at = until.max(now + LEASE_RECHECK);
+                    self.park_for_lease(now, client, id, group, request, wake_at);
+                    return;
+                }
+            }
+        }
+        let Some(Group {
+            machine: Machine::Broker(state),
+            ..
+        }) = self.groups.get(&group)
+        else {
+            return;
+        };
         let pulled = if current {
             state.pull(
                 consumer_group,
@@ -903,10 +1019,14 @@ impl BrokerNode {
                     .push_back((client, id, Response::Refused { reason }));
             }
             Ok(pulled) if !pulled.messages.is_empty() || *wait_ms == 0 => {
+                let delivered_below =
+                    self.lease_clocks
+                        .delivered(group, consumer_group, queue, pulled.next_offset);
                 let response = Response::Pulled {
                     queue: queue.clone(),
                     messages: pulled.messages,
                     next_offset: pulled.next_offset,
+                    delivered_below,
                 };
                 self.responses.push_back((client, id, response));
             }
@@ -916,6 +1036,7 @@ impl BrokerNode {
                         queue: queue.clone(),
                         messages: Vec::new(),
                         next_offset: pulled.next_offset,
+                        delivered_below: 0,
                     };
                     self.responses.push_back((client, id, response));
                     return;
@@ -938,6 +1059,7 @@ impl BrokerNode {
                     request_body: request,
                     deadline,
                     wake_at,
+                    for_lease: false,
                 });
             }
         }
@@ -989,7 +1111,11 @@ impl BrokerNode {
                     match &mut group.machine {
                         Machine::Broker(state) => {
                             let outcome = state.apply_bytes(bytes);
-                            if let Outcome::Appended { .. } | Outcome::Requeued { .. } = outcome {
+                            if let Outcome::Appended { .. }
+                            | Outcome::Requeued { .. }
+                            | Outcome::Leased(_)
+                            | Outcome::Refused(Refusal::NotOwner(_)) = outcome
+                            {
                                 woken.insert(*group_id);
                             }
                             outcomes.push(Applied::Broker(outcome));
@@ -1071,6 +1197,14 @@ impl BrokerNode {
             for group in self.groups.values_mut() {
                 group.placement_stale = true;
             }
+        }
+        for (group_id, group) in &self.groups {
+            if *group_id == METADATA_GROUP {
+                continue;
+            }
+            let status = group.raft.status();
+            let term = (status.role == Role::Leader).then_some(status.term);
+            self.lease_clocks.leading(*group_id, term, now);
         }
         self.create_placed_queues();
         self.propose_trims(now);
@@ -1185,12 +1319,72 @@ impl BrokerNode {
         }
     }
 
+    /// Parks a pull that waits for its queue's lease, at least [`CLAIM_WAIT_MS`]; one whose
+    /// wait is over is answered with no messages.
+    fn park_for_lease(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        id: RequestId,
+        group: GroupId,
+        mut request: Request,
+        wake_at: Instant,
+    ) {
+        let Request::Pull {
+            queue,
+            from,
+            wait_ms,
+            ..
+        } = &mut request
+        else {
+            return;
+        };
+        if self.parked.len() >= self.config.parked_pulls_max {
+            let response = Response::Pulled {
+                queue: queue.clone(),
+                messages: Vec::new(),
+                next_offset: *from,
+                delivered_below: 0,
+            };
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        // A pull that would not wait for messages still waits for its claim to go through.
+        if *wait_ms == 0 {
+            *wait_ms = CLAIM_WAIT_MS;
+        }
+        let deadline = now + std::time::Duration::from_millis(*wait_ms);
+        self.parked.push(ParkedPull {
+            client,
+            request: id,
+            group,
+            request_body: request,
+            deadline,
+            wake_at: wake_at.min(deadline),
+            for_lease: true,
+        });
+    }
+
     fn retry_parked(&mut self, now: Instant, woken: &BTreeSet<GroupId>) {
         if self.parked.is_empty() {
             return;
         }
         let parked = std::mem::take(&mut self.parked);
         for pull in parked {
+            if pull.for_lease
+                && now >= pull.deadline
+                && let Request::Pull { queue, from, .. } = &pull.request_body
+            {
+                let response = Response::Pulled {
+                    queue: queue.clone(),
+                    messages: Vec::new(),
+                    next_offset: *from,
+                    delivered_below: 0,
+                };
+                self.responses
+                    .push_back((pull.client, pull.request, response));
+                continue;
+            }
             if woken.contains(&pull.group) || now >= pull.wake_at {
                 let mut request = pull.request_body;
                 if now >= pull.deadline
@@ -1345,9 +1539,26 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
         Outcome::QueuesCreated => Response::Refused {
             reason: "internal command".into(),
         },
+        Outcome::Leased(_) => Response::Released {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+        },
+        Outcome::Refused(refusal @ Refusal::NotOwner(_)) => Response::Revoked {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+            reason: refusal.to_string(),
+        },
         Outcome::Refused(refusal) => Response::Refused {
             reason: refusal.to_string(),
         },
+    }
+}
+
+fn claim_command(ask: &PullAsk<'_>, takeover: bool) -> Command {
+    Command::Claim {
+        group: ask.group.to_string(),
+        queue: ask.queue.clone(),
+        member: ask.member.to_string(),
+        generation: ask.generation,
+        takeover,
     }
 }
 

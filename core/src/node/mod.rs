@@ -3,6 +3,7 @@
 //! drive exactly this.
 
 mod broker_node;
+mod membership;
 mod metadata;
 pub mod protocol;
 mod seen_requests;

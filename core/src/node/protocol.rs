@@ -25,11 +25,12 @@ pub enum Request {
         topic: String,
         queues: u32,
     },
-    /// A consumer of `group` is alive; answered by the metadata leader with the group's live
-    /// members, from which every member computes the same queue allocation.
+    /// A consumer of `group`, consuming `topic`, is alive; answered by the metadata leader
+    /// with the queues it owns at the group's current generation ([`Response::Assignment`]).
     Heartbeat {
         group: String,
         member: String,
+        topic: String,
     },
     /// A consumer leaves `group` now rather than after its session times out.
     Leave {
@@ -46,27 +47,44 @@ pub enum Request {
         messages: Vec<Message>,
     },
     /// Messages of `queue` from `from` on that `group` has not acknowledged; waits up to
-    /// `wait_ms` for some to arrive if there are none.
+    /// `wait_ms` for some to arrive if there are none. Served only to the member that holds
+    /// the queue at `generation` (claimed on its first pull); a stale one is `Revoked`.
     Pull {
         broker: GroupId,
         group: String,
+        member: String,
+        generation: u64,
         queue: QueueId,
         from: Offset,
         messages_max: u32,
         bytes_max: u32,
         wait_ms: u64,
     },
+    /// Accepted only from the member holding the queue (same tenure): bound to the delivery.
     Ack {
         broker: GroupId,
         group: String,
+        member: String,
+        generation: u64,
         queue: QueueId,
         offsets: Vec<Offset>,
     },
     ReconsumeLater {
         broker: GroupId,
         group: String,
+        member: String,
+        generation: u64,
         queue: QueueId,
         offset: Offset,
+    },
+    /// The holder of `queue` gives it up (its answers are confirmed): the next owner may
+    /// start at once instead of after the lease expires.
+    Release {
+        broker: GroupId,
+        group: String,
+        member: String,
+        generation: u64,
+        queue: QueueId,
     },
 }
 
@@ -85,6 +103,18 @@ pub struct GroupStatus {
     /// For a broker group: each consumer group's progress on each queue it has acknowledged
     /// in, as this replica has applied it.
     pub consumers: Vec<ConsumerProgress>,
+    /// For a broker group: who holds each queue a consumer group has claimed, as this
+    /// replica has applied it (`None`: released).
+    pub holders: Vec<QueueHolder>,
+}
+
+/// A queue's lease as a broker group's log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueHolder {
+    pub group: String,
+    pub queue: QueueId,
+    pub member: Option<String>,
+    pub generation: u64,
 }
 
 /// How far a consumer group is on one queue: `queue_len - consume_offset` messages wait.
@@ -122,10 +152,27 @@ pub enum Response {
         node: NodeId,
         groups: Vec<GroupStatus>,
     },
-    /// The live members of a consumer group, sorted.
-    Members {
+    /// The queues (with their broker groups) this member owns at `generation` of `group`,
+    /// which has `members` live members. Generations only rise; the broker refuses older ones.
+    Assignment {
         group: String,
-        members: Vec<String>,
+        generation: u64,
+        members: u32,
+        queues: Vec<(GroupId, QueueId)>,
+    },
+    /// The member left its group.
+    Left {
+        group: String,
+    },
+    /// The member does not hold `queue` (any more): it must drop what it holds of it. Nothing
+    /// was served or written.
+    Revoked {
+        queue: QueueId,
+        reason: String,
+    },
+    /// The lease of `queue` was given up.
+    Released {
+        queue: QueueId,
     },
     /// Committed: the batch sits at `base_offset..` of `queue`, one offset per message.
     Sent {
@@ -137,6 +184,9 @@ pub enum Response {
         queue: QueueId,
         messages: Vec<(Offset, StoredMessage)>,
         next_offset: Offset,
+        /// Offsets below this were handed to the group before (as far as this leader knows,
+        /// since it took office): those messages are redeliveries.
+        delivered_below: Offset,
     },
     /// The acknowledgement committed.
     Acked {
@@ -169,7 +219,10 @@ impl Response {
     pub fn nothing_written(&self) -> bool {
         matches!(
             self,
-            Response::NotLeader { .. } | Response::Refused { .. } | Response::Busy
+            Response::NotLeader { .. }
+                | Response::Refused { .. }
+                | Response::Busy
+                | Response::Revoked { .. }
         )
     }
 }

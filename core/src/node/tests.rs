@@ -263,6 +263,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let pull = |from| Request::Pull {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: route.queue.clone(),
         from,
         messages_max: 10,
@@ -290,6 +292,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let ack = Request::Ack {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: route.queue.clone(),
         offsets: vec![0, 2],
     };
@@ -303,6 +307,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let nack = Request::ReconsumeLater {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: route.queue.clone(),
         offset: 1,
     };
@@ -328,6 +334,8 @@ fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
     let long_poll = Request::Pull {
         broker: route.group,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: retry,
         from: 0,
         messages_max: 10,
@@ -419,7 +427,7 @@ fn pump(cluster: &mut Cluster, producer: &mut Producer, consumers: &mut [Consume
 }
 
 /// A settled cluster with `orders`, a producer, and members `a` and `b` of group `billing`
-/// (heartbeats every 200 ms, two retry levels).
+/// (heartbeats every 200 ms).
 fn a_producer_and_two_consumers() -> (Cluster, Producer, Vec<Consumer>) {
     let (mut cluster, _) = cluster_with_orders();
     for _ in 0..20 {
@@ -432,7 +440,6 @@ fn a_producer_and_two_consumers() -> (Cluster, Producer, Vec<Consumer>) {
         .map(|m| {
             let mut config = ConsumerConfig::new("billing", m, "orders", nodes.clone());
             config.heartbeat_ms = 200;
-            config.retry_levels = 2;
             Consumer::new(config, cluster.now)
         })
         .collect();
@@ -488,10 +495,13 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
     assert_eq!(succeeded.len(), total, "not every message was consumed");
     assert_eq!(retried.len(), total / 10, "every nacked message came back");
     let owned: usize = consumers.iter().map(|c| c.owned().count()).sum();
+    let levels = crate::broker::BrokerConfig::default()
+        .reconsume_delays_ms
+        .len();
     assert_eq!(
         owned,
-        4 + 2 * 2,
-        "four queues and two retry levels per broker group, shared"
+        4 + 2 * levels,
+        "four queues and a retry queue per delay level per broker group, shared"
     );
     assert!(
         consumers.iter().all(|c| c.owned().count() > 0),
@@ -502,7 +512,9 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
 #[test]
 fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() {
     let (mut cluster, mut producer, mut consumers) = a_producer_and_two_consumers();
-    let all_queues = 4 + 2 * 2;
+    let all_queues = 4 + 2 * crate::broker::BrokerConfig::default()
+        .reconsume_delays_ms
+        .len();
     let shared = |c: &[Consumer]| c.iter().all(|c| c.owned().count() > 0);
     for _ in 0..5_000 {
         pump(&mut cluster, &mut producer, &mut consumers);
@@ -568,9 +580,27 @@ fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_sam
             }
         ));
     }
+    // The member's first pull claims the queue; its acks are accepted from then on.
+    let claim = Request::Pull {
+        broker: 1,
+        group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
+        queue: queue.clone(),
+        from: 0,
+        messages_max: 1,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    };
+    assert!(matches!(
+        cluster.ask(leader, claim),
+        Response::Pulled { .. }
+    ));
     let ack = Request::Ack {
         broker: 1,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: queue.clone(),
         offsets: (0..25).collect(),
     };
@@ -733,6 +763,8 @@ fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
     let pull = Request::Pull {
         broker: 1,
         group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
         queue: queue.clone(),
         from: 0,
         messages_max: 10,
@@ -747,5 +779,164 @@ fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
         offsets,
         vec![1],
         "a pull from below the start begins at the start"
+    );
+}
+
+impl Cluster {
+    /// Sends `request` to `node` without waiting; see [`Cluster::answer`].
+    fn send(&mut self, node: NodeId, request: Request) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        let now = self.now;
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.handle_request(now, 7, id, request);
+        }
+        id
+    }
+
+    /// The answer to request `id` to `node`, if it came.
+    fn answer(&mut self, node: NodeId, id: u64) -> Option<Response> {
+        let at = self
+            .responses
+            .iter()
+            .position(|(n, c, r, _)| (*n, *c, *r) == (node, 7, id))?;
+        Some(self.responses.remove(at).3)
+    }
+}
+
+/// A pull, ack or release of "orders"/0 in group "billing" by `member` at `generation`.
+fn lease_request(kind: &str, member: &str, generation: u64) -> Request {
+    let (broker, group, member, queue) = (
+        1,
+        "billing".to_string(),
+        member.to_string(),
+        QueueId::new("orders", 0),
+    );
+    match kind {
+        "pull" => Request::Pull {
+            broker,
+            group,
+            member,
+            generation,
+            queue,
+            from: 0,
+            messages_max: 10,
+            bytes_max: 1 << 20,
+            wait_ms: 100,
+        },
+        "ack" => Request::Ack {
+            broker,
+            group,
+            member,
+            generation,
+            queue,
+            offsets: vec![0],
+        },
+        _ => Request::Release {
+            broker,
+            group,
+            member,
+            generation,
+            queue,
+        },
+    }
+}
+
+#[test]
+fn a_queue_is_served_to_one_holder_and_moves_on_release_or_expiry() {
+    let (mut cluster, _) = one_group_with_orders(1, |c| c.member_session_ms = 2_000);
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["x", "y"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let pulled =
+        |r: &Response| matches!(r, Response::Pulled { messages, .. } if !messages.is_empty());
+
+    // a's first pull claims the queue and is served.
+    let first = cluster.ask(leader, lease_request("pull", "a", 10));
+    assert!(pulled(&first), "{first:?}");
+    // b, given the queue at a newer generation, waits while a holds it...
+    let waiting = cluster.send(leader, lease_request("pull", "b", 11));
+    for _ in 0..50 {
+        cluster.step();
+    }
+    assert_eq!(
+        cluster.answer(leader, waiting),
+        None,
+        "b is not served while a holds"
+    );
+    // ...b cannot ack what a was handed, and a stale member cannot pull...
+    assert!(matches!(
+        cluster.ask(leader, lease_request("ack", "b", 11)),
+        Response::Revoked { .. }
+    ));
+    assert!(matches!(
+        cluster.ask(leader, lease_request("pull", "c", 9)),
+        Response::Revoked { .. }
+    ));
+    // ...a is told to let go, its answers still count, and its release hands over at once.
+    assert!(matches!(
+        cluster.ask(leader, lease_request("pull", "a", 10)),
+        Response::Revoked { .. }
+    ));
+    assert!(matches!(
+        cluster.ask(leader, lease_request("ack", "a", 10)),
+        Response::Acked {
+            consume_offset: 1,
+            ..
+        }
+    ));
+    let released_at = cluster.now;
+    assert!(matches!(
+        cluster.ask(leader, lease_request("release", "a", 10)),
+        Response::Released { .. }
+    ));
+    let mut served = None;
+    for _ in 0..1_000 {
+        served = cluster.answer(leader, waiting);
+        if served.is_some() {
+            break;
+        }
+        cluster.step();
+    }
+    let served = served.expect("b's pull answered");
+    assert!(
+        matches!(&served, Response::Pulled { messages, .. } if messages.iter().map(|(o, _)| *o).eq([1])),
+        "b starts at the committed offset: {served:?}"
+    );
+    assert!(cluster.now.saturating_since(released_at) < Duration::from_millis(100));
+    assert!(
+        matches!(
+            cluster.ask(leader, lease_request("ack", "a", 10)),
+            Response::Revoked { .. }
+        ),
+        "a's tenure is over"
+    );
+
+    // b goes silent: d, at a newer generation, takes over once b's lease expired.
+    let silent_from = cluster.now;
+    let mut d = None;
+    for _ in 0..40 {
+        let id = cluster.send(leader, lease_request("pull", "d", 12));
+        let mut answer = None;
+        while answer.is_none() {
+            cluster.step();
+            answer = cluster.answer(leader, id);
+        }
+        if answer.as_ref().is_some_and(pulled) {
+            d = answer;
+            break;
+        }
+    }
+    assert!(d.is_some(), "d took over");
+    let waited = cluster.now.saturating_since(silent_from);
+    assert!(
+        waited >= Duration::from_millis(2_000) && waited < Duration::from_millis(3_500),
+        "after the session: {waited:?}"
     );
 }

@@ -373,10 +373,16 @@ pub enum Canary {
     /// A broker's snapshot leaves out the producers' dedup windows, so a retry after a restore
     /// from a snapshot is written again.
     SnapshotOmitsDedup,
+    /// A broker serves a pull of a consumer group's queue to whoever asks, at any generation,
+    /// without the queue's lease.
+    ServeStaleGeneration,
+    /// A broker hands a held queue to a newer generation at once, without waiting for the
+    /// holder to release it or for its lease to expire.
+    HandOverEarly,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 31] = [
+    pub const ALL: [Canary; 33] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -408,6 +414,8 @@ impl Canary {
         Canary::AckSnapshotBeforeDurable,
         Canary::DiscardBeforeSnapshot,
         Canary::SnapshotOmitsDedup,
+        Canary::ServeStaleGeneration,
+        Canary::HandOverEarly,
     ];
 
     pub fn name(self) -> &'static str {
@@ -443,6 +451,8 @@ impl Canary {
             Canary::AckSnapshotBeforeDurable => "ack-snapshot-before-durable",
             Canary::DiscardBeforeSnapshot => "discard-before-snapshot",
             Canary::SnapshotOmitsDedup => "snapshot-omits-dedup",
+            Canary::ServeStaleGeneration => "serve-stale-generation",
+            Canary::HandOverEarly => "hand-over-early",
         }
     }
 
@@ -469,6 +479,8 @@ impl Canary {
                 | Canary::ShiftPullOffsets
                 | Canary::AsyncSend
                 | Canary::SnapshotOmitsDedup
+                | Canary::ServeStaleGeneration
+                | Canary::HandOverEarly
         )
     }
 

@@ -214,12 +214,17 @@ pub enum ConsumeStatus {
     ReconsumeLater,
 }
 
+/// Deliveries `run` takes from the machine at once, at least.
+const TAKE_MIN: usize = 32;
+
 pub struct Consumer {
     io: ClientIo,
     machine: ConsumerMachine,
     /// Delivered by the machine, not yet handed to a listener: the next `run` starts with
     /// them. The machine holds them as unanswered, so dropping them would stall their queue.
     undelivered: std::collections::VecDeque<Delivery>,
+    /// When set, `run` returns at once (the CLI sets it on SIGINT and SIGTERM).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Consumer {
@@ -236,7 +241,20 @@ impl Consumer {
             io,
             machine,
             undelivered: std::collections::VecDeque::new(),
+            stop: None,
         })
+    }
+
+    /// `run` returns as soon as `stop` is set, after the answers given so far are confirmed;
+    /// then [`Consumer::close`] hands the queues over at once.
+    pub fn stop_when(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Some(stop);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Hands messages to `listener` until it has seen `count` of them or `idle` passes with
@@ -263,19 +281,29 @@ impl Consumer {
     ) -> usize {
         let mut seen = 0;
         let mut last = std::time::Instant::now();
-        while count.is_none_or(|c| seen < c) && last.elapsed() < idle && self.refusal().is_none() {
+        while count.is_none_or(|c| seen < c)
+            && last.elapsed() < idle
+            && !self.stopped()
+            && self.refusal().is_none()
+        {
             if self.undelivered.is_empty() {
                 let deadline = std::time::Instant::now() + Duration::from_millis(100);
                 let undelivered = &mut self.undelivered;
+                // Take a batch at a time: what stays in the machine can be dropped there if
+                // its queue moves to another member, instead of being handed out here first.
+                let take = batch_max.max(TAKE_MIN);
                 self.io.drive(&mut self.machine, deadline, |m| {
-                    while let Some(d) = m.poll_delivery() {
+                    while undelivered.len() < take
+                        && let Some(d) = m.poll_delivery()
+                    {
                         undelivered.push_back(d);
                     }
                     !undelivered.is_empty()
                 });
             }
             let now = self.io.now();
-            while !self.undelivered.is_empty() && count.is_none_or(|c| seen < c) {
+            while !self.undelivered.is_empty() && count.is_none_or(|c| seen < c) && !self.stopped()
+            {
                 let take = count
                     .map_or(usize::MAX, |c| c - seen)
                     .min(batch_max.max(1))
@@ -295,14 +323,11 @@ impl Consumer {
         if self.refusal().is_some() {
             return seen; // nothing of this consumer's will be confirmed
         }
+        // Only the answers given matter now: deliveries not handed out stay for the next run
+        // (or go to the next owner on close), so wait for confirmations, not for them.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let undelivered = &mut self.undelivered;
-        self.io.drive(&mut self.machine, deadline, |m| {
-            while let Some(d) = m.poll_delivery() {
-                undelivered.push_back(d);
-            }
-            m.busy() == 0
-        });
+        self.io
+            .drive(&mut self.machine, deadline, |m| m.unconfirmed() == 0);
         seen
     }
 }

@@ -892,5 +892,6 @@ fn request_name(request: &Request) -> &'static str {
         Request::Pull { .. } => "Pull",
         Request::Ack { .. } => "Ack",
         Request::ReconsumeLater { .. } => "ReconsumeLater",
+        Request::Release { .. } => "Release",
     }
 }

@@ -17,7 +17,7 @@ use holdfast_core::time::Instant;
 use rand::RngExt;
 
 use super::history::{Found, SendOutcome};
-use super::{CONSUMER_GROUPS, Event, Phase, QueueWorld, TOPIC, broker_config, ms};
+use super::{CONSUMER_GROUPS, Event, Phase, QueueWorld, TOPIC, ms};
 use crate::checker::Violation;
 
 const PRODUCERS: usize = 3;
@@ -56,7 +56,6 @@ pub(crate) struct Clients {
     by_id: BTreeMap<ClientId, Who>,
     next_id: ClientId,
     timers: BTreeMap<ClientId, Instant>,
-    retry_levels: u32,
 }
 
 impl Clients {
@@ -70,7 +69,6 @@ impl Clients {
             by_id: BTreeMap::new(),
             next_id: 100,
             timers: BTreeMap::new(),
-            retry_levels: broker_config().reconsume_delays_ms.len() as u32,
         };
         for i in 0..PRODUCERS {
             let id = clients.fresh_id();
@@ -442,22 +440,36 @@ impl QueueWorld {
     ) -> Result<(), Violation> {
         let now = self.now;
         match event {
-            ConsumerEvent::Rebalanced { owned } => {
+            ConsumerEvent::Rebalanced { generation, owned } => {
                 self.history.rebalanced(client);
                 self.trace
-                    .record(now, &[22, client, owned.len() as u64], || {
-                        format!("consumer {client} of {group} owns {owned:?}")
+                    .record(now, &[22, client, owned.len() as u64, generation], || {
+                        format!(
+                            "consumer {client} of {group} owns {owned:?} at generation {generation}"
+                        )
                     });
             }
             ConsumerEvent::Pulled {
                 broker,
                 queue,
                 requested_at,
+                generation,
                 offsets,
             } => {
                 self.trace.record(now, &[23, client, broker, offsets.len() as u64], || {
                     format!("consumer {client} of {group} pulled {queue} of group {broker}: {offsets:?}")
                 });
+                if !offsets.is_empty() {
+                    self.ownership.served(
+                        now,
+                        group,
+                        client,
+                        broker,
+                        &queue,
+                        generation,
+                        requested_at,
+                    )?;
+                }
                 self.history
                     .pulled(client, group, broker, &queue, requested_at, &offsets)?;
             }
@@ -468,6 +480,23 @@ impl QueueWorld {
             } => self
                 .history
                 .ack_confirmed(now, group, broker, &queue, &offsets),
+            ConsumerEvent::Revoked {
+                broker,
+                queue,
+                reason,
+            } => {
+                self.trace.record(now, &[24, client, broker], || {
+                    format!(
+                        "consumer {client} of {group}: {queue} of group {broker} revoked: {reason}"
+                    )
+                });
+            }
+            ConsumerEvent::ReleaseSent { broker, queue } => {
+                self.trace.record(now, &[25, client, broker], || {
+                    format!("consumer {client} of {group} releases {queue} of group {broker}")
+                });
+                self.ownership.released(group, client, broker, &queue, now);
+            }
             ConsumerEvent::Requeued {
                 broker,
                 queue,
@@ -513,6 +542,7 @@ impl QueueWorld {
         let consumer = &mut self.clients.consumers[slot];
         consumer.consumer = None;
         let id = consumer.id;
+        self.history.crashed.insert(id);
         self.clients.by_id.remove(&id);
         self.clients.timers.remove(&id);
         let back = self.now + ms(self.rng.random_range(100..2_000));
@@ -526,7 +556,6 @@ impl QueueWorld {
         }
         let id = self.clients.fresh_id();
         let nodes = self.clients.nodes.clone();
-        let levels = self.clients.retry_levels;
         let now = self.now;
         let Some(s) = self.clients.consumers.get_mut(slot) else {
             return Ok(());
@@ -543,8 +572,6 @@ impl QueueWorld {
         config.long_poll_ms = 300;
         config.pull_batch = 16;
         config.unanswered_max = 64;
-        config.retry_levels = levels;
-        config.route_ttl_ms = 2_000;
         s.consumer = Some(Consumer::new(config, now));
         self.clients.by_id.insert(id, Who::Consumer(slot));
         self.flush_consumer(slot)

@@ -69,6 +69,8 @@ pub struct History {
     /// The last offset each consumer pulled from each queue since it came to own it.
     last_pulled: BTreeMap<(u64, GroupId, QueueId), Offset>,
     pub dead_lettered: u64,
+    /// Consumers (client ids) that crashed: what they held comes again to the next owner.
+    pub crashed: BTreeSet<u64>,
     /// The highest consume offset each replica incarnation has shown, to catch regressions.
     consume_seen: BTreeMap<(u64, u64, GroupId, String, QueueId), Offset>,
 }
@@ -166,8 +168,10 @@ impl History {
                 "nack"
             } else if before != place {
                 "ambiguous-send"
+            } else if by != consumer && self.crashed.contains(&by) {
+                "owner-crashed"
             } else if by != consumer {
-                "rebalance"
+                "handover"
             } else {
                 "unconfirmed-ack"
             };

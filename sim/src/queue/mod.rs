@@ -7,6 +7,7 @@
 
 mod clients;
 mod history;
+mod ownership;
 
 use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
@@ -34,6 +35,9 @@ use history::History;
 
 const EVENTS_MAX: u64 = 20_000_000;
 const CHECK_INTERVAL_MS: u64 = 50;
+/// Consumer session and queue lease timeout: short, so that crashed members' queues move
+/// within a run.
+const MEMBER_SESSION_MS: u64 = 2_000;
 pub(crate) const TOPIC: &str = "orders";
 pub(crate) const CONSUMER_GROUPS: [&str; 2] = ["billing", "audit"];
 
@@ -196,6 +200,7 @@ pub(crate) struct QueueWorld {
     network: Network,
     pub(crate) clients: Clients,
     pub(crate) history: History,
+    pub(crate) ownership: ownership::Ownership,
     checker: Checker,
     pub(crate) trace: Trace,
     pub(crate) stats: Stats,
@@ -249,6 +254,7 @@ impl QueueWorld {
             broker_groups,
             network: Network::calm(),
             history: History::default(),
+            ownership: ownership::Ownership::new(MEMBER_SESSION_MS),
             checker: Checker::default(),
             trace: Trace::new(options.trace),
             stats: Stats::default(),
@@ -441,7 +447,7 @@ impl QueueWorld {
     fn start(&mut self, node: NodeId) -> Result<(), Violation> {
         let mut config = NodeConfig::new(node, self.node_ids.clone(), self.broker_groups);
         config.broker = broker_config();
-        config.member_session_ms = 2_000;
+        config.member_session_ms = MEMBER_SESSION_MS;
         config.record_applied = true;
         config.canary = self.options.canary;
         config.snapshot_entries_min = self.snapshot_entries_min;

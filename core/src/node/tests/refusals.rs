@@ -141,6 +141,8 @@ fn names_are_checked_in_every_request() {
     let pull = |group: &str, queue: QueueId| Request::Pull {
         broker: route.group,
         group: group.into(),
+        member: "m".into(),
+        generation: 0,
         queue,
         from: 0,
         messages_max: 10,
@@ -150,12 +152,16 @@ fn names_are_checked_in_every_request() {
     let ack = |group: &str, queue: QueueId| Request::Ack {
         broker: route.group,
         group: group.into(),
+        member: "m".into(),
+        generation: 0,
         queue,
         offsets: vec![0],
     };
     let nack = |group: &str, queue: QueueId| Request::ReconsumeLater {
         broker: route.group,
         group: group.into(),
+        member: "m".into(),
+        generation: 0,
         queue,
         offset: 0,
     };
@@ -207,6 +213,7 @@ fn names_are_checked_in_every_request() {
     let heartbeat = |group: &str, member: &str| Request::Heartbeat {
         group: group.into(),
         member: member.into(),
+        topic: "orders".into(),
     };
     let long_member = "m".repeat(MEMBER_BYTES_MAX + 1);
     for (request, why) in [
@@ -234,27 +241,28 @@ fn members_and_consumer_groups_are_bounded() {
     let heartbeat = |group: &str, member: String| Request::Heartbeat {
         group: group.into(),
         member,
+        topic: "orders".into(),
     };
     for m in 0..MEMBERS_PER_GROUP_MAX {
         let answer = ask_now(&mut cluster, meta, heartbeat("g", format!("m{m}")));
-        assert!(matches!(answer, Response::Members { .. }), "{answer:?}");
+        assert!(matches!(answer, Response::Assignment { .. }), "{answer:?}");
     }
     let answer = ask_now(&mut cluster, meta, heartbeat("g", "one-more".into()));
-    assert_refused(&answer, &["maximum of 1024 members"]);
+    assert_refused(&answer, &["most members it may (1024)"]);
     // A member already in goes on heartbeating.
-    let Response::Members { members, .. } =
+    let Response::Assignment { members, .. } =
         ask_now(&mut cluster, meta, heartbeat("g", "m7".into()))
     else {
         panic!("m7 refused");
     };
-    assert_eq!(members.len(), MEMBERS_PER_GROUP_MAX);
+    assert_eq!(members as usize, MEMBERS_PER_GROUP_MAX);
 
     for g in 1..CONSUMER_GROUPS_MAX {
         let answer = ask_now(&mut cluster, meta, heartbeat(&format!("g{g}"), "m".into()));
-        assert!(matches!(answer, Response::Members { .. }), "{answer:?}");
+        assert!(matches!(answer, Response::Assignment { .. }), "{answer:?}");
     }
     let answer = ask_now(&mut cluster, meta, heartbeat("late", "m".into()));
-    assert_refused(&answer, &["maximum of 10000 consumer groups"]);
+    assert_refused(&answer, &["most consumer groups it may (10000)"]);
     // Leaving never needs room.
     let leave_unknown = Request::Leave {
         group: "never-joined".into(),
@@ -262,7 +270,7 @@ fn members_and_consumer_groups_are_bounded() {
     };
     assert!(matches!(
         ask_now(&mut cluster, meta, leave_unknown),
-        Response::Members { .. }
+        Response::Left { .. }
     ));
     // A group that left makes room.
     let leave = Request::Leave {
@@ -271,11 +279,11 @@ fn members_and_consumer_groups_are_bounded() {
     };
     assert!(matches!(
         ask_now(&mut cluster, meta, leave),
-        Response::Members { .. }
+        Response::Left { .. }
     ));
     assert!(matches!(
         ask_now(&mut cluster, meta, heartbeat("late", "m".into())),
-        Response::Members { .. }
+        Response::Assignment { .. }
     ));
 }
 
@@ -425,6 +433,8 @@ fn sends_acks_and_pulls_are_bounded() {
     let ack = Request::Ack {
         broker: 1,
         group: "g".into(),
+        member: "m".into(),
+        generation: 0,
         queue: queue.clone(),
         offsets: vec![0; ACK_OFFSETS_MAX + 1],
     };
@@ -436,6 +446,8 @@ fn sends_acks_and_pulls_are_bounded() {
     let pull = Request::Pull {
         broker: 1,
         group: "g".into(),
+        member: "m".into(),
+        generation: 0,
         queue: queue.clone(),
         from: 0,
         messages_max: u32::MAX,
@@ -609,6 +621,8 @@ fn a_status_answer_lists_a_bounded_number_of_consumers() {
         let ack = Request::Ack {
             broker: 1,
             group: format!("g{g}"),
+            member: "m".into(),
+            generation: 0,
             queue: queue.clone(),
             offsets: vec![0],
         };

@@ -1,0 +1,545 @@
+//! Consumer groups: who is a member (on the metadata leader) and who holds each queue (on
+//! each broker group's leader).
+//!
+//! **Generations.** The metadata leader keeps each group's live members (soft state, from
+//! heartbeats) and allocates the group's queues among them itself. Whenever the allocation
+//! changes, the group's generation rises; each member is told its queues and the generation.
+//! A generation is `metadata term << 32 | counter`: a new metadata leader has a higher term,
+//! so every generation it hands out is newer than any its predecessors did, and within a
+//! term there is one leader, which gives each generation exactly one allocation. So no two
+//! members own one queue at one generation, and the membership need not go through the log
+//! (which would cost an entry per heartbeat); fencing by the term is enough, because the
+//! brokers, not the metadata group, enforce who is served.
+//!
+//! **Leases.** A broker group's log records, per (consumer group, queue), who holds the queue
+//! and the highest generation it was claimed at ([`crate::broker::Lease`]). A member's first
+//! pull of a queue claims it (a `Claim` command); a pull from an older generation than the
+//! queue's is answered `Revoked`; a newer generation takes a held queue over only once the
+//! holder released it or the holder's lease expired (it was not heard from for the session
+//! timeout). Meanwhile the claimant's pull waits, and the holder's next pull is answered
+//! `Revoked`, so it confirms its answers and releases. Acks and nacks are applied only from
+//! the holder, so they are bound to the delivery. When the lease expired is soft state on the
+//! broker leader; a new leader counts every holder as heard from when it took office, which
+//! only ever makes a takeover later, never earlier.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::broker::{Lease, QueueId};
+use crate::client::AllocationStrategy;
+use crate::limits::{CONSUMER_GROUPS_MAX, MEMBER_BYTES_MAX, MEMBERS_PER_GROUP_MAX};
+use crate::node::protocol::Response;
+use crate::raft::{GroupId, Term};
+use crate::time::Instant;
+
+struct Member {
+    seen: Instant,
+    topic: String,
+}
+
+#[derive(Default)]
+struct GroupMembers {
+    members: BTreeMap<String, Member>,
+    generation: u64,
+    assignment: BTreeMap<String, Vec<(GroupId, QueueId)>>,
+}
+
+/// The metadata leader's view of consumer groups.
+#[derive(Default)]
+pub(super) struct Membership {
+    /// The metadata term these generations belong to.
+    term: Term,
+    counter: u32,
+    groups: BTreeMap<String, GroupMembers>,
+    /// When every group was last swept of expired members: groups whose members all went
+    /// silent still count against `CONSUMER_GROUPS_MAX` until swept, and a sweep is a pass over
+    /// every group, so at most one per session.
+    swept_at: Option<Instant>,
+}
+
+/// Each queue of a topic with the broker group that holds it; `None`: no such topic.
+pub(super) type Placement<'a> = &'a dyn Fn(&str) -> Option<Vec<(QueueId, GroupId)>>;
+
+/// What the metadata leader needs to know to allocate a group's queues.
+pub(super) struct Allocation<'a> {
+    pub strategy: AllocationStrategy,
+    pub session_ms: u64,
+    /// Delay levels: one retry queue per level per broker group.
+    pub retry_levels: u32,
+    pub placement: Placement<'a>,
+}
+
+impl Membership {
+    /// `member` of `group` (consuming `topic`) is alive, or, with `None`, left.
+    pub(super) fn heartbeat(
+        &mut self,
+        now: Instant,
+        term: Term,
+        group: &str,
+        member: &str,
+        topic: Option<&str>,
+        how: &Allocation<'_>,
+    ) -> Response {
+        if term != self.term {
+            // A new leader (or a new term of ours): generations start above the old ones.
+            *self = Membership {
+                term,
+                ..Membership::default()
+            };
+        }
+        if member.len() > MEMBER_BYTES_MAX {
+            return refused(format!(
+                "a member id of {} bytes exceeds the maximum of {MEMBER_BYTES_MAX}",
+                member.len()
+            ));
+        }
+        let session = Duration::from_millis(how.session_ms);
+        if topic.is_some()
+            && !self.groups.contains_key(group)
+            && self.groups.len() >= CONSUMER_GROUPS_MAX
+            && self
+                .swept_at
+                .is_none_or(|at| now.saturating_since(at) >= session)
+        {
+            self.swept_at = Some(now);
+            self.groups.retain(|_, g| {
+                g.members
+                    .retain(|_, m| now.saturating_since(m.seen) < session);
+                !g.members.is_empty()
+            });
+        }
+        if topic.is_some()
+            && !self.groups.contains_key(group)
+            && self.groups.len() >= CONSUMER_GROUPS_MAX
+        {
+            return refused(format!(
+                "the cluster tracks the most consumer groups it may ({CONSUMER_GROUPS_MAX})"
+            ));
+        }
+        let entry = self.groups.entry(group.to_string()).or_default();
+        entry
+            .members
+            .retain(|_, m| now.saturating_since(m.seen) < session);
+        match topic {
+            Some(topic) => {
+                if !entry.members.contains_key(member)
+                    && entry.members.len() >= MEMBERS_PER_GROUP_MAX
+                {
+                    return refused(format!(
+                        "group {group} has the most members it may ({MEMBERS_PER_GROUP_MAX})"
+                    ));
+                }
+                let topic = topic.to_string();
+                entry
+                    .members
+                    .insert(member.to_string(), Member { seen: now, topic });
+            }
+            None => {
+                entry.members.remove(member);
+            }
+        }
+        let assignment = allocate(group, &entry.members, how);
+        if assignment != entry.assignment || entry.generation == 0 {
+            if self.counter == u32::MAX {
+                return refused("this metadata term ran out of generations".into());
+            }
+            self.counter += 1;
+            entry.generation = (term << 32) | u64::from(self.counter);
+            entry.assignment = assignment;
+        }
+        let response = match topic {
+            Some(_) => Response::Assignment {
+                group: group.to_string(),
+                generation: entry.generation,
+                members: entry.members.len() as u32,
+                queues: entry.assignment.get(member).cloned().unwrap_or_default(),
+            },
+            None => Response::Left {
+                group: group.to_string(),
+            },
+        };
+        if entry.members.is_empty() {
+            self.groups.remove(group);
+        }
+        response
+    }
+}
+
+fn refused(reason: String) -> Response {
+    Response::Refused { reason }
+}
+
+/// Each member's queues: every topic's queues among the members consuming it, and the group's
+/// retry queues (in every broker group holding one of those topics) among all members, as two
+/// separate allocations, so the retry queues cannot crowd anyone out of the topic's. The retry
+/// allocation counts members from the other end, so the members short of a topic queue are
+/// the first to get a spare retry queue.
+fn allocate(
+    group: &str,
+    members: &BTreeMap<String, Member>,
+    how: &Allocation<'_>,
+) -> BTreeMap<String, Vec<(GroupId, QueueId)>> {
+    let mut out: BTreeMap<String, Vec<(GroupId, QueueId)>> = BTreeMap::new();
+    let mut topics: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, m) in members {
+        topics.entry(m.topic.as_str()).or_default().push(name);
+    }
+    let mut brokers: Vec<GroupId> = Vec::new();
+    for (topic, names) in &topics {
+        let Some(placement) = (how.placement)(topic) else {
+            continue;
+        };
+        let queues: Vec<(GroupId, QueueId)> = placement.into_iter().map(|(q, g)| (g, q)).collect();
+        brokers.extend(queues.iter().map(|(g, _)| *g));
+        for (me, name) in names.iter().enumerate() {
+            let share = how.strategy.share(&queues, names.len(), me);
+            out.entry(name.to_string()).or_default().extend(share);
+        }
+    }
+    brokers.sort_unstable();
+    brokers.dedup();
+    let retry: Vec<(GroupId, QueueId)> = brokers
+        .iter()
+        .flat_map(|b| (0..how.retry_levels).map(move |level| (*b, QueueId::retry(group, level))))
+        .collect();
+    let names: Vec<&String> = members.keys().collect();
+    for (me, name) in names.iter().enumerate() {
+        let share = how
+            .strategy
+            .share(&retry, names.len(), names.len() - 1 - me);
+        out.entry(name.to_string()).or_default().extend(share);
+    }
+    for queues in out.values_mut() {
+        queues.sort();
+    }
+    out.retain(|_, queues| !queues.is_empty());
+    out
+}
+
+/// What a broker leader does with a pull of a consumer group's queue.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PullVerdict {
+    Serve,
+    /// Serve, and record the holder's newer generation in the log.
+    ServeAndBump,
+    Revoked(String),
+    /// Propose a claim (a takeover if the queue is held) and wait for it to apply.
+    Claim {
+        takeover: bool,
+    },
+    /// Someone else holds the queue: wait until it releases or `until`, when its lease ends.
+    Wait {
+        until: Instant,
+    },
+}
+
+type LeaseKey = (GroupId, String, QueueId);
+
+/// The broker leader's soft state about leases: when each holder was last heard from, who
+/// waits for each queue, which claims are in the log's pipeline.
+#[derive(Default)]
+pub(super) struct LeaseClocks {
+    /// Per broker group this node leads: the term and when it noticed it leads.
+    led: BTreeMap<GroupId, (Term, Instant)>,
+    seen: BTreeMap<LeaseKey, Instant>,
+    /// Who waits for each queue, at what generation, and whether a takeover of it (after the
+    /// holder's lease expired) is on its way through the log: then the holder is not served
+    /// again, or it could be served after the takeover was decided and before it applies.
+    pending: BTreeMap<LeaseKey, (String, u64, bool)>,
+    claiming: BTreeMap<LeaseKey, (String, u64, Instant)>,
+    /// How far each queue was handed out to its group: below it, a delivery is a repeat.
+    delivered: BTreeMap<LeaseKey, u64>,
+}
+
+/// A claim is proposed again if it has not applied after this long (its entry was lost).
+const CLAIM_RETRY: Duration = Duration::from_millis(500);
+
+/// Soft entries a broker leader keeps per table, so clients cannot grow it without bound.
+const CLOCK_ENTRIES_MAX: usize = crate::limits::LEASES_PER_BROKER_GROUP_MAX;
+
+pub(super) struct PullAsk<'a> {
+    pub broker: GroupId,
+    pub group: &'a str,
+    pub queue: &'a QueueId,
+    pub member: &'a str,
+    pub generation: u64,
+    pub session_ms: u64,
+    pub serve_any: bool,
+    pub hand_over_early: bool,
+}
+
+impl LeaseClocks {
+    /// Forgets everything about groups this node no longer leads (or leads in a new term).
+    pub(super) fn leading(&mut self, broker: GroupId, term: Option<Term>, now: Instant) {
+        match term {
+            Some(term) if self.led.get(&broker).is_some_and(|(t, _)| *t == term) => {}
+            Some(term) => {
+                self.forget(broker);
+                self.led.insert(broker, (term, now));
+            }
+            None => {
+                if self.led.remove(&broker).is_some() {
+                    self.forget(broker);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, broker: GroupId) {
+        self.seen.retain(|(b, _, _), _| *b != broker);
+        self.pending.retain(|(b, _, _), _| *b != broker);
+        self.claiming.retain(|(b, _, _), _| *b != broker);
+        self.delivered.retain(|(b, _, _), _| *b != broker);
+    }
+
+    /// A pull handed out a queue's messages up to `next_offset`: returns how far it had been
+    /// handed out before.
+    pub(super) fn delivered(
+        &mut self,
+        broker: GroupId,
+        group: &str,
+        queue: &QueueId,
+        next_offset: u64,
+    ) -> u64 {
+        let key = (broker, group.to_string(), queue.clone());
+        let before = self.delivered.get(&key).copied().unwrap_or(0);
+        if self.delivered.len() < CLOCK_ENTRIES_MAX || self.delivered.contains_key(&key) {
+            self.delivered.insert(key, before.max(next_offset));
+        }
+        before
+    }
+
+    /// The holder of a queue was heard from.
+    pub(super) fn touch(&mut self, broker: GroupId, group: &str, queue: &QueueId, now: Instant) {
+        let key = (broker, group.to_string(), queue.clone());
+        if self.seen.len() < CLOCK_ENTRIES_MAX || self.seen.contains_key(&key) {
+            self.seen.insert(key, now);
+        }
+    }
+
+    /// Whether a claim for this member and generation is on its way through the log.
+    pub(super) fn claim_in_flight(&mut self, ask: &PullAsk<'_>, now: Instant) -> bool {
+        let key = (ask.broker, ask.group.to_string(), ask.queue.clone());
+        match self.claiming.get(&key) {
+            Some((m, g, at))
+                if m == ask.member
+                    && *g == ask.generation
+                    && now.saturating_since(*at) < CLAIM_RETRY =>
+            {
+                true
+            }
+            _ => {
+                if self.claiming.len() < CLOCK_ENTRIES_MAX {
+                    self.claiming
+                        .insert(key, (ask.member.to_string(), ask.generation, now));
+                }
+                false
+            }
+        }
+    }
+
+    /// Decides a pull from `ask.member` at `ask.generation`, given the queue's applied lease.
+    pub(super) fn decide(
+        &mut self,
+        ask: &PullAsk<'_>,
+        lease: Option<&Lease>,
+        now: Instant,
+    ) -> PullVerdict {
+        let key = (ask.broker, ask.group.to_string(), ask.queue.clone());
+        let lease = lease.cloned().unwrap_or_default();
+        if ask.serve_any {
+            return PullVerdict::Serve; // the planted bug: no fencing at all
+        }
+        if ask.generation < lease.generation {
+            return PullVerdict::Revoked(format!(
+                "generation {} is older than {}'s generation {}",
+                ask.generation, ask.queue, lease.generation
+            ));
+        }
+        match &lease.owner {
+            None => {
+                self.pending.remove(&key);
+                PullVerdict::Claim { takeover: false }
+            }
+            Some(owner) if owner == ask.member => {
+                self.touch(ask.broker, ask.group, ask.queue, now);
+                if let Some((next, at, takeover)) = self.pending.get(&key) {
+                    // The one that waited holds it now; otherwise the holder must let go.
+                    if next != ask.member && (*at > ask.generation || *takeover) {
+                        return PullVerdict::Revoked(format!(
+                            "{} goes to {next} at generation {at}",
+                            ask.queue
+                        ));
+                    }
+                    self.pending.remove(&key);
+                }
+                if ask.generation > lease.generation {
+                    PullVerdict::ServeAndBump
+                } else {
+                    PullVerdict::Serve
+                }
+            }
+            Some(owner) => {
+                if ask.generation == lease.generation {
+                    return PullVerdict::Revoked(format!(
+                        "{owner} holds {} at the same generation {}",
+                        ask.queue, lease.generation
+                    ));
+                }
+                let since_led = self.led.get(&ask.broker).map_or(now, |(_, at)| *at);
+                let seen = self.seen.get(&key).copied().unwrap_or(since_led);
+                let until = seen.max(since_led) + Duration::from_millis(ask.session_ms);
+                let takeover = now >= until || ask.hand_over_early;
+                let newer = self
+                    .pending
+                    .get(&key)
+                    .is_none_or(|(_, at, _)| *at <= ask.generation);
+                if newer
+                    && (self.pending.len() < CLOCK_ENTRIES_MAX || self.pending.contains_key(&key))
+                {
+                    self.pending
+                        .insert(key, (ask.member.to_string(), ask.generation, takeover));
+                }
+                if takeover {
+                    return PullVerdict::Claim { takeover: true };
+                }
+                PullVerdict::Wait { until }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_micros(ms * 1_000)
+    }
+
+    fn placement(topic: &str) -> Option<Vec<(QueueId, GroupId)>> {
+        (topic == "t").then(|| {
+            (0..8)
+                .map(|q| (QueueId::new("t", q), 1 + u64::from(q % 2)))
+                .collect()
+        })
+    }
+
+    fn how() -> Allocation<'static> {
+        Allocation {
+            strategy: AllocationStrategy::Averagely,
+            session_ms: 10_000,
+            retry_levels: 3,
+            placement: &placement,
+        }
+    }
+
+    fn queues(r: &Response) -> (u64, Vec<(GroupId, QueueId)>) {
+        match r {
+            Response::Assignment {
+                generation, queues, ..
+            } => (*generation, queues.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_member_gets_topic_queues_and_generations_rise_with_changes() {
+        let mut m = Membership::default();
+        let how = how();
+        let (g1, _) = queues(&m.heartbeat(at(0), 3, "g", "a", Some("t"), &how));
+        assert_eq!(g1 >> 32, 3, "fenced by the metadata term");
+        for name in ["b", "c", "d"] {
+            m.heartbeat(at(1), 3, "g", name, Some("t"), &how);
+        }
+        let mut all = Vec::new();
+        let mut generations = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let (g, owned) = queues(&m.heartbeat(at(2), 3, "g", name, Some("t"), &how));
+            let topic = owned.iter().filter(|(_, q)| !q.is_retry()).count();
+            assert_eq!(topic, 2, "{name} owns {owned:?}");
+            generations.push(g);
+            all.extend(owned);
+        }
+        assert!(generations.iter().all(|g| *g == generations[0] && *g > g1));
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 8 + 2 * 3, "every queue once");
+        // Unchanged membership: same generation. A leader of a newer term: a higher one.
+        let (same, _) = queues(&m.heartbeat(at(3), 3, "g", "a", Some("t"), &how));
+        assert_eq!(same, generations[0]);
+        let (newer, _) = queues(&m.heartbeat(at(4), 4, "g", "a", Some("t"), &how));
+        assert!(newer > same);
+        // A member unheard for the session is gone.
+        let (_, owned) = queues(&m.heartbeat(at(20_000), 4, "g", "a", Some("t"), &how));
+        assert_eq!(owned.len(), 8 + 6);
+        assert!(matches!(
+            m.heartbeat(at(20_001), 4, "g", "a", None, &how),
+            Response::Left { .. }
+        ));
+        assert!(m.groups.is_empty(), "an empty group is forgotten");
+    }
+
+    fn ask<'a>(queue: &'a QueueId, member: &'a str, generation: u64) -> PullAsk<'a> {
+        PullAsk {
+            broker: 1,
+            group: "g",
+            queue,
+            member,
+            generation,
+            session_ms: 1_000,
+            serve_any: false,
+            hand_over_early: false,
+        }
+    }
+
+    #[test]
+    fn a_held_queue_moves_only_after_release_or_expiry_and_stale_pulls_are_revoked() {
+        let q = QueueId::new("t", 0);
+        let mut clocks = LeaseClocks::default();
+        clocks.leading(1, Some(1), at(0));
+        assert_eq!(
+            clocks.decide(&ask(&q, "a", 5), None, at(0)),
+            PullVerdict::Claim { takeover: false }
+        );
+        let held = Lease {
+            owner: Some("a".into()),
+            generation: 5,
+            since: 5,
+        };
+        assert_eq!(
+            clocks.decide(&ask(&q, "a", 5), Some(&held), at(10)),
+            PullVerdict::Serve
+        );
+        // b is given the queue at generation 6: it waits while a's lease runs...
+        assert_eq!(
+            clocks.decide(&ask(&q, "b", 6), Some(&held), at(20)),
+            PullVerdict::Wait { until: at(1_010) }
+        );
+        // ...a is told to let go...
+        assert!(matches!(
+            clocks.decide(&ask(&q, "a", 5), Some(&held), at(30)),
+            PullVerdict::Revoked(_)
+        ));
+        // ...and once a is silent for the session, b takes over.
+        assert_eq!(
+            clocks.decide(&ask(&q, "b", 6), Some(&held), at(1_030)),
+            PullVerdict::Claim { takeover: true }
+        );
+        let moved = Lease {
+            owner: Some("b".into()),
+            generation: 6,
+            since: 6,
+        };
+        assert!(matches!(
+            clocks.decide(&ask(&q, "a", 5), Some(&moved), at(1_040)),
+            PullVerdict::Revoked(_)
+        ));
+        // A new leader counts the holder as heard from when it took office.
+        clocks.leading(1, Some(2), at(5_000));
+        assert_eq!(
+            clocks.decide(&ask(&q, "c", 7), Some(&moved), at(5_100)),
+            PullVerdict::Wait { until: at(6_000) }
+        );
+    }
+}

@@ -88,8 +88,8 @@ pub const PULL_BYTES_MAX: usize = 4 << 20;
 pub const PULL_MESSAGES_MAX: u32 = 4_096;
 /// The longest a pull may wait for messages; a longer wait asked for is cut to it.
 pub const PULL_WAIT_MS_MAX: u64 = 60_000;
-/// Consumer progress entries (a group on a queue) in one `status` answer, over all groups;
-/// the rest are left out.
+/// Consumer progress entries (a group on a queue) in one `status` answer, over all groups, and
+/// likewise queue holders; the rest are left out.
 pub const STATUS_CONSUMERS_MAX: usize = 4_096;
 
 // ----- producers -----
@@ -189,8 +189,11 @@ const _: () = assert!(
     "a pull response fits a frame"
 );
 const _: () = assert!(
-    STATUS_CONSUMERS_MAX * (2 * NAME_BYTES_MAX + 64) + 64 * 1_024 <= FRAME_BYTES_MAX,
-    "a status answer fits a frame (with up to a thousand groups)"
+    STATUS_CONSUMERS_MAX * (2 * NAME_BYTES_MAX + 64)
+        + STATUS_CONSUMERS_MAX * (2 * NAME_BYTES_MAX + MEMBER_BYTES_MAX + 64)
+        + 64 * 1_024
+        <= FRAME_BYTES_MAX,
+    "a status answer (progress and queue holders, each list bounded) fits a frame (with up to a thousand groups)"
 );
 const _: () = assert!(
     CREATE_QUEUES_PER_COMMAND_MAX * (NAME_BYTES_MAX + 16) <= COMMAND_BYTES_MAX,

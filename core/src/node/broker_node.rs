@@ -444,7 +444,9 @@ impl BrokerNode {
             }
             Request::Status => {
                 // The first consumers only, so that the answer always fits a frame.
+                // Both lists are bounded, so the answer always fits a frame.
                 let mut consumers_left = STATUS_CONSUMERS_MAX;
+                let mut holders_left = STATUS_CONSUMERS_MAX;
                 let groups = self
                     .groups
                     .iter()
@@ -464,9 +466,10 @@ impl BrokerNode {
                             Machine::Meta(_) => Vec::new(),
                         };
                         consumers_left -= consumers.len();
-                        let holders = match &g.machine {
+                        let holders: Vec<QueueHolder> = match &g.machine {
                             Machine::Broker(state) => state
                                 .leases()
+                                .take(holders_left)
                                 .map(|((group, queue), lease)| QueueHolder {
                                     group: group.clone(),
                                     queue: queue.clone(),
@@ -476,6 +479,7 @@ impl BrokerNode {
                                 .collect(),
                             Machine::Meta(_) => Vec::new(),
                         };
+                        holders_left -= holders.len();
                         GroupStatus {
                             consumers,
                             holders,

@@ -204,10 +204,9 @@ fn names_are_checked_in_every_request() {
         QueueId::retry("billing", 3),
         QueueId::dead_letter("billing"),
     ] {
-        assert!(matches!(
-            ask_now(&mut cluster, leader, pull("billing", queue)),
-            Response::Pulled { .. }
-        ));
+        // The first pull claims the queue: it is answered once the claim commits.
+        let answer = cluster.ask(leader, pull("billing", queue));
+        assert!(matches!(answer, Response::Pulled { .. }), "{answer:?}");
     }
     let meta = cluster.leader(METADATA_GROUP).expect("a leader");
     let heartbeat = |group: &str, member: &str| Request::Heartbeat {
@@ -617,12 +616,36 @@ fn a_status_answer_lists_a_bounded_number_of_consumers() {
     let leader = cluster.leader(1).expect("a leader");
     let sent = cluster.ask(leader, heavy_send(&queue, 0, 1, 1, 0));
     assert!(matches!(sent, Response::Sent { .. }), "{sent:?}");
+    // Each group's member claims the queue with a pull, then acks: only a holder's ack counts.
+    let pulls = (0..STATUS_CONSUMERS_MAX as u64 + 10).map(|g| {
+        let pull = Request::Pull {
+            broker: 1,
+            group: format!("g{g}"),
+            member: "m".into(),
+            generation: 1,
+            queue: queue.clone(),
+            from: 0,
+            messages_max: 1,
+            bytes_max: 1 << 10,
+            wait_ms: 0,
+        };
+        (6, g, pull)
+    });
+    let now = cluster.now;
+    cluster
+        .nodes
+        .get_mut(&leader)
+        .expect("the leader")
+        .handle_requests(now, pulls);
+    for _ in 0..50 {
+        cluster.step();
+    }
     let acks = (0..STATUS_CONSUMERS_MAX as u64 + 10).map(|g| {
         let ack = Request::Ack {
             broker: 1,
             group: format!("g{g}"),
             member: "m".into(),
-            generation: 0,
+            generation: 1,
             queue: queue.clone(),
             offsets: vec![0],
         };
@@ -642,6 +665,8 @@ fn a_status_answer_lists_a_bounded_number_of_consumers() {
     };
     let consumers: usize = groups.iter().map(|g| g.consumers.len()).sum();
     assert_eq!(consumers, STATUS_CONSUMERS_MAX);
+    let holders: usize = groups.iter().map(|g| g.holders.len()).sum();
+    assert_eq!(holders, STATUS_CONSUMERS_MAX);
 }
 
 /// The frame check of the test above fires: with a byte budget per AppendEntries of two

@@ -364,14 +364,21 @@ struct Call {
     outbox: Option<(NodeId, RequestId, Request)>,
     answer: Option<Response>,
     deadline: Option<Instant>,
+    /// Every ask gets a fresh id: a node drops a request id it has already taken on this
+    /// connection as a duplicate, and a late answer to an earlier ask must not pass for this
+    /// one's.
+    next_id: RequestId,
+    waiting: Option<RequestId>,
 }
 
 impl Machine for Call {
     fn poll_request(&mut self) -> Option<(NodeId, RequestId, Request)> {
         self.outbox.take()
     }
-    fn handle_response(&mut self, _now: Instant, _id: RequestId, response: Response) {
-        self.answer = Some(response);
+    fn handle_response(&mut self, _now: Instant, id: RequestId, response: Response) {
+        if self.waiting == Some(id) {
+            self.answer = Some(response);
+        }
     }
     fn handle_timeout(&mut self, _now: Instant) {
         self.deadline = None;
@@ -388,6 +395,8 @@ impl Admin {
             outbox: None,
             answer: None,
             deadline: None,
+            next_id: 1,
+            waiting: None,
         };
         Ok(Admin { io, call })
     }
@@ -404,7 +413,10 @@ impl Admin {
     /// Asks `node` and waits up to 2 s.
     pub fn ask(&mut self, node: NodeId, request: Request) -> Option<Response> {
         self.call.answer = None;
-        self.call.outbox = Some((node, 1, request));
+        let id = self.call.next_id;
+        self.call.next_id += 1;
+        self.call.waiting = Some(id);
+        self.call.outbox = Some((node, id, request));
         self.call.deadline = Some(self.io.now() + Duration::from_secs(2));
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         self.io

@@ -527,9 +527,12 @@ fn stalled_oversized_and_greedy_connections_stay_bounded() {
         "{late} connections closed at the deadline, not 40"
     );
 
+    // Freed buffers are not always given back to the system at once (allocator arenas of
+    // the node's threads), so the bound has slack; unbounded, these connections would hold
+    // hundreds of megabytes (20 × 16 MiB announced, plus the pipelined answers).
     let end = cluster.rss_bytes(target);
     assert!(
-        end < baseline + (48 << 20),
+        end < baseline + (96 << 20),
         "memory grew from {baseline} to {end} bytes"
     );
     cluster.serves();
@@ -719,10 +722,15 @@ fn connections_beyond_the_maximum_are_refused_and_strangers_make_room() {
         served(addr, &tls).is_some(),
         "a client is served while strangers hold every slot"
     );
-    assert!(
-        cluster
-            .log(1)
-            .contains("the oldest connection still in its handshake makes room")
+    wait_for(
+        Duration::from_secs(5),
+        "a log line about making room",
+        || {
+            cluster
+                .log(1)
+                .contains("the oldest connection still in its handshake makes room")
+                .then_some(())
+        },
     );
     drop(strangers);
     cluster.create_topic("orders", 2);

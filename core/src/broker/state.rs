@@ -196,7 +196,7 @@ impl BrokerState {
         queue: QueueId,
         member: String,
         generation: u64,
-        takeover: bool,
+        takeover: Option<Holder>,
     ) -> Outcome {
         // Retry queues come into being with their first message; a claim may come first.
         let retry_level_ok =
@@ -218,7 +218,11 @@ impl BrokerState {
             _ if generation < lease.generation => false,
             None => true,
             Some(owner) if *owner == member => true,
-            Some(_) => takeover && generation > lease.generation,
+            Some(owner) => takeover.is_some_and(|from| {
+                from.member == *owner
+                    && from.generation == lease.generation
+                    && generation > lease.generation
+            }),
         };
         if !granted {
             let (group, queue) = key;

@@ -1179,3 +1179,69 @@ fn a_new_producer_beyond_the_maximum_forgets_the_least_recently_used_one() {
     // The replica that restored forgets exactly what the one that applied everything did.
     assert_eq!(state.snapshot(), restored.snapshot());
 }
+
+fn claim(
+    state: &mut BrokerState,
+    member: &str,
+    generation: u64,
+    from: Option<(&str, u64)>,
+) -> Outcome {
+    state.apply(Command::Claim {
+        group: "g".into(),
+        queue: QueueId::new("orders", 0),
+        member: member.into(),
+        generation,
+        takeover: from.map(|(member, generation)| Holder {
+            member: member.into(),
+            generation,
+        }),
+    })
+}
+
+fn holder(state: &BrokerState) -> (Option<String>, u64) {
+    let lease = state
+        .lease("g", &QueueId::new("orders", 0))
+        .cloned()
+        .unwrap_or_default();
+    (lease.owner, lease.generation)
+}
+
+/// Seed 7000164: two takeovers decided against one expired holder were in the log at once.
+/// The first won; the second must not oust the winner, whom nobody judged expired.
+#[test]
+fn a_takeover_applies_only_against_the_holder_it_judged_expired() {
+    let mut state = orders();
+    assert!(matches!(
+        claim(&mut state, "a", 5, None),
+        Outcome::Leased(_)
+    ));
+    assert!(matches!(
+        claim(&mut state, "b", 6, Some(("a", 5))),
+        Outcome::Leased(_)
+    ));
+    assert_eq!(holder(&state), (Some("b".into()), 6));
+    assert!(matches!(
+        claim(&mut state, "c", 7, Some(("a", 5))),
+        Outcome::Refused(Refusal::NotOwner(_))
+    ));
+    assert_eq!(holder(&state), (Some("b".into()), 6));
+    // Nor may a plain claim take a held queue, nor a takeover name the holder at an older
+    // generation than it holds now.
+    assert!(matches!(
+        claim(&mut state, "c", 7, None),
+        Outcome::Refused(Refusal::NotOwner(_))
+    ));
+    assert!(matches!(
+        claim(&mut state, "b", 8, None),
+        Outcome::Leased(_)
+    ));
+    assert!(matches!(
+        claim(&mut state, "c", 9, Some(("b", 6))),
+        Outcome::Refused(Refusal::NotOwner(_))
+    ));
+    assert!(matches!(
+        claim(&mut state, "c", 9, Some(("b", 8))),
+        Outcome::Leased(_)
+    ));
+    assert_eq!(holder(&state), (Some("c".into()), 9));
+}

@@ -106,6 +106,13 @@ pub struct StoredMessage {
     pub origin: Option<Origin>,
 }
 
+/// A queue's holder as a takeover found it: the member and the generation of its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub member: String,
+    pub generation: u64,
+}
+
 /// A command in a broker group's Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -149,15 +156,17 @@ pub enum Command {
     /// `member` of consumer group `group` takes `queue` at `generation` (decided by the
     /// metadata leader). Granted if nobody holds the queue and `generation` is not older than
     /// the queue's, if `member` holds it already (its generation moves up), or, with
-    /// `takeover`, if `generation` is newer than the holder's: the broker leader proposes a
-    /// takeover only once the holder released it or its lease expired. The lease table is in
-    /// the log, so a new broker leader knows who holds what.
+    /// `takeover`, if `generation` is newer than the holder's and the holder is still the one
+    /// `takeover` names: the broker leader proposes a takeover only once that holder's lease
+    /// expired, a judgement about that holder alone. Two takeovers decided against one holder
+    /// can be in the log at once; the second must not oust the first's winner, who is live.
+    /// The lease table is in the log, so a new broker leader knows who holds what.
     Claim {
         group: String,
         queue: QueueId,
         member: String,
         generation: u64,
-        takeover: bool,
+        takeover: Option<Holder>,
     },
     /// The holder gives `queue` up: the next claimant need not wait for its lease to expire.
     /// `generation` is the one it last pulled under; nothing up to it may claim again.

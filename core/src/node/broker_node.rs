@@ -17,7 +17,7 @@ use super::protocol::{
 };
 use super::seen_requests::SeenRequests;
 use crate::broker::{
-    BrokerConfig, BrokerState, Command, Message, Outcome, QueueId, Refusal, decode_command,
+    BrokerConfig, BrokerState, Command, Holder, Message, Outcome, QueueId, Refusal, decode_command,
     encode_command,
 };
 use crate::client::AllocationStrategy;
@@ -968,7 +968,7 @@ impl BrokerNode {
             match self.lease_clocks.decide(&ask, lease, now) {
                 PullVerdict::Serve => {}
                 PullVerdict::ServeAndBump => {
-                    let claim = claim_command(&ask, false);
+                    let claim = claim_command(&ask, None);
                     self.enqueue(group, None, encode_command(&claim));
                 }
                 PullVerdict::Revoked(reason) => {
@@ -1556,7 +1556,7 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
     }
 }
 
-fn claim_command(ask: &PullAsk<'_>, takeover: bool) -> Command {
+fn claim_command(ask: &PullAsk<'_>, takeover: Option<Holder>) -> Command {
     Command::Claim {
         group: ask.group.to_string(),
         queue: ask.queue.clone(),

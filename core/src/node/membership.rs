@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::broker::{Lease, QueueId};
+use crate::broker::{Holder, Lease, QueueId};
 use crate::client::AllocationStrategy;
 use crate::limits::{CONSUMER_GROUPS_MAX, MEMBER_BYTES_MAX, MEMBERS_PER_GROUP_MAX};
 use crate::node::protocol::Response;
@@ -223,9 +223,10 @@ pub(super) enum PullVerdict {
     /// Serve, and record the holder's newer generation in the log.
     ServeAndBump,
     Revoked(String),
-    /// Propose a claim (a takeover if the queue is held) and wait for it to apply.
+    /// Propose a claim and wait for it to apply: a takeover from the holder named, whose lease
+    /// expired, if the queue is held.
     Claim {
-        takeover: bool,
+        takeover: Option<Holder>,
     },
     /// Someone else holds the queue: wait until it releases or `until`, when its lease ends.
     Wait {
@@ -247,6 +248,11 @@ pub(super) struct LeaseClocks {
     /// again, or it could be served after the takeover was decided and before it applies.
     pending: BTreeMap<LeaseKey, (String, u64, bool)>,
     claiming: BTreeMap<LeaseKey, (String, u64, Instant)>,
+    /// The holder a takeover proposed by this leader (in this term) ousts once it applies:
+    /// that holder is not served while its lease stays as the takeover found it, whoever
+    /// else comes to wait meanwhile. Dropped once the lease changes (the takeover applied, or
+    /// was refused because someone else got there first).
+    ousting: BTreeMap<LeaseKey, Holder>,
     /// How far each queue was handed out to its group: below it, a delivery is a repeat.
     delivered: BTreeMap<LeaseKey, u64>,
 }
@@ -289,6 +295,7 @@ impl LeaseClocks {
         self.seen.retain(|(b, _, _), _| *b != broker);
         self.pending.retain(|(b, _, _), _| *b != broker);
         self.claiming.retain(|(b, _, _), _| *b != broker);
+        self.ousting.retain(|(b, _, _), _| *b != broker);
         self.delivered.retain(|(b, _, _), _| *b != broker);
     }
 
@@ -329,7 +336,7 @@ impl LeaseClocks {
                 true
             }
             _ => {
-                if self.claiming.len() < CLOCK_ENTRIES_MAX {
+                if self.claiming.len() < CLOCK_ENTRIES_MAX || self.claiming.contains_key(&key) {
                     self.claiming
                         .insert(key, (ask.member.to_string(), ask.generation, now));
                 }
@@ -356,10 +363,22 @@ impl LeaseClocks {
                 ask.generation, ask.queue, lease.generation
             ));
         }
+        if let Some(ousted) = self.ousting.get(&key) {
+            let unchanged = lease.owner.as_deref() == Some(ousted.member.as_str())
+                && lease.generation == ousted.generation;
+            if !unchanged {
+                self.ousting.remove(&key);
+            } else if ousted.member == ask.member {
+                return PullVerdict::Revoked(format!(
+                    "{}'s lease of {} at generation {} expired and is being taken over",
+                    ousted.member, ask.queue, ousted.generation
+                ));
+            }
+        }
         match &lease.owner {
             None => {
                 self.pending.remove(&key);
-                PullVerdict::Claim { takeover: false }
+                PullVerdict::Claim { takeover: None }
             }
             Some(owner) if owner == ask.member => {
                 self.touch(ask.broker, ask.group, ask.queue, now);
@@ -397,11 +416,28 @@ impl LeaseClocks {
                 if newer
                     && (self.pending.len() < CLOCK_ENTRIES_MAX || self.pending.contains_key(&key))
                 {
-                    self.pending
-                        .insert(key, (ask.member.to_string(), ask.generation, takeover));
+                    self.pending.insert(
+                        key.clone(),
+                        (ask.member.to_string(), ask.generation, takeover),
+                    );
                 }
                 if takeover {
-                    return PullVerdict::Claim { takeover: true };
+                    let from = Holder {
+                        member: owner.clone(),
+                        generation: lease.generation,
+                    };
+                    if self.ousting.len() < CLOCK_ENTRIES_MAX || self.ousting.contains_key(&key) {
+                        self.ousting.insert(key, from.clone());
+                    } else {
+                        // Without a record of the ousting the holder could still be served
+                        // while the takeover is on its way: better to wait.
+                        return PullVerdict::Wait {
+                            until: now + Duration::from_millis(ask.session_ms),
+                        };
+                    }
+                    return PullVerdict::Claim {
+                        takeover: Some(from),
+                    };
                 }
                 PullVerdict::Wait { until }
             }
@@ -500,7 +536,7 @@ mod tests {
         clocks.leading(1, Some(1), at(0));
         assert_eq!(
             clocks.decide(&ask(&q, "a", 5), None, at(0)),
-            PullVerdict::Claim { takeover: false }
+            PullVerdict::Claim { takeover: None }
         );
         let held = Lease {
             owner: Some("a".into()),
@@ -524,7 +560,12 @@ mod tests {
         // ...and once a is silent for the session, b takes over.
         assert_eq!(
             clocks.decide(&ask(&q, "b", 6), Some(&held), at(1_030)),
-            PullVerdict::Claim { takeover: true }
+            PullVerdict::Claim {
+                takeover: Some(Holder {
+                    member: "a".into(),
+                    generation: 5
+                })
+            }
         );
         let moved = Lease {
             owner: Some("b".into()),
@@ -541,5 +582,52 @@ mod tests {
             clocks.decide(&ask(&q, "c", 7), Some(&moved), at(5_100)),
             PullVerdict::Wait { until: at(6_000) }
         );
+    }
+
+    /// Seed 7000164: b's takeover of a's expired lease is on its way when c, given the queue
+    /// at a newer generation, comes to wait. a must stay ousted until the takeover applies,
+    /// whoever waits meanwhile.
+    #[test]
+    fn a_holder_being_taken_over_is_not_served_whoever_else_waits() {
+        let q = QueueId::new("t", 0);
+        let mut clocks = LeaseClocks::default();
+        clocks.leading(1, Some(1), at(0));
+        let held = Lease {
+            owner: Some("a".into()),
+            generation: 5,
+            since: 5,
+        };
+        assert_eq!(
+            clocks.decide(&ask(&q, "a", 5), Some(&held), at(0)),
+            PullVerdict::Serve
+        );
+        assert!(matches!(
+            clocks.decide(&ask(&q, "b", 6), Some(&held), at(1_000)),
+            PullVerdict::Claim { takeover: Some(_) }
+        ));
+        // c waits (a was not silent long in c's view of it: a new waiter, a new clock)...
+        clocks.touch(1, "g", &q, at(1_001));
+        assert!(matches!(
+            clocks.decide(&ask(&q, "c", 7), Some(&held), at(1_002)),
+            PullVerdict::Wait { .. }
+        ));
+        // ...and a, even at a newer generation than c's, is not served while b's takeover of
+        // a at generation 5 may still apply.
+        assert!(matches!(
+            clocks.decide(&ask(&q, "a", 8), Some(&held), at(1_003)),
+            PullVerdict::Revoked(_)
+        ));
+        // Once the takeover applied, the record goes and the new holder is served (at the
+        // generation c was given: b's generation 6 would be told to hand over to c).
+        let moved = Lease {
+            owner: Some("b".into()),
+            generation: 6,
+            since: 6,
+        };
+        assert_eq!(
+            clocks.decide(&ask(&q, "b", 7), Some(&moved), at(1_004)),
+            PullVerdict::ServeAndBump
+        );
+        assert!(clocks.ousting.is_empty());
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Consumer groups with real processes (BENCHMARKS.md): N members started together on a backlog,
 and a member restarted after Ctrl-C or SIGKILL. Needs a running `holdfast cluster`."""
-import subprocess, time, os, signal, sys, collections, re
+import subprocess, time, os, signal, sys, collections, re, tempfile
 H=os.environ.get("HOLDFAST", "./target/release/holdfast")
 env=dict(os.environ)  # HOLDFAST_SERVERS, or the local cluster's default addresses
 def run(*a, **k): return subprocess.run([H,*a],env=env,capture_output=True,**k)
@@ -15,12 +15,17 @@ for n in [2,4,8]:
     run("topic","create",topic,"--queues","8")
     tp=produce(topic,BACKLOG,"m")
     t0=time.time()
-    ps=[subprocess.Popen([H,"consume",topic,"--group","g","--timeout","5"],env=env,stdout=subprocess.PIPE,stderr=subprocess.PIPE) for _ in range(n)]
+    # Each member writes to its own file: read one pipe after another and the members not
+    # being read block on a full pipe (64 KiB, about 8,400 lines) inside their listener, stop
+    # heartbeating, and keep their queues until their session expires. (The first version of
+    # this script did that, and measured its own stall.)
+    outs=[tempfile.TemporaryFile() for _ in range(n)]; errs=[tempfile.TemporaryFile() for _ in range(n)]
+    ps=[subprocess.Popen([H,"consume",topic,"--group",f"g{n}","--timeout","5"],env=env,stdout=o,stderr=e) for o,e in zip(outs,errs)]
     c=collections.Counter(); per=[]; redel=0
-    for p in ps:
-        out,err=p.communicate()
-        lines=out.decode().splitlines(); c.update(lines); per.append(len(lines))
-        m=re.search(r"(\d+) of them redelivered", err.decode()); redel+=int(m.group(1)) if m else 0
+    for p,o,e in zip(ps,outs,errs):
+        p.wait(); o.seek(0); e.seek(0)
+        lines=o.read().decode().splitlines(); c.update(lines); per.append(len(lines))
+        m=re.search(r"(\d+) of them redelivered", e.read().decode()); redel+=int(m.group(1)) if m else 0
     wall=time.time()-t0-5
     twice=sum(v-1 for v in c.values())
     print(f"{n} members, backlog {BACKLOG} (produced in {tp:.1f}s): unique {len(c)}, printed twice {twice}, broker redeliveries {redel} ({100*redel/BACKLOG:.2f}%), per member {per}, drained in {wall:.1f}s")

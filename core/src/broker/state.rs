@@ -261,11 +261,13 @@ impl BrokerState {
         let Some(lease) = self.leases.get_mut(&(group, queue)) else {
             return Outcome::Leased(Lease::default());
         };
-        // A release closes the holder's generation: a pull of it still on its way (a long
-        // poll woken by the release, say) must not claim the queue back for a member that has
-        // let go. Generations rise by at least one, so the next one's members may claim.
+        // The generation stays: the metadata may still give the queue to this member at this
+        // generation (it was told to let go by a waiter whose claim then failed), and a
+        // generation past every one handed out would fence everyone until the next rebalance.
+        // A pull of the member's still on its way may claim the queue back: the member
+        // releases it again when that pull's answer finds it no longer owns the queue.
         lease.owner = None;
-        lease.generation = lease.generation.max(generation.saturating_add(1));
+        lease.generation = lease.generation.max(generation);
         Outcome::Leased(lease.clone())
     }
 

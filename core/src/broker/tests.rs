@@ -1245,3 +1245,32 @@ fn a_takeover_applies_only_against_the_holder_it_judged_expired() {
     ));
     assert_eq!(holder(&state), (Some("c".into()), 9));
 }
+
+/// A release does not move the queue's generation past the holder's: the metadata may give
+/// the queue to the same member at the same generation again (seed 7103028), and it must be
+/// able to claim it. Older generations stay fenced.
+#[test]
+fn a_release_keeps_the_generation_so_the_same_assignment_may_claim_again() {
+    let mut state = orders();
+    assert!(matches!(
+        claim(&mut state, "a", 5, None),
+        Outcome::Leased(_)
+    ));
+    let released = state.apply(Command::Release {
+        group: "g".into(),
+        queue: QueueId::new("orders", 0),
+        member: "a".into(),
+        generation: 6,
+    });
+    assert!(matches!(released, Outcome::Leased(_)), "{released:?}");
+    assert_eq!(holder(&state), (None, 6));
+    assert!(matches!(
+        claim(&mut state, "b", 5, None),
+        Outcome::Refused(Refusal::NotOwner(_))
+    ));
+    assert!(matches!(
+        claim(&mut state, "a", 6, None),
+        Outcome::Leased(_)
+    ));
+    assert_eq!(holder(&state), (Some("a".into()), 6));
+}

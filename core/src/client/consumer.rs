@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use crate::broker::{Offset, QueueId, StoredMessage};
+use crate::limits::EVENTS_BUFFERED_MAX;
 use crate::node::METADATA_GROUP;
 use crate::node::protocol::{Request, RequestId, Response};
 use crate::raft::{GroupId, NodeId};
@@ -94,6 +95,9 @@ pub enum ConsumerEvent {
     },
     /// A release of the queue's lease left (its answers are all confirmed).
     ReleaseSent { broker: GroupId, queue: QueueId },
+    /// Answers from an earlier tenure of the queue were refused: pulls start again at the
+    /// committed consume offset, so offsets already pulled come again.
+    Rewound { broker: GroupId, queue: QueueId },
     AckConfirmed {
         broker: GroupId,
         queue: QueueId,
@@ -114,6 +118,8 @@ struct Owned {
     unanswered: u32,
     /// The next pull may leave at this time; [`NEVER`] while one is in flight.
     retry_at: Instant,
+    /// `next` was rewound while a pull was in flight: that pull's answer must not move it on.
+    stale_pull: bool,
 }
 
 const NEVER: Instant = Instant::from_micros(u64::MAX);
@@ -142,6 +148,9 @@ struct Releasing {
     unanswered: u32,
     /// When the release may be (re)sent; [`NEVER`] while one is in flight.
     send_at: Instant,
+    /// A pull answered after the release left may have claimed the queue back: once the
+    /// release in flight is answered, release again.
+    again: bool,
 }
 
 /// Where a member that is shutting down is in leaving its group.
@@ -343,7 +352,12 @@ impl Consumer {
                 }
                 InFlight::Pull { broker, queue, .. } => {
                     self.leaders.remove(&broker);
-                    if let Some(owned) = self.owned.get_mut(&(broker, queue)) {
+                    if let Some(owned) = self.owned.get_mut(&(broker, queue.clone()))
+                        && std::mem::take(&mut owned.stale_pull)
+                    {
+                        owned.retry_at = now;
+                        self.push_event(ConsumerEvent::Rewound { broker, queue });
+                    } else if let Some(owned) = self.owned.get_mut(&(broker, queue)) {
                         owned.retry_at = now;
                     }
                 }
@@ -373,8 +387,17 @@ impl Consumer {
         self.deliveries.pop_front()
     }
 
+    /// What happened, oldest first: at most [`EVENTS_BUFFERED_MAX`] are kept, so a driver
+    /// that never asks holds no more than that.
     pub fn poll_event(&mut self) -> Option<ConsumerEvent> {
         self.events.pop_front()
+    }
+
+    fn push_event(&mut self, event: ConsumerEvent) {
+        if self.events.len() >= EVENTS_BUFFERED_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 
     /// When `handle_timeout` must next be called. Work blocked behind a request in flight
@@ -521,7 +544,7 @@ impl Consumer {
                 generation,
                 queue: queue.clone(),
             };
-            self.events.push_back(ConsumerEvent::ReleaseSent {
+            self.push_event(ConsumerEvent::ReleaseSent {
                 broker,
                 queue: queue.clone(),
             });
@@ -621,22 +644,47 @@ impl Consumer {
                 ..
             } => {
                 let Some(owned) = self.owned.get_mut(&key) else {
-                    return; // no longer ours: the new owner will pull these
+                    // No longer ours: the new owner will pull these. But this pull, sent
+                    // before this member let the queue go, may have claimed it back.
+                    if let Some(releasing) = self.releasing.get_mut(&key) {
+                        releasing.generation = releasing.generation.max(generation);
+                        releasing.again = releasing.send_at == NEVER;
+                    } else if self.leaving != Leaving::Left {
+                        self.releasing.insert(
+                            key,
+                            Releasing {
+                                generation,
+                                unanswered: 0,
+                                send_at: now,
+                                again: false,
+                            },
+                        );
+                    }
+                    return;
                 };
-                owned.next = owned.next.max(next_offset);
+                let stale = std::mem::take(&mut owned.stale_pull);
+                if !stale {
+                    owned.next = owned.next.max(next_offset);
+                }
                 owned.unanswered += messages.len() as u32;
                 owned.retry_at = if messages.is_empty() {
                     now + Duration::from_millis(10)
                 } else {
                     now
                 };
-                self.events.push_back(ConsumerEvent::Pulled {
+                self.push_event(ConsumerEvent::Pulled {
                     broker,
                     queue: queue.clone(),
                     requested_at: sent_at,
                     generation,
                     offsets: messages.iter().map(|(o, _)| *o).collect(),
                 });
+                if stale {
+                    self.push_event(ConsumerEvent::Rewound {
+                        broker,
+                        queue: queue.clone(),
+                    });
+                }
                 self.deliveries
                     .extend(messages.into_iter().map(|(offset, message)| Delivery {
                         broker,
@@ -648,7 +696,7 @@ impl Consumer {
                     }));
             }
             Response::Revoked { reason, .. } => {
-                self.events.push_back(ConsumerEvent::Revoked {
+                self.push_event(ConsumerEvent::Revoked {
                     broker,
                     queue: queue.clone(),
                     reason,
@@ -681,14 +729,14 @@ impl Consumer {
     fn acked(&mut self, now: Instant, answer: Answer, response: Response) {
         match response {
             Response::Acked { .. } => {
-                self.events.push_back(ConsumerEvent::AckConfirmed {
+                self.push_event(ConsumerEvent::AckConfirmed {
                     broker: answer.broker,
                     queue: answer.queue,
                     offsets: answer.offsets,
                 });
             }
             Response::Requeued { dead_letter, .. } => {
-                self.events.push_back(ConsumerEvent::Requeued {
+                self.push_event(ConsumerEvent::Requeued {
                     broker: answer.broker,
                     queue: answer.queue,
                     offset: answer.offsets.first().copied().unwrap_or(0),
@@ -698,7 +746,7 @@ impl Consumer {
             Response::Revoked { reason, .. } => {
                 // Another member holds the queue now: it gets these messages again.
                 let key = (answer.broker, answer.queue.clone());
-                self.events.push_back(ConsumerEvent::Revoked {
+                self.push_event(ConsumerEvent::Revoked {
                     broker: answer.broker,
                     queue: answer.queue,
                     reason,
@@ -707,6 +755,13 @@ impl Consumer {
                     self.drop_queue(now, &key);
                     self.revoked.insert(key, (self.generation, now));
                     self.heartbeat_due = now;
+                } else if self.owned.contains_key(&key) {
+                    // Ours again at a newer generation, but these messages were handed out in
+                    // an earlier tenure, and another member held the queue in between: they
+                    // stay unacknowledged below where this member pulls from. Pull again from
+                    // the committed offset (the broker skips what is acknowledged), or they
+                    // would wait for ever.
+                    self.rewind(&key);
                 }
             }
             Response::Refused { .. } => {} // nothing to retry: the offset is not there
@@ -726,6 +781,12 @@ impl Consumer {
         match response {
             // Released, or not ours to release any more: either way the queue is let go.
             Response::Released { .. } | Response::Revoked { .. } | Response::Refused { .. } => {
+                if let Some(releasing) = self.releasing.get_mut(&key)
+                    && std::mem::take(&mut releasing.again)
+                {
+                    releasing.send_at = now;
+                    return;
+                }
                 self.releasing.remove(&key);
                 // A queue the latest assignment gives back waited for this.
                 self.rebalance(now);
@@ -741,6 +802,23 @@ impl Consumer {
                 if let Some(r) = self.releasing.get_mut(&key) {
                     r.send_at = now + Duration::from_millis(100);
                 }
+            }
+        }
+    }
+
+    /// The next pull of `key` starts at the group's committed consume offset.
+    fn rewind(&mut self, key: &(GroupId, QueueId)) {
+        let pulling = self.in_flight.values().any(|(w, _)| {
+            matches!(w, InFlight::Pull { broker, queue, .. } if (*broker, queue) == (key.0, &key.1))
+        });
+        if let Some(owned) = self.owned.get_mut(key) {
+            owned.next = 0;
+            owned.stale_pull = pulling;
+            if !pulling {
+                self.push_event(ConsumerEvent::Rewound {
+                    broker: key.0,
+                    queue: key.1.clone(),
+                });
             }
         }
     }
@@ -781,6 +859,7 @@ impl Consumer {
                 generation,
                 unanswered: owned.unanswered.saturating_sub(dropped),
                 send_at: now,
+                again: false,
             },
         );
     }
@@ -823,11 +902,12 @@ impl Consumer {
                     next: 0,
                     unanswered: 0,
                     retry_at: now,
+                    stale_pull: false,
                 },
             );
         }
         if changed {
-            self.events.push_back(ConsumerEvent::Rebalanced {
+            self.push_event(ConsumerEvent::Rebalanced {
                 generation: self.generation,
                 owned: self.owned.keys().cloned().collect(),
             });

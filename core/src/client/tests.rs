@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::broker::{Message, QueueId};
-use crate::node::protocol::{Request, Response, Route};
+use crate::node::protocol::{Request, RequestId, Response, Route};
 use crate::time::Instant;
 
 /// A producer whose routes name node 1 as the leader of both broker groups, with a send to
@@ -84,4 +84,128 @@ fn a_node_that_answers_again_is_trusted_again() {
             }
         ))
     ));
+}
+
+fn stored(seq: u64) -> crate::broker::StoredMessage {
+    crate::broker::StoredMessage {
+        producer_id: 1,
+        seq,
+        message: Message::with_body(Bytes::from("m")),
+        stored_ms: 0,
+        reconsume_times: 0,
+        due_ms: 0,
+        origin: None,
+    }
+}
+
+/// The member's request of `kind` that leaves next, after a tick at `now`.
+fn next_request(consumer: &mut Consumer, now: Instant) -> (RequestId, Request) {
+    consumer.handle_timeout(now);
+    let (_, id, request) = consumer.poll_request().expect("a request leaves");
+    (id, request)
+}
+
+/// Seed 7101663: a member held a queue, another held it for a generation the first never saw,
+/// then the first owned it again. Its answers from its first tenure were refused: those
+/// messages stay unacknowledged below where it pulls from, so it must pull again from the
+/// group's committed offset, or they wait for ever.
+#[test]
+fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committed_offset() {
+    let q = QueueId::new("orders", 0);
+    let mut now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
+    let assign = |consumer: &mut Consumer, now, id, generation| {
+        let response = Response::Assignment {
+            group: "g".into(),
+            generation,
+            members: 1,
+            queues: vec![(1, q.clone())],
+        };
+        consumer.handle_response(now, id, response);
+    };
+    let (id, request) = next_request(&mut consumer, now);
+    assert!(matches!(request, Request::Heartbeat { .. }));
+    assign(&mut consumer, now, id, 5);
+    let (pull, request) = next_request(&mut consumer, now);
+    assert!(
+        matches!(
+            request,
+            Request::Pull {
+                from: 0,
+                generation: 5,
+                ..
+            }
+        ),
+        "{request:?}"
+    );
+    let response = Response::Pulled {
+        queue: q.clone(),
+        messages: vec![(29, stored(29)), (30, stored(30))],
+        next_offset: 31,
+        delivered_below: 0,
+    };
+    consumer.handle_response(now, pull, response);
+    let deliveries: Vec<Delivery> = std::iter::from_fn(|| consumer.poll_delivery()).collect();
+    assert_eq!(deliveries.len(), 2);
+    // A newer generation still gives the member the queue.
+    now = now + Duration::from_millis(1_000);
+    let mut ack = None;
+    let mut pull_in_flight = None;
+    for delivery in &deliveries {
+        consumer.answer(now, delivery, AckStatus::Success);
+    }
+    consumer.handle_timeout(now);
+    while let Some((_, id, request)) = consumer.poll_request() {
+        match request {
+            Request::Heartbeat { .. } => assign(&mut consumer, now, id, 7),
+            Request::Ack { .. } => ack = Some(id),
+            Request::Pull { from, .. } => {
+                assert_eq!(from, 31);
+                pull_in_flight = Some(id);
+            }
+            _ => {}
+        }
+    }
+    let ack = ack.expect("the answers leave");
+    let refused = Response::Revoked {
+        queue: q.clone(),
+        reason: "another member held it in between".into(),
+    };
+    consumer.handle_response(now, ack, refused);
+    // The pull in flight when the answers were refused comes back: it must not move the
+    // member past the refused messages again.
+    let stale = Response::Pulled {
+        queue: q.clone(),
+        messages: Vec::new(),
+        next_offset: 31,
+        delivered_below: 31,
+    };
+    consumer.handle_response(now, pull_in_flight.expect("a pull was in flight"), stale);
+    now = now + Duration::from_millis(50);
+    let mut froms = Vec::new();
+    consumer.handle_timeout(now);
+    while let Some((_, id, request)) = consumer.poll_request() {
+        if let Request::Pull { from, .. } = request {
+            froms.push(from);
+            let response = Response::Pulled {
+                queue: q.clone(),
+                messages: Vec::new(),
+                next_offset: 31,
+                delivered_below: 31,
+            };
+            consumer.handle_response(now, id, response);
+        }
+    }
+    now = now + Duration::from_millis(50);
+    consumer.handle_timeout(now);
+    while let Some((_, _, request)) = consumer.poll_request() {
+        if let Request::Pull { from, .. } = request {
+            froms.push(from);
+        }
+    }
+    assert_eq!(
+        froms.first(),
+        Some(&0),
+        "pulls after the refusal: {froms:?}"
+    );
 }

@@ -243,10 +243,10 @@ pub(super) struct LeaseClocks {
     /// Per broker group this node leads: the term and when it noticed it leads.
     led: BTreeMap<GroupId, (Term, Instant)>,
     seen: BTreeMap<LeaseKey, Instant>,
-    /// Who waits for each queue, at what generation, and whether a takeover of it (after the
-    /// holder's lease expired) is on its way through the log: then the holder is not served
-    /// again, or it could be served after the takeover was decided and before it applies.
-    pending: BTreeMap<LeaseKey, (String, u64, bool)>,
+    /// Who waits for each queue, at what generation: a holder at an older generation is told
+    /// to let go. (One at the same or a newer generation keeps it: the waiter is the stale
+    /// one. A takeover after the holder's lease expired is [`LeaseClocks::ousting`]'s.)
+    pending: BTreeMap<LeaseKey, (String, u64)>,
     claiming: BTreeMap<LeaseKey, (String, u64, Instant)>,
     /// The holder a takeover proposed by this leader (in this term) ousts once it applies:
     /// that holder is not served while its lease stays as the takeover found it, whoever
@@ -382,9 +382,9 @@ impl LeaseClocks {
             }
             Some(owner) if owner == ask.member => {
                 self.touch(ask.broker, ask.group, ask.queue, now);
-                if let Some((next, at, takeover)) = self.pending.get(&key) {
+                if let Some((next, at)) = self.pending.get(&key) {
                     // The one that waited holds it now; otherwise the holder must let go.
-                    if next != ask.member && (*at > ask.generation || *takeover) {
+                    if next != ask.member && *at > ask.generation {
                         return PullVerdict::Revoked(format!(
                             "{} goes to {next} at generation {at}",
                             ask.queue
@@ -412,14 +412,12 @@ impl LeaseClocks {
                 let newer = self
                     .pending
                     .get(&key)
-                    .is_none_or(|(_, at, _)| *at <= ask.generation);
+                    .is_none_or(|(_, at)| *at <= ask.generation);
                 if newer
                     && (self.pending.len() < CLOCK_ENTRIES_MAX || self.pending.contains_key(&key))
                 {
-                    self.pending.insert(
-                        key.clone(),
-                        (ask.member.to_string(), ask.generation, takeover),
-                    );
+                    self.pending
+                        .insert(key.clone(), (ask.member.to_string(), ask.generation));
                 }
                 if takeover {
                     let from = Holder {
@@ -629,5 +627,42 @@ mod tests {
             PullVerdict::ServeAndBump
         );
         assert!(clocks.ousting.is_empty());
+    }
+
+    /// Seed 7103028: a waiter at an older generation than the holder's is the stale one; it
+    /// must not make the holder let go (the holder would release at its own generation and,
+    /// the waiter's claim failing, nobody would consume the queue).
+    #[test]
+    fn a_stale_waiter_does_not_revoke_a_newer_holder() {
+        let q = QueueId::new("t", 0);
+        let mut clocks = LeaseClocks::default();
+        clocks.leading(1, Some(1), at(0));
+        let held = Lease {
+            owner: Some("a".into()),
+            generation: 9,
+            since: 9,
+        };
+        assert_eq!(
+            clocks.decide(&ask(&q, "a", 9), Some(&held), at(0)),
+            PullVerdict::Serve
+        );
+        assert!(matches!(
+            clocks.decide(&ask(&q, "b", 8), Some(&held), at(10)),
+            PullVerdict::Revoked(_)
+        ));
+        let older = Lease {
+            owner: Some("a".into()),
+            generation: 7,
+            since: 7,
+        };
+        assert!(matches!(
+            clocks.decide(&ask(&q, "b", 8), Some(&older), at(20)),
+            PullVerdict::Wait { .. }
+        ));
+        // a, at generation 9, is newer than b's 8: it keeps the queue.
+        assert_eq!(
+            clocks.decide(&ask(&q, "a", 9), Some(&older), at(30)),
+            PullVerdict::ServeAndBump
+        );
     }
 }

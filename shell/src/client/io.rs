@@ -31,6 +31,8 @@ pub trait Machine {
     fn handle_response(&mut self, now: Instant, id: RequestId, response: Response);
     fn handle_timeout(&mut self, now: Instant);
     fn poll_timeout(&self) -> Option<Instant>;
+    /// Logs what the machine reports happened (and so keeps its event buffer empty).
+    fn log_events(&mut self) {}
 }
 
 impl Machine for holdfast_core::client::Producer {
@@ -60,6 +62,29 @@ impl Machine for holdfast_core::client::Consumer {
     }
     fn poll_timeout(&self) -> Option<Instant> {
         Some(holdfast_core::client::Consumer::poll_timeout(self))
+    }
+    fn log_events(&mut self) {
+        use holdfast_core::client::ConsumerEvent as E;
+        while let Some(event) = self.poll_event() {
+            match event {
+                E::Rebalanced { generation, owned } => {
+                    let owned: Vec<String> = owned
+                        .iter()
+                        .map(|(broker, queue)| format!("{queue} (group {broker})"))
+                        .collect();
+                    tracing::info!(generation, "owns {}", owned.join(", "));
+                }
+                E::Revoked {
+                    broker,
+                    queue,
+                    reason,
+                } => tracing::info!("{queue} (group {broker}) revoked: {reason}"),
+                E::ReleaseSent { broker, queue } => {
+                    tracing::debug!("releasing {queue} (group {broker})")
+                }
+                other => tracing::debug!("{other:?}"),
+            }
+        }
     }
 }
 
@@ -230,6 +255,7 @@ impl ClientIo {
             if machine.poll_timeout().is_some_and(|t| t <= now) {
                 machine.handle_timeout(now);
             }
+            machine.log_events();
         }
     }
 

@@ -497,6 +497,15 @@ impl QueueWorld {
                 });
                 self.ownership.released(group, client, broker, &queue, now);
             }
+            ConsumerEvent::Rewound { broker, queue } => {
+                self.trace.record(now, &[26, client, broker], || {
+                    format!(
+                        "consumer {client} of {group} pulls {queue} of group {broker} again from \
+                         the committed offset (answers from an earlier tenure were refused)"
+                    )
+                });
+                self.history.rewound(client, broker, &queue);
+            }
             ConsumerEvent::Requeued {
                 broker,
                 queue,

@@ -231,6 +231,11 @@ impl History {
         self.last_pulled.retain(|(c, _, _), _| *c != consumer);
     }
 
+    /// The consumer pulls `queue` again from the committed consume offset.
+    pub fn rewound(&mut self, consumer: u64, broker: GroupId, queue: &QueueId) {
+        self.last_pulled.remove(&(consumer, broker, queue.clone()));
+    }
+
     pub fn ack_confirmed(
         &mut self,
         now: Instant,

@@ -68,11 +68,22 @@ impl Machine for holdfast_core::client::Consumer {
         while let Some(event) = self.poll_event() {
             match event {
                 E::Rebalanced { generation, owned } => {
-                    let owned: Vec<String> = owned
+                    let (retry, topic): (Vec<_>, Vec<_>) =
+                        owned.iter().partition(|(_, queue)| queue.is_retry());
+                    let topic: Vec<String> = topic
                         .iter()
                         .map(|(broker, queue)| format!("{queue} (group {broker})"))
                         .collect();
-                    tracing::info!(generation, "owns {}", owned.join(", "));
+                    tracing::info!(
+                        generation,
+                        "owns {} and {} retry queue(s)",
+                        if topic.is_empty() {
+                            "no topic queue".to_string()
+                        } else {
+                            topic.join(", ")
+                        },
+                        retry.len()
+                    );
                 }
                 E::Revoked {
                     broker,

@@ -22,6 +22,7 @@ pub mod handshake;
 pub mod identity;
 pub mod lock;
 mod snapshots;
+mod warn_budget;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use snapshots::SnapshotEncoder;
 use tracing::{debug, error, info, warn};
+use warn_budget::WarnBudget;
 
 use crate::auth::Principals;
 use crate::clock::Clock;
@@ -130,6 +132,8 @@ struct Server {
     refused_unlogged: u64,
     refused_logged_at: Option<std::time::Instant>,
     last_deadline_check: std::time::Instant,
+    /// Refusal lines logged at WARN: bounded, so a flood of bad requests is not a flood of log.
+    warnings: WarnBudget,
 }
 
 /// Runs a node until `stop` is set (SIGINT/SIGTERM) or storage fails.
@@ -280,6 +284,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         refused_unlogged: 0,
         refused_logged_at: None,
         last_deadline_check: std::time::Instant::now(),
+        warnings: WarnBudget::new(std::time::Instant::now()),
     };
     let result = server.run(&stop);
     info!("stopping: finishing queued writes");
@@ -659,7 +664,9 @@ impl Server {
                             self.requests.push((client, id, request));
                         }
                         Some((principal, reason)) => {
-                            warn!(principal, addr = %conn.addr, request = request_name(&request), "request refused: {reason}");
+                            if self.warnings.allow(std::time::Instant::now()) {
+                                warn!(principal, addr = %conn.addr, request = request_name(&request), "request refused: {reason}");
+                            }
                             let response = Response::Refused { reason };
                             self.queue(token, &Frame::Response { id, response });
                         }
@@ -788,7 +795,7 @@ impl Server {
             self.queue(token, &frame);
         }
         while let Some(event) = self.node.poll_event() {
-            log_event(event);
+            log_event(event, &mut self.warnings);
         }
         let pending: Vec<Token> = self
             .conns
@@ -854,7 +861,7 @@ fn raise_open_files_limit() {
 }
 
 /// Elections and leader changes at INFO, refusals at WARN, so a storm or an attack shows.
-fn log_event(event: NodeEvent) {
+fn log_event(event: NodeEvent, warnings: &mut WarnBudget) {
     match event {
         NodeEvent::BecameLeader { group, term } => info!(group, term, "became leader"),
         NodeEvent::SteppedDown { group, term } => info!(group, term, "stepped down"),
@@ -864,9 +871,15 @@ fn log_event(event: NodeEvent) {
             leader,
         } => info!(group, term, leader, "leader changed"),
         NodeEvent::MessageRefused { group, from, why } => {
-            warn!(group, from, %why, "refused a peer message")
+            if warnings.allow(std::time::Instant::now()) {
+                warn!(group, from, %why, "refused a peer message")
+            }
         }
-        NodeEvent::RequestRefused { client, why } => warn!(client, %why, "refused a request"),
+        NodeEvent::RequestRefused { client, why } => {
+            if warnings.allow(std::time::Instant::now()) {
+                warn!(client, %why, "refused a request")
+            }
+        }
     }
 }
 

@@ -214,7 +214,48 @@ pub enum Response {
     Unknown,
 }
 
+impl Request {
+    /// The request's kind, a fixed name for counting (metrics label values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Route { .. } => "route",
+            Request::Topics => "topics",
+            Request::Status => "status",
+            Request::CreateTopic { .. } => "create_topic",
+            Request::Heartbeat { .. } => "heartbeat",
+            Request::Leave { .. } => "leave",
+            Request::Send { .. } => "send",
+            Request::Pull { .. } => "pull",
+            Request::Ack { .. } => "ack",
+            Request::ReconsumeLater { .. } => "reconsume_later",
+            Request::Release { .. } => "release",
+        }
+    }
+}
+
 impl Response {
+    /// The answer's kind, a fixed name for counting (metrics label values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Routes { .. } => "routes",
+            Response::TopicCreated { .. } => "topic_created",
+            Response::Topics { .. } => "topics",
+            Response::Status { .. } => "status",
+            Response::Assignment { .. } => "assignment",
+            Response::Left { .. } => "left",
+            Response::Revoked { .. } => "revoked",
+            Response::Released { .. } => "released",
+            Response::Sent { .. } => "sent",
+            Response::Pulled { .. } => "pulled",
+            Response::Acked { .. } => "acked",
+            Response::Requeued { .. } => "requeued",
+            Response::NotLeader { .. } => "not_leader",
+            Response::Refused { .. } => "refused",
+            Response::Busy => "busy",
+            Response::Unknown => "unknown",
+        }
+    }
+
     /// Whether the request was certainly not carried out, so a retry cannot duplicate it.
     pub fn nothing_written(&self) -> bool {
         matches!(

@@ -20,6 +20,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
 pub mod output;
 pub mod server;
 pub mod storage;

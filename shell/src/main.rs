@@ -76,6 +76,10 @@ enum Command {
         /// and stores data, but never votes again. Ignored once the directory is initialised.
         #[arg(long, value_enum)]
         initial_cluster_state: Option<InitialClusterState>,
+        /// Overrides `metrics_addr`: serve Prometheus metrics on http://ADDR/metrics and a
+        /// readiness check on /healthz (ready when every local replica knows its leader).
+        #[arg(long, value_name = "HOST:PORT", value_parser = holdfast_shell::config::resolve_addr)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Start a local cluster on loopback and keep it running until Ctrl-C.
     Cluster {
@@ -97,6 +101,13 @@ enum Command {
         /// node. For experiments only.
         #[arg(long)]
         no_auth: bool,
+        /// Node n serves Prometheus metrics and /healthz on metrics_base_port + n - 1
+        /// (default: base_port + 200).
+        #[arg(long)]
+        metrics_base_port: Option<u16>,
+        /// Serve no metrics.
+        #[arg(long, conflicts_with = "metrics_base_port")]
+        no_metrics: bool,
     },
     /// Create, list and describe topics.
     Topic {
@@ -205,6 +216,7 @@ fn run(cli: Cli) -> Result<(), Failed> {
             config,
             data_dir,
             initial_cluster_state,
+            metrics_addr,
         } => {
             let mut config = ServerConfig::from_file(&config).map_err(|e| e.to_string())?;
             if let Some(dir) = data_dir {
@@ -212,6 +224,9 @@ fn run(cli: Cli) -> Result<(), Failed> {
             }
             if let Some(state) = initial_cluster_state {
                 config.initial_cluster_state = state;
+            }
+            if metrics_addr.is_some() {
+                config.metrics_addr = metrics_addr;
             }
             Ok(server::run(config, stop_flag()?).map_err(|e| e.to_string())?)
         }
@@ -222,8 +237,18 @@ fn run(cli: Cli) -> Result<(), Failed> {
             peer_base_port,
             broker_groups,
             no_auth,
+            metrics_base_port,
+            no_metrics,
         } => {
+            let metrics_base_port = match (no_metrics, metrics_base_port) {
+                (true, _) => None,
+                (false, Some(port)) => Some(port),
+                (false, None) => Some(base_port.checked_add(200).ok_or_else(|| {
+                    format!("--base-port {base_port}: give --metrics-base-port or --no-metrics")
+                })?),
+            };
             let args = cluster::ClusterArgs {
+                metrics_base_port,
                 nodes,
                 dir,
                 base_port,

@@ -107,7 +107,7 @@ fn base_port() -> u16 {
         let first = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
         let base = first.local_addr().expect("addr").port();
         drop(first);
-        let rest_free = (0..3u16).chain(100..103).all(|i| {
+        let rest_free = (0..3u16).chain(100..103).chain(200..203).all(|i| {
             base.checked_add(i)
                 .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
         });
@@ -468,4 +468,169 @@ fn produce_from_stdin_pipelines_and_prints_every_receipt_once() {
         "produce: {count} lines from stdin in {elapsed:?}, {:.0} lines/s",
         count as f64 / elapsed.as_secs_f64()
     );
+}
+
+/// One HTTP/1.1 request to `addr`: (status code, body).
+fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = stream.write_all(request);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn sample_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let metric = series.split('{').next().unwrap_or("");
+        if metric == name && labels.iter().all(|l| series.contains(l)) {
+            let v: f64 = value.parse().ok()?;
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+#[test]
+fn every_node_serves_prometheus_metrics_from_the_core_and_the_shell_and_a_health_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (_cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    let banner = expect_line(&lines, "node 1 clients on", Duration::from_secs(60));
+    let metrics: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base + 200 + i))
+        .collect();
+    assert!(
+        banner.contains(&format!("metrics on http://{}/metrics", metrics[0])),
+        "{banner}"
+    );
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    for addr in &metrics {
+        wait_for(Duration::from_secs(30), "healthz is ready", || {
+            let (status, body) = get(addr, "/healthz");
+            (status == 200 && body.trim() == "ok").then_some(())
+        });
+    }
+    let file = dir.path().join("client.toml");
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(Some(&file), &["topic", "create", "orders", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let bodies: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let mut args = vec!["produce", "orders"];
+    args.extend(bodies.iter().map(String::as_str));
+    assert!(client(Some(&file), &args).status.success());
+    let consumed = client(
+        Some(&file),
+        &[
+            "consume",
+            "orders",
+            "--group",
+            "g",
+            "--count",
+            "10",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert!(consumed.status.success(), "{consumed:?}");
+
+    // Every replica has applied the ten messages and the group's acks (within a publish
+    // interval or two); the counters agree with what was done.
+    let scrapes: Vec<String> = metrics
+        .iter()
+        .map(|addr| {
+            wait_for(
+                Duration::from_secs(30),
+                "the node reports the traffic",
+                || {
+                    let (status, text) = get(addr, "/metrics");
+                    assert_eq!(status, 200);
+                    let stored =
+                        sample_sum(&text, "holdfast_queue_next_offset", &["topic=\"orders\""]);
+                    let lag = sample_sum(&text, "holdfast_consumer_lag", &["consumer_group=\"g\""]);
+                    (stored == Some(10.0) && lag == Some(0.0)).then_some(text)
+                },
+            )
+        })
+        .collect();
+    for text in &scrapes {
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics text");
+        assert!(sample_sum(text, "holdfast_fsyncs_total", &[]).is_some_and(|n| n > 0.0));
+        assert!(sample_sum(text, "holdfast_sync_seconds_count", &[]).is_some_and(|n| n > 0.0));
+        assert!(sample_sum(text, "holdfast_raft_term", &["group=\"0\""]).is_some_and(|n| n >= 1.0));
+        assert!(
+            sample_sum(
+                text,
+                "holdfast_raft_entries_applied_total",
+                &["group=\"1\""]
+            )
+            .is_some_and(|n| n > 0.0)
+        );
+    }
+    let total = |name: &str, labels: &[&str]| -> f64 {
+        scrapes
+            .iter()
+            .filter_map(|t| sample_sum(t, name, labels))
+            .sum()
+    };
+    for group in 0..3 {
+        let label = format!("group=\"{group}\"");
+        assert_eq!(
+            total("holdfast_raft_leader", &[&label]),
+            1.0,
+            "one leader per group"
+        );
+    }
+    assert_eq!(
+        total("holdfast_topic_send_messages_total", &["topic=\"orders\""]),
+        10.0
+    );
+    assert!(
+        total(
+            "holdfast_topic_pulled_messages_total",
+            &["topic=\"orders\""]
+        ) >= 10.0
+    );
+    assert!(total("holdfast_request_seconds_count", &["kind=\"send\""]) >= 1.0);
+    assert!(total("holdfast_connections_accepted_total", &["port=\"client\""]) >= 1.0);
+
+    // Junk and oversized requests are answered and closed; the endpoint goes on serving.
+    let (status, _) = http(&metrics[0], b"\xff\xfe garbage\r\n\r\n");
+    assert_eq!(status, 400);
+    let (status, _) = http(&metrics[0], b"DELETE /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 405);
+    let (status, _) = get(&metrics[0], "/nothing");
+    assert_eq!(status, 404);
+    let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 20_000));
+    let (status, _) = http(&metrics[0], &huge);
+    assert_eq!(status, 431);
+    assert_eq!(get(&metrics[0], "/metrics").0, 200);
 }

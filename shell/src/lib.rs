@@ -14,6 +14,7 @@ macro_rules! out {
     }};
 }
 
+pub mod admin;
 pub mod auth;
 pub mod bench;
 pub mod client;

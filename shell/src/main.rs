@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use holdfast_core::broker::Message;
+use holdfast_core::broker::{Message, SeekTo};
 use holdfast_core::node::protocol::{Request, Response};
 use holdfast_shell::client::{
     Admin, ClientConfig, ClientError, ConsumeStatus, Consumer, Producer, SendReceipt,
@@ -114,6 +114,11 @@ enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+    /// List, describe, seek (reset offsets) and delete consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
     /// Send messages (the arguments, or one per line of stdin), printing each one's
     /// `queue@offset`, marked `ambiguous` when it may have been stored twice.
     Produce {
@@ -147,6 +152,58 @@ enum Command {
     },
     /// Measure throughput and latency against a running cluster.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Every consumer group with its queues, lag and the members holding its queues.
+    List {
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// A group's queues: committed offset, end offset, lag, and who holds each.
+    Describe {
+        group: String,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Moves a group's committed offsets on a topic's queues (admin only). Refused while a
+    /// member holds one of the queues, unless --force (the member then goes on from its own
+    /// position until its queue moves).
+    Seek {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// Only this queue (default: every queue of the topic).
+        #[arg(long)]
+        queue: Option<u32>,
+        /// To the oldest message retained: everything is consumed again.
+        #[arg(long, group = "target", required = true)]
+        to_earliest: bool,
+        /// To the end: everything there now counts as consumed.
+        #[arg(long, group = "target")]
+        to_latest: bool,
+        /// To this offset (clamped to what the queue retains).
+        #[arg(long, group = "target")]
+        to_offset: Option<u64>,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        servers: Servers,
+    },
+    /// Forgets a group's committed offsets and queue leases in every broker group (admin
+    /// only). Refused while a member holds a queue, unless --force.
+    Delete {
+        group: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        servers: Servers,
+    },
 }
 
 #[derive(Subcommand)]
@@ -264,6 +321,7 @@ fn run(cli: Cli) -> Result<(), Failed> {
             Ok(cluster::run(&args, stop_flag()?)?)
         }
         Command::Topic { command } => topic(command),
+        Command::Group { command } => group(command),
         Command::Produce {
             topic,
             messages,
@@ -318,6 +376,41 @@ fn run(cli: Cli) -> Result<(), Failed> {
         }
         Command::Status { servers: s, output } => status(servers(&s)?, output.json()),
         Command::Bench(args) => Ok(bench::run(args)?),
+    }
+}
+
+fn group(command: GroupCommand) -> Result<(), Failed> {
+    match command {
+        GroupCommand::List { servers: s, output } => {
+            holdfast_shell::admin::list(servers(&s)?, output.json())
+        }
+        GroupCommand::Describe {
+            group,
+            servers: s,
+            output,
+        } => holdfast_shell::admin::describe(servers(&s)?, &group, output.json()),
+        GroupCommand::Seek {
+            group,
+            topic,
+            queue,
+            to_earliest: _,
+            to_latest,
+            to_offset,
+            force,
+            servers: s,
+        } => {
+            let to = match (to_latest, to_offset) {
+                (true, _) => SeekTo::Latest,
+                (false, Some(offset)) => SeekTo::Offset(offset),
+                (false, None) => SeekTo::Earliest,
+            };
+            holdfast_shell::admin::seek(servers(&s)?, &group, &topic, queue, to, force)
+        }
+        GroupCommand::Delete {
+            group,
+            force,
+            servers: s,
+        } => holdfast_shell::admin::delete(servers(&s)?, &group, force),
     }
 }
 

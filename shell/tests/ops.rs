@@ -634,3 +634,158 @@ fn every_node_serves_prometheus_metrics_from_the_core_and_the_shell_and_a_health
     assert_eq!(status, 431);
     assert_eq!(get(&metrics[0], "/metrics").0, 200);
 }
+
+fn json_of(output: &std::process::Output) -> serde_json::Value {
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// `group describe G --json`: (sum of committed offsets, sum of lag) over `topic`'s queues.
+fn committed_and_lag(file: &Path, group: &str, topic: &str) -> (u64, u64) {
+    let described = json_of(&client(Some(file), &["group", "describe", group, "--json"]));
+    let queues = described["queues"].as_array().cloned().unwrap_or_default();
+    queues
+        .iter()
+        .filter(|q| q["topic"] == topic)
+        .fold((0, 0), |(c, l), q| {
+            (
+                c + q["committed_offset"].as_u64().unwrap_or(0),
+                l + q["lag"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+#[test]
+fn consumer_groups_are_listed_described_sought_and_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "orders", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let produce = client(good, &["produce", "orders", "a", "b", "c", "d", "e", "f"]);
+    assert!(produce.status.success(), "{produce:?}");
+    let consume = |count: &str| {
+        client(
+            good,
+            &[
+                "consume",
+                "orders",
+                "--group",
+                "g",
+                "--count",
+                count,
+                "--timeout",
+                "30",
+            ],
+        )
+    };
+    assert!(consume("6").status.success());
+
+    let listed = json_of(&client(good, &["group", "list", "--json"]));
+    let g = listed["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|x| x["group"] == "g").cloned())
+        .unwrap_or_else(|| panic!("group g listed: {listed}"));
+    assert_eq!(g["lag"], 0, "{g}");
+    assert_eq!(committed_and_lag(&file, "g", "orders"), (6, 0));
+
+    // Back to the start: the six messages wait again, and a consumer gets them again.
+    let sought = client(
+        good,
+        &["group", "seek", "g", "--topic", "orders", "--to-earliest"],
+    );
+    assert!(sought.status.success(), "{sought:?}");
+    assert_eq!(committed_and_lag(&file, "g", "orders"), (0, 6));
+    let again = consume("6");
+    assert!(again.status.success(), "{again:?}");
+    let mut bodies: Vec<String> = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["a", "b", "c", "d", "e", "f"]);
+    let one = client(
+        good,
+        &[
+            "group",
+            "seek",
+            "g",
+            "--topic",
+            "orders",
+            "--queue",
+            "0",
+            "--to-offset",
+            "0",
+        ],
+    );
+    assert!(one.status.success(), "{one:?}");
+    let (_, lag) = committed_and_lag(&file, "g", "orders");
+    assert!(lag > 0 && lag < 6, "only queue 0 moved: lag {lag}");
+
+    // A member holding the queues: seek and delete are refused (exit 4) unless forced.
+    let mut holder = Command::new(HOLDFAST)
+        .args(["consume", "orders", "--group", "g", "--timeout", "120"])
+        .env("HOLDFAST_CLIENT", &file)
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("consumer starts");
+    wait_for(
+        Duration::from_secs(30),
+        "the consumer holds a queue",
+        || {
+            let described = json_of(&client(good, &["group", "describe", "g", "--json"]));
+            described["queues"]
+                .as_array()?
+                .iter()
+                .any(|q| q["holder"].is_string())
+                .then_some(())
+        },
+    );
+    let refused = client(
+        good,
+        &["group", "seek", "g", "--topic", "orders", "--to-latest"],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    let refused = client(good, &["group", "delete", "g"]);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    let forced = client(
+        good,
+        &[
+            "group",
+            "seek",
+            "g",
+            "--topic",
+            "orders",
+            "--to-latest",
+            "--force",
+        ],
+    );
+    assert!(forced.status.success(), "{forced:?}");
+    assert_eq!(committed_and_lag(&file, "g", "orders").1, 0);
+    kill(holder.id(), "-TERM");
+    let _ = holder.wait();
+
+    let deleted = client(good, &["group", "delete", "g", "--force"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(String::from_utf8_lossy(&deleted.stdout).contains("deleted consumer group g"));
+    let listed = json_of(&client(good, &["group", "list", "--json"]));
+    assert!(
+        listed["groups"]
+            .as_array()
+            .is_some_and(|gs| gs.iter().all(|x| x["group"] != "g")),
+        "{listed}"
+    );
+    let unknown = client(good, &["group", "describe", "g"]);
+    assert_eq!(unknown.status.code(), Some(4), "{unknown:?}");
+}

@@ -658,6 +658,45 @@ impl BrokerNode {
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
             }
+            Request::SeekGroup {
+                broker,
+                group,
+                queue,
+                to,
+                force,
+            } => {
+                if let Err(why) = check_consumer_queue(&group, &queue) {
+                    return self.refuse(client, id, why);
+                }
+                let command = Command::Seek {
+                    group,
+                    queue: queue.clone(),
+                    to,
+                    force,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::DeleteGroup {
+                broker,
+                group,
+                force,
+            } => {
+                if let Err(why) = check_name("consumer group", &group) {
+                    return self.refuse(client, id, why);
+                }
+                if let Err(response) = self.check_broker_leader(broker) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let waiter = Waiter {
+                    client,
+                    request: id,
+                    // Carries the group's name to the answer.
+                    queue: Some(QueueId::new(group.as_str(), 0)),
+                };
+                let command = Command::DeleteGroup { group, force };
+                self.enqueue(broker, Some(waiter), encode_command(&command));
+            }
             Request::Pull {
                 broker,
                 group,
@@ -1603,6 +1642,15 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
         },
         Outcome::QueuesCreated => Response::Refused {
             reason: "internal command".into(),
+        },
+        Outcome::Sought { consume_offset } => Response::Acked {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+            consume_offset,
+        },
+        Outcome::GroupDeleted { offsets, leases } => Response::GroupDeleted {
+            group: queue.map(|q| q.topic).unwrap_or_default(),
+            offsets,
+            leases,
         },
         Outcome::Leased(_) => Response::Released {
             queue: queue.unwrap_or_else(|| QueueId::new("", 0)),

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{Message, Offset, ProducerId, QueueId, Seq, StoredMessage};
+use crate::broker::{Message, Offset, ProducerId, QueueId, SeekTo, Seq, StoredMessage};
 use crate::raft::{GroupId, NodeId};
 
 /// A connection (shell) or simulated client, as the node knows it.
@@ -85,6 +85,23 @@ pub enum Request {
         member: String,
         generation: u64,
         queue: QueueId,
+    },
+    /// Admin: moves consumer group `group`'s position on `queue` (see
+    /// [`crate::broker::Command::Seek`]); answered with [`Response::Acked`] and the new
+    /// consume offset.
+    SeekGroup {
+        broker: GroupId,
+        group: String,
+        queue: QueueId,
+        to: SeekTo,
+        force: bool,
+    },
+    /// Admin: forgets consumer group `group` in broker group `broker` (its offsets and
+    /// leases); answered with [`Response::GroupDeleted`].
+    DeleteGroup {
+        broker: GroupId,
+        group: String,
+        force: bool,
     },
 }
 
@@ -198,6 +215,12 @@ pub enum Response {
         offset: Offset,
         dead_letter: bool,
     },
+    /// The consumer group's positions and leases in the broker group asked are gone.
+    GroupDeleted {
+        group: String,
+        offsets: u64,
+        leases: u64,
+    },
     /// This node does not lead `group`; nothing was done.
     NotLeader {
         group: GroupId,
@@ -229,6 +252,8 @@ impl Request {
             Request::Ack { .. } => "ack",
             Request::ReconsumeLater { .. } => "reconsume_later",
             Request::Release { .. } => "release",
+            Request::SeekGroup { .. } => "seek_group",
+            Request::DeleteGroup { .. } => "delete_group",
         }
     }
 }
@@ -249,6 +274,7 @@ impl Response {
             Response::Pulled { .. } => "pulled",
             Response::Acked { .. } => "acked",
             Response::Requeued { .. } => "requeued",
+            Response::GroupDeleted { .. } => "group_deleted",
             Response::NotLeader { .. } => "not_leader",
             Response::Refused { .. } => "refused",
             Response::Busy => "busy",

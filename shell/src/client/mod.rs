@@ -430,6 +430,16 @@ impl Admin {
         request: Request,
         wait: Duration,
     ) -> Result<Response, ClientError> {
+        self.ask_leader_of(METADATA_GROUP, request, wait)
+    }
+
+    /// Asks the leader of `group`, following hints from any node; retries for up to `wait`.
+    pub fn ask_leader_of(
+        &mut self,
+        group: GroupId,
+        request: Request,
+        wait: Duration,
+    ) -> Result<Response, ClientError> {
         let deadline = std::time::Instant::now() + wait;
         let nodes = self.node_ids();
         let mut target = nodes.first().copied().unwrap_or(1);
@@ -441,9 +451,9 @@ impl Admin {
             }
             match answer {
                 Some(Response::NotLeader {
-                    group: METADATA_GROUP,
+                    group: hinted,
                     leader_hint: Some(leader),
-                }) => target = leader,
+                }) if hinted == group => target = leader,
                 Some(Response::NotLeader { .. } | Response::Unknown | Response::Busy) | None => {
                     turn += 1;
                     target = nodes[turn % nodes.len().max(1)];

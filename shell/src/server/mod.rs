@@ -998,5 +998,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::Ack { .. } => "Ack",
         Request::ReconsumeLater { .. } => "ReconsumeLater",
         Request::Release { .. } => "Release",
+        Request::SeekGroup { .. } => "SeekGroup",
+        Request::DeleteGroup { .. } => "DeleteGroup",
     }
 }

@@ -140,6 +140,17 @@ enum Command {
         /// Stop after this many seconds without a message.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
+        /// How each message prints: `body` (the body alone), `line` (`topic/queue@offset
+        /// redeliveries=N body`, the body with newlines and control characters escaped), or
+        /// `json` (one object per line).
+        #[arg(long, value_enum, default_value_t = holdfast_shell::output::MessageFormat::Body)]
+        format: holdfast_shell::output::MessageFormat,
+        /// Answer ReconsumeLater instead of Success for this fraction of the messages (0 to 1;
+        /// 1: all), spread evenly: they come back from the group's retry queue later, and to
+        /// its dead-letter queue after the last retry.
+        #[arg(long, value_name = "FRACTION", default_value_t = 0.0, num_args = 0..=1,
+              default_missing_value = "1", value_parser = fraction)]
+        reconsume_later: f64,
         #[command(flatten)]
         servers: Servers,
     },
@@ -258,6 +269,14 @@ fn servers(s: &Servers) -> Result<ClientConfig, Failed> {
     Ok(config)
 }
 
+/// A number from 0 to 1.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
+    }
+}
+
 /// Set by SIGINT or SIGTERM.
 fn stop_flag() -> Result<Arc<AtomicBool>, String> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -333,6 +352,8 @@ fn run(cli: Cli) -> Result<(), Failed> {
             group,
             count,
             timeout,
+            format,
+            reconsume_later,
             servers: s,
         } => {
             let servers = servers(&s)?;
@@ -342,13 +363,22 @@ fn run(cli: Cli) -> Result<(), Failed> {
             // queues over at once (close), rather than leave them to the session timeout.
             consumer.stop_when(stop_flag()?);
             let mut redelivered = 0usize;
+            let (mut later, mut owed) = (0usize, 0.0f64);
             let seen = consumer.run(count, Duration::from_secs(timeout), |d| {
                 use std::io::Write as _;
-                let line = String::from_utf8_lossy(&d.message.message.body);
                 redelivered += usize::from(d.redelivered);
+                owed += reconsume_later;
+                let answer = if owed >= 1.0 {
+                    owed -= 1.0;
+                    later += 1;
+                    ConsumeStatus::ReconsumeLater
+                } else {
+                    ConsumeStatus::Success
+                };
+                let line = holdfast_shell::output::message_line(format, d, answer);
                 // Acknowledge only what reached stdout; the rest comes back to the group.
                 match writeln!(std::io::stdout(), "{line}") {
-                    Ok(()) => ConsumeStatus::Success,
+                    Ok(()) => answer,
                     Err(_) => ConsumeStatus::ReconsumeLater,
                 }
             });
@@ -357,6 +387,9 @@ fn run(cli: Cli) -> Result<(), Failed> {
             eprintln!(
                 "consumed {seen} message(s), {redelivered} of them redelivered (handed to the group before and not acknowledged, or retried after ReconsumeLater)"
             );
+            if later > 0 {
+                eprintln!("answered ReconsumeLater for {later} of them (--reconsume-later)");
+            }
             if let Some(why) = refusal {
                 return Err(Failed::refused(format!("refused: {why}")));
             }

@@ -789,3 +789,107 @@ fn consumer_groups_are_listed_described_sought_and_deleted() {
     let unknown = client(good, &["group", "describe", "g"]);
     assert_eq!(unknown.status.code(), Some(4), "{unknown:?}");
 }
+
+#[test]
+fn consume_prints_formats_and_answers_reconsume_later_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "notes", "--queues", "1"]);
+        output.status.success().then_some(())
+    });
+    assert!(
+        client(good, &["produce", "notes", "two\nlines\\"])
+            .status
+            .success()
+    );
+
+    let json = client(
+        good,
+        &[
+            "consume", "notes", "--group", "j", "--count", "1", "--format", "json",
+        ],
+    );
+    assert!(json.status.success(), "{json:?}");
+    let stdout = String::from_utf8_lossy(&json.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one line per message: {stdout}");
+    let m: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON line");
+    assert_eq!(m["body"], "two\nlines\\");
+    assert_eq!(
+        (m["topic"].clone(), m["queue"].clone(), m["offset"].clone()),
+        ("notes".into(), 0.into(), 0.into())
+    );
+    assert_eq!(m["reconsume_times"], 0);
+    assert_eq!(m["answer"], "success");
+
+    let line = client(
+        good,
+        &[
+            "consume", "notes", "--group", "l", "--count", "1", "--format", "line",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&line.stdout),
+        "notes/0@0 redeliveries=0 two\\nlines\\\\\n"
+    );
+
+    // Every message answered ReconsumeLater comes back from the retry queue, counted.
+    let later = client(
+        good,
+        &[
+            "consume",
+            "notes",
+            "--group",
+            "r",
+            "--count",
+            "1",
+            "--reconsume-later",
+            "--format",
+            "json",
+        ],
+    );
+    assert!(later.status.success(), "{later:?}");
+    let m: serde_json::Value = serde_json::from_slice(&later.stdout).expect("JSON");
+    assert_eq!(m["answer"], "reconsume_later");
+    assert!(String::from_utf8_lossy(&later.stderr).contains("answered ReconsumeLater for 1"));
+    let again = client(
+        good,
+        &[
+            "consume",
+            "notes",
+            "--group",
+            "r",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+            "--format",
+            "json",
+        ],
+    );
+    let m: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(m["body"], "two\nlines\\");
+    assert_eq!(m["reconsume_times"], 1, "{m}");
+    assert_eq!(m["redelivered"], true, "{m}");
+    assert!(
+        m["topic"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("%RETRY%")),
+        "{m}"
+    );
+
+    let bad = client(
+        good,
+        &["consume", "notes", "--group", "x", "--reconsume-later", "2"],
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "clap refuses a fraction above 1"
+    );
+}

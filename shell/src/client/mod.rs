@@ -2,6 +2,7 @@
 
 mod config;
 mod io;
+mod settings;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use holdfast_core::time::Instant;
 
 pub use config::{CLIENT_FILE_ENV, ClientConfig, DEFAULT_CLIENT_FILE, client_file_text};
 pub use io::{ClientIo, Machine};
+pub use settings::{CLIENT_TIMEOUT_MAX, ConsumerSettings, ProducerSettings};
 
 /// The addresses `holdfast cluster` uses by default, so one laptop needs no flag.
 pub const DEFAULT_SERVERS: &str = "127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303";
@@ -104,10 +106,19 @@ pub struct Producer {
 impl Producer {
     /// `config`: a [`ClientConfig`], or just the servers of a cluster without authentication.
     pub fn connect(config: impl Into<ClientConfig>) -> Result<Producer, ClientError> {
+        Producer::with_settings(config, ProducerSettings::default())
+    }
+
+    /// [`Producer::connect`] with other timeouts and retries; see [`ProducerSettings`].
+    pub fn with_settings(
+        config: impl Into<ClientConfig>,
+        settings: ProducerSettings,
+    ) -> Result<Producer, ClientError> {
         let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         // Distinct producers need distinct ids: the process and the time make one.
         let producer_id = (u64::from(std::process::id()) << 32) ^ io.now().as_micros();
-        let config = ProducerConfig::new(producer_id, io.node_ids());
+        let mut config = ProducerConfig::new(producer_id, io.node_ids());
+        settings.apply(&mut config);
         Ok(Producer {
             io,
             machine: ProducerMachine::new(config),
@@ -233,9 +244,20 @@ impl Consumer {
         group: &str,
         topic: &str,
     ) -> Result<Consumer, ClientError> {
+        Consumer::with_settings(config, group, topic, ConsumerSettings::default())
+    }
+
+    /// [`Consumer::connect`] with other timeouts and batch sizes; see [`ConsumerSettings`].
+    pub fn with_settings(
+        config: impl Into<ClientConfig>,
+        group: &str,
+        topic: &str,
+        settings: ConsumerSettings,
+    ) -> Result<Consumer, ClientError> {
         let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         let member = format!("{}-{}", std::process::id(), io.now().as_micros());
-        let config = ConsumerConfig::new(group, &member, topic, io.node_ids());
+        let mut config = ConsumerConfig::new(group, &member, topic, io.node_ids());
+        settings.apply(&mut config);
         let machine = ConsumerMachine::new(config, io.now());
         Ok(Consumer {
             io,

@@ -893,3 +893,75 @@ fn consume_prints_formats_and_answers_reconsume_later_when_asked() {
         "clap refuses a fraction above 1"
     );
 }
+
+/// The smallest executor: poll, park until woken.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut future = std::pin::pin!(future);
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn async_sends_resolve_as_futures_with_settings_from_a_builder() {
+    use holdfast_shell::client::{AsyncProducer, ClientConfig, ProducerSettings};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(Some(&file), &["topic", "create", "events", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let settings = ProducerSettings::default()
+        .send_timeout(Duration::from_secs(20))
+        .retries(10);
+    let producer = AsyncProducer::spawn(config, settings).expect("connects");
+    let count = 500;
+    // All in flight at once, awaited afterwards.
+    let sends: Vec<_> = (0..count)
+        .map(|i| {
+            let body = holdfast_core::broker::Message::with_body(format!("e{i}"));
+            producer.send("events", vec![body])
+        })
+        .collect();
+    let mut places = std::collections::BTreeSet::new();
+    for send in sends {
+        let receipt = block_on(send).expect("acked");
+        assert!(places.insert((receipt.queue.queue, receipt.offset)));
+    }
+    assert_eq!(places.len(), count);
+    drop(producer);
+
+    // The send timeout set in the builder is the one the producer keeps: a send that cannot
+    // succeed (an unknown topic is retried, as a topic being created would be) ends by then.
+    let quick = ProducerSettings::default().send_timeout(Duration::from_millis(500));
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let producer = AsyncProducer::spawn(config, quick).expect("connects");
+    let started = Instant::now();
+    let unknown = block_on(producer.send(
+        "no-such-topic",
+        vec![holdfast_core::broker::Message::with_body("x")],
+    ));
+    assert!(unknown.is_err(), "{unknown:?}");
+    assert!(
+        // The default is 3 s: a bound below it shows the setting took.
+        started.elapsed() < Duration::from_millis(2_500),
+        "gave up after {:?}, not after the 500 ms set",
+        started.elapsed()
+    );
+}

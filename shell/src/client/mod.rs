@@ -1,5 +1,6 @@
 //! The blocking client library, built on the core's producer and consumer state machines.
 
+mod asynchronous;
 mod config;
 mod io;
 mod settings;
@@ -17,6 +18,9 @@ use holdfast_core::node::{METADATA_GROUP, SEND_BYTES_MAX};
 use holdfast_core::raft::{GroupId, NodeId};
 use holdfast_core::time::Instant;
 
+pub use asynchronous::{
+    ASYNC_SENDS_IN_FLIGHT_MAX, ASYNC_SENDS_QUEUED_MAX, AsyncProducer, SendFuture,
+};
 pub use config::{CLIENT_FILE_ENV, ClientConfig, DEFAULT_CLIENT_FILE, client_file_text};
 pub use io::{ClientIo, Machine};
 pub use settings::{CLIENT_TIMEOUT_MAX, ConsumerSettings, ProducerSettings};

@@ -455,6 +455,10 @@ impl Model {
             | Command::OwnedReconsumeLater { .. } => {
                 Outcome::Refused(Refusal::Malformed("lease commands are not modelled".into()))
             }
+            // Nor the operator's seek and delete, which move offsets back by design.
+            Command::Seek { .. } | Command::DeleteGroup { .. } => {
+                Outcome::Refused(Refusal::Malformed("admin commands are not modelled".into()))
+            }
         }
     }
 }
@@ -574,7 +578,10 @@ impl Broker {
                 dead_letter: true, ..
             } => self.stats.dead_lettered += 1,
             Outcome::Refused(_) => self.stats.refused += 1,
-            Outcome::QueuesCreated | Outcome::Leased(_) => {}
+            Outcome::QueuesCreated
+            | Outcome::Leased(_)
+            | Outcome::Sought { .. }
+            | Outcome::GroupDeleted { .. } => {}
         }
         self.check_queues_and_offsets();
         outcome
@@ -788,6 +795,14 @@ impl Broker {
                 Ok(command),
                 "a decoded command does not survive the codec"
             );
+        }
+        // An operator's seek or delete moves offsets back by design; the model has no
+        // operator, so bytes that happen to decode to one are not applied.
+        if matches!(
+            decoded,
+            Ok(Command::Seek { .. } | Command::DeleteGroup { .. })
+        ) {
+            return;
         }
         self.apply_checked(&bytes, decoded.ok());
     }

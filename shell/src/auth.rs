@@ -192,6 +192,10 @@ impl Principal {
             Request::CreateTopic { topic, .. } => Err(format!(
                 "not authorised: principal {name} may not create topic {topic} (not admin)"
             )),
+            Request::SeekGroup { group, .. } | Request::DeleteGroup { group, .. } => Err(format!(
+                "not authorised: principal {name} may not seek or delete consumer group {group} \
+                 (not admin)"
+            )),
             Request::Heartbeat { group, topic, .. } => {
                 self.may_consume_as(group)?;
                 self.may_consume_from(group, &QueueId::new(topic.as_str(), 0))
@@ -356,6 +360,24 @@ mod tests {
             topic: "orders".into(),
         };
         assert!(billing.authorise(&heartbeat).is_err());
+        // Seeking and deleting a group are the admin's, even for a group one consumes as.
+        let seek = Request::SeekGroup {
+            broker: 1,
+            group: "billing".into(),
+            queue: QueueId::new("orders", 0),
+            to: holdfast_core::broker::SeekTo::Earliest,
+            force: false,
+        };
+        let delete = Request::DeleteGroup {
+            broker: 1,
+            group: "billing".into(),
+            force: true,
+        };
+        for request in [seek, delete] {
+            assert_eq!(root.authorise(&request), Ok(()));
+            let why = billing.authorise(&request).expect_err("not admin");
+            assert!(why.contains("not admin"), "{why}");
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// A client file (servers, CA, token); default: ./holdfast-data/client.toml if it exists.
     #[arg(long, env = "HOLDFAST_CLIENT")]
     pub client_file: Option<std::path::PathBuf>,
+    /// Keep the consumer group `bench-<pid>` afterwards (by default it is deleted, so runs
+    /// leave no groups behind in `group list` and the lag metrics).
+    #[arg(long)]
+    pub keep_group: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
@@ -127,6 +131,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         ms(0.99),
         ms(0.999)
     );
+    if !args.keep_group {
+        // Its consumers have finished: forcing only covers a lease not yet released.
+        if let Err(e) = crate::admin::delete(servers, &group, true) {
+            crate::out!("cannot delete consumer group {group}: {}", e.message);
+        }
+    }
     Ok(())
 }
 

@@ -26,6 +26,8 @@ pub struct ClusterArgs {
     pub broker_groups: u64,
     /// Plaintext and no credentials (experiments only).
     pub no_auth: bool,
+    /// Node n serves metrics on `metrics_base_port + n - 1`; `None`: no metrics.
+    pub metrics_base_port: Option<u16>,
 }
 
 /// The client file `holdfast cluster` writes into its directory.
@@ -60,6 +62,21 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     if let Some(clash) = peers.iter().find(|p| addrs.contains(p)) {
         return Err(format!(
             "peer address {clash} is also a client address: choose --peer-base-port apart from --base-port"
+        ));
+    }
+    let metrics = match args.metrics_base_port {
+        Some(0) => return Err("--metrics-base-port must be 1 to 65535".into()),
+        Some(base) => ports(base)?.into_iter().map(Some).collect(),
+        None => vec![None; usize::from(nodes)],
+    };
+    if let Some(clash) = metrics
+        .iter()
+        .flatten()
+        .find(|m| addrs.contains(m) || peers.contains(m))
+    {
+        return Err(format!(
+            "metrics address {clash} is also a client or peer address: choose \
+             --metrics-base-port apart from the others"
         ));
     }
     fs::create_dir_all(&args.dir)
@@ -100,6 +117,7 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
             &node_dir.join("data"),
             args.broker_groups,
             security.is_some().then_some(dir),
+            metrics[usize::from(id - 1)],
         );
         fs::write(&config, text).map_err(|e| format!("cannot write {}: {e}", config.display()))?;
         let mut node = Supervised {
@@ -132,8 +150,12 @@ pub fn run(args: &ClusterArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     }
     crate::out!("holdfast cluster: {nodes} nodes, data in {}", dir.display());
     for (i, addr) in addrs.iter().enumerate() {
+        let metrics = match metrics[i] {
+            Some(m) => format!(", metrics on http://{m}/metrics"),
+            None => String::new(),
+        };
         crate::out!(
-            "  node {} clients on {addr}, peers on {}  (pid {}, log: {})",
+            "  node {} clients on {addr}, peers on {}{metrics}  (pid {}, log: {})",
             i + 1,
             peers[i],
             children[i].child.as_ref().map_or(0, Child::id),
@@ -410,11 +432,15 @@ fn config_text(
     data_dir: &Path,
     broker_groups: u64,
     secure_dir: Option<&Path>,
+    metrics: Option<SocketAddr>,
 ) -> String {
     let mut text = format!(
         "id = {id}\ndata_dir = {:?}\nbroker_groups = {broker_groups}\n",
         data_dir.display().to_string()
     );
+    if let Some(addr) = metrics {
+        let _ = writeln!(text, "metrics_addr = \"{addr}\"");
+    }
     if secure_dir.is_none() {
         text.push_str("no_auth = true\n");
     }

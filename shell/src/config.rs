@@ -54,6 +54,10 @@ pub struct ServerConfig {
     /// the last one (and they outweigh it); 0 never compacts.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// Where to serve Prometheus metrics (`/metrics`) and a readiness check (`/healthz`)
+    /// over plain HTTP (`host:port`); none by default.
+    #[serde(default, deserialize_with = "resolved_opt_addr")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Where a node's certificates and principals are.
@@ -83,6 +87,16 @@ where
     raw.into_iter()
         .map(|(id, text)| resolve_addr(&text).map(|addr| (id, addr)))
         .collect::<Result<_, String>>()
+        .map_err(serde::de::Error::custom)
+}
+
+fn resolved_opt_addr<'de, D>(deserializer: D) -> Result<Option<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    resolve_addr(&text)
+        .map(Some)
         .map_err(serde::de::Error::custom)
 }
 

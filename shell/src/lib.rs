@@ -14,12 +14,14 @@ macro_rules! out {
     }};
 }
 
+pub mod admin;
 pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
 pub mod output;
 pub mod server;
 pub mod storage;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use holdfast_core::broker::Message;
+use holdfast_core::broker::{Message, SeekTo};
 use holdfast_core::node::protocol::{Request, Response};
 use holdfast_shell::client::{
     Admin, ClientConfig, ClientError, ConsumeStatus, Consumer, Producer, SendReceipt,
@@ -76,6 +76,10 @@ enum Command {
         /// and stores data, but never votes again. Ignored once the directory is initialised.
         #[arg(long, value_enum)]
         initial_cluster_state: Option<InitialClusterState>,
+        /// Overrides `metrics_addr`: serve Prometheus metrics on http://ADDR/metrics and a
+        /// readiness check on /healthz (ready when every local replica knows its leader).
+        #[arg(long, value_name = "HOST:PORT", value_parser = holdfast_shell::config::resolve_addr)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Start a local cluster on loopback and keep it running until Ctrl-C.
     Cluster {
@@ -97,11 +101,23 @@ enum Command {
         /// node. For experiments only.
         #[arg(long)]
         no_auth: bool,
+        /// Node n serves Prometheus metrics and /healthz on metrics_base_port + n - 1
+        /// (default: base_port + 200).
+        #[arg(long)]
+        metrics_base_port: Option<u16>,
+        /// Serve no metrics.
+        #[arg(long, conflicts_with = "metrics_base_port")]
+        no_metrics: bool,
     },
     /// Create, list and describe topics.
     Topic {
         #[command(subcommand)]
         command: TopicCommand,
+    },
+    /// List, describe, seek (reset offsets) and delete consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// Send messages (the arguments, or one per line of stdin), printing each one's
     /// `queue@offset`, marked `ambiguous` when it may have been stored twice.
@@ -124,6 +140,17 @@ enum Command {
         /// Stop after this many seconds without a message.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
+        /// How each message prints: `body` (the body alone), `line` (`topic/queue@offset
+        /// redeliveries=N body`, the body with newlines and control characters escaped), or
+        /// `json` (one object per line).
+        #[arg(long, value_enum, default_value_t = holdfast_shell::output::MessageFormat::Body)]
+        format: holdfast_shell::output::MessageFormat,
+        /// Answer ReconsumeLater instead of Success for this fraction of the messages (0 to 1;
+        /// 1: all), spread evenly: they come back from the group's retry queue later, and to
+        /// its dead-letter queue after the last retry.
+        #[arg(long, value_name = "FRACTION", default_value_t = 0.0, num_args = 0..=1,
+              default_missing_value = "1", value_parser = fraction)]
+        reconsume_later: f64,
         #[command(flatten)]
         servers: Servers,
     },
@@ -136,6 +163,58 @@ enum Command {
     },
     /// Measure throughput and latency against a running cluster.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Every consumer group with its queues, lag and the members holding its queues.
+    List {
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// A group's queues: committed offset, end offset, lag, and who holds each.
+    Describe {
+        group: String,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Moves a group's committed offsets on a topic's queues (admin only). Refused while a
+    /// member holds one of the queues, unless --force (the member then goes on from its own
+    /// position until its queue moves).
+    Seek {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// Only this queue (default: every queue of the topic).
+        #[arg(long)]
+        queue: Option<u32>,
+        /// To the oldest message retained: everything is consumed again.
+        #[arg(long, group = "target", required = true)]
+        to_earliest: bool,
+        /// To the end: everything there now counts as consumed.
+        #[arg(long, group = "target")]
+        to_latest: bool,
+        /// To this offset (clamped to what the queue retains).
+        #[arg(long, group = "target")]
+        to_offset: Option<u64>,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        servers: Servers,
+    },
+    /// Forgets a group's committed offsets and queue leases in every broker group (admin
+    /// only). Refused while a member holds a queue, unless --force.
+    Delete {
+        group: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        servers: Servers,
+    },
 }
 
 #[derive(Subcommand)]
@@ -190,6 +269,14 @@ fn servers(s: &Servers) -> Result<ClientConfig, Failed> {
     Ok(config)
 }
 
+/// A number from 0 to 1.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
+    }
+}
+
 /// Set by SIGINT or SIGTERM.
 fn stop_flag() -> Result<Arc<AtomicBool>, String> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -205,6 +292,7 @@ fn run(cli: Cli) -> Result<(), Failed> {
             config,
             data_dir,
             initial_cluster_state,
+            metrics_addr,
         } => {
             let mut config = ServerConfig::from_file(&config).map_err(|e| e.to_string())?;
             if let Some(dir) = data_dir {
@@ -212,6 +300,9 @@ fn run(cli: Cli) -> Result<(), Failed> {
             }
             if let Some(state) = initial_cluster_state {
                 config.initial_cluster_state = state;
+            }
+            if metrics_addr.is_some() {
+                config.metrics_addr = metrics_addr;
             }
             Ok(server::run(config, stop_flag()?).map_err(|e| e.to_string())?)
         }
@@ -222,8 +313,18 @@ fn run(cli: Cli) -> Result<(), Failed> {
             peer_base_port,
             broker_groups,
             no_auth,
+            metrics_base_port,
+            no_metrics,
         } => {
+            let metrics_base_port = match (no_metrics, metrics_base_port) {
+                (true, _) => None,
+                (false, Some(port)) => Some(port),
+                (false, None) => Some(base_port.checked_add(200).ok_or_else(|| {
+                    format!("--base-port {base_port}: give --metrics-base-port or --no-metrics")
+                })?),
+            };
             let args = cluster::ClusterArgs {
+                metrics_base_port,
                 nodes,
                 dir,
                 base_port,
@@ -239,6 +340,7 @@ fn run(cli: Cli) -> Result<(), Failed> {
             Ok(cluster::run(&args, stop_flag()?)?)
         }
         Command::Topic { command } => topic(command),
+        Command::Group { command } => group(command),
         Command::Produce {
             topic,
             messages,
@@ -250,6 +352,8 @@ fn run(cli: Cli) -> Result<(), Failed> {
             group,
             count,
             timeout,
+            format,
+            reconsume_later,
             servers: s,
         } => {
             let servers = servers(&s)?;
@@ -259,13 +363,22 @@ fn run(cli: Cli) -> Result<(), Failed> {
             // queues over at once (close), rather than leave them to the session timeout.
             consumer.stop_when(stop_flag()?);
             let mut redelivered = 0usize;
+            let (mut later, mut owed) = (0usize, 0.0f64);
             let seen = consumer.run(count, Duration::from_secs(timeout), |d| {
                 use std::io::Write as _;
-                let line = String::from_utf8_lossy(&d.message.message.body);
                 redelivered += usize::from(d.redelivered);
+                owed += reconsume_later;
+                let answer = if owed >= 1.0 {
+                    owed -= 1.0;
+                    later += 1;
+                    ConsumeStatus::ReconsumeLater
+                } else {
+                    ConsumeStatus::Success
+                };
+                let line = holdfast_shell::output::message_line(format, d, answer);
                 // Acknowledge only what reached stdout; the rest comes back to the group.
                 match writeln!(std::io::stdout(), "{line}") {
-                    Ok(()) => ConsumeStatus::Success,
+                    Ok(()) => answer,
                     Err(_) => ConsumeStatus::ReconsumeLater,
                 }
             });
@@ -274,6 +387,9 @@ fn run(cli: Cli) -> Result<(), Failed> {
             eprintln!(
                 "consumed {seen} message(s), {redelivered} of them redelivered (handed to the group before and not acknowledged, or retried after ReconsumeLater)"
             );
+            if later > 0 {
+                eprintln!("answered ReconsumeLater for {later} of them (--reconsume-later)");
+            }
             if let Some(why) = refusal {
                 return Err(Failed::refused(format!("refused: {why}")));
             }
@@ -293,6 +409,41 @@ fn run(cli: Cli) -> Result<(), Failed> {
         }
         Command::Status { servers: s, output } => status(servers(&s)?, output.json()),
         Command::Bench(args) => Ok(bench::run(args)?),
+    }
+}
+
+fn group(command: GroupCommand) -> Result<(), Failed> {
+    match command {
+        GroupCommand::List { servers: s, output } => {
+            holdfast_shell::admin::list(servers(&s)?, output.json())
+        }
+        GroupCommand::Describe {
+            group,
+            servers: s,
+            output,
+        } => holdfast_shell::admin::describe(servers(&s)?, &group, output.json()),
+        GroupCommand::Seek {
+            group,
+            topic,
+            queue,
+            to_earliest: _,
+            to_latest,
+            to_offset,
+            force,
+            servers: s,
+        } => {
+            let to = match (to_latest, to_offset) {
+                (true, _) => SeekTo::Latest,
+                (false, Some(offset)) => SeekTo::Offset(offset),
+                (false, None) => SeekTo::Earliest,
+            };
+            holdfast_shell::admin::seek(servers(&s)?, &group, &topic, queue, to, force)
+        }
+        GroupCommand::Delete {
+            group,
+            force,
+            servers: s,
+        } => holdfast_shell::admin::delete(servers(&s)?, &group, force),
     }
 }
 

@@ -159,3 +159,79 @@ mod tests {
         reachable(&[addr, open.local_addr().expect("addr")]).expect("one listens");
     }
 }
+
+/// How `consume` prints a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageFormat {
+    /// The body alone, as it is (a body with a newline spans two lines).
+    Body,
+    /// `topic/queue@offset redeliveries=N body`, the body escaped onto one line.
+    Line,
+    /// One JSON object per message: topic, queue, offset, reconsume_times, redelivered,
+    /// answer, body (as UTF-8, invalid bytes replaced).
+    Json,
+}
+
+/// `text` on one line: backslash, newline, carriage return, tab and other control characters
+/// escaped (`\\`, `\n`, `\r`, `\t`, `\u{..}`).
+pub fn escape_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// What `consume` prints for one delivery answered with `answer`.
+pub fn message_line(
+    format: MessageFormat,
+    delivery: &holdfast_core::client::Delivery,
+    answer: crate::client::ConsumeStatus,
+) -> String {
+    let body = String::from_utf8_lossy(&delivery.message.message.body);
+    match format {
+        MessageFormat::Body => body.into_owned(),
+        MessageFormat::Line => format!(
+            "{}@{} redeliveries={} {}",
+            delivery.queue,
+            delivery.offset,
+            delivery.message.reconsume_times,
+            escape_line(&body)
+        ),
+        MessageFormat::Json => serde_json::json!({
+            "topic": delivery.queue.topic,
+            "queue": delivery.queue.queue,
+            "offset": delivery.offset,
+            "reconsume_times": delivery.message.reconsume_times,
+            "redelivered": delivery.redelivered,
+            "answer": match answer {
+                crate::client::ConsumeStatus::Success => "success",
+                crate::client::ConsumeStatus::ReconsumeLater => "reconsume_later",
+            },
+            "body": body,
+        })
+        .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn escaped_bodies_stay_on_one_line_and_read_back_unambiguously() {
+        assert_eq!(escape_line("plain text"), "plain text");
+        assert_eq!(escape_line("a\nb\r\tc"), "a\\nb\\r\\tc");
+        // A backslash is escaped too, so a literal "\n" is not taken for a newline.
+        assert_eq!(escape_line("a\\nb"), "a\\\\nb");
+        assert_eq!(escape_line("bell\u{7}"), "bell\\u{7}");
+        assert!(!escape_line("x\ny\u{0}\u{1b}").contains(['\n', '\u{0}', '\u{1b}']));
+    }
+}

@@ -16,7 +16,7 @@ fn base_port() -> u16 {
         let first = TcpListener::bind("127.0.0.1:0").expect("a port");
         let base = first.local_addr().expect("addr").port();
         drop(first);
-        let rest_free = (0..3u16).chain(100..103).all(|i| {
+        let rest_free = (0..3u16).chain(100..103).chain(200..203).all(|i| {
             base.checked_add(i)
                 .is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
         });

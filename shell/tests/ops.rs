@@ -107,7 +107,7 @@ fn base_port() -> u16 {
         let first = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
         let base = first.local_addr().expect("addr").port();
         drop(first);
-        let rest_free = (0..3u16).chain(100..103).all(|i| {
+        let rest_free = (0..3u16).chain(100..103).chain(200..203).all(|i| {
             base.checked_add(i)
                 .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
         });
@@ -467,5 +467,501 @@ fn produce_from_stdin_pipelines_and_prints_every_receipt_once() {
     eprintln!(
         "produce: {count} lines from stdin in {elapsed:?}, {:.0} lines/s",
         count as f64 / elapsed.as_secs_f64()
+    );
+}
+
+/// One HTTP/1.1 request to `addr`: (status code, body).
+fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = stream.write_all(request);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn sample_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let metric = series.split('{').next().unwrap_or("");
+        if metric == name && labels.iter().all(|l| series.contains(l)) {
+            let v: f64 = value.parse().ok()?;
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+#[test]
+fn every_node_serves_prometheus_metrics_from_the_core_and_the_shell_and_a_health_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = base_port();
+    let (_cluster, lines) = start_cluster(dir.path(), base);
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    let banner = expect_line(&lines, "node 1 clients on", Duration::from_secs(60));
+    let metrics: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base + 200 + i))
+        .collect();
+    assert!(
+        banner.contains(&format!("metrics on http://{}/metrics", metrics[0])),
+        "{banner}"
+    );
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    for addr in &metrics {
+        wait_for(Duration::from_secs(30), "healthz is ready", || {
+            let (status, body) = get(addr, "/healthz");
+            (status == 200 && body.trim() == "ok").then_some(())
+        });
+    }
+    let file = dir.path().join("client.toml");
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(Some(&file), &["topic", "create", "orders", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let bodies: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let mut args = vec!["produce", "orders"];
+    args.extend(bodies.iter().map(String::as_str));
+    assert!(client(Some(&file), &args).status.success());
+    let consumed = client(
+        Some(&file),
+        &[
+            "consume",
+            "orders",
+            "--group",
+            "g",
+            "--count",
+            "10",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert!(consumed.status.success(), "{consumed:?}");
+
+    // Every replica has applied the ten messages and the group's acks (within a publish
+    // interval or two); the counters agree with what was done.
+    let scrapes: Vec<String> = metrics
+        .iter()
+        .map(|addr| {
+            wait_for(
+                Duration::from_secs(30),
+                "the node reports the traffic",
+                || {
+                    let (status, text) = get(addr, "/metrics");
+                    assert_eq!(status, 200);
+                    let stored =
+                        sample_sum(&text, "holdfast_queue_next_offset", &["topic=\"orders\""]);
+                    let lag = sample_sum(&text, "holdfast_consumer_lag", &["consumer_group=\"g\""]);
+                    (stored == Some(10.0) && lag == Some(0.0)).then_some(text)
+                },
+            )
+        })
+        .collect();
+    for text in &scrapes {
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics text");
+        assert!(sample_sum(text, "holdfast_fsyncs_total", &[]).is_some_and(|n| n > 0.0));
+        assert!(sample_sum(text, "holdfast_sync_seconds_count", &[]).is_some_and(|n| n > 0.0));
+        assert!(sample_sum(text, "holdfast_raft_term", &["group=\"0\""]).is_some_and(|n| n >= 1.0));
+        assert!(
+            sample_sum(
+                text,
+                "holdfast_raft_entries_applied_total",
+                &["group=\"1\""]
+            )
+            .is_some_and(|n| n > 0.0)
+        );
+    }
+    let total = |name: &str, labels: &[&str]| -> f64 {
+        scrapes
+            .iter()
+            .filter_map(|t| sample_sum(t, name, labels))
+            .sum()
+    };
+    for group in 0..3 {
+        let label = format!("group=\"{group}\"");
+        assert_eq!(
+            total("holdfast_raft_leader", &[&label]),
+            1.0,
+            "one leader per group"
+        );
+    }
+    assert_eq!(
+        total("holdfast_topic_send_messages_total", &["topic=\"orders\""]),
+        10.0
+    );
+    assert!(
+        total(
+            "holdfast_topic_pulled_messages_total",
+            &["topic=\"orders\""]
+        ) >= 10.0
+    );
+    assert!(total("holdfast_request_seconds_count", &["kind=\"send\""]) >= 1.0);
+    assert!(total("holdfast_connections_accepted_total", &["port=\"client\""]) >= 1.0);
+
+    // Junk and oversized requests are answered and closed; the endpoint goes on serving.
+    let (status, _) = http(&metrics[0], b"\xff\xfe garbage\r\n\r\n");
+    assert_eq!(status, 400);
+    let (status, _) = http(&metrics[0], b"DELETE /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 405);
+    let (status, _) = get(&metrics[0], "/nothing");
+    assert_eq!(status, 404);
+    let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 20_000));
+    let (status, _) = http(&metrics[0], &huge);
+    assert_eq!(status, 431);
+    assert_eq!(get(&metrics[0], "/metrics").0, 200);
+}
+
+fn json_of(output: &std::process::Output) -> serde_json::Value {
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// `group describe G --json`: (sum of committed offsets, sum of lag) over `topic`'s queues.
+fn committed_and_lag(file: &Path, group: &str, topic: &str) -> (u64, u64) {
+    let described = json_of(&client(Some(file), &["group", "describe", group, "--json"]));
+    let queues = described["queues"].as_array().cloned().unwrap_or_default();
+    queues
+        .iter()
+        .filter(|q| q["topic"] == topic)
+        .fold((0, 0), |(c, l), q| {
+            (
+                c + q["committed_offset"].as_u64().unwrap_or(0),
+                l + q["lag"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+#[test]
+fn consumer_groups_are_listed_described_sought_and_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "orders", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let produce = client(good, &["produce", "orders", "a", "b", "c", "d", "e", "f"]);
+    assert!(produce.status.success(), "{produce:?}");
+    let consume = |count: &str| {
+        client(
+            good,
+            &[
+                "consume",
+                "orders",
+                "--group",
+                "g",
+                "--count",
+                count,
+                "--timeout",
+                "30",
+            ],
+        )
+    };
+    assert!(consume("6").status.success());
+
+    let listed = json_of(&client(good, &["group", "list", "--json"]));
+    let g = listed["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|x| x["group"] == "g").cloned())
+        .unwrap_or_else(|| panic!("group g listed: {listed}"));
+    assert_eq!(g["lag"], 0, "{g}");
+    assert_eq!(committed_and_lag(&file, "g", "orders"), (6, 0));
+
+    // Back to the start: the six messages wait again, and a consumer gets them again.
+    let sought = client(
+        good,
+        &["group", "seek", "g", "--topic", "orders", "--to-earliest"],
+    );
+    assert!(sought.status.success(), "{sought:?}");
+    assert_eq!(committed_and_lag(&file, "g", "orders"), (0, 6));
+    let again = consume("6");
+    assert!(again.status.success(), "{again:?}");
+    let mut bodies: Vec<String> = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["a", "b", "c", "d", "e", "f"]);
+    let one = client(
+        good,
+        &[
+            "group",
+            "seek",
+            "g",
+            "--topic",
+            "orders",
+            "--queue",
+            "0",
+            "--to-offset",
+            "0",
+        ],
+    );
+    assert!(one.status.success(), "{one:?}");
+    let (_, lag) = committed_and_lag(&file, "g", "orders");
+    assert!(lag > 0 && lag < 6, "only queue 0 moved: lag {lag}");
+
+    // A member holding the queues: seek and delete are refused (exit 4) unless forced.
+    let mut holder = Command::new(HOLDFAST)
+        .args(["consume", "orders", "--group", "g", "--timeout", "120"])
+        .env("HOLDFAST_CLIENT", &file)
+        .env_remove("HOLDFAST_SERVERS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("consumer starts");
+    wait_for(
+        Duration::from_secs(30),
+        "the consumer holds a queue",
+        || {
+            let described = json_of(&client(good, &["group", "describe", "g", "--json"]));
+            described["queues"]
+                .as_array()?
+                .iter()
+                .any(|q| q["holder"].is_string())
+                .then_some(())
+        },
+    );
+    let refused = client(
+        good,
+        &["group", "seek", "g", "--topic", "orders", "--to-latest"],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    let refused = client(good, &["group", "delete", "g"]);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    let forced = client(
+        good,
+        &[
+            "group",
+            "seek",
+            "g",
+            "--topic",
+            "orders",
+            "--to-latest",
+            "--force",
+        ],
+    );
+    assert!(forced.status.success(), "{forced:?}");
+    assert_eq!(committed_and_lag(&file, "g", "orders").1, 0);
+    kill(holder.id(), "-TERM");
+    let _ = holder.wait();
+
+    let deleted = client(good, &["group", "delete", "g", "--force"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(String::from_utf8_lossy(&deleted.stdout).contains("deleted consumer group g"));
+    let listed = json_of(&client(good, &["group", "list", "--json"]));
+    assert!(
+        listed["groups"]
+            .as_array()
+            .is_some_and(|gs| gs.iter().all(|x| x["group"] != "g")),
+        "{listed}"
+    );
+    let unknown = client(good, &["group", "describe", "g"]);
+    assert_eq!(unknown.status.code(), Some(4), "{unknown:?}");
+}
+
+#[test]
+fn consume_prints_formats_and_answers_reconsume_later_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "notes", "--queues", "1"]);
+        output.status.success().then_some(())
+    });
+    assert!(
+        client(good, &["produce", "notes", "two\nlines\\"])
+            .status
+            .success()
+    );
+
+    let json = client(
+        good,
+        &[
+            "consume", "notes", "--group", "j", "--count", "1", "--format", "json",
+        ],
+    );
+    assert!(json.status.success(), "{json:?}");
+    let stdout = String::from_utf8_lossy(&json.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one line per message: {stdout}");
+    let m: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON line");
+    assert_eq!(m["body"], "two\nlines\\");
+    assert_eq!(
+        (m["topic"].clone(), m["queue"].clone(), m["offset"].clone()),
+        ("notes".into(), 0.into(), 0.into())
+    );
+    assert_eq!(m["reconsume_times"], 0);
+    assert_eq!(m["answer"], "success");
+
+    let line = client(
+        good,
+        &[
+            "consume", "notes", "--group", "l", "--count", "1", "--format", "line",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&line.stdout),
+        "notes/0@0 redeliveries=0 two\\nlines\\\\\n"
+    );
+
+    // Every message answered ReconsumeLater comes back from the retry queue, counted.
+    let later = client(
+        good,
+        &[
+            "consume",
+            "notes",
+            "--group",
+            "r",
+            "--count",
+            "1",
+            "--reconsume-later",
+            "--format",
+            "json",
+        ],
+    );
+    assert!(later.status.success(), "{later:?}");
+    let m: serde_json::Value = serde_json::from_slice(&later.stdout).expect("JSON");
+    assert_eq!(m["answer"], "reconsume_later");
+    assert!(String::from_utf8_lossy(&later.stderr).contains("answered ReconsumeLater for 1"));
+    let again = client(
+        good,
+        &[
+            "consume",
+            "notes",
+            "--group",
+            "r",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+            "--format",
+            "json",
+        ],
+    );
+    let m: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(m["body"], "two\nlines\\");
+    assert_eq!(m["reconsume_times"], 1, "{m}");
+    assert_eq!(m["redelivered"], true, "{m}");
+    assert!(
+        m["topic"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("%RETRY%")),
+        "{m}"
+    );
+
+    let bad = client(
+        good,
+        &["consume", "notes", "--group", "x", "--reconsume-later", "2"],
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "clap refuses a fraction above 1"
+    );
+}
+
+/// The smallest executor: poll, park until woken.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut future = std::pin::pin!(future);
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn async_sends_resolve_as_futures_with_settings_from_a_builder() {
+    use holdfast_shell::client::{AsyncProducer, ClientConfig, ProducerSettings};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(Some(&file), &["topic", "create", "events", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let settings = ProducerSettings::default()
+        .send_timeout(Duration::from_secs(20))
+        .retries(10);
+    let producer = AsyncProducer::spawn(config, settings).expect("connects");
+    let count = 500;
+    // All in flight at once, awaited afterwards.
+    let sends: Vec<_> = (0..count)
+        .map(|i| {
+            let body = holdfast_core::broker::Message::with_body(format!("e{i}"));
+            producer.send("events", vec![body])
+        })
+        .collect();
+    let mut places = std::collections::BTreeSet::new();
+    for send in sends {
+        let receipt = block_on(send).expect("acked");
+        assert!(places.insert((receipt.queue.queue, receipt.offset)));
+    }
+    assert_eq!(places.len(), count);
+    drop(producer);
+
+    // The send timeout set in the builder is the one the producer keeps: a send that cannot
+    // succeed (an unknown topic is retried, as a topic being created would be) ends by then.
+    let quick = ProducerSettings::default().send_timeout(Duration::from_millis(500));
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let producer = AsyncProducer::spawn(config, quick).expect("connects");
+    let started = Instant::now();
+    let unknown = block_on(producer.send(
+        "no-such-topic",
+        vec![holdfast_core::broker::Message::with_body("x")],
+    ));
+    assert!(unknown.is_err(), "{unknown:?}");
+    assert!(
+        // The default is 3 s: a bound below it shows the setting took.
+        started.elapsed() < Duration::from_millis(2_500),
+        "gave up after {:?}, not after the 500 ms set",
+        started.elapsed()
     );
 }

@@ -156,6 +156,59 @@ impl BrokerState {
                 Err(refusal) => Outcome::Refused(refusal),
                 Ok(()) => self.reconsume_later(group, queue, offset, stamp_ms),
             },
+            Command::Seek {
+                group,
+                queue,
+                to,
+                force,
+            } => self.seek(group, queue, to, force),
+            Command::DeleteGroup { group, force } => self.delete_group(&group, force),
+        }
+    }
+
+    /// A member holding one of `group`'s queues (of `only`, if given), if any.
+    fn active_holder(&self, group: &str, only: Option<&QueueId>) -> Option<Refusal> {
+        self.leases
+            .iter()
+            .filter(|((g, q), _)| g == group && only.is_none_or(|o| o == q))
+            .find_map(|((g, q), lease)| {
+                lease.owner.as_ref().map(|member| Refusal::GroupActive {
+                    group: g.clone(),
+                    queue: q.clone(),
+                    member: member.clone(),
+                })
+            })
+    }
+
+    fn seek(&mut self, group: String, queue: QueueId, to: SeekTo, force: bool) -> Outcome {
+        let Some(log) = self.queues.get(&queue) else {
+            return Outcome::Refused(Refusal::UnknownQueue(queue));
+        };
+        if !force && let Some(refusal) = self.active_holder(&group, Some(&queue)) {
+            return Outcome::Refused(refusal);
+        }
+        let target = match to {
+            SeekTo::Earliest => log.start(),
+            SeekTo::Latest => log.end(),
+            SeekTo::Offset(offset) => offset.clamp(log.start(), log.end()),
+        };
+        self.offsets
+            .insert((group, queue), GroupOffsets::starting_at(target));
+        Outcome::Sought {
+            consume_offset: target,
+        }
+    }
+
+    fn delete_group(&mut self, group: &str, force: bool) -> Outcome {
+        if !force && let Some(refusal) = self.active_holder(group, None) {
+            return Outcome::Refused(refusal);
+        }
+        let before = (self.offsets.len(), self.leases.len());
+        self.offsets.retain(|(g, _), _| g != group);
+        self.leases.retain(|(g, _), _| g != group);
+        Outcome::GroupDeleted {
+            offsets: (before.0 - self.offsets.len()) as u64,
+            leases: (before.1 - self.leases.len()) as u64,
         }
     }
 

@@ -1274,3 +1274,128 @@ fn a_release_keeps_the_generation_so_the_same_assignment_may_claim_again() {
     ));
     assert_eq!(holder(&state), (Some("a".into()), 6));
 }
+
+#[test]
+fn an_operator_seeks_a_group_to_earliest_latest_or_an_offset_unless_a_member_holds_the_queue() {
+    let mut state = orders();
+    let queue = QueueId::new("orders", 0);
+    appended_at(append(&mut state, 0, 1, 0, 5));
+    ack(&mut state, "billing", &queue, &[0, 1, 2, 4]);
+    assert_eq!(state.consume_offset("billing", &queue), 3);
+    let seek = |state: &mut BrokerState, to, force| {
+        state.apply(Command::Seek {
+            group: "billing".into(),
+            queue: queue.clone(),
+            to,
+            force,
+        })
+    };
+    assert_eq!(
+        seek(&mut state, SeekTo::Earliest, false),
+        Outcome::Sought { consume_offset: 0 }
+    );
+    assert_eq!(
+        pulled_offsets(&state, "billing", &queue, 0),
+        vec![0, 1, 2, 3, 4],
+        "everything is served again, the old acks above the target forgotten"
+    );
+    assert_eq!(
+        seek(&mut state, SeekTo::Offset(99), false),
+        Outcome::Sought { consume_offset: 5 },
+        "clamped to the queue's end"
+    );
+    assert_eq!(
+        seek(&mut state, SeekTo::Offset(2), false),
+        Outcome::Sought { consume_offset: 2 }
+    );
+    assert_eq!(pulled_offsets(&state, "billing", &queue, 0), vec![2, 3, 4]);
+    assert_eq!(
+        seek(&mut state, SeekTo::Latest, false),
+        Outcome::Sought { consume_offset: 5 }
+    );
+    assert!(pulled_offsets(&state, "billing", &queue, 0).is_empty());
+
+    // A member holds the queue: refused (nothing changes) unless forced.
+    let claimed = state.apply(Command::Claim {
+        group: "billing".into(),
+        queue: queue.clone(),
+        member: "m1".into(),
+        generation: 1,
+        takeover: None,
+    });
+    assert!(matches!(claimed, Outcome::Leased(_)), "{claimed:?}");
+    let refused = seek(&mut state, SeekTo::Earliest, false);
+    assert!(
+        matches!(&refused, Outcome::Refused(Refusal::GroupActive { member, .. }) if member == "m1"),
+        "{refused:?}"
+    );
+    assert_eq!(state.consume_offset("billing", &queue), 5);
+    assert_eq!(
+        seek(&mut state, SeekTo::Earliest, true),
+        Outcome::Sought { consume_offset: 0 }
+    );
+    let unknown = state.apply(Command::Seek {
+        group: "billing".into(),
+        queue: QueueId::new("nope", 0),
+        to: SeekTo::Earliest,
+        force: true,
+    });
+    assert!(matches!(
+        unknown,
+        Outcome::Refused(Refusal::UnknownQueue(_))
+    ));
+}
+
+#[test]
+fn deleting_a_group_forgets_its_offsets_and_leases_and_no_other_groups() {
+    let mut state = orders();
+    let q0 = QueueId::new("orders", 0);
+    let q1 = QueueId::new("orders", 1);
+    appended_at(append(&mut state, 0, 1, 0, 3));
+    appended_at(append(&mut state, 1, 1, 3, 3));
+    ack(&mut state, "billing", &q0, &[0, 1]);
+    ack(&mut state, "billing", &q1, &[0]);
+    ack(&mut state, "audit", &q0, &[0]);
+    let claimed = state.apply(Command::Claim {
+        group: "billing".into(),
+        queue: q1.clone(),
+        member: "m1".into(),
+        generation: 1,
+        takeover: None,
+    });
+    assert!(matches!(claimed, Outcome::Leased(_)));
+    let delete = |state: &mut BrokerState, force| {
+        state.apply(Command::DeleteGroup {
+            group: "billing".into(),
+            force,
+        })
+    };
+    assert!(matches!(
+        delete(&mut state, false),
+        Outcome::Refused(Refusal::GroupActive { .. })
+    ));
+    assert_eq!(
+        state.consume_offset("billing", &q0),
+        2,
+        "a refusal changes nothing"
+    );
+    assert_eq!(
+        delete(&mut state, true),
+        Outcome::GroupDeleted {
+            offsets: 2,
+            leases: 1
+        }
+    );
+    assert_eq!(state.consume_offset("billing", &q0), 0);
+    assert!(state.lease("billing", &q1).is_none());
+    assert_eq!(
+        state.consume_offset("audit", &q0),
+        1,
+        "other groups untouched"
+    );
+    // The same state restored from a snapshot: deletion is part of the replicated state.
+    let restored =
+        BrokerState::restore(BrokerConfig::default(), &state.snapshot()).expect("restores");
+    assert_eq!(restored.consume_offset("billing", &q0), 0);
+    assert_eq!(restored.consume_offset("audit", &q0), 1);
+}

@@ -194,6 +194,32 @@ pub enum Command {
         offset: Offset,
         stamp_ms: u64,
     },
+    /// An operator moves consumer group `group`'s position on `queue`: every offset below the
+    /// target counts as consumed and none at or above it (Kafka's `--reset-offsets`). The
+    /// target is clamped to what the queue retains. Refused while a member holds the queue
+    /// (it would go on from its own position) unless `force`. This is the one way a committed
+    /// consume offset moves backwards, and only on an operator's word.
+    Seek {
+        group: String,
+        queue: QueueId,
+        to: SeekTo,
+        force: bool,
+    },
+    /// An operator forgets consumer group `group` in this broker group: its offsets and
+    /// queue leases. Refused while a member holds one of its queues unless `force`. The
+    /// group's retry and dead-letter queues keep their messages (retention deletes them).
+    DeleteGroup { group: String, force: bool },
+}
+
+/// Where [`Command::Seek`] moves a group's position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeekTo {
+    /// The oldest message the queue retains: everything is consumed again.
+    Earliest,
+    /// The queue's end: everything there now counts as consumed.
+    Latest,
+    /// This offset (clamped to the retained range).
+    Offset(Offset),
 }
 
 /// Who holds a queue for a consumer group, as the broker group's log decided it.
@@ -233,6 +259,15 @@ pub enum Outcome {
         offset: Offset,
         dead_letter: bool,
     },
+    /// A [`Command::Seek`] set the group's consume offset to `consume_offset`.
+    Sought {
+        consume_offset: Offset,
+    },
+    /// A [`Command::DeleteGroup`] removed this many queue positions and leases.
+    GroupDeleted {
+        offsets: u64,
+        leases: u64,
+    },
     Refused(Refusal),
 }
 
@@ -263,6 +298,12 @@ pub enum Refusal {
     },
     /// The command did not decode: a corrupt or foreign entry.
     Malformed(String),
+    /// An operator's command on a consumer group while `member` holds `queue` for it.
+    GroupActive {
+        group: String,
+        queue: QueueId,
+        member: String,
+    },
     /// An answer, claim or release from a member that does not hold the queue (or holds it
     /// under a newer tenure than the one the request speaks for).
     NotOwner(Box<NotOwner>),
@@ -287,6 +328,15 @@ impl fmt::Display for Refusal {
             ),
             Refusal::NoSuchOffset { queue, offset } => write!(f, "no offset {offset} in {queue}"),
             Refusal::Malformed(why) => write!(f, "malformed command: {why}"),
+            Refusal::GroupActive {
+                group,
+                queue,
+                member,
+            } => write!(
+                f,
+                "consumer group {group} is in use: member {member} holds {queue} (stop its \
+                 consumers first, or force it)"
+            ),
             Refusal::NotOwner(n) => match &n.lease.owner {
                 Some(owner) => write!(
                     f,

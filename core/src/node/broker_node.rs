@@ -251,6 +251,8 @@ pub struct BrokerNode {
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
     snapshot_jobs: VecDeque<SnapshotJob>,
+    /// What [`BrokerNode::stats`] reports.
+    pub(super) counters: super::stats::Counters,
 }
 
 impl BrokerNode {
@@ -322,6 +324,7 @@ impl BrokerNode {
             applied: VecDeque::new(),
             faults,
             snapshot_jobs: VecDeque::new(),
+            counters: Default::default(),
         };
         node.settle(now);
         node
@@ -345,6 +348,11 @@ impl BrokerNode {
 
     pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
         self.groups.keys().copied()
+    }
+
+    /// Pulls waiting for messages or for their queue's lease.
+    pub fn parked_pulls(&self) -> usize {
+        self.parked.len()
     }
 
     // ----- inputs -----
@@ -417,6 +425,7 @@ impl BrokerNode {
             // A copy of a request already taken: its answer comes (or came) for the first.
             return;
         }
+        *self.counters.requests.entry(request.kind()).or_default() += 1;
         match request {
             Request::Route { topic } => {
                 if let Err(why) = check_name("topic", &topic) {
@@ -649,6 +658,45 @@ impl BrokerNode {
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
             }
+            Request::SeekGroup {
+                broker,
+                group,
+                queue,
+                to,
+                force,
+            } => {
+                if let Err(why) = check_consumer_queue(&group, &queue) {
+                    return self.refuse(client, id, why);
+                }
+                let command = Command::Seek {
+                    group,
+                    queue: queue.clone(),
+                    to,
+                    force,
+                };
+                self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::DeleteGroup {
+                broker,
+                group,
+                force,
+            } => {
+                if let Err(why) = check_name("consumer group", &group) {
+                    return self.refuse(client, id, why);
+                }
+                if let Err(response) = self.check_broker_leader(broker) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let waiter = Waiter {
+                    client,
+                    request: id,
+                    // Carries the group's name to the answer.
+                    queue: Some(QueueId::new(group.as_str(), 0)),
+                };
+                let command = Command::DeleteGroup { group, force };
+                self.enqueue(broker, Some(waiter), encode_command(&command));
+            }
             Request::Pull {
                 broker,
                 group,
@@ -708,6 +756,7 @@ impl BrokerNode {
 
     pub fn poll_response(&mut self) -> Option<(ClientId, RequestId, Response)> {
         let answer = self.responses.pop_front()?;
+        *self.counters.responses.entry(answer.2.kind()).or_default() += 1;
         if let (client, _, Response::Refused { reason }) = &answer {
             self.event(NodeEvent::RequestRefused {
                 client: *client,
@@ -739,6 +788,9 @@ impl BrokerNode {
             let bytes = data.len() as u64;
             if g.raft.compact(index, data).is_ok() {
                 g.pace.last_bytes = bytes;
+                let counters = self.counters.group(group);
+                counters.snapshots_compacted += 1;
+                counters.snapshot_bytes_last = bytes;
             }
         }
         self.settle(now);
@@ -844,6 +896,14 @@ impl BrokerNode {
         }
     }
 
+    /// Whether the topic table places `queue`, so counting its topic stays within `TOPICS_MAX`.
+    fn queue_known(&self, queue: &QueueId) -> bool {
+        matches!(
+            self.groups.get(&METADATA_GROUP).map(|g| &g.machine),
+            Some(Machine::Meta(meta)) if meta.group_of(queue).is_some()
+        )
+    }
+
     fn not_leader(&self, group: GroupId) -> Option<Response> {
         let status = self.groups.get(&group)?.raft.status();
         (status.role != Role::Leader).then_some(Response::NotLeader {
@@ -882,6 +942,14 @@ impl BrokerNode {
             return self.refuse(client, id, why);
         }
         self.create_if_placed(group, &queue);
+        if let Command::Append { messages, .. } = &command
+            && self.queue_known(&queue)
+        {
+            let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
+            let counters = self.counters.topic(&queue.topic);
+            counters.send_messages += messages.len() as u64;
+            counters.send_bytes += bytes as u64;
+        }
         if Canary::AckSendBeforeCommit.planted(self.config.canary)
             && matches!(command, Command::Append { .. })
         {
@@ -1026,6 +1094,14 @@ impl BrokerNode {
                 let delivered_below =
                     self.lease_clocks
                         .delivered(group, consumer_group, queue, pulled.next_offset);
+                if !pulled.messages.is_empty() {
+                    let counters = self.counters.topic(&queue.topic);
+                    for (offset, stored) in &pulled.messages {
+                        counters.pulled_messages += 1;
+                        counters.pulled_bytes += stored.message.body.len() as u64;
+                        counters.redelivered += u64::from(*offset < delivered_below);
+                    }
+                }
                 let response = Response::Pulled {
                     queue: queue.clone(),
                     messages: pulled.messages,
@@ -1082,6 +1158,9 @@ impl BrokerNode {
             if let Some(snapshot) = group.raft.poll_restore() {
                 match group.machine.restored(&snapshot.data) {
                     Ok(machine) => {
+                        let counters = self.counters.group(*group_id);
+                        counters.snapshots_restored += 1;
+                        counters.snapshot_bytes_last = snapshot.data.len() as u64;
                         table_changed |= matches!(machine, Machine::Meta(_));
                         group.machine = machine;
                         group.pace = SnapshotPace {
@@ -1107,14 +1186,25 @@ impl BrokerNode {
                 if self.config.record_applied {
                     self.applied.push_back((*group_id, entry.clone()));
                 }
+                let counters = self.counters.group(*group_id);
+                counters.entries_applied += 1;
                 let EntryKind::Commands(commands) = entry.kind else {
                     continue;
                 };
+                counters.commands_applied += commands.len() as u64;
                 let mut outcomes = Vec::with_capacity(commands.len());
                 for bytes in &commands {
                     match &mut group.machine {
                         Machine::Broker(state) => {
                             let outcome = state.apply_bytes(bytes);
+                            if let Outcome::Requeued { dead_letter, .. } = outcome {
+                                let counters = self.counters.group(*group_id);
+                                if dead_letter {
+                                    counters.dead_lettered += 1;
+                                } else {
+                                    counters.reconsumed += 1;
+                                }
+                            }
                             if let Outcome::Appended { .. }
                             | Outcome::Requeued { .. }
                             | Outcome::Leased(_)
@@ -1177,6 +1267,16 @@ impl BrokerNode {
             while let Some(event) = group.raft.poll_event() {
                 if let RaftEvent::BecameLeader { .. } = event {
                     group.placement_stale = true;
+                }
+                let counters = self.counters.group(*group_id);
+                match event {
+                    RaftEvent::BecameLeader { .. } => {
+                        counters.elections_won += 1;
+                        counters.leader_changes += 1;
+                    }
+                    RaftEvent::SteppedDown { .. } => counters.stepped_down += 1,
+                    RaftEvent::LeaderChanged { .. } => counters.leader_changes += 1,
+                    RaftEvent::MessageRefused { .. } => {}
                 }
                 let group = *group_id;
                 let event = match event {
@@ -1542,6 +1642,15 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
         },
         Outcome::QueuesCreated => Response::Refused {
             reason: "internal command".into(),
+        },
+        Outcome::Sought { consume_offset } => Response::Acked {
+            queue: queue.unwrap_or_else(|| QueueId::new("", 0)),
+            consume_offset,
+        },
+        Outcome::GroupDeleted { offsets, leases } => Response::GroupDeleted {
+            group: queue.map(|q| q.topic).unwrap_or_default(),
+            offsets,
+            leases,
         },
         Outcome::Leased(_) => Response::Released {
             queue: queue.unwrap_or_else(|| QueueId::new("", 0)),

@@ -7,11 +7,15 @@ mod membership;
 mod metadata;
 pub mod protocol;
 mod seen_requests;
+mod stats;
 
 pub use broker_node::{
     BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, decode_entry,
 };
 pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied};
+pub use stats::{
+    GroupCounters, GroupStats, LagStats, NodeStats, QueueStats, STATS_QUEUES_MAX, TopicCounters,
+};
 
 #[cfg(test)]
 mod tests;

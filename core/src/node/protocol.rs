@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{Message, Offset, ProducerId, QueueId, Seq, StoredMessage};
+use crate::broker::{Message, Offset, ProducerId, QueueId, SeekTo, Seq, StoredMessage};
 use crate::raft::{GroupId, NodeId};
 
 /// A connection (shell) or simulated client, as the node knows it.
@@ -85,6 +85,23 @@ pub enum Request {
         member: String,
         generation: u64,
         queue: QueueId,
+    },
+    /// Admin: moves consumer group `group`'s position on `queue` (see
+    /// [`crate::broker::Command::Seek`]); answered with [`Response::Acked`] and the new
+    /// consume offset.
+    SeekGroup {
+        broker: GroupId,
+        group: String,
+        queue: QueueId,
+        to: SeekTo,
+        force: bool,
+    },
+    /// Admin: forgets consumer group `group` in broker group `broker` (its offsets and
+    /// leases); answered with [`Response::GroupDeleted`].
+    DeleteGroup {
+        broker: GroupId,
+        group: String,
+        force: bool,
     },
 }
 
@@ -198,6 +215,12 @@ pub enum Response {
         offset: Offset,
         dead_letter: bool,
     },
+    /// The consumer group's positions and leases in the broker group asked are gone.
+    GroupDeleted {
+        group: String,
+        offsets: u64,
+        leases: u64,
+    },
     /// This node does not lead `group`; nothing was done.
     NotLeader {
         group: GroupId,
@@ -214,7 +237,51 @@ pub enum Response {
     Unknown,
 }
 
+impl Request {
+    /// The request's kind, a fixed name for counting (metrics label values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Route { .. } => "route",
+            Request::Topics => "topics",
+            Request::Status => "status",
+            Request::CreateTopic { .. } => "create_topic",
+            Request::Heartbeat { .. } => "heartbeat",
+            Request::Leave { .. } => "leave",
+            Request::Send { .. } => "send",
+            Request::Pull { .. } => "pull",
+            Request::Ack { .. } => "ack",
+            Request::ReconsumeLater { .. } => "reconsume_later",
+            Request::Release { .. } => "release",
+            Request::SeekGroup { .. } => "seek_group",
+            Request::DeleteGroup { .. } => "delete_group",
+        }
+    }
+}
+
 impl Response {
+    /// The answer's kind, a fixed name for counting (metrics label values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Routes { .. } => "routes",
+            Response::TopicCreated { .. } => "topic_created",
+            Response::Topics { .. } => "topics",
+            Response::Status { .. } => "status",
+            Response::Assignment { .. } => "assignment",
+            Response::Left { .. } => "left",
+            Response::Revoked { .. } => "revoked",
+            Response::Released { .. } => "released",
+            Response::Sent { .. } => "sent",
+            Response::Pulled { .. } => "pulled",
+            Response::Acked { .. } => "acked",
+            Response::Requeued { .. } => "requeued",
+            Response::GroupDeleted { .. } => "group_deleted",
+            Response::NotLeader { .. } => "not_leader",
+            Response::Refused { .. } => "refused",
+            Response::Busy => "busy",
+            Response::Unknown => "unknown",
+        }
+    }
+
     /// Whether the request was certainly not carried out, so a retry cannot duplicate it.
     pub fn nothing_written(&self) -> bool {
         matches!(

@@ -940,3 +940,88 @@ fn a_queue_is_served_to_one_holder_and_moves_on_release_or_expiry() {
         "after the session: {waited:?}"
     );
 }
+
+#[test]
+fn stats_count_what_happened_on_every_node() {
+    let (mut cluster, mut producer, mut consumers) = a_producer_and_two_consumers();
+    let total = 20;
+    let mut sent = 0;
+    let mut acked_sends = 0;
+    let mut succeeded = std::collections::BTreeSet::new();
+    for _ in 0..30_000 {
+        if sent < total && producer.in_flight() < 4 {
+            let body = Bytes::from(format!("m{sent:03}"));
+            producer.send(cluster.now, "orders", vec![Message::with_body(body)]);
+            sent += 1;
+        }
+        pump(&mut cluster, &mut producer, &mut consumers);
+        while let Some((_, result)) = producer.poll_result() {
+            assert!(matches!(result, SendResult::Acked { .. }), "{result:?}");
+            acked_sends += 1;
+        }
+        let now = cluster.now;
+        for consumer in consumers.iter_mut() {
+            while let Some(delivery) = consumer.poll_delivery() {
+                let body = String::from_utf8_lossy(&delivery.message.message.body).to_string();
+                if body.ends_with('7') && delivery.message.reconsume_times == 0 {
+                    consumer.answer(now, &delivery, AckStatus::ReconsumeLater);
+                } else {
+                    succeeded.insert(body);
+                    consumer.answer(now, &delivery, AckStatus::Success);
+                }
+            }
+            while consumer.poll_event().is_some() {}
+        }
+        if acked_sends == total && succeeded.len() == total {
+            break;
+        }
+    }
+    assert_eq!(succeeded.len(), total);
+    // Let the last acks commit and apply everywhere.
+    for _ in 0..500 {
+        pump(&mut cluster, &mut producer, &mut consumers);
+    }
+    let stats: Vec<NodeStats> = cluster.nodes.values().map(|n| n.stats()).collect();
+    let sum = |f: &dyn Fn(&NodeStats) -> u64| stats.iter().map(f).sum::<u64>();
+    let orders = |s: &NodeStats| s.topics.get("orders").cloned().unwrap_or_default();
+
+    // No message was lost or resent on this network: every count is exact.
+    assert_eq!(sum(&|s| orders(s).send_messages), total as u64);
+    assert_eq!(sum(&|s| orders(s).send_bytes), 4 * total as u64);
+    assert_eq!(sum(&|s| s.responses.get("sent").copied().unwrap_or(0)), 20);
+    assert!(sum(&|s| orders(s).pulled_messages) >= total as u64);
+    assert!(sum(&|s| s.requests.get("pull").copied().unwrap_or(0)) > 0);
+    for s in &stats {
+        // Every replica applied the same log: the same queues, offsets and requeues.
+        let stored: u64 = s
+            .queues
+            .iter()
+            .filter(|q| q.queue.topic == "orders")
+            .map(|q| q.next_offset)
+            .sum();
+        assert_eq!(stored, total as u64, "node {}", s.node);
+        let reconsumed: u64 = s.groups.iter().map(|g| g.counters.reconsumed).sum();
+        assert_eq!(reconsumed, 2, "m007 and m017 went to a retry queue once");
+        let lag: u64 = s
+            .lag
+            .iter()
+            .filter(|l| l.consumer_group == "billing" && l.queue.topic == "orders")
+            .map(|l| l.lag)
+            .sum();
+        assert_eq!(lag, 0, "node {}: everything was acknowledged", s.node);
+        assert!(s.every_group_has_leader());
+        for g in &s.groups {
+            assert!(g.counters.entries_applied > 0);
+            assert!(g.counters.leader_changes >= 1, "{g:?}");
+        }
+    }
+    for group in [METADATA_GROUP, 1, 2] {
+        let won: u64 = stats
+            .iter()
+            .flat_map(|s| &s.groups)
+            .filter(|g| g.group == group)
+            .map(|g| g.counters.elections_won)
+            .sum();
+        assert!(won >= 1, "group {group} elected a leader");
+    }
+}

@@ -1,7 +1,9 @@
 //! The blocking client library, built on the core's producer and consumer state machines.
 
+mod asynchronous;
 mod config;
 mod io;
+mod settings;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,8 +18,12 @@ use holdfast_core::node::{METADATA_GROUP, SEND_BYTES_MAX};
 use holdfast_core::raft::{GroupId, NodeId};
 use holdfast_core::time::Instant;
 
+pub use asynchronous::{
+    ASYNC_SENDS_IN_FLIGHT_MAX, ASYNC_SENDS_QUEUED_MAX, AsyncProducer, SendFuture,
+};
 pub use config::{CLIENT_FILE_ENV, ClientConfig, DEFAULT_CLIENT_FILE, client_file_text};
 pub use io::{ClientIo, Machine};
+pub use settings::{CLIENT_TIMEOUT_MAX, ConsumerSettings, ProducerSettings};
 
 /// The addresses `holdfast cluster` uses by default, so one laptop needs no flag.
 pub const DEFAULT_SERVERS: &str = "127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303";
@@ -104,10 +110,19 @@ pub struct Producer {
 impl Producer {
     /// `config`: a [`ClientConfig`], or just the servers of a cluster without authentication.
     pub fn connect(config: impl Into<ClientConfig>) -> Result<Producer, ClientError> {
+        Producer::with_settings(config, ProducerSettings::default())
+    }
+
+    /// [`Producer::connect`] with other timeouts and retries; see [`ProducerSettings`].
+    pub fn with_settings(
+        config: impl Into<ClientConfig>,
+        settings: ProducerSettings,
+    ) -> Result<Producer, ClientError> {
         let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         // Distinct producers need distinct ids: the process and the time make one.
         let producer_id = (u64::from(std::process::id()) << 32) ^ io.now().as_micros();
-        let config = ProducerConfig::new(producer_id, io.node_ids());
+        let mut config = ProducerConfig::new(producer_id, io.node_ids());
+        settings.apply(&mut config);
         Ok(Producer {
             io,
             machine: ProducerMachine::new(config),
@@ -233,9 +248,20 @@ impl Consumer {
         group: &str,
         topic: &str,
     ) -> Result<Consumer, ClientError> {
+        Consumer::with_settings(config, group, topic, ConsumerSettings::default())
+    }
+
+    /// [`Consumer::connect`] with other timeouts and batch sizes; see [`ConsumerSettings`].
+    pub fn with_settings(
+        config: impl Into<ClientConfig>,
+        group: &str,
+        topic: &str,
+        settings: ConsumerSettings,
+    ) -> Result<Consumer, ClientError> {
         let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
         let member = format!("{}-{}", std::process::id(), io.now().as_micros());
-        let config = ConsumerConfig::new(group, &member, topic, io.node_ids());
+        let mut config = ConsumerConfig::new(group, &member, topic, io.node_ids());
+        settings.apply(&mut config);
         let machine = ConsumerMachine::new(config, io.now());
         Ok(Consumer {
             io,
@@ -430,6 +456,16 @@ impl Admin {
         request: Request,
         wait: Duration,
     ) -> Result<Response, ClientError> {
+        self.ask_leader_of(METADATA_GROUP, request, wait)
+    }
+
+    /// Asks the leader of `group`, following hints from any node; retries for up to `wait`.
+    pub fn ask_leader_of(
+        &mut self,
+        group: GroupId,
+        request: Request,
+        wait: Duration,
+    ) -> Result<Response, ClientError> {
         let deadline = std::time::Instant::now() + wait;
         let nodes = self.node_ids();
         let mut target = nodes.first().copied().unwrap_or(1);
@@ -441,9 +477,9 @@ impl Admin {
             }
             match answer {
                 Some(Response::NotLeader {
-                    group: METADATA_GROUP,
+                    group: hinted,
                     leader_hint: Some(leader),
-                }) => target = leader,
+                }) if hinted == group => target = leader,
                 Some(Response::NotLeader { .. } | Response::Unknown | Response::Busy) | None => {
                     turn += 1;
                     target = nodes[turn % nodes.len().max(1)];

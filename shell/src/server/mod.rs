@@ -45,6 +45,7 @@ use warn_budget::WarnBudget;
 use crate::auth::Principals;
 use crate::clock::Clock;
 use crate::config::ServerConfig;
+use crate::metrics::{KindLabel, Metrics, PortLabel, ReasonLabel, STATS_INTERVAL};
 use crate::storage::{GroupStore, StorageConfig, StorageThread};
 use crate::tls::NodeTls;
 use crate::transport::Transport;
@@ -134,6 +135,13 @@ struct Server {
     last_deadline_check: std::time::Instant,
     /// Refusal lines logged at WARN: bounded, so a flood of bad requests is not a flood of log.
     warnings: WarnBudget,
+    metrics: Arc<Metrics>,
+    stats_published_at: Option<std::time::Instant>,
+    /// When each client request was read, and its kind, for the latency histogram. Bounded
+    /// by the requests pending per connection; a closed client's go with it.
+    started: BTreeMap<(ClientId, RequestId), (std::time::Instant, &'static str)>,
+    /// When each snapshot job went out to be encoded (one per group at most).
+    snapshot_started: BTreeMap<GroupId, std::time::Instant>,
 }
 
 /// Runs a node until `stop` is set (SIGINT/SIGTERM) or storage fails.
@@ -183,7 +191,14 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
             }
         })
     };
-    let storage = StorageThread::spawn(stores, notify);
+    let metrics = Arc::new(Metrics::new(config.id));
+    let _metrics_thread = match config.metrics_addr {
+        Some(addr) => {
+            Some(crate::metrics::serve(addr, metrics.clone(), stop.clone()).map_err(ServerError)?)
+        }
+        None => None,
+    };
+    let storage = StorageThread::spawn_measured(stores, notify, Some(metrics.shell.clone()));
     let snapshots = {
         let waker = waker.clone();
         SnapshotEncoder::spawn(
@@ -285,6 +300,10 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         refused_logged_at: None,
         last_deadline_check: std::time::Instant::now(),
         warnings: WarnBudget::new(std::time::Instant::now()),
+        metrics,
+        stats_published_at: None,
+        started: BTreeMap::new(),
+        snapshot_started: BTreeMap::new(),
     };
     let result = server.run(&stop);
     info!("stopping: finishing queued writes");
@@ -328,6 +347,13 @@ impl Server {
             self.storage_done()?;
             let now = self.clock.now();
             for (group, index, data) in self.snapshots.poll_done() {
+                if let Some(at) = self.snapshot_started.remove(&group) {
+                    let shell = &self.metrics.shell;
+                    shell
+                        .snapshot_encode_seconds
+                        .observe(at.elapsed().as_secs_f64());
+                    shell.snapshot_bytes.observe(data.len() as f64);
+                }
                 self.node.snapshot_encoded(now, group, index, data);
             }
             if !self.requests.is_empty() {
@@ -345,8 +371,40 @@ impl Server {
                 return Err(ServerError(fault));
             }
             self.forget_repaired_damage()?;
+            self.publish_stats();
         }
         Ok(())
+    }
+
+    /// Hands the metrics a fresh copy of the core's counters, every `STATS_INTERVAL`.
+    fn publish_stats(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .stats_published_at
+            .is_some_and(|at| now.duration_since(at) < STATS_INTERVAL)
+        {
+            return;
+        }
+        self.stats_published_at = Some(now);
+        self.metrics.stats.publish(self.node.stats());
+        let open = |port| self.conns.values().filter(|c| c.port == port).count() as i64;
+        let shell = &self.metrics.shell;
+        shell
+            .connections_open
+            .get_or_create(&PortLabel { port: "client" })
+            .set(open(Port::Client));
+        shell
+            .connections_open
+            .get_or_create(&PortLabel { port: "peer" })
+            .set(open(Port::Peer));
+    }
+
+    fn refused_metric(&self, reason: &'static str) {
+        self.metrics
+            .shell
+            .refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     fn forget_repaired_damage(&mut self) -> Result<(), ServerError> {
@@ -421,10 +479,21 @@ impl Server {
                         .register(Conn::new(transport, port, addr, None))
                         .is_some()
                     {
-                        match port {
-                            Port::Client => self.accepted.0 += 1,
-                            Port::Peer => self.accepted.1 += 1,
-                        }
+                        let label = match port {
+                            Port::Client => {
+                                self.accepted.0 += 1;
+                                "client"
+                            }
+                            Port::Peer => {
+                                self.accepted.1 += 1;
+                                "peer"
+                            }
+                        };
+                        self.metrics
+                            .shell
+                            .connections_accepted
+                            .get_or_create(&PortLabel { port: label })
+                            .inc();
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -483,6 +552,7 @@ impl Server {
     }
 
     fn refused_at_accept(&mut self, addr: SocketAddr, port: Port) {
+        self.refused_metric("connections_max");
         self.refused_unlogged += 1;
         let now = std::time::Instant::now();
         if self
@@ -620,6 +690,7 @@ impl Server {
             .map(|(t, _)| *t)
             .collect();
         for token in late {
+            self.refused_metric("handshake_timeout");
             let why = format!(
                 "no TLS handshake and accepted Hello within {} s",
                 HANDSHAKE_TIMEOUT.as_secs()
@@ -645,6 +716,7 @@ impl Server {
             match (conn.kind, frame) {
                 (Kind::Unknown, hello) => {
                     if let Err(why) = self.hello(token, &hello) {
+                        self.refused_metric("hello");
                         return self.refuse(token, &why);
                     }
                     // Frames after the Hello are read with the limits that follow from it.
@@ -661,9 +733,16 @@ impl Server {
                     match denied {
                         None => {
                             conn.requests_pending += 1;
+                            self.started
+                                .insert((client, id), (std::time::Instant::now(), request.kind()));
                             self.requests.push((client, id, request));
                         }
                         Some((principal, reason)) => {
+                            self.metrics
+                                .shell
+                                .refused
+                                .get_or_create(&ReasonLabel { reason: "acl" })
+                                .inc();
                             if self.warnings.allow(std::time::Instant::now()) {
                                 warn!(principal, addr = %conn.addr, request = request_name(&request), "request refused: {reason}");
                             }
@@ -682,6 +761,7 @@ impl Server {
                         }
                         _ => format!("unexpected frame {}", frame_name(&frame)),
                     };
+                    self.refused_metric("protocol");
                     return self.refuse(token, &why);
                 }
             }
@@ -749,6 +829,14 @@ impl Server {
         }
         if let Kind::Client(client) = conn.kind {
             self.clients.remove(&client);
+            let answered: Vec<_> = self
+                .started
+                .range((client, 0)..=(client, RequestId::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            for key in answered {
+                self.started.remove(&key);
+            }
         }
         if let Some(peer) = conn.dialed
             && let Some(link) = self.links.get_mut(&peer)
@@ -776,6 +864,8 @@ impl Server {
     /// Hands the node's outputs to the storage thread and the sockets.
     fn drain(&mut self) {
         while let Some(job) = self.node.poll_snapshot_job() {
+            self.snapshot_started
+                .insert(job.group, std::time::Instant::now());
             self.snapshots.submit(job);
         }
         while let Some((group, write)) = self.node.poll_write() {
@@ -785,6 +875,13 @@ impl Server {
             self.send_peer(envelope);
         }
         while let Some((client, id, response)) = self.node.poll_response() {
+            if let Some((at, kind)) = self.started.remove(&(client, id)) {
+                self.metrics
+                    .shell
+                    .request_seconds
+                    .get_or_create(&KindLabel { kind })
+                    .observe(at.elapsed().as_secs_f64());
+            }
             let Some(token) = self.clients.get(&client).copied() else {
                 continue; // the client left; it will retry elsewhere
             };
@@ -813,6 +910,14 @@ impl Server {
     }
 
     fn send_peer(&mut self, envelope: Envelope) {
+        if let holdfast_core::raft::Message::Append { entries, .. } = &envelope.message
+            && !entries.is_empty()
+        {
+            let shell = &self.metrics.shell;
+            shell.append_entries.observe(entries.len() as f64);
+            let bytes: usize = entries.iter().map(|e| e.command_bytes()).sum();
+            shell.append_bytes.observe(bytes as f64);
+        }
         // No link: drop it. Raft retransmits what matters.
         let Some(token) = self.links.get(&envelope.to).and_then(|l| l.token) else {
             return;
@@ -906,5 +1011,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::Ack { .. } => "Ack",
         Request::ReconsumeLater { .. } => "ReconsumeLater",
         Request::Release { .. } => "Release",
+        Request::SeekGroup { .. } => "SeekGroup",
+        Request::DeleteGroup { .. } => "DeleteGroup",
     }
 }

@@ -42,6 +42,8 @@ struct Shared {
     done: Mutex<Vec<Done>>,
     fsyncs: AtomicU64,
     batches: AtomicU64,
+    /// Where sync latencies and sizes go, when the server exports metrics.
+    metrics: Option<crate::metrics::ShellMetrics>,
 }
 
 impl Shared {
@@ -67,8 +69,20 @@ impl StorageThread {
         stores: BTreeMap<GroupId, GroupStore>,
         notify: Box<dyn Fn() + Send>,
     ) -> StorageThread {
+        StorageThread::spawn_measured(stores, notify, None)
+    }
+
+    /// [`StorageThread::spawn`], recording each sync's latency, entries and bytes in `metrics`.
+    pub fn spawn_measured(
+        stores: BTreeMap<GroupId, GroupStore>,
+        notify: Box<dyn Fn() + Send>,
+        metrics: Option<crate::metrics::ShellMetrics>,
+    ) -> StorageThread {
         let (sender, receiver) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            metrics,
+            ..Shared::default()
+        });
         let thread_shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("holdfast-storage".to_string())
@@ -159,11 +173,22 @@ fn run(
         record_due = true;
         let mut reports = Vec::new();
         let mut last_ids: BTreeMap<GroupId, WriteId> = BTreeMap::new();
+        // Per group: when its first write of the batch started, entries and command bytes.
+        let mut sizes: BTreeMap<GroupId, (std::time::Instant, u64, u64)> = BTreeMap::new();
         let queued = receiver.try_iter().take(BATCH_WRITES_MAX - 1);
         for (group, write) in std::iter::once(first).chain(queued) {
             if failed.contains(&group) {
                 continue;
             }
+            let size = sizes
+                .entry(group)
+                .or_insert((std::time::Instant::now(), 0, 0));
+            size.1 += write.entries.len() as u64;
+            size.2 += write
+                .entries
+                .iter()
+                .map(|e| e.command_bytes() as u64)
+                .sum::<u64>();
             let result = match stores.get_mut(&group) {
                 Some(store) => store.write(&write),
                 None => Err(StorageError::UnknownGroup { group }),
@@ -185,9 +210,14 @@ fn run(
             };
             let before = store.fsyncs();
             let result = store.sync();
-            shared
-                .fsyncs
-                .fetch_add(store.fsyncs().saturating_sub(before), Ordering::Relaxed);
+            let synced = store.fsyncs().saturating_sub(before);
+            shared.fsyncs.fetch_add(synced, Ordering::Relaxed);
+            if let Some(metrics) = &shared.metrics {
+                metrics.fsyncs.inc_by(synced);
+                if let (Ok(()), Some((started, entries, bytes))) = (&result, sizes.get(&group)) {
+                    metrics.synced(started.elapsed(), *entries, *bytes);
+                }
+            }
             match result {
                 Ok(()) => reports.push(Ok((group, id))),
                 Err(e) => {
@@ -221,9 +251,11 @@ fn record_synced(
         }
         let before = store.fsyncs();
         let result = store.record_synced();
-        shared
-            .fsyncs
-            .fetch_add(store.fsyncs().saturating_sub(before), Ordering::Relaxed);
+        let synced = store.fsyncs().saturating_sub(before);
+        shared.fsyncs.fetch_add(synced, Ordering::Relaxed);
+        if let Some(metrics) = &shared.metrics {
+            metrics.fsyncs.inc_by(synced);
+        }
         if let Err(e) = result {
             failed.insert(*group);
             reports.push(Err((*group, e)));

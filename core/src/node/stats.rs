@@ -1,0 +1,214 @@
+//! Counters a node keeps about itself, and the snapshot of them that [`BrokerNode::stats`]
+//! returns. The server exports them as metrics and tests read them, so both see the facts the
+//! core counted as they happened instead of each inferring them by diffing state.
+//!
+//! Everything here is bounded: per-topic counters for topics the metadata table knows (at most
+//! `TOPICS_MAX`), and the per-queue lists of a snapshot at most [`STATS_QUEUES_MAX`] long.
+
+use std::collections::BTreeMap;
+
+use crate::broker::QueueId;
+use crate::raft::{GroupId, Index, NodeId, Role, Term};
+
+use super::BrokerNode;
+
+/// Most queues (and most consumer-group/queue pairs) a stats snapshot lists, so a scrape of a
+/// node with a huge topic table stays a bounded amount of work; `truncated` says when more
+/// were left out.
+pub const STATS_QUEUES_MAX: usize = 16_384;
+
+/// What one node counted about one of its replicas since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupCounters {
+    /// Elections this replica won.
+    pub elections_won: u64,
+    /// Times this replica stopped leading.
+    pub stepped_down: u64,
+    /// Times this replica learned of a new leader (itself included).
+    pub leader_changes: u64,
+    /// Log entries applied to the state machine.
+    pub entries_applied: u64,
+    /// Commands in those entries.
+    pub commands_applied: u64,
+    /// Messages moved to a retry queue by `ReconsumeLater` (applied).
+    pub reconsumed: u64,
+    /// Messages moved to a dead-letter queue (applied).
+    pub dead_lettered: u64,
+    /// Snapshots from the leader installed in place of the state.
+    pub snapshots_restored: u64,
+    /// Snapshots taken here that replaced a prefix of the log.
+    pub snapshots_compacted: u64,
+    /// The size of the newest snapshot taken or restored, bytes.
+    pub snapshot_bytes_last: u64,
+}
+
+/// Traffic of one topic through this node, as leader of its queues.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicCounters {
+    /// Messages and body bytes of send requests proposed (a refused or retried send may be
+    /// counted and not stored; see the queues' `next_offset` for what was stored).
+    pub send_messages: u64,
+    pub send_bytes: u64,
+    /// Messages and body bytes handed to consumers in pull answers.
+    pub pulled_messages: u64,
+    pub pulled_bytes: u64,
+    /// Of those, messages handed to their consumer group before: redeliveries.
+    pub redelivered: u64,
+}
+
+/// The node's own counters, updated as inputs arrive and outputs leave.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Counters {
+    pub groups: BTreeMap<GroupId, GroupCounters>,
+    pub requests: BTreeMap<&'static str, u64>,
+    pub responses: BTreeMap<&'static str, u64>,
+    pub topics: BTreeMap<String, TopicCounters>,
+}
+
+impl Counters {
+    pub fn group(&mut self, group: GroupId) -> &mut GroupCounters {
+        self.groups.entry(group).or_default()
+    }
+
+    /// The counters of `topic`, which the caller checked the topic table knows (so the map
+    /// stays within `TOPICS_MAX` plus the retry and dead-letter topics of live groups).
+    pub fn topic(&mut self, topic: &str) -> &mut TopicCounters {
+        self.topics.entry(topic.to_string()).or_default()
+    }
+}
+
+/// A replica at the moment of the snapshot, with its counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupStats {
+    pub group: GroupId,
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub commit_index: Index,
+    pub applied_index: Index,
+    pub last_index: Index,
+    pub snapshot_index: Index,
+    pub counters: GroupCounters,
+}
+
+/// A queue of a broker group, as this replica has applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    pub group: GroupId,
+    pub queue: QueueId,
+    /// Messages ever appended: the offset the next one gets.
+    pub next_offset: u64,
+    /// The oldest offset retention kept.
+    pub start_offset: u64,
+}
+
+/// How far one consumer group is behind on one queue, as this replica has applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LagStats {
+    pub group: GroupId,
+    pub consumer_group: String,
+    pub queue: QueueId,
+    pub consume_offset: u64,
+    /// Messages waiting: `next_offset - consume_offset`.
+    pub lag: u64,
+}
+
+/// Everything [`BrokerNode::stats`] reports. Pure data: reading it changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStats {
+    pub node: NodeId,
+    pub groups: Vec<GroupStats>,
+    /// Client requests taken, by kind (`Request::kind`).
+    pub requests: BTreeMap<&'static str, u64>,
+    /// Answers handed out, by kind (`Response::kind`): refusals are `refused`, `not_leader`,
+    /// `busy` and `revoked`.
+    pub responses: BTreeMap<&'static str, u64>,
+    pub topics: BTreeMap<String, TopicCounters>,
+    pub queues: Vec<QueueStats>,
+    pub lag: Vec<LagStats>,
+    /// Pulls waiting for messages or for their queue's lease.
+    pub parked_pulls: u64,
+    /// Whether `queues` or `lag` stopped at [`STATS_QUEUES_MAX`].
+    pub truncated: bool,
+}
+
+impl NodeStats {
+    /// Whether every replica on this node knows a leader: the node can serve or redirect
+    /// every request.
+    pub fn every_group_has_leader(&self) -> bool {
+        !self.groups.is_empty() && self.groups.iter().all(|g| g.leader.is_some())
+    }
+}
+
+impl BrokerNode {
+    /// A snapshot of what this node counted and of its replicas' positions; see [`NodeStats`].
+    pub fn stats(&self) -> NodeStats {
+        let mut queues = Vec::new();
+        let mut lag = Vec::new();
+        let mut truncated = false;
+        let groups = self
+            .groups()
+            .filter_map(|group| {
+                let s = self.replica(group)?.status();
+                Some(GroupStats {
+                    group,
+                    role: s.role,
+                    term: s.term,
+                    leader: s.leader,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    last_index: s.last_index,
+                    snapshot_index: s.snapshot_index,
+                    counters: self
+                        .counters
+                        .groups
+                        .get(&group)
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        for group in self.groups() {
+            let Some(state) = self.broker_state(group) else {
+                continue;
+            };
+            for queue in state.queues() {
+                if queues.len() >= STATS_QUEUES_MAX {
+                    truncated = true;
+                    break;
+                }
+                queues.push(QueueStats {
+                    group,
+                    queue: queue.clone(),
+                    next_offset: state.queue_len(queue).unwrap_or(0),
+                    start_offset: state.start_offset(queue).unwrap_or(0),
+                });
+            }
+            for (consumer_group, queue, consume_offset) in state.consume_offsets() {
+                if lag.len() >= STATS_QUEUES_MAX {
+                    truncated = true;
+                    break;
+                }
+                let next = state.queue_len(queue).unwrap_or(0);
+                lag.push(LagStats {
+                    group,
+                    consumer_group: consumer_group.to_string(),
+                    queue: queue.clone(),
+                    consume_offset,
+                    lag: next.saturating_sub(consume_offset),
+                });
+            }
+        }
+        NodeStats {
+            node: self.id(),
+            groups,
+            requests: self.counters.requests.clone(),
+            responses: self.counters.responses.clone(),
+            topics: self.counters.topics.clone(),
+            queues,
+            lag,
+            parked_pulls: self.parked_pulls() as u64,
+            truncated,
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Consumer-group administration for the CLI: list, describe, seek and delete.
+//!
+//! Reads come from each broker group's leader (its `Status`: committed offsets, queue ends and
+//! queue holders as it has applied them); seek and delete are commands through each broker
+//! group's Raft log, admin-only, refused while a member holds a queue unless forced.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use holdfast_core::broker::{QueueId, SeekTo};
+use holdfast_core::node::protocol::{ConsumerProgress, QueueHolder, Request, Response};
+use holdfast_core::raft::GroupId;
+use serde_json::json;
+
+use crate::client::{Admin, ClientConfig, ClientError};
+use crate::output::{Failed, Failure, json_line};
+
+/// How long an admin command keeps looking for a leader.
+const ADMIN_WAIT: Duration = Duration::from_secs(10);
+
+/// One queue of one consumer group, as its broker group's leader has applied it.
+#[derive(Clone, Debug, Default)]
+pub struct GroupQueue {
+    pub broker: GroupId,
+    pub queue: Option<QueueId>,
+    pub consume_offset: u64,
+    pub end_offset: u64,
+    pub holder: Option<String>,
+    pub generation: u64,
+}
+
+impl GroupQueue {
+    pub fn lag(&self) -> u64 {
+        self.end_offset.saturating_sub(self.consume_offset)
+    }
+}
+
+/// Every consumer group's queues, from the leader of each broker group: what `group list`
+/// and `group describe` show.
+pub fn collect(admin: &mut Admin) -> Result<BTreeMap<String, Vec<GroupQueue>>, Failed> {
+    let mut by_group: BTreeMap<String, BTreeMap<(GroupId, QueueId), GroupQueue>> = BTreeMap::new();
+    let mut led = std::collections::BTreeSet::new();
+    let mut answered = false;
+    for node in admin.node_ids() {
+        let Some(Response::Status { groups, .. }) = admin.ask(node, Request::Status) else {
+            if let Some(why) = admin.refusal() {
+                return Err(Failed::refused(format!("refused: {why}")));
+            }
+            continue;
+        };
+        answered = true;
+        for g in groups {
+            if g.group == 0 || g.role != "Leader" || !led.insert(g.group) {
+                continue;
+            }
+            for ConsumerProgress {
+                group,
+                queue,
+                consume_offset,
+                queue_len,
+            } in g.consumers
+            {
+                let entry = by_group
+                    .entry(group)
+                    .or_default()
+                    .entry((g.group, queue.clone()))
+                    .or_default();
+                entry.broker = g.group;
+                entry.queue = Some(queue);
+                entry.consume_offset = consume_offset;
+                entry.end_offset = queue_len;
+            }
+            for QueueHolder {
+                group,
+                queue,
+                member,
+                generation,
+            } in g.holders
+            {
+                let entry = by_group
+                    .entry(group)
+                    .or_default()
+                    .entry((g.group, queue.clone()))
+                    .or_default();
+                entry.broker = g.group;
+                entry.queue = Some(queue);
+                entry.holder = member;
+                entry.generation = generation;
+            }
+        }
+    }
+    if !answered {
+        return Err(Failed::new(Failure::Timeout, "no server answered"));
+    }
+    Ok(by_group
+        .into_iter()
+        .map(|(group, queues)| (group, queues.into_values().collect()))
+        .collect())
+}
+
+pub fn list(config: ClientConfig, json: bool) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let groups = collect(&mut admin)?;
+    let rows: Vec<_> = groups
+        .iter()
+        .map(|(name, queues)| {
+            let lag: u64 = queues.iter().map(GroupQueue::lag).sum();
+            let mut members: Vec<&str> =
+                queues.iter().filter_map(|q| q.holder.as_deref()).collect();
+            members.sort_unstable();
+            members.dedup();
+            (name, queues.len(), lag, members)
+        })
+        .collect();
+    if json {
+        let groups: Vec<_> = rows
+            .iter()
+            .map(|(name, queues, lag, members)| {
+                json!({"group": name, "queues": queues, "lag": lag, "members": members})
+            })
+            .collect();
+        json_line(&json!({ "groups": groups }));
+        return Ok(());
+    }
+    if rows.is_empty() {
+        out!("no consumer groups");
+    }
+    for (name, queues, lag, members) in rows {
+        out!(
+            "{name}\t{queues} queues\tlag {lag}\tmembers holding queues: {}",
+            if members.is_empty() {
+                "none".to_string()
+            } else {
+                members.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+pub fn describe(config: ClientConfig, group: &str, json: bool) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let mut groups = collect(&mut admin)?;
+    let Some(queues) = groups.remove(group) else {
+        return Err(Failed::refused(format!(
+            "unknown consumer group {group:?}: no broker group leader knows it"
+        )));
+    };
+    if json {
+        let rows: Vec<_> = queues
+            .iter()
+            .map(|q| {
+                let queue = q.queue.clone().unwrap_or_else(|| QueueId::new("", 0));
+                json!({
+                    "broker_group": q.broker,
+                    "topic": queue.topic,
+                    "queue": queue.queue,
+                    "committed_offset": q.consume_offset,
+                    "end_offset": q.end_offset,
+                    "lag": q.lag(),
+                    "holder": q.holder,
+                    "generation": q.generation,
+                })
+            })
+            .collect();
+        json_line(&json!({"group": group, "queues": rows}));
+        return Ok(());
+    }
+    out!("consumer group {group}");
+    for q in &queues {
+        let queue = q
+            .queue
+            .as_ref()
+            .map_or_else(|| "?".to_string(), ToString::to_string);
+        out!(
+            "  {queue:<24} broker group {:<3} committed {:<8} end {:<8} lag {:<8} {}",
+            q.broker,
+            q.consume_offset,
+            q.end_offset,
+            q.lag(),
+            match &q.holder {
+                Some(m) => format!("held by {m} (generation {})", q.generation),
+                None => "not held".to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Moves `group`'s position on `topic`'s queues (all, or `queue`).
+pub fn seek(
+    config: ClientConfig,
+    group: &str,
+    topic: &str,
+    queue: Option<u32>,
+    to: SeekTo,
+    force: bool,
+) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let routes = match admin.ask_leader(
+        Request::Route {
+            topic: topic.to_string(),
+        },
+        ADMIN_WAIT,
+    ) {
+        Ok(Response::Routes { routes, .. }) => routes,
+        Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+        Err(ClientError::Refused(why)) => return Err(Failed::refused(why)),
+        Err(e) => return Err(e.into()),
+    };
+    let chosen: Vec<_> = routes
+        .into_iter()
+        .filter(|r| queue.is_none_or(|q| r.queue.queue == q))
+        .collect();
+    if chosen.is_empty() {
+        return Err(Failed::refused(format!(
+            "topic {topic} has no queue {}",
+            queue.unwrap_or(0)
+        )));
+    }
+    for route in chosen {
+        let request = Request::SeekGroup {
+            broker: route.group,
+            group: group.to_string(),
+            queue: route.queue.clone(),
+            to,
+            force,
+        };
+        match admin.ask_leader_of(route.group, request, ADMIN_WAIT) {
+            Ok(Response::Acked { consume_offset, .. }) => {
+                out!(
+                    "{group} {}: committed offset now {consume_offset}",
+                    route.queue
+                );
+            }
+            Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+            Err(ClientError::Refused(why)) => {
+                return Err(Failed::refused(format!("{group} {}: {why}", route.queue)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Forgets `group` in every broker group.
+pub fn delete(config: ClientConfig, group: &str, force: bool) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let brokers = broker_groups(&mut admin)?;
+    let (mut offsets, mut leases) = (0, 0);
+    for broker in brokers {
+        let request = Request::DeleteGroup {
+            broker,
+            group: group.to_string(),
+            force,
+        };
+        match admin.ask_leader_of(broker, request, ADMIN_WAIT) {
+            Ok(Response::GroupDeleted {
+                offsets: o,
+                leases: l,
+                ..
+            }) => {
+                offsets += o;
+                leases += l;
+            }
+            Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+            Err(ClientError::Refused(why)) => {
+                return Err(Failed::refused(format!("group {group}: {why}")));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if offsets + leases == 0 {
+        out!("consumer group {group} had no offsets or leases: nothing to delete");
+    } else {
+        out!("deleted consumer group {group}: {offsets} queue positions, {leases} leases");
+    }
+    Ok(())
+}
+
+/// The broker groups, from the first node that answers `Status`.
+fn broker_groups(admin: &mut Admin) -> Result<Vec<GroupId>, Failed> {
+    for node in admin.node_ids() {
+        if let Some(Response::Status { groups, .. }) = admin.ask(node, Request::Status) {
+            return Ok(groups.iter().map(|g| g.group).filter(|g| *g != 0).collect());
+        }
+        if let Some(why) = admin.refusal() {
+            return Err(Failed::refused(format!("refused: {why}")));
+        }
+    }
+    Err(Failed::new(Failure::Timeout, "no server answered"))
+}

@@ -605,6 +605,48 @@ fn partitioned_node_with_pre_vote_keeps_its_term_and_does_not_depose_leader() {
     );
 }
 
+/// Issue 17 asked whether PreVote refusals under a live leader lease could hold a healed node
+/// in PreCandidate for seconds. They cannot: the leader's next heartbeat makes it a follower,
+/// whatever it was doing. Checked in 5 ms steps, for a cut-off follower and for a cut-off
+/// leader that the others replaced, after a partition long enough for many campaigns.
+#[test]
+fn a_healed_node_follows_the_leader_within_one_heartbeat_interval() {
+    for cut in [3, 1] {
+        let mut net = Net::new(3, |_| {});
+        net.elect(1);
+        net.advance(ms(200));
+        let heartbeat = net.node(1).config().heartbeat_interval;
+
+        net.isolated.insert(cut);
+        net.advance(ms(15_000));
+        let lonely = net.status(cut);
+        assert_eq!(
+            lonely.role,
+            Role::PreCandidate,
+            "node {cut} campaigns alone"
+        );
+        let leader = (1..=3)
+            .find(|id| *id != cut && net.status(*id).role == Role::Leader)
+            .expect("the majority has a leader");
+        let term = net.status(leader).term;
+
+        net.isolated.clear();
+        let healed = net.now;
+        while net.status(cut).leader != Some(leader) {
+            assert!(
+                net.now < healed + heartbeat + ms(10),
+                "node {cut} still {:?} {:?} after healing",
+                net.status(cut).role,
+                net.now.saturating_since(healed)
+            );
+            net.advance(ms(5));
+        }
+        let back = net.status(cut);
+        assert_eq!((back.role, back.term), (Role::Follower, term));
+        assert_eq!(net.status(leader).role, Role::Leader, "the leader stays");
+    }
+}
+
 #[test]
 fn partitioned_node_without_pre_vote_inflates_its_term() {
     // The contrast that makes the test above meaningful.

@@ -45,7 +45,7 @@ use crate::clock::Clock;
 use crate::config::ServerConfig;
 use crate::storage::{GroupStore, StorageConfig, StorageThread};
 use crate::tls::NodeTls;
-use crate::transport::Transport;
+use crate::transport::{Transport, set_unacked_timeout};
 use conn::{Closed, Conn, Kind};
 use handshake::Port;
 
@@ -70,7 +70,18 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// The loop wakes at least this often to look at the stop flag and reconnect peers.
 const TICK: Duration = Duration::from_millis(50);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// A dead peer costs a connect attempt this often at most: cheap, and a peer that comes back
+/// (healed, restarted) is reached within it.
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
+/// A peer link whose sent data the other side's TCP has not acknowledged for this long is
+/// closed by the kernel and dialed again ([`crate::transport::set_unacked_timeout`]). Several
+/// retransmissions fit on a LAN (200 ms minimum each); a link that is merely idle is never
+/// closed by it.
+const PEER_UNACKED_TIMEOUT: Duration = Duration::from_secs(1);
+/// A dial to a peer whose TCP connection is not established by then is abandoned and made
+/// again at once: the kernel would retry its SYN only after 1, 3, 7, ... s, so across a
+/// partition a fresh SYN every half second is what reaches the peer soon after it heals.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 pub struct ServerError(pub String);
@@ -335,6 +346,7 @@ impl Server {
             self.drain();
             self.resume_paused();
             self.close_late_handshakes();
+            self.abandon_slow_dials();
             if let Some(fault) = self.node.poll_fault() {
                 error!("stopping this node: {fault}");
                 return Err(ServerError(fault));
@@ -509,6 +521,9 @@ impl Server {
             let token = match TcpStream::connect(addr) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
+                    if let Err(e) = set_unacked_timeout(&stream, PEER_UNACKED_TIMEOUT) {
+                        debug!(peer, "cannot bound unacknowledged time: {e}");
+                    }
                     let transport = match &self.security {
                         None => Some(Transport::plain(stream)),
                         Some(security) => crate::tls::server_name(peer)
@@ -703,6 +718,9 @@ impl Server {
                     link.backoff = RECONNECT_MIN;
                 }
                 info!(peer = node, addr = %conn.addr, dialed = conn.dialed.is_some(), "peer connected");
+                if conn.dialed.is_none() {
+                    self.close_superseded(token, node);
+                }
             }
             handshake::Accepted::Client(principal) => {
                 if let Some(p) = &principal {
@@ -717,6 +735,56 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// A node sends over the one link it dialed, so a newer link from it means it gave up
+    /// the older ones: across a partition they are dead without either side being told (the
+    /// close never arrived), and kept they would fill the peer port's few places per node.
+    fn close_superseded(&mut self, newest: Token, node: NodeId) {
+        let older: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(t, c)| **t != newest && c.dialed.is_none() && c.kind == Kind::Node(node))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in older {
+            info!(
+                peer = node,
+                "closing an older link from this peer: it dialed again"
+            );
+            self.close(token, &Closed::Eof);
+        }
+    }
+
+    /// Abandons dials whose TCP connection is not established within
+    /// [`PEER_CONNECT_TIMEOUT`] and lets `connect_links` dial again at once.
+    fn abandon_slow_dials(&mut self) {
+        let now = std::time::Instant::now();
+        let slow: Vec<(Token, NodeId)> = self
+            .links
+            .iter()
+            .filter_map(|(peer, link)| Some((link.token?, *peer)))
+            .filter(|(token, _)| {
+                self.conns.get(token).is_some_and(|c| {
+                    c.kind == Kind::Unknown
+                        && now.duration_since(c.opened) > PEER_CONNECT_TIMEOUT
+                        && c.transport.stream.peer_addr().is_err()
+                })
+            })
+            .collect();
+        for (token, peer) in slow {
+            let why = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "not connected within {} ms",
+                    PEER_CONNECT_TIMEOUT.as_millis()
+                ),
+            );
+            self.close(token, &Closed::Io(why));
+            if let Some(link) = self.links.get_mut(&peer) {
+                link.next_attempt = now;
+            }
+        }
     }
 
     fn close(&mut self, token: Token, why: &Closed) {

@@ -54,6 +54,15 @@ pub struct ServerConfig {
     /// the last one (and they outweigh it); 0 never compacts.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// On SIGTERM, hand every group this node leads to a peer (leadership transfer) before
+    /// exiting, so a rolling restart costs no election timeout. Off: the groups wait for an
+    /// election after the node is gone.
+    #[serde(default = "default_true")]
+    pub hand_over_on_stop: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where a node's certificates and principals are.

@@ -67,6 +67,10 @@ const PEER_FRAMES_PER_TURN_MAX: usize = 4_096;
 /// Refused connections are logged at most this often (with a count), so a flood of them does
 /// not become a flood of log lines.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// On SIGTERM a node hands the groups it leads to peers (leadership transfer) and stops once
+/// it leads none, or after this long: a transfer takes a round trip and a sync when peers are
+/// up to date, and gives up after an election timeout.
+const HANDOVER_WAIT_MAX: Duration = Duration::from_secs(2);
 /// The loop wakes at least this often to look at the stop flag and reconnect peers.
 const TICK: Duration = Duration::from_millis(50);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -135,6 +139,8 @@ struct Server {
     next_token: usize,
     next_client: ClientId,
     clock: Clock,
+    /// See `ServerConfig::hand_over_on_stop`.
+    hand_over_on_stop: bool,
     /// Connections that stopped reading at their budget, read again when there is room.
     paused: BTreeSet<Token>,
     /// Connections refused at accept since the last log line about it.
@@ -288,6 +294,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         next_client: 1,
         clock,
         paused: BTreeSet::new(),
+        hand_over_on_stop: config.hand_over_on_stop,
         refused_unlogged: 0,
         refused_logged_at: None,
         last_deadline_check: std::time::Instant::now(),
@@ -301,9 +308,35 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
 }
 
 impl Server {
+    /// Serves until `stop` is set, then hands over the groups it leads (see
+    /// [`HANDOVER_WAIT_MAX`]) before returning.
     fn run(&mut self, stop: &AtomicBool) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
-        while !stop.load(Ordering::Relaxed) {
+        let mut handover_until: Option<std::time::Instant> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                if !self.hand_over_on_stop {
+                    break;
+                }
+                let deadline = *handover_until.get_or_insert_with(|| {
+                    info!("stopping: handing over the groups this node leads");
+                    std::time::Instant::now() + HANDOVER_WAIT_MAX
+                });
+                let transferring = self.node.hand_over_leadership(self.clock.now());
+                self.drain();
+                if transferring == 0 {
+                    info!("no group left to hand over");
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    warn!(
+                        transferring,
+                        "stopping while still leading: no peer took over within {} ms",
+                        HANDOVER_WAIT_MAX.as_millis()
+                    );
+                    break;
+                }
+            }
             self.connect_links();
             let now = self.clock.now();
             let wait = self.node.poll_timeout().saturating_since(now).min(TICK);
@@ -935,6 +968,9 @@ fn log_event(event: NodeEvent) {
             warn!(group, from, %why, "refused a peer message")
         }
         NodeEvent::RequestRefused { client, why } => warn!(client, %why, "refused a request"),
+        NodeEvent::TransferAborted { group, term, to } => {
+            warn!(group, term, to, "gave up handing leadership over")
+        }
     }
 }
 

@@ -82,6 +82,7 @@ impl World {
                 );
             }
             Err(ProposeError::NotLeader { leader_hint }) => client.leader_hint = leader_hint,
+            Err(ProposeError::Transferring { to }) => client.leader_hint = Some(to),
             Err(ProposeError::Busy) => {}
         }
         self.drain(target, group)

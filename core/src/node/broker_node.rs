@@ -77,6 +77,10 @@ pub enum NodeEvent {
 }
 
 /// Static configuration of a node.
+/// The leader balancer looks this often by default: moves are rare and each costs the group a
+/// round trip without proposals, so there is no hurry.
+pub const LEADER_BALANCE_INTERVAL_MS_DEFAULT: u64 = 3_000;
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
@@ -102,6 +106,9 @@ pub struct NodeConfig {
     pub snapshot_entries_min: Option<u64>,
     /// How often a broker group's leader checks whether retention has messages to delete.
     pub trim_interval_ms: u64,
+    /// How often this node looks whether it leads too many groups and hands one over (see
+    /// `balance.rs`); `None`: never.
+    pub leader_balance_interval_ms: Option<u64>,
     pub canary: Option<Canary>,
 }
 
@@ -119,6 +126,7 @@ impl NodeConfig {
             record_applied: false,
             snapshot_entries_min: Some(10_000),
             trim_interval_ms: 1_000,
+            leader_balance_interval_ms: Some(LEADER_BALANCE_INTERVAL_MS_DEFAULT),
             canary: None,
         }
     }
@@ -257,6 +265,8 @@ pub struct BrokerNode {
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
     snapshot_jobs: VecDeque<SnapshotJob>,
+    /// When the leader balancer looks next (`None`: it is off).
+    balance_at: Option<Instant>,
 }
 
 impl BrokerNode {
@@ -328,6 +338,7 @@ impl BrokerNode {
             applied: VecDeque::new(),
             faults,
             snapshot_jobs: VecDeque::new(),
+            balance_at: None,
         };
         node.settle(now);
         node
@@ -409,7 +420,54 @@ impl BrokerNode {
                 group.raft.handle_timeout(now);
             }
         }
+        self.balance_leaders(now);
         self.settle(now);
+    }
+
+    /// Hands over one group this node leads if it leads at least two more than some live node
+    /// (see `balance.rs`), once per `leader_balance_interval_ms`.
+    fn balance_leaders(&mut self, now: Instant) {
+        let Some(interval_ms) = self.config.leader_balance_interval_ms else {
+            return;
+        };
+        let interval = std::time::Duration::from_millis(interval_ms);
+        let Some(at) = self.balance_at else {
+            self.balance_at = Some(now + interval);
+            return;
+        };
+        if now < at {
+            return;
+        }
+        self.balance_at = Some(now + interval);
+        let me = self.config.id;
+        let mut leaders = BTreeMap::new();
+        let mut live = BTreeSet::from([me]);
+        let mut heard: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::new();
+        let recent = self.config.raft.election_timeout_min;
+        for (id, group) in &self.groups {
+            let status = group.raft.status();
+            if status.role == Role::Leader && group.raft.transferring_to().is_some() {
+                return; // one move at a time
+            }
+            leaders.insert(*id, status.leader);
+            live.extend(status.leader);
+            if status.role == Role::Leader {
+                let peers = group.raft.peers_heard_within(now, recent);
+                live.extend(peers.iter().copied());
+                heard.insert(*id, peers);
+            }
+        }
+        let reachable = |group: GroupId, node: NodeId| {
+            heard.get(&group).is_some_and(|peers| peers.contains(&node))
+        };
+        let Some((group, to)) = super::balance::pick_transfer(me, &leaders, &live, reachable)
+        else {
+            return;
+        };
+        if let Some(g) = self.groups.get_mut(&group) {
+            // Refused only if it stopped leading meanwhile, which it did not.
+            let _ = g.raft.transfer_leadership(now, to);
+        }
     }
 
     /// The driver synced `write` of `group` and everything before it.
@@ -790,7 +848,10 @@ impl BrokerNode {
     pub fn poll_timeout(&self) -> Instant {
         let raft = self.groups.values().map(|g| g.raft.poll_timeout());
         let pulls = self.parked.iter().map(|p| p.wake_at);
-        raft.chain(pulls).min().unwrap_or(Instant::ZERO)
+        raft.chain(pulls)
+            .chain(self.balance_at)
+            .min()
+            .unwrap_or(Instant::ZERO)
     }
 
     // ----- internals -----

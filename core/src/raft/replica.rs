@@ -385,6 +385,14 @@ impl Replica {
                     term: self.term,
                     to,
                 });
+                if self.timeout_now_term == self.term {
+                    // TimeoutNow went out, so our read lease is void for this term (a late one
+                    // may still start a transfer campaign that voters grant despite their
+                    // promise). A leader without a lease serves no reads: step down and let an
+                    // election make a leader with a lease, rather than stay one without.
+                    self.become_follower(now, self.term, None);
+                    return;
+                }
             }
             if now >= self.check_quorum_deadline {
                 self.check_quorum_deadline = now + self.config.election_timeout_min;
@@ -607,7 +615,8 @@ impl Replica {
     /// proposal meanwhile, brings `to` up to its last entry, then sends it `TimeoutNow`, on
     /// which `to` campaigns at once without PreVote, and the voters grant it despite their
     /// lease. Given up (a [`RaftEvent::TransferAborted`]) if `to` has not won within an election
-    /// timeout; proposals are taken again then.
+    /// timeout; proposals are taken again then, or, if `TimeoutNow` went out, this leader
+    /// steps down (its read lease is gone for the term).
     ///
     /// Safety is the ordinary election's: `to` needs a majority's votes in a new term with a
     /// log at least as up to date as theirs, and this leader steps down when it sees that
@@ -661,6 +670,16 @@ impl Replica {
             .filter(|(_, p)| p.recent_active)
             .max_by_key(|(id, p)| (p.match_index, std::cmp::Reverse(**id)))
             .map(|(id, _)| *id)
+    }
+
+    /// On a leader: the peers that answered a heartbeat sent within `within` before `now`.
+    pub fn peers_heard_within(&self, now: Instant, within: Duration) -> Vec<NodeId> {
+        let since = (now - within).as_micros();
+        self.progress
+            .iter()
+            .filter(|(_, p)| p.lease_context_us >= since && p.lease_context_us > 0)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub fn status(&self) -> Status {

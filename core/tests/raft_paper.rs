@@ -605,6 +605,48 @@ fn partitioned_node_with_pre_vote_keeps_its_term_and_does_not_depose_leader() {
     );
 }
 
+/// Issue 17 asked whether PreVote refusals under a live leader lease could hold a healed node
+/// in PreCandidate for seconds. They cannot: the leader's next heartbeat makes it a follower,
+/// whatever it was doing. Checked in 5 ms steps, for a cut-off follower and for a cut-off
+/// leader that the others replaced, after a partition long enough for many campaigns.
+#[test]
+fn a_healed_node_follows_the_leader_within_one_heartbeat_interval() {
+    for cut in [3, 1] {
+        let mut net = Net::new(3, |_| {});
+        net.elect(1);
+        net.advance(ms(200));
+        let heartbeat = net.node(1).config().heartbeat_interval;
+
+        net.isolated.insert(cut);
+        net.advance(ms(15_000));
+        let lonely = net.status(cut);
+        assert_eq!(
+            lonely.role,
+            Role::PreCandidate,
+            "node {cut} campaigns alone"
+        );
+        let leader = (1..=3)
+            .find(|id| *id != cut && net.status(*id).role == Role::Leader)
+            .expect("the majority has a leader");
+        let term = net.status(leader).term;
+
+        net.isolated.clear();
+        let healed = net.now;
+        while net.status(cut).leader != Some(leader) {
+            assert!(
+                net.now < healed + heartbeat + ms(10),
+                "node {cut} still {:?} {:?} after healing",
+                net.status(cut).role,
+                net.now.saturating_since(healed)
+            );
+            net.advance(ms(5));
+        }
+        let back = net.status(cut);
+        assert_eq!((back.role, back.term), (Role::Follower, term));
+        assert_eq!(net.status(leader).role, Role::Leader, "the leader stays");
+    }
+}
+
 #[test]
 fn partitioned_node_without_pre_vote_inflates_its_term() {
     // The contrast that makes the test above meaningful.
@@ -1059,4 +1101,257 @@ fn a_follower_busy_syncing_still_answers_heartbeats_but_acknowledges_only_durabl
         net.status(1).commit_index < index,
         "nothing committed on answers alone"
     );
+}
+
+// ----- leadership transfer (etcd-io/raft's TimeoutNow; Ongaro's thesis §3.10) -----
+
+#[test]
+fn transfer_to_a_caught_up_follower_elects_it_at_once_without_pre_vote() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.propose(1, 1);
+    net.run();
+    let term = net.status(1).term;
+    let before = net.now;
+
+    let now = net.now;
+    net.nodes
+        .get_mut(&1)
+        .expect("node")
+        .transfer_leadership(now, 2)
+        .expect("a leader may hand over to a voter");
+    net.flush(1);
+    // Delivered without letting any time pass: no election timeout is waited for.
+    let sent: Vec<Envelope> = net.run_holding(|_, _| false);
+    assert!(sent.is_empty());
+    assert_eq!(net.now, before);
+    let kinds: Vec<&Message> = net.delivered.iter().map(|e| &e.message).collect();
+    assert!(
+        kinds
+            .iter()
+            .any(|m| matches!(m, Message::TimeoutNow { .. })),
+        "no TimeoutNow went out"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|m| matches!(m, Message::TransferVote { .. })),
+        "the target did not campaign with transfer votes"
+    );
+    assert_eq!(
+        (net.status(2).role, net.status(2).term),
+        (Role::Leader, term + 1)
+    );
+    assert_eq!(
+        (net.status(1).role, net.status(1).leader),
+        (Role::Follower, Some(2))
+    );
+    assert_eq!(net.status(3).leader, Some(2));
+    // The new leader holds what the old one committed.
+    assert_eq!(terms_of(net.node(2))[..3], terms_of(net.node(1))[..3]);
+}
+
+#[test]
+fn transfer_to_a_lagging_follower_catches_it_up_first() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.isolated.insert(3);
+    for tag in 0..5 {
+        net.propose(1, tag);
+    }
+    net.run();
+    let last = net.status(1).last_index;
+    assert!(net.status(3).last_index < last);
+    net.isolated.clear();
+
+    let now = net.now;
+    net.nodes
+        .get_mut(&1)
+        .expect("node")
+        .transfer_leadership(now, 3)
+        .expect("transfer");
+    net.flush(1);
+    let mark = net.delivered.len();
+    net.run();
+    assert!(net.delivered.len() > mark);
+    assert_eq!(net.status(3).role, Role::Leader);
+    // TimeoutNow left only once node 3 acknowledged the whole log: it won with all of it.
+    let timeout_now = net
+        .delivered
+        .iter()
+        .position(|e| matches!(e.message, Message::TimeoutNow { .. }))
+        .expect("TimeoutNow sent");
+    let acked_all = net.delivered[..timeout_now].iter().any(|e| {
+        e.from == 3
+            && matches!(
+                e.message,
+                Message::AppendResponse {
+                    result: AppendResult::Accepted { match_index },
+                    ..
+                } if match_index == last
+            )
+    });
+    assert!(acked_all, "TimeoutNow before the target held the log");
+    for index in 1..=last {
+        assert_eq!(net.node(3).entry(index), net.node(1).entry(index));
+    }
+}
+
+#[test]
+fn a_transferring_leader_refuses_proposals_and_gives_up_after_an_election_timeout() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.advance(ms(100));
+    // Node 3 lags and stays cut off: it never holds the whole log, so no TimeoutNow leaves.
+    net.isolated.insert(3);
+    net.propose(1, 1);
+    net.run();
+    let now = net.now;
+    let leader = net.nodes.get_mut(&1).expect("node");
+    leader.transfer_leadership(now, 3).expect("transfer");
+    assert_eq!(leader.transferring_to(), Some(3));
+    assert_eq!(
+        leader.propose(now, 99, vec![Bytes::from_static(b"x")]),
+        Err(holdfast_core::raft::ProposeError::Transferring { to: 3 })
+    );
+    assert_eq!(
+        leader.transfer_leadership(now, 2),
+        Err(holdfast_core::raft::TransferError::Transferring { to: 3 })
+    );
+    let timeout = leader.config().election_timeout_min;
+
+    net.advance(timeout + ms(10));
+    let leader = net.nodes.get_mut(&1).expect("node");
+    assert_eq!(
+        leader.status().role,
+        Role::Leader,
+        "node 2 keeps it in office"
+    );
+    assert_eq!(leader.transferring_to(), None);
+    let events: Vec<_> = std::iter::from_fn(|| leader.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            holdfast_core::raft::RaftEvent::TransferAborted { to: 3, .. }
+        )),
+        "{events:?}"
+    );
+    net.propose(1, 100);
+    net.run();
+    assert!(net.status(1).commit_index >= 3, "proposals are taken again");
+}
+
+#[test]
+fn voters_in_a_leader_lease_grant_a_transfer_vote_but_not_a_plain_vote() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.advance(ms(100));
+    let term = net.status(2).term;
+    let last = net.status(2).last_index;
+    let last_term = net.node(2).entry(last).map(|e| e.term).expect("entry");
+    let now = net.now;
+    let voter = net.nodes.get_mut(&2).expect("node");
+
+    voter.step(
+        now,
+        3,
+        Message::Vote {
+            term: term + 1,
+            last_index: last,
+            last_term,
+        },
+    );
+    assert!(
+        settle(voter, now).is_empty(),
+        "a plain vote is ignored in the lease"
+    );
+    assert_eq!(voter.status().term, term);
+
+    voter.step(
+        now,
+        3,
+        Message::TransferVote {
+            term: term + 1,
+            last_index: last,
+            last_term,
+        },
+    );
+    assert_eq!(vote_answer(&settle(voter, now), 3), Some(true));
+    assert_eq!(voter.status().vote, Some(3));
+}
+
+#[test]
+fn a_leader_that_sent_timeout_now_has_no_read_lease_for_the_rest_of_its_term() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.advance(ms(100));
+    assert!(
+        net.node(1).read_lease(net.now),
+        "a settled leader has its lease"
+    );
+    // Node 2 hears TimeoutNow but nobody hears its votes: node 1 stays leader.
+    let now = net.now;
+    net.nodes
+        .get_mut(&1)
+        .expect("node")
+        .transfer_leadership(now, 2)
+        .expect("transfer");
+    net.flush(1);
+    let held = net.run_holding(|_, e| e.from == 2);
+    assert!(
+        held.iter()
+            .any(|e| matches!(e.message, Message::TransferVote { .. })),
+        "node 2 campaigned"
+    );
+    assert_eq!(net.status(1).role, Role::Leader);
+    assert!(
+        !net.node(1).read_lease(net.now),
+        "voters may grant node 2 despite their promise: no lease"
+    );
+    // Given up, node 1 steps down rather than lead on without a lease, and an election
+    // makes a leader that has one.
+    let timeout = net.node(1).config().election_timeout_min;
+    let gave_up = net.now + timeout;
+    while net.now < gave_up {
+        net.now = net.now + ms(5);
+        let now = net.now;
+        let node = net.nodes.get_mut(&1).expect("node");
+        if now >= node.poll_timeout() {
+            node.handle_timeout(now);
+        }
+    }
+    assert_ne!(net.status(1).role, Role::Leader, "leads on without a lease");
+    net.queue.clear();
+    net.advance(ms(2000));
+    let leader = (1..=3)
+        .find(|id| net.status(*id).role == Role::Leader)
+        .expect("a leader again");
+    assert!(net.node(leader).read_lease(net.now), "with a lease");
+}
+
+#[test]
+fn transfer_is_refused_by_a_follower_and_to_itself_or_a_stranger() {
+    use holdfast_core::raft::TransferError;
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    let now = net.now;
+    assert_eq!(
+        net.nodes
+            .get_mut(&2)
+            .expect("node")
+            .transfer_leadership(now, 3),
+        Err(TransferError::NotLeader {
+            leader_hint: Some(1)
+        })
+    );
+    let leader = net.nodes.get_mut(&1).expect("node");
+    assert_eq!(
+        leader.transfer_leadership(now, 1),
+        Err(TransferError::NotAVoter { to: 1 })
+    );
+    assert_eq!(
+        leader.transfer_leadership(now, 9),
+        Err(TransferError::NotAVoter { to: 9 })
+    );
+    assert_eq!(leader.transferring_to(), None);
 }

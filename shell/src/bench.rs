@@ -96,14 +96,25 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut sent = 0u64;
     let mut failed = 0u64;
+    let mut acked_at = Vec::new();
     for handle in producers {
-        let (h, ok, bad) = handle
+        let (h, ok, bad, at) = handle
             .join()
             .map_err(|_| "a producer thread panicked".to_string())??;
         latency.add(h).map_err(|e| e.to_string())?;
         sent += ok;
         failed += bad;
+        acked_at.extend(at);
     }
+    // The longest stretch in which no producer had a send acknowledged: what a node restart
+    // or a failover costs the writers.
+    acked_at.sort_unstable();
+    let longest_gap = std::iter::once(&started)
+        .chain(&acked_at)
+        .zip(&acked_at)
+        .map(|(a, b)| b.duration_since(*a))
+        .max()
+        .unwrap_or_default();
     let produce_secs = started.elapsed().as_secs_f64();
     let mut consumed = 0;
     for handle in consumers {
@@ -126,6 +137,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         latency.max() as f64 / 1_000.0
     );
     crate::out!(
+        "longest gap without an acknowledged send: {:.1} ms",
+        longest_gap.as_secs_f64() * 1e3
+    );
+    crate::out!(
         "msgs_per_s={msgs_per_s:.0} mb_per_s={mb_per_s:.2} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
         ms(0.5),
         ms(0.99),
@@ -140,7 +155,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-type ProduceResult = Result<(Histogram<u64>, u64, u64), String>;
+/// Latencies, sends acked, sends failed, and when each ack came.
+type ProduceResult = Result<(Histogram<u64>, u64, u64, Vec<Instant>), String>;
 
 fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> ProduceResult {
     let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
@@ -148,6 +164,7 @@ fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> 
     let body = Bytes::from(vec![b'x'; args.size]);
     let mut started = BTreeMap::new();
     let (mut issued, mut ok, mut failed) = (0u64, 0u64, 0u64);
+    let mut acked_at = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     while ok + failed < count {
         while issued < count && producer.in_flight() < args.inflight {
             let id = producer
@@ -161,12 +178,15 @@ fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> 
                 let _ = latency.record(at.elapsed().as_micros() as u64);
             }
             match result {
-                Ok(_) => ok += 1,
+                Ok(_) => {
+                    ok += 1;
+                    acked_at.push(Instant::now());
+                }
                 Err(_) => failed += 1,
             }
         }
     }
-    Ok((latency, ok, failed))
+    Ok((latency, ok, failed, acked_at))
 }
 
 fn consume(servers: ClientConfig, topic: &str, group: &str, count: usize) -> usize {

@@ -58,6 +58,20 @@ pub struct ServerConfig {
     /// over plain HTTP (`host:port`); none by default.
     #[serde(default, deserialize_with = "resolved_opt_addr")]
     pub metrics_addr: Option<SocketAddr>,
+    /// On SIGTERM, hand every group this node leads to a peer (leadership transfer) before
+    /// exiting, so a rolling restart costs no election timeout. Off: the groups wait for an
+    /// election after the node is gone.
+    #[serde(default = "default_true")]
+    pub hand_over_on_stop: bool,
+    /// Spread group leaders evenly over the live nodes: a node leading at least two more
+    /// groups than another hands one over (leadership transfer), at most one every few
+    /// seconds. Off: leaders stay wherever elections put them.
+    #[serde(default = "default_true")]
+    pub leader_balance: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where a node's certificates and principals are.
@@ -318,6 +332,9 @@ impl ServerConfig {
             (self.retention_hours > 0).then(|| self.retention_hours.saturating_mul(3_600_000));
         config.broker.retention_bytes = (self.retention_bytes > 0).then_some(self.retention_bytes);
         config.snapshot_entries_min = (self.snapshot_entries > 0).then_some(self.snapshot_entries);
+        if !self.leader_balance {
+            config.leader_balance_interval_ms = None;
+        }
         config
     }
 }

@@ -322,9 +322,13 @@ fn forged_peers_are_refused_logged_and_move_no_term() {
     stream
         .write_all(&frames(&[hello(Some(3), None)]))
         .expect("write");
-    let (got, closed) = read_until_closed(&mut stream);
-    assert!(!closed, "node 3 as itself stays connected: {got:?}");
-    assert!(goodbye(&got).is_none(), "{got:?}");
+    // Accepted: no Goodbye. It may still be closed, silently, once the real node 3 dials
+    // again: a node sends over one link, so its newest inbound link replaces older ones.
+    let (got, _closed) = read_until_closed(&mut stream);
+    assert!(
+        goodbye(&got).is_none(),
+        "node 3 as itself is refused: {got:?}"
+    );
     drop(stream);
 
     // Nothing forged was read: no term moved anywhere near the forged one, and every failure

@@ -616,6 +616,7 @@ impl Checker {
             message,
             Message::PreVote { .. }
                 | Message::Vote { .. }
+                | Message::TransferVote { .. }
                 | Message::PreVoteResponse { granted: true, .. }
                 | Message::VoteResponse { granted: true, .. }
         );
@@ -639,7 +640,9 @@ impl Checker {
         match message {
             // A reply may wait for its write while the replica moves on to a newer term; what
             // counts is that the vote it carries was durable before it left.
-            Message::Vote { term, .. } if !disk.ever_voted(*term, envelope.from) => {
+            Message::Vote { term, .. } | Message::TransferVote { term, .. }
+                if !disk.ever_voted(*term, envelope.from) =>
+            {
                 fail(format!("no durable vote for itself in term {term}"))
             }
             Message::VoteResponse {

@@ -165,6 +165,13 @@ impl fmt::Display for Summary {
             )?;
         }
         writeln!(f, "elections won: {}", s.elections)?;
+        if s.transfers_asked > 0 {
+            writeln!(
+                f,
+                "leadership transfers: {} asked, {} started",
+                s.transfers_asked, s.transfers_started
+            )?;
+        }
         writeln!(
             f,
             "snapshots: {} taken, {} installed, {} chunks sent",

@@ -68,9 +68,19 @@ pub enum NodeEvent {
     },
     /// A client request was refused: it changed nothing.
     RequestRefused { client: ClientId, why: String },
+    /// This node's replica of `group` gave up handing leadership to `to` (not done in time).
+    TransferAborted {
+        group: GroupId,
+        term: Term,
+        to: NodeId,
+    },
 }
 
 /// Static configuration of a node.
+/// The leader balancer looks this often by default: moves are rare and each costs the group a
+/// round trip without proposals, so there is no hurry.
+pub const LEADER_BALANCE_INTERVAL_MS_DEFAULT: u64 = 3_000;
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
@@ -96,6 +106,9 @@ pub struct NodeConfig {
     pub snapshot_entries_min: Option<u64>,
     /// How often a broker group's leader checks whether retention has messages to delete.
     pub trim_interval_ms: u64,
+    /// How often this node looks whether it leads too many groups and hands one over (see
+    /// `balance.rs`); `None`: never.
+    pub leader_balance_interval_ms: Option<u64>,
     pub canary: Option<Canary>,
 }
 
@@ -113,6 +126,7 @@ impl NodeConfig {
             record_applied: false,
             snapshot_entries_min: Some(10_000),
             trim_interval_ms: 1_000,
+            leader_balance_interval_ms: Some(LEADER_BALANCE_INTERVAL_MS_DEFAULT),
             canary: None,
         }
     }
@@ -253,6 +267,8 @@ pub struct BrokerNode {
     snapshot_jobs: VecDeque<SnapshotJob>,
     /// What [`BrokerNode::stats`] reports.
     pub(super) counters: super::stats::Counters,
+    /// When the leader balancer looks next (`None`: it is off).
+    balance_at: Option<Instant>,
 }
 
 impl BrokerNode {
@@ -325,6 +341,7 @@ impl BrokerNode {
             faults,
             snapshot_jobs: VecDeque::new(),
             counters: Default::default(),
+            balance_at: None,
         };
         node.settle(now);
         node
@@ -353,6 +370,32 @@ impl BrokerNode {
     /// Pulls waiting for messages or for their queue's lease.
     pub fn parked_pulls(&self) -> usize {
         self.parked.len()
+    }
+
+    /// Hands every group this node leads to its best placed peer (see
+    /// [`Replica::transfer_candidate`]), for a node about to stop: its groups then change
+    /// leader in a round trip instead of an election timeout. Asking again while transfers are
+    /// under way changes nothing; a transfer given up is started again. Returns how many
+    /// groups this node still leads with a transfer under way: worth waiting for. (A group
+    /// whose peers were not heard from lately has no one to go to.)
+    pub fn hand_over_leadership(&mut self, now: Instant) -> usize {
+        let mut transferring = 0;
+        for group in self.groups.values_mut() {
+            if group.raft.status().role != Role::Leader {
+                continue;
+            }
+            if group.raft.transferring_to().is_none()
+                && let Some(to) = group.raft.transfer_candidate()
+            {
+                // Refused only by a replica that is not leading or already transferring.
+                let _ = group.raft.transfer_leadership(now, to);
+            }
+            if group.raft.transferring_to().is_some() {
+                transferring += 1;
+            }
+        }
+        self.settle(now);
+        transferring
     }
 
     // ----- inputs -----
@@ -385,7 +428,54 @@ impl BrokerNode {
                 group.raft.handle_timeout(now);
             }
         }
+        self.balance_leaders(now);
         self.settle(now);
+    }
+
+    /// Hands over one group this node leads if it leads at least two more than some live node
+    /// (see `balance.rs`), once per `leader_balance_interval_ms`.
+    fn balance_leaders(&mut self, now: Instant) {
+        let Some(interval_ms) = self.config.leader_balance_interval_ms else {
+            return;
+        };
+        let interval = std::time::Duration::from_millis(interval_ms);
+        let Some(at) = self.balance_at else {
+            self.balance_at = Some(now + interval);
+            return;
+        };
+        if now < at {
+            return;
+        }
+        self.balance_at = Some(now + interval);
+        let me = self.config.id;
+        let mut leaders = BTreeMap::new();
+        let mut live = BTreeSet::from([me]);
+        let mut heard: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::new();
+        let recent = self.config.raft.election_timeout_min;
+        for (id, group) in &self.groups {
+            let status = group.raft.status();
+            if status.role == Role::Leader && group.raft.transferring_to().is_some() {
+                return; // one move at a time
+            }
+            leaders.insert(*id, status.leader);
+            live.extend(status.leader);
+            if status.role == Role::Leader {
+                let peers = group.raft.peers_heard_within(now, recent);
+                live.extend(peers.iter().copied());
+                heard.insert(*id, peers);
+            }
+        }
+        let reachable = |group: GroupId, node: NodeId| {
+            heard.get(&group).is_some_and(|peers| peers.contains(&node))
+        };
+        let Some((group, to)) = super::balance::pick_transfer(me, &leaders, &live, reachable)
+        else {
+            return;
+        };
+        if let Some(g) = self.groups.get_mut(&group) {
+            // Refused only if it stopped leading meanwhile, which it did not.
+            let _ = g.raft.transfer_leadership(now, to);
+        }
     }
 
     /// The driver synced `write` of `group` and everything before it.
@@ -810,7 +900,10 @@ impl BrokerNode {
     pub fn poll_timeout(&self) -> Instant {
         let raft = self.groups.values().map(|g| g.raft.poll_timeout());
         let pulls = self.parked.iter().map(|p| p.wake_at);
-        raft.chain(pulls).min().unwrap_or(Instant::ZERO)
+        raft.chain(pulls)
+            .chain(self.balance_at)
+            .min()
+            .unwrap_or(Instant::ZERO)
     }
 
     // ----- internals -----
@@ -1276,7 +1369,7 @@ impl BrokerNode {
                     }
                     RaftEvent::SteppedDown { .. } => counters.stepped_down += 1,
                     RaftEvent::LeaderChanged { .. } => counters.leader_changes += 1,
-                    RaftEvent::MessageRefused { .. } => {}
+                    RaftEvent::MessageRefused { .. } | RaftEvent::TransferAborted { .. } => {}
                 }
                 let group = *group_id;
                 let event = match event {
@@ -1289,6 +1382,9 @@ impl BrokerNode {
                     },
                     RaftEvent::MessageRefused { from, why } => {
                         NodeEvent::MessageRefused { group, from, why }
+                    }
+                    RaftEvent::TransferAborted { term, to } => {
+                        NodeEvent::TransferAborted { group, term, to }
                     }
                 };
                 if self.events.len() >= EVENTS_BUFFERED_MAX {
@@ -1588,6 +1684,11 @@ fn propose_entry(
                     leader_hint,
                 },
                 ProposeError::Busy => Response::Busy,
+                // The client goes straight to the node about to lead.
+                ProposeError::Transferring { to } => Response::NotLeader {
+                    group: status.group,
+                    leader_hint: Some(to),
+                },
             };
             for (waiter, _) in batch {
                 if let Some(w) = waiter {

@@ -2,6 +2,7 @@
 //! applied from their logs, and the client protocol on top. The shell and the simulator both
 //! drive exactly this.
 
+mod balance;
 mod broker_node;
 mod membership;
 mod metadata;

@@ -35,6 +35,14 @@ struct DamageState {
     repaired_at: Option<Index>,
 }
 
+/// A leadership transfer under way on a leader (etcd-io/raft's `leadTransferee`).
+#[derive(Debug)]
+struct Transfer {
+    to: NodeId,
+    /// Given up if `to` has not taken over by then: one election timeout after it began.
+    deadline: Instant,
+}
+
 /// A snapshot a follower is receiving, chunk by chunk.
 #[derive(Debug)]
 struct IncomingSnapshot {
@@ -72,6 +80,12 @@ pub struct Replica {
     progress: BTreeMap<NodeId, Progress>,
     /// Proposals whose entries are in the log but not yet committed or overwritten.
     proposals: BTreeMap<Index, (ProposalId, Term)>,
+    /// On a leader handing over: to whom, and until when.
+    transfer: Option<Transfer>,
+    /// The term in which this replica, leading, last sent `TimeoutNow` (0: never). Voters
+    /// grant a transfer's votes despite the promise behind the read lease, so from then on
+    /// this leader's lease is void for the rest of its term, even if the transfer is given up.
+    timeout_now_term: Term,
     fates: VecDeque<ProposalFate>,
 
     // Timers.
@@ -154,6 +168,8 @@ impl Replica {
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             proposals: BTreeMap::new(),
+            transfer: None,
+            timeout_now_term: 0,
             fates: VecDeque::new(),
             election_deadline: now,
             heartbeat_deadline: now,
@@ -282,7 +298,13 @@ impl Replica {
                 term,
                 last_index,
                 last_term,
+            }
+            | Message::TransferVote {
+                term,
+                last_index,
+                last_term,
             } => self.handle_vote(now, from, term, last_index, last_term),
+            Message::TimeoutNow { .. } => self.handle_timeout_now(now),
             Message::PreVoteResponse { term, granted } => {
                 // A grant must be for the term we would campaign in; a refusal counts whatever
                 // its term (a higher one has already made us a follower above).
@@ -354,6 +376,24 @@ impl Replica {
     /// Fires every timer due at `now`; harmless if none is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.role == Role::Leader {
+            if let Some(transfer) = &self.transfer
+                && now >= transfer.deadline
+            {
+                let to = transfer.to;
+                self.transfer = None;
+                self.event(RaftEvent::TransferAborted {
+                    term: self.term,
+                    to,
+                });
+                if self.timeout_now_term == self.term {
+                    // TimeoutNow went out, so our read lease is void for this term (a late one
+                    // may still start a transfer campaign that voters grant despite their
+                    // promise). A leader without a lease serves no reads: step down and let an
+                    // election make a leader with a lease, rather than stay one without.
+                    self.become_follower(now, self.term, None);
+                    return;
+                }
+            }
             if now >= self.check_quorum_deadline {
                 self.check_quorum_deadline = now + self.config.election_timeout_min;
                 if self.config.check_quorum && !self.quorum_recently_active() {
@@ -374,7 +414,7 @@ impl Replica {
             if self.config.pre_vote {
                 self.become_pre_candidate(now);
             } else {
-                self.become_candidate(now);
+                self.become_candidate(now, false);
             }
         }
     }
@@ -392,6 +432,9 @@ impl Replica {
             return Err(ProposeError::NotLeader {
                 leader_hint: self.leader,
             });
+        }
+        if let Some(transfer) = &self.transfer {
+            return Err(ProposeError::Transferring { to: transfer.to });
         }
         let uncommitted = self.log.last_index() - self.commit;
         if uncommitted >= self.config.uncommitted_entries_max as Index {
@@ -434,7 +477,11 @@ impl Replica {
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Instant {
         if self.role == Role::Leader {
-            self.heartbeat_deadline.min(self.check_quorum_deadline)
+            let timers = self.heartbeat_deadline.min(self.check_quorum_deadline);
+            match &self.transfer {
+                Some(transfer) => timers.min(transfer.deadline),
+                None => timers,
+            }
         } else {
             self.election_deadline
         }
@@ -550,6 +597,9 @@ impl Replica {
         if self.log.term_at(self.commit) != Some(self.term) {
             return false;
         }
+        if self.timeout_now_term == self.term {
+            return false;
+        }
         let mut contexts: Vec<u64> = self.progress.values().map(|p| p.lease_context_us).collect();
         contexts.push(now.as_micros());
         contexts.sort_unstable_by(|a, b| b.cmp(a));
@@ -559,6 +609,77 @@ impl Replica {
         let promise = self.config.election_timeout_min;
         let lease = promise - promise / 5;
         now < Instant::from_micros(*oldest_in_quorum) + lease
+    }
+
+    /// Hands leadership to `to` (a leader only), etcd-io/raft style: this leader takes no
+    /// proposal meanwhile, brings `to` up to its last entry, then sends it `TimeoutNow`, on
+    /// which `to` campaigns at once without PreVote, and the voters grant it despite their
+    /// lease. Given up (a [`RaftEvent::TransferAborted`]) if `to` has not won within an election
+    /// timeout; proposals are taken again then, or, if `TimeoutNow` went out, this leader
+    /// steps down (its read lease is gone for the term).
+    ///
+    /// Safety is the ordinary election's: `to` needs a majority's votes in a new term with a
+    /// log at least as up to date as theirs, and this leader steps down when it sees that
+    /// term. What it gives up is the read lease (see `timeout_now_term`).
+    pub fn transfer_leadership(&mut self, now: Instant, to: NodeId) -> Result<(), TransferError> {
+        if self.role != Role::Leader {
+            return Err(TransferError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if to == self.config.id || !self.config.voters.contains(&to) {
+            return Err(TransferError::NotAVoter { to });
+        }
+        match &self.transfer {
+            Some(transfer) if transfer.to == to => return Ok(()),
+            Some(transfer) => return Err(TransferError::Transferring { to: transfer.to }),
+            None => {}
+        }
+        self.transfer = Some(Transfer {
+            to,
+            deadline: now + self.config.election_timeout_min,
+        });
+        if !self.send_timeout_now_if_caught_up(to) {
+            // As on a heartbeat's answer: an Append lost earlier would hold the catch-up until
+            // the next one, so one more goes now, which either fills the gap or draws the
+            // rejection that starts the repair.
+            let window = self.config.inflight_appends_max;
+            if let Some(progress) = self.progress.get_mut(&to) {
+                progress.probe_sent = false;
+                if progress.inflight.len() >= window {
+                    progress.inflight.pop_front();
+                }
+            }
+            if self.send_append(to, true) {
+                while self.send_append(to, false) {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The node a leadership transfer is under way to, on a leader.
+    pub fn transferring_to(&self) -> Option<NodeId> {
+        self.transfer.as_ref().map(|t| t.to)
+    }
+
+    /// On a leader: the peer best placed to take over, the one holding most of the log among
+    /// those heard from since the last CheckQuorum round (ties to the lowest id).
+    pub fn transfer_candidate(&self) -> Option<NodeId> {
+        self.progress
+            .iter()
+            .filter(|(_, p)| p.recent_active)
+            .max_by_key(|(id, p)| (p.match_index, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+    }
+
+    /// On a leader: the peers that answered a heartbeat sent within `within` before `now`.
+    pub fn peers_heard_within(&self, now: Instant, within: Duration) -> Vec<NodeId> {
+        let since = (now - within).as_micros();
+        self.progress
+            .iter()
+            .filter(|(_, p)| p.lease_context_us >= since && p.lease_context_us > 0)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub fn status(&self) -> Status {
@@ -667,6 +788,7 @@ impl Replica {
             });
         }
         self.role = Role::Follower;
+        self.transfer = None;
         self.leader = leader;
         self.leader_contact = leader.map(|_| now);
         self.votes.clear();
@@ -682,7 +804,7 @@ impl Replica {
         self.votes.insert(self.config.id, true);
         self.reset_election_deadline(now);
         if self.won_campaign() {
-            self.become_candidate(now);
+            self.become_candidate(now, false);
             return;
         }
         let request = Message::PreVote {
@@ -695,7 +817,8 @@ impl Replica {
         }
     }
 
-    fn become_candidate(&mut self, now: Instant) {
+    /// `transfer`: the campaign follows a `TimeoutNow`, and asks with `TransferVote`.
+    fn become_candidate(&mut self, now: Instant, transfer: bool) {
         self.role = Role::Candidate;
         self.term += 1;
         self.vote = Some(self.config.id);
@@ -711,10 +834,20 @@ impl Replica {
         }
         // Must not leave before the vote for ourselves is durable, or a restart could let us
         // vote for someone else in the same term.
-        let request = Message::Vote {
-            term: self.term,
-            last_index: self.log.last_index(),
-            last_term: self.log.last_term(),
+        let (term, last_index, last_term) =
+            (self.term, self.log.last_index(), self.log.last_term());
+        let request = if transfer {
+            Message::TransferVote {
+                term,
+                last_index,
+                last_term,
+            }
+        } else {
+            Message::Vote {
+                term,
+                last_index,
+                last_term,
+            }
         };
         for peer in self.peers() {
             self.send_after_all_writes(peer, request.clone());
@@ -724,6 +857,7 @@ impl Replica {
     fn become_leader(&mut self, now: Instant) {
         self.event(RaftEvent::BecameLeader { term: self.term });
         self.role = Role::Leader;
+        self.transfer = None;
         self.leader = Some(self.config.id);
         self.leader_contact = None;
         self.votes.clear();
@@ -806,6 +940,14 @@ impl Replica {
         }
     }
 
+    /// The leader of our term caught us up and asks us to take over.
+    fn handle_timeout_now(&mut self, now: Instant) {
+        if self.role == Role::Leader || !self.may_vote() {
+            return;
+        }
+        self.become_candidate(now, true);
+    }
+
     fn tally(&mut self, now: Instant, campaign: Role, from: NodeId, granted: bool) {
         if self.role != campaign {
             return;
@@ -813,7 +955,7 @@ impl Replica {
         self.votes.insert(from, granted);
         if self.won_campaign() {
             match campaign {
-                Role::PreCandidate => self.become_candidate(now),
+                Role::PreCandidate => self.become_candidate(now, false),
                 _ => self.become_leader(now),
             }
         } else if self.votes.values().filter(|g| !**g).count() >= self.quorum() {
@@ -1145,6 +1287,23 @@ impl Replica {
         more
     }
 
+    /// Sends `TimeoutNow` to `to` if a transfer to it is under way and it holds our whole log
+    /// (durably: it acknowledged it). Returns whether it did.
+    fn send_timeout_now_if_caught_up(&mut self, to: NodeId) -> bool {
+        let caught_up = self.transfer.as_ref().is_some_and(|t| t.to == to)
+            && self
+                .progress
+                .get(&to)
+                .is_some_and(|p| p.match_index == self.log.last_index());
+        if !caught_up {
+            return false;
+        }
+        self.timeout_now_term = self.term;
+        let message = Message::TimeoutNow { term: self.term };
+        self.send(to, message, self.term_write);
+        true
+    }
+
     fn handle_append_response(&mut self, from: NodeId, result: AppendResult) {
         if self.role != Role::Leader {
             return;
@@ -1158,6 +1317,7 @@ impl Replica {
             AppendResult::Accepted { match_index } => {
                 if progress.accept(match_index) {
                     self.maybe_commit();
+                    self.send_timeout_now_if_caught_up(from);
                 }
             }
             AppendResult::Rejected {

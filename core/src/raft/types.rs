@@ -130,6 +130,19 @@ pub enum Message {
         index: Index,
         received: u64,
     },
+    /// Leadership transfer: the leader of `term` has caught the receiver up and asks it to
+    /// campaign at once, skipping PreVote (etcd-io/raft's `MsgTimeoutNow`). New variants go
+    /// last: a node of an older version still decodes every message it knows.
+    TimeoutNow {
+        term: Term,
+    },
+    /// A `Vote` of a campaign started by `TimeoutNow`. Voters grant it even while they hear
+    /// from a leader (their CheckQuorum lease): that leader asked for this election.
+    TransferVote {
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+    },
 }
 
 impl Message {
@@ -144,7 +157,9 @@ impl Message {
             | Message::Heartbeat { term, .. }
             | Message::HeartbeatResponse { term, .. }
             | Message::InstallSnapshot { term, .. }
-            | Message::SnapshotResponse { term, .. } => *term,
+            | Message::SnapshotResponse { term, .. }
+            | Message::TimeoutNow { term }
+            | Message::TransferVote { term, .. } => *term,
         }
     }
 }
@@ -183,6 +198,8 @@ pub enum RaftEvent {
     LeaderChanged { term: Term, leader: NodeId },
     /// A message claiming to come from `from` was dropped unread.
     MessageRefused { from: NodeId, why: String },
+    /// This leader stopped handing leadership to `to`: not done within an election timeout.
+    TransferAborted { term: Term, to: NodeId },
 }
 
 /// A message with its addressing, as returned by [`super::Replica::poll_message`].
@@ -260,6 +277,43 @@ pub enum ProposeError {
     },
     /// The replica is the leader but too many entries wait for a quorum; retry later.
     Busy,
+    /// The replica is the leader but hands leadership to `to`: it takes no proposal meanwhile
+    /// (one would only hold the transfer up); `to` is about to lead.
+    Transferring {
+        to: NodeId,
+    },
+}
+
+/// Why [`super::Replica::transfer_leadership`] refused; nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferError {
+    NotLeader {
+        leader_hint: Option<NodeId>,
+    },
+    /// `to` is this replica or not a voter of the group.
+    NotAVoter {
+        to: NodeId,
+    },
+    /// A transfer to another node is under way.
+    Transferring {
+        to: NodeId,
+    },
+}
+
+impl std::fmt::Display for TransferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransferError::NotLeader { leader_hint } => {
+                write!(f, "not the leader (leader hint {leader_hint:?})")
+            }
+            TransferError::NotAVoter { to } => {
+                write!(f, "node {to} is not another voter of this group")
+            }
+            TransferError::Transferring { to } => {
+                write!(f, "already handing leadership to node {to}")
+            }
+        }
+    }
 }
 
 /// Why [`super::Replica::compact`] refused; nothing changed.

@@ -48,7 +48,7 @@ use crate::config::ServerConfig;
 use crate::metrics::{KindLabel, Metrics, PortLabel, ReasonLabel, STATS_INTERVAL};
 use crate::storage::{GroupStore, StorageConfig, StorageThread};
 use crate::tls::NodeTls;
-use crate::transport::Transport;
+use crate::transport::{Transport, set_unacked_timeout};
 use conn::{Closed, Conn, Kind};
 use handshake::Port;
 
@@ -70,10 +70,25 @@ const PEER_FRAMES_PER_TURN_MAX: usize = 4_096;
 /// Refused connections are logged at most this often (with a count), so a flood of them does
 /// not become a flood of log lines.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// On SIGTERM a node hands the groups it leads to peers (leadership transfer) and stops once
+/// it leads none, or after this long: a transfer takes a round trip and a sync when peers are
+/// up to date, and gives up after an election timeout.
+const HANDOVER_WAIT_MAX: Duration = Duration::from_secs(2);
 /// The loop wakes at least this often to look at the stop flag and reconnect peers.
 const TICK: Duration = Duration::from_millis(50);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// A dead peer costs a connect attempt this often at most: cheap, and a peer that comes back
+/// (healed, restarted) is reached within it.
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
+/// A peer link whose sent data the other side's TCP has not acknowledged for this long is
+/// closed by the kernel and dialed again ([`crate::transport::set_unacked_timeout`]). Several
+/// retransmissions fit on a LAN (200 ms minimum each); a link that is merely idle is never
+/// closed by it.
+const PEER_UNACKED_TIMEOUT: Duration = Duration::from_secs(1);
+/// A dial to a peer whose TCP connection is not established by then is abandoned and made
+/// again at once: the kernel would retry its SYN only after 1, 3, 7, ... s, so across a
+/// partition a fresh SYN every half second is what reaches the peer soon after it heals.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 pub struct ServerError(pub String);
@@ -127,6 +142,8 @@ struct Server {
     next_token: usize,
     next_client: ClientId,
     clock: Clock,
+    /// See `ServerConfig::hand_over_on_stop`.
+    hand_over_on_stop: bool,
     /// Connections that stopped reading at their budget, read again when there is room.
     paused: BTreeSet<Token>,
     /// Connections refused at accept since the last log line about it.
@@ -296,6 +313,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         next_client: 1,
         clock,
         paused: BTreeSet::new(),
+        hand_over_on_stop: config.hand_over_on_stop,
         refused_unlogged: 0,
         refused_logged_at: None,
         last_deadline_check: std::time::Instant::now(),
@@ -314,9 +332,35 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
 }
 
 impl Server {
+    /// Serves until `stop` is set, then hands over the groups it leads (see
+    /// [`HANDOVER_WAIT_MAX`]) before returning.
     fn run(&mut self, stop: &AtomicBool) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
-        while !stop.load(Ordering::Relaxed) {
+        let mut handover_until: Option<std::time::Instant> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                if !self.hand_over_on_stop {
+                    break;
+                }
+                let deadline = *handover_until.get_or_insert_with(|| {
+                    info!("stopping: handing over the groups this node leads");
+                    std::time::Instant::now() + HANDOVER_WAIT_MAX
+                });
+                let transferring = self.node.hand_over_leadership(self.clock.now());
+                self.drain();
+                if transferring == 0 {
+                    info!("no group left to hand over");
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    warn!(
+                        transferring,
+                        "stopping while still leading: no peer took over within {} ms",
+                        HANDOVER_WAIT_MAX.as_millis()
+                    );
+                    break;
+                }
+            }
             self.connect_links();
             let now = self.clock.now();
             let wait = self.node.poll_timeout().saturating_since(now).min(TICK);
@@ -366,6 +410,7 @@ impl Server {
             self.drain();
             self.resume_paused();
             self.close_late_handshakes();
+            self.abandon_slow_dials();
             if let Some(fault) = self.node.poll_fault() {
                 error!("stopping this node: {fault}");
                 return Err(ServerError(fault));
@@ -584,6 +629,9 @@ impl Server {
             let token = match TcpStream::connect(addr) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
+                    if let Err(e) = set_unacked_timeout(&stream, PEER_UNACKED_TIMEOUT) {
+                        debug!(peer, "cannot bound unacknowledged time: {e}");
+                    }
                     let transport = match &self.security {
                         None => Some(Transport::plain(stream)),
                         Some(security) => crate::tls::server_name(peer)
@@ -790,6 +838,9 @@ impl Server {
                     link.backoff = RECONNECT_MIN;
                 }
                 info!(peer = node, addr = %conn.addr, dialed = conn.dialed.is_some(), "peer connected");
+                if conn.dialed.is_none() {
+                    self.close_superseded(token, node);
+                }
             }
             handshake::Accepted::Client(principal) => {
                 if let Some(p) = &principal {
@@ -804,6 +855,56 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// A node sends over the one link it dialed, so a newer link from it means it gave up
+    /// the older ones: across a partition they are dead without either side being told (the
+    /// close never arrived), and kept they would fill the peer port's few places per node.
+    fn close_superseded(&mut self, newest: Token, node: NodeId) {
+        let older: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(t, c)| **t != newest && c.dialed.is_none() && c.kind == Kind::Node(node))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in older {
+            info!(
+                peer = node,
+                "closing an older link from this peer: it dialed again"
+            );
+            self.close(token, &Closed::Eof);
+        }
+    }
+
+    /// Abandons dials whose TCP connection is not established within
+    /// [`PEER_CONNECT_TIMEOUT`] and lets `connect_links` dial again at once.
+    fn abandon_slow_dials(&mut self) {
+        let now = std::time::Instant::now();
+        let slow: Vec<(Token, NodeId)> = self
+            .links
+            .iter()
+            .filter_map(|(peer, link)| Some((link.token?, *peer)))
+            .filter(|(token, _)| {
+                self.conns.get(token).is_some_and(|c| {
+                    c.kind == Kind::Unknown
+                        && now.duration_since(c.opened) > PEER_CONNECT_TIMEOUT
+                        && c.transport.stream.peer_addr().is_err()
+                })
+            })
+            .collect();
+        for (token, peer) in slow {
+            let why = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "not connected within {} ms",
+                    PEER_CONNECT_TIMEOUT.as_millis()
+                ),
+            );
+            self.close(token, &Closed::Io(why));
+            if let Some(link) = self.links.get_mut(&peer) {
+                link.next_attempt = now;
+            }
+        }
     }
 
     fn close(&mut self, token: Token, why: &Closed) {
@@ -984,6 +1085,9 @@ fn log_event(event: NodeEvent, warnings: &mut WarnBudget) {
             if warnings.allow(std::time::Instant::now()) {
                 warn!(client, %why, "refused a request")
             }
+        }
+        NodeEvent::TransferAborted { group, term, to } => {
+            warn!(group, term, to, "gave up handing leadership over")
         }
     }
 }

@@ -9,6 +9,10 @@ use rand::RngExt;
 use super::{COMMANDS_PER_PROPOSAL_MAX, Event, Node, Pending, Phase, World, ms};
 use crate::checker::{Violation, digest, violation};
 
+/// A proposal that reaches a leader is, one time in this many, a request to hand leadership
+/// to another node instead.
+const TRANSFER_ONE_IN: u32 = 200;
+
 impl World {
     pub(super) fn propose(&mut self, group: GroupId) -> Result<(), Violation> {
         let now = self.now;
@@ -58,12 +62,34 @@ impl World {
             kind: EntryKind::Commands(commands.clone()),
         });
         let after_heal = self.phase == Phase::Liveness;
+        // Now and then the client asks the leader to hand over to a random other node
+        // instead, so transfers (TimeoutNow, transfer votes, proposals refused meanwhile,
+        // transfers given up) run under every fault and every checker.
+        let others: Vec<NodeId> = self
+            .node_ids
+            .iter()
+            .copied()
+            .filter(|n| *n != target)
+            .collect();
+        let transfer_to = (!others.is_empty() && self.rng.random_ratio(1, TRANSFER_ONE_IN))
+            .then(|| others[self.rng.random_range(0..others.len())]);
         let Some(replica) = self
             .live_slot(target, group)
             .and_then(|s| s.replica.as_mut())
         else {
             return Ok(());
         };
+        if let Some(to) = transfer_to
+            && replica.status().role == holdfast_core::raft::Role::Leader
+        {
+            let started = replica.transfer_leadership(now, to);
+            self.stats.transfers_asked += 1;
+            self.stats.transfers_started += u64::from(started.is_ok());
+            self.trace.record(now, &[12, target, group, to], || {
+                format!("n{target} g{group} transfer leadership to n{to}: {started:?}")
+            });
+            return self.drain(target, group);
+        }
         let result = replica.propose(now, id, commands);
         self.trace.record(now, &[9, target, group, id], || {
             format!("n{target} g{group} propose #{id} ({count} commands): {result:?}")
@@ -82,6 +108,7 @@ impl World {
                 );
             }
             Err(ProposeError::NotLeader { leader_hint }) => client.leader_hint = leader_hint,
+            Err(ProposeError::Transferring { to }) => client.leader_hint = Some(to),
             Err(ProposeError::Busy) => {}
         }
         self.drain(target, group)

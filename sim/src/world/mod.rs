@@ -69,6 +69,10 @@ pub struct Stats {
     pub snapshots_taken: u64,
     pub snapshots_installed: u64,
     pub snapshot_chunks: u64,
+    /// Leadership transfers a client asked a leader for (raft workload), and those the
+    /// leader took on.
+    pub transfers_asked: u64,
+    pub transfers_started: u64,
 }
 
 impl Stats {
@@ -99,6 +103,8 @@ impl Stats {
         self.snapshots_taken += other.snapshots_taken;
         self.snapshots_installed += other.snapshots_installed;
         self.snapshot_chunks += other.snapshot_chunks;
+        self.transfers_asked += other.transfers_asked;
+        self.transfers_started += other.transfers_started;
     }
 }
 

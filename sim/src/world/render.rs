@@ -37,6 +37,10 @@ pub(super) fn fields(message: &Message) -> (u64, u64, u64) {
             index,
             received,
         } => (12, *term, index << 24 | received),
+        Message::TimeoutNow { term } => (13, *term, 0),
+        Message::TransferVote {
+            term, last_index, ..
+        } => (14, *term, *last_index),
     }
 }
 
@@ -107,5 +111,11 @@ pub(super) fn describe(message: &Message) -> String {
             index,
             received,
         } => format!("SnapshotResponse t{term} {index} received={received}"),
+        Message::TimeoutNow { term } => format!("TimeoutNow t{term}"),
+        Message::TransferVote {
+            term,
+            last_index,
+            last_term,
+        } => format!("TransferVote t{term} last={last_index}@{last_term}"),
     }
 }

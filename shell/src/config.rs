@@ -54,6 +54,15 @@ pub struct ServerConfig {
     /// the last one (and they outweigh it); 0 never compacts.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// Each broker group keeps its newest messages, up to about this many bytes, in memory to
+    /// serve consumers that keep up without reading the queue store; the rest of the retained
+    /// messages are only on disk. 0 caches none.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+}
+
+fn default_cache_bytes() -> u64 {
+    holdfast_core::broker::CACHE_BYTES_DEFAULT
 }
 
 /// Where a node's certificates and principals are.
@@ -304,6 +313,7 @@ impl ServerConfig {
             (self.retention_hours > 0).then(|| self.retention_hours.saturating_mul(3_600_000));
         config.broker.retention_bytes = (self.retention_bytes > 0).then_some(self.retention_bytes);
         config.snapshot_entries_min = (self.snapshot_entries > 0).then_some(self.snapshot_entries);
+        config.broker.cache_bytes_max = self.cache_bytes;
         config
     }
 }

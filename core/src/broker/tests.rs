@@ -363,6 +363,7 @@ fn arb_retention() -> impl Strategy<Value = BrokerConfig> {
                 retention_ms,
                 retention_bytes,
                 canary: None,
+                ..BrokerConfig::default()
             },
         )
 }
@@ -482,6 +483,7 @@ fn retaining(retention_ms: Option<u64>, retention_bytes: Option<u64>) -> BrokerS
         retention_ms,
         retention_bytes,
         canary: None,
+        ..BrokerConfig::default()
     });
     topic(&mut state, "orders", 2);
     state

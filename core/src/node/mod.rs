@@ -9,7 +9,7 @@ pub mod protocol;
 mod seen_requests;
 
 pub use broker_node::{
-    BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, decode_entry,
+    BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, StoreRead, decode_entry,
 };
 pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied};
 

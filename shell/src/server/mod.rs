@@ -26,8 +26,8 @@ mod snapshots;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use holdfast_core::limits::{CONNECTIONS_MAX, REQUESTS_PENDING_PER_CONNECTION_MAX};
@@ -43,7 +43,7 @@ use tracing::{debug, error, info, warn};
 use crate::auth::Principals;
 use crate::clock::Clock;
 use crate::config::ServerConfig;
-use crate::storage::{GroupStore, StorageConfig, StorageThread};
+use crate::storage::{GroupStore, QueueStore, StorageConfig, StorageThread};
 use crate::tls::NodeTls;
 use crate::transport::Transport;
 use conn::{Closed, Conn, Kind};
@@ -112,6 +112,8 @@ struct Server {
     node: BrokerNode,
     storage: StorageThread,
     snapshots: SnapshotEncoder,
+    /// Message bytes; shared with the snapshot thread, which reads them.
+    queue_store: Arc<Mutex<QueueStore>>,
     conns: BTreeMap<Token, Conn>,
     links: BTreeMap<NodeId, Link>,
     clients: BTreeMap<ClientId, Token>,
@@ -180,10 +182,12 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         })
     };
     let storage = StorageThread::spawn(stores, notify);
+    let queue_store = Arc::new(Mutex::new(QueueStore::open(&config.data_dir)));
     let snapshots = {
         let waker = waker.clone();
         SnapshotEncoder::spawn(
             config.data_dir.clone(),
+            queue_store.clone(),
             Box::new(move || {
                 if let Err(e) = waker.wake() {
                     warn!("cannot wake the event loop: {e}");
@@ -267,6 +271,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         node,
         storage,
         snapshots,
+        queue_store,
         conns: BTreeMap::new(),
         links,
         clients: BTreeMap::new(),
@@ -323,7 +328,10 @@ impl Server {
             self.storage_done()?;
             let now = self.clock.now();
             for (group, index, data) in self.snapshots.poll_done() {
-                self.node.snapshot_encoded(now, group, index, data);
+                match data {
+                    Ok(data) => self.node.snapshot_encoded(now, group, index, data),
+                    Err(_) => self.node.snapshot_failed(group, index),
+                }
             }
             if !self.requests.is_empty() {
                 self.node
@@ -332,7 +340,7 @@ impl Server {
             if self.node.poll_timeout() <= now {
                 self.node.handle_timeout(now);
             }
-            self.drain();
+            self.drain()?;
             self.resume_paused();
             self.close_late_handshakes();
             if let Some(fault) = self.node.poll_fault() {
@@ -766,10 +774,37 @@ impl Server {
         Ok(())
     }
 
-    /// Hands the node's outputs to the storage thread and the sockets.
-    fn drain(&mut self) {
-        while let Some(job) = self.node.poll_snapshot_job() {
-            self.snapshots.submit(job);
+    /// Hands the node's outputs to the queue store, the storage thread and the sockets. A
+    /// queue store that cannot write stops the node: its index would claim messages its store
+    /// does not hold.
+    fn drain(&mut self) -> Result<(), ServerError> {
+        {
+            let mut store = self
+                .queue_store
+                .lock()
+                .map_err(|_| ServerError("the queue store is poisoned".into()))?;
+            let now = self.clock.now();
+            // Operations before the reads and snapshots that need them; an answered read may
+            // bring more (a pull answered settles the node), so round again.
+            loop {
+                while let Some((group, op)) = self.node.poll_store() {
+                    store.apply(group, op).map_err(|e| {
+                        error!(group, "queue store failed, stopping this node: {e}");
+                        ServerError(format!("group {group}: queue store failed: {e}"))
+                    })?;
+                }
+                let Some(read) = self.node.poll_read() else {
+                    break;
+                };
+                let (records, error) = store.read(read.group, &read.queue, &read.offsets);
+                self.node.read_done(now, read.id, records, error);
+            }
+            while let Some(job) = self.node.poll_snapshot_job() {
+                if job.reads_messages() && self.snapshots.running() {
+                    store.hold(job.group);
+                }
+                self.snapshots.submit(job);
+            }
         }
         while let Some((group, write)) = self.node.poll_write() {
             self.storage.submit(group, write);
@@ -803,6 +838,7 @@ impl Server {
                 self.close(token, &why);
             }
         }
+        Ok(())
     }
 
     fn send_peer(&mut self, envelope: Envelope) {
@@ -867,6 +903,12 @@ fn log_event(event: NodeEvent) {
             warn!(group, from, %why, "refused a peer message")
         }
         NodeEvent::RequestRefused { client, why } => warn!(client, %why, "refused a request"),
+        NodeEvent::StoreReadFailed {
+            group,
+            queue,
+            offset,
+            why,
+        } => error!(group, %queue, offset, %why, "a stored message does not read back"),
     }
 }
 

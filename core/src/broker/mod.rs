@@ -34,6 +34,7 @@ pub use offsets::GroupOffsets;
 pub use snapshot::ReadMessage;
 pub use snapshot::{SNAPSHOT_VERSION, SnapshotError};
 pub use state::BrokerState;
+pub(crate) use store::decode_record_checking;
 pub use store::{
     MemoryStore, Requeue, STORE_RECORD_HEADER_BYTES, StoreOp, StoreRecordError, decode_record,
     encode_record, record_len,

@@ -28,8 +28,10 @@ pub struct BrokerState {
     leases: BTreeMap<(String, QueueId), Lease>,
     /// Bytes the queues' caches hold, and which message each cached byte belongs to, oldest
     /// first: the cache of the whole group stays within `config.cache_bytes_max`.
-    cache_bytes: u64,
-    cache_order: VecDeque<(QueueId, Offset)>,
+    pub(super) cache_bytes: u64,
+    pub(super) cache_order: VecDeque<(QueueId, Offset)>,
+    /// The length of `cache_order` when it was last pruned or looked at.
+    order_checked: usize,
     /// What the driver's queue store must do, in order; see [`BrokerState::take_store_ops`].
     store_ops: Vec<StoreOp>,
 }
@@ -52,6 +54,7 @@ impl Clone for BrokerState {
             leases: self.leases.clone(),
             cache_bytes: 0,
             cache_order: VecDeque::new(),
+            order_checked: 0,
             store_ops: Vec::new(),
         }
     }
@@ -106,15 +109,22 @@ impl BrokerState {
                 self.cache_bytes -= log.evict(offset);
             }
         }
-        // The order must not outgrow the cache it describes: entries whose messages went are
-        // dropped once they outnumber the cached ones.
-        if self.cache_order.len() > 2 * self.cached_count() + 1024 {
+        // The order must not outgrow the cache it describes: entries whose messages went
+        // (retention, an uncached write) are dropped once they outnumber the cached ones,
+        // looked for only when the order doubled since the last look, so writes cost no pass
+        // over the queues each.
+        let len = self.cache_order.len();
+        if len > 2 * self.order_checked.max(1024) {
+            self.order_checked = len;
+        }
+        if len == self.order_checked && len > 2 * self.cached_count() + 1024 {
             let queues = &self.queues;
             self.cache_order.retain(|(queue, offset)| {
                 queues
                     .get(queue)
                     .is_some_and(|log| log.cached(*offset).is_some())
             });
+            self.order_checked = self.cache_order.len();
         }
     }
 
@@ -195,6 +205,7 @@ impl BrokerState {
             leases: image.leases,
             cache_bytes: 0,
             cache_order: VecDeque::new(),
+            order_checked: 0,
             store_ops: vec![StoreOp::Reset],
         };
         // The store starts afresh with the snapshot's messages, the cache with its newest.

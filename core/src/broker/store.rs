@@ -133,6 +133,16 @@ pub fn record_len(bytes: &[u8]) -> Option<usize> {
 /// The message in `record`, which must be exactly one record, checked against its checksum
 /// and against the offset it is read for.
 pub fn decode_record(record: &[u8], offset: Offset) -> Result<StoredMessage, StoreRecordError> {
+    decode_record_checking(record, offset, true)
+}
+
+/// [`decode_record`], skipping the checksum when `check` is off: the planted bug
+/// `Canary::ServeUncheckedRead`, which the simulator's read faults must reveal.
+pub(crate) fn decode_record_checking(
+    record: &[u8],
+    offset: Offset,
+    check: bool,
+) -> Result<StoredMessage, StoreRecordError> {
     let truncated = StoreRecordError::Truncated { len: record.len() };
     if record.len() < STORE_RECORD_HEADER_BYTES + 8 || record_len(record) != Some(record.len()) {
         return Err(truncated);
@@ -140,7 +150,7 @@ pub fn decode_record(record: &[u8], offset: Offset) -> Result<StoredMessage, Sto
     let (header, body) = record.split_at(STORE_RECORD_HEADER_BYTES);
     let stored = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     let computed = crc32c::crc32c(body);
-    if stored != computed {
+    if stored != computed && check {
         return Err(StoreRecordError::Checksum { stored, computed });
     }
     let (offset_bytes, payload) = body.split_at(8);

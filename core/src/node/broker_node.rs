@@ -18,7 +18,7 @@ use super::protocol::{
 use super::seen_requests::SeenRequests;
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Message, Offset, Outcome, PullPlan, QueueId, ReadMessage,
-    Refusal, StoreOp, decode_command, decode_record, encode_command,
+    Refusal, StoreOp, decode_command, decode_record_checking, encode_command,
 };
 use crate::client::AllocationStrategy;
 use crate::limits::{
@@ -794,8 +794,9 @@ impl BrokerNode {
         };
         let mut messages = Vec::with_capacity(records.len());
         let mut failure = None;
+        let check = !Canary::ServeUncheckedRead.planted(self.config.canary);
         for (offset, record) in read.offsets.iter().zip(&records) {
-            match decode_record(record, *offset) {
+            match decode_record_checking(record, *offset, check) {
                 Ok(stored) => messages.push(stored),
                 Err(e) => {
                     failure = Some((*offset, e.to_string()));

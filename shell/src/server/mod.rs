@@ -805,6 +805,10 @@ impl Server {
                 }
                 self.snapshots.submit(job);
             }
+            store.flush().map_err(|e| {
+                error!("queue store failed, stopping this node: {e}");
+                ServerError(format!("queue store failed: {e}"))
+            })?;
         }
         while let Some((group, write)) = self.node.poll_write() {
             self.storage.submit(group, write);

@@ -22,9 +22,9 @@
 //! deletes whole segments below a queue's new start. The position of every record in its
 //! segment stays in memory: four bytes per message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,11 @@ const RECORD_READ_BYTES_MAX: usize = 2 * holdfast_core::limits::COMMAND_BYTES_MA
 struct Segment {
     first: Offset,
     path: PathBuf,
-    file: BufWriter<File>,
+    file: File,
+    /// Records written but not yet handed to the file: written out at the end of each round
+    /// of the event loop ([`QueueStore::flush`]) and before a read of this segment, then freed,
+    /// so that idle queues hold no buffer.
+    pending: Vec<u8>,
     /// The position of the record of offset `first + i`.
     positions: Vec<u32>,
     len: u64,
@@ -72,6 +76,8 @@ pub struct QueueStore {
     /// Groups whose snapshot is being encoded from the store, and the trims that wait for it:
     /// a snapshot reads every message its image retains.
     held: BTreeMap<GroupId, Vec<(QueueId, Offset)>>,
+    /// Queues whose newest segment has pending bytes.
+    dirty: BTreeSet<(GroupId, QueueId)>,
 }
 
 impl QueueStore {
@@ -82,6 +88,7 @@ impl QueueStore {
             dir: data_dir.join("queues"),
             queues: BTreeMap::new(),
             held: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -112,6 +119,7 @@ impl QueueStore {
         match op {
             StoreOp::Reset => {
                 self.queues.retain(|(g, _), _| *g != group);
+                self.dirty.retain(|(g, _)| *g != group);
                 self.held.remove(&group);
                 let dir = self.group_dir(group);
                 match fs::remove_dir_all(&dir) {
@@ -150,7 +158,11 @@ impl QueueStore {
         record: &[u8],
     ) -> Result<(), String> {
         let dir = self.queue_dir(group, &queue);
-        let files = self.queues.entry((group, queue)).or_default();
+        let key = (group, queue);
+        if !self.dirty.contains(&key) {
+            self.dirty.insert(key.clone());
+        }
+        let files = self.queues.entry(key).or_default();
         match files.end() {
             // Written before (a log entry applied again): the same bytes are there.
             Some(end) if offset < end => return Ok(()),
@@ -179,7 +191,8 @@ impl QueueStore {
                 Segment {
                     first: offset,
                     path,
-                    file: BufWriter::with_capacity(256 << 10, file),
+                    file,
+                    pending: Vec::new(),
                     positions: Vec::new(),
                     len: 0,
                 },
@@ -190,10 +203,10 @@ impl QueueStore {
         };
         let position = u32::try_from(segment.len)
             .map_err(|_| format!("{} passed 4 GiB", segment.path.display()))?;
-        segment
-            .file
-            .write_all(record)
-            .map_err(|e| format!("cannot write {}: {e}", segment.path.display()))?;
+        segment.pending.extend_from_slice(record);
+        if segment.pending.len() >= PENDING_BYTES_MAX {
+            flush(segment)?;
+        }
         segment.positions.push(position);
         segment.len += record.len() as u64;
         Ok(())
@@ -259,7 +272,7 @@ impl QueueStore {
             .get(index + 1)
             .map_or(segment.len, |p| u64::from(*p));
         flush(segment)?;
-        let file = segment.file.get_ref();
+        let file = &segment.file;
         let mut header = [0u8; 4];
         file.read_exact_at(&mut header, position)
             .map_err(|e| format!("cannot read {}: {e}", segment.path.display()))?;
@@ -305,6 +318,21 @@ impl QueueStore {
         decode_record(&record, offset).map_err(|e| format!("{queue}@{offset}: {e}"))
     }
 
+    /// Hands every pending record to its file (no fsync: see the module's notes) and frees
+    /// the buffers.
+    pub fn flush(&mut self) -> Result<(), String> {
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(segment) = self
+                .queues
+                .get_mut(&key)
+                .and_then(|q| q.segments.values_mut().next_back())
+            {
+                flush(segment)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes written to segments still held.
     pub fn bytes(&self) -> u64 {
         self.queues
@@ -315,11 +343,19 @@ impl QueueStore {
     }
 }
 
+/// Pending bytes beyond this are written out at once.
+const PENDING_BYTES_MAX: usize = 1 << 20;
+
 fn flush(segment: &mut Segment) -> Result<(), String> {
+    if segment.pending.is_empty() {
+        return Ok(());
+    }
     segment
         .file
-        .flush()
-        .map_err(|e| format!("cannot write {}: {e}", segment.path.display()))
+        .write_all(&segment.pending)
+        .map_err(|e| format!("cannot write {}: {e}", segment.path.display()))?;
+    segment.pending = Vec::new();
+    Ok(())
 }
 
 #[cfg(test)]

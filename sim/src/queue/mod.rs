@@ -264,6 +264,14 @@ pub(crate) fn broker_config() -> BrokerConfig {
     }
 }
 
+/// SplitMix64's finaliser: decisions taken from a seed without drawing from the run's RNG.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1330_11eb);
+    z ^ (z >> 31)
+}
+
 /// The message cache of a seed's nodes: none (every pull reads the queue store), a few
 /// messages, or all of them. From the seed, not drawn, so that seeds keep their runs.
 fn cache_bytes_max(seed: u64) -> u64 {
@@ -641,7 +649,32 @@ impl QueueWorld {
             let Some(read) = broker.poll_read() else {
                 break;
             };
-            let (records, error) = host.store.read(read.group, &read.queue, &read.offsets);
+            let (mut records, mut error) = host.store.read(read.group, &read.queue, &read.offsets);
+            // On the seeds without a cache (every pull reads), in the safety phase. From the
+            // seed, not drawn, so that a seed's other faults stay as they were, and not on the
+            // other seeds, whose runs (and recorded regressions) stay as they were too.
+            if self.phase == Phase::Faults && cache_bytes_max(self.options.seed) == 0 {
+                let roll = mix(self.options.seed ^ mix(node ^ mix(read.id)));
+                match roll % 25 {
+                    // A bit flipped between the platter and the node: the record's checksum
+                    // must refuse it.
+                    0 if !records.is_empty() => {
+                        let mut record = records[0].to_vec();
+                        let at = 16 + (roll >> 8) as usize % record.len().saturating_sub(16).max(1);
+                        if let Some(byte) = record.get_mut(at) {
+                            *byte ^= 1 << ((roll >> 40) % 8);
+                        }
+                        records[0] = bytes::Bytes::from(record);
+                        *self.stats.faults.entry("read-flip").or_default() += 1;
+                    }
+                    1 => {
+                        records.truncate(((roll >> 8) as usize) % (records.len() + 1));
+                        error = Some("read failed: Input/output error (injected)".into());
+                        *self.stats.faults.entry("read-error").or_default() += 1;
+                    }
+                    _ => {}
+                }
+            }
             broker.read_done(now, read.id, records, error);
         }
         while let Some(job) = broker.poll_snapshot_job() {

@@ -15,8 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use holdfast_core::broker::{
-    BrokerConfig, BrokerState, Command, DEDUP_WINDOW_SEQS, Message, Offset, Origin, Outcome,
-    ProducerId, QueueId, Refusal, Seq, StoredMessage, decode_command, encode_command,
+    BrokerConfig, BrokerState, CACHE_BYTES_DEFAULT, Command, DEDUP_WINDOW_SEQS, MemoryStore,
+    Message, Offset, Origin, Outcome, ProducerId, PullPlan, QueueId, Refusal, Seq, StoredMessage,
+    decode_command, decode_record, encode_command,
 };
 use holdfast_core::node::{
     MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied, decode_entry,
@@ -466,6 +467,8 @@ impl Model {
 /// The driver: the state under test, the model, and what the clients saw.
 struct Broker {
     state: BrokerState,
+    /// Where the state's message bytes go (group 0).
+    store: MemoryStore,
     model: Model,
     topic_queues: u32,
     now_ms: u64,
@@ -496,10 +499,14 @@ impl Broker {
             max_reconsume: u32::from(setup.max_reconsume % 5),
             retention_ms: setup.retention_ms.map(u64::from),
             retention_bytes: setup.retention_bytes.map(u64::from),
+            // From bits `levels % 4` leaves alone, so that inputs keep their meaning: no cache
+            // (every pull and requeue goes through the store), a few messages, or all of them.
+            cache_bytes_max: [0, 16, 64, CACHE_BYTES_DEFAULT][usize::from(setup.levels >> 2) % 4],
             canary: None,
         };
         let mut broker = Broker {
             state: BrokerState::new(config.clone()),
+            store: MemoryStore::default(),
             model: Model {
                 config,
                 queues: BTreeMap::new(),
@@ -559,6 +566,7 @@ impl Broker {
             None => Outcome::Refused(Refusal::Malformed(String::new())),
         };
         let outcome = self.state.apply_bytes(bytes);
+        self.sync_store();
         match (&expected, &outcome) {
             (Outcome::Refused(Refusal::Malformed(_)), Outcome::Refused(Refusal::Malformed(_))) => {}
             _ => assert_eq!(outcome, expected, "the broker disagrees with the model"),
@@ -653,7 +661,24 @@ impl Broker {
         let now_ms = self.now_ms;
         let result = self
             .state
-            .pull(group, &queue, from, messages_max, bytes_max, now_ms);
+            .plan_pull(group, &queue, from, messages_max, bytes_max, now_ms)
+            .map(|plan| match plan {
+                PullPlan::Ready(pulled) => pulled,
+                PullPlan::Read {
+                    offsets,
+                    next_offset,
+                } => {
+                    let (records, error) = self.store.read(0, &queue, &offsets);
+                    assert_eq!(error, None, "the store lacks a message to pull");
+                    let read = offsets
+                        .iter()
+                        .zip(&records)
+                        .map(|(o, r)| decode_record(r, *o).expect("a stored record reads back"))
+                        .collect();
+                    self.state
+                        .finish_pull(group, &queue, &offsets, next_offset, read)
+                }
+            });
         let exists = self.model.queues.contains_key(&queue);
         let Ok(pulled) = result else {
             assert!(
@@ -1030,14 +1055,19 @@ impl Broker {
     /// Replaces the state by the one its snapshot restores to; damaged copies of the snapshot
     /// must be refused.
     fn restore(&mut self, damage: u16) {
-        let bytes = self.state.snapshot();
+        let bytes = snapshot_from(&self.state, &self.store);
         let config = self.model.config.clone();
-        let restored = match BrokerState::restore(config.clone(), &bytes) {
+        let mut restored = match BrokerState::restore(config.clone(), &bytes) {
             Ok(restored) => restored,
             Err(e) => panic!("a snapshot does not restore: {e}"),
         };
+        // The restored state writes its messages into a store of its own.
+        let mut store = MemoryStore::default();
+        for op in restored.take_store_ops() {
+            store.apply(0, op).expect("a restore's store operations");
+        }
         assert_eq!(
-            restored.snapshot(),
+            snapshot_from(&restored, &store),
             bytes,
             "a restored state snapshots differently"
         );
@@ -1053,6 +1083,7 @@ impl Broker {
             "a snapshot with a bit flipped at byte {at} restored"
         );
         self.state = restored;
+        self.store = store;
         self.stats.restores += 1;
         self.check_queues_and_offsets();
     }
@@ -1065,11 +1096,11 @@ impl Broker {
             let start = self.model.start(queue);
             for (offset, expected) in log.iter().enumerate() {
                 let offset = offset as Offset;
-                let stored = self.state.message(queue, offset);
+                let stored = self.message(queue, offset);
                 if offset < start {
                     assert_eq!(stored, None, "{queue} at {offset}, below the start {start}");
                 } else {
-                    assert_eq!(stored, Some(expected), "{queue} at {offset}");
+                    assert_eq!(stored.as_ref(), Some(expected), "{queue} at {offset}");
                 }
                 if expected.origin.is_none() {
                     assert!(
@@ -1080,9 +1111,42 @@ impl Broker {
                     );
                 }
             }
-            assert_eq!(self.state.message(queue, log.len() as Offset), None);
+            assert_eq!(self.message(queue, log.len() as Offset), None);
         }
     }
+
+    /// Carries out the state's store operations.
+    fn sync_store(&mut self) {
+        for op in self.state.take_store_ops() {
+            self.store
+                .apply(0, op)
+                .expect("the store carries out every operation");
+        }
+    }
+
+    /// The retained message at `(queue, offset)`, from the store.
+    fn message(&self, queue: &QueueId, offset: Offset) -> Option<StoredMessage> {
+        if !self.state.retains(queue, offset) {
+            return None;
+        }
+        let stored = self.store.message(0, queue, offset);
+        assert!(
+            stored.is_some(),
+            "{queue}@{offset} is retained but not stored"
+        );
+        stored
+    }
+}
+
+/// The snapshot of `state`, its messages read from `store`.
+fn snapshot_from(state: &BrokerState, store: &MemoryStore) -> Vec<u8> {
+    state
+        .snapshot_with(&mut |queue, offset| {
+            store
+                .message(0, queue, offset)
+                .ok_or_else(|| format!("{queue}@{offset} is not stored"))
+        })
+        .expect("a snapshot reads every retained message")
 }
 
 /// Runs a command sequence decoded from `data` against one broker state machine and its

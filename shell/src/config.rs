@@ -68,10 +68,19 @@ pub struct ServerConfig {
     /// seconds. Off: leaders stay wherever elections put them.
     #[serde(default = "default_true")]
     pub leader_balance: bool,
+    /// Each broker group keeps its newest messages, up to about this many bytes, in memory to
+    /// serve consumers that keep up without reading the queue store; the rest of the retained
+    /// messages are only on disk. 0 caches none.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_cache_bytes() -> u64 {
+    holdfast_core::broker::CACHE_BYTES_DEFAULT
 }
 
 /// Where a node's certificates and principals are.
@@ -335,6 +344,7 @@ impl ServerConfig {
         if !self.leader_balance {
             config.leader_balance_interval_ms = None;
         }
+        config.broker.cache_bytes_max = self.cache_bytes;
         config
     }
 }

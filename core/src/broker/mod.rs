@@ -12,7 +12,10 @@
 //! - [`Command::Trim`] applies the retention policy: queues drop their oldest messages by age
 //!   and size. Offsets keep their meaning: a queue's [`BrokerState::start_offset`] rises,
 //!   and pulls from below it start there.
-//! - [`BrokerState::pull`] is a read of applied (hence committed) state.
+//! - [`BrokerState::plan_pull`] is a read of applied (hence committed) state: from the cache
+//!   of the newest messages, or from the driver's queue store.
+//! - Message bytes live in the queue store ([`StoreOp`]), not here: the state keeps a few
+//!   bytes per retained message (see `queue_log`).
 //! - [`BrokerState::snapshot`] and [`BrokerState::restore`] turn the applied state into bytes
 //!   and back, for Raft log compaction.
 
@@ -22,13 +25,20 @@ mod offsets;
 mod queue_log;
 mod snapshot;
 mod state;
+mod store;
 mod types;
 
 pub use codec::{CodecError, decode_command, encode_command};
 pub use dedup::DEDUP_WINDOW_SEQS;
 pub use offsets::GroupOffsets;
+pub use snapshot::ReadMessage;
 pub use snapshot::{SNAPSHOT_VERSION, SnapshotError};
 pub use state::BrokerState;
+pub(crate) use store::decode_record_checking;
+pub use store::{
+    MemoryStore, Requeue, STORE_RECORD_HEADER_BYTES, StoreOp, StoreRecordError, decode_record,
+    encode_record, record_len,
+};
 pub use types::*;
 
 #[cfg(test)]

@@ -5,15 +5,21 @@
 //! nothing derived), and bad bytes must come back as an error, never as a panic or as a state
 //! `apply` could not have built.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct};
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::dedup::{ProducerWindow, ProducerWindowV1};
 use super::offsets::GroupOffsets;
 use super::queue_log::QueueLog;
-use super::types::{Lease, ProducerId, QueueId};
+use super::types::{Lease, Offset, ProducerId, QueueId, StoredMessage};
+
+/// Reads the retained message at `(queue, offset)` for a snapshot: from the cache or the
+/// driver's queue store.
+pub type ReadMessage<'r> = dyn FnMut(&QueueId, Offset) -> Result<StoredMessage, String> + 'r;
 
 /// The format of [`crate::broker::BrokerState::snapshot`]'s bytes; bump it when the image
 /// changes shape, so an old build refuses a new snapshot instead of misreading it.
@@ -70,16 +76,80 @@ impl std::error::Error for SnapshotError {}
 /// The state as it is written: borrowed, so taking a snapshot copies nothing but the bytes.
 /// Field for field the same shape as [`Image`], which is how it is read back.
 #[derive(Serialize)]
-pub(super) struct ImageRef<'a> {
-    pub(super) queues: &'a BTreeMap<QueueId, QueueLog>,
+pub(super) struct ImageRef<'a, 'r> {
+    pub(super) queues: QueuesRef<'a, 'r>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
 }
 
+/// The queues as the image holds them: each queue's window with the messages in it, read one
+/// by one while the bytes are written, so a snapshot never holds the retained messages in
+/// memory twice. (The same layout as before the messages moved out of the state machine, so
+/// the snapshot format did not change.)
+pub(super) struct QueuesRef<'a, 'r> {
+    pub(super) queues: &'a BTreeMap<QueueId, QueueLog>,
+    pub(super) read: RefCell<&'a mut ReadMessage<'r>>,
+}
+
+struct QueueRef<'q, 'a, 'r> {
+    queue: &'q QueueId,
+    log: &'q QueueLog,
+    read: &'q RefCell<&'a mut ReadMessage<'r>>,
+}
+
+struct MessagesRef<'q, 'a, 'r>(&'q QueueRef<'q, 'a, 'r>);
+
+impl Serialize for QueuesRef<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.queues.len()))?;
+        for (queue, log) in self.queues {
+            map.serialize_entry(
+                queue,
+                &QueueRef {
+                    queue,
+                    log,
+                    read: &self.read,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for QueueRef<'_, '_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut fields = serializer.serialize_struct("QueueLog", 2)?;
+        fields.serialize_field("start", &self.log.start())?;
+        fields.serialize_field("messages", &MessagesRef(self))?;
+        fields.end()
+    }
+}
+
+impl Serialize for MessagesRef<'_, '_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let QueueRef { queue, log, read } = self.0;
+        let mut seq = serializer.serialize_seq(Some(log.len()))?;
+        for offset in log.start()..log.end() {
+            let stored = (read.borrow_mut())(queue, offset).map_err(|why| {
+                S::Error::custom(format!("the message at {queue}@{offset}: {why}"))
+            })?;
+            seq.serialize_element(&stored)?;
+        }
+        seq.end()
+    }
+}
+
+/// A queue as a snapshot holds it.
+#[derive(Deserialize)]
+pub(super) struct QueueImage {
+    pub(super) start: Offset,
+    pub(super) messages: Vec<StoredMessage>,
+}
+
 #[derive(Deserialize)]
 pub(super) struct Image {
-    pub(super) queues: BTreeMap<QueueId, QueueLog>,
+    pub(super) queues: BTreeMap<QueueId, QueueImage>,
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: BTreeMap<(String, QueueId), Lease>,
@@ -87,21 +157,18 @@ pub(super) struct Image {
 
 #[derive(Deserialize)]
 struct ImageV1 {
-    queues: BTreeMap<QueueId, QueueLog>,
+    queues: BTreeMap<QueueId, QueueImage>,
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindowV1>,
 }
 
-pub(super) fn encode(image: &ImageRef<'_>) -> Vec<u8> {
-    // Serialising in-memory maps of plain values to a Vec cannot fail; if serde ever reports
-    // an error, the empty result is refused as truncated on restore, loudly, rather than
-    // standing for some other state.
-    let Ok(mut bytes) = postcard::to_extend(image, vec![SNAPSHOT_VERSION]) else {
-        return Vec::new();
-    };
+/// The image's bytes; an error if a retained message could not be read.
+pub(super) fn encode(image: &ImageRef<'_, '_>) -> Result<Vec<u8>, String> {
+    let mut bytes =
+        postcard::to_extend(image, vec![SNAPSHOT_VERSION]).map_err(|e| e.to_string())?;
     let checksum = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&checksum.to_le_bytes());
-    bytes
+    Ok(bytes)
 }
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
@@ -128,7 +195,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
         return Err(SnapshotError::Checksum { stored, computed });
     }
     let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
-    let (mut image, rest): (Image, &[u8]) = if version == SNAPSHOT_VERSION_V1 {
+    let (image, rest): (Image, &[u8]) = if version == SNAPSHOT_VERSION_V1 {
         let (v1, rest): (ImageV1, &[u8]) =
             postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
         let image = Image {
@@ -148,15 +215,16 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
     if !rest.is_empty() {
         return Err(SnapshotError::TrailingBytes(rest.len()));
     }
-    validate(&mut image).map_err(SnapshotError::Inconsistent)?;
+    validate(&image).map_err(SnapshotError::Inconsistent)?;
     Ok(image)
 }
 
 /// Rebuilds what the image leaves out and refuses what `apply` never builds, so a restored
 /// state cannot make a later command overflow or index out of range.
-fn validate(image: &mut Image) -> Result<(), String> {
-    for (queue, log) in &mut image.queues {
-        log.recount().map_err(|why| format!("{queue}: {why}"))?;
+fn validate(image: &Image) -> Result<(), String> {
+    for (queue, log) in &image.queues {
+        QueueLog::check_end(log.start, log.messages.len())
+            .map_err(|why| format!("{queue}: {why}"))?;
     }
     for ((group, queue), progress) in &image.offsets {
         // Offsets are only ever recorded on a queue that exists, below its end.
@@ -165,10 +233,10 @@ fn validate(image: &mut Image) -> Result<(), String> {
                 "group {group} has offsets on the unknown queue {queue}"
             ));
         };
-        if !progress.consistent(log.end()) {
+        let end = log.start + log.messages.len() as Offset;
+        if !progress.consistent(end) {
             return Err(format!(
-                "group {group} on {queue}: acks beyond the end {} or below the consume offset",
-                log.end()
+                "group {group} on {queue}: acks beyond the end {end} or below the consume offset"
             ));
         }
     }

@@ -1,17 +1,19 @@
 //! The applied state of one broker group.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::codec::decode_command;
 use super::dedup::{ProducerWindow, Verdict};
 use super::offsets::GroupOffsets;
-use super::queue_log::QueueLog;
-use super::snapshot::{self, ImageRef, SnapshotError};
+use super::queue_log::{IndexEntry, QueueLog};
+use super::snapshot::{self, ImageRef, QueuesRef, ReadMessage, SnapshotError};
+use super::store::{Requeue, StoreOp, encode_record};
 use super::types::*;
 use crate::limits::PRODUCERS_PER_GROUP_MAX;
 use crate::raft::Canary;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct BrokerState {
     config: BrokerConfig,
     queues: BTreeMap<QueueId, QueueLog>,
@@ -24,14 +26,114 @@ pub struct BrokerState {
     touched_max: u64,
     /// `(consumer group, queue)` to who holds it: see [`Command::Claim`].
     leases: BTreeMap<(String, QueueId), Lease>,
+    /// Bytes the queues' caches hold, and which message each cached byte belongs to, oldest
+    /// first: the cache of the whole group stays within `config.cache_bytes_max`.
+    pub(super) cache_bytes: u64,
+    pub(super) cache_order: VecDeque<(QueueId, Offset)>,
+    /// The length of `cache_order` when it was last pruned or looked at.
+    order_checked: usize,
+    /// What the driver's queue store must do, in order; see [`BrokerState::take_store_ops`].
+    store_ops: Vec<StoreOp>,
+}
+
+impl Clone for BrokerState {
+    /// The state without its cache or pending store operations: what a snapshot job needs
+    /// (it reads messages from the store), at the cost of the index, not of the messages.
+    fn clone(&self) -> BrokerState {
+        let mut queues = self.queues.clone();
+        for log in queues.values_mut() {
+            log.drop_cache();
+        }
+        BrokerState {
+            config: self.config.clone(),
+            queues,
+            offsets: self.offsets.clone(),
+            producers: self.producers.clone(),
+            by_touch: self.by_touch.clone(),
+            touched_max: self.touched_max,
+            leases: self.leases.clone(),
+            cache_bytes: 0,
+            cache_order: VecDeque::new(),
+            order_checked: 0,
+            store_ops: Vec::new(),
+        }
+    }
 }
 
 impl BrokerState {
+    /// An empty state; its first store operation forgets whatever the store held.
     pub fn new(config: BrokerConfig) -> BrokerState {
         BrokerState {
             config,
+            store_ops: vec![StoreOp::Reset],
             ..BrokerState::default()
         }
+    }
+
+    /// The store operations applying commands asked for since the last call, in order.
+    pub fn take_store_ops(&mut self) -> Vec<StoreOp> {
+        std::mem::take(&mut self.store_ops)
+    }
+
+    /// Appends `stored` to `queue` (which exists), writes it to the store and caches it.
+    fn store(&mut self, queue: &QueueId, stored: StoredMessage) -> Offset {
+        let Some(log) = self.queues.get_mut(queue) else {
+            return 0;
+        };
+        let size = stored.message.size_bytes() as u64;
+        let cache = size <= self.config.cache_bytes_max;
+        let (offset, freed) = log.push(&stored, cache);
+        self.cache_bytes -= freed;
+        self.store_ops.push(StoreOp::Write {
+            queue: queue.clone(),
+            offset,
+            record: encode_record(offset, &stored),
+        });
+        if cache {
+            self.cache_bytes += size;
+            self.cache_order.push_back((queue.clone(), offset));
+            self.evict();
+        }
+        offset
+    }
+
+    /// Drops the oldest cached messages while the cache is over its size. An entry of the
+    /// order whose message went already (retention, or an uncached write) frees nothing.
+    fn evict(&mut self) {
+        while self.cache_bytes > self.config.cache_bytes_max {
+            let Some((queue, offset)) = self.cache_order.pop_front() else {
+                self.cache_bytes = 0;
+                return;
+            };
+            if let Some(log) = self.queues.get_mut(&queue) {
+                self.cache_bytes -= log.evict(offset);
+            }
+        }
+        // The order must not outgrow the cache it describes: entries whose messages went
+        // (retention, an uncached write) are dropped once they outnumber the cached ones,
+        // looked for only when the order doubled since the last look, so writes cost no pass
+        // over the queues each.
+        let len = self.cache_order.len();
+        if len > 2 * self.order_checked.max(1024) {
+            self.order_checked = len;
+        }
+        if len == self.order_checked && len > 2 * self.cached_count() + 1024 {
+            let queues = &self.queues;
+            self.cache_order.retain(|(queue, offset)| {
+                queues
+                    .get(queue)
+                    .is_some_and(|log| log.cached(*offset).is_some())
+            });
+            self.order_checked = self.cache_order.len();
+        }
+    }
+
+    fn cached_count(&self) -> usize {
+        // Only called when the order is long; a pass over the queues, not over messages.
+        self.queues
+            .values()
+            .map(|log| (log.end() - log.cached_from()) as usize)
+            .sum()
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -41,14 +143,35 @@ impl BrokerState {
     /// The applied state as bytes (see [`BrokerState::restore`]): queues with their retained
     /// messages and start offsets, every group's consume offset and acks, every producer's
     /// dedup window. Not the config, which each node has from its own configuration. Equal
-    /// states give equal bytes, so replicas can compare snapshots.
-    pub fn snapshot(&self) -> Vec<u8> {
+    /// states give equal bytes, so replicas can compare snapshots. The messages come from the
+    /// cache or else from `read` (the queue store); an error if one cannot be read.
+    pub fn snapshot_with(&self, read: &mut ReadMessage<'_>) -> Result<Vec<u8>, String> {
+        let mut from_cache_or_read = |queue: &QueueId, offset: Offset| match self
+            .queues
+            .get(queue)
+            .and_then(|log| log.cached(offset))
+        {
+            Some(stored) => Ok(stored.clone()),
+            None => read(queue, offset),
+        };
         snapshot::encode(&ImageRef {
-            queues: &self.queues,
+            queues: QueuesRef {
+                queues: &self.queues,
+                read: RefCell::new(&mut from_cache_or_read),
+            },
             offsets: &self.offsets,
             producers: &self.producers,
             leases: &self.leases,
         })
+    }
+
+    /// [`BrokerState::snapshot_with`] from the cache alone: for states whose cache holds every
+    /// retained message (tests, fuzzing). Empty bytes, refused on restore, if it does not.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.snapshot_with(&mut |queue, offset| {
+            Err(format!("{queue}@{offset} is not in the cache"))
+        })
+        .unwrap_or_default()
     }
 
     /// The state [`BrokerState::snapshot`] wrote, under `config`. Damaged, truncated or foreign
@@ -72,15 +195,29 @@ impl BrokerState {
             .map(|(id, window)| (window.touched, *id))
             .collect();
         let touched_max = producers.values().map(|w| w.touched).max().unwrap_or(0);
-        Ok(BrokerState {
+        let mut state = BrokerState {
             config,
-            queues: image.queues,
+            queues: BTreeMap::new(),
             offsets: image.offsets,
             producers,
             by_touch,
             touched_max,
             leases: image.leases,
-        })
+            cache_bytes: 0,
+            cache_order: VecDeque::new(),
+            order_checked: 0,
+            store_ops: vec![StoreOp::Reset],
+        };
+        // The store starts afresh with the snapshot's messages, the cache with its newest.
+        for (queue, image) in image.queues {
+            state
+                .queues
+                .insert(queue.clone(), QueueLog::starting_at(image.start));
+            for stored in image.messages {
+                state.store(&queue, stored);
+            }
+        }
+        Ok(state)
     }
 
     /// Applies one committed log entry's bytes. A command that does not decode is refused,
@@ -368,12 +505,12 @@ impl BrokerState {
             }
             Ok(Verdict::New) => {}
         }
-        let Some(log) = self.queues.get_mut(&queue) else {
+        let Some(log) = self.queues.get(&queue) else {
             return Outcome::Refused(Refusal::UnknownQueue(queue));
         };
         let base_offset = log.end();
         for (i, message) in messages.into_iter().enumerate() {
-            log.push(StoredMessage {
+            let stored = StoredMessage {
                 producer_id,
                 seq: first_seq + i as Seq,
                 message,
@@ -381,7 +518,8 @@ impl BrokerState {
                 reconsume_times: 0,
                 due_ms: 0,
                 origin: None,
-            });
+            };
+            self.store(&queue, stored);
         }
         if !Canary::NoDedup.planted(self.config.canary) {
             self.touch(producer_id)
@@ -465,15 +603,16 @@ impl BrokerState {
             .entry((group.clone(), queue.clone()))
             .or_insert_with(|| GroupOffsets::starting_at(start));
         // A repeated ReconsumeLater (the consumer retried it) must not requeue twice.
-        let stored = match log.get(offset) {
-            Some(stored) if !progress.is_acked(offset) => stored,
+        let entry = match log.entry(offset) {
+            Some(entry) if !progress.is_acked(offset) => *entry,
             _ => {
                 return Outcome::Acked {
                     consume_offset: progress.consume_offset().max(start),
                 };
             }
         };
-        let attempt = stored.reconsume_times.saturating_add(1);
+        let cached = log.cached(offset).cloned();
+        let attempt = entry.reconsume_times.saturating_add(1);
         let dead_letter = attempt > self.config.max_reconsume;
         let (to, due_ms) = if dead_letter {
             (QueueId::dead_letter(&group), stamp_ms)
@@ -485,25 +624,43 @@ impl BrokerState {
                 stamp_ms.saturating_add(delay_ms),
             )
         };
-        let origin = stored.origin.clone().unwrap_or(Origin {
-            queue: queue.clone(),
-            offset,
-        });
-        let copy = StoredMessage {
-            reconsume_times: attempt,
-            due_ms,
-            origin: Some(origin),
-            stored_ms: stamp_ms,
-            ..stored.clone()
-        };
         progress.ack(offset);
         let log = self.queues.entry(to.clone()).or_default();
+        let mut requeue = Requeue {
+            from: queue,
+            from_offset: offset,
+            to: to.clone(),
+            offset: log.end(),
+            reconsume_times: attempt,
+            due_ms,
+            stored_ms: stamp_ms,
+        };
         if !Canary::NackDropsMessage.planted(self.config.canary) {
-            log.push(copy);
+            match cached {
+                // The original is at hand: the copy is written (and cached) like any message.
+                Some(stored) => {
+                    let copy = requeue.copy_of(stored);
+                    requeue.offset = self.store(&to, copy);
+                }
+                // Only the store holds the original: it makes the copy. The index learns what
+                // it needs of the copy without its bytes.
+                None => {
+                    let (at, freed) = log.push_uncached(IndexEntry {
+                        stored_ms: stamp_ms,
+                        due_ms,
+                        size: entry.size,
+                        reconsume_times: attempt,
+                    });
+                    self.cache_bytes -= freed;
+                    requeue.offset = at;
+                    self.store_ops.push(StoreOp::Requeue(requeue.clone()));
+                }
+            }
         }
+        let end = self.queues.get(&to).map_or(0, QueueLog::end);
         Outcome::Requeued {
             to,
-            offset: log.end().saturating_sub(1),
+            offset: end.saturating_sub(1),
             dead_letter,
         }
     }
@@ -512,9 +669,16 @@ impl BrokerState {
     /// offset on a trimmed queue moves up to the queue's new start, so the gap the dropped
     /// messages leave never holds it back (and the acks kept above it do not pile up).
     fn trim(&mut self, stamp_ms: u64) {
-        for log in self.queues.values_mut() {
+        for (queue, log) in &mut self.queues {
+            let start = log.start();
             while front_expires(&self.config, log, stamp_ms) {
-                log.pop_front();
+                self.cache_bytes -= log.pop_front();
+            }
+            if log.start() != start {
+                self.store_ops.push(StoreOp::Trim {
+                    queue: queue.clone(),
+                    start: log.start(),
+                });
             }
         }
         for ((_, queue), progress) in &mut self.offsets {
@@ -536,8 +700,9 @@ impl BrokerState {
     /// `queue` from `from` on that `group` has not acknowledged. In a retry queue, delivery
     /// stops at the first message not due at `now_ms`. From below the queue's start (retention
     /// dropped what was there), delivery starts at the start, as Kafka's
-    /// `auto.offset.reset=earliest` does.
-    pub fn pull(
+    /// `auto.offset.reset=earliest` does. Served from the cache when it holds them all, else
+    /// a read of the queue store is needed first (see [`BrokerState::finish_pull`]).
+    pub fn plan_pull(
         &self,
         group: &str,
         queue: &QueueId,
@@ -545,7 +710,7 @@ impl BrokerState {
         messages_max: usize,
         bytes_max: usize,
         now_ms: u64,
-    ) -> Result<Pulled, Refusal> {
+    ) -> Result<PullPlan, Refusal> {
         // Retry and dead-letter queues come into being with their first message.
         let empty = QueueLog::default();
         let log = match self.queues.get(queue) {
@@ -560,29 +725,95 @@ impl BrokerState {
         } else {
             from.max(consume_offset)
         };
-        let label_shift = u64::from(Canary::ShiftPullOffsets.planted(self.config.canary));
-        let mut pulled = Pulled {
-            messages: Vec::new(),
-            next_offset: start,
-        };
+        let mut offsets = Vec::new();
+        let mut next_offset = start;
         let mut bytes = 0;
-        for (offset, stored) in log.iter_from(start) {
-            if pulled.messages.len() >= messages_max
-                || (!pulled.messages.is_empty() && bytes >= bytes_max)
-            {
+        for (offset, entry) in log.iter_from(start) {
+            if offsets.len() >= messages_max || (!offsets.is_empty() && bytes >= bytes_max) {
                 break;
             }
-            if queue.is_retry() && stored.due_ms > now_ms {
+            if queue.is_retry() && entry.due_ms > now_ms {
                 break;
             }
-            pulled.next_offset = offset + 1;
+            next_offset = offset + 1;
             if progress.is_some_and(|p| p.is_acked(offset)) {
                 continue;
             }
-            bytes += stored.message.size_bytes();
-            pulled.messages.push((offset + label_shift, stored.clone()));
+            bytes += entry.size as usize;
+            offsets.push(offset);
         }
-        Ok(pulled)
+        if offsets.first().is_some_and(|o| *o < log.cached_from()) {
+            return Ok(PullPlan::Read {
+                offsets,
+                next_offset,
+            });
+        }
+        let label_shift = u64::from(Canary::ShiftPullOffsets.planted(self.config.canary));
+        let messages = offsets
+            .into_iter()
+            .filter_map(|offset| Some((offset + label_shift, log.cached(offset)?.clone())))
+            .collect();
+        Ok(PullPlan::Ready(Pulled {
+            messages,
+            next_offset,
+        }))
+    }
+
+    /// The pull [`BrokerState::plan_pull`] planned as a read of `offsets`, with `read` the
+    /// messages the store gave back for a prefix of them. Offsets `group` acknowledged
+    /// meanwhile are left out; where the store could not give a message, the pull ends
+    /// before it, so nothing unproven is delivered and nothing is skipped.
+    pub fn finish_pull(
+        &self,
+        group: &str,
+        queue: &QueueId,
+        offsets: &[Offset],
+        next_offset: Offset,
+        read: Vec<StoredMessage>,
+    ) -> Pulled {
+        let progress = self.offsets.get(&(group.to_string(), queue.clone()));
+        let label_shift = u64::from(Canary::ShiftPullOffsets.planted(self.config.canary));
+        let next_offset = match offsets.get(read.len()) {
+            Some(unread) => *unread,
+            None => next_offset,
+        };
+        let messages = offsets
+            .iter()
+            .zip(read)
+            .filter(|(offset, _)| !progress.is_some_and(|p| p.is_acked(**offset)))
+            .map(|(offset, stored)| (offset + label_shift, stored))
+            .collect();
+        Pulled {
+            messages,
+            next_offset,
+        }
+    }
+
+    /// [`BrokerState::plan_pull`] served from the cache alone (tests): messages the cache no
+    /// longer holds are left out.
+    #[cfg(test)]
+    pub fn pull(
+        &self,
+        group: &str,
+        queue: &QueueId,
+        from: Offset,
+        messages_max: usize,
+        bytes_max: usize,
+        now_ms: u64,
+    ) -> Result<Pulled, Refusal> {
+        match self.plan_pull(group, queue, from, messages_max, bytes_max, now_ms)? {
+            PullPlan::Ready(pulled) => Ok(pulled),
+            PullPlan::Read {
+                offsets,
+                next_offset,
+            } => {
+                let read = offsets
+                    .iter()
+                    .map_while(|o| self.message(queue, *o).cloned())
+                    .collect();
+                Ok(self.finish_pull(group, queue, &offsets, next_offset, read))
+            }
+        }
     }
 
     /// When the first message of a retry queue that `group` has not acknowledged, from `from`
@@ -596,7 +827,7 @@ impl BrokerState {
         let start = from.max(self.consume_offset(group, queue));
         log.iter_from(start)
             .find(|(offset, _)| !progress.is_some_and(|p| p.is_acked(*offset)))
-            .map(|(_, stored)| stored.due_ms)
+            .map(|(_, entry)| entry.due_ms)
     }
 
     /// The group's consume offset on `queue`: every offset below it is acknowledged or was
@@ -629,9 +860,17 @@ impl BrokerState {
         self.queues.get(queue).map(QueueLog::start)
     }
 
-    /// The message at `offset`, if the queue retains one there.
+    /// The message at `offset`, if the queue retains one there and the cache holds it (the
+    /// queue store holds every retained message).
     pub fn message(&self, queue: &QueueId, offset: Offset) -> Option<&StoredMessage> {
-        self.queues.get(queue)?.get(offset)
+        self.queues.get(queue)?.cached(offset)
+    }
+
+    /// Whether the queue retains a message at `offset` (its bytes are in the store).
+    pub fn retains(&self, queue: &QueueId, offset: Offset) -> bool {
+        self.queues
+            .get(queue)
+            .is_some_and(|log| log.entry(offset).is_some())
     }
 
     /// Every queue, retry and dead-letter queues included, in order.

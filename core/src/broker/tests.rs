@@ -363,6 +363,7 @@ fn arb_retention() -> impl Strategy<Value = BrokerConfig> {
                 retention_ms,
                 retention_bytes,
                 canary: None,
+                ..BrokerConfig::default()
             },
         )
 }
@@ -482,6 +483,7 @@ fn retaining(retention_ms: Option<u64>, retention_bytes: Option<u64>) -> BrokerS
         retention_ms,
         retention_bytes,
         canary: None,
+        ..BrokerConfig::default()
     });
     topic(&mut state, "orders", 2);
     state
@@ -1398,4 +1400,80 @@ fn deleting_a_group_forgets_its_offsets_and_leases_and_no_other_groups() {
         BrokerState::restore(BrokerConfig::default(), &state.snapshot()).expect("restores");
     assert_eq!(restored.consume_offset("billing", &q0), 0);
     assert_eq!(restored.consume_offset("audit", &q0), 1);
+}
+
+// ----- the cache and the queue store -----
+
+/// The cache stays within its size whatever is written, its bookkeeping does not grow with the
+/// messages written, and what it does not hold is planned as a read of the store, which holds
+/// every retained message, exactly as written.
+#[test]
+fn the_cache_stays_bounded_and_the_store_serves_the_rest() {
+    let mut state = BrokerState::new(BrokerConfig {
+        cache_bytes_max: 100,
+        retention_bytes: Some(400),
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let mut store = MemoryStore::default();
+    for seq in 0..2_000 {
+        append(&mut state, (seq % 2) as u32, 1, seq, 1);
+        if seq % 50 == 0 {
+            state.apply(Command::Trim { stamp_ms: 2_000 });
+        }
+        for op in state.take_store_ops() {
+            store.apply(0, op).expect("applies");
+        }
+        assert!(
+            state.cache_bytes <= 100,
+            "cache of {} bytes",
+            state.cache_bytes
+        );
+        assert!(
+            state.cache_order.len() <= 4 * 1024,
+            "the cache's order holds {}",
+            state.cache_order.len()
+        );
+    }
+    let queue = QueueId::new("orders", 0);
+    let start = state.start_offset(&queue).expect("queue");
+    assert!(start > 0, "retention dropped the oldest");
+    assert!(
+        store.message(0, &queue, start - 1).is_none(),
+        "trimmed from the store"
+    );
+    let plan = state
+        .plan_pull("billing", &queue, 0, 5, 1 << 20, 0)
+        .expect("plans");
+    let PullPlan::Read {
+        offsets,
+        next_offset,
+    } = plan
+    else {
+        panic!("the oldest retained messages are not cached: {plan:?}");
+    };
+    assert_eq!(offsets, (start..start + 5).collect::<Vec<_>>());
+    let (records, error) = store.read(0, &queue, &offsets);
+    assert_eq!(error, None);
+    let read: Vec<StoredMessage> = offsets
+        .iter()
+        .zip(&records)
+        .map(|(o, r)| decode_record(r, *o).expect("reads"))
+        .collect();
+    let pulled = state.finish_pull("billing", &queue, &offsets, next_offset, read);
+    assert_eq!(pulled.next_offset, start + 5);
+    for (offset, stored) in &pulled.messages {
+        assert_eq!(
+            stored.seq,
+            2 * offset,
+            "queue 0 holds the even sequence numbers"
+        );
+    }
+    // A read that stopped short ends the pull there, skipping nothing.
+    let short = state.finish_pull("billing", &queue, &offsets, next_offset, Vec::new());
+    assert_eq!((short.messages.len(), short.next_offset), (0, start));
+    // The newest are cached: served at once.
+    let end = state.queue_len(&queue).expect("queue");
+    let plan = state.plan_pull("billing", &queue, end - 1, 5, 1 << 20, 0);
+    assert!(matches!(plan, Ok(PullPlan::Ready(p)) if p.messages.len() == 1));
 }

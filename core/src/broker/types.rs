@@ -386,6 +386,10 @@ pub struct BrokerConfig {
     /// as Kafka never deletes the active segment, the latest write stays readable until age
     /// retention or a newer write takes it. `None` sets no size limit.
     pub retention_bytes: Option<u64>,
+    /// The newest messages of the group, up to about this many bytes
+    /// ([`Message::size_bytes`]), stay in memory to serve consumers that keep up without a
+    /// read of the queue store; the rest of the retained messages live only there.
+    pub cache_bytes_max: u64,
     /// A planted bug; effective only with the `canaries` feature.
     pub canary: Option<crate::raft::Canary>,
 }
@@ -420,10 +424,14 @@ impl Default for BrokerConfig {
             max_reconsume: 16,
             retention_ms: Some(72 * 60 * M),
             retention_bytes: None,
+            cache_bytes_max: CACHE_BYTES_DEFAULT,
             canary: None,
         }
     }
 }
+
+/// The default of [`BrokerConfig::cache_bytes_max`].
+pub const CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 
 impl BrokerConfig {
     /// The delay level (0-based) of redelivery number `attempt` (1 for the first).
@@ -444,4 +452,15 @@ pub struct Pulled {
     pub messages: Vec<(Offset, StoredMessage)>,
     /// Where the next pull should start.
     pub next_offset: Offset,
+}
+
+/// How a pull is served: from the cache at once, or by reading these offsets from the queue
+/// store first (then [`crate::broker::BrokerState::finish_pull`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PullPlan {
+    Ready(Pulled),
+    Read {
+        offsets: Vec<Offset>,
+        next_offset: Offset,
+    },
 }

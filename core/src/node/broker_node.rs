@@ -17,8 +17,8 @@ use super::protocol::{
 };
 use super::seen_requests::SeenRequests;
 use crate::broker::{
-    BrokerConfig, BrokerState, Command, Holder, Message, Outcome, QueueId, Refusal, decode_command,
-    encode_command,
+    BrokerConfig, BrokerState, Command, Holder, Message, Offset, Outcome, PullPlan, QueueId,
+    ReadMessage, Refusal, StoreOp, decode_command, decode_record_checking, encode_command,
 };
 use crate::client::AllocationStrategy;
 use crate::limits::{
@@ -74,6 +74,36 @@ pub enum NodeEvent {
         term: Term,
         to: NodeId,
     },
+    /// The queue store could not give back a retained message (an I/O error, or bytes that
+    /// fail their checksum): nothing unproven was delivered, and the pull ended before it.
+    StoreReadFailed {
+        group: GroupId,
+        queue: QueueId,
+        offset: Offset,
+        why: String,
+    },
+}
+
+/// A read of the queue store the node needs to finish a pull: the records of `offsets` of
+/// `queue` in `group`, in order, handed back through [`BrokerNode::read_done`]. The driver
+/// carries out every [`StoreOp`] polled before it first, so the store holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreRead {
+    pub id: u64,
+    pub group: GroupId,
+    pub queue: QueueId,
+    pub offsets: Vec<Offset>,
+}
+
+/// A pull waiting for its read.
+struct PendingRead {
+    client: ClientId,
+    request: RequestId,
+    group: GroupId,
+    consumer_group: String,
+    queue: QueueId,
+    offsets: Vec<Offset>,
+    next_offset: Offset,
 }
 
 /// Static configuration of a node.
@@ -136,6 +166,8 @@ impl NodeConfig {
     }
 }
 
+// One machine per group: boxing the larger variant would save nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Machine {
     Meta(MetaState),
@@ -143,13 +175,6 @@ enum Machine {
 }
 
 impl Machine {
-    fn snapshot(&self) -> Vec<u8> {
-        match self {
-            Machine::Meta(meta) => meta.snapshot(),
-            Machine::Broker(state) => state.snapshot(),
-        }
-    }
-
     /// The same kind of machine, restored from a snapshot's data.
     fn restored(&self, data: &[u8]) -> Result<Machine, String> {
         match self {
@@ -175,9 +200,20 @@ pub struct SnapshotJob {
 }
 
 impl SnapshotJob {
-    /// The snapshot's data; a pure function of the image, safe to call on any thread.
-    pub fn encode(&self) -> Vec<u8> {
-        self.image.snapshot()
+    /// The snapshot's data, a function of the image and of the retained messages `read`
+    /// gives back from the queue store (which must hold everything applied up to `index`);
+    /// safe to call on any thread. An error if a message could not be read: then the driver
+    /// reports [`BrokerNode::snapshot_failed`].
+    pub fn encode(&self, read: &mut ReadMessage<'_>) -> Result<Vec<u8>, String> {
+        match &self.image {
+            Machine::Meta(meta) => Ok(meta.snapshot()),
+            Machine::Broker(state) => state.snapshot_with(read),
+        }
+    }
+
+    /// Whether the image is a broker group's, whose messages `encode` reads.
+    pub fn reads_messages(&self) -> bool {
+        matches!(self.image, Machine::Broker(_))
     }
 }
 
@@ -269,6 +305,12 @@ pub struct BrokerNode {
     pub(super) counters: super::stats::Counters,
     /// When the leader balancer looks next (`None`: it is off).
     balance_at: Option<Instant>,
+    /// Queue store operations from applying commands, in order per group.
+    store_ops: VecDeque<(GroupId, StoreOp)>,
+    /// Reads to hand the driver, and the pulls waiting for them (at most `parked_pulls_max`).
+    store_reads: VecDeque<StoreRead>,
+    pending_reads: BTreeMap<u64, PendingRead>,
+    next_read: u64,
 }
 
 impl BrokerNode {
@@ -342,6 +384,10 @@ impl BrokerNode {
             snapshot_jobs: VecDeque::new(),
             counters: Default::default(),
             balance_at: None,
+            store_ops: VecDeque::new(),
+            store_reads: VecDeque::new(),
+            pending_reads: BTreeMap::new(),
+            next_read: 1,
         };
         node.settle(now);
         node
@@ -862,9 +908,97 @@ impl BrokerNode {
         self.events.pop_front()
     }
 
-    /// A state to encode into a snapshot; see [`SnapshotJob`].
+    /// A state to encode into a snapshot; see [`SnapshotJob`]. The driver carries out the
+    /// store operations polled before it first.
     pub fn poll_snapshot_job(&mut self) -> Option<SnapshotJob> {
         self.snapshot_jobs.pop_front()
+    }
+
+    /// The next queue store operation, in order per group; see [`StoreOp`].
+    pub fn poll_store(&mut self) -> Option<(GroupId, StoreOp)> {
+        self.store_ops.pop_front()
+    }
+
+    /// The next read of the queue store a pull waits for; see [`StoreRead`].
+    pub fn poll_read(&mut self) -> Option<StoreRead> {
+        self.store_reads.pop_front()
+    }
+
+    /// The driver read `records` for the first `records.len()` offsets of read `id`; `error`
+    /// says why it stopped short, if it did. Every record is checked here before anything
+    /// reaches a consumer: the pull ends at the first one that fails.
+    pub fn read_done(&mut self, now: Instant, id: u64, records: Vec<Bytes>, error: Option<String>) {
+        let Some(read) = self.pending_reads.remove(&id) else {
+            return;
+        };
+        let mut messages = Vec::with_capacity(records.len());
+        let mut failure = None;
+        let check = !Canary::ServeUncheckedRead.planted(self.config.canary);
+        for (offset, record) in read.offsets.iter().zip(&records) {
+            match decode_record_checking(record, *offset, check) {
+                Ok(stored) => messages.push(stored),
+                Err(e) => {
+                    failure = Some((*offset, e.to_string()));
+                    break;
+                }
+            }
+        }
+        if failure.is_none()
+            && messages.len() < read.offsets.len()
+            && let Some(offset) = read.offsets.get(messages.len())
+        {
+            let why = error.unwrap_or_else(|| "the store does not hold it".to_string());
+            failure = Some((*offset, why));
+        }
+        if let Some((offset, why)) = failure {
+            self.event(NodeEvent::StoreReadFailed {
+                group: read.group,
+                queue: read.queue.clone(),
+                offset,
+                why,
+            });
+        }
+        // Leadership may have moved while the store read: only a current leader answers.
+        if let Err(response) = self.check_broker_leader(read.group) {
+            self.responses
+                .push_back((read.client, read.request, response));
+            return;
+        }
+        let Some(state) = self.broker_state(read.group) else {
+            return;
+        };
+        let pulled = state.finish_pull(
+            &read.consumer_group,
+            &read.queue,
+            &read.offsets,
+            read.next_offset,
+            messages,
+        );
+        let delivered_below = self.lease_clocks.delivered(
+            read.group,
+            &read.consumer_group,
+            &read.queue,
+            pulled.next_offset,
+        );
+        let response = Response::Pulled {
+            queue: read.queue,
+            messages: pulled.messages,
+            next_offset: pulled.next_offset,
+            delivered_below,
+        };
+        self.responses
+            .push_back((read.client, read.request, response));
+        self.settle(now);
+    }
+
+    /// A snapshot job could not be encoded (a message would not read): the group may try
+    /// again later; its log is not compacted meanwhile.
+    pub fn snapshot_failed(&mut self, group: GroupId, index: Index) {
+        if let Some(g) = self.groups.get_mut(&group)
+            && g.encoding == Some(index)
+        {
+            g.encoding = None;
+        }
     }
 
     /// The driver encoded the job of `group` at `index` into `data`: the group's log up to
@@ -1166,7 +1300,7 @@ impl BrokerNode {
             return;
         };
         let pulled = if current {
-            state.pull(
+            state.plan_pull(
                 consumer_group,
                 queue,
                 *from,
@@ -1175,7 +1309,48 @@ impl BrokerNode {
                 now.as_micros() / 1_000,
             )
         } else {
-            Ok(Default::default())
+            Ok(PullPlan::Ready(Default::default()))
+        };
+        let pulled = match pulled {
+            Ok(PullPlan::Read {
+                offsets,
+                next_offset,
+            }) => {
+                if self.pending_reads.len() >= self.config.parked_pulls_max {
+                    // As many pulls wait for the store as may: this one is answered empty.
+                    let response = Response::Pulled {
+                        queue: queue.clone(),
+                        messages: Vec::new(),
+                        next_offset: *from,
+                        delivered_below: 0,
+                    };
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let read_id = self.next_read;
+                self.next_read += 1;
+                self.store_reads.push_back(StoreRead {
+                    id: read_id,
+                    group,
+                    queue: queue.clone(),
+                    offsets: offsets.clone(),
+                });
+                self.pending_reads.insert(
+                    read_id,
+                    PendingRead {
+                        client,
+                        request: id,
+                        group,
+                        consumer_group: consumer_group.clone(),
+                        queue: queue.clone(),
+                        offsets,
+                        next_offset,
+                    },
+                );
+                return;
+            }
+            Ok(PullPlan::Ready(pulled)) => Ok(pulled),
+            Err(refusal) => Err(refusal),
         };
         match pulled {
             Err(refusal) => {
@@ -1328,6 +1503,10 @@ impl BrokerNode {
                 if group.proposal_index.values().any(|i| *i == entry.index) {
                     group.applied.insert(entry.index, outcomes);
                 }
+            }
+            if let Machine::Broker(state) = &mut group.machine {
+                self.store_ops
+                    .extend(state.take_store_ops().into_iter().map(|op| (*group_id, op)));
             }
             if let Some(job) = snapshot_due(*group_id, group, self.config.snapshot_entries_min) {
                 self.snapshot_jobs.push_back(job);

@@ -24,6 +24,8 @@ struct Cluster {
     down: std::collections::BTreeSet<NodeId>,
     /// Check that every peer message fits a wire frame (it costs an encoding each).
     check_frames: bool,
+    /// Each node's queue store.
+    stores: BTreeMap<NodeId, crate::broker::MemoryStore>,
 }
 
 impl Cluster {
@@ -52,6 +54,7 @@ impl Cluster {
             next_request: 1,
             down: std::collections::BTreeSet::new(),
             check_frames: false,
+            stores: BTreeMap::new(),
         }
     }
 
@@ -69,9 +72,31 @@ impl Cluster {
         for _ in 0..100 {
             let mut quiet = true;
             for (id, node) in &mut self.nodes {
+                let store = self.stores.entry(*id).or_default();
+                while let Some((group, op)) = node.poll_store() {
+                    store
+                        .apply(group, op)
+                        .expect("the store carries out every operation");
+                }
+                while let Some(read) = node.poll_read() {
+                    let (records, error) = store.read(read.group, &read.queue, &read.offsets);
+                    node.read_done(self.now, read.id, records, error);
+                    quiet = false;
+                }
+                while let Some((group, op)) = node.poll_store() {
+                    store
+                        .apply(group, op)
+                        .expect("the store carries out every operation");
+                }
                 while let Some(job) = node.poll_snapshot_job() {
-                    let data = Bytes::from(job.encode());
-                    node.snapshot_encoded(self.now, job.group, job.index, data);
+                    let data = job
+                        .encode(&mut |queue, offset| {
+                            store
+                                .message(job.group, queue, offset)
+                                .ok_or_else(|| format!("{queue}@{offset} not stored"))
+                        })
+                        .expect("the store holds every retained message");
+                    node.snapshot_encoded(self.now, job.group, job.index, Bytes::from(data));
                     quiet = false;
                 }
                 while let Some((group, write)) = node.poll_write() {
@@ -172,7 +197,11 @@ fn routes(cluster: &mut Cluster, topic: &str) -> Vec<Route> {
 /// Three nodes, two broker groups, and a topic "orders" of four queues; returns the metadata
 /// leader too.
 fn cluster_with_orders() -> (Cluster, NodeId) {
-    let mut cluster = Cluster::new(3, 2);
+    cluster_with_orders_tweaked(|_| {})
+}
+
+fn cluster_with_orders_tweaked(tweak: impl Fn(&mut NodeConfig)) -> (Cluster, NodeId) {
+    let mut cluster = Cluster::with(3, 2, tweak);
     cluster.settle_leaders(&[METADATA_GROUP, 1, 2]);
     let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
     let create = Request::CreateTopic {
@@ -207,7 +236,20 @@ fn one_group_with_orders(queues: u32, tweak: impl Fn(&mut NodeConfig)) -> (Clust
 
 #[test]
 fn produce_consume_ack_and_retry_through_a_three_node_cluster() {
-    let (mut cluster, meta) = cluster_with_orders();
+    produce_consume_ack_and_retry(|_| {});
+}
+
+/// With no cache every pull reads the queue store, and a nack has the store copy the message.
+#[test]
+fn with_no_cache_pulls_read_the_queue_store_and_requeues_copy_there() {
+    produce_consume_ack_and_retry(|config| {
+        config.broker.cache_bytes_max = 0;
+        config.snapshot_entries_min = Some(3);
+    });
+}
+
+fn produce_consume_ack_and_retry(tweak: impl Fn(&mut NodeConfig)) {
+    let (mut cluster, meta) = cluster_with_orders_tweaked(tweak);
     let follower = (1..=3).find(|n| *n != meta).unwrap_or(2);
     assert!(matches!(
         cluster.ask(
@@ -1024,4 +1066,72 @@ fn stats_count_what_happened_on_every_node() {
             .sum();
         assert!(won >= 1, "group {group} elected a leader");
     }
+}
+
+/// A record that fails its checksum is never handed to a consumer: the pull ends before it,
+/// the node reports the damage, and the records before it are still served.
+#[test]
+fn a_damaged_stored_message_is_reported_and_never_delivered() {
+    let (mut cluster, _) = one_group_with_orders(1, |config| {
+        config.broker.cache_bytes_max = 0;
+    });
+    for _ in 0..20 {
+        cluster.step();
+    }
+    let queue = QueueId::new("orders", 0);
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: queue.clone(),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["a", "b", "c"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let store = cluster.stores.get_mut(&leader).expect("the leader's store");
+    let mut record = store.record(1, &queue, 1).expect("stored").to_vec();
+    let last = record.len() - 1;
+    record[last] ^= 0x01;
+    assert!(store.replace(1, &queue, 1, Bytes::from(record)));
+    while cluster
+        .nodes
+        .get_mut(&leader)
+        .and_then(|n| n.poll_event())
+        .is_some()
+    {}
+    let pull = Request::Pull {
+        broker: 1,
+        group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
+        queue: queue.clone(),
+        from: 0,
+        messages_max: 10,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    };
+    let Response::Pulled {
+        messages,
+        next_offset,
+        ..
+    } = cluster.ask(leader, pull)
+    else {
+        panic!("no pull");
+    };
+    let offsets: Vec<u64> = messages.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        (offsets, next_offset),
+        (vec![0], 1),
+        "served up to the damage only"
+    );
+    let events: Vec<NodeEvent> =
+        std::iter::from_fn(|| cluster.nodes.get_mut(&leader).and_then(|n| n.poll_event()))
+            .collect();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            NodeEvent::StoreReadFailed { offset: 1, why, .. } if why.contains("checksum")
+        )),
+        "{events:?}"
+    );
 }

@@ -433,10 +433,13 @@ pub enum Canary {
     /// A broker hands a held queue to a newer generation at once, without waiting for the
     /// holder to release it or for its lease to expire.
     HandOverEarly,
+    /// A broker hands a consumer what its queue store read back without checking the
+    /// records' checksums.
+    ServeUncheckedRead,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 33] = [
+    pub const ALL: [Canary; 34] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -470,6 +473,7 @@ impl Canary {
         Canary::SnapshotOmitsDedup,
         Canary::ServeStaleGeneration,
         Canary::HandOverEarly,
+        Canary::ServeUncheckedRead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -507,6 +511,7 @@ impl Canary {
             Canary::SnapshotOmitsDedup => "snapshot-omits-dedup",
             Canary::ServeStaleGeneration => "serve-stale-generation",
             Canary::HandOverEarly => "hand-over-early",
+            Canary::ServeUncheckedRead => "serve-unchecked-read",
         }
     }
 
@@ -535,6 +540,7 @@ impl Canary {
                 | Canary::SnapshotOmitsDedup
                 | Canary::ServeStaleGeneration
                 | Canary::HandOverEarly
+                | Canary::ServeUncheckedRead
         )
     }
 

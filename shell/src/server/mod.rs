@@ -27,8 +27,8 @@ mod warn_budget;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use holdfast_core::limits::{CONNECTIONS_MAX, REQUESTS_PENDING_PER_CONNECTION_MAX};
@@ -46,7 +46,7 @@ use crate::auth::Principals;
 use crate::clock::Clock;
 use crate::config::ServerConfig;
 use crate::metrics::{KindLabel, Metrics, PortLabel, ReasonLabel, STATS_INTERVAL};
-use crate::storage::{GroupStore, StorageConfig, StorageThread};
+use crate::storage::{GroupStore, QueueStore, StorageConfig, StorageThread};
 use crate::tls::NodeTls;
 use crate::transport::{Transport, set_unacked_timeout};
 use conn::{Closed, Conn, Kind};
@@ -130,6 +130,8 @@ struct Server {
     node: BrokerNode,
     storage: StorageThread,
     snapshots: SnapshotEncoder,
+    /// Message bytes; shared with the snapshot thread, which reads them.
+    queue_store: Arc<Mutex<QueueStore>>,
     conns: BTreeMap<Token, Conn>,
     links: BTreeMap<NodeId, Link>,
     clients: BTreeMap<ClientId, Token>,
@@ -216,10 +218,12 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         None => None,
     };
     let storage = StorageThread::spawn_measured(stores, notify, Some(metrics.shell.clone()));
+    let queue_store = Arc::new(Mutex::new(QueueStore::open(&config.data_dir)));
     let snapshots = {
         let waker = waker.clone();
         SnapshotEncoder::spawn(
             config.data_dir.clone(),
+            queue_store.clone(),
             Box::new(move || {
                 if let Err(e) = waker.wake() {
                     warn!("cannot wake the event loop: {e}");
@@ -303,6 +307,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         node,
         storage,
         snapshots,
+        queue_store,
         conns: BTreeMap::new(),
         links,
         clients: BTreeMap::new(),
@@ -347,7 +352,7 @@ impl Server {
                     std::time::Instant::now() + HANDOVER_WAIT_MAX
                 });
                 let transferring = self.node.hand_over_leadership(self.clock.now());
-                self.drain();
+                self.drain()?;
                 if transferring == 0 {
                     info!("no group left to hand over");
                     break;
@@ -391,14 +396,20 @@ impl Server {
             self.storage_done()?;
             let now = self.clock.now();
             for (group, index, data) in self.snapshots.poll_done() {
-                if let Some(at) = self.snapshot_started.remove(&group) {
-                    let shell = &self.metrics.shell;
-                    shell
-                        .snapshot_encode_seconds
-                        .observe(at.elapsed().as_secs_f64());
-                    shell.snapshot_bytes.observe(data.len() as f64);
+                let started = self.snapshot_started.remove(&group);
+                match data {
+                    Ok(data) => {
+                        if let Some(at) = started {
+                            let shell = &self.metrics.shell;
+                            shell
+                                .snapshot_encode_seconds
+                                .observe(at.elapsed().as_secs_f64());
+                            shell.snapshot_bytes.observe(data.len() as f64);
+                        }
+                        self.node.snapshot_encoded(now, group, index, data)
+                    }
+                    Err(_) => self.node.snapshot_failed(group, index),
                 }
-                self.node.snapshot_encoded(now, group, index, data);
             }
             if !self.requests.is_empty() {
                 self.node
@@ -407,7 +418,7 @@ impl Server {
             if self.node.poll_timeout() <= now {
                 self.node.handle_timeout(now);
             }
-            self.drain();
+            self.drain()?;
             self.resume_paused();
             self.close_late_handshakes();
             self.abandon_slow_dials();
@@ -962,12 +973,43 @@ impl Server {
         Ok(())
     }
 
-    /// Hands the node's outputs to the storage thread and the sockets.
-    fn drain(&mut self) {
-        while let Some(job) = self.node.poll_snapshot_job() {
-            self.snapshot_started
-                .insert(job.group, std::time::Instant::now());
-            self.snapshots.submit(job);
+    /// Hands the node's outputs to the queue store, the storage thread and the sockets. A
+    /// queue store that cannot write stops the node: its index would claim messages its store
+    /// does not hold.
+    fn drain(&mut self) -> Result<(), ServerError> {
+        {
+            let mut store = self
+                .queue_store
+                .lock()
+                .map_err(|_| ServerError("the queue store is poisoned".into()))?;
+            let now = self.clock.now();
+            // Operations before the reads and snapshots that need them; an answered read may
+            // bring more (a pull answered settles the node), so round again.
+            loop {
+                while let Some((group, op)) = self.node.poll_store() {
+                    store.apply(group, op).map_err(|e| {
+                        error!(group, "queue store failed, stopping this node: {e}");
+                        ServerError(format!("group {group}: queue store failed: {e}"))
+                    })?;
+                }
+                let Some(read) = self.node.poll_read() else {
+                    break;
+                };
+                let (records, error) = store.read(read.group, &read.queue, &read.offsets);
+                self.node.read_done(now, read.id, records, error);
+            }
+            while let Some(job) = self.node.poll_snapshot_job() {
+                self.snapshot_started
+                    .insert(job.group, std::time::Instant::now());
+                if job.reads_messages() && self.snapshots.running() {
+                    store.hold(job.group);
+                }
+                self.snapshots.submit(job);
+            }
+            store.flush().map_err(|e| {
+                error!("queue store failed, stopping this node: {e}");
+                ServerError(format!("queue store failed: {e}"))
+            })?;
         }
         while let Some((group, write)) = self.node.poll_write() {
             self.storage.submit(group, write);
@@ -1008,6 +1050,7 @@ impl Server {
                 self.close(token, &why);
             }
         }
+        Ok(())
     }
 
     fn send_peer(&mut self, envelope: Envelope) {
@@ -1089,6 +1132,12 @@ fn log_event(event: NodeEvent, warnings: &mut WarnBudget) {
         NodeEvent::TransferAborted { group, term, to } => {
             warn!(group, term, to, "gave up handing leadership over")
         }
+        NodeEvent::StoreReadFailed {
+            group,
+            queue,
+            offset,
+            why,
+        } => error!(group, %queue, offset, %why, "a stored message does not read back"),
     }
 }
 

@@ -7,24 +7,34 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use holdfast_core::node::SnapshotJob;
 use holdfast_core::raft::{GroupId, Index, Snapshot};
 use tracing::{debug, warn};
 
-use crate::storage::write_snapshot_file;
+use crate::storage::{QueueStore, write_snapshot_file};
+
+/// A job done: the snapshot's data, or why a message it needed did not read.
+pub type Encoded = (GroupId, Index, Result<Bytes, String>);
 
 pub struct SnapshotEncoder {
     jobs: Option<Sender<SnapshotJob>>,
-    done: Receiver<(GroupId, Index, Bytes)>,
+    done: Receiver<Encoded>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SnapshotEncoder {
     /// `notify` wakes the event loop when an encoded snapshot is ready; `data_dir` holds a
-    /// directory per group.
-    pub fn spawn(data_dir: PathBuf, notify: Box<dyn Fn() + Send>) -> SnapshotEncoder {
+    /// directory per group; `store` holds the messages a broker group's snapshot carries
+    /// (the event loop holds the group's trims back until its job is done, see
+    /// [`QueueStore::hold`]).
+    pub fn spawn(
+        data_dir: PathBuf,
+        store: Arc<Mutex<QueueStore>>,
+        notify: Box<dyn Fn() + Send>,
+    ) -> SnapshotEncoder {
         let (jobs, incoming) = mpsc::channel::<SnapshotJob>();
         let (finished, done) = mpsc::channel();
         let spawned = std::thread::Builder::new()
@@ -33,10 +43,41 @@ impl SnapshotEncoder {
                 lower_priority();
                 for job in incoming {
                     let started = std::time::Instant::now();
+                    // One message per lock: the event loop's writes and reads go between.
+                    let encoded = job.encode(&mut |queue, offset| {
+                        let mut store = store
+                            .lock()
+                            .map_err(|_| "the queue store is poisoned".to_string())?;
+                        store.message(job.group, queue, offset)
+                    });
+                    if job.reads_messages() {
+                        let released = match store.lock() {
+                            Ok(mut store) => store.release(job.group),
+                            Err(_) => Err("the queue store is poisoned".to_string()),
+                        };
+                        if let Err(e) = released {
+                            warn!(group = job.group, "retention after a snapshot: {e}");
+                        }
+                    }
+                    let data = match encoded {
+                        Ok(data) => Bytes::from(data),
+                        Err(why) => {
+                            warn!(
+                                group = job.group,
+                                index = job.index,
+                                "cannot snapshot: {why}"
+                            );
+                            if finished.send((job.group, job.index, Err(why))).is_err() {
+                                return;
+                            }
+                            notify();
+                            continue;
+                        }
+                    };
                     let snapshot = Snapshot {
                         index: job.index,
                         term: job.term,
-                        data: Bytes::from(job.encode()),
+                        data,
                     };
                     let encoded_ms = started.elapsed().as_millis() as u64;
                     let dir = data_dir.join(format!("group-{}", job.group));
@@ -56,7 +97,7 @@ impl SnapshotEncoder {
                         "snapshot encoded"
                     );
                     if finished
-                        .send((job.group, job.index, snapshot.data))
+                        .send((job.group, job.index, Ok(snapshot.data)))
                         .is_err()
                     {
                         return;
@@ -79,6 +120,11 @@ impl SnapshotEncoder {
         }
     }
 
+    /// Whether the thread runs (else jobs are dropped and logs never compacted).
+    pub fn running(&self) -> bool {
+        self.jobs.is_some()
+    }
+
     pub fn submit(&self, job: SnapshotJob) {
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(job);
@@ -86,7 +132,7 @@ impl SnapshotEncoder {
     }
 
     /// Snapshots encoded so far, without blocking.
-    pub fn poll_done(&self) -> Vec<(GroupId, Index, Bytes)> {
+    pub fn poll_done(&self) -> Vec<Encoded> {
         self.done.try_iter().collect()
     }
 }

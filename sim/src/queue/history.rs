@@ -296,7 +296,7 @@ impl History {
     /// The checks over the whole run, against the final state of every broker group.
     pub fn check_final(
         &self,
-        states: &BTreeMap<GroupId, &BrokerState>,
+        states: &BTreeMap<GroupId, super::StateView<'_>>,
         groups: &[&str],
     ) -> Result<(), Violation> {
         let found_at = |broker: GroupId, queue: &QueueId, offset: Offset| {

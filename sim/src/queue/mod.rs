@@ -12,7 +12,9 @@ mod ownership;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
 
-use holdfast_core::broker::{BrokerConfig, BrokerState};
+use holdfast_core::broker::{
+    BrokerConfig, BrokerState, MemoryStore, Offset, QueueId, StoredMessage,
+};
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::node::{BrokerNode, METADATA_GROUP, NodeConfig};
 use holdfast_core::raft::{Envelope, GroupId, Index, Message, NodeId, Recovered, WriteId};
@@ -178,6 +180,34 @@ struct Host {
     timer_at: Instant,
     /// The next fsync fails (I/O error or disk full): the node stops instead.
     fail_sync: bool,
+    /// The node's queue store: message bytes, outside the state machine. It lives as long as
+    /// the process does: a node forgets it at every start (`StoreOp::Reset`) and writes it
+    /// again from its snapshots and log, so a crash drops it whole.
+    store: MemoryStore,
+}
+
+/// A replica's applied state with its queue store: what the checkers read messages from.
+pub(crate) struct StateView<'a> {
+    state: &'a BrokerState,
+    group: GroupId,
+    store: &'a MemoryStore,
+}
+
+impl StateView<'_> {
+    /// The retained message at `(queue, offset)`, from the store (checked).
+    pub(crate) fn message(&self, queue: &QueueId, offset: Offset) -> Option<StoredMessage> {
+        if !self.state.retains(queue, offset) {
+            return None;
+        }
+        self.store.message(self.group, queue, offset)
+    }
+}
+
+impl std::ops::Deref for StateView<'_> {
+    type Target = BrokerState;
+    fn deref(&self) -> &BrokerState {
+        self.state
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -229,8 +259,23 @@ pub(crate) fn broker_config() -> BrokerConfig {
         // Retention deletes messages the checkers expect every consumer group to receive.
         retention_ms: None,
         retention_bytes: None,
+        cache_bytes_max: holdfast_core::broker::CACHE_BYTES_DEFAULT,
         canary: None,
     }
+}
+
+/// SplitMix64's finaliser: decisions taken from a seed without drawing from the run's RNG.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1330_11eb);
+    z ^ (z >> 31)
+}
+
+/// The message cache of a seed's nodes: none (every pull reads the queue store), a few
+/// messages, or all of them. From the seed, not drawn, so that seeds keep their runs.
+fn cache_bytes_max(seed: u64) -> u64 {
+    [0, 300, 4_096, holdfast_core::broker::CACHE_BYTES_DEFAULT][(seed / 7 % 4) as usize]
 }
 
 impl QueueWorld {
@@ -425,12 +470,20 @@ impl QueueWorld {
     }
 
     /// The applied state of broker group `group` on every running node.
-    pub(crate) fn broker_states(&self, group: GroupId) -> Vec<(NodeId, &BrokerState)> {
+    pub(crate) fn broker_states(&self, group: GroupId) -> Vec<(NodeId, StateView<'_>)> {
         self.hosts
             .iter()
             .enumerate()
             .filter(|(_, h)| h.up)
-            .filter_map(|(i, h)| Some((i as NodeId + 1, h.broker.as_ref()?.broker_state(group)?)))
+            .filter_map(|(i, h)| {
+                let state = h.broker.as_ref()?.broker_state(group)?;
+                let view = StateView {
+                    state,
+                    group,
+                    store: &h.store,
+                };
+                Some((i as NodeId + 1, view))
+            })
             .collect()
     }
 
@@ -447,6 +500,7 @@ impl QueueWorld {
     fn start(&mut self, node: NodeId) -> Result<(), Violation> {
         let mut config = NodeConfig::new(node, self.node_ids.clone(), self.broker_groups);
         config.broker = broker_config();
+        config.broker.cache_bytes_max = cache_bytes_max(self.options.seed);
         config.member_session_ms = MEMBER_SESSION_MS;
         config.record_applied = true;
         config.canary = self.options.canary;
@@ -541,6 +595,7 @@ impl QueueWorld {
         host.up = false;
         host.fail_sync = false;
         host.broker = None;
+        host.store = MemoryStore::default();
         host.incarnation += 1;
         host.paused_until = Instant::ZERO;
         if torn {
@@ -583,14 +638,68 @@ impl QueueWorld {
                 format!("node {node}: {fault}"),
             ));
         }
+        // Store operations before the reads and snapshots that need them; a read's pull may
+        // answer at once, so round again until nothing is left.
+        loop {
+            while let Some((group, op)) = broker.poll_store() {
+                host.store.apply(group, op).map_err(|why| {
+                    violation("queue-store", format!("node {node} group {group}: {why}"))
+                })?;
+            }
+            let Some(read) = broker.poll_read() else {
+                break;
+            };
+            let (mut records, mut error) = host.store.read(read.group, &read.queue, &read.offsets);
+            // On the seeds without a cache (every pull reads), in the safety phase. From the
+            // seed, not drawn, so that a seed's other faults stay as they were, and not on the
+            // other seeds, whose runs (and recorded regressions) stay as they were too.
+            if self.phase == Phase::Faults && cache_bytes_max(self.options.seed) == 0 {
+                let roll = mix(self.options.seed ^ mix(node ^ mix(read.id)));
+                match roll % 25 {
+                    // A bit flipped between the platter and the node: the record's checksum
+                    // must refuse it.
+                    0 if !records.is_empty() => {
+                        let mut record = records[0].to_vec();
+                        let at = 16 + (roll >> 8) as usize % record.len().saturating_sub(16).max(1);
+                        if let Some(byte) = record.get_mut(at) {
+                            *byte ^= 1 << ((roll >> 40) % 8);
+                        }
+                        records[0] = bytes::Bytes::from(record);
+                        *self.stats.faults.entry("read-flip").or_default() += 1;
+                    }
+                    1 => {
+                        records.truncate(((roll >> 8) as usize) % (records.len() + 1));
+                        error = Some("read failed: Input/output error (injected)".into());
+                        *self.stats.faults.entry("read-error").or_default() += 1;
+                    }
+                    _ => {}
+                }
+            }
+            broker.read_done(now, read.id, records, error);
+        }
         while let Some(job) = broker.poll_snapshot_job() {
             let at = now + Duration::from_micros(self.rng.random_range(0..20_000));
+            let store = &host.store;
+            let encoded = job.encode(&mut |queue, offset| {
+                store
+                    .message(job.group, queue, offset)
+                    .ok_or_else(|| format!("{queue}@{offset} is not in the store"))
+            });
+            let data = match encoded {
+                Ok(data) => bytes::Bytes::from(data),
+                Err(why) => {
+                    return Err(violation(
+                        "queue-store",
+                        format!("node {node} cannot snapshot group {}: {why}", job.group),
+                    ));
+                }
+            };
             let event = Event::SnapshotEncoded {
                 node,
                 incarnation: host.incarnation,
                 group: job.group,
                 index: job.index,
-                data: bytes::Bytes::from(job.encode()),
+                data,
             };
             self.schedule(at, event);
         }
@@ -1098,13 +1207,25 @@ impl QueueWorld {
     fn final_check(&mut self) -> Result<(), Violation> {
         self.checker.all_acked_stay()?;
         self.check_committed_bytes()?;
-        let mut states: BTreeMap<GroupId, &BrokerState> = BTreeMap::new();
+        let mut states: BTreeMap<GroupId, StateView<'_>> = BTreeMap::new();
         for group in 1..=self.broker_groups {
             let leader = self
                 .leader_of(group)
                 .map_err(|why| violation("liveness", why))?;
-            if let Some(state) = leader.broker_state(group) {
-                states.insert(group, state);
+            let store = self
+                .hosts
+                .iter()
+                .find(|h| h.broker.as_ref().is_some_and(|b| b.id() == leader.id()))
+                .map(|h| &h.store);
+            if let (Some(state), Some(store)) = (leader.broker_state(group), store) {
+                states.insert(
+                    group,
+                    StateView {
+                        state,
+                        group,
+                        store,
+                    },
+                );
             }
         }
         self.history.check_final(&states, &CONSUMER_GROUPS)

@@ -1,0 +1,357 @@
+//! The queue store: where a broker group's message bytes live, outside the state machine.
+//!
+//! Applying a command that adds messages hands the driver a [`StoreOp`] to carry out; serving
+//! a pull that the cache cannot serve asks the driver to read records back
+//! ([`crate::node::StoreRead`]). The record format is pure code here, so the shell's files and
+//! the simulator's disk hold the same bytes and every read is checked by the same function
+//! before anything reaches a consumer.
+//!
+//! ```text
+//! record = [len u32 LE][crc32c u32 LE][offset u64 LE][postcard StoredMessage]
+//! ```
+//! `len` counts the bytes after the checksum; the checksum covers exactly those bytes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+
+use super::types::{Offset, Origin, QueueId, StoredMessage};
+
+/// Bytes in front of a record's offset: its length and checksum.
+pub const STORE_RECORD_HEADER_BYTES: usize = 8;
+
+/// What the driver's queue store must do for one broker group, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Forget every message of the group: the node starts afresh (every message it retains is
+    /// written again, from a snapshot and from its log).
+    Reset,
+    /// Hold `record` (see [`encode_record`]) as the message at `(queue, offset)`. A write to an
+    /// offset already held carries the same bytes (the log is deterministic): overwrite it.
+    Write {
+        queue: QueueId,
+        offset: Offset,
+        record: Bytes,
+    },
+    /// Copy the message at `(from, from_offset)` to `(to, offset)` as [`Requeue::record`] says:
+    /// a `ReconsumeLater` of a message the cache no longer held.
+    Requeue(Requeue),
+    /// Retention dropped every message of `queue` below `start`: the store may delete them.
+    Trim { queue: QueueId, start: Offset },
+}
+
+/// A message moved to a retry or dead-letter queue, by a store that holds its original.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requeue {
+    pub from: QueueId,
+    pub from_offset: Offset,
+    pub to: QueueId,
+    pub offset: Offset,
+    pub reconsume_times: u32,
+    pub due_ms: u64,
+    pub stored_ms: u64,
+}
+
+impl Requeue {
+    /// The record of the copy, from the original's record. A damaged original is an error:
+    /// the store must report it, never write a guess.
+    pub fn record(&self, original: &[u8]) -> Result<Bytes, StoreRecordError> {
+        let stored = decode_record(original, self.from_offset)?;
+        Ok(encode_record(self.offset, &self.copy_of(stored)))
+    }
+
+    /// The copy of `stored`, the message at `(from, from_offset)`.
+    pub fn copy_of(&self, stored: StoredMessage) -> StoredMessage {
+        let origin = stored.origin.clone().unwrap_or(Origin {
+            queue: self.from.clone(),
+            offset: self.from_offset,
+        });
+        StoredMessage {
+            reconsume_times: self.reconsume_times,
+            due_ms: self.due_ms,
+            origin: Some(origin),
+            stored_ms: self.stored_ms,
+            ..stored
+        }
+    }
+}
+
+/// Why stored bytes are not the message asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreRecordError {
+    Truncated { len: usize },
+    Checksum { stored: u32, computed: u32 },
+    WrongOffset { expected: Offset, found: Offset },
+    Undecodable(String),
+}
+
+impl fmt::Display for StoreRecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreRecordError::Truncated { len } => {
+                write!(f, "stored record truncated: {len} bytes")
+            }
+            StoreRecordError::Checksum { stored, computed } => write!(
+                f,
+                "stored record damaged: checksum {stored:#010x}, computed {computed:#010x}"
+            ),
+            StoreRecordError::WrongOffset { expected, found } => write!(
+                f,
+                "stored record is offset {found} where offset {expected} was asked for"
+            ),
+            StoreRecordError::Undecodable(why) => write!(f, "stored record does not decode: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreRecordError {}
+
+/// The record of `stored` at `offset`.
+pub fn encode_record(offset: Offset, stored: &StoredMessage) -> Bytes {
+    let mut head = vec![0; STORE_RECORD_HEADER_BYTES];
+    head.extend_from_slice(&offset.to_le_bytes());
+    // A message of plain values always serialises; were serde ever to fail, the record
+    // would be refused as truncated on every read, never misread.
+    let mut bytes = postcard::to_extend(stored, head.clone()).unwrap_or_else(|_| {
+        head.truncate(STORE_RECORD_HEADER_BYTES);
+        head
+    });
+    let len = (bytes.len() - STORE_RECORD_HEADER_BYTES) as u32;
+    let crc = crc32c::crc32c(&bytes[STORE_RECORD_HEADER_BYTES..]);
+    bytes[0..4].copy_from_slice(&len.to_le_bytes());
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+    Bytes::from(bytes)
+}
+
+/// The length of the record starting `bytes`, header included, if the header is there.
+pub fn record_len(bytes: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
+    Some(STORE_RECORD_HEADER_BYTES + len as usize)
+}
+
+/// The message in `record`, which must be exactly one record, checked against its checksum
+/// and against the offset it is read for.
+pub fn decode_record(record: &[u8], offset: Offset) -> Result<StoredMessage, StoreRecordError> {
+    decode_record_checking(record, offset, true)
+}
+
+/// [`decode_record`], skipping the checksum when `check` is off: the planted bug
+/// `Canary::ServeUncheckedRead`, which the simulator's read faults must reveal.
+pub(crate) fn decode_record_checking(
+    record: &[u8],
+    offset: Offset,
+    check: bool,
+) -> Result<StoredMessage, StoreRecordError> {
+    let truncated = StoreRecordError::Truncated { len: record.len() };
+    if record.len() < STORE_RECORD_HEADER_BYTES + 8 || record_len(record) != Some(record.len()) {
+        return Err(truncated);
+    }
+    let (header, body) = record.split_at(STORE_RECORD_HEADER_BYTES);
+    let stored = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let computed = crc32c::crc32c(body);
+    if stored != computed && check {
+        return Err(StoreRecordError::Checksum { stored, computed });
+    }
+    let (offset_bytes, payload) = body.split_at(8);
+    let mut found = [0; 8];
+    found.copy_from_slice(offset_bytes);
+    let found = u64::from_le_bytes(found);
+    if found != offset {
+        return Err(StoreRecordError::WrongOffset {
+            expected: offset,
+            found,
+        });
+    }
+    postcard::from_bytes(payload).map_err(|e| StoreRecordError::Undecodable(e.to_string()))
+}
+
+/// A queue store in memory, for drivers that hold no files: the core's tests, fuzzing and
+/// the simulator (whose disk keeps one per node and drops it in a crash). It carries out
+/// [`StoreOp`]s and reads records back as a file store does, damage included.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    queues: BTreeMap<(u64, QueueId), BTreeMap<Offset, Bytes>>,
+}
+
+impl MemoryStore {
+    /// Carries out `op` for broker group `group`. An error when a requeue's original is
+    /// missing or damaged: the store cannot make the copy.
+    pub fn apply(&mut self, group: u64, op: StoreOp) -> Result<(), String> {
+        match op {
+            StoreOp::Reset => {
+                self.queues.retain(|(g, _), _| *g != group);
+            }
+            StoreOp::Write {
+                queue,
+                offset,
+                record,
+            } => {
+                self.queues
+                    .entry((group, queue))
+                    .or_default()
+                    .insert(offset, record);
+            }
+            StoreOp::Requeue(requeue) => {
+                let original = self
+                    .record(group, &requeue.from, requeue.from_offset)
+                    .ok_or_else(|| {
+                        format!(
+                            "requeue: the store does not hold {}@{}",
+                            requeue.from, requeue.from_offset
+                        )
+                    })?;
+                let record = requeue.record(original).map_err(|e| {
+                    format!("requeue of {}@{}: {e}", requeue.from, requeue.from_offset)
+                })?;
+                self.queues
+                    .entry((group, requeue.to))
+                    .or_default()
+                    .insert(requeue.offset, record);
+            }
+            StoreOp::Trim { queue, start } => {
+                if let Some(records) = self.queues.get_mut(&(group, queue)) {
+                    *records = records.split_off(&start);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The record at `(queue, offset)` of `group`, unchecked.
+    pub fn record(&self, group: u64, queue: &QueueId, offset: Offset) -> Option<&Bytes> {
+        self.queues.get(&(group, queue.clone()))?.get(&offset)
+    }
+
+    /// The records of `offsets`, up to the first the store does not hold (with the reason).
+    pub fn read(
+        &self,
+        group: u64,
+        queue: &QueueId,
+        offsets: &[Offset],
+    ) -> (Vec<Bytes>, Option<String>) {
+        let mut records = Vec::with_capacity(offsets.len());
+        for offset in offsets {
+            match self.record(group, queue, *offset) {
+                Some(record) => records.push(record.clone()),
+                None => {
+                    return (
+                        records,
+                        Some(format!("{queue}@{offset} is not in the store")),
+                    );
+                }
+            }
+        }
+        (records, None)
+    }
+
+    /// The message at `(queue, offset)` of `group`, checked; `None` if missing or damaged.
+    pub fn message(&self, group: u64, queue: &QueueId, offset: Offset) -> Option<StoredMessage> {
+        decode_record(self.record(group, queue, offset)?, offset).ok()
+    }
+
+    /// Replaces the record at `(queue, offset)` (a fault: damage under the checksum).
+    pub fn replace(&mut self, group: u64, queue: &QueueId, offset: Offset, record: Bytes) -> bool {
+        match self
+            .queues
+            .get_mut(&(group, queue.clone()))
+            .and_then(|q| q.get_mut(&offset))
+        {
+            Some(held) => {
+                *held = record;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every `(group, queue, offset)` held, in order.
+    pub fn places(&self) -> impl Iterator<Item = (u64, &QueueId, Offset)> {
+        self.queues
+            .iter()
+            .flat_map(|((g, q), records)| records.keys().map(move |o| (*g, q, *o)))
+    }
+
+    /// Bytes of every record held.
+    pub fn bytes(&self) -> usize {
+        self.queues
+            .values()
+            .flat_map(|r| r.values())
+            .map(Bytes::len)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Message;
+
+    fn stored() -> StoredMessage {
+        StoredMessage {
+            producer_id: 7,
+            seq: 3,
+            message: Message::with_body("hello"),
+            stored_ms: 10,
+            reconsume_times: 0,
+            due_ms: 0,
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn a_record_reads_back_and_every_damage_is_refused() {
+        let record = encode_record(42, &stored());
+        assert_eq!(record_len(&record), Some(record.len()));
+        assert_eq!(decode_record(&record, 42), Ok(stored()));
+        assert!(matches!(
+            decode_record(&record, 41),
+            Err(StoreRecordError::WrongOffset { .. })
+        ));
+        for i in 0..record.len() {
+            let mut bad = record.to_vec();
+            bad[i] ^= 0x10;
+            assert!(
+                decode_record(&bad, 42).is_err(),
+                "a flip at byte {i} passed"
+            );
+        }
+        for cut in 0..record.len() {
+            assert!(
+                decode_record(&record[..cut], 42).is_err(),
+                "cut at {cut} passed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_requeued_copy_keeps_its_first_origin() {
+        let requeue = Requeue {
+            from: QueueId::new("t", 0),
+            from_offset: 42,
+            to: QueueId::retry("g", 0),
+            offset: 0,
+            reconsume_times: 1,
+            due_ms: 1_010,
+            stored_ms: 10,
+        };
+        let copy = requeue
+            .record(&encode_record(42, &stored()))
+            .expect("copies");
+        let copy = decode_record(&copy, 0).expect("reads");
+        let origin = copy.origin.clone().expect("origin");
+        assert_eq!((origin.queue, origin.offset), (QueueId::new("t", 0), 42));
+        assert_eq!((copy.reconsume_times, copy.due_ms), (1, 1_010));
+        let again = Requeue {
+            from: QueueId::retry("g", 0),
+            from_offset: 0,
+            offset: 5,
+            reconsume_times: 2,
+            ..requeue.clone()
+        };
+        let twice = again.record(&encode_record(0, &copy)).expect("copies");
+        let twice = decode_record(&twice, 5).expect("reads");
+        assert_eq!(twice.origin.map(|o| o.offset), Some(42));
+        assert!(requeue.record(b"garbage").is_err());
+    }
+}

@@ -13,6 +13,7 @@ pub mod options;
 pub mod queue;
 pub mod raft_checks;
 pub mod runner;
+pub mod swarm;
 pub mod trace;
 pub mod world;
 

@@ -379,10 +379,23 @@ pub enum Canary {
     /// A broker hands a held queue to a newer generation at once, without waiting for the
     /// holder to release it or for its lease to expire.
     HandOverEarly,
+    /// A broker dead-letters a message one reconsume early: on the `max_reconsume`-th
+    /// `ReconsumeLater` instead of the one after it.
+    DeadLetterEarly,
+    /// The dedup window compares a batch only with the producer's highest sequence number: a
+    /// batch numbered below it passes for a retry of the latest batch and is answered with that
+    /// batch's offsets (invisible while a producer keeps one send in flight).
+    DedupBySeqMax,
+    /// The simulated consumers acknowledge a message as soon as it is handed out, before the
+    /// listener answers (the planted bug is in how the client is used, not in the broker).
+    AckOnDelivery,
+    /// A leader's read lease counts only its own clock, not a majority's answers: a deposed
+    /// leader goes on serving reads under a lease while its successor serves under its own.
+    LeaseWithoutQuorum,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 33] = [
+    pub const ALL: [Canary; 37] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -416,6 +429,10 @@ impl Canary {
         Canary::SnapshotOmitsDedup,
         Canary::ServeStaleGeneration,
         Canary::HandOverEarly,
+        Canary::DeadLetterEarly,
+        Canary::DedupBySeqMax,
+        Canary::AckOnDelivery,
+        Canary::LeaseWithoutQuorum,
     ];
 
     pub fn name(self) -> &'static str {
@@ -453,6 +470,10 @@ impl Canary {
             Canary::SnapshotOmitsDedup => "snapshot-omits-dedup",
             Canary::ServeStaleGeneration => "serve-stale-generation",
             Canary::HandOverEarly => "hand-over-early",
+            Canary::DeadLetterEarly => "dead-letter-early",
+            Canary::DedupBySeqMax => "dedup-by-seq-max",
+            Canary::AckOnDelivery => "ack-on-delivery",
+            Canary::LeaseWithoutQuorum => "lease-without-quorum",
         }
     }
 
@@ -481,6 +502,9 @@ impl Canary {
                 | Canary::SnapshotOmitsDedup
                 | Canary::ServeStaleGeneration
                 | Canary::HandOverEarly
+                | Canary::DeadLetterEarly
+                | Canary::DedupBySeqMax
+                | Canary::AckOnDelivery
         )
     }
 

@@ -31,6 +31,8 @@ pub enum NodeFault {
     Wipe(NodeId),
     /// A consumer process dies (the queue workload picks which).
     ConsumerCrash,
+    /// Cut off the leader of a group (the world picks the group), as `isolate` cuts off a node.
+    IsolateLeader,
 }
 
 /// Draws one fault over `nodes`, by the weights of `mix`; returns its kind for the summary.
@@ -116,6 +118,7 @@ pub fn draw<R: Rng>(
             ("late-messages", None)
         }
         "consumer-crash" => ("consumer-crash", Some(NodeFault::ConsumerCrash)),
+        "isolate-leader" => ("isolate-leader", Some(NodeFault::IsolateLeader)),
         _ => ("wipe", Some(NodeFault::Wipe(pick(rng)))),
     }
 }

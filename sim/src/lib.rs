@@ -14,6 +14,7 @@ pub mod queue;
 pub mod raft_checks;
 pub mod runner;
 pub mod swarm;
+pub mod timeline;
 pub mod trace;
 pub mod world;
 

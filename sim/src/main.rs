@@ -134,6 +134,10 @@ enum Command {
         /// Print every event.
         #[arg(long)]
         trace: bool,
+        /// Also draw the run as an HTML page: nodes as lanes, leaders and terms, faults, the
+        /// first violation.
+        #[arg(long, value_name = "FILE")]
+        timeline: Option<PathBuf>,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -247,10 +251,11 @@ fn main() -> ExitCode {
         Command::Replay {
             seed,
             trace,
+            timeline,
             cluster,
-        } => options(&cluster, seed).map(|mut o| {
-            o.trace = trace;
-            replay(&o)
+        } => options(&cluster, seed).and_then(|mut o| {
+            o.trace = trace || timeline.is_some();
+            replay(&o, trace, timeline.as_deref(), &replay_args(seed, &cluster))
         }),
     };
     match result {
@@ -471,10 +476,23 @@ fn regress(path: &Path, jobs: Option<usize>) -> Result<bool, String> {
     Ok(failed == 0)
 }
 
-fn replay(options: &Options) -> bool {
+fn replay(
+    options: &Options,
+    print_trace: bool,
+    timeline: Option<&Path>,
+    args: &str,
+) -> Result<bool, String> {
     let outcome = run_one(options);
-    for line in &outcome.trace {
-        println!("{line}");
+    if print_trace {
+        for line in &outcome.trace {
+            println!("{line}");
+        }
+    }
+    if let Some(path) = timeline {
+        let page =
+            holdfast_sim::timeline::render(&outcome.trace, &format!("holdfast-sim replay {args}"));
+        std::fs::write(path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("timeline written to {}", path.display());
     }
     let s = &outcome.stats;
     match &outcome.violation {
@@ -517,7 +535,7 @@ fn replay(options: &Options) -> bool {
         swarm.mix, swarm.pipeline, swarm.append_entries_max
     );
     println!("trace_hash={:016x}", outcome.trace_hash);
-    outcome.passed()
+    Ok(outcome.passed())
 }
 
 /// The checker `cluster` fails `seed` with, if it fails; and how many faults it drew.
@@ -606,6 +624,10 @@ fn shrink(seed: u64, cluster: &Cluster, jobs: usize) -> Result<bool, String> {
         .collect();
     if let Some(i) = fails(&candidates)? {
         shrunk = candidates[i].clone();
+        // Faults past the shorter phase are never drawn: leave them out of the line.
+        let (_, drawn) = checker_of(seed, &shrunk)?;
+        keep.retain(|n| *n < drawn);
+        shrunk.only_faults = Some(FaultNumbers(keep.clone()));
     }
     println!(
         "shrunk from {before} faults to {} and a {} ms fault phase, failing with {checker}:",

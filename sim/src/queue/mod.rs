@@ -934,6 +934,18 @@ impl QueueWorld {
                     return self.next_fault();
                 }
                 Some(NodeFault::ConsumerCrash) => {}
+                Some(NodeFault::IsolateLeader) => {
+                    let group = self.rng.random_range(0..=self.broker_groups);
+                    let leader = self.node_ids.iter().zip(&self.hosts).find_map(|(n, h)| {
+                        let replica = h.broker.as_ref()?.replica(group)?;
+                        let leads = replica.status().role == holdfast_core::raft::Role::Leader;
+                        (h.up && leads).then_some(*n)
+                    });
+                    let Some(leader) = leader else {
+                        return self.next_fault();
+                    };
+                    self.network.split(&[leader], &self.node_ids);
+                }
                 Some(NodeFault::Crash(node)) => {
                     if !self.host(node).up {
                         return self.next_fault();

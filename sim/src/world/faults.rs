@@ -85,6 +85,17 @@ impl World {
                     slot.disk.wipe();
                 }
             }
+            Some(NodeFault::IsolateLeader) => {
+                let group = self.rng.random_range(1..=self.options.groups as GroupId);
+                let leader = self.nodes.iter().enumerate().find_map(|(i, n)| {
+                    let replica = n.slots[(group - 1) as usize].as_ref()?.replica.as_ref()?;
+                    (n.up && replica.status().role == Role::Leader).then_some(i as NodeId + 1)
+                });
+                let Some(leader) = leader else {
+                    return self.next_fault();
+                };
+                self.network.split(&[leader], &self.node_ids);
+            }
             Some(NodeFault::ConsumerCrash) | None => {}
         }
         *self.stats.faults.entry(kind).or_default() += 1;

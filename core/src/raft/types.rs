@@ -345,8 +345,10 @@ pub enum Canary {
     PullIgnoresFrom,
     /// A pull labels each message with the offset after its own.
     ShiftPullOffsets,
-    /// The simulated producers send without waiting for the previous send (the planted bug
-    /// is in how the client is used, not in the broker).
+    /// The simulated producers send without waiting for the previous send where the
+    /// application relies on the order of its sends (pipelining promises order only between
+    /// sends that did not overlap; the planted bug is in how the client is used, not in the
+    /// broker).
     AsyncSend,
     /// The simulator's recovery treats corruption inside the synced log as a torn tail: it cuts
     /// the log there silently and the replica starts undamaged, votes and all.

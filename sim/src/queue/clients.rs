@@ -248,7 +248,11 @@ impl QueueWorld {
                 .get(index)
                 .map_or(0, |p| p.sends.len());
             if !self.async_send() && in_flight < self.clients.pipeline {
-                let think = ms(self.rng.random_range(1..30));
+                // A pipelining producer thinks as much longer as it keeps sends in flight: its
+                // sends overlap, yet it sends about as much as one that waits, so a seed costs
+                // about as much either way.
+                let depth = self.clients.pipeline as u64;
+                let think = ms(self.rng.random_range(1..30) * depth);
                 self.schedule(now + think, Event::Produce { producer: index });
             }
         }

@@ -13,8 +13,9 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use crate::disk::Disk;
 
 /// The Raft checkers, by the name a violation reports.
-pub const RAFT_CHECKERS: [&str; 11] = [
+pub const RAFT_CHECKERS: [&str; 12] = [
     "one-leader-per-term",
+    "read-lease",
     "commit-safety",
     "recovery",
     "log-matching",
@@ -35,8 +36,9 @@ pub const DISK_CHECKERS: [&str; 2] = ["committed-bytes", "damaged-vote"];
 pub const SNAPSHOT_CHECKERS: [&str; 1] = ["snapshot-agreement"];
 
 /// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
-pub const QUEUE_CHECKERS: [&str; 8] = [
+pub const QUEUE_CHECKERS: [&str; 9] = [
     "exclusive-owner",
+    "dead-letter",
     "lost",
     "unexpected",
     "duplicated",

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::disk::Corruption;
 use crate::network::Network;
+use crate::swarm::Mix;
 
 pub enum NodeFault {
     Crash(NodeId),
@@ -28,22 +29,29 @@ pub enum NodeFault {
     FailSync(NodeId),
     /// The node crashes and every file of every replica on it is gone.
     Wipe(NodeId),
+    /// A consumer process dies (the queue workload picks which).
+    ConsumerCrash,
+    /// Cut off the leader of a group (the world picks the group), as `isolate` cuts off a node.
+    IsolateLeader,
 }
 
-/// Draws one fault over `nodes`, by weight; returns its kind for the summary.
+/// Draws one fault over `nodes`, by the weights of `mix`; returns its kind for the summary.
+/// (The fixed mix draws exactly what the fixed ranges of earlier versions drew.)
 pub fn draw<R: Rng>(
     rng: &mut R,
     network: &mut Network,
     nodes: &[NodeId],
+    mix: &Mix,
 ) -> (&'static str, Option<NodeFault>) {
     let pick = |rng: &mut R| nodes[rng.random_range(0..nodes.len())];
-    match rng.random_range(0..114) {
-        0..12 => {
+    let kind = mix.kind_at(rng.random_range(0..mix.total()));
+    match kind {
+        "isolate" => {
             let node = pick(rng);
             network.split(&[node], nodes);
             ("isolate", None)
         }
-        12..22 => {
+        "partition" => {
             let minority = rng.random_range(1..=(nodes.len() - 1) / 2);
             let mut side = nodes.to_vec();
             for i in 0..side.len() {
@@ -54,40 +62,40 @@ pub fn draw<R: Rng>(
             network.split(&side, nodes);
             ("partition", None)
         }
-        22..32 => {
+        "one-way" => {
             let node = pick(rng);
             let outbound = rng.random_bool(0.5);
             network.one_way(node, nodes, outbound);
             ("one-way", None)
         }
-        32..47 => {
+        "heal-partition" => {
             network.blocked.clear();
             ("heal-partition", None)
         }
-        47..62 => ("crash", Some(NodeFault::Crash(pick(rng)))),
-        62..72 => {
+        "crash" => ("crash", Some(NodeFault::Crash(pick(rng)))),
+        "pause" => {
             let node = pick(rng);
             let pause = Duration::from_millis(rng.random_range(10..1_500));
             ("pause", Some(NodeFault::Pause(node, pause)))
         }
-        72..80 => {
+        "lossy-network" => {
             network.loss_ppm = rng.random_range(10_000..300_000);
             network.duplicate_ppm = rng.random_range(0..100_000);
             ("lossy-network", None)
         }
-        80..88 => {
+        "slow-network" => {
             network.delay_min_us = 1_000;
             network.delay_max_us = rng.random_range(10_000..200_000);
             ("slow-network", None)
         }
-        88..94 => {
+        "calm-network" => {
             let blocked = std::mem::take(&mut network.blocked);
             network.heal();
             network.blocked = blocked;
             ("calm-network", None)
         }
-        94..100 => ("slow-disk", Some(NodeFault::ToggleSlowDisk(pick(rng)))),
-        100..104 => {
+        "slow-disk" => ("slow-disk", Some(NodeFault::ToggleSlowDisk(pick(rng)))),
+        "bit-flip" => {
             let fault = NodeFault::Corrupt {
                 node: pick(rng),
                 corruption: Corruption::BitFlip,
@@ -95,7 +103,7 @@ pub fn draw<R: Rng>(
             };
             ("bit-flip", Some(fault))
         }
-        104..107 => {
+        "misdirected-write" => {
             let fault = NodeFault::Corrupt {
                 node: pick(rng),
                 corruption: Corruption::Misdirect,
@@ -103,10 +111,22 @@ pub fn draw<R: Rng>(
             };
             ("misdirected-write", Some(fault))
         }
-        107..110 => ("fsync-error", Some(NodeFault::FailSync(pick(rng)))),
-        110..112 => ("disk-full", Some(NodeFault::FailSync(pick(rng)))),
+        "fsync-error" => ("fsync-error", Some(NodeFault::FailSync(pick(rng)))),
+        "disk-full" => ("disk-full", Some(NodeFault::FailSync(pick(rng)))),
+        "late-messages" => {
+            network.late_ppm = rng.random_range(20_000..200_000);
+            ("late-messages", None)
+        }
+        "consumer-crash" => ("consumer-crash", Some(NodeFault::ConsumerCrash)),
+        "isolate-leader" => ("isolate-leader", Some(NodeFault::IsolateLeader)),
         _ => ("wipe", Some(NodeFault::Wipe(pick(rng)))),
     }
+}
+
+/// When a late copy of a peer message arrives: long enough after it was sent that an
+/// election may have come and gone (timeouts are 150-300 ms).
+pub fn late_delay<R: Rng>(rng: &mut R) -> Duration {
+    Duration::from_millis(rng.random_range(150..1_500))
 }
 
 /// How long a crashed node stays down: half the crashes are quick bounces, within one

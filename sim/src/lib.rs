@@ -13,6 +13,8 @@ pub mod options;
 pub mod queue;
 pub mod raft_checks;
 pub mod runner;
+pub mod swarm;
+pub mod timeline;
 pub mod trace;
 pub mod world;
 

@@ -7,6 +7,7 @@ use std::time::Instant as WallClock;
 use clap::{Parser, Subcommand};
 use holdfast_core::raft::Canary;
 use holdfast_sim::runner::{Summary, explore_start, run_each, run_one, run_seeds};
+use holdfast_sim::swarm::{FaultMix, Mix};
 use holdfast_sim::{CANARIES_BUILT, Options, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -54,6 +55,43 @@ struct Cluster {
     /// fuzz target prints when it finds a failure).
     #[arg(long, value_name = "HEX")]
     fault_script: Option<String>,
+    /// Pin the fault mix instead of drawing it from the seed: `kind=weight,...` (kinds left
+    /// out are off; `replay` prints a seed's mix), or `fixed` for the one blend every seed
+    /// explored before swarm testing (runs replay as they did then).
+    #[arg(long, value_name = "MIX")]
+    faults: Option<String>,
+    /// Apply only these faults, by number in the run (`replay --trace` shows `FAULT #n`); the
+    /// others are drawn but left out (`none`: no fault at all). What `shrink` prints.
+    #[arg(long, value_name = "N,N,...", value_parser = parse_fault_numbers)]
+    only_faults: Option<FaultNumbers>,
+}
+
+/// Fault numbers, as `--only-faults` takes them.
+#[derive(Clone, Debug)]
+struct FaultNumbers(Vec<u64>);
+
+fn parse_fault_numbers(text: &str) -> Result<FaultNumbers, String> {
+    if text == "none" {
+        return Ok(FaultNumbers(Vec::new()));
+    }
+    text.split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .map_err(|_| format!("{n:?} is not a fault number"))
+        })
+        .collect::<Result<_, _>>()
+        .map(FaultNumbers)
+}
+
+impl std::fmt::Display for FaultNumbers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return write!(f, "none");
+        }
+        let numbers: Vec<String> = self.0.iter().map(u64::to_string).collect();
+        write!(f, "{}", numbers.join(","))
+    }
 }
 
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
@@ -96,6 +134,10 @@ enum Command {
         /// Print every event.
         #[arg(long)]
         trace: bool,
+        /// Also draw the run as an HTML page: nodes as lanes, leaders and terms, faults, the
+        /// first violation.
+        #[arg(long, value_name = "FILE")]
+        timeline: Option<PathBuf>,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -111,6 +153,16 @@ enum Command {
     },
     /// List the planted bugs, one a line.
     Canaries,
+    /// Reduce a failing seed's faults, by delta debugging, to a few that still make it fail
+    /// with the same checker, then shorten its fault phase; print the replay line.
+    Shrink {
+        seed: u64,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
 }
 
 fn parse_nodes(value: &str) -> Result<usize, String> {
@@ -151,6 +203,14 @@ fn options(cluster: &Cluster, seed: u64) -> Result<Options, String> {
         Some(hex) => Some(parse_hex(hex).map_err(|e| format!("--fault-script: {e}"))?),
         None => None,
     };
+    if let Some(text) = &cluster.faults {
+        let mix = Mix::parse(text).map_err(|e| format!("--faults: {e}"))?;
+        options.faults = FaultMix::Pinned(mix);
+    }
+    options.only_faults = cluster
+        .only_faults
+        .as_ref()
+        .map(|only| only.0.iter().copied().collect());
     Ok(options)
 }
 
@@ -183,13 +243,19 @@ fn main() -> ExitCode {
             options(&cluster, from).map(|o| run(&o, &cluster, seeds, jobs))
         }
         Command::Regress { file, jobs } => regress(&file, jobs),
+        Command::Shrink {
+            seed,
+            jobs,
+            cluster,
+        } => shrink(seed, &cluster, jobs_or_cores(jobs)),
         Command::Replay {
             seed,
             trace,
+            timeline,
             cluster,
-        } => options(&cluster, seed).map(|mut o| {
-            o.trace = trace;
-            replay(&o)
+        } => options(&cluster, seed).and_then(|mut o| {
+            o.trace = trace || timeline.is_some();
+            replay(&o, trace, timeline.as_deref(), &replay_args(seed, &cluster))
         }),
     };
     match result {
@@ -224,6 +290,12 @@ fn replay_args(seed: u64, cluster: &Cluster) -> String {
     }
     if let Some(hex) = &cluster.fault_script {
         args.push_str(&format!(" --fault-script {hex}"));
+    }
+    if let Some(mix) = &cluster.faults {
+        args.push_str(&format!(" --faults {mix}"));
+    }
+    if let Some(only) = &cluster.only_faults {
+        args.push_str(&format!(" --only-faults {only}"));
     }
     args
 }
@@ -260,6 +332,12 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
     bar.finish();
     let summary = Summary::new(&outcomes, started.elapsed());
     println!("{summary}");
+    let wall = summary.wall.as_secs_f64().max(1e-9);
+    println!(
+        "{:.1} seeds per wall s; {:.0} simulated s per wall s per core ({jobs} jobs)",
+        outcomes.len() as f64 / wall,
+        summary.stats.simulated_us as f64 / 1e6 / wall / jobs as f64
+    );
     if let Some((seed, _)) = summary.failed.first() {
         let args = replay_args(*seed, cluster);
         println!("replay the first failure: holdfast-sim replay {args} --trace");
@@ -398,10 +476,23 @@ fn regress(path: &Path, jobs: Option<usize>) -> Result<bool, String> {
     Ok(failed == 0)
 }
 
-fn replay(options: &Options) -> bool {
+fn replay(
+    options: &Options,
+    print_trace: bool,
+    timeline: Option<&Path>,
+    args: &str,
+) -> Result<bool, String> {
     let outcome = run_one(options);
-    for line in &outcome.trace {
-        println!("{line}");
+    if print_trace {
+        for line in &outcome.trace {
+            println!("{line}");
+        }
+    }
+    if let Some(path) = timeline {
+        let page =
+            holdfast_sim::timeline::render(&outcome.trace, &format!("holdfast-sim replay {args}"));
+        std::fs::write(path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("timeline written to {}", path.display());
     }
     let s = &outcome.stats;
     match &outcome.violation {
@@ -438,6 +529,111 @@ fn replay(options: &Options) -> bool {
             s.dead_lettered
         ),
     }
+    let swarm = options.swarm();
+    println!(
+        "fault mix: {} (pipeline {}, append_entries_max {:?})",
+        swarm.mix, swarm.pipeline, swarm.append_entries_max
+    );
     println!("trace_hash={:016x}", outcome.trace_hash);
-    outcome.passed()
+    Ok(outcome.passed())
+}
+
+/// The checker `cluster` fails `seed` with, if it fails; and how many faults it drew.
+fn checker_of(seed: u64, cluster: &Cluster) -> Result<(Option<&'static str>, u64), String> {
+    let outcome = run_one(&options(cluster, seed)?);
+    let checker = outcome.violation.map(|(_, v)| v.checker);
+    Ok((checker, outcome.stats.faults_drawn))
+}
+
+/// Delta debugging (Zeller's ddmin) over the faults a failing run applies: keep a subset that
+/// still fails with the same checker and from which no chunk can be dropped. Candidates of one
+/// round run in parallel; the first failing one in order is kept, so the result is the same
+/// however many jobs ran.
+fn shrink(seed: u64, cluster: &Cluster, jobs: usize) -> Result<bool, String> {
+    let (Some(checker), drawn) = checker_of(seed, cluster)? else {
+        println!("seed {seed} passes: nothing to shrink");
+        return Ok(false);
+    };
+    let mut keep: Vec<u64> = match &cluster.only_faults {
+        Some(only) => only.0.clone(),
+        None => (0..drawn).collect(),
+    };
+    let before = keep.len();
+    println!("seed {seed} fails with {checker} after {drawn} faults; shrinking {before} of them");
+    let with_faults = |keep: &[u64]| {
+        let mut c = cluster.clone();
+        c.only_faults = Some(FaultNumbers(keep.to_vec()));
+        c
+    };
+    let fails = |candidates: &[Cluster]| -> Result<Option<usize>, String> {
+        let runs = candidates
+            .iter()
+            .map(|c| options(c, seed))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcomes = run_each(&runs, jobs);
+        Ok(outcomes.iter().position(|o| {
+            o.violation
+                .as_ref()
+                .is_some_and(|(_, v)| v.checker == checker)
+        }))
+    };
+    let mut chunks = 2;
+    while keep.len() >= 2 {
+        let size = keep.len().div_ceil(chunks);
+        let parts: Vec<Vec<u64>> = keep.chunks(size).map(<[u64]>::to_vec).collect();
+        let mut candidates: Vec<Vec<u64>> = parts.clone();
+        for i in 0..parts.len() {
+            let rest: Vec<u64> = (0..parts.len())
+                .filter(|j| *j != i)
+                .flat_map(|j| parts[j].iter().copied())
+                .collect();
+            candidates.push(rest);
+        }
+        let clusters: Vec<Cluster> = candidates.iter().map(|k| with_faults(k)).collect();
+        match fails(&clusters)? {
+            Some(i) if i < parts.len() => {
+                keep = candidates[i].clone();
+                chunks = 2;
+            }
+            Some(i) => {
+                keep = candidates[i].clone();
+                chunks = (chunks - 1).max(2);
+            }
+            None if chunks >= keep.len() => break,
+            None => chunks = (chunks * 2).min(keep.len()),
+        }
+        println!("  {} faults still fail with {checker}", keep.len());
+    }
+    if keep.len() == 1 && fails(&[with_faults(&[])])?.is_some() {
+        keep.clear();
+    }
+    // Then the fault phase: the shortest of a few that still fails.
+    let mut shrunk = with_faults(&keep);
+    let phases: Vec<u64> = [8, 4, 2]
+        .iter()
+        .map(|d| cluster.fault_phase_ms / d)
+        .filter(|ms| *ms >= 500)
+        .collect();
+    let candidates: Vec<Cluster> = phases
+        .iter()
+        .map(|ms| {
+            let mut c = shrunk.clone();
+            c.fault_phase_ms = *ms;
+            c
+        })
+        .collect();
+    if let Some(i) = fails(&candidates)? {
+        shrunk = candidates[i].clone();
+        // Faults past the shorter phase are never drawn: leave them out of the line.
+        let (_, drawn) = checker_of(seed, &shrunk)?;
+        keep.retain(|n| *n < drawn);
+        shrunk.only_faults = Some(FaultNumbers(keep.clone()));
+    }
+    println!(
+        "shrunk from {before} faults to {} and a {} ms fault phase, failing with {checker}:",
+        keep.len(),
+        shrunk.fault_phase_ms
+    );
+    println!("holdfast-sim replay {} --trace", replay_args(seed, &shrunk));
+    Ok(true)
 }

@@ -4,11 +4,15 @@ use std::collections::BTreeSet;
 
 use holdfast_core::raft::NodeId;
 
+#[derive(Clone)]
 pub struct Network {
     /// Directed links that drop everything: `(from, to)`.
     pub blocked: BTreeSet<(NodeId, NodeId)>,
     pub loss_ppm: u32,
     pub duplicate_ppm: u32,
+    /// Of every million peer messages, how many also arrive once more much later (see
+    /// `faults::late_delay`); zero unless the `late-messages` fault is on.
+    pub late_ppm: u32,
     pub delay_min_us: u64,
     pub delay_max_us: u64,
 }
@@ -22,6 +26,7 @@ impl Network {
             blocked: BTreeSet::new(),
             loss_ppm: 0,
             duplicate_ppm: 0,
+            late_ppm: 0,
             delay_min_us: Self::CALM_DELAY_MIN_US,
             delay_max_us: Self::CALM_DELAY_MAX_US,
         }

@@ -31,9 +31,26 @@ pub struct Options {
     /// Chooses the fault schedule byte by byte instead of the seed (see
     /// [`crate::faults::FaultScript`]); everything else still comes from the seed.
     pub fault_script: Option<Vec<u8>>,
+    /// How the fault mix is chosen: drawn from the seed, or pinned.
+    pub faults: crate::swarm::FaultMix,
+    /// Apply only these faults, by their number in the run (0 is the first drawn); the rest
+    /// are drawn, so what follows them is unchanged, but not applied. What `shrink` narrows.
+    pub only_faults: Option<std::collections::BTreeSet<u64>>,
 }
 
 impl Options {
+    /// What this seed explores: its fault mix and workload knobs.
+    pub fn swarm(&self) -> crate::swarm::Swarm {
+        crate::swarm::Swarm::new(self.seed, self.workload, &self.faults)
+    }
+
+    /// Whether fault number `n` of the run is applied.
+    pub fn applies_fault(&self, n: u64) -> bool {
+        self.only_faults
+            .as_ref()
+            .is_none_or(|only| only.contains(&n))
+    }
+
     pub fn new(seed: u64) -> Options {
         Options {
             workload: Workload::Queue,
@@ -45,6 +62,8 @@ impl Options {
             liveness_limit_ms: 20_000,
             trace: false,
             fault_script: None,
+            faults: crate::swarm::FaultMix::Swarm,
+            only_faults: None,
         }
     }
 }

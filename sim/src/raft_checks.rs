@@ -268,3 +268,47 @@ pub fn check_recovery(
     }
     Ok(())
 }
+
+/// read-lease: when `holder`'s replica of `group` may serve reads under its lease at `now`, no
+/// other replica of the group may (two would serve two histories), and the holder's commit
+/// index is at least every replica's (else its reads would miss committed writes).
+pub fn check_lease<'a>(
+    group: GroupId,
+    holder: NodeId,
+    now: holdfast_core::time::Instant,
+    replicas: impl Iterator<Item = (NodeId, &'a Replica)>,
+) -> Result<(), Violation> {
+    let replicas: Vec<(NodeId, &Replica)> = replicas.collect();
+    let Some((_, mine)) = replicas.iter().find(|(n, _)| *n == holder) else {
+        return Ok(());
+    };
+    // Most steps are a follower's, which holds no lease: the cheap test first.
+    if mine.status().role != Role::Leader || !mine.read_lease(now) {
+        return Ok(());
+    }
+    let mine = mine.status();
+    for (node, replica) in replicas.iter().filter(|(n, _)| *n != holder) {
+        let status = replica.status();
+        if replica.read_lease(now) {
+            return Err(violation(
+                "read-lease",
+                format!(
+                    "group {group}: n{holder} (term {}) and n{node} (term {}) both hold a read \
+                     lease at once",
+                    mine.term, status.term
+                ),
+            ));
+        }
+        if status.commit_index > mine.commit_index {
+            return Err(violation(
+                "read-lease",
+                format!(
+                    "group {group}: n{holder} serves reads under a lease at commit {} while \
+                     n{node} knows commit {}",
+                    mine.commit_index, status.commit_index
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -157,6 +157,18 @@ impl fmt::Display for Summary {
         for (kind, count) in &s.faults {
             writeln!(f, "  {kind:<16} {count}")?;
         }
+        // Coverage: a kind no seed reached is a blind spot of this batch (consumer crashes
+        // exist in the queue workload only).
+        let queue = s.messages_acked + s.messages_failed + s.messages_ambiguous > 0;
+        let never: Vec<&str> = crate::swarm::KINDS
+            .iter()
+            .filter(|k| queue || **k != "consumer-crash")
+            .filter(|k| !s.faults.contains_key(*k))
+            .copied()
+            .collect();
+        if !never.is_empty() {
+            writeln!(f, "  never injected: {}", never.join(" "))?;
+        }
         if s.damaged_starts > 0 {
             writeln!(
                 f,

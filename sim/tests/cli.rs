@@ -239,3 +239,92 @@ fn explore_runs_a_window_derived_from_its_text() {
         "--from and --explore name the first seed twice"
     );
 }
+
+#[test]
+fn a_pinned_fault_mix_is_shown_and_a_bad_one_refused() {
+    let text = stdout(&sim(&["replay", "9", "--faults", "crash=5,isolate=3"]));
+    assert!(text.contains("fault mix: isolate=3,crash=5"), "{text}");
+    let drawn = stdout(&sim(&["replay", "9"]));
+    assert!(drawn.contains("fault mix: "), "{drawn}");
+    let bad = sim(&["replay", "9", "--faults", "meteor=3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown fault kind"));
+}
+
+#[test]
+fn only_faults_leaves_the_others_out() {
+    let none = stdout(&sim(&[
+        "replay",
+        "9",
+        "--workload",
+        "raft",
+        "--only-faults",
+        "none",
+        "--trace",
+    ]));
+    assert!(!none.contains("FAULT #"), "a fault was applied:\n{none}");
+    let two = stdout(&sim(&[
+        "replay",
+        "9",
+        "--workload",
+        "raft",
+        "--only-faults",
+        "1,3",
+        "--trace",
+    ]));
+    let applied: Vec<&str> = two.lines().filter(|l| l.contains(" FAULT #")).collect();
+    assert_eq!(applied.len(), 2, "{applied:?}");
+    assert!(
+        applied[0].contains("FAULT #1 ") && applied[1].contains("FAULT #3 "),
+        "{applied:?}"
+    );
+}
+
+#[test]
+fn replay_draws_a_timeline() {
+    let path = std::env::temp_dir().join(format!("holdfast-timeline-{}.html", std::process::id()));
+    let output = sim(&[
+        "replay",
+        "9",
+        "--workload",
+        "raft",
+        "--timeline",
+        path.to_str().unwrap_or_default(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let page = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    for expected in ["<svg", "leads from", "FAULT #", "heal"] {
+        assert!(page.contains(expected), "no {expected:?} in the timeline");
+    }
+}
+
+#[cfg(feature = "canaries")]
+#[test]
+fn shrink_keeps_fewer_faults_that_fail_with_the_same_checker() {
+    let output = sim(&[
+        "shrink",
+        "1",
+        "--workload",
+        "raft",
+        "--canary",
+        "skip-prev-log-check",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("holdfast-sim replay "))
+        .unwrap_or_else(|| panic!("no replay line in:\n{text}"));
+    assert!(line.contains("--only-faults"), "{line}");
+    let args: Vec<&str> = std::iter::once("replay")
+        .chain(line.split_whitespace().filter(|a| *a != "--trace"))
+        .collect();
+    let again = stdout(&sim(&args));
+    assert!(
+        again.contains("FAILED") && again.contains("log-matching"),
+        "{again}"
+    );
+    let applied = again.lines().filter(|l| l.contains("faults {")).count();
+    assert_eq!(applied, 1);
+}

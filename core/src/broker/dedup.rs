@@ -96,6 +96,18 @@ impl ProducerWindow {
         Ok(Verdict::New)
     }
 
+    /// The planted bug `DedupBySeqMax`: anything numbered at or below the highest sequence
+    /// number passes for a retry of the latest batch.
+    pub(super) fn check_by_seq_max(&self, first_seq: Seq) -> Verdict {
+        match self.batches.iter().next_back() {
+            Some((_, batch)) if first_seq <= self.seq_max => Verdict::Duplicate {
+                queue: batch.queue.clone(),
+                base_offset: batch.base_offset,
+            },
+            _ => Verdict::New,
+        }
+    }
+
     /// Whether every batch is one `record` can have written (at least one sequence number,
     /// none past `Seq::MAX` or `seq_max`), so the arithmetic above cannot overflow on a
     /// restored window.

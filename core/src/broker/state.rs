@@ -488,6 +488,9 @@ impl BrokerState {
             Ok(Verdict::New)
         } else {
             match self.producers.get(&producer_id) {
+                Some(window) if Canary::DedupBySeqMax.planted(self.config.canary) => {
+                    Ok(window.check_by_seq_max(first_seq))
+                }
                 Some(window) => window.check(producer_id, first_seq, len),
                 None => Ok(Verdict::New),
             }
@@ -613,7 +616,9 @@ impl BrokerState {
         };
         let cached = log.cached(offset).cloned();
         let attempt = entry.reconsume_times.saturating_add(1);
-        let dead_letter = attempt > self.config.max_reconsume;
+        let dead_letter = attempt > self.config.max_reconsume
+            || (Canary::DeadLetterEarly.planted(self.config.canary)
+                && attempt >= self.config.max_reconsume);
         let (to, due_ms) = if dead_letter {
             (QueueId::dead_letter(&group), stamp_ms)
         } else {

@@ -603,7 +603,12 @@ impl Replica {
         let mut contexts: Vec<u64> = self.progress.values().map(|p| p.lease_context_us).collect();
         contexts.push(now.as_micros());
         contexts.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(oldest_in_quorum) = contexts.get(self.quorum() - 1) else {
+        let counted = if self.canary(Canary::LeaseWithoutQuorum) {
+            0
+        } else {
+            self.quorum() - 1
+        };
+        let Some(oldest_in_quorum) = contexts.get(counted) else {
             return false;
         };
         let promise = self.config.election_timeout_min;

@@ -399,8 +399,10 @@ pub enum Canary {
     PullIgnoresFrom,
     /// A pull labels each message with the offset after its own.
     ShiftPullOffsets,
-    /// The simulated producers send without waiting for the previous send (the planted bug
-    /// is in how the client is used, not in the broker).
+    /// The simulated producers send without waiting for the previous send where the
+    /// application relies on the order of its sends (pipelining promises order only between
+    /// sends that did not overlap; the planted bug is in how the client is used, not in the
+    /// broker).
     AsyncSend,
     /// The simulator's recovery treats corruption inside the synced log as a torn tail: it cuts
     /// the log there silently and the replica starts undamaged, votes and all.
@@ -436,10 +438,23 @@ pub enum Canary {
     /// A broker hands a consumer what its queue store read back without checking the
     /// records' checksums.
     ServeUncheckedRead,
+    /// A broker dead-letters a message one reconsume early: on the `max_reconsume`-th
+    /// `ReconsumeLater` instead of the one after it.
+    DeadLetterEarly,
+    /// The dedup window compares a batch only with the producer's highest sequence number: a
+    /// batch numbered below it passes for a retry of the latest batch and is answered with that
+    /// batch's offsets (invisible while a producer keeps one send in flight).
+    DedupBySeqMax,
+    /// The simulated consumers acknowledge a message as soon as it is handed out, before the
+    /// listener answers (the planted bug is in how the client is used, not in the broker).
+    AckOnDelivery,
+    /// A leader's read lease counts only its own clock, not a majority's answers: a deposed
+    /// leader goes on serving reads under a lease while its successor serves under its own.
+    LeaseWithoutQuorum,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 34] = [
+    pub const ALL: [Canary; 38] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -474,6 +489,10 @@ impl Canary {
         Canary::ServeStaleGeneration,
         Canary::HandOverEarly,
         Canary::ServeUncheckedRead,
+        Canary::DeadLetterEarly,
+        Canary::DedupBySeqMax,
+        Canary::AckOnDelivery,
+        Canary::LeaseWithoutQuorum,
     ];
 
     pub fn name(self) -> &'static str {
@@ -512,6 +531,10 @@ impl Canary {
             Canary::ServeStaleGeneration => "serve-stale-generation",
             Canary::HandOverEarly => "hand-over-early",
             Canary::ServeUncheckedRead => "serve-unchecked-read",
+            Canary::DeadLetterEarly => "dead-letter-early",
+            Canary::DedupBySeqMax => "dedup-by-seq-max",
+            Canary::AckOnDelivery => "ack-on-delivery",
+            Canary::LeaseWithoutQuorum => "lease-without-quorum",
         }
     }
 
@@ -541,6 +564,9 @@ impl Canary {
                 | Canary::ServeStaleGeneration
                 | Canary::HandOverEarly
                 | Canary::ServeUncheckedRead
+                | Canary::DeadLetterEarly
+                | Canary::DedupBySeqMax
+                | Canary::AckOnDelivery
         )
     }
 

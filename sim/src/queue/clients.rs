@@ -49,6 +49,9 @@ enum Who {
 
 pub(crate) struct Clients {
     nodes: Vec<NodeId>,
+    /// Sends each producer keeps in flight (drawn per seed: most seeds wait for each send,
+    /// some pipeline, as the shell's `send_async` allows).
+    pub(crate) pipeline: usize,
     topic_ready: bool,
     admin_turn: usize,
     producers: Vec<ProducerSlot>,
@@ -62,6 +65,7 @@ impl Clients {
     pub(crate) fn new(nodes: &[NodeId], _broker_groups: GroupId) -> Clients {
         let mut clients = Clients {
             nodes: nodes.to_vec(),
+            pipeline: 1,
             topic_ready: false,
             admin_turn: 0,
             producers: Vec::new(),
@@ -181,8 +185,13 @@ impl QueueWorld {
         let messages = bodies.iter().cloned().map(Message::with_body).collect();
         let (send, first_seq) = slot.producer.send(now, TOPIC, messages);
         slot.sends.insert(send, first_seq);
-        self.history.sent(producer_id, first_seq, bodies);
-        if self.async_send() {
+        let in_flight = slot.sends.len();
+        // A producer that waits for each send relies on their order; the canary pipelines
+        // while relying on it.
+        let ordered = self.clients.pipeline == 1;
+        self.history
+            .sent(now, producer_id, first_seq, bodies, ordered);
+        if self.async_send() || in_flight < self.clients.pipeline {
             // The planted bug: the next send leaves without waiting for this one.
             let think = ms(self.rng.random_range(1..10));
             self.schedule(now + think, Event::Produce { producer: index });
@@ -229,10 +238,21 @@ impl QueueWorld {
             self.trace.record(now, &[21, producer_id, first_seq], || {
                 format!("producer {producer_id} seq {first_seq}: {outcome:?}")
             });
-            self.history.send_ended(producer_id, first_seq, outcome);
-            // One send at a time per producer, so its acked batches keep their order.
-            if !self.async_send() {
-                let think = ms(self.rng.random_range(1..30));
+            self.history
+                .send_ended(now, producer_id, first_seq, outcome);
+            // One send at a time per producer, so its acked batches keep their order (or a
+            // few at a time in a pipelining seed: a new one whenever one ends).
+            let in_flight = self
+                .clients
+                .producers
+                .get(index)
+                .map_or(0, |p| p.sends.len());
+            if !self.async_send() && in_flight < self.clients.pipeline {
+                // A pipelining producer thinks as much longer as it keeps sends in flight: its
+                // sends overlap, yet it sends about as much as one that waits, so a seed costs
+                // about as much either way.
+                let depth = self.clients.pipeline as u64;
+                let think = ms(self.rng.random_range(1..30) * depth);
                 self.schedule(now + think, Event::Produce { producer: index });
             }
         }
@@ -408,6 +428,11 @@ impl QueueWorld {
                 } else {
                     AckStatus::Success
                 };
+                let ack_on_delivery = Canary::AckOnDelivery.planted(self.canary);
+                if ack_on_delivery && let Some(c) = self.consumer_mut(index) {
+                    // The planted bug: the message is acknowledged as it is handed out.
+                    c.answer(now, &delivery, AckStatus::Success);
+                }
                 // Most answers come at once; some consumers are slow, a few very slow.
                 let think = match self.rng.random_range(0..100) {
                     0..80 => Duration::ZERO,
@@ -415,7 +440,12 @@ impl QueueWorld {
                     _ => ms(self.rng.random_range(500..3_000)),
                 };
                 if think.is_zero() {
-                    if let Some(c) = self.consumer_mut(index) {
+                    let found = &delivery.message;
+                    self.history
+                        .answered(group, &found_of(found), status == AckStatus::Success);
+                    if let Some(c) = self.consumer_mut(index)
+                        && !ack_on_delivery
+                    {
                         c.answer(now, &delivery, status);
                     }
                 } else {
@@ -531,10 +561,16 @@ impl QueueWorld {
             return Ok(());
         };
         if s.generation != generation {
-            return Ok(());
+            return Ok(()); // the listener's process crashed before it answered
         }
+        let group = s.group;
         if let Some(consumer) = s.consumer.as_mut() {
-            consumer.answer(now, delivery, status);
+            if !Canary::AckOnDelivery.planted(self.canary) {
+                consumer.answer(now, delivery, status);
+            }
+            let found = found_of(&delivery.message);
+            self.history
+                .answered(group, &found, status == AckStatus::Success);
         }
         self.flush_consumer(slot)
     }
@@ -591,6 +627,15 @@ impl QueueWorld {
             self.restart_consumer(slot)?;
         }
         Ok(())
+    }
+}
+
+fn found_of(stored: &holdfast_core::broker::StoredMessage) -> Found {
+    Found {
+        producer_id: stored.producer_id,
+        seq: stored.seq,
+        reconsume_times: stored.reconsume_times,
+        body: stored.message.body.clone(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! What the queue's clients saw, and the checks of DESIGN §1 over it, named as Jepsen names
 //! them: lost, unexpected, duplicated, inconsistent-offsets, nonmonotonic-poll,
-//! offset-regression, and order.
+//! offset-regression, and order; and dead-letter, on when a message gives up retrying.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,6 +28,12 @@ pub enum SendOutcome {
 struct SendRecord {
     bodies: Vec<Bytes>,
     outcome: SendOutcome,
+    started: Instant,
+    /// When the producer learnt the outcome.
+    ended: Option<Instant>,
+    /// Sent by a producer that keeps one send in flight, relying on the order of its sends
+    /// (else it pipelines, and only sends that did not overlap keep their order).
+    ordered: bool,
 }
 
 impl SendRecord {
@@ -71,22 +77,58 @@ pub struct History {
     pub dead_lettered: u64,
     /// Consumers (client ids) that crashed: what they held comes again to the next owner.
     pub crashed: BTreeSet<u64>,
+    /// Messages a listener of a consumer group answered `Success` for: the only progress that
+    /// counts (a message handed out is not yet consumed).
+    succeeded: BTreeSet<(String, ProducerId, Seq)>,
+    /// Each `ReconsumeLater` a listener answered: group, message, and how often the message
+    /// had been reconsumed when it was delivered.
+    nacked: BTreeSet<(String, ProducerId, Seq, u32)>,
     /// The highest consume offset each replica incarnation has shown, to catch regressions.
     consume_seen: BTreeMap<(u64, u64, GroupId, String, QueueId), Offset>,
 }
 
 impl History {
-    pub fn sent(&mut self, producer_id: ProducerId, first_seq: Seq, bodies: Vec<Bytes>) {
+    pub fn sent(
+        &mut self,
+        now: Instant,
+        producer_id: ProducerId,
+        first_seq: Seq,
+        bodies: Vec<Bytes>,
+        ordered: bool,
+    ) {
         let record = SendRecord {
             bodies,
             outcome: SendOutcome::Pending,
+            started: now,
+            ended: None,
+            ordered,
         };
         self.sends.insert((producer_id, first_seq), record);
     }
 
-    pub fn send_ended(&mut self, producer_id: ProducerId, first_seq: Seq, outcome: SendOutcome) {
+    pub fn send_ended(
+        &mut self,
+        now: Instant,
+        producer_id: ProducerId,
+        first_seq: Seq,
+        outcome: SendOutcome,
+    ) {
         if let Some(record) = self.sends.get_mut(&(producer_id, first_seq)) {
             record.outcome = outcome;
+            record.ended = Some(now);
+        }
+    }
+
+    /// A listener of `group` answered a delivery of `found`: `success` for `Success`, else
+    /// `ReconsumeLater`. Recorded when the answer reaches the consumer library, never for a
+    /// listener whose process crashed first.
+    pub fn answered(&mut self, group: &str, found: &Found, success: bool) {
+        let (p, s) = (found.producer_id, found.seq);
+        if success {
+            self.succeeded.insert((group.to_string(), p, s));
+        } else {
+            self.nacked
+                .insert((group.to_string(), p, s, found.reconsume_times));
         }
     }
 
@@ -294,10 +336,13 @@ impl History {
     }
 
     /// The checks over the whole run, against the final state of every broker group.
+    /// `max_reconsume`: the `ReconsumeLater` answers a message may get before the next one
+    /// dead-letters it.
     pub fn check_final(
         &self,
         states: &BTreeMap<GroupId, super::StateView<'_>>,
         groups: &[&str],
+        max_reconsume: u32,
     ) -> Result<(), Violation> {
         let found_at = |broker: GroupId, queue: &QueueId, offset: Offset| {
             let stored = states.get(&broker)?.message(queue, offset)?;
@@ -321,11 +366,9 @@ impl History {
                 ));
             }
         }
-        // lost: every acked message is where its producer was told, and reached every group.
-        let mut delivered: BTreeSet<(&str, ProducerId, Seq)> = BTreeSet::new();
-        for (group, _, _, _, found) in &self.deliveries {
-            delivered.insert((group.as_str(), found.producer_id, found.seq));
-        }
+        let dead_letters = self.check_dead_letters(states, groups, max_reconsume)?;
+        // lost: every acked message is where its producer was told, and every group's
+        // listeners answered it `Success` (or it went to the group's dead-letter queue).
         for ((producer_id, first_seq), record) in &self.sends {
             let SendOutcome::Acked {
                 broker,
@@ -350,14 +393,18 @@ impl History {
                         ),
                     ));
                 }
-                if let Some(group) = groups
-                    .iter()
-                    .find(|g| !delivered.contains(&(**g, *producer_id, seq)))
-                {
+                if let Some(group) = groups.iter().find(|g| {
+                    let key = (g.to_string(), *producer_id, seq);
+                    !self.succeeded.contains(&key) && !dead_letters.contains(&key)
+                }) {
+                    let handed = self.deliveries.iter().any(|(g, _, _, _, f)| {
+                        g == group && (f.producer_id, f.seq) == (*producer_id, seq)
+                    });
                     return Err(violation(
                         "lost",
                         format!(
-                            "producer {producer_id} seq {seq} was acked but {group} never received it"
+                            "producer {producer_id} seq {seq} was acked but no listener of {group} \
+                             answered it Success, nor is it dead-lettered (handed out: {handed})"
                         ),
                     ));
                 }
@@ -417,8 +464,15 @@ impl History {
                 ));
             }
         }
-        // order: a producer's unambiguous acked batches to one queue keep their send order.
-        let mut last: BTreeMap<(ProducerId, GroupId, &QueueId), Offset> = BTreeMap::new();
+        self.check_order()
+    }
+
+    /// order: a producer's unambiguous acked batches to one queue keep their send order:
+    /// all of them for a producer that waits for each send, and for one that pipelines, a
+    /// batch acked before another was sent (what pipelining promises; RocketMQ's too).
+    fn check_order(&self) -> Result<(), Violation> {
+        type Acked = (Instant, Instant, Offset, bool);
+        let mut by_queue: BTreeMap<(ProducerId, GroupId, &QueueId), Vec<Acked>> = BTreeMap::new();
         for ((producer_id, _), record) in &self.sends {
             if let SendOutcome::Acked {
                 broker,
@@ -427,20 +481,101 @@ impl History {
                 ambiguous: false,
             } = &record.outcome
             {
-                let key = (*producer_id, *broker, queue);
-                if let Some(previous) = last.insert(key, *base_offset)
-                    && previous >= *base_offset
+                let ended = record.ended.unwrap_or(record.started);
+                by_queue
+                    .entry((*producer_id, *broker, queue))
+                    .or_default()
+                    .push((record.started, ended, *base_offset, record.ordered));
+            }
+        }
+        for ((producer_id, broker, queue), sends) in &by_queue {
+            // In send order; `before` holds the sends that must sit lower than the next one.
+            let mut ended: Vec<&Acked> = sends.iter().collect();
+            ended.sort_by_key(|(_, end, _, _)| *end);
+            let (mut next_ended, mut highest): (usize, Option<Offset>) = (0, None);
+            let mut previous: Option<Offset> = None;
+            for (started, _, base_offset, ordered) in sends {
+                while let Some((_, end, offset, _)) = ended.get(next_ended)
+                    && end < started
+                {
+                    highest = highest.max(Some(*offset));
+                    next_ended += 1;
+                }
+                let bound = if *ordered { previous } else { highest };
+                previous = Some(*base_offset);
+                if let Some(bound) = bound
+                    && bound >= *base_offset
                 {
                     return Err(violation(
                         "order",
                         format!(
                             "producer {producer_id}: a later batch sits at {queue}@{base_offset} of \
-                             group {broker}, before an earlier one at {previous}"
+                             group {broker}, before an earlier one at {bound} (one send in flight: \
+                             {ordered})"
                         ),
                     ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// dead-letter: a message reaches a group's dead-letter queue after exactly
+    /// `max_reconsume` reconsumes: it is there only with `max_reconsume + 1` attempts behind it,
+    /// after a listener answered `ReconsumeLater` to its last retry, and no retry beyond that
+    /// is ever delivered. Returns the dead-lettered messages, by group.
+    fn check_dead_letters(
+        &self,
+        states: &BTreeMap<GroupId, super::StateView<'_>>,
+        groups: &[&str],
+        max_reconsume: u32,
+    ) -> Result<BTreeSet<(String, ProducerId, Seq)>, Violation> {
+        let mut dead = BTreeSet::new();
+        for (broker, state) in states {
+            for group in groups {
+                let queue = QueueId::dead_letter(group);
+                for offset in 0..state.queue_len(&queue).unwrap_or(0) {
+                    let Some(stored) = state.message(&queue, offset) else {
+                        continue;
+                    };
+                    let (p, s) = (stored.producer_id, stored.seq);
+                    let last_nack = (group.to_string(), p, s, max_reconsume);
+                    if stored.reconsume_times != max_reconsume + 1
+                        || !self.nacked.contains(&last_nack)
+                    {
+                        return Err(violation(
+                            "dead-letter",
+                            format!(
+                                "producer {p} seq {s} sits at {queue}@{offset} of group {broker} \
+                                 after {} attempts (max_reconsume {max_reconsume}); {group}'s \
+                                 listeners answered ReconsumeLater at reconsume counts {:?}",
+                                stored.reconsume_times,
+                                self.nacked
+                                    .range(
+                                        (group.to_string(), p, s, 0)
+                                            ..=(group.to_string(), p, s, u32::MAX)
+                                    )
+                                    .map(|(_, _, _, r)| *r)
+                                    .collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                    dead.insert((group.to_string(), p, s));
+                }
+            }
+        }
+        if let Some((group, _, _, _, found)) = self
+            .deliveries
+            .iter()
+            .find(|(_, _, _, _, f)| f.reconsume_times > max_reconsume)
+        {
+            return Err(violation(
+                "dead-letter",
+                format!(
+                    "{group} was handed {found:?}, a retry beyond max_reconsume {max_reconsume}"
+                ),
+            ));
+        }
+        Ok(dead)
     }
 }

@@ -47,6 +47,7 @@ pub fn run(options: &Options) -> Outcome {
     let mut world = QueueWorld::new(options.clone());
     let result = world.run();
     world.stats.simulated_us = world.now.as_micros();
+    world.stats.faults_drawn = world.faults_drawn;
     let (acked, failed, ambiguous, _) = world.history.counts();
     world.stats.messages_acked = acked;
     world.stats.messages_failed = failed;
@@ -221,6 +222,10 @@ pub(crate) struct QueueWorld {
     pub(crate) rng: ChaCha8Rng,
     /// Fault decisions, when a script chooses them; else `rng` does.
     fault_script: Option<crate::faults::FaultScript>,
+    /// What this seed explores (its fault mix, pipelining, batch size), and how many faults
+    /// were drawn so far.
+    swarm: crate::swarm::Swarm,
+    faults_drawn: u64,
     pub(crate) now: Instant,
     seq: u64,
     queue: BinaryHeap<Scheduled>,
@@ -286,10 +291,9 @@ impl QueueWorld {
         let broker_groups = options.groups.max(2) as GroupId;
         QueueWorld {
             rng: ChaCha8Rng::seed_from_u64(options.seed),
-            fault_script: options
-                .fault_script
-                .clone()
-                .map(|bytes| crate::faults::FaultScript::new(bytes, options.seed)),
+            fault_script: crate::world::fault_source(&options),
+            swarm: options.swarm(),
+            faults_drawn: 0,
             now: Instant::ZERO,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -337,6 +341,15 @@ impl QueueWorld {
             .record(self.now, &[0, every.unwrap_or(0), chunk as u64], || {
                 format!("config snapshot_entries_min={every:?} snapshot_chunk_bytes_max={chunk}")
             });
+        if !self.swarm.legacy {
+            let mix = self.swarm.mix.to_string();
+            let (pipeline, batch) = (self.swarm.pipeline, self.swarm.append_entries_max);
+            self.clients.pipeline = pipeline;
+            let fields = [0, self.swarm.mix.total() as u64, pipeline as u64];
+            self.trace.record(self.now, &fields, || {
+                format!("swarm faults={mix} pipeline={pipeline} append_entries_max={batch:?}")
+            });
+        }
         for node in self.node_ids.clone() {
             let host = self.host_mut(node);
             host.fsync_us = faults::FSYNC_US;
@@ -506,6 +519,9 @@ impl QueueWorld {
         config.canary = self.options.canary;
         config.snapshot_entries_min = self.snapshot_entries_min;
         config.raft.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
+        if let Some(batch) = self.swarm.append_entries_max {
+            config.raft.append_entries_max = batch;
+        }
         let seed = self.rng.next_u64();
         let now = self.now;
         let groups: Vec<GroupId> = self.groups().collect();
@@ -614,7 +630,19 @@ impl QueueWorld {
         let mut host = std::mem::take(&mut self.hosts[index]);
         let result = self.drain_host(node, &mut host);
         self.hosts[index] = host;
-        result
+        result?;
+        self.check_leases(node)
+    }
+
+    /// read-lease, for every group `node` may have just taken a lease of.
+    fn check_leases(&self, node: NodeId) -> Result<(), Violation> {
+        for group in self.groups() {
+            let replicas = self.node_ids.iter().zip(&self.hosts).filter(|(_, h)| h.up);
+            let replicas =
+                replicas.filter_map(|(n, h)| Some((*n, h.broker.as_ref()?.replica(group)?)));
+            crate::raft_checks::check_lease(group, node, self.now, replicas)?;
+        }
+        Ok(())
     }
 
     fn drain_host(&mut self, node: NodeId, host: &mut Host) -> Result<(), Violation> {
@@ -939,6 +967,11 @@ impl QueueWorld {
             let at = self.now + self.delay();
             self.schedule(at, Event::Peer(envelope.clone()));
         }
+        if self.network.late_ppm > 0 && self.rng.random_range(0..1_000_000) < self.network.late_ppm
+        {
+            let at = self.now + faults::late_delay(&mut self.rng);
+            self.schedule(at, Event::Peer(envelope));
+        }
     }
 
     pub(crate) fn send_to_node(
@@ -978,18 +1011,50 @@ impl QueueWorld {
         if self.phase != Phase::Faults {
             return Ok(());
         }
-        // One fault in eight takes a consumer down instead of a node or a link.
-        let kind = if self.rng.random_bool(0.125) {
-            if !self.crash_consumer() {
+        let number = self.faults_drawn;
+        self.faults_drawn += 1;
+        let applies = self.options.applies_fault(number);
+        // The fixed mix: one fault in eight takes a consumer down instead of a node or a link
+        // (a swarm mix weighs consumer crashes with the rest).
+        let kind = if self.swarm.legacy && self.rng.random_bool(0.125) {
+            if !applies || !self.crash_consumer() {
                 return self.next_fault();
             }
             "consumer-crash"
         } else {
-            let (kind, node_fault) = match self.fault_script.as_mut() {
-                Some(script) => faults::draw(script, &mut self.network, &self.node_ids),
-                None => faults::draw(&mut self.rng, &mut self.network, &self.node_ids),
+            // A fault left out (`only_faults`) is drawn all the same, on a copy of the
+            // network, so the faults after it stay what they were.
+            let mut scratch = self.network.clone();
+            let network = if applies {
+                &mut self.network
+            } else {
+                &mut scratch
             };
+            let mix = &self.swarm.mix;
+            let (kind, node_fault) = match self.fault_script.as_mut() {
+                Some(script) => faults::draw(script, network, &self.node_ids, mix),
+                None => faults::draw(&mut self.rng, network, &self.node_ids, mix),
+            };
+            if !applies {
+                return self.next_fault();
+            }
             match node_fault {
+                Some(NodeFault::ConsumerCrash) if !self.crash_consumer() => {
+                    return self.next_fault();
+                }
+                Some(NodeFault::ConsumerCrash) => {}
+                Some(NodeFault::IsolateLeader) => {
+                    let group = self.rng.random_range(0..=self.broker_groups);
+                    let leader = self.node_ids.iter().zip(&self.hosts).find_map(|(n, h)| {
+                        let replica = h.broker.as_ref()?.replica(group)?;
+                        let leads = replica.status().role == holdfast_core::raft::Role::Leader;
+                        (h.up && leads).then_some(*n)
+                    });
+                    let Some(leader) = leader else {
+                        return self.next_fault();
+                    };
+                    self.network.split(&[leader], &self.node_ids);
+                }
                 Some(NodeFault::Crash(node)) => {
                     if !self.host(node).up {
                         return self.next_fault();
@@ -1048,7 +1113,7 @@ impl QueueWorld {
         };
         *self.stats.faults.entry(kind).or_default() += 1;
         self.trace.record(self.now, &[11, kind.len() as u64], || {
-            format!("FAULT {kind}")
+            format!("FAULT #{number} {kind}")
         });
         self.next_fault()
     }
@@ -1228,6 +1293,8 @@ impl QueueWorld {
                 );
             }
         }
-        self.history.check_final(&states, &CONSUMER_GROUPS)
+        let max_reconsume = broker_config().max_reconsume;
+        self.history
+            .check_final(&states, &CONSUMER_GROUPS, max_reconsume)
     }
 }

@@ -12,10 +12,25 @@ impl World {
         if self.phase != Phase::Faults {
             return Ok(());
         }
-        let (kind, node_fault) = match self.fault_script.as_mut() {
-            Some(script) => faults::draw(script, &mut self.network, &self.node_ids),
-            None => faults::draw(&mut self.rng, &mut self.network, &self.node_ids),
+        let number = self.faults_drawn;
+        self.faults_drawn += 1;
+        let applies = self.options.applies_fault(number);
+        // A fault left out (`only_faults`) is drawn all the same, on a copy of the network,
+        // so the faults after it stay what they were.
+        let mut scratch = self.network.clone();
+        let network = if applies {
+            &mut self.network
+        } else {
+            &mut scratch
         };
+        let mix = &self.swarm.mix;
+        let (kind, node_fault) = match self.fault_script.as_mut() {
+            Some(script) => faults::draw(script, network, &self.node_ids, mix),
+            None => faults::draw(&mut self.rng, network, &self.node_ids, mix),
+        };
+        if !applies {
+            return self.next_fault();
+        }
         match node_fault {
             Some(NodeFault::Crash(node)) => {
                 if !self.node(node).up {
@@ -70,11 +85,22 @@ impl World {
                     slot.disk.wipe();
                 }
             }
-            None => {}
+            Some(NodeFault::IsolateLeader) => {
+                let group = self.rng.random_range(1..=self.options.groups as GroupId);
+                let leader = self.nodes.iter().enumerate().find_map(|(i, n)| {
+                    let replica = n.slots[(group - 1) as usize].as_ref()?.replica.as_ref()?;
+                    (n.up && replica.status().role == Role::Leader).then_some(i as NodeId + 1)
+                });
+                let Some(leader) = leader else {
+                    return self.next_fault();
+                };
+                self.network.split(&[leader], &self.node_ids);
+            }
+            Some(NodeFault::ConsumerCrash) | None => {}
         }
         *self.stats.faults.entry(kind).or_default() += 1;
         self.trace.record(self.now, &[11, kind.len() as u64], || {
-            format!("FAULT {kind} blocked={:?}", self.network.blocked)
+            format!("FAULT #{number} {kind} blocked={:?}", self.network.blocked)
         });
         self.next_fault()
     }

@@ -73,6 +73,8 @@ pub struct Stats {
     /// leader took on.
     pub transfers_asked: u64,
     pub transfers_started: u64,
+    /// Faults drawn (applied or left out by `only_faults`): fault numbers run `0..` this.
+    pub faults_drawn: u64,
 }
 
 impl Stats {
@@ -81,6 +83,7 @@ impl Stats {
             *self.faults.entry(kind).or_default() += count;
         }
         self.elections += other.elections;
+        self.faults_drawn += other.faults_drawn;
         self.entries_committed += other.entries_committed;
         self.proposals_acked += other.proposals_acked;
         self.proposals_dropped += other.proposals_dropped;
@@ -130,6 +133,7 @@ pub fn run(options: &Options) -> Outcome {
     let mut world = World::new(options.clone());
     let result = world.run();
     world.stats.simulated_us = world.now.as_micros();
+    world.stats.faults_drawn = world.faults_drawn;
     world.stats.entries_committed = (1..=options.groups as GroupId)
         .map(|g| world.checker.committed(g))
         .sum();
@@ -271,6 +275,9 @@ struct World {
     rng: ChaCha8Rng,
     /// Fault decisions, when a script chooses them; else `rng` does.
     fault_script: Option<crate::faults::FaultScript>,
+    /// What this seed explores (its fault mix), and how many faults were drawn so far.
+    swarm: crate::swarm::Swarm,
+    faults_drawn: u64,
     now: Instant,
     seq: u64,
     queue: BinaryHeap<Scheduled>,
@@ -294,6 +301,18 @@ struct World {
     snapshot_chunk_bytes_max: usize,
 }
 
+/// Where fault decisions come from: a script if given; else, unless the fixed mix asks for the
+/// shared RNG as before, an RNG of their own (an empty script falls back to one), so that
+/// leaving a fault out (`only_faults`) changes none of the others.
+pub(crate) fn fault_source(options: &Options) -> Option<crate::faults::FaultScript> {
+    let legacy = options.swarm().legacy;
+    match &options.fault_script {
+        Some(bytes) => Some(crate::faults::FaultScript::new(bytes.clone(), options.seed)),
+        None if !legacy => Some(crate::faults::FaultScript::new(Vec::new(), options.seed)),
+        None => None,
+    }
+}
+
 fn ms(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
@@ -309,10 +328,9 @@ impl World {
         let deadline = heal_at + ms(options.liveness_limit_ms);
         World {
             rng: ChaCha8Rng::seed_from_u64(options.seed),
-            fault_script: options
-                .fault_script
-                .clone()
-                .map(|bytes| crate::faults::FaultScript::new(bytes, options.seed)),
+            fault_script: fault_source(&options),
+            swarm: options.swarm(),
+            faults_drawn: 0,
             now: Instant::ZERO,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -414,6 +432,13 @@ impl World {
             });
             let at = self.now + ms(self.rng.random_range(1..50));
             self.schedule(at, Event::Propose { group });
+        }
+        if !self.swarm.legacy {
+            let mix = self.swarm.mix.to_string();
+            self.trace
+                .record(self.now, &[0, self.swarm.mix.total() as u64], || {
+                    format!("swarm faults={mix}")
+                });
         }
         let first_fault = self.now + ms(self.rng.random_range(100..1_000));
         self.schedule(first_fault, Event::Fault);
@@ -638,7 +663,13 @@ impl World {
             self.schedule(at, Event::Timer { node, group, at });
         }
         self.node_mut(node).slots[index] = Some(slot);
-        result
+        result?;
+        let replicas = self.nodes.iter().enumerate().filter(|(_, n)| n.up);
+        let replicas = replicas.filter_map(|(i, n)| {
+            let replica = n.slots[index].as_ref()?.replica.as_ref()?;
+            Some((i as NodeId + 1, replica))
+        });
+        crate::raft_checks::check_lease(group, node, now, replicas)
     }
 
     fn drain_slot(
@@ -890,6 +921,11 @@ impl World {
             && self.rng.random_range(0..1_000_000) < self.network.duplicate_ppm;
         if duplicated {
             let at = self.now + self.delay();
+            self.schedule(at, Event::Deliver(envelope.clone()));
+        }
+        if self.network.late_ppm > 0 && self.rng.random_range(0..1_000_000) < self.network.late_ppm
+        {
+            let at = self.now + crate::faults::late_delay(&mut self.rng);
             self.schedule(at, Event::Deliver(envelope.clone()));
         }
         let at = self.now + self.delay();

@@ -215,6 +215,13 @@ fn options(cluster: &Cluster, seed: u64) -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
+    // A researcher pipes a trace into `head` or `less`: a closed pipe ends the run quietly, as
+    // for any Unix tool, instead of a panic in `println!`.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Canaries => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use holdfast_core::broker::{QueueId, SeekTo};
 use holdfast_core::node::protocol::{ConsumerProgress, QueueHolder, Request, Response};
-use holdfast_core::raft::GroupId;
+use holdfast_core::raft::{GroupId, NodeId};
 use serde_json::json;
 
 use crate::client::{Admin, ClientConfig, ClientError};
@@ -289,4 +289,42 @@ fn broker_groups(admin: &mut Admin) -> Result<Vec<GroupId>, Failed> {
         }
     }
     Err(Failed::new(Failure::Timeout, "no server answered"))
+}
+
+/// Asks the leader of Raft group `group` to hand leadership to node `to`, then waits (up to
+/// [`ADMIN_WAIT`]) until `to` says it leads.
+pub fn transfer(config: ClientConfig, group: GroupId, to: NodeId) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    if !admin.node_ids().contains(&to) {
+        return Err(Failed::refused(format!("no node {to} in this cluster")));
+    }
+    let request = Request::TransferLeader { group, to };
+    match admin.ask_leader_of(group, request, ADMIN_WAIT) {
+        Ok(Response::TransferStarted { .. }) => {}
+        Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+        Err(ClientError::Refused(why)) => {
+            return Err(Failed::refused(format!("group {group}: {why}")));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let deadline = std::time::Instant::now() + ADMIN_WAIT;
+    while std::time::Instant::now() < deadline {
+        if let Some(Response::Status { groups, .. }) = admin.ask(to, Request::Status)
+            && groups
+                .iter()
+                .any(|g| g.group == group && g.leader == Some(to) && g.role == "Leader")
+        {
+            out!("group {group} is led by node {to}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Failed::new(
+        Failure::Timeout,
+        format!(
+            "group {group}: node {to} did not take over in {} s (a transfer not done within an \
+             election timeout is given up)",
+            ADMIN_WAIT.as_secs()
+        ),
+    ))
 }

@@ -196,6 +196,9 @@ impl Principal {
                 "not authorised: principal {name} may not seek or delete consumer group {group} \
                  (not admin)"
             )),
+            Request::TransferLeader { group, .. } => Err(format!(
+                "not authorised: principal {name} may not move group {group}'s leader (not admin)"
+            )),
             Request::Heartbeat { group, topic, .. } => {
                 self.may_consume_as(group)?;
                 self.may_consume_from(group, &QueueId::new(topic.as_str(), 0))

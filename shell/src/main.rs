@@ -215,6 +215,16 @@ enum GroupCommand {
         #[command(flatten)]
         servers: Servers,
     },
+    /// Hands Raft group GROUP's leadership (0: metadata, 1..: broker groups) to node TO
+    /// (admin only): the leader catches it up and tells it to campaign at once, so the move
+    /// costs no election timeout. Waits until TO leads.
+    Transfer {
+        group: u64,
+        #[arg(long)]
+        to: u64,
+        #[command(flatten)]
+        servers: Servers,
+    },
 }
 
 #[derive(Subcommand)]
@@ -444,6 +454,11 @@ fn group(command: GroupCommand) -> Result<(), Failed> {
             force,
             servers: s,
         } => holdfast_shell::admin::delete(servers(&s)?, &group, force),
+        GroupCommand::Transfer {
+            group,
+            to,
+            servers: s,
+        } => holdfast_shell::admin::transfer(servers(&s)?, group, to),
     }
 }
 

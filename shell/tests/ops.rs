@@ -375,6 +375,21 @@ fn refusals_exit_4_and_json_output_parses() {
     });
     assert_eq!(status["nodes"][0]["node"], 1);
 
+    // An operator moves broker group 1's leader to another node: the command returns once
+    // that node leads. A node outside the cluster is refused, exit 4.
+    let leader = status["nodes"][0]["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["group"] == 1))
+        .and_then(|g| g["leader"].as_u64())
+        .expect("group 1's leader");
+    let to = (leader % 3 + 1).to_string();
+    let moved = client(good, &["group", "transfer", "1", "--to", &to]);
+    let said = String::from_utf8_lossy(&moved.stdout);
+    assert!(moved.status.success(), "{moved:?}");
+    assert!(said.contains(&format!("led by node {to}")), "{said}");
+    let nowhere = client(good, &["group", "transfer", "1", "--to", "9"]);
+    assert_eq!(nowhere.status.code(), Some(4), "{nowhere:?}");
+
     // The wrong token: the cluster refuses, exit 4.
     let text = std::fs::read_to_string(&file).expect("client file");
     let token_line = text

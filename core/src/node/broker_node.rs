@@ -28,7 +28,7 @@ use crate::limits::{
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
-    ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role, Term, Write,
+    ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role, Term, TransferError, Write,
 };
 use crate::time::Instant;
 
@@ -811,6 +811,24 @@ impl BrokerNode {
                     force,
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
+            }
+            Request::TransferLeader { group, to } => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    return self.refuse(client, id, format!("no group {group}"));
+                };
+                let response = match g.raft.transfer_leadership(now, to) {
+                    Ok(()) => Response::TransferStarted { group, to },
+                    Err(TransferError::NotLeader { leader_hint }) => {
+                        Response::NotLeader { group, leader_hint }
+                    }
+                    Err(TransferError::NotAVoter { to }) => Response::Refused {
+                        reason: format!("node {to} is not a voter of group {group} or leads it"),
+                    },
+                    Err(TransferError::Transferring { to }) => Response::Refused {
+                        reason: format!("group {group} is being handed to node {to} already"),
+                    },
+                };
+                self.responses.push_back((client, id, response));
             }
             Request::DeleteGroup {
                 broker,

@@ -103,6 +103,12 @@ pub enum Request {
         group: String,
         force: bool,
     },
+    /// Admin: the leader of Raft group `group` hands leadership to node `to` (`TimeoutNow`);
+    /// answered with [`Response::TransferStarted`] once it has begun.
+    TransferLeader {
+        group: GroupId,
+        to: NodeId,
+    },
 }
 
 /// One replica as `status` shows it.
@@ -235,6 +241,12 @@ pub enum Response {
     /// Leadership changed while the request waited for a quorum: it may or may not have been
     /// written. Retry with the same ids; idempotence sorts it out.
     Unknown,
+    /// The leader of `group` began handing leadership to `to`; it completes within an
+    /// election timeout or is given up.
+    TransferStarted {
+        group: GroupId,
+        to: NodeId,
+    },
 }
 
 impl Request {
@@ -254,6 +266,7 @@ impl Request {
             Request::Release { .. } => "release",
             Request::SeekGroup { .. } => "seek_group",
             Request::DeleteGroup { .. } => "delete_group",
+            Request::TransferLeader { .. } => "transfer_leader",
         }
     }
 }
@@ -275,6 +288,7 @@ impl Response {
             Response::Acked { .. } => "acked",
             Response::Requeued { .. } => "requeued",
             Response::GroupDeleted { .. } => "group_deleted",
+            Response::TransferStarted { .. } => "transfer_started",
             Response::NotLeader { .. } => "not_leader",
             Response::Refused { .. } => "refused",
             Response::Busy => "busy",

@@ -1166,5 +1166,6 @@ fn request_name(request: &Request) -> &'static str {
         Request::Release { .. } => "Release",
         Request::SeekGroup { .. } => "SeekGroup",
         Request::DeleteGroup { .. } => "DeleteGroup",
+        Request::TransferLeader { .. } => "TransferLeader",
     }
 }

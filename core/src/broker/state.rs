@@ -452,10 +452,12 @@ impl BrokerState {
             return Outcome::Leased(Lease::default());
         };
         // The generation stays: the metadata may still give the queue to this member at this
-        // generation (it was told to let go by a waiter whose claim then failed), and a
-        // generation past every one handed out would fence everyone until the next rebalance.
-        // A pull of the member's still on its way may claim the queue back: the member
-        // releases it again when that pull's answer finds it no longer owns the queue.
+        // generation (an expired lease taken over by a waiter whose claim then failed), and a
+        // generation past every one handed out would fence everyone until the next rebalance
+        // (campaigns found such stalls). A pull of the member's still on its way (a long poll
+        // the release wakes) may claim the queue back: the member releases it again when that
+        // pull's answer finds the queue no longer its, and a closing member waits for its
+        // pulls' answers before it leaves.
         lease.owner = None;
         lease.generation = lease.generation.max(generation);
         Outcome::Leased(lease.clone())

@@ -561,10 +561,10 @@ impl Consumer {
         self.send_answers(now);
         self.send_releases(now);
         if self.leaving != Leaving::Staying {
-            let busy = self
-                .in_flight
-                .values()
-                .any(|(w, _)| !matches!(w, InFlight::Pull { .. }));
+            // Pulls too: one still on its way when its queue was released can claim the queue
+            // back on the broker (the release wakes a parked long poll); its answer then makes
+            // this member release the queue again, which it must do before it goes.
+            let busy = !self.in_flight.is_empty();
             if self.leaving == Leaving::Draining && !busy && self.releasing.is_empty() {
                 let request = Request::Leave {
                     group: self.config.group.clone(),

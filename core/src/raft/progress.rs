@@ -42,6 +42,11 @@ pub(super) struct SnapshotTransfer {
     pub(super) in_flight: bool,
     /// Heartbeat answers to wait for before sending an unanswered chunk again.
     pub(super) wait_heartbeats: u32,
+    /// The lowest `received` an answer reported that did not move the transfer forward: a
+    /// copy of an earlier answer, or a follower that lost what it held (a restart). The
+    /// chunk sent again after the wait starts here, so a follower that lost its bytes is
+    /// served from where it now is.
+    pub(super) rewind_to: Option<u64>,
 }
 
 impl Progress {

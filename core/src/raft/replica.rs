@@ -1389,6 +1389,9 @@ impl Replica {
                     return;
                 }
                 transfer.in_flight = false;
+                if let Some(received) = transfer.rewind_to.take() {
+                    transfer.offset = received;
+                }
             }
             self.send_snapshot_chunk(from);
             return;
@@ -1448,8 +1451,20 @@ impl Replica {
         if progress.state != ProgressState::Snapshot || progress.snapshot.index != index {
             return;
         }
-        progress.snapshot.offset = received;
-        progress.snapshot.in_flight = false;
+        let transfer = &mut progress.snapshot;
+        if transfer.in_flight && received <= transfer.offset {
+            // Only an answer that moves the transfer forward sends the next chunk. If every
+            // answer did, each chunk the network delivered twice would start one more chain
+            // of chunks and answers that never ends: seed 9400733 sent 9.9 million chunks
+            // in 6 simulated seconds. A follower that lost its bytes is served from where it
+            // is once the unanswered chunk's wait runs out.
+            let lowest = transfer.rewind_to.map_or(received, |r| r.min(received));
+            transfer.rewind_to = Some(lowest);
+            return;
+        }
+        transfer.offset = received;
+        transfer.in_flight = false;
+        transfer.rewind_to = None;
         self.send_snapshot_chunk(from);
     }
 

@@ -1,7 +1,11 @@
-//! The damaged-replica rule, step by step: a replica recovered with a damaged log (or a wiped
-//! disk) neither votes nor campaigns until a leader of a newer term has repaired it.
+//! Step-by-step tests of one replica.
+//! - The damaged-replica rule: a replica recovered with a damaged log (or a wiped disk)
+//!   neither votes nor campaigns until a leader of a newer term has repaired it.
+//! - A snapshot transfer sends one chunk per answer that moves it forward.
 
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use super::*;
 use crate::time::Instant;
@@ -277,4 +281,124 @@ fn above_the_term_limit_terms_are_taken_one_at_a_time() {
     );
     assert_eq!(replica.status().term, TERM_ACCEPTED_MAX + 7);
     assert!(!granted(&settle(&mut replica, later(3))));
+}
+
+/// Node 1 of three, leader of term 2, holding only a snapshot of `bytes` bytes at index 10
+/// and sending it to node 2 in 64-byte chunks; returns the leader and the first chunk sent.
+fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
+    let mut config = Config::new(1, 1, vec![1, 2, 3]);
+    config.snapshot_chunk_bytes_max = 64;
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 10,
+        },
+        snapshot: Some(Snapshot {
+            index: 10,
+            term: 1,
+            data: Bytes::from(vec![7u8; bytes]),
+        }),
+        entries: Vec::new(),
+    };
+    let mut replica = Replica::new(config, recovered, 7, Instant::ZERO);
+    let now = later(1);
+    replica.handle_timeout(now);
+    settle(&mut replica, now);
+    let pre_vote = Message::PreVoteResponse {
+        term: 2,
+        granted: true,
+    };
+    replica.step(now, 2, pre_vote);
+    settle(&mut replica, now);
+    replica.step(
+        now,
+        2,
+        Message::VoteResponse {
+            term: 2,
+            granted: true,
+        },
+    );
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::Leader);
+    let rejected = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::Rejected {
+            rejected_index: 10,
+            hint_index: 0,
+            hint_term: 0,
+        },
+    };
+    replica.step(now, 2, rejected);
+    let sent = settle(&mut replica, now);
+    let chunks: Vec<Message> = sent
+        .into_iter()
+        .filter(|m| matches!(m, Message::InstallSnapshot { .. }))
+        .collect();
+    assert_eq!(chunks.len(), 1, "one chunk at a time: {chunks:?}");
+    (replica, chunks[0].clone())
+}
+
+fn chunk_offsets(sent: &[Message]) -> Vec<u64> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::InstallSnapshot { offset, .. } => Some(*offset),
+            _ => None,
+        })
+        .collect()
+}
+
+fn received(received: u64) -> Message {
+    Message::SnapshotResponse {
+        term: 2,
+        index: 10,
+        received,
+    }
+}
+
+#[test]
+fn a_duplicated_snapshot_answer_sends_no_second_chunk() {
+    let (mut leader, first) = leader_sending_snapshot(1_000);
+    assert!(matches!(first, Message::InstallSnapshot { offset: 0, .. }));
+    let now = later(1);
+    // The network delivers the answer to the first chunk twice.
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![64]);
+    leader.step(now, 2, received(64));
+    assert_eq!(
+        chunk_offsets(&settle(&mut leader, now)),
+        Vec::<u64>::new(),
+        "a copy of an answer must not start a second chain of chunks"
+    );
+    // So does a late copy of an older answer.
+    leader.step(now, 2, received(128));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![128]);
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
+}
+
+#[test]
+fn a_follower_that_lost_its_chunks_is_served_from_where_it_is() {
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    let now = later(1);
+    leader.step(now, 2, received(64));
+    leader.step(now, 2, received(128));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![64, 128]);
+    // The follower restarted and holds nothing: it answers the chunk at 128 with 0.
+    leader.step(now, 2, received(0));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
+    // Once the unanswered chunk's wait runs out, the transfer starts over from 0.
+    let mut resent = Vec::new();
+    for _ in 0..10 {
+        let heartbeat = Message::HeartbeatResponse {
+            term: 2,
+            context: 0,
+        };
+        leader.step(now, 2, heartbeat);
+        resent.extend(chunk_offsets(&settle(&mut leader, now)));
+        if !resent.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(resent, vec![0]);
 }

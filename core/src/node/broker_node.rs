@@ -1439,7 +1439,7 @@ impl BrokerNode {
         let broker_groups = self.config.broker_groups.clone();
         for (group_id, group) in &mut self.groups {
             if !group.batch.is_empty() {
-                propose_batch(&mut self.next_proposal, group, &mut self.responses);
+                propose_batch(now, &mut self.next_proposal, group, &mut self.responses);
             }
             if let Some(snapshot) = group.raft.poll_restore() {
                 match group.machine.restored(&snapshot.data) {
@@ -1607,7 +1607,7 @@ impl BrokerNode {
         self.propose_trims(now);
         for group in self.groups.values_mut() {
             if !group.batch.is_empty() {
-                propose_batch(&mut self.next_proposal, group, &mut self.responses);
+                propose_batch(now, &mut self.next_proposal, group, &mut self.responses);
             }
         }
         self.retry_parked(now, &woken);
@@ -1835,6 +1835,7 @@ fn snapshot_due(
 }
 
 fn propose_batch(
+    now: Instant,
     next_proposal: &mut ProposalId,
     group: &mut Group,
     responses: &mut VecDeque<(ClientId, RequestId, Response)>,
@@ -1851,13 +1852,14 @@ fn propose_batch(
             .count()
             .max(1);
         let rest = batch.split_off(take);
-        propose_entry(next_proposal, group, responses, batch);
+        propose_entry(now, next_proposal, group, responses, batch);
         batch = rest;
     }
 }
 
 /// Proposes `batch` as one entry.
 fn propose_entry(
+    now: Instant,
     next_proposal: &mut ProposalId,
     group: &mut Group,
     responses: &mut VecDeque<(ClientId, RequestId, Response)>,
@@ -1867,7 +1869,7 @@ fn propose_entry(
     *next_proposal += 1;
     let commands: Vec<Bytes> = batch.iter().map(|(_, b)| b.clone()).collect();
     let status = group.raft.status();
-    match group.raft.propose(Instant::ZERO, id, commands) {
+    match group.raft.propose(now, id, commands) {
         Ok(index) => {
             group.proposal_index.insert(id, index);
             group

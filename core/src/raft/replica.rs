@@ -78,8 +78,9 @@ pub struct Replica {
     votes: BTreeMap<NodeId, bool>,
     /// The leader's view of each follower.
     progress: BTreeMap<NodeId, Progress>,
-    /// Proposals whose entries are in the log but not yet committed or overwritten.
-    proposals: BTreeMap<Index, (ProposalId, Term)>,
+    /// Proposals whose entries are in the log but not yet committed or overwritten, with when
+    /// each was proposed.
+    proposals: BTreeMap<Index, (ProposalId, Term, Instant)>,
     /// On a leader handing over: to whom, and until when.
     transfer: Option<Transfer>,
     /// The term in which this replica, leading, last sent `TimeoutNow` (0: never). Voters
@@ -427,7 +428,6 @@ impl Replica {
         id: ProposalId,
         commands: Vec<Bytes>,
     ) -> Result<Index, ProposeError> {
-        let _ = now;
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader {
                 leader_hint: self.leader,
@@ -440,8 +440,14 @@ impl Replica {
         if uncommitted >= self.config.uncommitted_entries_max as Index {
             return Err(ProposeError::Busy);
         }
+        // Admission by waiting time, not only by count: see `Config::proposal_wait_max`.
+        if let Some((_, (_, _, since))) = self.proposals.first_key_value()
+            && now.saturating_since(*since) > self.config.proposal_wait_max
+        {
+            return Err(ProposeError::Busy);
+        }
         let index = self.append_own(EntryKind::Commands(commands));
-        self.proposals.insert(index, (id, self.term));
+        self.proposals.insert(index, (id, self.term, now));
         self.broadcast_append();
         Ok(index)
     }
@@ -1189,7 +1195,7 @@ impl Replica {
     fn truncate_from(&mut self, index: Index) {
         self.log.truncate_from(index);
         let leader_hint = self.leader;
-        for (at, (id, _)) in self.proposals.split_off(&index) {
+        for (at, (id, _, _)) in self.proposals.split_off(&index) {
             let outcome = if self.canary(Canary::AckOverwrittenProposal) {
                 ProposalOutcome::Committed { index: at }
             } else {
@@ -1499,7 +1505,7 @@ impl Replica {
         }
         self.commit = index;
         let still_pending = self.proposals.split_off(&(index + 1));
-        for (at, (id, term)) in std::mem::replace(&mut self.proposals, still_pending) {
+        for (at, (id, term, _)) in std::mem::replace(&mut self.proposals, still_pending) {
             let outcome = if self.log.term_at(at) == Some(term) {
                 ProposalOutcome::Committed { index: at }
             } else {

@@ -2,6 +2,7 @@
 //! - The damaged-replica rule: a replica recovered with a damaged log (or a wiped disk)
 //!   neither votes nor campaigns until a leader of a newer term has repaired it.
 //! - A snapshot transfer sends one chunk per answer that moves it forward.
+//! - A leader takes no proposal while its oldest pending one has waited too long.
 
 use std::time::Duration;
 
@@ -401,4 +402,29 @@ fn a_follower_that_lost_its_chunks_is_served_from_where_it_is() {
         }
     }
     assert_eq!(resent, vec![0]);
+}
+
+#[test]
+fn a_leader_refuses_proposals_while_its_oldest_has_waited_too_long() {
+    let (mut leader, _) = leader_sending_snapshot(100);
+    let wait_max = leader.config().proposal_wait_max;
+    let start = later(1);
+    let command = || vec![Bytes::from_static(b"c")];
+    assert!(leader.propose(start, 1, command()).is_ok());
+    // Nobody has answered: the first proposal is still pending.
+    let soon = start + wait_max / 2;
+    assert!(leader.propose(soon, 2, command()).is_ok());
+    let late = start + wait_max + Duration::from_millis(1);
+    assert_eq!(leader.propose(late, 3, command()), Err(ProposeError::Busy));
+    // A quorum holds both: the queue is empty again and proposals are taken.
+    settle(&mut leader, late);
+    let last = leader.status().last_index;
+    let accepted = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::Accepted { match_index: last },
+    };
+    leader.step(late, 3, accepted);
+    settle(&mut leader, late);
+    assert_eq!(leader.status().commit_index, last);
+    assert!(leader.propose(late, 4, command()).is_ok());
 }

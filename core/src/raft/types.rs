@@ -616,6 +616,12 @@ pub struct Config {
     pub inflight_appends_max: usize,
     /// At most this many uncommitted entries on a leader; further proposals get `Busy`.
     pub uncommitted_entries_max: usize,
+    /// A leader answers proposals with `Busy` while its oldest pending one has waited longer
+    /// than this for a quorum. A queue that takes longer to drain than clients wait for their
+    /// answers fills with requests they have given up on and sent again, each taking a place
+    /// once more, so it never drains: the simulator saw a group commit 1,000 entries a second
+    /// for 20 s with its 4,096 places all taken by retries. Keep it below clients' timeouts.
+    pub proposal_wait_max: Duration,
     /// At most this many snapshot bytes in one InstallSnapshot chunk.
     pub snapshot_chunk_bytes_max: usize,
     /// A follower that has not answered a snapshot chunk is sent it again after this many
@@ -648,6 +654,7 @@ impl Config {
             append_bytes_max: crate::limits::APPEND_BYTES_MAX,
             inflight_appends_max: 8,
             uncommitted_entries_max: 4096,
+            proposal_wait_max: Duration::from_millis(400),
             snapshot_chunk_bytes_max: crate::limits::SNAPSHOT_CHUNK_BYTES_MAX,
             snapshot_resend_heartbeats: 4,
             pre_vote: true,

@@ -6,6 +6,7 @@ use std::time::Instant as WallClock;
 
 use clap::{Parser, Subcommand};
 use holdfast_core::raft::Canary;
+use holdfast_sim::report::SummaryFile;
 use holdfast_sim::runner::{Summary, explore_start, run_each, run_one, run_seeds};
 use holdfast_sim::swarm::{FaultMix, Mix};
 use holdfast_sim::{CANARIES_BUILT, Options, Workload};
@@ -122,11 +123,34 @@ enum Command {
         /// a window of seeds no fixed range and, almost surely, no earlier window has tried.
         #[arg(long, value_name = "TEXT", conflicts_with = "from")]
         explore: Option<String>,
+        /// Run only slice K of N (K from 0) of those seeds: N shards, each on its own
+        /// machine (a Kubernetes indexed Job, GNU parallel), cover them exactly once.
+        #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+        shard: Option<(u64, u64)>,
         /// Worker threads (default: every core).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Also write what the run found as JSON (seeds, failures with replay lines, faults,
+        /// coverage, simulated and wall time), for `merge`.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
+        /// Fail (exit 1) if a fault kind or protocol path of the workload was never reached.
+        #[arg(long)]
+        require_coverage: bool,
         #[command(flatten)]
         cluster: Cluster,
+    },
+    /// Combine the `--summary-json` files of a campaign's shards (same shape, disjoint seeds)
+    /// and print what the whole campaign found; exit 1 if any seed failed.
+    Merge {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Write the combined summary as JSON too.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
+        /// Fail (exit 1) if a fault kind or protocol path was never reached in any shard.
+        #[arg(long)]
+        require_coverage: bool,
     },
     /// Re-run one seed and print what happened; the last line is the run's trace hash.
     Replay {
@@ -163,6 +187,10 @@ enum Command {
         #[command(flatten)]
         cluster: Cluster,
     },
+}
+
+fn parse_shard(text: &str) -> Result<(u64, u64), String> {
+    holdfast_sim::report::parse_shard(text)
 }
 
 fn parse_nodes(value: &str) -> Result<usize, String> {
@@ -234,7 +262,10 @@ fn main() -> ExitCode {
             seeds,
             from,
             explore,
+            shard,
             jobs,
+            summary_json,
+            require_coverage,
             cluster,
         } => {
             let from = match &explore {
@@ -247,8 +278,32 @@ fn main() -> ExitCode {
                     from + seeds
                 );
             }
-            options(&cluster, from).map(|o| run(&o, &cluster, seeds, jobs))
+            let range = match shard {
+                Some((k, n)) => holdfast_sim::report::shard(from, seeds, k, n),
+                None => from..from + seeds,
+            };
+            if let Some((k, n)) = shard {
+                println!(
+                    "shard {k}/{n} of seeds {from}..{}: seeds {}..{}",
+                    from + seeds,
+                    range.start,
+                    range.end
+                );
+            }
+            options(&cluster, range.start).and_then(|o| {
+                let (passed, summary) = run(&o, &cluster, range.end - range.start, jobs);
+                let covered = report_coverage(require_coverage, &summary.never_reached);
+                if let Some(path) = &summary_json {
+                    write_json(path, &summary)?;
+                }
+                Ok(passed && covered)
+            })
         }
+        Command::Merge {
+            files,
+            summary_json,
+            require_coverage,
+        } => merge(&files, summary_json.as_deref(), require_coverage),
         Command::Regress { file, jobs } => regress(&file, jobs),
         Command::Shrink {
             seed,
@@ -283,12 +338,18 @@ fn jobs_or_cores(jobs: Option<usize>) -> usize {
 /// spelled out, so that the line still means the same run if a default changes: what a failure
 /// prints, and what a line of the regression list holds.
 fn replay_args(seed: u64, cluster: &Cluster) -> String {
+    format!("{seed} {}", shape_args(cluster))
+}
+
+/// The arguments of `replay` after the seed: the run's shape, which every seed of a batch
+/// shares.
+fn shape_args(cluster: &Cluster) -> String {
     let workload = match cluster.workload {
         WorkloadArg::Queue => "queue",
         WorkloadArg::Raft => "raft",
     };
     let mut args = format!(
-        "{seed} --workload {workload} --nodes {} --groups {} --fault-phase-ms {} \
+        "--workload {workload} --nodes {} --groups {} --fault-phase-ms {} \
          --liveness-limit-ms {}",
         cluster.nodes, cluster.groups, cluster.fault_phase_ms, cluster.liveness_limit_ms
     );
@@ -307,7 +368,56 @@ fn replay_args(seed: u64, cluster: &Cluster) -> String {
     args
 }
 
-fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) -> bool {
+/// Says what `--require-coverage` found; false if it asked for coverage that is missing.
+fn report_coverage(require: bool, never: &[String]) -> bool {
+    if !require {
+        return true;
+    }
+    if never.is_empty() {
+        println!("--require-coverage: every fault kind and protocol path reached");
+        return true;
+    }
+    println!(
+        "--require-coverage: FAILED: never reached: {}",
+        never.join(" ")
+    );
+    false
+}
+
+fn write_json(path: &Path, summary: &SummaryFile) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("summary written to {}", path.display());
+    Ok(())
+}
+
+fn merge(files: &[PathBuf], out: Option<&Path>, require_coverage: bool) -> Result<bool, String> {
+    let summaries = files
+        .iter()
+        .map(|path| {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str::<SummaryFile>(&text)
+                .map_err(|e| format!("{}: not a summary: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let merged = SummaryFile::merge(&summaries)?;
+    println!("merged {} summaries", files.len());
+    println!("{merged}");
+    if let Some(path) = out {
+        write_json(path, &merged)?;
+    }
+    let covered = report_coverage(require_coverage, &merged.never_reached);
+    Ok(merged.failed == 0 && covered)
+}
+
+/// Runs `seeds` seeds from `options.seed` and prints the summary; true if every seed passed.
+fn run(
+    options: &Options,
+    cluster: &Cluster,
+    seeds: u64,
+    jobs: Option<usize>,
+) -> (bool, SummaryFile) {
     let jobs = jobs_or_cores(jobs);
     println!(
         "holdfast-sim: {:?} workload, seeds {}..{} nodes={} groups={} canary={} jobs={jobs}",
@@ -337,7 +447,7 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
         bar.inc(1);
     });
     bar.finish();
-    let summary = Summary::new(&outcomes, started.elapsed());
+    let summary = Summary::new(options.workload, &outcomes, started.elapsed());
     println!("{summary}");
     let wall = summary.wall.as_secs_f64().max(1e-9);
     println!(
@@ -358,7 +468,14 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
             );
         }
     }
-    summary.failed.is_empty()
+    let file = SummaryFile::new(
+        &summary,
+        shape_args(cluster),
+        options.seed..options.seed + seeds,
+        jobs,
+        &|seed| replay_args(seed, cluster),
+    );
+    (summary.failed.is_empty(), file)
 }
 
 /// One line of a regression list: where it is, its `replay` arguments and why it is there.

@@ -153,6 +153,7 @@ fn a_leader_of_a_newer_term_repairs_it_once_it_commits_an_entry_of_its_term_here
     assert_eq!(replica.status().commit_index, 9);
     settle(&mut replica, now);
     assert_eq!(replica.damaged_from(), None);
+    assert_eq!(replica.counters().damage_repaired, 1);
 
     // And now it votes like anyone else, in a later term.
     replica.step(later(20), 2, vote_for_long(5));
@@ -277,4 +278,66 @@ fn above_the_term_limit_terms_are_taken_one_at_a_time() {
     );
     assert_eq!(replica.status().term, TERM_ACCEPTED_MAX + 7);
     assert!(!granted(&settle(&mut replica, later(3))));
+}
+
+#[test]
+fn the_counters_name_the_paths_a_replica_took() {
+    let mut replica = recovered(1, 2, None);
+    assert_eq!(replica.counters(), RaftCounters::default());
+    // An election timeout starts a PreVote round; a granted pre-vote, a real campaign; a
+    // granted vote, leadership.
+    replica.handle_timeout(later(1));
+    settle(&mut replica, later(1));
+    replica.step(
+        later(1),
+        2,
+        Message::PreVoteResponse {
+            term: 2,
+            granted: true,
+        },
+    );
+    settle(&mut replica, later(1));
+    replica.step(
+        later(1),
+        2,
+        Message::VoteResponse {
+            term: 2,
+            granted: true,
+        },
+    );
+    settle(&mut replica, later(1));
+    assert_eq!(replica.status().role, Role::Leader);
+    let c = replica.counters();
+    assert_eq!(
+        (c.pre_vote_campaigns, c.campaigns, c.elections_won),
+        (1, 1, 1)
+    );
+    assert_eq!(c.check_quorum_step_downs, 0);
+    // No follower answers: CheckQuorum steps it down within two election timeouts.
+    for ms in (1_050..2_000).step_by(50) {
+        replica.handle_timeout(Instant::ZERO + Duration::from_millis(ms));
+        settle(&mut replica, Instant::ZERO + Duration::from_millis(ms));
+    }
+    assert_ne!(replica.status().role, Role::Leader);
+    assert_eq!(replica.counters().check_quorum_step_downs, 1);
+    // A follower holding an uncommitted stale tail drops it for the leader's entries.
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 2,
+        },
+        snapshot: None,
+        entries: (1..=4).map(|i| entry(i, 1)).collect(),
+    };
+    let mut follower = Replica::new(
+        Config::new(1, 1, vec![1, 2, 3]),
+        recovered,
+        7,
+        Instant::ZERO,
+    );
+    follower.step(later(5), 3, append(2, 2, 1, vec![entry(3, 2)], 2));
+    settle(&mut follower, later(5));
+    assert_eq!(follower.entry(3).map(|e| e.term), Some(2));
+    assert_eq!(follower.counters().conflicting_tails_dropped, 1);
 }

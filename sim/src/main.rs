@@ -7,7 +7,7 @@ use std::time::Instant as WallClock;
 use clap::{Parser, Subcommand};
 use holdfast_core::raft::Canary;
 use holdfast_sim::report::SummaryFile;
-use holdfast_sim::runner::{Summary, explore_start, run_each, run_one, run_seeds};
+use holdfast_sim::runner::{Summary, explore_start, first_failure, run_each, run_one, run_seeds};
 use holdfast_sim::swarm::{FaultMix, Mix};
 use holdfast_sim::{CANARIES_BUILT, Options, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -175,8 +175,20 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
-    /// List the planted bugs, one a line.
-    Canaries,
+    /// List the planted bugs, one a line; with `--seeds N` (a build with canaries), find the
+    /// first seed of each workload's default run that catches each one and print a markdown
+    /// table (what the README shows); exit 1 if a canary escapes the default workload.
+    Canaries {
+        /// Look for the first catching seed among seeds 0..N.
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Only these canaries (default: all).
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+        only: Vec<String>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// Reduce a failing seed's faults, by delta debugging, to a few that still make it fail
     /// with the same checker, then shorten its fault phase; print the replay line.
     Shrink {
@@ -252,12 +264,17 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Canaries => {
+        Command::Canaries { seeds: None, .. } => {
             for canary in Canary::ALL {
                 println!("{}", canary.name());
             }
             Ok(true)
         }
+        Command::Canaries {
+            seeds: Some(seeds),
+            only,
+            jobs,
+        } => canary_table(seeds, &only, jobs_or_cores(jobs)),
         Command::Run {
             seeds,
             from,
@@ -328,6 +345,20 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// CPU seconds (user and system) this process has used so far; 0 where unknown.
+fn cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage writes only the struct it is handed.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+        }
+    }
+    0.0
 }
 
 fn jobs_or_cores(jobs: Option<usize>) -> usize {
@@ -438,6 +469,7 @@ fn run(
     );
     bar.set_message("0 failed");
     let failed = std::sync::atomic::AtomicU64::new(0);
+    let cpu_before = cpu_seconds();
     let started = WallClock::now();
     let outcomes = run_seeds(options, options.seed, seeds, jobs, &|outcome| {
         if !outcome.passed() {
@@ -448,13 +480,23 @@ fn run(
     });
     bar.finish();
     let summary = Summary::new(options.workload, &outcomes, started.elapsed());
+    let cpu = cpu_seconds() - cpu_before;
     println!("{summary}");
     let wall = summary.wall.as_secs_f64().max(1e-9);
+    let simulated = summary.stats.simulated_us as f64 / 1e6;
     println!(
         "{:.1} seeds per wall s; {:.0} simulated s per wall s per core ({jobs} jobs)",
         outcomes.len() as f64 / wall,
-        summary.stats.simulated_us as f64 / 1e6 / wall / jobs as f64
+        simulated / wall / jobs as f64
     );
+    if cpu > 0.0 {
+        // What a shared machine's wall clock hides: the CPU time the seeds took.
+        println!(
+            "{cpu:.1} CPU s: {:.1} seeds per CPU s; {:.0} simulated s per CPU s",
+            outcomes.len() as f64 / cpu,
+            simulated / cpu
+        );
+    }
     if let Some((seed, _)) = summary.failed.first() {
         let args = replay_args(*seed, cluster);
         println!("replay the first failure: holdfast-sim replay {args} --trace");
@@ -468,13 +510,14 @@ fn run(
             );
         }
     }
-    let file = SummaryFile::new(
+    let mut file = SummaryFile::new(
         &summary,
         shape_args(cluster),
         options.seed..options.seed + seeds,
         jobs,
         &|seed| replay_args(seed, cluster),
     );
+    file.cpu_s = cpu;
     (summary.failed.is_empty(), file)
 }
 
@@ -660,6 +703,75 @@ fn replay(
     );
     println!("trace_hash={:016x}", outcome.trace_hash);
     Ok(outcome.passed())
+}
+
+/// For every canary and workload, the first seed of the default run (`run --canary NAME`)
+/// that catches it, as a markdown table. True if the default (queue) workload catches every
+/// canary.
+fn canary_table(seeds: u64, only: &[String], jobs: usize) -> Result<bool, String> {
+    let canaries: Vec<Canary> = if only.is_empty() {
+        Canary::ALL.to_vec()
+    } else {
+        only.iter()
+            .map(|name| {
+                Canary::from_name(name).ok_or_else(|| {
+                    format!("unknown canary {name:?}; `holdfast-sim canaries` lists them")
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let started = WallClock::now();
+    println!(
+        "First seed (of 0..{seeds}) whose default run catches each canary, and the checker \
+         that does (`holdfast-sim canaries --seeds {seeds}`):\n"
+    );
+    println!("| canary | queue workload | raft workload |");
+    println!("|---|---|---|");
+    let mut escaped = Vec::new();
+    for canary in canaries {
+        let mut cells = Vec::new();
+        for workload in ["queue", "raft"] {
+            let words = [
+                "holdfast-sim",
+                "replay",
+                "0",
+                "--workload",
+                workload,
+                "--canary",
+                canary.name(),
+            ];
+            let cli = Cli::try_parse_from(words).map_err(|e| e.to_string())?;
+            let Command::Replay { cluster, .. } = cli.command else {
+                return Err("not a replay".into());
+            };
+            let template = options(&cluster, 0)?;
+            let cell = match first_failure(&template, 0, seeds, jobs) {
+                Some((seed, v)) => format!("{seed} ({})", v.checker),
+                None => {
+                    if workload == "queue" {
+                        escaped.push(canary.name());
+                    }
+                    format!("not in {seeds}")
+                }
+            };
+            cells.push(cell);
+        }
+        println!("| `{}` | {} | {} |", canary.name(), cells[0], cells[1]);
+    }
+    println!(
+        "\nThe raft workload drives bare Raft replicas: a canary planted in the broker, the \
+         node or the client library is out of its reach, so `not in {seeds}` is expected there."
+    );
+    if escaped.is_empty() {
+        println!("The default (queue) workload catches every canary within {seeds} seeds.");
+    } else {
+        println!(
+            "The default (queue) workload misses within {seeds} seeds: {}",
+            escaped.join(" ")
+        );
+    }
+    eprintln!("({:.0} s wall)", started.elapsed().as_secs_f64());
+    Ok(escaped.is_empty())
 }
 
 /// The checker `cluster` fails `seed` with, if it fails; and how many faults it drew.

@@ -71,8 +71,11 @@ pub struct SummaryFile {
     pub never_reached: Vec<String>,
     pub simulated_s: f64,
     pub wall_s: f64,
-    /// Wall seconds times worker threads: what the batch cost in cores.
+    /// Wall seconds times worker threads: what the batch held in cores.
     pub core_s: f64,
+    /// CPU seconds the process used for the batch (user and system; 0 where not measured):
+    /// what it cost, even on a machine shared with other work.
+    pub cpu_s: f64,
 }
 
 impl SummaryFile {
@@ -119,6 +122,7 @@ impl SummaryFile {
             simulated_s: s.simulated_us as f64 / 1e6,
             wall_s,
             core_s: wall_s * jobs as f64,
+            cpu_s: 0.0,
         }
     }
 
@@ -142,6 +146,7 @@ impl SummaryFile {
             simulated_s: 0.0,
             wall_s: 0.0,
             core_s: 0.0,
+            cpu_s: 0.0,
         };
         for (i, file) in files.iter().enumerate() {
             if file.version != VERSION {
@@ -171,6 +176,7 @@ impl SummaryFile {
             // Shards run side by side: the campaign took as long as its slowest shard.
             merged.wall_s = merged.wall_s.max(file.wall_s);
             merged.core_s += file.core_s;
+            merged.cpu_s += file.cpu_s;
         }
         merged.ranges.sort_unstable();
         for pair in merged.ranges.windows(2) {
@@ -241,7 +247,7 @@ impl fmt::Display for SummaryFile {
             )?;
         }
         let per_core = self.simulated_s / self.core_s.max(1e-9);
-        write!(
+        writeln!(
             f,
             "simulated {:.0} s; {:.0} core-seconds ({:.1} seeds per core-second, {per_core:.0} \
              simulated s per core-second); slowest shard {:.1} s wall",
@@ -249,6 +255,12 @@ impl fmt::Display for SummaryFile {
             self.core_s,
             self.seeds as f64 / self.core_s.max(1e-9),
             self.wall_s
+        )?;
+        write!(
+            f,
+            "{:.0} CPU seconds: {:.2} CPU hours per million seeds",
+            self.cpu_s,
+            self.cpu_s / self.seeds.max(1) as f64 * 1e6 / 3600.0
         )
     }
 }
@@ -288,6 +300,7 @@ mod tests {
             simulated_s: 10.0,
             wall_s: 2.0,
             core_s: 4.0,
+            cpu_s: 3.0,
         }
     }
 
@@ -318,7 +331,7 @@ mod tests {
         assert_eq!(m.faults["crash"], 4);
         assert_eq!(m.coverage["redirect"], 6);
         assert_eq!(m.never_reached, ["wipe"]);
-        assert_eq!((m.wall_s, m.core_s), (2.0, 8.0));
+        assert_eq!((m.wall_s, m.core_s, m.cpu_s), (2.0, 8.0, 6.0));
         assert!(SummaryFile::merge(&[a.clone(), a.clone()]).is_err());
         let mut other = b;
         other.shape = "--workload raft".into();

@@ -112,6 +112,36 @@ pub fn run_each(runs: &[Options], jobs: usize) -> Vec<Outcome> {
     outcomes.into_iter().map(|(_, o)| o).collect()
 }
 
+/// The first seed in `from..from + count` that fails as `template` runs it, and why; seeds run
+/// in rounds of a few per worker, in parallel, stopping after the first round that fails.
+pub fn first_failure(
+    template: &Options,
+    from: u64,
+    count: u64,
+    jobs: usize,
+) -> Option<(u64, Violation)> {
+    let round = (jobs.max(1) * 2) as u64;
+    let mut start = from;
+    while start < from + count {
+        let end = (start + round).min(from + count);
+        let runs: Vec<Options> = (start..end)
+            .map(|seed| {
+                let mut options = template.clone();
+                options.seed = seed;
+                options
+            })
+            .collect();
+        let found = run_each(&runs, jobs)
+            .into_iter()
+            .find_map(|o| o.violation.map(|(_, v)| (o.seed, v)));
+        if found.is_some() {
+            return found;
+        }
+        start = end;
+    }
+    None
+}
+
 /// What a batch of seeds found.
 pub struct Summary {
     pub workload: Workload,

@@ -404,3 +404,43 @@ fn shards_write_summaries_that_merge_into_the_whole_run() {
     assert_eq!(twice.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[cfg(feature = "canaries")]
+#[test]
+fn the_canary_table_names_the_first_catching_seed_per_workload() {
+    let output = sim(&[
+        "canaries",
+        "--seeds",
+        "3",
+        "--only",
+        "commit-from-minority,no-dedup",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("| canary | queue workload | raft workload |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| `commit-from-minority` | 0 (commit-safety) | 0 (commit-safety) |"),
+        "{text}"
+    );
+    // A queue canary is out of the raft workload's reach.
+    assert!(
+        text.contains("| `no-dedup` | 0 (duplicated) | not in 3 |"),
+        "{text}"
+    );
+}
+
+#[cfg(feature = "canaries")]
+#[test]
+fn the_canary_table_fails_when_the_default_workload_misses_one() {
+    // No seed at all: nothing can be caught.
+    let output = sim(&["canaries", "--seeds", "0", "--only", "commit-from-minority"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("misses within 0 seeds: commit-from-minority"),
+        "{text}"
+    );
+}

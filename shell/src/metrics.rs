@@ -675,6 +675,7 @@ mod tests {
             last_index: 0,
             snapshot_index: 0,
             counters: Default::default(),
+            raft: Default::default(),
         };
         stats.groups = vec![group(Some(2)), group(None)];
         latest.publish(stats.clone());

@@ -6,12 +6,14 @@
 //! the trace hash shows.
 
 pub mod checker;
+pub mod coverage;
 pub mod disk;
 pub mod faults;
 pub mod network;
 pub mod options;
 pub mod queue;
 pub mod raft_checks;
+pub mod report;
 pub mod runner;
 pub mod swarm;
 pub mod timeline;

@@ -6,7 +6,8 @@ use std::time::Instant as WallClock;
 
 use clap::{Parser, Subcommand};
 use holdfast_core::raft::Canary;
-use holdfast_sim::runner::{Summary, explore_start, run_each, run_one, run_seeds};
+use holdfast_sim::report::SummaryFile;
+use holdfast_sim::runner::{Summary, explore_start, first_failure, run_each, run_one, run_seeds};
 use holdfast_sim::swarm::{FaultMix, Mix};
 use holdfast_sim::{CANARIES_BUILT, Options, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -122,11 +123,34 @@ enum Command {
         /// a window of seeds no fixed range and, almost surely, no earlier window has tried.
         #[arg(long, value_name = "TEXT", conflicts_with = "from")]
         explore: Option<String>,
+        /// Run only slice K of N (K from 0) of those seeds: N shards, each on its own
+        /// machine (a Kubernetes indexed Job, GNU parallel), cover them exactly once.
+        #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+        shard: Option<(u64, u64)>,
         /// Worker threads (default: every core).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Also write what the run found as JSON (seeds, failures with replay lines, faults,
+        /// coverage, simulated and wall time), for `merge`.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
+        /// Fail (exit 1) if a fault kind or protocol path of the workload was never reached.
+        #[arg(long)]
+        require_coverage: bool,
         #[command(flatten)]
         cluster: Cluster,
+    },
+    /// Combine the `--summary-json` files of a campaign's shards (same shape, disjoint seeds)
+    /// and print what the whole campaign found; exit 1 if any seed failed.
+    Merge {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Write the combined summary as JSON too.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
+        /// Fail (exit 1) if a fault kind or protocol path was never reached in any shard.
+        #[arg(long)]
+        require_coverage: bool,
     },
     /// Re-run one seed and print what happened; the last line is the run's trace hash.
     Replay {
@@ -151,8 +175,20 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
-    /// List the planted bugs, one a line.
-    Canaries,
+    /// List the planted bugs, one a line; with `--seeds N` (a build with canaries), find the
+    /// first seed of each workload's default run that catches each one and print a markdown
+    /// table (what the README shows); exit 1 if a canary escapes the default workload.
+    Canaries {
+        /// Look for the first catching seed among seeds 0..N.
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Only these canaries (default: all).
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+        only: Vec<String>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// Reduce a failing seed's faults, by delta debugging, to a few that still make it fail
     /// with the same checker, then shorten its fault phase; print the replay line.
     Shrink {
@@ -163,6 +199,10 @@ enum Command {
         #[command(flatten)]
         cluster: Cluster,
     },
+}
+
+fn parse_shard(text: &str) -> Result<(u64, u64), String> {
+    holdfast_sim::report::parse_shard(text)
 }
 
 fn parse_nodes(value: &str) -> Result<usize, String> {
@@ -224,17 +264,25 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Canaries => {
+        Command::Canaries { seeds: None, .. } => {
             for canary in Canary::ALL {
                 println!("{}", canary.name());
             }
             Ok(true)
         }
+        Command::Canaries {
+            seeds: Some(seeds),
+            only,
+            jobs,
+        } => canary_table(seeds, &only, jobs_or_cores(jobs)),
         Command::Run {
             seeds,
             from,
             explore,
+            shard,
             jobs,
+            summary_json,
+            require_coverage,
             cluster,
         } => {
             let from = match &explore {
@@ -247,8 +295,32 @@ fn main() -> ExitCode {
                     from + seeds
                 );
             }
-            options(&cluster, from).map(|o| run(&o, &cluster, seeds, jobs))
+            let range = match shard {
+                Some((k, n)) => holdfast_sim::report::shard(from, seeds, k, n),
+                None => from..from + seeds,
+            };
+            if let Some((k, n)) = shard {
+                println!(
+                    "shard {k}/{n} of seeds {from}..{}: seeds {}..{}",
+                    from + seeds,
+                    range.start,
+                    range.end
+                );
+            }
+            options(&cluster, range.start).and_then(|o| {
+                let (passed, summary) = run(&o, &cluster, range.end - range.start, jobs);
+                let covered = report_coverage(require_coverage, &summary.never_reached);
+                if let Some(path) = &summary_json {
+                    write_json(path, &summary)?;
+                }
+                Ok(passed && covered)
+            })
         }
+        Command::Merge {
+            files,
+            summary_json,
+            require_coverage,
+        } => merge(&files, summary_json.as_deref(), require_coverage),
         Command::Regress { file, jobs } => regress(&file, jobs),
         Command::Shrink {
             seed,
@@ -275,6 +347,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// CPU seconds (user and system) this process has used so far; 0 where unknown.
+fn cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage writes only the struct it is handed.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+        }
+    }
+    0.0
+}
+
 fn jobs_or_cores(jobs: Option<usize>) -> usize {
     jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
@@ -283,12 +369,18 @@ fn jobs_or_cores(jobs: Option<usize>) -> usize {
 /// spelled out, so that the line still means the same run if a default changes: what a failure
 /// prints, and what a line of the regression list holds.
 fn replay_args(seed: u64, cluster: &Cluster) -> String {
+    format!("{seed} {}", shape_args(cluster))
+}
+
+/// The arguments of `replay` after the seed: the run's shape, which every seed of a batch
+/// shares.
+fn shape_args(cluster: &Cluster) -> String {
     let workload = match cluster.workload {
         WorkloadArg::Queue => "queue",
         WorkloadArg::Raft => "raft",
     };
     let mut args = format!(
-        "{seed} --workload {workload} --nodes {} --groups {} --fault-phase-ms {} \
+        "--workload {workload} --nodes {} --groups {} --fault-phase-ms {} \
          --liveness-limit-ms {}",
         cluster.nodes, cluster.groups, cluster.fault_phase_ms, cluster.liveness_limit_ms
     );
@@ -307,7 +399,56 @@ fn replay_args(seed: u64, cluster: &Cluster) -> String {
     args
 }
 
-fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) -> bool {
+/// Says what `--require-coverage` found; false if it asked for coverage that is missing.
+fn report_coverage(require: bool, never: &[String]) -> bool {
+    if !require {
+        return true;
+    }
+    if never.is_empty() {
+        println!("--require-coverage: every fault kind and protocol path reached");
+        return true;
+    }
+    println!(
+        "--require-coverage: FAILED: never reached: {}",
+        never.join(" ")
+    );
+    false
+}
+
+fn write_json(path: &Path, summary: &SummaryFile) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("summary written to {}", path.display());
+    Ok(())
+}
+
+fn merge(files: &[PathBuf], out: Option<&Path>, require_coverage: bool) -> Result<bool, String> {
+    let summaries = files
+        .iter()
+        .map(|path| {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str::<SummaryFile>(&text)
+                .map_err(|e| format!("{}: not a summary: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let merged = SummaryFile::merge(&summaries)?;
+    println!("merged {} summaries", files.len());
+    println!("{merged}");
+    if let Some(path) = out {
+        write_json(path, &merged)?;
+    }
+    let covered = report_coverage(require_coverage, &merged.never_reached);
+    Ok(merged.failed == 0 && covered)
+}
+
+/// Runs `seeds` seeds from `options.seed` and prints the summary; true if every seed passed.
+fn run(
+    options: &Options,
+    cluster: &Cluster,
+    seeds: u64,
+    jobs: Option<usize>,
+) -> (bool, SummaryFile) {
     let jobs = jobs_or_cores(jobs);
     println!(
         "holdfast-sim: {:?} workload, seeds {}..{} nodes={} groups={} canary={} jobs={jobs}",
@@ -328,6 +469,7 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
     );
     bar.set_message("0 failed");
     let failed = std::sync::atomic::AtomicU64::new(0);
+    let cpu_before = cpu_seconds();
     let started = WallClock::now();
     let outcomes = run_seeds(options, options.seed, seeds, jobs, &|outcome| {
         if !outcome.passed() {
@@ -337,14 +479,24 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
         bar.inc(1);
     });
     bar.finish();
-    let summary = Summary::new(&outcomes, started.elapsed());
+    let summary = Summary::new(options.workload, &outcomes, started.elapsed());
+    let cpu = cpu_seconds() - cpu_before;
     println!("{summary}");
     let wall = summary.wall.as_secs_f64().max(1e-9);
+    let simulated = summary.stats.simulated_us as f64 / 1e6;
     println!(
         "{:.1} seeds per wall s; {:.0} simulated s per wall s per core ({jobs} jobs)",
         outcomes.len() as f64 / wall,
-        summary.stats.simulated_us as f64 / 1e6 / wall / jobs as f64
+        simulated / wall / jobs as f64
     );
+    if cpu > 0.0 {
+        // What a shared machine's wall clock hides: the CPU time the seeds took.
+        println!(
+            "{cpu:.1} CPU s: {:.1} seeds per CPU s; {:.0} simulated s per CPU s",
+            outcomes.len() as f64 / cpu,
+            simulated / cpu
+        );
+    }
     if let Some((seed, _)) = summary.failed.first() {
         let args = replay_args(*seed, cluster);
         println!("replay the first failure: holdfast-sim replay {args} --trace");
@@ -358,7 +510,15 @@ fn run(options: &Options, cluster: &Cluster, seeds: u64, jobs: Option<usize>) ->
             );
         }
     }
-    summary.failed.is_empty()
+    let mut file = SummaryFile::new(
+        &summary,
+        shape_args(cluster),
+        options.seed..options.seed + seeds,
+        jobs,
+        &|seed| replay_args(seed, cluster),
+    );
+    file.cpu_s = cpu;
+    (summary.failed.is_empty(), file)
 }
 
 /// One line of a regression list: where it is, its `replay` arguments and why it is there.
@@ -543,6 +703,75 @@ fn replay(
     );
     println!("trace_hash={:016x}", outcome.trace_hash);
     Ok(outcome.passed())
+}
+
+/// For every canary and workload, the first seed of the default run (`run --canary NAME`)
+/// that catches it, as a markdown table. True if the default (queue) workload catches every
+/// canary.
+fn canary_table(seeds: u64, only: &[String], jobs: usize) -> Result<bool, String> {
+    let canaries: Vec<Canary> = if only.is_empty() {
+        Canary::ALL.to_vec()
+    } else {
+        only.iter()
+            .map(|name| {
+                Canary::from_name(name).ok_or_else(|| {
+                    format!("unknown canary {name:?}; `holdfast-sim canaries` lists them")
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let started = WallClock::now();
+    println!(
+        "First seed (of 0..{seeds}) whose default run catches each canary, and the checker \
+         that does (`holdfast-sim canaries --seeds {seeds}`):\n"
+    );
+    println!("| canary | queue workload | raft workload |");
+    println!("|---|---|---|");
+    let mut escaped = Vec::new();
+    for canary in canaries {
+        let mut cells = Vec::new();
+        for workload in ["queue", "raft"] {
+            let words = [
+                "holdfast-sim",
+                "replay",
+                "0",
+                "--workload",
+                workload,
+                "--canary",
+                canary.name(),
+            ];
+            let cli = Cli::try_parse_from(words).map_err(|e| e.to_string())?;
+            let Command::Replay { cluster, .. } = cli.command else {
+                return Err("not a replay".into());
+            };
+            let template = options(&cluster, 0)?;
+            let cell = match first_failure(&template, 0, seeds, jobs) {
+                Some((seed, v)) => format!("{seed} ({})", v.checker),
+                None => {
+                    if workload == "queue" {
+                        escaped.push(canary.name());
+                    }
+                    format!("not in {seeds}")
+                }
+            };
+            cells.push(cell);
+        }
+        println!("| `{}` | {} | {} |", canary.name(), cells[0], cells[1]);
+    }
+    println!(
+        "\nThe raft workload drives bare Raft replicas: a canary planted in the broker, the \
+         node or the client library is out of its reach, so `not in {seeds}` is expected there."
+    );
+    if escaped.is_empty() {
+        println!("The default (queue) workload catches every canary within {seeds} seeds.");
+    } else {
+        println!(
+            "The default (queue) workload misses within {seeds} seeds: {}",
+            escaped.join(" ")
+        );
+    }
+    eprintln!("({:.0} s wall)", started.elapsed().as_secs_f64());
+    Ok(escaped.is_empty())
 }
 
 /// The checker `cluster` fails `seed` with, if it fails; and how many faults it drew.

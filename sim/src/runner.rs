@@ -9,7 +9,7 @@ use std::time::Duration;
 use holdfast_core::time::Instant;
 
 use crate::checker::Violation;
-use crate::options::Options;
+use crate::options::{Options, Workload};
 use crate::world::{Outcome, Stats};
 
 /// The first seed of an exploring window named by `text` (CI passes the commit hash and the
@@ -112,8 +112,39 @@ pub fn run_each(runs: &[Options], jobs: usize) -> Vec<Outcome> {
     outcomes.into_iter().map(|(_, o)| o).collect()
 }
 
+/// The first seed in `from..from + count` that fails as `template` runs it, and why; seeds run
+/// in rounds of a few per worker, in parallel, stopping after the first round that fails.
+pub fn first_failure(
+    template: &Options,
+    from: u64,
+    count: u64,
+    jobs: usize,
+) -> Option<(u64, Violation)> {
+    let round = (jobs.max(1) * 2) as u64;
+    let mut start = from;
+    while start < from + count {
+        let end = (start + round).min(from + count);
+        let runs: Vec<Options> = (start..end)
+            .map(|seed| {
+                let mut options = template.clone();
+                options.seed = seed;
+                options
+            })
+            .collect();
+        let found = run_each(&runs, jobs)
+            .into_iter()
+            .find_map(|o| o.violation.map(|(_, v)| (o.seed, v)));
+        if found.is_some() {
+            return found;
+        }
+        start = end;
+    }
+    None
+}
+
 /// What a batch of seeds found.
 pub struct Summary {
+    pub workload: Workload,
     pub passed: u64,
     /// Failing seeds with what broke, in seed order.
     pub failed: Vec<(u64, Violation)>,
@@ -122,7 +153,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn new(outcomes: &[Outcome], wall: Duration) -> Summary {
+    pub fn new(workload: Workload, outcomes: &[Outcome], wall: Duration) -> Summary {
         let mut stats = Stats::default();
         let mut failed = Vec::new();
         for outcome in outcomes {
@@ -132,11 +163,19 @@ impl Summary {
             }
         }
         Summary {
+            workload,
             passed: outcomes.len() as u64 - failed.len() as u64,
             failed,
             stats,
             wall,
         }
+    }
+}
+
+impl Summary {
+    /// Fault kinds and protocol paths of the workload no seed of the batch reached.
+    pub fn never_reached(&self) -> Vec<&'static str> {
+        crate::coverage::never_reached(self.workload, &self.stats.faults, &self.stats.coverage)
     }
 }
 
@@ -156,18 +195,6 @@ impl fmt::Display for Summary {
         writeln!(f, "faults injected: {faults}")?;
         for (kind, count) in &s.faults {
             writeln!(f, "  {kind:<16} {count}")?;
-        }
-        // Coverage: a kind no seed reached is a blind spot of this batch (consumer crashes
-        // exist in the queue workload only).
-        let queue = s.messages_acked + s.messages_failed + s.messages_ambiguous > 0;
-        let never: Vec<&str> = crate::swarm::KINDS
-            .iter()
-            .filter(|k| queue || **k != "consumer-crash")
-            .filter(|k| !s.faults.contains_key(*k))
-            .copied()
-            .collect();
-        if !never.is_empty() {
-            writeln!(f, "  never injected: {}", never.join(" "))?;
         }
         if s.damaged_starts > 0 {
             writeln!(
@@ -218,6 +245,19 @@ impl fmt::Display for Summary {
             "network messages: {} delivered, {} lost",
             s.messages_delivered, s.messages_lost
         )?;
+        writeln!(f, "protocol paths reached (counted by the core):")?;
+        for (name, count) in &s.coverage.counts {
+            writeln!(f, "  {name:<24} {count}")?;
+        }
+        let never = self.never_reached();
+        if never.is_empty() {
+            writeln!(f, "coverage: every fault kind and protocol path reached")?;
+        } else {
+            writeln!(f, "coverage: NEVER REACHED: {}", never.join(" "))?;
+        }
+        for (name, why) in crate::coverage::UNREACHABLE {
+            writeln!(f, "  not counted as missing: {name}: {why}")?;
+        }
         let simulated = s.simulated_us as f64 / 1e6;
         let wall = self.wall.as_secs_f64().max(1e-9);
         write!(

@@ -328,3 +328,119 @@ fn shrink_keeps_fewer_faults_that_fail_with_the_same_checker() {
     let applied = again.lines().filter(|l| l.contains("faults {")).count();
     assert_eq!(applied, 1);
 }
+
+#[test]
+fn require_coverage_fails_a_run_that_never_reaches_a_fault_kind() {
+    // Crashes only: no partition, disk fault or consumer crash is ever injected.
+    let narrow = sim(&[
+        "run",
+        "--seeds",
+        "2",
+        "--workload",
+        "raft",
+        "--faults",
+        "crash=1",
+        "--require-coverage",
+    ]);
+    let text = stdout(&narrow);
+    assert_eq!(narrow.status.code(), Some(1), "{text}");
+    assert!(text.contains("seeds failed: 0"), "{text}");
+    assert!(
+        text.contains("--require-coverage: FAILED: never reached:"),
+        "{text}"
+    );
+    assert!(text.contains(" partition"), "{text}");
+    // Without the flag the same run passes, and still lists what it missed.
+    let lenient = sim(&[
+        "run",
+        "--seeds",
+        "2",
+        "--workload",
+        "raft",
+        "--faults",
+        "crash=1",
+    ]);
+    assert_eq!(lenient.status.code(), Some(0));
+    assert!(stdout(&lenient).contains("coverage: NEVER REACHED:"));
+}
+
+#[test]
+fn shards_write_summaries_that_merge_into_the_whole_run() {
+    let dir = std::env::temp_dir().join(format!("holdfast-sim-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    for k in 0..2 {
+        let shard = format!("{k}/2");
+        let out = sim(&[
+            "run",
+            "--seeds",
+            "6",
+            "--from",
+            "30",
+            "--workload",
+            "raft",
+            "--shard",
+            &shard,
+            "--summary-json",
+            &file(&format!("s{k}.json")),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    }
+    let merged = sim(&[
+        "merge",
+        &file("s0.json"),
+        &file("s1.json"),
+        "--summary-json",
+        &file("all.json"),
+    ]);
+    let text = stdout(&merged);
+    assert_eq!(merged.status.code(), Some(0), "{text}");
+    assert!(text.contains("seeds: 6 (30..36)"), "{text}");
+    assert!(text.contains("seeds passed: 6"), "{text}");
+    let all = std::fs::read_to_string(file("all.json")).unwrap();
+    assert!(all.contains("\"seeds\": 6"), "{all}");
+    // A shard merged twice is refused, not counted twice.
+    let twice = sim(&["merge", &file("s0.json"), &file("s0.json")]);
+    assert_eq!(twice.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[cfg(feature = "canaries")]
+#[test]
+fn the_canary_table_names_the_first_catching_seed_per_workload() {
+    let output = sim(&[
+        "canaries",
+        "--seeds",
+        "3",
+        "--only",
+        "commit-from-minority,no-dedup",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("| canary | queue workload | raft workload |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| `commit-from-minority` | 0 (commit-safety) | 0 (commit-safety) |"),
+        "{text}"
+    );
+    // A queue canary is out of the raft workload's reach.
+    assert!(
+        text.contains("| `no-dedup` | 0 (duplicated) | not in 3 |"),
+        "{text}"
+    );
+}
+
+#[cfg(feature = "canaries")]
+#[test]
+fn the_canary_table_fails_when_the_default_workload_misses_one() {
+    // No seed at all: nothing can be caught.
+    let output = sim(&["canaries", "--seeds", "0", "--only", "commit-from-minority"]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("misses within 0 seeds: commit-from-minority"),
+        "{text}"
+    );
+}

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::broker::QueueId;
-use crate::raft::{GroupId, Index, NodeId, Role, Term};
+use crate::raft::{GroupId, Index, NodeId, RaftCounters, Role, Term};
 
 use super::BrokerNode;
 
@@ -89,6 +89,9 @@ pub struct GroupStats {
     pub last_index: Index,
     pub snapshot_index: Index,
     pub counters: GroupCounters,
+    /// The protocol paths the replica took since this node started (elections, PreVote,
+    /// CheckQuorum, transfers, snapshots, repairs).
+    pub raft: RaftCounters,
 }
 
 /// A queue of a broker group, as this replica has applied it.
@@ -149,7 +152,8 @@ impl BrokerNode {
         let groups = self
             .groups()
             .filter_map(|group| {
-                let s = self.replica(group)?.status();
+                let replica = self.replica(group)?;
+                let s = replica.status();
                 Some(GroupStats {
                     group,
                     role: s.role,
@@ -165,6 +169,7 @@ impl BrokerNode {
                         .get(&group)
                         .cloned()
                         .unwrap_or_default(),
+                    raft: replica.counters(),
                 })
             })
             .collect();

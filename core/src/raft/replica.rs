@@ -124,6 +124,9 @@ pub struct Replica {
     /// An installed snapshot the driver has not yet restored its state machine from.
     restore: Option<Snapshot>,
 
+    /// Which protocol paths this replica took; see [`RaftCounters`].
+    counters: RaftCounters,
+
     // Outputs.
     events: VecDeque<RaftEvent>,
     ready: VecDeque<Envelope>,
@@ -190,6 +193,7 @@ impl Replica {
             snapshot_dirty: false,
             incoming_snapshot: None,
             restore: None,
+            counters: RaftCounters::default(),
             events: VecDeque::new(),
             ready: VecDeque::new(),
             waiting: VecDeque::new(),
@@ -382,6 +386,7 @@ impl Replica {
             {
                 let to = transfer.to;
                 self.transfer = None;
+                self.counters.transfers_aborted += 1;
                 self.event(RaftEvent::TransferAborted {
                     term: self.term,
                     to,
@@ -398,6 +403,7 @@ impl Replica {
             if now >= self.check_quorum_deadline {
                 self.check_quorum_deadline = now + self.config.election_timeout_min;
                 if self.config.check_quorum && !self.quorum_recently_active() {
+                    self.counters.check_quorum_step_downs += 1;
                     self.become_follower(now, self.term, None);
                     return;
                 }
@@ -580,6 +586,11 @@ impl Replica {
     }
 
     /// The next election, leader change or refused message, for the operator's log.
+    /// What this replica counted since it started; see [`RaftCounters`].
+    pub fn counters(&self) -> RaftCounters {
+        self.counters
+    }
+
     pub fn poll_event(&mut self) -> Option<RaftEvent> {
         self.events.pop_front()
     }
@@ -646,6 +657,7 @@ impl Replica {
             Some(transfer) => return Err(TransferError::Transferring { to: transfer.to }),
             None => {}
         }
+        self.counters.transfers_started += 1;
         self.transfer = Some(Transfer {
             to,
             deadline: now + self.config.election_timeout_min,
@@ -808,6 +820,7 @@ impl Replica {
     }
 
     fn become_pre_candidate(&mut self, now: Instant) {
+        self.counters.pre_vote_campaigns += 1;
         self.role = Role::PreCandidate;
         self.leader = None;
         self.leader_contact = None;
@@ -830,6 +843,8 @@ impl Replica {
 
     /// `transfer`: the campaign follows a `TimeoutNow`, and asks with `TransferVote`.
     fn become_candidate(&mut self, now: Instant, transfer: bool) {
+        self.counters.campaigns += 1;
+        self.counters.transfer_campaigns += u64::from(transfer);
         self.role = Role::Candidate;
         self.term += 1;
         self.vote = Some(self.config.id);
@@ -866,6 +881,7 @@ impl Replica {
     }
 
     fn become_leader(&mut self, now: Instant) {
+        self.counters.elections_won += 1;
         self.event(RaftEvent::BecameLeader { term: self.term });
         self.role = Role::Leader;
         self.transfer = None;
@@ -1002,6 +1018,7 @@ impl Replica {
             .is_some_and(|at| self.durable_index >= at)
         {
             self.damage = None;
+            self.counters.damage_repaired += 1;
         }
     }
 
@@ -1077,6 +1094,7 @@ impl Replica {
                     first.index > self.commit || self.canary(Canary::SkipPrevLogCheck),
                     "overwriting a committed entry"
                 );
+                self.counters.conflicting_tails_dropped += 1;
                 self.truncate_from(first.index);
             }
             self.mark_log_dirty(first.index);
@@ -1157,6 +1175,7 @@ impl Replica {
     /// Makes a whole snapshot from the leader this replica's state; `snapshot.index` is above
     /// the commit index.
     fn install_snapshot(&mut self, snapshot: Snapshot) {
+        self.counters.snapshots_installed += 1;
         let (index, term) = (snapshot.index, snapshot.term);
         let keeps_log = index <= self.log.last_index()
             && (self.log.term_at(index) == Some(term)
@@ -1433,6 +1452,7 @@ impl Replica {
             .saturating_add(self.config.snapshot_chunk_bytes_max.max(1))
             .min(total);
         transfer.in_flight = true;
+        self.counters.snapshot_chunks_sent += 1;
         transfer.wait_heartbeats = self.config.snapshot_resend_heartbeats;
         let message = Message::InstallSnapshot {
             term: self.term,

@@ -428,3 +428,65 @@ fn a_leader_refuses_proposals_while_its_oldest_has_waited_too_long() {
     assert_eq!(leader.status().commit_index, last);
     assert!(leader.propose(late, 4, command()).is_ok());
 }
+
+#[test]
+fn the_counters_name_the_paths_a_replica_took() {
+    let mut replica = recovered(1, 2, None);
+    assert_eq!(replica.counters(), RaftCounters::default());
+    // An election timeout starts a PreVote round; a granted pre-vote, a real campaign; a
+    // granted vote, leadership.
+    replica.handle_timeout(later(1));
+    settle(&mut replica, later(1));
+    replica.step(
+        later(1),
+        2,
+        Message::PreVoteResponse {
+            term: 2,
+            granted: true,
+        },
+    );
+    settle(&mut replica, later(1));
+    replica.step(
+        later(1),
+        2,
+        Message::VoteResponse {
+            term: 2,
+            granted: true,
+        },
+    );
+    settle(&mut replica, later(1));
+    assert_eq!(replica.status().role, Role::Leader);
+    let c = replica.counters();
+    assert_eq!(
+        (c.pre_vote_campaigns, c.campaigns, c.elections_won),
+        (1, 1, 1)
+    );
+    assert_eq!(c.check_quorum_step_downs, 0);
+    // No follower answers: CheckQuorum steps it down within two election timeouts.
+    for ms in (1_050..2_000).step_by(50) {
+        replica.handle_timeout(Instant::ZERO + Duration::from_millis(ms));
+        settle(&mut replica, Instant::ZERO + Duration::from_millis(ms));
+    }
+    assert_ne!(replica.status().role, Role::Leader);
+    assert_eq!(replica.counters().check_quorum_step_downs, 1);
+    // A follower holding an uncommitted stale tail drops it for the leader's entries.
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 2,
+        },
+        snapshot: None,
+        entries: (1..=4).map(|i| entry(i, 1)).collect(),
+    };
+    let mut follower = Replica::new(
+        Config::new(1, 1, vec![1, 2, 3]),
+        recovered,
+        7,
+        Instant::ZERO,
+    );
+    follower.step(later(5), 3, append(2, 2, 1, vec![entry(3, 2)], 2));
+    settle(&mut follower, later(5));
+    assert_eq!(follower.entry(3).map(|e| e.term), Some(2));
+    assert_eq!(follower.counters().conflicting_tails_dropped, 1);
+}

@@ -708,3 +708,64 @@ pub struct Status {
     /// The index of the latest snapshot (0 if none): the log holds entries above it only.
     pub snapshot_index: Index,
 }
+
+/// What a replica counted about the protocol paths it took since it started: what a driver
+/// exports as metrics and what the simulator reports as coverage (which rare paths a run
+/// reached), as facts the replica saw rather than inferred from outside.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RaftCounters {
+    /// PreVote rounds started (an election timeout with `pre_vote` on).
+    pub pre_vote_campaigns: u64,
+    /// Elections started with a term bump: after a won PreVote round, without PreVote, or on
+    /// a `TimeoutNow` (those are also in `transfer_campaigns`).
+    pub campaigns: u64,
+    pub transfer_campaigns: u64,
+    pub elections_won: u64,
+    /// Times a leader stepped down because a majority did not answer within an election
+    /// timeout (CheckQuorum).
+    pub check_quorum_step_downs: u64,
+    /// Leadership transfers taken on, and those given up after an election timeout.
+    pub transfers_started: u64,
+    pub transfers_aborted: u64,
+    /// A follower dropped a conflicting tail of its log for a leader's entries.
+    pub conflicting_tails_dropped: u64,
+    /// InstallSnapshot chunks sent (leader) and whole snapshots installed (follower).
+    pub snapshot_chunks_sent: u64,
+    pub snapshots_installed: u64,
+    /// A replica that recovered damaged became whole again (see `Replica::damaged_from`).
+    pub damage_repaired: u64,
+}
+
+impl RaftCounters {
+    /// Adds `other` in, field by field (a driver summing replicas or restarts).
+    pub fn add(&mut self, other: &RaftCounters) {
+        self.pre_vote_campaigns += other.pre_vote_campaigns;
+        self.campaigns += other.campaigns;
+        self.transfer_campaigns += other.transfer_campaigns;
+        self.elections_won += other.elections_won;
+        self.check_quorum_step_downs += other.check_quorum_step_downs;
+        self.transfers_started += other.transfers_started;
+        self.transfers_aborted += other.transfers_aborted;
+        self.conflicting_tails_dropped += other.conflicting_tails_dropped;
+        self.snapshot_chunks_sent += other.snapshot_chunks_sent;
+        self.snapshots_installed += other.snapshots_installed;
+        self.damage_repaired += other.damage_repaired;
+    }
+
+    /// Every counter with a stable name, in declaration order.
+    pub fn named(&self) -> [(&'static str, u64); 11] {
+        [
+            ("pre-vote-campaign", self.pre_vote_campaigns),
+            ("campaign", self.campaigns),
+            ("transfer-campaign", self.transfer_campaigns),
+            ("election-won", self.elections_won),
+            ("check-quorum-step-down", self.check_quorum_step_downs),
+            ("transfer-started", self.transfers_started),
+            ("transfer-aborted", self.transfers_aborted),
+            ("conflicting-tail-dropped", self.conflicting_tails_dropped),
+            ("snapshot-chunk-sent", self.snapshot_chunks_sent),
+            ("snapshot-installed", self.snapshots_installed),
+            ("damage-repaired", self.damage_repaired),
+        ]
+    }
+}

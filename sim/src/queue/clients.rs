@@ -235,6 +235,17 @@ impl QueueWorld {
                 },
                 SendResult::Failed { maybe_written, .. } => SendOutcome::Failed { maybe_written },
             };
+            if matches!(
+                outcome,
+                SendOutcome::Acked {
+                    ambiguous: true,
+                    ..
+                } | SendOutcome::Failed {
+                    maybe_written: true
+                }
+            ) {
+                self.stats.coverage.bump("ambiguous-send", 1);
+            }
             self.trace.record(now, &[21, producer_id, first_seq], || {
                 format!("producer {producer_id} seq {first_seq}: {outcome:?}")
             });
@@ -471,6 +482,7 @@ impl QueueWorld {
         let now = self.now;
         match event {
             ConsumerEvent::Rebalanced { generation, owned } => {
+                self.stats.coverage.bump("consumer-rebalance", 1);
                 self.history.rebalanced(client);
                 self.trace
                     .record(now, &[22, client, owned.len() as u64, generation], || {

@@ -46,6 +46,9 @@ pub(crate) const CONSUMER_GROUPS: [&str; 2] = ["billing", "audit"];
 pub fn run(options: &Options) -> Outcome {
     let mut world = QueueWorld::new(options.clone());
     let result = world.run();
+    for broker in world.hosts.iter().filter_map(|h| h.broker.as_ref()) {
+        world.stats.coverage.add_node(&broker.stats());
+    }
     world.stats.simulated_us = world.now.as_micros();
     world.stats.faults_drawn = world.faults_drawn;
     let (acked, failed, ambiguous, _) = world.history.counts();
@@ -607,10 +610,13 @@ impl QueueWorld {
                 disk.crash(survivors, rng, canary)?;
             }
         }
-        let host = self.host_mut(node);
+        let QueueWorld { hosts, stats, .. } = self;
+        let host = &mut hosts[(node - 1) as usize];
+        if let Some(broker) = host.broker.take() {
+            stats.coverage.add_node(&broker.stats());
+        }
         host.up = false;
         host.fail_sync = false;
-        host.broker = None;
         host.store = MemoryStore::default();
         host.incarnation += 1;
         host.paused_until = Instant::ZERO;

@@ -75,6 +75,8 @@ pub struct Stats {
     pub transfers_started: u64,
     /// Faults drawn (applied or left out by `only_faults`): fault numbers run `0..` this.
     pub faults_drawn: u64,
+    /// Protocol paths the core counted (see [`crate::coverage`]).
+    pub coverage: crate::coverage::Coverage,
 }
 
 impl Stats {
@@ -108,6 +110,7 @@ impl Stats {
         self.snapshot_chunks += other.snapshot_chunks;
         self.transfers_asked += other.transfers_asked;
         self.transfers_started += other.transfers_started;
+        self.coverage.add(&other.coverage);
     }
 }
 
@@ -132,6 +135,11 @@ impl Outcome {
 pub fn run(options: &Options) -> Outcome {
     let mut world = World::new(options.clone());
     let result = world.run();
+    for slot in world.nodes.iter().flat_map(|n| &n.slots).flatten() {
+        if let Some(replica) = &slot.replica {
+            world.stats.coverage.add_raft(&replica.counters());
+        }
+    }
     world.stats.simulated_us = world.now.as_micros();
     world.stats.faults_drawn = world.faults_drawn;
     world.stats.entries_committed = (1..=options.groups as GroupId)
@@ -612,14 +620,18 @@ impl World {
                 }
                 _ => None,
             };
-            let World { nodes, rng, .. } = self;
+            let World {
+                nodes, rng, stats, ..
+            } = self;
             let n = &mut nodes[(node - 1) as usize];
             if !n.up {
                 continue;
             }
             if let Some(slot) = n.slots[(group - 1) as usize].as_mut() {
                 slot.disk.crash(survivors, rng, canary)?;
-                slot.replica = None;
+                if let Some(replica) = slot.replica.take() {
+                    stats.coverage.add_raft(&replica.counters());
+                }
             }
         }
         let n = self.node_mut(node);

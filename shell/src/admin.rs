@@ -196,6 +196,7 @@ pub fn seek(
     queue: Option<u32>,
     to: SeekTo,
     force: bool,
+    json: bool,
 ) -> Result<(), Failed> {
     let mut admin = Admin::connect(config)?;
     let routes = match admin.ask_leader(
@@ -228,6 +229,14 @@ pub fn seek(
             force,
         };
         match admin.ask_leader_of(route.group, request, ADMIN_WAIT) {
+            Ok(Response::Acked { consume_offset, .. }) if json => {
+                json_line(&json!({
+                    "group": group,
+                    "topic": route.queue.topic,
+                    "queue": route.queue.queue,
+                    "committed_offset": consume_offset,
+                }));
+            }
             Ok(Response::Acked { consume_offset, .. }) => {
                 out!(
                     "{group} {}: committed offset now {consume_offset}",
@@ -245,7 +254,7 @@ pub fn seek(
 }
 
 /// Forgets `group` in every broker group.
-pub fn delete(config: ClientConfig, group: &str, force: bool) -> Result<(), Failed> {
+pub fn delete(config: ClientConfig, group: &str, force: bool, json: bool) -> Result<(), Failed> {
     let mut admin = Admin::connect(config)?;
     let brokers = broker_groups(&mut admin)?;
     let (mut offsets, mut leases) = (0, 0);
@@ -271,7 +280,9 @@ pub fn delete(config: ClientConfig, group: &str, force: bool) -> Result<(), Fail
             Err(e) => return Err(e.into()),
         }
     }
-    if offsets + leases == 0 {
+    if json {
+        json_line(&json!({"group": group, "offsets": offsets, "leases": leases}));
+    } else if offsets + leases == 0 {
         out!("consumer group {group} had no offsets or leases: nothing to delete");
     } else {
         out!("deleted consumer group {group}: {offsets} queue positions, {leases} leases");

@@ -159,7 +159,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     );
     if !args.keep_group {
         // Its consumers have finished: forcing only covers a lease not yet released.
-        if let Err(e) = crate::admin::delete(servers, &group, true) {
+        if let Err(e) = crate::admin::delete(servers, &group, true, false) {
             crate::out!("cannot delete consumer group {group}: {}", e.message);
         }
     }

@@ -157,6 +157,9 @@ enum Command {
         #[arg(long, value_name = "FRACTION", default_value_t = 0.0, num_args = 0..=1,
               default_missing_value = "1", value_parser = fraction)]
         reconsume_later: f64,
+        /// Same as `--format json`.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
         #[command(flatten)]
         servers: Servers,
     },
@@ -211,6 +214,8 @@ enum GroupCommand {
         force: bool,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Forgets a group's committed offsets and queue leases in every broker group (admin
     /// only). Refused while a member holds a queue, unless --force.
@@ -220,6 +225,8 @@ enum GroupCommand {
         force: bool,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Hands Raft group GROUP's leadership (0: metadata, 1..: broker groups) to node TO
     /// (admin only): the leader catches it up and tells it to campaign at once, so the move
@@ -272,6 +279,8 @@ enum TopicCommand {
         queues: u32,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     List {
         #[command(flatten)]
@@ -421,8 +430,14 @@ fn run(cli: Cli) -> Result<(), Failed> {
             timeout,
             format,
             reconsume_later,
+            json,
             servers: s,
         } => {
+            let format = if json {
+                holdfast_shell::output::MessageFormat::Json
+            } else {
+                format
+            };
             let servers = servers(&s)?;
             let mut consumer =
                 Consumer::connect(servers.clone(), &group, &topic).map_err(|e| e.to_string())?;
@@ -512,19 +527,29 @@ fn group(command: GroupCommand) -> Result<(), Failed> {
             to_offset,
             force,
             servers: s,
+            output,
         } => {
             let to = match (to_latest, to_offset) {
                 (true, _) => SeekTo::Latest,
                 (false, Some(offset)) => SeekTo::Offset(offset),
                 (false, None) => SeekTo::Earliest,
             };
-            holdfast_shell::admin::seek(servers(&s)?, &group, &topic, queue, to, force)
+            holdfast_shell::admin::seek(
+                servers(&s)?,
+                &group,
+                &topic,
+                queue,
+                to,
+                force,
+                output.json(),
+            )
         }
         GroupCommand::Delete {
             group,
             force,
             servers: s,
-        } => holdfast_shell::admin::delete(servers(&s)?, &group, force),
+            output,
+        } => holdfast_shell::admin::delete(servers(&s)?, &group, force, output.json()),
         GroupCommand::Transfer {
             group,
             to,
@@ -540,6 +565,7 @@ fn topic(command: TopicCommand) -> Result<(), Failed> {
             name,
             queues,
             servers: s,
+            output,
         } => {
             let mut admin = Admin::connect(servers(&s)?)?;
             let request = Request::CreateTopic {
@@ -547,6 +573,14 @@ fn topic(command: TopicCommand) -> Result<(), Failed> {
                 queues,
             };
             match admin.ask_leader(request, wait) {
+                Ok(Response::TopicCreated { existed, .. }) if output.json() => {
+                    output::json_line(&json!({
+                        "topic": name,
+                        "queues": queues,
+                        "created": !existed,
+                    }));
+                    Ok(())
+                }
                 Ok(Response::TopicCreated { existed: false, .. }) => {
                     out!("created topic {name} with {queues} queues");
                     Ok(())

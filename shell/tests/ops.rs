@@ -1055,6 +1055,14 @@ fn dead_letters_are_listed_and_redriven_to_the_group_once_each() {
         let output = client(good, &["topic", "create", "jobs", "--queues", "2"]);
         output.status.success().then_some(())
     });
+    let again = json_of(&client(
+        good,
+        &["topic", "create", "jobs", "--queues", "2", "--json"],
+    ));
+    assert_eq!(
+        again,
+        serde_json::json!({"topic": "jobs", "queues": 2, "created": false})
+    );
     let bodies = ["j1", "j2\nsecond line", "j3", "j4"];
     let mut produce = vec!["produce", "jobs"];
     produce.extend(bodies);
@@ -1128,6 +1136,12 @@ fn dead_letters_are_listed_and_redriven_to_the_group_once_each() {
         assert!(m["topic"].as_str().is_some_and(|t| t == "%RETRY%w"), "{m}");
         assert_eq!(m["reconsume_times"], 0, "{m}");
     }
+    let deleted = json_of(&client(
+        good,
+        &["group", "delete", "w", "--force", "--json"],
+    ));
+    assert_eq!(deleted["group"], "w");
+    assert!(deleted["offsets"].as_u64() > Some(0), "{deleted}");
 }
 
 #[test]

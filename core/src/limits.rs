@@ -252,6 +252,10 @@ pub fn check_member(member: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Dead-lettered messages one `RedriveDeadLetters` moves (one command, applied at once on every
+/// replica): an operator's redrive of more goes in several commands.
+pub const REDRIVE_MESSAGES_MAX: u32 = 1_024;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -457,7 +457,7 @@ impl Model {
                 Outcome::Refused(Refusal::Malformed("lease commands are not modelled".into()))
             }
             // Nor the operator's seek and delete, which move offsets back by design.
-            Command::Seek { .. } | Command::DeleteGroup { .. } => {
+            Command::Seek { .. } | Command::DeleteGroup { .. } | Command::Redrive { .. } => {
                 Outcome::Refused(Refusal::Malformed("admin commands are not modelled".into()))
             }
         }
@@ -589,7 +589,8 @@ impl Broker {
             Outcome::QueuesCreated
             | Outcome::Leased(_)
             | Outcome::Sought { .. }
-            | Outcome::GroupDeleted { .. } => {}
+            | Outcome::GroupDeleted { .. }
+            | Outcome::Redriven { .. } => {}
         }
         self.check_queues_and_offsets();
         outcome
@@ -825,7 +826,7 @@ impl Broker {
         // operator, so bytes that happen to decode to one are not applied.
         if matches!(
             decoded,
-            Ok(Command::Seek { .. } | Command::DeleteGroup { .. })
+            Ok(Command::Seek { .. } | Command::DeleteGroup { .. } | Command::Redrive { .. })
         ) {
             return;
         }

@@ -1,4 +1,5 @@
-//! Consumer-group administration for the CLI: list, describe, seek and delete.
+//! Consumer-group administration for the CLI: list, describe, seek and delete; reading and
+//! re-driving dead letters.
 //!
 //! Reads come from each broker group's leader (its `Status`: committed offsets, queue ends and
 //! queue holders as it has applied them); seek and delete are commands through each broker
@@ -195,6 +196,7 @@ pub fn seek(
     queue: Option<u32>,
     to: SeekTo,
     force: bool,
+    json: bool,
 ) -> Result<(), Failed> {
     let mut admin = Admin::connect(config)?;
     let routes = match admin.ask_leader(
@@ -227,6 +229,14 @@ pub fn seek(
             force,
         };
         match admin.ask_leader_of(route.group, request, ADMIN_WAIT) {
+            Ok(Response::Acked { consume_offset, .. }) if json => {
+                json_line(&json!({
+                    "group": group,
+                    "topic": route.queue.topic,
+                    "queue": route.queue.queue,
+                    "committed_offset": consume_offset,
+                }));
+            }
             Ok(Response::Acked { consume_offset, .. }) => {
                 out!(
                     "{group} {}: committed offset now {consume_offset}",
@@ -244,7 +254,7 @@ pub fn seek(
 }
 
 /// Forgets `group` in every broker group.
-pub fn delete(config: ClientConfig, group: &str, force: bool) -> Result<(), Failed> {
+pub fn delete(config: ClientConfig, group: &str, force: bool, json: bool) -> Result<(), Failed> {
     let mut admin = Admin::connect(config)?;
     let brokers = broker_groups(&mut admin)?;
     let (mut offsets, mut leases) = (0, 0);
@@ -270,7 +280,9 @@ pub fn delete(config: ClientConfig, group: &str, force: bool) -> Result<(), Fail
             Err(e) => return Err(e.into()),
         }
     }
-    if offsets + leases == 0 {
+    if json {
+        json_line(&json!({"group": group, "offsets": offsets, "leases": leases}));
+    } else if offsets + leases == 0 {
         out!("consumer group {group} had no offsets or leases: nothing to delete");
     } else {
         out!("deleted consumer group {group}: {offsets} queue positions, {leases} leases");
@@ -327,4 +339,142 @@ pub fn transfer(config: ClientConfig, group: GroupId, to: NodeId) -> Result<(), 
             ADMIN_WAIT.as_secs()
         ),
     ))
+}
+
+/// Dead letters asked for at once by `dlq list`.
+const DLQ_PAGE_MESSAGES: u32 = 256;
+
+/// Prints `group`'s dead-lettered messages (those not redriven), broker group by broker group,
+/// oldest first, at most `count`; with `topic`, only those that came from it.
+pub fn dlq_list(
+    config: ClientConfig,
+    group: &str,
+    topic: Option<&str>,
+    count: usize,
+    json: bool,
+) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let brokers = broker_groups(&mut admin)?;
+    let mut shown = 0usize;
+    let mut more = false;
+    for broker in brokers {
+        let mut from = 0;
+        loop {
+            let request = Request::PeekDeadLetters {
+                broker,
+                group: group.to_string(),
+                from,
+                messages_max: DLQ_PAGE_MESSAGES,
+            };
+            let (messages, next_offset) = match admin.ask_leader_of(broker, request, ADMIN_WAIT) {
+                Ok(Response::Pulled {
+                    messages,
+                    next_offset,
+                    ..
+                }) => (messages, next_offset),
+                Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+                Err(ClientError::Refused(why)) => {
+                    return Err(Failed::refused(format!("group {group}: {why}")));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for (offset, stored) in messages {
+                let origin = stored.origin.clone();
+                if topic.is_some_and(|t| origin.as_ref().is_none_or(|o| o.queue.topic != t)) {
+                    continue;
+                }
+                if shown == count {
+                    more = true;
+                    break;
+                }
+                shown += 1;
+                let body = String::from_utf8_lossy(&stored.message.body);
+                if json {
+                    json_line(&json!({
+                        "broker_group": broker,
+                        "offset": offset,
+                        "origin_topic": origin.as_ref().map(|o| o.queue.topic.clone()),
+                        "origin_queue": origin.as_ref().map(|o| o.queue.queue),
+                        "origin_offset": origin.as_ref().map(|o| o.offset),
+                        "reconsume_times": stored.reconsume_times,
+                        "stored_ms": stored.stored_ms,
+                        "body": body,
+                    }));
+                } else {
+                    let from = origin
+                        .map_or_else(|| "?".to_string(), |o| format!("{}@{}", o.queue, o.offset));
+                    out!(
+                        "group {broker} offset {offset} from {from} redeliveries={} {}",
+                        stored.reconsume_times,
+                        crate::output::escape_line(&body)
+                    );
+                }
+            }
+            if more || next_offset <= from {
+                break;
+            }
+            from = next_offset;
+        }
+        if more {
+            break;
+        }
+    }
+    let filter = topic.map_or_else(String::new, |t| format!(" from topic {t}"));
+    if more {
+        eprintln!("showed the first {count} dead-lettered message(s){filter} of {group} (--count)");
+    } else {
+        eprintln!("{shown} dead-lettered message(s){filter} of consumer group {group}");
+    }
+    Ok(())
+}
+
+/// Moves every dead-lettered message of `group` back to its first retry queue, broker group
+/// by broker group, `REDRIVE_MESSAGES_MAX` per command. A retry after an unknown outcome is
+/// safe: a command moves what is still in the dead-letter queue, never a message twice.
+pub fn dlq_redrive(config: ClientConfig, group: &str, json: bool) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let brokers = broker_groups(&mut admin)?;
+    let mut total = 0u64;
+    for broker in brokers {
+        loop {
+            let request = Request::RedriveDeadLetters {
+                broker,
+                group: group.to_string(),
+                messages_max: holdfast_core::limits::REDRIVE_MESSAGES_MAX,
+            };
+            match admin.ask_leader_of(broker, request, ADMIN_WAIT) {
+                Ok(Response::Redriven {
+                    moved, remaining, ..
+                }) => {
+                    total += moved;
+                    if remaining == 0 || moved == 0 {
+                        break;
+                    }
+                }
+                Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+                Err(ClientError::Refused(why)) => {
+                    return Err(Failed::refused(format!("group {group}: {why}")));
+                }
+                Err(e) => {
+                    let failed = Failed::from(e);
+                    return Err(Failed::new(
+                        failed.kind,
+                        format!(
+                            "{} ({total} message(s) moved before; run it again for the rest)",
+                            failed.message
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if json {
+        json_line(&json!({"group": group, "redriven": total}));
+    } else {
+        out!(
+            "moved {total} dead-lettered message(s) of {group} back to its retry queue: its \
+             members get them again after the first retry delay"
+        );
+    }
+    Ok(())
 }

@@ -196,6 +196,12 @@ impl Principal {
                 "not authorised: principal {name} may not seek or delete consumer group {group} \
                  (not admin)"
             )),
+            Request::PeekDeadLetters { group, .. } | Request::RedriveDeadLetters { group, .. } => {
+                Err(format!(
+                    "not authorised: principal {name} may not read or redrive consumer group \
+                     {group}'s dead letters (not admin)"
+                ))
+            }
             Request::TransferLeader { group, .. } => Err(format!(
                 "not authorised: principal {name} may not move group {group}'s leader (not admin)"
             )),

@@ -1,6 +1,8 @@
 //! `holdfast bench`: producers and consumers against a running cluster; throughput and latency.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -78,10 +80,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let group = format!("bench-{}", std::process::id());
     let started = Instant::now();
     let per_producer = args.messages / args.producers.max(1) as u64;
+    let counts = Counts::default();
     let producers: Vec<_> = (0..args.producers)
         .map(|_| {
             let (servers, topic, args) = (servers.clone(), args.topic.clone(), args.clone());
-            std::thread::spawn(move || produce(servers, &topic, per_producer, &args))
+            let counted = counts.produced.clone();
+            std::thread::spawn(move || produce(servers, &topic, per_producer, &args, &counted))
         })
         .collect();
     let total = per_producer * args.producers.max(1) as u64;
@@ -89,9 +93,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         .map(|_| {
             let (servers, topic, group) = (servers.clone(), args.topic.clone(), group.clone());
             let share = total.div_ceil(args.consumers.max(1) as u64) as usize;
-            std::thread::spawn(move || consume(servers, &topic, &group, share))
+            let counted = counts.consumed.clone();
+            std::thread::spawn(move || consume(servers, &topic, &group, share, &counted))
         })
         .collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let bars = show_progress(total, &counts, &done);
 
     let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut sent = 0u64;
@@ -123,6 +130,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             .map_err(|_| "a consumer thread panicked".to_string())?;
     }
     let consume_secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    if let Some(bars) = bars {
+        let _ = bars.join();
+    }
     let msgs_per_s = sent as f64 / produce_secs.max(1e-9);
     let mb_per_s = msgs_per_s * args.size as f64 / 1e6;
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1_000.0;
@@ -148,17 +159,66 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     );
     if !args.keep_group {
         // Its consumers have finished: forcing only covers a lease not yet released.
-        if let Err(e) = crate::admin::delete(servers, &group, true) {
+        if let Err(e) = crate::admin::delete(servers, &group, true, false) {
             crate::out!("cannot delete consumer group {group}: {}", e.message);
         }
     }
     Ok(())
 }
 
+/// Messages acknowledged to the producers and handed to the consumers so far.
+#[derive(Default)]
+struct Counts {
+    produced: Arc<AtomicU64>,
+    consumed: Arc<AtomicU64>,
+}
+
+/// Bars for produced and consumed messages, redrawn until `done`, when stderr is a terminal.
+fn show_progress(
+    total: u64,
+    counts: &Counts,
+    done: &Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let template = "{prefix:>9} {bar:30} {pos}/{len} ({per_sec}) {elapsed}";
+    let multi = indicatif::MultiProgress::new();
+    let bar = |name: &'static str| {
+        let bar = multi.add(indicatif::ProgressBar::new(total));
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            bar.set_style(style);
+        }
+        bar.set_prefix(name);
+        bar
+    };
+    let (produced_bar, consumed_bar) = (bar("produced"), bar("consumed"));
+    let (produced, consumed, done) = (
+        counts.produced.clone(),
+        counts.consumed.clone(),
+        done.clone(),
+    );
+    Some(std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            produced_bar.set_position(produced.load(Ordering::Relaxed));
+            consumed_bar.set_position(consumed.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        produced_bar.finish_and_clear();
+        consumed_bar.finish_and_clear();
+    }))
+}
+
 /// Latencies, sends acked, sends failed, and when each ack came.
 type ProduceResult = Result<(Histogram<u64>, u64, u64, Vec<Instant>), String>;
 
-fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> ProduceResult {
+fn produce(
+    servers: ClientConfig,
+    topic: &str,
+    count: u64,
+    args: &BenchArgs,
+    counted: &AtomicU64,
+) -> ProduceResult {
     let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
     let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let body = Bytes::from(vec![b'x'; args.size]);
@@ -180,6 +240,7 @@ fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> 
             match result {
                 Ok(_) => {
                     ok += 1;
+                    counted.fetch_add(1, Ordering::Relaxed);
                     acked_at.push(Instant::now());
                 }
                 Err(_) => failed += 1,
@@ -189,11 +250,18 @@ fn produce(servers: ClientConfig, topic: &str, count: u64, args: &BenchArgs) -> 
     Ok((latency, ok, failed, acked_at))
 }
 
-fn consume(servers: ClientConfig, topic: &str, group: &str, count: usize) -> usize {
+fn consume(
+    servers: ClientConfig,
+    topic: &str,
+    group: &str,
+    count: usize,
+    counted: &AtomicU64,
+) -> usize {
     let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
         return 0;
     };
     consumer.run(Some(count), Duration::from_secs(10), |_| {
+        counted.fetch_add(1, Ordering::Relaxed);
         ConsumeStatus::Success
     })
 }

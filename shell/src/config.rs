@@ -73,6 +73,11 @@ pub struct ServerConfig {
     /// messages are only on disk. 0 caches none.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// After this many `ReconsumeLater` answers a message goes to its consumer group's
+    /// dead-letter queue (`holdfast dlq list`, `dlq redrive`); default 16, RocketMQ's. The same
+    /// on every node: applying the log depends on it.
+    #[serde(default)]
+    pub max_reconsume: Option<u32>,
 }
 
 fn default_true() -> bool {
@@ -345,6 +350,9 @@ impl ServerConfig {
             config.leader_balance_interval_ms = None;
         }
         config.broker.cache_bytes_max = self.cache_bytes;
+        if let Some(max) = self.max_reconsume {
+            config.broker.max_reconsume = max;
+        }
         config
     }
 }

@@ -119,6 +119,12 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Read and re-drive a consumer group's dead-letter queue (messages answered
+    /// ReconsumeLater more than max_reconsume times).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Send messages (the arguments, or one per line of stdin), printing each one's
     /// `queue@offset`, marked `ambiguous` when it may have been stored twice.
     Produce {
@@ -151,6 +157,9 @@ enum Command {
         #[arg(long, value_name = "FRACTION", default_value_t = 0.0, num_args = 0..=1,
               default_missing_value = "1", value_parser = fraction)]
         reconsume_later: f64,
+        /// Same as `--format json`.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
         #[command(flatten)]
         servers: Servers,
     },
@@ -205,6 +214,8 @@ enum GroupCommand {
         force: bool,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Forgets a group's committed offsets and queue leases in every broker group (admin
     /// only). Refused while a member holds a queue, unless --force.
@@ -214,6 +225,8 @@ enum GroupCommand {
         force: bool,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Hands Raft group GROUP's leadership (0: metadata, 1..: broker groups) to node TO
     /// (admin only): the leader catches it up and tells it to campaign at once, so the move
@@ -228,6 +241,37 @@ enum GroupCommand {
 }
 
 #[derive(Subcommand)]
+enum DlqCommand {
+    /// The group's dead-lettered messages not yet redriven, in every broker group (admin
+    /// only): broker group, offset, origin queue and offset, redeliveries, body (escaped).
+    List {
+        group: String,
+        /// Only messages that came from this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 1_000)]
+        count: usize,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Moves the group's dead-lettered messages back to its first retry queue, redelivery
+    /// count reset (admin only): its members consume them again after the first retry delay.
+    /// Each message moves by one command of its broker group's log, copied and removed from
+    /// the dead-letter queue at once: none is lost or moved twice if this is interrupted (run
+    /// it again for the rest); delivery stays at-least-once.
+    Redrive {
+        group: String,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum TopicCommand {
     Create {
         name: String,
@@ -235,6 +279,8 @@ enum TopicCommand {
         queues: u32,
         #[command(flatten)]
         servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     List {
         #[command(flatten)]
@@ -351,6 +397,26 @@ fn run(cli: Cli) -> Result<(), Failed> {
         }
         Command::Topic { command } => topic(command),
         Command::Group { command } => group(command),
+        Command::Dlq { command } => match command {
+            DlqCommand::List {
+                group,
+                topic,
+                count,
+                servers: s,
+                output,
+            } => holdfast_shell::admin::dlq_list(
+                servers(&s)?,
+                &group,
+                topic.as_deref(),
+                count,
+                output.json(),
+            ),
+            DlqCommand::Redrive {
+                group,
+                servers: s,
+                output,
+            } => holdfast_shell::admin::dlq_redrive(servers(&s)?, &group, output.json()),
+        },
         Command::Produce {
             topic,
             messages,
@@ -364,8 +430,14 @@ fn run(cli: Cli) -> Result<(), Failed> {
             timeout,
             format,
             reconsume_later,
+            json,
             servers: s,
         } => {
+            let format = if json {
+                holdfast_shell::output::MessageFormat::Json
+            } else {
+                format
+            };
             let servers = servers(&s)?;
             let mut consumer =
                 Consumer::connect(servers.clone(), &group, &topic).map_err(|e| e.to_string())?;
@@ -374,9 +446,20 @@ fn run(cli: Cli) -> Result<(), Failed> {
             consumer.stop_when(stop_flag()?);
             let mut redelivered = 0usize;
             let (mut later, mut owed) = (0usize, 0.0f64);
+            let progress = output::progress(
+                count.map(|c| c as u64),
+                match count {
+                    Some(_) => "{bar:30} {pos}/{len} consumed ({per_sec}), {msg} {elapsed}",
+                    None => "{spinner} {pos} consumed ({per_sec}), {msg} {elapsed}",
+                },
+            );
             let seen = consumer.run(count, Duration::from_secs(timeout), |d| {
                 use std::io::Write as _;
                 redelivered += usize::from(d.redelivered);
+                if let Some(bar) = &progress {
+                    bar.inc(1);
+                    bar.set_message(format!("{redelivered} redelivered"));
+                }
                 owed += reconsume_later;
                 let answer = if owed >= 1.0 {
                     owed -= 1.0;
@@ -392,6 +475,9 @@ fn run(cli: Cli) -> Result<(), Failed> {
                     Err(_) => ConsumeStatus::ReconsumeLater,
                 }
             });
+            if let Some(bar) = progress {
+                bar.finish_and_clear();
+            }
             let refusal = consumer.refusal().map(str::to_string);
             consumer.close();
             eprintln!(
@@ -441,19 +527,29 @@ fn group(command: GroupCommand) -> Result<(), Failed> {
             to_offset,
             force,
             servers: s,
+            output,
         } => {
             let to = match (to_latest, to_offset) {
                 (true, _) => SeekTo::Latest,
                 (false, Some(offset)) => SeekTo::Offset(offset),
                 (false, None) => SeekTo::Earliest,
             };
-            holdfast_shell::admin::seek(servers(&s)?, &group, &topic, queue, to, force)
+            holdfast_shell::admin::seek(
+                servers(&s)?,
+                &group,
+                &topic,
+                queue,
+                to,
+                force,
+                output.json(),
+            )
         }
         GroupCommand::Delete {
             group,
             force,
             servers: s,
-        } => holdfast_shell::admin::delete(servers(&s)?, &group, force),
+            output,
+        } => holdfast_shell::admin::delete(servers(&s)?, &group, force, output.json()),
         GroupCommand::Transfer {
             group,
             to,
@@ -469,6 +565,7 @@ fn topic(command: TopicCommand) -> Result<(), Failed> {
             name,
             queues,
             servers: s,
+            output,
         } => {
             let mut admin = Admin::connect(servers(&s)?)?;
             let request = Request::CreateTopic {
@@ -476,6 +573,14 @@ fn topic(command: TopicCommand) -> Result<(), Failed> {
                 queues,
             };
             match admin.ask_leader(request, wait) {
+                Ok(Response::TopicCreated { existed, .. }) if output.json() => {
+                    output::json_line(&json!({
+                        "topic": name,
+                        "queues": queues,
+                        "created": !existed,
+                    }));
+                    Ok(())
+                }
                 Ok(Response::TopicCreated { existed: false, .. }) => {
                     out!("created topic {name} with {queues} queues");
                     Ok(())
@@ -566,16 +671,7 @@ fn produce(
     } else {
         Box::new(messages.into_iter().map(Ok))
     };
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} {pos} sent ({per_sec}), {msg} {elapsed}",
-        ) {
-            bar.set_style(style);
-        }
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    });
+    let progress = output::progress(None, "{spinner} {pos} sent ({per_sec}), {msg} {elapsed}");
     // Receipts by send id (ids ascend in input order), printed once all before them are.
     let mut done: BTreeMap<u64, SendReceipt> = BTreeMap::new();
     let mut next_to_print = None;
@@ -709,7 +805,7 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
                         );
                     }
                     if g.role == "Leader" {
-                        for h in g.holders.iter().filter(|h| !h.queue.is_retry()) {
+                        for h in g.holders.iter().filter(|h| !json && !h.queue.is_retry()) {
                             let member = h.member.as_deref().unwrap_or("(released)");
                             out!(
                                 "    {} {} held by {member} (generation {})",

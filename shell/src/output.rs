@@ -129,6 +129,23 @@ pub enum Format {
     Json,
 }
 
+/// A progress bar on stderr (of `len` steps, else a spinner), drawn only when stderr is a
+/// terminal: piped or redirected output gets no control characters.
+pub fn progress(len: Option<u64>, template: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = match len {
+        Some(len) => indicatif::ProgressBar::new(len),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
 /// Prints one JSON object on its own line.
 pub fn json_line(value: &serde_json::Value) {
     crate::out!("{value}");

@@ -1000,3 +1000,214 @@ fn async_sends_resolve_as_futures_with_settings_from_a_builder() {
         started.elapsed()
     );
 }
+
+/// Three `holdfast server` processes of `net` with `extra` config lines; killed when dropped.
+struct Servers(Vec<Child>);
+
+impl Servers {
+    fn start(dir: &Path, net: &Net, extra: &str) -> Servers {
+        Servers(
+            (1..=net.clients.len())
+                .map(|id| {
+                    let node_dir = dir.join(format!("node-{id}"));
+                    let config = write_node_config(&node_dir, id, net, extra);
+                    start_server(&config, &node_dir.join("server.log"))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// JSON lines of a command's stdout.
+fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn dead_letters_are_listed_and_redriven_to_the_group_once_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::secure(dir.path(), 3);
+    let pki = net.pki.clone().expect("pki");
+    pki.add_principal(
+        "worker",
+        "hf_worker",
+        "produce = [\"jobs\"]\nconsume_groups = [\"w\"]\nconsume_topics = [\"jobs\"]",
+    );
+    // No retry at all: the first ReconsumeLater dead-letters a message.
+    let _servers = Servers::start(dir.path(), &net, "max_reconsume = 0");
+    let admin = pki.client_file(&net.clients, common::ADMIN_TOKEN);
+    let worker = pki.client_file(&net.clients, "hf_worker");
+    let good = Some(admin.as_path());
+    wait_for(Duration::from_secs(60), "the topic is created", || {
+        let output = client(good, &["topic", "create", "jobs", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let again = json_of(&client(
+        good,
+        &["topic", "create", "jobs", "--queues", "2", "--json"],
+    ));
+    assert_eq!(
+        again,
+        serde_json::json!({"topic": "jobs", "queues": 2, "created": false})
+    );
+    let bodies = ["j1", "j2\nsecond line", "j3", "j4"];
+    let mut produce = vec!["produce", "jobs"];
+    produce.extend(bodies);
+    assert!(client(good, &produce).status.success());
+    let consume = |args: &[&str]| {
+        let mut all = vec!["consume", "jobs", "--group", "w", "--timeout", "30"];
+        all.extend(args);
+        client(Some(worker.as_path()), &all)
+    };
+    // Every message answered ReconsumeLater: all four go to w's dead-letter queue. (A send
+    // retried under load may have stored a message twice: count what was consumed.)
+    let failed = json_lines(&consume(&[
+        "--count",
+        "4",
+        "--reconsume-later",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(failed.len(), 4);
+
+    // Listed with their origin, in whichever broker groups they went to.
+    let listed = wait_for(Duration::from_secs(15), "four dead letters listed", || {
+        let lines = json_lines(&client(good, &["dlq", "list", "w", "--json"]));
+        (lines.len() >= 4).then_some(lines)
+    });
+    let mut listed_bodies: Vec<String> = listed
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    listed_bodies.sort();
+    listed_bodies.dedup();
+    assert_eq!(listed_bodies, bodies, "{listed:?}");
+    for m in &listed {
+        assert_eq!(m["origin_topic"], "jobs", "{m}");
+        assert_eq!(m["reconsume_times"], 1, "{m}");
+    }
+    let text = client(good, &["dlq", "list", "w"]);
+    let text_out = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text_out.contains("from jobs/") && text_out.contains("j2\\nsecond line"),
+        "{text_out}"
+    );
+    let filtered = client(good, &["dlq", "list", "w", "--topic", "other", "--json"]);
+    assert!(json_lines(&filtered).is_empty());
+    // Admin only: the worker may consume as w but not read or move its dead letters.
+    let refused = client(Some(worker.as_path()), &["dlq", "redrive", "w"]);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not admin"));
+
+    let redriven = json_of(&client(good, &["dlq", "redrive", "w", "--json"]));
+    assert_eq!(redriven["redriven"].as_u64(), Some(listed.len() as u64));
+    assert!(json_lines(&client(good, &["dlq", "list", "w", "--json"])).is_empty());
+    let again = json_of(&client(good, &["dlq", "redrive", "w", "--json"]));
+    assert_eq!(again["redriven"], 0, "nothing is moved twice");
+
+    // The group's members get them again, from its retry queue, redelivery count reset.
+    let back = json_lines(&consume(&[
+        "--count",
+        &listed.len().to_string(),
+        "--format",
+        "json",
+    ]));
+    let mut back_bodies: Vec<String> = back
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    back_bodies.sort();
+    back_bodies.dedup();
+    assert_eq!(back_bodies, bodies);
+    for m in &back {
+        assert!(m["topic"].as_str().is_some_and(|t| t == "%RETRY%w"), "{m}");
+        assert_eq!(m["reconsume_times"], 0, "{m}");
+    }
+    let deleted = json_of(&client(
+        good,
+        &["group", "delete", "w", "--force", "--json"],
+    ));
+    assert_eq!(deleted["group"], "w");
+    assert!(deleted["offsets"].as_u64() > Some(0), "{deleted}");
+}
+
+#[test]
+fn an_async_consumer_streams_deliveries_answers_them_and_says_when_acks_are_confirmed() {
+    use holdfast_shell::client::{AsyncConsumer, ClientConfig, ConsumerSettings};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+    let file = dir.path().join("client.toml");
+    let good = Some(file.as_path());
+    wait_for(Duration::from_secs(30), "the topic is created", || {
+        let output = client(good, &["topic", "create", "tasks", "--queues", "2"]);
+        output.status.success().then_some(())
+    });
+    let bodies: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    let mut produce = vec!["produce", "tasks"];
+    produce.extend(bodies.iter().map(String::as_str));
+    let receipts = client(good, &produce);
+    assert!(receipts.status.success(), "{receipts:?}");
+    // A send retried under load may be stored twice: count what the queues hold.
+    let stored = String::from_utf8_lossy(&receipts.stdout).lines().count();
+
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let mut consumer =
+        AsyncConsumer::spawn(config, "a", "tasks", ConsumerSettings::default()).expect("connects");
+    let mut seen = Vec::new();
+    let mut later = None;
+    while seen.len() < stored {
+        let delivery = block_on(consumer.recv()).expect("a delivery before the stream ends");
+        let body = String::from_utf8_lossy(&delivery.message().body).into_owned();
+        // One message is answered ReconsumeLater; it comes back from the retry queue.
+        if body == "t7" && later.is_none() {
+            later = Some(delivery.delivery().offset);
+            delivery.reconsume_later();
+            continue;
+        }
+        seen.push(body);
+        delivery.ack();
+    }
+    block_on(consumer.acks_confirmed()).expect("confirmed");
+    seen.sort();
+    seen.dedup();
+    let mut expected = bodies.clone();
+    expected.sort();
+    assert_eq!(
+        seen, expected,
+        "every message, t7 again from the retry queue"
+    );
+    block_on(consumer.close());
+
+    // Confirmed means committed: nothing of topic tasks waits for group a. (`describe` reads
+    // each broker group's leader as it is now; one that just took over may still be applying.)
+    wait_for(
+        Duration::from_secs(15),
+        "group a's lag on tasks is 0",
+        || {
+            let (_, lag) = committed_and_lag(&file, "a", "tasks");
+            (lag == 0).then_some(())
+        },
+    );
+    // Closed: the stream has ended, and acks_confirmed says so rather than wait.
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let mut stopped =
+        AsyncConsumer::spawn(config, "b", "tasks", ConsumerSettings::default()).expect("connects");
+    stopped.stop();
+    assert!(block_on(stopped.recv()).is_none());
+}

@@ -300,6 +300,11 @@ impl BrokerState {
                 force,
             } => self.seek(group, queue, to, force),
             Command::DeleteGroup { group, force } => self.delete_group(&group, force),
+            Command::Redrive {
+                group,
+                messages_max,
+                stamp_ms,
+            } => self.redrive(group, messages_max, stamp_ms),
         }
     }
 
@@ -346,6 +351,73 @@ impl BrokerState {
         Outcome::GroupDeleted {
             offsets: (before.0 - self.offsets.len()) as u64,
             leases: (before.1 - self.leases.len()) as u64,
+        }
+    }
+
+    /// [`Command::Redrive`]: each message is copied to the first retry queue (the cached
+    /// original, or by the store as for a `ReconsumeLater`) and acknowledged in the
+    /// dead-letter queue, both by this one command.
+    fn redrive(&mut self, group: String, messages_max: u32, stamp_ms: u64) -> Outcome {
+        let dlq = QueueId::dead_letter(&group);
+        let Some(log) = self.queues.get(&dlq) else {
+            return Outcome::Redriven {
+                moved: 0,
+                remaining: 0,
+            };
+        };
+        let start = log.start();
+        let key = (group.clone(), dlq.clone());
+        let progress = self.offsets.get(&key);
+        let from = progress.map_or(0, GroupOffsets::consume_offset).max(start);
+        let unacked = || {
+            log.iter_from(from)
+                .filter(|(offset, _)| !progress.is_some_and(|p| p.is_acked(*offset)))
+        };
+        let waiting = unacked().count() as u64;
+        let chosen: Vec<(Offset, IndexEntry, Option<StoredMessage>)> = unacked()
+            .take(messages_max as usize)
+            .map(|(offset, entry)| (offset, *entry, log.cached(offset).cloned()))
+            .collect();
+        let to = QueueId::retry(&group, self.config.reconsume_level(1));
+        let due_ms = stamp_ms.saturating_add(self.config.reconsume_delay_ms(1));
+        let mut moved = 0u64;
+        for (offset, entry, cached) in &chosen {
+            let log = self.queues.entry(to.clone()).or_default();
+            let mut requeue = Requeue {
+                from: dlq.clone(),
+                from_offset: *offset,
+                to: to.clone(),
+                offset: log.end(),
+                reconsume_times: 0,
+                due_ms,
+                stored_ms: stamp_ms,
+            };
+            match cached {
+                Some(stored) => {
+                    let copy = requeue.copy_of(stored.clone());
+                    self.store(&to, copy);
+                }
+                None => {
+                    let (at, freed) = log.push_uncached(IndexEntry {
+                        stored_ms: stamp_ms,
+                        due_ms,
+                        size: entry.size,
+                        reconsume_times: 0,
+                    });
+                    self.cache_bytes -= freed;
+                    requeue.offset = at;
+                    self.store_ops.push(StoreOp::Requeue(requeue));
+                }
+            }
+            self.offsets
+                .entry(key.clone())
+                .or_insert_with(|| GroupOffsets::starting_at(start))
+                .ack(*offset);
+            moved += 1;
+        }
+        Outcome::Redriven {
+            moved,
+            remaining: waiting - moved,
         }
     }
 

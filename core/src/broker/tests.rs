@@ -1477,3 +1477,160 @@ fn the_cache_stays_bounded_and_the_store_serves_the_rest() {
     let plan = state.plan_pull("billing", &queue, end - 1, 5, 1 << 20, 0);
     assert!(matches!(plan, Ok(PullPlan::Ready(p)) if p.messages.len() == 1));
 }
+
+/// Five messages of orders/0, each answered `ReconsumeLater` once by `billing`: with no retry
+/// allowed, all five go to billing's dead-letter queue (offsets 0..5).
+fn dead_lettered(cache_bytes_max: u64) -> (BrokerState, MemoryStore) {
+    let mut state = BrokerState::new(BrokerConfig {
+        reconsume_delays_ms: vec![1_000, 5_000],
+        max_reconsume: 0,
+        cache_bytes_max,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 1);
+    let mut store = MemoryStore::default();
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b", "c", "d", "e"], 1_000);
+    for offset in 0..5 {
+        let outcome = nack(&mut state, "billing", &queue, offset, 10_000);
+        assert!(
+            matches!(outcome, Outcome::Requeued { dead_letter: true, offset: o, .. } if o == offset),
+            "{outcome:?}"
+        );
+    }
+    for op in state.take_store_ops() {
+        store.apply(0, op).expect("applies");
+    }
+    (state, store)
+}
+
+fn redrive(state: &mut BrokerState, store: &mut MemoryStore, n: u32, at: u64) -> Outcome {
+    let outcome = state.apply(Command::Redrive {
+        group: "billing".into(),
+        messages_max: n,
+        stamp_ms: at,
+    });
+    for op in state.take_store_ops() {
+        store.apply(0, op).expect("applies");
+    }
+    outcome
+}
+
+/// What `group` would be handed from `queue` at `now_ms`, read through the store as a node
+/// does: (offset, body, reconsume_times, origin offset).
+fn read_all(
+    state: &BrokerState,
+    store: &MemoryStore,
+    group: &str,
+    queue: &QueueId,
+    now_ms: u64,
+) -> Vec<(Offset, String, u32, Option<Offset>)> {
+    let pulled = match state
+        .plan_pull(group, queue, 0, 100, 1 << 20, now_ms)
+        .expect("plans")
+    {
+        PullPlan::Ready(pulled) => pulled,
+        PullPlan::Read {
+            offsets,
+            next_offset,
+        } => {
+            let (records, error) = store.read(0, queue, &offsets);
+            assert_eq!(error, None);
+            let read = offsets
+                .iter()
+                .zip(&records)
+                .map(|(o, r)| decode_record(r, *o).expect("reads"))
+                .collect();
+            state.finish_pull(group, queue, &offsets, next_offset, read)
+        }
+    };
+    pulled
+        .messages
+        .into_iter()
+        .map(|(o, m)| {
+            (
+                o,
+                String::from_utf8_lossy(&m.message.body).into_owned(),
+                m.reconsume_times,
+                m.origin.map(|origin| origin.offset),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_redrive_moves_dead_letters_to_the_first_retry_queue_once_each() {
+    // Cached originals (copied by the state) and uncached ones (copied by the store).
+    for cache_bytes_max in [CACHE_BYTES_DEFAULT, 0] {
+        let (mut state, mut store) = dead_lettered(cache_bytes_max);
+        let dlq = QueueId::dead_letter("billing");
+        let retry = QueueId::retry("billing", 0);
+        assert_eq!(read_all(&state, &store, "billing", &dlq, 10_000).len(), 5);
+        assert_eq!(
+            redrive(&mut state, &mut store, 2, 20_000),
+            Outcome::Redriven {
+                moved: 2,
+                remaining: 3
+            }
+        );
+        // Due after the first redelivery delay, with the count reset and the origin kept.
+        assert!(read_all(&state, &store, "billing", &retry, 20_999).is_empty());
+        assert_eq!(
+            read_all(&state, &store, "billing", &retry, 21_000),
+            vec![
+                (0, "a".to_string(), 0, Some(0)),
+                (1, "b".to_string(), 0, Some(1))
+            ],
+            "cache {cache_bytes_max}"
+        );
+        // The moved ones are gone from the dead-letter queue for billing, and only them.
+        let left: Vec<Offset> = read_all(&state, &store, "billing", &dlq, 30_000)
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(left, vec![2, 3, 4]);
+        assert_eq!(
+            redrive(&mut state, &mut store, 100, 30_000),
+            Outcome::Redriven {
+                moved: 3,
+                remaining: 0
+            }
+        );
+        assert_eq!(
+            redrive(&mut state, &mut store, 100, 40_000),
+            Outcome::Redriven {
+                moved: 0,
+                remaining: 0
+            },
+            "a second redrive moves nothing twice"
+        );
+        let bodies: Vec<String> = read_all(&state, &store, "billing", &retry, 50_000)
+            .into_iter()
+            .map(|m| m.1)
+            .collect();
+        assert_eq!(bodies, ["a", "b", "c", "d", "e"]);
+        // A restored replica agrees.
+        if cache_bytes_max > 0 {
+            let again = restored(&state);
+            assert_eq!(
+                read_all(&again, &store, "billing", &retry, 50_000).len(),
+                5,
+                "restored"
+            );
+            assert_eq!(again.consume_offset("billing", &dlq), 5);
+        }
+        // A group with no dead letters has nothing to move.
+        let none = state.apply(Command::Redrive {
+            group: "audit".into(),
+            messages_max: 10,
+            stamp_ms: 50_000,
+        });
+        assert_eq!(
+            none,
+            Outcome::Redriven {
+                moved: 0,
+                remaining: 0
+            }
+        );
+    }
+}

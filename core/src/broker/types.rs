@@ -209,6 +209,18 @@ pub enum Command {
     /// queue leases. Refused while a member holds one of its queues unless `force`. The
     /// group's retry and dead-letter queues keep their messages (retention deletes them).
     DeleteGroup { group: String, force: bool },
+    /// An operator moves up to `messages_max` of consumer group `group`'s dead-lettered
+    /// messages (from the group's position on its dead-letter queue on) back to its first
+    /// retry queue, due after the first redelivery delay, with their redelivery count reset:
+    /// the group's members consume them again. Each message is copied and acknowledged in the
+    /// dead-letter queue by this one command, so a message is in exactly one of the two
+    /// queues whatever happens around it (a redrive stopped half way leaves the rest where
+    /// they were). The last variant (see [`Command::Trim`]).
+    Redrive {
+        group: String,
+        messages_max: u32,
+        stamp_ms: u64,
+    },
 }
 
 /// Where [`Command::Seek`] moves a group's position.
@@ -269,6 +281,12 @@ pub enum Outcome {
         leases: u64,
     },
     Refused(Refusal),
+    /// A [`Command::Redrive`] moved `moved` messages; `remaining` still wait in the
+    /// dead-letter queue.
+    Redriven {
+        moved: u64,
+        remaining: u64,
+    },
 }
 
 /// Why a command changed nothing. Every one is definitive: nothing was written.

@@ -24,7 +24,7 @@ use crate::client::AllocationStrategy;
 use crate::limits::{
     ACK_OFFSETS_MAX, COMMAND_BYTES_MAX, CREATE_QUEUES_PER_COMMAND_MAX, EVENTS_BUFFERED_MAX,
     MESSAGE_PROPERTIES_MAX, MESSAGE_TAGS_MAX, PULL_BYTES_MAX, PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX,
-    SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX, check_member, check_name,
+    REDRIVE_MESSAGES_MAX, SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX, check_member, check_name,
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
@@ -851,6 +851,42 @@ impl BrokerNode {
                 let command = Command::DeleteGroup { group, force };
                 self.enqueue(broker, Some(waiter), encode_command(&command));
             }
+            Request::PeekDeadLetters {
+                broker,
+                group,
+                from,
+                messages_max,
+            } => {
+                if let Err(why) = check_name("consumer group", &group) {
+                    return self.refuse(client, id, why);
+                }
+                self.peek_dead_letters(now, client, id, broker, group, from, messages_max);
+            }
+            Request::RedriveDeadLetters {
+                broker,
+                group,
+                messages_max,
+            } => {
+                if let Err(why) = check_name("consumer group", &group) {
+                    return self.refuse(client, id, why);
+                }
+                if let Err(response) = self.check_broker_leader(broker) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let waiter = Waiter {
+                    client,
+                    request: id,
+                    // Carries the group's name to the answer.
+                    queue: Some(QueueId::new(group.as_str(), 0)),
+                };
+                let command = Command::Redrive {
+                    group,
+                    messages_max: messages_max.min(REDRIVE_MESSAGES_MAX),
+                    stamp_ms: now.as_micros() / 1_000,
+                };
+                self.enqueue(broker, Some(waiter), encode_command(&command));
+            }
             Request::Pull {
                 broker,
                 group,
@@ -878,6 +914,82 @@ impl BrokerNode {
                     wait_ms: wait_ms.min(PULL_WAIT_MS_MAX),
                 };
                 self.pull(now, client, id, pull)
+            }
+        }
+    }
+
+    /// An operator's read of `group`'s dead-letter queue: the broker group leader's applied
+    /// state, from the cache or through a read of the queue store as for a pull, with no
+    /// lease (nothing is claimed or acknowledged, so a stale read misleads only the reader).
+    #[allow(clippy::too_many_arguments)]
+    fn peek_dead_letters(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        id: RequestId,
+        broker: GroupId,
+        group: String,
+        from: Offset,
+        messages_max: u32,
+    ) {
+        if let Err(response) = self.check_broker_leader(broker) {
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        let queue = QueueId::dead_letter(&group);
+        let Some(state) = self.broker_state(broker) else {
+            return self.refuse(client, id, format!("no broker group {broker}"));
+        };
+        let plan = state.plan_pull(
+            &group,
+            &queue,
+            from,
+            messages_max.min(PULL_MESSAGES_MAX) as usize,
+            PULL_BYTES_MAX,
+            now.as_micros() / 1_000,
+        );
+        match plan {
+            Err(refusal) => self.refuse(client, id, refusal.to_string()),
+            Ok(PullPlan::Ready(pulled)) => {
+                let response = Response::Pulled {
+                    queue,
+                    messages: pulled.messages,
+                    next_offset: pulled.next_offset,
+                    delivered_below: 0,
+                };
+                self.responses.push_back((client, id, response));
+            }
+            Ok(PullPlan::Read {
+                offsets,
+                next_offset,
+            }) => {
+                if self.pending_reads.len() >= self.config.parked_pulls_max {
+                    return self.refuse(
+                        client,
+                        id,
+                        "too many reads of the queue store wait: try again".into(),
+                    );
+                }
+                let read_id = self.next_read;
+                self.next_read += 1;
+                self.store_reads.push_back(StoreRead {
+                    id: read_id,
+                    group: broker,
+                    queue: queue.clone(),
+                    offsets: offsets.clone(),
+                });
+                self.pending_reads.insert(
+                    read_id,
+                    PendingRead {
+                        client,
+                        request: id,
+                        group: broker,
+                        consumer_group: group,
+                        queue,
+                        offsets,
+                        next_offset,
+                    },
+                );
             }
         }
     }
@@ -1961,6 +2073,11 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
         },
         Outcome::Refused(refusal) => Response::Refused {
             reason: refusal.to_string(),
+        },
+        Outcome::Redriven { moved, remaining } => Response::Redriven {
+            group: queue.map(|q| q.topic).unwrap_or_default(),
+            moved,
+            remaining,
         },
     }
 }

@@ -109,6 +109,23 @@ pub enum Request {
         group: GroupId,
         to: NodeId,
     },
+    /// Admin: reads consumer group `group`'s dead-letter queue in broker group `broker` from
+    /// `from` on, without claiming or acknowledging anything; answered with
+    /// [`Response::Pulled`] (only what the group has not redriven).
+    PeekDeadLetters {
+        broker: GroupId,
+        group: String,
+        from: Offset,
+        messages_max: u32,
+    },
+    /// Admin: moves up to `messages_max` (at most `REDRIVE_MESSAGES_MAX`) of `group`'s
+    /// dead-lettered messages in broker group `broker` back to its first retry queue (see
+    /// [`crate::broker::Command::Redrive`]); answered with [`Response::Redriven`].
+    RedriveDeadLetters {
+        broker: GroupId,
+        group: String,
+        messages_max: u32,
+    },
 }
 
 /// One replica as `status` shows it.
@@ -247,6 +264,13 @@ pub enum Response {
         group: GroupId,
         to: NodeId,
     },
+    /// `moved` dead-lettered messages of `group` went back to its retry queue; `remaining`
+    /// still wait in this broker group's dead-letter queue.
+    Redriven {
+        group: String,
+        moved: u64,
+        remaining: u64,
+    },
 }
 
 impl Request {
@@ -267,6 +291,8 @@ impl Request {
             Request::SeekGroup { .. } => "seek_group",
             Request::DeleteGroup { .. } => "delete_group",
             Request::TransferLeader { .. } => "transfer_leader",
+            Request::PeekDeadLetters { .. } => "peek_dead_letters",
+            Request::RedriveDeadLetters { .. } => "redrive_dead_letters",
         }
     }
 }
@@ -293,6 +319,7 @@ impl Response {
             Response::Refused { .. } => "refused",
             Response::Busy => "busy",
             Response::Unknown => "unknown",
+            Response::Redriven { .. } => "redriven",
         }
     }
 

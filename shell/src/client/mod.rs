@@ -1,5 +1,7 @@
-//! The blocking client library, built on the core's producer and consumer state machines.
+//! The client library, built on the core's producer and consumer state machines: blocking
+//! ([`Producer`], [`Consumer`]) and async ([`AsyncProducer`], [`AsyncConsumer`]).
 
+mod async_consumer;
 mod asynchronous;
 mod config;
 mod io;
@@ -18,6 +20,9 @@ use holdfast_core::node::{METADATA_GROUP, SEND_BYTES_MAX};
 use holdfast_core::raft::{GroupId, NodeId};
 use holdfast_core::time::Instant;
 
+pub use async_consumer::{
+    ASYNC_DELIVERIES_BUFFERED_MAX, AcksConfirmed, AsyncConsumer, AsyncDelivery, Closed, Next,
+};
 pub use asynchronous::{
     ASYNC_SENDS_IN_FLIGHT_MAX, ASYNC_SENDS_QUEUED_MAX, AsyncProducer, SendFuture,
 };

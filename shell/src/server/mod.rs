@@ -1167,5 +1167,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::SeekGroup { .. } => "SeekGroup",
         Request::DeleteGroup { .. } => "DeleteGroup",
         Request::TransferLeader { .. } => "TransferLeader",
+        Request::PeekDeadLetters { .. } => "PeekDeadLetters",
+        Request::RedriveDeadLetters { .. } => "RedriveDeadLetters",
     }
 }

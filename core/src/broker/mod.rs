@@ -16,8 +16,10 @@
 //!   of the newest messages, or from the driver's queue store.
 //! - Message bytes live in the queue store ([`StoreOp`]), not here: the state keeps a few
 //!   bytes per retained message (see `queue_log`).
-//! - [`BrokerState::snapshot`] and [`BrokerState::restore`] turn the applied state into bytes
-//!   and back, for Raft log compaction.
+//! - [`BrokerState::metadata_snapshot`] and [`BrokerState::restore`] turn the applied state
+//!   into bytes and back, for Raft log compaction: metadata only, the messages staying in the
+//!   (synced) queue store. [`BrokerState::snapshot_with`] writes the state with its messages,
+//!   for a follower whose store lacks them.
 
 mod codec;
 mod dedup;
@@ -32,12 +34,12 @@ pub use codec::{CodecError, decode_command, encode_command};
 pub use dedup::DEDUP_WINDOW_SEQS;
 pub use offsets::GroupOffsets;
 pub use snapshot::ReadMessage;
-pub use snapshot::{SNAPSHOT_VERSION, SnapshotError};
+pub use snapshot::{METADATA_SNAPSHOT_VERSION, SNAPSHOT_VERSION, SnapshotError, holds_messages};
 pub use state::BrokerState;
 pub(crate) use store::decode_record_checking;
 pub use store::{
-    MemoryStore, Requeue, STORE_RECORD_HEADER_BYTES, StoreOp, StoreRecordError, decode_record,
-    encode_record, record_len,
+    MemoryStore, QueueRange, Requeue, STORE_RECORD_HEADER_BYTES, StoreOp, StoreRecordError,
+    decode_record, encode_record, record_len,
 };
 pub use types::*;
 

@@ -14,16 +14,23 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::dedup::{ProducerWindow, ProducerWindowV1};
 use super::offsets::GroupOffsets;
-use super::queue_log::QueueLog;
+use super::queue_log::{IndexEntry, QueueLog};
 use super::types::{Lease, Offset, ProducerId, QueueId, StoredMessage};
 
 /// Reads the retained message at `(queue, offset)` for a snapshot: from the cache or the
 /// driver's queue store.
 pub type ReadMessage<'r> = dyn FnMut(&QueueId, Offset) -> Result<StoredMessage, String> + 'r;
 
-/// The format of [`crate::broker::BrokerState::snapshot`]'s bytes; bump it when the image
-/// changes shape, so an old build refuses a new snapshot instead of misreading it.
+/// The format of [`crate::broker::BrokerState::snapshot`]'s bytes, the state with every
+/// retained message in it: what a leader sends a follower that needs a snapshot (the
+/// follower's store may hold none of the messages). Bump it when the image changes shape, so
+/// an old build refuses a new snapshot instead of misreading it.
 pub const SNAPSHOT_VERSION: u8 = 2;
+/// The format of [`crate::broker::BrokerState::metadata_snapshot`]'s bytes: the state with a
+/// few bytes per retained message and none of their contents, which stay in the node's queue
+/// store. Valid only together with that store, synced before the snapshot was written: what a
+/// node compacts its own log into and restarts from, never what it sends another node.
+pub const METADATA_SNAPSHOT_VERSION: u8 = 3;
 /// The format before producers' windows carried their place in the least-recently-used order
 /// and before queue leases; still read (with no leases).
 const SNAPSHOT_VERSION_V1: u8 = 1;
@@ -162,6 +169,108 @@ struct ImageV1 {
     producers: BTreeMap<ProducerId, ProducerWindowV1>,
 }
 
+/// What a snapshot's bytes held: the state with its messages, or with its index only.
+pub(super) enum Decoded {
+    Full(Image),
+    Index(IndexImage),
+}
+
+/// The state as a metadata snapshot writes it: borrowed, as [`ImageRef`] is; the same shape as
+/// [`IndexImage`].
+#[derive(Serialize)]
+pub(super) struct IndexImageRef<'a> {
+    pub(super) queues: QueueIndexesRef<'a>,
+    pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
+    pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
+}
+
+pub(super) struct QueueIndexesRef<'a>(pub(super) &'a BTreeMap<QueueId, QueueLog>);
+
+struct QueueIndexRef<'a>(&'a QueueLog);
+
+struct EntriesRef<'a>(&'a QueueLog);
+
+/// One retained message in a metadata snapshot: its time stamp as the difference from the
+/// previous message's (zigzag varints: a byte or two where the time barely moves), then its
+/// due time, size and delivery attempts. About five bytes a message.
+type EntryImage = (i64, u64, u32, u32);
+
+impl Serialize for QueueIndexesRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (queue, log) in self.0 {
+            map.serialize_entry(queue, &QueueIndexRef(log))?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for QueueIndexRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut fields = serializer.serialize_struct("QueueIndex", 2)?;
+        fields.serialize_field("start", &self.0.start())?;
+        fields.serialize_field("entries", &EntriesRef(self.0))?;
+        fields.end()
+    }
+}
+
+impl Serialize for EntriesRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        let mut previous = 0u64;
+        for (_, entry) in self.0.iter_from(0) {
+            let delta = entry.stored_ms.wrapping_sub(previous) as i64;
+            previous = entry.stored_ms;
+            let image: EntryImage = (delta, entry.due_ms, entry.size, entry.reconsume_times);
+            seq.serialize_element(&image)?;
+        }
+        seq.end()
+    }
+}
+
+/// A queue as a metadata snapshot holds it.
+#[derive(Deserialize)]
+pub(super) struct QueueIndexImage {
+    pub(super) start: Offset,
+    entries: Vec<EntryImage>,
+}
+
+impl QueueIndexImage {
+    /// The index entries, oldest first.
+    pub(super) fn entries(&self) -> impl Iterator<Item = IndexEntry> + '_ {
+        let mut previous = 0u64;
+        self.entries
+            .iter()
+            .map(move |(delta, due_ms, size, reconsume_times)| {
+                previous = previous.wrapping_add(*delta as u64);
+                IndexEntry {
+                    stored_ms: previous,
+                    due_ms: *due_ms,
+                    size: *size,
+                    reconsume_times: *reconsume_times,
+                }
+            })
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct IndexImage {
+    pub(super) queues: BTreeMap<QueueId, QueueIndexImage>,
+    pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) leases: BTreeMap<(String, QueueId), Lease>,
+}
+
+/// A metadata snapshot's bytes; it reads nothing, so it fails only if serde does.
+pub(super) fn encode_index(image: &IndexImageRef<'_>) -> Result<Vec<u8>, String> {
+    let mut bytes =
+        postcard::to_extend(image, vec![METADATA_SNAPSHOT_VERSION]).map_err(|e| e.to_string())?;
+    let checksum = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+    Ok(bytes)
+}
+
 /// The image's bytes; an error if a retained message could not be read.
 pub(super) fn encode(image: &ImageRef<'_, '_>) -> Result<Vec<u8>, String> {
     let mut bytes =
@@ -171,12 +280,15 @@ pub(super) fn encode(image: &ImageRef<'_, '_>) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
+pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
     // The version first: another version may lay out (and checksum) its bytes differently.
     let Some(&version) = bytes.first() else {
         return Err(SnapshotError::Truncated { len: 0 });
     };
-    if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_V1 {
+    if version != SNAPSHOT_VERSION
+        && version != SNAPSHOT_VERSION_V1
+        && version != METADATA_SNAPSHOT_VERSION
+    {
         return Err(SnapshotError::UnknownVersion(version));
     }
     let Some(body_end) = bytes
@@ -195,6 +307,20 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
         return Err(SnapshotError::Checksum { stored, computed });
     }
     let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
+    if version == METADATA_SNAPSHOT_VERSION {
+        let (image, rest): (IndexImage, &[u8]) =
+            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+        if !rest.is_empty() {
+            return Err(SnapshotError::TrailingBytes(rest.len()));
+        }
+        let queues = image
+            .queues
+            .iter()
+            .map(|(q, log)| (q, log.start, log.entries.len()));
+        validate(queues, &image.offsets, &image.leases, &image.producers)
+            .map_err(SnapshotError::Inconsistent)?;
+        return Ok(Decoded::Index(image));
+    }
     let (image, rest): (Image, &[u8]) = if version == SNAPSHOT_VERSION_V1 {
         let (v1, rest): (ImageV1, &[u8]) =
             postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
@@ -215,32 +341,48 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Image, SnapshotError> {
     if !rest.is_empty() {
         return Err(SnapshotError::TrailingBytes(rest.len()));
     }
-    validate(&image).map_err(SnapshotError::Inconsistent)?;
-    Ok(image)
+    let queues = image
+        .queues
+        .iter()
+        .map(|(q, log)| (q, log.start, log.messages.len()));
+    validate(queues, &image.offsets, &image.leases, &image.producers)
+        .map_err(SnapshotError::Inconsistent)?;
+    Ok(Decoded::Full(image))
+}
+
+/// Whether `bytes` claim to be a snapshot that holds its messages (any version but
+/// [`METADATA_SNAPSHOT_VERSION`]): one a replica can install whatever its store holds.
+pub fn holds_messages(bytes: &[u8]) -> bool {
+    bytes.first() != Some(&METADATA_SNAPSHOT_VERSION)
 }
 
 /// Rebuilds what the image leaves out and refuses what `apply` never builds, so a restored
 /// state cannot make a later command overflow or index out of range.
-fn validate(image: &Image) -> Result<(), String> {
-    for (queue, log) in &image.queues {
-        QueueLog::check_end(log.start, log.messages.len())
-            .map_err(|why| format!("{queue}: {why}"))?;
+fn validate<'q>(
+    queues: impl Iterator<Item = (&'q QueueId, Offset, usize)>,
+    offsets: &BTreeMap<(String, QueueId), GroupOffsets>,
+    leases: &BTreeMap<(String, QueueId), Lease>,
+    producers: &BTreeMap<ProducerId, ProducerWindow>,
+) -> Result<(), String> {
+    let mut ends = BTreeMap::new();
+    for (queue, start, len) in queues {
+        QueueLog::check_end(start, len).map_err(|why| format!("{queue}: {why}"))?;
+        ends.insert(queue, start + len as Offset);
     }
-    for ((group, queue), progress) in &image.offsets {
+    for ((group, queue), progress) in offsets {
         // Offsets are only ever recorded on a queue that exists, below its end.
-        let Some(log) = image.queues.get(queue) else {
+        let Some(&end) = ends.get(queue) else {
             return Err(format!(
                 "group {group} has offsets on the unknown queue {queue}"
             ));
         };
-        let end = log.start + log.messages.len() as Offset;
         if !progress.consistent(end) {
             return Err(format!(
                 "group {group} on {queue}: acks beyond the end {end} or below the consume offset"
             ));
         }
     }
-    for ((group, queue), lease) in &image.leases {
+    for ((group, queue), lease) in leases {
         if lease.since > lease.generation {
             return Err(format!(
                 "group {group} on {queue}: a tenure from generation {} past the queue's {}",
@@ -248,7 +390,7 @@ fn validate(image: &Image) -> Result<(), String> {
             ));
         }
     }
-    for (producer_id, window) in &image.producers {
+    for (producer_id, window) in producers {
         if !window.consistent() {
             return Err(format!(
                 "producer {producer_id}: a batch past its sequence numbers"

@@ -7,8 +7,11 @@ use super::codec::decode_command;
 use super::dedup::{ProducerWindow, Verdict};
 use super::offsets::GroupOffsets;
 use super::queue_log::{IndexEntry, QueueLog};
-use super::snapshot::{self, ImageRef, QueuesRef, ReadMessage, SnapshotError};
-use super::store::{Requeue, StoreOp, encode_record};
+use super::snapshot::{
+    self, Decoded, ImageRef, IndexImageRef, QueueIndexesRef as QueuesIndexRef, QueuesRef,
+    ReadMessage, SnapshotError,
+};
+use super::store::{QueueRange, Requeue, StoreOp, encode_record};
 use super::types::*;
 use crate::limits::PRODUCERS_PER_GROUP_MAX;
 use crate::raft::Canary;
@@ -174,15 +177,47 @@ impl BrokerState {
         .unwrap_or_default()
     }
 
-    /// The state [`BrokerState::snapshot`] wrote, under `config`. Damaged, truncated or foreign
-    /// bytes, or another format version, are an error, never a panic or a partial state.
+    /// The applied state as a metadata snapshot: everything [`BrokerState::snapshot_with`]
+    /// writes except the messages' bytes, with a few bytes per retained message for the index
+    /// instead. Its size depends on queues, groups, producers and how many messages are
+    /// retained, not on their bytes. It stands for the state only together with the queue
+    /// store that holds the messages, which the driver must sync before it writes the
+    /// snapshot anywhere a restart reads it (see [`StoreOp::Recover`]).
+    pub fn metadata_snapshot(&self) -> Result<Vec<u8>, String> {
+        snapshot::encode_index(&IndexImageRef {
+            queues: QueuesIndexRef(&self.queues),
+            offsets: &self.offsets,
+            producers: &self.producers,
+            leases: &self.leases,
+        })
+    }
+
+    /// The state [`BrokerState::snapshot`] or [`BrokerState::metadata_snapshot`] wrote, under
+    /// `config`. Damaged, truncated or foreign bytes, or another format version, are an
+    /// error, never a panic or a partial state. A snapshot with messages writes them to the
+    /// store again (writes of what the store holds already change nothing); a metadata
+    /// snapshot asks the store to check that it holds what the index references
+    /// ([`StoreOp::Recover`]).
     pub fn restore(config: BrokerConfig, bytes: &[u8]) -> Result<BrokerState, SnapshotError> {
-        let image = snapshot::decode(bytes)?;
+        let (queues, offsets, producers, leases) = match snapshot::decode(bytes)? {
+            Decoded::Full(image) => (
+                Ok(image.queues),
+                image.offsets,
+                image.producers,
+                image.leases,
+            ),
+            Decoded::Index(image) => (
+                Err(image.queues),
+                image.offsets,
+                image.producers,
+                image.leases,
+            ),
+        };
         let producers: BTreeMap<ProducerId, ProducerWindow> =
             if Canary::SnapshotOmitsDedup.planted(config.canary) {
                 BTreeMap::new()
             } else {
-                image.producers
+                producers
             };
         if producers.len() > PRODUCERS_PER_GROUP_MAX {
             return Err(SnapshotError::Inconsistent(format!(
@@ -198,23 +233,44 @@ impl BrokerState {
         let mut state = BrokerState {
             config,
             queues: BTreeMap::new(),
-            offsets: image.offsets,
+            offsets,
             producers,
             by_touch,
             touched_max,
-            leases: image.leases,
+            leases,
             cache_bytes: 0,
             cache_order: VecDeque::new(),
             order_checked: 0,
-            store_ops: vec![StoreOp::Reset],
+            store_ops: Vec::new(),
         };
-        // The store starts afresh with the snapshot's messages, the cache with its newest.
-        for (queue, image) in image.queues {
-            state
-                .queues
-                .insert(queue.clone(), QueueLog::starting_at(image.start));
-            for stored in image.messages {
-                state.store(&queue, stored);
+        match queues {
+            // The store gets the snapshot's messages, the cache its newest.
+            Ok(queues) => {
+                for (queue, image) in queues {
+                    state
+                        .queues
+                        .insert(queue.clone(), QueueLog::starting_at(image.start));
+                    for stored in image.messages {
+                        state.store(&queue, stored);
+                    }
+                }
+            }
+            // The store holds the messages; the cache starts empty.
+            Err(queues) => {
+                let mut ranges = Vec::with_capacity(queues.len());
+                for (queue, image) in queues {
+                    let mut log = QueueLog::starting_at(image.start);
+                    for entry in image.entries() {
+                        log.push_uncached(entry);
+                    }
+                    ranges.push(QueueRange {
+                        queue: queue.clone(),
+                        start: log.start(),
+                        end: log.end(),
+                    });
+                    state.queues.insert(queue, log);
+                }
+                state.store_ops.push(StoreOp::Recover { queues: ranges });
             }
         }
         Ok(state)

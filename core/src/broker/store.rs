@@ -37,8 +37,25 @@ pub enum StoreOp {
     /// Copy the message at `(from, from_offset)` to `(to, offset)` as [`Requeue::record`] says:
     /// a `ReconsumeLater` of a message the cache no longer held.
     Requeue(Requeue),
-    /// Retention dropped every message of `queue` below `start`: the store may delete them.
+    /// Retention dropped every message of `queue` below `start`: the store may delete them,
+    /// but not below what the newest metadata snapshot it synced for still references (a
+    /// restart from that snapshot needs them until a newer one is durable).
     Trim { queue: QueueId, start: Offset },
+    /// The node restarted from a metadata snapshot (its state without message bytes): the
+    /// store must hold every message of each queue's `start..end` from before the crash
+    /// (it was synced before that snapshot was written), else the error names what it
+    /// lacks. Whatever it holds at or past a queue's `end` (possibly torn: written after the
+    /// snapshot, perhaps never synced) is dropped: replaying the log writes it again. Queues
+    /// the snapshot does not know are dropped too, and below `start` the store may delete.
+    Recover { queues: Vec<QueueRange> },
+}
+
+/// What a metadata snapshot says a queue holds: offsets `start..end`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueRange {
+    pub queue: QueueId,
+    pub start: Offset,
+    pub end: Offset,
 }
 
 /// A message moved to a retry or dead-letter queue, by a store that holds its original.
@@ -167,8 +184,10 @@ pub(crate) fn decode_record_checking(
 }
 
 /// A queue store in memory, for drivers that hold no files: the core's tests, fuzzing and
-/// the simulator (whose disk keeps one per node and drops it in a crash). It carries out
-/// [`StoreOp`]s and reads records back as a file store does, damage included.
+/// the simulator (whose disk keeps a copy per node taken at each sync, what a crash leaves).
+/// It carries out [`StoreOp`]s and reads records back as a file store does, damage included.
+/// Retention deletes nothing here: the simulator's runs are short, and keeping every record
+/// makes "a restart from an older snapshot finds what it references" trivially true.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     queues: BTreeMap<(u64, QueueId), BTreeMap<Offset, Bytes>>,
@@ -209,9 +228,25 @@ impl MemoryStore {
                     .or_default()
                     .insert(requeue.offset, record);
             }
-            StoreOp::Trim { queue, start } => {
-                if let Some(records) = self.queues.get_mut(&(group, queue)) {
-                    *records = records.split_off(&start);
+            StoreOp::Trim { .. } => {}
+            StoreOp::Recover { queues } => {
+                let wanted: BTreeMap<&QueueId, &QueueRange> =
+                    queues.iter().map(|r| (&r.queue, r)).collect();
+                self.queues
+                    .retain(|(g, q), _| *g != group || wanted.contains_key(q));
+                for range in &queues {
+                    let records = self.queues.entry((group, range.queue.clone())).or_default();
+                    records.split_off(&range.end);
+                    *records = records.split_off(&range.start);
+                    if let Some(missing) =
+                        (range.start..range.end).find(|o| !records.contains_key(o))
+                    {
+                        return Err(format!(
+                            "the store lacks {}@{missing}, which the snapshot references \
+                             ({}..{})",
+                            range.queue, range.start, range.end
+                        ));
+                    }
                 }
             }
         }

@@ -422,6 +422,63 @@ proptest! {
         prop_assert_eq!(copy.snapshot(), original.snapshot());
     }
 
+    /// A state restored from its metadata snapshot, with a store that carried out its
+    /// operations, answers the rest exactly as the original does and holds the same messages:
+    /// the store is asked to check exactly what the index references, and it does hold it.
+    #[test]
+    fn a_state_restored_from_metadata_and_its_store_is_indistinguishable(
+        config in arb_retention(),
+        commands in prop::collection::vec(arb_any_command(), 1..100),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut original = BrokerState::new(config.clone());
+        topic(&mut original, "orders", 3);
+        let mut store = MemoryStore::default();
+        let cut = cut.index(commands.len());
+        for command in &commands[..cut] {
+            original.apply(command.clone());
+        }
+        for op in original.take_store_ops() {
+            prop_assert_eq!(store.apply(0, op), Ok(()));
+        }
+        let bytes = original.metadata_snapshot().expect("encodes");
+        prop_assert_eq!(bytes[0], METADATA_SNAPSHOT_VERSION);
+        let mut copy = BrokerState::restore(config, &bytes).expect("restores");
+        prop_assert_eq!(copy.metadata_snapshot().expect("encodes"), bytes.clone());
+        let ops = copy.take_store_ops();
+        let ranges: Vec<(QueueId, Offset, Offset)> = original
+            .queues()
+            .map(|q| (q.clone(), original.start_offset(q).unwrap_or(0), original.queue_len(q).unwrap_or(0)))
+            .collect();
+        match ops.as_slice() {
+            [StoreOp::Recover { queues }] => {
+                let asked: Vec<_> = queues.iter().map(|r| (r.queue.clone(), r.start, r.end)).collect();
+                prop_assert_eq!(asked, ranges);
+            }
+            other => prop_assert!(false, "restoring asks {:?}", other),
+        }
+        let mut copy_store = store.clone();
+        for op in ops {
+            prop_assert_eq!(copy_store.apply(0, op), Ok(()));
+        }
+        for command in &commands[cut..] {
+            prop_assert_eq!(original.apply(command.clone()), copy.apply(command.clone()));
+            for op in original.take_store_ops() {
+                prop_assert_eq!(store.apply(0, op), Ok(()));
+            }
+            for op in copy.take_store_ops() {
+                prop_assert_eq!(copy_store.apply(0, op), Ok(()));
+            }
+        }
+        let full = |state: &BrokerState, store: &MemoryStore| {
+            state.snapshot_with(&mut |q, o| {
+                store.message(0, q, o).ok_or_else(|| format!("{q}@{o} not stored"))
+            })
+        };
+        prop_assert_eq!(full(&copy, &copy_store), full(&original, &store));
+        prop_assert!(full(&original, &store).is_ok());
+    }
+
     /// Whatever the commands, a consume offset never moves back and is never below the
     /// queue's start; the start never moves back nor past the end.
     #[test]
@@ -1009,6 +1066,81 @@ fn equal_states_give_equal_snapshots_and_different_ones_differ() {
     assert_eq!(restored.map(|s| s.queues().count()).ok(), Some(0));
 }
 
+/// A metadata snapshot holds a few bytes per message and none of their bodies; damaged, it is
+/// refused; a store that lacks what it references refuses it too, naming the offset.
+#[test]
+fn a_metadata_snapshot_is_small_and_checked() {
+    let mut state = BrokerState::new(BrokerConfig::default());
+    topic(&mut state, "orders", 1);
+    let body = "x".repeat(1_000);
+    let mut store = MemoryStore::default();
+    for seq in 0..200 {
+        send(&mut state, 0, 1, seq, &[body.as_str()], 1_000 + seq);
+    }
+    for op in state.take_store_ops() {
+        store.apply(0, op).expect("applies");
+    }
+    let full = state.snapshot();
+    let meta = state.metadata_snapshot().expect("encodes");
+    assert!(full.len() > 200_000, "the full snapshot holds the bodies");
+    // The index and the producer's dedup window: tens of bytes a message, not a thousand.
+    assert!(
+        meta.len() < full.len() / 40,
+        "{} bytes of metadata",
+        meta.len()
+    );
+    for bit in 0..meta.len() * 8 {
+        let mut flipped = meta.clone();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        assert!(
+            BrokerState::restore(BrokerConfig::default(), &flipped).is_err(),
+            "bit {bit} flipped"
+        );
+    }
+    assert!(!holds_messages(&meta) && holds_messages(&full));
+    let mut restored = BrokerState::restore(BrokerConfig::default(), &meta).expect("restores");
+    let queue = QueueId::new("orders", 0);
+    let mut lacking = MemoryStore::default();
+    for offset in (0..200).filter(|o| *o != 57) {
+        let record = store.record(0, &queue, offset).expect("held").clone();
+        lacking
+            .apply(
+                0,
+                StoreOp::Write {
+                    queue: queue.clone(),
+                    offset,
+                    record,
+                },
+            )
+            .expect("writes");
+    }
+    let mut complete = store.clone();
+    let past_the_end = StoreOp::Write {
+        queue: queue.clone(),
+        offset: 200,
+        record: Bytes::from_static(b"torn"),
+    };
+    complete.apply(0, past_the_end).expect("writes");
+    let ops = restored.take_store_ops();
+    let error = ops
+        .iter()
+        .cloned()
+        .map(|op| lacking.apply(0, op))
+        .find_map(Result::err)
+        .expect("refused");
+    assert!(
+        error.contains("orders/0@57") || error.contains("@57"),
+        "{error}"
+    );
+    for op in ops {
+        complete
+            .apply(0, op)
+            .expect("a store with a torn tail past the end is fine");
+    }
+    assert!(complete.record(0, &queue, 200).is_none(), "the tail is cut");
+    assert!(complete.message(0, &queue, 199).is_some());
+}
+
 #[test]
 fn damaged_snapshots_are_refused_never_misread() {
     let (state, _) = mixed_history();
@@ -1026,10 +1158,10 @@ fn damaged_snapshots_are_refused_never_misread() {
         assert!(restore(&flipped).is_err(), "bit {bit} flipped");
     }
     let mut other = bytes.clone();
-    other[0] = SNAPSHOT_VERSION + 1;
+    other[0] = METADATA_SNAPSHOT_VERSION + 1;
     assert_eq!(
         restore(&other),
-        Err(SnapshotError::UnknownVersion(SNAPSHOT_VERSION + 1))
+        Err(SnapshotError::UnknownVersion(METADATA_SNAPSHOT_VERSION + 1))
     );
     let mut longer = bytes.clone();
     longer.push(0);
@@ -1438,10 +1570,7 @@ fn the_cache_stays_bounded_and_the_store_serves_the_rest() {
     let queue = QueueId::new("orders", 0);
     let start = state.start_offset(&queue).expect("queue");
     assert!(start > 0, "retention dropped the oldest");
-    assert!(
-        store.message(0, &queue, start - 1).is_none(),
-        "trimmed from the store"
-    );
+    assert!(!state.retains(&queue, start - 1), "trimmed from the index");
     let plan = state
         .plan_pull("billing", &queue, 0, 5, 1 << 20, 0)
         .expect("plans");

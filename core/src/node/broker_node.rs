@@ -19,6 +19,7 @@ use super::seen_requests::SeenRequests;
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Holder, Message, Offset, Outcome, PullPlan, QueueId,
     ReadMessage, Refusal, StoreOp, decode_command, decode_record_checking, encode_command,
+    holds_messages,
 };
 use crate::client::AllocationStrategy;
 use crate::limits::{
@@ -28,7 +29,8 @@ use crate::limits::{
 };
 use crate::raft::{
     Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
-    ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role, Term, TransferError, Write,
+    ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role, Snapshot, Term,
+    TransferError, Write,
 };
 use crate::time::Instant;
 
@@ -80,6 +82,13 @@ pub enum NodeEvent {
         group: GroupId,
         queue: QueueId,
         offset: Offset,
+        why: String,
+    },
+    /// A snapshot's transfer image could not be made (a message of it did not read): a
+    /// follower waiting for it is sent none yet; the image is asked for again.
+    TransferFailed {
+        group: GroupId,
+        index: Index,
         why: String,
     },
 }
@@ -175,10 +184,17 @@ enum Machine {
 }
 
 impl Machine {
-    /// The same kind of machine, restored from a snapshot's data.
-    fn restored(&self, data: &[u8]) -> Result<Machine, String> {
+    /// The same kind of machine, restored from a snapshot's data: from this node's own disk,
+    /// or (`from_leader`) installed from the leader, when it must hold every message, since
+    /// this node's store may hold none of them.
+    fn restored(&self, data: &[u8], from_leader: bool) -> Result<Machine, String> {
         match self {
             Machine::Meta(_) => MetaState::restore(data).map(Machine::Meta),
+            Machine::Broker(_) if from_leader && !holds_messages(data) => Err(
+                "a metadata-only snapshot, which holds no messages, cannot be installed from \
+                 another node"
+                    .to_string(),
+            ),
             Machine::Broker(state) => BrokerState::restore(state.config().clone(), data)
                 .map(Machine::Broker)
                 .map_err(|e| e.to_string()),
@@ -200,20 +216,57 @@ pub struct SnapshotJob {
 }
 
 impl SnapshotJob {
-    /// The snapshot's data, a function of the image and of the retained messages `read`
-    /// gives back from the queue store (which must hold everything applied up to `index`);
-    /// safe to call on any thread. An error if a message could not be read: then the driver
-    /// reports [`BrokerNode::snapshot_failed`].
-    pub fn encode(&self, read: &mut ReadMessage<'_>) -> Result<Vec<u8>, String> {
+    /// The snapshot's data, a function of the image alone (a broker group's is metadata
+    /// only: [`BrokerState::metadata_snapshot`]); safe to call on any thread. On an error the
+    /// driver reports [`BrokerNode::snapshot_failed`].
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
         match &self.image {
             Machine::Meta(meta) => Ok(meta.snapshot()),
-            Machine::Broker(state) => state.snapshot_with(read),
+            Machine::Broker(state) => state.metadata_snapshot(),
         }
     }
 
-    /// Whether the image is a broker group's, whose messages `encode` reads.
-    pub fn reads_messages(&self) -> bool {
+    /// Whether the snapshot refers to the group's queue store, which the driver must then
+    /// sync (every operation polled before the job) before it writes the snapshot anywhere
+    /// or reports it encoded, and must not delete below the snapshot's queue starts
+    /// ([`SnapshotJob::queue_starts`]) until a newer snapshot is durable.
+    pub fn needs_store(&self) -> bool {
         matches!(self.image, Machine::Broker(_))
+    }
+
+    /// Each queue's first retained offset in the snapshot: what a restart from it needs of
+    /// the store.
+    pub fn queue_starts(&self) -> Vec<(QueueId, Offset)> {
+        match &self.image {
+            Machine::Meta(_) => Vec::new(),
+            Machine::Broker(state) => state
+                .queues()
+                .filter_map(|q| Some((q.clone(), state.start_offset(q)?)))
+                .collect(),
+        }
+    }
+}
+
+/// A follower needs the snapshot of a broker group at `index`, whose data is metadata only:
+/// the driver makes its *transfer image* (the same state with every retained message, read
+/// from the queue store) wherever it likes, then hands it back through
+/// [`BrokerNode::transfer_encoded`].
+pub struct TransferJob {
+    pub group: GroupId,
+    pub index: Index,
+    pub term: Term,
+    metadata: Bytes,
+    config: BrokerConfig,
+}
+
+impl TransferJob {
+    /// The image, reading each retained message of the snapshot with `read` (from the store,
+    /// which holds them while this snapshot is the group's latest durable one). An error if
+    /// a message did not read or the snapshot did not decode.
+    pub fn encode(&self, read: &mut ReadMessage<'_>) -> Result<Vec<u8>, String> {
+        let state =
+            BrokerState::restore(self.config.clone(), &self.metadata).map_err(|e| e.to_string())?;
+        state.snapshot_with(read)
     }
 }
 
@@ -262,6 +315,8 @@ struct Group {
     pace: SnapshotPace,
     /// The index of a snapshot handed out to encode and not yet back.
     encoding: Option<Index>,
+    /// The index of a snapshot whose transfer image is being made and not yet back.
+    transferring: Option<Index>,
     /// When this node, as leader, last looked for messages retention deletes.
     trim_checked_at: Option<Instant>,
 }
@@ -301,6 +356,7 @@ pub struct BrokerNode {
     /// Snapshots whose state did not decode: the node cannot go on with that group.
     faults: VecDeque<String>,
     snapshot_jobs: VecDeque<SnapshotJob>,
+    transfer_jobs: VecDeque<TransferJob>,
     /// What [`BrokerNode::stats`] reports.
     pub(super) counters: super::stats::Counters,
     /// When the leader balancer looks next (`None`: it is off).
@@ -342,7 +398,7 @@ impl BrokerNode {
                 let mut pace = SnapshotPace::default();
                 if let Some(snapshot) = &disk.snapshot {
                     pace.last_bytes = snapshot.data.len() as u64;
-                    match machine.restored(&snapshot.data) {
+                    match machine.restored(&snapshot.data, false) {
                         Ok(restored) => machine = restored,
                         Err(e) => faults.push_back(format!(
                             "group {group}: the snapshot at index {} on disk does not restore: {e}",
@@ -351,8 +407,10 @@ impl BrokerNode {
                     }
                 }
                 let replica_seed = seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut raft = Replica::new(raft_config, disk, replica_seed, now);
+                raft.use_transfer_images(matches!(machine, Machine::Broker(_)));
                 let group_state = Group {
-                    raft: Replica::new(raft_config, disk, replica_seed, now),
+                    raft,
                     machine,
                     batch: Vec::new(),
                     proposed: BTreeMap::new(),
@@ -362,6 +420,7 @@ impl BrokerNode {
                     placement_stale: true,
                     pace,
                     encoding: None,
+                    transferring: None,
                     trim_checked_at: None,
                 };
                 (group, group_state)
@@ -382,6 +441,7 @@ impl BrokerNode {
             applied: VecDeque::new(),
             faults,
             snapshot_jobs: VecDeque::new(),
+            transfer_jobs: VecDeque::new(),
             counters: Default::default(),
             balance_at: None,
             store_ops: VecDeque::new(),
@@ -1044,6 +1104,43 @@ impl BrokerNode {
         self.snapshot_jobs.pop_front()
     }
 
+    /// A snapshot's transfer image to make; see [`TransferJob`].
+    pub fn poll_transfer_job(&mut self) -> Option<TransferJob> {
+        self.transfer_jobs.pop_front()
+    }
+
+    /// The driver made the transfer image of `group`'s snapshot at `index` (or could not:
+    /// then it is asked for again while a follower needs it).
+    pub fn transfer_encoded(
+        &mut self,
+        now: Instant,
+        group: GroupId,
+        index: Index,
+        image: Result<Bytes, String>,
+    ) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            if g.transferring == Some(index) {
+                g.transferring = None;
+            }
+            match image {
+                Ok(data) => {
+                    // A follower installs it whatever its store holds: it must carry them.
+                    debug_assert!(holds_messages(&data), "a transfer image without messages");
+                    if let Some(term) = g
+                        .raft
+                        .snapshot()
+                        .filter(|s| s.index == index)
+                        .map(|s| s.term)
+                    {
+                        g.raft.set_transfer(Snapshot { index, term, data });
+                    }
+                }
+                Err(why) => self.event(NodeEvent::TransferFailed { group, index, why }),
+            }
+        }
+        self.settle(now);
+    }
+
     /// The next queue store operation, in order per group; see [`StoreOp`].
     pub fn poll_store(&mut self) -> Option<(GroupId, StoreOp)> {
         self.store_ops.pop_front()
@@ -1554,7 +1651,7 @@ impl BrokerNode {
                 propose_batch(now, &mut self.next_proposal, group, &mut self.responses);
             }
             if let Some(snapshot) = group.raft.poll_restore() {
-                match group.machine.restored(&snapshot.data) {
+                match group.machine.restored(&snapshot.data, true) {
                     Ok(machine) => {
                         let counters = self.counters.group(*group_id);
                         counters.snapshots_restored += 1;
@@ -1577,6 +1674,21 @@ impl BrokerNode {
                         snapshot.index
                     )),
                 }
+            }
+            if let Some(index) = group.raft.poll_transfer_wanted()
+                && group.transferring.is_none()
+                && let (Machine::Broker(state), Some(snapshot)) =
+                    (&group.machine, group.raft.snapshot())
+                && snapshot.index == index
+            {
+                group.transferring = Some(index);
+                self.transfer_jobs.push_back(TransferJob {
+                    group: *group_id,
+                    index,
+                    term: snapshot.term,
+                    metadata: snapshot.data.clone(),
+                    config: state.config().clone(),
+                });
             }
             while let Some(entry) = group.raft.poll_committed() {
                 group.pace.entries_since += 1;

@@ -11,7 +11,8 @@ mod seen_requests;
 mod stats;
 
 pub use broker_node::{
-    BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, StoreRead, decode_entry,
+    BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, StoreRead, TransferJob,
+    decode_entry,
 };
 pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied};
 pub use stats::{

@@ -89,14 +89,19 @@ impl Cluster {
                         .expect("the store carries out every operation");
                 }
                 while let Some(job) = node.poll_snapshot_job() {
-                    let data = job
+                    let data = job.encode().expect("a state encodes");
+                    node.snapshot_encoded(self.now, job.group, job.index, Bytes::from(data));
+                    quiet = false;
+                }
+                while let Some(job) = node.poll_transfer_job() {
+                    let image = job
                         .encode(&mut |queue, offset| {
                             store
                                 .message(job.group, queue, offset)
                                 .ok_or_else(|| format!("{queue}@{offset} not stored"))
                         })
-                        .expect("the store holds every retained message");
-                    node.snapshot_encoded(self.now, job.group, job.index, Bytes::from(data));
+                        .map(Bytes::from);
+                    node.transfer_encoded(self.now, job.group, job.index, image);
                     quiet = false;
                 }
                 while let Some((group, write)) = node.poll_write() {

@@ -123,6 +123,14 @@ pub struct Replica {
     incoming_snapshot: Option<IncomingSnapshot>,
     /// An installed snapshot the driver has not yet restored its state machine from.
     restore: Option<Snapshot>,
+    /// Whether followers are sent a transfer image of the snapshot rather than the snapshot
+    /// itself (see [`Replica::use_transfer_images`]).
+    transfer_images: bool,
+    /// The transfer image of `snapshot` (same index and term), while a follower may need it.
+    transfer_image: Option<Snapshot>,
+    /// The index of a snapshot whose transfer image a follower waits for and the driver has
+    /// not yet been asked for.
+    transfer_wanted: Option<Index>,
 
     /// Which protocol paths this replica took; see [`RaftCounters`].
     counters: RaftCounters,
@@ -194,6 +202,9 @@ impl Replica {
             incoming_snapshot: None,
             restore: None,
             counters: RaftCounters::default(),
+            transfer_images: false,
+            transfer_image: None,
+            transfer_wanted: None,
             events: VecDeque::new(),
             ready: VecDeque::new(),
             waiting: VecDeque::new(),
@@ -745,6 +756,38 @@ impl Replica {
         self.snapshot = Some(Snapshot { index, term, data });
         self.snapshot_dirty = true;
         Ok(())
+    }
+
+    /// Followers that need a snapshot are sent a *transfer image* of it, which the driver
+    /// makes on request ([`Replica::poll_transfer_wanted`], [`Replica::set_transfer`]),
+    /// instead of the snapshot itself: for state machines whose own snapshots leave out
+    /// what another replica lacks (a broker's message bytes, which stay in its store).
+    pub fn use_transfer_images(&mut self, on: bool) {
+        self.transfer_images = on;
+    }
+
+    /// The index of the snapshot a follower waits for a transfer image of, once per request.
+    pub fn poll_transfer_wanted(&mut self) -> Option<Index> {
+        self.transfer_wanted.take()
+    }
+
+    /// The transfer image of the latest snapshot (ignored if the snapshot moved on): sent to
+    /// the followers that wait for it, chunk by chunk, then dropped once none needs it.
+    pub fn set_transfer(&mut self, image: Snapshot) {
+        let current = self.snapshot.as_ref().map(|s| (s.index, s.term));
+        if current != Some((image.index, image.term)) || self.role != Role::Leader {
+            return;
+        }
+        self.transfer_image = Some(image);
+        let waiting: Vec<NodeId> = self
+            .progress
+            .iter()
+            .filter(|(_, p)| p.state == ProgressState::Snapshot && !p.snapshot.in_flight)
+            .map(|(id, _)| *id)
+            .collect();
+        for to in waiting {
+            self.send_snapshot_chunk(to);
+        }
     }
 
     /// The latest snapshot, durable or on its way to disk.
@@ -1404,6 +1447,18 @@ impl Replica {
         progress.recent_active = true;
         progress.probe_sent = false;
         progress.lease_context_us = progress.lease_context_us.max(context);
+        if self.transfer_image.is_some()
+            && !self
+                .progress
+                .values()
+                .any(|p| p.state == ProgressState::Snapshot)
+        {
+            // No follower needs the transfer image any more: its memory goes.
+            self.transfer_image = None;
+        }
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return;
+        };
         if progress.state == ProgressState::Snapshot {
             // A lost chunk or answer would stall the transfer; a follower busy syncing a
             // large snapshot gets a few heartbeats before the chunk goes again.
@@ -1431,7 +1486,8 @@ impl Replica {
         }
     }
 
-    /// Sends `to` the next chunk of our snapshot, unless one is out unanswered.
+    /// Sends `to` the next chunk of our snapshot (or of its transfer image), unless one is
+    /// out unanswered.
     fn send_snapshot_chunk(&mut self, to: NodeId) {
         let Some(snapshot) = &self.snapshot else {
             return;
@@ -1442,6 +1498,20 @@ impl Replica {
         if progress.state != ProgressState::Snapshot || progress.snapshot.index != snapshot.index {
             progress.send_snapshot(snapshot.index);
         }
+        let snapshot = if self.transfer_images {
+            match &self.transfer_image {
+                Some(image) if image.index == snapshot.index => image,
+                _ => {
+                    // Asked for again each heartbeat while it is missing: a driver that
+                    // failed to make it (a read error) tries again.
+                    self.transfer_image = None;
+                    self.transfer_wanted = Some(snapshot.index);
+                    return;
+                }
+            }
+        } else {
+            snapshot
+        };
         let transfer = &mut progress.snapshot;
         if transfer.in_flight {
             return;

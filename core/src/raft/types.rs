@@ -451,10 +451,14 @@ pub enum Canary {
     /// A leader's read lease counts only its own clock, not a majority's answers: a deposed
     /// leader goes on serving reads under a lease while its successor serves under its own.
     LeaseWithoutQuorum,
+    /// The simulated driver hands over a broker group's metadata-only snapshot without first
+    /// syncing the queue store it refers to: a crash then leaves a snapshot whose messages
+    /// are gone, which the store's recovery must refuse.
+    SnapshotBeforeStoreSync,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 38] = [
+    pub const ALL: [Canary; 39] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -493,6 +497,7 @@ impl Canary {
         Canary::DedupBySeqMax,
         Canary::AckOnDelivery,
         Canary::LeaseWithoutQuorum,
+        Canary::SnapshotBeforeStoreSync,
     ];
 
     pub fn name(self) -> &'static str {
@@ -535,6 +540,7 @@ impl Canary {
             Canary::DedupBySeqMax => "dedup-by-seq-max",
             Canary::AckOnDelivery => "ack-on-delivery",
             Canary::LeaseWithoutQuorum => "lease-without-quorum",
+            Canary::SnapshotBeforeStoreSync => "snapshot-before-store-sync",
         }
     }
 
@@ -567,6 +573,7 @@ impl Canary {
                 | Canary::DeadLetterEarly
                 | Canary::DedupBySeqMax
                 | Canary::AckOnDelivery
+                | Canary::SnapshotBeforeStoreSync
         )
     }
 
@@ -592,6 +599,7 @@ impl Canary {
                 | Canary::AckSnapshotBeforeDurable
                 | Canary::DiscardBeforeSnapshot
                 | Canary::SnapshotOmitsDedup
+                | Canary::SnapshotBeforeStoreSync
         )
     }
 }

@@ -38,7 +38,7 @@ use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use snapshots::SnapshotEncoder;
+use snapshots::{Done, SnapshotEncoder};
 use tracing::{debug, error, info, warn};
 use warn_budget::WarnBudget;
 
@@ -218,7 +218,10 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         None => None,
     };
     let storage = StorageThread::spawn_measured(stores, notify, Some(metrics.shell.clone()));
-    let queue_store = Arc::new(Mutex::new(QueueStore::open(&config.data_dir)));
+    let queue_store = Arc::new(Mutex::new(
+        QueueStore::open(&config.data_dir)
+            .map_err(|e| ServerError(format!("cannot open the queue store: {e}")))?,
+    ));
     let snapshots = {
         let waker = waker.clone();
         SnapshotEncoder::spawn(
@@ -395,7 +398,14 @@ impl Server {
             }
             self.storage_done()?;
             let now = self.clock.now();
-            for (group, index, data) in self.snapshots.poll_done() {
+            for done in self.snapshots.poll_done() {
+                let (group, index, data) = match done {
+                    Done::Snapshot(group, index, data) => (group, index, data),
+                    Done::Transfer(group, index, image) => {
+                        self.node.transfer_encoded(now, group, index, image);
+                        continue;
+                    }
+                };
                 let started = self.snapshot_started.remove(&group);
                 match data {
                     Ok(data) => {
@@ -1001,10 +1011,10 @@ impl Server {
             while let Some(job) = self.node.poll_snapshot_job() {
                 self.snapshot_started
                     .insert(job.group, std::time::Instant::now());
-                if job.reads_messages() && self.snapshots.running() {
-                    store.hold(job.group);
-                }
                 self.snapshots.submit(job);
+            }
+            while let Some(job) = self.node.poll_transfer_job() {
+                self.snapshots.submit_transfer(job);
             }
             store.flush().map_err(|e| {
                 error!("queue store failed, stopping this node: {e}");
@@ -1138,6 +1148,9 @@ fn log_event(event: NodeEvent, warnings: &mut WarnBudget) {
             offset,
             why,
         } => error!(group, %queue, offset, %why, "a stored message does not read back"),
+        NodeEvent::TransferFailed { group, index, why } => {
+            warn!(group, index, %why, "cannot make a snapshot's transfer image for a follower")
+        }
     }
 }
 

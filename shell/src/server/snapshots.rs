@@ -1,105 +1,90 @@
-//! A thread that encodes snapshots and writes their files, so neither the event loop nor the
-//! storage thread stalls on a large state. Encoding a few hundred megabytes of messages takes
-//! longer than an election timeout, and so does writing them: a loop that sends no heartbeats
-//! meanwhile, or a follower whose heartbeat answers wait behind that write, deposes leaders.
-//! The file is durable before the core hears of the snapshot, so the storage thread, when the
-//! core's write asks for it, finds it in place and only checks its header.
+//! A thread that encodes snapshots and writes their files, and makes transfer images, so
+//! neither the event loop nor the storage thread stalls on them. A broker group's snapshot
+//! holds only metadata and refers to the queue store: the thread fsyncs the group's store
+//! files ([`QueueStore::sync_group`]) before it writes the snapshot file, and reports the
+//! snapshot failed (its log then stays uncompacted) if that sync fails. The file is durable
+//! before the core hears of the snapshot, so the storage thread, when the core's write asks
+//! for it, finds it in place and only checks its header.
+//!
+//! A transfer image (for a follower behind the leader's compaction point) holds every message
+//! the snapshot retains, read from the store: the one place where retained bytes pass through
+//! memory at once, and only while a follower needs them.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use holdfast_core::node::SnapshotJob;
+use holdfast_core::node::{SnapshotJob, TransferJob};
 use holdfast_core::raft::{GroupId, Index, Snapshot};
 use tracing::{debug, warn};
 
 use crate::storage::{QueueStore, write_snapshot_file};
 
-/// A job done: the snapshot's data, or why a message it needed did not read.
-pub type Encoded = (GroupId, Index, Result<Bytes, String>);
+/// A job done: `(group, index, the data or why not)`.
+pub enum Done {
+    Snapshot(GroupId, Index, Result<Bytes, String>),
+    Transfer(GroupId, Index, Result<Bytes, String>),
+}
+
+enum Job {
+    Snapshot(SnapshotJob),
+    Transfer(TransferJob),
+}
 
 pub struct SnapshotEncoder {
-    jobs: Option<Sender<SnapshotJob>>,
-    done: Receiver<Encoded>,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SnapshotEncoder {
-    /// `notify` wakes the event loop when an encoded snapshot is ready; `data_dir` holds a
-    /// directory per group; `store` holds the messages a broker group's snapshot carries
-    /// (the event loop holds the group's trims back until its job is done, see
-    /// [`QueueStore::hold`]).
+    /// `notify` wakes the event loop when a job is done; `data_dir` holds a directory per
+    /// group; `store` holds the messages a broker group's snapshot refers to.
     pub fn spawn(
         data_dir: PathBuf,
         store: Arc<Mutex<QueueStore>>,
         notify: Box<dyn Fn() + Send>,
     ) -> SnapshotEncoder {
-        let (jobs, incoming) = mpsc::channel::<SnapshotJob>();
+        let (jobs, incoming) = mpsc::channel::<Job>();
         let (finished, done) = mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("holdfast-snapshots".to_string())
             .spawn(move || {
                 lower_priority();
                 for job in incoming {
-                    let started = std::time::Instant::now();
-                    // One message per lock: the event loop's writes and reads go between.
-                    let encoded = job.encode(&mut |queue, offset| {
-                        let mut store = store
-                            .lock()
-                            .map_err(|_| "the queue store is poisoned".to_string())?;
-                        store.message(job.group, queue, offset)
-                    });
-                    if job.reads_messages() {
-                        let released = match store.lock() {
-                            Ok(mut store) => store.release(job.group),
-                            Err(_) => Err("the queue store is poisoned".to_string()),
-                        };
-                        if let Err(e) = released {
-                            warn!(group = job.group, "retention after a snapshot: {e}");
+                    let result = match job {
+                        Job::Snapshot(job) => {
+                            let data = snapshot(&data_dir, &store, &job);
+                            Done::Snapshot(job.group, job.index, data)
                         }
-                    }
-                    let data = match encoded {
-                        Ok(data) => Bytes::from(data),
-                        Err(why) => {
-                            warn!(
-                                group = job.group,
-                                index = job.index,
-                                "cannot snapshot: {why}"
-                            );
-                            if finished.send((job.group, job.index, Err(why))).is_err() {
-                                return;
+                        Job::Transfer(job) => {
+                            let started = std::time::Instant::now();
+                            // One message per lock: the event loop's writes and reads go between.
+                            let image = job.encode(&mut |queue, offset| {
+                                let mut store = store
+                                    .lock()
+                                    .map_err(|_| "the queue store is poisoned".to_string())?;
+                                store.message(job.group, queue, offset)
+                            });
+                            match &image {
+                                Ok(image) => debug!(
+                                    group = job.group,
+                                    index = job.index,
+                                    bytes = image.len(),
+                                    ms = started.elapsed().as_millis() as u64,
+                                    "transfer image made"
+                                ),
+                                Err(why) => warn!(
+                                    group = job.group,
+                                    index = job.index,
+                                    "cannot make a transfer image: {why}"
+                                ),
                             }
-                            notify();
-                            continue;
+                            Done::Transfer(job.group, job.index, image.map(Bytes::from))
                         }
                     };
-                    let snapshot = Snapshot {
-                        index: job.index,
-                        term: job.term,
-                        data,
-                    };
-                    let encoded_ms = started.elapsed().as_millis() as u64;
-                    let dir = data_dir.join(format!("group-{}", job.group));
-                    // On failure the storage thread writes it itself, and reports any error.
-                    if let Err(e) = write_snapshot_file(&dir, &snapshot) {
-                        warn!(
-                            group = job.group,
-                            "cannot write the snapshot file early: {e}"
-                        );
-                    }
-                    debug!(
-                        group = job.group,
-                        index = job.index,
-                        bytes = snapshot.data.len(),
-                        encoded_ms,
-                        written_ms = started.elapsed().as_millis() as u64 - encoded_ms,
-                        "snapshot encoded"
-                    );
-                    if finished
-                        .send((job.group, job.index, Ok(snapshot.data)))
-                        .is_err()
-                    {
+                    if finished.send(result).is_err() {
                         return;
                     }
                     notify();
@@ -120,21 +105,97 @@ impl SnapshotEncoder {
         }
     }
 
-    /// Whether the thread runs (else jobs are dropped and logs never compacted).
-    pub fn running(&self) -> bool {
-        self.jobs.is_some()
-    }
-
     pub fn submit(&self, job: SnapshotJob) {
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(job);
+            let _ = jobs.send(Job::Snapshot(job));
         }
     }
 
-    /// Snapshots encoded so far, without blocking.
-    pub fn poll_done(&self) -> Vec<Encoded> {
+    pub fn submit_transfer(&self, job: TransferJob) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job::Transfer(job));
+        }
+    }
+
+    /// Jobs done so far, without blocking.
+    pub fn poll_done(&self) -> Vec<Done> {
         self.done.try_iter().collect()
     }
+}
+
+/// Encodes `job`, syncs the store it refers to, writes the file; the data, or why not.
+fn snapshot(
+    data_dir: &std::path::Path,
+    store: &Mutex<QueueStore>,
+    job: &SnapshotJob,
+) -> Result<Bytes, String> {
+    let started = std::time::Instant::now();
+    let data = Bytes::from(job.encode().inspect_err(|why| {
+        warn!(
+            group = job.group,
+            index = job.index,
+            "cannot snapshot: {why}"
+        );
+    })?);
+    let encoded_ms = started.elapsed().as_millis() as u64;
+    let starts = job.queue_starts();
+    if job.needs_store() {
+        // The fsyncs run without the lock: the event loop goes on writing meanwhile.
+        let plan = match store.lock() {
+            Ok(mut store) => store.sync_plan(job.group, &starts),
+            Err(_) => Err("the queue store is poisoned".to_string()),
+        };
+        let synced = plan.and_then(|plan| {
+            plan.run().inspect_err(|why| {
+                if let Ok(mut store) = store.lock() {
+                    store.fail(why);
+                }
+            })
+        });
+        if let Err(why) = synced {
+            // Never swallowed: the store refuses every later operation, which stops the node.
+            warn!(
+                group = job.group,
+                "cannot sync the queue store for a snapshot: {why}"
+            );
+            return Err(why);
+        }
+    }
+    let synced_ms = started.elapsed().as_millis() as u64 - encoded_ms;
+    let snapshot = Snapshot {
+        index: job.index,
+        term: job.term,
+        data,
+    };
+    let dir = data_dir.join(format!("group-{}", job.group));
+    // On failure the storage thread writes it itself, and reports any error; retention then
+    // waits for the next snapshot.
+    match write_snapshot_file(&dir, &snapshot) {
+        Ok(()) if job.needs_store() => {
+            let written = match store.lock() {
+                Ok(mut store) => store.snapshot_written(job.group, &starts),
+                Err(_) => Err("the queue store is poisoned".to_string()),
+            };
+            if let Err(e) = written {
+                warn!(group = job.group, "retention after a snapshot: {e}");
+            }
+        }
+        Ok(()) => {}
+        Err(e) => warn!(
+            group = job.group,
+            "cannot write the snapshot file early: {e}"
+        ),
+    }
+    debug!(
+        group = job.group,
+        index = job.index,
+        bytes = snapshot.data.len(),
+        encoded_ms,
+        synced_ms,
+        written_ms = started.elapsed().as_millis() as u64 - encoded_ms - synced_ms,
+        "snapshot encoded"
+    );
+    Ok(snapshot.data)
 }
 
 /// Encoding is background work: the event loop's heartbeats must win any fight for a core,

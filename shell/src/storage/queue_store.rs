@@ -6,30 +6,45 @@
 //! ```text
 //! <data_dir>/queues/group-<id>/<topic|retry|dlq>/n<name>/<queue>/<first offset>.qseg
 //!     records [len u32][crc32c u32][offset u64][message]
+//! <data_dir>/queues/group-<id>/<topic|retry|dlq>/n<name>/<queue>/<first offset>.qidx
+//!     a sealed segment's index: [count u64][position u32 × count][length u64][crc32c u32]
 //! ```
 //!
 //! Offsets in names are zero-padded to 20 digits. The record format is the core's
 //! ([`holdfast_core::broker::encode_record`]); the core checks every record read back against
 //! its checksum and offset before a consumer sees it.
 //!
-//! What the files mean after a crash is simple on purpose: nothing. The core writes every
-//! retained message again at start (`StoreOp::Reset`, then the snapshot's messages and the log
-//! tail's), so the store is never the only copy of a message and needs no fsync: the Raft log
-//! and snapshots are the durable copies. (A store that survives restarts, with snapshots that
-//! hold only metadata, is the next step of issue 14.)
+//! # Durability
 //!
-//! A queue's records go to its newest segment until it passes [`SEGMENT_BYTES_MAX`]; retention
-//! deletes whole segments below a queue's new start. The position of every record in its
-//! segment stays in memory: four bytes per message.
+//! A broker group's snapshots hold only metadata (the index, offsets, acks, dedup windows):
+//! they stand for the state only together with this store. So before a snapshot is written,
+//! [`QueueStore::sync_group`] fsyncs every segment, sealed-segment index and directory the
+//! group wrote since its last sync; an fsync error fails the store for good (a retry that
+//! "succeeds" would lie: fsyncgate) and the snapshot is never written. At a restart the core
+//! asks ([`StoreOp::Recover`]) for exactly what the snapshot references: the store drops
+//! anything at or past each queue's end (written after the snapshot, maybe torn; replaying
+//! the log writes it again) and refuses to go on, naming the offset, if it lacks anything
+//! before. Retention deletes whole segments, never below the queue starts of the newest
+//! snapshot a restart could read ([`QueueStore::snapshot_written`]).
+//!
+//! # Opening
+//!
+//! [`QueueStore::open`] does not read every record: a sealed segment's positions come from its
+//! `.qidx` (checked by its checksum and length), and only the newest segment of each queue,
+//! and any sealed one whose index is missing or damaged, is scanned, checking each record,
+//! up to the first that does not check (the newest segment's file is cut there: a torn tail).
+//! The position of every record stays in memory: four bytes per message.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use holdfast_core::broker::{Offset, QueueId, StoreOp, StoredMessage, decode_record, record_len};
+use holdfast_core::broker::{
+    Offset, QueueId, QueueRange, StoreOp, StoredMessage, decode_record, record_len,
+};
 use holdfast_core::raft::GroupId;
 
 /// A segment takes records until it holds this many bytes; the next record starts another.
@@ -38,6 +53,10 @@ pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
 /// A record read back is refused beyond this length: a damaged length must not allocate
 /// gigabytes.
 const RECORD_READ_BYTES_MAX: usize = 2 * holdfast_core::limits::COMMAND_BYTES_MAX + 4096;
+
+/// A sealed segment's index is refused beyond this many positions (a damaged count must not
+/// allocate gigabytes): more than a segment of [`SEGMENT_BYTES_MAX`] can hold.
+const INDEX_POSITIONS_MAX: u64 = SEGMENT_BYTES_MAX / 16 + 1;
 
 struct Segment {
     first: Offset,
@@ -50,11 +69,19 @@ struct Segment {
     /// The position of the record of offset `first + i`.
     positions: Vec<u32>,
     len: u64,
+    /// Written since its last fsync.
+    unsynced: bool,
+    /// Sealed, with its `.qidx` written but not yet fsynced.
+    index_unsynced: bool,
 }
 
 impl Segment {
     fn end(&self) -> Offset {
         self.first + self.positions.len() as Offset
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.path.with_extension("qidx")
     }
 }
 
@@ -73,23 +100,63 @@ impl QueueFiles {
 pub struct QueueStore {
     dir: PathBuf,
     queues: BTreeMap<(GroupId, QueueId), QueueFiles>,
-    /// Groups whose snapshot is being encoded from the store, and the trims that wait for it:
-    /// a snapshot reads every message its image retains.
-    held: BTreeMap<GroupId, Vec<(QueueId, Offset)>>,
     /// Queues whose newest segment has pending bytes.
     dirty: BTreeSet<(GroupId, QueueId)>,
+    /// Directories whose entries changed since the last sync.
+    unsynced_dirs: BTreeSet<PathBuf>,
+    /// Groups whose newest snapshot on disk refers to this store, and below which offset of
+    /// each queue retention may delete (the starts of that snapshot, or lower while a newer
+    /// one is being written).
+    floors: BTreeMap<GroupId, BTreeMap<QueueId, Offset>>,
+    /// Each queue's start as retention last set it.
+    trimmed: BTreeMap<(GroupId, QueueId), Offset>,
+    /// The first error of a sync: the store cannot be trusted after it.
+    failed: Option<String>,
 }
 
 impl QueueStore {
-    /// The store under `data_dir`; what an earlier run left there is removed at the first
-    /// `Reset` of each group, which the core asks for at start.
-    pub fn open(data_dir: &Path) -> QueueStore {
-        QueueStore {
+    /// The store under `data_dir`, with what earlier runs left there: see the module's notes.
+    /// An error if a directory or file cannot be read.
+    pub fn open(data_dir: &Path) -> Result<QueueStore, String> {
+        let mut store = QueueStore {
             dir: data_dir.join("queues"),
             queues: BTreeMap::new(),
-            held: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            unsynced_dirs: BTreeSet::new(),
+            floors: BTreeMap::new(),
+            trimmed: BTreeMap::new(),
+            failed: None,
+        };
+        for (group, group_dir) in entries(&store.dir)? {
+            let Some(group) = group
+                .strip_prefix("group-")
+                .and_then(|g| g.parse::<GroupId>().ok())
+            else {
+                continue;
+            };
+            for (kind, kind_dir) in entries(&group_dir)? {
+                let prefix = match kind.as_str() {
+                    "topic" => "",
+                    "retry" => "%RETRY%",
+                    "dlq" => "%DLQ%",
+                    _ => continue,
+                };
+                for (name, name_dir) in entries(&kind_dir)? {
+                    let Some(name) = name.strip_prefix('n') else {
+                        continue;
+                    };
+                    for (number, queue_dir) in entries(&name_dir)? {
+                        let Ok(number) = number.parse::<u32>() else {
+                            continue;
+                        };
+                        let queue = QueueId::new(format!("{prefix}{name}"), number);
+                        let files = open_queue(&queue_dir)?;
+                        store.queues.insert((group, queue), files);
+                    }
+                }
+            }
         }
+        Ok(store)
     }
 
     fn group_dir(&self, group: GroupId) -> PathBuf {
@@ -113,14 +180,24 @@ impl QueueStore {
             .join(queue.queue.to_string())
     }
 
+    fn check(&self) -> Result<(), String> {
+        match &self.failed {
+            Some(first) => Err(format!("the queue store failed earlier: {first}")),
+            None => Ok(()),
+        }
+    }
+
     /// Carries out `op` of `group`. An error is an I/O error (the node must stop: its store
-    /// no longer holds what its index says) or a requeue whose original does not read.
+    /// no longer holds what its index says), a requeue whose original does not read, or a
+    /// recovery that finds the store lacking what the snapshot references.
     pub fn apply(&mut self, group: GroupId, op: StoreOp) -> Result<(), String> {
+        self.check()?;
         match op {
             StoreOp::Reset => {
                 self.queues.retain(|(g, _), _| *g != group);
                 self.dirty.retain(|(g, _)| *g != group);
-                self.held.remove(&group);
+                self.trimmed.retain(|(g, _), _| *g != group);
+                self.floors.remove(&group);
                 let dir = self.group_dir(group);
                 match fs::remove_dir_all(&dir) {
                     Ok(()) => Ok(()),
@@ -141,12 +218,10 @@ impl QueueStore {
                 self.write(group, requeue.to, requeue.offset, &record)
             }
             StoreOp::Trim { queue, start } => {
-                if let Some(waiting) = self.held.get_mut(&group) {
-                    waiting.push((queue, start));
-                    return Ok(());
-                }
-                self.trim(group, &queue, start)
+                self.trimmed.insert((group, queue.clone()), start);
+                self.trim(group, &queue)
             }
+            StoreOp::Recover { queues } => self.recover(group, &queues),
         }
     }
 
@@ -175,9 +250,22 @@ impl QueueStore {
         if roll {
             if let Some(last) = files.segments.values_mut().next_back() {
                 flush(last)?;
+                seal(last)?;
             }
-            fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            if !dir.is_dir() {
+                // Each new directory's entry lives in its parent, which the next sync syncs.
+                let mut created = dir.as_path();
+                while !created.is_dir() {
+                    let Some(parent) = created.parent() else {
+                        break;
+                    };
+                    self.unsynced_dirs.insert(parent.to_path_buf());
+                    created = parent;
+                }
+                fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            self.unsynced_dirs.insert(dir.clone());
             let path = dir.join(format!("{offset:020}.qseg"));
             let file = OpenOptions::new()
                 .create(true)
@@ -195,6 +283,8 @@ impl QueueStore {
                     pending: Vec::new(),
                     positions: Vec::new(),
                     len: 0,
+                    unsynced: true,
+                    index_unsynced: false,
                 },
             );
         }
@@ -204,44 +294,220 @@ impl QueueStore {
         let position = u32::try_from(segment.len)
             .map_err(|_| format!("{} passed 4 GiB", segment.path.display()))?;
         segment.pending.extend_from_slice(record);
+        segment.unsynced = true;
+        segment.positions.push(position);
+        segment.len += record.len() as u64;
         if segment.pending.len() >= PENDING_BYTES_MAX {
             flush(segment)?;
         }
-        segment.positions.push(position);
-        segment.len += record.len() as u64;
         Ok(())
     }
 
-    fn trim(&mut self, group: GroupId, queue: &QueueId, start: Offset) -> Result<(), String> {
-        let Some(files) = self.queues.get_mut(&(group, queue.clone())) else {
+    /// Deletes the queue's whole segments below both retention's start and the newest
+    /// snapshot's start (a restart from that snapshot needs them), never the newest segment.
+    fn trim(&mut self, group: GroupId, queue: &QueueId) -> Result<(), String> {
+        let key = (group, queue.clone());
+        let mut below = self.trimmed.get(&key).copied().unwrap_or(0);
+        if let Some(floors) = self.floors.get(&group) {
+            below = below.min(floors.get(queue).copied().unwrap_or(0));
+        }
+        let Some(files) = self.queues.get_mut(&key) else {
             return Ok(());
         };
-        // Whole segments only, and never the newest (it takes the next writes).
         while files.segments.len() > 1 {
             let Some(first) = files.segments.values().next() else {
                 break;
             };
-            if first.end() > start {
+            if first.end() > below {
                 break;
             }
             let first = first.first;
             if let Some(segment) = files.segments.remove(&first) {
-                fs::remove_file(&segment.path)
-                    .map_err(|e| format!("cannot remove {}: {e}", segment.path.display()))?;
+                remove(&segment.path)?;
+                remove(&segment.index_path())?;
             }
         }
         Ok(())
     }
 
-    /// A snapshot of `group` is being encoded: trims wait until [`QueueStore::release`].
-    pub fn hold(&mut self, group: GroupId) {
-        self.held.entry(group).or_default();
+    fn recover(&mut self, group: GroupId, ranges: &[QueueRange]) -> Result<(), String> {
+        let wanted: BTreeMap<&QueueId, &QueueRange> =
+            ranges.iter().map(|r| (&r.queue, r)).collect();
+        let unknown: Vec<(GroupId, QueueId)> = self
+            .queues
+            .keys()
+            .filter(|(g, q)| *g == group && !wanted.contains_key(q))
+            .cloned()
+            .collect();
+        for key in unknown {
+            if let Some(files) = self.queues.remove(&key) {
+                for segment in files.segments.values() {
+                    remove(&segment.path)?;
+                    remove(&segment.index_path())?;
+                }
+            }
+        }
+        self.floors.insert(
+            group,
+            ranges.iter().map(|r| (r.queue.clone(), r.start)).collect(),
+        );
+        for range in ranges {
+            let key = (group, range.queue.clone());
+            let files = self.queues.entry(key.clone()).or_default();
+            // Past the end: written after the snapshot (maybe torn); the log writes it again.
+            let later: Vec<Offset> = files.segments.range(range.end..).map(|(o, _)| *o).collect();
+            for first in later {
+                if let Some(segment) = files.segments.remove(&first) {
+                    remove(&segment.path)?;
+                    remove(&segment.index_path())?;
+                }
+            }
+            if let Some(last) = files.segments.values_mut().next_back()
+                && last.end() > range.end
+            {
+                let keep = (range.end - last.first) as usize;
+                let cut = u64::from(last.positions[keep]);
+                last.positions.truncate(keep);
+                last.len = cut;
+                last.file
+                    .set_len(cut)
+                    .map_err(|e| format!("cannot cut {}: {e}", last.path.display()))?;
+                last.unsynced = true;
+                remove(&last.index_path())?;
+                last.index_unsynced = false;
+            }
+            debug_assert!(
+                files.end().is_none_or(|end| end <= range.end),
+                "nothing past the snapshot's end survives a recovery"
+            );
+            // Every offset of start..end must be there, in segments that follow each other.
+            let mut next = range.start;
+            for segment in files.segments.values() {
+                if segment.end() <= next {
+                    continue;
+                }
+                if segment.first > next {
+                    break;
+                }
+                next = segment.end();
+            }
+            if next < range.end {
+                return Err(format!(
+                    "group {group}: the queue store lacks {}@{next} (of {}..{}), which the \
+                     snapshot on disk references: its files under {} are damaged or were \
+                     removed. This replica cannot start its group; restore the files, or \
+                     remove this group's directories (data_dir/group-{group} and \
+                     data_dir/queues/group-{group}) for it to be copied from its peers",
+                    range.queue,
+                    range.start,
+                    range.end,
+                    self.queue_dir(group, &range.queue).display()
+                ));
+            }
+            self.trimmed.insert(key, range.start);
+            self.trim(group, &range.queue)?;
+        }
+        Ok(())
     }
 
-    /// The snapshot of `group` is encoded: the trims that waited are carried out.
-    pub fn release(&mut self, group: GroupId) -> Result<(), String> {
-        for (queue, start) in self.held.remove(&group).unwrap_or_default() {
-            self.trim(group, &queue, start)?;
+    /// Makes everything `group` wrote durable, before a snapshot that refers to it is written:
+    /// every segment and sealed-segment index written since the last sync, and every
+    /// directory whose entries changed. `starts` are that snapshot's queue starts: until it
+    /// is written ([`QueueStore::snapshot_written`]), retention deletes below neither them nor
+    /// the previous snapshot's. An error fails the store for good.
+    pub fn sync_group(
+        &mut self,
+        group: GroupId,
+        starts: &[(QueueId, Offset)],
+    ) -> Result<(), String> {
+        let plan = self.sync_plan(group, starts)?;
+        plan.run().inspect_err(|e| self.fail(e))
+    }
+
+    /// [`QueueStore::sync_group`] in two steps, so that the fsyncs run without the store's
+    /// lock: this hands every pending byte of `group` to its file and returns what to fsync;
+    /// [`SyncPlan::run`] fsyncs it; on its error the caller must [`QueueStore::fail`] the store.
+    pub fn sync_plan(
+        &mut self,
+        group: GroupId,
+        starts: &[(QueueId, Offset)],
+    ) -> Result<SyncPlan, String> {
+        self.check()?;
+        let result = self.sync_plan_inner(group, starts);
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        result
+    }
+
+    /// Fails the store for good: every later operation is refused with `why`.
+    pub fn fail(&mut self, why: &str) {
+        if self.failed.is_none() {
+            self.failed = Some(why.to_string());
+        }
+    }
+
+    fn sync_plan_inner(
+        &mut self,
+        group: GroupId,
+        starts: &[(QueueId, Offset)],
+    ) -> Result<SyncPlan, String> {
+        let floors = self.floors.entry(group).or_default();
+        for (queue, start) in starts {
+            let floor = floors.entry(queue.clone()).or_insert(*start);
+            *floor = (*floor).min(*start);
+        }
+        let mut plan = SyncPlan::default();
+        let dup = |path: &Path, file: &File| {
+            file.try_clone()
+                .map(|f| (path.to_path_buf(), f))
+                .map_err(|e| format!("cannot reopen {}: {e}", path.display()))
+        };
+        for ((g, _), files) in self.queues.iter_mut() {
+            if *g != group {
+                continue;
+            }
+            for segment in files.segments.values_mut() {
+                flush(segment)?;
+                if segment.unsynced {
+                    plan.files.push(dup(&segment.path, &segment.file)?);
+                    segment.unsynced = false;
+                }
+                if segment.index_unsynced {
+                    let path = segment.index_path();
+                    let file = File::open(&path)
+                        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                    plan.files.push((path, file));
+                    segment.index_unsynced = false;
+                }
+            }
+        }
+        self.dirty.retain(|(g, _)| *g != group);
+        // Deepest first, so that each directory's own entry is synced after what it holds.
+        plan.dirs = std::mem::take(&mut self.unsynced_dirs)
+            .into_iter()
+            .rev()
+            .collect();
+        Ok(plan)
+    }
+
+    /// The snapshot of `group` whose queue starts are `starts` is durable: retention may now
+    /// delete below them, and it carries out what waited.
+    pub fn snapshot_written(
+        &mut self,
+        group: GroupId,
+        starts: &[(QueueId, Offset)],
+    ) -> Result<(), String> {
+        self.check()?;
+        self.floors.insert(group, starts.iter().cloned().collect());
+        let queues: Vec<QueueId> = self
+            .queues
+            .keys()
+            .filter(|(g, _)| *g == group)
+            .map(|(_, q)| q.clone())
+            .collect();
+        for queue in queues {
+            self.trim(group, &queue)?;
         }
         Ok(())
     }
@@ -307,7 +573,7 @@ impl QueueStore {
         (records, None)
     }
 
-    /// The message of `(queue, offset)`, checked: for snapshots.
+    /// The message of `(queue, offset)`, checked: for transfer images.
     pub fn message(
         &mut self,
         group: GroupId,
@@ -318,9 +584,11 @@ impl QueueStore {
         decode_record(&record, offset).map_err(|e| format!("{queue}@{offset}: {e}"))
     }
 
-    /// Hands every pending record to its file (no fsync: see the module's notes) and frees
-    /// the buffers.
+    /// Hands every pending record to its file (fsynced only by [`QueueStore::sync_group`]: the
+    /// Raft log is the durable copy of everything no snapshot covers yet) and frees the
+    /// buffers.
     pub fn flush(&mut self) -> Result<(), String> {
+        self.check()?;
         for key in std::mem::take(&mut self.dirty) {
             if let Some(segment) = self
                 .queues
@@ -343,6 +611,33 @@ impl QueueStore {
     }
 }
 
+/// What [`QueueStore::sync_plan`] found to fsync.
+#[derive(Default)]
+pub struct SyncPlan {
+    files: Vec<(PathBuf, File)>,
+    dirs: Vec<PathBuf>,
+}
+
+impl SyncPlan {
+    /// Fsyncs the files, then the directories; the first error, which the caller must not
+    /// swallow (the store is no longer known to hold what it wrote).
+    pub fn run(self) -> Result<(), String> {
+        for (path, file) in self.files {
+            file.sync_data()
+                .map_err(|e| format!("fdatasync {} failed: {e}", path.display()))?;
+        }
+        for dir in self.dirs {
+            match File::open(&dir).and_then(|d| d.sync_all()) {
+                Ok(()) => {}
+                // Removed since (a Reset): nothing there to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("fsync directory {} failed: {e}", dir.display())),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Pending bytes beyond this are written out at once.
 const PENDING_BYTES_MAX: usize = 1 << 20;
 
@@ -350,18 +645,182 @@ fn flush(segment: &mut Segment) -> Result<(), String> {
     if segment.pending.is_empty() {
         return Ok(());
     }
+    // At the place they belong, whatever the file's cursor: a recovery may have cut the file.
+    let at = segment.len - segment.pending.len() as u64;
     segment
         .file
-        .write_all(&segment.pending)
+        .write_all_at(&segment.pending, at)
         .map_err(|e| format!("cannot write {}: {e}", segment.path.display()))?;
     segment.pending = Vec::new();
     Ok(())
+}
+
+/// Writes a sealed segment's `.qidx` (fsynced with the segment at the next sync).
+fn seal(segment: &mut Segment) -> Result<(), String> {
+    let mut bytes = Vec::with_capacity(20 + 4 * segment.positions.len());
+    bytes.extend_from_slice(&(segment.positions.len() as u64).to_le_bytes());
+    for position in &segment.positions {
+        bytes.extend_from_slice(&position.to_le_bytes());
+    }
+    bytes.extend_from_slice(&segment.len.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let path = segment.index_path();
+    fs::write(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    segment.index_unsynced = true;
+    Ok(())
+}
+
+/// The positions a sealed segment's `.qidx` holds, if it is whole and fits a file of `len`
+/// bytes.
+fn read_index(path: &Path, file_len: u64) -> Option<(Vec<u32>, u64)> {
+    let bytes = fs::read(path).ok()?;
+    let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
+    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let count = u64::from_le_bytes(body.get(0..8)?.try_into().ok()?);
+    if count > INDEX_POSITIONS_MAX || body.len() as u64 != 16 + 4 * count {
+        return None;
+    }
+    let positions: Vec<u32> = body[8..8 + 4 * count as usize]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let len = u64::from_le_bytes(body[body.len() - 8..].try_into().ok()?);
+    let ordered =
+        positions.first().is_none_or(|p| *p == 0) && positions.windows(2).all(|w| w[0] < w[1]);
+    let fits = positions.last().is_none_or(|p| u64::from(*p) < len) && len <= file_len;
+    (ordered && fits).then_some((positions, len))
+}
+
+/// Scans a segment's records from the start, checking each (length, checksum, offset), up
+/// to the first that does not check or the end; returns their positions and where they end.
+fn scan(path: &Path, file: &File, first: Offset) -> Result<(Vec<u32>, u64), String> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut positions = Vec::new();
+    let mut at = 0u64;
+    let mut record = Vec::new();
+    loop {
+        let mut header = [0u8; 8];
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        let Some(len) = record_len(&header).filter(|l| *l <= RECORD_READ_BYTES_MAX && *l >= 16)
+        else {
+            break;
+        };
+        record.clear();
+        record.extend_from_slice(&header);
+        record.resize(len, 0);
+        match reader.read_exact(&mut record[8..]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        let offset = first + positions.len() as Offset;
+        if decode_record(&record, offset).is_err() {
+            break;
+        }
+        let Ok(position) = u32::try_from(at) else {
+            break;
+        };
+        positions.push(position);
+        at += len as u64;
+    }
+    Ok((positions, at))
+}
+
+/// A queue's segments as an earlier run left them; the newest one's torn tail is cut off.
+fn open_queue(dir: &Path) -> Result<QueueFiles, String> {
+    let mut firsts: Vec<(Offset, PathBuf)> = entries(dir)?
+        .into_iter()
+        .filter_map(|(name, path)| {
+            let first = name.strip_suffix(".qseg")?.parse::<Offset>().ok()?;
+            Some((first, path))
+        })
+        .collect();
+    firsts.sort();
+    let count = firsts.len();
+    let mut files = QueueFiles::default();
+    for (i, (first, path)) in firsts.into_iter().enumerate() {
+        let newest = i + 1 == count;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+            .len();
+        let index_path = path.with_extension("qidx");
+        let indexed = if newest {
+            None
+        } else {
+            read_index(&index_path, file_len)
+        };
+        let (positions, len) = match indexed {
+            Some(indexed) => indexed,
+            None => scan(&path, &file, first)?,
+        };
+        if newest && len < file_len {
+            // A torn tail, or records written after the last sync that did not all land.
+            file.set_len(len)
+                .map_err(|e| format!("cannot cut {}: {e}", path.display()))?;
+            remove(&index_path)?;
+        }
+        files.segments.insert(
+            first,
+            Segment {
+                first,
+                path,
+                file,
+                pending: Vec::new(),
+                positions,
+                len,
+                unsynced: true,
+                index_unsynced: false,
+            },
+        );
+    }
+    Ok(files)
+}
+
+/// The entries of `dir` (none if it does not exist), by name.
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let read = match fs::read_dir(dir) {
+        Ok(read) => read,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+    };
+    let mut found = Vec::new();
+    for entry in read {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        if let Some(name) = entry.file_name().to_str() {
+            found.push((name.to_string(), entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes a file; one already gone is fine.
+fn remove(path: &Path) -> Result<(), String> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot remove {}: {e}", path.display())),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use holdfast_core::broker::{Message, Requeue, encode_record};
+    use std::io::Write;
 
     fn stored(body: &str) -> StoredMessage {
         StoredMessage {
@@ -387,7 +846,7 @@ mod tests {
     #[test]
     fn records_read_back_across_segments_and_retention_deletes_whole_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = QueueStore::open(dir.path());
+        let mut store = QueueStore::open(dir.path()).expect("opens");
         store.apply(1, StoreOp::Reset).expect("resets");
         let queue = QueueId::new("orders", 0);
         let big = "x".repeat(1 << 20);
@@ -402,7 +861,8 @@ mod tests {
         }
         let segments = |store: &QueueStore| store.queues[&(1, queue.clone())].segments.len();
         assert!(segments(&store) >= 2, "the records span segments");
-        store.hold(1);
+        // A snapshot that still references offset 0 is being written: retention waits for it.
+        store.sync_group(1, &[(queue.clone(), 0)]).expect("syncs");
         let trim = StoreOp::Trim {
             queue: queue.clone(),
             start: 129,
@@ -410,9 +870,11 @@ mod tests {
         store.apply(1, trim).expect("trims");
         assert!(
             store.message(1, &queue, 0).is_ok(),
-            "a held group keeps its segments"
+            "a snapshot that references them keeps the segments"
         );
-        store.release(1).expect("trims");
+        store
+            .snapshot_written(1, &[(queue.clone(), 129)])
+            .expect("trims");
         assert!(store.message(1, &queue, 0).is_err());
         assert!(store.message(1, &queue, 129).is_ok());
         assert_eq!(segments(&store), 1);
@@ -424,7 +886,7 @@ mod tests {
     #[test]
     fn a_damaged_record_is_refused_by_its_checksum_and_a_requeue_copies() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = QueueStore::open(dir.path());
+        let mut store = QueueStore::open(dir.path()).expect("opens");
         let queue = QueueId::new("orders", 0);
         write(&mut store, &queue, 0, "hello");
         write(&mut store, &queue, 1, "world");
@@ -466,5 +928,135 @@ mod tests {
         // A Reset removes every file of the group.
         store.apply(1, StoreOp::Reset).expect("resets");
         assert!(!dir.path().join("queues/group-1").exists());
+    }
+
+    fn range(queue: &QueueId, start: Offset, end: Offset) -> QueueRange {
+        QueueRange {
+            queue: queue.clone(),
+            start,
+            end,
+        }
+    }
+
+    /// What a synced store held comes back at the next open without a scan of its sealed
+    /// segments; a recovery cuts what lies past the snapshot's end (a torn tail included)
+    /// and the log's writes land after it.
+    #[test]
+    fn a_synced_store_survives_a_restart_and_its_tail_is_cut_to_the_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = QueueId::new("orders", 3);
+        let retry = QueueId::retry("billing", 1);
+        let big = "y".repeat(300_000);
+        {
+            let mut store = QueueStore::open(dir.path()).expect("opens");
+            for offset in 0..500 {
+                write(&mut store, &queue, offset, &big);
+            }
+            write(&mut store, &retry, 0, "again");
+            store.sync_group(1, &[(queue.clone(), 0)]).expect("syncs");
+            // Written after the snapshot, then a torn record.
+            write(&mut store, &queue, 500, "after");
+            store.flush().expect("flushes");
+            let files = &store.queues[&(1, queue.clone())];
+            let last = files.segments.values().next_back().expect("segment");
+            let mut file = OpenOptions::new()
+                .append(true)
+                .open(&last.path)
+                .expect("opens");
+            file.write_all(&[9, 0, 0, 0, 1, 2]).expect("tears");
+        }
+        let index_files = fs::read_dir(dir.path().join("queues/group-1/topic/norders/3"))
+            .expect("lists")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "qidx"))
+            })
+            .count();
+        assert!(
+            index_files >= 2,
+            "sealed segments have indexes: {index_files}"
+        );
+        let mut store = QueueStore::open(dir.path()).expect("opens again");
+        assert_eq!(
+            store.queues[&(1, queue.clone())].end(),
+            Some(501),
+            "the torn record is cut"
+        );
+        let recover = StoreOp::Recover {
+            queues: vec![range(&queue, 0, 500), range(&retry, 0, 1)],
+        };
+        store.apply(1, recover).expect("recovers");
+        assert_eq!(store.queues[&(1, queue.clone())].end(), Some(500));
+        write(&mut store, &queue, 500, "replayed");
+        let replayed = store.message(1, &queue, 500).expect("reads");
+        assert_eq!(replayed.message.body.as_ref(), b"replayed");
+        assert_eq!(
+            store
+                .message(1, &queue, 0)
+                .expect("reads")
+                .message
+                .body
+                .len(),
+            big.len()
+        );
+        assert_eq!(
+            store
+                .message(1, &queue, 499)
+                .expect("reads")
+                .message
+                .body
+                .len(),
+            big.len()
+        );
+        assert!(store.message(1, &retry, 0).is_ok());
+    }
+
+    /// A store that lacks what a snapshot references refuses to recover, naming the offset;
+    /// a damaged index is not trusted (the segment is scanned instead).
+    #[test]
+    fn a_store_missing_a_segment_the_snapshot_needs_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = QueueId::new("orders", 0);
+        let big = "z".repeat(1 << 20);
+        let paths: Vec<PathBuf> = {
+            let mut store = QueueStore::open(dir.path()).expect("opens");
+            for offset in 0..200 {
+                write(&mut store, &queue, offset, &big);
+            }
+            store.sync_group(1, &[(queue.clone(), 0)]).expect("syncs");
+            store.queues[&(1, queue.clone())]
+                .segments
+                .values()
+                .map(|s| s.path.clone())
+                .collect()
+        };
+        assert!(paths.len() >= 3);
+        // A damaged index: the segment is scanned, and reads the same.
+        let index = paths[0].with_extension("qidx");
+        let mut bytes = fs::read(&index).expect("reads");
+        bytes[9] ^= 1;
+        fs::write(&index, &bytes).expect("writes");
+        let mut store = QueueStore::open(dir.path()).expect("opens");
+        store
+            .apply(
+                1,
+                StoreOp::Recover {
+                    queues: vec![range(&queue, 0, 200)],
+                },
+            )
+            .expect("recovers");
+        assert!(store.message(1, &queue, 1).is_ok());
+        drop(store);
+        fs::remove_file(&paths[1]).expect("removes");
+        let mut store = QueueStore::open(dir.path()).expect("opens");
+        let error = store
+            .apply(
+                1,
+                StoreOp::Recover {
+                    queues: vec![range(&queue, 0, 200)],
+                },
+            )
+            .expect_err("refused");
+        assert!(error.contains("lacks orders/0@"), "{error}");
     }
 }

@@ -184,10 +184,11 @@ struct Host {
     timer_at: Instant,
     /// The next fsync fails (I/O error or disk full): the node stops instead.
     fail_sync: bool,
-    /// The node's queue store: message bytes, outside the state machine. It lives as long as
-    /// the process does: a node forgets it at every start (`StoreOp::Reset`) and writes it
-    /// again from its snapshots and log, so a crash drops it whole.
+    /// The node's queue store: message bytes, outside the state machine.
     store: MemoryStore,
+    /// What of `store` a crash leaves: a copy taken at each sync, which the node makes before
+    /// a broker group's (metadata-only) snapshot is handed over to be written.
+    durable_store: MemoryStore,
 }
 
 /// A replica's applied state with its queue store: what the checkers read messages from.
@@ -617,7 +618,7 @@ impl QueueWorld {
         }
         host.up = false;
         host.fail_sync = false;
-        host.store = MemoryStore::default();
+        host.store = host.durable_store.clone();
         host.incarnation += 1;
         host.paused_until = Instant::ZERO;
         if torn {
@@ -675,6 +676,17 @@ impl QueueWorld {
         // Store operations before the reads and snapshots that need them; a read's pull may
         // answer at once, so round again until nothing is left.
         loop {
+            // A transfer image reads the store as it is; answering it may apply entries,
+            // whose store operations then go before anything that needs them.
+            while let Some(job) = broker.poll_transfer_job() {
+                let store = &host.store;
+                let image = job.encode(&mut |queue, offset| {
+                    store
+                        .message(job.group, queue, offset)
+                        .ok_or_else(|| format!("{queue}@{offset} is not in the store"))
+                });
+                broker.transfer_encoded(now, job.group, job.index, image.map(bytes::Bytes::from));
+            }
             while let Some((group, op)) = broker.poll_store() {
                 host.store.apply(group, op).map_err(|why| {
                     violation("queue-store", format!("node {node} group {group}: {why}"))
@@ -713,12 +725,14 @@ impl QueueWorld {
         }
         while let Some(job) = broker.poll_snapshot_job() {
             let at = now + Duration::from_micros(self.rng.random_range(0..20_000));
-            let store = &host.store;
-            let encoded = job.encode(&mut |queue, offset| {
-                store
-                    .message(job.group, queue, offset)
-                    .ok_or_else(|| format!("{queue}@{offset} is not in the store"))
-            });
+            // The snapshot refers to the store: what it references is synced first.
+            if job.needs_store()
+                && !holdfast_core::raft::Canary::SnapshotBeforeStoreSync
+                    .planted(self.options.canary)
+            {
+                host.durable_store = host.store.clone();
+            }
+            let encoded = job.encode();
             let data = match encoded {
                 Ok(data) => bytes::Bytes::from(data),
                 Err(why) => {

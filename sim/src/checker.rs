@@ -69,6 +69,15 @@ pub fn digest(entry: &Entry) -> u64 {
     let mut hasher = Xxh3::new();
     match &entry.kind {
         EntryKind::Noop => hasher.update(&[0]),
+        EntryKind::Config(membership) => {
+            hasher.update(&[2]);
+            for set in [&membership.voters, &membership.learners] {
+                hasher.update(&(set.len() as u64).to_le_bytes());
+                for id in set {
+                    hasher.update(&id.to_le_bytes());
+                }
+            }
+        }
         EntryKind::Commands(commands) => {
             hasher.update(&[1]);
             for command in commands {

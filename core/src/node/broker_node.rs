@@ -196,6 +196,8 @@ pub struct SnapshotJob {
     pub index: Index,
     /// The term of the entry at `index`: the snapshot's term.
     pub term: Term,
+    /// The group's configuration as of `index`, which the snapshot file must hold.
+    pub membership: Option<crate::raft::Membership>,
     image: Machine,
 }
 
@@ -1566,7 +1568,9 @@ impl BrokerNode {
                     }
                     RaftEvent::SteppedDown { .. } => counters.stepped_down += 1,
                     RaftEvent::LeaderChanged { .. } => counters.leader_changes += 1,
-                    RaftEvent::MessageRefused { .. } | RaftEvent::TransferAborted { .. } => {}
+                    RaftEvent::MessageRefused { .. }
+                    | RaftEvent::TransferAborted { .. }
+                    | RaftEvent::MembershipChanged { .. } => {}
                 }
                 let group = *group_id;
                 let event = match event {
@@ -1583,6 +1587,8 @@ impl BrokerNode {
                     RaftEvent::TransferAborted { term, to } => {
                         NodeEvent::TransferAborted { group, term, to }
                     }
+                    // Nothing changes membership on a node yet (issue 17, operator surface).
+                    RaftEvent::MembershipChanged { .. } => continue,
                 };
                 if self.events.len() >= EVENTS_BUFFERED_MAX {
                     self.events.pop_front();
@@ -1830,6 +1836,7 @@ fn snapshot_due(
         group: group_id,
         index: status.applied_index,
         term,
+        membership: Some(group.raft.membership_at(status.applied_index).clone()),
         image: group.machine.clone(),
     })
 }
@@ -1976,7 +1983,7 @@ fn claim_command(ask: &PullAsk<'_>, takeover: Option<Holder>) -> Command {
 /// Decodes a committed broker entry's commands, for checkers and tools.
 pub fn decode_entry(kind: &EntryKind) -> Vec<Option<Command>> {
     match kind {
-        EntryKind::Noop => Vec::new(),
+        EntryKind::Noop | EntryKind::Config(_) => Vec::new(),
         EntryKind::Commands(commands) => commands.iter().map(|c| decode_command(c).ok()).collect(),
     }
 }

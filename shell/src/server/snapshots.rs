@@ -78,6 +78,7 @@ impl SnapshotEncoder {
                         index: job.index,
                         term: job.term,
                         data,
+                        membership: job.membership.clone(),
                     };
                     let encoded_ms = started.elapsed().as_millis() as u64;
                     let dir = data_dir.join(format!("group-{}", job.group));

@@ -32,6 +32,10 @@ pub const RAFT_CHECKERS: [&str; 12] = [
 /// rule. (Recovery losing a durable entry is the `recovery` checker's.)
 pub const DISK_CHECKERS: [&str; 2] = ["committed-bytes", "damaged-vote"];
 
+/// The checkers of configuration safety, which only runs that change membership exercise.
+pub const MEMBERSHIP_CHECKERS: [&str; 3] =
+    ["config-quorum", "config-election", "one-change-at-a-time"];
+
 /// The checkers that only runs that compact exercise.
 pub const SNAPSHOT_CHECKERS: [&str; 1] = ["snapshot-agreement"];
 
@@ -59,6 +63,7 @@ pub fn violation(checker: &'static str, detail: String) -> Violation {
         RAFT_CHECKERS.contains(&checker)
             || DISK_CHECKERS.contains(&checker)
             || SNAPSHOT_CHECKERS.contains(&checker)
+            || MEMBERSHIP_CHECKERS.contains(&checker)
             || QUEUE_CHECKERS.contains(&checker)
     );
     Violation { checker, detail }

@@ -673,6 +673,13 @@ impl Replica {
             && self.commit >= self.membership_index()
         {
             self.become_follower(now, self.term, None);
+            // No leader will replicate to a server outside the configuration, so its
+            // proposals past the commit would wait for ever: their outcome is unknown (the
+            // next leader may well commit them), which is what `Dropped` says.
+            for (_, (id, _)) in std::mem::take(&mut self.proposals) {
+                let outcome = ProposalOutcome::Dropped { leader_hint: None };
+                self.fates.push_back(ProposalFate { id, outcome });
+            }
         }
     }
 
@@ -1237,9 +1244,17 @@ impl Replica {
         self.damage.is_none() || self.canary(Canary::VoteWhileDamaged)
     }
 
-    /// Only a voter of the configuration in effect campaigns.
+    /// A voter of the configuration in effect campaigns; so does a server that configuration
+    /// removed while it does not know it committed (thesis §4.2.2): it may hold the only log
+    /// that can finish the change (a leader that appended its own removal and lost its
+    /// leadership before the removal committed), and it does not count its own vote. A learner
+    /// never campaigns.
     fn may_campaign(&self) -> bool {
-        self.may_vote() && self.effective().is_voter(self.config.id)
+        let membership = self.effective();
+        let id = self.config.id;
+        self.may_vote()
+            && (membership.is_voter(id)
+                || (!membership.contains(id) && self.membership_index() > self.commit))
     }
 
     /// Notes repair progress; see [`Replica::damaged_from`].

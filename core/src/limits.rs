@@ -21,6 +21,9 @@ pub const TOPICS_MAX: usize = 10_000;
 pub const QUEUES_MAX: usize = 65_536;
 /// Consumer groups a node tracks members of.
 pub const CONSUMER_GROUPS_MAX: usize = 10_000;
+/// Members (voters and learners) of one Raft group's configuration: bounds the configuration
+/// entries and snapshot headers a peer can make a replica decode.
+pub const GROUP_MEMBERS_MAX: usize = 64;
 /// Live members of one consumer group.
 pub const MEMBERS_PER_GROUP_MAX: usize = 1_024;
 /// The longest consumer member id, in bytes.

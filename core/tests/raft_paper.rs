@@ -848,6 +848,7 @@ fn install(term: Term, index: Index, snapshot_term: Term, data: &'static [u8]) -
         offset: 0,
         total: data.len() as u64,
         chunk: Bytes::from_static(data),
+        membership: None,
     }
 }
 
@@ -1006,6 +1007,7 @@ fn restart_from_a_snapshot_applies_only_what_follows_it() {
             index: 4,
             term: 2,
             data: Bytes::from_static(b"four"),
+            membership: None,
         }),
         entries: vec![entry(5, 2), entry(6, 2), entry(7, 2)],
     };

@@ -312,6 +312,12 @@ impl Machine {
                     mix(command);
                 }
             }
+            EntryKind::Config(membership) => {
+                mix(&[2]);
+                for id in membership.members() {
+                    mix(&id.to_le_bytes());
+                }
+            }
         }
         self.chain = hash;
         self.index = entry.index;
@@ -1118,6 +1124,7 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
                 offset: u64::from(offset),
                 total: u64::from(total),
                 chunk: Bytes::from(vec![byte; usize::from(len)]),
+                membership: None,
             }
         }
         Forged::SnapshotResponse {

@@ -511,6 +511,7 @@ fn run_snapshot_damaged(index: u64, term: u64, data: Vec<u8>, damages: Vec<Damag
         index,
         term,
         data: Bytes::from(data),
+        membership: None,
     };
     let mut bytes = encode_snapshot(&snapshot);
     let original = bytes.clone();

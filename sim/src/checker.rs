@@ -32,6 +32,10 @@ pub const RAFT_CHECKERS: [&str; 12] = [
 /// rule. (Recovery losing a durable entry is the `recovery` checker's.)
 pub const DISK_CHECKERS: [&str; 2] = ["committed-bytes", "damaged-vote"];
 
+/// The checkers of configuration safety, which only runs that change membership exercise.
+pub const MEMBERSHIP_CHECKERS: [&str; 3] =
+    ["config-quorum", "config-election", "one-change-at-a-time"];
+
 /// The checkers that only runs that compact exercise.
 /// `queue-store`: a node's queue store holds what its snapshot references and can make every
 /// copy asked of it (a restart from a metadata-only snapshot checks the first).
@@ -61,6 +65,7 @@ pub fn violation(checker: &'static str, detail: String) -> Violation {
         RAFT_CHECKERS.contains(&checker)
             || DISK_CHECKERS.contains(&checker)
             || SNAPSHOT_CHECKERS.contains(&checker)
+            || MEMBERSHIP_CHECKERS.contains(&checker)
             || QUEUE_CHECKERS.contains(&checker)
     );
     Violation { checker, detail }
@@ -71,6 +76,15 @@ pub fn digest(entry: &Entry) -> u64 {
     let mut hasher = Xxh3::new();
     match &entry.kind {
         EntryKind::Noop => hasher.update(&[0]),
+        EntryKind::Config(membership) => {
+            hasher.update(&[2]);
+            for set in [&membership.voters, &membership.learners] {
+                hasher.update(&(set.len() as u64).to_le_bytes());
+                for id in set {
+                    hasher.update(&id.to_le_bytes());
+                }
+            }
+        }
         EntryKind::Commands(commands) => {
             hasher.update(&[1]);
             for command in commands {

@@ -212,6 +212,8 @@ pub struct SnapshotJob {
     pub index: Index,
     /// The term of the entry at `index`: the snapshot's term.
     pub term: Term,
+    /// The group's configuration as of `index`, which the snapshot file must hold.
+    pub membership: Option<crate::raft::Membership>,
     image: Machine,
 }
 
@@ -1126,13 +1128,18 @@ impl BrokerNode {
                 Ok(data) => {
                     // A follower installs it whatever its store holds: it must carry them.
                     debug_assert!(holds_messages(&data), "a transfer image without messages");
-                    if let Some(term) = g
+                    if let Some((term, membership)) = g
                         .raft
                         .snapshot()
                         .filter(|s| s.index == index)
-                        .map(|s| s.term)
+                        .map(|s| (s.term, s.membership.clone()))
                     {
-                        g.raft.set_transfer(Snapshot { index, term, data });
+                        g.raft.set_transfer(Snapshot {
+                            index,
+                            term,
+                            data,
+                            membership,
+                        });
                     }
                 }
                 Err(why) => self.event(NodeEvent::TransferFailed { group, index, why }),
@@ -1790,7 +1797,9 @@ impl BrokerNode {
                     }
                     RaftEvent::SteppedDown { .. } => counters.stepped_down += 1,
                     RaftEvent::LeaderChanged { .. } => counters.leader_changes += 1,
-                    RaftEvent::MessageRefused { .. } | RaftEvent::TransferAborted { .. } => {}
+                    RaftEvent::MessageRefused { .. }
+                    | RaftEvent::TransferAborted { .. }
+                    | RaftEvent::MembershipChanged { .. } => {}
                 }
                 let group = *group_id;
                 let event = match event {
@@ -1807,6 +1816,8 @@ impl BrokerNode {
                     RaftEvent::TransferAborted { term, to } => {
                         NodeEvent::TransferAborted { group, term, to }
                     }
+                    // Nothing changes membership on a node yet (issue 17, operator surface).
+                    RaftEvent::MembershipChanged { .. } => continue,
                 };
                 if self.events.len() >= EVENTS_BUFFERED_MAX {
                     self.events.pop_front();
@@ -2054,6 +2065,7 @@ fn snapshot_due(
         group: group_id,
         index: status.applied_index,
         term,
+        membership: Some(group.raft.membership_at(status.applied_index).clone()),
         image: group.machine.clone(),
     })
 }
@@ -2207,7 +2219,7 @@ fn claim_command(ask: &PullAsk<'_>, takeover: Option<Holder>) -> Command {
 /// Decodes a committed broker entry's commands, for checkers and tools.
 pub fn decode_entry(kind: &EntryKind) -> Vec<Option<Command>> {
     match kind {
-        EntryKind::Noop => Vec::new(),
+        EntryKind::Noop | EntryKind::Config(_) => Vec::new(),
         EntryKind::Commands(commands) => commands.iter().map(|c| decode_command(c).ok()).collect(),
     }
 }

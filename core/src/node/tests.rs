@@ -753,6 +753,7 @@ fn a_node_restarts_from_a_snapshot_on_its_disk() {
             index: 3,
             term: 1,
             data: Bytes::from_static(b"garbage"),
+            membership: None,
         }),
         ..Recovered::default()
     };

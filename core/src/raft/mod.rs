@@ -17,6 +17,7 @@
 //! (its term is durable already), and the leader counts itself towards a quorum only up to its
 //! own durable index.
 
+mod configs;
 mod log;
 mod progress;
 mod quorum;

@@ -1,12 +1,13 @@
 //! The replica: election, replication, commit. See the module docs of `raft` for the contract.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::configs::Configs;
 use super::log::RaftLog;
 use super::progress::{Progress, ProgressState};
 use super::quorum::{majority, quorum_index};
@@ -68,6 +69,11 @@ pub struct Replica {
     term: Term,
     vote: Option<NodeId>,
     log: RaftLog,
+    /// The configurations the log and snapshot hold; the latest is in effect.
+    configs: Configs,
+    /// The configuration (and its entry's index) the side effects of a change were last run
+    /// for: the leader's progress map, the step-down of a removed leader, the driver's event.
+    membership_seen: (Index, Membership),
 
     // Volatile state.
     role: Role,
@@ -166,6 +172,26 @@ impl Replica {
                 repaired_at: None,
             }
         });
+        let initial = Membership::new(config.voters.iter().copied());
+        let mut configs = Configs::new(
+            snapshot
+                .as_ref()
+                .and_then(|s| s.membership.clone())
+                .unwrap_or(initial),
+        );
+        for index in snapshot_index + 1..=log.last_index() {
+            if let Some(Entry {
+                kind: EntryKind::Config(membership),
+                ..
+            }) = log.get(index)
+            {
+                configs.appended(index, membership.clone());
+            }
+        }
+        let membership_seen = {
+            let (index, membership) = configs.latest();
+            (index, membership.clone())
+        };
         let durable_index = log.last_index();
         let commit = hard_state.commit.min(log.last_index()).max(snapshot_index);
         let mut replica = Replica {
@@ -173,6 +199,8 @@ impl Replica {
             term: hard_state.term,
             vote: hard_state.vote,
             log,
+            configs,
+            membership_seen,
             role: Role::Follower,
             leader: None,
             commit,
@@ -221,11 +249,58 @@ impl Replica {
     }
 
     /// Handles one message from the replica of node `from`.
+    ///
+    /// Messages are not filtered by the configuration (thesis §4.1): a leader this replica
+    /// does not know as a member yet may be one of a configuration it has not received, and
+    /// a candidate it does not know may need its vote. What keeps a removed server from
+    /// disrupting the group: it never learns its removal if it was a follower (the leader stops
+    /// replicating to it at once) and so may campaign, but PreVote changes no one's term;
+    /// members that hear from a leader ignore its Vote (the CheckQuorum lease, thesis
+    /// §4.2.3); and a vote request from outside this replica's configuration with a log
+    /// behind ours is dropped unread, without raising our term (see below).
     pub fn step(&mut self, now: Instant, from: NodeId, message: Message) {
-        if from == self.config.id || !self.config.voters.contains(&from) {
+        self.step_message(now, from, message);
+        self.sync_membership(now);
+        self.check_repaired();
+    }
+
+    fn step_message(&mut self, now: Instant, from: NodeId, message: Message) {
+        if from == self.config.id {
             self.event(RaftEvent::MessageRefused {
                 from,
-                why: format!("node {from} is not another voter of this group"),
+                why: format!("node {from} is this replica"),
+            });
+            return;
+        }
+        if let Message::PreVote {
+            last_index,
+            last_term,
+            ..
+        }
+        | Message::Vote {
+            last_index,
+            last_term,
+            ..
+        }
+        | Message::TransferVote {
+            last_index,
+            last_term,
+            ..
+        } = &message
+            && !self.configs.latest().1.contains(from)
+            && !self.log.is_up_to_date(*last_index, *last_term)
+        {
+            // A server outside our configuration whose log lacks what ours holds: typically
+            // one removed from the group, which never received the entry removing it (every
+            // member that holds that entry gets here). We would refuse it anyway; dropping it
+            // unread also keeps its term from raising ours. A server added in a configuration
+            // we lack has a log ahead of ours, so it is not refused here.
+            self.event(RaftEvent::MessageRefused {
+                from,
+                why: format!(
+                    "node {from} asks for a vote but is not a member of this group's \
+                     configuration and its log is behind this replica's"
+                ),
             });
             return;
         }
@@ -377,16 +452,17 @@ impl Replica {
                 offset,
                 total,
                 chunk,
+                membership,
                 ..
             } => {
                 self.follow(now, from);
-                self.handle_snapshot_chunk(from, index, snapshot_term, offset, total, chunk);
+                let at = (index, snapshot_term, membership);
+                self.handle_snapshot_chunk(from, at, offset, total, chunk);
             }
             Message::SnapshotResponse {
                 index, received, ..
             } => self.handle_snapshot_response(from, index, received),
         }
-        self.check_repaired();
     }
 
     /// Fires every timer due at `now`; harmless if none is due.
@@ -424,8 +500,9 @@ impl Replica {
                 self.broadcast_heartbeat(now);
             }
         } else if now >= self.election_deadline {
-            if !self.may_vote() {
-                // A damaged replica waits for a leader to repair it; it never campaigns.
+            if !self.may_campaign() {
+                // A damaged replica waits for a leader to repair it, a learner to be promoted;
+                // neither campaigns, nor does a server removed from the group.
                 self.reset_election_deadline(now);
                 return;
             }
@@ -469,9 +546,168 @@ impl Replica {
         Ok(index)
     }
 
+    /// Appends a configuration entry making `change` (a leader only). It takes effect here at
+    /// once, and on each follower as soon as the follower appends it; its fate comes back
+    /// through `poll_proposal` tagged with `id`, like a command's. A leader that removes itself
+    /// goes on leading (without counting itself in any quorum) until the entry commits, then
+    /// steps down; a server that is no voter never campaigns.
+    ///
+    /// # Why this is safe: single-server changes (Ongaro's thesis §4.1–4.3)
+    ///
+    /// Raft's safety rests on any two quorums intersecting: two leaders of one term need two
+    /// majorities that share a voter who voted twice, and a committed entry is held by a
+    /// majority that shares a voter with the majority electing any later leader. While the
+    /// configuration changes, different servers may use different configurations. When two
+    /// configurations differ by one voter, added or removed, any majority of one and any
+    /// majority of the other intersect: with `n` voters in the old one and `n + 1` in the new,
+    /// a majority of the old has more than `n / 2` voters and one of the new more than
+    /// `(n + 1) / 2`, together more than `n + 1`, the servers there are. So it is enough that
+    /// at every moment at most two configurations are in use that differ by one voter. That
+    /// is what these rules make true:
+    ///
+    /// - a configuration takes effect when it is appended, on every server (a server acts on
+    ///   the latest configuration in its log): no server waits for a commit to switch, so there
+    ///   is no window in which one server already uses `C_new` while another that holds it
+    ///   still uses `C_old`;
+    /// - one change at a time: no new change is appended before the previous one commits.
+    ///   Once `C_new` is committed, a majority of `C_new` holds it, so no server that lacks it
+    ///   (and still uses `C_old`) can be elected by `C_new`'s voters, and `C_old` is out of use
+    ///   as far as quorums go; only then may `C_newer` (one from `C_new`) appear;
+    /// - a leader appends a change only after it has committed an entry of its own term. Without
+    ///   this, a leader elected under `C_old` with an uncommitted `C_a` from a deposed leader in
+    ///   another's log could append `C_b` (also one from `C_old`) while `C_a` is still in use
+    ///   elsewhere: `C_a` and `C_b` may differ by two voters, whose majorities need not
+    ///   intersect (the bug Ongaro reported in 2015). Committing its own entry first means
+    ///   every configuration appended in an earlier term is either in its log or can never be
+    ///   committed (its own entry outranks it);
+    /// - a log entry that overwrites an uncommitted configuration entry (a new leader's)
+    ///   puts the one before it back in effect; the rule above applies to it unchanged.
+    ///
+    /// Learners (thesis §4.2.1, etcd-io/raft's learners) keep a new server from slowing or
+    /// stalling commits while it catches up: it is in no quorum until promoted, and promotion
+    /// is refused until it holds the log up to the commit index.
+    ///
+    /// # Why not joint consensus
+    ///
+    /// Joint consensus (`C_old,new`, thesis §4.3) changes many voters at once, at the price of
+    /// two configuration entries per change and dual-majority arithmetic everywhere a quorum is
+    /// counted (commit, election, CheckQuorum, the read lease). Every operation this system
+    /// needs (add a node, remove one, replace a lost one) is a sequence of single-server
+    /// changes, and a replacement is add-then-remove so the group never drops below its size.
+    /// The one thing lost is atomically swapping voters in a 2-voter group, which we never run.
+    pub fn propose_membership(
+        &mut self,
+        now: Instant,
+        id: ProposalId,
+        change: ConfChange,
+    ) -> Result<Index, MembershipError> {
+        if self.role != Role::Leader {
+            return Err(MembershipError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if let Some(transfer) = &self.transfer {
+            return Err(MembershipError::Transferring { to: transfer.to });
+        }
+        if self.log.term_at(self.commit) != Some(self.term) {
+            return Err(MembershipError::NotReady);
+        }
+        let (pending, latest) = self.configs.latest();
+        if pending > self.commit && !self.canary(Canary::SecondChangeWhilePending) {
+            return Err(MembershipError::ChangePending { index: pending });
+        }
+        let next = latest.apply(change)?;
+        if let ConfChange::Promote(learner) = change {
+            let match_index = self.progress.get(&learner).map_or(0, |p| p.match_index);
+            if match_index < self.commit {
+                return Err(MembershipError::NotCaughtUp {
+                    id: learner,
+                    match_index,
+                    commit: self.commit,
+                });
+            }
+        }
+        let index = self.append_own(EntryKind::Config(next));
+        self.proposals.insert(index, (id, self.term, now));
+        self.sync_membership(now);
+        self.broadcast_append();
+        self.maybe_commit();
+        self.sync_membership(now);
+        Ok(index)
+    }
+
+    /// The configuration in effect (the latest in the log, committed or not) and the index of
+    /// its entry (0: the snapshot's or the initial one).
+    pub fn membership(&self) -> (Index, &Membership) {
+        (self.membership_index(), self.effective())
+    }
+
+    /// The configuration in effect after the entry at `index` (at or above the snapshot's).
+    pub fn membership_at(&self, index: Index) -> &Membership {
+        self.configs.at(index).1
+    }
+
+    /// The latest configuration in the log whatever a canary plants: for checkers.
+    pub fn latest_membership(&self) -> (Index, &Membership) {
+        self.configs.latest()
+    }
+
+    /// On a leader: how far each other member's log is known to match ours.
+    pub fn progress_matches(&self) -> BTreeMap<NodeId, Index> {
+        self.progress
+            .iter()
+            .map(|(id, p)| (*id, p.match_index))
+            .collect()
+    }
+
+    /// Runs what a change of the configuration in effect entails, once per change.
+    fn sync_membership(&mut self, now: Instant) {
+        let index = self.membership_index();
+        if index != self.membership_seen.0 || *self.effective() != self.membership_seen.1 {
+            let membership = self.effective().clone();
+            self.membership_seen = (index, membership.clone());
+            self.event(RaftEvent::MembershipChanged { index, membership });
+            if self.role == Role::Leader {
+                // A new member starts out probing with our last entry (the configuration that
+                // added it, usually): one round trip finds where its log stands.
+                let next_index = self.log.last_index().max(1);
+                let members: BTreeSet<NodeId> = self.peers().into_iter().collect();
+                self.progress.retain(|id, _| members.contains(id));
+                for peer in members {
+                    self.progress
+                        .entry(peer)
+                        .or_insert_with(|| Progress::new(next_index));
+                }
+                if self
+                    .transfer
+                    .as_ref()
+                    .is_some_and(|t| !self.membership_seen.1.is_voter(t.to))
+                {
+                    self.transfer = None;
+                }
+                self.maybe_commit();
+            }
+        }
+        // A leader removed from the configuration leads until that configuration commits
+        // (thesis §4.2.2: it must see the change through), then steps down; as no voter it
+        // never campaigns again.
+        if self.role == Role::Leader
+            && !self.effective().is_voter(self.config.id)
+            && self.commit >= self.membership_index()
+        {
+            self.become_follower(now, self.term, None);
+            // No leader will replicate to a server outside the configuration, so its
+            // proposals past the commit would wait for ever: their outcome is unknown (the
+            // next leader may well commit them), which is what `Dropped` says.
+            for (_, (id, _, _)) in std::mem::take(&mut self.proposals) {
+                let outcome = ProposalOutcome::Dropped { leader_hint: None };
+                self.fates.push_back(ProposalFate { id, outcome });
+            }
+        }
+    }
+
     /// The driver has synced the write `id` and every write before it.
     pub fn persisted(&mut self, now: Instant, id: WriteId) {
-        let _ = now;
         if id <= self.durable_write || id > self.writes_issued {
             return;
         }
@@ -494,6 +730,7 @@ impl Replica {
         if self.role == Role::Leader {
             self.maybe_commit();
         }
+        self.sync_membership(now);
         self.check_repaired();
     }
 
@@ -628,7 +865,16 @@ impl Replica {
         if self.timeout_now_term == self.term {
             return false;
         }
-        let mut contexts: Vec<u64> = self.progress.values().map(|p| p.lease_context_us).collect();
+        let membership = self.effective();
+        if !membership.is_voter(self.config.id) {
+            return false;
+        }
+        let mut contexts: Vec<u64> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| membership.is_voter(**id))
+            .map(|(_, p)| p.lease_context_us)
+            .collect();
         contexts.push(now.as_micros());
         contexts.sort_unstable_by(|a, b| b.cmp(a));
         let counted = if self.canary(Canary::LeaseWithoutQuorum) {
@@ -660,7 +906,7 @@ impl Replica {
                 leader_hint: self.leader,
             });
         }
-        if to == self.config.id || !self.config.voters.contains(&to) {
+        if to == self.config.id || !self.effective().is_voter(to) {
             return Err(TransferError::NotAVoter { to });
         }
         match &self.transfer {
@@ -699,9 +945,10 @@ impl Replica {
     /// On a leader: the peer best placed to take over, the one holding most of the log among
     /// those heard from since the last CheckQuorum round (ties to the lowest id).
     pub fn transfer_candidate(&self) -> Option<NodeId> {
+        let membership = self.effective();
         self.progress
             .iter()
-            .filter(|(_, p)| p.recent_active)
+            .filter(|(id, p)| p.recent_active && membership.is_voter(**id))
             .max_by_key(|(id, p)| (p.match_index, std::cmp::Reverse(**id)))
             .map(|(id, _)| *id)
     }
@@ -752,8 +999,15 @@ impl Replica {
                 });
             }
         };
+        let membership = Some(self.configs.at(index).1.clone());
         self.log.compact_to(index, term);
-        self.snapshot = Some(Snapshot { index, term, data });
+        self.configs.compacted_to(index);
+        self.snapshot = Some(Snapshot {
+            index,
+            term,
+            data,
+            membership,
+        });
         self.snapshot_dirty = true;
         Ok(())
     }
@@ -879,7 +1133,7 @@ impl Replica {
             last_index: self.log.last_index(),
             last_term: self.log.last_term(),
         };
-        for peer in self.peers() {
+        for peer in self.electors() {
             self.send_after_all_writes(peer, request.clone());
         }
     }
@@ -918,7 +1172,7 @@ impl Replica {
                 last_term,
             }
         };
-        for peer in self.peers() {
+        for peer in self.electors() {
             self.send_after_all_writes(peer, request.clone());
         }
     }
@@ -1012,7 +1266,7 @@ impl Replica {
 
     /// The leader of our term caught us up and asks us to take over.
     fn handle_timeout_now(&mut self, now: Instant) {
-        if self.role == Role::Leader || !self.may_vote() {
+        if self.role == Role::Leader || !self.may_campaign() {
             return;
         }
         self.become_candidate(now, true);
@@ -1028,18 +1282,44 @@ impl Replica {
                 Role::PreCandidate => self.become_candidate(now, false),
                 _ => self.become_leader(now),
             }
-        } else if self.votes.values().filter(|g| !**g).count() >= self.quorum() {
+        } else if self.counted_votes(false) >= self.quorum() {
             self.become_follower(now, self.term, None);
         }
     }
 
+    /// Only voters' grants count (a learner's too under a canary).
     fn won_campaign(&self) -> bool {
-        self.votes.values().filter(|g| **g).count() >= self.quorum()
+        self.counted_votes(true) >= self.quorum()
+    }
+
+    fn counted_votes(&self, granted: bool) -> usize {
+        let membership = self.effective();
+        let learners_vote = self.canary(Canary::LearnerVotes);
+        self.votes
+            .iter()
+            .filter(|(id, g)| {
+                **g == granted
+                    && (membership.is_voter(**id) || (learners_vote && membership.contains(**id)))
+            })
+            .count()
     }
 
     /// A damaged replica must not vote or campaign until it is repaired.
     fn may_vote(&self) -> bool {
         self.damage.is_none() || self.canary(Canary::VoteWhileDamaged)
+    }
+
+    /// A voter of the configuration in effect campaigns; so does a server that configuration
+    /// removed while it does not know it committed (thesis §4.2.2): it may hold the only log
+    /// that can finish the change (a leader that appended its own removal and lost its
+    /// leadership before the removal committed), and it does not count its own vote. A learner
+    /// never campaigns.
+    fn may_campaign(&self) -> bool {
+        let membership = self.effective();
+        let id = self.config.id;
+        self.may_vote()
+            && (membership.is_voter(id)
+                || (!membership.contains(id) && self.membership_index() > self.commit))
     }
 
     /// Notes repair progress; see [`Replica::damaged_from`].
@@ -1141,9 +1421,9 @@ impl Replica {
                 self.truncate_from(first.index);
             }
             self.mark_log_dirty(first.index);
-            self.log.push(first);
+            self.push_entry(first);
             for entry in new_entries {
-                self.log.push(entry);
+                self.push_entry(entry);
             }
         }
         self.advance_commit(leader_commit.min(match_index));
@@ -1153,8 +1433,7 @@ impl Replica {
     fn handle_snapshot_chunk(
         &mut self,
         from: NodeId,
-        index: Index,
-        term: Term,
+        (index, term, membership): (Index, Term, Option<Membership>),
         offset: u64,
         total: u64,
         chunk: Bytes,
@@ -1202,6 +1481,7 @@ impl Replica {
             index,
             term,
             data: Bytes::from(incoming.data),
+            membership,
         };
         self.install_snapshot(snapshot);
         let reply = Message::AppendResponse {
@@ -1227,10 +1507,14 @@ impl Replica {
             // Our log continues it (log matching): keep what follows.
             self.advance_commit(index);
             self.log.compact_to(index, term);
+            self.configs.compacted_to(index);
         } else {
             let commit_before = self.commit;
             self.truncate_from(self.log.snapshot_index() + 1);
             self.log.reset_to(index, term);
+            let initial = Membership::new(self.config.voters.iter().copied());
+            self.configs
+                .reset(snapshot.membership.clone().unwrap_or(initial));
             // Only what was committed before is still equal to the disk's old log.
             self.mark_log_dirty(index);
             self.durable_index = self.durable_index.min(commit_before);
@@ -1256,6 +1540,7 @@ impl Replica {
 
     fn truncate_from(&mut self, index: Index) {
         self.log.truncate_from(index);
+        self.configs.truncated_from(index);
         let leader_hint = self.leader;
         for (at, (id, _, _)) in self.proposals.split_off(&index) {
             let outcome = if self.canary(Canary::AckOverwrittenProposal) {
@@ -1272,12 +1557,20 @@ impl Replica {
     fn append_own(&mut self, kind: EntryKind) -> Index {
         let index = self.log.last_index() + 1;
         self.mark_log_dirty(index);
-        self.log.push(Entry {
+        self.push_entry(Entry {
             term: self.term,
             index,
             kind,
         });
         index
+    }
+
+    /// Appends to the in-memory log; a configuration entry takes effect at once.
+    fn push_entry(&mut self, entry: Entry) {
+        if let EntryKind::Config(membership) = &entry.kind {
+            self.configs.appended(entry.index, membership.clone());
+        }
+        self.log.push(entry);
     }
 
     fn broadcast_append(&mut self) {
@@ -1531,6 +1824,7 @@ impl Replica {
             offset: start as u64,
             total: total as u64,
             chunk: snapshot.data.slice(start..end),
+            membership: snapshot.membership.clone(),
         };
         // Our term is durable (we campaigned with it); the snapshot is committed state.
         self.send(to, message, self.term_write);
@@ -1566,7 +1860,7 @@ impl Replica {
 
     fn maybe_commit(&mut self) {
         let mut matches: Vec<Index> = self
-            .config
+            .effective()
             .voters
             .iter()
             .map(|voter| {
@@ -1608,7 +1902,14 @@ impl Replica {
     }
 
     fn quorum_recently_active(&mut self) -> bool {
-        let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+        let membership = self.effective();
+        let me = usize::from(membership.is_voter(self.config.id));
+        let active = me
+            + self
+                .progress
+                .iter()
+                .filter(|(id, p)| p.recent_active && membership.is_voter(**id))
+                .count();
         for progress in self.progress.values_mut() {
             progress.recent_active = false;
         }
@@ -1675,26 +1976,47 @@ impl Replica {
 
     // ----- helpers -----
 
+    /// Every other member, voters and learners: whom a leader replicates to.
     fn peers(&self) -> Vec<NodeId> {
         let id = self.config.id;
-        self.config
-            .voters
-            .iter()
-            .copied()
-            .filter(|v| *v != id)
-            .collect()
+        self.effective().members().filter(|v| *v != id).collect()
+    }
+
+    /// Every other voter: whom a candidate asks for votes (learners too under a canary).
+    fn electors(&self) -> Vec<NodeId> {
+        if self.canary(Canary::LearnerVotes) {
+            return self.peers();
+        }
+        let id = self.config.id;
+        let voters = &self.effective().voters;
+        voters.iter().copied().filter(|v| *v != id).collect()
     }
 
     fn quorum(&self) -> usize {
-        majority(self.config.voters.len())
+        majority(self.effective().voters.len())
     }
 
     fn commit_quorum(&self) -> usize {
         if self.canary(Canary::CommitFromMinority) {
-            (self.config.voters.len() / 2).max(1)
+            (self.effective().voters.len() / 2).max(1)
         } else {
             self.quorum()
         }
+    }
+
+    /// The configuration in effect: the latest in the log, whether committed or not.
+    fn effective(&self) -> &Membership {
+        if self.canary(Canary::ConfigOnCommit) {
+            return self.configs.at(self.commit).1;
+        }
+        self.configs.latest().1
+    }
+
+    fn membership_index(&self) -> Index {
+        if self.canary(Canary::ConfigOnCommit) {
+            return self.configs.at(self.commit).0;
+        }
+        self.configs.latest().0
     }
 
     fn reset_election_deadline(&mut self, now: Instant) {

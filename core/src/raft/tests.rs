@@ -299,6 +299,7 @@ fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
             index: 10,
             term: 1,
             data: Bytes::from(vec![7u8; bytes]),
+            membership: None,
         }),
         entries: Vec::new(),
     };

@@ -1,6 +1,6 @@
 //! The values that cross the boundary between a replica and its driver.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,13 +30,14 @@ impl Entry {
         match &self.kind {
             EntryKind::Noop => 0,
             EntryKind::Commands(commands) => commands.iter().map(Bytes::len).sum(),
+            EntryKind::Config(membership) => membership.len() * 8,
         }
     }
 
     /// At least what it encodes to: its commands with their framing, and its header.
     pub fn encoded_bytes_max(&self) -> usize {
         let commands = match &self.kind {
-            EntryKind::Noop => 0,
+            EntryKind::Noop | EntryKind::Config(_) => 0,
             EntryKind::Commands(commands) => commands.len(),
         };
         self.command_bytes()
@@ -52,6 +53,199 @@ pub enum EntryKind {
     Noop,
     /// A batch of opaque commands from one proposal.
     Commands(Vec<Bytes>),
+    /// The group's whole new configuration (one server added, promoted or removed from the
+    /// one before it). It takes effect on every replica as soon as it is in its log, committed
+    /// or not; see `Replica::propose_membership`. New variants go last.
+    Config(Membership),
+}
+
+/// Who a group's members are: voters elect leaders and make quorums; learners only receive
+/// the log (a new server catching up before it is promoted). The two sets are disjoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Membership {
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+}
+
+impl Membership {
+    pub fn new(voters: impl IntoIterator<Item = NodeId>) -> Membership {
+        Membership {
+            voters: voters.into_iter().collect(),
+            learners: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id)
+    }
+
+    pub fn is_learner(&self, id: NodeId) -> bool {
+        self.learners.contains(&id)
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.is_voter(id) || self.is_learner(id)
+    }
+
+    /// Members, voters and learners.
+    pub fn len(&self) -> usize {
+        self.voters.len() + self.learners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every member, voters and learners, in id order.
+    pub fn members(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let mut all: Vec<NodeId> = self.voters.union(&self.learners).copied().collect();
+        all.sort_unstable();
+        all.into_iter()
+    }
+
+    /// The configuration `change` makes of this one, or why it cannot. Each change moves one
+    /// server in or out of the voters (single-server change, see `Replica::propose_membership`).
+    pub fn apply(&self, change: ConfChange) -> Result<Membership, MembershipError> {
+        let mut next = self.clone();
+        match change {
+            ConfChange::AddLearner(id) => {
+                if self.contains(id) {
+                    return Err(MembershipError::AlreadyMember { id });
+                }
+                if self.len() >= crate::limits::GROUP_MEMBERS_MAX {
+                    return Err(MembershipError::TooManyMembers {
+                        members_max: crate::limits::GROUP_MEMBERS_MAX,
+                    });
+                }
+                next.learners.insert(id);
+            }
+            ConfChange::Promote(id) => {
+                if !self.is_learner(id) {
+                    return Err(MembershipError::NotALearner { id });
+                }
+                next.learners.remove(&id);
+                next.voters.insert(id);
+            }
+            ConfChange::Remove(id) => {
+                if !self.contains(id) {
+                    return Err(MembershipError::NotAMember { id });
+                }
+                if self.voters.len() == 1 && self.is_voter(id) {
+                    return Err(MembershipError::LastVoter { id });
+                }
+                next.voters.remove(&id);
+                next.learners.remove(&id);
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// One single-server membership change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ConfChange {
+    /// A new server joins as a learner: it receives the log but neither votes nor counts.
+    AddLearner(NodeId),
+    /// A learner that has caught up becomes a voter.
+    Promote(NodeId),
+    /// A voter or learner leaves the group.
+    Remove(NodeId),
+}
+
+impl std::fmt::Display for ConfChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfChange::AddLearner(id) => write!(f, "add node {id} as a learner"),
+            ConfChange::Promote(id) => write!(f, "promote node {id} to voter"),
+            ConfChange::Remove(id) => write!(f, "remove node {id}"),
+        }
+    }
+}
+
+/// Why [`super::Replica::propose_membership`] refused; nothing was appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipError {
+    NotLeader {
+        leader_hint: Option<NodeId>,
+    },
+    /// A leadership transfer is under way.
+    Transferring {
+        to: NodeId,
+    },
+    /// This leader has not yet committed an entry of its own term, so it may not know the
+    /// latest committed configuration (the single-server change bug Ongaro found in 2015).
+    NotReady,
+    /// The configuration appended at `index` is not committed yet: one change at a time.
+    ChangePending {
+        index: Index,
+    },
+    AlreadyMember {
+        id: NodeId,
+    },
+    NotALearner {
+        id: NodeId,
+    },
+    NotAMember {
+        id: NodeId,
+    },
+    /// Removing the only voter would leave a group that can never elect a leader.
+    LastVoter {
+        id: NodeId,
+    },
+    /// The learner holds the log only up to `match_index`, below the commit index `commit`:
+    /// promoting it now would make a voter that slows every commit until it catches up.
+    NotCaughtUp {
+        id: NodeId,
+        match_index: Index,
+        commit: Index,
+    },
+    TooManyMembers {
+        members_max: usize,
+    },
+}
+
+impl std::fmt::Display for MembershipError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MembershipError::NotLeader { leader_hint } => {
+                write!(f, "not the leader (leader hint {leader_hint:?})")
+            }
+            MembershipError::Transferring { to } => {
+                write!(f, "handing leadership to node {to}; retry once it leads")
+            }
+            MembershipError::NotReady => write!(
+                f,
+                "the leader has not committed an entry of its term yet; retry shortly"
+            ),
+            MembershipError::ChangePending { index } => write!(
+                f,
+                "the configuration change at index {index} is not committed yet: one change \
+                 at a time"
+            ),
+            MembershipError::AlreadyMember { id } => {
+                write!(f, "node {id} is already a member of this group")
+            }
+            MembershipError::NotALearner { id } => write!(f, "node {id} is not a learner"),
+            MembershipError::NotAMember { id } => {
+                write!(f, "node {id} is not a member of this group")
+            }
+            MembershipError::LastVoter { id } => {
+                write!(f, "node {id} is the group's last voter")
+            }
+            MembershipError::NotCaughtUp {
+                id,
+                match_index,
+                commit,
+            } => write!(
+                f,
+                "learner {id} holds the log up to {match_index}, behind the commit index \
+                 {commit}; retry once it caught up"
+            ),
+            MembershipError::TooManyMembers { members_max } => {
+                write!(f, "a group has at most {members_max} members")
+            }
+        }
+    }
 }
 
 /// What must survive a crash besides the log.
@@ -123,6 +317,8 @@ pub enum Message {
         offset: u64,
         total: u64,
         chunk: Bytes,
+        /// The snapshot's configuration (see [`Snapshot::membership`]).
+        membership: Option<Membership>,
     },
     /// The follower holds the first `received` bytes of the snapshot at `index` (in memory).
     SnapshotResponse {
@@ -200,6 +396,12 @@ pub enum RaftEvent {
     MessageRefused { from: NodeId, why: String },
     /// This leader stopped handing leadership to `to`: not done within an election timeout.
     TransferAborted { term: Term, to: NodeId },
+    /// The configuration in effect changed to `membership`, from the entry at `index` (0: a
+    /// snapshot's or the initial one): an entry appended or overwritten, or a snapshot installed.
+    MembershipChanged {
+        index: Index,
+        membership: Membership,
+    },
 }
 
 /// A message with its addressing, as returned by [`super::Replica::poll_message`].
@@ -222,6 +424,9 @@ pub struct Snapshot {
     pub term: Term,
     /// The state machine's encoding; opaque to Raft.
     pub data: Bytes,
+    /// The group's configuration as of `index` (`None`: the initial one, `Config::voters`, as
+    /// in snapshots written before membership change existed).
+    pub membership: Option<Membership>,
 }
 
 /// Something the driver must make durable, in this order:
@@ -455,10 +660,16 @@ pub enum Canary {
     /// syncing the queue store it refers to: a crash then leaves a snapshot whose messages
     /// are gone, which the store's recovery must refuse.
     SnapshotBeforeStoreSync,
+    /// A configuration takes effect when its entry commits instead of when it is appended.
+    ConfigOnCommit,
+    /// A leader appends a second configuration change while the first is uncommitted.
+    SecondChangeWhilePending,
+    /// A candidate asks learners for votes and counts their grants.
+    LearnerVotes,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 39] = [
+    pub const ALL: [Canary; 42] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -498,6 +709,9 @@ impl Canary {
         Canary::AckOnDelivery,
         Canary::LeaseWithoutQuorum,
         Canary::SnapshotBeforeStoreSync,
+        Canary::ConfigOnCommit,
+        Canary::SecondChangeWhilePending,
+        Canary::LearnerVotes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -541,6 +755,9 @@ impl Canary {
             Canary::AckOnDelivery => "ack-on-delivery",
             Canary::LeaseWithoutQuorum => "lease-without-quorum",
             Canary::SnapshotBeforeStoreSync => "snapshot-before-store-sync",
+            Canary::ConfigOnCommit => "config-on-commit",
+            Canary::SecondChangeWhilePending => "second-change-while-pending",
+            Canary::LearnerVotes => "learner-votes",
         }
     }
 
@@ -591,6 +808,14 @@ impl Canary {
         )
     }
 
+    /// The planted bugs of membership change: only runs that change membership reveal them.
+    pub fn is_membership(self) -> bool {
+        matches!(
+            self,
+            Canary::ConfigOnCommit | Canary::SecondChangeWhilePending | Canary::LearnerVotes
+        )
+    }
+
     /// The planted bugs of snapshots and compaction: only runs that compact reveal them.
     pub fn is_snapshot(self) -> bool {
         matches!(
@@ -609,7 +834,9 @@ impl Canary {
 pub struct Config {
     pub id: NodeId,
     pub group: GroupId,
-    /// Every voter of the group, this replica included.
+    /// The group's initial voters: its configuration until a configuration entry in the log
+    /// or a snapshot's membership says otherwise. A node joining an existing group passes the
+    /// group's initial voters (not itself): it learns the rest from the leader.
     pub voters: Vec<NodeId>,
     /// Election timeouts are drawn uniformly from `[min, max)` with the replica's seeded RNG.
     pub election_timeout_min: Duration,

@@ -32,11 +32,12 @@ pub mod state;
 
 pub use record::{
     CorruptReason, EncodeError, HEADER_BYTES, PayloadError, RECORD_BYTES_MAX, Scan, ScanOutcome,
-    encode_entry, find_record_after, record_len_bytes, scan,
+    decode_membership_prefix, encode_entry, encode_membership, find_record_after,
+    membership_len_bytes, record_len_bytes, scan,
 };
 pub use snapshot::{
     LogGap, SNAPSHOT_HEADER_BYTES, SnapshotFileError, decode_snapshot, encode_snapshot,
-    encode_snapshot_header, log_after_snapshot,
+    encode_snapshot_header, encode_snapshot_membership, log_after_snapshot,
 };
 pub use state::{
     SLOT_BYTES, STATE_BYTES, SlotError, StateError, StoredState, decode_state, decode_stored_state,

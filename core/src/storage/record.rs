@@ -8,7 +8,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::raft::{Entry, EntryKind, Index, Term};
+use crate::raft::{Entry, EntryKind, Index, Membership, Term};
 
 /// The `len` and `crc32c` fields in front of every record.
 pub const HEADER_BYTES: usize = 8;
@@ -19,6 +19,7 @@ pub use crate::limits::RECORD_BYTES_MAX;
 const INDEX_TERM_BYTES: usize = 16;
 const KIND_NOOP: u8 = 0;
 const KIND_COMMANDS: u8 = 1;
+const KIND_CONFIG: u8 = 2;
 /// A Noop: index, term and the kind byte. No valid record is shorter.
 const BODY_BYTES_MIN: usize = INDEX_TERM_BYTES + 1;
 const BODY_BYTES_MAX: usize = RECORD_BYTES_MAX - HEADER_BYTES;
@@ -54,6 +55,10 @@ pub enum PayloadError {
     TrailingBytes {
         len_bytes: usize,
     },
+    /// A configuration of more members than a group may have.
+    TooManyMembers {
+        count: u64,
+    },
 }
 
 impl fmt::Display for PayloadError {
@@ -64,6 +69,11 @@ impl fmt::Display for PayloadError {
             PayloadError::TrailingBytes { len_bytes } => {
                 write!(f, "{len_bytes} bytes after the last command")
             }
+            PayloadError::TooManyMembers { count } => write!(
+                f,
+                "a configuration of {count} members, above the maximum of {}",
+                crate::limits::GROUP_MEMBERS_MAX
+            ),
         }
     }
 }
@@ -216,6 +226,7 @@ fn body_len_bytes(entry: &Entry) -> u64 {
         EntryKind::Commands(commands) => commands.iter().fold(1 + 4, |sum: u64, c| {
             sum.saturating_add(4).saturating_add(c.len() as u64)
         }),
+        EntryKind::Config(membership) => 1 + membership_len_bytes(membership) as u64,
     };
     payload.saturating_add(INDEX_TERM_BYTES as u64)
 }
@@ -241,6 +252,10 @@ pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> Result<usize, EncodeErr
                 out.extend_from_slice(&len_u32(command.len()).to_le_bytes());
                 out.extend_from_slice(command);
             }
+        }
+        EntryKind::Config(membership) => {
+            out.push(KIND_CONFIG);
+            encode_membership(membership, out);
         }
     }
     let crc = out.get(body_at..).map_or(0, crc32c::crc32c);
@@ -376,12 +391,57 @@ fn decode_kind(mut payload: Reader<'_>) -> Result<EntryKind, PayloadError> {
             }
             EntryKind::Commands(commands)
         }
+        KIND_CONFIG => EntryKind::Config(decode_membership(&mut payload)?),
         tag => return Err(PayloadError::UnknownKind { tag }),
     };
     match payload.remaining() {
         0 => Ok(kind),
         len_bytes => Err(PayloadError::TrailingBytes { len_bytes }),
     }
+}
+
+/// What [`encode_membership`] writes: `[voters u32 LE][voter ids u64 LE...][learners u32
+/// LE][learner ids u64 LE...]`.
+pub fn membership_len_bytes(membership: &Membership) -> usize {
+    8 + 8 * membership.len()
+}
+
+pub fn encode_membership(membership: &Membership, out: &mut Vec<u8>) {
+    for set in [&membership.voters, &membership.learners] {
+        out.extend_from_slice(&len_u32(set.len()).to_le_bytes());
+        for id in set {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+}
+
+/// Reads back what [`encode_membership`] wrote, at most `GROUP_MEMBERS_MAX` members.
+fn decode_membership(payload: &mut Reader<'_>) -> Result<Membership, PayloadError> {
+    let mut membership = Membership::default();
+    let mut total = 0u64;
+    for learners in [false, true] {
+        let count = u64::from(payload.u32().ok_or(PayloadError::Truncated)?);
+        total += count;
+        if total > crate::limits::GROUP_MEMBERS_MAX as u64 {
+            return Err(PayloadError::TooManyMembers { count: total });
+        }
+        for _ in 0..count {
+            let id = payload.u64().ok_or(PayloadError::Truncated)?;
+            if learners {
+                membership.learners.insert(id);
+            } else {
+                membership.voters.insert(id);
+            }
+        }
+    }
+    Ok(membership)
+}
+
+/// [`decode_membership`] of a whole byte slice, returning what follows it.
+pub fn decode_membership_prefix(bytes: &[u8]) -> Result<(Membership, usize), PayloadError> {
+    let mut reader = Reader::new(bytes);
+    let membership = decode_membership(&mut reader)?;
+    Ok((membership, bytes.len() - reader.remaining()))
 }
 
 /// The shortest valid record: a Noop.
@@ -851,6 +911,11 @@ mod tests {
             1 => Just(EntryKind::Noop),
             3 => prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 0..4)
                 .prop_map(|cs| EntryKind::Commands(cs.into_iter().map(Bytes::from).collect())),
+            1 => (
+                prop::collection::btree_set(0..8u64, 0..4),
+                prop::collection::btree_set(8..16u64, 0..3)
+            )
+                .prop_map(|(voters, learners)| EntryKind::Config(Membership { voters, learners })),
         ]
     }
 

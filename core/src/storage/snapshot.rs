@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! [magic "HFSN"][crc32c u32 LE][index u64 LE][term u64 LE][len u64 LE][data: len bytes]
+//! [magic "HFSM"][crc32c u32 LE][index u64 LE][term u64 LE][len u64 LE][membership][data]
 //! ```
 //!
-//! The checksum covers everything after itself. A snapshot is written whole to a new place and
+//! The second form holds the group's configuration as of the snapshot (`len` then counts the
+//! membership's bytes too, see [`crate::storage::encode_membership`]); a snapshot without one
+//! is written in the first form, byte for byte as before membership change existed. The
+//! checksum covers everything after itself. A snapshot is written whole to a new place and
 //! made durable before anything refers to it (the shell: a temporary file, fsync, rename, fsync
 //! of the directory), so a torn snapshot is never the latest one a replica relies on: a
 //! snapshot that fails its checksum is damage, not a torn tail.
@@ -16,6 +20,8 @@ use bytes::Bytes;
 use crate::raft::{Entry, Index, Snapshot, Term};
 
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"HFSN";
+/// A snapshot file that holds its group's configuration.
+pub const SNAPSHOT_MEMBERSHIP_MAGIC: [u8; 4] = *b"HFSM";
 pub const SNAPSHOT_HEADER_BYTES: usize = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +39,10 @@ pub enum SnapshotFileError {
     /// Bytes after the data.
     TrailingBytes {
         len_bytes: u64,
+    },
+    /// The configuration does not decode.
+    BadMembership {
+        why: String,
     },
 }
 
@@ -54,28 +64,48 @@ impl fmt::Display for SnapshotFileError {
             SnapshotFileError::TrailingBytes { len_bytes } => {
                 write!(f, "{len_bytes} bytes after the snapshot's data")
             }
+            SnapshotFileError::BadMembership { why } => {
+                write!(f, "the snapshot's configuration does not decode: {why}")
+            }
         }
     }
 }
 
 impl std::error::Error for SnapshotFileError {}
 
-/// The header to write in front of `snapshot.data`.
+/// The header to write in front of [`encode_snapshot_membership`] and `snapshot.data`.
 pub fn encode_snapshot_header(snapshot: &Snapshot) -> [u8; SNAPSHOT_HEADER_BYTES] {
+    let membership = encode_snapshot_membership(snapshot);
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
-    header[..4].copy_from_slice(&SNAPSHOT_MAGIC);
+    let magic = match snapshot.membership {
+        Some(_) => SNAPSHOT_MEMBERSHIP_MAGIC,
+        None => SNAPSHOT_MAGIC,
+    };
+    header[..4].copy_from_slice(&magic);
     header[8..16].copy_from_slice(&snapshot.index.to_le_bytes());
     header[16..24].copy_from_slice(&snapshot.term.to_le_bytes());
-    header[24..32].copy_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[8..]), &snapshot.data);
+    let len = membership.len() + snapshot.data.len();
+    header[24..32].copy_from_slice(&(len as u64).to_le_bytes());
+    let crc = crc32c::crc32c(&header[8..]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc, &membership), &snapshot.data);
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     header
 }
 
-/// The whole file's bytes (header and data).
+/// The bytes between the header and the data: the configuration, if the snapshot has one.
+pub fn encode_snapshot_membership(snapshot: &Snapshot) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(membership) = &snapshot.membership {
+        crate::storage::encode_membership(membership, &mut out);
+    }
+    out
+}
+
+/// The whole file's bytes (header, membership and data).
 pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + snapshot.data.len());
     out.extend_from_slice(&encode_snapshot_header(snapshot));
+    out.extend_from_slice(&encode_snapshot_membership(snapshot));
     out.extend_from_slice(&snapshot.data);
     out
 }
@@ -90,9 +120,11 @@ pub fn decode_snapshot(bytes: Bytes) -> Result<Snapshot, SnapshotFileError> {
     let header = bytes
         .get(..SNAPSHOT_HEADER_BYTES)
         .ok_or_else(|| truncated(SNAPSHOT_HEADER_BYTES as u64))?;
-    if header[..4] != SNAPSHOT_MAGIC {
-        return Err(SnapshotFileError::BadMagic);
-    }
+    let with_membership = match header[..4].try_into() {
+        Ok(SNAPSHOT_MAGIC) => false,
+        Ok(SNAPSHOT_MEMBERSHIP_MAGIC) => true,
+        _ => return Err(SnapshotFileError::BadMagic),
+    };
     let u64_at = |at: usize| {
         let mut word = [0u8; 8];
         word.copy_from_slice(&header[at..at + 8]);
@@ -116,7 +148,19 @@ pub fn decode_snapshot(bytes: Bytes) -> Result<Snapshot, SnapshotFileError> {
     if computed != stored {
         return Err(SnapshotFileError::ChecksumMismatch { stored, computed });
     }
-    Ok(Snapshot { index, term, data })
+    let (membership, data) = if with_membership {
+        let (membership, len) = crate::storage::decode_membership_prefix(&data)
+            .map_err(|e| SnapshotFileError::BadMembership { why: e.to_string() })?;
+        (Some(membership), data.slice(len..))
+    } else {
+        (None, data)
+    };
+    Ok(Snapshot {
+        index,
+        term,
+        data,
+        membership,
+    })
 }
 
 /// The log found beside a snapshot is not contiguous with it: records the snapshot does not
@@ -202,6 +246,7 @@ mod tests {
             index: 42,
             term: 7,
             data: Bytes::from_static(b"state machine bytes"),
+            membership: None,
         };
         let bytes = encode_snapshot(&snapshot);
         assert_eq!(decode_snapshot(Bytes::from(bytes.clone())), Ok(snapshot));

@@ -166,6 +166,7 @@ fn snapshot(
         index: job.index,
         term: job.term,
         data,
+        membership: job.membership.clone(),
     };
     let dir = data_dir.join(format!("group-{}", job.group));
     // On failure the storage thread writes it itself, and reports any error; retention then

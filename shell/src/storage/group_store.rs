@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use holdfast_core::raft::{Entry, HardState, Index, Snapshot, Term, Write, WriteId};
 use holdfast_core::storage::{
-    SLOT_BYTES, SNAPSHOT_HEADER_BYTES, encode_entry, encode_snapshot_header, encode_state_slot,
-    next_slot,
+    SLOT_BYTES, SNAPSHOT_HEADER_BYTES, encode_entry, encode_snapshot_header,
+    encode_snapshot_membership, encode_state_slot, next_slot,
 };
 
 use super::StorageError;
@@ -664,6 +664,7 @@ pub(crate) fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(),
     let write = || -> io::Result<()> {
         let mut file = File::create(&temp)?;
         file.write_all(&encode_snapshot_header(snapshot))?;
+        file.write_all(&encode_snapshot_membership(snapshot))?;
         file.write_all(&snapshot.data)?;
         file.sync_all()
     };
@@ -676,7 +677,8 @@ pub(crate) fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(),
 /// index, the term, the length and a checksum of the data) equal what `snapshot` encodes to.
 fn snapshot_file_holds(path: &Path, snapshot: &Snapshot) -> bool {
     let header = encode_snapshot_header(snapshot);
-    let expected_len = (header.len() + snapshot.data.len()) as u64;
+    let membership_len = encode_snapshot_membership(snapshot).len();
+    let expected_len = (header.len() + membership_len + snapshot.data.len()) as u64;
     let Ok(mut file) = File::open(path) else {
         return false;
     };

@@ -682,6 +682,7 @@ fn snap(index: Index, term: Term) -> Snapshot {
         index,
         term,
         data: Bytes::from(format!("state machine after {index}")),
+        membership: None,
     }
 }
 

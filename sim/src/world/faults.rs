@@ -118,7 +118,9 @@ impl World {
             return true;
         }
         let others = self.nodes.iter().filter(|n| damaged(n)).count();
-        others < (self.nodes.len() - 1) / 2
+        // Counted against the initial nodes: spare nodes added by membership changes do not
+        // make room for more damage than the smallest configuration survives.
+        others < (self.initial_voters.len() - 1) / 2
     }
 
     pub(super) fn next_fault(&mut self) -> Result<(), Violation> {
@@ -151,6 +153,7 @@ impl World {
     }
 
     pub(super) fn liveness_check(&mut self) -> Result<Step, Violation> {
+        self.abandon_outside_members();
         let mut waiting_for = None;
         for group in self.groups() {
             if let Err(why) = self.converged(group) {
@@ -179,11 +182,22 @@ impl World {
     /// A group has converged when one leader of the highest term has committed its whole log,
     /// every replica has caught up with it, and the client has nothing left pending.
     pub(super) fn converged(&self, group: GroupId) -> Result<(), String> {
-        let statuses: Vec<_> = self
+        let replicas: Vec<&Replica> = self
             .nodes
             .iter()
             .filter_map(|n| n.slots[(group - 1) as usize].as_ref()?.replica.as_ref())
-            .map(Replica::status)
+            .collect();
+        // Only the members of the latest leader's configuration (every node, unless
+        // membership changes): a removed node may never learn it was removed.
+        let members = replicas
+            .iter()
+            .filter(|r| r.status().role == Role::Leader)
+            .max_by_key(|r| r.status().term)
+            .map(|r| r.latest_membership().1.clone());
+        let statuses: Vec<_> = replicas
+            .iter()
+            .filter(|r| members.as_ref().is_none_or(|m| m.contains(r.status().id)))
+            .map(|r| r.status())
             .collect();
         let term_max = statuses.iter().map(|s| s.term).max().unwrap_or(0);
         let Some(leader) = statuses

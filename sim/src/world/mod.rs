@@ -26,6 +26,7 @@ use crate::trace::Trace;
 
 mod client;
 mod faults;
+mod membership;
 mod render;
 
 use render::{describe, fields};
@@ -183,6 +184,10 @@ enum Event {
     },
     Heal,
     LivenessCheck,
+    /// Ask the group's leader for a membership change.
+    Membership {
+        group: GroupId,
+    },
 }
 
 impl Event {
@@ -307,6 +312,13 @@ struct World {
     /// drawn per seed, small, so snapshots are installed in pieces under faults.
     compact_every: Option<u64>,
     snapshot_chunk_bytes_max: usize,
+    /// The groups' initial voters; `node_ids` adds the spare nodes membership changes use.
+    initial_voters: Vec<NodeId>,
+    membership: crate::membership::Plan,
+    tally: crate::membership::Tally,
+    /// Proposals the client gave up on when their node left the configuration (it may still
+    /// report their fate if it is added back).
+    abandoned: std::collections::BTreeSet<ProposalId>,
 }
 
 /// Where fault decisions come from: a script if given; else, unless the fixed mix asks for the
@@ -331,7 +343,10 @@ fn us(us: u64) -> Duration {
 
 impl World {
     fn new(options: Options) -> World {
-        let node_ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
+        let membership = crate::membership::Plan::new(options.seed, options.nodes);
+        let initial_voters: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
+        let all = options.nodes + membership.spare_nodes();
+        let node_ids: Vec<NodeId> = (1..=all as NodeId).collect();
         let heal_at = Instant::ZERO + ms(options.fault_phase_ms);
         let deadline = heal_at + ms(options.liveness_limit_ms);
         World {
@@ -357,6 +372,10 @@ impl World {
             inflight_appends_max: 8,
             compact_every: None,
             snapshot_chunk_bytes_max: 1 << 20,
+            initial_voters,
+            membership,
+            tally: crate::membership::Tally::default(),
+            abandoned: std::collections::BTreeSet::new(),
             options,
         }
     }
@@ -448,6 +467,12 @@ impl World {
                     format!("swarm faults={mix}")
                 });
         }
+        if self.membership.enabled() {
+            for group in self.groups() {
+                let at = self.now + ms(self.membership.gap_ms());
+                self.schedule(at, Event::Membership { group });
+            }
+        }
         let first_fault = self.now + ms(self.rng.random_range(100..1_000));
         self.schedule(first_fault, Event::Fault);
         self.schedule(self.heal_at, Event::Heal);
@@ -516,6 +541,7 @@ impl World {
             }
             Event::Heal => self.heal()?,
             Event::LivenessCheck => return self.liveness_check(),
+            Event::Membership { group } => self.change_membership(group)?,
         }
         Ok(Step::Continue)
     }
@@ -544,7 +570,7 @@ impl World {
         self.node_mut(node).up = true;
         for group in self.groups() {
             let seed = self.rng.next_u64();
-            let mut config = Config::new(node, group, self.node_ids.clone());
+            let mut config = Config::new(node, group, self.initial_voters.clone());
             config.canary = self.options.canary;
             config.append_entries_max = self.append_entries_max;
             config.inflight_appends_max = self.inflight_appends_max;
@@ -754,18 +780,20 @@ impl World {
         }
 
         let nodes = &self.nodes;
+        // Commit safety is about the voters of the committing leader's configuration (all the
+        // nodes, unless membership changes).
+        let voters = replica.latest_membership().1.voters.clone();
+        let commit_before = slot.view.commit;
         let logs = |index: Index| {
-            let mut logs = vec![(node, slot.disk.view(index), Some(log_view(replica, index)))];
-            logs.extend(
-                self.node_ids
-                    .iter()
-                    .filter(|n| **n != node)
-                    .filter_map(|n| {
-                        let slot = nodes[(*n - 1) as usize].slots[(group - 1) as usize].as_ref()?;
-                        let memory = slot.replica.as_ref().map(|r| log_view(r, index));
-                        Some((*n, slot.disk.view(index), memory))
-                    }),
-            );
+            let mut logs = Vec::new();
+            if voters.contains(&node) {
+                logs.push((node, slot.disk.view(index), Some(log_view(replica, index))));
+            }
+            logs.extend(voters.iter().filter(|n| **n != node).filter_map(|n| {
+                let slot = nodes[(*n - 1) as usize].slots[(group - 1) as usize].as_ref()?;
+                let memory = slot.replica.as_ref().map(|r| log_view(r, index));
+                Some((*n, slot.disk.view(index), memory))
+            }));
             logs
         };
         let elected = check_status(
@@ -777,7 +805,12 @@ impl World {
             &slot.disk,
             &logs,
         )?;
+        if slot.view.role == Role::Leader && slot.view.commit > commit_before {
+            self.check_commit_quorum(node, group, replica, &slot.disk, &voters)?;
+        }
         if elected {
+            self.tally
+                .check_elected(group, node, slot.view.term, &voters)?;
             self.stats.elections += 1;
             let term = slot.view.term;
             self.trace.record(now, &[5, node, group, term], || {
@@ -786,6 +819,16 @@ impl World {
         }
 
         for fate in fates {
+            if crate::membership::is_membership_proposal(fate.id) || self.abandoned.remove(&fate.id)
+            {
+                self.trace.record(now, &[10, node, group, fate.id], || {
+                    format!(
+                        "n{node} g{group} membership #{} {:?}",
+                        fate.id, fate.outcome
+                    )
+                });
+                continue;
+            }
             self.fate(node, group, fate)?;
         }
         for envelope in outbox {
@@ -979,7 +1022,18 @@ impl World {
             .record(now, &[8, from, to, group, kind, term, detail], || {
                 format!("n{from}->n{to} g{group} {}", describe(&message))
             });
-        replica.step(now, from, message);
+        if let Message::VoteResponse { .. } = message {
+            let envelope = Envelope {
+                group,
+                from,
+                to,
+                message,
+            };
+            self.tally.delivered(&envelope);
+            replica.step(now, from, envelope.message);
+        } else {
+            replica.step(now, from, message);
+        }
         self.stats.messages_delivered += 1;
         self.drain(to, group)
     }

@@ -102,6 +102,7 @@ pub(super) fn describe(message: &Message) -> String {
             offset,
             total,
             chunk,
+            ..
         } => format!(
             "InstallSnapshot t{term} {index}@{snapshot_term} bytes {offset}..{} of {total}",
             offset + chunk.len() as u64

@@ -494,7 +494,10 @@ impl Group {
 
     fn deliver(&mut self, envelope: Envelope) {
         let now = self.now;
-        let node = &mut self.nodes[(envelope.to - 1) as usize];
+        // An answer to a forged sender outside the group goes nowhere.
+        let Some(node) = self.nodes.get_mut((envelope.to as usize).wrapping_sub(1)) else {
+            return;
+        };
         node.replica.step(now, envelope.from, envelope.message);
     }
 
@@ -737,9 +740,21 @@ impl Group {
                     "node {id}: sent a message as another node"
                 );
                 assert_eq!(envelope.group, GROUP, "node {id}: wrong group");
+                // A replica answers whoever asked, a node outside its configuration too
+                // (Raft membership change: a member may not know it yet), but starts nothing
+                // with one.
+                let answer = matches!(
+                    envelope.message,
+                    Message::PreVoteResponse { .. }
+                        | Message::VoteResponse { .. }
+                        | Message::AppendResponse { .. }
+                        | Message::HeartbeatResponse { .. }
+                        | Message::SnapshotResponse { .. }
+                );
                 assert!(
-                    envelope.to != id && VOTERS.contains(&envelope.to),
-                    "node {id}: sent to {}",
+                    envelope.to != id && (answer || VOTERS.contains(&envelope.to)),
+                    "node {id}: sent {:?} to {}",
+                    envelope.message,
                     envelope.to
                 );
                 if let Message::VoteResponse {

@@ -304,7 +304,7 @@ fn replay_draws_a_timeline() {
 fn shrink_keeps_fewer_faults_that_fail_with_the_same_checker() {
     let output = sim(&[
         "shrink",
-        "11",
+        "19",
         "--workload",
         "raft",
         "--canary",

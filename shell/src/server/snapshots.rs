@@ -28,7 +28,7 @@ pub enum Done {
 }
 
 enum Job {
-    Snapshot(SnapshotJob),
+    Snapshot(Box<SnapshotJob>),
     Transfer(TransferJob),
 }
 
@@ -107,7 +107,7 @@ impl SnapshotEncoder {
 
     pub fn submit(&self, job: SnapshotJob) {
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job::Snapshot(job));
+            let _ = jobs.send(Job::Snapshot(Box::new(job)));
         }
     }
 

@@ -59,6 +59,12 @@ pub enum PayloadError {
     TooManyMembers {
         count: u64,
     },
+    /// A configuration naming a node twice (as voter and learner, say) or with no voter:
+    /// no leader ever writes one.
+    MalformedMembership {
+        why: &'static str,
+        id: u64,
+    },
 }
 
 impl fmt::Display for PayloadError {
@@ -74,6 +80,9 @@ impl fmt::Display for PayloadError {
                 "a configuration of {count} members, above the maximum of {}",
                 crate::limits::GROUP_MEMBERS_MAX
             ),
+            PayloadError::MalformedMembership { why, id } => {
+                write!(f, "a configuration that {why} (node {id})")
+            }
         }
     }
 }
@@ -427,12 +436,24 @@ fn decode_membership(payload: &mut Reader<'_>) -> Result<Membership, PayloadErro
         }
         for _ in 0..count {
             let id = payload.u64().ok_or(PayloadError::Truncated)?;
+            if membership.voters.contains(&id) || membership.learners.contains(&id) {
+                return Err(PayloadError::MalformedMembership {
+                    why: "names a node twice",
+                    id,
+                });
+            }
             if learners {
                 membership.learners.insert(id);
             } else {
                 membership.voters.insert(id);
             }
         }
+    }
+    if membership.voters.is_empty() {
+        return Err(PayloadError::MalformedMembership {
+            why: "has no voter",
+            id: 0,
+        });
     }
     Ok(membership)
 }
@@ -912,7 +933,7 @@ mod tests {
             3 => prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 0..4)
                 .prop_map(|cs| EntryKind::Commands(cs.into_iter().map(Bytes::from).collect())),
             1 => (
-                prop::collection::btree_set(0..8u64, 0..4),
+                prop::collection::btree_set(0..8u64, 1..4),
                 prop::collection::btree_set(8..16u64, 0..3)
             )
                 .prop_map(|(voters, learners)| EntryKind::Config(Membership { voters, learners })),
@@ -1079,6 +1100,35 @@ mod tests {
             let scan = scan(&bytes, synced_len, first);
             check_invariants(&scan, &bytes, synced_len);
             prop_assert!(scan.entries.starts_with(&entries));
+        }
+    }
+
+    #[test]
+    fn a_configuration_naming_a_node_twice_or_without_a_voter_is_refused() {
+        let raw = |voters: &[u64], learners: &[u64]| {
+            let mut out = Vec::new();
+            for set in [voters, learners] {
+                out.extend_from_slice(&(set.len() as u32).to_le_bytes());
+                for id in set {
+                    out.extend_from_slice(&id.to_le_bytes());
+                }
+            }
+            out
+        };
+        let (good, len) = decode_membership_prefix(&raw(&[1, 2, 3], &[4])).expect("valid");
+        assert_eq!(len, 4 + 3 * 8 + 4 + 8);
+        assert!(good.is_learner(4) && good.is_voter(3));
+        for (voters, learners) in [
+            (&[1u64, 2, 3][..], &[3u64][..]),
+            (&[1, 1, 2][..], &[][..]),
+            (&[1][..], &[4, 4][..]),
+            (&[][..], &[4][..]),
+        ] {
+            let refused = decode_membership_prefix(&raw(voters, learners));
+            assert!(
+                matches!(refused, Err(PayloadError::MalformedMembership { .. })),
+                "{voters:?} {learners:?}: {refused:?}"
+            );
         }
     }
 }

@@ -813,7 +813,7 @@ impl Server {
                                 .get_or_create(&ReasonLabel { reason: "acl" })
                                 .inc();
                             if self.warnings.allow(std::time::Instant::now()) {
-                                warn!(principal, addr = %conn.addr, request = request_name(&request), "request refused: {reason}");
+                                warn!(principal, addr = %conn.addr, request = request.kind(), "request refused: {reason}");
                             }
                             let response = Response::Refused { reason };
                             self.queue(token, &Frame::Response { id, response });
@@ -1161,26 +1161,5 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Request { .. } => "Request",
         Frame::Response { .. } => "Response",
         Frame::Goodbye { .. } => "Goodbye",
-    }
-}
-
-fn request_name(request: &Request) -> &'static str {
-    match request {
-        Request::Route { .. } => "Route",
-        Request::Topics => "Topics",
-        Request::Status => "Status",
-        Request::CreateTopic { .. } => "CreateTopic",
-        Request::Heartbeat { .. } => "Heartbeat",
-        Request::Leave { .. } => "Leave",
-        Request::Send { .. } => "Send",
-        Request::Pull { .. } => "Pull",
-        Request::Ack { .. } => "Ack",
-        Request::ReconsumeLater { .. } => "ReconsumeLater",
-        Request::Release { .. } => "Release",
-        Request::SeekGroup { .. } => "SeekGroup",
-        Request::DeleteGroup { .. } => "DeleteGroup",
-        Request::TransferLeader { .. } => "TransferLeader",
-        Request::PeekDeadLetters { .. } => "PeekDeadLetters",
-        Request::RedriveDeadLetters { .. } => "RedriveDeadLetters",
     }
 }

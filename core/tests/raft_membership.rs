@@ -249,6 +249,22 @@ fn a_learner_receives_the_log_but_neither_votes_nor_counts_nor_campaigns() {
     net.advance(ms(100));
     assert_eq!(net.status(4).commit_index, index, "the learner has the log");
 
+    // A learner whose log holds nothing uncommitted never campaigns, however long it goes
+    // without a leader.
+    net.isolated = BTreeSet::from([1]);
+    let term = net.status(4).term;
+    for _ in 0..5 {
+        net.fire(4);
+    }
+    assert_eq!(net.status(4).role, Role::Follower);
+    assert_eq!(net.status(4).term, term);
+    assert!(
+        net.queue.iter().all(|e| e.from != 4),
+        "the learner asked for votes"
+    );
+    net.queue.clear();
+    net.isolated.clear();
+
     // The learner is no quorum with the leader: with 2 and 3 cut off nothing commits.
     net.isolated.extend([2, 3]);
     let index = net.propose(1, 2);
@@ -261,19 +277,44 @@ fn a_learner_receives_the_log_but_neither_votes_nor_counts_nor_campaigns() {
         net.status(1).commit_index < index,
         "a learner's acknowledgement counted towards the commit"
     );
+}
 
-    // A learner never campaigns, however long it goes without a leader.
+/// The leader replicated an entry to the learner alone and is gone for good: the voters left
+/// may need the learner's log (one of them may count it a voter through a promotion it never
+/// received), so the learner campaigns, without counting its own vote, and steps down once an
+/// entry of its term commits.
+#[test]
+fn a_learner_holding_uncommitted_entries_campaigns_without_counting_itself() {
+    let mut net = three_and_a_learner();
+    net.propose(1, 1);
+    net.advance(ms(100));
+    net.isolated.extend([2, 3]);
+    let index = net.propose(1, 2);
+    net.run();
+    assert!(net.status(4).last_index >= index && net.status(4).commit_index < index);
+    let learners_entry = net.node(4).entry(index).cloned();
     net.isolated = BTreeSet::from([1]);
-    let term = net.status(4).term;
-    for _ in 0..5 {
-        net.fire(4);
-    }
-    assert_eq!(net.status(4).role, Role::Follower);
-    assert_eq!(net.status(4).term, term);
-    assert!(
-        net.queue.iter().all(|e| e.from != 4),
-        "the learner asked for votes"
+    net.fire(4);
+    net.run();
+    net.advance(ms(2_000));
+    let committed = [2, 3]
+        .iter()
+        .all(|id| net.status(*id).commit_index >= index);
+    assert!(committed, "the learner's entry committed by the voters");
+    assert_eq!(
+        net.node(2).entry(index).cloned(),
+        learners_entry,
+        "the learner's log won"
     );
+    let leader = [2, 3]
+        .into_iter()
+        .find(|id| net.status(*id).role == Role::Leader);
+    assert!(
+        leader.is_some(),
+        "a voter leads once the learner stepped down"
+    );
+    assert_ne!(net.status(4).role, Role::Leader);
+    assert_eq!(net.learners(4), vec![4], "still a learner");
 }
 
 #[test]

@@ -129,6 +129,10 @@ pub struct Replica {
     incoming_snapshot: Option<IncomingSnapshot>,
     /// An installed snapshot the driver has not yet restored its state machine from.
     restore: Option<Snapshot>,
+    /// After installing a snapshot that replaces a conflicting log, until the write carrying
+    /// it is issued: the highest index the disk's old log still agrees with (what was
+    /// committed before). Until that write is durable nothing above it is durable.
+    discard_floor: Option<Index>,
     /// Whether followers are sent a transfer image of the snapshot rather than the snapshot
     /// itself (see [`Replica::use_transfer_images`]).
     transfer_images: bool,
@@ -229,6 +233,7 @@ impl Replica {
             snapshot_dirty: false,
             incoming_snapshot: None,
             restore: None,
+            discard_floor: None,
             counters: RaftCounters::default(),
             transfer_images: false,
             transfer_image: None,
@@ -691,9 +696,12 @@ impl Replica {
         // A leader removed from the configuration leads until that configuration commits
         // (thesis §4.2.2: it must see the change through), then steps down; as no voter it
         // never campaigns again.
+        // A learner that won an election (see `may_campaign`) steps down the same way, once an
+        // entry of its term commits: its log is then the voters' too.
         if self.role == Role::Leader
             && !self.effective().is_voter(self.config.id)
             && self.commit >= self.membership_index()
+            && self.log.term_at(self.commit) == Some(self.term)
         {
             self.become_follower(now, self.term, None);
             // No leader will replicate to a server outside the configuration, so its
@@ -775,8 +783,11 @@ impl Replica {
             Some(from) => self.log.slice(from, usize::MAX, usize::MAX),
             None => Vec::new(),
         };
+        // A write that discards the log makes nothing above what the old log agreed with
+        // durable until it is synced itself: an earlier write's sync must not count the
+        // snapshot's entries (seed 20001987 of the Raft workload).
         let rewrite_floor = match &snapshot {
-            Some(snapshot) if discard_log => snapshot.index,
+            Some(snapshot) if discard_log => self.discard_floor.take().unwrap_or(snapshot.index),
             _ => entries
                 .first()
                 .map_or(Index::MAX, |e| e.index.saturating_sub(1)),
@@ -1312,14 +1323,19 @@ impl Replica {
     /// A voter of the configuration in effect campaigns; so does a server that configuration
     /// removed while it does not know it committed (thesis §4.2.2): it may hold the only log
     /// that can finish the change (a leader that appended its own removal and lost its
-    /// leadership before the removal committed), and it does not count its own vote. A learner
-    /// never campaigns.
+    /// leadership before the removal committed), and it does not count its own vote. So does a
+    /// learner holding uncommitted entries: a configuration it has not seen may make it a
+    /// voter, and its log may be the only one those voters can elect (a leader replicated
+    /// entries of its term to it and lost its disk; the voters' logs are older, and one of them
+    /// counts the learner as a voter through a promotion the learner's log never held). Its own
+    /// vote does not count, so it wins only with a majority of its configuration's voters.
     fn may_campaign(&self) -> bool {
         let membership = self.effective();
         let id = self.config.id;
         self.may_vote()
             && (membership.is_voter(id)
-                || (!membership.contains(id) && self.membership_index() > self.commit))
+                || (!membership.contains(id) && self.membership_index() > self.commit)
+                || (membership.is_learner(id) && self.log.last_index() > self.commit))
     }
 
     /// Notes repair progress; see [`Replica::damaged_from`].
@@ -1518,6 +1534,8 @@ impl Replica {
             // Only what was committed before is still equal to the disk's old log.
             self.mark_log_dirty(index);
             self.durable_index = self.durable_index.min(commit_before);
+            let floor = self.durable_index;
+            self.discard_floor = Some(self.discard_floor.map_or(floor, |f| f.min(floor)));
             self.advance_commit(index);
         }
         self.applied = index;
@@ -1949,7 +1967,11 @@ impl Replica {
     fn rewrite_floor(&self) -> Index {
         let in_flight = self.writes_in_flight.iter().map(|w| w.rewrite_floor);
         let unwritten = self.log_dirty_from.map(|from| from - 1);
-        in_flight.chain(unwritten).min().unwrap_or(Index::MAX)
+        in_flight
+            .chain(unwritten)
+            .chain(self.discard_floor)
+            .min()
+            .unwrap_or(Index::MAX)
     }
 
     // ----- sending -----

@@ -3,6 +3,7 @@
 //!   neither votes nor campaigns until a leader of a newer term has repaired it.
 //! - A snapshot transfer sends one chunk per answer that moves it forward.
 //! - A leader takes no proposal while its oldest pending one has waited too long.
+//! - A snapshot that replaces a conflicting log is durable only once its own write is.
 
 use std::time::Duration;
 
@@ -490,4 +491,50 @@ fn the_counters_name_the_paths_a_replica_took() {
     settle(&mut follower, later(5));
     assert_eq!(follower.entry(3).map(|e| e.term), Some(2));
     assert_eq!(follower.counters().conflicting_tails_dropped, 1);
+}
+
+#[test]
+fn a_snapshot_replacing_a_conflicting_log_is_not_durable_before_its_own_write() {
+    // Node 1 holds entries 1..=10 of term 3, of which 1..=5 are committed.
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 3,
+            vote: None,
+            commit: 5,
+        },
+        snapshot: None,
+        entries: (1..=10).map(|i| entry(i, 3)).collect(),
+    };
+    let mut replica = Replica::new(Config::new(1, 1, vec![1, 2, 3]), recovered, 7, later(0));
+    let now = later(1);
+    // A leader of term 4: the new term is a write, handed out and not yet synced.
+    let heartbeat = Message::Heartbeat {
+        term: 4,
+        commit: 0,
+        context: 1,
+    };
+    replica.step(now, 2, heartbeat);
+    let first = replica.poll_write().expect("the new term is written");
+    // Its snapshot at 8 of term 4 conflicts with our 8 of term 3: the old log goes.
+    let chunk = Message::InstallSnapshot {
+        term: 4,
+        index: 8,
+        snapshot_term: 4,
+        offset: 0,
+        total: 3,
+        chunk: Bytes::from_static(b"abc"),
+        membership: None,
+    };
+    replica.step(now, 2, chunk);
+    let second = replica.poll_write().expect("the snapshot is written");
+    assert!(second.discard_log && second.snapshot.is_some());
+    // The earlier write syncs: the disk still holds the old log above the old commit.
+    replica.persisted(now, first.id);
+    assert!(
+        replica.status().durable_index <= 5,
+        "durable {} with the old log's entries 6..=10 on disk",
+        replica.status().durable_index
+    );
+    replica.persisted(now, second.id);
+    assert!(replica.status().durable_index >= 8);
 }

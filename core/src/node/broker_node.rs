@@ -897,21 +897,11 @@ impl BrokerNode {
                 group,
                 force,
             } => {
-                if let Err(why) = check_name("consumer group", &group) {
-                    return self.refuse(client, id, why);
-                }
-                if let Err(response) = self.check_broker_leader(broker) {
-                    self.responses.push_back((client, id, response));
-                    return;
-                }
-                let waiter = Waiter {
-                    client,
-                    request: id,
-                    // Carries the group's name to the answer.
-                    queue: Some(QueueId::new(group.as_str(), 0)),
+                let command = Command::DeleteGroup {
+                    group: group.clone(),
+                    force,
                 };
-                let command = Command::DeleteGroup { group, force };
-                self.enqueue(broker, Some(waiter), encode_command(&command));
+                self.propose_group_command(client, id, broker, &group, command);
             }
             Request::PeekDeadLetters {
                 broker,
@@ -929,25 +919,12 @@ impl BrokerNode {
                 group,
                 messages_max,
             } => {
-                if let Err(why) = check_name("consumer group", &group) {
-                    return self.refuse(client, id, why);
-                }
-                if let Err(response) = self.check_broker_leader(broker) {
-                    self.responses.push_back((client, id, response));
-                    return;
-                }
-                let waiter = Waiter {
-                    client,
-                    request: id,
-                    // Carries the group's name to the answer.
-                    queue: Some(QueueId::new(group.as_str(), 0)),
-                };
                 let command = Command::Redrive {
-                    group,
+                    group: group.clone(),
                     messages_max: messages_max.min(REDRIVE_MESSAGES_MAX),
                     stamp_ms: now.as_micros() / 1_000,
                 };
-                self.enqueue(broker, Some(waiter), encode_command(&command));
+                self.propose_group_command(client, id, broker, &group, command);
             }
             Request::Pull {
                 broker,
@@ -978,6 +955,31 @@ impl BrokerNode {
                 self.pull(now, client, id, pull)
             }
         }
+    }
+
+    /// Proposes a command about a whole consumer group to its broker group's leader, after
+    /// checking the group's name; the answer carries the name back.
+    fn propose_group_command(
+        &mut self,
+        client: ClientId,
+        id: RequestId,
+        broker: GroupId,
+        group: &str,
+        command: Command,
+    ) {
+        if let Err(why) = check_name("consumer group", group) {
+            return self.refuse(client, id, why);
+        }
+        if let Err(response) = self.check_broker_leader(broker) {
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        let waiter = Waiter {
+            client,
+            request: id,
+            queue: Some(QueueId::new(group, 0)),
+        };
+        self.enqueue(broker, Some(waiter), encode_command(&command));
     }
 
     /// An operator's read of `group`'s dead-letter queue: the broker group leader's applied

@@ -696,7 +696,9 @@ impl Checker {
             // The reply may have waited for its write while a newer leader rewrote the log in
             // memory; what counts is that the entries it acknowledges reached the disk.
             Message::AppendResponse {
-                result: AppendResult::Accepted { match_index },
+                result:
+                    AppendResult::Accepted { match_index }
+                    | AppendResult::AcceptedVotesLost { match_index },
                 term,
             } if *match_index > 0 && !disk.ever_held(*match_index, *term) => fail(format!(
                 "no entry at {match_index} of term <= {term} was ever durable (disk ends at {})",

@@ -30,6 +30,10 @@ pub(super) struct Progress {
     pub(super) lease_context_us: u64,
     /// In Snapshot: which snapshot is being sent and how far.
     pub(super) snapshot: SnapshotTransfer,
+    /// The follower's last acknowledgement said it lost its disk
+    /// ([`AppendResult::AcceptedVotesLost`](super::AppendResult::AcceptedVotesLost)): its
+    /// match index serves replication only, never a commit, a lease or CheckQuorum.
+    pub(super) votes_lost: bool,
 }
 
 /// A leader's progress in sending one snapshot to one follower.
@@ -60,6 +64,7 @@ impl Progress {
             recent_active: true,
             lease_context_us: 0,
             snapshot: SnapshotTransfer::default(),
+            votes_lost: false,
         }
     }
 

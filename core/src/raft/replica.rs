@@ -436,9 +436,12 @@ impl Replica {
                     self.reply_append(from, result);
                 }
                 self.advance_commit(commit.min(self.log.last_index()));
+                // A wiped replica cannot keep the promise the context stands for (it may have
+                // made the opposite one before the wipe): it answers without one.
+                let votes_lost = self.damage.as_ref().is_some_and(|d| d.votes_lost);
                 let reply = Message::HeartbeatResponse {
                     term: self.term,
-                    context,
+                    context: if votes_lost { 0 } else { context },
                 };
                 // It claims only the term (and a promise not to vote, which lives in memory
                 // and across a restart in `in_lease`), so it waits for the term alone: a
@@ -883,7 +886,7 @@ impl Replica {
         let mut contexts: Vec<u64> = self
             .progress
             .iter()
-            .filter(|(id, _)| membership.is_voter(**id))
+            .filter(|(id, p)| membership.is_voter(**id) && !p.votes_lost)
             .map(|(_, p)| p.lease_context_us)
             .collect();
         contexts.push(now.as_micros());
@@ -1391,10 +1394,7 @@ impl Replica {
     ) {
         if prev_index < self.commit {
             // Everything up to our commit matches already; say so and let the leader move on.
-            let result = AppendResult::Accepted {
-                match_index: self.commit,
-            };
-            self.reply_append(from, result);
+            self.reply_append(from, self.acceptance(self.commit));
             return;
         }
         let prev_matches = self.log.term_at(prev_index) == Some(prev_term)
@@ -1443,7 +1443,7 @@ impl Replica {
             }
         }
         self.advance_commit(leader_commit.min(match_index));
-        self.reply_append(from, AppendResult::Accepted { match_index });
+        self.reply_append(from, self.acceptance(match_index));
     }
 
     fn handle_snapshot_chunk(
@@ -1457,10 +1457,7 @@ impl Replica {
         if index <= self.commit {
             // We hold everything it stands for already (committed entries are the leader's).
             self.incoming_snapshot = None;
-            let result = AppendResult::Accepted {
-                match_index: self.commit,
-            };
-            self.reply_append(from, result);
+            self.reply_append(from, self.acceptance(self.commit));
             return;
         }
         let mut incoming = match self.incoming_snapshot.take() {
@@ -1502,7 +1499,7 @@ impl Replica {
         self.install_snapshot(snapshot);
         let reply = Message::AppendResponse {
             term: self.term,
-            result: AppendResult::Accepted { match_index: index },
+            result: self.acceptance(index),
         };
         if self.canary(Canary::AckSnapshotBeforeDurable) {
             self.send(from, reply, 0);
@@ -1542,6 +1539,16 @@ impl Replica {
         self.restore = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
         self.snapshot_dirty = true;
+    }
+
+    /// How this replica says it holds the leader's log up to `match_index`: without a promise
+    /// if its disk was wiped (see [`AppendResult::AcceptedVotesLost`]).
+    fn acceptance(&self, match_index: Index) -> AppendResult {
+        if self.damage.as_ref().is_some_and(|d| d.votes_lost) {
+            AppendResult::AcceptedVotesLost { match_index }
+        } else {
+            AppendResult::Accepted { match_index }
+        }
     }
 
     fn reply_append(&mut self, to: NodeId, result: AppendResult) {
@@ -1696,10 +1703,14 @@ impl Replica {
         let Some(progress) = self.progress.get_mut(&from) else {
             return;
         };
-        progress.recent_active = true;
         match result {
-            AppendResult::Accepted { match_index } => {
-                if progress.accept(match_index) {
+            AppendResult::Accepted { match_index }
+            | AppendResult::AcceptedVotesLost { match_index } => {
+                let votes_lost = matches!(result, AppendResult::AcceptedVotesLost { .. });
+                let counting_changed = progress.votes_lost != votes_lost;
+                progress.votes_lost = votes_lost;
+                progress.recent_active = !votes_lost;
+                if progress.accept(match_index) || counting_changed {
                     self.maybe_commit();
                     self.send_timeout_now_if_caught_up(from);
                 }
@@ -1714,6 +1725,7 @@ impl Replica {
                 hint_index,
                 hint_term,
             } => {
+                progress.recent_active = !progress.votes_lost;
                 let damaged = matches!(result, AppendResult::RejectedDamaged { .. });
                 let stale = match progress.state {
                     ProgressState::Replicate => rejected_index <= progress.match_index,
@@ -1755,7 +1767,8 @@ impl Replica {
         let Some(progress) = self.progress.get_mut(&from) else {
             return;
         };
-        progress.recent_active = true;
+        // A context of 0 is an answer without a promise (a wiped follower's).
+        progress.recent_active = context > 0 && !progress.votes_lost;
         progress.probe_sent = false;
         progress.lease_context_us = progress.lease_context_us.max(context);
         if self.transfer_image.is_some()
@@ -1887,7 +1900,10 @@ impl Replica {
                     // crash could erase.
                     self.durable_index
                 } else {
-                    self.progress.get(voter).map_or(0, |p| p.match_index)
+                    self.progress
+                        .get(voter)
+                        .filter(|p| !p.votes_lost)
+                        .map_or(0, |p| p.match_index)
                 }
             })
             .collect();

@@ -1,6 +1,7 @@
 //! Step-by-step tests of one replica.
 //! - The damaged-replica rule: a replica recovered with a damaged log (or a wiped disk)
 //!   neither votes nor campaigns until a leader of a newer term has repaired it.
+//! - A wiped replica's acknowledgements promise nothing, and a leader counts them for nothing.
 //! - A snapshot transfer sends one chunk per answer that moves it forward.
 //! - A leader takes no proposal while its oldest pending one has waited too long.
 //! - A snapshot that replaces a conflicting log is durable only once its own write is.
@@ -173,17 +174,28 @@ fn vote_for_long(term: Term) -> Message {
     }
 }
 
+/// Steps a heartbeat from `(leader, term)` and returns what the replica sends.
+fn heartbeat_answers(
+    replica: &mut Replica,
+    now: Instant,
+    (leader, term): (NodeId, Term),
+    commit: Index,
+    context: u64,
+) -> Vec<Message> {
+    let heartbeat = Message::Heartbeat {
+        term,
+        commit,
+        context,
+    };
+    replica.step(now, leader, heartbeat);
+    settle(replica, now)
+}
+
 #[test]
 fn a_damaged_follower_tells_an_idle_leader_what_it_lost() {
     let mut replica = recovered(3, 10, damage(6));
     let now = later(1);
-    let heartbeat = Message::Heartbeat {
-        term: 3,
-        commit: 10,
-        context: 1,
-    };
-    replica.step(now, 2, heartbeat);
-    let sent = settle(&mut replica, now);
+    let sent = heartbeat_answers(&mut replica, now, (2, 3), 10, 1);
     assert!(
         sent.iter().any(|m| matches!(
             m,
@@ -209,7 +221,23 @@ fn a_wiped_replica_is_never_repaired_and_never_votes() {
     let mut replica = recovered(0, 0, wiped);
     let now = later(1);
     replica.step(now, 3, append(4, 0, 0, vec![entry(1, 4), entry(2, 4)], 2));
-    settle(&mut replica, now);
+    let sent = settle(&mut replica, now);
+    assert!(
+        sent.iter().all(|m| matches!(
+            m,
+            Message::AppendResponse {
+                result: AppendResult::AcceptedVotesLost { match_index: 2 },
+                ..
+            }
+        )) && !sent.is_empty(),
+        "it holds the entries but its acknowledgement promises nothing: {sent:?}"
+    );
+    let sent = heartbeat_answers(&mut replica, now, (3, 4), 2, 77);
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Message::HeartbeatResponse { context: 0, .. })),
+        "no lease promise either: {sent:?}"
+    );
     assert_eq!(replica.status().commit_index, 2);
     assert_eq!(
         replica.damaged_from(),
@@ -220,6 +248,74 @@ fn a_wiped_replica_is_never_repaired_and_never_votes() {
     assert!(!granted(&settle(&mut replica, later(20))));
     replica.handle_timeout(later(40));
     assert_eq!(replica.status().role, Role::Follower);
+}
+
+#[test]
+fn a_wiped_followers_acknowledgement_counts_for_no_commit_lease_or_check_quorum() {
+    // Seed 32002003: a deposed leader of term 2 came back from a pause; a follower whose disk
+    // had been wiped since it voted in term 3 accepted term 2 again, and its answers gave the
+    // deposed leader a read lease (and would have let it commit).
+    let (mut leader, _) = leader_sending_snapshot(10);
+    let now = later(1);
+    assert!(
+        leader
+            .propose(now, 1, vec![Bytes::from_static(b"c")])
+            .is_ok()
+    );
+    settle(&mut leader, now);
+    let last = leader.status().last_index;
+    let wiped_ack = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::AcceptedVotesLost { match_index: last },
+    };
+    leader.step(now, 2, wiped_ack);
+    let sent = settle(&mut leader, now);
+    assert!(
+        leader.status().commit_index < last,
+        "committed with a wiped follower's acknowledgement: {sent:?}"
+    );
+    let heartbeat_answer = Message::HeartbeatResponse {
+        term: 2,
+        context: 0,
+    };
+    leader.step(now, 2, heartbeat_answer);
+    settle(&mut leader, now);
+    assert!(!leader.read_lease(now));
+    // CheckQuorum: the wiped follower alone does not keep it leader.
+    for ms in (1_050..3_000).step_by(50) {
+        let at = Instant::ZERO + Duration::from_millis(ms);
+        leader.step(at, 2, wiped_ack_at(last));
+        let answer = Message::HeartbeatResponse {
+            term: 2,
+            context: 0,
+        };
+        leader.step(at, 2, answer);
+        leader.handle_timeout(at);
+        settle(&mut leader, at);
+    }
+    assert_ne!(leader.status().role, Role::Leader);
+    // The same answer from an ordinary follower commits.
+    let (mut leader, _) = leader_sending_snapshot(10);
+    assert!(
+        leader
+            .propose(now, 1, vec![Bytes::from_static(b"c")])
+            .is_ok()
+    );
+    settle(&mut leader, now);
+    let ack = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::Accepted { match_index: last },
+    };
+    leader.step(now, 2, ack);
+    settle(&mut leader, now);
+    assert_eq!(leader.status().commit_index, last);
+}
+
+fn wiped_ack_at(match_index: Index) -> Message {
+    Message::AppendResponse {
+        term: 2,
+        result: AppendResult::AcceptedVotesLost { match_index },
+    }
 }
 
 #[test]

@@ -381,6 +381,12 @@ pub enum AppendResult {
         hint_index: Index,
         hint_term: Term,
     },
+    /// `Accepted` from a replica that lost its whole disk ([`Damage::votes_lost`]): it holds
+    /// the entries, but it may have voted for or acknowledged a newer leader before the wipe
+    /// and forgotten it, so it cannot refuse a stale leader's term. Its acknowledgement must not
+    /// count towards a commit, a read lease or CheckQuorum, or a deposed leader could commit
+    /// with it (seed 32002003). New variants go last.
+    AcceptedVotesLost { match_index: Index },
 }
 
 /// What a replica reports for the operator's log ([`super::Replica::poll_event`]).
@@ -914,8 +920,10 @@ pub struct Recovered {
 /// damaged replica back (the simulator) passes it; the shell refuses to start instead.
 ///
 /// A damaged replica keeps the valid prefix of its log (the driver passes only entries below
-/// `from`) and follows, appends and acknowledges as usual (it holds what it acknowledges), but
-/// grants no vote or pre-vote and never campaigns until it is repaired. See
+/// `from`) and follows, appends and acknowledges as usual (it holds what it acknowledges, and
+/// its term survived, so it refuses a deposed leader), but grants no vote or pre-vote and never
+/// campaigns until it is repaired. A wiped one (`votes_lost`) lost its term too: its
+/// acknowledgements count for nothing ([`AppendResult::AcceptedVotesLost`]). See
 /// [`super::Replica::damaged_from`] for when that is and why it is safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Damage {

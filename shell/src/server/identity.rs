@@ -18,8 +18,8 @@
 //! - Absent, the directory holding group directories: written by a holdfast from before the
 //!   identity; treated as initialised and the identity written.
 //!
-//! Votes-lost ([`Damage::votes_lost`]) means the replica follows, stores and acknowledges, but
-//! never votes or campaigns again (making it a voter again needs a membership change, which
+//! Votes-lost ([`Damage::votes_lost`]) means the replica follows and stores, but its
+//! acknowledgements count for no commit or lease, and it never votes or campaigns again (making it a voter again needs a membership change, which
 //! does not exist yet). The identity records it under `votes_lost` before the group's new files
 //! are created, so a crash or a restart can never forget it.
 
@@ -94,8 +94,8 @@ impl Identity {
             warn!(
                 groups = ?lost,
                 "votes lost: this node's data for these groups was lost ({}), so their replicas \
-                 follow and store data but never vote or campaign, until a membership change \
-                 replaces this node",
+                 follow and store data but never vote, campaign or count towards a commit, \
+                 until a membership change replaces this node",
                 path.display()
             );
         }

@@ -23,6 +23,7 @@ pub(super) fn fields(message: &Message) -> (u64, u64, u64) {
             AppendResult::Accepted { match_index } => (6, *term, *match_index),
             AppendResult::Rejected { rejected_index, .. } => (7, *term, *rejected_index),
             AppendResult::RejectedDamaged { rejected_index, .. } => (10, *term, *rejected_index),
+            AppendResult::AcceptedVotesLost { match_index } => (11, *term, *match_index),
         },
         Message::Heartbeat { term, commit, .. } => (8, *term, *commit),
         Message::HeartbeatResponse { term, context } => (9, *term, *context),
@@ -76,6 +77,9 @@ pub(super) fn describe(message: &Message) -> String {
         Message::AppendResponse { term, result } => match result {
             AppendResult::Accepted { match_index } => {
                 format!("AppendResponse t{term} match={match_index}")
+            }
+            AppendResult::AcceptedVotesLost { match_index } => {
+                format!("AppendResponse t{term} match={match_index} (votes lost: not counted)")
             }
             AppendResult::Rejected {
                 rejected_index,

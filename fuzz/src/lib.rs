@@ -1090,7 +1090,13 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
             hint_index,
             hint_term,
         } => {
-            let result = if accepted {
+            // An accepted answer has no hint: its hint's parity picks a wiped follower's
+            // acknowledgement, which promises nothing.
+            let result = if accepted && hint_term % 2 == 1 {
+                AppendResult::AcceptedVotesLost {
+                    match_index: near_index(index, last),
+                }
+            } else if accepted {
                 AppendResult::Accepted {
                     match_index: near_index(index, last),
                 }

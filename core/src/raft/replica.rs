@@ -920,7 +920,10 @@ impl Replica {
                 leader_hint: self.leader,
             });
         }
-        if to == self.config.id || !self.effective().is_voter(to) {
+        // A follower that lost its disk never campaigns: handing it the group would only
+        // cost an election timeout.
+        let votes_lost = self.progress.get(&to).is_some_and(|p| p.votes_lost);
+        if to == self.config.id || !self.effective().is_voter(to) || votes_lost {
             return Err(TransferError::NotAVoter { to });
         }
         match &self.transfer {

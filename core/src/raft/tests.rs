@@ -270,6 +270,11 @@ fn a_wiped_followers_acknowledgement_counts_for_no_commit_lease_or_check_quorum(
     };
     leader.step(now, 2, wiped_ack);
     let sent = settle(&mut leader, now);
+    assert_eq!(
+        leader.transfer_leadership(now, 2),
+        Err(TransferError::NotAVoter { to: 2 }),
+        "it would never campaign"
+    );
     assert!(
         leader.status().commit_index < last,
         "committed with a wiped follower's acknowledgement: {sent:?}"

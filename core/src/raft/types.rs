@@ -501,7 +501,8 @@ pub enum TransferError {
     NotLeader {
         leader_hint: Option<NodeId>,
     },
-    /// `to` is this replica or not a voter of the group.
+    /// `to` is this replica, not a voter of the group, or a voter that lost its disk
+    /// ([`AppendResult::AcceptedVotesLost`]) and so never campaigns.
     NotAVoter {
         to: NodeId,
     },

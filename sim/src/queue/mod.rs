@@ -42,7 +42,7 @@ pub(crate) const CONSUMER_GROUPS: [&str; 2] = ["billing", "audit"];
 pub fn run(options: &Options) -> Outcome {
     let mut world = QueueWorld::new(options.clone());
     let result = world.run();
-    for broker in world.nodes.iter().filter_map(|h| h.broker.as_ref()) {
+    for broker in world.nodes.iter().filter_map(|h| h.broker.as_deref()) {
         world.k.stats.coverage.add_node(&broker.stats());
     }
     let (acked, failed, ambiguous, _) = world.history.counts();
@@ -122,7 +122,8 @@ impl From<KernelEvent> for Event {
 /// What the queue workload runs on a node: a broker node, its disks and its queue store.
 #[derive(Default)]
 struct Node {
-    broker: Option<BrokerNode>,
+    /// Boxed: a node is moved out and back on every step it takes (see `drain`).
+    broker: Option<Box<BrokerNode>>,
     disks: BTreeMap<GroupId, Disk>,
     views: BTreeMap<GroupId, ReplicaView>,
     timer_at: Instant,
@@ -354,7 +355,7 @@ impl QueueWorld {
             .enumerate()
             .filter(|(i, _)| hosts[*i].up)
             .filter_map(|(i, h)| {
-                let state = h.broker.as_ref()?.broker_state(group)?;
+                let state = h.broker.as_deref()?.broker_state(group)?;
                 let view = StateView {
                     state,
                     group,
@@ -369,7 +370,7 @@ impl QueueWorld {
         if !self.host(node).up {
             return None;
         }
-        self.node_mut(node).broker.as_mut()
+        self.node_mut(node).broker.as_deref_mut()
     }
 }
 
@@ -409,7 +410,7 @@ impl Workload for QueueWorld {
 
     fn leader(&self, group: GroupId) -> Option<NodeId> {
         self.k.node_ids.iter().zip(&self.nodes).find_map(|(n, h)| {
-            let replica = h.broker.as_ref()?.replica(group)?;
+            let replica = h.broker.as_deref()?.replica(group)?;
             let leads = replica.status().role == holdfast_core::raft::Role::Leader;
             (self.host(*n).up && leads).then_some(*n)
         })
@@ -485,7 +486,7 @@ impl Workload for QueueWorld {
             check_recovery(node, *group, &status, disk)?;
             host.views.insert(*group, ReplicaView::new(&status));
         }
-        host.broker = Some(broker);
+        host.broker = Some(Box::new(broker));
         host.timer_at = Instant::ZERO;
         self.k
             .trace
@@ -544,7 +545,7 @@ impl QueueWorld {
             let replicas = self.k.node_ids.iter().zip(&self.nodes);
             let replicas = replicas.filter(|(n, _)| self.host(**n).up);
             let replicas =
-                replicas.filter_map(|(n, h)| Some((*n, h.broker.as_ref()?.replica(group)?)));
+                replicas.filter_map(|(n, h)| Some((*n, h.broker.as_deref()?.replica(group)?)));
             crate::raft_checks::check_lease(group, node, self.k.now, replicas)?;
         }
         Ok(())
@@ -552,7 +553,7 @@ impl QueueWorld {
 
     fn drain_host(&mut self, node: NodeId, host: &mut Node) -> Result<(), Violation> {
         let now = self.k.now;
-        let Some(broker) = host.broker.as_mut() else {
+        let Some(broker) = host.broker.as_deref_mut() else {
             return Ok(());
         };
         for (group, disk) in &mut host.disks {
@@ -817,7 +818,7 @@ impl QueueWorld {
             report = disk.sync(upto, &mut k.rng, canary)?;
             disk.syncing = false;
         }
-        if let Some(broker) = host.broker.as_mut() {
+        if let Some(broker) = host.broker.as_deref_mut() {
             broker.persisted(now, group, report);
         }
         self.drain(node)
@@ -872,7 +873,7 @@ impl QueueWorld {
     /// what it knows committed and durable (unless a fault changed bytes nobody read yet).
     fn check_committed_bytes(&self) -> Result<(), Violation> {
         for (node, host) in self.k.node_ids.iter().zip(&self.nodes) {
-            let Some(broker) = host.broker.as_ref() else {
+            let Some(broker) = host.broker.as_deref() else {
                 continue;
             };
             for (group, disk) in host.disks.iter().filter(|(_, d)| !d.hit) {
@@ -891,7 +892,7 @@ impl QueueWorld {
     fn check(&mut self) -> Result<bool, Violation> {
         for (i, host) in self.nodes.iter().enumerate() {
             let process = &self.k.hosts[i];
-            let (Some(broker), true) = (host.broker.as_ref(), process.up) else {
+            let (Some(broker), true) = (host.broker.as_deref(), process.up) else {
                 continue;
             };
             for group in 1..=self.broker_groups {
@@ -935,7 +936,7 @@ impl QueueWorld {
             .iter()
             .zip(&self.k.hosts)
             .filter(|(_, process)| process.up)
-            .filter_map(|(h, _)| h.broker.as_ref())
+            .filter_map(|(h, _)| h.broker.as_deref())
             .filter_map(|b| Some((b, b.replica(group)?.status())))
             .collect();
         if statuses.len() < self.k.node_ids.len() {
@@ -999,7 +1000,7 @@ impl QueueWorld {
             let store = self
                 .nodes
                 .iter()
-                .find(|h| h.broker.as_ref().is_some_and(|b| b.id() == leader.id()))
+                .find(|h| h.broker.as_deref().is_some_and(|b| b.id() == leader.id()))
                 .map(|h| &h.store);
             if let (Some(state), Some(store)) = (leader.broker_state(group), store) {
                 states.insert(

@@ -585,6 +585,8 @@ pub trait Workload: DerefMut<Target = Kernel<Self::Event>> {
                     return Ok(None);
                 }
                 let group = groups[self.rng.random_range(0..groups.len())];
+                // The disk lives in the workload and the RNG in the kernel, both behind `self`:
+                // lend the RNG out for the call.
                 let mut rng = std::mem::replace(&mut self.rng, ChaCha8Rng::seed_from_u64(0));
                 let corrupted = self
                     .disk_mut(node, group)

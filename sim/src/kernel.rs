@@ -399,6 +399,35 @@ impl<E> Kernel<E> {
     }
 }
 
+/// Reads `node`'s replica of `group` back from its disk after a start or a crash, with the
+/// checks every workload makes of it: the committed records it holds are the committed ones,
+/// recovery found nothing it should not have, and a recovered snapshot is the group's.
+pub fn recover(
+    checker: &mut crate::checker::Checker,
+    stats: &mut Stats,
+    node: NodeId,
+    group: GroupId,
+    disk: &mut Disk,
+    canary: Option<holdfast_core::raft::Canary>,
+) -> Result<crate::disk::Recovery, Violation> {
+    let recovery = disk.recover(canary);
+    let upto = recovery.commit.min(recovery.last_index);
+    checker.committed_bytes(group, node, disk, upto)?;
+    if let Some(problem) = &recovery.problem {
+        return Err(violation(
+            "recovery",
+            format!("group {group} node {node}: {problem}"),
+        ));
+    }
+    if let Some(snapshot) = &recovery.recovered.snapshot {
+        checker.snapshot(group, node, snapshot, "recovered")?;
+    }
+    if recovery.damage.is_some() {
+        stats.damaged_starts += 1;
+    }
+    Ok(recovery)
+}
+
 /// What a workload puts on the kernel's nodes.
 pub trait Workload: DerefMut<Target = Kernel<Self::Event>> {
     type Event: From<KernelEvent>;

@@ -450,21 +450,10 @@ impl Workload for QueueWorld {
         let mut recovered: BTreeMap<GroupId, Recovered> = BTreeMap::new();
         for group in &groups {
             let disk = self.nodes[index].disks.entry(*group).or_default();
-            let recovery = disk.recover(canary);
-            let upto = recovery.commit.min(recovery.last_index);
-            self.checker.committed_bytes(*group, node, disk, upto)?;
-            if let Some(problem) = recovery.problem {
-                return Err(violation(
-                    "recovery",
-                    format!("group {group} node {node}: {problem}"),
-                ));
-            }
-            if let Some(snapshot) = &recovery.recovered.snapshot {
-                self.checker.snapshot(*group, node, snapshot, "recovered")?;
-            }
+            let (checker, stats) = (&mut self.checker, &mut self.k.stats);
+            let recovery = crate::kernel::recover(checker, stats, node, *group, disk, canary)?;
             if let Some(damage) = recovery.damage {
                 config.raft.damaged.insert(*group, damage);
-                self.k.stats.damaged_starts += 1;
                 self.k
                     .trace
                     .record(now, &[2, node, *group, damage.from], || {

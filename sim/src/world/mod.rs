@@ -472,24 +472,17 @@ impl Workload for World {
             let Some(slot) = self.nodes[(node - 1) as usize].slots[index].as_mut() else {
                 continue;
             };
-            let recovery = slot.disk.recover(canary);
-            let upto = recovery.commit.min(recovery.last_index);
-            self.checker
-                .committed_bytes(group, node, &slot.disk, upto)?;
-            if let Some(problem) = recovery.problem {
-                return Err(violation(
-                    "recovery",
-                    format!("group {group} node {node}: {problem}"),
-                ));
-            }
-            slot.machine = MachineDigest::default();
-            if let Some(snapshot) = &recovery.recovered.snapshot {
-                self.checker.snapshot(group, node, snapshot, "recovered")?;
-                slot.machine = MachineDigest::decode(&snapshot.data).unwrap_or_default();
-            }
+            let (checker, stats) = (&mut self.checker, &mut self.k.stats);
+            let recovery =
+                crate::kernel::recover(checker, stats, node, group, &mut slot.disk, canary)?;
+            slot.machine = recovery
+                .recovered
+                .snapshot
+                .as_ref()
+                .and_then(|snapshot| MachineDigest::decode(&snapshot.data))
+                .unwrap_or_default();
             if let Some(damage) = recovery.damage {
                 config.damaged.insert(group, damage);
-                self.k.stats.damaged_starts += 1;
             }
             let replica = Replica::new(config, recovery.recovered, seed, now);
             let status = replica.status();

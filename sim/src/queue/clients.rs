@@ -404,8 +404,9 @@ impl QueueWorld {
             while let Some(delivery) = consumer.poll_delivery() {
                 deliveries.push(delivery);
             }
-            let timer = consumer.poll_timeout();
             if requests.is_empty() && events.is_empty() && deliveries.is_empty() {
+                // Only once nothing is left: the consumer walks all it has in flight for it.
+                let timer = consumer.poll_timeout();
                 self.arm_timer(id, Some(timer));
                 return Ok(());
             }

@@ -9,6 +9,7 @@ pub mod checker;
 pub mod coverage;
 pub mod disk;
 pub mod faults;
+pub mod kernel;
 pub mod membership;
 pub mod network;
 pub mod options;

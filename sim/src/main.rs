@@ -12,6 +12,10 @@ use holdfast_sim::swarm::{FaultMix, Mix};
 use holdfast_sim::{CANARIES_BUILT, Options, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// See sim/Cargo.toml: the simulator's time went a fifth to malloc and free.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "holdfast-sim",

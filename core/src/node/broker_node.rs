@@ -2000,10 +2000,16 @@ impl BrokerNode {
     }
 
     fn retry_parked(&mut self, now: Instant, woken: &BTreeSet<GroupId>) {
-        if self.parked.is_empty() {
+        // Most steps wake no parked pull: leave the list as it is rather than rebuild it (the
+        // simulator spent a tenth of its time here).
+        let due = |pull: &ParkedPull| {
+            now >= pull.deadline || now >= pull.wake_at || woken.contains(&pull.group)
+        };
+        if !self.parked.iter().any(due) {
             return;
         }
-        let parked = std::mem::take(&mut self.parked);
+        let capacity = self.parked.len();
+        let parked = std::mem::replace(&mut self.parked, Vec::with_capacity(capacity));
         for pull in parked {
             if pull.for_lease
                 && now >= pull.deadline

@@ -17,8 +17,9 @@ use holdfast_core::time::Instant;
 use rand::RngExt;
 
 use super::history::{Found, SendOutcome};
-use super::{CONSUMER_GROUPS, Event, Phase, QueueWorld, TOPIC, ms};
+use super::{CONSUMER_GROUPS, Event, QueueWorld, TOPIC};
 use crate::checker::Violation;
+use crate::kernel::{Phase, ms};
 
 const PRODUCERS: usize = 3;
 const MEMBERS_PER_GROUP: usize = 2;
@@ -151,7 +152,7 @@ impl QueueWorld {
             clients_request_id(self.clients.admin_turn),
             request,
         );
-        self.schedule(self.now + ms(200), Event::Admin);
+        self.k.schedule(self.k.now + ms(200), Event::Admin);
         Ok(())
     }
 
@@ -160,20 +161,21 @@ impl QueueWorld {
             return Ok(());
         }
         self.clients.topic_ready = true;
-        self.trace
-            .record(self.now, &[20], || "topic created".into());
+        self.k
+            .trace
+            .record(self.k.now, &[20], || "topic created".into());
         for producer in 0..self.clients.producers.len() {
-            self.schedule(self.now, Event::Produce { producer });
+            self.k.schedule(self.k.now, Event::Produce { producer });
         }
         self.restart_all_consumers()
     }
 
     pub(super) fn produce(&mut self, index: usize) -> Result<(), Violation> {
-        if self.phase == Phase::Liveness {
+        if self.k.phase == Phase::Liveness {
             return Ok(());
         }
-        let now = self.now;
-        let count = self.rng.random_range(1..=4u64);
+        let now = self.k.now;
+        let count = self.k.rng.random_range(1..=4u64);
         let Some(slot) = self.clients.producers.get_mut(index) else {
             return Ok(());
         };
@@ -193,14 +195,15 @@ impl QueueWorld {
             .sent(now, producer_id, first_seq, bodies, ordered);
         if self.async_send() || in_flight < self.clients.pipeline {
             // The planted bug: the next send leaves without waiting for this one.
-            let think = ms(self.rng.random_range(1..10));
-            self.schedule(now + think, Event::Produce { producer: index });
+            let think = ms(self.k.rng.random_range(1..10));
+            self.k
+                .schedule(now + think, Event::Produce { producer: index });
         }
         self.flush_producer(index)
     }
 
     fn flush_producer(&mut self, index: usize) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         let Some(slot) = self.clients.producers.get_mut(index) else {
             return Ok(());
         };
@@ -244,9 +247,9 @@ impl QueueWorld {
                     maybe_written: true
                 }
             ) {
-                self.stats.coverage.bump("ambiguous-send", 1);
+                self.k.stats.coverage.bump("ambiguous-send", 1);
             }
-            self.trace.record(now, &[21, producer_id, first_seq], || {
+            self.k.trace.record(now, &[21, producer_id, first_seq], || {
                 format!("producer {producer_id} seq {first_seq}: {outcome:?}")
             });
             self.history
@@ -263,8 +266,9 @@ impl QueueWorld {
                 // sends overlap, yet it sends about as much as one that waits, so a seed costs
                 // about as much either way.
                 let depth = self.clients.pipeline as u64;
-                let think = ms(self.rng.random_range(1..30) * depth);
-                self.schedule(now + think, Event::Produce { producer: index });
+                let think = ms(self.k.rng.random_range(1..30) * depth);
+                self.k
+                    .schedule(now + think, Event::Produce { producer: index });
             }
         }
         self.arm_timer(id, timer);
@@ -309,10 +313,10 @@ impl QueueWorld {
             self.clients.timers.remove(&client);
             return;
         };
-        let at = at.max(self.now + std::time::Duration::from_micros(1));
+        let at = at.max(self.k.now + std::time::Duration::from_micros(1));
         if self.clients.timers.get(&client) != Some(&at) {
             self.clients.timers.insert(client, at);
-            self.schedule(at, Event::ClientTimer { client, at });
+            self.k.schedule(at, Event::ClientTimer { client, at });
         }
     }
 
@@ -321,7 +325,7 @@ impl QueueWorld {
             return Ok(());
         }
         self.clients.timers.remove(&client);
-        let now = self.now;
+        let now = self.k.now;
         match self.clients.by_id.get(&client) {
             Some(Who::Producer(i)) => {
                 let i = *i;
@@ -347,7 +351,7 @@ impl QueueWorld {
         id: RequestId,
         response: Response,
     ) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         if client == ADMIN {
             return match response {
                 Response::TopicCreated { .. } => self.topic_created(),
@@ -379,7 +383,7 @@ impl QueueWorld {
 
     /// Hands out the consumer's requests, answers its deliveries, and records what it saw.
     fn flush_consumer(&mut self, index: usize) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         loop {
             let Some(slot) = self.clients.consumers.get_mut(index) else {
                 return Ok(());
@@ -400,8 +404,9 @@ impl QueueWorld {
             while let Some(delivery) = consumer.poll_delivery() {
                 deliveries.push(delivery);
             }
-            let timer = consumer.poll_timeout();
             if requests.is_empty() && events.is_empty() && deliveries.is_empty() {
+                // Only once nothing is left: the consumer walks all it has in flight for it.
+                let timer = consumer.poll_timeout();
                 self.arm_timer(id, Some(timer));
                 return Ok(());
             }
@@ -434,7 +439,7 @@ impl QueueWorld {
                     delivery.offset,
                     found,
                 )?;
-                let status = if self.rng.random_range(0..1_000) < RECONSUME_PER_MILLE {
+                let status = if self.k.rng.random_range(0..1_000) < RECONSUME_PER_MILLE {
                     AckStatus::ReconsumeLater
                 } else {
                     AckStatus::Success
@@ -445,10 +450,10 @@ impl QueueWorld {
                     c.answer(now, &delivery, AckStatus::Success);
                 }
                 // Most answers come at once; some consumers are slow, a few very slow.
-                let think = match self.rng.random_range(0..100) {
+                let think = match self.k.rng.random_range(0..100) {
                     0..80 => Duration::ZERO,
-                    80..97 => ms(self.rng.random_range(1..100)),
-                    _ => ms(self.rng.random_range(500..3_000)),
+                    80..97 => ms(self.k.rng.random_range(1..100)),
+                    _ => ms(self.k.rng.random_range(500..3_000)),
                 };
                 if think.is_zero() {
                     let found = &delivery.message;
@@ -467,7 +472,7 @@ impl QueueWorld {
                         delivery: Box::new(delivery),
                         status,
                     };
-                    self.schedule(now + think, event);
+                    self.k.schedule(now + think, event);
                 }
             }
         }
@@ -479,12 +484,13 @@ impl QueueWorld {
         group: &str,
         event: ConsumerEvent,
     ) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         match event {
             ConsumerEvent::Rebalanced { generation, owned } => {
-                self.stats.coverage.bump("consumer-rebalance", 1);
+                self.k.stats.coverage.bump("consumer-rebalance", 1);
                 self.history.rebalanced(client);
-                self.trace
+                self.k
+                    .trace
                     .record(now, &[22, client, owned.len() as u64, generation], || {
                         format!(
                             "consumer {client} of {group} owns {owned:?} at generation {generation}"
@@ -498,7 +504,7 @@ impl QueueWorld {
                 generation,
                 offsets,
             } => {
-                self.trace.record(now, &[23, client, broker, offsets.len() as u64], || {
+                self.k.trace.record(now, &[23, client, broker, offsets.len() as u64], || {
                     format!("consumer {client} of {group} pulled {queue} of group {broker}: {offsets:?}")
                 });
                 if !offsets.is_empty() {
@@ -527,20 +533,20 @@ impl QueueWorld {
                 queue,
                 reason,
             } => {
-                self.trace.record(now, &[24, client, broker], || {
+                self.k.trace.record(now, &[24, client, broker], || {
                     format!(
                         "consumer {client} of {group}: {queue} of group {broker} revoked: {reason}"
                     )
                 });
             }
             ConsumerEvent::ReleaseSent { broker, queue } => {
-                self.trace.record(now, &[25, client, broker], || {
+                self.k.trace.record(now, &[25, client, broker], || {
                     format!("consumer {client} of {group} releases {queue} of group {broker}")
                 });
                 self.ownership.released(group, client, broker, &queue, now);
             }
             ConsumerEvent::Rewound { broker, queue } => {
-                self.trace.record(now, &[26, client, broker], || {
+                self.k.trace.record(now, &[26, client, broker], || {
                     format!(
                         "consumer {client} of {group} pulls {queue} of group {broker} again from \
                          the committed offset (answers from an earlier tenure were refused)"
@@ -568,7 +574,7 @@ impl QueueWorld {
         delivery: &Delivery,
         status: AckStatus,
     ) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         let Some(s) = self.clients.consumers.get_mut(slot) else {
             return Ok(());
         };
@@ -588,22 +594,22 @@ impl QueueWorld {
     }
 
     /// Takes a random running consumer down; false if none runs.
-    pub(super) fn crash_consumer(&mut self) -> bool {
+    pub(super) fn crash_one_consumer(&mut self) -> bool {
         let running: Vec<usize> = (0..self.clients.consumers.len())
             .filter(|i| self.clients.consumers[*i].consumer.is_some())
             .collect();
         if running.is_empty() {
             return false;
         }
-        let slot = running[self.rng.random_range(0..running.len())];
+        let slot = running[self.k.rng.random_range(0..running.len())];
         let consumer = &mut self.clients.consumers[slot];
         consumer.consumer = None;
         let id = consumer.id;
         self.history.crashed.insert(id);
         self.clients.by_id.remove(&id);
         self.clients.timers.remove(&id);
-        let back = self.now + ms(self.rng.random_range(100..2_000));
-        self.schedule(back, Event::RestartConsumer { slot });
+        let back = self.k.now + ms(self.k.rng.random_range(100..2_000));
+        self.k.schedule(back, Event::RestartConsumer { slot });
         true
     }
 
@@ -613,7 +619,7 @@ impl QueueWorld {
         }
         let id = self.clients.fresh_id();
         let nodes = self.clients.nodes.clone();
-        let now = self.now;
+        let now = self.k.now;
         let Some(s) = self.clients.consumers.get_mut(slot) else {
             return Ok(());
         };

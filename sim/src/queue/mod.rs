@@ -9,7 +9,7 @@ mod clients;
 mod history;
 mod ownership;
 
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use holdfast_core::broker::{
@@ -19,23 +19,19 @@ use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::node::{BrokerNode, METADATA_GROUP, NodeConfig};
 use holdfast_core::raft::{Envelope, GroupId, Index, Message, NodeId, Recovered, WriteId};
 use holdfast_core::time::Instant;
-use rand::{Rng, RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{Rng, RngExt};
 
 use crate::checker::{Checker, Violation, violation};
 use crate::disk::Disk;
-use crate::faults::{self, NodeFault};
-use crate::network::Network;
+use crate::kernel::{Kernel, KernelEvent, Phase, Workload, ms, us};
 use crate::options::Options;
 use crate::raft_checks::{
     ReplicaView, check_applied, check_recovery, check_restored, check_status, check_write, log_view,
 };
-use crate::trace::Trace;
-use crate::world::{Outcome, Stats};
+use crate::world::Outcome;
 use clients::Clients;
 use history::History;
 
-const EVENTS_MAX: u64 = 20_000_000;
 const CHECK_INTERVAL_MS: u64 = 50;
 /// Consumer session and queue lease timeout: short, so that crashed members' queues move
 /// within a run.
@@ -46,39 +42,25 @@ pub(crate) const CONSUMER_GROUPS: [&str; 2] = ["billing", "audit"];
 pub fn run(options: &Options) -> Outcome {
     let mut world = QueueWorld::new(options.clone());
     let result = world.run();
-    for broker in world.hosts.iter().filter_map(|h| h.broker.as_ref()) {
-        world.stats.coverage.add_node(&broker.stats());
+    for broker in world.nodes.iter().filter_map(|h| h.broker.as_deref()) {
+        world.k.stats.coverage.add_node(&broker.stats());
     }
-    world.stats.simulated_us = world.now.as_micros();
-    world.stats.faults_drawn = world.faults_drawn;
     let (acked, failed, ambiguous, _) = world.history.counts();
-    world.stats.messages_acked = acked;
-    world.stats.messages_failed = failed;
-    world.stats.messages_ambiguous = ambiguous;
-    world.stats.deliveries = world.history.deliveries() as u64;
-    world.stats.redeliveries = world.history.redeliveries_by_cause.values().sum();
-    world.stats.redeliveries_by_cause = world.history.redeliveries_by_cause.clone();
-    world.stats.dead_lettered = world.history.dead_lettered;
-    world.stats.entries_committed = (0..=world.broker_groups)
+    world.k.stats.messages_acked = acked;
+    world.k.stats.messages_failed = failed;
+    world.k.stats.messages_ambiguous = ambiguous;
+    world.k.stats.deliveries = world.history.deliveries() as u64;
+    world.k.stats.redeliveries = world.history.redeliveries_by_cause.values().sum();
+    world.k.stats.redeliveries_by_cause = world.history.redeliveries_by_cause.clone();
+    world.k.stats.dead_lettered = world.history.dead_lettered;
+    world.k.stats.entries_committed = (0..=world.broker_groups)
         .map(|g| world.checker.committed(g))
         .sum();
-    let violation = result.err().map(|v| (world.now, v));
-    if let Some((at, v)) = &violation {
-        let (checker, detail) = (v.checker, v.detail.clone());
-        world.trace.record(*at, &[u64::MAX], || {
-            format!("VIOLATION {checker}: {detail}")
-        });
-    }
-    Outcome {
-        seed: options.seed,
-        violation,
-        stats: world.stats,
-        trace_hash: world.trace.hash(),
-        trace: world.trace.into_lines(),
-    }
+    world.k.outcome(result)
 }
 
 pub(crate) enum Event {
+    Kernel(KernelEvent),
     Peer(Envelope),
     Request {
         node: NodeId,
@@ -118,10 +100,6 @@ pub(crate) enum Event {
         producer: usize,
     },
     Admin,
-    Fault,
-    Restart {
-        node: NodeId,
-    },
     RestartConsumer {
         slot: usize,
     },
@@ -132,58 +110,23 @@ pub(crate) enum Event {
         delivery: Box<holdfast_core::client::Delivery>,
         status: holdfast_core::client::AckStatus,
     },
-    Heal,
     Check,
 }
 
-impl Event {
-    fn node(&self) -> Option<NodeId> {
-        match self {
-            Event::Peer(envelope) => Some(envelope.to),
-            Event::Request { node, .. }
-            | Event::NodeTimer { node, .. }
-            | Event::Synced { node, .. }
-            | Event::SnapshotEncoded { node, .. } => Some(*node),
-            _ => None,
-        }
+impl From<KernelEvent> for Event {
+    fn from(event: KernelEvent) -> Event {
+        Event::Kernel(event)
     }
 }
 
-struct Scheduled {
-    at: Instant,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
+/// What the queue workload runs on a node: a broker node, its disks and its queue store.
 #[derive(Default)]
-struct Host {
-    up: bool,
-    incarnation: u64,
-    paused_until: Instant,
-    fsync_us: (u64, u64),
-    broker: Option<BrokerNode>,
+struct Node {
+    /// Boxed: a node is moved out and back on every step it takes (see `drain`).
+    broker: Option<Box<BrokerNode>>,
     disks: BTreeMap<GroupId, Disk>,
     views: BTreeMap<GroupId, ReplicaView>,
     timer_at: Instant,
-    /// The next fsync fails (I/O error or disk full): the node stops instead.
-    fail_sync: bool,
     /// The node's queue store: message bytes, outside the state machine.
     store: MemoryStore,
     /// What of `store` a crash leaves: a copy taken at each sync, which the node makes before
@@ -215,50 +158,21 @@ impl std::ops::Deref for StateView<'_> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    Faults,
-    Liveness,
-}
-
 pub(crate) struct QueueWorld {
-    options: Options,
-    pub(crate) rng: ChaCha8Rng,
-    /// Fault decisions, when a script chooses them; else `rng` does.
-    fault_script: Option<crate::faults::FaultScript>,
-    /// What this seed explores (its fault mix, pipelining, batch size), and how many faults
-    /// were drawn so far.
-    swarm: crate::swarm::Swarm,
-    faults_drawn: u64,
-    pub(crate) now: Instant,
-    seq: u64,
-    queue: BinaryHeap<Scheduled>,
-    pub(crate) node_ids: Vec<NodeId>,
-    hosts: Vec<Host>,
+    pub(crate) k: Kernel<Event>,
+    nodes: Vec<Node>,
     broker_groups: GroupId,
-    network: Network,
     pub(crate) clients: Clients,
     pub(crate) history: History,
     pub(crate) ownership: ownership::Ownership,
     checker: Checker,
-    pub(crate) trace: Trace,
-    pub(crate) stats: Stats,
-    pub(crate) phase: Phase,
     pub(crate) canary: Option<holdfast_core::raft::Canary>,
-    heal_at: Instant,
-    deadline: Instant,
     /// Drawn per seed: when nodes compact (`None`: never) and the snapshot chunk size.
     snapshot_entries_min: Option<u64>,
     snapshot_chunk_bytes_max: usize,
 }
 
-pub(crate) fn ms(ms: u64) -> Duration {
-    Duration::from_millis(ms)
-}
-
-fn us(us: u64) -> Duration {
-    Duration::from_micros(us)
-}
+crate::kernel_deref!(QueueWorld, Event);
 
 /// Redelivery delays short enough that retries come back within a run.
 pub(crate) fn broker_config() -> BrokerConfig {
@@ -290,44 +204,19 @@ fn cache_bytes_max(seed: u64) -> u64 {
 impl QueueWorld {
     fn new(options: Options) -> QueueWorld {
         let node_ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
-        let heal_at = Instant::ZERO + ms(options.fault_phase_ms);
-        let deadline = heal_at + ms(options.liveness_limit_ms);
         let broker_groups = options.groups.max(2) as GroupId;
         QueueWorld {
-            rng: ChaCha8Rng::seed_from_u64(options.seed),
-            fault_script: crate::world::fault_source(&options),
-            swarm: options.swarm(),
-            faults_drawn: 0,
-            now: Instant::ZERO,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            hosts: node_ids.iter().map(|_| Host::default()).collect(),
+            nodes: node_ids.iter().map(|_| Node::default()).collect(),
             clients: Clients::new(&node_ids, broker_groups),
-            node_ids,
             broker_groups,
-            network: Network::calm(),
             history: History::default(),
             ownership: ownership::Ownership::new(MEMBER_SESSION_MS),
             checker: Checker::default(),
-            trace: Trace::new(options.trace),
-            stats: Stats::default(),
-            phase: Phase::Faults,
             canary: options.canary,
-            heal_at,
-            deadline,
             snapshot_entries_min: None,
             snapshot_chunk_bytes_max: 1 << 20,
-            options,
+            k: Kernel::new(options, node_ids.len()),
         }
-    }
-
-    pub(crate) fn schedule(&mut self, at: Instant, event: Event) {
-        self.seq += 1;
-        self.queue.push(Scheduled {
-            at,
-            seq: self.seq,
-            event,
-        });
     }
 
     fn groups(&self) -> impl Iterator<Item = GroupId> + use<> {
@@ -338,68 +227,47 @@ impl QueueWorld {
         // A fifth of the seeds never compact; the rest do often, so snapshots are installed on
         // followers that fell behind and restored on restart, in several chunks in some seeds.
         self.snapshot_entries_min =
-            [None, Some(5), Some(20), Some(60), Some(200)][self.rng.random_range(0..5)];
-        self.snapshot_chunk_bytes_max = [64, 1024, 1 << 20][self.rng.random_range(0..3)];
+            [None, Some(5), Some(20), Some(60), Some(200)][self.k.rng.random_range(0..5)];
+        self.snapshot_chunk_bytes_max = [64, 1024, 1 << 20][self.k.rng.random_range(0..3)];
         let (every, chunk) = (self.snapshot_entries_min, self.snapshot_chunk_bytes_max);
-        self.trace
-            .record(self.now, &[0, every.unwrap_or(0), chunk as u64], || {
+        self.k
+            .trace
+            .record(self.k.now, &[0, every.unwrap_or(0), chunk as u64], || {
                 format!("config snapshot_entries_min={every:?} snapshot_chunk_bytes_max={chunk}")
             });
-        if !self.swarm.legacy {
-            let mix = self.swarm.mix.to_string();
-            let (pipeline, batch) = (self.swarm.pipeline, self.swarm.append_entries_max);
+        if !self.k.swarm.legacy {
+            let mix = self.k.swarm.mix.to_string();
+            let (pipeline, batch) = (self.k.swarm.pipeline, self.k.swarm.append_entries_max);
             self.clients.pipeline = pipeline;
-            let fields = [0, self.swarm.mix.total() as u64, pipeline as u64];
-            self.trace.record(self.now, &fields, || {
+            let fields = [0, self.k.swarm.mix.total() as u64, pipeline as u64];
+            self.k.trace.record(self.k.now, &fields, || {
                 format!("swarm faults={mix} pipeline={pipeline} append_entries_max={batch:?}")
             });
         }
-        for node in self.node_ids.clone() {
-            let host = self.host_mut(node);
-            host.fsync_us = faults::FSYNC_US;
+        for node in self.k.node_ids.clone() {
             self.start(node)?;
         }
-        self.schedule(self.now + ms(300), Event::Admin);
-        let first_fault = self.now + ms(self.rng.random_range(100..1_000));
-        self.schedule(first_fault, Event::Fault);
-        self.schedule(self.heal_at, Event::Heal);
-        self.schedule(self.now + ms(CHECK_INTERVAL_MS), Event::Check);
+        self.k.schedule(self.k.now + ms(300), Event::Admin);
+        self.schedule_faults();
+        self.k
+            .schedule(self.k.now + ms(CHECK_INTERVAL_MS), Event::Check);
 
-        while let Some(Scheduled { at, event, .. }) = self.queue.pop() {
-            self.stats.events += 1;
-            if self.stats.events > EVENTS_MAX {
-                return Err(violation(
-                    "liveness",
-                    format!("no convergence within {EVENTS_MAX} events"),
-                ));
-            }
-            self.now = at;
-            if let Some(node) = event.node() {
-                let paused_until = self.host(node).paused_until;
-                if self.now < paused_until {
-                    self.schedule(paused_until, event);
-                    continue;
-                }
-            }
-            if self.dispatch(event)? {
-                return self.final_check();
-            }
-        }
-        Err(violation("liveness", "the event queue ran dry".into()))
+        self.run_events()
     }
 
     /// Handles one event; true when the run is over.
-    fn dispatch(&mut self, event: Event) -> Result<bool, Violation> {
-        let now = self.now;
+    fn dispatch_event(&mut self, event: Event) -> Result<bool, Violation> {
+        let now = self.k.now;
         match event {
+            Event::Kernel(event) => self.kernel_event(event)?,
             Event::Peer(envelope) => {
                 let to = envelope.to;
                 let Some(broker) = self.live_broker(to) else {
-                    self.stats.messages_lost += 1;
+                    self.k.stats.messages_lost += 1;
                     return Ok(false);
                 };
                 broker.handle_peer(now, envelope);
-                self.stats.messages_delivered += 1;
+                self.k.stats.messages_delivered += 1;
                 self.drain(to)?;
             }
             Event::Request {
@@ -420,7 +288,7 @@ impl QueueWorld {
                 response,
             } => self.client_response(client, id, response)?,
             Event::NodeTimer { node, at } => {
-                if self.host(node).timer_at != at {
+                if self.node(node).timer_at != at {
                     return Ok(false);
                 }
                 let Some(broker) = self.live_broker(node) else {
@@ -459,12 +327,6 @@ impl QueueWorld {
             }
             Event::Produce { producer } => self.produce(producer)?,
             Event::Admin => self.admin()?,
-            Event::Fault => self.fault()?,
-            Event::Restart { node } => {
-                if !self.host(node).up {
-                    self.start(node)?;
-                }
-            }
             Event::RestartConsumer { slot } => self.restart_consumer(slot)?,
             Event::Answer {
                 slot,
@@ -472,28 +334,28 @@ impl QueueWorld {
                 delivery,
                 status,
             } => self.answer_later(slot, generation, &delivery, status)?,
-            Event::Heal => self.heal()?,
             Event::Check => return self.check(),
         }
         Ok(false)
     }
 
-    fn host(&self, node: NodeId) -> &Host {
-        &self.hosts[(node - 1) as usize]
+    fn node(&self, node: NodeId) -> &Node {
+        &self.nodes[(node - 1) as usize]
     }
 
-    fn host_mut(&mut self, node: NodeId) -> &mut Host {
-        &mut self.hosts[(node - 1) as usize]
+    fn node_mut(&mut self, node: NodeId) -> &mut Node {
+        &mut self.nodes[(node - 1) as usize]
     }
 
     /// The applied state of broker group `group` on every running node.
     pub(crate) fn broker_states(&self, group: GroupId) -> Vec<(NodeId, StateView<'_>)> {
-        self.hosts
+        let hosts = &self.k.hosts;
+        self.nodes
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.up)
+            .filter(|(i, _)| hosts[*i].up)
             .filter_map(|(i, h)| {
-                let state = h.broker.as_ref()?.broker_state(group)?;
+                let state = h.broker.as_deref()?.broker_state(group)?;
                 let view = StateView {
                     state,
                     group,
@@ -505,57 +367,103 @@ impl QueueWorld {
     }
 
     fn live_broker(&mut self, node: NodeId) -> Option<&mut BrokerNode> {
-        let host = self.host_mut(node);
-        if !host.up {
+        if !self.host(node).up {
             return None;
         }
-        host.broker.as_mut()
+        self.node_mut(node).broker.as_deref_mut()
+    }
+}
+
+impl Workload for QueueWorld {
+    type Event = Event;
+
+    fn event_node(event: &Event) -> Option<NodeId> {
+        match event {
+            Event::Peer(envelope) => Some(envelope.to),
+            Event::Request { node, .. }
+            | Event::NodeTimer { node, .. }
+            | Event::Synced { node, .. }
+            | Event::SnapshotEncoded { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+
+    fn dispatch(&mut self, event: Event) -> Result<bool, Violation> {
+        self.dispatch_event(event)
+    }
+
+    fn finish(&mut self) -> Result<(), Violation> {
+        self.final_check()
+    }
+
+    fn group_ids(&self) -> Vec<GroupId> {
+        self.groups().collect()
+    }
+
+    fn disk(&self, node: NodeId, group: GroupId) -> Option<&Disk> {
+        self.node(node).disks.get(&group)
+    }
+
+    fn disk_mut(&mut self, node: NodeId, group: GroupId) -> Option<&mut Disk> {
+        self.node_mut(node).disks.get_mut(&group)
+    }
+
+    fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.k.node_ids.iter().zip(&self.nodes).find_map(|(n, h)| {
+            let replica = h.broker.as_deref()?.replica(group)?;
+            let leads = replica.status().role == holdfast_core::raft::Role::Leader;
+            (self.host(*n).up && leads).then_some(*n)
+        })
+    }
+
+    fn damage_quorum(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn crash_consumer(&mut self) -> Result<bool, Violation> {
+        Ok(self.crash_one_consumer())
+    }
+
+    fn healed(&mut self) -> Result<(), Violation> {
+        self.restart_all_consumers()
     }
 
     // ----- nodes -----
 
     fn start(&mut self, node: NodeId) -> Result<(), Violation> {
-        let mut config = NodeConfig::new(node, self.node_ids.clone(), self.broker_groups);
+        let mut config = NodeConfig::new(node, self.k.node_ids.clone(), self.broker_groups);
         config.broker = broker_config();
-        config.broker.cache_bytes_max = cache_bytes_max(self.options.seed);
+        config.broker.cache_bytes_max = cache_bytes_max(self.k.options.seed);
         config.member_session_ms = MEMBER_SESSION_MS;
         config.record_applied = true;
-        config.canary = self.options.canary;
+        config.canary = self.k.options.canary;
         config.snapshot_entries_min = self.snapshot_entries_min;
         config.raft.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
-        if let Some(batch) = self.swarm.append_entries_max {
+        if let Some(batch) = self.k.swarm.append_entries_max {
             config.raft.append_entries_max = batch;
         }
-        let seed = self.rng.next_u64();
-        let now = self.now;
+        let seed = self.k.rng.next_u64();
+        let now = self.k.now;
         let groups: Vec<GroupId> = self.groups().collect();
-        let canary = self.options.canary;
+        let canary = self.k.options.canary;
         let index = (node - 1) as usize;
         let mut recovered: BTreeMap<GroupId, Recovered> = BTreeMap::new();
         for group in &groups {
-            let disk = self.hosts[index].disks.entry(*group).or_default();
-            let recovery = disk.recover(canary);
-            let upto = recovery.commit.min(recovery.last_index);
-            self.checker.committed_bytes(*group, node, disk, upto)?;
-            if let Some(problem) = recovery.problem {
-                return Err(violation(
-                    "recovery",
-                    format!("group {group} node {node}: {problem}"),
-                ));
-            }
-            if let Some(snapshot) = &recovery.recovered.snapshot {
-                self.checker.snapshot(*group, node, snapshot, "recovered")?;
-            }
+            let disk = self.nodes[index].disks.entry(*group).or_default();
+            let (checker, stats) = (&mut self.checker, &mut self.k.stats);
+            let recovery = crate::kernel::recover(checker, stats, node, *group, disk, canary)?;
             if let Some(damage) = recovery.damage {
                 config.raft.damaged.insert(*group, damage);
-                self.stats.damaged_starts += 1;
-                self.trace.record(now, &[2, node, *group, damage.from], || {
-                    format!("n{node} g{group} starts damaged: {damage:?}")
-                });
+                self.k
+                    .trace
+                    .record(now, &[2, node, *group, damage.from], || {
+                        format!("n{node} g{group} starts damaged: {damage:?}")
+                    });
             }
             recovered.insert(*group, recovery.recovered);
         }
-        let host = self.host_mut(node);
+        self.host_mut(node).up = true;
+        let host = self.node_mut(node);
         let broker = BrokerNode::new(config, recovered, seed, now);
         host.views.clear();
         for group in &groups {
@@ -567,16 +475,12 @@ impl QueueWorld {
             check_recovery(node, *group, &status, disk)?;
             host.views.insert(*group, ReplicaView::new(&status));
         }
-        host.broker = Some(broker);
-        host.up = true;
+        host.broker = Some(Box::new(broker));
         host.timer_at = Instant::ZERO;
-        self.trace
+        self.k
+            .trace
             .record(now, &[2, node], || format!("n{node} start"));
         self.drain(node)
-    }
-
-    fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
-        self.crash_tearing(node, None)
     }
 
     /// A crash; `tear = Some((group, k))` makes that group's disk land its first `k` unsynced
@@ -586,57 +490,40 @@ impl QueueWorld {
         node: NodeId,
         tear: Option<(GroupId, usize)>,
     ) -> Result<(), Violation> {
-        let groups: Vec<GroupId> = self.groups().collect();
         let mut torn = false;
-        let canary = self.options.canary;
-        for group in groups {
+        let canary = self.k.options.canary;
+        for group in self.groups() {
             let unsynced = self
-                .host(node)
+                .node(node)
                 .disks
                 .get(&group)
                 .map_or(0, |d| d.unsynced.len());
-            let survivors = match tear {
-                Some((g, k)) if g == group => {
-                    torn = true;
-                    Some(k)
-                }
-                _ if unsynced > 0 && self.rng.random_bool(0.5) => {
-                    torn = true;
-                    Some(self.rng.random_range(0..unsynced))
-                }
-                _ => None,
-            };
-            let QueueWorld { hosts, rng, .. } = self;
-            if let Some(disk) = hosts[(node - 1) as usize].disks.get_mut(&group) {
-                disk.crash(survivors, rng, canary)?;
+            let tear = tear.filter(|(g, _)| *g == group).map(|(_, k)| k);
+            let survivors = self.tear_point(tear, unsynced);
+            torn |= survivors.is_some();
+            let QueueWorld { nodes, k, .. } = self;
+            if let Some(disk) = nodes[(node - 1) as usize].disks.get_mut(&group) {
+                disk.crash(survivors, &mut k.rng, canary)?;
             }
         }
-        let QueueWorld { hosts, stats, .. } = self;
-        let host = &mut hosts[(node - 1) as usize];
+        let QueueWorld { nodes, k, .. } = self;
+        let host = &mut nodes[(node - 1) as usize];
         if let Some(broker) = host.broker.take() {
-            stats.coverage.add_node(&broker.stats());
+            k.stats.coverage.add_node(&broker.stats());
         }
-        host.up = false;
-        host.fail_sync = false;
         host.store = host.durable_store.clone();
-        host.incarnation += 1;
-        host.paused_until = Instant::ZERO;
-        if torn {
-            *self.stats.faults.entry("torn-write").or_default() += 1;
-        }
-        let restart_at = self.now + faults::downtime(&mut self.rng);
-        self.schedule(restart_at, Event::Restart { node });
-        self.trace
-            .record(self.now, &[3, node], || format!("n{node} CRASH"));
+        self.crashed(node, torn);
         Ok(())
     }
+}
 
+impl QueueWorld {
     /// Collects a node's outputs after an input, checking every replica on the way.
     fn drain(&mut self, node: NodeId) -> Result<(), Violation> {
         let index = (node - 1) as usize;
-        let mut host = std::mem::take(&mut self.hosts[index]);
+        let mut host = std::mem::take(&mut self.nodes[index]);
         let result = self.drain_host(node, &mut host);
-        self.hosts[index] = host;
+        self.nodes[index] = host;
         result?;
         self.check_leases(node)
     }
@@ -644,25 +531,26 @@ impl QueueWorld {
     /// read-lease, for every group `node` may have just taken a lease of.
     fn check_leases(&self, node: NodeId) -> Result<(), Violation> {
         for group in self.groups() {
-            let replicas = self.node_ids.iter().zip(&self.hosts).filter(|(_, h)| h.up);
+            let replicas = self.k.node_ids.iter().zip(&self.nodes);
+            let replicas = replicas.filter(|(n, _)| self.host(**n).up);
             let replicas =
-                replicas.filter_map(|(n, h)| Some((*n, h.broker.as_ref()?.replica(group)?)));
-            crate::raft_checks::check_lease(group, node, self.now, replicas)?;
+                replicas.filter_map(|(n, h)| Some((*n, h.broker.as_deref()?.replica(group)?)));
+            crate::raft_checks::check_lease(group, node, self.k.now, replicas)?;
         }
         Ok(())
     }
 
-    fn drain_host(&mut self, node: NodeId, host: &mut Host) -> Result<(), Violation> {
-        let now = self.now;
-        let Some(broker) = host.broker.as_mut() else {
+    fn drain_host(&mut self, node: NodeId, host: &mut Node) -> Result<(), Violation> {
+        let now = self.k.now;
+        let Some(broker) = host.broker.as_deref_mut() else {
             return Ok(());
         };
         for (group, disk) in &mut host.disks {
             let damaged_from = broker.replica(*group).and_then(|r| r.damaged_from());
             if disk.note_repair(damaged_from) {
-                self.stats.repairs += 1;
+                self.k.stats.repairs += 1;
                 let group = *group;
-                self.trace.record(now, &[14, node, group], || {
+                self.k.trace.record(now, &[14, node, group], || {
                     format!("n{node} g{group} REPAIRED")
                 });
             }
@@ -699,8 +587,8 @@ impl QueueWorld {
             // On the seeds without a cache (every pull reads), in the safety phase. From the
             // seed, not drawn, so that a seed's other faults stay as they were, and not on the
             // other seeds, whose runs (and recorded regressions) stay as they were too.
-            if self.phase == Phase::Faults && cache_bytes_max(self.options.seed) == 0 {
-                let roll = mix(self.options.seed ^ mix(node ^ mix(read.id)));
+            if self.k.phase == Phase::Faults && cache_bytes_max(self.k.options.seed) == 0 {
+                let roll = mix(self.k.options.seed ^ mix(node ^ mix(read.id)));
                 match roll % 25 {
                     // A bit flipped between the platter and the node: the record's checksum
                     // must refuse it.
@@ -711,12 +599,12 @@ impl QueueWorld {
                             *byte ^= 1 << ((roll >> 40) % 8);
                         }
                         records[0] = bytes::Bytes::from(record);
-                        *self.stats.faults.entry("read-flip").or_default() += 1;
+                        *self.k.stats.faults.entry("read-flip").or_default() += 1;
                     }
                     1 => {
                         records.truncate(((roll >> 8) as usize) % (records.len() + 1));
                         error = Some("read failed: Input/output error (injected)".into());
-                        *self.stats.faults.entry("read-error").or_default() += 1;
+                        *self.k.stats.faults.entry("read-error").or_default() += 1;
                     }
                     _ => {}
                 }
@@ -724,11 +612,11 @@ impl QueueWorld {
             broker.read_done(now, read.id, records, error);
         }
         while let Some(job) = broker.poll_snapshot_job() {
-            let at = now + Duration::from_micros(self.rng.random_range(0..20_000));
+            let at = now + Duration::from_micros(self.k.rng.random_range(0..20_000));
             // The snapshot refers to the store: what it references is synced first.
             if job.needs_store()
                 && !holdfast_core::raft::Canary::SnapshotBeforeStoreSync
-                    .planted(self.options.canary)
+                    .planted(self.k.options.canary)
             {
                 host.durable_store = host.store.clone();
             }
@@ -744,12 +632,12 @@ impl QueueWorld {
             };
             let event = Event::SnapshotEncoded {
                 node,
-                incarnation: host.incarnation,
+                incarnation: self.host(node).incarnation,
                 group: job.group,
                 index: job.index,
                 data,
             };
-            self.schedule(at, event);
+            self.k.schedule(at, event);
         }
         while let Some((group, write)) = broker.poll_write() {
             let (Some(view), Some(replica)) = (host.views.get(&group), broker.replica(group))
@@ -760,7 +648,7 @@ impl QueueWorld {
             let (id, count) = (write.id, write.entries.len() as u64);
             let snapshot = write.snapshot.as_ref().map_or(0, |s| s.index);
             let discard = write.discard_log;
-            self.trace.record(
+            self.k.trace.record(
                 now,
                 &[4, node, group, id, count, snapshot, discard as u64],
                 || {
@@ -784,20 +672,14 @@ impl QueueWorld {
                 continue;
             };
             disk.syncing = true;
-            let (lo, hi) = host.fsync_us;
-            let at = now + us(self.rng.random_range(lo..hi));
+            let at = self.fsync_done_at(node);
             let event = Event::Synced {
                 node,
                 group: *group,
-                incarnation: host.incarnation,
+                incarnation: self.host(node).incarnation,
                 upto: last.id,
             };
-            self.seq += 1;
-            self.queue.push(Scheduled {
-                at,
-                seq: self.seq,
-                event,
-            });
+            self.k.schedule(at, event);
         }
         let mut outbox = Vec::new();
         while let Some(envelope) = broker.poll_message() {
@@ -818,7 +700,7 @@ impl QueueWorld {
                 if let Some(snapshot) = replica.snapshot().filter(|s| s.index + 1 == entry.index) {
                     check_restored(&mut self.checker, node, group, view, snapshot)?;
                     view.snapshot = snapshot.index;
-                    self.stats.snapshots_installed += 1;
+                    self.k.stats.snapshots_installed += 1;
                 }
             }
             let term = replica.status().term;
@@ -846,11 +728,11 @@ impl QueueWorld {
                 };
                 check_restored(&mut self.checker, node, *group, view, snapshot)?;
                 view.snapshot = snapshot.index;
-                self.stats.snapshots_installed += 1;
+                self.k.stats.snapshots_installed += 1;
             }
             if status.snapshot_index > view.snapshot {
                 // Not a restore (those are seen above): a compaction.
-                self.stats.snapshots_taken += 1;
+                self.k.stats.snapshots_taken += 1;
             }
         }
         let mut responses = Vec::new();
@@ -865,12 +747,12 @@ impl QueueWorld {
             ) else {
                 continue;
             };
-            let hosts = &self.hosts;
-            let node_ids = &self.node_ids;
+            let nodes = &self.nodes;
+            let node_ids = &self.k.node_ids;
             let logs = |index: Index| {
                 let mut logs = vec![(node, disk.view(index), Some(log_view(replica, index)))];
                 for other in node_ids.iter().filter(|n| **n != node) {
-                    let h = &hosts[(*other - 1) as usize];
+                    let h = &nodes[(*other - 1) as usize];
                     let Some(d) = h.disks.get(&group) else {
                         continue;
                     };
@@ -884,9 +766,9 @@ impl QueueWorld {
                 logs
             };
             if check_status(&mut self.checker, node, group, view, replica, disk, &logs)? {
-                self.stats.elections += 1;
+                self.k.stats.elections += 1;
                 let term = view.term;
-                self.trace.record(now, &[5, node, group, term], || {
+                self.k.trace.record(now, &[5, node, group, term], || {
                     format!("n{node} g{group} LEADER term={term}")
                 });
             }
@@ -894,7 +776,7 @@ impl QueueWorld {
         let timer = broker.poll_timeout().max(now + us(1));
         if timer != host.timer_at {
             host.timer_at = timer;
-            self.schedule(timer, Event::NodeTimer { node, at: timer });
+            self.k.schedule(timer, Event::NodeTimer { node, at: timer });
         }
         for envelope in outbox {
             self.transmit(envelope);
@@ -906,46 +788,26 @@ impl QueueWorld {
     }
 
     fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
-        let now = self.now;
-        let canary = self.options.canary;
-        let host = self.host_mut(node);
-        if !host.up {
+        let now = self.k.now;
+        let canary = self.k.options.canary;
+        if !self.host(node).up {
             return Ok(());
         }
-        if host.fail_sync {
+        if self.sync_failed(node, group) {
             // The fsync failed: the node stops, and nothing is reported synced.
-            self.trace.record(now, &[6, node, group, 0], || {
-                format!("n{node} g{group} FSYNC FAILED: node stops")
-            });
             return self.crash(node);
         }
-        let faults = self.phase == Phase::Faults;
-        let QueueWorld {
-            hosts,
-            rng,
-            stats,
-            trace,
-            ..
-        } = self;
-        let host = &mut hosts[(node - 1) as usize];
+        let QueueWorld { nodes, k, .. } = self;
+        let host = &mut nodes[(node - 1) as usize];
         let mut report = upto;
         if let Some(disk) = host.disks.get_mut(&group) {
-            // A crash while a snapshot is being written, which chance alone almost never
-            // brings (see the Raft world).
-            if let Some((at, discard)) = disk.snapshot_write(upto)
-                && faults
-                && rng.random_bool(if discard { 0.25 } else { 0.02 })
-            {
-                *stats.faults.entry("snapshot-crash").or_default() += 1;
-                trace.record(now, &[6, node, group, u64::MAX], || {
-                    format!("n{node} g{group} CRASH while writing a snapshot")
-                });
+            if let Some(at) = k.snapshot_crash(node, group, disk, upto) {
                 return self.crash_tearing(node, Some((group, at)));
             }
-            report = disk.sync(upto, rng, canary)?;
+            report = disk.sync(upto, &mut k.rng, canary)?;
             disk.syncing = false;
         }
-        if let Some(broker) = host.broker.as_mut() {
+        if let Some(broker) = host.broker.as_deref_mut() {
             broker.persisted(now, group, report);
         }
         self.drain(node)
@@ -953,47 +815,18 @@ impl QueueWorld {
 
     // ----- network -----
 
-    fn delay(&mut self) -> Duration {
-        let (lo, hi) = (self.network.delay_min_us, self.network.delay_max_us);
-        let delay = self.rng.random_range(lo..=hi);
-        if self.rng.random_bool(0.02) {
-            us(delay * 10)
-        } else {
-            us(delay)
-        }
-    }
-
-    /// Whether the network loses a message (a partition too, for links between nodes), and
-    /// otherwise how many copies arrive.
-    fn copies(&mut self, link: Option<(NodeId, NodeId)>) -> usize {
-        let blocked = link.is_some_and(|(from, to)| self.network.is_blocked(from, to));
-        let lost = blocked
-            || (self.network.loss_ppm > 0
-                && self.rng.random_range(0..1_000_000) < self.network.loss_ppm);
-        if lost {
-            self.stats.messages_lost += 1;
-            return 0;
-        }
-        let duplicated = self.network.duplicate_ppm > 0
-            && self.rng.random_range(0..1_000_000) < self.network.duplicate_ppm;
-        1 + usize::from(duplicated)
-    }
-
     fn transmit(&mut self, envelope: Envelope) {
         if let Message::InstallSnapshot { .. } = envelope.message {
-            self.stats.snapshot_chunks += 1;
+            self.k.stats.snapshot_chunks += 1;
         }
-        for _ in 0..self.copies(Some((envelope.from, envelope.to))) {
-            let at = self.now + self.delay();
-            self.schedule(at, Event::Peer(envelope.clone()));
-        }
-        if self.network.late_ppm > 0 && self.rng.random_range(0..1_000_000) < self.network.late_ppm
-        {
-            let at = self.now + faults::late_delay(&mut self.rng);
-            self.schedule(at, Event::Peer(envelope));
+        let copies = self.route(Some((envelope.from, envelope.to)));
+        for delay in copies.iter() {
+            let at = self.k.now + delay;
+            self.k.schedule(at, Event::Peer(envelope.clone()));
         }
     }
 
+    /// A client's request reaches a node (clients sit outside partitions).
     pub(crate) fn send_to_node(
         &mut self,
         node: NodeId,
@@ -1001,159 +834,35 @@ impl QueueWorld {
         id: RequestId,
         request: Request,
     ) {
-        for _ in 0..self.copies(None) {
-            let at = self.now + self.delay();
+        for delay in self.route(None).iter() {
             let event = Event::Request {
                 node,
                 client,
                 id,
                 request: request.clone(),
             };
-            self.schedule(at, event);
+            self.k.schedule(self.k.now + delay, event);
         }
     }
 
     fn send_to_client(&mut self, client: ClientId, id: RequestId, response: Response) {
-        for _ in 0..self.copies(None) {
-            let at = self.now + self.delay();
+        for delay in self.route(None).iter() {
             let event = Event::Response {
                 client,
                 id,
                 response: response.clone(),
             };
-            self.schedule(at, event);
+            self.k.schedule(self.k.now + delay, event);
         }
     }
 
-    // ----- faults and phases -----
-
-    fn fault(&mut self) -> Result<(), Violation> {
-        if self.phase != Phase::Faults {
-            return Ok(());
-        }
-        let number = self.faults_drawn;
-        self.faults_drawn += 1;
-        let applies = self.options.applies_fault(number);
-        // The fixed mix: one fault in eight takes a consumer down instead of a node or a link
-        // (a swarm mix weighs consumer crashes with the rest).
-        let kind = if self.swarm.legacy && self.rng.random_bool(0.125) {
-            if !applies || !self.crash_consumer() {
-                return self.next_fault();
-            }
-            "consumer-crash"
-        } else {
-            // A fault left out (`only_faults`) is drawn all the same, on a copy of the
-            // network, so the faults after it stay what they were.
-            let mut scratch = self.network.clone();
-            let network = if applies {
-                &mut self.network
-            } else {
-                &mut scratch
-            };
-            let mix = &self.swarm.mix;
-            let (kind, node_fault) = match self.fault_script.as_mut() {
-                Some(script) => faults::draw(script, network, &self.node_ids, mix),
-                None => faults::draw(&mut self.rng, network, &self.node_ids, mix),
-            };
-            if !applies {
-                return self.next_fault();
-            }
-            match node_fault {
-                Some(NodeFault::ConsumerCrash) if !self.crash_consumer() => {
-                    return self.next_fault();
-                }
-                Some(NodeFault::ConsumerCrash) => {}
-                Some(NodeFault::IsolateLeader) => {
-                    let group = self.rng.random_range(0..=self.broker_groups);
-                    let leader = self.node_ids.iter().zip(&self.hosts).find_map(|(n, h)| {
-                        let replica = h.broker.as_ref()?.replica(group)?;
-                        let leads = replica.status().role == holdfast_core::raft::Role::Leader;
-                        (h.up && leads).then_some(*n)
-                    });
-                    let Some(leader) = leader else {
-                        return self.next_fault();
-                    };
-                    self.network.split(&[leader], &self.node_ids);
-                }
-                Some(NodeFault::Crash(node)) => {
-                    if !self.host(node).up {
-                        return self.next_fault();
-                    }
-                    self.crash(node)?;
-                }
-                Some(NodeFault::Pause(node, pause)) => {
-                    self.host_mut(node).paused_until = self.now + pause;
-                }
-                Some(NodeFault::ToggleSlowDisk(node)) => {
-                    let host = self.host_mut(node);
-                    host.fsync_us = faults::toggle_fsync_us(host.fsync_us);
-                }
-                Some(NodeFault::Corrupt {
-                    node,
-                    corruption,
-                    crash,
-                }) => {
-                    let groups: Vec<GroupId> = self
-                        .groups()
-                        .filter(|g| self.may_damage(node, *g))
-                        .collect();
-                    if groups.is_empty() {
-                        return self.next_fault();
-                    }
-                    let group = groups[self.rng.random_range(0..groups.len())];
-                    let QueueWorld { hosts, rng, .. } = self;
-                    let disk = hosts[(node - 1) as usize].disks.get_mut(&group);
-                    if !disk.is_some_and(|d| d.corrupt(corruption, rng)) {
-                        return self.next_fault();
-                    }
-                    if crash && self.host(node).up {
-                        self.crash(node)?;
-                    }
-                }
-                Some(NodeFault::FailSync(node)) => {
-                    if !self.host(node).up {
-                        return self.next_fault();
-                    }
-                    self.host_mut(node).fail_sync = true;
-                }
-                Some(NodeFault::Wipe(node)) => {
-                    if !self.groups().all(|g| self.may_damage(node, g)) {
-                        return self.next_fault();
-                    }
-                    if self.host(node).up {
-                        self.crash(node)?;
-                    }
-                    for disk in self.host_mut(node).disks.values_mut() {
-                        disk.wipe();
-                    }
-                }
-                None => {}
-            }
-            kind
-        };
-        *self.stats.faults.entry(kind).or_default() += 1;
-        self.trace.record(self.now, &[11, kind.len() as u64], || {
-            format!("FAULT #{number} {kind}")
-        });
-        self.next_fault()
-    }
-
-    /// Whether corrupting `node`'s replica of `group` leaves a majority of the group's
-    /// replicas undamaged (see the Raft world's rule).
-    fn may_damage(&self, node: NodeId, group: GroupId) -> bool {
-        let damaged = |h: &Host| h.disks.get(&group).is_some_and(Disk::is_damaged);
-        if damaged(self.host(node)) {
-            return true;
-        }
-        let others = self.hosts.iter().filter(|h| damaged(h)).count();
-        others < (self.hosts.len() - 1) / 2
-    }
+    // ----- phases -----
 
     /// At the end of a run: every replica's disk holds exactly the committed records up to
     /// what it knows committed and durable (unless a fault changed bytes nobody read yet).
     fn check_committed_bytes(&self) -> Result<(), Violation> {
-        for (node, host) in self.node_ids.iter().zip(&self.hosts) {
-            let Some(broker) = host.broker.as_ref() else {
+        for (node, host) in self.k.node_ids.iter().zip(&self.nodes) {
+            let Some(broker) = host.broker.as_deref() else {
                 continue;
             };
             for (group, disk) in host.disks.iter().filter(|(_, d)| !d.hit) {
@@ -1167,79 +876,59 @@ impl QueueWorld {
         Ok(())
     }
 
-    fn next_fault(&mut self) -> Result<(), Violation> {
-        let gap_ms = match self.fault_script.as_mut() {
-            Some(script) => script.random_range(20..600),
-            None => self.rng.random_range(20..600),
-        };
-        let at = self.now + ms(gap_ms);
-        if at < self.heal_at {
-            self.schedule(at, Event::Fault);
-        }
-        Ok(())
-    }
-
-    fn heal(&mut self) -> Result<(), Violation> {
-        self.phase = Phase::Liveness;
-        self.network.heal();
-        self.trace
-            .record(self.now, &[12], || "HEAL: liveness phase".into());
-        for node in self.node_ids.clone() {
-            let host = self.host_mut(node);
-            host.fsync_us = faults::FSYNC_US;
-            if !host.up {
-                self.start(node)?;
-            }
-        }
-        self.restart_all_consumers()
-    }
-
     /// Periodic checks: consume offsets never move back; after healing, has everything
     /// drained?
     fn check(&mut self) -> Result<bool, Violation> {
-        for (i, host) in self.hosts.iter().enumerate() {
-            let (Some(broker), true) = (host.broker.as_ref(), host.up) else {
+        for (i, host) in self.nodes.iter().enumerate() {
+            let process = &self.k.hosts[i];
+            let (Some(broker), true) = (host.broker.as_deref(), process.up) else {
                 continue;
             };
             for group in 1..=self.broker_groups {
                 if let Some(state) = broker.broker_state(group) {
-                    self.history
-                        .consume_offsets(i as u64 + 1, host.incarnation, group, state)?;
+                    self.history.consume_offsets(
+                        i as u64 + 1,
+                        process.incarnation,
+                        group,
+                        state,
+                    )?;
                 }
             }
         }
-        if self.phase == Phase::Liveness {
+        if self.k.phase == Phase::Liveness {
             match self.drained() {
                 Ok(()) => {
-                    self.trace.record(self.now, &[13], || "DRAINED".into());
+                    self.k.trace.record(self.k.now, &[13], || "DRAINED".into());
                     return Ok(true);
                 }
-                Err(why) if self.now >= self.deadline => {
+                Err(why) if self.k.now >= self.k.deadline => {
                     return Err(violation(
                         "liveness",
                         format!(
                             "not drained {} ms after healing: {why}",
-                            self.options.liveness_limit_ms
+                            self.k.options.liveness_limit_ms
                         ),
                     ));
                 }
                 Err(_) => {}
             }
         }
-        self.schedule(self.now + ms(CHECK_INTERVAL_MS), Event::Check);
+        self.k
+            .schedule(self.k.now + ms(CHECK_INTERVAL_MS), Event::Check);
         Ok(false)
     }
 
     /// The leader's replica of each group, if there is exactly one of the highest term.
     fn leader_of(&self, group: GroupId) -> Result<&BrokerNode, String> {
         let statuses: Vec<(&BrokerNode, _)> = self
-            .hosts
+            .nodes
             .iter()
-            .filter(|h| h.up)
-            .filter_map(|h| h.broker.as_ref())
+            .zip(&self.k.hosts)
+            .filter(|(_, process)| process.up)
+            .filter_map(|(h, _)| h.broker.as_deref())
             .filter_map(|b| Some((b, b.replica(group)?.status())))
             .collect();
-        if statuses.len() < self.node_ids.len() {
+        if statuses.len() < self.k.node_ids.len() {
             return Err("a node is down".into());
         }
         let term_max = statuses.iter().map(|(_, s)| s.term).max().unwrap_or(0);
@@ -1298,9 +987,9 @@ impl QueueWorld {
                 .leader_of(group)
                 .map_err(|why| violation("liveness", why))?;
             let store = self
-                .hosts
+                .nodes
                 .iter()
-                .find(|h| h.broker.as_ref().is_some_and(|b| b.id() == leader.id()))
+                .find(|h| h.broker.as_deref().is_some_and(|b| b.id() == leader.id()))
                 .map(|h| &h.store);
             if let (Some(state), Some(store)) = (leader.broker_state(group), store) {
                 states.insert(

@@ -6,8 +6,9 @@ use holdfast_core::raft::{
 };
 use rand::RngExt;
 
-use super::{COMMANDS_PER_PROPOSAL_MAX, Event, Node, Pending, Phase, World, ms};
+use super::{COMMANDS_PER_PROPOSAL_MAX, Event, Pending, World};
 use crate::checker::{Violation, digest, violation};
+use crate::kernel::{Host, Phase, ms};
 
 /// A proposal that reaches a leader is, one time in this many, a request to hand leadership
 /// to another node instead.
@@ -15,20 +16,20 @@ const TRANSFER_ONE_IN: u32 = 200;
 
 impl World {
     pub(super) fn propose(&mut self, group: GroupId) -> Result<(), Violation> {
-        let now = self.now;
-        if self.phase == Phase::Liveness && !self.clients[(group - 1) as usize].needs_more() {
+        let now = self.k.now;
+        if self.k.phase == Phase::Liveness && !self.clients[(group - 1) as usize].needs_more() {
             return Ok(());
         }
-        let next_at = match self.phase {
-            Phase::Faults => now + ms(self.rng.random_range(1..20)),
+        let next_at = match self.k.phase {
+            Phase::Faults => now + ms(self.k.rng.random_range(1..20)),
             Phase::Liveness => now + ms(10),
         };
-        self.schedule(next_at, Event::Propose { group });
+        self.k.schedule(next_at, Event::Propose { group });
 
-        let reachable = |n: &Node| n.up && n.paused_until <= now;
+        let reachable = |n: &Host| n.up && n.paused_until <= now;
         let hint = self.clients[(group - 1) as usize]
             .leader_hint
-            .filter(|h| reachable(self.node(*h)));
+            .filter(|h| reachable(self.host(*h)));
         let target = match hint {
             Some(h) => h,
             None => {
@@ -36,17 +37,17 @@ impl World {
                     .node_ids
                     .iter()
                     .copied()
-                    .filter(|n| reachable(self.node(*n)))
+                    .filter(|n| reachable(self.host(*n)))
                     .collect();
                 if candidates.is_empty() {
                     return Ok(());
                 }
-                candidates[self.rng.random_range(0..candidates.len())]
+                candidates[self.k.rng.random_range(0..candidates.len())]
             }
         };
         let id = self.next_proposal;
         self.next_proposal += 1;
-        let count = self.rng.random_range(1..=COMMANDS_PER_PROPOSAL_MAX);
+        let count = self.k.rng.random_range(1..=COMMANDS_PER_PROPOSAL_MAX);
         let commands: Vec<Bytes> = (0..count)
             .map(|k| {
                 let mut command = Vec::with_capacity(24);
@@ -61,7 +62,7 @@ impl World {
             index: 0,
             kind: EntryKind::Commands(commands.clone()),
         });
-        let after_heal = self.phase == Phase::Liveness;
+        let after_heal = self.k.phase == Phase::Liveness;
         // Now and then the client asks the leader to hand over to a random other node
         // instead, so transfers (TimeoutNow, transfer votes, proposals refused meanwhile,
         // transfers given up) run under every fault and every checker.
@@ -71,8 +72,8 @@ impl World {
             .copied()
             .filter(|n| *n != target)
             .collect();
-        let transfer_to = (!others.is_empty() && self.rng.random_ratio(1, TRANSFER_ONE_IN))
-            .then(|| others[self.rng.random_range(0..others.len())]);
+        let transfer_to = (!others.is_empty() && self.k.rng.random_ratio(1, TRANSFER_ONE_IN))
+            .then(|| others[self.k.rng.random_range(0..others.len())]);
         let Some(replica) = self
             .live_slot(target, group)
             .and_then(|s| s.replica.as_mut())
@@ -83,15 +84,15 @@ impl World {
             && replica.status().role == holdfast_core::raft::Role::Leader
         {
             let started = replica.transfer_leadership(now, to);
-            self.stats.transfers_asked += 1;
-            self.stats.transfers_started += u64::from(started.is_ok());
-            self.trace.record(now, &[12, target, group, to], || {
+            self.k.stats.transfers_asked += 1;
+            self.k.stats.transfers_started += u64::from(started.is_ok());
+            self.k.trace.record(now, &[12, target, group, to], || {
                 format!("n{target} g{group} transfer leadership to n{to}: {started:?}")
             });
             return self.drain(target, group);
         }
         let result = replica.propose(now, id, commands);
-        self.trace.record(now, &[9, target, group, id], || {
+        self.k.trace.record(now, &[9, target, group, id], || {
             format!("n{target} g{group} propose #{id} ({count} commands): {result:?}")
         });
         let client = &mut self.clients[(group - 1) as usize];
@@ -130,8 +131,9 @@ impl World {
                 ),
             ));
         };
-        self.trace
-            .record(self.now, &[10, node, group, fate.id], || {
+        self.k
+            .trace
+            .record(self.k.now, &[10, node, group, fate.id], || {
                 format!("n{node} g{group} proposal #{} {:?}", fate.id, fate.outcome)
             });
         match fate.outcome {
@@ -148,12 +150,12 @@ impl World {
                 if pending.after_heal {
                     client.committed_after_heal = true;
                 }
-                self.stats.proposals_acked += 1;
+                self.k.stats.proposals_acked += 1;
                 self.checker.acked(group, index, pending.hash)
             }
             ProposalOutcome::Dropped { leader_hint } => {
                 client.leader_hint = leader_hint;
-                self.stats.proposals_dropped += 1;
+                self.k.stats.proposals_dropped += 1;
                 Ok(())
             }
         }

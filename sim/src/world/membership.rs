@@ -5,26 +5,30 @@ use std::collections::BTreeSet;
 
 use holdfast_core::raft::{ConfChange, GroupId, NodeId, Replica, Role};
 
-use super::{Event, Phase, World, ms};
+use super::{Event, World};
 use crate::checker::Violation;
 use crate::disk::Disk;
+use crate::kernel::{Phase, ms};
 use crate::membership::{GroupView, check_commit_quorum, check_one_at_a_time, fault_name};
 
 impl World {
     /// Asks `group`'s leader (the running one of the highest term) for the change the plan
     /// chooses, during the fault phase.
     pub(super) fn change_membership(&mut self, group: GroupId) -> Result<(), Violation> {
-        if self.phase != Phase::Faults {
+        if self.k.phase != Phase::Faults {
             return Ok(());
         }
-        let at = self.now + ms(self.membership.gap_ms());
-        self.schedule(at, Event::Membership { group });
+        let at = self.k.now + ms(self.membership.gap_ms());
+        self.k.schedule(at, Event::Membership { group });
         let index = (group - 1) as usize;
         let leader = self
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.up && n.paused_until <= self.now)
+            .filter(|(i, _)| {
+                let host = &self.k.hosts[*i];
+                host.up && host.paused_until <= self.k.now
+            })
             .filter_map(|(i, n)| {
                 let replica = n.slots[index].as_ref()?.replica.as_ref()?;
                 let status = replica.status();
@@ -52,14 +56,14 @@ impl World {
         let view = GroupView {
             membership,
             pending: previous > commit,
-            nodes: &self.node_ids,
+            nodes: &self.k.node_ids,
             damaged: &damaged,
         };
         let Some(change) = self.membership.choose(&view) else {
             return Ok(());
         };
         let id = self.membership.proposal_id();
-        let now = self.now;
+        let now = self.k.now;
         let Some(replica) = self.nodes[(leader - 1) as usize].slots[index]
             .as_mut()
             .and_then(|s| s.replica.as_mut())
@@ -67,11 +71,11 @@ impl World {
             return Ok(());
         };
         let result = replica.propose_membership(now, id, change);
-        self.trace.record(now, &[17, leader, group], || {
+        self.k.trace.record(now, &[17, leader, group], || {
             format!("n{leader} g{group} MEMBERSHIP {change}: {result:?}")
         });
         if let Ok(appended) = result {
-            *self.stats.faults.entry(fault_name(change)).or_default() += 1;
+            *self.k.stats.faults.entry(fault_name(change)).or_default() += 1;
             check_one_at_a_time(group, leader, previous, commit, appended)?;
             if let ConfChange::Remove(gone) = change {
                 self.abandon(group, &|n| n == gone);
@@ -94,7 +98,7 @@ impl World {
             }
             keep
         });
-        self.stats.proposals_indeterminate += (before - client.pending.len()) as u64;
+        self.k.stats.proposals_indeterminate += (before - client.pending.len()) as u64;
     }
 
     /// Before a liveness check: proposals to nodes outside the latest leader's configuration

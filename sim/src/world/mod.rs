@@ -5,24 +5,21 @@
 //! are injected while every step is checked, then a liveness phase in which everything heals
 //! and the cluster must converge within a bounded simulated time.
 
-use std::collections::{BTreeMap, BinaryHeap};
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use holdfast_core::raft::{
     Config, Envelope, GroupId, Index, Message, NodeId, ProposalId, Replica, Role, WriteId,
 };
 use holdfast_core::time::Instant;
-use rand::{Rng, RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{Rng, RngExt};
 
 use crate::checker::{Checker, MachineDigest, Violation, violation};
 use crate::disk::Disk;
-use crate::network::Network;
+use crate::kernel::{Kernel, KernelEvent, Workload, ms, us};
 use crate::options::Options;
 use crate::raft_checks::{
     ReplicaView, check_applied, check_recovery, check_restored, check_status, check_write, log_view,
 };
-use crate::trace::Trace;
 
 mod client;
 mod faults;
@@ -31,8 +28,6 @@ mod render;
 
 use render::{describe, fields};
 
-/// A run that has not finished after this many events is stuck; it fails as a liveness bug.
-const EVENTS_MAX: u64 = 20_000_000;
 pub(crate) const LIVENESS_CHECK_INTERVAL_MS: u64 = 50;
 pub(crate) const COMMANDS_PER_PROPOSAL_MAX: u64 = 8;
 
@@ -138,31 +133,17 @@ pub fn run(options: &Options) -> Outcome {
     let result = world.run();
     for slot in world.nodes.iter().flat_map(|n| &n.slots).flatten() {
         if let Some(replica) = &slot.replica {
-            world.stats.coverage.add_raft(&replica.counters());
+            world.k.stats.coverage.add_raft(&replica.counters());
         }
     }
-    world.stats.simulated_us = world.now.as_micros();
-    world.stats.faults_drawn = world.faults_drawn;
-    world.stats.entries_committed = (1..=options.groups as GroupId)
+    world.k.stats.entries_committed = (1..=options.groups as GroupId)
         .map(|g| world.checker.committed(g))
         .sum();
-    let violation = result.err().map(|v| (world.now, v));
-    if let Some((at, v)) = &violation {
-        let (checker, detail) = (v.checker, v.detail.clone());
-        world.trace.record(*at, &[u64::MAX], || {
-            format!("VIOLATION {checker}: {detail}")
-        });
-    }
-    Outcome {
-        seed: options.seed,
-        violation,
-        stats: world.stats,
-        trace_hash: world.trace.hash(),
-        trace: world.trace.into_lines(),
-    }
+    world.k.outcome(result)
 }
 
 enum Event {
+    Kernel(KernelEvent),
     Deliver(Envelope),
     Timer {
         node: NodeId,
@@ -178,11 +159,6 @@ enum Event {
     Propose {
         group: GroupId,
     },
-    Fault,
-    Restart {
-        node: NodeId,
-    },
-    Heal,
     LivenessCheck,
     /// Ask the group's leader for a membership change.
     Membership {
@@ -190,38 +166,9 @@ enum Event {
     },
 }
 
-impl Event {
-    /// The node whose process handles this event, if any; a paused node handles none.
-    fn node(&self) -> Option<NodeId> {
-        match self {
-            Event::Deliver(envelope) => Some(envelope.to),
-            Event::Timer { node, .. } | Event::Synced { node, .. } => Some(*node),
-            _ => None,
-        }
-    }
-}
-
-struct Scheduled {
-    at: Instant,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    /// Reversed, so the max-heap pops the earliest event; ties go in scheduling order.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
+impl From<KernelEvent> for Event {
+    fn from(event: KernelEvent) -> Event {
+        Event::Kernel(event)
     }
 }
 
@@ -237,15 +184,8 @@ struct Slot {
     machine: MachineDigest,
 }
 
+/// What the Raft workload runs on a node: one replica of every group.
 struct Node {
-    up: bool,
-    /// Bumped on every crash, so a sync that completes after a crash is ignored.
-    incarnation: u64,
-    paused_until: Instant,
-    fsync_min_us: u64,
-    fsync_max_us: u64,
-    /// The next fsync fails (I/O error or disk full): the node stops instead.
-    fail_sync: bool,
     /// Indexed by group - 1.
     slots: Vec<Option<Slot>>,
 }
@@ -272,39 +212,17 @@ impl Client {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Faults,
-    Liveness,
-}
-
 enum Step {
     Continue,
     Done,
 }
 
 struct World {
-    options: Options,
-    rng: ChaCha8Rng,
-    /// Fault decisions, when a script chooses them; else `rng` does.
-    fault_script: Option<crate::faults::FaultScript>,
-    /// What this seed explores (its fault mix), and how many faults were drawn so far.
-    swarm: crate::swarm::Swarm,
-    faults_drawn: u64,
-    now: Instant,
-    seq: u64,
-    queue: BinaryHeap<Scheduled>,
-    node_ids: Vec<NodeId>,
+    k: Kernel<Event>,
     nodes: Vec<Node>,
-    network: Network,
     clients: Vec<Client>,
     next_proposal: ProposalId,
     checker: Checker,
-    trace: Trace,
-    stats: Stats,
-    phase: Phase,
-    heal_at: Instant,
-    deadline: Instant,
     /// Replication limits drawn per seed, so small batches and windows get explored too.
     append_entries_max: usize,
     inflight_appends_max: usize,
@@ -321,53 +239,19 @@ struct World {
     abandoned: std::collections::BTreeSet<ProposalId>,
 }
 
-/// Where fault decisions come from: a script if given; else, unless the fixed mix asks for the
-/// shared RNG as before, an RNG of their own (an empty script falls back to one), so that
-/// leaving a fault out (`only_faults`) changes none of the others.
-pub(crate) fn fault_source(options: &Options) -> Option<crate::faults::FaultScript> {
-    let legacy = options.swarm().legacy;
-    match &options.fault_script {
-        Some(bytes) => Some(crate::faults::FaultScript::new(bytes.clone(), options.seed)),
-        None if !legacy => Some(crate::faults::FaultScript::new(Vec::new(), options.seed)),
-        None => None,
-    }
-}
-
-fn ms(ms: u64) -> Duration {
-    Duration::from_millis(ms)
-}
-
-fn us(us: u64) -> Duration {
-    Duration::from_micros(us)
-}
+crate::kernel_deref!(World, Event);
 
 impl World {
     fn new(options: Options) -> World {
         let membership = crate::membership::Plan::new(options.seed, options.nodes);
         let initial_voters: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
         let all = options.nodes + membership.spare_nodes();
-        let node_ids: Vec<NodeId> = (1..=all as NodeId).collect();
-        let heal_at = Instant::ZERO + ms(options.fault_phase_ms);
-        let deadline = heal_at + ms(options.liveness_limit_ms);
         World {
-            rng: ChaCha8Rng::seed_from_u64(options.seed),
-            fault_script: fault_source(&options),
-            swarm: options.swarm(),
-            faults_drawn: 0,
-            now: Instant::ZERO,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            k: Kernel::new(options, all),
             nodes: Vec::new(),
-            node_ids,
-            network: Network::calm(),
             clients: Vec::new(),
             next_proposal: 1,
             checker: Checker::default(),
-            trace: Trace::new(options.trace),
-            stats: Stats::default(),
-            phase: Phase::Faults,
-            heal_at,
-            deadline,
             append_entries_max: 64,
             inflight_appends_max: 8,
             compact_every: None,
@@ -376,37 +260,27 @@ impl World {
             membership,
             tally: crate::membership::Tally::default(),
             abandoned: std::collections::BTreeSet::new(),
-            options,
         }
     }
 
     fn groups(&self) -> impl Iterator<Item = GroupId> + use<> {
-        1..=self.options.groups as GroupId
-    }
-
-    fn schedule(&mut self, at: Instant, event: Event) {
-        self.seq += 1;
-        self.queue.push(Scheduled {
-            at,
-            seq: self.seq,
-            event,
-        });
+        1..=self.k.options.groups as GroupId
     }
 
     fn run(&mut self) -> Result<(), Violation> {
-        self.append_entries_max = [1, 4, 64][self.rng.random_range(0..3)];
-        self.inflight_appends_max = [1, 2, 8][self.rng.random_range(0..3)];
+        self.append_entries_max = [1, 4, 64][self.k.rng.random_range(0..3)];
+        self.inflight_appends_max = [1, 2, 8][self.k.rng.random_range(0..3)];
         // A fifth of the seeds never compact, so runs without snapshots stay exercised as
         // before; the rest compact often enough that followers lagging behind a partition or
         // a crash must be sent a snapshot.
         self.compact_every =
-            [None, Some(5), Some(12), Some(30), Some(100)][self.rng.random_range(0..5)];
-        self.snapshot_chunk_bytes_max = [3, 8, 1 << 20][self.rng.random_range(0..3)];
+            [None, Some(5), Some(12), Some(30), Some(100)][self.k.rng.random_range(0..5)];
+        self.snapshot_chunk_bytes_max = [3, 8, 1 << 20][self.k.rng.random_range(0..3)];
         self.checker.digest_snapshots = true;
         let (batch, window) = (self.append_entries_max, self.inflight_appends_max);
         let (every, chunk) = (self.compact_every, self.snapshot_chunk_bytes_max);
-        self.trace.record(
-            self.now,
+        self.k.trace.record(
+            self.k.now,
             &[
                 0,
                 batch as u64,
@@ -421,19 +295,11 @@ impl World {
                 )
             },
         );
-        for _ in &self.node_ids {
+        for _ in &self.k.node_ids {
             let slots = self.groups().map(|_| None).collect();
-            self.nodes.push(Node {
-                up: false,
-                incarnation: 0,
-                paused_until: Instant::ZERO,
-                fsync_min_us: crate::faults::FSYNC_US.0,
-                fsync_max_us: crate::faults::FSYNC_US.1,
-                fail_sync: false,
-                slots,
-            });
+            self.nodes.push(Node { slots });
         }
-        for node in self.node_ids.clone() {
+        for node in self.k.node_ids.clone() {
             for group in self.groups() {
                 self.node_mut(node).slots[(group - 1) as usize] = Some(Slot {
                     replica: None,
@@ -457,56 +323,33 @@ impl World {
                 pending: BTreeMap::new(),
                 committed_after_heal: false,
             });
-            let at = self.now + ms(self.rng.random_range(1..50));
-            self.schedule(at, Event::Propose { group });
+            let at = self.k.now + ms(self.k.rng.random_range(1..50));
+            self.k.schedule(at, Event::Propose { group });
         }
-        if !self.swarm.legacy {
-            let mix = self.swarm.mix.to_string();
-            self.trace
-                .record(self.now, &[0, self.swarm.mix.total() as u64], || {
+        if !self.k.swarm.legacy {
+            let mix = self.k.swarm.mix.to_string();
+            self.k
+                .trace
+                .record(self.k.now, &[0, self.k.swarm.mix.total() as u64], || {
                     format!("swarm faults={mix}")
                 });
         }
         if self.membership.enabled() {
             for group in self.groups() {
-                let at = self.now + ms(self.membership.gap_ms());
-                self.schedule(at, Event::Membership { group });
+                let at = self.k.now + ms(self.membership.gap_ms());
+                self.k.schedule(at, Event::Membership { group });
             }
         }
-        let first_fault = self.now + ms(self.rng.random_range(100..1_000));
-        self.schedule(first_fault, Event::Fault);
-        self.schedule(self.heal_at, Event::Heal);
-
-        while let Some(Scheduled { at, event, .. }) = self.queue.pop() {
-            self.stats.events += 1;
-            if self.stats.events > EVENTS_MAX {
-                return Err(violation(
-                    "liveness",
-                    format!("no convergence within {EVENTS_MAX} events"),
-                ));
-            }
-            debug_assert!(at >= self.now, "time went backwards");
-            self.now = at;
-            if let Some(node) = event.node() {
-                let paused_until = self.node(node).paused_until;
-                if self.now < paused_until {
-                    self.schedule(paused_until, event);
-                    continue;
-                }
-            }
-            if let Step::Done = self.dispatch(event)? {
-                self.checker.all_acked_stay()?;
-                return self.check_committed_bytes();
-            }
-        }
-        Err(violation("liveness", "the event queue ran dry".into()))
+        self.schedule_faults();
+        self.run_events()
     }
 
-    fn dispatch(&mut self, event: Event) -> Result<Step, Violation> {
+    fn dispatch_event(&mut self, event: Event) -> Result<Step, Violation> {
         match event {
+            Event::Kernel(event) => self.kernel_event(event)?,
             Event::Deliver(envelope) => self.deliver(envelope)?,
             Event::Timer { node, group, at } => {
-                let now = self.now;
+                let now = self.k.now;
                 let Some(slot) = self.live_slot(node, group) else {
                     return Ok(Step::Continue);
                 };
@@ -516,7 +359,7 @@ impl World {
                 if let Some(replica) = slot.replica.as_mut() {
                     replica.handle_timeout(now);
                 }
-                self.trace.record(now, &[1, node, group], || {
+                self.k.trace.record(now, &[1, node, group], || {
                     format!("n{node} g{group} timeout")
                 });
                 self.drain(node, group)?;
@@ -527,19 +370,12 @@ impl World {
                 incarnation,
                 upto,
             } => {
-                if self.node(node).incarnation != incarnation {
+                if self.host(node).incarnation != incarnation {
                     return Ok(Step::Continue);
                 }
                 self.synced(node, group, upto)?;
             }
             Event::Propose { group } => self.propose(group)?,
-            Event::Fault => self.fault()?,
-            Event::Restart { node } => {
-                if !self.node(node).up {
-                    self.start(node)?;
-                }
-            }
-            Event::Heal => self.heal()?,
             Event::LivenessCheck => return self.liveness_check(),
             Event::Membership { group } => self.change_membership(group)?,
         }
@@ -556,49 +392,97 @@ impl World {
 
     /// The slot of a running replica, or `None` if its node is down.
     fn live_slot(&mut self, node: NodeId, group: GroupId) -> Option<&mut Slot> {
-        let node = self.node_mut(node);
-        if !node.up {
+        if !self.host(node).up {
             return None;
         }
-        node.slots.get_mut((group - 1) as usize)?.as_mut()
+        self.node_mut(node)
+            .slots
+            .get_mut((group - 1) as usize)?
+            .as_mut()
+    }
+}
+
+impl Workload for World {
+    type Event = Event;
+
+    fn event_node(event: &Event) -> Option<NodeId> {
+        match event {
+            Event::Deliver(envelope) => Some(envelope.to),
+            Event::Timer { node, .. } | Event::Synced { node, .. } => Some(*node),
+            _ => None,
+        }
     }
 
-    // ----- processes -----
+    fn dispatch(&mut self, event: Event) -> Result<bool, Violation> {
+        Ok(matches!(self.dispatch_event(event)?, Step::Done))
+    }
+
+    fn finish(&mut self) -> Result<(), Violation> {
+        self.checker.all_acked_stay()?;
+        self.check_committed_bytes()
+    }
+
+    fn group_ids(&self) -> Vec<GroupId> {
+        self.groups().collect()
+    }
+
+    fn disk(&self, node: NodeId, group: GroupId) -> Option<&Disk> {
+        let slot = self.node(node).slots.get((group - 1) as usize)?;
+        slot.as_ref().map(|s| &s.disk)
+    }
+
+    fn disk_mut(&mut self, node: NodeId, group: GroupId) -> Option<&mut Disk> {
+        let slot = self.node_mut(node).slots.get_mut((group - 1) as usize)?;
+        slot.as_mut().map(|s| &mut s.disk)
+    }
+
+    fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.nodes.iter().enumerate().find_map(|(i, n)| {
+            let replica = n.slots[(group - 1) as usize].as_ref()?.replica.as_ref()?;
+            let node = i as NodeId + 1;
+            (self.host(node).up && replica.status().role == Role::Leader).then_some(node)
+        })
+    }
+
+    /// Counted against the initial nodes: spare nodes added by membership changes do not make
+    /// room for more damage than the smallest configuration survives.
+    fn damage_quorum(&self) -> usize {
+        self.initial_voters.len()
+    }
+
+    fn healed(&mut self) -> Result<(), Violation> {
+        let at = self.k.now + ms(LIVENESS_CHECK_INTERVAL_MS);
+        self.k.schedule(at, Event::LivenessCheck);
+        Ok(())
+    }
 
     /// Starts (or restarts) every replica of `node` from what its disks hold.
     fn start(&mut self, node: NodeId) -> Result<(), Violation> {
-        self.node_mut(node).up = true;
+        self.host_mut(node).up = true;
         for group in self.groups() {
-            let seed = self.rng.next_u64();
+            let seed = self.k.rng.next_u64();
             let mut config = Config::new(node, group, self.initial_voters.clone());
-            config.canary = self.options.canary;
+            config.canary = self.k.options.canary;
             config.append_entries_max = self.append_entries_max;
             config.inflight_appends_max = self.inflight_appends_max;
             config.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
-            let now = self.now;
-            let canary = self.options.canary;
+            let now = self.k.now;
+            let canary = self.k.options.canary;
             let index = (group - 1) as usize;
             let Some(slot) = self.nodes[(node - 1) as usize].slots[index].as_mut() else {
                 continue;
             };
-            let recovery = slot.disk.recover(canary);
-            let upto = recovery.commit.min(recovery.last_index);
-            self.checker
-                .committed_bytes(group, node, &slot.disk, upto)?;
-            if let Some(problem) = recovery.problem {
-                return Err(violation(
-                    "recovery",
-                    format!("group {group} node {node}: {problem}"),
-                ));
-            }
-            slot.machine = MachineDigest::default();
-            if let Some(snapshot) = &recovery.recovered.snapshot {
-                self.checker.snapshot(group, node, snapshot, "recovered")?;
-                slot.machine = MachineDigest::decode(&snapshot.data).unwrap_or_default();
-            }
+            let (checker, stats) = (&mut self.checker, &mut self.k.stats);
+            let recovery =
+                crate::kernel::recover(checker, stats, node, group, &mut slot.disk, canary)?;
+            slot.machine = recovery
+                .recovered
+                .snapshot
+                .as_ref()
+                .and_then(|snapshot| MachineDigest::decode(&snapshot.data))
+                .unwrap_or_default();
             if let Some(damage) = recovery.damage {
                 config.damaged.insert(group, damage);
-                self.stats.damaged_starts += 1;
             }
             let replica = Replica::new(config, recovery.recovered, seed, now);
             let status = replica.status();
@@ -607,19 +491,17 @@ impl World {
             slot.view = ReplicaView::new(&status);
             check_recovery(node, group, &status, &slot.disk)?;
             let damage = recovery.damage;
-            self.trace.record(now, &[2, node, group, status.term], || {
-                format!(
-                    "n{node} g{group} start term={} commit={} last={} damage={damage:?}",
-                    status.term, status.commit_index, status.last_index
-                )
-            });
+            self.k
+                .trace
+                .record(now, &[2, node, group, status.term], || {
+                    format!(
+                        "n{node} g{group} start term={} commit={} last={} damage={damage:?}",
+                        status.term, status.commit_index, status.last_index
+                    )
+                });
             self.drain(node, group)?;
         }
         Ok(())
-    }
-
-    fn crash(&mut self, node: NodeId) -> Result<(), Violation> {
-        self.crash_tearing(node, None)
     }
 
     /// A crash; `tear = Some((group, k))` makes that group's disk land its first `k` unsynced
@@ -629,63 +511,43 @@ impl World {
         node: NodeId,
         tear: Option<(GroupId, usize)>,
     ) -> Result<(), Violation> {
-        let mut torn = 0;
-        let canary = self.options.canary;
+        let mut torn = false;
+        let canary = self.k.options.canary;
         for group in self.groups() {
             let unsynced = self
                 .live_slot(node, group)
                 .map_or(0, |s| s.disk.unsynced.len());
-            let survivors = match tear {
-                Some((g, k)) if g == group => {
-                    torn += 1;
-                    Some(k)
-                }
-                _ if unsynced > 0 && self.rng.random_bool(0.5) => {
-                    torn += 1;
-                    Some(self.rng.random_range(0..unsynced))
-                }
-                _ => None,
-            };
-            let World {
-                nodes, rng, stats, ..
-            } = self;
-            let n = &mut nodes[(node - 1) as usize];
-            if !n.up {
+            let tear = tear.filter(|(g, _)| *g == group).map(|(_, k)| k);
+            let survivors = self.tear_point(tear, unsynced);
+            torn |= survivors.is_some();
+            if !self.host(node).up {
                 continue;
             }
-            if let Some(slot) = n.slots[(group - 1) as usize].as_mut() {
-                slot.disk.crash(survivors, rng, canary)?;
+            let World { nodes, k, .. } = self;
+            if let Some(slot) = nodes[(node - 1) as usize].slots[(group - 1) as usize].as_mut() {
+                slot.disk.crash(survivors, &mut k.rng, canary)?;
                 if let Some(replica) = slot.replica.take() {
-                    stats.coverage.add_raft(&replica.counters());
+                    k.stats.coverage.add_raft(&replica.counters());
                 }
             }
-        }
-        let n = self.node_mut(node);
-        n.up = false;
-        n.fail_sync = false;
-        n.incarnation += 1;
-        n.paused_until = Instant::ZERO;
-        if torn > 0 {
-            *self.stats.faults.entry("torn-write").or_default() += 1;
         }
         for client in &mut self.clients {
             let before = client.pending.len();
             client.pending.retain(|_, p| p.node != node);
-            self.stats.proposals_indeterminate += (before - client.pending.len()) as u64;
+            self.k.stats.proposals_indeterminate += (before - client.pending.len()) as u64;
         }
-        let restart_at = self.now + crate::faults::downtime(&mut self.rng);
-        self.schedule(restart_at, Event::Restart { node });
-        self.trace
-            .record(self.now, &[3, node], || format!("n{node} CRASH"));
+        self.crashed(node, torn);
         Ok(())
     }
+}
 
+impl World {
     // ----- the replica's outputs, and the checks on every step -----
 
     /// Collects everything `node`'s replica of `group` has to say after an input, and checks
     /// every invariant that the step could have broken.
     fn drain(&mut self, node: NodeId, group: GroupId) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         let index = (group - 1) as usize;
         let Some(mut slot) = self.node_mut(node).slots[index].take() else {
             return Ok(());
@@ -698,11 +560,12 @@ impl World {
         });
         if let Some(at) = new_timer {
             slot.timer_at = at;
-            self.schedule(at, Event::Timer { node, group, at });
+            self.k.schedule(at, Event::Timer { node, group, at });
         }
         self.node_mut(node).slots[index] = Some(slot);
         result?;
-        let replicas = self.nodes.iter().enumerate().filter(|(_, n)| n.up);
+        let hosts = &self.k.hosts;
+        let replicas = self.nodes.iter().enumerate().filter(|(i, _)| hosts[*i].up);
         let replicas = replicas.filter_map(|(i, n)| {
             let replica = n.slots[index].as_ref()?.replica.as_ref()?;
             Some((i as NodeId + 1, replica))
@@ -716,13 +579,13 @@ impl World {
         group: GroupId,
         slot: &mut Slot,
     ) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         let Some(replica) = slot.replica.as_mut() else {
             return Ok(());
         };
         if slot.disk.note_repair(replica.damaged_from()) {
-            self.stats.repairs += 1;
-            self.trace.record(now, &[14, node, group], || {
+            self.k.stats.repairs += 1;
+            self.k.trace.record(now, &[14, node, group], || {
                 format!("n{node} g{group} REPAIRED")
             });
         }
@@ -743,9 +606,9 @@ impl World {
         if let Some(snapshot) = replica.poll_restore() {
             check_restored(&mut self.checker, node, group, &mut slot.view, &snapshot)?;
             slot.machine = MachineDigest::decode(&snapshot.data).unwrap_or_default();
-            self.stats.snapshots_installed += 1;
+            self.k.stats.snapshots_installed += 1;
             let index = snapshot.index;
-            self.trace.record(now, &[15, node, group, index], || {
+            self.k.trace.record(now, &[15, node, group, index], || {
                 format!("n{node} g{group} RESTORED snapshot at {index}")
             });
         }
@@ -762,8 +625,8 @@ impl World {
             replica
                 .compact(index, slot.machine.encode())
                 .map_err(|e| violation("committed-prefix", format!("compaction refused: {e}")))?;
-            self.stats.snapshots_taken += 1;
-            self.trace.record(now, &[16, node, group, index], || {
+            self.k.stats.snapshots_taken += 1;
+            self.k.trace.record(now, &[16, node, group, index], || {
                 format!("n{node} g{group} COMPACTED to {index}")
             });
             // The compaction's write goes out now (after the step's own writes, whose checks
@@ -811,9 +674,9 @@ impl World {
         if elected {
             self.tally
                 .check_elected(group, node, slot.view.term, &voters)?;
-            self.stats.elections += 1;
+            self.k.stats.elections += 1;
             let term = slot.view.term;
-            self.trace.record(now, &[5, node, group, term], || {
+            self.k.trace.record(now, &[5, node, group, term], || {
                 format!("n{node} g{group} LEADER term={term}")
             });
         }
@@ -821,7 +684,7 @@ impl World {
         for fate in fates {
             if crate::membership::is_membership_proposal(fate.id) || self.abandoned.remove(&fate.id)
             {
-                self.trace.record(now, &[10, node, group, fate.id], || {
+                self.k.trace.record(now, &[10, node, group, fate.id], || {
                     format!(
                         "n{node} g{group} membership #{} {:?}",
                         fate.id, fate.outcome
@@ -844,7 +707,7 @@ impl World {
         group: GroupId,
         slot: &mut Slot,
     ) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         let Some(replica) = slot.replica.as_mut() else {
             return Ok(());
         };
@@ -854,7 +717,7 @@ impl World {
             let first = write.entries.first().map_or(0, |e| e.index);
             let snapshot = write.snapshot.as_ref().map_or(0, |s| s.index);
             let discard = write.discard_log;
-            self.trace.record(
+            self.k.trace.record(
                 now,
                 &[4, node, group, id, first, count, snapshot, discard as u64],
                 || {
@@ -872,10 +735,9 @@ impl World {
         {
             slot.disk.syncing = true;
             let upto = last.id;
-            let n = self.node(node);
-            let (lo, hi, incarnation) = (n.fsync_min_us, n.fsync_max_us, n.incarnation);
-            let at = now + us(self.rng.random_range(lo..hi));
-            self.schedule(
+            let incarnation = self.host(node).incarnation;
+            let at = self.fsync_done_at(node);
+            self.k.schedule(
                 at,
                 Event::Synced {
                     node,
@@ -889,39 +751,28 @@ impl World {
     }
 
     fn synced(&mut self, node: NodeId, group: GroupId, upto: WriteId) -> Result<(), Violation> {
-        let now = self.now;
-        if self.node(node).up && self.node(node).fail_sync {
+        let now = self.k.now;
+        if self.sync_failed(node, group) {
             // The fsync failed: the node stops, and nothing is reported synced.
-            self.trace.record(now, &[6, node, group, 0], || {
-                format!("n{node} g{group} FSYNC FAILED: node stops")
-            });
             return self.crash(node);
         }
-        let canary = self.options.canary;
-        let faults = self.phase == Phase::Faults;
-        let World { nodes, rng, .. } = self;
-        let n = &mut nodes[(node - 1) as usize];
-        let Some(slot) = n.slots[(group - 1) as usize].as_mut().filter(|_| n.up) else {
+        let canary = self.k.options.canary;
+        if !self.host(node).up {
+            return Ok(());
+        }
+        let World { nodes, k, .. } = self;
+        let Some(slot) = nodes[(node - 1) as usize].slots[(group - 1) as usize].as_mut() else {
             return Ok(());
         };
-        // A crash while a snapshot is being written is when the order of a write matters
-        // most; left to chance it almost never happens, so it is a fault of its own.
-        if let Some((at, discard)) = slot.disk.snapshot_write(upto)
-            && faults
-            && rng.random_bool(if discard { 0.25 } else { 0.02 })
-        {
-            *self.stats.faults.entry("snapshot-crash").or_default() += 1;
-            self.trace.record(now, &[6, node, group, u64::MAX], || {
-                format!("n{node} g{group} CRASH while writing a snapshot")
-            });
+        if let Some(at) = k.snapshot_crash(node, group, &slot.disk, upto) {
             return self.crash_tearing(node, Some((group, at)));
         }
-        let report = slot.disk.sync(upto, rng, canary)?;
+        let report = slot.disk.sync(upto, &mut k.rng, canary)?;
         slot.disk.syncing = false;
         if let Some(replica) = slot.replica.as_mut() {
             replica.persisted(now, report);
         }
-        self.trace.record(now, &[6, node, group, upto], || {
+        self.k.trace.record(now, &[6, node, group, upto], || {
             format!("n{node} g{group} synced #{upto}")
         });
         self.drain(node, group)
@@ -954,16 +805,14 @@ impl World {
 
     fn transmit(&mut self, envelope: Envelope) {
         if let Message::InstallSnapshot { .. } = envelope.message {
-            self.stats.snapshot_chunks += 1;
+            self.k.stats.snapshot_chunks += 1;
         }
         let (from, to) = (envelope.from, envelope.to);
-        let lost = self.network.is_blocked(from, to)
-            || (self.network.loss_ppm > 0
-                && self.rng.random_range(0..1_000_000) < self.network.loss_ppm);
-        if lost {
-            self.stats.messages_lost += 1;
-            self.trace
-                .record(self.now, &[7, from, to, envelope.group], || {
+        let copies = self.route(Some((from, to)));
+        if copies.is_empty() {
+            self.k
+                .trace
+                .record(self.k.now, &[7, from, to, envelope.group], || {
                     format!(
                         "n{from}->n{to} g{} LOST {}",
                         envelope.group,
@@ -972,34 +821,23 @@ impl World {
                 });
             return;
         }
-        let duplicated = self.network.duplicate_ppm > 0
-            && self.rng.random_range(0..1_000_000) < self.network.duplicate_ppm;
-        if duplicated {
-            let at = self.now + self.delay();
-            self.schedule(at, Event::Deliver(envelope.clone()));
-        }
-        if self.network.late_ppm > 0 && self.rng.random_range(0..1_000_000) < self.network.late_ppm
-        {
-            let at = self.now + crate::faults::late_delay(&mut self.rng);
-            self.schedule(at, Event::Deliver(envelope.clone()));
-        }
-        let at = self.now + self.delay();
-        self.schedule(at, Event::Deliver(envelope));
-    }
-
-    fn delay(&mut self) -> Duration {
-        let (lo, hi) = (self.network.delay_min_us, self.network.delay_max_us);
-        let delay = self.rng.random_range(lo..=hi);
-        // A long tail reorders messages even on a calm network.
-        if self.rng.random_bool(0.02) {
-            us(delay * 10)
-        } else {
-            us(delay)
+        let mut envelope = Some(envelope);
+        let last = copies.len() - 1;
+        for (i, delay) in copies.iter().enumerate() {
+            let copy = if i == last {
+                envelope.take()
+            } else {
+                envelope.clone()
+            };
+            if let Some(copy) = copy {
+                let at = self.k.now + delay;
+                self.k.schedule(at, Event::Deliver(copy));
+            }
         }
     }
 
     fn deliver(&mut self, envelope: Envelope) -> Result<(), Violation> {
-        let now = self.now;
+        let now = self.k.now;
         let Envelope {
             group,
             from,
@@ -1007,18 +845,20 @@ impl World {
             message,
         } = envelope;
         let (kind, term, detail) = fields(&message);
+        let up = self.host(to).up;
         let node = &mut self.nodes[(to - 1) as usize];
         let replica = node
             .slots
             .get_mut((group - 1) as usize)
             .and_then(|s| s.as_mut())
             .and_then(|s| s.replica.as_mut())
-            .filter(|_| node.up);
+            .filter(|_| up);
         let Some(replica) = replica else {
-            self.stats.messages_lost += 1;
+            self.k.stats.messages_lost += 1;
             return Ok(());
         };
-        self.trace
+        self.k
+            .trace
             .record(now, &[8, from, to, group, kind, term, detail], || {
                 format!("n{from}->n{to} g{group} {}", describe(&message))
             });
@@ -1034,7 +874,7 @@ impl World {
         } else {
             replica.step(now, from, message);
         }
-        self.stats.messages_delivered += 1;
+        self.k.stats.messages_delivered += 1;
         self.drain(to, group)
     }
 }

@@ -438,10 +438,9 @@ impl Replica {
                 self.advance_commit(commit.min(self.log.last_index()));
                 // A wiped replica cannot keep the promise the context stands for (it may have
                 // made the opposite one before the wipe): it answers without one.
-                let votes_lost = self.damage.as_ref().is_some_and(|d| d.votes_lost);
                 let reply = Message::HeartbeatResponse {
                     term: self.term,
-                    context: if votes_lost { 0 } else { context },
+                    context: if self.votes_lost() { 0 } else { context },
                 };
                 // It claims only the term (and a promise not to vote, which lives in memory
                 // and across a restart in `in_lease`), so it waits for the term alone: a
@@ -1547,11 +1546,16 @@ impl Replica {
     /// How this replica says it holds the leader's log up to `match_index`: without a promise
     /// if its disk was wiped (see [`AppendResult::AcceptedVotesLost`]).
     fn acceptance(&self, match_index: Index) -> AppendResult {
-        if self.damage.as_ref().is_some_and(|d| d.votes_lost) {
+        if self.votes_lost() {
             AppendResult::AcceptedVotesLost { match_index }
         } else {
             AppendResult::Accepted { match_index }
         }
+    }
+
+    /// Whether this replica's disk was wiped ([`Damage::votes_lost`]).
+    fn votes_lost(&self) -> bool {
+        self.damage.as_ref().is_some_and(|d| d.votes_lost)
     }
 
     fn reply_append(&mut self, to: NodeId, result: AppendResult) {

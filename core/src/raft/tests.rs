@@ -264,11 +264,7 @@ fn a_wiped_followers_acknowledgement_counts_for_no_commit_lease_or_check_quorum(
     );
     settle(&mut leader, now);
     let last = leader.status().last_index;
-    let wiped_ack = Message::AppendResponse {
-        term: 2,
-        result: AppendResult::AcceptedVotesLost { match_index: last },
-    };
-    leader.step(now, 2, wiped_ack);
+    leader.step(now, 2, wiped_ack_at(last));
     let sent = settle(&mut leader, now);
     assert_eq!(
         leader.transfer_leadership(now, 2),

@@ -456,6 +456,9 @@ pub trait Workload: DerefMut<Target = Kernel<Self::Event>> {
     fn leader(&self, group: GroupId) -> Option<NodeId>;
     /// How many damaged replicas a group survives: fewer than half of this many nodes.
     fn damage_quorum(&self) -> usize;
+    /// Whether the workload runs consumer processes (the fixed mix crashes them apart from the
+    /// other faults).
+    const HAS_CONSUMERS: bool = false;
     /// A consumer process dies, if the workload has one up; false if nothing happened.
     fn crash_consumer(&mut self) -> Result<bool, Violation> {
         Ok(false)
@@ -535,9 +538,7 @@ pub trait Workload: DerefMut<Target = Kernel<Self::Event>> {
         let applies = self.options.applies_fault(number);
         // The fixed mix of the queue workload: one fault in eight takes a consumer down
         // instead of a node or a link (a swarm mix weighs consumer crashes with the rest).
-        let consumer_roll = self.options.workload == crate::options::Workload::Queue
-            && self.swarm.legacy
-            && self.rng.random_bool(0.125);
+        let consumer_roll = Self::HAS_CONSUMERS && self.swarm.legacy && self.rng.random_bool(0.125);
         let kind = if consumer_roll {
             if !applies || !self.crash_consumer()? {
                 self.next_fault();

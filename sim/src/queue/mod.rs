@@ -376,6 +376,7 @@ impl QueueWorld {
 
 impl Workload for QueueWorld {
     type Event = Event;
+    const HAS_CONSUMERS: bool = true;
 
     fn event_node(event: &Event) -> Option<NodeId> {
         match event {

@@ -185,3 +185,114 @@ fn a_node_behind_compaction_fetches_the_segments_it_lacks_and_holds_the_same_byt
         }
     }
 }
+
+/// A node whose store lost a segment its snapshot references fetches it from its peers at
+/// restart, instead of refusing to start the group.
+#[test]
+fn a_node_missing_a_segment_at_restart_repairs_it_from_its_peers() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster {
+        dir: temp.path().to_path_buf(),
+        net: Net::no_auth(3),
+        children: (0..3).map(|_| None).collect(),
+    };
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    let mut admin = Admin::connect(cluster.net.admin()).expect("admin");
+    let created = admin.ask_leader(
+        Request::CreateTopic {
+            topic: "orders".into(),
+            queues: QUEUES,
+        },
+        Duration::from_secs(20),
+    );
+    assert!(
+        matches!(created, Ok(Response::TopicCreated { .. })),
+        "{created:?}"
+    );
+    let mut producer = Producer::connect(cluster.net.admin()).expect("producer");
+    for i in 0..MESSAGES / 2 {
+        let body = format!("{i:06}{}", "r".repeat(BODY_BYTES));
+        if let Err(e) = producer.send("orders", vec![Message::with_body(Bytes::from(body))]) {
+            panic!("a cluster with a majority refused message {i}: {e}");
+        }
+    }
+    // Node 3 took a snapshot that references its store.
+    wait_for(Duration::from_secs(60), "node 3 compacts", || {
+        let groups = cluster.status(3)?;
+        [1, 2]
+            .iter()
+            .all(|group| {
+                groups
+                    .iter()
+                    .any(|g| g.group == *group && g.snapshot_index > 20)
+            })
+            .then_some(())
+    });
+    cluster.kill(3);
+    let segments: Vec<PathBuf> = walk(&cluster.node_dir(3).join("data/queues"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "qseg"))
+        .collect();
+    assert!(!segments.is_empty(), "node 3 has segments");
+    for segment in &segments {
+        std::fs::remove_file(segment).expect("removes");
+    }
+    cluster.start(3);
+    wait_for(
+        Duration::from_secs(60),
+        "node 3 repairs both broker groups",
+        || (cluster.log(3).matches("caught up").count() >= 2).then_some(()),
+    );
+    assert!(
+        cluster
+            .log(3)
+            .contains("repairing the queue store from peers")
+    );
+    // Its store holds what it applied: wait until it applied what node 1 committed.
+    let commits: Vec<(u64, u64)> = wait_for(Duration::from_secs(30), "node 1 answers", || {
+        cluster.status(1)
+    })
+    .iter()
+    .map(|g| (g.group, g.commit_index))
+    .collect();
+    wait_for(Duration::from_secs(60), "node 3 follows", || {
+        let mine = cluster.status(3)?;
+        commits
+            .iter()
+            .all(|(group, commit)| {
+                mine.iter()
+                    .any(|g| g.group == *group && g.applied_index >= *commit)
+            })
+            .then_some(())
+    });
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    let count = (MESSAGES / 2) as u64;
+    let theirs = stored(&cluster.node_dir(1), count);
+    let mine = stored(&cluster.node_dir(3), count);
+    assert_eq!(theirs.iter().filter(|m| m.is_some()).count(), MESSAGES / 2);
+    for (i, (a, b)) in theirs.iter().zip(&mine).enumerate() {
+        assert!(
+            a == b,
+            "message {i} (queue-major) differs on node 3: node 1 {:?}, node 3 {:?}",
+            a.as_ref().map(|m| (m.seq, m.message.body.len())),
+            b.as_ref().map(|m| (m.seq, m.message.body.len()))
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}

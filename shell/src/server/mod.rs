@@ -1089,6 +1089,41 @@ impl Server {
                         self.catch_ups.hold_op(group, op);
                         continue;
                     }
+                    if let StoreOp::Recover { queues } = &op {
+                        // Files the snapshot on disk references are damaged or gone: fetch
+                        // them from peers (the group's writes wait meanwhile), instead of
+                        // refusing to start.
+                        match store.apply(group, op.clone()) {
+                            Ok(()) => continue,
+                            Err(e) if !store.failed() && e.contains("the queue store lacks") => {
+                                warn!(group, "repairing the queue store from peers: {e}");
+                                let missing = store.catch_up_plan(group, queues).map_err(|e| {
+                                    error!(group, "queue store failed, stopping this node: {e}");
+                                    ServerError(format!("group {group}: queue store failed: {e}"))
+                                })?;
+                                let peers: Vec<NodeId> = self
+                                    .nodes
+                                    .iter()
+                                    .copied()
+                                    .filter(|n| *n != self.id)
+                                    .collect();
+                                if let Some(first) = peers.first().copied() {
+                                    let started = std::time::Instant::now();
+                                    self.catch_ups.start(started, group, first, &peers, missing);
+                                    continue;
+                                }
+                                return Err(ServerError(format!(
+                                    "group {group}: queue store failed: {e}"
+                                )));
+                            }
+                            Err(e) => {
+                                error!(group, "queue store failed, stopping this node: {e}");
+                                return Err(ServerError(format!(
+                                    "group {group}: queue store failed: {e}"
+                                )));
+                            }
+                        }
+                    }
                     store.apply(group, op).map_err(|e| {
                         error!(group, "queue store failed, stopping this node: {e}");
                         ServerError(format!("group {group}: queue store failed: {e}"))

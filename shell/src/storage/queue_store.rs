@@ -611,9 +611,7 @@ impl QueueStore {
                 return Err(format!(
                     "group {group}: the queue store lacks {}@{next} (of {}..{}), which the \
                      snapshot on disk references: its files under {} are damaged or were \
-                     removed. This replica cannot start its group; restore the files, or \
-                     remove this group's directories (data_dir/group-{group} and \
-                     data_dir/queues/group-{group}) for it to be copied from its peers",
+                     removed",
                     range.queue,
                     range.start,
                     range.end,

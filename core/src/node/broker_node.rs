@@ -2083,10 +2083,11 @@ fn snapshot_due(
 ) -> Option<SnapshotJob> {
     let entries_min = entries_min?;
     let pace = &group.pace;
-    if group.encoding.is_some()
-        || pace.entries_since < entries_min.max(1)
-        || pace.bytes_since < pace.last_bytes
-    {
+    // By bytes too: entries of large batches (28 messages of 4 KiB each, say) made 10,000
+    // entries over a gigabyte of log in memory per group, and as much read back at a restart.
+    let due = pace.entries_since >= entries_min.max(1)
+        || pace.bytes_since >= crate::limits::SNAPSHOT_LOG_BYTES_MAX;
+    if group.encoding.is_some() || !due || pace.bytes_since < pace.last_bytes {
         return None;
     }
     let status = group.raft.status();

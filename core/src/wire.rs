@@ -16,11 +16,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::broker::{Offset, QueueId};
 use crate::node::protocol::{Request, RequestId, Response};
-use crate::raft::{Envelope, NodeId};
+use crate::raft::{Envelope, GroupId, NodeId};
 
 /// Bumped on any change of [`Frame`] or of the types it carries.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The largest payload a frame may carry. Bounds what a garbage length field can make a
 /// receiver buffer.
 pub use crate::limits::FRAME_BYTES_MAX;
@@ -51,6 +52,28 @@ pub enum Frame {
     /// a frame on the wrong port, a limit), so the other side can say so instead of timing out.
     Goodbye {
         reason: String,
+    },
+    /// Between nodes: the stored records of `queue` in broker group `group` from offset `from`
+    /// on, below `end`, at most `bytes_max` bytes of them (a follower that installed a metadata
+    /// snapshot fetches the message segments it lacks; see `StoreOp::CatchUp`). `id` pairs
+    /// the answer with the request.
+    Fetch {
+        id: u64,
+        group: GroupId,
+        queue: QueueId,
+        from: Offset,
+        end: Offset,
+        bytes_max: u32,
+    },
+    /// The answer to [`Frame::Fetch`]: consecutive store records (each `[len][crc32c][offset]
+    /// [message]`, checked by the receiver before it writes them) from offset `from` on, at
+    /// least one; or why the sender cannot serve them.
+    Fetched {
+        id: u64,
+        group: GroupId,
+        queue: QueueId,
+        from: Offset,
+        records: Result<bytes::Bytes, String>,
     },
 }
 

@@ -346,6 +346,8 @@ impl ServerConfig {
             (self.retention_hours > 0).then(|| self.retention_hours.saturating_mul(3_600_000));
         config.broker.retention_bytes = (self.retention_bytes > 0).then_some(self.retention_bytes);
         config.snapshot_entries_min = (self.snapshot_entries > 0).then_some(self.snapshot_entries);
+        // Followers behind compaction fetch the segments they lack (server/catch_up.rs).
+        config.segment_catch_up = true;
         if !self.leader_balance {
             config.leader_balance_interval_ms = None;
         }

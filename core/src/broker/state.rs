@@ -276,6 +276,20 @@ impl BrokerState {
         Ok(state)
     }
 
+    /// A state restored from a metadata snapshot installed from node `from`: its store must
+    /// fetch what it lacks ([`StoreOp::CatchUp`]) instead of only checking what it holds.
+    pub fn catching_up_from(mut self, from: u64) -> BrokerState {
+        for op in &mut self.store_ops {
+            if let StoreOp::Recover { queues } = op {
+                *op = StoreOp::CatchUp {
+                    from,
+                    queues: std::mem::take(queues),
+                };
+            }
+        }
+        self
+    }
+
     /// Applies one committed log entry's bytes. A command that does not decode is refused,
     /// the same way on every replica.
     pub fn apply_bytes(&mut self, bytes: &[u8]) -> Outcome {

@@ -48,6 +48,14 @@ pub enum StoreOp {
     /// snapshot, perhaps never synced) is dropped: replaying the log writes it again. Queues
     /// the snapshot does not know are dropped too, and below `start` the store may delete.
     Recover { queues: Vec<QueueRange> },
+    /// The node installed a metadata snapshot from node `from` (its store may hold none of
+    /// what the snapshot references): the store must come to hold every message of each
+    /// queue's `start..end`, fetching what it lacks from `from` (or another peer that holds
+    /// it) and syncing it, before anything the group writes after this operation (the
+    /// snapshot's own write first) is made durable, since the replica acknowledges the
+    /// snapshot once that write is. What it holds past a queue's `end`, and queues the snapshot
+    /// does not know, are dropped, as for [`StoreOp::Recover`].
+    CatchUp { from: u64, queues: Vec<QueueRange> },
 }
 
 /// What a metadata snapshot says a queue holds: offsets `start..end`.
@@ -153,6 +161,31 @@ pub fn decode_record(record: &[u8], offset: Offset) -> Result<StoredMessage, Sto
     decode_record_checking(record, offset, true)
 }
 
+/// Checks `record` as [`decode_record`] does (one whole record, its checksum, its offset)
+/// without decoding the message: for bytes copied from store to store whole, such as the
+/// segments a peer sends to a follower catching up.
+pub fn check_record(record: &[u8], offset: Offset) -> Result<(), StoreRecordError> {
+    if record.len() < STORE_RECORD_HEADER_BYTES + 8 || record_len(record) != Some(record.len()) {
+        return Err(StoreRecordError::Truncated { len: record.len() });
+    }
+    let (header, body) = record.split_at(STORE_RECORD_HEADER_BYTES);
+    let stored = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let computed = crc32c::crc32c(body);
+    if stored != computed {
+        return Err(StoreRecordError::Checksum { stored, computed });
+    }
+    let mut found = [0; 8];
+    found.copy_from_slice(&body[..8]);
+    let found = u64::from_le_bytes(found);
+    if found != offset {
+        return Err(StoreRecordError::WrongOffset {
+            expected: offset,
+            found,
+        });
+    }
+    Ok(())
+}
+
 /// [`decode_record`], skipping the checksum when `check` is off: the planted bug
 /// `Canary::ServeUncheckedRead`, which the simulator's read faults must reveal.
 pub(crate) fn decode_record_checking(
@@ -229,6 +262,12 @@ impl MemoryStore {
                     .insert(requeue.offset, record);
             }
             StoreOp::Trim { .. } => {}
+            // Drivers with a memory store (the simulator) send transfer images instead.
+            StoreOp::CatchUp { from, .. } => {
+                return Err(format!(
+                    "a memory store cannot fetch segments from node {from}: use transfer images"
+                ));
+            }
             StoreOp::Recover { queues } => {
                 let wanted: BTreeMap<&QueueId, &QueueRange> =
                     queues.iter().map(|r| (&r.queue, r)).collect();

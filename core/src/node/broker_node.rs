@@ -148,6 +148,12 @@ pub struct NodeConfig {
     /// How often this node looks whether it leads too many groups and hands one over (see
     /// `balance.rs`); `None`: never.
     pub leader_balance_interval_ms: Option<u64>,
+    /// A follower behind a broker group's compaction point is sent the metadata snapshot
+    /// itself, and its store fetches the message segments it lacks from peers
+    /// ([`StoreOp::CatchUp`]), instead of a transfer image with every retained message
+    /// ([`TransferJob`]). For drivers whose store can fetch (the shell's files); the
+    /// simulator's memory store cannot.
+    pub segment_catch_up: bool,
     pub canary: Option<Canary>,
 }
 
@@ -166,6 +172,7 @@ impl NodeConfig {
             snapshot_entries_min: Some(10_000),
             trim_interval_ms: 1_000,
             leader_balance_interval_ms: Some(LEADER_BALANCE_INTERVAL_MS_DEFAULT),
+            segment_catch_up: false,
             canary: None,
         }
     }
@@ -187,14 +194,28 @@ impl Machine {
     /// The same kind of machine, restored from a snapshot's data: from this node's own disk,
     /// or (`from_leader`) installed from the leader, when it must hold every message, since
     /// this node's store may hold none of them.
-    fn restored(&self, data: &[u8], from_leader: bool) -> Result<Machine, String> {
+    /// `from_leader` names the sender when this node's store fetches what it lacks from peers
+    /// (`NodeConfig::segment_catch_up`).
+    fn restored(
+        &self,
+        data: &[u8],
+        from_leader: bool,
+        catch_up_from: Option<NodeId>,
+    ) -> Result<Machine, String> {
         match self {
             Machine::Meta(_) => MetaState::restore(data).map(Machine::Meta),
-            Machine::Broker(_) if from_leader && !holds_messages(data) => Err(
-                "a metadata-only snapshot, which holds no messages, cannot be installed from \
-                 another node"
-                    .to_string(),
-            ),
+            Machine::Broker(state) if from_leader && !holds_messages(data) => {
+                let Some(from) = catch_up_from else {
+                    return Err(
+                        "a metadata-only snapshot, which holds no messages, cannot be \
+                         installed from another node"
+                            .to_string(),
+                    );
+                };
+                BrokerState::restore(state.config().clone(), data)
+                    .map(|state| Machine::Broker(state.catching_up_from(from)))
+                    .map_err(|e| e.to_string())
+            }
             Machine::Broker(state) => BrokerState::restore(state.config().clone(), data)
                 .map(Machine::Broker)
                 .map_err(|e| e.to_string()),
@@ -400,7 +421,7 @@ impl BrokerNode {
                 let mut pace = SnapshotPace::default();
                 if let Some(snapshot) = &disk.snapshot {
                     pace.last_bytes = snapshot.data.len() as u64;
-                    match machine.restored(&snapshot.data, false) {
+                    match machine.restored(&snapshot.data, false, None) {
                         Ok(restored) => machine = restored,
                         Err(e) => faults.push_back(format!(
                             "group {group}: the snapshot at index {} on disk does not restore: {e}",
@@ -410,7 +431,9 @@ impl BrokerNode {
                 }
                 let replica_seed = seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let mut raft = Replica::new(raft_config, disk, replica_seed, now);
-                raft.use_transfer_images(matches!(machine, Machine::Broker(_)));
+                raft.use_transfer_images(
+                    matches!(machine, Machine::Broker(_)) && !config.segment_catch_up,
+                );
                 let group_state = Group {
                     raft,
                     machine,
@@ -1660,7 +1683,18 @@ impl BrokerNode {
                 propose_batch(now, &mut self.next_proposal, group, &mut self.responses);
             }
             if let Some(snapshot) = group.raft.poll_restore() {
-                match group.machine.restored(&snapshot.data, true) {
+                // The sender is the leader it follows; the driver tries other peers when it
+                // cannot serve the segments.
+                let me = self.config.id;
+                let catch_up_from = if self.config.segment_catch_up {
+                    let status = group.raft.status();
+                    status
+                        .leader
+                        .or_else(|| self.config.nodes.iter().copied().find(|n| *n != me))
+                } else {
+                    None
+                };
+                match group.machine.restored(&snapshot.data, true, catch_up_from) {
                     Ok(machine) => {
                         let counters = self.counters.group(*group_id);
                         counters.snapshots_restored += 1;
@@ -2055,10 +2089,11 @@ fn snapshot_due(
 ) -> Option<SnapshotJob> {
     let entries_min = entries_min?;
     let pace = &group.pace;
-    if group.encoding.is_some()
-        || pace.entries_since < entries_min.max(1)
-        || pace.bytes_since < pace.last_bytes
-    {
+    // By bytes too: entries of large batches (28 messages of 4 KiB each, say) made 10,000
+    // entries over a gigabyte of log in memory per group, and as much read back at a restart.
+    let due = pace.entries_since >= entries_min.max(1)
+        || pace.bytes_since >= crate::limits::SNAPSHOT_LOG_BYTES_MAX;
+    if group.encoding.is_some() || !due || pace.bytes_since < pace.last_bytes {
         return None;
     }
     let status = group.raft.status();

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::protocol::{ClientId, Request, Response, Route};
 use super::*;
-use crate::broker::{Message, QueueId};
+use crate::broker::{Message, QueueId, QueueRange, StoreOp};
 use crate::client::{AckStatus, Consumer, ConsumerConfig, Producer, ProducerConfig, SendResult};
 use crate::raft::{Envelope, GroupId, NodeId, Recovered, Role};
 use crate::time::Instant;
@@ -26,6 +26,9 @@ struct Cluster {
     check_frames: bool,
     /// Each node's queue store.
     stores: BTreeMap<NodeId, crate::broker::MemoryStore>,
+    /// Transfer images made, and store catch-ups carried out (copied from the peer's store).
+    transfer_images: u64,
+    catch_ups: u64,
 }
 
 impl Cluster {
@@ -55,7 +58,34 @@ impl Cluster {
             down: std::collections::BTreeSet::new(),
             check_frames: false,
             stores: BTreeMap::new(),
+            transfer_images: 0,
+            catch_ups: 0,
         }
+    }
+
+    /// What a file store does for [`StoreOp::CatchUp`]: copies every record it lacks from
+    /// the peer's store, then checks it holds them all.
+    fn catch_up(&mut self, id: NodeId, group: GroupId, from: NodeId, queues: Vec<QueueRange>) {
+        self.catch_ups += 1;
+        let source = self.stores.get(&from).cloned().unwrap_or_default();
+        let store = self.stores.entry(id).or_default();
+        for range in &queues {
+            for offset in range.start..range.end {
+                if store.record(group, &range.queue, offset).is_none()
+                    && let Some(record) = source.record(group, &range.queue, offset)
+                {
+                    let write = StoreOp::Write {
+                        queue: range.queue.clone(),
+                        offset,
+                        record: record.clone(),
+                    };
+                    store.apply(group, write).expect("writes");
+                }
+            }
+        }
+        store
+            .apply(group, StoreOp::Recover { queues })
+            .expect("the peer held every record the snapshot references");
     }
 
     /// Moves time on by 1 ms and delivers everything sent, syncing every write at once.
@@ -71,9 +101,14 @@ impl Cluster {
         }
         for _ in 0..100 {
             let mut quiet = true;
+            let mut catch_ups = Vec::new();
             for (id, node) in &mut self.nodes {
                 let store = self.stores.entry(*id).or_default();
                 while let Some((group, op)) = node.poll_store() {
+                    if let StoreOp::CatchUp { from, queues } = op {
+                        catch_ups.push((*id, group, from, queues));
+                        continue;
+                    }
                     store
                         .apply(group, op)
                         .expect("the store carries out every operation");
@@ -102,6 +137,7 @@ impl Cluster {
                         })
                         .map(Bytes::from);
                     node.transfer_encoded(self.now, job.group, job.index, image);
+                    self.transfer_images += 1;
                     quiet = false;
                 }
                 while let Some((group, write)) = node.poll_write() {
@@ -114,6 +150,9 @@ impl Cluster {
                 while let Some((client, request, response)) = node.poll_response() {
                     self.responses.push((*id, client, request, response));
                 }
+            }
+            for (id, group, from, queues) in catch_ups {
+                self.catch_up(id, group, from, queues);
             }
             while let Some(envelope) = self.network.pop_front() {
                 quiet = false;
@@ -601,8 +640,23 @@ fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() 
 
 #[test]
 fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_same_state() {
+    let cluster = back_from_a_long_absence(false);
+    assert!(cluster.transfer_images > 0 && cluster.catch_ups == 0);
+}
+
+/// With `segment_catch_up`, the node installs the metadata snapshot itself and its store
+/// fetches the records it lacks; no transfer image is made.
+#[test]
+fn a_node_back_from_a_long_absence_catches_up_its_store_from_a_metadata_snapshot() {
+    let cluster = back_from_a_long_absence(true);
+    assert!(cluster.catch_ups > 0, "the store caught up");
+    assert_eq!(cluster.transfer_images, 0, "no transfer image");
+}
+
+fn back_from_a_long_absence(segment_catch_up: bool) -> Cluster {
     let (mut cluster, meta) = one_group_with_orders(1, |config| {
         config.snapshot_entries_min = Some(4);
+        config.segment_catch_up = segment_catch_up;
     });
     for _ in 0..20 {
         cluster.step();
@@ -669,10 +723,22 @@ fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_sam
     let state_of = |cluster: &Cluster, node: NodeId| {
         cluster.nodes[&node]
             .broker_state(1)
-            .map(|s| s.snapshot())
+            .map(|s| {
+                if segment_catch_up {
+                    // Its cache starts empty: the messages are compared in the stores.
+                    s.metadata_snapshot().unwrap_or_default()
+                } else {
+                    s.snapshot()
+                }
+            })
             .unwrap_or_default()
     };
     assert_eq!(state_of(&cluster, absent), state_of(&cluster, leader));
+    for offset in 0..60 {
+        let record = |node: NodeId| cluster.stores[&node].record(1, &queue, offset).cloned();
+        assert!(record(absent).is_some(), "offset {offset} stored");
+        assert_eq!(record(absent), record(leader), "offset {offset}");
+    }
     assert_eq!(
         cluster.nodes[&absent]
             .broker_state(1)
@@ -700,6 +766,7 @@ fn a_node_back_from_a_long_absence_is_brought_up_by_snapshots_and_serves_the_sam
         }
     );
     assert!(cluster.nodes.values_mut().all(|n| n.poll_fault().is_none()));
+    cluster
 }
 
 #[test]

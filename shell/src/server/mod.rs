@@ -17,6 +17,7 @@
 //! snapshot thread does that. A storage error stops the server: an fsync that
 //! failed is never taken for a success.
 
+mod catch_up;
 mod conn;
 pub mod handshake;
 pub mod identity;
@@ -31,6 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use catch_up::{Action, CATCH_UP_CHUNK_BYTES_MAX, CatchUps, FETCHES_PENDING_PER_PEER_MAX};
+use holdfast_core::broker::StoreOp;
 use holdfast_core::limits::{CONNECTIONS_MAX, REQUESTS_PENDING_PER_CONNECTION_MAX};
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::node::{BrokerNode, NodeEvent};
@@ -38,7 +41,7 @@ use holdfast_core::raft::{Envelope, GroupId, NodeId};
 use holdfast_core::wire::{Frame, PROTOCOL_VERSION};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use snapshots::{Done, SnapshotEncoder};
+use snapshots::{Done, Fetch, SnapshotEncoder};
 use tracing::{debug, error, info, warn};
 use warn_budget::WarnBudget;
 
@@ -161,6 +164,12 @@ struct Server {
     started: BTreeMap<(ClientId, RequestId), (std::time::Instant, &'static str)>,
     /// When each snapshot job went out to be encoded (one per group at most).
     snapshot_started: BTreeMap<GroupId, std::time::Instant>,
+    /// Broker groups whose store fetches segments from peers; their writes wait.
+    catch_ups: CatchUps,
+    /// Fetches of each peer being served (bounded by `FETCHES_PENDING_PER_PEER_MAX`).
+    fetches_pending: BTreeMap<NodeId, usize>,
+    /// The queue store failed outside `drain` (writing what a peer sent): the node stops.
+    store_failed: Option<String>,
 }
 
 /// Runs a node until `stop` is set (SIGINT/SIGTERM) or storage fails.
@@ -330,6 +339,9 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         stats_published_at: None,
         started: BTreeMap::new(),
         snapshot_started: BTreeMap::new(),
+        catch_ups: CatchUps::default(),
+        fetches_pending: BTreeMap::new(),
+        store_failed: None,
     };
     let result = server.run(&stop);
     info!("stopping: finishing queued writes");
@@ -397,12 +409,22 @@ impl Server {
                 }
             }
             self.storage_done()?;
+            if let Some(e) = self.store_failed.take() {
+                return Err(ServerError(format!("queue store failed: {e}")));
+            }
             let now = self.clock.now();
             for done in self.snapshots.poll_done() {
                 let (group, index, data) = match done {
                     Done::Snapshot(group, index, data) => (group, index, data),
-                    Done::Transfer(group, index, image) => {
-                        self.node.transfer_encoded(now, group, index, image);
+                    Done::Fetched { to, frame } => {
+                        if let Some(pending) = self.fetches_pending.get_mut(&to) {
+                            *pending = pending.saturating_sub(1);
+                        }
+                        self.send_to_peer(to, &frame);
+                        continue;
+                    }
+                    Done::CatchUpSynced(group, result) => {
+                        self.caught_up(group, result)?;
                         continue;
                     }
                 };
@@ -794,6 +816,57 @@ impl Server {
                 (Kind::Node(from), Frame::Peer(envelope)) if envelope.from == from => {
                     self.node.handle_peer(now, envelope);
                 }
+                (
+                    Kind::Node(from),
+                    Frame::Fetch {
+                        id,
+                        group,
+                        queue,
+                        from: offset,
+                        end,
+                        bytes_max,
+                    },
+                ) => self.serve_fetch(
+                    from,
+                    Fetch {
+                        to: from,
+                        id,
+                        group,
+                        queue,
+                        from: offset,
+                        end,
+                        bytes_max: (bytes_max as usize).min(CATCH_UP_CHUNK_BYTES_MAX),
+                    },
+                ),
+                (
+                    Kind::Node(peer),
+                    Frame::Fetched {
+                        id,
+                        group,
+                        queue,
+                        from,
+                        records,
+                    },
+                ) => {
+                    let fetched = match self.queue_store.lock() {
+                        Ok(mut store) => self.catch_ups.fetched(
+                            std::time::Instant::now(),
+                            peer,
+                            id,
+                            group,
+                            &queue,
+                            from,
+                            records,
+                            &mut store,
+                        ),
+                        Err(_) => Err("the queue store is poisoned".to_string()),
+                    };
+                    if let Err(e) = fetched {
+                        // The store failed (an I/O error): the loop sees it and stops.
+                        error!(group, "queue store failed while catching up: {e}");
+                        self.store_failed = Some(e);
+                    }
+                }
                 (Kind::Client(client), Frame::Request { id, request }) => {
                     let denied = conn
                         .principal
@@ -997,6 +1070,60 @@ impl Server {
             // bring more (a pull answered settles the node), so round again.
             loop {
                 while let Some((group, op)) = self.node.poll_store() {
+                    if let StoreOp::CatchUp { from, queues } = op {
+                        let missing = store.catch_up_plan(group, &queues).map_err(|e| {
+                            error!(group, "queue store failed, stopping this node: {e}");
+                            ServerError(format!("group {group}: queue store failed: {e}"))
+                        })?;
+                        let peers: Vec<NodeId> = self
+                            .nodes
+                            .iter()
+                            .copied()
+                            .filter(|n| *n != self.id)
+                            .collect();
+                        let started = std::time::Instant::now();
+                        self.catch_ups.start(started, group, from, &peers, missing);
+                        continue;
+                    }
+                    if self.catch_ups.holds(group) {
+                        self.catch_ups.hold_op(group, op);
+                        continue;
+                    }
+                    if let StoreOp::Recover { queues } = &op {
+                        // Files the snapshot on disk references are damaged or gone: fetch
+                        // them from peers (the group's writes wait meanwhile), instead of
+                        // refusing to start.
+                        match store.apply(group, op.clone()) {
+                            Ok(()) => continue,
+                            Err(e) if !store.failed() && e.contains("the queue store lacks") => {
+                                warn!(group, "repairing the queue store from peers: {e}");
+                                let missing = store.catch_up_plan(group, queues).map_err(|e| {
+                                    error!(group, "queue store failed, stopping this node: {e}");
+                                    ServerError(format!("group {group}: queue store failed: {e}"))
+                                })?;
+                                let peers: Vec<NodeId> = self
+                                    .nodes
+                                    .iter()
+                                    .copied()
+                                    .filter(|n| *n != self.id)
+                                    .collect();
+                                if let Some(first) = peers.first().copied() {
+                                    let started = std::time::Instant::now();
+                                    self.catch_ups.start(started, group, first, &peers, missing);
+                                    continue;
+                                }
+                                return Err(ServerError(format!(
+                                    "group {group}: queue store failed: {e}"
+                                )));
+                            }
+                            Err(e) => {
+                                error!(group, "queue store failed, stopping this node: {e}");
+                                return Err(ServerError(format!(
+                                    "group {group}: queue store failed: {e}"
+                                )));
+                            }
+                        }
+                    }
                     store.apply(group, op).map_err(|e| {
                         error!(group, "queue store failed, stopping this node: {e}");
                         ServerError(format!("group {group}: queue store failed: {e}"))
@@ -1013,16 +1140,39 @@ impl Server {
                     .insert(job.group, std::time::Instant::now());
                 self.snapshots.submit(job);
             }
-            while let Some(job) = self.node.poll_transfer_job() {
-                self.snapshots.submit_transfer(job);
+            let actions = self
+                .catch_ups
+                .poll(std::time::Instant::now(), &mut store)
+                .map_err(|e| {
+                    error!("queue store failed while catching up, stopping this node: {e}");
+                    ServerError(format!("queue store failed: {e}"))
+                })?;
+            drop(store);
+            for action in actions {
+                match action {
+                    Action::Send(to, frame) => self.send_to_peer(to, &frame),
+                    Action::Sync(group, plan) => {
+                        if let Some(result) = self.snapshots.submit_sync(group, plan) {
+                            self.caught_up(group, result)?;
+                        }
+                    }
+                }
             }
+            let mut store = self
+                .queue_store
+                .lock()
+                .map_err(|_| ServerError("the queue store is poisoned".into()))?;
             store.flush().map_err(|e| {
                 error!("queue store failed, stopping this node: {e}");
                 ServerError(format!("queue store failed: {e}"))
             })?;
         }
         while let Some((group, write)) = self.node.poll_write() {
-            self.storage.submit(group, write);
+            if self.catch_ups.holds(group) {
+                self.catch_ups.hold_write(group, write);
+            } else {
+                self.storage.submit(group, write);
+            }
         }
         while let Some(envelope) = self.node.poll_message() {
             self.send_peer(envelope);
@@ -1061,6 +1211,54 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// A peer asks for records of this node's store; read on the snapshot thread, answered
+    /// from there ([`Done::Fetched`]).
+    fn serve_fetch(&mut self, peer: NodeId, fetch: Fetch) {
+        let pending = self.fetches_pending.entry(peer).or_default();
+        if *pending >= FETCHES_PENDING_PER_PEER_MAX {
+            let frame = Frame::Fetched {
+                id: fetch.id,
+                group: fetch.group,
+                queue: fetch.queue,
+                from: fetch.from,
+                records: Err(format!(
+                    "{FETCHES_PENDING_PER_PEER_MAX} fetches of this node are being served \
+                     (FETCHES_PENDING_PER_PEER_MAX)"
+                )),
+            };
+            self.send_to_peer(peer, &frame);
+            return;
+        }
+        *pending += 1;
+        self.snapshots.submit_fetch(fetch);
+    }
+
+    /// A catch-up's sync ended: its held writes go to the storage thread, or the node stops.
+    fn caught_up(&mut self, group: GroupId, result: Result<(), String>) -> Result<(), ServerError> {
+        let released = self
+            .catch_ups
+            .synced(std::time::Instant::now(), group, result)
+            .map_err(|e| {
+                error!(
+                    group,
+                    "cannot sync what a catch-up fetched, stopping this node: {e}"
+                );
+                ServerError(format!("group {group}: queue store sync failed: {e}"))
+            })?;
+        for write in released.into_iter().flatten() {
+            self.storage.submit(group, write);
+        }
+        Ok(())
+    }
+
+    /// Sends `frame` over the link this node dialed to `to`; without one it is dropped (the
+    /// catch-up asks again).
+    fn send_to_peer(&mut self, to: NodeId, frame: &Frame) {
+        if let Some(token) = self.links.get(&to).and_then(|l| l.token) {
+            self.queue(token, frame);
+        }
     }
 
     fn send_peer(&mut self, envelope: Envelope) {
@@ -1161,5 +1359,7 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Request { .. } => "Request",
         Frame::Response { .. } => "Response",
         Frame::Goodbye { .. } => "Goodbye",
+        Frame::Fetch { .. } => "Fetch",
+        Frame::Fetched { .. } => "Fetched",
     }
 }

@@ -1,35 +1,55 @@
-//! A thread that encodes snapshots and writes their files, and makes transfer images, so
-//! neither the event loop nor the storage thread stalls on them. A broker group's snapshot
-//! holds only metadata and refers to the queue store: the thread fsyncs the group's store
-//! files ([`QueueStore::sync_group`]) before it writes the snapshot file, and reports the
-//! snapshot failed (its log then stays uncompacted) if that sync fails. The file is durable
-//! before the core hears of the snapshot, so the storage thread, when the core's write asks
-//! for it, finds it in place and only checks its header.
+//! A thread that encodes snapshots and writes their files, reads the segment chunks peers
+//! fetch, and syncs what a catch-up fetched, so neither the event loop nor the storage thread
+//! stalls on them. A broker group's snapshot holds only metadata and refers to the queue
+//! store: the thread fsyncs the group's store files ([`QueueStore::sync_group`]) before it
+//! writes the snapshot file, and reports the snapshot failed (its log then stays
+//! uncompacted) if that sync fails. The file is durable before the core hears of the
+//! snapshot, so the storage thread, when the core's write asks for it, finds it in place and
+//! only checks its header.
 //!
-//! A transfer image (for a follower behind the leader's compaction point) holds every message
-//! the snapshot retains, read from the store: the one place where retained bytes pass through
-//! memory at once, and only while a follower needs them.
+//! A follower behind the leader's compaction point installs the metadata snapshot and fetches
+//! the segments it lacks (`catch_up.rs`); this thread serves such fetches one bounded chunk at
+//! a time, read straight from the segment files, so the retained bytes never pass through
+//! memory at once on either side.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use holdfast_core::node::{SnapshotJob, TransferJob};
-use holdfast_core::raft::{GroupId, Index, Snapshot};
+use holdfast_core::broker::{Offset, QueueId};
+use holdfast_core::node::SnapshotJob;
+use holdfast_core::raft::{GroupId, Index, NodeId, Snapshot};
+use holdfast_core::wire::Frame;
 use tracing::{debug, warn};
 
-use crate::storage::{QueueStore, write_snapshot_file};
+use crate::storage::{QueueStore, SyncPlan, write_snapshot_file};
 
-/// A job done: `(group, index, the data or why not)`.
+/// A job done.
 pub enum Done {
+    /// `(group, index, the data or why not)`.
     Snapshot(GroupId, Index, Result<Bytes, String>),
-    Transfer(GroupId, Index, Result<Bytes, String>),
+    /// The answer to a peer's [`Frame::Fetch`], to send to `to`.
+    Fetched { to: NodeId, frame: Frame },
+    /// What a catch-up of `group` fetched is synced (or why not: the store has failed).
+    CatchUpSynced(GroupId, Result<(), String>),
+}
+
+/// A peer's request for records of the queue store.
+pub struct Fetch {
+    pub to: NodeId,
+    pub id: u64,
+    pub group: GroupId,
+    pub queue: QueueId,
+    pub from: Offset,
+    pub end: Offset,
+    pub bytes_max: usize,
 }
 
 enum Job {
     Snapshot(Box<SnapshotJob>),
-    Transfer(TransferJob),
+    Fetch(Fetch),
+    Sync(GroupId, SyncPlan),
 }
 
 pub struct SnapshotEncoder {
@@ -58,30 +78,39 @@ impl SnapshotEncoder {
                             let data = snapshot(&data_dir, &store, &job);
                             Done::Snapshot(job.group, job.index, data)
                         }
-                        Job::Transfer(job) => {
-                            let started = std::time::Instant::now();
-                            // One message per lock: the event loop's writes and reads go between.
-                            let image = job.encode(&mut |queue, offset| {
-                                let mut store = store
-                                    .lock()
-                                    .map_err(|_| "the queue store is poisoned".to_string())?;
-                                store.message(job.group, queue, offset)
-                            });
-                            match &image {
-                                Ok(image) => debug!(
-                                    group = job.group,
-                                    index = job.index,
-                                    bytes = image.len(),
-                                    ms = started.elapsed().as_millis() as u64,
-                                    "transfer image made"
+                        Job::Fetch(fetch) => {
+                            let records = match store.lock() {
+                                Ok(mut store) => store.chunk(
+                                    fetch.group,
+                                    &fetch.queue,
+                                    fetch.from,
+                                    fetch.end,
+                                    fetch.bytes_max,
                                 ),
-                                Err(why) => warn!(
-                                    group = job.group,
-                                    index = job.index,
-                                    "cannot make a transfer image: {why}"
-                                ),
+                                Err(_) => Err("the queue store is poisoned".to_string()),
+                            };
+                            if let Err(why) = &records {
+                                debug!(group = fetch.group, queue = %fetch.queue, from = fetch.from, "cannot serve a fetch: {why}");
                             }
-                            Done::Transfer(job.group, job.index, image.map(Bytes::from))
+                            let frame = Frame::Fetched {
+                                id: fetch.id,
+                                group: fetch.group,
+                                queue: fetch.queue,
+                                from: fetch.from,
+                                records,
+                            };
+                            Done::Fetched {
+                                to: fetch.to,
+                                frame,
+                            }
+                        }
+                        Job::Sync(group, plan) => {
+                            let synced = plan.run().inspect_err(|why| {
+                                if let Ok(mut store) = store.lock() {
+                                    store.fail(why);
+                                }
+                            });
+                            Done::CatchUpSynced(group, synced)
                         }
                     };
                     if finished.send(result).is_err() {
@@ -111,9 +140,23 @@ impl SnapshotEncoder {
         }
     }
 
-    pub fn submit_transfer(&self, job: TransferJob) {
+    /// Reads the records a peer fetches; [`Done::Fetched`] carries the answer.
+    pub fn submit_fetch(&self, fetch: Fetch) {
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job::Transfer(job));
+            let _ = jobs.send(Job::Fetch(fetch));
+        }
+    }
+
+    /// Runs a catch-up's sync; [`Done::CatchUpSynced`] says how it went. Without the thread
+    /// it runs here.
+    pub fn submit_sync(&self, group: GroupId, plan: SyncPlan) -> Option<Result<(), String>> {
+        match &self.jobs {
+            Some(jobs) => match jobs.send(Job::Sync(group, plan)) {
+                Ok(()) => None,
+                Err(mpsc::SendError(Job::Sync(_, plan))) => Some(plan.run()),
+                Err(_) => Some(Err("the snapshot thread is gone".into())),
+            },
+            None => Some(plan.run()),
         }
     }
 

@@ -59,7 +59,7 @@ use holdfast_core::raft::{GroupId, Index, WriteId};
 pub(crate) use files::{create_dir_durable, sync_dir};
 pub use group_store::GroupStore;
 pub(crate) use group_store::write_snapshot_file;
-pub use queue_store::QueueStore;
+pub use queue_store::{QueueStore, SyncPlan};
 pub use thread::StorageThread;
 
 /// How a node lays out its groups' files.

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use holdfast_core::broker::{
-    Offset, QueueId, QueueRange, StoreOp, StoredMessage, decode_record, record_len,
+    Offset, QueueId, QueueRange, StoreOp, StoredMessage, check_record, decode_record, record_len,
 };
 use holdfast_core::raft::GroupId;
 
@@ -222,7 +222,223 @@ impl QueueStore {
                 self.trim(group, &queue)
             }
             StoreOp::Recover { queues } => self.recover(group, &queues),
+            StoreOp::CatchUp { from, .. } => Err(format!(
+                "a catch-up from node {from} is planned with QueueStore::catch_up_plan, and the \
+                 group's writes held until it is done"
+            )),
         }
+    }
+
+    /// What `group`'s store lacks of `ranges` (a metadata snapshot installed from a peer),
+    /// as `(queue, from, end)` ranges to fetch, oldest first. Like a recovery, it drops
+    /// queues the snapshot does not know and whatever lies at or past a queue's end. A queue
+    /// whose records do not run without a hole from at or below its start is emptied and
+    /// fetched whole (it happens only to a store that lost files): records then always arrive
+    /// at a queue's end ([`QueueStore::fill`]). Nothing is deleted below a queue's start until
+    /// a snapshot that no longer references it is durable.
+    pub fn catch_up_plan(
+        &mut self,
+        group: GroupId,
+        ranges: &[QueueRange],
+    ) -> Result<Vec<(QueueId, Offset, Offset)>, String> {
+        self.check()?;
+        let wanted: BTreeMap<&QueueId, &QueueRange> =
+            ranges.iter().map(|r| (&r.queue, r)).collect();
+        let unknown: Vec<(GroupId, QueueId)> = self
+            .queues
+            .keys()
+            .filter(|(g, q)| *g == group && !wanted.contains_key(q))
+            .cloned()
+            .collect();
+        for key in unknown {
+            self.drop_queue(&key)?;
+        }
+        let mut missing = Vec::new();
+        for range in ranges {
+            let key = (group, range.queue.clone());
+            self.cut_at(&key, range.end)?;
+            // The run of records held without a hole, from the newest segment back.
+            let held = self.queues.get(&key).and_then(|files| {
+                let mut segments = files.segments.values().rev();
+                let last = segments.next()?;
+                let mut first = last.first;
+                for segment in segments {
+                    if segment.end() != first {
+                        break;
+                    }
+                    first = segment.first;
+                }
+                Some((first, last.end()))
+            });
+            let from = match held {
+                Some((first, end)) if first <= range.start && end >= range.start => end,
+                Some((_, end)) if end <= range.start => range.start,
+                Some(_) => {
+                    self.drop_queue(&key)?;
+                    range.start
+                }
+                None => range.start,
+            };
+            if from < range.end {
+                missing.push((range.queue.clone(), from, range.end));
+            }
+            self.trimmed.insert(key, range.start);
+        }
+        Ok(missing)
+    }
+
+    /// Removes every file of a queue (the directory stays).
+    fn drop_queue(&mut self, key: &(GroupId, QueueId)) -> Result<(), String> {
+        self.dirty.remove(key);
+        if let Some(files) = self.queues.remove(key) {
+            for segment in files.segments.values() {
+                remove(&segment.path)?;
+                remove(&segment.index_path())?;
+                if let Some(dir) = segment.path.parent() {
+                    self.unsynced_dirs.insert(dir.to_path_buf());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every record of the queue at or past `end`.
+    fn cut_at(&mut self, key: &(GroupId, QueueId), end: Offset) -> Result<(), String> {
+        let Some(files) = self.queues.get_mut(key) else {
+            return Ok(());
+        };
+        let later: Vec<Offset> = files.segments.range(end..).map(|(o, _)| *o).collect();
+        for first in later {
+            if let Some(segment) = files.segments.remove(&first) {
+                remove(&segment.path)?;
+                remove(&segment.index_path())?;
+            }
+        }
+        if let Some(last) = files.segments.values_mut().next_back()
+            && last.end() > end
+        {
+            flush(last)?;
+            let keep = (end - last.first) as usize;
+            let cut = u64::from(last.positions[keep]);
+            last.positions.truncate(keep);
+            last.len = cut;
+            last.file
+                .set_len(cut)
+                .map_err(|e| format!("cannot cut {}: {e}", last.path.display()))?;
+            last.unsynced = true;
+            remove(&last.index_path())?;
+            last.index_unsynced = false;
+        }
+        if files.segments.is_empty() {
+            self.queues.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Up to `bytes_max` bytes of consecutive records of `queue` from offset `from` on, below
+    /// `end`, as they lie in one segment (one read; at least one record, whatever its size):
+    /// what a peer catching up fetches. Unchecked: the receiver checks every record.
+    pub fn chunk(
+        &mut self,
+        group: GroupId,
+        queue: &QueueId,
+        from: Offset,
+        end: Offset,
+        bytes_max: usize,
+    ) -> Result<Bytes, String> {
+        self.check()?;
+        let missing = || format!("{queue}@{from} is not in this node's queue store");
+        let files = self
+            .queues
+            .get_mut(&(group, queue.clone()))
+            .ok_or_else(missing)?;
+        let segment = files
+            .segments
+            .range_mut(..=from)
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| from < s.end() && from < end)
+            .ok_or_else(missing)?;
+        flush(segment)?;
+        let first = (from - segment.first) as usize;
+        let last = ((end.min(segment.end()) - segment.first) as usize).max(first + 1);
+        let start = u64::from(segment.positions[first]);
+        let position = |i: usize| {
+            segment
+                .positions
+                .get(i)
+                .map_or(segment.len, |p| u64::from(*p))
+        };
+        let mut stop = first + 1;
+        while stop < last && position(stop + 1) - start <= bytes_max as u64 {
+            stop += 1;
+        }
+        let len = position(stop) - start;
+        if len > (bytes_max.max(RECORD_READ_BYTES_MAX)) as u64 {
+            return Err(format!(
+                "{}: the record of offset {from} claims {len} bytes",
+                segment.path.display()
+            ));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        segment
+            .file
+            .read_exact_at(&mut bytes, start)
+            .map_err(|e| format!("cannot read {}: {e}", segment.path.display()))?;
+        Ok(Bytes::from(bytes))
+    }
+
+    /// Writes `records` (consecutive records from offset `from` on, sent by a peer) at the
+    /// end of `queue`, where `from` must be, after checking every one of them (length,
+    /// crc32c, offset): bad bytes are refused whole, with the reason, and nothing is written.
+    /// Returns the offset after the last record.
+    pub fn fill(
+        &mut self,
+        group: GroupId,
+        queue: &QueueId,
+        from: Offset,
+        records: &[u8],
+    ) -> Result<Offset, String> {
+        self.check()?;
+        let end = self
+            .queues
+            .get(&(group, queue.clone()))
+            .and_then(QueueFiles::end);
+        if end.is_some_and(|end| end > from) {
+            return Err(format!(
+                "records of {queue} from {from} on, where the store holds up to {}",
+                end.unwrap_or(0)
+            ));
+        }
+        let mut bounds = Vec::new();
+        let mut at = 0usize;
+        let mut offset = from;
+        while at < records.len() {
+            let len = record_len(&records[at..])
+                .filter(|l| *l <= RECORD_READ_BYTES_MAX && at + l <= records.len())
+                .ok_or_else(|| {
+                    format!(
+                        "{queue}@{offset}: a record cut short or longer than                          {RECORD_READ_BYTES_MAX} bytes at byte {at} of {}",
+                        records.len()
+                    )
+                })?;
+            check_record(&records[at..at + len], offset)
+                .map_err(|e| format!("{queue}@{offset}: {e}"))?;
+            bounds.push((offset, at, at + len));
+            at += len;
+            offset += 1;
+        }
+        for (offset, start, stop) in bounds {
+            // An I/O error fails the store (the node stops); bad bytes above only refuse.
+            self.write(group, queue.clone(), offset, &records[start..stop])
+                .inspect_err(|e| self.fail(e))?;
+        }
+        Ok(offset)
+    }
+
+    /// Whether an error failed the store for good.
+    pub fn failed(&self) -> bool {
+        self.failed.is_some()
     }
 
     fn write(
@@ -395,9 +611,7 @@ impl QueueStore {
                 return Err(format!(
                     "group {group}: the queue store lacks {}@{next} (of {}..{}), which the \
                      snapshot on disk references: its files under {} are damaged or were \
-                     removed. This replica cannot start its group; restore the files, or \
-                     remove this group's directories (data_dir/group-{group} and \
-                     data_dir/queues/group-{group}) for it to be copied from its peers",
+                     removed",
                     range.queue,
                     range.start,
                     range.end,
@@ -1058,5 +1272,108 @@ mod tests {
             )
             .expect_err("refused");
         assert!(error.contains("lacks orders/0@"), "{error}");
+    }
+
+    /// A follower's store catches up from a peer's in bounded chunks read from its files:
+    /// the plan names only what it lacks, every chunk is at most the bound (but for one
+    /// larger record), a chunk with a flipped byte is refused whole and writes nothing, and
+    /// what was fetched reads back the same.
+    #[test]
+    fn a_store_catches_up_from_a_peers_segments_in_bounded_chunks() {
+        let leader_dir = tempfile::tempdir().expect("tempdir");
+        let follower_dir = tempfile::tempdir().expect("tempdir");
+        let queue = QueueId::new("orders", 1);
+        let gone = QueueId::new("gone", 0);
+        let mut leader = QueueStore::open(leader_dir.path()).expect("opens");
+        let mut follower = QueueStore::open(follower_dir.path()).expect("opens");
+        let body = |offset: Offset| format!("{offset}:{}", "m".repeat(40_000));
+        for offset in 0..300 {
+            write(&mut leader, &queue, offset, &body(offset));
+        }
+        // The follower holds the first 20 (as it applied them before it fell behind), and a
+        // queue the snapshot no longer knows.
+        for offset in 0..20 {
+            write(&mut follower, &queue, offset, &body(offset));
+        }
+        write(&mut follower, &gone, 0, "dropped");
+        let plan = follower
+            .catch_up_plan(1, &[range(&queue, 10, 300)])
+            .expect("plans");
+        assert_eq!(plan, vec![(queue.clone(), 20, 300)], "only what it lacks");
+        assert!(follower.message(1, &gone, 0).is_err(), "unknown queues go");
+        let bytes_max = 256 << 10;
+        let (mut next, mut chunks) = (20, 0);
+        while next < 300 {
+            let chunk = leader
+                .chunk(1, &queue, next, 300, bytes_max)
+                .expect("reads");
+            assert!(chunk.len() <= bytes_max, "{} bytes", chunk.len());
+            if chunks == 3 {
+                let mut bad = chunk.to_vec();
+                bad[chunk.len() / 2] ^= 0x10;
+                let refused = follower.fill(1, &queue, next, &bad).expect_err("refused");
+                assert!(refused.contains("checksum"), "{refused}");
+                assert!(
+                    !follower.failed(),
+                    "bad bytes from a peer do not fail the store"
+                );
+            }
+            next = follower.fill(1, &queue, next, &chunk).expect("fills");
+            chunks += 1;
+        }
+        assert!(chunks > 20, "{chunks} chunks");
+        assert!(
+            follower
+                .fill(
+                    1,
+                    &queue,
+                    5,
+                    &leader.chunk(1, &queue, 5, 6, bytes_max).expect("reads")
+                )
+                .is_err(),
+            "records below what the store holds are refused"
+        );
+        // A chunk that claims to start elsewhere is refused by its offsets.
+        let misplaced = leader.chunk(1, &queue, 250, 251, bytes_max).expect("reads");
+        assert!(
+            follower
+                .fill(1, &QueueId::new("orders", 2), 0, &misplaced)
+                .is_err()
+        );
+        follower.sync_group(1, &[]).expect("syncs");
+        for offset in [10, 19, 20, 150, 299] {
+            let message = follower.message(1, &queue, offset).expect("reads");
+            assert_eq!(message.message.body.as_ref(), body(offset).as_bytes());
+        }
+        drop(follower);
+        let mut reopened = QueueStore::open(follower_dir.path()).expect("reopens");
+        reopened
+            .apply(
+                1,
+                StoreOp::Recover {
+                    queues: vec![range(&queue, 10, 300)],
+                },
+            )
+            .expect("what was fetched is there after a restart");
+        let plan = reopened
+            .catch_up_plan(1, &[range(&queue, 10, 400)])
+            .expect("plans");
+        assert_eq!(
+            plan,
+            vec![(queue.clone(), 300, 400)],
+            "resumes where it was"
+        );
+        // A queue with a hole in front of what it holds is fetched whole.
+        let holed = QueueId::new("holed", 0);
+        let records = leader.chunk(1, &queue, 50, 60, 1 << 20).expect("reads");
+        assert_eq!(reopened.fill(1, &holed, 50, &records), Ok(60));
+        let plan = reopened
+            .catch_up_plan(1, &[range(&queue, 10, 400), range(&holed, 0, 100)])
+            .expect("plans");
+        assert_eq!(
+            plan,
+            vec![(queue.clone(), 300, 400), (holed.clone(), 0, 100)]
+        );
+        assert!(reopened.message(1, &holed, 55).is_err(), "emptied");
     }
 }

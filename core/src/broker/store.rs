@@ -48,6 +48,10 @@ pub enum StoreOp {
     /// snapshot, perhaps never synced) is dropped: replaying the log writes it again. Queues
     /// the snapshot does not know are dropped too, and below `start` the store may delete.
     Recover { queues: Vec<QueueRange> },
+    /// The queue's topic was deleted: the store forgets every message of `queue` (its files
+    /// go, durably by the next sync), and a queue created again with the same name starts
+    /// empty.
+    DropQueue { queue: QueueId },
 }
 
 /// What a metadata snapshot says a queue holds: offsets `start..end`.
@@ -229,6 +233,9 @@ impl MemoryStore {
                     .insert(requeue.offset, record);
             }
             StoreOp::Trim { .. } => {}
+            StoreOp::DropQueue { queue } => {
+                self.queues.remove(&(group, queue));
+            }
             StoreOp::Recover { queues } => {
                 let wanted: BTreeMap<&QueueId, &QueueRange> =
                     queues.iter().map(|r| (&r.queue, r)).collect();

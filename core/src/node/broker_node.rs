@@ -1819,8 +1819,16 @@ impl BrokerNode {
                 }
             }
             if let Machine::Broker(state) = &mut group.machine {
+                let ops = state.take_store_ops();
+                if ops.iter().any(|op| matches!(op, StoreOp::DropQueue { .. })) {
+                    // A restart from a snapshot taken before a topic's deletion would look
+                    // for the dropped queues' messages, which the store no longer holds:
+                    // compact at once, so that window stays short.
+                    group.pace.entries_since = group.pace.entries_since.max(u64::MAX / 2);
+                    group.pace.bytes_since = group.pace.bytes_since.max(u64::MAX / 2);
+                }
                 self.store_ops
-                    .extend(state.take_store_ops().into_iter().map(|op| (*group_id, op)));
+                    .extend(ops.into_iter().map(|op| (*group_id, op)));
             }
             if let Some(job) = snapshot_due(*group_id, group, self.config.snapshot_entries_min) {
                 self.snapshot_jobs.push_back(job);

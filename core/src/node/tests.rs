@@ -1204,6 +1204,17 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
             store.record(1, &q0, 0).is_none(),
             "node {id} still stores a message"
         );
+        // Compacted right after: a restart no longer starts from a snapshot that references
+        // the dropped queues.
+        let replica = node.replica(1).expect("a replica");
+        let snapshot_index = replica.status().snapshot_index;
+        assert!(
+            replica.snapshot().is_some_and(|s| {
+                crate::broker::BrokerState::restore(state.config().clone(), &s.data)
+                    .is_ok_and(|restored| restored.topic_mark("orders").is_some_and(|m| m.dropped))
+            }),
+            "node {id}: no snapshot after the drop (snapshot index {snapshot_index})"
+        );
     }
     let route = cluster.ask(
         1,

@@ -19,6 +19,10 @@ pub const QUEUES_PER_TOPIC_MAX: u32 = 1_024;
 pub const TOPICS_MAX: usize = 10_000;
 /// Queues over all topics: bounds the per-group queue lists and every pass over them.
 pub const QUEUES_MAX: usize = 65_536;
+/// Tombstones of deleted topics the topic table (and each broker group) keeps; past it the
+/// one deleted longest ago is forgotten. A tombstone matters only until every broker group has
+/// dropped the topic's queues, one round through each group's log.
+pub const TOMBSTONES_MAX: usize = TOPICS_MAX;
 /// Consumer groups a node tracks members of.
 pub const CONSUMER_GROUPS_MAX: usize = 10_000;
 /// Members (voters and learners) of one Raft group's configuration: bounds the configuration
@@ -34,6 +38,20 @@ pub const MEMBER_BYTES_MAX: usize = 249;
 pub const PRODUCERS_PER_GROUP_MAX: usize = 100_000;
 /// Queue leases (consumer group, queue) one broker group records; a claim beyond is refused.
 pub const LEASES_PER_BROKER_GROUP_MAX: usize = 1 << 20;
+/// How long a broker group's leader keeps a consumer group's offsets and leases after it last
+/// heard from any of its members, unless configured otherwise (Kafka's
+/// `offsets.retention.minutes`, 7 days): then they expire through the log.
+pub const GROUP_RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
+/// Consumer groups whose last activity a broker leader remembers per broker group; a group
+/// beyond it counts as silent since the leader took office, so invented names expire first.
+pub const GROUP_ACTIVITY_ENTRIES_MAX: usize = 1 << 16;
+/// Consumer groups named in one `ExpireGroups` command (more go in several): 1,024 names of
+/// at most 249 bytes stay far below a command's maximum.
+pub const EXPIRE_GROUPS_PER_COMMAND_MAX: usize = 1_024;
+/// Distinct consumer groups one client connection may speak for (pulls, acks, heartbeats):
+/// a consumer speaks for one, so a connection inventing names is refused long before the
+/// lease and offset tables notice.
+pub const CONSUMER_GROUPS_PER_CONNECTION_MAX: usize = 64;
 /// How long a consumer may go unheard before the metadata leader drops it from its group
 /// and a broker hands its queues to their next owner, unless configured otherwise.
 pub const MEMBER_SESSION_MS_DEFAULT: u64 = 10_000;

@@ -457,7 +457,12 @@ impl Model {
                 Outcome::Refused(Refusal::Malformed("lease commands are not modelled".into()))
             }
             // Nor the operator's seek and delete, which move offsets back by design.
-            Command::Seek { .. } | Command::DeleteGroup { .. } | Command::Redrive { .. } => {
+            Command::Seek { .. }
+            | Command::DeleteGroup { .. }
+            | Command::Redrive { .. }
+            | Command::DropTopic { .. }
+            | Command::ExpireGroups { .. }
+            | Command::CreateQueuesAt { .. } => {
                 Outcome::Refused(Refusal::Malformed("admin commands are not modelled".into()))
             }
         }
@@ -760,7 +765,20 @@ impl Broker {
 
     fn create_topic(&mut self, command: MetaCommand, groups: u8) {
         let broker_groups: Vec<GroupId> = (1..=GroupId::from(groups % 4)).collect();
-        let MetaCommand::CreateTopic { topic, queues } = command.clone();
+        let (topic, queues) = match command.clone() {
+            MetaCommand::CreateTopic { topic, queues } => (topic, queues),
+            MetaCommand::DeleteTopic { topic } => {
+                let existing = self.topics.remove(&topic);
+                let applied = self.meta.apply(command, &broker_groups);
+                assert_eq!(
+                    applied.clone().ok(),
+                    existing.map(|queues| TopicApplied::Deleted { queues }),
+                    "DeleteTopic {topic:?}: {applied:?}"
+                );
+                assert!(self.meta.placement(&topic).is_none());
+                return;
+            }
+        };
         let existing = self.topics.get(&topic).copied();
         let applied = self.meta.apply(command, &broker_groups);
         let queues_total: u64 = self.topics.values().map(|q| u64::from(*q)).sum();
@@ -822,11 +840,17 @@ impl Broker {
                 "a decoded command does not survive the codec"
             );
         }
-        // An operator's seek or delete moves offsets back by design; the model has no
-        // operator, so bytes that happen to decode to one are not applied.
+        // An operator's seek or delete moves offsets back by design (as does a topic's
+        // deletion, an epoch's creation replacing older queues, or a group's expiry); the
+        // model has no operator, so bytes that happen to decode to one are not applied.
         if matches!(
             decoded,
-            Ok(Command::Seek { .. } | Command::DeleteGroup { .. } | Command::Redrive { .. })
+            Ok(Command::Seek { .. }
+                | Command::DeleteGroup { .. }
+                | Command::Redrive { .. }
+                | Command::DropTopic { .. }
+                | Command::ExpireGroups { .. }
+                | Command::CreateQueuesAt { .. })
         ) {
             return;
         }

@@ -192,6 +192,9 @@ impl Principal {
             Request::CreateTopic { topic, .. } => Err(format!(
                 "not authorised: principal {name} may not create topic {topic} (not admin)"
             )),
+            Request::DeleteTopic { topic } => Err(format!(
+                "not authorised: principal {name} may not delete topic {topic} (not admin)"
+            )),
             Request::SeekGroup { group, .. } | Request::DeleteGroup { group, .. } => Err(format!(
                 "not authorised: principal {name} may not seek or delete consumer group {group} \
                  (not admin)"

@@ -46,6 +46,11 @@ pub struct ServerConfig {
     /// 0 keeps them for ever.
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
+    /// A consumer group whose members a broker group's leader has not heard from for this
+    /// long loses its offsets and leases there (Kafka's `offsets.retention.minutes`: 168 hours
+    /// by default); 0 keeps them for ever.
+    #[serde(default = "default_group_retention_hours")]
+    pub group_retention_hours: u64,
     /// Each queue deletes its oldest messages while it holds more message bytes than this
     /// (Kafka's `retention.bytes`); 0 is no limit.
     #[serde(default)]
@@ -149,6 +154,10 @@ fn default_connections_max() -> usize {
 
 fn default_retention_hours() -> u64 {
     72
+}
+
+fn default_group_retention_hours() -> u64 {
+    holdfast_core::limits::GROUP_RETENTION_MS_DEFAULT / 3_600_000
 }
 
 fn default_snapshot_entries() -> u64 {
@@ -345,6 +354,8 @@ impl ServerConfig {
         config.broker.retention_ms =
             (self.retention_hours > 0).then(|| self.retention_hours.saturating_mul(3_600_000));
         config.broker.retention_bytes = (self.retention_bytes > 0).then_some(self.retention_bytes);
+        config.group_retention_ms = (self.group_retention_hours > 0)
+            .then(|| self.group_retention_hours.saturating_mul(3_600_000));
         config.snapshot_entries_min = (self.snapshot_entries > 0).then_some(self.snapshot_entries);
         // Followers behind compaction fetch the segments they lack (server/catch_up.rs).
         config.segment_catch_up = true;

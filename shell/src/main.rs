@@ -295,6 +295,15 @@ enum TopicCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Deletes a topic with its messages, consumer offsets and leases (admin only); a topic
+    /// created again with the same name starts empty.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -590,6 +599,27 @@ fn topic(command: TopicCommand) -> Result<(), Failed> {
                     Ok(())
                 }
                 Ok(other) => Err(format!("unexpected answer {other:?}").into()),
+                Err(ClientError::Refused(reason)) => {
+                    Err(Failed::refused(format!("topic {name}: {reason}")))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        TopicCommand::Delete {
+            name,
+            servers: s,
+            output,
+        } => {
+            let mut admin = Admin::connect(servers(&s)?)?;
+            match admin.delete_topic(&name, wait) {
+                Ok(queues) if output.json() => {
+                    output::json_line(&json!({"topic": name, "queues": queues, "deleted": true}));
+                    Ok(())
+                }
+                Ok(queues) => {
+                    out!("deleted topic {name} ({queues} queues)");
+                    Ok(())
+                }
                 Err(ClientError::Refused(reason)) => {
                     Err(Failed::refused(format!("topic {name}: {reason}")))
                 }

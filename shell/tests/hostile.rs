@@ -609,6 +609,39 @@ fn clients_need_a_credential_and_an_acl_allowing_what_they_ask() {
         Err(ClientError::Refused(why)) => assert!(why.contains("not admin"), "{why}"),
         other => panic!("create as billing: {other:?}"),
     }
+    match admin.delete_topic("orders", quick) {
+        Err(ClientError::Refused(why)) => {
+            assert!(why.contains("may not delete topic orders"), "{why}")
+        }
+        other => panic!("delete as billing: {other:?}"),
+    }
+
+    // One connection inventing consumer group names is refused past the maximum, while the
+    // groups it already spoke for go on being served.
+    let mut inventor = Admin::connect(pki.client(&servers, ADMIN_TOKEN)).expect("admin");
+    let leave = |i: usize| Request::Leave {
+        group: format!("invented-{i}"),
+        member: "m".into(),
+    };
+    let max = holdfast_core::limits::CONSUMER_GROUPS_PER_CONNECTION_MAX;
+    for i in 0..max {
+        let answer = inventor.ask(1, leave(i));
+        assert!(
+            !matches!(&answer, Some(Response::Refused { reason }) if reason.contains("consumer groups")),
+            "{i}: {answer:?}"
+        );
+    }
+    match inventor.ask(1, leave(max)) {
+        Some(Response::Refused { reason }) => {
+            assert!(reason.contains("consumer groups already"), "{reason}")
+        }
+        other => panic!("group {max}: {other:?}"),
+    }
+    let known = inventor.ask(1, leave(0));
+    assert!(
+        !matches!(&known, Some(Response::Refused { .. })),
+        "{known:?}"
+    );
     let mut consumer = Consumer::connect(billing.clone(), "billing", "orders").expect("consumer");
     let seen = consumer.run(Some(1), Duration::from_secs(10), |_| ConsumeStatus::Success);
     assert_eq!(seen, 1, "billing consumes orders as billing");

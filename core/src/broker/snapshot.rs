@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::dedup::{ProducerWindow, ProducerWindowV1};
 use super::offsets::GroupOffsets;
 use super::queue_log::{IndexEntry, QueueLog};
-use super::types::{Lease, Offset, ProducerId, QueueId, StoredMessage};
+use super::types::{Lease, Offset, ProducerId, QueueId, StoredMessage, TopicMark};
 
 /// Reads the retained message at `(queue, offset)` for a snapshot: from the cache or the
 /// driver's queue store.
@@ -25,12 +25,15 @@ pub type ReadMessage<'r> = dyn FnMut(&QueueId, Offset) -> Result<StoredMessage, 
 /// retained message in it: what a leader sends a follower that needs a snapshot (the
 /// follower's store may hold none of the messages). Bump it when the image changes shape, so
 /// an old build refuses a new snapshot instead of misreading it.
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 4;
 /// The format of [`crate::broker::BrokerState::metadata_snapshot`]'s bytes: the state with a
 /// few bytes per retained message and none of their contents, which stay in the node's queue
 /// store. Valid only together with that store, synced before the snapshot was written: what a
 /// node compacts its own log into and restarts from, never what it sends another node.
-pub const METADATA_SNAPSHOT_VERSION: u8 = 3;
+pub const METADATA_SNAPSHOT_VERSION: u8 = 5;
+/// The formats before topics' incarnations ([`TopicMark`]); still read (with no marks).
+const SNAPSHOT_VERSION_V2: u8 = 2;
+const METADATA_SNAPSHOT_VERSION_V3: u8 = 3;
 /// The format before producers' windows carried their place in the least-recently-used order
 /// and before queue leases; still read (with no leases).
 const SNAPSHOT_VERSION_V1: u8 = 1;
@@ -88,6 +91,7 @@ pub(super) struct ImageRef<'a, 'r> {
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
+    pub(super) marks: &'a BTreeMap<String, TopicMark>,
 }
 
 /// The queues as the image holds them: each queue's window with the messages in it, read one
@@ -160,6 +164,16 @@ pub(super) struct Image {
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: BTreeMap<(String, QueueId), Lease>,
+    pub(super) marks: BTreeMap<String, TopicMark>,
+}
+
+/// [`Image`] before topics' marks.
+#[derive(Deserialize)]
+struct ImageV2 {
+    queues: BTreeMap<QueueId, QueueImage>,
+    offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    producers: BTreeMap<ProducerId, ProducerWindow>,
+    leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +197,7 @@ pub(super) struct IndexImageRef<'a> {
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
+    pub(super) marks: &'a BTreeMap<String, TopicMark>,
 }
 
 pub(super) struct QueueIndexesRef<'a>(pub(super) &'a BTreeMap<QueueId, QueueLog>);
@@ -260,6 +275,16 @@ pub(super) struct IndexImage {
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: BTreeMap<(String, QueueId), Lease>,
+    pub(super) marks: BTreeMap<String, TopicMark>,
+}
+
+/// [`IndexImage`] before topics' marks.
+#[derive(Deserialize)]
+struct IndexImageV3 {
+    queues: BTreeMap<QueueId, QueueIndexImage>,
+    offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    producers: BTreeMap<ProducerId, ProducerWindow>,
+    leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 /// A metadata snapshot's bytes; it reads nothing, so it fails only if serde does.
@@ -285,9 +310,14 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
     let Some(&version) = bytes.first() else {
         return Err(SnapshotError::Truncated { len: 0 });
     };
-    if version != SNAPSHOT_VERSION
-        && version != SNAPSHOT_VERSION_V1
-        && version != METADATA_SNAPSHOT_VERSION
+    if ![
+        SNAPSHOT_VERSION,
+        SNAPSHOT_VERSION_V2,
+        SNAPSHOT_VERSION_V1,
+        METADATA_SNAPSHOT_VERSION,
+        METADATA_SNAPSHOT_VERSION_V3,
+    ]
+    .contains(&version)
     {
         return Err(SnapshotError::UnknownVersion(version));
     }
@@ -307,9 +337,21 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
         return Err(SnapshotError::Checksum { stored, computed });
     }
     let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
-    if version == METADATA_SNAPSHOT_VERSION {
-        let (image, rest): (IndexImage, &[u8]) =
-            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+    if version == METADATA_SNAPSHOT_VERSION || version == METADATA_SNAPSHOT_VERSION_V3 {
+        let (image, rest): (IndexImage, &[u8]) = if version == METADATA_SNAPSHOT_VERSION_V3 {
+            let (v3, rest): (IndexImageV3, &[u8]) =
+                postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+            let image = IndexImage {
+                queues: v3.queues,
+                offsets: v3.offsets,
+                producers: v3.producers,
+                leases: v3.leases,
+                marks: BTreeMap::new(),
+            };
+            (image, rest)
+        } else {
+            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
@@ -333,6 +375,18 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
                 .map(|(id, window)| (id, window.into()))
                 .collect(),
             leases: BTreeMap::new(),
+            marks: BTreeMap::new(),
+        };
+        (image, rest)
+    } else if version == SNAPSHOT_VERSION_V2 {
+        let (v2, rest): (ImageV2, &[u8]) =
+            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+        let image = Image {
+            queues: v2.queues,
+            offsets: v2.offsets,
+            producers: v2.producers,
+            leases: v2.leases,
+            marks: BTreeMap::new(),
         };
         (image, rest)
     } else {
@@ -353,7 +407,10 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
 /// Whether `bytes` claim to be a snapshot that holds its messages (any version but
 /// [`METADATA_SNAPSHOT_VERSION`]): one a replica can install whatever its store holds.
 pub fn holds_messages(bytes: &[u8]) -> bool {
-    bytes.first() != Some(&METADATA_SNAPSHOT_VERSION)
+    !matches!(
+        bytes.first(),
+        Some(&METADATA_SNAPSHOT_VERSION | &METADATA_SNAPSHOT_VERSION_V3)
+    )
 }
 
 /// Rebuilds what the image leaves out and refuses what `apply` never builds, so a restored

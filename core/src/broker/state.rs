@@ -37,6 +37,9 @@ pub struct BrokerState {
     order_checked: usize,
     /// What the driver's queue store must do, in order; see [`BrokerState::take_store_ops`].
     store_ops: Vec<StoreOp>,
+    /// Each topic's incarnation here (a topic with queues but no mark is of epoch 0), and the
+    /// dropped ones, at most `TOMBSTONES_MAX` of those: see [`Command::DropTopic`].
+    marks: BTreeMap<String, TopicMark>,
 }
 
 impl Clone for BrokerState {
@@ -59,6 +62,7 @@ impl Clone for BrokerState {
             cache_order: VecDeque::new(),
             order_checked: 0,
             store_ops: Vec::new(),
+            marks: self.marks.clone(),
         }
     }
 }
@@ -165,6 +169,7 @@ impl BrokerState {
             offsets: &self.offsets,
             producers: &self.producers,
             leases: &self.leases,
+            marks: &self.marks,
         })
     }
 
@@ -189,6 +194,7 @@ impl BrokerState {
             offsets: &self.offsets,
             producers: &self.producers,
             leases: &self.leases,
+            marks: &self.marks,
         })
     }
 
@@ -199,18 +205,20 @@ impl BrokerState {
     /// snapshot asks the store to check that it holds what the index references
     /// ([`StoreOp::Recover`]).
     pub fn restore(config: BrokerConfig, bytes: &[u8]) -> Result<BrokerState, SnapshotError> {
-        let (queues, offsets, producers, leases) = match snapshot::decode(bytes)? {
+        let (queues, offsets, producers, leases, marks) = match snapshot::decode(bytes)? {
             Decoded::Full(image) => (
                 Ok(image.queues),
                 image.offsets,
                 image.producers,
                 image.leases,
+                image.marks,
             ),
             Decoded::Index(image) => (
                 Err(image.queues),
                 image.offsets,
                 image.producers,
                 image.leases,
+                image.marks,
             ),
         };
         let producers: BTreeMap<ProducerId, ProducerWindow> =
@@ -242,6 +250,7 @@ impl BrokerState {
             cache_order: VecDeque::new(),
             order_checked: 0,
             store_ops: Vec::new(),
+            marks,
         };
         match queues {
             // The store gets the snapshot's messages, the cache its newest.
@@ -301,11 +310,37 @@ impl BrokerState {
 
     pub fn apply(&mut self, command: Command) -> Outcome {
         match command {
+            // Logs from before epochs hold this: every topic of theirs is of epoch 0.
             Command::CreateQueues { queues } => {
                 for queue in queues {
-                    self.queues.entry(queue).or_default();
+                    self.create_queue(0, queue);
                 }
                 Outcome::QueuesCreated
+            }
+            Command::CreateQueuesAt { queues } => {
+                for (epoch, queue) in queues {
+                    self.create_queue(epoch, queue);
+                }
+                Outcome::QueuesCreated
+            }
+            Command::DropTopic { topic, epoch } => {
+                self.drop_topic(&topic, epoch);
+                Outcome::QueuesCreated
+            }
+            Command::ExpireGroups { groups } => {
+                let mut offsets = 0;
+                let mut leases = 0;
+                for group in groups {
+                    if let Outcome::GroupDeleted {
+                        offsets: o,
+                        leases: l,
+                    } = self.delete_group(&group, true)
+                    {
+                        offsets += o;
+                        leases += l;
+                    }
+                }
+                Outcome::GroupDeleted { offsets, leases }
             }
             Command::Append {
                 queue,
@@ -409,6 +444,84 @@ impl BrokerState {
         Outcome::Sought {
             consume_offset: target,
         }
+    }
+
+    /// Creates `queue` as a queue of its topic's incarnation `epoch` (see
+    /// [`Command::CreateQueuesAt`]).
+    fn create_queue(&mut self, epoch: u64, queue: QueueId) {
+        let mark = self.marks.get(&queue.topic).copied().unwrap_or_default();
+        if mark.epoch > epoch || (mark.epoch == epoch && mark.dropped) {
+            return; // a creation of an incarnation gone already
+        }
+        if mark.epoch < epoch && !mark.dropped {
+            // The older incarnation's deletion never arrived (its tombstone was forgotten):
+            // its queues must not pass for the new one's.
+            self.drop_topic(&queue.topic, mark.epoch);
+        }
+        if mark.epoch != epoch || mark.dropped {
+            self.marks.insert(
+                queue.topic.clone(),
+                TopicMark {
+                    epoch,
+                    dropped: false,
+                },
+            );
+        }
+        self.queues.entry(queue).or_default();
+    }
+
+    /// [`Command::DropTopic`]: the queues of `topic` of incarnation `epoch` or older go, with
+    /// their messages (in the store too) and every group's offsets and leases on them.
+    fn drop_topic(&mut self, topic: &str, epoch: u64) {
+        let mark = self.marks.get(topic).copied().unwrap_or_default();
+        if mark.epoch > epoch || (mark.epoch == epoch && mark.dropped) {
+            return;
+        }
+        let gone: Vec<QueueId> = self
+            .queues
+            .range(QueueId::new(topic, 0)..=QueueId::new(topic, u32::MAX))
+            .map(|(q, _)| q.clone())
+            .collect();
+        for queue in gone {
+            if let Some(mut log) = self.queues.remove(&queue) {
+                self.cache_bytes -= log.drop_cache();
+            }
+            self.store_ops.push(StoreOp::DropQueue { queue });
+        }
+        self.offsets.retain(|(_, q), _| q.topic != topic);
+        self.leases.retain(|(_, q), _| q.topic != topic);
+        let dropped = self.marks.values().filter(|m| m.dropped).count();
+        if dropped >= crate::limits::TOMBSTONES_MAX
+            && let Some(oldest) = self
+                .marks
+                .iter()
+                .filter(|(t, m)| m.dropped && t.as_str() != topic)
+                .min_by_key(|(_, m)| m.epoch)
+                .map(|(t, _)| t.clone())
+        {
+            self.marks.remove(&oldest);
+        }
+        self.marks.insert(
+            topic.to_string(),
+            TopicMark {
+                epoch,
+                dropped: true,
+            },
+        );
+    }
+
+    /// What this group knows of `topic`'s incarnation, if anything.
+    pub fn topic_mark(&self, topic: &str) -> Option<TopicMark> {
+        self.marks.get(topic).copied()
+    }
+
+    /// Every consumer group with offsets or leases here, by name (for group expiry).
+    pub fn consumer_groups(&self) -> BTreeSet<&str> {
+        self.offsets
+            .keys()
+            .chain(self.leases.keys())
+            .map(|(g, _)| g.as_str())
+            .collect()
     }
 
     fn delete_group(&mut self, group: &str, force: bool) -> Outcome {

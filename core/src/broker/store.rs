@@ -56,6 +56,10 @@ pub enum StoreOp {
     /// snapshot once that write is. What it holds past a queue's `end`, and queues the snapshot
     /// does not know, are dropped, as for [`StoreOp::Recover`].
     CatchUp { from: u64, queues: Vec<QueueRange> },
+    /// The queue's topic was deleted: the store forgets every message of `queue` (its files
+    /// go, durably by the next sync), and a queue created again with the same name starts
+    /// empty.
+    DropQueue { queue: QueueId },
 }
 
 /// What a metadata snapshot says a queue holds: offsets `start..end`.
@@ -267,6 +271,9 @@ impl MemoryStore {
                 return Err(format!(
                     "a memory store cannot fetch segments from node {from}: use transfer images"
                 ));
+            }
+            StoreOp::DropQueue { queue } => {
+                self.queues.remove(&(group, queue));
             }
             StoreOp::Recover { queues } => {
                 let wanted: BTreeMap<&QueueId, &QueueRange> =

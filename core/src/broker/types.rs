@@ -221,6 +221,29 @@ pub enum Command {
         messages_max: u32,
         stamp_ms: u64,
     },
+    /// Creates each queue at the epoch of its topic's incarnation in the topic table (see
+    /// [`TopicMark`]): not if this group dropped that topic at that epoch or later (a leader
+    /// whose copy of the table lags behind a deletion proposes such creations), and replacing
+    /// the topic's queues here if they are of an older epoch. Creating one again is harmless.
+    CreateQueuesAt { queues: Vec<(u64, QueueId)> },
+    /// The topic table deleted `topic`'s incarnation `epoch`: every queue of it here goes, with
+    /// its messages and every consumer group's offsets and leases on it, unless the queues
+    /// here are of a newer incarnation. Remembered ([`TopicMark`]), so that a creation of
+    /// that incarnation arriving late changes nothing.
+    DropTopic { topic: String, epoch: u64 },
+    /// The broker leader found these consumer groups without a live member for longer than
+    /// its group retention (Kafka's `offsets.retention.minutes` for empty groups): their
+    /// offsets and leases go. The leader's judgement travels in the command, so every
+    /// replica forgets the same groups.
+    ExpireGroups { groups: Vec<String> },
+}
+
+/// What a broker group knows of a topic's incarnation: the epoch of its queues here, and
+/// whether that incarnation was dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMark {
+    pub epoch: u64,
+    pub dropped: bool,
 }
 
 /// Where [`Command::Seek`] moves a group's position.

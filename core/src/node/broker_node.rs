@@ -145,6 +145,10 @@ pub struct NodeConfig {
     pub snapshot_entries_min: Option<u64>,
     /// How often a broker group's leader checks whether retention has messages to delete.
     pub trim_interval_ms: u64,
+    /// A consumer group none of whose members a broker group's leader has heard from for this
+    /// long loses its offsets and leases there ([`Command::ExpireGroups`]); `None`: never.
+    /// Looked for once per `trim_interval_ms`.
+    pub group_retention_ms: Option<u64>,
     /// How often this node looks whether it leads too many groups and hands one over (see
     /// `balance.rs`); `None`: never.
     pub leader_balance_interval_ms: Option<u64>,
@@ -171,6 +175,7 @@ impl NodeConfig {
             record_applied: false,
             snapshot_entries_min: Some(10_000),
             trim_interval_ms: 1_000,
+            group_retention_ms: Some(crate::limits::GROUP_RETENTION_MS_DEFAULT),
             leader_balance_interval_ms: Some(LEADER_BALANCE_INTERVAL_MS_DEFAULT),
             segment_catch_up: false,
             canary: None,
@@ -329,8 +334,8 @@ struct Group {
     applied: BTreeMap<Index, Vec<Applied>>,
     /// Index of each proposal still in flight.
     proposal_index: BTreeMap<ProposalId, Index>,
-    /// Queues this node asked the group to create and has not seen created yet.
-    creating: BTreeSet<QueueId>,
+    /// Queues (with their topic's epoch) this node asked the group to create.
+    creating: BTreeSet<(u64, QueueId)>,
     /// The topic table changed, or this replica's leadership did, since its leader last
     /// looked for queues the table places here and it has not created: the look is a pass
     /// over the table, so it is not made on every event.
@@ -342,6 +347,12 @@ struct Group {
     transferring: Option<Index>,
     /// When this node, as leader, last looked for messages retention deletes.
     trim_checked_at: Option<Instant>,
+    /// The term this node leads the group in and since when (soft state, like the lease
+    /// clocks: a new leader counts every consumer group as heard from when it took office).
+    led_since: Option<(Term, Instant)>,
+    /// When each consumer group's members were last heard from by this leader, at most
+    /// `GROUP_ACTIVITY_ENTRIES_MAX`.
+    group_seen: BTreeMap<String, Instant>,
 }
 
 struct ParkedPull {
@@ -447,6 +458,8 @@ impl BrokerNode {
                     encoding: None,
                     transferring: None,
                     trim_checked_at: None,
+                    led_since: None,
+                    group_seen: BTreeMap::new(),
                 };
                 (group, group_state)
             })
@@ -766,6 +779,9 @@ impl BrokerNode {
                 };
                 match checked {
                     Err(why) => self.refuse(client, id, why),
+                    Ok(TopicApplied::Deleted { .. }) => {
+                        self.refuse(client, id, "not a creation".into())
+                    }
                     Ok(TopicApplied::Existed) => {
                         let response = Response::TopicCreated {
                             topic,
@@ -786,6 +802,28 @@ impl BrokerNode {
                         self.enqueue(METADATA_GROUP, Some(waiter), bytes);
                     }
                 }
+            }
+            Request::DeleteTopic { topic } => {
+                if let Some(response) = self.not_leader(METADATA_GROUP) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let checked = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+                    Some(Machine::Meta(meta)) => meta.check_delete(&topic),
+                    _ => Err("no metadata group".into()),
+                };
+                if let Err(why) = checked {
+                    return self.refuse(client, id, why);
+                }
+                // Two deletions racing in one batch: the second is refused when it applies.
+                let command = MetaCommand::DeleteTopic { topic };
+                let bytes = Bytes::from(postcard::to_allocvec(&command).unwrap_or_default());
+                let waiter = Waiter {
+                    client,
+                    request: id,
+                    queue: None,
+                };
+                self.enqueue(METADATA_GROUP, Some(waiter), bytes);
             }
             Request::Send {
                 broker,
@@ -830,6 +868,7 @@ impl BrokerNode {
                     return self.refuse(client, id, why);
                 }
                 self.heard_from_holder(now, broker, &group, &queue, &member);
+                self.heard_from_group(now, broker, &group);
                 let command = Command::OwnedAck {
                     group,
                     queue: queue.clone(),
@@ -851,6 +890,7 @@ impl BrokerNode {
                     return self.refuse(client, id, why);
                 }
                 self.heard_from_holder(now, broker, &group, &queue, &member);
+                self.heard_from_group(now, broker, &group);
                 let command = Command::OwnedReconsumeLater {
                     group,
                     queue: queue.clone(),
@@ -963,6 +1003,7 @@ impl BrokerNode {
                 if let Err(why) = check_consumer_queue(&group, &queue).and(check_member(&member)) {
                     return self.refuse(client, id, why);
                 }
+                self.heard_from_group(now, broker, &group);
                 // What a client asks for is clamped, not refused: a response always fits.
                 let pull = Request::Pull {
                     broker,
@@ -1362,6 +1403,23 @@ impl BrokerNode {
         let term = raft.status().term;
         self.membership
             .heartbeat(now, term, group, member, topic, &how)
+    }
+
+    /// A member of consumer group `group` spoke to broker group `broker` (led here): the
+    /// group is not expired for another retention. Past the table's maximum a new name is not
+    /// remembered (it expires as if silent since this leader took office).
+    fn heard_from_group(&mut self, now: Instant, broker: GroupId, group: &str) {
+        let Some(g) = self.groups.get_mut(&broker) else {
+            return;
+        };
+        if g.led_since.is_none() {
+            return;
+        }
+        if let Some(seen) = g.group_seen.get_mut(group) {
+            *seen = now;
+        } else if g.group_seen.len() < crate::limits::GROUP_ACTIVITY_ENTRIES_MAX {
+            g.group_seen.insert(group.to_string(), now);
+        }
     }
 
     /// An answer from the member holding a queue renews its lease.
@@ -1770,10 +1828,15 @@ impl BrokerNode {
                         Machine::Meta(meta) => {
                             let applied = match postcard::from_bytes::<MetaCommand>(bytes) {
                                 Ok(command) => {
-                                    let MetaCommand::CreateTopic { topic, .. } = &command;
-                                    let topic = topic.clone();
+                                    let topic = match &command {
+                                        MetaCommand::CreateTopic { topic, .. }
+                                        | MetaCommand::DeleteTopic { topic } => topic.clone(),
+                                    };
                                     let result = meta.apply(command, &broker_groups);
-                                    table_changed |= result == Ok(TopicApplied::Created);
+                                    table_changed |= matches!(
+                                        result,
+                                        Ok(TopicApplied::Created | TopicApplied::Deleted { .. })
+                                    );
                                     Applied::Topic { topic, result }
                                 }
                                 Err(e) => Applied::Topic {
@@ -1790,8 +1853,16 @@ impl BrokerNode {
                 }
             }
             if let Machine::Broker(state) = &mut group.machine {
+                let ops = state.take_store_ops();
+                if ops.iter().any(|op| matches!(op, StoreOp::DropQueue { .. })) {
+                    // A restart from a snapshot taken before a topic's deletion would look
+                    // for the dropped queues' messages, which the store no longer holds:
+                    // compact at once, so that window stays short.
+                    group.pace.entries_since = group.pace.entries_since.max(u64::MAX / 2);
+                    group.pace.bytes_since = group.pace.bytes_since.max(u64::MAX / 2);
+                }
                 self.store_ops
-                    .extend(state.take_store_ops().into_iter().map(|op| (*group_id, op)));
+                    .extend(ops.into_iter().map(|op| (*group_id, op)));
             }
             if let Some(job) = snapshot_due(*group_id, group, self.config.snapshot_entries_min) {
                 self.snapshot_jobs.push_back(job);
@@ -1887,20 +1958,23 @@ impl BrokerNode {
     /// A request may reach a group's leader before it has created a queue the topic table
     /// places there: create it in the same entry, ahead of the request.
     fn create_if_placed(&mut self, group: GroupId, queue: &QueueId) {
-        let placed = matches!(
-            self.groups.get(&METADATA_GROUP).map(|g| &g.machine),
-            Some(Machine::Meta(meta)) if meta.group_of(queue) == Some(group)
-        );
+        let epoch = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+            Some(Machine::Meta(meta)) if meta.group_of(queue) == Some(group) => {
+                meta.epoch_of(&queue.topic)
+            }
+            _ => return,
+        };
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
         let Machine::Broker(state) = &g.machine else {
             return;
         };
-        if placed && state.queue_len(queue).is_none() && !g.creating.contains(queue) {
-            g.creating.insert(queue.clone());
-            let command = Command::CreateQueues {
-                queues: vec![queue.clone()],
+        let key = (epoch, queue.clone());
+        if needs_creation(state, epoch, queue) && !g.creating.contains(&key) {
+            g.creating.insert(key);
+            let command = Command::CreateQueuesAt {
+                queues: vec![(epoch, queue.clone())],
             };
             g.batch.push((None, encode_command(&command)));
         }
@@ -1917,13 +1991,22 @@ impl BrokerNode {
         else {
             return;
         };
-        let mut wanted: Vec<(GroupId, Vec<QueueId>)> = Vec::new();
+        let mut wanted: Vec<(GroupId, Vec<(u64, QueueId)>)> = Vec::new();
+        let mut tombstones: Vec<(String, u64)> = Vec::new();
         for group_id in &self.config.broker_groups {
             let Some(group) = self.groups.get(group_id) else {
                 continue;
             };
             if group.placement_stale && group.raft.status().role == Role::Leader {
-                wanted.push((*group_id, meta.queues_of(*group_id)));
+                let queues = meta.queues_of(*group_id);
+                let placed = queues
+                    .into_iter()
+                    .map(|q| (meta.epoch_of(&q.topic), q))
+                    .collect();
+                wanted.push((*group_id, placed));
+                if tombstones.is_empty() {
+                    tombstones = meta.tombstones().map(|(t, e)| (t.to_string(), e)).collect();
+                }
             }
         }
         for group in self.groups.values_mut() {
@@ -1945,14 +2028,31 @@ impl BrokerNode {
             let Machine::Broker(state) = &group.machine else {
                 continue;
             };
-            let missing: Vec<QueueId> = queues
+            // Deleted topics first: their queues go (and the group remembers the deletion, so
+            // a leader with a lagging table cannot bring them back) before any new
+            // incarnation of the same name is created.
+            for (topic, epoch) in &tombstones {
+                let mark = state.topic_mark(topic).unwrap_or_default();
+                let done = mark.epoch > *epoch || (mark.epoch == *epoch && mark.dropped);
+                if !done {
+                    let command = Command::DropTopic {
+                        topic: topic.clone(),
+                        epoch: *epoch,
+                    };
+                    group.batch.push((None, encode_command(&command)));
+                }
+            }
+            let missing: Vec<(u64, QueueId)> = queues
                 .into_iter()
-                .filter(|q| state.queue_len(q).is_none() && !group.creating.contains(q))
+                .filter(|(epoch, q)| {
+                    needs_creation(state, *epoch, q)
+                        && !group.creating.contains(&(*epoch, q.clone()))
+                })
                 .collect();
             group.creating.extend(missing.iter().cloned());
             // In several commands if need be, each within the size of one.
             for chunk in missing.chunks(CREATE_QUEUES_PER_COMMAND_MAX) {
-                let command = Command::CreateQueues {
+                let command = Command::CreateQueuesAt {
                     queues: chunk.to_vec(),
                 };
                 group.batch.push((None, encode_command(&command)));
@@ -1970,15 +2070,43 @@ impl BrokerNode {
             let Machine::Broker(state) = &group.machine else {
                 continue;
             };
-            if group.raft.status().role != Role::Leader
-                || group
-                    .trim_checked_at
-                    .is_some_and(|at| now.saturating_since(at) < interval)
+            let status = group.raft.status();
+            if status.role != Role::Leader {
+                group.led_since = None;
+                group.group_seen.clear();
+                continue;
+            }
+            if group.led_since.is_none_or(|(term, _)| term != status.term) {
+                group.led_since = Some((status.term, now));
+                group.group_seen.clear();
+            }
+            if group
+                .trim_checked_at
+                .is_some_and(|at| now.saturating_since(at) < interval)
             {
                 continue;
             }
             // Looking costs a pass over the queues: not on every event.
             group.trim_checked_at = Some(now);
+            if let (Some(retention_ms), Some((_, since))) =
+                (self.config.group_retention_ms, group.led_since)
+            {
+                let expired = expired_groups(state, &group.group_seen, since, now, retention_ms);
+                for name in &expired {
+                    // Not proposed again while this one is on its way.
+                    if let Some(seen) = group.group_seen.get_mut(name) {
+                        *seen = now;
+                    } else if group.group_seen.len() < crate::limits::GROUP_ACTIVITY_ENTRIES_MAX {
+                        group.group_seen.insert(name.clone(), now);
+                    }
+                }
+                for chunk in expired.chunks(crate::limits::EXPIRE_GROUPS_PER_COMMAND_MAX) {
+                    let command = Command::ExpireGroups {
+                        groups: chunk.to_vec(),
+                    };
+                    group.batch.push((None, encode_command(&command)));
+                }
+            }
             if !state.trim_due(now_ms) {
                 continue;
             }
@@ -2184,6 +2312,10 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
         Applied::Broker(outcome) => outcome,
         Applied::Topic {
             topic,
+            result: Ok(TopicApplied::Deleted { queues }),
+        } => return Response::TopicDeleted { topic, queues },
+        Applied::Topic {
+            topic,
             result: Ok(applied),
         } => {
             return Response::TopicCreated {
@@ -2247,6 +2379,38 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
             remaining,
         },
     }
+}
+
+/// The consumer groups with offsets or leases in `state` that this leader (in office since
+/// `since`) has not heard from for `retention_ms`.
+fn expired_groups(
+    state: &BrokerState,
+    seen: &BTreeMap<String, Instant>,
+    since: Instant,
+    now: Instant,
+    retention_ms: u64,
+) -> Vec<String> {
+    let retention = std::time::Duration::from_millis(retention_ms);
+    if now.saturating_since(since) < retention {
+        return Vec::new();
+    }
+    state
+        .consumer_groups()
+        .into_iter()
+        .filter(|g| now.saturating_since(seen.get(*g).copied().unwrap_or(since)) >= retention)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether `queue` of its topic's incarnation `epoch` (as this node's table has it) is yet to
+/// be created in `state`: absent or of an older incarnation, and not of one the group has
+/// already dropped or replaced (this node's table lags behind).
+fn needs_creation(state: &BrokerState, epoch: u64, queue: &QueueId) -> bool {
+    let mark = state.topic_mark(&queue.topic).unwrap_or_default();
+    if mark.epoch > epoch || (mark.epoch == epoch && mark.dropped) {
+        return false;
+    }
+    mark.epoch < epoch || mark.dropped || state.queue_len(queue).is_none()
 }
 
 fn claim_command(ask: &PullAsk<'_>, takeover: Option<Holder>) -> Command {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::QueueId;
-use crate::limits::{QUEUES_MAX, TOPICS_MAX, check_name};
+use crate::limits::{QUEUES_MAX, TOMBSTONES_MAX, TOPICS_MAX, check_name};
 use crate::raft::GroupId;
 
 /// The Raft group that holds the topic table; broker groups are numbered from 1.
@@ -15,7 +15,17 @@ pub use crate::limits::QUEUES_PER_TOPIC_MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
-    CreateTopic { topic: String, queues: u32 },
+    CreateTopic {
+        topic: String,
+        queues: u32,
+    },
+    /// An operator deletes `topic`: it leaves the table, and a tombstone with its epoch
+    /// stays, so that every broker group drops the topic's queues (see `DropTopic` in the
+    /// broker) and none re-creates them from a lagging copy of the table. The last variant:
+    /// postcard numbers variants in order, so the earlier ones keep their encodings in logs.
+    DeleteTopic {
+        topic: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -25,18 +35,37 @@ pub struct MetaState {
     /// Queues over all topics (derived from `topics`, so not in the snapshot).
     #[serde(skip)]
     queues_total: usize,
+    /// The epoch of each live topic: topics created before epochs existed have none (epoch 0).
+    epochs: BTreeMap<String, u64>,
+    /// Deleted topics: the epoch of the incarnation deleted. A topic created again with the
+    /// same name gets a newer epoch and keeps its tombstone (the old queues must still go).
+    tombstones: BTreeMap<String, u64>,
+    /// The last epoch handed out; epochs rise with every creation and deletion.
+    epoch: u64,
 }
 
-/// What applying a `CreateTopic` did.
+/// The table as version 1 snapshots held it, before deletion.
+#[derive(Deserialize)]
+struct MetaStateV1 {
+    topics: BTreeMap<String, Vec<GroupId>>,
+}
+
+/// What applying a `CreateTopic` or `DeleteTopic` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TopicApplied {
     Created,
     /// The topic already existed with the same queue count; nothing changed.
     Existed,
+    /// The topic and its `queues` queues left the table.
+    Deleted {
+        queues: u32,
+    },
 }
 
 /// The first byte of a metadata snapshot, for the day its encoding changes.
-const META_SNAPSHOT_VERSION: u8 = 1;
+const META_SNAPSHOT_VERSION: u8 = 2;
+/// Before deletion: the topic table alone, still read.
+const META_SNAPSHOT_VERSION_V1: u8 = 1;
 
 impl MetaState {
     /// The topic table's encoding, for a Raft snapshot; equal tables give equal bytes.
@@ -49,6 +78,20 @@ impl MetaState {
 
     pub fn restore(bytes: &[u8]) -> Result<MetaState, String> {
         match bytes.split_first() {
+            Some((&META_SNAPSHOT_VERSION_V1, body)) => {
+                let (old, rest) = postcard::take_from_bytes::<MetaStateV1>(body)
+                    .map_err(|e| format!("metadata snapshot does not decode: {e}"))?;
+                let mut state = MetaState {
+                    topics: old.topics,
+                    ..MetaState::default()
+                };
+                state.queues_total = state.topics.values().map(Vec::len).sum();
+                if rest.is_empty() {
+                    Ok(state)
+                } else {
+                    Err(format!("{} bytes after the metadata snapshot", rest.len()))
+                }
+            }
             Some((&META_SNAPSHOT_VERSION, body)) => {
                 let (mut state, rest) = postcard::take_from_bytes::<MetaState>(body)
                     .map_err(|e| format!("metadata snapshot does not decode: {e}"))?;
@@ -139,11 +182,57 @@ impl MetaState {
                 let placement = (0..queues as usize)
                     .map(|q| broker_groups[(start + q) % broker_groups.len()])
                     .collect();
+                self.epoch += 1;
+                self.epochs.insert(topic.clone(), self.epoch);
                 self.topics.insert(topic, placement);
                 self.queues_total += queues as usize;
                 Ok(applied)
             }
+            MetaCommand::DeleteTopic { topic } => {
+                let Some(groups) = self.topics.remove(&topic) else {
+                    return Err(format!("unknown topic {topic:?}"));
+                };
+                self.queues_total -= groups.len();
+                let epoch = self.epochs.remove(&topic).unwrap_or(0);
+                self.epoch += 1;
+                if !self.tombstones.contains_key(&topic) && self.tombstones.len() >= TOMBSTONES_MAX
+                {
+                    // The tombstone deleted longest ago (lowest epoch) is forgotten.
+                    if let Some(oldest) = self
+                        .tombstones
+                        .iter()
+                        .min_by_key(|(_, e)| **e)
+                        .map(|(t, _)| t.clone())
+                    {
+                        self.tombstones.remove(&oldest);
+                    }
+                }
+                self.tombstones.insert(topic, epoch);
+                Ok(TopicApplied::Deleted {
+                    queues: groups.len() as u32,
+                })
+            }
         }
+    }
+
+    /// Why deleting `topic` would be refused on the applied table (it does not exist).
+    pub fn check_delete(&self, topic: &str) -> Result<u32, String> {
+        check_name("topic", topic)?;
+        match self.topics.get(topic) {
+            Some(groups) => Ok(groups.len() as u32),
+            None => Err(format!("unknown topic {topic:?}")),
+        }
+    }
+
+    /// The epoch of live `topic`'s incarnation (0 for a topic created before epochs).
+    pub fn epoch_of(&self, topic: &str) -> u64 {
+        self.epochs.get(topic).copied().unwrap_or(0)
+    }
+
+    /// Every deleted topic with the epoch of its deleted incarnation: queues of that epoch or
+    /// older must not exist in any broker group.
+    pub fn tombstones(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.tombstones.iter().map(|(t, e)| (t.as_str(), *e))
     }
 
     /// The broker group that holds `queue`, if the table has it.
@@ -255,6 +344,94 @@ mod tests {
         // Replaying the log gives the table a snapshot of it holds.
         assert_eq!(meta.apply(command, &[1]), Ok(TopicApplied::Created));
         assert_eq!(meta.topics(), vec![("old name/1".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_deleted_topic_leaves_a_tombstone_and_comes_back_as_a_newer_incarnation() {
+        let mut meta = MetaState::default();
+        let create = |queues| MetaCommand::CreateTopic {
+            topic: "orders".into(),
+            queues,
+        };
+        let delete = || MetaCommand::DeleteTopic {
+            topic: "orders".into(),
+        };
+        assert_eq!(meta.apply(create(3), &[1, 2]), Ok(TopicApplied::Created));
+        let first = meta.epoch_of("orders");
+        assert!(first > 0);
+        assert_eq!(meta.check_delete("orders"), Ok(3));
+        assert_eq!(
+            meta.apply(delete(), &[1, 2]),
+            Ok(TopicApplied::Deleted { queues: 3 })
+        );
+        assert!(meta.placement("orders").is_none());
+        assert!(meta.topics().is_empty());
+        assert_eq!(meta.queues_total, 0);
+        assert_eq!(
+            meta.tombstones().collect::<Vec<_>>(),
+            vec![("orders", first)]
+        );
+        // Deleting again, or something never created, is refused and changes nothing.
+        assert!(meta.apply(delete(), &[1, 2]).is_err());
+        assert!(meta.check_delete("orders").is_err());
+        assert!(meta.check_delete("bad name").is_err());
+        // Another queue count is fine now: it is a new topic.
+        assert_eq!(meta.apply(create(2), &[1, 2]), Ok(TopicApplied::Created));
+        assert!(meta.epoch_of("orders") > first);
+        assert_eq!(
+            meta.tombstones().collect::<Vec<_>>(),
+            vec![("orders", first)]
+        );
+        // Epochs and tombstones survive a snapshot; the count of queues is rebuilt.
+        let restored = MetaState::restore(&meta.snapshot()).expect("restores");
+        assert_eq!(restored.epoch_of("orders"), meta.epoch_of("orders"));
+        assert_eq!(restored.tombstones().count(), 1);
+        assert_eq!(restored.queues_total, 2);
+        assert_eq!(restored.epoch, meta.epoch);
+    }
+
+    #[test]
+    fn a_version_1_snapshot_restores_with_topics_of_epoch_0() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            topics: &'a BTreeMap<String, Vec<GroupId>>,
+        }
+        let topics: BTreeMap<String, Vec<GroupId>> =
+            [("orders".to_string(), vec![1, 2])].into_iter().collect();
+        let mut bytes = vec![1];
+        bytes.extend(postcard::to_allocvec(&V1 { topics: &topics }).expect("encodes"));
+        let mut meta = MetaState::restore(&bytes).expect("restores");
+        assert_eq!(meta.topics(), vec![("orders".to_string(), 2)]);
+        assert_eq!(meta.epoch_of("orders"), 0);
+        assert_eq!(
+            meta.apply(
+                MetaCommand::DeleteTopic {
+                    topic: "orders".into()
+                },
+                &[1]
+            ),
+            Ok(TopicApplied::Deleted { queues: 2 })
+        );
+        assert_eq!(meta.tombstones().collect::<Vec<_>>(), vec![("orders", 0)]);
+    }
+
+    #[test]
+    fn tombstones_are_bounded() {
+        let mut meta = MetaState::default();
+        for t in 0..TOMBSTONES_MAX + 5 {
+            let topic = format!("t{t}");
+            let create = MetaCommand::CreateTopic {
+                topic: topic.clone(),
+                queues: 1,
+            };
+            assert_eq!(meta.apply(create, &[1]), Ok(TopicApplied::Created));
+            let delete = MetaCommand::DeleteTopic { topic };
+            assert!(meta.apply(delete, &[1]).is_ok());
+        }
+        assert_eq!(meta.tombstones().count(), TOMBSTONES_MAX);
+        // The oldest went first.
+        assert!(meta.tombstones().all(|(t, _)| t != "t0" && t != "t4"));
+        assert!(meta.tombstones().any(|(t, _)| t == "t5"));
     }
 
     #[test]

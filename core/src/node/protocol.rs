@@ -126,6 +126,12 @@ pub enum Request {
         group: String,
         messages_max: u32,
     },
+    /// Admin: deletes `topic` from the topic table; every broker group then drops its queues
+    /// with their messages, offsets and leases. Answered with [`Response::TopicDeleted`] once
+    /// the deletion committed in the table (the queues go as each broker group applies it).
+    DeleteTopic {
+        topic: String,
+    },
 }
 
 /// One replica as `status` shows it.
@@ -271,9 +277,28 @@ pub enum Response {
         moved: u64,
         remaining: u64,
     },
+    /// `topic` and its `queues` queues left the topic table.
+    TopicDeleted {
+        topic: String,
+        queues: u32,
+    },
 }
 
 impl Request {
+    /// The consumer group a member's request speaks for (admin requests about a group are
+    /// not counted: see `CONSUMER_GROUPS_PER_CONNECTION_MAX`).
+    pub fn member_group(&self) -> Option<&str> {
+        match self {
+            Request::Heartbeat { group, .. }
+            | Request::Leave { group, .. }
+            | Request::Pull { group, .. }
+            | Request::Ack { group, .. }
+            | Request::ReconsumeLater { group, .. }
+            | Request::Release { group, .. } => Some(group),
+            _ => None,
+        }
+    }
+
     /// The request's kind, a fixed name for counting (metrics label values).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -293,6 +318,7 @@ impl Request {
             Request::TransferLeader { .. } => "transfer_leader",
             Request::PeekDeadLetters { .. } => "peek_dead_letters",
             Request::RedriveDeadLetters { .. } => "redrive_dead_letters",
+            Request::DeleteTopic { .. } => "delete_topic",
         }
     }
 }
@@ -320,6 +346,7 @@ impl Response {
             Response::Busy => "busy",
             Response::Unknown => "unknown",
             Response::Redriven { .. } => "redriven",
+            Response::TopicDeleted { .. } => "topic_deleted",
         }
     }
 

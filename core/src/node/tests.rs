@@ -1208,3 +1208,214 @@ fn a_damaged_stored_message_is_reported_and_never_delivered() {
         "{events:?}"
     );
 }
+
+/// `DeleteTopic`: every replica of the broker group drops the topic's queues, messages,
+/// offsets and leases (and its store the messages); producers and routes are refused; the
+/// topic created again starts empty, and its first message sits at offset 0.
+#[test]
+fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
+    let (mut cluster, meta) = one_group_with_orders(2, |_| {});
+    let leader = cluster.leader(1).unwrap_or(1);
+    let q0 = QueueId::new("orders", 0);
+    let send = |seq, texts: &[&str]| Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: seq,
+        messages: batch(texts),
+    };
+    assert!(matches!(
+        cluster.ask(leader, send(0, &["old-1", "old-2"])),
+        Response::Sent { .. }
+    ));
+    let first = cluster.ask(leader, lease_request("pull", "a", 1));
+    assert!(matches!(&first, Response::Pulled { messages, .. } if messages.len() == 2));
+    assert!(matches!(
+        cluster.ask(leader, lease_request("ack", "a", 1)),
+        Response::Acked { .. }
+    ));
+
+    let delete = Request::DeleteTopic {
+        topic: "orders".into(),
+    };
+    assert_eq!(
+        cluster.ask(meta, delete.clone()),
+        Response::TopicDeleted {
+            topic: "orders".into(),
+            queues: 2
+        }
+    );
+    let refused = cluster.ask(meta, delete);
+    assert!(
+        matches!(&refused, Response::Refused { reason } if reason.contains("unknown topic")),
+        "{refused:?}"
+    );
+    for _ in 0..200 {
+        cluster.step();
+    }
+    for (id, node) in &cluster.nodes {
+        let state = node.broker_state(1).expect("a broker group");
+        assert_eq!(
+            state.queues().filter(|q| q.topic == "orders").count(),
+            0,
+            "node {id}"
+        );
+        assert!(state.lease("billing", &q0).is_none(), "node {id}");
+        assert_eq!(state.consume_offset("billing", &q0), 0, "node {id}");
+        assert!(
+            state.topic_mark("orders").is_some_and(|m| m.dropped),
+            "node {id}"
+        );
+        let store = cluster.stores.get(id).expect("a store");
+        assert!(
+            store.record(1, &q0, 0).is_none(),
+            "node {id} still stores a message"
+        );
+        // Compacted right after: a restart no longer starts from a snapshot that references
+        // the dropped queues.
+        let replica = node.replica(1).expect("a replica");
+        let snapshot_index = replica.status().snapshot_index;
+        assert!(
+            replica.snapshot().is_some_and(|s| {
+                crate::broker::BrokerState::restore(state.config().clone(), &s.data)
+                    .is_ok_and(|restored| restored.topic_mark("orders").is_some_and(|m| m.dropped))
+            }),
+            "node {id}: no snapshot after the drop (snapshot index {snapshot_index})"
+        );
+    }
+    let route = cluster.ask(
+        1,
+        Request::Route {
+            topic: "orders".into(),
+        },
+    );
+    assert!(
+        matches!(&route, Response::Refused { reason } if reason.contains("unknown topic")),
+        "{route:?}"
+    );
+    let late = cluster.ask(leader, send(2, &["late"]));
+    assert!(
+        matches!(&late, Response::Refused { reason } if reason.contains("unknown queue")),
+        "{late:?}"
+    );
+
+    let create = Request::CreateTopic {
+        topic: "orders".into(),
+        queues: 1,
+    };
+    assert!(matches!(
+        cluster.ask(meta, create),
+        Response::TopicCreated { existed: false, .. }
+    ));
+    let leader = cluster.leader(1).unwrap_or(1);
+    let sent = cluster.ask(leader, send(3, &["new"]));
+    assert!(
+        matches!(&sent, Response::Sent { base_offset: 0, .. }),
+        "{sent:?}"
+    );
+    let pulled = cluster.ask(leader, lease_request("pull", "b", 1));
+    let Response::Pulled { messages, .. } = pulled else {
+        panic!("{pulled:?}");
+    };
+    let bodies: Vec<(u64, Bytes)> = messages
+        .into_iter()
+        .map(|(o, m)| (o, m.message.body))
+        .collect();
+    assert_eq!(bodies, vec![(0, Bytes::from("new"))]);
+}
+
+/// A pull of "orders"/0 for consumer group `group` by `member` at `generation`.
+fn pull_as(group: &str, member: &str, generation: u64) -> Request {
+    Request::Pull {
+        broker: 1,
+        group: group.into(),
+        member: member.into(),
+        generation,
+        queue: QueueId::new("orders", 0),
+        from: 0,
+        messages_max: 10,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    }
+}
+
+/// Consumer groups nobody speaks for expire through the log once the broker leader has not
+/// heard from any of their members for the retention: leases claimed under invented names do
+/// not stay, while a real group's offsets survive an absence shorter than the retention.
+#[test]
+fn silent_consumer_groups_expire_and_a_short_absence_keeps_offsets() {
+    let (mut cluster, _) = one_group_with_orders(1, |c| {
+        c.group_retention_ms = Some(2_000);
+        c.trim_interval_ms = 100;
+    });
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["x", "y", "z"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let pulled = cluster.ask(leader, pull_as("billing", "a", 1));
+    assert!(matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 3));
+    assert!(matches!(
+        cluster.ask(leader, lease_request("ack", "a", 1)),
+        Response::Acked {
+            consume_offset: 1,
+            ..
+        }
+    ));
+    // Invented names: each pull claims a lease under a new group.
+    for i in 0..300 {
+        cluster.send(leader, pull_as(&format!("invented-{i}"), "m", 1));
+    }
+    for _ in 0..200 {
+        cluster.step();
+    }
+    let leases = |cluster: &Cluster, node: NodeId| {
+        cluster.nodes[&node]
+            .broker_state(1)
+            .map_or(0, |s| s.leases().count())
+    };
+    assert!(
+        leases(&cluster, leader) > 300,
+        "{}",
+        leases(&cluster, leader)
+    );
+
+    // billing is away for 1.5 s (shorter than the retention), then back; the invented
+    // groups never come back.
+    for _ in 0..1_500 {
+        cluster.step();
+    }
+    let back = cluster.ask(leader, pull_as("billing", "a", 1));
+    assert!(matches!(back, Response::Pulled { .. }), "{back:?}");
+    for _ in 0..1_500 {
+        cluster.step();
+    }
+    assert_eq!(
+        cluster.leader(1),
+        Some(leader),
+        "no change of leader in this test"
+    );
+    for (id, node) in &cluster.nodes {
+        let state = node.broker_state(1).expect("a broker group");
+        let groups: Vec<&str> = state.consumer_groups().into_iter().collect();
+        assert_eq!(groups, vec!["billing"], "node {id}");
+        assert_eq!(state.leases().count(), 1, "node {id}");
+        assert_eq!(
+            state.consume_offset("billing", &QueueId::new("orders", 0)),
+            1,
+            "node {id}: billing's offset survived its short absence"
+        );
+    }
+    // Silent for longer than the retention, billing goes too.
+    for _ in 0..2_500 {
+        cluster.step();
+    }
+    for (id, node) in &cluster.nodes {
+        let state = node.broker_state(1).expect("a broker group");
+        assert!(state.consumer_groups().is_empty(), "node {id}");
+    }
+}

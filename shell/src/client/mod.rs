@@ -432,6 +432,22 @@ impl Admin {
         Ok(Admin { io, call })
     }
 
+    /// Deletes `topic` (an admin's request): once this returns, the topic table no longer has
+    /// it and each broker group drops its queues, messages, offsets and leases as it applies
+    /// the deletion; a topic created again with the name starts empty. Returns how many
+    /// queues it had. An unknown topic is [`ClientError::Refused`]; a deletion whose answer
+    /// was lost to a change of leader and that is asked again may be refused as unknown
+    /// although it took place.
+    pub fn delete_topic(&mut self, topic: &str, wait: Duration) -> Result<u32, ClientError> {
+        let request = Request::DeleteTopic {
+            topic: topic.to_string(),
+        };
+        match self.ask_leader(request, wait)? {
+            Response::TopicDeleted { queues, .. } => Ok(queues),
+            other => Err(ClientError::Refused(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.io.node_ids()
     }

@@ -38,6 +38,9 @@ pub struct Conn {
     pub principal: Option<Principal>,
     /// Requests handed to the node and not answered yet.
     pub requests_pending: usize,
+    /// The consumer groups this connection's members spoke for, at most
+    /// `CONSUMER_GROUPS_PER_CONNECTION_MAX`.
+    pub consumer_groups: std::collections::BTreeSet<String>,
     decoder: FrameDecoder,
     out: Vec<u8>,
     written: usize,
@@ -106,6 +109,7 @@ impl Conn {
             opened: std::time::Instant::now(),
             principal: None,
             requests_pending: 0,
+            consumer_groups: std::collections::BTreeSet::new(),
             // A stranger's frames are small until it has authenticated.
             decoder: FrameDecoder::with_frame_bytes_max(UNAUTHENTICATED_FRAME_BYTES_MAX),
             out: Vec::new(),

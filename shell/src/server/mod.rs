@@ -868,6 +868,26 @@ impl Server {
                     }
                 }
                 (Kind::Client(client), Frame::Request { id, request }) => {
+                    let max = holdfast_core::limits::CONSUMER_GROUPS_PER_CONNECTION_MAX;
+                    let too_many = match request.member_group() {
+                        Some(group) if !conn.consumer_groups.contains(group) => {
+                            if conn.consumer_groups.len() >= max {
+                                Some(format!(
+                                    "this connection spoke for {max} consumer groups already,                                      the maximum: refusing the new group {group}"
+                                ))
+                            } else {
+                                conn.consumer_groups.insert(group.to_string());
+                                None
+                            }
+                        }
+                        _ => None,
+                    };
+                    if let Some(reason) = too_many {
+                        self.refused_metric("consumer_groups");
+                        let response = Response::Refused { reason };
+                        self.queue(token, &Frame::Response { id, response });
+                        continue;
+                    }
                     let denied = conn
                         .principal
                         .as_ref()

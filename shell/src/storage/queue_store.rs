@@ -226,6 +226,7 @@ impl QueueStore {
                 "a catch-up from node {from} is planned with QueueStore::catch_up_plan, and the \
                  group's writes held until it is done"
             )),
+            StoreOp::DropQueue { queue } => self.drop_queue(group, &queue),
         }
     }
 
@@ -251,7 +252,7 @@ impl QueueStore {
             .cloned()
             .collect();
         for key in unknown {
-            self.drop_queue(&key)?;
+            self.drop_queue_files(&key)?;
         }
         let mut missing = Vec::new();
         for range in ranges {
@@ -274,7 +275,7 @@ impl QueueStore {
                 Some((first, end)) if first <= range.start && end >= range.start => end,
                 Some((_, end)) if end <= range.start => range.start,
                 Some(_) => {
-                    self.drop_queue(&key)?;
+                    self.drop_queue_files(&key)?;
                     range.start
                 }
                 None => range.start,
@@ -288,7 +289,7 @@ impl QueueStore {
     }
 
     /// Removes every file of a queue (the directory stays).
-    fn drop_queue(&mut self, key: &(GroupId, QueueId)) -> Result<(), String> {
+    fn drop_queue_files(&mut self, key: &(GroupId, QueueId)) -> Result<(), String> {
         self.dirty.remove(key);
         if let Some(files) = self.queues.remove(key) {
             for segment in files.segments.values() {
@@ -439,6 +440,48 @@ impl QueueStore {
     /// Whether an error failed the store for good.
     pub fn failed(&self) -> bool {
         self.failed.is_some()
+    }
+
+    /// The queue's topic was deleted: its files go at once, and the directory that held them
+    /// is synced before this returns, so a queue created again under the same name starts
+    /// empty and a restart never finds the old messages. An error fails the store.
+    fn drop_queue(&mut self, group: GroupId, queue: &QueueId) -> Result<(), String> {
+        let key = (group, queue.clone());
+        self.queues.remove(&key);
+        self.dirty.remove(&key);
+        self.trimmed.remove(&key);
+        if let Some(floors) = self.floors.get_mut(&group) {
+            floors.remove(queue);
+        }
+        let dir = self.queue_dir(group, queue);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                let why = format!("cannot remove {}: {e}", dir.display());
+                self.fail(&why);
+                return Err(why);
+            }
+        }
+        self.unsynced_dirs.retain(|d| !d.starts_with(&dir));
+        let Some(topic_dir) = dir.parent() else {
+            return Ok(());
+        };
+        // The topic's directory goes with its last queue; while other queues of the topic
+        // are there (not yet dropped), removing it fails and it stays, which is fine.
+        let parent = match fs::remove_dir(topic_dir) {
+            Ok(()) => {
+                self.unsynced_dirs.remove(topic_dir);
+                topic_dir.parent().unwrap_or(topic_dir)
+            }
+            Err(_) => topic_dir,
+        };
+        let synced = File::open(parent).and_then(|d| d.sync_all());
+        synced.map_err(|e| {
+            let why = format!("cannot sync {}: {e}", parent.display());
+            self.fail(&why);
+            why
+        })
     }
 
     fn write(

@@ -760,7 +760,9 @@ impl Broker {
 
     fn create_topic(&mut self, command: MetaCommand, groups: u8) {
         let broker_groups: Vec<GroupId> = (1..=GroupId::from(groups % 4)).collect();
-        let MetaCommand::CreateTopic { topic, queues } = command.clone();
+        let MetaCommand::CreateTopic { topic, queues } = command.clone() else {
+            return;
+        };
         let existing = self.topics.get(&topic).copied();
         let applied = self.meta.apply(command, &broker_groups);
         let queues_total: u64 = self.topics.values().map(|q| u64::from(*q)).sum();

@@ -188,7 +188,7 @@ impl Principal {
         }
         let name = &self.name;
         match request {
-            Request::Route { .. } | Request::Topics | Request::Status => Ok(()),
+            Request::Route { .. } | Request::Topics | Request::Status | Request::Nodes => Ok(()),
             Request::CreateTopic { topic, .. } => Err(format!(
                 "not authorised: principal {name} may not create topic {topic} (not admin)"
             )),
@@ -204,6 +204,13 @@ impl Principal {
             }
             Request::TransferLeader { group, .. } => Err(format!(
                 "not authorised: principal {name} may not move group {group}'s leader (not admin)"
+            )),
+            Request::ChangeMembership { group, .. } => Err(format!(
+                "not authorised: principal {name} may not change group {group}'s members (not \
+                 admin)"
+            )),
+            Request::AddNode { id, .. } | Request::RemoveNode { id, .. } => Err(format!(
+                "not authorised: principal {name} may not add or remove node {id} (not admin)"
             )),
             Request::Heartbeat { group, topic, .. } => {
                 self.may_consume_as(group)?;

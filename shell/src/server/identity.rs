@@ -102,6 +102,12 @@ impl Identity {
         Ok(identity)
     }
 
+    /// Whether this directory was initialised for a node joining a running cluster: its
+    /// replicas start with no configuration of their own on every start.
+    pub fn joined(&self) -> bool {
+        self.file.initialised == "join"
+    }
+
     /// The groups recorded as votes-lost: their replicas start so on every start.
     pub fn votes_lost(&self) -> impl Iterator<Item = GroupId> + '_ {
         self.file.votes_lost.iter().copied()
@@ -218,6 +224,14 @@ impl Identity {
                     );
                     ("new", BTreeSet::new())
                 }
+                InitialClusterState::Join => {
+                    info!(
+                        dir = %dir.display(),
+                        "first start of a node joining a running cluster (initial_cluster_state \
+                         = join): its groups learn their configuration from their leaders"
+                    );
+                    ("join", BTreeSet::new())
+                }
                 InitialClusterState::Existing => {
                     warn!(
                         dir = %dir.display(),
@@ -286,7 +300,8 @@ fn check(file: &IdentityFile, config: &ServerConfig, path: &Path) -> Result<(), 
     if recorded != configured {
         return Err(format!(
             "{}: this data directory was initialised for nodes {recorded:?}, but the config \
-             lists {configured:?}: refusing to start (membership changes are not supported)",
+             lists {configured:?}: refusing to start (keep `[nodes]` as it was at this node's first \
+             start: nodes added or removed since are learned from the cluster's node table)",
             path.display()
         ));
     }
@@ -528,6 +543,6 @@ mod tests {
             .nodes
             .insert(4, "127.0.0.1:7304".parse().expect("addr"));
         let error = Identity::open(&grown).expect_err("another node list");
-        assert!(error.contains("membership"), "{error}");
+        assert!(error.contains("keep `[nodes]`"), "{error}");
     }
 }

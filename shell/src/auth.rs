@@ -389,11 +389,24 @@ mod tests {
             group: "billing".into(),
             force: true,
         };
-        for request in [seek, delete] {
+        // So are the cluster's members; anyone may read the node table.
+        let change = Request::ChangeMembership {
+            group: 0,
+            change: holdfast_core::raft::ConfChange::AddLearner(4),
+            force: false,
+        };
+        let add = Request::AddNode {
+            id: 4,
+            client_addr: "h:1".into(),
+            peer_addr: "h:2".into(),
+        };
+        let remove = Request::RemoveNode { id: 2, force: true };
+        for request in [seek, delete, change, add, remove] {
             assert_eq!(root.authorise(&request), Ok(()));
             let why = billing.authorise(&request).expect_err("not admin");
             assert!(why.contains("not admin"), "{why}");
         }
+        assert_eq!(billing.authorise(&Request::Nodes), Ok(()));
     }
 
     #[test]

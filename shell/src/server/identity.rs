@@ -19,9 +19,9 @@
 //!   identity; treated as initialised and the identity written.
 //!
 //! Votes-lost ([`Damage::votes_lost`]) means the replica follows, stores and acknowledges, but
-//! never votes or campaigns again (making it a voter again needs a membership change, which
-//! does not exist yet). The identity records it under `votes_lost` before the group's new files
-//! are created, so a crash or a restart can never forget it.
+//! never votes or campaigns again (the cluster is made whole by replacing it under a new id:
+//! `holdfast node replace`). The identity records it under `votes_lost` before the group's new
+//! files are created, so a crash or a restart can never forget it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};

@@ -202,7 +202,10 @@ fn a_cluster_under_load_grows_to_five_drops_two_originals_and_restarts_node_by_n
     });
 
     // Grow: 4 and 5 join, then the operator adds them.
+    // What the cluster went through when, to say where the longest gap fell.
+    let mut phases: Vec<(Instant, String)> = vec![(Instant::now(), "steady".into())];
     for id in [4, 5] {
+        phases.push((Instant::now(), format!("adding node {id}")));
         cluster.start(id);
         let addr = cluster.full.clients[id - 1].to_string();
         let peer = cluster.full.peers[id - 1].to_string();
@@ -228,6 +231,7 @@ fn a_cluster_under_load_grows_to_five_drops_two_originals_and_restarts_node_by_n
     // Removing an original node: 5 voters to 4, then to 3, both within the factor of 3.
     let before = acks();
     for id in [1, 2] {
+        phases.push((Instant::now(), format!("removing node {id}")));
         let out = cluster.cli(&["node", "remove", &id.to_string(), "--timeout", "30"]);
         assert!(
             out.contains(&format!("node {id} removed from the cluster")),
@@ -257,6 +261,7 @@ fn a_cluster_under_load_grows_to_five_drops_two_originals_and_restarts_node_by_n
 
     // Rolling restart: SIGTERM each node, start it again, wait until it is back.
     for id in [3, 4, 5] {
+        phases.push((Instant::now(), format!("restarting node {id}")));
         let before = acks();
         cluster.terminate(id);
         cluster.start(id);
@@ -274,14 +279,20 @@ fn a_cluster_under_load_grows_to_five_drops_two_originals_and_restarts_node_by_n
     stop.store(true, Ordering::Relaxed);
     let failed = producer.join().expect("producer thread");
     let acked = std::mem::take(&mut *acked.lock().expect("acked"));
-    let longest = acked
+    let (longest, gap_end) = acked
         .windows(2)
-        .map(|w| w[1].1.duration_since(w[0].1))
+        .map(|w| (w[1].1.duration_since(w[0].1), w[1].1))
         .max()
-        .unwrap_or_default();
+        .unwrap_or((Duration::ZERO, started));
+    let gap_start = gap_end - longest;
+    let during = phases
+        .iter()
+        .rev()
+        .find(|(at, _)| *at <= gap_start)
+        .map_or("steady", |(_, what)| what.as_str());
     eprintln!(
         "membership e2e: {} sends acknowledged, {failed} failed (timed out or refused); longest \
-         time without an acknowledged send {} ms; {:.1} s in all",
+         time without an acknowledged send {} ms, beginning while {during}; {:.1} s in all",
         acked.len(),
         longest.as_millis(),
         started.elapsed().as_secs_f64()

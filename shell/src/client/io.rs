@@ -230,9 +230,20 @@ impl ClientIo {
             return;
         }
         self.nodes_asked_at = Some(now);
-        // Every node at once: a connect to a dead one only fails later, and the first answer
-        // is enough.
-        for node in self.node_ids() {
+        // The servers this client already talks to; with none, every node at once (a connect
+        // to a dead one only fails later, and the first answer is enough).
+        let connected: Vec<NodeId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.hello_seen)
+            .map(|(node, _)| *node)
+            .collect();
+        let targets = if connected.is_empty() {
+            self.node_ids()
+        } else {
+            connected
+        };
+        for node in targets {
             if self.conn(node).is_some() {
                 let id = self.next_own_id;
                 self.next_own_id += 1;
@@ -432,6 +443,8 @@ impl ClientIo {
             .map(|e| e.token().0 as NodeId)
             .collect();
         let mut broken = Vec::new();
+        // Nothing listens there (a node down): not a server that dropped a plaintext client.
+        let mut refused = BTreeSet::new();
         let mut own = Vec::new();
         for node in ready {
             let Some(conn) = self.conns.get_mut(&node) else {
@@ -449,6 +462,9 @@ impl ClientIo {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         debug!(node, "read: {e}");
+                        if e.kind() == io::ErrorKind::ConnectionRefused {
+                            refused.insert(node);
+                        }
                         if e.kind() == io::ErrorKind::InvalidData {
                             // A TLS failure: a server that is not what it claims is as good
                             // as a refusal, and retrying it will not help.
@@ -502,6 +518,7 @@ impl ClientIo {
             // cluster that requires TLS: say so rather than retry until the timeout.
             if self.tls.is_none()
                 && self.refusal.is_none()
+                && !refused.contains(&node)
                 && self.conns.get(&node).is_some_and(|c| !c.hello_seen)
             {
                 self.refusal = Some(format!(

@@ -184,16 +184,20 @@ fn a_cluster_under_load_grows_to_five_drops_two_originals_and_restarts_node_by_n
             let mut producer = Producer::with_settings(config, settings).expect("producer");
             let mut i = 0u64;
             let mut failed = 0u64;
+            let mut first_failure = None;
             while !stop.load(Ordering::Relaxed) {
                 let body = format!("m{i:06}");
                 i += 1;
                 let message = Message::with_body(Bytes::from(body.clone()));
                 match producer.send(TOPIC, vec![message]) {
                     Ok(_) => acked.lock().expect("acked").push((body, Instant::now())),
-                    Err(_) => failed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        first_failure.get_or_insert_with(|| e.to_string());
+                    }
                 }
             }
-            failed
+            (failed, first_failure)
         })
     };
     let acks = || acked.lock().expect("acked").len();
@@ -277,7 +281,10 @@ fn a_cluster_under_load_grows_to_five_drops_two_originals_and_restarts_node_by_n
         );
     }
     stop.store(true, Ordering::Relaxed);
-    let failed = producer.join().expect("producer thread");
+    let (failed, first_failure) = producer.join().expect("producer thread");
+    if let Some(why) = first_failure {
+        eprintln!("membership e2e: the first failed send: {why}");
+    }
     let acked = std::mem::take(&mut *acked.lock().expect("acked"));
     let (longest, gap_end) = acked
         .windows(2)

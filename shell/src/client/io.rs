@@ -529,6 +529,11 @@ impl ClientIo {
             }
             self.drop_conn(node);
         }
+        if !refused.is_empty() {
+            // A node down may be one the node table removed: look, so the machine stops
+            // choosing it.
+            self.nodes_wanted = true;
+        }
         for nodes in own {
             self.learned_nodes(nodes);
         }

@@ -71,7 +71,15 @@ fn a_joined_node_is_added_promoted_and_an_original_removed_within_the_replicatio
     }
 
     refused(
-        change(&mut cluster, 1, ConfChange::AddLearner(4), false),
+        ask_leader(
+            &mut cluster,
+            1,
+            Request::ChangeMembership {
+                group: 1,
+                change: ConfChange::AddLearner(4),
+                force: false,
+            },
+        ),
         "no address in the node table",
     );
     let version = cluster.nodes[&1].node_table_version();

@@ -28,6 +28,9 @@ pub const CONSUMER_GROUPS_MAX: usize = 10_000;
 /// Members (voters and learners) of one Raft group's configuration: bounds the configuration
 /// entries and snapshot headers a peer can make a replica decode.
 pub const GROUP_MEMBERS_MAX: usize = 64;
+/// Records of the metadata group's node table (nodes added at runtime, and ids removed, which
+/// are never reused).
+pub const NODES_RECORDED_MAX: usize = 1_024;
 /// Live members of one consumer group.
 pub const MEMBERS_PER_GROUP_MAX: usize = 1_024;
 /// The longest consumer member id, in bytes.

@@ -778,6 +778,7 @@ impl Broker {
                 assert!(self.meta.placement(&topic).is_none());
                 return;
             }
+            MetaCommand::AddNode { .. } | MetaCommand::RemoveNode { .. } => return,
         };
         let existing = self.topics.get(&topic).copied();
         let applied = self.meta.apply(command, &broker_groups);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use holdfast_core::broker::{QueueId, SeekTo};
 use holdfast_core::node::protocol::{ConsumerProgress, QueueHolder, Request, Response};
-use holdfast_core::raft::{GroupId, NodeId};
+use holdfast_core::raft::{ConfChange, GroupId, NodeId};
 use serde_json::json;
 
 use crate::client::{Admin, ClientConfig, ClientError};
@@ -477,4 +477,367 @@ pub fn dlq_redrive(config: ClientConfig, group: &str, json: bool) -> Result<(), 
         );
     }
     Ok(())
+}
+
+// ----- nodes: add, remove, replace -----
+
+/// A group as its leader reports it: its configuration and each member's progress.
+#[derive(Clone, Debug)]
+pub struct GroupMembers {
+    pub group: GroupId,
+    pub leader: NodeId,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub commit_index: u64,
+    pub matches: Vec<(NodeId, u64)>,
+    pub replication_factor: u32,
+}
+
+/// Every group's configuration, from its leader (every group must have one that answers).
+fn members_of_groups(admin: &mut Admin, wait: Duration) -> Result<Vec<GroupMembers>, Failed> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let mut found: BTreeMap<GroupId, GroupMembers> = BTreeMap::new();
+        let mut groups_seen = std::collections::BTreeSet::new();
+        for node in admin.node_ids() {
+            let Some(Response::Status { node, groups }) = admin.ask(node, Request::Status) else {
+                if let Some(why) = admin.refusal() {
+                    return Err(Failed::refused(format!("refused: {why}")));
+                }
+                continue;
+            };
+            for g in groups {
+                groups_seen.insert(g.group);
+                if g.role == "Leader" {
+                    found.insert(
+                        g.group,
+                        GroupMembers {
+                            group: g.group,
+                            leader: node,
+                            voters: g.voters,
+                            learners: g.learners,
+                            commit_index: g.commit_index,
+                            matches: g.matches,
+                            replication_factor: g.replication_factor,
+                        },
+                    );
+                }
+            }
+        }
+        if !groups_seen.is_empty() && groups_seen.iter().all(|g| found.contains_key(g)) {
+            return Ok(found.into_values().collect());
+        }
+        if std::time::Instant::now() >= deadline {
+            let missing: Vec<_> = groups_seen
+                .difference(&found.keys().copied().collect())
+                .copied()
+                .collect();
+            return Err(Failed::new(
+                Failure::Timeout,
+                if groups_seen.is_empty() {
+                    "no server answered".to_string()
+                } else {
+                    format!("no leader answered for groups {missing:?}")
+                },
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Proposes one configuration change to `group`'s leader and waits until it commits,
+/// retrying while the leader asks for it (a change pending, a leader new in its term) until
+/// `deadline`. A change found already made (after an answer lost) counts as made.
+fn change_membership(
+    admin: &mut Admin,
+    group: GroupId,
+    change: ConfChange,
+    force: bool,
+    deadline: std::time::Instant,
+) -> Result<(), Failed> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(Failed::new(
+                Failure::Timeout,
+                format!("group {group}: could not {change} in time"),
+            ));
+        }
+        let request = Request::ChangeMembership {
+            group,
+            change,
+            force,
+        };
+        match admin.ask_leader_of(group, request, left.min(ADMIN_WAIT)) {
+            Ok(Response::MembershipChanged { .. }) => return Ok(()),
+            Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+            Err(ClientError::Refused(why)) => {
+                let done = match change {
+                    ConfChange::AddLearner(_) => why.contains("already a member"),
+                    ConfChange::Remove(_) => why.contains("is not a member"),
+                    ConfChange::Promote(id) => {
+                        why.contains("is not a learner")
+                            && members_of_groups(admin, ADMIN_WAIT)?
+                                .iter()
+                                .any(|g| g.group == group && g.voters.contains(&id))
+                    }
+                };
+                if done {
+                    return Ok(());
+                }
+                if why.contains("retry") || why.contains("one change at a time") {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                return Err(Failed::refused(why));
+            }
+            Err(ClientError::Timeout) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn print_groups(admin: &mut Admin, json: bool, node: NodeId, what: &str) -> Result<(), Failed> {
+    let groups = members_of_groups(admin, ADMIN_WAIT)?;
+    if json {
+        let rows: Vec<_> = groups
+            .iter()
+            .map(|g| json!({"group": g.group, "leader": g.leader, "voters": g.voters, "learners": g.learners}))
+            .collect();
+        json_line(&json!({"node": node, "done": what, "groups": rows}));
+    } else {
+        for g in &groups {
+            out!(
+                "  group {:<3} leader {:<3} voters {:?} learners {:?}",
+                g.group,
+                g.leader,
+                g.voters,
+                g.learners
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `host:port` with the port moved by `offset` (a node's default peer address).
+pub fn default_peer_addr(client_addr: &str) -> Result<String, Failed> {
+    let addr = crate::config::resolve_addr(client_addr).map_err(Failed::refused)?;
+    let (host, _) = client_addr
+        .rsplit_once(':')
+        .ok_or_else(|| Failed::refused(format!("{client_addr:?} is not host:port")))?;
+    let port = addr
+        .port()
+        .checked_add(crate::config::PEER_PORT_OFFSET)
+        .ok_or_else(|| Failed::refused(format!("{client_addr}: give --peer-addr")))?;
+    Ok(format!("{host}:{port}"))
+}
+
+/// Adds node `id` to the cluster: records its addresses in the node table (so every node can
+/// reach it), then, group by group, adds it as a learner, waits until it holds the log up to
+/// the commit index and promotes it to voter. Run again after an interruption, it goes on
+/// where it stopped.
+pub fn node_add(
+    config: ClientConfig,
+    id: NodeId,
+    client_addr: &str,
+    peer_addr: Option<&str>,
+    wait: Duration,
+    json: bool,
+) -> Result<(), Failed> {
+    let deadline = std::time::Instant::now() + wait;
+    let peer_addr = match peer_addr {
+        Some(addr) => {
+            crate::config::resolve_addr(addr).map_err(Failed::refused)?;
+            addr.to_string()
+        }
+        None => default_peer_addr(client_addr)?,
+    };
+    crate::config::resolve_addr(client_addr).map_err(Failed::refused)?;
+    let mut admin = Admin::connect(config)?;
+    let request = Request::AddNode {
+        id,
+        client_addr: client_addr.to_string(),
+        peer_addr: peer_addr.clone(),
+    };
+    match admin.ask_leader(request, ADMIN_WAIT) {
+        Ok(Response::Nodes { .. }) => {}
+        Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+        Err(ClientError::Refused(why)) => return Err(Failed::refused(format!("node {id}: {why}"))),
+        Err(e) => return Err(e.into()),
+    }
+    if !json {
+        out!("node {id} recorded at {client_addr} (peers {peer_addr}); adding it to every group");
+    }
+    for g in members_of_groups(&mut admin, ADMIN_WAIT)? {
+        if g.voters.contains(&id) {
+            continue;
+        }
+        if !g.learners.contains(&id) {
+            change_membership(
+                &mut admin,
+                g.group,
+                ConfChange::AddLearner(id),
+                false,
+                deadline,
+            )?;
+            if !json {
+                out!("  group {}: node {id} added as a learner", g.group);
+            }
+        }
+        // Promotion is refused until the learner holds the log up to the commit index.
+        let mut reported = std::time::Instant::now();
+        loop {
+            let request = Request::ChangeMembership {
+                group: g.group,
+                change: ConfChange::Promote(id),
+                force: false,
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Failed::new(
+                    Failure::Timeout,
+                    format!(
+                        "group {}: node {id} did not catch up in {} s (is it running, with \
+                         `initial_cluster_state = \"join\"`?); run the command again to go on",
+                        g.group,
+                        wait.as_secs()
+                    ),
+                ));
+            }
+            match admin.ask_leader_of(g.group, request, left.min(ADMIN_WAIT)) {
+                Ok(Response::MembershipChanged { .. }) => break,
+                Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+                Err(ClientError::Refused(why)) if why.contains("is not a learner") => break,
+                Err(ClientError::Refused(why))
+                    if why.contains("retry") || why.contains("one change") =>
+                {
+                    if !json && reported.elapsed() >= Duration::from_secs(5) {
+                        out!("  group {}: waiting: {why}", g.group);
+                        reported = std::time::Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(ClientError::Refused(why)) => {
+                    return Err(Failed::refused(format!("group {}: {why}", g.group)));
+                }
+                Err(ClientError::Timeout) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !json {
+            out!(
+                "  group {}: node {id} caught up and promoted to voter",
+                g.group
+            );
+        }
+    }
+    if !json {
+        out!("node {id} is a voter of every group");
+    }
+    print_groups(&mut admin, json, id, "added")
+}
+
+/// Removes node `id` from every group (handing over the groups it leads first), then records
+/// it as removed in the node table: the other nodes forget it, and its id is never used
+/// again. Refused before any change if a group would be left with fewer voters than the
+/// replication factor, unless `force`.
+pub fn node_remove(
+    config: ClientConfig,
+    id: NodeId,
+    force: bool,
+    wait: Duration,
+    json: bool,
+) -> Result<(), Failed> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut admin = Admin::connect(config)?;
+    let groups = members_of_groups(&mut admin, ADMIN_WAIT)?;
+    let short: Vec<String> = groups
+        .iter()
+        .filter(|g| g.voters.contains(&id))
+        .filter(|g| g.voters.len() - 1 < g.replication_factor as usize)
+        .map(|g| {
+            format!(
+                "group {} would keep {} voter(s) of a replication factor of {}",
+                g.group,
+                g.voters.len() - 1,
+                g.replication_factor
+            )
+        })
+        .collect();
+    if !short.is_empty() && !force {
+        return Err(Failed::refused(format!(
+            "removing node {id}: {}; add a node first (`holdfast node add`, or `node replace`), \
+             or --force",
+            short.join("; ")
+        )));
+    }
+    for line in &short {
+        eprintln!("warning: --force: {line}");
+    }
+    for g in &groups {
+        if !g.voters.contains(&id) && !g.learners.contains(&id) {
+            continue;
+        }
+        if g.leader == id
+            && let Some(to) = g.voters.iter().copied().find(|v| *v != id)
+        {
+            // A leader may remove itself, but the group then waits for an election.
+            let request = Request::TransferLeader { group: g.group, to };
+            if let Ok(Response::TransferStarted { .. }) =
+                admin.ask_leader_of(g.group, request, ADMIN_WAIT)
+            {
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while std::time::Instant::now() < until {
+                    if let Some(Response::Status { groups, .. }) = admin.ask(to, Request::Status)
+                        && groups
+                            .iter()
+                            .any(|s| s.group == g.group && s.role == "Leader")
+                    {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        change_membership(&mut admin, g.group, ConfChange::Remove(id), force, deadline)?;
+        if !json {
+            out!("  group {}: node {id} removed", g.group);
+        }
+    }
+    match admin.ask_leader(Request::RemoveNode { id, force }, ADMIN_WAIT) {
+        Ok(Response::Nodes { .. }) => {}
+        Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
+        Err(ClientError::Refused(why)) => return Err(Failed::refused(format!("node {id}: {why}"))),
+        Err(e) => return Err(e.into()),
+    }
+    if !json {
+        out!(
+            "node {id} removed from the cluster: the other nodes closed its links and refuse it; \
+             stop it and wipe its data directory (its id is never used again)"
+        );
+    }
+    print_groups(&mut admin, json, id, "removed")
+}
+
+/// Replaces node `old` (its disk lost, or its machine retired) by node `new` at `client_addr`:
+/// adds `new` to every group and promotes it, then removes `old`, so no group is ever below its
+/// size. `new` is a fresh id (a node whose disk was lost must not vote again under its old id).
+pub fn node_replace(
+    config: ClientConfig,
+    old: NodeId,
+    new: NodeId,
+    client_addr: &str,
+    peer_addr: Option<&str>,
+    wait: Duration,
+    json: bool,
+) -> Result<(), Failed> {
+    if old == new {
+        return Err(Failed::refused(format!(
+            "node {old} cannot replace itself: a node that lost its disk lost its vote promises, \
+             so it rejoins under a new id (start it with a new id and `initial_cluster_state = \
+             \"join\"`)"
+        )));
+    }
+    node_add(config.clone(), new, client_addr, peer_addr, wait, json)?;
+    node_remove(config, old, false, wait, json)
 }

@@ -188,7 +188,7 @@ impl Principal {
         }
         let name = &self.name;
         match request {
-            Request::Route { .. } | Request::Topics | Request::Status => Ok(()),
+            Request::Route { .. } | Request::Topics | Request::Status | Request::Nodes => Ok(()),
             Request::CreateTopic { topic, .. } => Err(format!(
                 "not authorised: principal {name} may not create topic {topic} (not admin)"
             )),
@@ -207,6 +207,13 @@ impl Principal {
             }
             Request::TransferLeader { group, .. } => Err(format!(
                 "not authorised: principal {name} may not move group {group}'s leader (not admin)"
+            )),
+            Request::ChangeMembership { group, .. } => Err(format!(
+                "not authorised: principal {name} may not change group {group}'s members (not \
+                 admin)"
+            )),
+            Request::AddNode { id, .. } | Request::RemoveNode { id, .. } => Err(format!(
+                "not authorised: principal {name} may not add or remove node {id} (not admin)"
             )),
             Request::Heartbeat { group, topic, .. } => {
                 self.may_consume_as(group)?;
@@ -385,11 +392,24 @@ mod tests {
             group: "billing".into(),
             force: true,
         };
-        for request in [seek, delete] {
+        // So are the cluster's members; anyone may read the node table.
+        let change = Request::ChangeMembership {
+            group: 0,
+            change: holdfast_core::raft::ConfChange::AddLearner(4),
+            force: false,
+        };
+        let add = Request::AddNode {
+            id: 4,
+            client_addr: "h:1".into(),
+            peer_addr: "h:2".into(),
+        };
+        let remove = Request::RemoveNode { id: 2, force: true };
+        for request in [seek, delete, change, add, remove] {
             assert_eq!(root.authorise(&request), Ok(()));
             let why = billing.authorise(&request).expect_err("not admin");
             assert!(why.contains("not admin"), "{why}");
         }
+        assert_eq!(billing.authorise(&Request::Nodes), Ok(()));
     }
 
     #[test]

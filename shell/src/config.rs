@@ -83,6 +83,10 @@ pub struct ServerConfig {
     /// on every node: applying the log depends on it.
     #[serde(default)]
     pub max_reconsume: Option<u32>,
+    /// A group is not shrunk below this many voters by `holdfast node remove` unless forced.
+    /// Default: 3, or fewer if `[nodes]` lists fewer.
+    #[serde(default)]
+    pub replication_factor: Option<usize>,
 }
 
 fn default_true() -> bool {
@@ -177,6 +181,11 @@ pub enum InitialClusterState {
     /// The cluster already runs: an empty data directory means this node lost its disk, so
     /// it rejoins without ever voting again (its vote promises went with the disk).
     Existing,
+    /// The cluster already runs and this node is new to it (`holdfast node add` adds it): its
+    /// replicas start with no configuration of their own, never campaign, and learn each
+    /// group's configuration from its leader. `[nodes]` lists the nodes it can reach first,
+    /// itself included.
+    Join,
 }
 
 impl std::fmt::Display for InitialClusterState {
@@ -184,6 +193,7 @@ impl std::fmt::Display for InitialClusterState {
         f.write_str(match self {
             InitialClusterState::New => "new",
             InitialClusterState::Existing => "existing",
+            InitialClusterState::Join => "join",
         })
     }
 }
@@ -365,6 +375,9 @@ impl ServerConfig {
         config.broker.cache_bytes_max = self.cache_bytes;
         if let Some(max) = self.max_reconsume {
             config.broker.max_reconsume = max;
+        }
+        if let Some(factor) = self.replication_factor {
+            config.replication_factor = factor.max(1);
         }
         config
     }

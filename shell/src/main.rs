@@ -73,7 +73,8 @@ enum Command {
         data_dir: Option<PathBuf>,
         /// Overrides `initial_cluster_state`: what an empty data directory means. `new` (the
         /// default): a first start. `existing`: this node's disk was lost; it rejoins, follows
-        /// and stores data, but never votes again. Ignored once the directory is initialised.
+        /// and stores data, but never votes again. `join`: a new node for `holdfast node add`.
+        /// Ignored once the directory is initialised.
         #[arg(long, value_enum)]
         initial_cluster_state: Option<InitialClusterState>,
         /// Overrides `metrics_addr`: serve Prometheus metrics on http://ADDR/metrics and a
@@ -163,7 +164,13 @@ enum Command {
         #[command(flatten)]
         servers: Servers,
     },
-    /// Nodes, groups, leaders, terms and commit indexes.
+    /// Add, remove or replace a node of a running cluster (admin only).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Nodes, groups, leaders, terms and commit indexes; each group's voters and learners,
+    /// and on its leader how far each member's log matches (`match`).
     Status {
         #[command(flatten)]
         servers: Servers,
@@ -237,6 +244,65 @@ enum GroupCommand {
         to: u64,
         #[command(flatten)]
         servers: Servers,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Adds node ID, serving clients at ADDR: records its addresses in the node table (every
+    /// node then links to it), adds it to every group as a learner, and promotes it to voter
+    /// once it holds the group's log. Start it first with `initial_cluster_state = "join"`.
+    /// Run again after an interruption, it goes on where it stopped.
+    Add {
+        id: u64,
+        /// Its client address, host:port.
+        addr: String,
+        /// Its address for the other nodes (default: the client port + 100).
+        #[arg(long, value_name = "HOST:PORT")]
+        peer_addr: Option<String>,
+        /// Give up after this many seconds (a large log takes a while to copy).
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Removes node ID from every group (handing over the groups it leads first), then from
+    /// the node table: the others close its links and refuse it, and its id is never used
+    /// again. Refused if a group would keep fewer voters than the replication factor, unless
+    /// --force.
+    Remove {
+        id: u64,
+        /// Remove it even if a group is left below its replication factor.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Replaces node ID (its disk lost, or its machine retired) by a new node NEW at ADDR: adds
+    /// and promotes NEW everywhere, then removes ID, so no group drops below its size. A node
+    /// whose disk was lost comes back under a new id: its old vote promises are gone.
+    Replace {
+        id: u64,
+        /// The new node's id (never one used before).
+        #[arg(long = "with", value_name = "NEW")]
+        new: u64,
+        /// The new node's client address, host:port.
+        #[arg(long)]
+        addr: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        peer_addr: Option<String>,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -512,6 +578,53 @@ fn run(cli: Cli) -> Result<(), Failed> {
             }
             Ok(())
         }
+        Command::Node { command } => match command {
+            NodeCommand::Add {
+                id,
+                addr,
+                peer_addr,
+                timeout,
+                servers: s,
+                output,
+            } => holdfast_shell::admin::node_add(
+                servers(&s)?,
+                id,
+                &addr,
+                peer_addr.as_deref(),
+                Duration::from_secs(timeout),
+                output.json(),
+            ),
+            NodeCommand::Remove {
+                id,
+                force,
+                timeout,
+                servers: s,
+                output,
+            } => holdfast_shell::admin::node_remove(
+                servers(&s)?,
+                id,
+                force,
+                Duration::from_secs(timeout),
+                output.json(),
+            ),
+            NodeCommand::Replace {
+                id,
+                new,
+                addr,
+                peer_addr,
+                timeout,
+                servers: s,
+                output,
+            } => holdfast_shell::admin::node_replace(
+                servers(&s)?,
+                id,
+                new,
+                &addr,
+                peer_addr.as_deref(),
+                Duration::from_secs(timeout),
+                output.json(),
+            ),
+        },
         Command::Status { servers: s, output } => status(servers(&s)?, output.json()),
         Command::Bench(args) => Ok(bench::run(args)?),
     }
@@ -792,15 +905,16 @@ fn print_receipt(receipt: &SendReceipt, json: bool) {
 }
 
 fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
-    let servers = config.servers.clone();
     let mut admin = Admin::connect(config)?;
     // Consumer progress as each broker group's leader has applied it: (group, consumer
     // group) -> (messages waiting, queues).
     let mut lag: BTreeMap<(u64, String), (u64, usize)> = BTreeMap::new();
     let mut nodes_json = Vec::new();
     let mut answered = 0;
-    for (i, addr) in servers.iter().enumerate() {
-        let node = i as u64 + 1;
+    for node in admin.node_ids() {
+        let addr = admin
+            .addr_of(node)
+            .map_or_else(|| "?".to_string(), |a| a.to_string());
         match admin.ask(node, Request::Status) {
             Some(Response::Status { node, groups }) => {
                 answered += 1;
@@ -820,6 +934,9 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
                             "applied_index": g.applied_index,
                             "last_index": g.last_index,
                             "snapshot_index": g.snapshot_index,
+                            "voters": g.voters,
+                            "learners": g.learners,
+                            "matches": g.matches.iter().map(|(n, m)| json!({"node": n, "match_index": m})).collect::<Vec<_>>(),
                         }));
                     } else {
                         out!(
@@ -832,6 +949,18 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
                             g.applied_index,
                             g.last_index,
                             g.snapshot_index
+                        );
+                        let matches: Vec<String> =
+                            g.matches.iter().map(|(n, m)| format!("{n}@{m}")).collect();
+                        out!(
+                            "            voters {:?} learners {:?}{}",
+                            g.voters,
+                            g.learners,
+                            if matches.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" match {}", matches.join(" "))
+                            }
                         );
                     }
                     if g.role == "Leader" {
@@ -853,7 +982,7 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
                 }
                 nodes_json.push(json!({
                     "node": node,
-                    "addr": addr.to_string(),
+                    "addr": addr.clone(),
                     "answered": true,
                     "groups": groups_json,
                 }));
@@ -866,7 +995,7 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
                     }
                     nodes_json.push(json!({
                         "node": node,
-                        "addr": addr.to_string(),
+                        "addr": addr.clone(),
                         "answered": false,
                     }));
                 }

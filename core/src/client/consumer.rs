@@ -198,6 +198,14 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// The nodes to ask when no leader is known: the cluster's nodes as the driver learned
+    /// them (nodes added or removed at runtime). An empty list changes nothing.
+    pub fn set_nodes(&mut self, nodes: Vec<crate::raft::NodeId>) {
+        if !nodes.is_empty() {
+            self.config.nodes = nodes;
+        }
+    }
+
     pub fn new(config: ConsumerConfig, now: Instant) -> Consumer {
         let mut consumer = Consumer {
             config,

@@ -116,6 +116,14 @@ pub struct Producer {
 }
 
 impl Producer {
+    /// The nodes to ask when no leader is known: the cluster's nodes as the driver learned
+    /// them (nodes added or removed at runtime). An empty list changes nothing.
+    pub fn set_nodes(&mut self, nodes: Vec<crate::raft::NodeId>) {
+        if !nodes.is_empty() {
+            self.config.nodes = nodes;
+        }
+    }
+
     pub fn new(config: ProducerConfig) -> Producer {
         Producer {
             config,

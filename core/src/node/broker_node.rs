@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 
 use super::membership::{Allocation, LeaseClocks, Membership, PullAsk, PullVerdict};
-use super::metadata::{METADATA_GROUP, MetaCommand, MetaState, TopicApplied};
+use super::metadata::{
+    METADATA_GROUP, MetaCommand, MetaState, NodeApplied, NodeRecord, TopicApplied,
+};
 use super::protocol::{
     ClientId, ConsumerProgress, GroupStatus, QueueHolder, Request, RequestId, Response, Route,
 };
@@ -28,9 +30,9 @@ use crate::limits::{
     REDRIVE_MESSAGES_MAX, SEND_MESSAGES_MAX, STATUS_CONSUMERS_MAX, check_member, check_name,
 };
 use crate::raft::{
-    Canary, Config, Entry, EntryKind, Envelope, GroupId, Index, NodeId, ProposalId,
-    ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role, Snapshot, Term,
-    TransferError, Write,
+    Canary, ConfChange, Config, Entry, EntryKind, Envelope, GroupId, Index, MembershipError,
+    NodeId, ProposalId, ProposalOutcome, ProposeError, RaftEvent, Recovered, Replica, Role,
+    Snapshot, Term, TransferError, Write,
 };
 use crate::time::Instant;
 
@@ -123,8 +125,16 @@ pub const LEADER_BALANCE_INTERVAL_MS_DEFAULT: u64 = 3_000;
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
-    /// Every node of the cluster; each hosts a replica of every group.
+    /// The nodes of the cluster's first configuration; each hosts a replica of every group.
+    /// Nodes added later are in the metadata group's node table.
     pub nodes: Vec<NodeId>,
+    /// This node joined a running cluster (it is not among `nodes`' first configuration): its
+    /// replicas start with no configuration of their own, so they neither campaign nor count
+    /// themselves, and learn each group's configuration from its leader's log or snapshot.
+    pub joined: bool,
+    /// A `ChangeMembership` removal that leaves a group fewer voters than this is refused
+    /// unless forced: each group is meant to survive `(replication_factor - 1) / 2` failures.
+    pub replication_factor: usize,
     /// Broker groups, numbered from 1 (the metadata group is 0).
     pub broker_groups: Vec<GroupId>,
     pub broker: BrokerConfig,
@@ -166,6 +176,8 @@ impl NodeConfig {
         NodeConfig {
             id,
             raft: Config::new(id, METADATA_GROUP, nodes.clone()),
+            joined: false,
+            replication_factor: nodes.len().clamp(1, 3),
             nodes,
             broker_groups: (1..=broker_groups).collect(),
             broker: BrokerConfig::default(),
@@ -314,6 +326,8 @@ enum Applied {
         topic: String,
         result: Result<TopicApplied, String>,
     },
+    /// A node-table command: the table after it, or why it was refused.
+    NodeTable(Result<Vec<NodeRecord>, String>),
 }
 
 /// A client request inside a proposed entry.
@@ -353,6 +367,8 @@ struct Group {
     /// When each consumer group's members were last heard from by this leader, at most
     /// `GROUP_ACTIVITY_ENTRIES_MAX`.
     group_seen: BTreeMap<String, Instant>,
+    /// Configuration changes proposed for clients, answered when their fate is known.
+    config_waiters: BTreeMap<ProposalId, (ClientId, RequestId)>,
 }
 
 struct ParkedPull {
@@ -401,6 +417,8 @@ pub struct BrokerNode {
     store_reads: VecDeque<StoreRead>,
     pending_reads: BTreeMap<u64, PendingRead>,
     next_read: u64,
+    /// Rises whenever the applied node table changes (see [`BrokerNode::node_table`]).
+    node_table_version: u64,
 }
 
 impl BrokerNode {
@@ -419,7 +437,11 @@ impl BrokerNode {
                 let mut raft_config = config.raft.clone();
                 raft_config.id = config.id;
                 raft_config.group = group;
-                raft_config.voters = config.nodes.clone();
+                raft_config.voters = if config.joined {
+                    Vec::new()
+                } else {
+                    config.nodes.clone()
+                };
                 raft_config.canary = config.canary;
                 let disk = recovered.remove(&group).unwrap_or_default();
                 let mut machine = if group == METADATA_GROUP {
@@ -460,6 +482,7 @@ impl BrokerNode {
                     trim_checked_at: None,
                     led_since: None,
                     group_seen: BTreeMap::new(),
+                    config_waiters: BTreeMap::new(),
                 };
                 (group, group_state)
             })
@@ -486,6 +509,7 @@ impl BrokerNode {
             store_reads: VecDeque::new(),
             pending_reads: BTreeMap::new(),
             next_read: 1,
+            node_table_version: 1,
         };
         node.settle(now);
         node
@@ -509,6 +533,37 @@ impl BrokerNode {
 
     pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
         self.groups.keys().copied()
+    }
+
+    /// The metadata group's node table as this node has applied it: nodes added at runtime
+    /// with their addresses, and ids removed for good. A driver links to the added nodes and
+    /// forgets the removed ones whenever [`BrokerNode::node_table_version`] rises.
+    pub fn node_table(&self) -> Vec<NodeRecord> {
+        match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+            Some(Machine::Meta(meta)) => meta.nodes().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Rises whenever the applied node table may have changed (an entry or a snapshot).
+    pub fn node_table_version(&self) -> u64 {
+        self.node_table_version
+    }
+
+    /// Nodes a group may add: the first configuration's and those the node table added.
+    fn node_known(&self, id: NodeId) -> Result<(), String> {
+        let record = self.node_table().into_iter().find(|r| r.id == id);
+        match record {
+            Some(r) if r.removed => Err(format!(
+                "node {id} was removed from this cluster and its id is never used again"
+            )),
+            Some(_) => Ok(()),
+            None if self.config.nodes.contains(&id) => Ok(()),
+            None => Err(format!(
+                "node {id} has no address in the node table: record it first (`holdfast node \
+                 add` does); if it was just recorded, retry: this node has not applied it yet"
+            )),
+        }
     }
 
     /// Pulls waiting for messages or for their queue's lease.
@@ -723,7 +778,17 @@ impl BrokerNode {
                             Machine::Meta(_) => Vec::new(),
                         };
                         holders_left -= holders.len();
+                        let membership = g.raft.membership().1;
+                        let matches = if s.role == Role::Leader {
+                            g.raft.progress_matches().into_iter().collect()
+                        } else {
+                            Vec::new()
+                        };
                         GroupStatus {
+                            voters: membership.voters.iter().copied().collect(),
+                            learners: membership.learners.iter().copied().collect(),
+                            matches,
+                            replication_factor: self.config.replication_factor as u32,
                             consumers,
                             holders,
                             group: *group,
@@ -989,6 +1054,80 @@ impl BrokerNode {
                 };
                 self.propose_group_command(client, id, broker, &group, command);
             }
+            Request::ChangeMembership {
+                group,
+                change,
+                force,
+            } => self.change_membership(now, client, id, group, change, force),
+            Request::Nodes => {
+                let nodes = self.node_table();
+                self.responses
+                    .push_back((client, id, Response::Nodes { nodes }));
+            }
+            Request::AddNode {
+                id: node,
+                client_addr,
+                peer_addr,
+            } => {
+                if let Some(response) = self.not_leader(METADATA_GROUP) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let checked = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+                    Some(Machine::Meta(meta)) => {
+                        meta.check_add_node(node, &client_addr, &peer_addr)
+                    }
+                    _ => Err("no metadata group".into()),
+                };
+                let checked = checked.and_then(|applied| {
+                    if self.config.nodes.contains(&node) {
+                        Err(format!(
+                            "node {node} is a node of the cluster's first configuration"
+                        ))
+                    } else {
+                        Ok(applied)
+                    }
+                });
+                match checked {
+                    Err(why) => self.refuse(client, id, why),
+                    Ok(NodeApplied::Unchanged) => {
+                        let nodes = self.node_table();
+                        self.responses
+                            .push_back((client, id, Response::Nodes { nodes }));
+                    }
+                    Ok(NodeApplied::Changed) => {
+                        let command = MetaCommand::AddNode {
+                            id: node,
+                            client_addr,
+                            peer_addr,
+                        };
+                        self.enqueue_meta(client, id, &command);
+                    }
+                }
+            }
+            Request::RemoveNode { id: node, force } => {
+                if let Some(response) = self.not_leader(METADATA_GROUP) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
+                let still: Vec<GroupId> = self
+                    .groups
+                    .iter()
+                    .filter(|(_, g)| g.raft.membership().1.contains(node))
+                    .map(|(group, _)| *group)
+                    .collect();
+                if !still.is_empty() && !force {
+                    return self.refuse(
+                        client,
+                        id,
+                        format!(
+                            "node {node} is still a member of groups {still:?}: remove it from \
+                             them first (`holdfast node remove` does), or force"
+                        ),
+                    );
+                }
+                self.enqueue_meta(client, id, &MetaCommand::RemoveNode { id: node });
+            }
             Request::Pull {
                 broker,
                 group,
@@ -1018,6 +1157,76 @@ impl BrokerNode {
                 };
                 self.pull(now, client, id, pull)
             }
+        }
+    }
+
+    /// Queues a metadata command for a client that waits for its outcome.
+    fn enqueue_meta(&mut self, client: ClientId, id: RequestId, command: &MetaCommand) {
+        // Numbers and short strings always encode.
+        let bytes = Bytes::from(postcard::to_allocvec(command).unwrap_or_default());
+        let waiter = Waiter {
+            client,
+            request: id,
+            queue: None,
+        };
+        self.enqueue(METADATA_GROUP, Some(waiter), bytes);
+    }
+
+    /// An operator's single-server change of `group`'s configuration, on its leader.
+    fn change_membership(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        id: RequestId,
+        group: GroupId,
+        change: ConfChange,
+        force: bool,
+    ) {
+        let known = match change {
+            ConfChange::AddLearner(node) => self.node_known(node),
+            ConfChange::Promote(_) | ConfChange::Remove(_) => Ok(()),
+        };
+        if let Err(why) = known {
+            return self.refuse(client, id, why);
+        }
+        let factor = self.config.replication_factor;
+        let proposal = self.next_proposal;
+        let Some(g) = self.groups.get_mut(&group) else {
+            return self.refuse(client, id, format!("no group {group}"));
+        };
+        if let ConfChange::Remove(node) = change {
+            let voters = g.raft.membership().1.voters.len();
+            let after = voters - usize::from(g.raft.membership().1.is_voter(node));
+            if after < factor && !force && g.raft.status().role == Role::Leader {
+                return self.refuse(
+                    client,
+                    id,
+                    format!(
+                        "removing node {node} leaves group {group} {after} voter(s), below the \
+                         replication factor {factor}: add a node first, or force"
+                    ),
+                );
+            }
+        }
+        let response = match g.raft.propose_membership(now, proposal, change) {
+            Ok(_) => {
+                self.next_proposal += 1;
+                g.config_waiters.insert(proposal, (client, id));
+                None
+            }
+            Err(MembershipError::NotLeader { leader_hint }) => {
+                Some(Response::NotLeader { group, leader_hint })
+            }
+            Err(MembershipError::Transferring { to }) => Some(Response::NotLeader {
+                group,
+                leader_hint: Some(to),
+            }),
+            Err(e) => Some(Response::Refused {
+                reason: format!("group {group}: {e}"),
+            }),
+        };
+        if let Some(response) = response {
+            self.responses.push_back((client, id, response));
         }
     }
 
@@ -1757,7 +1966,10 @@ impl BrokerNode {
                         let counters = self.counters.group(*group_id);
                         counters.snapshots_restored += 1;
                         counters.snapshot_bytes_last = snapshot.data.len() as u64;
-                        table_changed |= matches!(machine, Machine::Meta(_));
+                        if matches!(machine, Machine::Meta(_)) {
+                            table_changed = true;
+                            self.node_table_version += 1;
+                        }
                         group.machine = machine;
                         group.pace = SnapshotPace {
                             last_bytes: snapshot.data.len() as u64,
@@ -1827,10 +2039,14 @@ impl BrokerNode {
                         }
                         Machine::Meta(meta) => {
                             let applied = match postcard::from_bytes::<MetaCommand>(bytes) {
-                                Ok(command) => {
+                                Ok(
+                                    command @ (MetaCommand::CreateTopic { .. }
+                                    | MetaCommand::DeleteTopic { .. }),
+                                ) => {
                                     let topic = match &command {
                                         MetaCommand::CreateTopic { topic, .. }
                                         | MetaCommand::DeleteTopic { topic } => topic.clone(),
+                                        _ => String::new(),
                                     };
                                     let result = meta.apply(command, &broker_groups);
                                     table_changed |= matches!(
@@ -1838,6 +2054,15 @@ impl BrokerNode {
                                         Ok(TopicApplied::Created | TopicApplied::Deleted { .. })
                                     );
                                     Applied::Topic { topic, result }
+                                }
+                                Ok(command) => {
+                                    let result = meta.apply_node(command);
+                                    if result == Ok(NodeApplied::Changed) {
+                                        self.node_table_version += 1;
+                                    }
+                                    Applied::NodeTable(
+                                        result.map(|_| meta.nodes().cloned().collect()),
+                                    )
                                 }
                                 Err(e) => Applied::Topic {
                                     topic: String::new(),
@@ -1868,6 +2093,22 @@ impl BrokerNode {
                 self.snapshot_jobs.push_back(job);
             }
             while let Some(fate) = group.raft.poll_proposal() {
+                if let Some((client, request)) = group.config_waiters.remove(&fate.id) {
+                    let response = match fate.outcome {
+                        ProposalOutcome::Committed { index } => {
+                            let membership = group.raft.membership_at(index);
+                            Response::MembershipChanged {
+                                group: *group_id,
+                                index,
+                                voters: membership.voters.iter().copied().collect(),
+                                learners: membership.learners.iter().copied().collect(),
+                            }
+                        }
+                        ProposalOutcome::Dropped { .. } => Response::Unknown,
+                    };
+                    self.responses.push_back((client, request, response));
+                    continue;
+                }
                 let index = group.proposal_index.remove(&fate.id);
                 let waiters = group.proposed.remove(&fate.id).unwrap_or_default();
                 let outcomes = match (fate.outcome, index) {
@@ -2327,6 +2568,8 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
             result: Err(reason),
             ..
         } => return Response::Refused { reason },
+        Applied::NodeTable(Ok(nodes)) => return Response::Nodes { nodes },
+        Applied::NodeTable(Err(reason)) => return Response::Refused { reason },
     };
     match outcome {
         Outcome::Appended {

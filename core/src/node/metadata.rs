@@ -1,4 +1,5 @@
-//! The metadata group's state machine: the topic table, and where each queue lives.
+//! The metadata group's state machine: the topic table, where each queue lives, and the
+//! node table (the addresses of nodes added at runtime, and the ids removed).
 
 use std::collections::BTreeMap;
 
@@ -6,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::broker::QueueId;
 use crate::limits::{QUEUES_MAX, TOMBSTONES_MAX, TOPICS_MAX, check_name};
-use crate::raft::GroupId;
+use crate::raft::{GroupId, NodeId};
 
 /// The Raft group that holds the topic table; broker groups are numbered from 1.
 pub const METADATA_GROUP: GroupId = 0;
@@ -26,6 +27,31 @@ pub enum MetaCommand {
     DeleteTopic {
         topic: String,
     },
+    /// Records where node `id` serves clients and peers, before any group adds it: every node
+    /// that applies it can reach the new node. New variants go last.
+    AddNode {
+        id: NodeId,
+        client_addr: String,
+        peer_addr: String,
+    },
+    /// Node `id` left the cluster for good (after every group removed it): nodes forget its
+    /// address and refuse its links, and its id is never used again.
+    RemoveNode {
+        id: NodeId,
+    },
+}
+
+/// A node of the node table: added at runtime (with its addresses), or removed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    /// `host:port` for clients and for peers, as the operator gave them (empty for a node of
+    /// the initial configuration that was removed: its addresses were never in the table).
+    pub client_addr: String,
+    pub peer_addr: String,
+    /// Removed for good: its id is never reused (its vote promises of old terms could still
+    /// count somewhere, see `Replica::propose_membership`).
+    pub removed: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -42,6 +68,19 @@ pub struct MetaState {
     tombstones: BTreeMap<String, u64>,
     /// The last epoch handed out; epochs rise with every creation and deletion.
     epoch: u64,
+    /// The node table, at most `NODES_RECORDED_MAX` records. Encoded after the topic table
+    /// (snapshot version 2), so version 1 snapshots still read.
+    #[serde(skip)]
+    nodes: BTreeMap<NodeId, NodeRecord>,
+}
+
+/// What applying a node-table command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeApplied {
+    /// The table changed: nodes should update their links.
+    Changed,
+    /// It already said so; nothing changed.
+    Unchanged,
 }
 
 /// The table as version 1 snapshots held it, before deletion.
@@ -62,17 +101,24 @@ pub enum TopicApplied {
     },
 }
 
-/// The first byte of a metadata snapshot, for the day its encoding changes.
+/// The first byte of a metadata snapshot: 1, the topic table alone; 2, the topic table with
+/// epochs and tombstones, then the node table.
 const META_SNAPSHOT_VERSION: u8 = 2;
-/// Before deletion: the topic table alone, still read.
+/// Before deletion and the node table: the topic table alone, still read.
 const META_SNAPSHOT_VERSION_V1: u8 = 1;
+/// Records the node table holds, removed ones included (ids are never reused, so removals
+/// accumulate): bounds what the metadata log can make every node keep.
+pub use crate::limits::NODES_RECORDED_MAX;
+/// The longest address a node record holds, in bytes.
+pub const NODE_ADDR_BYTES_MAX: usize = 255;
 
 impl MetaState {
     /// The topic table's encoding, for a Raft snapshot; equal tables give equal bytes.
     pub fn snapshot(&self) -> Vec<u8> {
         let mut out = vec![META_SNAPSHOT_VERSION];
-        // A table of strings and numbers always encodes.
+        // Tables of strings and numbers always encode.
         out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out.extend(postcard::to_allocvec(&self.nodes).unwrap_or_default());
         out
     }
 
@@ -96,6 +142,16 @@ impl MetaState {
                 let (mut state, rest) = postcard::take_from_bytes::<MetaState>(body)
                     .map_err(|e| format!("metadata snapshot does not decode: {e}"))?;
                 state.queues_total = state.topics.values().map(Vec::len).sum();
+                let (nodes, rest) = postcard::take_from_bytes::<BTreeMap<NodeId, NodeRecord>>(rest)
+                    .map_err(|e| format!("metadata snapshot's node table: {e}"))?;
+                if nodes.len() > NODES_RECORDED_MAX {
+                    return Err(format!(
+                        "metadata snapshot's node table holds {} records, more than \
+                         {NODES_RECORDED_MAX}",
+                        nodes.len()
+                    ));
+                }
+                state.nodes = nodes;
                 if rest.is_empty() {
                     Ok(state)
                 } else {
@@ -212,6 +268,9 @@ impl MetaState {
                     queues: groups.len() as u32,
                 })
             }
+            MetaCommand::AddNode { .. } | MetaCommand::RemoveNode { .. } => {
+                Err("a node-table command is applied by apply_node".into())
+            }
         }
     }
 
@@ -233,6 +292,121 @@ impl MetaState {
     /// older must not exist in any broker group.
     pub fn tombstones(&self) -> impl Iterator<Item = (&str, u64)> {
         self.tombstones.iter().map(|(t, e)| (t.as_str(), *e))
+    }
+
+    /// Why adding node `id` at these addresses would be refused, against the applied table;
+    /// `Ok(Unchanged)` when it is there already with them. `initial` are the nodes of the
+    /// cluster's first configuration, whose addresses come from their configs.
+    pub fn check_add_node(
+        &self,
+        id: NodeId,
+        client_addr: &str,
+        peer_addr: &str,
+    ) -> Result<NodeApplied, String> {
+        if id == 0 {
+            return Err("node ids start at 1".into());
+        }
+        for (what, addr) in [("client", client_addr), ("peer", peer_addr)] {
+            if addr.is_empty()
+                || addr.len() > NODE_ADDR_BYTES_MAX
+                || addr.chars().any(char::is_whitespace)
+            {
+                return Err(format!(
+                    "node {id}'s {what} address {addr:?} is not host:port of at most \
+                     {NODE_ADDR_BYTES_MAX} bytes"
+                ));
+            }
+        }
+        match self.nodes.get(&id) {
+            Some(record) if record.removed => Err(format!(
+                "node {id} was removed from this cluster and its id is never used again: give \
+                 the new node another id"
+            )),
+            Some(record) if record.client_addr == client_addr && record.peer_addr == peer_addr => {
+                Ok(NodeApplied::Unchanged)
+            }
+            Some(record) => Err(format!(
+                "node {id} is recorded at {} (peers {}), not {client_addr} (peers {peer_addr}); \
+                 remove it first",
+                record.client_addr, record.peer_addr
+            )),
+            None if self.nodes.len() >= NODES_RECORDED_MAX => Err(format!(
+                "the node table holds the maximum of {NODES_RECORDED_MAX} records"
+            )),
+            None => {
+                let clash = self.nodes.values().find(|r| {
+                    !r.removed
+                        && (r.client_addr == client_addr
+                            || r.peer_addr == peer_addr
+                            || r.client_addr == peer_addr
+                            || r.peer_addr == client_addr)
+                });
+                match clash {
+                    Some(r) => Err(format!(
+                        "node {} already uses address {client_addr} or {peer_addr}",
+                        r.id
+                    )),
+                    None => Ok(NodeApplied::Changed),
+                }
+            }
+        }
+    }
+
+    /// Applies a node-table command (`AddNode`, `RemoveNode`); a refusal changes nothing.
+    pub fn apply_node(&mut self, command: MetaCommand) -> Result<NodeApplied, String> {
+        match command {
+            MetaCommand::AddNode {
+                id,
+                client_addr,
+                peer_addr,
+            } => {
+                let applied = self.check_add_node(id, &client_addr, &peer_addr)?;
+                if applied == NodeApplied::Changed {
+                    self.nodes.insert(
+                        id,
+                        NodeRecord {
+                            id,
+                            client_addr,
+                            peer_addr,
+                            removed: false,
+                        },
+                    );
+                }
+                Ok(applied)
+            }
+            MetaCommand::RemoveNode { id } => match self.nodes.get(&id).map(|r| r.removed) {
+                Some(true) => Ok(NodeApplied::Unchanged),
+                Some(false) => {
+                    if let Some(record) = self.nodes.get_mut(&id) {
+                        record.removed = true;
+                    }
+                    Ok(NodeApplied::Changed)
+                }
+                None if self.nodes.len() >= NODES_RECORDED_MAX => Err(format!(
+                    "the node table holds the maximum of {NODES_RECORDED_MAX} records"
+                )),
+                None => {
+                    self.nodes.insert(
+                        id,
+                        NodeRecord {
+                            id,
+                            client_addr: String::new(),
+                            peer_addr: String::new(),
+                            removed: true,
+                        },
+                    );
+                    Ok(NodeApplied::Changed)
+                }
+            },
+            MetaCommand::CreateTopic { .. } | MetaCommand::DeleteTopic { .. } => {
+                Err("a topic command is applied by apply".into())
+            }
+        }
+    }
+
+    /// The node table: nodes added at runtime, and ids removed, in id order.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
     }
 
     /// The broker group that holds `queue`, if the table has it.
@@ -432,6 +606,50 @@ mod tests {
         // The oldest went first.
         assert!(meta.tombstones().all(|(t, _)| t != "t0" && t != "t4"));
         assert!(meta.tombstones().any(|(t, _)| t == "t5"));
+    }
+
+    #[test]
+    fn the_node_table_survives_a_snapshot_and_a_version_1_snapshot_still_reads() {
+        let mut meta = MetaState::default();
+        let create = MetaCommand::CreateTopic {
+            topic: "orders".into(),
+            queues: 2,
+        };
+        assert_eq!(meta.apply(create, &[1]), Ok(TopicApplied::Created));
+        // A version 1 snapshot: the topic table alone.
+        #[derive(Serialize)]
+        struct V1<'a> {
+            topics: &'a BTreeMap<String, Vec<GroupId>>,
+        }
+        let mut v1 = vec![1];
+        v1.extend(postcard::to_allocvec(&V1 { topics: &meta.topics }).expect("encodes"));
+        let add = MetaCommand::AddNode {
+            id: 4,
+            client_addr: "h:1".into(),
+            peer_addr: "h:2".into(),
+        };
+        assert_eq!(meta.apply_node(add), Ok(NodeApplied::Changed));
+        assert_eq!(
+            meta.apply_node(MetaCommand::RemoveNode { id: 2 }),
+            Ok(NodeApplied::Changed)
+        );
+        let restored = MetaState::restore(&meta.snapshot()).expect("restores");
+        let nodes: Vec<_> = restored.nodes().map(|r| (r.id, r.removed)).collect();
+        assert_eq!(nodes, vec![(2, true), (4, false)]);
+        assert_eq!(restored.topics(), meta.topics());
+        let old = MetaState::restore(&v1).expect("a version 1 snapshot reads");
+        assert_eq!(old.nodes().count(), 0);
+        assert_eq!(old.topics(), meta.topics());
+        // Bad addresses and a removed id are refused.
+        assert!(meta.check_add_node(5, "a b:1", "h:3").is_err());
+        assert!(
+            meta.check_add_node(5, "h:1", "h:9").is_err(),
+            "node 4 uses h:1"
+        );
+        assert!(
+            meta.check_add_node(2, "h:5", "h:6").is_err(),
+            "2 was removed"
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@ pub use broker_node::{
     BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, StoreRead, TransferJob,
     decode_entry,
 };
-pub use metadata::{METADATA_GROUP, MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied};
+pub use metadata::{
+    METADATA_GROUP, MetaCommand, MetaState, NodeApplied, NodeRecord, QUEUES_PER_TOPIC_MAX,
+    TopicApplied,
+};
 pub use stats::{
     GroupCounters, GroupStats, LagStats, NodeStats, QueueStats, STATS_QUEUES_MAX, TopicCounters,
 };

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{Message, Offset, ProducerId, QueueId, SeekTo, Seq, StoredMessage};
-use crate::raft::{GroupId, NodeId};
+use crate::raft::{ConfChange, GroupId, Index, NodeId};
 
 /// A connection (shell) or simulated client, as the node knows it.
 pub type ClientId = u64;
@@ -132,6 +132,31 @@ pub enum Request {
     DeleteTopic {
         topic: String,
     },
+    /// Admin: the leader of Raft group `group` appends the configuration `change` makes
+    /// (one server at a time); answered with [`Response::MembershipChanged`] once it commits.
+    /// A `Remove` that leaves the group fewer voters than the replication factor is refused
+    /// unless `force`.
+    ChangeMembership {
+        group: GroupId,
+        change: ConfChange,
+        force: bool,
+    },
+    /// The metadata group's node table (nodes added at runtime, ids removed); answered with
+    /// [`Response::Nodes`] from this node's applied state.
+    Nodes,
+    /// Admin: the metadata leader records node `id`'s addresses (before any group adds it);
+    /// answered with [`Response::Nodes`] once committed.
+    AddNode {
+        id: NodeId,
+        client_addr: String,
+        peer_addr: String,
+    },
+    /// Admin: the metadata leader records node `id` as removed for good; refused while a group
+    /// still has it as a member, unless `force`. Answered with [`Response::Nodes`].
+    RemoveNode {
+        id: NodeId,
+        force: bool,
+    },
 }
 
 /// One replica as `status` shows it.
@@ -152,6 +177,13 @@ pub struct GroupStatus {
     /// For a broker group: who holds each queue a consumer group has claimed, as this
     /// replica has applied it (`None`: released).
     pub holders: Vec<QueueHolder>,
+    /// The configuration in effect on this replica: voters and learners.
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// On a leader: how far each other member's log is known to match the leader's.
+    pub matches: Vec<(NodeId, Index)>,
+    /// A removal that leaves the group fewer voters is refused unless forced.
+    pub replication_factor: u32,
 }
 
 /// A queue's lease as a broker group's log records it.
@@ -282,6 +314,17 @@ pub enum Response {
         topic: String,
         queues: u32,
     },
+    /// The configuration change asked for committed: `group`'s configuration as of `index`.
+    MembershipChanged {
+        group: GroupId,
+        index: Index,
+        voters: Vec<NodeId>,
+        learners: Vec<NodeId>,
+    },
+    /// The node table as the answering node has applied it.
+    Nodes {
+        nodes: Vec<super::metadata::NodeRecord>,
+    },
 }
 
 impl Request {
@@ -319,6 +362,10 @@ impl Request {
             Request::PeekDeadLetters { .. } => "peek_dead_letters",
             Request::RedriveDeadLetters { .. } => "redrive_dead_letters",
             Request::DeleteTopic { .. } => "delete_topic",
+            Request::ChangeMembership { .. } => "change_membership",
+            Request::Nodes => "nodes",
+            Request::AddNode { .. } => "add_node",
+            Request::RemoveNode { .. } => "remove_node",
         }
     }
 }
@@ -347,6 +394,8 @@ impl Response {
             Response::Unknown => "unknown",
             Response::Redriven { .. } => "redriven",
             Response::TopicDeleted { .. } => "topic_deleted",
+            Response::MembershipChanged { .. } => "membership_changed",
+            Response::Nodes { .. } => "nodes",
         }
     }
 

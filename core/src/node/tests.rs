@@ -12,6 +12,7 @@ use crate::client::{AckStatus, Consumer, ConsumerConfig, Producer, ProducerConfi
 use crate::raft::{Envelope, GroupId, NodeId, Recovered, Role};
 use crate::time::Instant;
 
+mod node_table;
 mod refusals;
 
 struct Cluster {

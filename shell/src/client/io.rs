@@ -8,7 +8,7 @@
 //! authorised as the [`ClientIo::denial`], so callers can stop and say why instead of
 //! retrying until they time out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,6 +33,8 @@ pub trait Machine {
     fn poll_timeout(&self) -> Option<Instant>;
     /// Logs what the machine reports happened (and so keeps its event buffer empty).
     fn log_events(&mut self) {}
+    /// The cluster's nodes changed (the node table added or removed some).
+    fn set_nodes(&mut self, _nodes: Vec<NodeId>) {}
 }
 
 impl Machine for holdfast_core::client::Producer {
@@ -48,6 +50,9 @@ impl Machine for holdfast_core::client::Producer {
     fn poll_timeout(&self) -> Option<Instant> {
         holdfast_core::client::Producer::poll_timeout(self)
     }
+    fn set_nodes(&mut self, nodes: Vec<NodeId>) {
+        holdfast_core::client::Producer::set_nodes(self, nodes)
+    }
 }
 
 impl Machine for holdfast_core::client::Consumer {
@@ -62,6 +67,9 @@ impl Machine for holdfast_core::client::Consumer {
     }
     fn poll_timeout(&self) -> Option<Instant> {
         Some(holdfast_core::client::Consumer::poll_timeout(self))
+    }
+    fn set_nodes(&mut self, nodes: Vec<NodeId>) {
+        holdfast_core::client::Consumer::set_nodes(self, nodes)
     }
     fn log_events(&mut self) {
         use holdfast_core::client::ConsumerEvent as E;
@@ -99,6 +107,14 @@ impl Machine for holdfast_core::client::Consumer {
     }
 }
 
+/// Request ids from here up are the I/O's own (asking for the node table), never a machine's
+/// (machines count theirs up from 1).
+const OWN_REQUEST_IDS: RequestId = 1 << 63;
+/// The node table is asked for at most this often while a node's address is wanted.
+const NODES_ASK_INTERVAL: Duration = Duration::from_millis(500);
+/// And at least this often otherwise, so removals are learned too.
+const NODES_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
 struct ServerConn {
     transport: Transport,
     decoder: FrameDecoder,
@@ -122,6 +138,16 @@ pub struct ClientIo {
     conns: BTreeMap<NodeId, ServerConn>,
     /// A server that refused a connection is not tried again before this.
     retry_at: BTreeMap<NodeId, std::time::Instant>,
+    /// Client addresses of nodes added to the cluster at runtime, from the node table.
+    learned: BTreeMap<NodeId, SocketAddr>,
+    /// Nodes the node table says were removed: never dialed again.
+    removed: BTreeSet<NodeId>,
+    /// A node without a known address was wanted: ask some server for the node table.
+    nodes_wanted: bool,
+    nodes_asked_at: Option<std::time::Instant>,
+    next_own_id: RequestId,
+    /// The node table changed what `node_ids` gives since the machine was last told.
+    nodes_changed: bool,
     pub clock: Clock,
 }
 
@@ -137,12 +163,115 @@ impl ClientIo {
             events: Events::with_capacity(256),
             conns: BTreeMap::new(),
             retry_at: BTreeMap::new(),
+            learned: BTreeMap::new(),
+            removed: BTreeSet::new(),
+            nodes_wanted: false,
+            nodes_asked_at: None,
+            next_own_id: OWN_REQUEST_IDS,
+            nodes_changed: false,
             clock: Clock::new(),
         })
     }
 
+    /// The configured servers (node n is the n-th) and the nodes learned from the node table,
+    /// minus those it removed.
     pub fn node_ids(&self) -> Vec<NodeId> {
-        (1..=self.servers.len() as NodeId).collect()
+        let mut ids: BTreeSet<NodeId> = (1..=self.servers.len() as NodeId).collect();
+        ids.extend(self.learned.keys().copied());
+        ids.retain(|id| !self.removed.contains(id));
+        ids.into_iter().collect()
+    }
+
+    pub fn addr_of(&self, node: NodeId) -> Option<SocketAddr> {
+        if self.removed.contains(&node) {
+            return None;
+        }
+        self.learned
+            .get(&node)
+            .or_else(|| {
+                self.servers
+                    .get(usize::try_from(node.checked_sub(1)?).ok()?)
+            })
+            .copied()
+    }
+
+    /// Asks the servers for the node table (nodes added and removed at runtime) and waits up
+    /// to `wait` for an answer.
+    pub fn learn_nodes(&mut self, wait: Duration) {
+        self.nodes_wanted = true;
+        self.nodes_asked_at = None;
+        let deadline = std::time::Instant::now() + wait;
+        while self.nodes_wanted && self.refusal.is_none() {
+            self.ask_nodes();
+            self.flush();
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let _ = self.wait((deadline - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    /// While an address is wanted (or every `NODES_REFRESH_INTERVAL`), asks the servers for
+    /// the node table.
+    fn ask_nodes(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .nodes_asked_at
+            .is_none_or(|at| now.duration_since(at) >= NODES_REFRESH_INTERVAL)
+        {
+            self.nodes_wanted = true;
+        }
+        if !self.nodes_wanted
+            || self
+                .nodes_asked_at
+                .is_some_and(|at| now.duration_since(at) < NODES_ASK_INTERVAL)
+        {
+            return;
+        }
+        self.nodes_asked_at = Some(now);
+        // The servers this client already talks to; with none, every node at once (a connect
+        // to a dead one only fails later, and the first answer is enough).
+        let connected: Vec<NodeId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.hello_seen)
+            .map(|(node, _)| *node)
+            .collect();
+        let targets = if connected.is_empty() {
+            self.node_ids()
+        } else {
+            connected
+        };
+        for node in targets {
+            if self.conn(node).is_some() {
+                let id = self.next_own_id;
+                self.next_own_id += 1;
+                self.send(node, id, Request::Nodes);
+            }
+        }
+    }
+
+    /// What the node table says: addresses of added nodes, removed ids.
+    fn learned_nodes(&mut self, nodes: Vec<holdfast_core::node::NodeRecord>) {
+        self.nodes_wanted = false;
+        let before = self.node_ids();
+        for record in nodes {
+            if record.removed {
+                self.removed.insert(record.id);
+                self.learned.remove(&record.id);
+                continue;
+            }
+            match crate::config::resolve_addr(&record.client_addr) {
+                Ok(addr) => {
+                    if self.learned.insert(record.id, addr) != Some(addr) {
+                        debug!(node = record.id, %addr, "learned a node's address");
+                    }
+                }
+                Err(e) => debug!(node = record.id, "node table address: {e}"),
+            }
+        }
+        self.nodes_changed |= self.node_ids() != before;
     }
 
     pub fn now(&self) -> Instant {
@@ -178,7 +307,13 @@ impl ClientIo {
             if self.retry_at.get(&node).is_some_and(|at| now < *at) {
                 return None;
             }
-            let addr = *self.servers.get(node.checked_sub(1)? as usize)?;
+            let Some(addr) = self.addr_of(node) else {
+                // A node added at runtime: the node table has its address.
+                if !self.removed.contains(&node) {
+                    self.nodes_wanted = true;
+                }
+                return None;
+            };
             let stream = match TcpStream::connect(addr) {
                 Ok(stream) => stream,
                 Err(e) => {
@@ -240,7 +375,11 @@ impl ClientIo {
             while let Some((node, id, request)) = machine.poll_request() {
                 self.send(node, id, request);
             }
+            self.ask_nodes();
             self.flush();
+            if std::mem::take(&mut self.nodes_changed) {
+                machine.set_nodes(self.node_ids());
+            }
             if done(machine) {
                 return true;
             }
@@ -304,6 +443,9 @@ impl ClientIo {
             .map(|e| e.token().0 as NodeId)
             .collect();
         let mut broken = Vec::new();
+        // Nothing listens there (a node down): not a server that dropped a plaintext client.
+        let mut refused = BTreeSet::new();
+        let mut own = Vec::new();
         for node in ready {
             let Some(conn) = self.conns.get_mut(&node) else {
                 continue;
@@ -320,6 +462,9 @@ impl ClientIo {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         debug!(node, "read: {e}");
+                        if e.kind() == io::ErrorKind::ConnectionRefused {
+                            refused.insert(node);
+                        }
                         if e.kind() == io::ErrorKind::InvalidData {
                             // A TLS failure: a server that is not what it claims is as good
                             // as a refusal, and retrying it will not help.
@@ -332,6 +477,11 @@ impl ClientIo {
             }
             loop {
                 match conn.decoder.next_frame() {
+                    Ok(Some(Frame::Response { id, response })) if id >= OWN_REQUEST_IDS => {
+                        if let Response::Nodes { nodes } = response {
+                            own.push(nodes);
+                        }
+                    }
                     Ok(Some(Frame::Response { id, response })) => {
                         if let Response::Refused { reason } = &response
                             && reason.starts_with("not authorised")
@@ -368,6 +518,7 @@ impl ClientIo {
             // cluster that requires TLS: say so rather than retry until the timeout.
             if self.tls.is_none()
                 && self.refusal.is_none()
+                && !refused.contains(&node)
                 && self.conns.get(&node).is_some_and(|c| !c.hello_seen)
             {
                 self.refusal = Some(format!(
@@ -377,6 +528,14 @@ impl ClientIo {
                 ));
             }
             self.drop_conn(node);
+        }
+        if !refused.is_empty() {
+            // A node down may be one the node table removed: look, so the machine stops
+            // choosing it.
+            self.nodes_wanted = true;
+        }
+        for nodes in own {
+            self.learned_nodes(nodes);
         }
         responses
     }

@@ -421,7 +421,9 @@ impl Machine for Call {
 
 impl Admin {
     pub fn connect(config: impl Into<ClientConfig>) -> Result<Admin, ClientError> {
-        let io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
+        let mut io = ClientIo::new(config.into()).map_err(ClientError::Io)?;
+        // Nodes added at runtime are in the node table, not in the client's server list.
+        io.learn_nodes(Duration::from_secs(1));
         let call = Call {
             outbox: None,
             answer: None,
@@ -450,6 +452,11 @@ impl Admin {
 
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.io.node_ids()
+    }
+
+    /// Where node `node` serves clients: the configured servers, or the node table's.
+    pub fn addr_of(&self, node: NodeId) -> Option<std::net::SocketAddr> {
+        self.io.addr_of(node)
     }
 
     /// Why a server refused this client's connection (its credential), if one did.
@@ -488,10 +495,10 @@ impl Admin {
         wait: Duration,
     ) -> Result<Response, ClientError> {
         let deadline = std::time::Instant::now() + wait;
-        let nodes = self.node_ids();
-        let mut target = nodes.first().copied().unwrap_or(1);
+        let mut target = self.node_ids().first().copied().unwrap_or(1);
         let mut turn = 0;
         while std::time::Instant::now() < deadline {
+            let nodes = self.node_ids();
             let answer = self.ask(target, request.clone());
             if let Some(why) = self.io.refusal() {
                 return Err(ClientError::Refused(why.to_string()));

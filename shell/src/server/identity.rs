@@ -19,9 +19,10 @@
 //!   identity; treated as initialised and the identity written.
 //!
 //! Votes-lost ([`Damage::votes_lost`]) means the replica follows and stores, but its
-//! acknowledgements count for no commit or lease, and it never votes or campaigns again (making it a voter again needs a membership change, which
-//! does not exist yet). The identity records it under `votes_lost` before the group's new files
-//! are created, so a crash or a restart can never forget it.
+//! acknowledgements count for no commit or lease, and it never votes or campaigns again (the
+//! cluster is made whole by replacing it under a new id: `holdfast node replace`). The identity
+//! records it under `votes_lost` before the group's new files are created, so a crash or a
+//! restart can never forget it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -100,6 +101,12 @@ impl Identity {
             );
         }
         Ok(identity)
+    }
+
+    /// Whether this directory was initialised for a node joining a running cluster: its
+    /// replicas start with no configuration of their own on every start.
+    pub fn joined(&self) -> bool {
+        self.file.initialised == "join"
     }
 
     /// The groups recorded as votes-lost: their replicas start so on every start.
@@ -218,6 +225,14 @@ impl Identity {
                     );
                     ("new", BTreeSet::new())
                 }
+                InitialClusterState::Join => {
+                    info!(
+                        dir = %dir.display(),
+                        "first start of a node joining a running cluster (initial_cluster_state \
+                         = join): its groups learn their configuration from their leaders"
+                    );
+                    ("join", BTreeSet::new())
+                }
                 InitialClusterState::Existing => {
                     warn!(
                         dir = %dir.display(),
@@ -286,7 +301,8 @@ fn check(file: &IdentityFile, config: &ServerConfig, path: &Path) -> Result<(), 
     if recorded != configured {
         return Err(format!(
             "{}: this data directory was initialised for nodes {recorded:?}, but the config \
-             lists {configured:?}: refusing to start (membership changes are not supported)",
+             lists {configured:?}: refusing to start (keep `[nodes]` as it was at this node's first \
+             start: nodes added or removed since are learned from the cluster's node table)",
             path.display()
         ));
     }
@@ -528,6 +544,6 @@ mod tests {
             .nodes
             .insert(4, "127.0.0.1:7304".parse().expect("addr"));
         let error = Identity::open(&grown).expect_err("another node list");
-        assert!(error.contains("membership"), "{error}");
+        assert!(error.contains("keep `[nodes]`"), "{error}");
     }
 }

@@ -124,8 +124,13 @@ struct Server {
     client_listener: TcpListener,
     peer_listener: TcpListener,
     security: Option<Security>,
-    /// Every node's id, to refuse a Hello from a node that is not one of them.
+    /// Every node's id, to refuse a Hello from a node that is not one of them: the config's,
+    /// plus those the node table added, minus those it removed.
     nodes: BTreeSet<NodeId>,
+    /// The node table version last acted on (see `sync_node_table`).
+    node_table_seen: u64,
+    /// This node read its own removal in the node table (logged once).
+    removed_self: bool,
     /// Client connections held at once; see `accept`.
     connections_max: usize,
     /// Connections accepted on each port and open: (client port, peer port).
@@ -283,6 +288,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         .map_err(|e| ServerError(format!("mio: {e}")))?;
     let mut node_config = config.node_config();
     node_config.raft.damaged = damaged.clone();
+    node_config.joined = identity.joined();
     let seed = clock.now().as_micros() ^ config.id.rotate_left(32);
     let node = BrokerNode::new(node_config, recovered, seed, clock.now());
     let now = std::time::Instant::now();
@@ -314,6 +320,8 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         peer_listener,
         security,
         nodes: config.nodes.keys().copied().collect(),
+        node_table_seen: 0,
+        removed_self: false,
         connections_max: config.connections_max,
         accepted: (0, 0),
         node,
@@ -459,9 +467,88 @@ impl Server {
                 return Err(ServerError(fault));
             }
             self.forget_repaired_damage()?;
+            self.sync_node_table();
             self.publish_stats();
         }
         Ok(())
+    }
+
+    /// Follows the metadata group's node table: links to nodes added at runtime (and accepts
+    /// their links, authenticated like any peer's: a certificate of the cluster CA naming
+    /// them), and forgets removed ones (closes their links, refuses them from then on).
+    fn sync_node_table(&mut self) {
+        let version = self.node.node_table_version();
+        if version == self.node_table_seen {
+            return;
+        }
+        self.node_table_seen = version;
+        for record in self.node.node_table() {
+            let peer = record.id;
+            if peer == self.id {
+                if record.removed && !self.removed_self {
+                    self.removed_self = true;
+                    warn!(
+                        "this node was removed from the cluster (the node table says so): it is \
+                         in no group's configuration any more; stop it and do not start it again"
+                    );
+                }
+                continue;
+            }
+            if record.removed {
+                let was_known = self.nodes.remove(&peer);
+                let mut tokens: Vec<Token> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.kind == Kind::Node(peer) || c.dialed == Some(peer))
+                    .map(|(t, _)| *t)
+                    .collect();
+                if let Some(link) = self.links.remove(&peer) {
+                    tokens.extend(link.token);
+                }
+                for token in tokens {
+                    self.close(token, &Closed::Eof);
+                }
+                if was_known {
+                    info!(
+                        peer,
+                        "node removed from the cluster: its links are closed and refused"
+                    );
+                }
+                continue;
+            }
+            let addr = match crate::config::resolve_addr(&record.peer_addr) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    warn!(peer, "the node table's peer address does not resolve: {e}");
+                    continue;
+                }
+            };
+            self.nodes.insert(peer);
+            let now = std::time::Instant::now();
+            match self.links.get_mut(&peer) {
+                Some(link) if link.addr == addr => {}
+                Some(link) => {
+                    info!(peer, %addr, was = %link.addr, "peer address changed: dialing the new one");
+                    link.addr = addr;
+                    link.next_attempt = now;
+                    if let Some(token) = link.token {
+                        self.close(token, &Closed::Eof);
+                    }
+                }
+                None => {
+                    info!(peer, %addr, "node added to the cluster: linking to it");
+                    self.links.insert(
+                        peer,
+                        Link {
+                            addr,
+                            token: None,
+                            next_attempt: now,
+                            backoff: RECONNECT_MIN,
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// Hands the metrics a fresh copy of the core's counters, every `STATS_INTERVAL`.

@@ -117,6 +117,24 @@ fn a_node_behind_compaction_fetches_the_segments_it_lacks_and_holds_the_same_byt
         "{created:?}"
     );
     cluster.kill(3);
+    // Both broker groups lead on nodes 1 and 2 before sending: a send that times out on a
+    // group led by the killed node makes the producer avoid that group for 10 s, so every
+    // message would go to the other group and the first would never compact.
+    wait_for(
+        Duration::from_secs(30),
+        "nodes 1 and 2 lead both groups",
+        || {
+            let groups: Vec<GroupStatus> = cluster.status(1)?;
+            [1, 2]
+                .iter()
+                .all(|group| {
+                    groups
+                        .iter()
+                        .any(|g| g.group == *group && matches!(g.leader, Some(1 | 2)))
+                })
+                .then_some(())
+        },
+    );
     let mut producer = Producer::connect(cluster.net.admin()).expect("producer");
     for i in 0..MESSAGES {
         let body = format!("{i:06}{}", "p".repeat(BODY_BYTES));

@@ -118,8 +118,40 @@ fn base_port() -> u16 {
     panic!("no three consecutive free ports");
 }
 
+/// A `holdfast cluster` process that is stopped (SIGTERM, then SIGKILL after 5 s) when the
+/// test ends, passed or not: a dropped `Child` is left running, and a supervisor left behind
+/// keeps restarting nodes on a directory that is gone.
+struct ClusterProcess(Child);
+
+impl std::ops::Deref for ClusterProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ClusterProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ClusterProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            kill(self.0.id(), "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// `holdfast cluster` in `dir`, its stdout read line by line into a channel.
-fn start_cluster(dir: &Path, base: u16) -> (Child, std::sync::mpsc::Receiver<String>) {
+fn start_cluster(dir: &Path, base: u16) -> (ClusterProcess, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead as _;
     let mut child = Command::new(HOLDFAST)
         .args(["cluster", "--base-port", &base.to_string(), "--dir"])
@@ -140,7 +172,7 @@ fn start_cluster(dir: &Path, base: u16) -> (Child, std::sync::mpsc::Receiver<Str
             }
         }
     });
-    (child, rx)
+    (ClusterProcess(child), rx)
 }
 
 /// Reads lines until one contains `what`; returns it.

@@ -59,6 +59,11 @@ pub struct ServerConfig {
     /// the last one (and they outweigh it); 0 never compacts.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// A group's log is also compacted once it holds this many bytes of commands since the
+    /// last snapshot: it bounds the memory the log takes per group (entries carry messages
+    /// until compaction) and what a restart reads back. 1 MiB to 1 GiB.
+    #[serde(default = "default_snapshot_log_bytes")]
+    pub snapshot_log_bytes: u64,
     /// Where to serve Prometheus metrics (`/metrics`) and a readiness check (`/healthz`)
     /// over plain HTTP (`host:port`); none by default.
     #[serde(default, deserialize_with = "resolved_opt_addr")]
@@ -166,6 +171,10 @@ fn default_group_retention_hours() -> u64 {
 
 fn default_snapshot_entries() -> u64 {
     10_000
+}
+
+fn default_snapshot_log_bytes() -> u64 {
+    holdfast_core::limits::SNAPSHOT_LOG_BYTES_DEFAULT
 }
 
 /// What a node's empty data directory means, as etcd's `--initial-cluster-state`: the server
@@ -293,6 +302,14 @@ impl ServerConfig {
         if self.nodes.contains_key(&0) {
             return Err(ConfigError("key `nodes`: node ids start at 1".into()));
         }
+        let log_bytes_max = holdfast_core::limits::SNAPSHOT_LOG_BYTES_MAX;
+        if !(1 << 20..=log_bytes_max).contains(&self.snapshot_log_bytes) {
+            return Err(ConfigError(format!(
+                "key `snapshot_log_bytes`: {} is not in {}..={log_bytes_max}",
+                self.snapshot_log_bytes,
+                1 << 20
+            )));
+        }
         if !(1..=64).contains(&self.broker_groups) {
             return Err(ConfigError(format!(
                 "key `broker_groups`: {} is not in 1..=64",
@@ -367,6 +384,7 @@ impl ServerConfig {
         config.group_retention_ms = (self.group_retention_hours > 0)
             .then(|| self.group_retention_hours.saturating_mul(3_600_000));
         config.snapshot_entries_min = (self.snapshot_entries > 0).then_some(self.snapshot_entries);
+        config.snapshot_log_bytes = self.snapshot_log_bytes;
         // Followers behind compaction fetch the segments they lack (server/catch_up.rs).
         config.segment_catch_up = true;
         if !self.leader_balance {
@@ -442,6 +460,25 @@ mod tests {
         assert_eq!(tuned.broker.retention_ms, None, "0 keeps messages for ever");
         assert_eq!(tuned.broker.retention_bytes, Some(1024));
         assert_eq!(tuned.snapshot_entries_min, None);
+        assert_eq!(
+            defaults.snapshot_log_bytes,
+            holdfast_core::limits::SNAPSHOT_LOG_BYTES_DEFAULT
+        );
+        let small = parse(
+            "snapshot_log_bytes = 1048576
+",
+        )
+        .expect("parses");
+        assert_eq!(small.node_config().snapshot_log_bytes, 1 << 20);
+        for wrong in [
+            "snapshot_log_bytes = 0
+",
+            "snapshot_log_bytes = 2147483648
+",
+        ] {
+            let error = parse(wrong).expect_err("refused").to_string();
+            assert!(error.contains("snapshot_log_bytes"), "{error}");
+        }
         let error = parse("initial_cluster_state = \"old\"\n")
             .expect_err("unknown value refused")
             .to_string();

@@ -153,6 +153,11 @@ pub struct NodeConfig {
     /// since the last snapshot and their command bytes exceed that snapshot's size (so the
     /// work of snapshotting stays proportional to what the log grew by). `None`: never.
     pub snapshot_entries_min: Option<u64>,
+    /// A snapshot is also due once a group's log holds this many command bytes since the last
+    /// one, whatever `snapshot_entries_min` says (unless it is `None`): the log's entries carry
+    /// message bytes until compaction, so this bounds that memory per group and what a restart
+    /// reads back. At most [`crate::limits::SNAPSHOT_LOG_BYTES_MAX`].
+    pub snapshot_log_bytes: u64,
     /// How often a broker group's leader checks whether retention has messages to delete.
     pub trim_interval_ms: u64,
     /// A consumer group none of whose members a broker group's leader has heard from for this
@@ -186,6 +191,7 @@ impl NodeConfig {
             allocation: AllocationStrategy::default(),
             record_applied: false,
             snapshot_entries_min: Some(10_000),
+            snapshot_log_bytes: crate::limits::SNAPSHOT_LOG_BYTES_DEFAULT,
             trim_interval_ms: 1_000,
             group_retention_ms: Some(crate::limits::GROUP_RETENTION_MS_DEFAULT),
             leader_balance_interval_ms: Some(LEADER_BALANCE_INTERVAL_MS_DEFAULT),
@@ -2089,7 +2095,12 @@ impl BrokerNode {
                 self.store_ops
                     .extend(ops.into_iter().map(|op| (*group_id, op)));
             }
-            if let Some(job) = snapshot_due(*group_id, group, self.config.snapshot_entries_min) {
+            if let Some(job) = snapshot_due(
+                *group_id,
+                group,
+                self.config.snapshot_entries_min,
+                self.config.snapshot_log_bytes,
+            ) {
                 self.snapshot_jobs.push_back(job);
             }
             while let Some(fate) = group.raft.poll_proposal() {
@@ -2455,13 +2466,14 @@ fn snapshot_due(
     group_id: GroupId,
     group: &mut Group,
     entries_min: Option<u64>,
+    log_bytes: u64,
 ) -> Option<SnapshotJob> {
     let entries_min = entries_min?;
+    let log_bytes = log_bytes.clamp(1, crate::limits::SNAPSHOT_LOG_BYTES_MAX);
     let pace = &group.pace;
     // By bytes too: entries of large batches (28 messages of 4 KiB each, say) made 10,000
     // entries over a gigabyte of log in memory per group, and as much read back at a restart.
-    let due = pace.entries_since >= entries_min.max(1)
-        || pace.bytes_since >= crate::limits::SNAPSHOT_LOG_BYTES_MAX;
+    let due = pace.entries_since >= entries_min.max(1) || pace.bytes_since >= log_bytes;
     if group.encoding.is_some() || !due || pace.bytes_since < pace.last_bytes {
         return None;
     }

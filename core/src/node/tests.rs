@@ -1420,3 +1420,46 @@ fn silent_consumer_groups_expire_and_a_short_absence_keeps_offsets() {
         assert!(state.consumer_groups().is_empty(), "node {id}");
     }
 }
+
+/// A few entries of large batches compact the log once their bytes pass
+/// `snapshot_log_bytes`, long before `snapshot_entries_min` entries: the log carries message
+/// bytes until compaction, so this is what bounds its memory.
+#[test]
+fn a_log_of_large_batches_is_compacted_by_its_bytes() {
+    let compacted_after = |log_bytes: u64| {
+        let (mut cluster, _) = one_group_with_orders(1, |config| {
+            config.snapshot_entries_min = Some(1_000_000);
+            config.snapshot_log_bytes = log_bytes;
+        });
+        for _ in 0..20 {
+            cluster.step();
+        }
+        let leader = cluster.leader(1).unwrap_or(1);
+        let body = "b".repeat(64 << 10);
+        for seq in 0..24u64 {
+            let send = Request::Send {
+                broker: 1,
+                queue: QueueId::new("orders", 0),
+                producer_id: 5,
+                first_seq: seq * 2,
+                messages: batch(&[&body, &body]),
+            };
+            assert!(matches!(
+                cluster.ask(leader, send),
+                Response::Sent {
+                    duplicate: false,
+                    ..
+                }
+            ));
+        }
+        for _ in 0..20 {
+            cluster.step();
+        }
+        cluster.nodes[&leader]
+            .replica(1)
+            .map_or(0, |r| r.status().snapshot_index)
+    };
+    // 24 entries of 128 KiB: 3 MiB of log.
+    assert!(compacted_after(1 << 20) > 0, "compacted after 1 MiB");
+    assert_eq!(compacted_after(64 << 20), 0, "3 MiB stays under 64 MiB");
+}

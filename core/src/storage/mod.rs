@@ -43,8 +43,9 @@ pub use record::{
     membership_len_bytes, record_len_bytes, scan,
 };
 pub use recovery::{
-    BadRecord, DamageCause, FileRef, FoundDamage, KeptSegment, RecoveryError, RecoveryInput,
-    RecoveryPlan, SegmentFile, SnapshotFile, StateLost, TornTail, plan_recovery, segments_to_read,
+    BadRecord, DamageCause, FileRef, FoundDamage, KeptSegment, QueueRecoveryPlan, QueueSegment,
+    RecoveryError, RecoveryInput, RecoveryPlan, SegmentFile, SnapshotFile, StateLost, TornTail,
+    plan_queue_recovery, plan_recovery, segments_to_read,
 };
 pub use snapshot::{
     LogGap, SNAPSHOT_HEADER_BYTES, SnapshotFileError, decode_snapshot, encode_snapshot,

@@ -56,6 +56,7 @@ use core::fmt;
 
 use bytes::Bytes;
 
+use crate::broker::Offset;
 use crate::raft::{Entry, HardState, Index, Snapshot, Term};
 
 use super::record::{CorruptReason, ScanOutcome, find_record_after, record_len_bytes, scan};
@@ -604,6 +605,74 @@ fn plan_log(input: &RecoveryInput<'_>, commit: Index) -> Result<RecoveryPlan, Re
     Ok(plan)
 }
 
+/// One segment of a queue in the queue store: its first offset (from its name) and how many
+/// records it holds (its torn tail, if any, already cut: see the shell's `queue_store.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueSegment {
+    pub first: Offset,
+    pub count: u64,
+}
+
+impl QueueSegment {
+    fn end(&self) -> Offset {
+        self.first.saturating_add(self.count)
+    }
+}
+
+/// What a queue's segments must become for a restart from a metadata snapshot that says the
+/// queue holds `start..end` ([`crate::broker::StoreOp::Recover`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueRecoveryPlan {
+    /// Segments (by first offset) that start at or past `end`: written after the snapshot,
+    /// maybe torn; replaying the log writes them again. Delete them (and their indexes).
+    pub remove: Vec<Offset>,
+    /// The newest segment that stays holds records at or past `end`: keep only its first
+    /// `keep` records (`(first offset, keep)`), and drop its sealed index.
+    pub cut: Option<(Offset, u64)>,
+    /// The first offset of `start..end` that no segment holds: the store lacks what the
+    /// snapshot references, and the restart must be refused.
+    pub lacks: Option<Offset>,
+}
+
+/// Decides what a queue's `segments` (sorted by first offset) must become for a restart from a
+/// snapshot whose range of the queue is `start..end`: see [`QueueRecoveryPlan`].
+pub fn plan_queue_recovery(
+    segments: &[QueueSegment],
+    start: Offset,
+    end: Offset,
+) -> QueueRecoveryPlan {
+    let mut plan = QueueRecoveryPlan::default();
+    let mut kept: Vec<QueueSegment> = Vec::with_capacity(segments.len());
+    for segment in segments {
+        if segment.first >= end {
+            plan.remove.push(segment.first);
+        } else {
+            kept.push(*segment);
+        }
+    }
+    if let Some(last) = kept.last_mut()
+        && last.end() > end
+    {
+        last.count = end - last.first;
+        plan.cut = Some((last.first, last.count));
+    }
+    // Every offset of start..end must be there, in segments that follow each other.
+    let mut next = start;
+    for segment in &kept {
+        if segment.end() <= next {
+            continue;
+        }
+        if segment.first > next {
+            break;
+        }
+        next = segment.end();
+    }
+    if next < end {
+        plan.lacks = Some(next);
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -950,6 +1019,25 @@ mod tests {
         let garbage = vec![0xAB; STATE_BYTES];
         let plan = plan_recovery(&one(&garbage, Some(2), 1, &a)).expect("plans");
         assert!(matches!(plan.state_lost, Some(StateLost::Damaged(_))));
+    }
+
+    #[test]
+    fn a_queue_keeps_its_range_and_drops_what_follows_it() {
+        let seg = |first, count| QueueSegment { first, count };
+        // Segments 0..10, 10..20 (of which 15.. were written after the snapshot), 20..25.
+        let plan = plan_queue_recovery(&[seg(0, 10), seg(10, 10), seg(20, 5)], 3, 15);
+        assert_eq!(plan.remove, vec![20]);
+        assert_eq!(plan.cut, Some((10, 5)));
+        assert_eq!(plan.lacks, None);
+        // A segment missing in the middle of the range is refused, naming the first offset.
+        let plan = plan_queue_recovery(&[seg(0, 10), seg(12, 10)], 3, 15);
+        assert_eq!(plan.lacks, Some(10));
+        // Retention may have deleted what lies below the start.
+        let plan = plan_queue_recovery(&[seg(10, 10)], 12, 20);
+        assert_eq!(plan, QueueRecoveryPlan::default());
+        // An empty range needs nothing; a store that holds nothing of a range lacks its start.
+        assert_eq!(plan_queue_recovery(&[], 5, 5), QueueRecoveryPlan::default());
+        assert_eq!(plan_queue_recovery(&[], 5, 7).lacks, Some(5));
     }
 
     proptest! {

@@ -2,15 +2,17 @@
 //! what a correct recovery must return from them.
 //!
 //! The files are the ones the shell keeps (`shell/src/storage/group_store.rs`): a log of
-//! records from [`encode_entry`], a hard-state file of two slots from [`encode_state_slot`],
-//! written alternately, and a snapshot file from [`encode_snapshot`]. A restart reads them back
-//! through [`decode_snapshot`], [`scan`], [`log_after_snapshot`] and [`decode_stored_state`],
-//! with the shell's rules: a bad record after the synced bytes is a torn tail and is cut; a bad
-//! record inside them, a bad record followed by a valid one, fewer entries than the recorded
-//! commit, a log that does not reach its snapshot ([`LogGap`]) or a snapshot that fails its
-//! checksum is damage. Unlike the shell, which refuses to start on damage, the simulator brings
-//! the replica back damaged ([`Damage`]) and keeps a marker (a fourth file) until the replica
-//! reports itself repaired.
+//! records from [`encode_entry`] (one segment, named for its first record), a hard-state file
+//! of two slots from [`encode_state_slot`], written alternately, a synced record (the index
+//! through which the log was synced, lowered before a write cuts below it) and a snapshot file
+//! from [`encode_snapshot`], named for its index. A restart hands them to the core's
+//! [`plan_recovery`], the decision the shell's `GroupStore::open_repairing` carries out on its
+//! directory, and carries out the plan on these files: a torn tail is cut; a bad record inside
+//! the synced record's reach, a bad record followed by a valid one, fewer entries than the
+//! recorded commit, a log that does not reach its snapshot or a snapshot that fails its
+//! checksum is damage. Like the shell's repairing open, the simulator brings the replica back
+//! damaged ([`Damage`]) and keeps a marker (a fourth file) until the replica reports itself
+//! repaired.
 //!
 //! A write is performed in the order [`Write`] prescribes. Its snapshot is written whole to a
 //! temporary file, synced and renamed over the old one, so a crash before the rename leaves
@@ -32,9 +34,8 @@ use holdfast_core::raft::{
     Canary, Damage, Entry, HardState, Index, NodeId, Recovered, Snapshot, Term, Write, WriteId,
 };
 use holdfast_core::storage::{
-    HEADER_BYTES, SLOT_BYTES, STATE_BYTES, ScanOutcome, decode_snapshot, decode_stored_state,
-    encode_entry, encode_snapshot, encode_state_slot, find_record_after, log_after_snapshot,
-    next_slot, record_len_bytes, scan,
+    HEADER_BYTES, RecoveryInput, RecoveryPlan, SLOT_BYTES, STATE_BYTES, SegmentFile, SnapshotFile,
+    StateLost, encode_entry, encode_snapshot, encode_state_slot, next_slot, plan_recovery,
 };
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -55,11 +56,18 @@ pub struct Disk {
     /// Records (from `log_first`) wholly inside the synced bytes: with the snapshot, what a
     /// state slot may claim committed.
     synced_records: usize,
+    /// The shell's synced record (`synced` file): every entry up to this index was synced,
+    /// so recovery calls a bad record at or below it damage. Raised after each sync (the
+    /// shell raises it when idle, so it may lag: this is the best case), and lowered before a
+    /// write cuts the log below it, as the shell's `sync_files` does, or recovery would call
+    /// a legitimate cut damage.
+    synced_record: Index,
     state_bytes: Box<[u8; STATE_BYTES]>,
     /// The sequence of the newest slot written whole: the durable hard state's.
     state_sequence: u64,
-    /// The snapshot file: the latest snapshot renamed into place, if any.
-    snapshot_file: Option<Vec<u8>>,
+    /// The snapshot file: the latest snapshot renamed into place, if any, with the index its
+    /// name carries (as the shell names `snapshot-<index>.snap`).
+    snapshot_file: Option<(Index, Vec<u8>)>,
     /// The damage marker: set by a recovery that found damage, cleared once the replica
     /// reports itself repaired. Survives restarts, so a replica cannot forget its damage by
     /// crashing before the repair.
@@ -98,6 +106,7 @@ impl Default for Disk {
             offsets: Vec::new(),
             synced_len: 0,
             synced_records: 0,
+            synced_record: 0,
             state_bytes: Box::new([0; STATE_BYTES]),
             state_sequence: 0,
             snapshot_file: None,
@@ -231,6 +240,7 @@ impl Disk {
         }
         self.synced_len = self.log_bytes.len() as u64;
         self.synced_records = self.offsets.len();
+        self.synced_record = self.last_index();
         // Half the time every replaced record goes, else some of the oldest: recovery sees
         // logs that hold the snapshot's entry, and logs that start right after it.
         let replaced = self.replaced_records();
@@ -271,6 +281,7 @@ impl Disk {
     }
 
     fn apply(&mut self, write: Write, canary: Option<Canary>) -> Result<(), Violation> {
+        self.lower_synced_record(&write);
         if let Some(snapshot) = &write.snapshot {
             self.store_snapshot(write.id, snapshot, write.discard_log)?;
         }
@@ -303,6 +314,7 @@ impl Disk {
         rng: &mut ChaCha8Rng,
         canary: Option<Canary>,
     ) -> Result<(), Violation> {
+        self.lower_synced_record(&write);
         if write.discard_log && Canary::DiscardBeforeSnapshot.planted(canary) {
             // The planted bug: the old log goes first, so the crash can come before the
             // snapshot that replaces it is durable. The model keeps what a correct disk
@@ -369,6 +381,18 @@ impl Disk {
         Ok(())
     }
 
+    /// Before a write that cuts the log (a truncation, or a discard for a snapshot it does not
+    /// continue) touches anything, the synced record goes down to what the write keeps.
+    fn lower_synced_record(&mut self, write: &Write) {
+        let mut floor = cut_floor(write);
+        if write.discard_log
+            && let Some(snapshot) = &write.snapshot
+        {
+            floor = floor.min(snapshot.index);
+        }
+        self.synced_record = self.synced_record.min(floor);
+    }
+
     /// The first `landed` bytes of the next slot reach the file, and the slot is never synced.
     /// When the bytes it missed already hold what it would have written (its checksum's last
     /// byte, 1 time in 256 for `landed = SLOT_BYTES - 1`), the slot reads back whole.
@@ -411,7 +435,7 @@ impl Disk {
         let replaced = snapshot.index.saturating_sub(self.snapshot_index());
         let replaced = usize::try_from(replaced).unwrap_or(usize::MAX);
         self.log.drain(..replaced.min(self.log.len()));
-        self.snapshot_file = Some(encode_snapshot(snapshot));
+        self.snapshot_file = Some((snapshot.index, encode_snapshot(snapshot)));
         self.ever.insert((snapshot.index, snapshot.term));
         self.snapshot = Some(snapshot.clone());
         Ok(())
@@ -547,7 +571,7 @@ impl Disk {
     pub fn corrupt(&mut self, corruption: Corruption, rng: &mut ChaCha8Rng) -> bool {
         let synced = self.synced_len.min(self.log_bytes.len() as u64) as usize;
         if corruption == Corruption::BitFlip
-            && let Some(file) = self.snapshot_file.as_mut()
+            && let Some((_, file)) = self.snapshot_file.as_mut()
             && (synced == 0 || rng.random_bool(0.25))
         {
             let at = rng.random_range(0..file.len());
@@ -613,70 +637,96 @@ impl Disk {
     pub fn recover(&mut self, canary: Option<Canary>) -> Recovery {
         debug_assert!(self.unsynced.is_empty(), "recovery with writes in flight");
         let mut problems = Vec::new();
-        let stored = match decode_stored_state(&self.state_bytes[..]) {
-            Ok(stored) => stored,
-            Err(e) => {
-                problems.push(format!("the hard-state file is unreadable: {e}"));
-                None
-            }
-        };
-        let (sequence, hard_state) =
-            stored.map_or((0, HardState::default()), |s| (s.sequence, s.hard_state));
-        let (mut snapshot, snapshot_error) = match &self.snapshot_file {
-            None => (None, None),
-            Some(bytes) => match decode_snapshot(Bytes::copy_from_slice(bytes)) {
-                Ok(snapshot) => (Some(snapshot), None),
-                Err(e) => (None, Some(e)),
-            },
-        };
         if Canary::TrustBadChecksum.planted(canary) {
             trust_checksums(&mut self.log_bytes);
         }
-        let found = scan(&self.log_bytes, self.synced_len, self.log_first);
-        let (scanned_from, outcome) = (self.log_first, found.outcome);
-        let count = found.entries.len() as Index;
-        let next = self.log_first + count;
-        let last_term = found.entries.last().map_or(0, |e| e.term);
-        let mut damaged_at = match found.outcome {
-            ScanOutcome::Clean => None,
-            ScanOutcome::TornTail { at } => {
-                find_record_after(&self.log_bytes, at, next, last_term).map(|_| next)
-            }
-            ScanOutcome::Corrupt { .. } => Some(next),
-        };
-        // Cut to the valid prefix (a torn tail, or the damage the marker now remembers).
-        self.log_bytes.truncate(found.valid_len as usize);
-        self.offsets.clear();
-        let mut offset = 0u64;
-        for entry in &found.entries {
-            self.offsets.push(offset);
-            offset += record_len_bytes(entry).unwrap_or(0) as u64;
-        }
-        // Which entries continue the snapshot; the rest of the file goes, as the shell deletes
-        // replaced segments and what is left of an interrupted discard on start.
-        let beside = snapshot.as_ref().map(|s| (s.index, s.term));
-        let mut entries = match log_after_snapshot(beside, found.entries) {
-            Ok(entries) => entries,
-            Err(gap) => {
-                damaged_at = Some(damaged_at.map_or(gap.expected, |d| d.min(gap.expected)));
+        // The files as the shell's directory would hold them: the state file, the synced
+        // record, the snapshot file, and the log as one segment named for its first record.
+        let input = RecoveryInput {
+            state: &self.state_bytes[..],
+            synced: Some(self.synced_record),
+            snapshot: self
+                .snapshot_file
+                .as_ref()
+                .map(|(index, bytes)| SnapshotFile {
+                    index: *index,
+                    bytes: Bytes::copy_from_slice(bytes),
+                }),
+            segments: if self.log_bytes.is_empty() {
                 Vec::new()
+            } else {
+                vec![SegmentFile {
+                    first: self.log_first,
+                    bytes: Some(&self.log_bytes),
+                }]
+            },
+        };
+        // The same decision the shell's `GroupStore::open_repairing` carries out.
+        let plan = match plan_recovery(&input) {
+            Ok(plan) => plan,
+            Err(e) => {
+                problems.push(format!("recovery could not decide: {e}"));
+                RecoveryPlan {
+                    hard_state: HardState::default(),
+                    state_sequence: 0,
+                    state_lost: None,
+                    snapshot: None,
+                    entries: Vec::new(),
+                    segments: Vec::new(),
+                    remove_trailing: Vec::new(),
+                    remove_leading: Vec::new(),
+                    set_aside_snapshots: false,
+                    damage: None,
+                    torn: None,
+                }
             }
         };
-        if Canary::TruncateAtCorruption.planted(canary) {
+        let (sequence, hard_state) = (plan.state_sequence, plan.hard_state);
+        match plan.state_lost {
+            Some(StateLost::Damaged(e)) => {
+                problems.push(format!("the hard-state file is unreadable: {e}"));
+            }
+            Some(StateLost::MissingBesideLog) if self.hard_state != HardState::default() => {
+                problems.push(format!(
+                    "the hard-state file is empty beside a log, though {:?} was durable",
+                    self.hard_state
+                ));
+            }
+            _ => {}
+        }
+        let snapshot = plan.snapshot;
+        let entries = plan.entries;
+        let mut damaged_at = plan.damage.as_ref().map(|d| d.from);
+        let (damage_cause, torn) = (plan.damage.map(|d| d.cause), plan.torn);
+        let snapshot_refused = plan.set_aside_snapshots;
+        if Canary::TruncateAtCorruption.planted(canary) && !snapshot_refused {
             // The planted bug: damage is cut off like a torn tail, and forgotten.
             damaged_at = None;
         }
-        if let Some(error) = &snapshot_error {
+        if snapshot_refused {
             // Without its snapshot nothing of the log can be trusted to continue anything:
             // the replica starts over, damaged from index 1 (its state file is intact, so it
             // can be repaired).
             if !self.hit && self.damage.is_none() {
-                problems.push(format!("the snapshot file is unreadable: {error}"));
+                problems.push(format!(
+                    "the snapshot file is unreadable: {}",
+                    damage_cause
+                        .as_ref()
+                        .map_or_else(String::new, ToString::to_string)
+                ));
             }
-            damaged_at = Some(1);
-            snapshot = None;
-            entries.clear();
             self.snapshot_file = None;
+        }
+        // Carry out the plan on the one segment: cut it to what stays, or remove it.
+        match plan.segments.first() {
+            Some(kept) if plan.remove_trailing.is_empty() => {
+                self.log_bytes.truncate(kept.valid_len as usize);
+                self.offsets = kept.starts.clone();
+            }
+            _ => {
+                self.log_bytes.clear();
+                self.offsets.clear();
+            }
         }
         let snapshot_index = snapshot.as_ref().map_or(0, |s| s.index);
         match entries.first() {
@@ -696,11 +746,13 @@ impl Disk {
             // otherwise the disk lost a durable write.
             problems.push(format!(
                 "recovery found damage from {damaged_at:?} though no fault touched this disk: \
-                 a durable write was lost (scan: {:?} from {} after {count} records; snapshot at \
+                 a durable write was lost ({}; torn tail at {:?}; snapshot at \
                  {snapshot_index}, {} entries after it, durable commit {}; the model held a \
                  snapshot at {} and {} entries after it)",
-                outcome,
-                scanned_from,
+                damage_cause
+                    .as_ref()
+                    .map_or_else(|| "no damage found".to_string(), ToString::to_string),
+                torn.map(|t| t.at),
                 entries.len(),
                 hard_state.commit,
                 self.snapshot_index(),
@@ -709,12 +761,21 @@ impl Disk {
         }
         self.synced_len = self.log_bytes.len() as u64;
         self.synced_records = self.offsets.len();
+        // As the shell's repairing open: never above what survived.
+        self.synced_record = self.synced_record.min(last);
         let durable_sequence = std::mem::replace(&mut self.state_sequence, sequence);
         if damaged_at.is_some() || self.damage.is_some() {
             let from = damaged_at.unwrap_or(last + 1).max(snapshot_index + 1);
             self.damage = Some(Damage {
                 from,
                 votes_lost: self.damage.is_some_and(|d| d.votes_lost),
+            });
+        }
+        if plan.state_lost.is_some() {
+            // As the shell starts it: the votes are unknown, so the replica never votes again.
+            self.damage = Some(Damage {
+                from: 1,
+                votes_lost: true,
             });
         }
         self.hit = false;
@@ -724,7 +785,7 @@ impl Disk {
         if let Err(problem) = self.check_hard_state(durable_sequence, sequence, &hard_state) {
             problems.push(problem);
         }
-        if snapshot_error.is_none() && snapshot != self.snapshot {
+        if !snapshot_refused && snapshot != self.snapshot {
             let brief = |s: &Option<Snapshot>| s.as_ref().map(|s| (s.index, s.term, s.data.len()));
             problems.push(format!(
                 "recovered the snapshot {:?} but {:?} was durable",
@@ -931,6 +992,59 @@ mod tests {
     fn recover(disk: &mut Disk) -> (HardState, Option<String>) {
         let recovery = disk.recover(None);
         (recovery.recovered.hard_state, recovery.problem)
+    }
+
+    fn entries_write(id: WriteId, from: Index, to: Index, term: Term) -> Write {
+        Write {
+            id,
+            hard_state: Some(state(term, Some(1))),
+            snapshot: None,
+            discard_log: false,
+            entries: (from..=to)
+                .map(|index| Entry {
+                    term,
+                    index,
+                    kind: holdfast_core::raft::EntryKind::Noop,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_shared_recovery_cuts_a_torn_tail_and_keeps_every_synced_entry() {
+        for seed in 0..64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut disk = Disk::default();
+            disk.unsynced.push_back(entries_write(1, 1, 5, 1));
+            assert_eq!(disk.sync(1, &mut rng, None).ok(), Some(1));
+            disk.unsynced.push_back(entries_write(2, 6, 9, 1));
+            assert!(disk.crash(Some(0), &mut rng, None).is_ok());
+            let durable: Vec<Index> = disk.log.iter().map(|e| e.index).collect();
+            let recovery = disk.recover(None);
+            assert_eq!(recovery.problem, None, "seed {seed}");
+            assert_eq!(recovery.damage, None, "seed {seed}");
+            let got: Vec<Index> = recovery.recovered.entries.iter().map(|e| e.index).collect();
+            assert_eq!(got, durable, "seed {seed}");
+            assert!(got.starts_with(&[1, 2, 3, 4, 5]), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_shared_recovery_reports_a_flipped_bit_in_a_synced_record_as_damage() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for record in 1..=5u64 {
+            let mut disk = Disk::default();
+            disk.unsynced.push_back(entries_write(1, 1, 5, 1));
+            assert_eq!(disk.sync(1, &mut rng, None).ok(), Some(1));
+            let at = disk.offsets[(record - 1) as usize] as usize + HEADER_BYTES + 3;
+            disk.log_bytes[at] ^= 0x10;
+            disk.hit = true;
+            let recovery = disk.recover(None);
+            assert_eq!(recovery.problem, None);
+            let damage = recovery.damage.expect("a flipped synced bit is damage");
+            assert_eq!(damage.from, record, "record {record}");
+            assert_eq!(recovery.recovered.entries.len() as Index, record - 1);
+        }
     }
 
     #[test]

@@ -20,6 +20,12 @@
 //! One checksummed file per snapshot, and the rule that says which recovered log entries
 //! continue it ([`log_after_snapshot`]).
 //!
+//! # Recovery ([`recovery`])
+//!
+//! What a directory's files mean after a crash, and what to cut, delete and report: one pure
+//! decision ([`plan_recovery`]) that the shell carries out on its files and the simulator on
+//! its disk.
+//!
 //! # Hard state ([`state`])
 //!
 //! Two fixed-size slots, written alternately, each with its own sequence number and checksum:
@@ -27,6 +33,7 @@
 //! state.
 
 pub mod record;
+pub mod recovery;
 pub mod snapshot;
 pub mod state;
 
@@ -34,6 +41,11 @@ pub use record::{
     CorruptReason, EncodeError, HEADER_BYTES, PayloadError, RECORD_BYTES_MAX, Scan, ScanOutcome,
     decode_membership_prefix, encode_entry, encode_membership, find_record_after,
     membership_len_bytes, record_len_bytes, scan,
+};
+pub use recovery::{
+    BadRecord, DamageCause, FileRef, FoundDamage, KeptSegment, QueueRecoveryPlan, QueueSegment,
+    RecoveryError, RecoveryInput, RecoveryPlan, SegmentFile, SnapshotFile, StateLost, TornTail,
+    plan_queue_recovery, plan_recovery, segments_to_read,
 };
 pub use snapshot::{
     LogGap, SNAPSHOT_HEADER_BYTES, SnapshotFileError, decode_snapshot, encode_snapshot,

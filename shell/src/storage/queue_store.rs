@@ -46,6 +46,7 @@ use holdfast_core::broker::{
     Offset, QueueId, QueueRange, StoreOp, StoredMessage, check_record, decode_record, record_len,
 };
 use holdfast_core::raft::GroupId;
+use holdfast_core::storage::{QueueRecoveryPlan, QueueSegment, plan_queue_recovery};
 
 /// A segment takes records until it holds this many bytes; the next record starts another.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -93,6 +94,17 @@ struct QueueFiles {
 impl QueueFiles {
     fn end(&self) -> Option<Offset> {
         self.segments.values().next_back().map(Segment::end)
+    }
+
+    /// The segments as the core's [`plan_queue_recovery`] sees them.
+    fn views(&self) -> Vec<QueueSegment> {
+        self.segments
+            .values()
+            .map(|s| QueueSegment {
+                first: s.first,
+                count: s.positions.len() as u64,
+            })
+            .collect()
     }
 }
 
@@ -305,22 +317,47 @@ impl QueueStore {
 
     /// Drops every record of the queue at or past `end`.
     fn cut_at(&mut self, key: &(GroupId, QueueId), end: Offset) -> Result<(), String> {
+        let Some(files) = self.queues.get(key) else {
+            return Ok(());
+        };
+        let plan = plan_queue_recovery(&files.views(), end, end);
+        self.carry_out(key, &plan)?;
+        if self.queues.get(key).is_some_and(|f| f.segments.is_empty()) {
+            self.queues.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Deletes the segments `plan` removes and cuts the one it cuts (see
+    /// [`plan_queue_recovery`]).
+    fn carry_out(
+        &mut self,
+        key: &(GroupId, QueueId),
+        plan: &QueueRecoveryPlan,
+    ) -> Result<(), String> {
         let Some(files) = self.queues.get_mut(key) else {
             return Ok(());
         };
-        let later: Vec<Offset> = files.segments.range(end..).map(|(o, _)| *o).collect();
-        for first in later {
-            if let Some(segment) = files.segments.remove(&first) {
+        for first in &plan.remove {
+            // Past the end: written after the snapshot (maybe torn); the log writes it again.
+            if let Some(segment) = files.segments.remove(first) {
                 remove(&segment.path)?;
                 remove(&segment.index_path())?;
             }
         }
-        if let Some(last) = files.segments.values_mut().next_back()
-            && last.end() > end
+        if let Some((first, keep)) = plan.cut
+            && let Some(last) = files.segments.get_mut(&first)
         {
             flush(last)?;
-            let keep = (end - last.first) as usize;
-            let cut = u64::from(last.positions[keep]);
+            let keep = usize::try_from(keep).unwrap_or(usize::MAX);
+            let Some(cut) = last.positions.get(keep).copied() else {
+                return Err(format!(
+                    "cannot cut {} at record {keep}: it holds {}",
+                    last.path.display(),
+                    last.positions.len()
+                ));
+            };
+            let cut = u64::from(cut);
             last.positions.truncate(keep);
             last.len = cut;
             last.file
@@ -329,9 +366,6 @@ impl QueueStore {
             last.unsynced = true;
             remove(&last.index_path())?;
             last.index_unsynced = false;
-        }
-        if files.segments.is_empty() {
-            self.queues.remove(key);
         }
         Ok(())
     }
@@ -613,44 +647,10 @@ impl QueueStore {
         for range in ranges {
             let key = (group, range.queue.clone());
             let files = self.queues.entry(key.clone()).or_default();
-            // Past the end: written after the snapshot (maybe torn); the log writes it again.
-            let later: Vec<Offset> = files.segments.range(range.end..).map(|(o, _)| *o).collect();
-            for first in later {
-                if let Some(segment) = files.segments.remove(&first) {
-                    remove(&segment.path)?;
-                    remove(&segment.index_path())?;
-                }
-            }
-            if let Some(last) = files.segments.values_mut().next_back()
-                && last.end() > range.end
-            {
-                let keep = (range.end - last.first) as usize;
-                let cut = u64::from(last.positions[keep]);
-                last.positions.truncate(keep);
-                last.len = cut;
-                last.file
-                    .set_len(cut)
-                    .map_err(|e| format!("cannot cut {}: {e}", last.path.display()))?;
-                last.unsynced = true;
-                remove(&last.index_path())?;
-                last.index_unsynced = false;
-            }
-            debug_assert!(
-                files.end().is_none_or(|end| end <= range.end),
-                "nothing past the snapshot's end survives a recovery"
-            );
-            // Every offset of start..end must be there, in segments that follow each other.
-            let mut next = range.start;
-            for segment in files.segments.values() {
-                if segment.end() <= next {
-                    continue;
-                }
-                if segment.first > next {
-                    break;
-                }
-                next = segment.end();
-            }
-            if next < range.end {
+            // What the segments must become is the core's decision; this carries it out.
+            let plan = plan_queue_recovery(&files.views(), range.start, range.end);
+            self.carry_out(&key, &plan)?;
+            if let Some(next) = plan.lacks {
                 return Err(format!(
                     "group {group}: the queue store lacks {}@{next} (of {}..{}), which the \
                      snapshot on disk references: its files under {} are damaged or were \

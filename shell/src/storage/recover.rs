@@ -1,27 +1,28 @@
-//! Opening a group's directory: recovery of its snapshot, log segments, state and synced
-//! record, through the core's pure formats (`scan`, `decode_snapshot`, `log_after_snapshot`,
-//! `decode_stored_state`), as the simulator's disk recovers.
+//! Opening a group's directory: the shell reads the files (the state file, the synced record,
+//! the newest snapshot, the segments the snapshot does not hold entirely) and carries out the
+//! plan that the core's pure [`plan_recovery`] returns for them, the same decision the
+//! simulator's disk runs.
 //!
-//! Recovery first decides everything (a [`Plan`]) and only then touches the files, so that a
-//! refusing open (`GroupStore::open` on damage) changes nothing, and a repairing one writes the
-//! damage marker before it cuts anything.
+//! The plan is decided before any file is touched, so that a refusing open
+//! (`GroupStore::open` on damage) changes nothing, and a repairing one writes the damage marker
+//! before it cuts anything.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use holdfast_core::raft::{Damage, Entry, GroupId, HardState, Index, Recovered, Snapshot};
+use holdfast_core::raft::{Damage, GroupId, Index, Recovered};
 use holdfast_core::storage::{
-    LogGap, STATE_BYTES, ScanOutcome, decode_snapshot, decode_stored_state, find_record_after,
-    log_after_snapshot, record_len_bytes, scan,
+    FileRef, RecoveryInput, STATE_BYTES, SegmentFile, SnapshotFile, plan_recovery, segments_to_read,
 };
 use tracing::{error, info, warn};
 
 use super::files::{
-    DAMAGE_MARKER, LEGACY_LOG_FILE, Listing, SET_ASIDE_SUFFIX, STATE_FILE, SYNCED_FILE,
-    create_dir_durable, io_error, list_dir, open_file, read_damage_marker, read_synced,
-    remove_file, segment_name, sync_dir, write_damage_marker,
+    DAMAGE_MARKER, LEGACY_LOG_FILE, SET_ASIDE_SUFFIX, STATE_FILE, SYNCED_FILE, create_dir_durable,
+    io_error, list_dir, open_file, read_damage_marker, read_synced, remove_file, segment_name,
+    snapshot_name, sync_dir, write_damage_marker,
 };
 use super::group_store::{GroupStore, Segment};
 use super::{StorageConfig, StorageError};
@@ -97,38 +98,61 @@ impl GroupStore {
         sync_dir(&group_dir)?;
         fsyncs += 1;
         let synced_record = read_synced(&synced, &synced_path)?;
-        // The state slot is synced before any segment is written, so a log (or a snapshot,
-        // or a synced record) beside a missing, empty or unreadable state file means the
-        // state was lost: with it, the memory of this replica's votes. Taking it for a first
-        // start could vote twice in one term; it is damage, and the replica never votes again
-        // (as with a wiped disk).
-        let holds_log = !listing.segments.is_empty()
-            || !listing.snapshots.is_empty()
-            || synced_record.index.is_some_and(|index| index > 0);
-        let (state_sequence, hard_state, state_lost) = match read_state(&state, &state_path)? {
-            StateRead::Present(sequence, hard_state) => (sequence, hard_state, None),
-            StateRead::Missing if !holds_log => (0, HardState::default(), None),
-            StateRead::Missing => (
-                0,
-                HardState::default(),
-                Some(
-                    "the state file is missing or empty though the group's directory holds a log"
-                        .to_string(),
-                ),
-            ),
-            StateRead::Damaged(reason) => (
-                0,
-                HardState::default(),
-                Some(format!("the state file is damaged ({reason})")),
-            ),
+        let synced_index = synced_record.index;
+        let state_bytes = read_state(&state, &state_path)?;
+        let marker = group_dir.join(DAMAGE_MARKER);
+        let earlier = read_damage_marker(&marker)?;
+
+        // The shell only reads; what the files mean is the core's decision.
+        let snapshot = match listing.snapshots.last() {
+            None => None,
+            Some((index, path)) => Some(SnapshotFile {
+                index: *index,
+                bytes: Bytes::from(fs::read(path).map_err(|e| io_error(path, "read", e))?),
+            }),
         };
-        if let Some(reason) = &state_lost {
+        let firsts: Vec<Index> = listing.segments.iter().map(|(first, _)| *first).collect();
+        let read_from = segments_to_read(snapshot.as_ref().map(|s| s.index), &firsts);
+        let mut opened: BTreeMap<Index, (File, Vec<u8>)> = BTreeMap::new();
+        for (first, path) in listing.segments.get(read_from..).unwrap_or_default() {
+            opened.insert(*first, read_segment(path, &mut fsyncs)?);
+        }
+        let input = RecoveryInput {
+            state: &state_bytes,
+            synced: synced_index,
+            snapshot,
+            segments: listing
+                .segments
+                .iter()
+                .map(|(first, _)| SegmentFile {
+                    first: *first,
+                    bytes: opened.get(first).map(|(_, bytes)| bytes.as_slice()),
+                })
+                .collect(),
+        };
+        let plan = plan_recovery(&input).map_err(|e| StorageError::Corrupt {
+            path: group_dir.clone(),
+            offset: None,
+            index: None,
+            reason: e.to_string(),
+        })?;
+        drop(input);
+        let path_of = |file: FileRef| -> PathBuf {
+            match file {
+                FileRef::Segment(first) => group_dir.join(segment_name(first)),
+                FileRef::Snapshot(index) => group_dir.join(snapshot_name(index)),
+                FileRef::Directory => group_dir.clone(),
+            }
+        };
+        let hard_state = plan.hard_state;
+        if let Some(lost) = &plan.state_lost {
+            let reason = lost.to_string();
             if !repair {
                 return Err(StorageError::Corrupt {
                     path: state_path,
                     offset: None,
                     index: None,
-                    reason: reason.clone(),
+                    reason,
                 });
             }
             error!(
@@ -138,16 +162,7 @@ impl GroupStore {
                  from the leader"
             );
         }
-        let synced_index = synced_record.index;
-        let marker = group_dir.join(DAMAGE_MARKER);
-        let earlier = read_damage_marker(&marker)?;
-        let plan = plan(
-            &group_dir,
-            &listing,
-            hard_state.commit,
-            synced_index,
-            &mut fsyncs,
-        )?;
+        let state_sequence = plan.state_sequence;
         let (snapshot_index, snapshot_term) =
             plan.snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
         let mut store = GroupStore {
@@ -177,16 +192,16 @@ impl GroupStore {
             #[cfg(test)]
             steps: 0,
         };
-        let damage = match plan.damage {
+        let damage = match &plan.damage {
             None => earlier,
             Some(found) if repair => {
                 let from = earlier.map_or(found.from, |earlier| earlier.min(found.from));
                 error!(
-                    path = %found.path.display(),
+                    path = %path_of(found.file).display(),
                     offset = ?found.offset,
                     from,
                     "{}; cutting the log back to its valid prefix: this replica will not vote until its peers have repaired it",
-                    found.reason
+                    found.cause
                 );
                 write_damage_marker(&group_dir, &marker, from)?;
                 // Never above what survives the cut, or the next start would call the cut
@@ -195,64 +210,79 @@ impl GroupStore {
                 if synced_index.is_none_or(|index| index > keep) {
                     store.write_synced(keep)?;
                 }
-                for path in &plan.set_aside {
-                    let mut aside = path.clone().into_os_string();
-                    aside.push(SET_ASIDE_SUFFIX);
-                    fs::rename(path, &aside).map_err(|e| io_error(path, "rename", e))?;
-                    warn!(path = %path.display(), "set the snapshot aside as {}", Path::new(&aside).display());
-                }
-                if !plan.set_aside.is_empty() {
-                    store.sync_dir()?;
+                if plan.set_aside_snapshots {
+                    for (_, path) in &listing.snapshots {
+                        let mut aside = path.clone().into_os_string();
+                        aside.push(SET_ASIDE_SUFFIX);
+                        fs::rename(path, &aside).map_err(|e| io_error(path, "rename", e))?;
+                        warn!(path = %path.display(), "set the snapshot aside as {}", Path::new(&aside).display());
+                    }
+                    if !listing.snapshots.is_empty() {
+                        store.sync_dir()?;
+                    }
                 }
                 Some(from)
             }
             Some(found) => {
                 return Err(StorageError::Corrupt {
-                    path: found.path,
+                    path: path_of(found.file),
                     offset: found.offset,
                     index: found.index,
-                    reason: found.reason,
+                    reason: found.cause.to_string(),
                 });
             }
         };
-        if !plan.trailing.is_empty() && damage.is_none() {
+        if !plan.remove_trailing.is_empty() && damage.is_none() {
             info!(
                 path = %group_dir.display(),
-                segments = plan.trailing.len(),
+                segments = plan.remove_trailing.len(),
                 snapshot = snapshot_index,
                 "removing a log that the snapshot replaced (a crash interrupted its removal)"
             );
         }
-        for path in &plan.trailing {
+        for first in &plan.remove_trailing {
             // Newest first, each durable before the next: a crash leaves a prefix.
-            remove_file(path)?;
+            opened.remove(first);
+            remove_file(&path_of(FileRef::Segment(*first)))?;
             store.sync_dir()?;
         }
-        let mut segments = plan.segments;
-        if let Some(segment) = segments.last_mut().filter(|s| s.cut) {
-            let file = segment.file.as_ref().ok_or_else(|| StorageError::Io {
-                path: segment.path.clone(),
-                op: "truncate",
-                source: std::io::Error::other("the segment file is not open"),
-            })?;
-            file.set_len(segment.written)
-                .map_err(|e| io_error(&segment.path, "truncate", e))?;
-            file.sync_data()
-                .map_err(|e| io_error(&segment.path, "fdatasync", e))?;
-            store.fsyncs += 1;
-            segment.cut = false;
-            if let Some(torn) = plan.torn.as_ref().filter(|_| damage.is_none()) {
-                warn!(
-                    path = %torn.path.display(),
-                    dropped_bytes = torn.dropped_bytes,
-                    last_index = segment.last(),
-                    "cut a torn tail off the log"
-                );
+        let mut segments = Vec::with_capacity(plan.segments.len());
+        for kept in plan.segments {
+            let path = path_of(FileRef::Segment(kept.first));
+            let file = opened.remove(&kept.first).map(|(file, _)| file);
+            let Some(file) = file else {
+                return Err(StorageError::Io {
+                    path,
+                    op: "recover",
+                    source: std::io::Error::other("the plan keeps a segment that was not read"),
+                });
+            };
+            if kept.cut {
+                file.set_len(kept.valid_len)
+                    .map_err(|e| io_error(&path, "truncate", e))?;
+                file.sync_data()
+                    .map_err(|e| io_error(&path, "fdatasync", e))?;
+                store.fsyncs += 1;
+                if let Some(torn) = plan.torn.as_ref().filter(|_| damage.is_none()) {
+                    warn!(
+                        path = %path.display(),
+                        dropped_bytes = torn.dropped_bytes,
+                        last_index = kept.next_index().saturating_sub(1),
+                        "cut a torn tail off the log"
+                    );
+                }
             }
+            let mut segment = Segment::staged(&group_dir, kept.first);
+            segment.path = path;
+            segment.file = Some(file);
+            segment.starts = kept.starts;
+            segment.terms = kept.terms;
+            segment.written = kept.valid_len;
+            segments.push(segment);
         }
-        for path in &plan.leading {
+        for first in &plan.remove_leading {
             // Oldest first; the snapshot holds all of them, so any order would do.
-            remove_file(path)?;
+            remove_file(&path_of(FileRef::Segment(*first)))?;
             store.dir_dirty = true;
         }
         if store.dir_dirty {
@@ -267,7 +297,7 @@ impl GroupStore {
                 snapshot: plan.snapshot,
                 entries: plan.entries,
             },
-            match state_lost {
+            match plan.state_lost {
                 Some(_) => Some(Damage {
                     from: 1,
                     votes_lost: true,
@@ -281,326 +311,8 @@ impl GroupStore {
     }
 }
 
-/// What the state file holds.
-enum StateRead {
-    Present(u64, HardState),
-    /// Missing or empty: nothing was ever written to it.
-    Missing,
-    /// Written, and unreadable now.
-    Damaged(String),
-}
-
-/// Damage that recovery found: where, and the first index that may be lost.
-struct Found {
-    from: Index,
-    path: PathBuf,
-    offset: Option<u64>,
-    index: Option<Index>,
-    reason: String,
-}
-
-struct Torn {
-    path: PathBuf,
-    at: u64,
-    dropped_bytes: u64,
-    /// Why the record at `at` does not read, for a message should this be damage after all.
-    why: String,
-}
-
-/// What recovery decided, before any file is changed.
-struct Plan {
-    snapshot: Option<Snapshot>,
-    /// The segments that stay, with their layout; the last is cut to `written` if `cut`.
-    segments: Vec<Segment>,
-    /// The log after the snapshot, as `log_after_snapshot` has it.
-    entries: Vec<Entry>,
-    /// Segment files to delete, newest first: behind damage, or a whole log that the snapshot
-    /// replaced.
-    trailing: Vec<PathBuf>,
-    /// Segment files whose every entry the snapshot holds, oldest first.
-    leading: Vec<PathBuf>,
-    /// Snapshot files recovery refuses to use.
-    set_aside: Vec<PathBuf>,
-    damage: Option<Found>,
-    torn: Option<Torn>,
-}
-
-/// Reads the newest snapshot and the segments after it and decides what they hold.
-///
-/// Rules: the newest snapshot must decode, or everything is damage from index 1. Segments the
-/// snapshot holds entirely (every segment before the last one starting at or below its index)
-/// are skipped, unread: a compaction that a crash interrupted may have removed them in any
-/// order. The rest must each start where the one before ended, and only the
-/// last may end in a torn tail; a bad record followed by a valid one is damage too. What the
-/// scan keeps goes through `log_after_snapshot`. Last, the log must reach the commit of the
-/// state file and the index of the synced record: short of either, the "torn tail" was synced
-/// data, and that is damage.
-fn plan(
-    dir: &Path,
-    listing: &Listing,
-    commit: Index,
-    synced: Option<Index>,
-    fsyncs: &mut u64,
-) -> Result<Plan, StorageError> {
-    let paths = |list: &[(Index, PathBuf)]| -> Vec<PathBuf> {
-        list.iter().map(|(_, path)| path.clone()).collect()
-    };
-    let snapshot = match listing.snapshots.last() {
-        None => None,
-        Some((index, path)) => match read_snapshot(path, *index)? {
-            Ok(snapshot) => Some(snapshot),
-            Err(reason) => {
-                let mut trailing = paths(&listing.segments);
-                trailing.reverse();
-                return Ok(Plan {
-                    snapshot: None,
-                    segments: Vec::new(),
-                    entries: Vec::new(),
-                    trailing,
-                    leading: Vec::new(),
-                    set_aside: paths(&listing.snapshots),
-                    damage: Some(Found {
-                        from: 1,
-                        path: path.clone(),
-                        offset: None,
-                        index: Some(*index),
-                        reason: format!(
-                            "the snapshot is unreadable ({reason}); no older state is used in its place, since the log it replaced may be gone"
-                        ),
-                    }),
-                    torn: None,
-                });
-            }
-        },
-    };
-    let (base, base_term) = snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
-    // The scan starts at the segment holding the snapshot's own entry, if any does: that entry
-    // is what tells `log_after_snapshot` a log that continues the snapshot from one that an
-    // installed snapshot replaced, so starting after it could keep a replaced log.
-    let start = match &snapshot {
-        Some(_) => listing
-            .segments
-            .iter()
-            .rposition(|(first, _)| *first <= base)
-            .unwrap_or(0),
-        None => 0,
-    };
-    let leading = paths(listing.segments.get(..start).unwrap_or_default());
-    let candidates = listing.segments.get(start..).unwrap_or_default();
-
-    let mut segments: Vec<Segment> = Vec::new();
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut trailing: Vec<PathBuf> = Vec::new();
-    let mut problem: Option<Found> = None;
-    let mut torn: Option<Torn> = None;
-    for (k, (first, path)) in candidates.iter().enumerate() {
-        let later = candidates.get(k + 1..).unwrap_or_default();
-        let expected = segments.last().map(Segment::next_index);
-        let misplaced = match expected {
-            Some(expected) if *first != expected => Some((
-                expected,
-                format!(
-                    "the segment starts at index {first} but the one before it ends at index {}: segments are missing or misplaced",
-                    expected.saturating_sub(1)
-                ),
-            )),
-            None if *first > base.saturating_add(1) => {
-                let gap = LogGap {
-                    expected: base.saturating_add(1),
-                    found: *first,
-                };
-                Some((gap.expected, gap.to_string()))
-            }
-            _ => None,
-        };
-        if let Some((index, reason)) = misplaced {
-            problem = Some(Found {
-                from: index,
-                path: path.clone(),
-                offset: Some(0),
-                index: Some(index),
-                reason,
-            });
-            trailing.extend(paths(candidates.get(k..).unwrap_or_default()));
-            break;
-        }
-        let (mut segment, bytes) = read_segment(*first, path, fsyncs)?;
-        let found = scan(&bytes, 0, *first);
-        let last_term = found
-            .entries
-            .last()
-            .or(entries.last())
-            .map_or(0, |e| e.term);
-        let mut offset = 0;
-        for entry in &found.entries {
-            segment.starts.push(offset);
-            segment.terms.push(entry.term);
-            let len = record_len_bytes(entry).map_err(|e| StorageError::Corrupt {
-                path: path.clone(),
-                offset: Some(offset),
-                index: Some(entry.index),
-                reason: e.to_string(),
-            })?;
-            offset += len as u64;
-        }
-        segment.written = found.valid_len;
-        entries.extend(found.entries);
-        let next = segment.next_index();
-        let at = match found.outcome {
-            ScanOutcome::Clean => {
-                segments.push(segment);
-                continue;
-            }
-            ScanOutcome::TornTail { at } => at,
-            // Unreachable with a synced length of 0, but never ignored.
-            ScanOutcome::Corrupt { at, .. } => at,
-        };
-        segment.cut = true;
-        let why = damage_reason(&bytes, *first);
-        let after = find_record_after(&bytes, at, next, last_term);
-        match (after, later.first()) {
-            (None, None) => {
-                torn = Some(Torn {
-                    path: path.clone(),
-                    at,
-                    dropped_bytes: (bytes.len() as u64).saturating_sub(at),
-                    why,
-                });
-            }
-            (Some((offset, index)), _) => {
-                problem = Some(Found {
-                    from: next,
-                    path: path.clone(),
-                    offset: Some(at),
-                    index: Some(next),
-                    reason: format!(
-                        "{why}; a valid record (index {index}) follows at byte {offset}, so this is damage inside the log, not a torn tail"
-                    ),
-                });
-            }
-            (None, Some((_, later_path))) => {
-                problem = Some(Found {
-                    from: next,
-                    path: path.clone(),
-                    offset: Some(at),
-                    index: Some(next),
-                    reason: format!(
-                        "{why}; segment {} follows, so this is damage inside the log, not a torn tail",
-                        later_path.display()
-                    ),
-                });
-            }
-        }
-        segments.push(segment);
-        trailing.extend(paths(later));
-        break;
-    }
-
-    let snapshot_at = snapshot.as_ref().map(|_| (base, base_term));
-    let kept = match log_after_snapshot(snapshot_at, entries) {
-        Ok(kept) => kept,
-        Err(gap) => {
-            if problem.is_none() {
-                problem = Some(Found {
-                    from: gap.expected,
-                    path: segments
-                        .first()
-                        .map_or_else(|| dir.to_path_buf(), |s| s.path.clone()),
-                    offset: Some(0),
-                    index: Some(gap.expected),
-                    reason: gap.to_string(),
-                });
-            }
-            Vec::new()
-        }
-    };
-    let last = kept.last().map_or(base, |e| e.index);
-    if kept.is_empty() {
-        // Nothing continues the snapshot: what is left is a log that an installed snapshot
-        // replaced (its removal was interrupted), entries the snapshot holds, or nothing.
-        // All of it goes, so that the next append starts a fresh segment after the snapshot.
-        let mut all: Vec<PathBuf> = segments.drain(..).map(|s| s.path).collect();
-        all.append(&mut trailing);
-        trailing = all;
-        torn = None;
-    }
-    trailing.reverse();
-
-    let damage = match problem {
-        // Whatever the scan found, everything after the last entry kept may be lost.
-        Some(found) => Some(Found {
-            from: last.saturating_add(1),
-            ..found
-        }),
-        None => {
-            let short = if last < commit {
-                Some(format!(
-                    "the state file says {commit} entries are committed but only {last} are readable"
-                ))
-            } else if let Some(synced) = synced.filter(|synced| last < *synced) {
-                Some(format!(
-                    "the synced record says the log was synced through index {synced} but only {last} entries are readable"
-                ))
-            } else if synced.is_none() && torn.is_some() {
-                Some(
-                    "the synced record is unreadable, so the torn tail may have been synced".into(),
-                )
-            } else {
-                None
-            };
-            short.map(|reason| {
-                let (path, offset, why) = match &torn {
-                    Some(torn) => (torn.path.clone(), Some(torn.at), torn.why.clone()),
-                    None => (
-                        segments
-                            .last()
-                            .map_or_else(|| dir.to_path_buf(), |s| s.path.clone()),
-                        segments.last().map(|s| s.written),
-                        "the log ends cleanly".to_string(),
-                    ),
-                };
-                Found {
-                    from: last.saturating_add(1),
-                    path,
-                    offset,
-                    index: Some(last.saturating_add(1)),
-                    reason: format!("{reason} ({why})"),
-                }
-            })
-        }
-    };
-    Ok(Plan {
-        snapshot,
-        segments,
-        entries: kept,
-        trailing,
-        leading,
-        set_aside: Vec::new(),
-        damage,
-        torn,
-    })
-}
-
-/// The newest snapshot file: `Err` with the reason when it does not decode (damage, never a
-/// torn write: it was renamed into place only once whole and synced).
-fn read_snapshot(path: &Path, index: Index) -> Result<Result<Snapshot, String>, StorageError> {
-    let bytes = fs::read(path).map_err(|e| io_error(path, "read", e))?;
-    Ok(match decode_snapshot(Bytes::from(bytes)) {
-        Ok(snapshot) if snapshot.index == index => Ok(snapshot),
-        Ok(snapshot) => Err(format!(
-            "it holds the snapshot at index {} but is named for index {index}",
-            snapshot.index
-        )),
-        Err(e) => Err(e.to_string()),
-    })
-}
-
 /// Opens a segment, reads it whole and syncs it (see `open_with`).
-fn read_segment(
-    first: Index,
-    path: &Path,
-    fsyncs: &mut u64,
-) -> Result<(Segment, Vec<u8>), StorageError> {
+fn read_segment(path: &Path, fsyncs: &mut u64) -> Result<(File, Vec<u8>), StorageError> {
     let mut file = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -612,19 +324,7 @@ fn read_segment(
     file.sync_data()
         .map_err(|e| io_error(path, "fdatasync", e))?;
     *fsyncs += 1;
-    let mut segment = Segment::staged(path.parent().unwrap_or(path), first);
-    segment.path = path.to_path_buf();
-    segment.file = Some(file);
-    Ok((segment, bytes))
-}
-
-/// Why a segment's first bad record is bad: the scan again, now calling every byte synced.
-/// Only runs on the way to a cut or an error.
-fn damage_reason(bytes: &[u8], first: Index) -> String {
-    match scan(bytes, bytes.len() as u64, first).outcome {
-        ScanOutcome::Corrupt { reason, .. } => reason.to_string(),
-        other => other.to_string(),
-    }
+    Ok((file, bytes))
 }
 
 /// The layout before segments kept the whole log in one file from index 1: that file is the
@@ -652,16 +352,12 @@ fn migrate_legacy_log(dir: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// The newest hard state and its slot sequence, if the file holds one.
-fn read_state(file: &File, path: &Path) -> Result<StateRead, StorageError> {
+/// The state file's bytes, for the core to decode.
+fn read_state(file: &File, path: &Path) -> Result<Vec<u8>, StorageError> {
     let mut bytes = Vec::new();
     // One byte more than a valid file, so a longer one is refused without reading it all.
     file.take(STATE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| io_error(path, "read", e))?;
-    Ok(match decode_stored_state(&bytes) {
-        Ok(None) => StateRead::Missing,
-        Ok(Some(stored)) => StateRead::Present(stored.sequence, stored.hard_state),
-        Err(e) => StateRead::Damaged(e.to_string()),
-    })
+    Ok(bytes)
 }

@@ -352,6 +352,10 @@ impl QueueWorld {
         response: Response,
     ) -> Result<(), Violation> {
         let now = self.k.now;
+        if client == super::operator::OPERATOR {
+            self.operator_response(id, &response);
+            return Ok(());
+        }
         if client == ADMIN {
             return match response {
                 Response::TopicCreated { .. } => self.topic_created(),

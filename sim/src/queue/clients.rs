@@ -597,6 +597,19 @@ impl QueueWorld {
         self.flush_consumer(slot)
     }
 
+    /// `node`'s process died: the producers' connections to it close, and they fail over
+    /// at once what they had in flight there, as the shell's client does (`client/io.rs`).
+    pub(super) fn connections_lost(&mut self, node: NodeId) -> Result<(), Violation> {
+        let now = self.k.now;
+        for index in 0..self.clients.producers.len() {
+            self.clients.producers[index]
+                .producer
+                .connection_lost(now, node);
+            self.flush_producer(index)?;
+        }
+        Ok(())
+    }
+
     /// Takes a random running consumer down; false if none runs.
     pub(super) fn crash_one_consumer(&mut self) -> bool {
         let running: Vec<usize> = (0..self.clients.consumers.len())

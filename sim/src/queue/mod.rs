@@ -561,7 +561,7 @@ impl Workload for QueueWorld {
         }
         host.store = host.durable_store.clone();
         self.crashed(node, torn);
-        Ok(())
+        self.connections_lost(node)
     }
 }
 

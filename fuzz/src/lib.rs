@@ -657,6 +657,12 @@ impl Group {
                         node.id,
                         before.snapshot_index
                     ),
+                    Err(CompactError::Unconfigured { .. }) => assert!(
+                        node.replica.membership_at(index).voters.is_empty(),
+                        "node {}: refused a compaction at {index} as unconfigured, with {:?}",
+                        node.id,
+                        node.replica.membership_at(index)
+                    ),
                 }
                 if result.is_err() {
                     assert_eq!(

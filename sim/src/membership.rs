@@ -1,11 +1,13 @@
 //! Membership change as a fault, and the checkers of configuration safety.
 //!
-//! Self-contained on purpose: it knows nothing of a world, only Raft's types. A world asks
-//! [`Plan`] how many spare nodes to start (outside every group's configuration) and, from time
-//! to time, which single-server change to ask a group's leader for; it reports granted votes
-//! to a [`Tally`] and calls the `check_*` functions at the moments they name. The Raft
-//! workload's world is the only caller today; a world kernel shared by both workloads calls
-//! the same four things.
+//! Self-contained on purpose: it knows nothing of a world, only Raft's types. The Raft
+//! workload asks [`Plan`] how many spare nodes to start (outside every group's configuration)
+//! and, from time to time, which single-server change to ask a group's leader for; the queue
+//! workload's operator asks its nodes for changes through the requests an operator sends
+//! (`queue/operator.rs`). Both report granted votes to a [`Tally`] and call the `check_*`
+//! functions at the moments they name, with [`commit_holders`] from their disks; the queue
+//! workload, whose nodes append configurations on their own, calls [`check_step`] after every
+//! step instead.
 //!
 //! The checkers:
 //! - `config-quorum`: whenever a leader's commit index advances, a majority of the voters of
@@ -24,12 +26,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use holdfast_core::raft::{
-    ConfChange, Envelope, GroupId, Index, Membership, Message, NodeId, ProposalId, Term,
+    ConfChange, Envelope, GroupId, Index, Membership, Message, NodeId, ProposalId, Replica, Role,
+    Term,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checker::{Violation, violation};
+use crate::disk::Disk;
 
 /// Proposal ids of membership changes start here, apart from the clients' ids.
 pub const PROPOSAL_ID_BASE: ProposalId = 1 << 62;
@@ -233,6 +237,89 @@ pub fn check_one_at_a_time(
                  at {previous} was uncommitted (commit {commit})"
             ),
         ));
+    }
+    Ok(())
+}
+
+/// The nodes among `voters` whose disks hold the entry `(index, term)`: in their log, under
+/// their snapshot, or possibly (a fault damaged the disk, and what it lost is unknown).
+pub fn commit_holders<'a>(
+    (index, term): (Index, Term),
+    voters: &BTreeSet<NodeId>,
+    disk_of: &dyn Fn(NodeId) -> Option<&'a Disk>,
+) -> BTreeSet<NodeId> {
+    let holds = |disk: &Disk| {
+        disk.is_damaged() || index <= disk.snapshot_index() || disk.term_at(index) == Some(term)
+    };
+    voters
+        .iter()
+        .copied()
+        .filter(|n| disk_of(*n).is_some_and(holds))
+        .collect()
+}
+
+/// What the configuration checkers last saw of one replica in its current incarnation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConfigSeen {
+    /// The index of the latest configuration in its log.
+    pub index: Index,
+    /// The term it led in, if it was leader.
+    pub led: Option<Term>,
+    pub commit: Index,
+}
+
+impl ConfigSeen {
+    pub fn new(replica: &Replica) -> ConfigSeen {
+        let status = replica.status();
+        ConfigSeen {
+            index: replica.latest_membership().0,
+            led: (status.role == Role::Leader).then_some(status.term),
+            commit: status.commit_index,
+        }
+    }
+}
+
+/// The three configuration checkers after a step of `node`'s replica of `group`, for a world
+/// whose replicas append configurations on their own (a node does, on an operator's request):
+/// `seen` is what the step before left (updated here), `committed` whether the step advanced
+/// the commit index, `elected` whether it made the replica leader of a new term.
+/// one-change-at-a-time is judged against the commit index before the step: a node appends a
+/// configuration only on an operator's request, in a step that commits nothing before the
+/// append (the append itself may commit more: the new configuration's quorum can be smaller,
+/// which is how a second change while one is pending commits the first behind its back). The
+/// world must call this after every step of the replica, so that `seen` is the step before's.
+#[allow(clippy::too_many_arguments)]
+pub fn check_step<'a>(
+    tally: &Tally,
+    node: NodeId,
+    group: GroupId,
+    replica: &Replica,
+    seen: &mut ConfigSeen,
+    committed: bool,
+    elected: bool,
+    disk_of: &dyn Fn(NodeId) -> Option<&'a Disk>,
+) -> Result<(), Violation> {
+    let before = *seen;
+    *seen = ConfigSeen::new(replica);
+    let status = replica.status();
+    if status.role != Role::Leader {
+        return Ok(());
+    }
+    let voters = &replica.latest_membership().1.voters;
+    if elected {
+        tally.check_elected(group, node, status.term, voters)?;
+    }
+    // A configuration appended by this leader in this term (one it received as a follower
+    // came before it led: a replica is elected and appends in separate steps).
+    if before.led == Some(status.term) && seen.index > before.index {
+        check_one_at_a_time(group, node, before.index, before.commit, seen.index)?;
+    }
+    if committed {
+        let index = status.commit_index;
+        if let Some(term) = crate::raft_checks::term_of(replica, index) {
+            let holders = commit_holders((index, term), voters, disk_of);
+            check_commit_quorum(group, node, (index, term), voters, &holders)?;
+        }
     }
     Ok(())
 }

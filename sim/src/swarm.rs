@@ -134,6 +134,10 @@ pub struct Swarm {
     /// The queue workload's Raft batch limit (`None`: the default); the Raft workload draws
     /// its own.
     pub append_entries_max: Option<usize>,
+    /// The queue workload's operator adds, promotes, removes and replaces nodes during the
+    /// fault phase (half the seeds; never with the fixed mix, whose runs stay as they were).
+    /// The Raft workload draws its own (`membership::Plan`).
+    pub membership: bool,
 }
 
 impl Swarm {
@@ -145,24 +149,29 @@ impl Swarm {
         // clients' retries meet a full queue (`raft::Config::proposal_wait_max`). One per
         // append, as the Raft workload draws, costs a queue seed too much time.
         let append_entries_max = [None, None, Some(2), Some(4), Some(8)][rng.random_range(0..5)];
+        // Drawn last, so the draws above stay what they were before it existed.
+        let membership = rng.random_bool(0.5);
         match mix {
             FaultMix::Pinned(mix) if *mix == Mix::fixed() => Swarm {
                 mix: mix.clone(),
                 legacy: true,
                 pipeline: 1,
                 append_entries_max: None,
+                membership: false,
             },
             FaultMix::Pinned(mix) => Swarm {
                 mix: mix.clone(),
                 legacy: false,
                 pipeline,
                 append_entries_max,
+                membership,
             },
             FaultMix::Swarm => Swarm {
                 mix: drawn,
                 legacy: false,
                 pipeline,
                 append_entries_max,
+                membership,
             },
         }
     }

@@ -126,6 +126,10 @@ fn the_queue_survives_a_hundred_and_fifty_seeds_of_three_nodes() {
     assert!(sum(&|s| s.redeliveries) > 0);
     assert!(sum(&|s| s.faults.get("crash").copied().unwrap_or(0)) > 150);
     assert!(sum(&|s| s.faults.get("consumer-crash").copied().unwrap_or(0)) > 150);
+    // Half the seeds grow and shrink the cluster through the operator's requests (about 0.8
+    // nodes added and 0.5 removed per seed over 500 seeds).
+    assert!(sum(&|s| s.faults.get("node-add").copied().unwrap_or(0)) > 50);
+    assert!(sum(&|s| s.faults.get("node-remove").copied().unwrap_or(0)) > 25);
     assert_disk_faults(&outcomes);
     assert_snapshots(&outcomes);
 }
@@ -306,6 +310,19 @@ mod canaries {
             .into_iter()
             .filter(|c| c.is_membership())
             .flat_map(|c| [case(c, "raft", 3), case(c, "raft", 5)])
+            .collect();
+        expect_caught(cases, true, "membership", &MEMBERSHIP_CHECKERS);
+    }
+
+    /// The membership canaries on the queue workload, whose operator changes membership
+    /// through the node's requests in half its seeds: each caught within 500 seeds, and each
+    /// membership checker the first to catch one there too.
+    #[test]
+    fn every_membership_canary_is_caught_on_the_queue_workload_by_every_membership_checker() {
+        let cases = Canary::ALL
+            .into_iter()
+            .filter(|c| c.is_membership())
+            .map(|c| case(c, "queue", 3))
             .collect();
         expect_caught(cases, true, "membership", &MEMBERSHIP_CHECKERS);
     }

@@ -298,6 +298,66 @@ impl Producer {
         }
     }
 
+    /// The driver's connection to `node` closed, or could not be made: the requests in flight
+    /// to it will get no answer. Rather than wait out each one's timeout, they fail over at
+    /// once, as a redirect without a hint: a send keeps its queue (the broker deduplicates a
+    /// retry there, so it is not avoided as after a timeout) and goes to the group's leader if
+    /// another is known, else to another live node, which redirects it; it may have been
+    /// written. A route request goes to another node. The node is suspect for a while.
+    pub fn connection_lost(&mut self, now: Instant, node: NodeId) {
+        let routes: Vec<(RequestId, String)> = self
+            .route_requests
+            .iter()
+            .filter(|(_, (_, _, n))| *n == node)
+            .map(|(id, (topic, _, _))| (*id, topic.clone()))
+            .collect();
+        let sends: Vec<SendId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.request.is_some() && p.target.as_ref().is_some_and(|t| t.node == node)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if routes.is_empty() && sends.is_empty() {
+            return;
+        }
+        self.suspect(now, node);
+        self.leaders.retain(|_, leader| *leader != node);
+        // Another node, if one is not suspect; else the request waits out its timeout (a
+        // driver that cannot reach any node must not spin asking them in turn).
+        let other = self.config.nodes.iter().any(|n| !self.is_suspect(now, *n));
+        for (id, topic) in routes.into_iter().filter(|_| other) {
+            self.route_requests.remove(&id);
+            self.request_routes(now, &topic);
+        }
+        for id in sends {
+            let Some(pending) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            if let Some((request, _)) = pending.request.take() {
+                self.by_request.remove(&request);
+            }
+            pending.maybe_written = true;
+            pending.redirects += 1;
+            if pending.redirects > self.config.redirects_max {
+                self.fail_attempt(now, id, format!("connection to node {node} lost"), true);
+                continue;
+            }
+            // As for a redirect: the first goes at once, later ones (every node unreachable)
+            // back off.
+            let pause_ms = REDIRECT_BACKOFF_MS * u64::from(pending.redirects - 1);
+            pending.not_before = now + Duration::from_millis(pause_ms);
+            if let Some(target) = pending.target.as_mut() {
+                target.node = match self.leaders.get(&target.broker) {
+                    Some(leader) => *leader,
+                    None => pick_live(&self.config.nodes, &mut self.turn, &self.suspect_until, now),
+                };
+            }
+            self.advance(now, id);
+        }
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         let expired_routes: Vec<RequestId> = self
             .route_requests

@@ -86,6 +86,50 @@ fn a_node_that_answers_again_is_trusted_again() {
     ));
 }
 
+/// A connection that closes under a send in flight fails it over at once, to another node,
+/// same queue and sequence (the broker deduplicates it there), and the send reports that it
+/// may have been written twice: no request timeout is waited out.
+#[test]
+fn a_send_in_flight_on_a_lost_connection_is_retried_elsewhere_at_once() {
+    let (mut producer, now) = producer_with_a_send_to_node_1();
+    // Nothing else in flight to node 2: nothing happens.
+    producer.connection_lost(now, 2);
+    assert!(producer.poll_request().is_none());
+    producer.connection_lost(now, 1);
+    let Some((
+        node,
+        request,
+        Request::Send {
+            broker,
+            queue,
+            first_seq,
+            ..
+        },
+    )) = producer.poll_request()
+    else {
+        panic!("the send is retried at once, with no time passing");
+    };
+    assert_ne!(node, 1, "node 1's connection is gone");
+    assert_eq!(first_seq, 0, "the same sequence");
+    assert_eq!(broker, u64::from(queue.queue) + 1, "a queue of the routes");
+    let sent = Response::Sent {
+        queue,
+        base_offset: 0,
+        duplicate: true,
+    };
+    producer.handle_response(now, request, sent);
+    assert!(matches!(
+        producer.poll_result(),
+        Some((
+            _,
+            SendResult::Acked {
+                ambiguous: true,
+                ..
+            }
+        ))
+    ));
+}
+
 fn stored(seq: u64) -> crate::broker::StoredMessage {
     crate::broker::StoredMessage {
         producer_id: 1,

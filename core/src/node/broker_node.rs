@@ -2482,6 +2482,14 @@ fn snapshot_due(
         return None;
     }
     let term = group.raft.entry(status.applied_index)?.term;
+    let membership = group.raft.membership_at(status.applied_index);
+    if membership.voters.is_empty() {
+        // A node that joined knows no configuration below the first configuration entry it
+        // received (the cluster's first is not in any log); a snapshot there would record
+        // none, and none reads back. It waits until it has applied one (`Replica::compact`).
+        return None;
+    }
+    let membership = Some(membership.clone());
     group.encoding = Some(status.applied_index);
     group.pace.entries_since = 0;
     group.pace.bytes_since = 0;
@@ -2489,7 +2497,7 @@ fn snapshot_due(
         group: group_id,
         index: status.applied_index,
         term,
-        membership: Some(group.raft.membership_at(status.applied_index).clone()),
+        membership,
         image: group.machine.clone(),
     })
 }

@@ -142,6 +142,17 @@ impl Cluster {
                     quiet = false;
                 }
                 while let Some((group, write)) = node.poll_write() {
+                    // What a disk must read back: a snapshot records the configuration in
+                    // effect at its index, which has a voter (`storage::record`).
+                    if let Some(membership) =
+                        write.snapshot.as_ref().and_then(|s| s.membership.as_ref())
+                    {
+                        assert!(
+                            !membership.voters.is_empty(),
+                            "node {id} group {group} writes a snapshot at {} with no voter",
+                            write.snapshot.as_ref().map_or(0, |s| s.index)
+                        );
+                    }
                     node.persisted(self.now, group, write.id);
                     quiet = false;
                 }

@@ -1015,7 +1015,11 @@ impl Replica {
                 });
             }
         };
-        let membership = Some(self.configs.at(index).1.clone());
+        let membership = self.configs.at(index).1;
+        if membership.voters.is_empty() {
+            return Err(CompactError::Unconfigured { index });
+        }
+        let membership = Some(membership.clone());
         self.log.compact_to(index, term);
         self.configs.compacted_to(index);
         self.snapshot = Some(Snapshot {

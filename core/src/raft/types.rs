@@ -535,6 +535,9 @@ pub enum CompactError {
     NotApplied { index: Index, applied: Index },
     /// The log is compacted up to `snapshot_index` already.
     Stale { index: Index, snapshot_index: Index },
+    /// The replica knows no configuration at `index`: it started with none (it joined a
+    /// running cluster) and holds no configuration entry at or below it.
+    Unconfigured { index: Index },
 }
 
 impl std::fmt::Display for CompactError {
@@ -552,6 +555,11 @@ impl std::fmt::Display for CompactError {
             } => write!(
                 f,
                 "snapshot at {index} is not past the latest snapshot at {snapshot_index}"
+            ),
+            CompactError::Unconfigured { index } => write!(
+                f,
+                "no configuration is known at {index} (this replica joined with none): a \
+                 snapshot there would record none"
             ),
         }
     }

@@ -35,6 +35,9 @@ pub trait Machine {
     fn log_events(&mut self) {}
     /// The cluster's nodes changed (the node table added or removed some).
     fn set_nodes(&mut self, _nodes: Vec<NodeId>) {}
+    /// The connection to `node` closed or could not be made: what was in flight to it gets
+    /// no answer. (A machine that does not say waits out its requests' timeouts.)
+    fn connection_lost(&mut self, _now: Instant, _node: NodeId) {}
 }
 
 impl Machine for holdfast_core::client::Producer {
@@ -52,6 +55,9 @@ impl Machine for holdfast_core::client::Producer {
     }
     fn set_nodes(&mut self, nodes: Vec<NodeId>) {
         holdfast_core::client::Producer::set_nodes(self, nodes)
+    }
+    fn connection_lost(&mut self, now: Instant, node: NodeId) {
+        holdfast_core::client::Producer::connection_lost(self, now, node)
     }
 }
 
@@ -148,6 +154,9 @@ pub struct ClientIo {
     next_own_id: RequestId,
     /// The node table changed what `node_ids` gives since the machine was last told.
     nodes_changed: bool,
+    /// Nodes whose connection closed, or that a request could not be sent to, since the
+    /// machine was last told: it fails over what it had in flight there at once.
+    lost: BTreeSet<NodeId>,
     pub clock: Clock,
 }
 
@@ -169,6 +178,7 @@ impl ClientIo {
             nodes_asked_at: None,
             next_own_id: OWN_REQUEST_IDS,
             nodes_changed: false,
+            lost: BTreeSet::new(),
             clock: Clock::new(),
         })
     }
@@ -290,9 +300,10 @@ impl ClientIo {
     }
 
     /// Queues `request` for `node`; a server that cannot be reached drops it, and the
-    /// machine's own timeout decides what happens next.
+    /// machine hears that its connection is lost.
     pub fn send(&mut self, node: NodeId, id: RequestId, request: Request) {
         let Some(conn) = self.conn(node) else {
+            self.lost.insert(node);
             return;
         };
         let frame = Frame::Request { id, request };
@@ -358,6 +369,7 @@ impl ClientIo {
     fn drop_conn(&mut self, node: NodeId) {
         if let Some(mut conn) = self.conns.remove(&node) {
             let _ = self.poll.registry().deregister(&mut conn.transport.stream);
+            self.lost.insert(node);
         }
         self.retry_at
             .insert(node, std::time::Instant::now() + Duration::from_millis(200));
@@ -377,6 +389,17 @@ impl ClientIo {
             }
             self.ask_nodes();
             self.flush();
+            if !self.lost.is_empty() {
+                // Fail over at once what went nowhere, then send its retries.
+                let now = self.now();
+                for node in std::mem::take(&mut self.lost) {
+                    machine.connection_lost(now, node);
+                }
+                if machine.poll_timeout().is_some_and(|t| t <= now) {
+                    machine.handle_timeout(now);
+                }
+                continue;
+            }
             if std::mem::take(&mut self.nodes_changed) {
                 machine.set_nodes(self.node_ids());
             }

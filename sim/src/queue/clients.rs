@@ -352,6 +352,10 @@ impl QueueWorld {
         response: Response,
     ) -> Result<(), Violation> {
         let now = self.k.now;
+        if client == super::operator::OPERATOR {
+            self.operator_response(id, &response);
+            return Ok(());
+        }
         if client == ADMIN {
             return match response {
                 Response::TopicCreated { .. } => self.topic_created(),
@@ -591,6 +595,19 @@ impl QueueWorld {
                 .answered(group, &found, status == AckStatus::Success);
         }
         self.flush_consumer(slot)
+    }
+
+    /// `node`'s process died: the producers' connections to it close, and they fail over
+    /// at once what they had in flight there, as the shell's client does (`client/io.rs`).
+    pub(super) fn connections_lost(&mut self, node: NodeId) -> Result<(), Violation> {
+        let now = self.k.now;
+        for index in 0..self.clients.producers.len() {
+            self.clients.producers[index]
+                .producer
+                .connection_lost(now, node);
+            self.flush_producer(index)?;
+        }
+        Ok(())
     }
 
     /// Takes a random running consumer down; false if none runs.

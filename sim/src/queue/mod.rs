@@ -7,6 +7,7 @@
 
 mod clients;
 mod history;
+mod operator;
 mod ownership;
 
 use std::collections::BTreeMap;
@@ -100,6 +101,11 @@ pub(crate) enum Event {
         producer: usize,
     },
     Admin,
+    /// The operator looks whether its membership change needs a request; `hasty`: a second
+    /// look right after a request, to ask for another change while that one is pending.
+    Operate {
+        hasty: bool,
+    },
     RestartConsumer {
         slot: usize,
     },
@@ -132,6 +138,12 @@ struct Node {
     /// What of `store` a crash leaves: a copy taken at each sync, which the node makes before
     /// a broker group's (metadata-only) snapshot is handed over to be written.
     durable_store: MemoryStore,
+    /// Peers the node table retired: their links are closed and refused, as the shell does.
+    retired: std::collections::BTreeSet<NodeId>,
+    /// The node table version `retired` follows (`u64::MAX`: not read yet).
+    table_seen: u64,
+    /// What the configuration checkers last saw of each replica.
+    configs: BTreeMap<GroupId, crate::membership::ConfigSeen>,
 }
 
 /// A replica's applied state with its queue store: what the checkers read messages from.
@@ -170,6 +182,10 @@ pub(crate) struct QueueWorld {
     /// Drawn per seed: when nodes compact (`None`: never) and the snapshot chunk size.
     snapshot_entries_min: Option<u64>,
     snapshot_chunk_bytes_max: usize,
+    /// The first configuration's nodes; `node_ids` adds the operator's spares.
+    initial: Vec<NodeId>,
+    operator: operator::Operator,
+    tally: crate::membership::Tally,
 }
 
 crate::kernel_deref!(QueueWorld, Event);
@@ -205,9 +221,21 @@ impl QueueWorld {
     fn new(options: Options) -> QueueWorld {
         let node_ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
         let broker_groups = options.groups.max(2) as GroupId;
+        let spares = if options.swarm().membership {
+            operator::SPARE_NODES
+        } else {
+            0
+        };
+        let spare_ids: Vec<NodeId> = (1..=spares as NodeId)
+            .map(|i| options.nodes as NodeId + i)
+            .collect();
         QueueWorld {
-            nodes: node_ids.iter().map(|_| Node::default()).collect(),
+            nodes: (0..node_ids.len() + spares)
+                .map(|_| Node::default())
+                .collect(),
             clients: Clients::new(&node_ids, broker_groups),
+            operator: operator::Operator::new(options.seed, &spare_ids),
+            tally: crate::membership::Tally::default(),
             broker_groups,
             history: History::default(),
             ownership: ownership::Ownership::new(MEMBER_SESSION_MS),
@@ -215,7 +243,8 @@ impl QueueWorld {
             canary: options.canary,
             snapshot_entries_min: None,
             snapshot_chunk_bytes_max: 1 << 20,
-            k: Kernel::new(options, node_ids.len()),
+            k: Kernel::new(options, node_ids.len() + spares),
+            initial: node_ids,
         }
     }
 
@@ -248,6 +277,7 @@ impl QueueWorld {
             self.start(node)?;
         }
         self.k.schedule(self.k.now + ms(300), Event::Admin);
+        self.start_operator();
         self.schedule_faults();
         self.k
             .schedule(self.k.now + ms(CHECK_INTERVAL_MS), Event::Check);
@@ -262,8 +292,16 @@ impl QueueWorld {
             Event::Kernel(event) => self.kernel_event(event)?,
             Event::Peer(envelope) => {
                 let to = envelope.to;
-                let Some(broker) = self.live_broker(to) else {
+                if self.node(to).retired.contains(&envelope.from) {
                     self.k.stats.messages_lost += 1;
+                    return Ok(false);
+                }
+                if !self.host(to).up || self.node(to).broker.is_none() {
+                    self.k.stats.messages_lost += 1;
+                    return Ok(false);
+                }
+                self.tally.delivered(&envelope);
+                let Some(broker) = self.live_broker(to) else {
                     return Ok(false);
                 };
                 broker.handle_peer(now, envelope);
@@ -327,6 +365,7 @@ impl QueueWorld {
             }
             Event::Produce { producer } => self.produce(producer)?,
             Event::Admin => self.admin()?,
+            Event::Operate { hasty } => self.operate(hasty)?,
             Event::RestartConsumer { slot } => self.restart_consumer(slot)?,
             Event::Answer {
                 slot,
@@ -417,8 +456,10 @@ impl Workload for QueueWorld {
         })
     }
 
+    /// Counted against the initial nodes: the operator's spares do not make room for more
+    /// damage than the smallest configuration survives.
     fn damage_quorum(&self) -> usize {
-        self.nodes.len()
+        self.initial.len()
     }
 
     fn crash_consumer(&mut self) -> Result<bool, Violation> {
@@ -432,7 +473,9 @@ impl Workload for QueueWorld {
     // ----- nodes -----
 
     fn start(&mut self, node: NodeId) -> Result<(), Violation> {
-        let mut config = NodeConfig::new(node, self.k.node_ids.clone(), self.broker_groups);
+        let mut config = NodeConfig::new(node, self.initial.clone(), self.broker_groups);
+        // A spare joins the running cluster: its replicas wait to learn a configuration.
+        config.joined = !self.initial.contains(&node);
         config.broker = broker_config();
         config.broker.cache_bytes_max = cache_bytes_max(self.k.options.seed);
         config.member_session_ms = MEMBER_SESSION_MS;
@@ -467,6 +510,8 @@ impl Workload for QueueWorld {
         let host = self.node_mut(node);
         let broker = BrokerNode::new(config, recovered, seed, now);
         host.views.clear();
+        host.configs.clear();
+        host.table_seen = u64::MAX;
         for group in &groups {
             let Some(replica) = broker.replica(*group) else {
                 continue;
@@ -475,6 +520,8 @@ impl Workload for QueueWorld {
             let disk = host.disks.entry(*group).or_default();
             check_recovery(node, *group, &status, disk)?;
             host.views.insert(*group, ReplicaView::new(&status));
+            host.configs
+                .insert(*group, crate::membership::ConfigSeen::new(replica));
         }
         host.broker = Some(Box::new(broker));
         host.timer_at = Instant::ZERO;
@@ -514,7 +561,7 @@ impl Workload for QueueWorld {
         }
         host.store = host.durable_store.clone();
         self.crashed(node, torn);
-        Ok(())
+        self.connections_lost(node)
     }
 }
 
@@ -682,12 +729,23 @@ impl QueueWorld {
             };
             self.k.schedule(at, event);
         }
+        if broker.node_table_version() != host.table_seen {
+            host.table_seen = broker.node_table_version();
+            host.retired = broker
+                .node_table()
+                .iter()
+                .filter(|r| r.removed && r.id != node)
+                .map(|r| r.id)
+                .collect();
+        }
         let mut outbox = Vec::new();
         while let Some(envelope) = broker.poll_message() {
             if let Some(disk) = host.disks.get(&envelope.group) {
                 Checker::sent(&envelope, disk)?;
             }
-            outbox.push(envelope);
+            if !host.retired.contains(&envelope.to) {
+                outbox.push(envelope);
+            }
         }
         while let Some((group, entry)) = broker.poll_applied() {
             let (Some(replica), Some(view)) = (broker.replica(group), host.views.get_mut(&group))
@@ -741,18 +799,24 @@ impl QueueWorld {
             responses.push(response);
         }
         for group in 0..=self.broker_groups {
-            let (Some(replica), Some(view), Some(disk)) = (
+            let (Some(replica), Some(view), Some(disk), Some(seen)) = (
                 broker.replica(group),
                 host.views.get_mut(&group),
                 host.disks.get(&group),
+                host.configs.get_mut(&group),
             ) else {
                 continue;
             };
             let nodes = &self.nodes;
-            let node_ids = &self.k.node_ids;
+            // Commit safety is about the voters of the committing leader's configuration (all
+            // the initial nodes, unless the operator changed it).
+            let voters = &replica.latest_membership().1.voters;
             let logs = |index: Index| {
-                let mut logs = vec![(node, disk.view(index), Some(log_view(replica, index)))];
-                for other in node_ids.iter().filter(|n| **n != node) {
+                let mut logs = Vec::new();
+                if voters.contains(&node) {
+                    logs.push((node, disk.view(index), Some(log_view(replica, index))));
+                }
+                for other in voters.iter().filter(|n| **n != node) {
                     let h = &nodes[(*other - 1) as usize];
                     let Some(d) = h.disks.get(&group) else {
                         continue;
@@ -766,7 +830,27 @@ impl QueueWorld {
                 }
                 logs
             };
-            if check_status(&mut self.checker, node, group, view, replica, disk, &logs)? {
+            let commit_before = view.commit;
+            let elected = check_status(&mut self.checker, node, group, view, replica, disk, &logs)?;
+            let committed = view.commit > commit_before;
+            let disk_of = |n: NodeId| {
+                if n == node {
+                    Some(disk)
+                } else {
+                    nodes[(n - 1) as usize].disks.get(&group)
+                }
+            };
+            crate::membership::check_step(
+                &self.tally,
+                node,
+                group,
+                replica,
+                seen,
+                committed,
+                elected,
+                &disk_of,
+            )?;
+            if elected {
                 self.k.stats.elections += 1;
                 let term = view.term;
                 self.k.trace.record(now, &[5, node, group, term], || {
@@ -921,28 +1005,44 @@ impl QueueWorld {
 
     /// The leader's replica of each group, if there is exactly one of the highest term.
     fn leader_of(&self, group: GroupId) -> Result<&BrokerNode, String> {
-        let statuses: Vec<(&BrokerNode, _)> = self
-            .nodes
+        let statuses: Vec<(NodeId, &BrokerNode, _)> = self
+            .k
+            .node_ids
             .iter()
-            .zip(&self.k.hosts)
-            .filter(|(_, process)| process.up)
-            .filter_map(|(h, _)| h.broker.as_deref())
-            .filter_map(|b| Some((b, b.replica(group)?.status())))
+            .zip(&self.nodes)
+            .filter(|(n, _)| self.host(**n).up)
+            .filter_map(|(n, h)| Some((*n, h.broker.as_deref()?)))
+            .filter_map(|(n, b)| Some((n, b, b.replica(group)?.status())))
             .collect();
-        if statuses.len() < self.k.node_ids.len() {
+        // Only the members of the latest leader's configuration (the initial nodes, unless
+        // the operator changed it): a removed node may never learn it was removed, and a
+        // spare not added yet holds nothing.
+        let members = statuses
+            .iter()
+            .filter(|(_, _, s)| s.role == holdfast_core::raft::Role::Leader)
+            .max_by_key(|(_, _, s)| s.term)
+            .and_then(|(_, b, _)| Some(b.replica(group)?.latest_membership().1.clone()));
+        let Some(members) = members else {
+            return Err(format!("group {group} has no leader"));
+        };
+        let statuses: Vec<_> = statuses
+            .into_iter()
+            .filter(|(n, _, _)| members.contains(*n))
+            .collect();
+        if statuses.len() < members.voters.len() + members.learners.len() {
             return Err("a node is down".into());
         }
-        let term_max = statuses.iter().map(|(_, s)| s.term).max().unwrap_or(0);
-        let Some((leader, status)) = statuses
+        let term_max = statuses.iter().map(|(_, _, s)| s.term).max().unwrap_or(0);
+        let Some((_, leader, status)) = statuses
             .iter()
-            .find(|(_, s)| s.role == holdfast_core::raft::Role::Leader && s.term == term_max)
+            .find(|(_, _, s)| s.role == holdfast_core::raft::Role::Leader && s.term == term_max)
         else {
             return Err(format!("group {group} has no leader in term {term_max}"));
         };
         if status.commit_index != status.last_index {
             return Err(format!("group {group} leader has not committed its log"));
         }
-        if statuses.iter().any(|(_, s)| {
+        if statuses.iter().any(|(_, _, s)| {
             s.commit_index != status.commit_index || s.applied_index != s.commit_index
         }) {
             return Err(format!("group {group} replicas have not caught up"));
@@ -955,6 +1055,7 @@ impl QueueWorld {
     fn drained(&self) -> Result<(), String> {
         self.leader_of(METADATA_GROUP)?;
         self.clients.idle()?;
+        self.operator.idle()?;
         for group in 1..=self.broker_groups {
             let leader = self.leader_of(group)?;
             let Some(state) = leader.broker_state(group) else {

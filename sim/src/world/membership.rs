@@ -9,7 +9,9 @@ use super::{Event, World};
 use crate::checker::Violation;
 use crate::disk::Disk;
 use crate::kernel::{Phase, ms};
-use crate::membership::{GroupView, check_commit_quorum, check_one_at_a_time, fault_name};
+use crate::membership::{
+    GroupView, check_commit_quorum, check_one_at_a_time, commit_holders, fault_name,
+};
 
 impl World {
     /// Asks `group`'s leader (the running one of the highest term) for the change the plan
@@ -137,22 +139,16 @@ impl World {
         let Some(term) = crate::raft_checks::term_of(replica, index) else {
             return Ok(());
         };
-        let holds = |disk: &Disk| {
-            disk.is_damaged() || index <= disk.snapshot_index() || disk.term_at(index) == Some(term)
-        };
-        let mut holders = BTreeSet::new();
-        for &node in voters {
-            let disk = if node == leader {
+        let disk_of = |node: NodeId| {
+            if node == leader {
                 Some(own_disk)
             } else {
                 self.nodes[(node - 1) as usize].slots[(group - 1) as usize]
                     .as_ref()
                     .map(|s| &s.disk)
-            };
-            if disk.is_some_and(holds) {
-                holders.insert(node);
             }
-        }
+        };
+        let holders = commit_holders((index, term), voters, &disk_of);
         check_commit_quorum(group, leader, (index, term), voters, &holders)
     }
 }

@@ -233,3 +233,64 @@ fn a_joined_node_is_added_promoted_and_an_original_removed_within_the_replicatio
         assert_ne!(leader, 1, "the removed node stepped down");
     }
 }
+
+/// A node that joined has no configuration of its own: it learns a group's from the first
+/// configuration entry it receives. A snapshot below that entry would record an empty
+/// configuration, which no disk reads back (`storage::record`: "has no voter"), so the node
+/// restarted from it lost the group. Found by the simulator (queue seed 263, once its operator
+/// added nodes): the learner applied the entries before its own `AddLearner` and compacted.
+#[test]
+fn a_joined_node_compacts_only_where_it_knows_the_configuration() {
+    let mut cluster = Cluster::new(3, 1);
+    let groups = [METADATA_GROUP, 1];
+    cluster.settle_leaders(&groups);
+    let mut config = NodeConfig::new(4, vec![1, 2, 3], 1);
+    config.joined = true;
+    config.snapshot_entries_min = Some(1);
+    let joined = BrokerNode::new(config, BTreeMap::new(), 4, cluster.now);
+    cluster.nodes.insert(4, joined);
+    let add = Request::AddNode {
+        id: 4,
+        client_addr: "10.0.0.4:7301".into(),
+        peer_addr: "10.0.0.4:7401".into(),
+    };
+    assert!(matches!(
+        ask_leader(&mut cluster, METADATA_GROUP, add),
+        Response::Nodes { .. }
+    ));
+    for _ in 0..50 {
+        cluster.step();
+    }
+    // A backlog longer than one append, so the newcomer applies entries below its own
+    // `AddLearner` before it receives that entry.
+    for i in 0..100 {
+        let create = Request::CreateTopic {
+            topic: format!("t{i}"),
+            queues: 1,
+        };
+        assert!(matches!(
+            ask_leader(&mut cluster, METADATA_GROUP, create),
+            Response::TopicCreated { .. }
+        ));
+    }
+    // The test harness checks every snapshot written has a voter (`Cluster::step`).
+    assert!(matches!(
+        change(
+            &mut cluster,
+            METADATA_GROUP,
+            ConfChange::AddLearner(4),
+            false
+        ),
+        Response::MembershipChanged { .. }
+    ));
+    for _ in 0..200 {
+        cluster.step();
+    }
+    let replica = cluster.nodes[&4].replica(METADATA_GROUP).expect("replica");
+    let snapshot = replica.snapshot().expect("the newcomer compacted");
+    let membership = snapshot.membership.as_ref().expect("with a configuration");
+    assert!(membership.voters.contains(&1) && membership.learners.contains(&4));
+    let mut bytes = Vec::new();
+    crate::storage::record::encode_membership(membership, &mut bytes);
+    assert!(crate::storage::record::decode_membership_prefix(&bytes).is_ok());
+}

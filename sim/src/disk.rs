@@ -641,7 +641,17 @@ impl Disk {
             trust_checksums(&mut self.log_bytes);
         }
         // The files as the shell's directory would hold them: the state file, the synced
-        // record, the snapshot file, and the log as one segment named for its first record.
+        // record, the snapshot file, and the log in segments of `RECORDS_PER_SEGMENT` records
+        // (the last one also holds any torn bytes), each named for its first record.
+        let mut bounds: Vec<(Index, usize)> = Vec::new();
+        if !self.log_bytes.is_empty() {
+            if self.offsets.is_empty() {
+                bounds.push((self.log_first, 0));
+            }
+            for (i, start) in self.offsets.iter().enumerate().step_by(RECORDS_PER_SEGMENT) {
+                bounds.push((self.log_first + i as Index, *start as usize));
+            }
+        }
         let input = RecoveryInput {
             state: &self.state_bytes[..],
             synced: Some(self.synced_record),
@@ -652,14 +662,17 @@ impl Disk {
                     index: *index,
                     bytes: Bytes::copy_from_slice(bytes),
                 }),
-            segments: if self.log_bytes.is_empty() {
-                Vec::new()
-            } else {
-                vec![SegmentFile {
-                    first: self.log_first,
-                    bytes: Some(&self.log_bytes),
-                }]
-            },
+            segments: bounds
+                .iter()
+                .enumerate()
+                .map(|(k, (first, start))| {
+                    let end = bounds.get(k + 1).map_or(self.log_bytes.len(), |b| b.1);
+                    SegmentFile {
+                        first: *first,
+                        bytes: self.log_bytes.get(*start..end),
+                    }
+                })
+                .collect(),
         };
         // The same decision the shell's `GroupStore::open_repairing` carries out.
         let plan = match plan_recovery(&input) {
@@ -717,13 +730,35 @@ impl Disk {
             }
             self.snapshot_file = None;
         }
-        // Carry out the plan on the one segment: cut it to what stays, or remove it.
-        match plan.segments.first() {
-            Some(kept) if plan.remove_trailing.is_empty() => {
-                self.log_bytes.truncate(kept.valid_len as usize);
-                self.offsets = kept.starts.clone();
+        // Carry out the plan: the kept segments (contiguous, only the last cut) stay; the
+        // leading ones (held by the snapshot) and the trailing ones (behind damage, or a
+        // replaced log) go.
+        let start_of = |first: Index| bounds.iter().find(|b| b.0 == first).map(|b| b.1);
+        let kept = plan.segments.first().zip(plan.segments.last());
+        match kept.and_then(|(head, tail)| {
+            Some((
+                head,
+                start_of(head.first)?,
+                start_of(tail.first)? + tail.valid_len as usize,
+            ))
+        }) {
+            Some((head, from, to)) if from <= to && to <= self.log_bytes.len() => {
+                let mut offsets = Vec::new();
+                for segment in &plan.segments {
+                    let base = start_of(segment.first).unwrap_or(from) - from;
+                    offsets.extend(segment.starts.iter().map(|s| base as u64 + s));
+                }
+                self.log_bytes.truncate(to);
+                self.log_bytes.drain(..from);
+                self.offsets = offsets;
+                self.log_first = head.first;
             }
-            _ => {
+            Some(_) => {
+                problems.push("the plan keeps segments that are not in the file".to_string());
+                self.log_bytes.clear();
+                self.offsets.clear();
+            }
+            None => {
                 self.log_bytes.clear();
                 self.offsets.clear();
             }
@@ -761,8 +796,9 @@ impl Disk {
         }
         self.synced_len = self.log_bytes.len() as u64;
         self.synced_records = self.offsets.len();
-        // As the shell's repairing open: never above what survived.
-        self.synced_record = self.synced_record.min(last);
+        // As the shell's open: everything kept was synced as it was read, and the record says
+        // so before the store is used (never above what survived).
+        self.synced_record = last;
         let durable_sequence = std::mem::replace(&mut self.state_sequence, sequence);
         if damaged_at.is_some() || self.damage.is_some() {
             let from = damaged_at.unwrap_or(last + 1).max(snapshot_index + 1);
@@ -928,6 +964,11 @@ impl Disk {
         false
     }
 }
+
+/// How many records each segment of the log holds when a restart hands the log to the core's
+/// recovery: small, so that most logs span several segments and a bad record is often
+/// followed by another segment (damage), or held by the snapshot in a leading one (skipped).
+const RECORDS_PER_SEGMENT: usize = 3;
 
 /// The last index a write keeps of the log before it: one before its first entry (the write
 /// cuts the log there), or all of it.

@@ -290,6 +290,16 @@ impl GroupStore {
         }
         store.segments = segments;
         store.durable_floor = store.last_index();
+        // Everything kept was fsynced as it was read: the synced record says so now, not
+        // when the store is next idle, so that a bit flip in it before then is damage, never
+        // a torn tail cut silently (the simulator's disk found that window).
+        if store
+            .synced_record
+            .index
+            .is_none_or(|index| index < store.durable_floor)
+        {
+            store.write_synced(store.durable_floor)?;
+        }
         Ok((
             store,
             Recovered {

@@ -42,9 +42,10 @@ pub const MEMBERSHIP_CHECKERS: [&str; 3] =
 pub const SNAPSHOT_CHECKERS: [&str; 2] = ["snapshot-agreement", "queue-store"];
 
 /// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
-pub const QUEUE_CHECKERS: [&str; 9] = [
+pub const QUEUE_CHECKERS: [&str; 10] = [
     "exclusive-owner",
     "dead-letter",
+    "retention",
     "lost",
     "unexpected",
     "duplicated",

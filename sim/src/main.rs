@@ -702,8 +702,8 @@ fn replay(
     }
     let swarm = options.swarm();
     println!(
-        "fault mix: {} (pipeline {}, append_entries_max {:?})",
-        swarm.mix, swarm.pipeline, swarm.append_entries_max
+        "fault mix: {} (pipeline {}, append_entries_max {:?}, retention {})",
+        swarm.mix, swarm.pipeline, swarm.append_entries_max, swarm.retention
     );
     println!("trace_hash={:016x}", outcome.trace_hash);
     Ok(outcome.passed())

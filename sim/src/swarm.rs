@@ -138,6 +138,58 @@ pub struct Swarm {
     /// fault phase (half the seeds; never with the fixed mix, whose runs stay as they were).
     /// The Raft workload draws its own (`membership::Plan`).
     pub membership: bool,
+    /// The queue workload's retention: by age, by size per queue, both or neither. Retention
+    /// deletes messages consumed or not, so the queue oracle checks each trim (a message goes
+    /// only once retention allows it) and excuses exactly what was trimmed.
+    pub retention: Retention,
+}
+
+/// A broker group's retention policy ([`holdfast_core::broker::BrokerConfig::retention_ms`]
+/// and `retention_bytes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub ms: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+impl Retention {
+    pub fn is_on(&self) -> bool {
+        self.ms.is_some() || self.bytes.is_some()
+    }
+
+    /// A third of the seeds keep messages for a while: by age (from about one check interval
+    /// to half the fault phase), by size per queue (a few messages to a few hundred), or both.
+    fn draw(rng: &mut ChaCha8Rng) -> Retention {
+        let kind = rng.random_range(0..9);
+        let ms = [700, 2_000, 5_000][rng.random_range(0..3)];
+        let bytes = [40, 300, 2_000][rng.random_range(0..3)];
+        match kind {
+            6 => Retention {
+                ms: Some(ms),
+                bytes: None,
+            },
+            7 => Retention {
+                ms: None,
+                bytes: Some(bytes),
+            },
+            8 => Retention {
+                ms: Some(ms),
+                bytes: Some(bytes),
+            },
+            _ => Retention::default(),
+        }
+    }
+}
+
+impl fmt::Display for Retention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ms, self.bytes) {
+            (None, None) => write!(f, "off"),
+            (Some(ms), None) => write!(f, "{ms}ms"),
+            (None, Some(bytes)) => write!(f, "{bytes}B"),
+            (Some(ms), Some(bytes)) => write!(f, "{ms}ms+{bytes}B"),
+        }
+    }
 }
 
 impl Swarm {
@@ -151,6 +203,11 @@ impl Swarm {
         let append_entries_max = [None, None, Some(2), Some(4), Some(8)][rng.random_range(0..5)];
         // Drawn last, so the draws above stay what they were before it existed.
         let membership = rng.random_bool(0.5);
+        // Drawn last, so that the draws before it (and the seeds that relied on them) stay.
+        let retention = match workload {
+            Workload::Queue => Retention::draw(&mut rng),
+            Workload::Raft => Retention::default(),
+        };
         match mix {
             FaultMix::Pinned(mix) if *mix == Mix::fixed() => Swarm {
                 mix: mix.clone(),
@@ -158,6 +215,7 @@ impl Swarm {
                 pipeline: 1,
                 append_entries_max: None,
                 membership: false,
+                retention: Retention::default(),
             },
             FaultMix::Pinned(mix) => Swarm {
                 mix: mix.clone(),
@@ -165,6 +223,7 @@ impl Swarm {
                 pipeline,
                 append_entries_max,
                 membership,
+                retention,
             },
             FaultMix::Swarm => Swarm {
                 mix: drawn,
@@ -172,6 +231,7 @@ impl Swarm {
                 pipeline,
                 append_entries_max,
                 membership,
+                retention,
             },
         }
     }
@@ -227,6 +287,20 @@ mod tests {
             (0..20).map(|s| mix(s).to_string()).collect();
         assert!(distinct.len() > 15, "{distinct:?}");
         assert!(!mix(3).to_string().contains("consumer-crash"));
+    }
+
+    #[test]
+    fn a_third_of_the_queue_seeds_draw_retention_and_the_fixed_mix_none() {
+        let drawn = |seed| Swarm::new(seed, Workload::Queue, &FaultMix::Swarm).retention;
+        let on = (0..300).filter(|s| drawn(*s).is_on()).count();
+        assert!((70..130).contains(&on), "{on} of 300");
+        assert!((0..300).any(|s| drawn(s).ms.is_some() && drawn(s).bytes.is_none()));
+        assert!((0..300).any(|s| drawn(s).ms.is_none() && drawn(s).bytes.is_some()));
+        assert!((0..300).any(|s| drawn(s).ms.is_some() && drawn(s).bytes.is_some()));
+        let fixed = FaultMix::Pinned(Mix::fixed());
+        assert!((0..50).all(|s| !Swarm::new(s, Workload::Queue, &fixed).retention.is_on()));
+        let raft = |s| Swarm::new(s, Workload::Raft, &FaultMix::Swarm).retention;
+        assert!((0..50).all(|s| !raft(s).is_on()));
     }
 
     #[test]

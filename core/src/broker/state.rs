@@ -1148,9 +1148,14 @@ fn front_expires(config: &BrokerConfig, log: &QueueLog, stamp_ms: u64) -> bool {
     let Some(oldest) = log.front() else {
         return false;
     };
-    let too_old = config
-        .retention_ms
-        .is_some_and(|keep_ms| oldest.stored_ms.saturating_add(keep_ms) <= stamp_ms);
+    let too_old = config.retention_ms.is_some_and(|keep_ms| {
+        let keep_ms = if Canary::TrimInsideRetention.planted(config.canary) {
+            keep_ms / 2
+        } else {
+            keep_ms
+        };
+        oldest.stored_ms.saturating_add(keep_ms) <= stamp_ms
+    });
     let too_big = config
         .retention_bytes
         .is_some_and(|limit| log.bytes() > limit && log.len() > 1);

@@ -2085,6 +2085,11 @@ impl BrokerNode {
             }
             if let Machine::Broker(state) = &mut group.machine {
                 let ops = state.take_store_ops();
+                let trims = ops
+                    .iter()
+                    .filter(|op| matches!(op, StoreOp::Trim { .. }))
+                    .count();
+                self.counters.group(*group_id).retention_trims += trims as u64;
                 if ops.iter().any(|op| matches!(op, StoreOp::DropQueue { .. })) {
                     // A restart from a snapshot taken before a topic's deletion would look
                     // for the dropped queues' messages, which the store no longer holds:

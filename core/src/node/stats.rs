@@ -34,6 +34,8 @@ pub struct GroupCounters {
     pub reconsumed: u64,
     /// Messages moved to a dead-letter queue (applied).
     pub dead_lettered: u64,
+    /// Queues a retention trim dropped messages from (applied).
+    pub retention_trims: u64,
     /// Snapshots from the leader installed in place of the state.
     pub snapshots_restored: u64,
     /// Snapshots taken here that replaced a prefix of the log.

@@ -886,6 +886,13 @@ fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
             Some(2),
             "node {id}: offsets keep their meaning"
         );
+        let trims: u64 = node
+            .stats()
+            .groups
+            .iter()
+            .map(|g| g.counters.retention_trims)
+            .sum();
+        assert_eq!(trims, 1, "node {id} counts the one queue it trimmed, once");
     }
     let pull = Request::Pull {
         broker: 1,

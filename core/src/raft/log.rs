@@ -130,3 +130,135 @@ impl RaftLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::EntryKind;
+
+    fn log_of(snapshot_index: Index, terms: &[Term]) -> RaftLog {
+        let entries = terms
+            .iter()
+            .enumerate()
+            .map(|(i, term)| Entry {
+                term: *term,
+                index: snapshot_index + 1 + i as Index,
+                kind: EntryKind::Noop,
+            })
+            .collect();
+        // A snapshot of term 1, or none (index 0 has term 0).
+        RaftLog::new(snapshot_index, snapshot_index.min(1), entries)
+    }
+
+    /// Found by cargo-mutants (`bytes > bytes_max` as `==`): a batch stops before the entry
+    /// that takes it past its byte limit, not only at an exact fit, and never comes back empty.
+    #[test]
+    fn a_slice_stops_before_the_entry_that_passes_its_byte_limit() {
+        let log = log_of(4, &[1, 1, 1, 1, 1]);
+        let one = log.get(5).expect("entry 5").encoded_bytes_max();
+        let indexes = |from, count_max, bytes_max| -> Vec<Index> {
+            log.slice(from, count_max, bytes_max)
+                .iter()
+                .map(|e| e.index)
+                .collect()
+        };
+        assert_eq!(indexes(5, 10, one * 2 + one / 2), [5, 6]);
+        assert_eq!(indexes(5, 10, one * 2), [5, 6]);
+        assert_eq!(
+            indexes(5, 10, 1),
+            [5],
+            "the first entry goes whatever its size"
+        );
+        assert_eq!(indexes(5, 3, usize::MAX), [5, 6, 7]);
+        assert_eq!(
+            indexes(2, 2, usize::MAX),
+            [5, 6],
+            "from below the snapshot: its first"
+        );
+        assert_eq!(indexes(10, 2, usize::MAX), Vec::<Index>::new());
+    }
+
+    /// The largest index at or below `index` whose term is at or below `term`, by brute force.
+    fn conflict_by_brute_force(log: &RaftLog, index: Index, term: Term) -> Index {
+        (log.snapshot_index()..=index.min(log.last_index()))
+            .rev()
+            .find(|i| log.term_at(*i).is_some_and(|t| t <= term))
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn find_conflict_by_term_skips_a_whole_run_of_higher_terms() {
+        // Snapshot at 3 (term 1); entries 4..=9 of terms 1 1 3 3 5 5.
+        let log = log_of(3, &[1, 1, 3, 3, 5, 5]);
+        for index in 0..12 {
+            for term in 0..7 {
+                assert_eq!(
+                    log.find_conflict_by_term(index, term),
+                    conflict_by_brute_force(&log, index, term),
+                    "index {index} term {term}"
+                );
+            }
+        }
+        assert_eq!(log.find_conflict_by_term(9, 4), 7);
+        assert_eq!(log.find_conflict_by_term(9, 2), 5);
+        assert_eq!(log.find_conflict_by_term(9, 1), 5);
+        assert_eq!(
+            log.find_conflict_by_term(9, 0),
+            0,
+            "only the snapshot, of a higher term"
+        );
+        assert_eq!(log.find_conflict_by_term(3, 1), 3, "the snapshot itself");
+        assert_eq!(log.find_conflict_by_term(2, 9), 0, "compacted: unknown");
+    }
+
+    #[test]
+    fn up_to_date_means_a_higher_last_term_or_the_same_and_at_least_as_long() {
+        let log = log_of(0, &[1, 2, 2]);
+        assert!(
+            log.is_up_to_date(1, 3),
+            "a higher last term wins however short"
+        );
+        assert!(log.is_up_to_date(3, 2), "the same log");
+        assert!(log.is_up_to_date(4, 2), "longer in the same term");
+        assert!(!log.is_up_to_date(2, 2), "shorter in the same term");
+        assert!(
+            !log.is_up_to_date(9, 1),
+            "a lower last term loses however long"
+        );
+        assert_eq!((log.last_index(), log.last_term()), (3, 2));
+        assert_eq!(log.term_at(0), Some(0), "index 0 has term 0");
+        assert_eq!(log.term_at(2), Some(2));
+        assert_eq!(log.term_at(4), None);
+    }
+
+    #[test]
+    fn truncation_compaction_and_reset_keep_indexes_in_place() {
+        let mut log = log_of(2, &[1, 1, 2, 2, 3]);
+        assert_eq!((log.snapshot_index(), log.last_index()), (2, 7));
+        log.truncate_from(6);
+        assert_eq!((log.last_index(), log.last_term()), (5, 2));
+        log.truncate_from(1);
+        assert_eq!(log.last_index(), 2, "never below the snapshot");
+        log.push(Entry {
+            term: 4,
+            index: 3,
+            kind: EntryKind::Noop,
+        });
+        log.push(Entry {
+            term: 4,
+            index: 4,
+            kind: EntryKind::Noop,
+        });
+        log.compact_to(3, 4);
+        assert_eq!((log.snapshot_index(), log.last_index()), (3, 4));
+        assert_eq!(log.get(4).map(|e| e.index), Some(4));
+        assert_eq!(log.get(3).map(|e| e.index), None, "compacted");
+        assert_eq!(log.term_at(3), Some(4));
+        log.reset_to(10, 6);
+        assert_eq!(
+            (log.snapshot_index(), log.last_index(), log.last_term()),
+            (10, 10, 6)
+        );
+        assert_eq!(log.get(11).map(|e| e.index), None);
+    }
+}

@@ -681,10 +681,13 @@ pub enum Canary {
     SecondChangeWhilePending,
     /// A candidate asks learners for votes and counts their grants.
     LearnerVotes,
+    /// Retention drops a queue's oldest message once it is half `retention_ms` old, while it
+    /// is still inside the retention window.
+    TrimInsideRetention,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 42] = [
+    pub const ALL: [Canary; 43] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -727,6 +730,7 @@ impl Canary {
         Canary::ConfigOnCommit,
         Canary::SecondChangeWhilePending,
         Canary::LearnerVotes,
+        Canary::TrimInsideRetention,
     ];
 
     pub fn name(self) -> &'static str {
@@ -773,6 +777,7 @@ impl Canary {
             Canary::ConfigOnCommit => "config-on-commit",
             Canary::SecondChangeWhilePending => "second-change-while-pending",
             Canary::LearnerVotes => "learner-votes",
+            Canary::TrimInsideRetention => "trim-inside-retention",
         }
     }
 
@@ -806,6 +811,7 @@ impl Canary {
                 | Canary::DedupBySeqMax
                 | Canary::AckOnDelivery
                 | Canary::SnapshotBeforeStoreSync
+                | Canary::TrimInsideRetention
         )
     }
 

@@ -461,8 +461,12 @@ impl QueueWorld {
                 };
                 if think.is_zero() {
                     let found = &delivery.message;
-                    self.history
-                        .answered(group, &found_of(found), status == AckStatus::Success);
+                    self.history.answered(
+                        now,
+                        group,
+                        &found_of(found),
+                        status == AckStatus::Success,
+                    );
                     if let Some(c) = self.consumer_mut(index)
                         && !ack_on_delivery
                     {
@@ -592,7 +596,7 @@ impl QueueWorld {
             }
             let found = found_of(&delivery.message);
             self.history
-                .answered(group, &found, status == AckStatus::Success);
+                .answered(now, group, &found, status == AckStatus::Success);
         }
         self.flush_consumer(slot)
     }

@@ -1,15 +1,17 @@
 //! What the queue's clients saw, and the checks of DESIGN §1 over it, named as Jepsen names
 //! them: lost, unexpected, duplicated, inconsistent-offsets, nonmonotonic-poll,
-//! offset-regression, and order; and dead-letter, on when a message gives up retrying.
+//! offset-regression, and order; dead-letter, on when a message gives up retrying; and
+//! retention, on what a trim may delete.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use holdfast_core::broker::{BrokerState, Offset, ProducerId, QueueId, Seq};
+use holdfast_core::broker::{BrokerState, Offset, ProducerId, QueueId, Seq, StoredMessage};
 use holdfast_core::raft::GroupId;
 use holdfast_core::time::Instant;
 
 use crate::checker::{Violation, violation};
+use crate::swarm::Retention;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -81,13 +83,31 @@ pub struct History {
     /// counts (a message handed out is not yet consumed).
     succeeded: BTreeSet<(String, ProducerId, Seq)>,
     /// Each `ReconsumeLater` a listener answered: group, message, and how often the message
-    /// had been reconsumed when it was delivered.
-    nacked: BTreeSet<(String, ProducerId, Seq, u32)>,
+    /// had been reconsumed when it was delivered; with when it was first answered so (the
+    /// copy it makes is stamped no earlier, so it ages from no earlier).
+    nacked: BTreeMap<(String, ProducerId, Seq, u32), Instant>,
+    /// The run's retention policy.
+    retention: Retention,
+    /// Per (broker, queue): every offset below this was dropped by a trim the history judged
+    /// (see [`History::trimmed`]).
+    trimmed_to: BTreeMap<(GroupId, QueueId), Offset>,
+    /// Copies in a consumer group's retry or dead-letter queue that a trim dropped: group and
+    /// message. The group may never see that message again.
+    dropped_copies: BTreeSet<(String, ProducerId, Seq)>,
+    /// Messages a trim dropped, for the summary.
+    pub trimmed_messages: u64,
     /// The highest consume offset each replica incarnation has shown, to catch regressions.
     consume_seen: BTreeMap<(u64, u64, GroupId, String, QueueId), Offset>,
 }
 
 impl History {
+    pub fn new(retention: Retention) -> History {
+        History {
+            retention,
+            ..History::default()
+        }
+    }
+
     pub fn sent(
         &mut self,
         now: Instant,
@@ -122,14 +142,125 @@ impl History {
     /// A listener of `group` answered a delivery of `found`: `success` for `Success`, else
     /// `ReconsumeLater`. Recorded when the answer reaches the consumer library, never for a
     /// listener whose process crashed first.
-    pub fn answered(&mut self, group: &str, found: &Found, success: bool) {
+    pub fn answered(&mut self, now: Instant, group: &str, found: &Found, success: bool) {
         let (p, s) = (found.producer_id, found.seq);
         if success {
             self.succeeded.insert((group.to_string(), p, s));
         } else {
             self.nacked
-                .insert((group.to_string(), p, s, found.reconsume_times));
+                .entry((group.to_string(), p, s, found.reconsume_times))
+                .or_insert(now);
         }
+    }
+
+    /// A replica applied a retention trim at `now`: `queue` of broker group `broker` drops
+    /// every message below `start`; `message` reads the queue store as it stood just before
+    /// (every retained message, up to the queue's end). Judged once per message, at the first
+    /// replica to drop it (every replica drops the same ones at the same log index).
+    ///
+    /// retention: a message goes only if the policy allowed it at the trim: it was stored at
+    /// least `retention_ms` before (the trim's stamp is no later than now, and a message is
+    /// stored no earlier than its send started, a copy no earlier than the `ReconsumeLater`
+    /// that made it), or the queue's messages from it to the newest exceed `retention_bytes`
+    /// and it is not the newest.
+    pub fn trimmed(
+        &mut self,
+        now: Instant,
+        broker: GroupId,
+        queue: &QueueId,
+        start: Offset,
+        message: impl Fn(Offset) -> Option<StoredMessage>,
+    ) -> Result<(), Violation> {
+        let key = (broker, queue.clone());
+        let from = self.trimmed_to.get(&key).copied().unwrap_or(0);
+        if start <= from {
+            return Ok(());
+        }
+        // The queue from the first newly dropped message to its newest, as the store holds it.
+        let mut held: Vec<(Offset, Option<StoredMessage>)> = Vec::new();
+        let mut offset = from;
+        loop {
+            let stored = message(offset);
+            if stored.is_none() && offset >= start {
+                break;
+            }
+            held.push((offset, stored));
+            offset += 1;
+        }
+        let end = offset;
+        // Bytes from each held message to the newest (`None` past a record the store could
+        // not read: unknown, so size retention is given the benefit of the doubt).
+        let mut suffix: Vec<Option<u64>> = vec![None; held.len()];
+        let mut total = Some(0u64);
+        for (i, (_, stored)) in held.iter().enumerate().rev() {
+            total = total.and_then(|t| Some(t + stored.as_ref()?.message.size_bytes() as u64));
+            suffix[i] = total;
+        }
+        let now_ms = now.as_micros() / 1_000;
+        for (i, (offset, stored)) in held.iter().enumerate() {
+            if *offset >= start {
+                break;
+            }
+            // Unknown bounds (a record the store lacks, a message nobody sent) excuse the
+            // trim: other checkers speak for those.
+            let Some(stored) = stored else { continue };
+            let (p, s, times) = (stored.producer_id, stored.seq, stored.reconsume_times);
+            let stored_from_ms = self.stored_no_earlier_than(queue, stored);
+            let old_enough = match (self.retention.ms, stored_from_ms) {
+                (Some(keep_ms), Some(at)) => at / 1_000 + keep_ms <= now_ms,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            let too_big = self.retention.bytes.is_some_and(|limit| {
+                offset + 1 < end && suffix[i].is_none_or(|bytes| bytes > limit)
+            });
+            if !old_enough && !too_big {
+                let age = stored_from_ms.map_or("?".to_string(), |at| {
+                    now_ms.saturating_sub(at / 1_000).to_string()
+                });
+                let bytes = suffix[i].map_or("?".to_string(), |b| b.to_string());
+                return Err(violation(
+                    "retention",
+                    format!(
+                        "a trim of {queue} of group {broker} (to start {start}) dropped producer \
+                         {p} seq {s} (reconsumed {times}) at offset {offset}, stored at most \
+                         {age} ms before, with {bytes} bytes from it to the newest at {}: inside \
+                         retention {}",
+                        end.saturating_sub(1),
+                        self.retention
+                    ),
+                ));
+            }
+            self.trimmed_messages += 1;
+            if let Some(group) = copy_owner(queue) {
+                self.dropped_copies.insert((group.to_string(), p, s));
+            }
+        }
+        self.trimmed_to.insert(key, start);
+        Ok(())
+    }
+
+    /// The earliest the message can have been stored (microseconds): when its send started,
+    /// or for a copy in a retry or dead-letter queue, when a listener of the queue's group
+    /// first answered `ReconsumeLater` to the attempt before. `None` when the history cannot
+    /// tell.
+    fn stored_no_earlier_than(&self, queue: &QueueId, stored: &StoredMessage) -> Option<u64> {
+        let (p, s) = (stored.producer_id, stored.seq);
+        match copy_owner(queue) {
+            None => Some(self.batch_of(p, s)?.0.started.as_micros()),
+            Some(group) => {
+                let before = stored.reconsume_times.checked_sub(1)?;
+                let at = self.nacked.get(&(group.to_string(), p, s, before))?;
+                Some(at.as_micros())
+            }
+        }
+    }
+
+    /// Whether a trim dropped `(queue, offset)` of `broker`.
+    fn trimmed_at(&self, broker: GroupId, queue: &QueueId, offset: Offset) -> bool {
+        self.trimmed_to
+            .get(&(broker, queue.clone()))
+            .is_some_and(|to| offset < *to)
     }
 
     pub fn counts(&self) -> (u64, u64, u64, u64) {
@@ -355,6 +486,9 @@ impl History {
         };
         // inconsistent-offsets: every delivery matches what the queue holds there now.
         for (group, broker, queue, offset, found) in &self.deliveries {
+            if self.trimmed_at(*broker, queue, *offset) {
+                continue;
+            }
             let now = found_at(*broker, queue, *offset);
             if now.as_ref() != Some(found) {
                 return Err(violation(
@@ -368,7 +502,8 @@ impl History {
         }
         let dead_letters = self.check_dead_letters(states, groups, max_reconsume)?;
         // lost: every acked message is where its producer was told, and every group's
-        // listeners answered it `Success` (or it went to the group's dead-letter queue).
+        // listeners answered it `Success` (or it went to the group's dead-letter queue),
+        // unless a trim dropped it (there, or a copy of it on the group's way).
         for ((producer_id, first_seq), record) in &self.sends {
             let SendOutcome::Acked {
                 broker,
@@ -382,9 +517,12 @@ impl History {
             for (i, body) in record.bodies.iter().enumerate() {
                 let seq = first_seq + i as Seq;
                 let offset = base_offset + i as Offset;
+                let trimmed = self.trimmed_at(*broker, queue, offset);
                 let found = found_at(*broker, queue, offset);
                 let expected = (*producer_id, seq, body);
-                if found.as_ref().map(|f| (f.producer_id, f.seq, &f.body)) != Some(expected) {
+                if !trimmed
+                    && found.as_ref().map(|f| (f.producer_id, f.seq, &f.body)) != Some(expected)
+                {
                     return Err(violation(
                         "lost",
                         format!(
@@ -395,7 +533,10 @@ impl History {
                 }
                 if let Some(group) = groups.iter().find(|g| {
                     let key = (g.to_string(), *producer_id, seq);
-                    !self.succeeded.contains(&key) && !dead_letters.contains(&key)
+                    !self.succeeded.contains(&key)
+                        && !dead_letters.contains(&key)
+                        && !trimmed
+                        && !self.dropped_copies.contains(&key)
                 }) {
                     let handed = self.deliveries.iter().any(|(g, _, _, _, f)| {
                         g == group && (f.producer_id, f.seq) == (*producer_id, seq)
@@ -420,7 +561,10 @@ impl History {
                     && (f.producer_id, f.seq) == (original.producer_id, original.seq)
                     && f.reconsume_times > original.reconsume_times
             });
-            if !again {
+            let copy_trimmed =
+                self.dropped_copies
+                    .contains(&(group.clone(), original.producer_id, original.seq));
+            if !again && !copy_trimmed {
                 return Err(violation(
                     "lost",
                     format!(
@@ -541,7 +685,7 @@ impl History {
                     let (p, s) = (stored.producer_id, stored.seq);
                     let last_nack = (group.to_string(), p, s, max_reconsume);
                     if stored.reconsume_times != max_reconsume + 1
-                        || !self.nacked.contains(&last_nack)
+                        || !self.nacked.contains_key(&last_nack)
                     {
                         return Err(violation(
                             "dead-letter",
@@ -555,7 +699,7 @@ impl History {
                                         (group.to_string(), p, s, 0)
                                             ..=(group.to_string(), p, s, u32::MAX)
                                     )
-                                    .map(|(_, _, _, r)| *r)
+                                    .map(|((_, _, _, r), _)| *r)
                                     .collect::<Vec<_>>()
                             ),
                         ));
@@ -577,5 +721,147 @@ impl History {
             ));
         }
         Ok(dead)
+    }
+}
+
+/// The consumer group whose retry or dead-letter queue `queue` is; `None` for a topic's queue.
+fn copy_owner(queue: &QueueId) -> Option<&str> {
+    queue
+        .topic
+        .strip_prefix("%RETRY%")
+        .or_else(|| queue.topic.strip_prefix("%DLQ%"))
+}
+
+#[cfg(test)]
+mod tests {
+    use holdfast_core::broker::Message;
+
+    use super::*;
+
+    fn at_ms(ms: u64) -> Instant {
+        Instant::from_micros(ms * 1_000)
+    }
+
+    /// Producer 1's messages 0..n, 10 bytes each, sent at `sent_ms`, at offsets 0..n.
+    fn history(retention: Retention, n: u64, sent_ms: u64) -> (History, Vec<StoredMessage>) {
+        let mut history = History::new(retention);
+        let bodies: Vec<Bytes> = (0..n)
+            .map(|i| Bytes::from(format!("body-{i:05}")))
+            .collect();
+        history.sent(at_ms(sent_ms), 1, 0, bodies.clone(), true);
+        let stored = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| StoredMessage {
+                producer_id: 1,
+                seq: i as Seq,
+                message: Message::with_body(body),
+                stored_ms: sent_ms,
+                reconsume_times: 0,
+                due_ms: 0,
+                origin: None,
+            })
+            .collect();
+        (history, stored)
+    }
+
+    fn trim(
+        history: &mut History,
+        stored: &[StoredMessage],
+        now_ms: u64,
+        start: Offset,
+    ) -> Result<(), Violation> {
+        let queue = QueueId::new("orders", 0);
+        history.trimmed(at_ms(now_ms), 1, &queue, start, |offset| {
+            stored.get(offset as usize).cloned()
+        })
+    }
+
+    #[test]
+    fn age_retention_may_drop_only_what_is_old_enough() {
+        let retention = Retention {
+            ms: Some(2_000),
+            bytes: None,
+        };
+        let (mut history, stored) = history(retention, 3, 500);
+        let young = trim(&mut history, &stored, 2_499, 1).unwrap_err();
+        assert_eq!(young.checker, "retention", "{young:?}");
+        trim(&mut history, &stored, 2_500, 2).unwrap();
+        assert!(history.trimmed_at(1, &QueueId::new("orders", 0), 1));
+        assert!(!history.trimmed_at(1, &QueueId::new("orders", 0), 2));
+        // Judged once: a second replica applying the same trim adds nothing.
+        trim(&mut history, &stored, 9_000, 2).unwrap();
+        assert_eq!(history.trimmed_messages, 2);
+    }
+
+    #[test]
+    fn size_retention_may_drop_only_beyond_the_limit_from_the_newest_and_never_the_newest() {
+        let retention = Retention {
+            ms: None,
+            bytes: Some(15),
+        };
+        // Offsets 0, 1, 2 of 10 bytes each: 30 and 20 bytes from them to the newest.
+        let (mut history, stored) = history(retention, 3, 0);
+        trim(&mut history, &stored, 100, 2).unwrap();
+        let newest = trim(&mut history, &stored, 100, 3).unwrap_err();
+        assert_eq!(newest.checker, "retention", "{newest:?}");
+        let (mut history, stored) = history_with_limit(25);
+        trim(&mut history, &stored, 100, 1).unwrap();
+        let within = trim(&mut history, &stored, 100, 2).unwrap_err();
+        assert_eq!(
+            within.checker, "retention",
+            "20 bytes are within 25: {within:?}"
+        );
+    }
+
+    fn history_with_limit(bytes: u64) -> (History, Vec<StoredMessage>) {
+        let retention = Retention {
+            ms: None,
+            bytes: Some(bytes),
+        };
+        history(retention, 3, 0)
+    }
+
+    #[test]
+    fn without_retention_no_trim_is_allowed() {
+        let (mut history, stored) = history(Retention::default(), 2, 0);
+        let any = trim(&mut history, &stored, 1_000_000, 1).unwrap_err();
+        assert_eq!(any.checker, "retention");
+    }
+
+    #[test]
+    fn a_retry_copy_ages_from_the_reconsume_later_that_made_it() {
+        let retention = Retention {
+            ms: Some(1_000),
+            bytes: None,
+        };
+        let (mut history, stored) = history(retention, 1, 0);
+        let found = Found {
+            producer_id: 1,
+            seq: 0,
+            reconsume_times: 0,
+            body: stored[0].message.body.clone(),
+        };
+        history.answered(at_ms(5_000), "billing", &found, false);
+        let copy = StoredMessage {
+            reconsume_times: 1,
+            stored_ms: 5_010,
+            ..stored[0].clone()
+        };
+        let retry = QueueId::retry("billing", 0);
+        let young = history.trimmed(at_ms(5_900), 1, &retry, 1, |o| {
+            (o == 0).then(|| copy.clone())
+        });
+        assert_eq!(young.unwrap_err().checker, "retention");
+        history
+            .trimmed(at_ms(6_000), 1, &retry, 1, |o| {
+                (o == 0).then(|| copy.clone())
+            })
+            .unwrap();
+        assert!(
+            history
+                .dropped_copies
+                .contains(&("billing".to_string(), 1, 0))
+        );
     }
 }

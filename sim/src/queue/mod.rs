@@ -29,6 +29,7 @@ use crate::options::Options;
 use crate::raft_checks::{
     ReplicaView, check_applied, check_recovery, check_restored, check_status, check_write, log_view,
 };
+use crate::swarm::Retention;
 use crate::world::Outcome;
 use clients::Clients;
 use history::History;
@@ -190,14 +191,14 @@ pub(crate) struct QueueWorld {
 
 crate::kernel_deref!(QueueWorld, Event);
 
-/// Redelivery delays short enough that retries come back within a run.
-pub(crate) fn broker_config() -> BrokerConfig {
+/// Redelivery delays short enough that retries come back within a run, and the seed's
+/// retention (the history knows it, to tell a trim retention allows from a loss).
+pub(crate) fn broker_config(retention: Retention) -> BrokerConfig {
     BrokerConfig {
         reconsume_delays_ms: vec![100, 300, 1_000],
         max_reconsume: 3,
-        // Retention deletes messages the checkers expect every consumer group to receive.
-        retention_ms: None,
-        retention_bytes: None,
+        retention_ms: retention.ms,
+        retention_bytes: retention.bytes,
         cache_bytes_max: holdfast_core::broker::CACHE_BYTES_DEFAULT,
         canary: None,
     }
@@ -237,7 +238,7 @@ impl QueueWorld {
             operator: operator::Operator::new(options.seed, &spare_ids),
             tally: crate::membership::Tally::default(),
             broker_groups,
-            history: History::default(),
+            history: History::new(options.swarm().retention),
             ownership: ownership::Ownership::new(MEMBER_SESSION_MS),
             checker: Checker::default(),
             canary: options.canary,
@@ -267,10 +268,14 @@ impl QueueWorld {
         if !self.k.swarm.legacy {
             let mix = self.k.swarm.mix.to_string();
             let (pipeline, batch) = (self.k.swarm.pipeline, self.k.swarm.append_entries_max);
+            let retention = self.k.swarm.retention;
             self.clients.pipeline = pipeline;
             let fields = [0, self.k.swarm.mix.total() as u64, pipeline as u64];
             self.k.trace.record(self.k.now, &fields, || {
-                format!("swarm faults={mix} pipeline={pipeline} append_entries_max={batch:?}")
+                format!(
+                    "swarm faults={mix} pipeline={pipeline} append_entries_max={batch:?} \
+                     retention={retention}"
+                )
             });
         }
         for node in self.k.node_ids.clone() {
@@ -476,7 +481,7 @@ impl Workload for QueueWorld {
         let mut config = NodeConfig::new(node, self.initial.clone(), self.broker_groups);
         // A spare joins the running cluster: its replicas wait to learn a configuration.
         config.joined = !self.initial.contains(&node);
-        config.broker = broker_config();
+        config.broker = broker_config(self.k.swarm.retention);
         config.broker.cache_bytes_max = cache_bytes_max(self.k.options.seed);
         config.member_session_ms = MEMBER_SESSION_MS;
         config.record_applied = true;
@@ -624,6 +629,12 @@ impl QueueWorld {
                 broker.transfer_encoded(now, job.group, job.index, image.map(bytes::Bytes::from));
             }
             while let Some((group, op)) = broker.poll_store() {
+                if let holdfast_core::broker::StoreOp::Trim { queue, start } = &op {
+                    // The store still holds what the trim drops: judge each message by it.
+                    self.history.trimmed(now, group, queue, *start, |offset| {
+                        host.store.message(group, queue, offset)
+                    })?;
+                }
                 host.store.apply(group, op).map_err(|why| {
                     violation("queue-store", format!("node {node} group {group}: {why}"))
                 })?;
@@ -1104,7 +1115,7 @@ impl QueueWorld {
                 );
             }
         }
-        let max_reconsume = broker_config().max_reconsume;
+        let max_reconsume = broker_config(self.k.swarm.retention).max_reconsume;
         self.history
             .check_final(&states, &CONSUMER_GROUPS, max_reconsume)
     }

@@ -622,7 +622,12 @@ mod tests {
             topics: &'a BTreeMap<String, Vec<GroupId>>,
         }
         let mut v1 = vec![1];
-        v1.extend(postcard::to_allocvec(&V1 { topics: &meta.topics }).expect("encodes"));
+        v1.extend(
+            postcard::to_allocvec(&V1 {
+                topics: &meta.topics,
+            })
+            .expect("encodes"),
+        );
         let add = MetaCommand::AddNode {
             id: 4,
             client_addr: "h:1".into(),

@@ -1210,6 +1210,42 @@ fn a_damaged_stored_message_is_reported_and_never_delivered() {
     );
 }
 
+/// `Status` shows a consumer group's lag on a queue it claimed and never acknowledged in:
+/// everything from the queue's start waits (`group describe` printed "end 0, lag 0").
+#[test]
+fn status_counts_the_lag_of_a_claimed_queue_with_nothing_acknowledged() {
+    let (mut cluster, _) = one_group_with_orders(2, |_| {});
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["a", "b", "c"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let pulled = cluster.ask(leader, lease_request("pull", "a", 1));
+    assert!(matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 3));
+    let Response::Status { groups, .. } = cluster.ask(leader, Request::Status) else {
+        panic!("no status");
+    };
+    let group = groups
+        .iter()
+        .find(|g| g.group == 1)
+        .expect("broker group 1");
+    assert!(
+        group.holders.iter().any(|h| h.group == "billing"),
+        "{group:?}"
+    );
+    let progress: Vec<_> = group
+        .consumers
+        .iter()
+        .filter(|c| c.group == "billing")
+        .map(|c| (c.queue.clone(), c.consume_offset, c.queue_len))
+        .collect();
+    assert_eq!(progress, vec![(QueueId::new("orders", 0), 0, 3)]);
+}
+
 /// `DeleteTopic`: every replica of the broker group drops the topic's queues, messages,
 /// offsets and leases (and its store the messages); producers and routes are refused; the
 /// topic created again starts empty, and its first message sits at offset 0.
@@ -1236,6 +1272,10 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
         Response::Acked { .. }
     ));
 
+    assert!(
+        cluster.nodes[&leader].stats().topics.contains_key("orders"),
+        "the leader counted the topic's traffic"
+    );
     let delete = Request::DeleteTopic {
         topic: "orders".into(),
     };
@@ -1266,6 +1306,11 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
         assert!(
             state.topic_mark("orders").is_some_and(|m| m.dropped),
             "node {id}"
+        );
+        // Its per-topic metrics series end with it, instead of staying until a restart.
+        assert!(
+            !node.stats().topics.contains_key("orders"),
+            "node {id} still reports the deleted topic's traffic"
         );
         let store = cluster.stores.get(id).expect("a store");
         assert!(

@@ -270,8 +270,13 @@ fn consume(
     let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
         return 0;
     };
-    consumer.run(Some(count), Duration::from_secs(10), |_| {
+    let consumed = consumer.run(Some(count), Duration::from_secs(10), |_| {
         counted.fetch_add(1, Ordering::Relaxed);
         ConsumeStatus::Success
-    })
+    });
+    // Leave the group (answers confirmed, queues released) before the run deletes it: a
+    // consumer merely dropped keeps polling its queues until its connection closes, and a
+    // poll after the deletion claims a queue again, so the group came back.
+    consumer.close();
+    consumed
 }

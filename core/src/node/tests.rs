@@ -1244,6 +1244,15 @@ fn status_counts_the_lag_of_a_claimed_queue_with_nothing_acknowledged() {
         .map(|c| (c.queue.clone(), c.consume_offset, c.queue_len))
         .collect();
     assert_eq!(progress, vec![(QueueId::new("orders", 0), 0, 3)]);
+    // So does the lag metric.
+    let lag: Vec<_> = cluster.nodes[&leader]
+        .stats()
+        .lag
+        .into_iter()
+        .filter(|l| l.consumer_group == "billing" && l.queue.topic == "orders")
+        .map(|l| (l.queue, l.consume_offset, l.lag))
+        .collect();
+    assert_eq!(lag, vec![(QueueId::new("orders", 0), 0, 3)]);
 }
 
 /// `DeleteTopic`: every replica of the broker group drops the topic's queues, messages,

@@ -1474,3 +1474,58 @@ fn silent_consumer_groups_expire_and_a_short_absence_keeps_offsets() {
         assert!(state.consumer_groups().is_empty(), "node {id}");
     }
 }
+
+/// A node restarting from a broker snapshot taken before a topic's drop, with the drop in the
+/// log after it, does not ask its store for the dropped queues (their files went when the
+/// drop was applied): the rest it still checks.
+#[test]
+fn a_restart_does_not_ask_the_store_for_queues_its_log_drops() {
+    use crate::broker::{BrokerConfig, BrokerState, Command, encode_command};
+    use crate::raft::{Entry, EntryKind, HardState, Snapshot};
+    let mut state = BrokerState::new(BrokerConfig::default());
+    state.apply(Command::CreateQueuesAt {
+        queues: vec![
+            (3, QueueId::new("orders", 0)),
+            (0, QueueId::new("other", 0)),
+        ],
+    });
+    let snapshot = Snapshot {
+        index: 5,
+        term: 1,
+        data: Bytes::from(state.metadata_snapshot().expect("encodes")),
+        membership: None,
+    };
+    let drop = Command::DropTopic {
+        topic: "orders".into(),
+        epoch: 3,
+    };
+    let disk = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 6,
+        },
+        snapshot: Some(snapshot),
+        entries: vec![Entry {
+            term: 1,
+            index: 6,
+            kind: EntryKind::Commands(vec![encode_command(&drop)]),
+        }],
+    };
+    let mut node = BrokerNode::new(
+        NodeConfig::new(1, vec![1, 2, 3], 1),
+        BTreeMap::from([(1, disk)]),
+        5,
+        Instant::ZERO,
+    );
+    assert_eq!(node.poll_fault(), None);
+    let asked: Vec<QueueId> = std::iter::from_fn(|| node.poll_store())
+        .filter_map(|(group, op)| match op {
+            StoreOp::Recover { queues } if group == 1 => Some(queues),
+            _ => None,
+        })
+        .flatten()
+        .map(|r| r.queue)
+        .collect();
+    assert_eq!(asked, vec![QueueId::new("other", 0)]);
+}

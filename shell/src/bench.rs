@@ -37,10 +37,11 @@ pub struct BenchArgs {
     /// A client file (servers, CA, token); default: ./holdfast-data/client.toml if it exists.
     #[arg(long, env = "HOLDFAST_CLIENT")]
     pub client_file: Option<std::path::PathBuf>,
-    /// Keep the consumer group `bench-<pid>` afterwards (by default it is deleted, so runs
-    /// leave no groups behind in `group list` and the lag metrics).
-    #[arg(long)]
-    pub keep_group: bool,
+    /// Keep what the run created afterwards: the consumer group `bench-<pid>`, and the topic
+    /// if it did not exist before (by default both are deleted, so runs leave no groups
+    /// behind in `group list` and the lag metrics, and no messages on disk).
+    #[arg(long, alias = "keep-group")]
+    pub keep: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
@@ -51,10 +52,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         topic: args.topic.clone(),
         queues: args.queues,
     };
-    match admin.ask_leader(create, Duration::from_secs(10)) {
-        Ok(Response::TopicCreated { .. }) => {}
+    // A topic that existed before the run is the user's: only one the run created goes.
+    let created_topic = match admin.ask_leader(create, Duration::from_secs(10)) {
+        Ok(Response::TopicCreated { existed, .. }) => !existed,
         other => return Err(format!("cannot create topic {}: {other:?}", args.topic)),
-    }
+    };
     crate::out!(
         "bench: {} messages of {} bytes, {} producers x {} in flight, {} consumers, topic {} ({} queues)",
         args.messages,
@@ -157,10 +159,18 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         ms(0.99),
         ms(0.999)
     );
-    if !args.keep_group {
+    if !args.keep {
         // Its consumers have finished: forcing only covers a lease not yet released.
-        if let Err(e) = crate::admin::delete(servers, &group, true, false) {
+        if let Err(e) = crate::admin::delete(servers.clone(), &group, true, false) {
             crate::out!("cannot delete consumer group {group}: {}", e.message);
+        }
+        if created_topic {
+            let deleted = Admin::connect(servers)
+                .and_then(|mut admin| admin.delete_topic(&args.topic, Duration::from_secs(10)));
+            match deleted {
+                Ok(_) => crate::out!("deleted topic {} (--keep keeps it)", args.topic),
+                Err(e) => crate::out!("cannot delete topic {}: {e}", args.topic),
+            }
         }
     }
     Ok(())
@@ -260,8 +270,13 @@ fn consume(
     let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
         return 0;
     };
-    consumer.run(Some(count), Duration::from_secs(10), |_| {
+    let consumed = consumer.run(Some(count), Duration::from_secs(10), |_| {
         counted.fetch_add(1, Ordering::Relaxed);
         ConsumeStatus::Success
-    })
+    });
+    // Leave the group (answers confirmed, queues released) before the run deletes it: a
+    // consumer merely dropped keeps polling its queues until its connection closes, and a
+    // poll after the deletion claims a queue again, so the group came back.
+    consumer.close();
+    consumed
 }

@@ -110,7 +110,7 @@ enum Command {
         #[arg(long, conflicts_with = "metrics_base_port")]
         no_metrics: bool,
     },
-    /// Create, list and describe topics.
+    /// Create, list, describe and delete topics.
     Topic {
         #[command(subcommand)]
         command: TopicCommand,
@@ -339,6 +339,7 @@ enum DlqCommand {
 
 #[derive(Subcommand)]
 enum TopicCommand {
+    /// Creates a topic with this many queues; refused if it exists with another count.
     Create {
         name: String,
         #[arg(long, default_value_t = 4)]
@@ -348,12 +349,14 @@ enum TopicCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Lists the topics and their queue counts.
     List {
         #[command(flatten)]
         servers: Servers,
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Each queue of a topic: its broker group and that group's leader.
     Describe {
         name: String,
         #[command(flatten)]

@@ -58,7 +58,7 @@ impl From<String> for Failed {
 impl From<ClientError> for Failed {
     fn from(e: ClientError) -> Failed {
         let kind = match &e {
-            ClientError::Refused(_) => Failure::Refused,
+            ClientError::Refused(_) | ClientError::Send { refused: true, .. } => Failure::Refused,
             ClientError::Timeout | ClientError::Send { .. } => Failure::Timeout,
             _ => Failure::Error,
         };

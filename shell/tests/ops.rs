@@ -422,6 +422,76 @@ fn refusals_exit_4_and_json_output_parses() {
     let nowhere = client(good, &["group", "transfer", "1", "--to", "9"]);
     assert_eq!(nowhere.status.code(), Some(4), "{nowhere:?}");
 
+    // `bench` deletes the topic it created and its consumer group, unless `--keep`; a topic
+    // that existed before is the user's and stays.
+    let topics = || {
+        let listed = client(good, &["topic", "list", "--json"]);
+        let listed: serde_json::Value =
+            serde_json::from_slice(&listed.stdout).expect("topic list JSON");
+        let names: Vec<String> = listed["topics"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| t["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names
+    };
+    let bench = |topic: &str, keep: bool| {
+        let mut args = vec![
+            "bench",
+            "--messages",
+            "200",
+            "--producers",
+            "1",
+            "--topic",
+            topic,
+            "--queues",
+            "2",
+        ];
+        if keep {
+            args.push("--keep");
+        }
+        let output = client(good, &args);
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let said = bench("bench-gone", false);
+    assert!(said.contains("deleted topic bench-gone"), "{said}");
+    assert!(
+        !topics().contains(&"bench-gone".to_string()),
+        "{:?}",
+        topics()
+    );
+    let said = bench("orders", false);
+    assert!(!said.contains("deleted topic"), "{said}");
+    assert!(topics().contains(&"orders".to_string()));
+    bench("bench-kept", true);
+    assert!(
+        topics().contains(&"bench-kept".to_string()),
+        "{:?}",
+        topics()
+    );
+    let groups = client(good, &["group", "list", "--json"]);
+    let groups: serde_json::Value = serde_json::from_slice(&groups.stdout).expect("JSON");
+    let benches = groups["groups"].as_array().map(|g| {
+        g.iter()
+            .filter(|g| g["group"].as_str().is_some_and(|n| n.starts_with("bench-")))
+            .count()
+    });
+    assert_eq!(
+        benches,
+        Some(1),
+        "only the kept run's group stays: {groups}"
+    );
+
+    // A send to a topic that does not exist is a refusal (4), not a timeout (5).
+    let unknown = client(good, &["produce", "no-such-topic", "x"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("unknown topic"), "{stderr}");
+
     // The wrong token: the cluster refuses, exit 4.
     let text = std::fs::read_to_string(&file).expect("client file");
     let token_line = text

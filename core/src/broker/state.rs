@@ -285,6 +285,71 @@ impl BrokerState {
         Ok(state)
     }
 
+    /// A state just restored from a metadata snapshot on this node's disk, told the commands
+    /// of the log after that snapshot, which replaying will apply: the queues they drop (a
+    /// [`Command::DropTopic`] of their incarnation or a newer one, or a creation of a newer
+    /// incarnation of their topic) are no longer asked of the store ([`StoreOp::Recover`]),
+    /// which drops them at once. The store removed their files when the drop was applied
+    /// before the crash, and the snapshot that no longer references them may not have been
+    /// written yet: without this, a restart in that window found the files gone and took it
+    /// for damage, and no peer can repair a queue every replica dropped. Until the replay
+    /// drops them, a read of those queues fails like a read of a damaged record (the pull
+    /// ends before it). Returns the queues no longer asked of the store.
+    ///
+    /// The drop is certain even if these entries are not committed yet: a DropTopic or a
+    /// newer creation is proposed only once the metadata group's tombstone for the
+    /// incarnation is committed, and a leader proposes it again until it is applied.
+    pub fn expect_replay<'a>(
+        &mut self,
+        commands: impl IntoIterator<Item = &'a Command>,
+    ) -> Vec<QueueId> {
+        let mut dropped_from: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut newer_than: BTreeMap<&str, u64> = BTreeMap::new();
+        for command in commands {
+            match command {
+                // Drops the incarnation `epoch` and every older one.
+                Command::DropTopic { topic, epoch } => {
+                    let e = dropped_from.entry(topic.as_str()).or_insert(*epoch);
+                    *e = (*e).max(*epoch);
+                }
+                // Drops every incarnation older than `epoch`.
+                Command::CreateQueuesAt { queues } => {
+                    for (epoch, queue) in queues {
+                        let e = newer_than.entry(queue.topic.as_str()).or_insert(*epoch);
+                        *e = (*e).max(*epoch);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if dropped_from.is_empty() && newer_than.is_empty() {
+            return Vec::new();
+        }
+        let marks = &self.marks;
+        let goes = |queue: &QueueId| {
+            let epoch = marks.get(&queue.topic).map_or(0, |m| m.epoch);
+            dropped_from
+                .get(queue.topic.as_str())
+                .is_some_and(|e| *e >= epoch)
+                || newer_than
+                    .get(queue.topic.as_str())
+                    .is_some_and(|e| *e > epoch)
+        };
+        let mut gone = Vec::new();
+        for op in &mut self.store_ops {
+            if let StoreOp::Recover { queues } = op {
+                queues.retain(|range| {
+                    let keep = !goes(&range.queue);
+                    if !keep {
+                        gone.push(range.queue.clone());
+                    }
+                    keep
+                });
+            }
+        }
+        gone
+    }
+
     /// A state restored from a metadata snapshot installed from node `from`: its store must
     /// fetch what it lacks ([`StoreOp::CatchUp`]) instead of only checking what it holds.
     pub fn catching_up_from(mut self, from: u64) -> BrokerState {

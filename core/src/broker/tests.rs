@@ -1891,3 +1891,123 @@ fn a_newer_incarnation_replaces_older_queues_it_finds() {
     create_at(&mut state, 4, "orders", 1);
     assert_eq!(state.queue_len(&QueueId::new("orders", 0)), Some(1));
 }
+
+/// A crash after a topic's drop was applied (the store removed its files) and before the
+/// next snapshot was durable: the restart reads the snapshot from before the drop. Told the
+/// log it will replay, the restored state no longer asks the store for the dropped queues,
+/// so recovery finds nothing missing, and the replay ends where the original did, also when
+/// the topic was created again (and written to) before the crash.
+#[test]
+fn a_restart_between_a_drop_and_the_next_snapshot_finds_the_dropped_queues_legitimately_gone() {
+    let q0 = QueueId::new("orders", 0);
+    let other = QueueId::new("other", 0);
+    for recreate in [false, true] {
+        let mut state = BrokerState::new(BrokerConfig::default());
+        let mut store = MemoryStore::default();
+        create_at(&mut state, 3, "orders", 2);
+        topic(&mut state, "other", 1);
+        appended_at(append(&mut state, 0, 1, 0, 3));
+        appended_at(append(&mut state, 1, 1, 3, 2));
+        appended_at(state.apply(Command::Append {
+            queue: other.clone(),
+            producer_id: 2,
+            first_seq: 0,
+            messages: vec![Message::with_body("kept")],
+            stamp_ms: 1_000,
+        }));
+        for op in state.take_store_ops() {
+            store.apply(1, op).expect("applies");
+        }
+        let before_drop = state.metadata_snapshot().expect("encodes");
+
+        // The log after that snapshot, applied (and carried out by the store) before the crash.
+        let mut log = vec![Command::DropTopic {
+            topic: "orders".into(),
+            epoch: 3,
+        }];
+        if recreate {
+            log.push(Command::CreateQueuesAt {
+                queues: vec![(4, q0.clone()), (4, QueueId::new("orders", 1))],
+            });
+            log.push(Command::Append {
+                queue: q0.clone(),
+                producer_id: 7,
+                first_seq: 0,
+                messages: vec![Message::with_body("new")],
+                stamp_ms: 2_000,
+            });
+        }
+        for command in &log {
+            state.apply(command.clone());
+        }
+        for op in state.take_store_ops() {
+            store.apply(1, op).expect("applies");
+        }
+
+        // Without the log: the snapshot asks for what the store dropped (or, re-created, for
+        // offsets the new incarnation's messages now occupy), and the store refuses.
+        let mut blind = BrokerState::restore(BrokerConfig::default(), &before_drop).expect("ok");
+        let refused = blind
+            .take_store_ops()
+            .into_iter()
+            .try_for_each(|op| store.clone().apply(1, op));
+        assert!(
+            refused.is_err(),
+            "the scenario needs a store that lacks the dropped queues"
+        );
+
+        let mut restored = BrokerState::restore(BrokerConfig::default(), &before_drop).expect("ok");
+        let mut gone = restored.expect_replay(&log);
+        gone.sort();
+        assert_eq!(
+            gone,
+            vec![q0.clone(), QueueId::new("orders", 1)],
+            "{recreate}"
+        );
+        let mut recovered = store.clone();
+        for op in restored.take_store_ops() {
+            recovered
+                .apply(1, op)
+                .expect("recovery finds the dropped queues legitimately gone");
+        }
+        assert!(
+            recovered.record(1, &other, 0).is_some(),
+            "other topics are still checked and kept"
+        );
+        for command in &log {
+            restored.apply(command.clone());
+        }
+        for op in restored.take_store_ops() {
+            recovered.apply(1, op).expect("the replay applies");
+        }
+        let full = |state: &BrokerState, store: &MemoryStore| {
+            state.snapshot_with(&mut |q, o| {
+                store
+                    .message(1, q, o)
+                    .ok_or_else(|| format!("{q}@{o} not stored"))
+            })
+        };
+        assert_eq!(full(&restored, &recovered), full(&state, &store));
+        assert!(full(&state, &store).is_ok());
+    }
+
+    // A log that drops only an older incarnation, or nothing, asks for everything.
+    let mut state = BrokerState::new(BrokerConfig::default());
+    create_at(&mut state, 3, "orders", 1);
+    let bytes = state.metadata_snapshot().expect("encodes");
+    let mut restored = BrokerState::restore(BrokerConfig::default(), &bytes).expect("ok");
+    let older = [
+        Command::DropTopic {
+            topic: "orders".into(),
+            epoch: 2,
+        },
+        Command::CreateQueuesAt {
+            queues: vec![(3, q0.clone())],
+        },
+    ];
+    assert_eq!(restored.expect_replay(&older), Vec::<QueueId>::new());
+    match restored.take_store_ops().as_slice() {
+        [StoreOp::Recover { queues }] => assert_eq!(queues.len(), 1),
+        other => panic!("restoring asks {other:?}"),
+    }
+}

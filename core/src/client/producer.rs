@@ -67,7 +67,13 @@ pub enum SendResult {
         ambiguous: bool,
     },
     /// Given up. `maybe_written` is false only when every attempt was definitively refused.
-    Failed { reason: String, maybe_written: bool },
+    /// `refused`: the last attempt was refused by the cluster (an unknown topic, a permission,
+    /// a bad request), not lost to a timeout or a leader change.
+    Failed {
+        reason: String,
+        maybe_written: bool,
+        refused: bool,
+    },
 }
 
 struct Target {
@@ -85,6 +91,8 @@ struct Pending {
     redirects: u32,
     maybe_written: bool,
     last_error: String,
+    /// Whether `last_error` is the cluster's refusal.
+    refused: bool,
     target: Option<Target>,
     /// The request in flight and when it times out.
     request: Option<(RequestId, Instant)>,
@@ -166,6 +174,7 @@ impl Producer {
                 redirects: 0,
                 maybe_written: false,
                 last_error: String::new(),
+                refused: false,
                 target: None,
                 request: None,
                 not_before: now,
@@ -210,6 +219,10 @@ impl Producer {
                     p.not_before = now;
                     if let Some(reason) = &refusal {
                         p.last_error.clone_from(reason);
+                        p.refused = true;
+                        // Asking again at once would be a tight loop of round trips until
+                        // the deadline.
+                        p.not_before = now + Duration::from_millis(REFUSAL_BACKOFF_MS);
                     }
                 }
                 self.advance(now, id);
@@ -292,7 +305,7 @@ impl Producer {
                 pending.target = None;
                 let topic = pending.topic.clone();
                 self.routes.remove(&topic);
-                self.fail_attempt(now, id, reason, false);
+                self.refuse_attempt(now, id, reason);
             }
             other => self.fail_attempt(now, id, format!("unexpected answer {other:?}"), false),
         }
@@ -420,12 +433,29 @@ impl Producer {
 
     /// Counts a failed attempt; gives up after `retries` of them.
     fn fail_attempt(&mut self, now: Instant, id: SendId, error: String, maybe_written: bool) {
+        self.count_failure(now, id, error, maybe_written, false);
+    }
+
+    /// Counts an attempt the cluster refused (nothing written); gives up after `retries`.
+    fn refuse_attempt(&mut self, now: Instant, id: SendId, error: String) {
+        self.count_failure(now, id, error, false, true);
+    }
+
+    fn count_failure(
+        &mut self,
+        now: Instant,
+        id: SendId,
+        error: String,
+        maybe_written: bool,
+        refused: bool,
+    ) {
         let Some(pending) = self.pending.get_mut(&id) else {
             return;
         };
         pending.failures += 1;
         pending.maybe_written |= maybe_written;
         pending.last_error = error;
+        pending.refused = refused;
         pending.redirects = 0;
         if pending.failures > self.config.retries {
             self.give_up(id);
@@ -442,6 +472,7 @@ impl Producer {
             let result = SendResult::Failed {
                 reason: pending.last_error,
                 maybe_written: pending.maybe_written,
+                refused: pending.refused,
             };
             self.results.push_back((id, result));
         }

@@ -253,3 +253,57 @@ fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committe
         "pulls after the refusal: {froms:?}"
     );
 }
+
+/// Drives a producer whose every request gets `answer` (none: no answer at all) until its
+/// send gives up, and returns how.
+fn given_up(answer: Option<Response>) -> SendResult {
+    let mut now = Instant::from_micros(1_000_000);
+    let mut producer = Producer::new(ProducerConfig::new(7, vec![1, 2, 3]));
+    producer.send(now, "orders", vec![Message::with_body(Bytes::from("m"))]);
+    for _ in 0..100_000 {
+        for _ in 0..10 {
+            let Some((_, request, _)) = producer.poll_request() else {
+                break;
+            };
+            if let Some(answer) = &answer {
+                producer.handle_response(now, request, answer.clone());
+            }
+        }
+        assert!(
+            producer.poll_request().is_none(),
+            "a refusal is not asked again within the same millisecond"
+        );
+        if let Some((_, result)) = producer.poll_result() {
+            return result;
+        }
+        now = now + Duration::from_millis(10);
+        producer.handle_timeout(now);
+    }
+    panic!("the send never ended");
+}
+
+/// A send the cluster refused (an unknown topic, a permission) says so, so the CLI exits
+/// with the refusal's code (4) rather than the timeout's (5); one that went unanswered does
+/// not.
+#[test]
+fn a_send_given_up_says_whether_the_cluster_refused_it() {
+    let refusal = Response::Refused {
+        reason: "unknown topic \"orders\"".into(),
+    };
+    match given_up(Some(refusal)) {
+        SendResult::Failed {
+            reason,
+            refused,
+            maybe_written,
+        } => {
+            assert!(refused, "{reason}");
+            assert!(!maybe_written);
+            assert!(reason.contains("unknown topic"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match given_up(None) {
+        SendResult::Failed { refused, .. } => assert!(!refused),
+        other => panic!("{other:?}"),
+    }
+}

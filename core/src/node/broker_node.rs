@@ -461,7 +461,21 @@ impl BrokerNode {
                 if let Some(snapshot) = &disk.snapshot {
                     pace.last_bytes = snapshot.data.len() as u64;
                     match machine.restored(&snapshot.data, false, None) {
-                        Ok(restored) => machine = restored,
+                        Ok(mut restored) => {
+                            if let Machine::Broker(state) = &mut restored {
+                                // Queues the log after the snapshot drops may be gone from
+                                // the store already: see `BrokerState::expect_replay`.
+                                let replayed: Vec<Command> = disk
+                                    .entries
+                                    .iter()
+                                    .filter(|e| e.index > snapshot.index)
+                                    .flat_map(|e| decode_entry(&e.kind))
+                                    .flatten()
+                                    .collect();
+                                state.expect_replay(&replayed);
+                            }
+                            machine = restored;
+                        }
                         Err(e) => faults.push_back(format!(
                             "group {group}: the snapshot at index {} on disk does not restore: {e}",
                             snapshot.index
@@ -757,16 +771,42 @@ impl BrokerNode {
                     .map(|(group, g)| {
                         let s = g.raft.status();
                         let consumers: Vec<ConsumerProgress> = match &g.machine {
-                            Machine::Broker(state) => state
-                                .consume_offsets()
-                                .take(consumers_left)
-                                .map(|(group, queue, consume_offset)| ConsumerProgress {
-                                    group: group.to_string(),
-                                    queue: queue.clone(),
-                                    consume_offset,
-                                    queue_len: state.queue_len(queue).unwrap_or(0),
-                                })
-                                .collect(),
+                            Machine::Broker(state) => {
+                                let mut consumers: Vec<ConsumerProgress> = state
+                                    .consume_offsets()
+                                    .take(consumers_left)
+                                    .map(|(group, queue, consume_offset)| ConsumerProgress {
+                                        group: group.to_string(),
+                                        queue: queue.clone(),
+                                        consume_offset,
+                                        queue_len: state.queue_len(queue).unwrap_or(0),
+                                    })
+                                    .collect();
+                                // A queue claimed and never acknowledged in has no offsets
+                                // yet: its group starts at the queue's start, so all of it
+                                // is lag (not "end 0, lag 0").
+                                let known: BTreeSet<(String, QueueId)> = consumers
+                                    .iter()
+                                    .map(|c| (c.group.clone(), c.queue.clone()))
+                                    .collect();
+                                let unacked: Vec<ConsumerProgress> = state
+                                    .leases()
+                                    .filter(|((group, queue), _)| {
+                                        !known.contains(&(group.clone(), queue.clone()))
+                                    })
+                                    .filter_map(|((group, queue), _)| {
+                                        Some(ConsumerProgress {
+                                            group: group.clone(),
+                                            queue: queue.clone(),
+                                            consume_offset: state.start_offset(queue)?,
+                                            queue_len: state.queue_len(queue)?,
+                                        })
+                                    })
+                                    .take(consumers_left.saturating_sub(consumers.len()))
+                                    .collect();
+                                consumers.extend(unacked);
+                                consumers
+                            }
                             Machine::Meta(_) => Vec::new(),
                         };
                         consumers_left -= consumers.len();
@@ -2059,6 +2099,11 @@ impl BrokerNode {
                                         result,
                                         Ok(TopicApplied::Created | TopicApplied::Deleted { .. })
                                     );
+                                    if let Ok(TopicApplied::Deleted { .. }) = result {
+                                        // Its traffic series end with it (a topic created
+                                        // again with the name counts from zero).
+                                        self.counters.topics.remove(&topic);
+                                    }
                                     Applied::Topic { topic, result }
                                 }
                                 Ok(command) => {

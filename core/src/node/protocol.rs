@@ -172,7 +172,8 @@ pub struct GroupStatus {
     /// The log holds entries above this index only; a snapshot stands in for the rest.
     pub snapshot_index: u64,
     /// For a broker group: each consumer group's progress on each queue it has acknowledged
-    /// in, as this replica has applied it.
+    /// in or claimed (from the queue's start, if nothing acknowledged yet), as this replica
+    /// has applied it.
     pub consumers: Vec<ConsumerProgress>,
     /// For a broker group: who holds each queue a consumer group has claimed, as this
     /// replica has applied it (`None`: released).

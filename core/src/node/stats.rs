@@ -205,6 +205,31 @@ impl BrokerNode {
                     lag: next.saturating_sub(consume_offset),
                 });
             }
+            // A queue claimed and never acknowledged in has no offsets yet: all of it waits.
+            let acked: std::collections::BTreeSet<(&str, &QueueId)> = state
+                .consume_offsets()
+                .map(|(consumer_group, queue, _)| (consumer_group, queue))
+                .collect();
+            for ((consumer_group, queue), _) in state.leases() {
+                if acked.contains(&(consumer_group.as_str(), queue)) {
+                    continue;
+                }
+                let (Some(start), Some(next)) = (state.start_offset(queue), state.queue_len(queue))
+                else {
+                    continue;
+                };
+                if lag.len() >= STATS_QUEUES_MAX {
+                    truncated = true;
+                    break;
+                }
+                lag.push(LagStats {
+                    group,
+                    consumer_group: consumer_group.clone(),
+                    queue: queue.clone(),
+                    consume_offset: start,
+                    lag: next.saturating_sub(start),
+                });
+            }
         }
         NodeStats {
             node: self.id(),

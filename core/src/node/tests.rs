@@ -1228,6 +1228,51 @@ fn a_damaged_stored_message_is_reported_and_never_delivered() {
     );
 }
 
+/// `Status` shows a consumer group's lag on a queue it claimed and never acknowledged in:
+/// everything from the queue's start waits (`group describe` printed "end 0, lag 0").
+#[test]
+fn status_counts_the_lag_of_a_claimed_queue_with_nothing_acknowledged() {
+    let (mut cluster, _) = one_group_with_orders(2, |_| {});
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["a", "b", "c"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let pulled = cluster.ask(leader, lease_request("pull", "a", 1));
+    assert!(matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 3));
+    let Response::Status { groups, .. } = cluster.ask(leader, Request::Status) else {
+        panic!("no status");
+    };
+    let group = groups
+        .iter()
+        .find(|g| g.group == 1)
+        .expect("broker group 1");
+    assert!(
+        group.holders.iter().any(|h| h.group == "billing"),
+        "{group:?}"
+    );
+    let progress: Vec<_> = group
+        .consumers
+        .iter()
+        .filter(|c| c.group == "billing")
+        .map(|c| (c.queue.clone(), c.consume_offset, c.queue_len))
+        .collect();
+    assert_eq!(progress, vec![(QueueId::new("orders", 0), 0, 3)]);
+    // So does the lag metric.
+    let lag: Vec<_> = cluster.nodes[&leader]
+        .stats()
+        .lag
+        .into_iter()
+        .filter(|l| l.consumer_group == "billing" && l.queue.topic == "orders")
+        .map(|l| (l.queue, l.consume_offset, l.lag))
+        .collect();
+    assert_eq!(lag, vec![(QueueId::new("orders", 0), 0, 3)]);
+}
+
 /// `DeleteTopic`: every replica of the broker group drops the topic's queues, messages,
 /// offsets and leases (and its store the messages); producers and routes are refused; the
 /// topic created again starts empty, and its first message sits at offset 0.
@@ -1254,6 +1299,10 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
         Response::Acked { .. }
     ));
 
+    assert!(
+        cluster.nodes[&leader].stats().topics.contains_key("orders"),
+        "the leader counted the topic's traffic"
+    );
     let delete = Request::DeleteTopic {
         topic: "orders".into(),
     };
@@ -1284,6 +1333,11 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
         assert!(
             state.topic_mark("orders").is_some_and(|m| m.dropped),
             "node {id}"
+        );
+        // Its per-topic metrics series end with it, instead of staying until a restart.
+        assert!(
+            !node.stats().topics.contains_key("orders"),
+            "node {id} still reports the deleted topic's traffic"
         );
         let store = cluster.stores.get(id).expect("a store");
         assert!(
@@ -1480,4 +1534,59 @@ fn a_log_of_large_batches_is_compacted_by_its_bytes() {
     // 24 entries of 128 KiB: 3 MiB of log.
     assert!(compacted_after(1 << 20) > 0, "compacted after 1 MiB");
     assert_eq!(compacted_after(64 << 20), 0, "3 MiB stays under 64 MiB");
+}
+
+/// A node restarting from a broker snapshot taken before a topic's drop, with the drop in the
+/// log after it, does not ask its store for the dropped queues (their files went when the
+/// drop was applied): the rest it still checks.
+#[test]
+fn a_restart_does_not_ask_the_store_for_queues_its_log_drops() {
+    use crate::broker::{BrokerConfig, BrokerState, Command, encode_command};
+    use crate::raft::{Entry, EntryKind, HardState, Snapshot};
+    let mut state = BrokerState::new(BrokerConfig::default());
+    state.apply(Command::CreateQueuesAt {
+        queues: vec![
+            (3, QueueId::new("orders", 0)),
+            (0, QueueId::new("other", 0)),
+        ],
+    });
+    let snapshot = Snapshot {
+        index: 5,
+        term: 1,
+        data: Bytes::from(state.metadata_snapshot().expect("encodes")),
+        membership: None,
+    };
+    let drop = Command::DropTopic {
+        topic: "orders".into(),
+        epoch: 3,
+    };
+    let disk = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 6,
+        },
+        snapshot: Some(snapshot),
+        entries: vec![Entry {
+            term: 1,
+            index: 6,
+            kind: EntryKind::Commands(vec![encode_command(&drop)]),
+        }],
+    };
+    let mut node = BrokerNode::new(
+        NodeConfig::new(1, vec![1, 2, 3], 1),
+        BTreeMap::from([(1, disk)]),
+        5,
+        Instant::ZERO,
+    );
+    assert_eq!(node.poll_fault(), None);
+    let asked: Vec<QueueId> = std::iter::from_fn(|| node.poll_store())
+        .filter_map(|(group, op)| match op {
+            StoreOp::Recover { queues } if group == 1 => Some(queues),
+            _ => None,
+        })
+        .flatten()
+        .map(|r| r.queue)
+        .collect();
+    assert_eq!(asked, vec![QueueId::new("other", 0)]);
 }

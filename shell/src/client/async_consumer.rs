@@ -278,6 +278,7 @@ impl Future for AcksConfirmed {
                     self.target - state.answers_confirmed
                 ),
                 maybe_written: true,
+                refused: false,
             }));
         }
         if !state.confirm_wakers.iter().any(|w| w.will_wake(cx.waker())) {

@@ -134,6 +134,7 @@ impl AsyncProducer {
             slot.complete(Err(ClientError::Send {
                 reason,
                 maybe_written: false,
+                refused: false,
             }));
         }
         SendFuture { slot }

@@ -36,10 +36,13 @@ pub const DEFAULT_SERVERS: &str = "127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303"
 #[derive(Debug)]
 pub enum ClientError {
     Io(std::io::Error),
-    /// The send was given up. `maybe_written` says whether it may still have been written.
+    /// The send was given up. `maybe_written` says whether it may still have been written;
+    /// `refused`, whether the cluster refused it (an unknown topic, a permission) rather than
+    /// it running out of time.
     Send {
         reason: String,
         maybe_written: bool,
+        refused: bool,
     },
     Refused(String),
     Timeout,
@@ -59,6 +62,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Send {
                 reason,
                 maybe_written,
+                ..
             } => {
                 let written = if *maybe_written {
                     "it may have been written"
@@ -220,9 +224,11 @@ fn receipt(result: SendResult) -> Result<SendReceipt, ClientError> {
         SendResult::Failed {
             reason,
             maybe_written,
+            refused,
         } => Err(ClientError::Send {
             reason,
             maybe_written,
+            refused,
         }),
     }
 }

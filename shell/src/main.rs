@@ -217,6 +217,11 @@ enum GroupCommand {
         /// To this offset (clamped to what the queue retains).
         #[arg(long, group = "target")]
         to_offset: Option<u64>,
+        /// To the first message stored at or after this time: RFC 3339
+        /// (`2026-12-03T01:00:00Z`, `2026-12-03T02:00:00+01:00`) or milliseconds since the Unix
+        /// epoch. The end of a queue with none as new.
+        #[arg(long, group = "target", value_parser = parse_time_ms)]
+        to_time: Option<u64>,
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -650,14 +655,16 @@ fn group(command: GroupCommand) -> Result<(), Failed> {
             to_earliest: _,
             to_latest,
             to_offset,
+            to_time,
             force,
             servers: s,
             output,
         } => {
-            let to = match (to_latest, to_offset) {
-                (true, _) => SeekTo::Latest,
-                (false, Some(offset)) => SeekTo::Offset(offset),
-                (false, None) => SeekTo::Earliest,
+            let to = match (to_latest, to_offset, to_time) {
+                (true, _, _) => SeekTo::Latest,
+                (false, Some(offset), _) => SeekTo::Offset(offset),
+                (false, None, Some(ms)) => SeekTo::Time(ms),
+                (false, None, None) => SeekTo::Earliest,
             };
             holdfast_shell::admin::seek(
                 servers(&s)?,
@@ -1033,4 +1040,17 @@ fn status(config: ClientConfig, json: bool) -> Result<(), Failed> {
         ));
     }
     Ok(())
+}
+
+/// `--to-time`: RFC 3339, or milliseconds since the Unix epoch.
+fn parse_time_ms(text: &str) -> Result<u64, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            format!("{text:?} is neither RFC 3339 (2026-12-03T01:00:00Z) nor milliseconds: {e}")
+        })?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("{text:?} is before 1970"))
 }

@@ -76,6 +76,16 @@ impl QueueLog {
         self.bytes
     }
 
+    /// The first retained offset whose message was stored at or after `ms`; the end if none
+    /// was. A scan, not a search: stamps come from whichever node led, and clocks of two
+    /// nodes need not agree, so they need not rise with the offset.
+    pub(super) fn first_stored_at_or_after(&self, ms: u64) -> Offset {
+        self.entries
+            .iter()
+            .position(|e| e.stored_ms >= ms)
+            .map_or(self.end(), |i| self.start + i as Offset)
+    }
+
     pub(super) fn entry(&self, offset: Offset) -> Option<&IndexEntry> {
         let index = usize::try_from(offset.checked_sub(self.start)?).ok()?;
         self.entries.get(index)

@@ -503,6 +503,7 @@ impl BrokerState {
             SeekTo::Earliest => log.start(),
             SeekTo::Latest => log.end(),
             SeekTo::Offset(offset) => offset.clamp(log.start(), log.end()),
+            SeekTo::Time(ms) => log.first_stored_at_or_after(ms),
         };
         self.offsets
             .insert((group, queue), GroupOffsets::starting_at(target));

@@ -2011,3 +2011,35 @@ fn a_restart_between_a_drop_and_the_next_snapshot_finds_the_dropped_queues_legit
         other => panic!("restoring asks {other:?}"),
     }
 }
+
+#[test]
+fn an_operator_seeks_a_group_to_the_first_message_stored_at_or_after_a_time() {
+    let mut state = orders();
+    let queue = QueueId::new("orders", 0);
+    for (seq, stamp_ms) in [(0u64, 1_000u64), (1, 2_000), (2, 3_000)] {
+        let appended = state.apply(Command::Append {
+            queue: queue.clone(),
+            producer_id: 1,
+            first_seq: seq,
+            messages: vec![Message::with_body(Bytes::from(format!("m{seq}")))],
+            stamp_ms,
+        });
+        assert_eq!(appended_at(appended).1, seq);
+    }
+    let mut seek = |ms| {
+        state.apply(Command::Seek {
+            group: "billing".into(),
+            queue: queue.clone(),
+            to: SeekTo::Time(ms),
+            force: false,
+        })
+    };
+    assert_eq!(seek(0), Outcome::Sought { consume_offset: 0 });
+    assert_eq!(seek(2_000), Outcome::Sought { consume_offset: 1 });
+    assert_eq!(seek(2_001), Outcome::Sought { consume_offset: 2 });
+    assert_eq!(
+        seek(3_001),
+        Outcome::Sought { consume_offset: 3 },
+        "after the newest message: the end"
+    );
+}

@@ -255,6 +255,10 @@ pub enum SeekTo {
     Latest,
     /// This offset (clamped to the retained range).
     Offset(Offset),
+    /// The first retained message stored at or after this time (milliseconds since the Unix
+    /// epoch, as the leader that appended it stamped it); the end if none was. New variants go
+    /// last: postcard numbers them in order.
+    Time(u64),
 }
 
 /// Who holds a queue for a consumer group, as the broker group's log decided it.

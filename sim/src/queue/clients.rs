@@ -55,6 +55,9 @@ pub(crate) struct Clients {
     pub(crate) pipeline: usize,
     topic_ready: bool,
     admin_turn: usize,
+    /// The metadata leader a refusal named, asked next: as `holdfast topic create` follows
+    /// hints, and the only way to reach a leader added at runtime, outside `nodes`.
+    admin_hint: Option<NodeId>,
     producers: Vec<ProducerSlot>,
     consumers: Vec<ConsumerSlot>,
     by_id: BTreeMap<ClientId, Who>,
@@ -69,6 +72,7 @@ impl Clients {
             pipeline: 1,
             topic_ready: false,
             admin_turn: 0,
+            admin_hint: None,
             producers: Vec::new(),
             consumers: Vec::new(),
             by_id: BTreeMap::new(),
@@ -141,7 +145,10 @@ impl QueueWorld {
         }
         let clients = &mut self.clients;
         clients.admin_turn += 1;
-        let node = clients.nodes[clients.admin_turn % clients.nodes.len()];
+        let node = clients
+            .admin_hint
+            .take()
+            .unwrap_or(clients.nodes[clients.admin_turn % clients.nodes.len()]);
         let request = Request::CreateTopic {
             topic: TOPIC.into(),
             queues: 4,
@@ -359,6 +366,13 @@ impl QueueWorld {
         if client == ADMIN {
             return match response {
                 Response::TopicCreated { .. } => self.topic_created(),
+                Response::NotLeader {
+                    leader_hint: Some(leader),
+                    ..
+                } => {
+                    self.clients.admin_hint = Some(leader);
+                    Ok(())
+                }
                 _ => Ok(()),
             };
         }

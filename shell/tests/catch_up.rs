@@ -29,6 +29,31 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Three nodes started in `dir`, topic `orders` of `QUEUES` queues created.
+    fn with_orders(dir: &Path) -> Cluster {
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            net: Net::no_auth(3),
+            children: (0..3).map(|_| None).collect(),
+        };
+        for id in 1..=3 {
+            cluster.start(id);
+        }
+        let mut admin = Admin::connect(cluster.net.admin()).expect("admin");
+        let created = admin.ask_leader(
+            Request::CreateTopic {
+                topic: "orders".into(),
+                queues: QUEUES,
+            },
+            Duration::from_secs(20),
+        );
+        assert!(
+            matches!(created, Ok(Response::TopicCreated { .. })),
+            "{created:?}"
+        );
+        cluster
+    }
+
     fn node_dir(&self, id: usize) -> PathBuf {
         self.dir.join(format!("node-{id}"))
     }
@@ -96,26 +121,7 @@ fn stored(dir: &Path, count: u64) -> Vec<Option<StoredMessage>> {
 #[test]
 fn a_node_behind_compaction_fetches_the_segments_it_lacks_and_holds_the_same_bytes() {
     let temp = tempfile::tempdir().expect("temp dir");
-    let mut cluster = Cluster {
-        dir: temp.path().to_path_buf(),
-        net: Net::no_auth(3),
-        children: (0..3).map(|_| None).collect(),
-    };
-    for id in 1..=3 {
-        cluster.start(id);
-    }
-    let mut admin = Admin::connect(cluster.net.admin()).expect("admin");
-    let created = admin.ask_leader(
-        Request::CreateTopic {
-            topic: "orders".into(),
-            queues: QUEUES,
-        },
-        Duration::from_secs(20),
-    );
-    assert!(
-        matches!(created, Ok(Response::TopicCreated { .. })),
-        "{created:?}"
-    );
+    let mut cluster = Cluster::with_orders(temp.path());
     cluster.kill(3);
     // Both broker groups lead on nodes 1 and 2 before sending: a send that times out on a
     // group led by the killed node makes the producer avoid that group for 10 s, so every
@@ -209,26 +215,7 @@ fn a_node_behind_compaction_fetches_the_segments_it_lacks_and_holds_the_same_byt
 #[test]
 fn a_node_missing_a_segment_at_restart_repairs_it_from_its_peers() {
     let temp = tempfile::tempdir().expect("temp dir");
-    let mut cluster = Cluster {
-        dir: temp.path().to_path_buf(),
-        net: Net::no_auth(3),
-        children: (0..3).map(|_| None).collect(),
-    };
-    for id in 1..=3 {
-        cluster.start(id);
-    }
-    let mut admin = Admin::connect(cluster.net.admin()).expect("admin");
-    let created = admin.ask_leader(
-        Request::CreateTopic {
-            topic: "orders".into(),
-            queues: QUEUES,
-        },
-        Duration::from_secs(20),
-    );
-    assert!(
-        matches!(created, Ok(Response::TopicCreated { .. })),
-        "{created:?}"
-    );
+    let mut cluster = Cluster::with_orders(temp.path());
     let mut producer = Producer::connect(cluster.net.admin()).expect("producer");
     for i in 0..MESSAGES / 2 {
         let body = format!("{i:06}{}", "r".repeat(BODY_BYTES));

@@ -457,6 +457,42 @@ impl Collector for StatsCollector {
                 .iter()
                 .map(|l| (lag_labels(l), gauge(l.consume_offset))),
         )?;
+        // Labelled like the lag, so one consumer group's lag, retries and dead letters on a
+        // queue line up in a query.
+        let consumer = |f: fn(&holdfast_core::node::ConsumerCounters) -> u64| {
+            s.consumers
+                .iter()
+                .map(|c| {
+                    let mut labels = queue_labels(c.group, &c.queue);
+                    labels.push(("consumer_group", c.consumer_group.clone()));
+                    (labels, f(&c.counters))
+                })
+                .collect::<Vec<_>>()
+        };
+        encode_counters(
+            &mut e,
+            "holdfast_consumer_redelivered",
+            "messages of a queue handed to a consumer group again (this node as leader)",
+            consumer(|c| c.redelivered),
+        )?;
+        encode_counters(
+            &mut e,
+            "holdfast_consumer_reconsumed",
+            "messages of a queue a consumer group moved to its retry queue (applied)",
+            consumer(|c| c.reconsumed),
+        )?;
+        encode_counters(
+            &mut e,
+            "holdfast_consumer_dead_lettered",
+            "messages of a queue moved to a consumer group's dead-letter queue (applied)",
+            consumer(|c| c.dead_lettered),
+        )?;
+        encode_counters(
+            &mut e,
+            "holdfast_consumer_counters_uncounted",
+            "events left out of the per consumer group series (CONSUMER_COUNTERS_MAX reached)",
+            [(Vec::new(), s.consumer_counters_uncounted)],
+        )?;
         encode_gauges(
             &mut e,
             "holdfast_parked_pulls",
@@ -660,6 +696,8 @@ mod tests {
             topics: Default::default(),
             queues: Vec::new(),
             lag: Vec::new(),
+            consumers: Vec::new(),
+            consumer_counters_uncounted: 0,
             parked_pulls: 0,
             truncated: false,
         };

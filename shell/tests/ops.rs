@@ -1122,11 +1122,16 @@ struct Servers(Vec<Child>);
 
 impl Servers {
     fn start(dir: &Path, net: &Net, extra: &str) -> Servers {
+        Servers::start_each(dir, net, |_| extra.to_string())
+    }
+
+    /// With config lines of each node's own (`extra(id)`).
+    fn start_each(dir: &Path, net: &Net, extra: impl Fn(usize) -> String) -> Servers {
         Servers(
             (1..=net.clients.len())
                 .map(|id| {
                     let node_dir = dir.join(format!("node-{id}"));
-                    let config = write_node_config(&node_dir, id, net, extra);
+                    let config = write_node_config(&node_dir, id, net, &extra(id));
                     start_server(&config, &node_dir.join("server.log"))
                 })
                 .collect(),
@@ -1258,6 +1263,98 @@ fn dead_letters_are_listed_and_redriven_to_the_group_once_each() {
     ));
     assert_eq!(deleted["group"], "w");
     assert!(deleted["offsets"].as_u64() > Some(0), "{deleted}");
+}
+
+/// A ReconsumeLater and a dead letter show in every node's /metrics per consumer group and
+/// queue (labelled like the lag: broker `group`, `topic`, `queue`, `consumer_group`), and
+/// the series end when the consumer group is deleted.
+#[test]
+fn retries_and_dead_letters_are_counted_per_consumer_group_and_queue_in_the_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::no_auth(3);
+    let metrics = common::free_addrs(3);
+    // One retry, then the dead-letter queue: a message's second ReconsumeLater goes there.
+    let _servers = Servers::start_each(dir.path(), &net, |id| {
+        format!("max_reconsume = 1\nmetrics_addr = \"{}\"", metrics[id - 1])
+    });
+    let servers = net
+        .clients
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--servers", servers.as_str()]);
+        client(None, &all)
+    };
+    wait_for(Duration::from_secs(60), "the topic is created", || {
+        let output = run(&["topic", "create", "jobs", "--queues", "1"]);
+        output.status.success().then_some(())
+    });
+    assert!(run(&["produce", "jobs", "j1"]).status.success());
+    // Answered ReconsumeLater from jobs (to the retry queue), then from the retry queue once
+    // it is due (to the dead-letter queue). A send retried under load may have stored j1
+    // twice: consume until something is dead-lettered.
+    wait_for(Duration::from_secs(90), "a dead letter", || {
+        let consumed = run(&[
+            "consume",
+            "jobs",
+            "--group",
+            "w",
+            "--count",
+            "2",
+            "--reconsume-later",
+            "--timeout",
+            "20",
+        ]);
+        assert!(consumed.status.success(), "{consumed:?}");
+        let listed = json_lines(&run(&["dlq", "list", "w", "--json"]));
+        (!listed.is_empty()).then_some(())
+    });
+    let jobs = ["consumer_group=\"w\"", "topic=\"jobs\"", "queue=\"0\""];
+    let retry = ["consumer_group=\"w\"", "topic=\"%RETRY%w\""];
+    for addr in &metrics {
+        let addr = addr.to_string();
+        wait_for(Duration::from_secs(30), "per consumer group counts", || {
+            let (status, text) = get(&addr, "/metrics");
+            assert_eq!(status, 200);
+            let reconsumed = sample_sum(&text, "holdfast_consumer_reconsumed_total", &jobs);
+            let dead = sample_sum(&text, "holdfast_consumer_dead_lettered_total", &retry);
+            (reconsumed >= Some(1.0) && dead >= Some(1.0)).then_some(())
+        });
+    }
+    let (_, text) = get(&metrics[0].to_string(), "/metrics");
+    assert_eq!(
+        sample_sum(&text, "holdfast_consumer_dead_lettered_total", &jobs),
+        Some(0.0),
+        "jobs' messages went to the retry queue first: {text}"
+    );
+    assert_eq!(
+        sample_sum(&text, "holdfast_consumer_counters_uncounted_total", &[]),
+        Some(0.0)
+    );
+
+    let deleted = run(&["group", "delete", "w", "--force"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    for addr in &metrics {
+        let addr = addr.to_string();
+        wait_for(Duration::from_secs(30), "the group's series gone", || {
+            let (_, text) = get(&addr, "/metrics");
+            let left = [
+                "holdfast_consumer_reconsumed_total",
+                "holdfast_consumer_dead_lettered_total",
+            ]
+            .iter()
+            .any(|name| sample_sum(&text, name, &["consumer_group=\"w\""]).is_some());
+            let retry_topic = sample_sum(
+                &text,
+                "holdfast_topic_pulled_messages_total",
+                &["topic=\"%RETRY%w\""],
+            );
+            (!left && retry_topic.is_none()).then_some(())
+        });
+    }
 }
 
 #[test]

@@ -106,6 +106,32 @@ pub struct StoreRead {
     pub offsets: Vec<Offset>,
 }
 
+/// What an applied broker command means for the per consumer group counters.
+enum Counted {
+    Nothing,
+    /// A `ReconsumeLater` by this consumer group of a message of this queue.
+    Requeue(String, QueueId),
+    /// These consumer groups are deleted (if the command was not refused).
+    Forget(Vec<String>),
+    /// This topic's queues may be dropped.
+    Drop(String),
+}
+
+impl Counted {
+    fn of(command: &Command) -> Counted {
+        match command {
+            Command::ReconsumeLater { group, queue, .. }
+            | Command::OwnedReconsumeLater { group, queue, .. } => {
+                Counted::Requeue(group.clone(), queue.clone())
+            }
+            Command::DeleteGroup { group, .. } => Counted::Forget(vec![group.clone()]),
+            Command::ExpireGroups { groups } => Counted::Forget(groups.clone()),
+            Command::DropTopic { topic, .. } => Counted::Drop(topic.clone()),
+            _ => Counted::Nothing,
+        }
+    }
+}
+
 /// A pull waiting for its read.
 struct PendingRead {
     client: ClientId,
@@ -115,6 +141,8 @@ struct PendingRead {
     queue: QueueId,
     offsets: Vec<Offset>,
     next_offset: Offset,
+    /// An operator's read of a dead-letter queue (`PeekDeadLetters`), not a consumer's pull.
+    peek: bool,
 }
 
 /// Static configuration of a node.
@@ -1371,9 +1399,39 @@ impl BrokerNode {
                         queue,
                         offsets,
                         next_offset,
+                        peek: true,
                     },
                 );
             }
+        }
+    }
+
+    /// Counts messages a pull hands to `consumer_group`: per topic, and the redeliveries (the
+    /// offsets below how far the queue had been handed out before) per consumer group and
+    /// queue too.
+    fn count_pulled(
+        &mut self,
+        group: GroupId,
+        consumer_group: &str,
+        queue: &QueueId,
+        messages: &[(Offset, crate::broker::StoredMessage)],
+        delivered_below: Offset,
+    ) {
+        if messages.is_empty() {
+            return;
+        }
+        let counters = self.counters.topic(&queue.topic);
+        let mut redelivered = 0;
+        for (offset, stored) in messages {
+            counters.pulled_messages += 1;
+            counters.pulled_bytes += stored.message.body.len() as u64;
+            redelivered += u64::from(*offset < delivered_below);
+        }
+        counters.redelivered += redelivered;
+        if redelivered > 0
+            && let Some(c) = self.counters.consumer(group, consumer_group, queue)
+        {
+            c.redelivered += redelivered;
         }
     }
 
@@ -1529,12 +1587,25 @@ impl BrokerNode {
             read.next_offset,
             messages,
         );
-        let delivered_below = self.lease_clocks.delivered(
-            read.group,
-            &read.consumer_group,
-            &read.queue,
-            pulled.next_offset,
-        );
+        // An operator's peek at a dead-letter queue hands nothing to the consumer group.
+        let delivered_below = if read.peek {
+            0
+        } else {
+            let delivered_below = self.lease_clocks.delivered(
+                read.group,
+                &read.consumer_group,
+                &read.queue,
+                pulled.next_offset,
+            );
+            self.count_pulled(
+                read.group,
+                &read.consumer_group,
+                &read.queue,
+                &pulled.messages,
+                delivered_below,
+            );
+            delivered_below
+        };
         let response = Response::Pulled {
             queue: read.queue,
             messages: pulled.messages,
@@ -1917,6 +1988,7 @@ impl BrokerNode {
                         queue: queue.clone(),
                         offsets,
                         next_offset,
+                        peek: false,
                     },
                 );
                 return;
@@ -1934,14 +2006,13 @@ impl BrokerNode {
                 let delivered_below =
                     self.lease_clocks
                         .delivered(group, consumer_group, queue, pulled.next_offset);
-                if !pulled.messages.is_empty() {
-                    let counters = self.counters.topic(&queue.topic);
-                    for (offset, stored) in &pulled.messages {
-                        counters.pulled_messages += 1;
-                        counters.pulled_bytes += stored.message.body.len() as u64;
-                        counters.redelivered += u64::from(*offset < delivered_below);
-                    }
-                }
+                self.count_pulled(
+                    group,
+                    consumer_group,
+                    queue,
+                    &pulled.messages,
+                    delivered_below,
+                );
                 let response = Response::Pulled {
                     queue: queue.clone(),
                     messages: pulled.messages,
@@ -2065,7 +2136,18 @@ impl BrokerNode {
                 for bytes in &commands {
                     match &mut group.machine {
                         Machine::Broker(state) => {
-                            let outcome = state.apply_bytes(bytes);
+                            // Decoded here rather than by `apply_bytes`, to count what the
+                            // command did per consumer group and queue.
+                            let (outcome, counted) = match decode_command(bytes) {
+                                Ok(command) => {
+                                    let counted = Counted::of(&command);
+                                    (state.apply(command), counted)
+                                }
+                                Err(e) => (
+                                    Outcome::Refused(Refusal::Malformed(e.to_string())),
+                                    Counted::Nothing,
+                                ),
+                            };
                             if let Outcome::Requeued { dead_letter, .. } = outcome {
                                 let counters = self.counters.group(*group_id);
                                 if dead_letter {
@@ -2073,6 +2155,32 @@ impl BrokerNode {
                                 } else {
                                     counters.reconsumed += 1;
                                 }
+                                if let Counted::Requeue(consumer_group, queue) = &counted
+                                    && let Some(c) =
+                                        self.counters.consumer(*group_id, consumer_group, queue)
+                                {
+                                    if dead_letter {
+                                        c.dead_lettered += 1;
+                                    } else {
+                                        c.reconsumed += 1;
+                                    }
+                                }
+                            }
+                            match counted {
+                                Counted::Forget(groups)
+                                    if matches!(outcome, Outcome::GroupDeleted { .. }) =>
+                                {
+                                    for consumer_group in &groups {
+                                        self.counters
+                                            .forget_consumer_group(*group_id, consumer_group);
+                                    }
+                                }
+                                Counted::Drop(topic) => {
+                                    self.counters.forget_queues(*group_id, &topic, |q| {
+                                        state.queue_len(q).is_none()
+                                    });
+                                }
+                                _ => {}
                             }
                             if let Outcome::Appended { .. }
                             | Outcome::Requeued { .. }

@@ -19,7 +19,8 @@ pub use metadata::{
     TopicApplied,
 };
 pub use stats::{
-    GroupCounters, GroupStats, LagStats, NodeStats, QueueStats, STATS_QUEUES_MAX, TopicCounters,
+    CONSUMER_COUNTERS_MAX, ConsumerCounters, ConsumerStats, GroupCounters, GroupStats, LagStats,
+    NodeStats, QueueStats, STATS_QUEUES_MAX, TopicCounters,
 };
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! core counted as they happened instead of each inferring them by diffing state.
 //!
 //! Everything here is bounded: per-topic counters for topics the metadata table knows (at most
-//! `TOPICS_MAX`), and the per-queue lists of a snapshot at most [`STATS_QUEUES_MAX`] long.
+//! `TOPICS_MAX`), per consumer group and queue counters at most [`CONSUMER_COUNTERS_MAX`]
+//! (a client names its consumer group, so it could invent as many as it likes), and the
+//! per-queue lists of a snapshot at most [`STATS_QUEUES_MAX`] long.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +18,12 @@ use super::BrokerNode;
 /// node with a huge topic table stays a bounded amount of work; `truncated` says when more
 /// were left out.
 pub const STATS_QUEUES_MAX: usize = 16_384;
+
+/// Most (broker group, consumer group, queue) triples a node keeps [`ConsumerCounters`] for.
+/// Past it, events of a triple not yet counted are left uncounted (and counted in
+/// `NodeStats::consumer_counters_uncounted`) rather than growing the table: a client can invent
+/// consumer group names. Entries go when their topic or consumer group is deleted.
+pub const CONSUMER_COUNTERS_MAX: usize = 16_384;
 
 /// What one node counted about one of its replicas since it started.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,6 +66,23 @@ pub struct TopicCounters {
     pub redelivered: u64,
 }
 
+/// What happened to one consumer group's messages on one queue (a retry queue counts as a
+/// queue of its own: topic `%RETRY%<group>`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerCounters {
+    /// Messages handed to the consumer group in pull answers (as leader) that had been handed
+    /// to it before.
+    pub redelivered: u64,
+    /// Messages of this queue the consumer group moved to its retry queue (`ReconsumeLater`,
+    /// applied).
+    pub reconsumed: u64,
+    /// Messages of this queue moved to the consumer group's dead-letter queue (applied).
+    pub dead_lettered: u64,
+}
+
+/// (broker group, consumer group, queue): the key of [`ConsumerCounters`].
+pub(super) type ConsumerKey = (GroupId, String, QueueId);
+
 /// The node's own counters, updated as inputs arrive and outputs leave.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Counters {
@@ -65,6 +90,9 @@ pub(super) struct Counters {
     pub requests: BTreeMap<&'static str, u64>,
     pub responses: BTreeMap<&'static str, u64>,
     pub topics: BTreeMap<String, TopicCounters>,
+    pub consumers: BTreeMap<ConsumerKey, ConsumerCounters>,
+    /// Events not counted because `consumers` was full.
+    pub consumers_uncounted: u64,
 }
 
 impl Counters {
@@ -76,6 +104,41 @@ impl Counters {
     /// stays within `TOPICS_MAX` plus the retry and dead-letter topics of live groups).
     pub fn topic(&mut self, topic: &str) -> &mut TopicCounters {
         self.topics.entry(topic.to_string()).or_default()
+    }
+
+    /// The counters of consumer group `consumer_group` on `queue` of broker group `group`;
+    /// `None` (and the event counted as uncounted) when the table is at
+    /// [`CONSUMER_COUNTERS_MAX`] and does not hold them yet.
+    pub fn consumer(
+        &mut self,
+        group: GroupId,
+        consumer_group: &str,
+        queue: &QueueId,
+    ) -> Option<&mut ConsumerCounters> {
+        let key = (group, consumer_group.to_string(), queue.clone());
+        if self.consumers.len() >= CONSUMER_COUNTERS_MAX && !self.consumers.contains_key(&key) {
+            self.consumers_uncounted += 1;
+            return None;
+        }
+        Some(self.consumers.entry(key).or_default())
+    }
+
+    /// Consumer group `consumer_group` was deleted (or expired) in broker group `group`: its
+    /// series end, those of its retry and dead-letter topics included (node-wide: a group
+    /// deleted from the cluster is deleted in every broker group).
+    pub fn forget_consumer_group(&mut self, group: GroupId, consumer_group: &str) {
+        self.consumers
+            .retain(|(g, c, _), _| !(*g == group && c == consumer_group));
+        self.topics.remove(&QueueId::retry(consumer_group, 0).topic);
+        self.topics
+            .remove(&QueueId::dead_letter(consumer_group).topic);
+    }
+
+    /// Queues of `topic` in broker group `group` for which `gone` holds were dropped: their
+    /// consumer series end.
+    pub fn forget_queues(&mut self, group: GroupId, topic: &str, gone: impl Fn(&QueueId) -> bool) {
+        self.consumers
+            .retain(|(g, _, q), _| !(*g == group && q.topic == topic && gone(q)));
     }
 }
 
@@ -118,6 +181,15 @@ pub struct LagStats {
     pub lag: u64,
 }
 
+/// One consumer group's counters on one queue of a broker group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerStats {
+    pub group: GroupId,
+    pub consumer_group: String,
+    pub queue: QueueId,
+    pub counters: ConsumerCounters,
+}
+
 /// Everything [`BrokerNode::stats`] reports. Pure data: reading it changes nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeStats {
@@ -131,6 +203,11 @@ pub struct NodeStats {
     pub topics: BTreeMap<String, TopicCounters>,
     pub queues: Vec<QueueStats>,
     pub lag: Vec<LagStats>,
+    /// Redeliveries, retries and dead letters per consumer group and queue, at most
+    /// [`CONSUMER_COUNTERS_MAX`].
+    pub consumers: Vec<ConsumerStats>,
+    /// Events left out of `consumers` because it was full.
+    pub consumer_counters_uncounted: u64,
     /// Pulls waiting for messages or for their queue's lease.
     pub parked_pulls: u64,
     /// Whether `queues` or `lag` stopped at [`STATS_QUEUES_MAX`].
@@ -239,8 +316,76 @@ impl BrokerNode {
             topics: self.counters.topics.clone(),
             queues,
             lag,
+            consumers: self
+                .counters
+                .consumers
+                .iter()
+                .map(|((group, consumer_group, queue), counters)| ConsumerStats {
+                    group: *group,
+                    consumer_group: consumer_group.clone(),
+                    queue: queue.clone(),
+                    counters: counters.clone(),
+                })
+                .collect(),
+            consumer_counters_uncounted: self.counters.consumers_uncounted,
             parked_pulls: self.parked_pulls() as u64,
             truncated,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_counters_stop_growing_at_their_maximum_and_go_with_group_or_topic() {
+        let mut counters = Counters::default();
+        let q = |topic: &str, queue| QueueId::new(topic, queue);
+        for i in 0..CONSUMER_COUNTERS_MAX {
+            let c = counters.consumer(1, &format!("g{i}"), &q("orders", 0));
+            c.expect("room for it").redelivered += 1;
+        }
+        // A new triple past the maximum is left uncounted; known ones still count.
+        assert!(counters.consumer(1, "invented", &q("orders", 0)).is_none());
+        assert!(counters.consumer(2, "g0", &q("orders", 0)).is_none());
+        assert_eq!(counters.consumers_uncounted, 2);
+        counters
+            .consumer(1, "g0", &q("orders", 0))
+            .expect("known")
+            .reconsumed += 1;
+        assert_eq!(counters.consumers.len(), CONSUMER_COUNTERS_MAX);
+        assert_eq!(
+            counters.consumers[&(1, "g0".to_string(), q("orders", 0))],
+            ConsumerCounters {
+                redelivered: 1,
+                reconsumed: 1,
+                dead_lettered: 0,
+            }
+        );
+
+        // Deleting a consumer group ends its series and its retry and dead-letter topics'.
+        counters.topic("%RETRY%g0").pulled_messages += 1;
+        counters.topic("%DLQ%g0").pulled_messages += 1;
+        counters.topic("orders").pulled_messages += 1;
+        counters.forget_consumer_group(1, "g0");
+        assert!(!counters.consumers.keys().any(|(_, g, _)| g == "g0"));
+        assert_eq!(counters.topics.keys().collect::<Vec<_>>(), vec!["orders"]);
+        assert_eq!(counters.consumers.len(), CONSUMER_COUNTERS_MAX - 1);
+        // ... which makes room again.
+        assert!(counters.consumer(2, "g0", &q("orders", 0)).is_some());
+
+        // A dropped topic's queues go; another broker group's or a kept queue's stay.
+        counters.forget_queues(1, "orders", |queue| queue.queue == 0);
+        assert_eq!(counters.consumers.len(), 1);
+        assert!(counters.consumer(1, "g1", &q("orders", 1)).is_some());
+        counters.forget_queues(1, "orders", |queue| queue.queue == 0);
+        assert_eq!(
+            counters.consumers.keys().collect::<Vec<_>>(),
+            vec![
+                &(1, "g1".to_string(), q("orders", 1)),
+                &(2, "g0".to_string(), q("orders", 0)),
+            ]
+        );
     }
 }

@@ -1136,6 +1136,17 @@ fn stats_count_what_happened_on_every_node() {
         assert_eq!(stored, total as u64, "node {}", s.node);
         let reconsumed: u64 = s.groups.iter().map(|g| g.counters.reconsumed).sum();
         assert_eq!(reconsumed, 2, "m007 and m017 went to a retry queue once");
+        let by_consumer: u64 = s
+            .consumers
+            .iter()
+            .filter(|c| c.consumer_group == "billing" && c.queue.topic == "orders")
+            .map(|c| c.counters.reconsumed)
+            .sum();
+        assert_eq!(
+            by_consumer, 2,
+            "node {}: per consumer group and queue",
+            s.node
+        );
         let lag: u64 = s
             .lag
             .iter()
@@ -1395,6 +1406,159 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
         .map(|(o, m)| (o, m.message.body))
         .collect();
     assert_eq!(bodies, vec![(0, Bytes::from("new"))]);
+}
+
+/// Redeliveries and dead letters are counted per consumer group and queue, on the leader
+/// (redeliveries) and on every replica (dead letters); the series end when their consumer
+/// group or topic is deleted, the retry and dead-letter topics' traffic with the group.
+#[test]
+fn consumer_counters_per_group_and_queue_end_with_their_group_or_topic() {
+    let (mut cluster, meta) = one_group_with_orders(1, |c| c.broker.max_reconsume = 0);
+    let leader = cluster.leader(1).unwrap_or(1);
+    let q0 = QueueId::new("orders", 0);
+    let send = Request::Send {
+        broker: 1,
+        queue: q0.clone(),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["a", "b", "c"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    for (group, pulls) in [("billing", 2), ("audit", 1)] {
+        for _ in 0..pulls {
+            let pulled = cluster.ask(leader, pull_as(group, "m", 1));
+            assert!(
+                matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 3),
+                "{pulled:?}"
+            );
+        }
+    }
+    let nack = |group: &str, offset| Request::ReconsumeLater {
+        broker: 1,
+        group: group.into(),
+        member: "m".into(),
+        generation: 1,
+        queue: QueueId::new("orders", 0),
+        offset,
+    };
+    for offset in [0, 2] {
+        let answer = cluster.ask(leader, nack("billing", offset));
+        assert!(
+            matches!(
+                answer,
+                Response::Requeued {
+                    dead_letter: true,
+                    ..
+                }
+            ),
+            "max_reconsume 0: straight to the dead-letter queue: {answer:?}"
+        );
+    }
+    for _ in 0..100 {
+        cluster.step();
+    }
+    let counters = |cluster: &Cluster, node: NodeId, group: &str| {
+        cluster.nodes[&node]
+            .stats()
+            .consumers
+            .into_iter()
+            .find(|c| c.group == 1 && c.consumer_group == group && c.queue == q0)
+            .map(|c| c.counters)
+    };
+    for node in 1..=3 {
+        let billing = counters(&cluster, node, "billing").unwrap_or_default();
+        assert_eq!(
+            billing.dead_lettered, 2,
+            "node {node}: applied on every replica"
+        );
+        assert_eq!(billing.reconsumed, 0, "node {node}");
+        let redelivered = if node == leader { 3 } else { 0 };
+        assert_eq!(
+            billing.redelivered, redelivered,
+            "node {node}: the leader's pulls"
+        );
+        assert_eq!(
+            counters(&cluster, node, "audit").unwrap_or_default(),
+            Default::default(),
+            "node {node}: audit saw each message once and answered none"
+        );
+    }
+    // The dead letters are pulled as a queue of their own, counted under its topic.
+    let dlq = QueueId::dead_letter("billing");
+    let pull_dlq = Request::Pull {
+        broker: 1,
+        group: "billing".into(),
+        member: "m".into(),
+        generation: 1,
+        queue: dlq.clone(),
+        from: 0,
+        messages_max: 10,
+        bytes_max: 1 << 20,
+        wait_ms: 0,
+    };
+    let pulled = cluster.ask(leader, pull_dlq);
+    assert!(
+        matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 2),
+        "{pulled:?}"
+    );
+    assert!(
+        cluster.nodes[&leader]
+            .stats()
+            .topics
+            .contains_key(&dlq.topic)
+    );
+
+    let delete = Request::DeleteGroup {
+        broker: 1,
+        group: "billing".into(),
+        force: true,
+    };
+    let deleted = cluster.ask(leader, delete);
+    assert!(
+        matches!(deleted, Response::GroupDeleted { .. }),
+        "{deleted:?}"
+    );
+    for _ in 0..100 {
+        cluster.step();
+    }
+    for node in 1..=3 {
+        let stats = cluster.nodes[&node].stats();
+        assert!(
+            !stats
+                .consumers
+                .iter()
+                .any(|c| c.consumer_group == "billing"),
+            "node {node} still reports the deleted group: {:?}",
+            stats.consumers
+        );
+        assert!(!stats.topics.contains_key(&dlq.topic), "node {node}");
+    }
+    // audit still has its (all zero) series until the topic goes.
+    let pulled = cluster.ask(leader, pull_as("audit", "m", 1));
+    assert!(matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 3));
+    assert_eq!(
+        counters(&cluster, leader, "audit").map(|c| c.redelivered),
+        Some(3)
+    );
+    let delete = Request::DeleteTopic {
+        topic: "orders".into(),
+    };
+    assert!(matches!(
+        cluster.ask(meta, delete),
+        Response::TopicDeleted { .. }
+    ));
+    for _ in 0..200 {
+        cluster.step();
+    }
+    for node in 1..=3 {
+        let stats = cluster.nodes[&node].stats();
+        assert!(
+            stats.consumers.is_empty(),
+            "node {node}: {:?}",
+            stats.consumers
+        );
+        assert_eq!(stats.consumer_counters_uncounted, 0);
+    }
 }
 
 /// A pull of "orders"/0 for consumer group `group` by `member` at `generation`.

@@ -1424,3 +1424,104 @@ fn an_async_consumer_streams_deliveries_answers_them_and_says_when_acks_are_conf
     stopped.stop();
     assert!(block_on(stopped.recv()).is_none());
 }
+
+/// The async client in a tokio application: sends spawned as tasks, the consumer's `Stream`
+/// read in a task of its own, its acks awaited as confirmed, then stopped; a producer dropped
+/// on a runtime thread does not hold the thread.
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_client_runs_under_tokio_with_a_stream_of_deliveries() {
+    use holdfast_core::broker::Message;
+    use holdfast_shell::client::{
+        AsyncConsumer, AsyncProducer, ClientConfig, ConsumerSettings, ProducerSettings,
+    };
+    use tokio_stream::StreamExt as _;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
+    let _reaper = Reaper(vec![data(1), data(2), data(3)]);
+    let file = dir.path().join("client.toml");
+    let ready = file.clone();
+    tokio::task::spawn_blocking(move || {
+        expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
+        wait_for(Duration::from_secs(30), "the topic is created", || {
+            let output = client(Some(&ready), &["topic", "create", "ticks", "--queues", "2"]);
+            output.status.success().then_some(())
+        });
+    })
+    .await
+    .expect("the cluster starts");
+
+    let config = ClientConfig::from_file(&file).expect("client file");
+    let settings = ProducerSettings::default()
+        .send_timeout(Duration::from_secs(20))
+        .retries(10);
+    let producer = AsyncProducer::spawn(config.clone(), settings).expect("connects");
+    let count = 200;
+    let sends: Vec<_> = (0..count)
+        .map(|i| tokio::spawn(producer.send("ticks", vec![Message::with_body(format!("t{i}"))])))
+        .collect();
+    let mut places = std::collections::BTreeSet::new();
+    for send in sends {
+        let receipt = send.await.expect("the task ran").expect("acked");
+        assert!(places.insert((receipt.queue.queue, receipt.offset)));
+    }
+    producer.close().await;
+
+    let mut consumer = AsyncConsumer::spawn(config.clone(), "tick-readers", "ticks", {
+        ConsumerSettings::default()
+    })
+    .expect("connects");
+    let reader = tokio::spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < count {
+            let next = tokio::time::timeout(Duration::from_secs(30), consumer.next()).await;
+            let delivery = next
+                .expect("a delivery within 30 s")
+                .expect("the stream goes on");
+            seen.insert(String::from_utf8_lossy(&delivery.message().body).into_owned());
+            delivery.ack();
+        }
+        consumer.acks_confirmed().await.expect("confirmed");
+        consumer.stop();
+        assert!(consumer.next().await.is_none(), "stopped: the stream ends");
+        consumer.close().await;
+        seen
+    });
+    let seen = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .expect("read within 2 minutes")
+        .expect("the reader ran");
+    let expected: std::collections::BTreeSet<String> =
+        (0..count).map(|i| format!("t{i}")).collect();
+    assert_eq!(seen, expected);
+
+    // Confirmed means committed: nothing of ticks waits for the group.
+    let described = file.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for(
+            Duration::from_secs(15),
+            "the group's lag on ticks is 0",
+            || {
+                let (_, lag) = committed_and_lag(&described, "tick-readers", "ticks");
+                (lag == 0).then_some(())
+            },
+        );
+    })
+    .await
+    .expect("described");
+
+    // Dropped with a send in flight, on a runtime thread: it returns before the send ends
+    // (the topic does not exist, so the send is retried until its 3 s timeout).
+    let producer = AsyncProducer::spawn(config, ProducerSettings::default()).expect("connects");
+    let send = producer.send("no-such-topic", vec![Message::with_body("x")]);
+    let started = Instant::now();
+    drop(producer);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the drop held a runtime thread for {:?}",
+        started.elapsed()
+    );
+    assert!(send.await.is_err(), "the send still ends, refused");
+}

@@ -85,6 +85,38 @@ impl Shared {
 
 /// A consumer whose deliveries are awaited; see the module documentation. Dropping it stops
 /// it as [`AsyncConsumer::close`] does, without waiting.
+///
+/// In a tokio application (`tokio` feature), as a `Stream`:
+///
+#[cfg_attr(feature = "tokio", doc = "```no_run")]
+#[cfg_attr(not(feature = "tokio"), doc = "```ignore")]
+/// use std::time::Duration;
+///
+/// use holdfast_shell::client::{AsyncConsumer, ClientConfig, ClientError, ConsumerSettings};
+/// use tokio_stream::StreamExt as _;
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), ClientError> {
+///     let config = ClientConfig::from_file(std::path::Path::new("holdfast-data/client.toml"))?;
+///     let settings = ConsumerSettings::default();
+///     let mut consumer = AsyncConsumer::spawn(config, "billing", "orders", settings)?;
+///     // Until nothing came for 10 s.
+///     while let Ok(Some(delivery)) =
+///         tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
+///     {
+///         if delivery.message().body.is_empty() {
+///             delivery.reconsume_later(); // back later from the group's retry queue
+///         } else {
+///             delivery.ack();
+///         }
+///     }
+///     // Every answer given is committed by the brokers: none of those comes back.
+///     consumer.acks_confirmed().await?;
+///     // Leaves the group: its queues go to the other members now.
+///     consumer.close().await;
+///     Ok(())
+/// }
+/// ```
 pub struct AsyncConsumer {
     shared: Arc<Shared>,
     answers: Sender<(Delivery, AckStatus)>,

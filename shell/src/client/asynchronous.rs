@@ -87,11 +87,84 @@ struct Job {
     slot: Arc<Slot>,
 }
 
-/// A producer whose sends are futures; see the module documentation. Dropping it lets the
-/// sends already made finish, then stops its thread.
+/// A producer whose sends are futures; see the module documentation. [`AsyncProducer::close`]
+/// resolves once the sends already made have ended and its thread has stopped. Dropping it
+/// does the same, waiting, except on a tokio runtime's thread with the `tokio` feature: there
+/// it returns at once (a blocked worker stalls every task on it) and the thread ends on its
+/// own after those sends.
+///
+/// In a tokio application (`tokio` feature):
+///
+#[cfg_attr(feature = "tokio", doc = "```no_run")]
+#[cfg_attr(not(feature = "tokio"), doc = "```ignore")]
+/// use holdfast_core::broker::Message;
+/// use holdfast_shell::client::{AsyncProducer, ClientConfig, ClientError, ProducerSettings};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), ClientError> {
+///     let config = ClientConfig::from_file(std::path::Path::new("holdfast-data/client.toml"))?;
+///     let settings = ProducerSettings::default().send_timeout(std::time::Duration::from_secs(5));
+///     let producer = AsyncProducer::spawn(config, settings)?;
+///     // Sends are futures that are `Send`: await them here or in tasks of their own.
+///     let tasks: Vec<_> = (0..100)
+///         .map(|i| tokio::spawn(producer.send("orders", vec![Message::with_body(format!("m{i}"))])))
+///         .collect();
+///     for task in tasks {
+///         match task.await.expect("the task ran") {
+///             Ok(receipt) => println!("{}@{}", receipt.queue, receipt.offset),
+///             // `maybe_written` in the error says whether a retry may store it twice.
+///             Err(e) => eprintln!("not sent: {e}"),
+///         }
+///     }
+///     producer.close().await;
+///     Ok(())
+/// }
+/// ```
 pub struct AsyncProducer {
     jobs: Option<SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
+    ended: Arc<Ended>,
+}
+
+/// Whether the producer's thread has ended, and who waits for it.
+#[derive(Default)]
+struct Ended {
+    state: Mutex<(bool, Vec<Waker>)>,
+}
+
+impl Ended {
+    fn set(&self) {
+        let wakers = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.0 = true;
+            std::mem::take(&mut state.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// [`AsyncProducer::close`]: resolves once the producer's thread has ended.
+pub struct ProducerClosed {
+    ended: Arc<Ended>,
+}
+
+impl Future for ProducerClosed {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self
+            .ended
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.0 {
+            return Poll::Ready(());
+        }
+        if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
+            state.1.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 impl AsyncProducer {
@@ -102,14 +175,33 @@ impl AsyncProducer {
     ) -> Result<AsyncProducer, ClientError> {
         let producer = Producer::with_settings(config, settings)?;
         let (jobs, receiver) = mpsc::sync_channel(ASYNC_SENDS_QUEUED_MAX);
-        let thread = std::thread::Builder::new()
-            .name("holdfast-producer".into())
-            .spawn(move || run(producer, &receiver))
-            .map_err(ClientError::Io)?;
+        let ended = Arc::new(Ended::default());
+        let thread = {
+            let ended = ended.clone();
+            std::thread::Builder::new()
+                .name("holdfast-producer".into())
+                .spawn(move || {
+                    run(producer, &receiver);
+                    ended.set();
+                })
+                .map_err(ClientError::Io)?
+        };
         Ok(AsyncProducer {
             jobs: Some(jobs),
             thread: Some(thread),
+            ended,
         })
+    }
+
+    /// Takes no more sends; resolves once those already made have ended (each resolving its
+    /// own future) and the producer's thread has stopped. Never blocks.
+    pub fn close(mut self) -> ProducerClosed {
+        self.jobs = None;
+        // Detached: it ends on its own, and `ended` says when.
+        drop(self.thread.take());
+        ProducerClosed {
+            ended: self.ended.clone(),
+        }
     }
 
     /// Starts sending `messages` to `topic` as one batch; the future resolves when the send
@@ -146,6 +238,12 @@ impl Drop for AsyncProducer {
         // Closing the channel tells the thread to finish what it holds and stop.
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
+            #[cfg(feature = "tokio")]
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // On a runtime's thread: waiting here would stall its other tasks for as long
+                // as the sends take. The thread finishes them on its own.
+                return;
+            }
             let _ = thread.join();
         }
     }

@@ -24,7 +24,7 @@ pub use async_consumer::{
     ASYNC_DELIVERIES_BUFFERED_MAX, AcksConfirmed, AsyncConsumer, AsyncDelivery, Closed, Next,
 };
 pub use asynchronous::{
-    ASYNC_SENDS_IN_FLIGHT_MAX, ASYNC_SENDS_QUEUED_MAX, AsyncProducer, SendFuture,
+    ASYNC_SENDS_IN_FLIGHT_MAX, ASYNC_SENDS_QUEUED_MAX, AsyncProducer, ProducerClosed, SendFuture,
 };
 pub use config::{CLIENT_FILE_ENV, ClientConfig, DEFAULT_CLIENT_FILE, client_file_text};
 pub use io::{ClientIo, Machine};

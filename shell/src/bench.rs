@@ -11,6 +11,7 @@ use holdfast_core::broker::Message;
 use holdfast_core::node::protocol::{Request, Response};
 
 use crate::client::{Admin, ClientConfig, ConsumeStatus, Consumer, Producer};
+use crate::output::Failed;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -44,9 +45,12 @@ pub struct BenchArgs {
     pub keep: bool,
 }
 
-pub fn run(args: BenchArgs) -> Result<(), String> {
+/// Runs the benchmark; fails like every client command (exit 3, naming each address and why,
+/// when no server accepts a connection; 4 when refused; 5 on no answer in time).
+pub fn run(args: BenchArgs) -> Result<(), Failed> {
     let servers = ClientConfig::resolve(args.servers.as_deref(), args.client_file.as_deref())
         .map_err(|e| e.to_string())?;
+    crate::output::reachable(&servers.servers)?;
     let mut admin = Admin::connect(servers.clone()).map_err(|e| e.to_string())?;
     let create = Request::CreateTopic {
         topic: args.topic.clone(),
@@ -55,7 +59,22 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // A topic that existed before the run is the user's: only one the run created goes.
     let created_topic = match admin.ask_leader(create, Duration::from_secs(10)) {
         Ok(Response::TopicCreated { existed, .. }) => !existed,
-        other => return Err(format!("cannot create topic {}: {other:?}", args.topic)),
+        Ok(Response::Refused { reason }) => {
+            return Err(Failed::refused(format!(
+                "cannot create topic {}: refused: {reason}",
+                args.topic
+            )));
+        }
+        Ok(other) => {
+            return Err(format!("cannot create topic {}: {other:?}", args.topic).into());
+        }
+        Err(e) => {
+            let failed = Failed::from(e);
+            return Err(Failed::new(
+                failed.kind,
+                format!("cannot create topic {}: {}", args.topic, failed.message),
+            ));
+        }
     };
     crate::out!(
         "bench: {} messages of {} bytes, {} producers x {} in flight, {} consumers, topic {} ({} queues)",

@@ -316,6 +316,7 @@ fn an_unreachable_cluster_fails_at_once_with_code_3_naming_each_address_and_why(
         vec!["topic", "list", "--servers", &servers],
         vec!["topic", "create", "t", "--servers", &servers],
         vec!["produce", "t", "hello", "--servers", &servers],
+        vec!["bench", "--servers", &servers],
     ] {
         let started = Instant::now();
         let output = client(None, &args);

@@ -1099,6 +1099,10 @@ impl BrokerNode {
                 group,
                 force,
             } => {
+                // A dead consumer's lease is never released and nobody of a deleted group
+                // takes it over: holders unheard from for a member session do not keep the
+                // group (the leader's judgement, as for a takeover, travels as `force`).
+                let force = force || self.holders_silent(now, broker, &group);
                 let command = Command::DeleteGroup {
                     group: group.clone(),
                     force,
@@ -1433,6 +1437,26 @@ impl BrokerNode {
         {
             c.redelivered += redelivered;
         }
+    }
+
+    /// Whether every queue of `group` held in broker group `broker` has a holder this leader
+    /// has not heard from for a member session (true if none is held).
+    fn holders_silent(&self, now: Instant, broker: GroupId, group: &str) -> bool {
+        let Some(state) = self.broker_state(broker) else {
+            return false;
+        };
+        state
+            .leases()
+            .filter(|((g, _), lease)| g == group && lease.owner.is_some())
+            .all(|((_, queue), _)| {
+                self.lease_clocks.holder_silent(
+                    broker,
+                    group,
+                    queue,
+                    self.config.member_session_ms,
+                    now,
+                )
+            })
     }
 
     /// Answers `Refused` with `why`, now.

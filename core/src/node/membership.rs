@@ -316,6 +316,22 @@ impl LeaseClocks {
         before
     }
 
+    /// Whether the holder of `queue` for `group` has gone unheard for a member session, as
+    /// a takeover judges it (a leader new in office gives every holder a session first).
+    pub(super) fn holder_silent(
+        &self,
+        broker: GroupId,
+        group: &str,
+        queue: &QueueId,
+        session_ms: u64,
+        now: Instant,
+    ) -> bool {
+        let since_led = self.led.get(&broker).map_or(now, |(_, at)| *at);
+        let key = (broker, group.to_string(), queue.clone());
+        let seen = self.seen.get(&key).copied().unwrap_or(since_led);
+        now >= seen.max(since_led) + Duration::from_millis(session_ms)
+    }
+
     /// The holder of a queue was heard from.
     pub(super) fn touch(&mut self, broker: GroupId, group: &str, queue: &QueueId, now: Instant) {
         let key = (broker, group.to_string(), queue.clone());

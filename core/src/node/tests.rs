@@ -1561,6 +1561,54 @@ fn consumer_counters_per_group_and_queue_end_with_their_group_or_topic() {
     }
 }
 
+/// `DeleteGroup` without force is refused while a member holds a queue, but not by the lease
+/// of a consumer that died: once its holder is unheard from for a member session, the lease
+/// goes with the group (it is never released, and a deleted group has nobody to take it over).
+#[test]
+fn a_dead_consumers_lease_does_not_keep_its_group_from_deletion() {
+    let (mut cluster, _) = one_group_with_orders(1, |c| c.member_session_ms = 2_000);
+    let leader = cluster.leader(1).unwrap_or(1);
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["x"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    let pulled = cluster.ask(leader, lease_request("pull", "a", 1));
+    assert!(matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 1));
+    let delete = Request::DeleteGroup {
+        broker: 1,
+        group: "billing".into(),
+        force: false,
+    };
+    let refused = cluster.ask(leader, delete.clone());
+    assert!(
+        matches!(&refused, Response::Refused { reason } if reason.contains("a")),
+        "a holds orders/0 and was just heard from: {refused:?}"
+    );
+    // a dies: nothing more from it.
+    for _ in 0..2_100 {
+        cluster.step();
+    }
+    let deleted = cluster.ask(leader, delete);
+    assert!(
+        matches!(deleted, Response::GroupDeleted { leases: 1, .. }),
+        "{deleted:?}"
+    );
+    for _ in 0..100 {
+        cluster.step();
+    }
+    for (id, node) in &cluster.nodes {
+        let state = node.broker_state(1).expect("a broker group");
+        assert!(
+            state.lease("billing", &QueueId::new("orders", 0)).is_none(),
+            "node {id}"
+        );
+    }
+}
+
 /// A pull of "orders"/0 for consumer group `group` by `member` at `generation`.
 fn pull_as(group: &str, member: &str, generation: u64) -> Request {
     Request::Pull {

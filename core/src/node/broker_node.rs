@@ -1073,6 +1073,10 @@ impl BrokerNode {
                 self.propose_to_queue(client, id, broker, queue, command);
             }
             Request::TransferLeader { group, to } => {
+                if let Some(response) = self.hosted_elsewhere(group) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
                 let Some(g) = self.groups.get_mut(&group) else {
                     return self.refuse(client, id, format!("no group {group}"));
                 };
@@ -1306,6 +1310,10 @@ impl BrokerNode {
         };
         if let Err(why) = known {
             return self.refuse(client, id, why);
+        }
+        if let Some(response) = self.hosted_elsewhere(group) {
+            self.responses.push_back((client, id, response));
+            return;
         }
         let factor = self.config.replication_factor;
         let proposal = self.next_proposal;
@@ -1788,18 +1796,31 @@ impl BrokerNode {
 
     /// Queue requests go to the leader of an existing broker group.
     fn check_broker_leader(&self, group: GroupId) -> Result<(), Response> {
+        if group != METADATA_GROUP && self.groups.contains_key(&group) {
+            return self.not_leader(group).map_or(Ok(()), Err);
+        }
         if group == METADATA_GROUP || !self.broker_groups().contains(&group) {
             let reason = format!("no broker group {group}");
             return Err(Response::Refused { reason });
         }
-        if !self.groups.contains_key(&group) {
-            // A group added at runtime on other nodes: one of its voters knows its leader.
-            return Err(Response::NotLeader {
-                group,
-                leader_hint: self.voter_elsewhere(group),
-            });
+        // A group added at runtime on other nodes: one of its voters knows its leader.
+        Err(self.hosted_elsewhere(group).unwrap_or(Response::NotLeader {
+            group,
+            leader_hint: None,
+        }))
+    }
+
+    /// For a broker group added at runtime that this node hosts no replica of: where to ask
+    /// instead.
+    fn hosted_elsewhere(&self, group: GroupId) -> Option<Response> {
+        if self.groups.contains_key(&group) {
+            return None;
         }
-        self.not_leader(group).map_or(Ok(()), Err)
+        let leader_hint = self.voter_elsewhere(group)?;
+        Some(Response::NotLeader {
+            group,
+            leader_hint: Some(leader_hint),
+        })
     }
 
     /// A first voter of added broker group `group` other than this node, as the metadata

@@ -1908,6 +1908,22 @@ impl BrokerNode {
         let disk = match self.dormant.remove(&group) {
             Some(disk) => disk,
             None => {
+                // A node whose metadata replica lost its votes lost its disk: it may have
+                // voted in this group before, so its fresh replica never votes either (the
+                // driver records it so too).
+                if self
+                    .config
+                    .raft
+                    .damaged
+                    .get(&METADATA_GROUP)
+                    .is_some_and(|d| d.votes_lost)
+                {
+                    let damage = crate::raft::Damage {
+                        from: 1,
+                        votes_lost: true,
+                    };
+                    raft_config.damaged.insert(group, damage);
+                }
                 self.new_groups.push_back((group, voters));
                 Recovered::default()
             }

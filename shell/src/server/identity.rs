@@ -122,8 +122,14 @@ impl Identity {
     /// A broker group added at runtime got its directory (created and synced): recorded
     /// durably, so that its directory gone later reads as lost data, not as a group never
     /// created.
+    /// A node whose metadata replica lost its votes lost its disk, and may have voted in the
+    /// new group before: the group is recorded votes-lost too (the core started it so).
     pub fn group_created(&mut self, group: GroupId) -> Result<(), String> {
-        if self.file.groups.insert(group) {
+        let mut changed = self.file.groups.insert(group);
+        if self.file.votes_lost.contains(&0) {
+            changed |= self.file.votes_lost.insert(group);
+        }
+        if changed {
             self.write()?;
         }
         Ok(())

@@ -494,6 +494,25 @@ fn a_broker_group_added_at_runtime_lives_on_its_voters_takes_new_topics_and_come
         cluster.now,
     );
     assert_eq!(three.poll_new_group(), Some((2, vec![2, 3])));
+    assert_eq!(three.replica(2).and_then(|r| r.damaged_from()), None);
+    // A node whose metadata replica lost its votes (a lost disk) may have voted in group 2
+    // before: its fresh replica never votes either.
+    // (Its metadata log since the loss holds the group.)
+    let mut wiped = NodeConfig::new(3, vec![1, 2, 3], 1);
+    wiped.raft.damaged.insert(
+        METADATA_GROUP,
+        crate::raft::Damage {
+            from: last + 1,
+            votes_lost: true,
+        },
+    );
+    let wiped = BrokerNode::new(
+        wiped,
+        BTreeMap::from([(METADATA_GROUP, meta_disk.clone())]),
+        9,
+        cluster.now,
+    );
+    assert!(wiped.replica(2).expect("replica").damaged_from().is_some());
     let one = BrokerNode::new(
         NodeConfig::new(1, vec![1, 2, 3], 1),
         BTreeMap::from([(METADATA_GROUP, meta_disk)]),

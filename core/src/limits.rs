@@ -31,6 +31,10 @@ pub const GROUP_MEMBERS_MAX: usize = 64;
 /// Records of the metadata group's node table (nodes added at runtime, and ids removed, which
 /// are never reused).
 pub const NODES_RECORDED_MAX: usize = 1_024;
+/// Broker groups of a cluster, those of its first configuration and those added at runtime
+/// (`holdfast group add`) together: every one is a Raft replica with its own files on each of
+/// its voters, and every topic creation places over all of them.
+pub const BROKER_GROUPS_MAX: usize = 64;
 /// Live members of one consumer group.
 pub const MEMBERS_PER_GROUP_MAX: usize = 1_024;
 /// The longest consumer member id, in bytes.

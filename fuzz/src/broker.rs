@@ -778,7 +778,9 @@ impl Broker {
                 assert!(self.meta.placement(&topic).is_none());
                 return;
             }
-            MetaCommand::AddNode { .. } | MetaCommand::RemoveNode { .. } => return,
+            MetaCommand::AddNode { .. }
+            | MetaCommand::RemoveNode { .. }
+            | MetaCommand::AddBrokerGroup { .. } => return,
         };
         let existing = self.topics.get(&topic).copied();
         let applied = self.meta.apply(command, &broker_groups);

@@ -290,17 +290,81 @@ pub fn delete(config: ClientConfig, group: &str, force: bool, json: bool) -> Res
     Ok(())
 }
 
-/// The broker groups, from the first node that answers `Status`.
+/// The broker groups, from every node that answers `Status` (a broker group added at
+/// runtime lives on its voters only).
 fn broker_groups(admin: &mut Admin) -> Result<Vec<GroupId>, Failed> {
+    let mut all = std::collections::BTreeSet::new();
+    let mut answered = false;
     for node in admin.node_ids() {
         if let Some(Response::Status { groups, .. }) = admin.ask(node, Request::Status) {
-            return Ok(groups.iter().map(|g| g.group).filter(|g| *g != 0).collect());
+            answered = true;
+            all.extend(groups.iter().map(|g| g.group).filter(|g| *g != 0));
         }
         if let Some(why) = admin.refusal() {
             return Err(Failed::refused(format!("refused: {why}")));
         }
     }
-    Err(Failed::new(Failure::Timeout, "no server answered"))
+    if answered {
+        Ok(all.into_iter().collect())
+    } else {
+        Err(Failed::new(Failure::Timeout, "no server answered"))
+    }
+}
+
+/// Adds a broker group whose first voters are `voters` (id `group`, or the leader's choice),
+/// then waits (up to [`ADMIN_WAIT`]) until it has a leader.
+pub fn group_add(
+    config: ClientConfig,
+    group: Option<GroupId>,
+    voters: &[NodeId],
+    force: bool,
+    json: bool,
+) -> Result<(), Failed> {
+    let mut admin = Admin::connect(config)?;
+    let group = match admin.add_broker_group(group, voters, force, ADMIN_WAIT) {
+        Ok(group) => group,
+        Err(ClientError::Refused(why)) => return Err(Failed::refused(why)),
+        Err(e) => return Err(e.into()),
+    };
+    let deadline = std::time::Instant::now() + ADMIN_WAIT;
+    let mut leader = None;
+    while leader.is_none() && std::time::Instant::now() < deadline {
+        for node in voters {
+            if let Some(Response::Status { groups, .. }) = admin.ask(*node, Request::Status) {
+                leader = groups
+                    .iter()
+                    .find(|g| g.group == group)
+                    .and_then(|g| g.leader);
+            }
+            if leader.is_some() {
+                break;
+            }
+        }
+        if leader.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if json {
+        json_line(&json!({"group": group, "voters": voters, "leader": leader}));
+    } else {
+        out!(
+            "broker group {group} added with voters {voters:?}; topics created from now on place queues in it"
+        );
+        match leader {
+            Some(leader) => out!("group {group} is led by node {leader}"),
+            None => out!(
+                "group {group} has no leader yet after {} s (are its voters running?)",
+                ADMIN_WAIT.as_secs()
+            ),
+        }
+    }
+    if leader.is_none() {
+        return Err(Failed::new(
+            Failure::Timeout,
+            format!("group {group}: no leader within {} s", ADMIN_WAIT.as_secs()),
+        ));
+    }
+    Ok(())
 }
 
 /// Asks the leader of Raft group `group` to hand leadership to node `to`, then waits (up to

@@ -215,6 +215,9 @@ impl Principal {
             Request::AddNode { id, .. } | Request::RemoveNode { id, .. } => Err(format!(
                 "not authorised: principal {name} may not add or remove node {id} (not admin)"
             )),
+            Request::AddBrokerGroup { .. } => Err(format!(
+                "not authorised: principal {name} may not add a broker group (not admin)"
+            )),
             Request::Heartbeat { group, topic, .. } => {
                 self.may_consume_as(group)?;
                 self.may_consume_from(group, &QueueId::new(topic.as_str(), 0))

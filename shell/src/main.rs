@@ -115,7 +115,8 @@ enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
-    /// List, describe, seek (reset offsets) and delete consumer groups.
+    /// List, describe, seek (reset offsets) and delete consumer groups; add broker groups;
+    /// move a Raft group's leader.
     Group {
         #[command(subcommand)]
         command: GroupCommand,
@@ -233,6 +234,22 @@ enum GroupCommand {
     /// only). Refused while a member holds a queue, unless --force.
     Delete {
         group: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        servers: Servers,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Adds a broker group to the running cluster (admin only): its voters NODES each create
+    /// a replica, and topics created from then on place queues in it too (existing topics'
+    /// queues stay where they are). GROUP is its id (default: one past the highest).
+    Add {
+        group: Option<u64>,
+        /// The group's first voters, comma-separated node ids (`1,2,3`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Allow fewer voters than the replication factor.
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -687,6 +704,13 @@ fn group(command: GroupCommand) -> Result<(), Failed> {
             to,
             servers: s,
         } => holdfast_shell::admin::transfer(servers(&s)?, group, to),
+        GroupCommand::Add {
+            group,
+            nodes,
+            force,
+            servers: s,
+            output,
+        } => holdfast_shell::admin::group_add(servers(&s)?, group, &nodes, force, output.json()),
     }
 }
 

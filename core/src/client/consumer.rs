@@ -123,6 +123,9 @@ struct Owned {
 }
 
 const NEVER: Instant = Instant::from_micros(u64::MAX);
+/// A node whose connection was lost is asked only when every other is suspect too, for this
+/// long (as the producer's `avoid_ms`): the consumer does not send its retries into it.
+pub const LOST_NODE_AVOID_MS: u64 = 10_000;
 
 enum InFlight {
     Heartbeat,
@@ -195,6 +198,10 @@ pub struct Consumer {
     events: VecDeque<ConsumerEvent>,
     outbox: VecDeque<(NodeId, RequestId, Request)>,
     leaving: Leaving,
+    /// The node each request in flight went to (pruned of answered ones as it grows).
+    sent_to: BTreeMap<RequestId, NodeId>,
+    /// Nodes whose connection was lost, until when they are avoided.
+    suspect_until: BTreeMap<NodeId, Instant>,
 }
 
 impl Consumer {
@@ -224,6 +231,8 @@ impl Consumer {
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             leaving: Leaving::Staying,
+            sent_to: BTreeMap::new(),
+            suspect_until: BTreeMap::new(),
         };
         consumer.work(now);
         consumer
@@ -468,16 +477,46 @@ impl Consumer {
         };
     }
 
-    fn node_for(&mut self, group: GroupId) -> NodeId {
+    fn node_for(&mut self, now: Instant, group: GroupId) -> NodeId {
         if let Some(node) = self.leaders.get(&group) {
             return *node;
         }
-        self.turn += 1;
-        let nodes = &self.config.nodes;
-        nodes
-            .get((self.turn % nodes.len().max(1) as u64) as usize)
-            .copied()
-            .unwrap_or(0)
+        super::producer::pick_live(&self.config.nodes, &mut self.turn, &self.suspect_until, now)
+    }
+
+    /// The connection to `node` closed or could not be made: what was in flight to it gets
+    /// no answer. It is handled at once as if it had timed out (heartbeats, pulls, answers
+    /// and releases go again, to another node), instead of after `request_timeout_ms`; the
+    /// node is avoided for [`LOST_NODE_AVOID_MS`]. When every node is suspect the requests
+    /// wait out their timeouts: a driver that reaches no node must not spin asking them.
+    pub fn connection_lost(&mut self, now: Instant, node: NodeId) {
+        let lost: Vec<RequestId> = self
+            .sent_to
+            .iter()
+            .filter(|(id, n)| **n == node && self.in_flight.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        let until = now + Duration::from_millis(LOST_NODE_AVOID_MS);
+        self.suspect_until.insert(node, until);
+        self.leaders.retain(|_, leader| *leader != node);
+        let other = self
+            .config
+            .nodes
+            .iter()
+            .any(|n| !super::producer::is_suspect(&self.suspect_until, now, *n));
+        if !other {
+            return;
+        }
+        for id in lost {
+            self.sent_to.remove(&id);
+            if let Some((_, deadline)) = self.in_flight.get_mut(&id) {
+                *deadline = now;
+            }
+        }
+        self.handle_timeout(now);
     }
 
     fn request(
@@ -488,11 +527,16 @@ impl Consumer {
         request: Request,
         wait_ms: u64,
     ) {
-        let node = self.node_for(group);
+        let node = self.node_for(now, group);
         let id = self.next_request;
         self.next_request += 1;
         let deadline = now + Duration::from_millis(self.config.request_timeout_ms + wait_ms);
         self.in_flight.insert(id, (what, deadline));
+        if self.sent_to.len() > 2 * self.in_flight.len() + 16 {
+            let in_flight = &self.in_flight;
+            self.sent_to.retain(|id, _| in_flight.contains_key(id));
+        }
+        self.sent_to.insert(id, node);
         self.outbox.push_back((node, id, request));
     }
 

@@ -601,12 +601,16 @@ impl Producer {
     }
 }
 
-fn is_suspect(suspect_until: &BTreeMap<NodeId, Instant>, now: Instant, node: NodeId) -> bool {
+pub(super) fn is_suspect(
+    suspect_until: &BTreeMap<NodeId, Instant>,
+    now: Instant,
+    node: NodeId,
+) -> bool {
     suspect_until.get(&node).is_some_and(|until| now < *until)
 }
 
 /// The next node round-robin, skipping suspects while any other is left.
-fn pick_live(
+pub(super) fn pick_live(
     nodes: &[NodeId],
     turn: &mut u64,
     suspect_until: &BTreeMap<NodeId, Instant>,

@@ -307,3 +307,62 @@ fn a_send_given_up_says_whether_the_cluster_refused_it() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A consumer's pull in flight on a connection that closes goes again at once, from the same
+/// offset, to another node; with every node lost it waits out its timeout instead of spinning.
+#[test]
+fn a_pull_in_flight_on_a_lost_connection_goes_again_at_once_to_another_node() {
+    let q = QueueId::new("orders", 0);
+    let now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1, 2, 3]), now);
+    let (_, heartbeat, request) = consumer.poll_request().expect("a heartbeat leaves");
+    assert!(matches!(request, Request::Heartbeat { .. }));
+    let assignment = Response::Assignment {
+        group: "g".into(),
+        generation: 1,
+        members: 1,
+        queues: vec![(1, q.clone())],
+    };
+    consumer.handle_response(now, heartbeat, assignment);
+    consumer.handle_timeout(now);
+    let pull_from = |request: &Request| match request {
+        Request::Pull { queue, from, .. } => {
+            assert_eq!(queue, &q);
+            *from
+        }
+        other => panic!("expected a pull, got {other:?}"),
+    };
+    let (first, _, request) = consumer.poll_request().expect("a pull leaves");
+    assert_eq!(pull_from(&request), 0);
+    assert!(consumer.poll_request().is_none());
+
+    // A node with nothing in flight changes nothing.
+    let idle = [1, 2, 3].into_iter().find(|n| *n != first).expect("a node");
+    consumer.connection_lost(now, idle);
+    assert!(consumer.poll_request().is_none());
+
+    // No time passes: the pull goes again, elsewhere, from the same offset.
+    consumer.connection_lost(now, first);
+    let (second, _, request) = consumer
+        .poll_request()
+        .expect("the pull goes again at once");
+    assert_ne!(second, first);
+    assert_eq!(pull_from(&request), 0);
+    assert!(consumer.poll_request().is_none());
+
+    // The last node left too: no node is unsuspected, so it waits for its timeout.
+    consumer.connection_lost(now, second);
+    let (third, _, request) = consumer.poll_request().expect("to the third node");
+    assert!(third != first && third != second);
+    assert_eq!(pull_from(&request), 0);
+    consumer.connection_lost(now, third);
+    assert!(
+        consumer.poll_request().is_none(),
+        "no spinning over lost nodes"
+    );
+    let later = now + Duration::from_millis(5_000);
+    consumer.handle_timeout(later);
+    let again = std::iter::from_fn(|| consumer.poll_request())
+        .find(|(_, _, r)| matches!(r, Request::Pull { .. }));
+    assert!(again.is_some(), "the pull goes again after its timeout");
+}

@@ -362,6 +362,8 @@ enum Applied {
     },
     /// A node-table command: the table after it, or why it was refused.
     NodeTable(Result<Vec<NodeRecord>, String>),
+    /// A broker group added: its id and first voters, or why it was refused.
+    BrokerGroup(Result<(GroupId, Vec<NodeId>), String>),
 }
 
 /// A client request inside a proposed entry.
@@ -403,6 +405,28 @@ struct Group {
     group_seen: BTreeMap<String, Instant>,
     /// Configuration changes proposed for clients, answered when their fate is known.
     config_waiters: BTreeMap<ProposalId, (ClientId, RequestId)>,
+}
+
+impl Group {
+    fn new(raft: Replica, machine: Machine, pace: SnapshotPace) -> Group {
+        Group {
+            raft,
+            machine,
+            batch: Vec::new(),
+            proposed: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            proposal_index: BTreeMap::new(),
+            creating: BTreeSet::new(),
+            placement_stale: true,
+            pace,
+            encoding: None,
+            transferring: None,
+            trim_checked_at: None,
+            led_since: None,
+            group_seen: BTreeMap::new(),
+            config_waiters: BTreeMap::new(),
+        }
+    }
 }
 
 struct ParkedPull {
@@ -453,6 +477,16 @@ pub struct BrokerNode {
     next_read: u64,
     /// Rises whenever the applied node table changes (see [`BrokerNode::node_table`]).
     node_table_version: u64,
+    /// What the driver recovered for groups outside the config (broker groups added at
+    /// runtime): each becomes a replica once the applied metadata table lists its group.
+    dormant: BTreeMap<GroupId, Recovered>,
+    /// Broker groups this node created a fresh replica of, with their first voters, for the
+    /// driver to give storage before it carries out any write of theirs.
+    new_groups: VecDeque<(GroupId, Vec<NodeId>)>,
+    /// The metadata table's broker groups may list one this node should host and does not.
+    added_groups_stale: bool,
+    /// Seeds the replicas of broker groups added at runtime.
+    seed: u64,
 }
 
 impl BrokerNode {
@@ -515,24 +549,7 @@ impl BrokerNode {
                 raft.use_transfer_images(
                     matches!(machine, Machine::Broker(_)) && !config.segment_catch_up,
                 );
-                let group_state = Group {
-                    raft,
-                    machine,
-                    batch: Vec::new(),
-                    proposed: BTreeMap::new(),
-                    applied: BTreeMap::new(),
-                    proposal_index: BTreeMap::new(),
-                    creating: BTreeSet::new(),
-                    placement_stale: true,
-                    pace,
-                    encoding: None,
-                    transferring: None,
-                    trim_checked_at: None,
-                    led_since: None,
-                    group_seen: BTreeMap::new(),
-                    config_waiters: BTreeMap::new(),
-                };
-                (group, group_state)
+                (group, Group::new(raft, machine, pace))
             })
             .collect();
         let mut node = BrokerNode {
@@ -558,6 +575,10 @@ impl BrokerNode {
             pending_reads: BTreeMap::new(),
             next_read: 1,
             node_table_version: 1,
+            dormant: recovered,
+            new_groups: VecDeque::new(),
+            added_groups_stale: true,
+            seed,
         };
         node.settle(now);
         node
@@ -648,6 +669,9 @@ impl BrokerNode {
     // ----- inputs -----
 
     pub fn handle_peer(&mut self, now: Instant, envelope: Envelope) {
+        if envelope.to == self.config.id && !self.groups.contains_key(&envelope.group) {
+            self.reached_for_added_group(now, envelope.group);
+        }
         let why = if envelope.to != self.config.id {
             Some(format!("addressed to node {}", envelope.to))
         } else if !self.groups.contains_key(&envelope.group) {
@@ -1077,6 +1101,10 @@ impl BrokerNode {
                 self.propose_to_queue(client, id, broker, queue, command);
             }
             Request::TransferLeader { group, to } => {
+                if let Some(response) = self.hosted_elsewhere(group) {
+                    self.responses.push_back((client, id, response));
+                    return;
+                }
                 let Some(g) = self.groups.get_mut(&group) else {
                     return self.refuse(client, id, format!("no group {group}"));
                 };
@@ -1183,6 +1211,11 @@ impl BrokerNode {
                     }
                 }
             }
+            Request::AddBrokerGroup {
+                group,
+                voters,
+                force,
+            } => self.add_broker_group(client, id, group, voters, force),
             Request::RemoveNode { id: node, force } => {
                 if let Some(response) = self.not_leader(METADATA_GROUP) {
                     self.responses.push_back((client, id, response));
@@ -1238,6 +1271,49 @@ impl BrokerNode {
         }
     }
 
+    /// An operator adds a broker group, on the metadata leader.
+    fn add_broker_group(
+        &mut self,
+        client: ClientId,
+        id: RequestId,
+        group: Option<GroupId>,
+        voters: Vec<NodeId>,
+        force: bool,
+    ) {
+        if let Some(response) = self.not_leader(METADATA_GROUP) {
+            self.responses.push_back((client, id, response));
+            return;
+        }
+        let Some(Machine::Meta(meta)) = self.groups.get(&METADATA_GROUP).map(|g| &g.machine) else {
+            return self.refuse(client, id, "no metadata group".into());
+        };
+        let group = group.unwrap_or_else(|| meta.next_broker_group(&self.config.broker_groups));
+        let mut checked = meta.check_add_group(group, &voters, &self.config.broker_groups);
+        if checked == Ok(NodeApplied::Changed) {
+            if let Some(why) = voters.iter().find_map(|v| self.node_known(*v).err()) {
+                checked = Err(why);
+            } else if voters.len() < self.config.replication_factor && !force {
+                checked = Err(format!(
+                    "{} voter(s) is fewer than the replication factor {}: name more nodes, or \
+                     force",
+                    voters.len(),
+                    self.config.replication_factor
+                ));
+            }
+        }
+        match checked {
+            Err(why) => self.refuse(client, id, format!("group {group}: {why}")),
+            Ok(NodeApplied::Unchanged) => {
+                let response = Response::BrokerGroupAdded { group, voters };
+                self.responses.push_back((client, id, response));
+            }
+            Ok(NodeApplied::Changed) => {
+                let command = MetaCommand::AddBrokerGroup { group, voters };
+                self.enqueue_meta(client, id, &command);
+            }
+        }
+    }
+
     /// Queues a metadata command for a client that waits for its outcome.
     fn enqueue_meta(&mut self, client: ClientId, id: RequestId, command: &MetaCommand) {
         // Numbers and short strings always encode.
@@ -1266,6 +1342,10 @@ impl BrokerNode {
         };
         if let Err(why) = known {
             return self.refuse(client, id, why);
+        }
+        if let Some(response) = self.hosted_elsewhere(group) {
+            self.responses.push_back((client, id, response));
+            return;
         }
         let factor = self.config.replication_factor;
         let proposal = self.next_proposal;
@@ -1710,7 +1790,10 @@ impl BrokerNode {
         let routes = placement
             .into_iter()
             .map(|(queue, group)| Route {
-                leader: self.groups.get(&group).and_then(|g| g.raft.status().leader),
+                leader: match self.groups.get(&group) {
+                    Some(g) => g.raft.status().leader,
+                    None => self.voter_elsewhere(group),
+                },
                 queue,
                 group,
             })
@@ -1808,11 +1891,164 @@ impl BrokerNode {
 
     /// Queue requests go to the leader of an existing broker group.
     fn check_broker_leader(&self, group: GroupId) -> Result<(), Response> {
-        if !self.config.broker_groups.contains(&group) {
+        if group != METADATA_GROUP && self.groups.contains_key(&group) {
+            return self.not_leader(group).map_or(Ok(()), Err);
+        }
+        if group == METADATA_GROUP || !self.broker_groups().contains(&group) {
             let reason = format!("no broker group {group}");
             return Err(Response::Refused { reason });
         }
-        self.not_leader(group).map_or(Ok(()), Err)
+        // A group added at runtime on other nodes: one of its voters knows its leader.
+        Err(self.hosted_elsewhere(group).unwrap_or(Response::NotLeader {
+            group,
+            leader_hint: None,
+        }))
+    }
+
+    /// For a broker group added at runtime that this node hosts no replica of: where to ask
+    /// instead.
+    fn hosted_elsewhere(&self, group: GroupId) -> Option<Response> {
+        if self.groups.contains_key(&group) {
+            return None;
+        }
+        let leader_hint = self.voter_elsewhere(group)?;
+        Some(Response::NotLeader {
+            group,
+            leader_hint: Some(leader_hint),
+        })
+    }
+
+    /// A first voter of added broker group `group` other than this node, as the metadata
+    /// table says.
+    fn voter_elsewhere(&self, group: GroupId) -> Option<NodeId> {
+        let Some(Machine::Meta(meta)) = self.groups.get(&METADATA_GROUP).map(|g| &g.machine) else {
+            return None;
+        };
+        let me = self.config.id;
+        meta.added_broker_groups()
+            .find(|(g, _)| *g == group)
+            .and_then(|(_, voters)| voters.iter().copied().find(|v| *v != me))
+    }
+
+    /// Every broker group: the config's and those the metadata table added at runtime.
+    pub fn broker_groups(&self) -> Vec<GroupId> {
+        match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+            Some(Machine::Meta(meta)) => meta.all_broker_groups(&self.config.broker_groups),
+            _ => self.config.broker_groups.clone(),
+        }
+    }
+
+    /// Broker groups the driver must give storage to before it carries out their writes:
+    /// each a fresh replica this node created (a broker group added at runtime that lists it
+    /// as a voter, or that a peer reached it for), with the group's first voters. A group
+    /// whose storage the driver recovered at start is not listed again.
+    pub fn poll_new_group(&mut self) -> Option<(GroupId, Vec<NodeId>)> {
+        self.new_groups.pop_front()
+    }
+
+    /// Creates a replica of every broker group the applied metadata table added that lists
+    /// this node as a voter, or whose storage the driver recovered, and that it has none of.
+    fn create_added_groups(&mut self, now: Instant) {
+        self.added_groups_stale = false;
+        let Some(Machine::Meta(meta)) = self.groups.get(&METADATA_GROUP).map(|g| &g.machine) else {
+            return;
+        };
+        let me = self.config.id;
+        let wanted: Vec<(GroupId, Vec<NodeId>)> = meta
+            .added_broker_groups()
+            .filter(|(g, voters)| {
+                !self.groups.contains_key(g)
+                    && (voters.contains(&me) || self.dormant.contains_key(g))
+            })
+            .map(|(g, voters)| (g, voters.to_vec()))
+            .collect();
+        for (group, voters) in wanted {
+            self.add_group(now, group, voters);
+        }
+    }
+
+    /// A peer's message for added broker group `group`, which this node has no replica of:
+    /// a node being added to it (`holdfast node add`). It gets a replica that starts from the
+    /// group's first voters, not among them, so it neither campaigns nor counts itself until
+    /// the leader's log or snapshot says otherwise.
+    fn reached_for_added_group(&mut self, now: Instant, group: GroupId) -> bool {
+        let voters = match self.groups.get(&METADATA_GROUP).map(|g| &g.machine) {
+            Some(Machine::Meta(meta)) => meta
+                .added_broker_groups()
+                .find(|(g, _)| *g == group)
+                .map(|(_, voters)| voters.to_vec()),
+            _ => None,
+        };
+        match voters {
+            Some(voters) => {
+                self.add_group(now, group, voters);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A replica of broker group `group`, from what the driver recovered of it or fresh (then
+    /// announced through [`BrokerNode::poll_new_group`]).
+    fn add_group(&mut self, now: Instant, group: GroupId, voters: Vec<NodeId>) {
+        let mut raft_config = self.config.raft.clone();
+        raft_config.id = self.config.id;
+        raft_config.group = group;
+        raft_config.voters = voters.clone();
+        raft_config.canary = self.config.canary;
+        let mut broker = self.config.broker.clone();
+        broker.canary = self.config.canary;
+        let mut machine = Machine::Broker(BrokerState::new(broker));
+        let mut pace = SnapshotPace::default();
+        let disk = match self.dormant.remove(&group) {
+            Some(disk) => disk,
+            None => {
+                // A node whose metadata replica lost its votes lost its disk: it may have
+                // voted in this group before, so its fresh replica never votes either (the
+                // driver records it so too).
+                if self
+                    .config
+                    .raft
+                    .damaged
+                    .get(&METADATA_GROUP)
+                    .is_some_and(|d| d.votes_lost)
+                {
+                    let damage = crate::raft::Damage {
+                        from: 1,
+                        votes_lost: true,
+                    };
+                    raft_config.damaged.insert(group, damage);
+                }
+                self.new_groups.push_back((group, voters));
+                Recovered::default()
+            }
+        };
+        if let Some(snapshot) = &disk.snapshot {
+            pace.last_bytes = snapshot.data.len() as u64;
+            match machine.restored(&snapshot.data, false, None) {
+                Ok(mut restored) => {
+                    if let Machine::Broker(state) = &mut restored {
+                        let replayed: Vec<Command> = disk
+                            .entries
+                            .iter()
+                            .filter(|e| e.index > snapshot.index)
+                            .flat_map(|e| decode_entry(&e.kind))
+                            .flatten()
+                            .collect();
+                        state.expect_replay(&replayed);
+                    }
+                    machine = restored;
+                }
+                Err(e) => self.faults.push_back(format!(
+                    "group {group}: the snapshot at index {} on disk does not restore: {e}",
+                    snapshot.index
+                )),
+            }
+        }
+        let seed = self.seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut raft = Replica::new(raft_config, disk, seed, now);
+        raft.use_transfer_images(!self.config.segment_catch_up);
+        self.groups.insert(group, Group::new(raft, machine, pace));
     }
 
     fn propose_to_queue(
@@ -1901,7 +2137,7 @@ impl BrokerNode {
         let group = *group;
         let stale_reads = Canary::ServePullOnFollower.planted(self.config.canary);
         if let Err(response) = self.check_broker_leader(group)
-            && !(stale_reads && self.config.broker_groups.contains(&group))
+            && !(stale_reads && self.groups.contains_key(&group) && group != METADATA_GROUP)
         {
             self.responses.push_back((client, id, response));
             return;
@@ -2110,6 +2346,7 @@ impl BrokerNode {
                         if matches!(machine, Machine::Meta(_)) {
                             table_changed = true;
                             self.node_table_version += 1;
+                            self.added_groups_stale = true;
                         }
                         group.machine = machine;
                         group.pace = SnapshotPace {
@@ -2238,8 +2475,19 @@ impl BrokerNode {
                                     }
                                     Applied::Topic { topic, result }
                                 }
+                                Ok(MetaCommand::AddBrokerGroup { group, voters }) => {
+                                    let command = MetaCommand::AddBrokerGroup {
+                                        group,
+                                        voters: voters.clone(),
+                                    };
+                                    let result = meta.apply_node(command, &broker_groups);
+                                    if result == Ok(NodeApplied::Changed) {
+                                        self.added_groups_stale = true;
+                                    }
+                                    Applied::BrokerGroup(result.map(|_| (group, voters)))
+                                }
                                 Ok(command) => {
-                                    let result = meta.apply_node(command);
+                                    let result = meta.apply_node(command, &broker_groups);
                                     if result == Ok(NodeApplied::Changed) {
                                         self.node_table_version += 1;
                                     }
@@ -2366,6 +2614,9 @@ impl BrokerNode {
                 self.events.push_back(event);
             }
         }
+        if self.added_groups_stale {
+            self.create_added_groups(now);
+        }
         if table_changed {
             for group in self.groups.values_mut() {
                 group.placement_stale = true;
@@ -2427,10 +2678,10 @@ impl BrokerNode {
         };
         let mut wanted: Vec<(GroupId, Vec<(u64, QueueId)>)> = Vec::new();
         let mut tombstones: Vec<(String, u64)> = Vec::new();
-        for group_id in &self.config.broker_groups {
-            let Some(group) = self.groups.get(group_id) else {
+        for (group_id, group) in &self.groups {
+            if *group_id == METADATA_GROUP {
                 continue;
-            };
+            }
             if group.placement_stale && group.raft.status().role == Role::Leader {
                 let queues = meta.queues_of(*group_id);
                 let placed = queues
@@ -2772,6 +3023,10 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
         } => return Response::Refused { reason },
         Applied::NodeTable(Ok(nodes)) => return Response::Nodes { nodes },
         Applied::NodeTable(Err(reason)) => return Response::Refused { reason },
+        Applied::BrokerGroup(Ok((group, voters))) => {
+            return Response::BrokerGroupAdded { group, voters };
+        }
+        Applied::BrokerGroup(Err(reason)) => return Response::Refused { reason },
     };
     match outcome {
         Outcome::Appended {

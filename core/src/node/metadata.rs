@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::QueueId;
-use crate::limits::{QUEUES_MAX, TOMBSTONES_MAX, TOPICS_MAX, check_name};
+use crate::limits::{
+    BROKER_GROUPS_MAX, GROUP_MEMBERS_MAX, QUEUES_MAX, TOMBSTONES_MAX, TOPICS_MAX, check_name,
+};
 use crate::raft::{GroupId, NodeId};
 
 /// The Raft group that holds the topic table; broker groups are numbered from 1.
@@ -38,6 +40,12 @@ pub enum MetaCommand {
     /// address and refuse its links, and its id is never used again.
     RemoveNode {
         id: NodeId,
+    },
+    /// A broker group added at runtime: `voters` (its first configuration) each create a
+    /// replica of it, and topics created from then on place queues in it too.
+    AddBrokerGroup {
+        group: GroupId,
+        voters: Vec<NodeId>,
     },
 }
 
@@ -72,6 +80,10 @@ pub struct MetaState {
     /// (snapshot version 2), so version 1 snapshots still read.
     #[serde(skip)]
     nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Broker groups added at runtime, with their first voters; encoded after the node table
+    /// (snapshot version 3). Those of the first configuration come from each node's config.
+    #[serde(skip)]
+    broker_groups: BTreeMap<GroupId, Vec<NodeId>>,
 }
 
 /// What applying a node-table command did.
@@ -102,8 +114,11 @@ pub enum TopicApplied {
 }
 
 /// The first byte of a metadata snapshot: 1, the topic table alone; 2, the topic table with
-/// epochs and tombstones, then the node table.
-const META_SNAPSHOT_VERSION: u8 = 2;
+/// epochs and tombstones, then the node table; 3, as 2, then the broker groups added at
+/// runtime.
+const META_SNAPSHOT_VERSION: u8 = 3;
+/// Before broker groups could be added: the topic table and the node table, still read.
+const META_SNAPSHOT_VERSION_V2: u8 = 2;
 /// Before deletion and the node table: the topic table alone, still read.
 const META_SNAPSHOT_VERSION_V1: u8 = 1;
 /// Records the node table holds, removed ones included (ids are never reused, so removals
@@ -119,6 +134,7 @@ impl MetaState {
         // Tables of strings and numbers always encode.
         out.extend(postcard::to_allocvec(self).unwrap_or_default());
         out.extend(postcard::to_allocvec(&self.nodes).unwrap_or_default());
+        out.extend(postcard::to_allocvec(&self.broker_groups).unwrap_or_default());
         out
     }
 
@@ -138,7 +154,7 @@ impl MetaState {
                     Err(format!("{} bytes after the metadata snapshot", rest.len()))
                 }
             }
-            Some((&META_SNAPSHOT_VERSION, body)) => {
+            Some((&version @ (META_SNAPSHOT_VERSION_V2 | META_SNAPSHOT_VERSION), body)) => {
                 let (mut state, rest) = postcard::take_from_bytes::<MetaState>(body)
                     .map_err(|e| format!("metadata snapshot does not decode: {e}"))?;
                 state.queues_total = state.topics.values().map(Vec::len).sum();
@@ -152,6 +168,24 @@ impl MetaState {
                     ));
                 }
                 state.nodes = nodes;
+                let rest = if version == META_SNAPSHOT_VERSION {
+                    let (groups, rest) =
+                        postcard::take_from_bytes::<BTreeMap<GroupId, Vec<NodeId>>>(rest)
+                            .map_err(|e| format!("metadata snapshot's broker groups: {e}"))?;
+                    if groups.len() > BROKER_GROUPS_MAX
+                        || groups.values().any(|v| v.len() > GROUP_MEMBERS_MAX)
+                    {
+                        return Err(format!(
+                            "metadata snapshot's {} broker groups exceed {BROKER_GROUPS_MAX} \
+                             groups of {GROUP_MEMBERS_MAX} voters",
+                            groups.len()
+                        ));
+                    }
+                    state.broker_groups = groups;
+                    rest
+                } else {
+                    rest
+                };
                 if rest.is_empty() {
                     Ok(state)
                 } else {
@@ -201,7 +235,7 @@ impl MetaState {
                 "a topic has 1 to {QUEUES_PER_TOPIC_MAX} queues, not {queues}"
             ));
         }
-        if broker_groups.is_empty() {
+        if broker_groups.is_empty() && self.broker_groups.is_empty() {
             return Err("the cluster has no broker group to place queues in".into());
         }
         if self.topics.len() >= TOPICS_MAX {
@@ -235,8 +269,11 @@ impl MetaState {
                     return Ok(applied);
                 }
                 let start = self.topics.len();
+                // Those added at runtime too (the first configuration's alone, as before, until
+                // one is): existing topics' queues stay where they are.
+                let groups = self.all_broker_groups(broker_groups);
                 let placement = (0..queues as usize)
-                    .map(|q| broker_groups[(start + q) % broker_groups.len()])
+                    .map(|q| groups[(start + q) % groups.len()])
                     .collect();
                 self.epoch += 1;
                 self.epochs.insert(topic.clone(), self.epoch);
@@ -268,7 +305,9 @@ impl MetaState {
                     queues: groups.len() as u32,
                 })
             }
-            MetaCommand::AddNode { .. } | MetaCommand::RemoveNode { .. } => {
+            MetaCommand::AddNode { .. }
+            | MetaCommand::RemoveNode { .. }
+            | MetaCommand::AddBrokerGroup { .. } => {
                 Err("a node-table command is applied by apply_node".into())
             }
         }
@@ -352,8 +391,13 @@ impl MetaState {
         }
     }
 
-    /// Applies a node-table command (`AddNode`, `RemoveNode`); a refusal changes nothing.
-    pub fn apply_node(&mut self, command: MetaCommand) -> Result<NodeApplied, String> {
+    /// Applies a node-table command (`AddNode`, `RemoveNode`, `AddBrokerGroup`; `initial_groups`
+    /// are the broker groups of the first configuration); a refusal changes nothing.
+    pub fn apply_node(
+        &mut self,
+        command: MetaCommand,
+        initial_groups: &[GroupId],
+    ) -> Result<NodeApplied, String> {
         match command {
             MetaCommand::AddNode {
                 id,
@@ -398,10 +442,96 @@ impl MetaState {
                     Ok(NodeApplied::Changed)
                 }
             },
+            MetaCommand::AddBrokerGroup { group, voters } => {
+                let applied = self.check_add_group(group, &voters, initial_groups)?;
+                if applied == NodeApplied::Changed {
+                    self.broker_groups.insert(group, voters);
+                }
+                Ok(applied)
+            }
             MetaCommand::CreateTopic { .. } | MetaCommand::DeleteTopic { .. } => {
                 Err("a topic command is applied by apply".into())
             }
         }
+    }
+
+    /// Every broker group in id order: `initial` (the first configuration's, from the node's
+    /// config) and those added at runtime.
+    pub fn all_broker_groups(&self, initial: &[GroupId]) -> Vec<GroupId> {
+        let mut all: Vec<GroupId> = initial.to_vec();
+        all.extend(self.broker_groups.keys().copied());
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// The broker groups added at runtime, with their first voters.
+    pub fn added_broker_groups(&self) -> impl Iterator<Item = (GroupId, &[NodeId])> {
+        self.broker_groups.iter().map(|(g, v)| (*g, v.as_slice()))
+    }
+
+    /// The id a new broker group gets when the operator names none: one past the highest.
+    pub fn next_broker_group(&self, initial: &[GroupId]) -> GroupId {
+        self.all_broker_groups(initial)
+            .last()
+            .map_or(1, |g| g.saturating_add(1))
+    }
+
+    /// Why adding broker group `group` with `voters` would be refused against the applied
+    /// table; `Ok(Unchanged)` when it was added already with those voters (a retry). Whether
+    /// the voters are nodes of the cluster is the proposer's check (it needs the first
+    /// configuration's nodes, which a joined node's config may not list the same way), so
+    /// `apply` checks only what the table alone decides.
+    pub fn check_add_group(
+        &self,
+        group: GroupId,
+        voters: &[NodeId],
+        initial_groups: &[GroupId],
+    ) -> Result<NodeApplied, String> {
+        if group == METADATA_GROUP {
+            return Err("group 0 is the metadata group; broker groups are numbered from 1".into());
+        }
+        if let Some(existing) = self.broker_groups.get(&group) {
+            return if existing == voters {
+                Ok(NodeApplied::Unchanged)
+            } else {
+                Err(format!(
+                    "broker group {group} exists already, with voters {existing:?}"
+                ))
+            };
+        }
+        if initial_groups.contains(&group) {
+            return Err(format!(
+                "broker group {group} exists already (a group of the first configuration)"
+            ));
+        }
+        let total = self.all_broker_groups(initial_groups).len();
+        if total >= BROKER_GROUPS_MAX {
+            return Err(format!(
+                "the cluster has {total} broker groups, the maximum of {BROKER_GROUPS_MAX}"
+            ));
+        }
+        if voters.is_empty() || voters.len() > GROUP_MEMBERS_MAX {
+            return Err(format!(
+                "a broker group has 1 to {GROUP_MEMBERS_MAX} voters, not {}",
+                voters.len()
+            ));
+        }
+        let mut sorted = voters.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != voters.len() {
+            return Err(format!("voters {voters:?} name a node twice"));
+        }
+        if let Some(removed) = voters
+            .iter()
+            .find(|v| self.nodes.get(v).is_some_and(|r| r.removed))
+        {
+            return Err(format!(
+                "node {removed} was removed from this cluster and cannot be a voter"
+            ));
+        }
+        Ok(NodeApplied::Changed)
     }
 
     /// The node table: nodes added at runtime, and ids removed, in id order.
@@ -633,9 +763,9 @@ mod tests {
             client_addr: "h:1".into(),
             peer_addr: "h:2".into(),
         };
-        assert_eq!(meta.apply_node(add), Ok(NodeApplied::Changed));
+        assert_eq!(meta.apply_node(add, &[1]), Ok(NodeApplied::Changed));
         assert_eq!(
-            meta.apply_node(MetaCommand::RemoveNode { id: 2 }),
+            meta.apply_node(MetaCommand::RemoveNode { id: 2 }, &[1]),
             Ok(NodeApplied::Changed)
         );
         let restored = MetaState::restore(&meta.snapshot()).expect("restores");
@@ -655,6 +785,150 @@ mod tests {
             meta.check_add_node(2, "h:5", "h:6").is_err(),
             "2 was removed"
         );
+    }
+
+    #[test]
+    fn an_added_broker_group_takes_new_topics_survives_a_snapshot_and_a_v2_snapshot_reads() {
+        let initial = [1, 2];
+        let mut meta = MetaState::default();
+        let create = |topic: &str, queues| MetaCommand::CreateTopic {
+            topic: topic.into(),
+            queues,
+        };
+        assert_eq!(
+            meta.apply(create("old", 3), &initial),
+            Ok(TopicApplied::Created)
+        );
+        // A version 2 snapshot as that build wrote it: the topic table with epochs and
+        // tombstones, then the node table, nothing after.
+        #[derive(Serialize)]
+        struct V2<'a> {
+            topics: &'a BTreeMap<String, Vec<GroupId>>,
+            epochs: &'a BTreeMap<String, u64>,
+            tombstones: &'a BTreeMap<String, u64>,
+            epoch: u64,
+        }
+        let add_node = MetaCommand::AddNode {
+            id: 4,
+            client_addr: "h:1".into(),
+            peer_addr: "h:2".into(),
+        };
+        assert_eq!(
+            meta.apply_node(add_node, &initial),
+            Ok(NodeApplied::Changed)
+        );
+        let mut v2 = vec![2];
+        v2.extend(
+            postcard::to_allocvec(&V2 {
+                topics: &meta.topics,
+                epochs: &meta.epochs,
+                tombstones: &meta.tombstones,
+                epoch: meta.epoch,
+            })
+            .expect("encodes"),
+        );
+        v2.extend(postcard::to_allocvec(&meta.nodes).expect("encodes"));
+
+        assert_eq!(meta.next_broker_group(&initial), 3);
+        let add = |group, voters: &[NodeId]| MetaCommand::AddBrokerGroup {
+            group,
+            voters: voters.to_vec(),
+        };
+        assert_eq!(
+            meta.apply_node(add(3, &[1, 2, 4]), &initial),
+            Ok(NodeApplied::Changed)
+        );
+        // The same again (a retry) changes nothing; other voters for it are refused.
+        assert_eq!(
+            meta.apply_node(add(3, &[1, 2, 4]), &initial),
+            Ok(NodeApplied::Unchanged)
+        );
+        let refusal = |result: Result<NodeApplied, String>, needle: &str| {
+            assert!(
+                result.as_ref().is_err_and(|why| why.contains(needle)),
+                "{result:?} does not say {needle:?}"
+            );
+        };
+        refusal(meta.apply_node(add(3, &[1]), &initial), "exists already");
+        refusal(
+            meta.apply_node(add(2, &[1]), &initial),
+            "first configuration",
+        );
+        refusal(meta.apply_node(add(0, &[1]), &initial), "metadata group");
+        refusal(meta.apply_node(add(5, &[]), &initial), "voters");
+        refusal(meta.apply_node(add(5, &[1, 1]), &initial), "twice");
+        assert_eq!(
+            meta.apply_node(MetaCommand::RemoveNode { id: 4 }, &initial),
+            Ok(NodeApplied::Changed)
+        );
+        refusal(meta.apply_node(add(5, &[1, 4]), &initial), "removed");
+        assert_eq!(meta.all_broker_groups(&initial), vec![1, 2, 3]);
+
+        // Topics created from now on place over the three; the old one stays where it was.
+        let old_placement = meta.placement("old");
+        assert_eq!(
+            meta.apply(create("new", 3), &initial),
+            Ok(TopicApplied::Created)
+        );
+        let mut groups: Vec<GroupId> = meta
+            .placement("new")
+            .expect("placed")
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect();
+        groups.sort_unstable();
+        assert_eq!(groups, vec![1, 2, 3]);
+        assert_eq!(meta.placement("old"), old_placement);
+        assert!(old_placement.expect("placed").iter().all(|(_, g)| *g != 3));
+
+        // Version 3 round trip; version 2 reads with no added group.
+        let restored = MetaState::restore(&meta.snapshot()).expect("restores");
+        assert_eq!(
+            restored.added_broker_groups().collect::<Vec<_>>(),
+            vec![(3, &[1, 2, 4][..])]
+        );
+        assert_eq!(restored.placement("new"), meta.placement("new"));
+        assert_eq!(restored.snapshot(), meta.snapshot());
+        let old = MetaState::restore(&v2).expect("a version 2 snapshot reads");
+        assert_eq!(old.added_broker_groups().count(), 0);
+        assert_eq!(old.topics(), vec![("old".to_string(), 3)]);
+        assert_eq!(old.nodes().count(), 1);
+        assert_eq!(old.epoch_of("old"), meta.epoch_of("old"));
+        // Trailing bytes after a version 2 body are still refused.
+        let mut long = v2.clone();
+        long.push(0);
+        assert!(MetaState::restore(&long).is_err());
+    }
+
+    #[test]
+    fn broker_groups_are_bounded() {
+        let initial: Vec<GroupId> = (1..=60).collect();
+        let mut meta = MetaState::default();
+        for group in 61..=BROKER_GROUPS_MAX as GroupId {
+            let command = MetaCommand::AddBrokerGroup {
+                group,
+                voters: vec![1, 2, 3],
+            };
+            assert_eq!(meta.apply_node(command, &initial), Ok(NodeApplied::Changed));
+        }
+        let group = meta.next_broker_group(&initial);
+        let refused = meta.check_add_group(group, &[1, 2, 3], &initial);
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("maximum of 64")),
+            "{refused:?}"
+        );
+        // A snapshot claiming more is refused, not believed.
+        let mut bytes = meta.snapshot();
+        let mut too_many = meta.clone();
+        too_many.broker_groups.insert(1_000, vec![1]);
+        too_many
+            .broker_groups
+            .extend((2_000..2_100).map(|g| (g, vec![1])));
+        assert!(MetaState::restore(&too_many.snapshot()).is_err());
+        bytes.truncate(bytes.len() - 1);
+        assert!(MetaState::restore(&bytes).is_err());
     }
 
     #[test]

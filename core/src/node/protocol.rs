@@ -157,6 +157,16 @@ pub enum Request {
         id: NodeId,
         force: bool,
     },
+    /// Admin: the metadata leader records a new broker group `group` (its choice, one past the
+    /// highest, when `None`) whose first configuration is `voters`; each voter then creates a
+    /// replica of it, and topics created afterwards place queues in it too. Fewer voters than
+    /// the replication factor is refused unless `force`. Answered with
+    /// [`Response::BrokerGroupAdded`] once committed.
+    AddBrokerGroup {
+        group: Option<GroupId>,
+        voters: Vec<NodeId>,
+        force: bool,
+    },
 }
 
 /// One replica as `status` shows it.
@@ -326,6 +336,12 @@ pub enum Response {
     Nodes {
         nodes: Vec<super::metadata::NodeRecord>,
     },
+    /// Broker group `group` with first voters `voters` is in the metadata table (added now,
+    /// or by an earlier try of the same request).
+    BrokerGroupAdded {
+        group: GroupId,
+        voters: Vec<NodeId>,
+    },
 }
 
 impl Request {
@@ -367,6 +383,7 @@ impl Request {
             Request::Nodes => "nodes",
             Request::AddNode { .. } => "add_node",
             Request::RemoveNode { .. } => "remove_node",
+            Request::AddBrokerGroup { .. } => "add_broker_group",
         }
     }
 }
@@ -397,6 +414,7 @@ impl Response {
             Response::TopicDeleted { .. } => "topic_deleted",
             Response::MembershipChanged { .. } => "membership_changed",
             Response::Nodes { .. } => "nodes",
+            Response::BrokerGroupAdded { .. } => "broker_group_added",
         }
     }
 

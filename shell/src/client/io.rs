@@ -74,6 +74,9 @@ impl Machine for holdfast_core::client::Consumer {
     fn poll_timeout(&self) -> Option<Instant> {
         Some(holdfast_core::client::Consumer::poll_timeout(self))
     }
+    fn connection_lost(&mut self, now: Instant, node: NodeId) {
+        holdfast_core::client::Consumer::connection_lost(self, now, node)
+    }
     fn set_nodes(&mut self, nodes: Vec<NodeId>) {
         holdfast_core::client::Consumer::set_nodes(self, nodes)
     }

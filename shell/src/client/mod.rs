@@ -456,6 +456,30 @@ impl Admin {
         }
     }
 
+    /// Adds a broker group (an admin's request) whose first voters are `voters`: id `group`,
+    /// or one past the highest when `None`. Once this returns the metadata table has it, each
+    /// voter creates its replica, and topics created from then on place queues in it too
+    /// (existing topics' queues stay where they are). Returns the group's id. Fewer voters
+    /// than the cluster's replication factor is [`ClientError::Refused`] unless `force`; a
+    /// retry of the same request answers the same.
+    pub fn add_broker_group(
+        &mut self,
+        group: Option<GroupId>,
+        voters: &[NodeId],
+        force: bool,
+        wait: Duration,
+    ) -> Result<GroupId, ClientError> {
+        let request = Request::AddBrokerGroup {
+            group,
+            voters: voters.to_vec(),
+            force,
+        };
+        match self.ask_leader(request, wait)? {
+            Response::BrokerGroupAdded { group, .. } => Ok(group),
+            other => Err(ClientError::Refused(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.io.node_ids()
     }

@@ -109,6 +109,32 @@ impl Identity {
         self.file.initialised == "join"
     }
 
+    /// The groups to open on a start: the configured ones, and those added at runtime (whose
+    /// directories the identity records, or that exist: a crash may come between a directory's
+    /// creation and its record).
+    pub fn groups_to_open(&self, configured: u64) -> Result<BTreeSet<GroupId>, String> {
+        let mut groups: BTreeSet<GroupId> = (0..=configured).collect();
+        groups.extend(self.file.groups.iter().copied());
+        groups.extend(groups_on_disk(&self.dir)?);
+        Ok(groups)
+    }
+
+    /// A broker group added at runtime got its directory (created and synced): recorded
+    /// durably, so that its directory gone later reads as lost data, not as a group never
+    /// created.
+    /// A node whose metadata replica lost its votes lost its disk, and may have voted in the
+    /// new group before: the group is recorded votes-lost too (the core started it so).
+    pub fn group_created(&mut self, group: GroupId) -> Result<(), String> {
+        let mut changed = self.file.groups.insert(group);
+        if self.file.votes_lost.contains(&0) {
+            changed |= self.file.votes_lost.insert(group);
+        }
+        if changed {
+            self.write()?;
+        }
+        Ok(())
+    }
+
     /// The groups recorded as votes-lost: their replicas start so on every start.
     pub fn votes_lost(&self) -> impl Iterator<Item = GroupId> + '_ {
         self.file.votes_lost.iter().copied()
@@ -181,7 +207,9 @@ impl Identity {
             self.file.nodes = nodes;
             changed = true;
         }
-        for group in configured {
+        // Broker groups added at runtime are in the identity only.
+        let recorded: Vec<GroupId> = self.file.groups.iter().copied().collect();
+        for group in configured.iter().chain(recorded.iter()) {
             let group_dir = self.dir.join(format!("group-{group}"));
             if !self.file.groups.contains(group) || group_dir.exists() {
                 continue;

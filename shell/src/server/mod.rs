@@ -137,6 +137,10 @@ struct Server {
     accepted: (usize, usize),
     node: BrokerNode,
     storage: StorageThread,
+    /// Groups whose store the storage thread holds.
+    opened: BTreeSet<GroupId>,
+    /// Records the directories of broker groups added at runtime.
+    identity: identity::Identity,
     snapshots: SnapshotEncoder,
     /// Message bytes; shared with the snapshot thread, which reads them.
     queue_store: Arc<Mutex<QueueStore>>,
@@ -180,11 +184,15 @@ struct Server {
 /// Runs a node until `stop` is set (SIGINT/SIGTERM) or storage fails.
 pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerError> {
     let clock = Clock::new();
-    let groups: Vec<GroupId> = (0..=config.broker_groups).collect();
     // Before anything reads or writes the directory; held until this function returns.
     let _lock = lock::DataDirLock::acquire(&config.data_dir).map_err(ServerError)?;
     // Before any group's files: which groups, if any, lost their data and their votes.
     let mut identity = identity::Identity::open(&config).map_err(ServerError)?;
+    // Broker groups added at runtime come back from their directories; the node makes a
+    // replica of each once its metadata table lists the group.
+    let groups = identity
+        .groups_to_open(config.broker_groups)
+        .map_err(ServerError)?;
     let mut stores = BTreeMap::new();
     let mut recovered = BTreeMap::new();
     let mut damaged = BTreeMap::new();
@@ -231,6 +239,7 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         }
         None => None,
     };
+    let opened: BTreeSet<GroupId> = stores.keys().copied().collect();
     let storage = StorageThread::spawn_measured(stores, notify, Some(metrics.shell.clone()));
     let queue_store = Arc::new(Mutex::new(
         QueueStore::open(&config.data_dir)
@@ -326,6 +335,8 @@ pub fn run(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), ServerErro
         accepted: (0, 0),
         node,
         storage,
+        opened,
+        identity,
         snapshots,
         queue_store,
         conns: BTreeMap::new(),
@@ -1166,7 +1177,36 @@ impl Server {
     /// Hands the node's outputs to the queue store, the storage thread and the sockets. A
     /// queue store that cannot write stops the node: its index would claim messages its store
     /// does not hold.
+    /// Gives every broker group the node created at runtime its directory and store, before
+    /// any write of it goes to the storage thread (as the start does for the configured ones).
+    fn open_new_groups(&mut self) -> Result<(), ServerError> {
+        while let Some((group, voters)) = self.node.poll_new_group() {
+            if self.opened.contains(&group) {
+                continue;
+            }
+            let (store, disk, damage) =
+                GroupStore::open_repairing(&self.data_dir, group, &StorageConfig::default())
+                    .map_err(|e| {
+                        ServerError(format!("group {group}: cannot create its data: {e}"))
+                    })?;
+            if damage.is_some() || !disk.entries.is_empty() || disk.snapshot.is_some() {
+                // The node started this replica empty: a directory with data it did not read
+                // at start would be overwritten, so stop rather than guess.
+                return Err(ServerError(format!(
+                    "group {group}: its directory holds data the node did not start from; \
+                     restart the node to recover it"
+                )));
+            }
+            self.identity.group_created(group).map_err(ServerError)?;
+            self.storage.add_store(group, store);
+            self.opened.insert(group);
+            info!(group, ?voters, "broker group added: replica created");
+        }
+        Ok(())
+    }
+
     fn drain(&mut self) -> Result<(), ServerError> {
+        self.open_new_groups()?;
         {
             let mut store = self
                 .queue_store

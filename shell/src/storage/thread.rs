@@ -58,6 +58,9 @@ impl Shared {
 /// Owns every group's [`GroupStore`] on a thread of its own.
 pub struct StorageThread {
     sender: Sender<(GroupId, Write)>,
+    /// Stores of groups created at runtime (broker groups added to a running cluster). Sent
+    /// before any write of theirs, so the thread finds each when it takes the first write.
+    stores: Sender<(GroupId, GroupStore)>,
     shared: Arc<Shared>,
     handle: Option<JoinHandle<()>>,
 }
@@ -79,6 +82,7 @@ impl StorageThread {
         metrics: Option<crate::metrics::ShellMetrics>,
     ) -> StorageThread {
         let (sender, receiver) = mpsc::channel();
+        let (stores_sender, stores_receiver) = mpsc::channel();
         let shared = Arc::new(Shared {
             metrics,
             ..Shared::default()
@@ -86,7 +90,15 @@ impl StorageThread {
         let thread_shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("holdfast-storage".to_string())
-            .spawn(move || run(stores, &receiver, &thread_shared, &*notify));
+            .spawn(move || {
+                run(
+                    stores,
+                    &receiver,
+                    &stores_receiver,
+                    &thread_shared,
+                    &*notify,
+                )
+            });
         let handle = match spawned {
             Ok(handle) => Some(handle),
             Err(e) => {
@@ -97,8 +109,17 @@ impl StorageThread {
         };
         StorageThread {
             sender,
+            stores: stores_sender,
             shared,
             handle,
+        }
+    }
+
+    /// Hands the thread the store of a group created at runtime; submit its writes after.
+    pub fn add_store(&self, group: GroupId, store: GroupStore) {
+        if self.stores.send((group, store)).is_err() {
+            self.shared
+                .report(vec![Err((group, StorageError::ThreadGone))]);
         }
     }
 
@@ -135,9 +156,15 @@ impl StorageThread {
 
     /// Writes and syncs everything submitted so far, then joins the thread.
     pub fn shutdown(self) {
-        let StorageThread { sender, handle, .. } = self;
+        let StorageThread {
+            sender,
+            stores,
+            handle,
+            ..
+        } = self;
         // The thread sees the channel close only after it has drained every queued write.
         drop(sender);
+        drop(stores);
         if let Some(Err(_)) = handle.map(JoinHandle::join) {
             error!("the storage thread panicked");
         }
@@ -147,6 +174,7 @@ impl StorageThread {
 fn run(
     mut stores: BTreeMap<GroupId, GroupStore>,
     receiver: &Receiver<(GroupId, Write)>,
+    added: &Receiver<(GroupId, GroupStore)>,
     shared: &Shared,
     notify: &dyn Fn(),
 ) {
@@ -171,6 +199,8 @@ fn run(
             break;
         };
         record_due = true;
+        // A store is sent before the first write of its group, so it is here by now.
+        stores.extend(added.try_iter());
         let mut reports = Vec::new();
         let mut last_ids: BTreeMap<GroupId, WriteId> = BTreeMap::new();
         // Per group: when its first write of the batch started, entries and command bytes.

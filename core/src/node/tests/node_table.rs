@@ -294,3 +294,230 @@ fn a_joined_node_compacts_only_where_it_knows_the_configuration() {
     crate::storage::record::encode_membership(membership, &mut bytes);
     assert!(crate::storage::record::decode_membership_prefix(&bytes).is_ok());
 }
+
+fn add_group(
+    cluster: &mut Cluster,
+    group: Option<GroupId>,
+    voters: &[NodeId],
+    force: bool,
+) -> Response {
+    let request = Request::AddBrokerGroup {
+        group,
+        voters: voters.to_vec(),
+        force,
+    };
+    ask_leader(cluster, METADATA_GROUP, request)
+}
+
+#[test]
+fn a_broker_group_added_at_runtime_lives_on_its_voters_takes_new_topics_and_comes_back() {
+    let mut cluster = Cluster::with(3, 1, |config| config.snapshot_entries_min = Some(2));
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    let meta = cluster.leader(METADATA_GROUP).expect("leader");
+    assert!(matches!(
+        cluster.ask(
+            meta,
+            Request::CreateTopic {
+                topic: "old".into(),
+                queues: 2,
+            }
+        ),
+        Response::TopicCreated { .. }
+    ));
+
+    refused(
+        add_group(&mut cluster, Some(1), &[1, 2, 3], false),
+        "exists already",
+    );
+    refused(
+        add_group(&mut cluster, Some(0), &[1, 2, 3], false),
+        "metadata group",
+    );
+    refused(
+        add_group(&mut cluster, None, &[1, 9], true),
+        "no address in the node table",
+    );
+    refused(
+        add_group(&mut cluster, None, &[2, 3], false),
+        "replication factor 3",
+    );
+    refused(add_group(&mut cluster, None, &[2, 2, 3], true), "twice");
+    // Two voters of three, said so: the leader picks the id, one past the highest.
+    let added = Response::BrokerGroupAdded {
+        group: 2,
+        voters: vec![2, 3],
+    };
+    assert_eq!(add_group(&mut cluster, None, &[2, 3], true), added);
+    // A retry of the same request answers the same, and adds nothing.
+    assert_eq!(add_group(&mut cluster, Some(2), &[2, 3], true), added);
+    for _ in 0..100 {
+        cluster.step();
+    }
+    // Its voters created a replica and told their driver once; node 1 ignored it.
+    for id in 1..=3 {
+        let node = cluster.nodes.get_mut(&id).expect("node");
+        let announced: Vec<_> = std::iter::from_fn(|| node.poll_new_group()).collect();
+        if id == 1 {
+            assert!(node.replica(2).is_none());
+            assert!(announced.is_empty());
+        } else {
+            assert!(node.replica(2).is_some(), "node {id}");
+            assert_eq!(announced, vec![(2, vec![2, 3])], "node {id}");
+        }
+        assert_eq!(node.broker_groups(), vec![1, 2], "node {id}");
+    }
+    cluster.settle_leaders(&[2]);
+    let leader2 = cluster.leader(2).expect("leader");
+    assert_ne!(leader2, 1);
+
+    // A new topic places over both groups; the old one stays in group 1.
+    assert!(matches!(
+        cluster.ask(
+            meta,
+            Request::CreateTopic {
+                topic: "new".into(),
+                queues: 4,
+            }
+        ),
+        Response::TopicCreated { .. }
+    ));
+    let old: Vec<GroupId> = routes(&mut cluster, "old")
+        .iter()
+        .map(|r| r.group)
+        .collect();
+    assert_eq!(old, vec![1, 1]);
+    let new = routes(&mut cluster, "new");
+    assert!(new.iter().any(|r| r.group == 2) && new.iter().any(|r| r.group == 1));
+    // Node 1, which hosts no replica of group 2, points at one of its voters.
+    for route in new.iter().filter(|r| r.group == 2) {
+        assert!(matches!(route.leader, Some(2 | 3)), "{route:?}");
+    }
+    let queue = new
+        .iter()
+        .find(|r| r.group == 2)
+        .expect("a queue in 2")
+        .queue
+        .clone();
+    let send = Request::Send {
+        broker: 2,
+        queue: queue.clone(),
+        producer_id: 77,
+        first_seq: 0,
+        messages: batch(&["into the new group"]),
+    };
+    match cluster.ask(1, send.clone()) {
+        Response::NotLeader {
+            group: 2,
+            leader_hint: Some(2 | 3),
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    for _ in 0..100 {
+        cluster.step();
+    }
+    match cluster.ask(leader2, send) {
+        Response::Sent {
+            base_offset: 0,
+            duplicate: false,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    refused(
+        cluster.ask(
+            leader2,
+            Request::Send {
+                broker: 9,
+                queue,
+                producer_id: 77,
+                first_seq: 1,
+                messages: batch(&["x"]),
+            },
+        ),
+        "no broker group 9",
+    );
+    let status = cluster.ask(leader2, Request::Status);
+    let Response::Status { groups, .. } = status else {
+        panic!("{status:?}");
+    };
+    let g2 = groups
+        .iter()
+        .find(|g| g.group == 2)
+        .expect("status shows group 2");
+    assert_eq!(g2.voters, vec![2, 3]);
+
+    // A restart: the metadata snapshot lists the group. Node 2 recovered its directory, so
+    // the replica comes back from it and is not announced again; node 3 lost it (the driver
+    // had none), so the replica is created fresh and announced.
+    for _ in 0..100 {
+        cluster.step();
+    }
+    let snapshot = cluster.nodes[&2]
+        .replica(METADATA_GROUP)
+        .and_then(|r| r.snapshot().cloned())
+        .expect("the metadata group compacted");
+    let replica = cluster.nodes[&2].replica(METADATA_GROUP).expect("replica");
+    let last = replica.status().last_index;
+    let entries: Vec<_> = (snapshot.index + 1..=last)
+        .filter_map(|i| replica.entry(i).cloned())
+        .collect();
+    let meta_disk = Recovered {
+        hard_state: crate::raft::HardState {
+            term: 0,
+            vote: None,
+            commit: last,
+        },
+        snapshot: Some(snapshot),
+        entries,
+    };
+    let group2_disk = Recovered {
+        hard_state: crate::raft::HardState {
+            term: 7,
+            vote: Some(2),
+            commit: 0,
+        },
+        ..Recovered::default()
+    };
+    let mut two = BrokerNode::new(
+        NodeConfig::new(2, vec![1, 2, 3], 1),
+        BTreeMap::from([(METADATA_GROUP, meta_disk.clone()), (2, group2_disk)]),
+        9,
+        cluster.now,
+    );
+    assert_eq!(two.poll_fault(), None);
+    assert_eq!(two.replica(2).map(|r| r.status().term), Some(7));
+    assert_eq!(two.poll_new_group(), None);
+    let mut three = BrokerNode::new(
+        NodeConfig::new(3, vec![1, 2, 3], 1),
+        BTreeMap::from([(METADATA_GROUP, meta_disk.clone())]),
+        9,
+        cluster.now,
+    );
+    assert_eq!(three.poll_new_group(), Some((2, vec![2, 3])));
+    assert_eq!(three.replica(2).and_then(|r| r.damaged_from()), None);
+    // A node whose metadata replica lost its votes (a lost disk) may have voted in group 2
+    // before: its fresh replica never votes either.
+    // (Its metadata log since the loss holds the group.)
+    let mut wiped = NodeConfig::new(3, vec![1, 2, 3], 1);
+    wiped.raft.damaged.insert(
+        METADATA_GROUP,
+        crate::raft::Damage {
+            from: last + 1,
+            votes_lost: true,
+        },
+    );
+    let wiped = BrokerNode::new(
+        wiped,
+        BTreeMap::from([(METADATA_GROUP, meta_disk.clone())]),
+        9,
+        cluster.now,
+    );
+    assert!(wiped.replica(2).expect("replica").damaged_from().is_some());
+    let one = BrokerNode::new(
+        NodeConfig::new(1, vec![1, 2, 3], 1),
+        BTreeMap::from([(METADATA_GROUP, meta_disk)]),
+        9,
+        cluster.now,
+    );
+    assert!(one.replica(2).is_none());
+}

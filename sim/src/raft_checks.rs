@@ -293,6 +293,17 @@ pub fn check_lease<'a>(
     let Some((_, mine)) = replicas.clone().find(|(n, _)| *n == holder) else {
         return Ok(());
     };
+    check_lease_of(group, holder, mine, now, replicas)
+}
+
+/// [`check_lease`] when the caller has `holder`'s replica, `mine`, at hand.
+pub fn check_lease_of<'a>(
+    group: GroupId,
+    holder: NodeId,
+    mine: &Replica,
+    now: holdfast_core::time::Instant,
+    replicas: impl Iterator<Item = (NodeId, &'a Replica)>,
+) -> Result<(), Violation> {
     // Most steps are a follower's, which holds no lease: the cheap test first.
     if mine.status().role != Role::Leader || !mine.read_lease(now) {
         return Ok(());

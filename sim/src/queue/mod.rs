@@ -591,19 +591,16 @@ impl QueueWorld {
             return Ok(());
         }
         for group in self.groups() {
-            // What check_lease looks at first, without walking the other nodes to find it: most
-            // steps are a follower's, which holds no lease.
-            let holds = broker.replica(group).is_some_and(|r| {
-                r.status().role == holdfast_core::raft::Role::Leader && r.read_lease(now)
-            });
-            if !holds {
+            // The stepping node's replica straight from its broker, not found by walking the
+            // other nodes.
+            let Some(mine) = broker.replica(group) else {
                 continue;
-            }
+            };
             let replicas = self.k.node_ids.iter().zip(&self.nodes);
             let replicas = replicas.filter(|(n, _)| self.host(**n).up);
             let replicas =
                 replicas.filter_map(|(n, h)| Some((*n, h.broker.as_deref()?.replica(group)?)));
-            crate::raft_checks::check_lease(group, node, now, replicas)?;
+            crate::raft_checks::check_lease_of(group, node, mine, now, replicas)?;
         }
         Ok(())
     }

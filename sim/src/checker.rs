@@ -557,16 +557,17 @@ impl Checker {
     /// `node` holds a snapshot at `(index, term)` and, after it, `next`: the log must continue
     /// the snapshot, so `next` was written after an entry of the snapshot's term (log matching
     /// across the snapshot's boundary). A follower that kept a log of another history beside an
-    /// installed snapshot fails this.
+    /// installed snapshot fails this. True if it was checked (`next` was seen written), false
+    /// if there is nothing to check it against yet.
     pub fn snapshot_continued(
         &self,
         group: GroupId,
         node: NodeId,
         (index, term): (Index, Term),
         next: &Entry,
-    ) -> Result<(), Violation> {
+    ) -> Result<bool, Violation> {
         let Some(&(_, prev_term)) = self.written.get(&(group, next.index, next.term)) else {
-            return Ok(());
+            return Ok(false);
         };
         if prev_term != term {
             return Err(violation(
@@ -579,7 +580,7 @@ impl Checker {
                 ),
             ));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The Raft workload: a snapshot's data is the state machine after exactly the committed

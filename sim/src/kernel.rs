@@ -159,6 +159,19 @@ impl Copies {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// Hands `message` to `send` once per copy, in order, with its delay: clones for all but
+    /// the last copy, which takes the message itself (a clone copies every entry it carries,
+    /// and most messages have one copy).
+    pub fn deliver<T: Clone>(&self, message: T, mut send: impl FnMut(Duration, T)) {
+        let Some((last, earlier)) = self.delays[..self.len].split_last() else {
+            return;
+        };
+        for delay in earlier {
+            send(*delay, message.clone());
+        }
+        send(*last, message);
+    }
 }
 
 pub struct Kernel<E> {

@@ -17,6 +17,10 @@ pub struct ReplicaView {
     pub term: Term,
     /// The index of the latest snapshot the checkers saw the replica hold.
     pub snapshot: Index,
+    /// The last snapshot and next entry `snapshot_continued` found written and agreeing:
+    /// what the checker holds of an entry written never changes, so the same pair needs no
+    /// second look (it was a lookup in a large map on every step).
+    pub continued: Option<(Index, Term, Index, Term)>,
 }
 
 impl ReplicaView {
@@ -28,6 +32,7 @@ impl ReplicaView {
             role: status.role,
             term: status.term,
             snapshot: status.snapshot_index,
+            continued: None,
         }
     }
 }
@@ -196,7 +201,12 @@ pub fn check_status(
             checker.snapshot(group, node, snapshot, "held")?;
         }
         if let Some(next) = replica.entry(snapshot.index + 1) {
-            checker.snapshot_continued(group, node, (snapshot.index, snapshot.term), next)?;
+            let pair = (snapshot.index, snapshot.term, next.index, next.term);
+            if view.continued != Some(pair)
+                && checker.snapshot_continued(group, node, (snapshot.index, snapshot.term), next)?
+            {
+                view.continued = Some(pair);
+            }
         }
     }
     if let Some(leader) = status.leader.filter(|l| *l != node) {
@@ -283,6 +293,17 @@ pub fn check_lease<'a>(
     let Some((_, mine)) = replicas.clone().find(|(n, _)| *n == holder) else {
         return Ok(());
     };
+    check_lease_of(group, holder, mine, now, replicas)
+}
+
+/// [`check_lease`] when the caller has `holder`'s replica, `mine`, at hand.
+pub fn check_lease_of<'a>(
+    group: GroupId,
+    holder: NodeId,
+    mine: &Replica,
+    now: holdfast_core::time::Instant,
+    replicas: impl Iterator<Item = (NodeId, &'a Replica)>,
+) -> Result<(), Violation> {
     // Most steps are a follower's, which holds no lease: the cheap test first.
     if mine.status().role != Role::Leader || !mine.read_lease(now) {
         return Ok(());

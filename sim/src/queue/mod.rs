@@ -583,12 +583,24 @@ impl QueueWorld {
 
     /// read-lease, for every group `node` may have just taken a lease of.
     fn check_leases(&self, node: NodeId) -> Result<(), Violation> {
+        let now = self.k.now;
+        let Some(broker) = self.node(node).broker.as_deref() else {
+            return Ok(());
+        };
+        if !self.host(node).up {
+            return Ok(());
+        }
         for group in self.groups() {
+            // The stepping node's replica straight from its broker, not found by walking the
+            // other nodes.
+            let Some(mine) = broker.replica(group) else {
+                continue;
+            };
             let replicas = self.k.node_ids.iter().zip(&self.nodes);
             let replicas = replicas.filter(|(n, _)| self.host(**n).up);
             let replicas =
                 replicas.filter_map(|(n, h)| Some((*n, h.broker.as_deref()?.replica(group)?)));
-            crate::raft_checks::check_lease(group, node, self.k.now, replicas)?;
+            crate::raft_checks::check_lease_of(group, node, mine, now, replicas)?;
         }
         Ok(())
     }
@@ -916,10 +928,10 @@ impl QueueWorld {
             self.k.stats.snapshot_chunks += 1;
         }
         let copies = self.route(Some((envelope.from, envelope.to)));
-        for delay in copies.iter() {
-            let at = self.k.now + delay;
-            self.k.schedule(at, Event::Peer(envelope.clone()));
-        }
+        let now = self.k.now;
+        copies.deliver(envelope, |delay, copy| {
+            self.k.schedule(now + delay, Event::Peer(copy))
+        });
     }
 
     /// A client's request reaches a node (clients sit outside partitions).
@@ -930,26 +942,28 @@ impl QueueWorld {
         id: RequestId,
         request: Request,
     ) {
-        for delay in self.route(None).iter() {
+        let (copies, now) = (self.route(None), self.k.now);
+        copies.deliver(request, |delay, request| {
             let event = Event::Request {
                 node,
                 client,
                 id,
-                request: request.clone(),
+                request,
             };
-            self.k.schedule(self.k.now + delay, event);
-        }
+            self.k.schedule(now + delay, event);
+        });
     }
 
     fn send_to_client(&mut self, client: ClientId, id: RequestId, response: Response) {
-        for delay in self.route(None).iter() {
+        let (copies, now) = (self.route(None), self.k.now);
+        copies.deliver(response, |delay, response| {
             let event = Event::Response {
                 client,
                 id,
-                response: response.clone(),
+                response,
             };
-            self.k.schedule(self.k.now + delay, event);
-        }
+            self.k.schedule(now + delay, event);
+        });
     }
 
     // ----- phases -----

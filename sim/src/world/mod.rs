@@ -311,6 +311,7 @@ impl World {
                         role: Role::Follower,
                         term: 0,
                         snapshot: 0,
+                        continued: None,
                     },
                     machine: MachineDigest::default(),
                 });
@@ -821,19 +822,10 @@ impl World {
                 });
             return;
         }
-        let mut envelope = Some(envelope);
-        let last = copies.len() - 1;
-        for (i, delay) in copies.iter().enumerate() {
-            let copy = if i == last {
-                envelope.take()
-            } else {
-                envelope.clone()
-            };
-            if let Some(copy) = copy {
-                let at = self.k.now + delay;
-                self.k.schedule(at, Event::Deliver(copy));
-            }
-        }
+        let now = self.k.now;
+        copies.deliver(envelope, |delay, copy| {
+            self.k.schedule(now + delay, Event::Deliver(copy))
+        });
     }
 
     fn deliver(&mut self, envelope: Envelope) -> Result<(), Violation> {

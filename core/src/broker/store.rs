@@ -62,6 +62,24 @@ pub enum StoreOp {
     DropQueue { queue: QueueId },
 }
 
+impl StoreOp {
+    /// About what the operation holds in memory until the driver carries it out: a write's
+    /// record, a fixed allowance for the rest (a queue name and a few numbers each).
+    pub fn weight_bytes(&self) -> u64 {
+        const SMALL_BYTES: u64 = 64;
+        match self {
+            StoreOp::Write { record, .. } => SMALL_BYTES + record.len() as u64,
+            StoreOp::Recover { queues } | StoreOp::CatchUp { queues, .. } => {
+                SMALL_BYTES * (1 + queues.len() as u64)
+            }
+            StoreOp::Reset
+            | StoreOp::Requeue(_)
+            | StoreOp::Trim { .. }
+            | StoreOp::DropQueue { .. } => SMALL_BYTES,
+        }
+    }
+}
+
 /// What a metadata snapshot says a queue holds: offsets `start..end`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueRange {

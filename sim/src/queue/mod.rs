@@ -639,6 +639,11 @@ impl QueueWorld {
                     violation("queue-store", format!("node {node} group {group}: {why}"))
                 })?;
             }
+            if broker.replaying() {
+                // A restart's log applies a step at a time, as the shell drives it.
+                broker.replay(now);
+                continue;
+            }
             let Some(read) = broker.poll_read() else {
                 break;
             };

@@ -119,6 +119,10 @@ pub const SNAPSHOT_LOG_BYTES_MAX: u64 = 1 << 30;
 /// `NodeConfig::snapshot_log_bytes` unless configured: with 10 GB retained over two broker
 /// groups, 256 MiB left a node at 1.39 GB resident while producing (BENCHMARKS.md).
 pub const SNAPSHOT_LOG_BYTES_DEFAULT: u64 = 64 << 20;
+/// `NodeConfig::replay_store_bytes_max` unless configured: a restarting node applies the log it
+/// recovered in steps, each ending once this many bytes of queue store writes wait for the
+/// driver (applied in one go, a 256 MiB log queued 539 MB of writes at once: BENCHMARKS.md).
+pub const REPLAY_STORE_BYTES_DEFAULT: u64 = 16 << 20;
 /// The most message bytes one pull response carries.
 pub const PULL_BYTES_MAX: usize = 4 << 20;
 /// Messages in one pull response.

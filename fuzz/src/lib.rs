@@ -4,19 +4,21 @@
 //! This crate is an ordinary library with no libFuzzer dependency, so the workspace builds and
 //! tests it without a C++ toolchain or a nightly compiler.
 //!
-//! Targets: `raft_messages` (here), [`frames`], [`log_recovery`], [`broker`] and
-//! [`sim_schedule`]. Each has a `run_*` function that returns what the input reached, for the
+//! Targets: `raft_messages` (here), [`frames`], [`log_recovery`], [`plan_recovery`], [`broker`]
+//! and [`sim_schedule`]. Each has a `run_*` function that returns what the input reached, for the
 //! corpus test, and a plain one that the cargo-fuzz wrapper calls. Nothing here unwraps fuzz
 //! input: the only panics are assertions of the properties each target documents.
 
 mod broker;
 mod frames;
 mod log_recovery;
+mod plan_recovery;
 mod sim_schedule;
 
 pub use broker::{BrokerStats, broker, run_broker};
 pub use frames::{FramesStats, frames, run_frames};
 pub use log_recovery::{LogStats, log_recovery, run_log_recovery};
+pub use plan_recovery::{PlanStats, plan_recovery_target as plan_recovery, run_plan_recovery};
 pub use sim_schedule::{SimStats, replay_command, run_sim_schedule, sim_schedule};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use holdfast_fuzz::{
-    BrokerStats, FramesStats, LogStats, RaftStats, SimStats, broker, frames, log_recovery,
-    raft_messages, run_broker, run_frames, run_log_recovery, run_raft_messages, run_sim_schedule,
-    sim_schedule,
+    BrokerStats, FramesStats, LogStats, PlanStats, RaftStats, SimStats, broker, frames,
+    log_recovery, plan_recovery, raft_messages, run_broker, run_frames, run_log_recovery,
+    run_plan_recovery, run_raft_messages, run_sim_schedule, sim_schedule,
 };
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -261,6 +261,26 @@ fn log_recovery_goals() -> Vec<Goal<LogStats>> {
     ]
 }
 
+fn plan_recovery_goals() -> Vec<Goal<PlanStats>> {
+    vec![
+        ("plans", |s| s.plans as u64),
+        ("refused", |s| s.refused as u64),
+        ("entries-kept", |s| s.entries_kept as u64),
+        ("damaged", |s| {
+            s.damaged as u64 * (1 + s.entries_kept as u64)
+        }),
+        ("torn", |s| s.torn as u64 * (1 + s.entries_kept as u64)),
+        ("state-lost", |s| s.state_lost as u64),
+        ("snapshot-used", |s| {
+            s.snapshots_used as u64 * (1 + s.entries_kept as u64)
+        }),
+        ("removed-trailing", |s| s.removed_trailing as u64),
+        ("removed-leading", |s| s.removed_leading as u64),
+        ("queue-cut", |s| s.queue_cuts as u64),
+        ("queue-lacks", |s| s.queue_lacks as u64),
+    ]
+}
+
 fn broker_goals() -> Vec<Goal<BrokerStats>> {
     vec![
         ("appended", |s| s.appended as u64),
@@ -299,6 +319,12 @@ fn log_recovery_corpus_replays_cleanly() {
 }
 
 #[test]
+fn plan_recovery_corpus_replays_cleanly() {
+    let stats = replay("plan_recovery", plan_recovery, run_plan_recovery);
+    assert_reached("plan_recovery", &stats, &plan_recovery_goals());
+}
+
+#[test]
 fn broker_corpus_replays_cleanly() {
     let stats = replay("broker", broker, run_broker);
     assert_reached("broker", &stats, &broker_goals());
@@ -322,6 +348,7 @@ fn new_targets_survive_degenerate_inputs() {
     ] {
         frames(data);
         log_recovery(data);
+        plan_recovery(data);
         broker(data);
     }
     for data in [&[][..], &[0xff; 16], &[0x55; 64]] {
@@ -402,8 +429,8 @@ fn generate_frames_corpus() {
 /// `cargo test -p holdfast-fuzz --test corpus -- --ignored generate_corpus`; the files are
 /// committed.
 #[test]
-#[ignore = "writes the committed seed corpus of the frames, log_recovery, broker and \
-            sim_schedule targets; run by hand"]
+#[ignore = "writes the committed seed corpus of the frames, log_recovery, plan_recovery, \
+            broker and sim_schedule targets; run by hand"]
 fn generate_corpus() {
     generate(
         "frames",
@@ -416,6 +443,13 @@ fn generate_corpus() {
         "log_recovery",
         run_log_recovery,
         &log_recovery_goals(),
+        &[64, 256, 1024],
+        3000,
+    );
+    generate(
+        "plan_recovery",
+        run_plan_recovery,
+        &plan_recovery_goals(),
         &[64, 256, 1024],
         3000,
     );

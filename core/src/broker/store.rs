@@ -17,6 +17,7 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::types::{Offset, Origin, QueueId, StoredMessage};
+use crate::storage::{QueueSegment, plan_queue_recovery};
 
 /// Bytes in front of a record's offset: its length and checksum.
 pub const STORE_RECORD_HEADER_BYTES: usize = 8;
@@ -60,6 +61,24 @@ pub enum StoreOp {
     /// go, durably by the next sync), and a queue created again with the same name starts
     /// empty.
     DropQueue { queue: QueueId },
+}
+
+impl StoreOp {
+    /// About what the operation holds in memory until the driver carries it out: a write's
+    /// record, a fixed allowance for the rest (a queue name and a few numbers each).
+    pub fn weight_bytes(&self) -> u64 {
+        const SMALL_BYTES: u64 = 64;
+        match self {
+            StoreOp::Write { record, .. } => SMALL_BYTES + record.len() as u64,
+            StoreOp::Recover { queues } | StoreOp::CatchUp { queues, .. } => {
+                SMALL_BYTES * (1 + queues.len() as u64)
+            }
+            StoreOp::Reset
+            | StoreOp::Requeue(_)
+            | StoreOp::Trim { .. }
+            | StoreOp::DropQueue { .. } => SMALL_BYTES,
+        }
+    }
 }
 
 /// What a metadata snapshot says a queue holds: offsets `start..end`.
@@ -220,6 +239,21 @@ pub(crate) fn decode_record_checking(
     postcard::from_bytes(payload).map_err(|e| StoreRecordError::Undecodable(e.to_string()))
 }
 
+/// The runs of consecutive offsets in `records`, as a file store's segments.
+fn runs(records: &BTreeMap<Offset, Bytes>) -> Vec<QueueSegment> {
+    let mut runs: Vec<QueueSegment> = Vec::new();
+    for offset in records.keys() {
+        match runs.last_mut() {
+            Some(run) if run.first.saturating_add(run.count) == *offset => run.count += 1,
+            _ => runs.push(QueueSegment {
+                first: *offset,
+                count: 1,
+            }),
+        }
+    }
+    runs
+}
+
 /// A queue store in memory, for drivers that hold no files: the core's tests, fuzzing and
 /// the simulator (whose disk keeps a copy per node taken at each sync, what a crash leaves).
 /// It carries out [`StoreOp`]s and reads records back as a file store does, damage included.
@@ -282,11 +316,17 @@ impl MemoryStore {
                     .retain(|(g, q), _| *g != group || wanted.contains_key(q));
                 for range in &queues {
                     let records = self.queues.entry((group, range.queue.clone())).or_default();
-                    records.split_off(&range.end);
+                    // The decision the shell's file store takes too, over runs of consecutive
+                    // records as its segments.
+                    let plan = plan_queue_recovery(&runs(records), range.start, range.end);
+                    if let Some(first) = plan.remove.iter().min() {
+                        records.split_off(first);
+                    }
+                    if let Some((first, keep)) = plan.cut {
+                        records.split_off(&first.saturating_add(keep));
+                    }
                     *records = records.split_off(&range.start);
-                    if let Some(missing) =
-                        (range.start..range.end).find(|o| !records.contains_key(o))
-                    {
+                    if let Some(missing) = plan.lacks {
                         return Err(format!(
                             "the store lacks {}@{missing}, which the snapshot references \
                              ({}..{})",

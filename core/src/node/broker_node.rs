@@ -201,6 +201,10 @@ pub struct NodeConfig {
     /// ([`TransferJob`]). For drivers whose store can fetch (the shell's files); the
     /// simulator's memory store cannot.
     pub segment_catch_up: bool,
+    /// A restarting node applies the log it recovered in steps: each ends once this many bytes
+    /// of queue store writes wait for the driver (see [`BrokerNode::replaying`]), so the
+    /// replay never holds more than this (plus one entry's writes) of re-encoded messages.
+    pub replay_store_bytes_max: u64,
     pub canary: Option<Canary>,
 }
 
@@ -224,6 +228,7 @@ impl NodeConfig {
             group_retention_ms: Some(crate::limits::GROUP_RETENTION_MS_DEFAULT),
             leader_balance_interval_ms: Some(LEADER_BALANCE_INTERVAL_MS_DEFAULT),
             segment_catch_up: false,
+            replay_store_bytes_max: crate::limits::REPLAY_STORE_BYTES_DEFAULT,
             canary: None,
         }
     }
@@ -405,10 +410,19 @@ struct Group {
     group_seen: BTreeMap<String, Instant>,
     /// Configuration changes proposed for clients, answered when their fate is known.
     config_waiters: BTreeMap<ProposalId, (ClientId, RequestId)>,
+    /// The commit index recovered from disk while the entries up to it are still being
+    /// applied in steps (see [`NodeConfig::replay_store_bytes_max`]); 0 once they are.
+    replay_to: Index,
 }
 
 impl Group {
     fn new(raft: Replica, machine: Machine, pace: SnapshotPace) -> Group {
+        let status = raft.status();
+        let replay_to = if status.commit_index > status.applied_index {
+            status.commit_index
+        } else {
+            0
+        };
         Group {
             raft,
             machine,
@@ -425,6 +439,7 @@ impl Group {
             led_since: None,
             group_seen: BTreeMap::new(),
             config_waiters: BTreeMap::new(),
+            replay_to,
         }
     }
 }
@@ -471,6 +486,8 @@ pub struct BrokerNode {
     balance_at: Option<Instant>,
     /// Queue store operations from applying commands, in order per group.
     store_ops: VecDeque<(GroupId, StoreOp)>,
+    /// What `store_ops` weighs ([`StoreOp::weight_bytes`]), which bounds a replay's steps.
+    store_ops_bytes: u64,
     /// Reads to hand the driver, and the pulls waiting for them (at most `parked_pulls_max`).
     store_reads: VecDeque<StoreRead>,
     pending_reads: BTreeMap<u64, PendingRead>,
@@ -512,38 +529,14 @@ impl BrokerNode {
                 };
                 raft_config.canary = config.canary;
                 let disk = recovered.remove(&group).unwrap_or_default();
-                let mut machine = if group == METADATA_GROUP {
+                let machine = if group == METADATA_GROUP {
                     Machine::Meta(MetaState::default())
                 } else {
                     let mut broker = config.broker.clone();
                     broker.canary = config.canary;
                     Machine::Broker(BrokerState::new(broker))
                 };
-                let mut pace = SnapshotPace::default();
-                if let Some(snapshot) = &disk.snapshot {
-                    pace.last_bytes = snapshot.data.len() as u64;
-                    match machine.restored(&snapshot.data, false, None) {
-                        Ok(mut restored) => {
-                            if let Machine::Broker(state) = &mut restored {
-                                // Queues the log after the snapshot drops may be gone from
-                                // the store already: see `BrokerState::expect_replay`.
-                                let replayed: Vec<Command> = disk
-                                    .entries
-                                    .iter()
-                                    .filter(|e| e.index > snapshot.index)
-                                    .flat_map(|e| decode_entry(&e.kind))
-                                    .flatten()
-                                    .collect();
-                                state.expect_replay(&replayed);
-                            }
-                            machine = restored;
-                        }
-                        Err(e) => faults.push_back(format!(
-                            "group {group}: the snapshot at index {} on disk does not restore: {e}",
-                            snapshot.index
-                        )),
-                    }
-                }
+                let (machine, pace) = restore_machine(group, machine, &disk, &mut faults);
                 let replica_seed = seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let mut raft = Replica::new(raft_config, disk, replica_seed, now);
                 raft.use_transfer_images(
@@ -571,6 +564,7 @@ impl BrokerNode {
             counters: Default::default(),
             balance_at: None,
             store_ops: VecDeque::new(),
+            store_ops_bytes: 0,
             store_reads: VecDeque::new(),
             pending_reads: BTreeMap::new(),
             next_read: 1,
@@ -1633,7 +1627,24 @@ impl BrokerNode {
 
     /// The next queue store operation, in order per group; see [`StoreOp`].
     pub fn poll_store(&mut self) -> Option<(GroupId, StoreOp)> {
-        self.store_ops.pop_front()
+        let (group, op) = self.store_ops.pop_front()?;
+        self.store_ops_bytes = self.store_ops_bytes.saturating_sub(op.weight_bytes());
+        Some((group, op))
+    }
+
+    /// The node is still applying the log it recovered at the start, a step at a time (see
+    /// [`NodeConfig::replay_store_bytes_max`]). Until it is done the driver alternates
+    /// [`BrokerNode::poll_store`] (carrying every operation out) and [`BrokerNode::replay`],
+    /// before it serves anything: the node answers no proposal and takes no snapshot
+    /// meanwhile.
+    pub fn replaying(&self) -> bool {
+        self.groups.values().any(|g| g.replay_to != 0)
+    }
+
+    /// Applies the next step of the recovered log (nothing once [`BrokerNode::replaying`] is
+    /// false), once the driver has taken the previous step's store operations.
+    pub fn replay(&mut self, now: Instant) {
+        self.settle(now);
     }
 
     /// The next read of the queue store a pull waits for; see [`StoreRead`].
@@ -1998,8 +2009,7 @@ impl BrokerNode {
         raft_config.canary = self.config.canary;
         let mut broker = self.config.broker.clone();
         broker.canary = self.config.canary;
-        let mut machine = Machine::Broker(BrokerState::new(broker));
-        let mut pace = SnapshotPace::default();
+        let machine = Machine::Broker(BrokerState::new(broker));
         let disk = match self.dormant.remove(&group) {
             Some(disk) => disk,
             None => {
@@ -2023,28 +2033,7 @@ impl BrokerNode {
                 Recovered::default()
             }
         };
-        if let Some(snapshot) = &disk.snapshot {
-            pace.last_bytes = snapshot.data.len() as u64;
-            match machine.restored(&snapshot.data, false, None) {
-                Ok(mut restored) => {
-                    if let Machine::Broker(state) = &mut restored {
-                        let replayed: Vec<Command> = disk
-                            .entries
-                            .iter()
-                            .filter(|e| e.index > snapshot.index)
-                            .flat_map(|e| decode_entry(&e.kind))
-                            .flatten()
-                            .collect();
-                        state.expect_replay(&replayed);
-                    }
-                    machine = restored;
-                }
-                Err(e) => self.faults.push_back(format!(
-                    "group {group}: the snapshot at index {} on disk does not restore: {e}",
-                    snapshot.index
-                )),
-            }
-        }
+        let (machine, pace) = restore_machine(group, machine, &disk, &mut self.faults);
         let seed = self.seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut raft = Replica::new(raft_config, disk, seed, now);
         raft.use_transfer_images(!self.config.segment_catch_up);
@@ -2316,8 +2305,9 @@ impl BrokerNode {
         }
     }
 
-    /// Proposes what was batched, applies what committed, answers who waited, retries parked
-    /// pulls, and creates queues the metadata placed on groups this node leads.
+    /// Proposes what was batched, applies what committed (a step of it while replaying: see
+    /// [`BrokerNode::replaying`]), answers who waited, retries parked pulls, and creates queues
+    /// the metadata placed on groups this node leads.
     fn settle(&mut self, now: Instant) {
         let mut woken = BTreeSet::new();
         let mut table_changed = false;
@@ -2381,7 +2371,29 @@ impl BrokerNode {
                     config: state.config().clone(),
                 });
             }
-            while let Some(entry) = group.raft.poll_committed() {
+            loop {
+                if group.replay_to != 0 {
+                    // A replay step counts the writes of each entry as it goes and ends once
+                    // they weigh enough; the driver takes them before the next (`replay`).
+                    hand_over_store_ops(
+                        *group_id,
+                        group,
+                        &mut self.store_ops,
+                        &mut self.store_ops_bytes,
+                        &mut self.counters,
+                    );
+                    if self.store_ops_bytes >= self.config.replay_store_bytes_max {
+                        break;
+                    }
+                }
+                let Some(entry) = group.raft.poll_committed() else {
+                    // Nothing more can apply now (a replay included), so none is waited for.
+                    group.replay_to = 0;
+                    break;
+                };
+                if entry.index >= group.replay_to {
+                    group.replay_to = 0;
+                }
                 group.pace.entries_since += 1;
                 group.pace.bytes_since += entry.command_bytes() as u64;
                 if self.config.record_applied {
@@ -2508,32 +2520,28 @@ impl BrokerNode {
                     group.applied.insert(entry.index, outcomes);
                 }
             }
-            if let Machine::Broker(state) = &mut group.machine {
-                let ops = state.take_store_ops();
-                let trims = ops
-                    .iter()
-                    .filter(|op| matches!(op, StoreOp::Trim { .. }))
-                    .count();
-                self.counters.group(*group_id).retention_trims += trims as u64;
-                if ops.iter().any(|op| matches!(op, StoreOp::DropQueue { .. })) {
-                    // A restart from a snapshot taken before a topic's deletion would look
-                    // for the dropped queues' messages, which the store no longer holds:
-                    // compact at once, so that window stays short.
-                    group.pace.entries_since = group.pace.entries_since.max(u64::MAX / 2);
-                    group.pace.bytes_since = group.pace.bytes_since.max(u64::MAX / 2);
-                }
-                self.store_ops
-                    .extend(ops.into_iter().map(|op| (*group_id, op)));
-            }
-            if let Some(job) = snapshot_due(
+            hand_over_store_ops(
                 *group_id,
                 group,
-                self.config.snapshot_entries_min,
-                self.config.snapshot_log_bytes,
-            ) {
+                &mut self.store_ops,
+                &mut self.store_ops_bytes,
+                &mut self.counters,
+            );
+            // A snapshot waits for the end of the replay, as if it had been applied at once.
+            if group.replay_to == 0
+                && let Some(job) = snapshot_due(
+                    *group_id,
+                    group,
+                    self.config.snapshot_entries_min,
+                    self.config.snapshot_log_bytes,
+                )
+            {
                 self.snapshot_jobs.push_back(job);
             }
-            while let Some(fate) = group.raft.poll_proposal() {
+            // An outcome is known once its entry is applied; none is proposed during a replay.
+            while group.replay_to == 0
+                && let Some(fate) = group.raft.poll_proposal()
+            {
                 if let Some((client, request)) = group.config_waiters.remove(&fate.id) {
                     let response = match fate.outcome {
                         ProposalOutcome::Committed { index } => {
@@ -2895,6 +2903,37 @@ impl BrokerNode {
 
 /// A copy of a group's state to snapshot, when its log grew enough since the last snapshot and
 /// no other snapshot of it is being encoded.
+/// Moves the store operations `group`'s state machine queued to the node's, counting them.
+fn hand_over_store_ops(
+    group_id: GroupId,
+    group: &mut Group,
+    store_ops: &mut VecDeque<(GroupId, StoreOp)>,
+    store_ops_bytes: &mut u64,
+    counters: &mut super::stats::Counters,
+) {
+    let Machine::Broker(state) = &mut group.machine else {
+        return;
+    };
+    let ops = state.take_store_ops();
+    if ops.is_empty() {
+        return;
+    }
+    let trims = ops
+        .iter()
+        .filter(|op| matches!(op, StoreOp::Trim { .. }))
+        .count();
+    counters.group(group_id).retention_trims += trims as u64;
+    if ops.iter().any(|op| matches!(op, StoreOp::DropQueue { .. })) {
+        // A restart from a snapshot taken before a topic's deletion would look for the
+        // dropped queues' messages, which the store no longer holds: compact at once, so that
+        // window stays short.
+        group.pace.entries_since = group.pace.entries_since.max(u64::MAX / 2);
+        group.pace.bytes_since = group.pace.bytes_since.max(u64::MAX / 2);
+    }
+    *store_ops_bytes += ops.iter().map(StoreOp::weight_bytes).sum::<u64>();
+    store_ops.extend(ops.into_iter().map(|op| (group_id, op)));
+}
+
 fn snapshot_due(
     group_id: GroupId,
     group: &mut Group,
@@ -3179,4 +3218,50 @@ fn check_consumer_queue(group: &str, queue: &QueueId) -> Result<(), String> {
         ));
     }
     check_name("topic", &queue.topic)
+}
+
+/// The state a group's snapshot on disk restores, or `machine` as it is (with a fault for
+/// the operator) when there is none or it does not decode.
+fn restore_machine(
+    group: GroupId,
+    machine: Machine,
+    disk: &Recovered,
+    faults: &mut VecDeque<String>,
+) -> (Machine, SnapshotPace) {
+    let mut pace = SnapshotPace::default();
+    let Some(snapshot) = &disk.snapshot else {
+        return (machine, pace);
+    };
+    pace.last_bytes = snapshot.data.len() as u64;
+    match machine.restored(&snapshot.data, false, None) {
+        Ok(mut restored) => {
+            if let Machine::Broker(state) = &mut restored {
+                // Queues the log after the snapshot drops may be gone from the store
+                // already: see `BrokerState::expect_replay`. Only the commands it looks at
+                // are kept: the log's appends would be a decoded copy of every message in it.
+                let replayed: Vec<Command> = disk
+                    .entries
+                    .iter()
+                    .filter(|e| e.index > snapshot.index)
+                    .flat_map(|e| decode_entry(&e.kind))
+                    .flatten()
+                    .filter(|c| {
+                        matches!(
+                            c,
+                            Command::DropTopic { .. } | Command::CreateQueuesAt { .. }
+                        )
+                    })
+                    .collect();
+                state.expect_replay(&replayed);
+            }
+            (restored, pace)
+        }
+        Err(e) => {
+            faults.push_back(format!(
+                "group {group}: the snapshot at index {} on disk does not restore: {e}",
+                snapshot.index
+            ));
+            (machine, pace)
+        }
+    }
 }

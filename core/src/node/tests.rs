@@ -1802,3 +1802,89 @@ fn a_restart_does_not_ask_the_store_for_queues_its_log_drops() {
         .collect();
     assert_eq!(asked, vec![QueueId::new("other", 0)]);
 }
+
+/// A restart applies the log it recovered a step at a time: the store writes waiting for the
+/// driver never weigh more than `replay_store_bytes_max` plus one entry's, and the node ends
+/// where a replay in one go ends, with the same store operations in the same order.
+#[test]
+fn a_restart_replays_its_log_in_steps_bounded_by_their_store_writes() {
+    use crate::broker::{Command, encode_command};
+    use crate::raft::{Entry, EntryKind, HardState};
+    let queues = [QueueId::new("orders", 0), QueueId::new("orders", 1)];
+    let body = "m".repeat(1024);
+    let mut entries = vec![Entry {
+        term: 1,
+        index: 1,
+        kind: EntryKind::Commands(vec![encode_command(&Command::CreateQueues {
+            queues: queues.to_vec(),
+        })]),
+    }];
+    for index in 2..=300u64 {
+        let append = Command::Append {
+            queue: queues[(index % 2) as usize].clone(),
+            producer_id: 7,
+            first_seq: index * 4,
+            messages: batch(&[&body, &body, &body, &body]),
+            stamp_ms: index,
+        };
+        entries.push(Entry {
+            term: 1,
+            index,
+            kind: EntryKind::Commands(vec![encode_command(&append)]),
+        });
+    }
+    let disk = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 300,
+        },
+        snapshot: None,
+        entries,
+    };
+    // Each replay step's store operations, and the state it ends in.
+    let replay = |bytes_max: u64| {
+        let mut config = NodeConfig::new(1, vec![1, 2, 3], 1);
+        config.replay_store_bytes_max = bytes_max;
+        let mut node = BrokerNode::new(
+            config,
+            BTreeMap::from([(1, disk.clone())]),
+            5,
+            Instant::ZERO,
+        );
+        let mut steps: Vec<Vec<(GroupId, StoreOp)>> = Vec::new();
+        loop {
+            steps.push(std::iter::from_fn(|| node.poll_store()).collect());
+            if !node.replaying() {
+                break;
+            }
+            node.replay(Instant::ZERO);
+            assert!(steps.len() < 10_000, "the replay makes progress");
+        }
+        let status = node.replica(1).expect("group 1").status();
+        let state = node.broker_state(1).expect("a broker group");
+        let snapshot = state.metadata_snapshot().expect("encodes");
+        (steps, status.applied_index, snapshot)
+    };
+    let weight = |step: &Vec<(GroupId, StoreOp)>| -> u64 {
+        step.iter().map(|(_, op)| op.weight_bytes()).sum()
+    };
+    let bytes_max = 16 << 10;
+    let (steps, applied, snapshot) = replay(bytes_max);
+    let (once, applied_once, snapshot_once) = replay(u64::MAX);
+    assert_eq!(once.len(), 1, "an unbounded replay is one step");
+    let total = weight(&once[0]);
+    assert!(total > 1 << 20, "the log writes over 1 MiB: {total}");
+    // One entry's writes: four records of a little over 1 KiB.
+    let entry_max = 4 * (64 + 1024 + 256);
+    let most = steps.iter().map(weight).max().unwrap_or(0);
+    assert!(
+        most <= bytes_max + entry_max,
+        "a step queued {most} bytes of store writes, over {bytes_max} + {entry_max}"
+    );
+    assert!(steps.len() > 50, "{} steps", steps.len());
+    assert_eq!((applied, applied_once), (300, 300));
+    assert_eq!(snapshot, snapshot_once, "the same state");
+    let flat: Vec<(GroupId, StoreOp)> = steps.into_iter().flatten().collect();
+    assert_eq!(flat, once.into_iter().flatten().collect::<Vec<_>>());
+}

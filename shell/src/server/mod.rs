@@ -376,6 +376,13 @@ impl Server {
     fn run(&mut self, stop: &AtomicBool) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         let mut handover_until: Option<std::time::Instant> = None;
+        // The rest of the log recovered at the start is applied before anything is served.
+        let replay_started = std::time::Instant::now();
+        self.drain()?;
+        info!(
+            ms = replay_started.elapsed().as_millis() as u64,
+            "recovered log applied"
+        );
         loop {
             if stop.load(Ordering::Relaxed) {
                 if !self.hand_over_on_stop {
@@ -1275,6 +1282,12 @@ impl Server {
                         error!(group, "queue store failed, stopping this node: {e}");
                         ServerError(format!("group {group}: queue store failed: {e}"))
                     })?;
+                }
+                if self.node.replaying() {
+                    // The log recovered at the start applies a step at a time, each step's
+                    // store writes carried out before the next.
+                    self.node.replay(now);
+                    continue;
                 }
                 let Some(read) = self.node.poll_read() else {
                     break;

@@ -38,6 +38,9 @@ const CHECK_INTERVAL_MS: u64 = 50;
 /// Consumer session and queue lease timeout: short, so that crashed members' queues move
 /// within a run.
 const MEMBER_SESSION_MS: u64 = 2_000;
+/// What a restarting node queues of store writes per replay step: a few records, so that the
+/// simulator drives a replay over many steps (see `BrokerNode::replaying`).
+const REPLAY_STORE_BYTES_MAX: u64 = 4 << 10;
 pub(crate) const TOPIC: &str = "orders";
 pub(crate) const CONSUMER_GROUPS: [&str; 2] = ["billing", "audit"];
 
@@ -487,6 +490,8 @@ impl Workload for QueueWorld {
         config.record_applied = true;
         config.canary = self.k.options.canary;
         config.snapshot_entries_min = self.snapshot_entries_min;
+        // Small, so that a restart's replay takes many steps here too (the shell's is 16 MiB).
+        config.replay_store_bytes_max = REPLAY_STORE_BYTES_MAX;
         config.raft.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
         if let Some(batch) = self.k.swarm.append_entries_max {
             config.raft.append_entries_max = batch;
@@ -650,6 +655,11 @@ impl QueueWorld {
                 host.store.apply(group, op).map_err(|why| {
                     violation("queue-store", format!("node {node} group {group}: {why}"))
                 })?;
+            }
+            if broker.replaying() {
+                // A restart's log applies a step at a time, as the shell drives it.
+                broker.replay(now);
+                continue;
             }
             let Some(read) = broker.poll_read() else {
                 break;

@@ -126,6 +126,10 @@ const NEVER: Instant = Instant::from_micros(u64::MAX);
 /// A node whose connection was lost is asked only when every other is suspect too, for this
 /// long (as the producer's `avoid_ms`): the consumer does not send its retries into it.
 pub const LOST_NODE_AVOID_MS: u64 = 10_000;
+/// How long answers wait after a node said it knows no leader of their group: the pause pulls
+/// and heartbeats take in the same case.
+const NO_LEADER_RETRY_MS: u64 = 10;
+const NO_LEADER_RETRY_MAX_MS: u64 = 80;
 
 enum InFlight {
     Heartbeat,
@@ -194,6 +198,13 @@ pub struct Consumer {
     in_flight: BTreeMap<RequestId, (InFlight, Instant)>,
     /// Answers not yet sent (batched per queue), or to send again.
     answers: Vec<Answer>,
+    /// Broker groups whose answers bounced off a node that knew no leader: until when they
+    /// are held, so that an election costs a few retries instead of one per round trip.
+    answers_wait: BTreeMap<GroupId, Instant>,
+    /// Answers and pulls in a row a group's nodes bounced with no leader: the wait doubles
+    /// with each, up to `NO_LEADER_RETRY_MAX_MS`, so a long outage is not polled 100 times a
+    /// second per queue.
+    no_leader_bounces: BTreeMap<GroupId, u32>,
     deliveries: VecDeque<Delivery>,
     events: VecDeque<ConsumerEvent>,
     outbox: VecDeque<(NodeId, RequestId, Request)>,
@@ -227,6 +238,8 @@ impl Consumer {
             heartbeat_due: now,
             in_flight: BTreeMap::new(),
             answers: Vec::new(),
+            answers_wait: BTreeMap::new(),
+            no_leader_bounces: BTreeMap::new(),
             deliveries: VecDeque::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
@@ -433,6 +446,10 @@ impl Consumer {
             .iter()
             .filter(|(key, r)| r.unanswered == 0 && !self.answering(key))
             .map(|(_, r)| r.send_at);
+        let answers = self
+            .answers
+            .iter()
+            .filter_map(|a| self.answers_wait.get(&a.broker).copied());
         let heartbeat_in_flight = self
             .in_flight
             .values()
@@ -443,6 +460,7 @@ impl Consumer {
             .chain(pulls)
             .chain(releases)
             .chain(heartbeat)
+            .chain(answers)
             .min()
             .unwrap_or(NEVER)
     }
@@ -541,7 +559,12 @@ impl Consumer {
     }
 
     fn send_answers(&mut self, now: Instant) {
-        for answer in std::mem::take(&mut self.answers) {
+        self.answers_wait.retain(|_, until| *until > now);
+        let (held, due): (Vec<Answer>, Vec<Answer>) = std::mem::take(&mut self.answers)
+            .into_iter()
+            .partition(|a| self.answers_wait.contains_key(&a.broker));
+        self.answers = held;
+        for answer in due {
             let (group, member) = (self.config.group.clone(), self.config.member.clone());
             let request = match answer.status {
                 AckStatus::Success => Request::Ack {
@@ -688,6 +711,9 @@ impl Consumer {
         response: Response,
     ) {
         let key = (broker, queue.clone());
+        if !matches!(response, Response::NotLeader { .. }) {
+            self.no_leader_bounces.remove(&broker);
+        }
         match response {
             Response::Pulled {
                 messages,
@@ -765,8 +791,12 @@ impl Consumer {
             }
             Response::NotLeader { leader_hint, .. } => {
                 self.hint(broker, leader_hint);
+                let pause_ms = match leader_hint {
+                    Some(_) => NO_LEADER_RETRY_MS,
+                    None => self.no_leader_pause_ms(broker),
+                };
                 if let Some(owned) = self.owned.get_mut(&key) {
-                    owned.retry_at = now + Duration::from_millis(10);
+                    owned.retry_at = now + Duration::from_millis(pause_ms);
                 }
             }
             _ => {
@@ -778,7 +808,19 @@ impl Consumer {
         }
     }
 
+    /// How long to hold requests to `group` after one of its nodes knew no leader, counting
+    /// the bounce.
+    fn no_leader_pause_ms(&mut self, group: GroupId) -> u64 {
+        let bounced = self.no_leader_bounces.entry(group).or_default();
+        let pause_ms = (NO_LEADER_RETRY_MS << (*bounced).min(4)).min(NO_LEADER_RETRY_MAX_MS);
+        *bounced = bounced.saturating_add(1);
+        pause_ms
+    }
+
     fn acked(&mut self, now: Instant, answer: Answer, response: Response) {
+        if !matches!(response, Response::NotLeader { .. }) {
+            self.no_leader_bounces.remove(&answer.broker);
+        }
         match response {
             Response::Acked { .. } => {
                 self.push_event(ConsumerEvent::AckConfirmed {
@@ -819,6 +861,17 @@ impl Consumer {
             Response::Refused { .. } => {} // nothing to retry: the offset is not there
             Response::NotLeader { leader_hint, .. } => {
                 self.hint(answer.broker, leader_hint);
+                // With a hint the answer goes there at once; without one (an election, or a
+                // node cut off from its group) resending at once would only bounce again.
+                let waiting = self
+                    .answers_wait
+                    .get(&answer.broker)
+                    .is_some_and(|until| *until > now);
+                if leader_hint.is_none() && !waiting {
+                    let pause_ms = self.no_leader_pause_ms(answer.broker);
+                    let until = now + Duration::from_millis(pause_ms);
+                    self.answers_wait.insert(answer.broker, until);
+                }
                 self.answers.push(answer);
             }
             _ => {

@@ -366,3 +366,72 @@ fn a_pull_in_flight_on_a_lost_connection_goes_again_at_once_to_another_node() {
         .find(|(_, _, r)| matches!(r, Request::Pull { .. }));
     assert!(again.is_some(), "the pull goes again after its timeout");
 }
+
+/// Issue 18's profile: during an election every node answers an ack with `NotLeader` and no
+/// hint. Resent at once, each answer bounced once per round trip for the whole election (a
+/// third of all redirects in the simulator's queue runs); it now waits, longer each time.
+#[test]
+fn answers_bounced_with_no_leader_known_wait_before_going_again() {
+    let q = QueueId::new("orders", 0);
+    let now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1, 2, 3]), now);
+    let (id, request) = next_request(&mut consumer, now);
+    assert!(matches!(request, Request::Heartbeat { .. }));
+    let assignment = Response::Assignment {
+        group: "g".into(),
+        generation: 1,
+        members: 1,
+        queues: vec![(1, q.clone())],
+    };
+    consumer.handle_response(now, id, assignment);
+    let (pull, _) = next_request(&mut consumer, now);
+    let pulled = Response::Pulled {
+        queue: q.clone(),
+        messages: vec![(0, stored(0))],
+        next_offset: 1,
+        delivered_below: 0,
+    };
+    consumer.handle_response(now, pull, pulled);
+    let delivery = consumer.poll_delivery().expect("a delivery");
+    consumer.answer(now, &delivery, AckStatus::Success);
+    // Sends the ack; returns the times it left at over 100 ms of bounces.
+    let mut acks_sent = Vec::new();
+    let mut t = now;
+    let end = now + Duration::from_millis(100);
+    while t <= end {
+        consumer.handle_timeout(t);
+        while let Some((_, id, request)) = consumer.poll_request() {
+            if matches!(request, Request::Ack { .. }) && acks_sent.len() < 1_000 {
+                acks_sent.push(t);
+                let bounce = Response::NotLeader {
+                    group: 1,
+                    leader_hint: None,
+                };
+                consumer.handle_response(t, id, bounce);
+            }
+        }
+        t = t + Duration::from_millis(1);
+    }
+    // 0, 10, 30, 70 ms: four tries in 100 ms, not one a millisecond.
+    assert!(
+        (2..=5).contains(&acks_sent.len()),
+        "acks sent at {acks_sent:?}"
+    );
+    // A hint is followed at once.
+    let (_, id, request) = {
+        consumer.handle_timeout(end + Duration::from_millis(200));
+        consumer.poll_request().expect("the ack goes again")
+    };
+    assert!(matches!(request, Request::Ack { .. }), "{request:?}");
+    let t = end + Duration::from_millis(200);
+    let redirect = Response::NotLeader {
+        group: 1,
+        leader_hint: Some(2),
+    };
+    consumer.handle_response(t, id, redirect);
+    let acks: Vec<crate::raft::NodeId> = std::iter::from_fn(|| consumer.poll_request())
+        .filter(|(_, _, r)| matches!(r, Request::Ack { .. }))
+        .map(|(node, _, _)| node)
+        .collect();
+    assert_eq!(acks, vec![2], "the ack follows the hint at once");
+}

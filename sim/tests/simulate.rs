@@ -316,17 +316,24 @@ mod canaries {
 
     /// The membership canaries on the queue workload, whose operator changes membership
     /// through the node's requests in half its seeds: each caught within 500 seeds, and each
-    /// membership checker the first to catch one there too.
+    /// membership checker but config-quorum the first to catch one there too.
     #[test]
     fn every_membership_canary_is_caught_on_the_queue_workload_by_every_membership_checker() {
-        // Five nodes too: which checker sees a canary first depends on the seeds' draws, and
-        // on 3 nodes config-election happens to see config-on-commit before config-quorum does.
+        // Which checker sees a canary first depends on the seeds' draws: on this workload
+        // config-election sees config-on-commit before config-quorum does on 3 and 5 nodes
+        // (since the operator waits out its stray changes, sim/regressions.txt 42001074).
+        // config-quorum is the same `membership::check_step` on both workloads, and is shown
+        // to catch config-on-commit first on the Raft workload (the test above).
         let cases = Canary::ALL
             .into_iter()
             .filter(|c| c.is_membership())
             .flat_map(|c| [case(c, "queue", 3), case(c, "queue", 5)])
             .collect();
-        expect_caught(cases, true, "membership", &MEMBERSHIP_CHECKERS);
+        let checkers: Vec<&str> = MEMBERSHIP_CHECKERS
+            .into_iter()
+            .filter(|c| *c != "config-quorum")
+            .collect();
+        expect_caught(cases, true, "membership", &checkers);
     }
 
     /// The snapshot canaries, each on the workload whose code it plants a bug in (the Raft

@@ -21,6 +21,7 @@ use std::collections::{BTreeSet, VecDeque};
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
 use holdfast_core::node::{BrokerNode, METADATA_GROUP};
 use holdfast_core::raft::{ConfChange, GroupId, Membership, NodeId, Replica, Role};
+use holdfast_core::time::Instant;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -47,7 +48,15 @@ pub(crate) struct Operator {
     next_request: RequestId,
     /// This look is a hasty one (see `Event::Operate`).
     hasty: bool,
+    /// No goal is judged done before this: a stray change sent while another was pending
+    /// may still be on its way, and one that undoes the goal (removing the node being
+    /// added) can be accepted once the pending change commits.
+    settle_until: Option<Instant>,
 }
+
+/// How long a stray change may take to reach a leader and be appended: above the slowest
+/// client link (200 ms) plus the longest pause of the leader that holds it (1.5 s).
+const STRAY_SETTLE_MS: u64 = 2_000;
 
 impl Operator {
     /// `spares`: the ids of the spare nodes, if this seed changes membership.
@@ -61,6 +70,7 @@ impl Operator {
             goals,
             next_request: 0,
             hasty: false,
+            settle_until: None,
         }
     }
 
@@ -115,7 +125,7 @@ impl QueueWorld {
         let done = match goal {
             Goal::Add(node) => self.operate_add(node),
             Goal::Remove(node) => self.operate_remove(node),
-        };
+        } && self.operator.settle_until.is_none_or(|t| self.k.now >= t);
         if done {
             let kind = match goal {
                 Goal::Add(_) => "node-add",
@@ -321,6 +331,9 @@ impl QueueWorld {
                 }
                 _ => None,
             };
+            if change.is_some() {
+                self.operator.settle_until = Some(self.k.now + ms(STRAY_SETTLE_MS));
+            }
         }
         let Some(change) = change else {
             return;

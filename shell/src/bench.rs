@@ -43,7 +43,15 @@ pub struct BenchArgs {
     /// behind in `group list` and the lag metrics, and no messages on disk).
     #[arg(long, alias = "keep-group")]
     pub keep: bool,
+    /// Sends per second over all producers (0: as fast as the in-flight limit allows). A rate
+    /// the consumers keep up with measures end-to-end latency without a backlog in it.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
+
+/// Bytes at the start of a body that carry its send time (microseconds since the Unix epoch),
+/// for the end-to-end latency; bodies shorter than this carry none.
+const STAMP_BYTES: usize = 8;
 
 /// Runs the benchmark; fails like every client command (exit 3, naming each address and why,
 /// when no server accepts a connection; 4 when refused; 5 on no answer in time).
@@ -77,14 +85,19 @@ pub fn run(args: BenchArgs) -> Result<(), Failed> {
         }
     };
     crate::out!(
-        "bench: {} messages of {} bytes, {} producers x {} in flight, {} consumers, topic {} ({} queues)",
+        "bench: {} messages of {} bytes, {} producers x {} in flight, {} consumers, topic {} ({} queues), {}",
         args.messages,
         args.size,
         args.producers,
         args.inflight,
         args.consumers,
         args.topic,
-        args.queues
+        args.queues,
+        if args.rate == 0 {
+            "unpaced".to_string()
+        } else {
+            format!("paced at {} sends/s", args.rate)
+        }
     );
     crate::out!(
         "durability: acked after a majority synced it to disk (fdatasync per batch, group commit)"
@@ -145,10 +158,24 @@ pub fn run(args: BenchArgs) -> Result<(), Failed> {
         .unwrap_or_default();
     let produce_secs = started.elapsed().as_secs_f64();
     let mut consumed = 0;
+    let mut samples = Vec::new();
+    // The group settles (members join, queues are handed out) while the first sends go:
+    // latency counts from when every consumer has had a message, so it measures the path,
+    // not the start-up.
+    let mut settled_us = 0;
     for handle in consumers {
-        consumed += handle
+        let seen = handle
             .join()
             .map_err(|_| "a consumer thread panicked".to_string())?;
+        consumed += seen.count;
+        settled_us = settled_us.max(seen.first_us.unwrap_or(u64::MAX));
+        samples.extend(seen.samples);
+    }
+    let mut end_to_end = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for (sent_us, latency_us) in samples {
+        if sent_us >= settled_us {
+            let _ = end_to_end.record(latency_us);
+        }
     }
     let consume_secs = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
@@ -168,15 +195,29 @@ pub fn run(args: BenchArgs) -> Result<(), Failed> {
         ms(0.999),
         latency.max() as f64 / 1_000.0
     );
+    let e2e_ms = |q: f64| end_to_end.value_at_quantile(q) as f64 / 1_000.0;
+    if !end_to_end.is_empty() {
+        crate::out!(
+            "end-to-end latency (send to the consumer's listener, {} messages sent once every consumer had one): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms",
+            end_to_end.len(),
+            e2e_ms(0.5),
+            e2e_ms(0.99),
+            e2e_ms(0.999),
+            end_to_end.max() as f64 / 1_000.0
+        );
+    }
     crate::out!(
         "longest gap without an acknowledged send: {:.1} ms",
         longest_gap.as_secs_f64() * 1e3
     );
     crate::out!(
-        "msgs_per_s={msgs_per_s:.0} mb_per_s={mb_per_s:.2} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
+        "msgs_per_s={msgs_per_s:.0} mb_per_s={mb_per_s:.2} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} e2e_p50_ms={:.2} e2e_p99_ms={:.2} e2e_p999_ms={:.2}",
         ms(0.5),
         ms(0.99),
-        ms(0.999)
+        ms(0.999),
+        e2e_ms(0.5),
+        e2e_ms(0.99),
+        e2e_ms(0.999)
     );
     if !args.keep {
         // Its consumers have finished: forcing only covers a lease not yet released.
@@ -250,19 +291,35 @@ fn produce(
 ) -> ProduceResult {
     let mut producer = Producer::connect(servers).map_err(|e| e.to_string())?;
     let mut latency = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-    let body = Bytes::from(vec![b'x'; args.size]);
+    let mut body = vec![b'x'; args.size];
     let mut started = BTreeMap::new();
     let (mut issued, mut ok, mut failed) = (0u64, 0u64, 0u64);
     let mut acked_at = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let pace = pace_of(args);
+    let begun = Instant::now();
     while ok + failed < count {
         while issued < count && producer.in_flight() < args.inflight {
+            // Paced: the n-th send goes no earlier than n intervals after the start.
+            if pace.is_some_and(|every| {
+                begun + Duration::from_nanos(every.saturating_mul(issued)) > Instant::now()
+            }) {
+                break;
+            }
+            stamp(&mut body);
             let id = producer
-                .send_async(topic, vec![Message::with_body(body.clone())])
+                .send_async(
+                    topic,
+                    vec![Message::with_body(Bytes::copy_from_slice(&body))],
+                )
                 .map_err(|e| e.to_string())?;
             started.insert(id, Instant::now());
             issued += 1;
         }
-        for (id, result) in producer.poll(Duration::from_millis(50)) {
+        let wait = match pace {
+            Some(every) if issued < count => Duration::from_nanos(every.clamp(1, 50_000_000)),
+            _ => Duration::from_millis(50),
+        };
+        for (id, result) in producer.poll(wait) {
             if let Some(at) = started.remove(&id) {
                 let _ = latency.record(at.elapsed().as_micros() as u64);
             }
@@ -279,23 +336,110 @@ fn produce(
     Ok((latency, ok, failed, acked_at))
 }
 
+/// The interval between one producer's sends in nanoseconds, when paced.
+fn pace_of(args: &BenchArgs) -> Option<u64> {
+    let per_producer = args.rate / args.producers.max(1) as u64;
+    (args.rate > 0).then(|| 1_000_000_000 / per_producer.max(1))
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Writes the send time into the body's first bytes (producers and consumers of a bench run
+/// share one clock: the machine the bench runs on).
+fn stamp(body: &mut [u8]) {
+    if let Some(head) = body.get_mut(..STAMP_BYTES) {
+        head.copy_from_slice(&now_us().to_le_bytes());
+    }
+}
+
+/// A body's send time, if it is long enough to carry one.
+fn stamp_of(body: &[u8]) -> Option<u64> {
+    let head: [u8; STAMP_BYTES] = body.get(..STAMP_BYTES)?.try_into().ok()?;
+    Some(u64::from_le_bytes(head))
+}
+
+/// What one consumer saw: how many messages, when the first came, and each first delivery's
+/// send time and latency (microseconds).
+struct Seen {
+    count: usize,
+    first_us: Option<u64>,
+    samples: Vec<(u64, u64)>,
+}
+
 fn consume(
     servers: ClientConfig,
     topic: &str,
     group: &str,
     count: usize,
     counted: &AtomicU64,
-) -> usize {
-    let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
-        return 0;
+) -> Seen {
+    let mut seen = Seen {
+        count: 0,
+        first_us: None,
+        samples: Vec::with_capacity(count.min(10_000_000)),
     };
-    let consumed = consumer.run(Some(count), Duration::from_secs(10), |_| {
+    let Ok(mut consumer) = Consumer::connect(servers, group, topic) else {
+        return seen;
+    };
+    seen.count = consumer.run(Some(count), Duration::from_secs(10), |delivery| {
         counted.fetch_add(1, Ordering::Relaxed);
+        let now = now_us();
+        seen.first_us.get_or_insert(now);
+        // A redelivery's latency is the redelivery's, not the path's: leave it out.
+        if let Some(sent) = stamp_of(&delivery.message.message.body)
+            && !delivery.redelivered
+        {
+            seen.samples.push((sent, now.saturating_sub(sent)));
+        }
         ConsumeStatus::Success
     });
     // Leave the group (answers confirmed, queues released) before the run deletes it: a
     // consumer merely dropped keeps polling its queues until its connection closes, and a
     // poll after the deletion claims a queue again, so the group came back.
     consumer.close();
-    consumed
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_carries_its_send_time_when_it_is_long_enough() {
+        let mut body = vec![b'x'; 16];
+        let before = now_us();
+        stamp(&mut body);
+        let sent = stamp_of(&body).expect("16 bytes carry a stamp");
+        assert!(before <= sent && sent <= now_us());
+        assert_eq!(&body[STAMP_BYTES..], &[b'x'; 8], "only the head is the stamp");
+
+        let mut short = vec![b'x'; STAMP_BYTES - 1];
+        stamp(&mut short);
+        assert_eq!(short, vec![b'x'; STAMP_BYTES - 1], "a short body is left alone");
+        assert_eq!(stamp_of(&short), None);
+    }
+
+    #[test]
+    fn a_paced_run_spreads_the_rate_over_its_producers() {
+        let args = |rate, producers| BenchArgs {
+            messages: 1,
+            size: 8,
+            inflight: 1,
+            producers,
+            consumers: 1,
+            topic: "t".into(),
+            queues: 1,
+            servers: None,
+            client_file: None,
+            keep: false,
+            rate,
+        };
+        assert_eq!(pace_of(&args(0, 2)), None);
+        assert_eq!(pace_of(&args(2_000, 2)), Some(1_000_000), "1,000 a second each");
+        assert_eq!(pace_of(&args(1, 4)), Some(1_000_000_000), "at least one a second each");
+    }
 }

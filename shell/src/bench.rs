@@ -415,11 +415,19 @@ mod tests {
         stamp(&mut body);
         let sent = stamp_of(&body).expect("16 bytes carry a stamp");
         assert!(before <= sent && sent <= now_us());
-        assert_eq!(&body[STAMP_BYTES..], &[b'x'; 8], "only the head is the stamp");
+        assert_eq!(
+            &body[STAMP_BYTES..],
+            &[b'x'; 8],
+            "only the head is the stamp"
+        );
 
         let mut short = vec![b'x'; STAMP_BYTES - 1];
         stamp(&mut short);
-        assert_eq!(short, vec![b'x'; STAMP_BYTES - 1], "a short body is left alone");
+        assert_eq!(
+            short,
+            vec![b'x'; STAMP_BYTES - 1],
+            "a short body is left alone"
+        );
         assert_eq!(stamp_of(&short), None);
     }
 
@@ -439,7 +447,15 @@ mod tests {
             rate,
         };
         assert_eq!(pace_of(&args(0, 2)), None);
-        assert_eq!(pace_of(&args(2_000, 2)), Some(1_000_000), "1,000 a second each");
-        assert_eq!(pace_of(&args(1, 4)), Some(1_000_000_000), "at least one a second each");
+        assert_eq!(
+            pace_of(&args(2_000, 2)),
+            Some(1_000_000),
+            "1,000 a second each"
+        );
+        assert_eq!(
+            pace_of(&args(1, 4)),
+            Some(1_000_000_000),
+            "at least one a second each"
+        );
     }
 }

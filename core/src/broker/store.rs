@@ -155,16 +155,22 @@ impl fmt::Display for StoreRecordError {
 
 impl std::error::Error for StoreRecordError {}
 
+/// Room beyond a message's [`super::Message::size_bytes`] for what postcard adds around it: length
+/// prefixes, time stamps, counts.
+const RECORD_SLACK_BYTES: usize = 64;
+
 /// The record of `stored` at `offset`.
 pub fn encode_record(offset: Offset, stored: &StoredMessage) -> Bytes {
-    let mut head = vec![0; STORE_RECORD_HEADER_BYTES];
+    // Sized for the whole record at once: grown from the header, a 1 KiB message took seven
+    // reallocations, and those were a tenth of a busy node's CPU.
+    let capacity = STORE_RECORD_HEADER_BYTES + 8 + stored.message.size_bytes() + RECORD_SLACK_BYTES;
+    let mut head = Vec::with_capacity(capacity);
+    head.resize(STORE_RECORD_HEADER_BYTES, 0);
     head.extend_from_slice(&offset.to_le_bytes());
     // A message of plain values always serialises; were serde ever to fail, the record
     // would be refused as truncated on every read, never misread.
-    let mut bytes = postcard::to_extend(stored, head.clone()).unwrap_or_else(|_| {
-        head.truncate(STORE_RECORD_HEADER_BYTES);
-        head
-    });
+    let mut bytes =
+        postcard::to_extend(stored, head).unwrap_or_else(|_| vec![0; STORE_RECORD_HEADER_BYTES]);
     let len = (bytes.len() - STORE_RECORD_HEADER_BYTES) as u32;
     let crc = crc32c::crc32c(&bytes[STORE_RECORD_HEADER_BYTES..]);
     bytes[0..4].copy_from_slice(&len.to_le_bytes());

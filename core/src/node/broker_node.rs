@@ -583,10 +583,12 @@ impl BrokerNode {
     }
 
     /// The replica of `group`, for status and checks.
+    #[inline]
     pub fn replica(&self, group: GroupId) -> Option<&Replica> {
         self.groups.get(&group).map(|g| &g.raft)
     }
 
+    #[inline]
     pub fn broker_state(&self, group: GroupId) -> Option<&BrokerState> {
         match &self.groups.get(&group)?.machine {
             Machine::Broker(state) => Some(state),
@@ -1573,17 +1575,20 @@ impl BrokerNode {
 
     /// The next thing the operator should see in the log; see [`NodeEvent`]. At most
     /// `EVENTS_BUFFERED_MAX` wait: a driver that never polls loses the oldest.
+    #[inline]
     pub fn poll_event(&mut self) -> Option<NodeEvent> {
         self.events.pop_front()
     }
 
     /// A state to encode into a snapshot; see [`SnapshotJob`]. The driver carries out the
     /// store operations polled before it first.
+    #[inline]
     pub fn poll_snapshot_job(&mut self) -> Option<SnapshotJob> {
         self.snapshot_jobs.pop_front()
     }
 
     /// A snapshot's transfer image to make; see [`TransferJob`].
+    #[inline]
     pub fn poll_transfer_job(&mut self) -> Option<TransferJob> {
         self.transfer_jobs.pop_front()
     }
@@ -1626,6 +1631,7 @@ impl BrokerNode {
     }
 
     /// The next queue store operation, in order per group; see [`StoreOp`].
+    #[inline]
     pub fn poll_store(&mut self) -> Option<(GroupId, StoreOp)> {
         let (group, op) = self.store_ops.pop_front()?;
         self.store_ops_bytes = self.store_ops_bytes.saturating_sub(op.weight_bytes());
@@ -1637,6 +1643,7 @@ impl BrokerNode {
     /// [`BrokerNode::poll_store`] (carrying every operation out) and [`BrokerNode::replay`],
     /// before it serves anything: the node answers no proposal and takes no snapshot
     /// meanwhile.
+    #[inline]
     pub fn replaying(&self) -> bool {
         self.groups.values().any(|g| g.replay_to != 0)
     }
@@ -1648,6 +1655,7 @@ impl BrokerNode {
     }
 
     /// The next read of the queue store a pull waits for; see [`StoreRead`].
+    #[inline]
     pub fn poll_read(&mut self) -> Option<StoreRead> {
         self.store_reads.pop_front()
     }
@@ -1763,11 +1771,13 @@ impl BrokerNode {
 
     /// A snapshot whose state does not decode (a bug, or bytes damaged past their checksums):
     /// the driver must stop the node, since that group can no longer apply anything.
+    #[inline]
     pub fn poll_fault(&mut self) -> Option<String> {
         self.faults.pop_front()
     }
 
     /// The next entry applied, in order per group, when `record_applied` is set.
+    #[inline]
     pub fn poll_applied(&mut self) -> Option<(GroupId, Entry)> {
         self.applied.pop_front()
     }
@@ -2311,7 +2321,7 @@ impl BrokerNode {
     fn settle(&mut self, now: Instant) {
         let mut woken = BTreeSet::new();
         let mut table_changed = false;
-        let broker_groups = self.config.broker_groups.clone();
+        let broker_groups = &self.config.broker_groups;
         for (group_id, group) in &mut self.groups {
             if !group.batch.is_empty() {
                 propose_batch(now, &mut self.next_proposal, group, &mut self.responses);
@@ -2475,7 +2485,7 @@ impl BrokerNode {
                                         | MetaCommand::DeleteTopic { topic } => topic.clone(),
                                         _ => String::new(),
                                     };
-                                    let result = meta.apply(command, &broker_groups);
+                                    let result = meta.apply(command, broker_groups);
                                     table_changed |= matches!(
                                         result,
                                         Ok(TopicApplied::Created | TopicApplied::Deleted { .. })
@@ -2492,14 +2502,14 @@ impl BrokerNode {
                                         group,
                                         voters: voters.clone(),
                                     };
-                                    let result = meta.apply_node(command, &broker_groups);
+                                    let result = meta.apply_node(command, broker_groups);
                                     if result == Ok(NodeApplied::Changed) {
                                         self.added_groups_stale = true;
                                     }
                                     Applied::BrokerGroup(result.map(|_| (group, voters)))
                                 }
                                 Ok(command) => {
-                                    let result = meta.apply_node(command, &broker_groups);
+                                    let result = meta.apply_node(command, broker_groups);
                                     if result == Ok(NodeApplied::Changed) {
                                         self.node_table_version += 1;
                                     }

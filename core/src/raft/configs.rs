@@ -22,6 +22,7 @@ impl Configs {
     }
 
     /// The latest configuration in the log, and its entry's index (0: the base).
+    #[inline]
     pub(super) fn latest(&self) -> (Index, &Membership) {
         self.entries
             .last()

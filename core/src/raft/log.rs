@@ -30,10 +30,12 @@ impl RaftLog {
         log
     }
 
+    #[inline]
     pub(super) fn snapshot_index(&self) -> Index {
         self.snapshot_index
     }
 
+    #[inline]
     pub(super) fn last_index(&self) -> Index {
         self.snapshot_index + self.entries.len() as Index
     }
@@ -44,6 +46,7 @@ impl RaftLog {
 
     /// The term of the entry at `index`: index 0 has term 0, the snapshot's index its term;
     /// `None` below the snapshot (compacted) and past the end.
+    #[inline]
     pub(super) fn term_at(&self, index: Index) -> Option<Term> {
         if index == self.snapshot_index {
             return Some(self.snapshot_term);
@@ -51,6 +54,7 @@ impl RaftLog {
         self.get(index).map(|e| e.term)
     }
 
+    #[inline]
     pub(super) fn get(&self, index: Index) -> Option<&Entry> {
         let offset = index.checked_sub(self.snapshot_index + 1)?;
         self.entries.get(usize::try_from(offset).ok()?)

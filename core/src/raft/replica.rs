@@ -655,6 +655,7 @@ impl Replica {
     }
 
     /// The latest configuration in the log whatever a canary plants: for checkers.
+    #[inline]
     pub fn latest_membership(&self) -> (Index, &Membership) {
         self.configs.latest()
     }
@@ -978,6 +979,7 @@ impl Replica {
             .collect()
     }
 
+    #[inline]
     pub fn status(&self) -> Status {
         Status {
             id: self.config.id,
@@ -1064,6 +1066,7 @@ impl Replica {
     }
 
     /// The latest snapshot, durable or on its way to disk.
+    #[inline]
     pub fn snapshot(&self) -> Option<&Snapshot> {
         self.snapshot.as_ref()
     }
@@ -1098,11 +1101,13 @@ impl Replica {
     /// A wiped disk ([`Damage::votes_lost`]) is never repaired: the state file went with it,
     /// so no term is known to exceed the terms it voted in, and voting again could vote twice
     /// in one term. It stays a non-voting follower.
+    #[inline]
     pub fn damaged_from(&self) -> Option<Index> {
         self.damage.as_ref().map(|d| d.from)
     }
 
     /// The entry at `index` in this replica's (possibly not yet durable) log.
+    #[inline]
     pub fn entry(&self, index: Index) -> Option<&Entry> {
         self.log.get(index)
     }

@@ -530,6 +530,100 @@ mod tests {
             );
         }
     }
+    /// A catch-up whose peer dies half-way goes on from the next peer where it stopped, and a
+    /// restart (a new plan from what the store holds) asks only for the rest: no record is
+    /// fetched twice. A chunk with a bad checksum writes nothing and is asked again from the
+    /// same offset.
+    #[test]
+    fn an_interrupted_catch_up_resumes_where_it_stopped_and_refetches_only_a_bad_chunk() {
+        let dirs: Vec<_> = (0..3)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let queue = QueueId::new("orders", 0);
+        let mut peer = QueueStore::open(dirs[0].path()).expect("opens");
+        let mut store = QueueStore::open(dirs[1].path()).expect("opens");
+        for offset in 0..400 {
+            write(&mut peer, &queue, offset);
+        }
+        let ranges = [QueueRange {
+            queue: queue.clone(),
+            start: 0,
+            end: 400,
+        }];
+        let mut now = Instant::now();
+        let mut catch_ups = CatchUps::default();
+        let missing = store.catch_up_plan(1, &ranges).expect("plans");
+        catch_ups.start(now, 1, 2, &[2, 3], missing);
+        // Every record fetched and written, by offset: none twice.
+        let mut written: BTreeMap<Offset, u32> = BTreeMap::new();
+        let mut fetch = |catch_ups: &mut CatchUps, store: &mut QueueStore, now, damage| {
+            let mut actions = catch_ups.poll(now, store).expect("polls");
+            let Some(Action::Send(to, frame)) = actions.pop() else {
+                panic!("no fetch");
+            };
+            let (id, queue, from, records) = serve(&mut peer, &frame, damage);
+            catch_ups
+                .fetched(now, to, id, 1, &queue, from, Ok(records), store)
+                .expect("the store is fine");
+            let end = store.catch_up_plan(1, &ranges).expect("plans");
+            let end = end.first().map_or(400, |(_, from, _)| *from);
+            for offset in from..end {
+                *written.entry(offset).or_default() += 1;
+            }
+            (to, from, end)
+        };
+        // Peer 2 serves three chunks, then dies: its fourth fetch is never answered.
+        let mut stopped = 0;
+        for _ in 0..3 {
+            let (to, from, end) = fetch(&mut catch_ups, &mut store, now, false);
+            assert_eq!((to, from), (2, stopped));
+            stopped = end;
+        }
+        assert!(stopped > 0 && stopped < 400, "{stopped}");
+        let Some(Action::Send(2, _)) = catch_ups.poll(now, &mut store).expect("polls").pop() else {
+            panic!("no fourth fetch");
+        };
+        now += Duration::from_millis(FETCH_WAIT_MS);
+        // Peer 3 is asked from where peer 2 stopped; its chunk arrives damaged and is refused
+        // whole, then asked again (of the next peer in turn) from the same place.
+        let (to, from, end) = fetch(&mut catch_ups, &mut store, now, true);
+        assert_eq!(
+            (to, from, end),
+            (3, stopped, stopped),
+            "a bad chunk wrote nothing"
+        );
+        now += Duration::from_millis(FETCH_RETRY_MS);
+        let (_, from, end) = fetch(&mut catch_ups, &mut store, now, false);
+        assert_eq!(from, stopped);
+        assert!(end > stopped);
+        stopped = end;
+        // The node restarts: the new plan asks only for what the store lacks.
+        drop(catch_ups);
+        let missing = store.catch_up_plan(1, &ranges).expect("plans");
+        assert_eq!(missing, vec![(queue.clone(), stopped, 400)]);
+        let mut catch_ups = CatchUps::default();
+        catch_ups.start(now, 1, 3, &[2, 3], missing);
+        loop {
+            let (_, from, end) = fetch(&mut catch_ups, &mut store, now, false);
+            assert_eq!(from, stopped);
+            stopped = end;
+            if stopped == 400 {
+                break;
+            }
+        }
+        assert!(matches!(
+            catch_ups.poll(now, &mut store).expect("polls").pop(),
+            Some(Action::Sync(1, _))
+        ));
+        assert_eq!(written.len(), 400);
+        assert!(written.values().all(|n| *n == 1), "a record fetched twice");
+        for offset in [0, stopped - 1, 399] {
+            assert_eq!(
+                store.message(1, &queue, offset).expect("reads"),
+                peer.message(1, &queue, offset).expect("reads")
+            );
+        }
+    }
 }
 
 /// The hold's bound: a catch-up that holds [`CatchUps::full`] pauses its group, which then takes

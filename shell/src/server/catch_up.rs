@@ -531,8 +531,8 @@ mod tests {
         }
     }
     /// A catch-up whose peer dies half-way goes on from the next peer where it stopped, and a
-    /// restart (a new plan from what the store holds) asks only for the rest: no record is
-    /// fetched twice. A chunk with a bad checksum writes nothing and is asked again from the
+    /// new plan (a newer snapshot installed meanwhile) asks only for what the store still
+    /// lacks: no record is fetched twice. A chunk with a bad checksum writes nothing and is asked again from the
     /// same offset.
     #[test]
     fn an_interrupted_catch_up_resumes_where_it_stopped_and_refetches_only_a_bad_chunk() {
@@ -597,11 +597,10 @@ mod tests {
         assert_eq!(from, stopped);
         assert!(end > stopped);
         stopped = end;
-        // The node restarts: the new plan asks only for what the store lacks.
-        drop(catch_ups);
+        // A newer snapshot comes meanwhile (here with the same ranges): its plan asks only for
+        // what the store lacks.
         let missing = store.catch_up_plan(1, &ranges).expect("plans");
         assert_eq!(missing, vec![(queue.clone(), stopped, 400)]);
-        let mut catch_ups = CatchUps::default();
         catch_ups.start(now, 1, 3, &[2, 3], missing);
         loop {
             let (_, from, end) = fetch(&mut catch_ups, &mut store, now, false);

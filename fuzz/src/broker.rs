@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use holdfast_core::broker::{
-    BrokerConfig, BrokerState, CACHE_BYTES_DEFAULT, Command, DEDUP_WINDOW_SEQS, MemoryStore,
-    Message, Offset, Origin, Outcome, ProducerId, PullPlan, QueueId, Refusal, Seq, StoredMessage,
-    decode_command, decode_record, encode_command,
+    BrokerConfig, BrokerState, CACHE_BYTES_DEFAULT, Command, DEDUP_WINDOW_SEQS, Holder, Lease,
+    MemoryStore, Message, NotOwner, Offset, Origin, Outcome, ProducerId, PullPlan, QueueId,
+    Refusal, Seq, StoredMessage, decode_command, decode_record, encode_command,
 };
 use holdfast_core::node::{
     MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied, decode_entry,
@@ -168,6 +168,9 @@ pub struct BrokerStats {
     pub trimmed: usize,
     /// States replaced by their restored snapshot.
     pub restores: usize,
+    /// Lease commands (claims, releases, owned acks and requeues) the broker applied or
+    /// refused as the model did.
+    pub lease_commands: usize,
 }
 
 /// A batch as the model remembers it.
@@ -189,6 +192,8 @@ struct Model {
     batches: BTreeMap<ProducerId, BTreeMap<Seq, Batch>>,
     seq_max: BTreeMap<ProducerId, Seq>,
     acked: BTreeMap<(String, QueueId), BTreeSet<Offset>>,
+    /// Who holds each queue for each consumer group (see [`Model::claim`]).
+    leases: BTreeMap<(String, QueueId), Lease>,
 }
 
 /// The lowest offset from `start` on that is not in `acked`: every offset below the start
@@ -252,6 +257,105 @@ impl Model {
             starts.insert(queue.clone(), start as Offset);
         }
         starts
+    }
+
+    /// A member's claim of a queue for its consumer group, at `generation` (the consumer
+    /// group's generation the metadata gave it the queue at). Only a queue that exists (or a
+    /// retry queue of a configured level, which exists from its first message) can be
+    /// claimed. It is granted if `generation` is not older than the lease's, and the queue is
+    /// free, or already the member's, or taken over from its exact holder (member and
+    /// generation) at a newer generation. A member's tenure begins at the generation it
+    /// claimed a queue it did not hold.
+    fn claim(
+        &mut self,
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        takeover: Option<Holder>,
+    ) -> Outcome {
+        let configured_retry =
+            queue.is_retry() && (queue.queue as usize) < self.config.reconsume_delays_ms.len();
+        if !self.queues.contains_key(&queue) && !configured_retry {
+            return Outcome::Refused(Refusal::UnknownQueue(queue));
+        }
+        let key = (group, queue);
+        let lease = self.leases.get(&key).cloned().unwrap_or_default();
+        let granted = generation >= lease.generation
+            && match &lease.owner {
+                None => true,
+                Some(owner) if *owner == member => true,
+                Some(owner) => takeover.is_some_and(|from| {
+                    from.member == *owner
+                        && from.generation == lease.generation
+                        && generation > lease.generation
+                }),
+            };
+        if !granted {
+            let (group, queue) = key;
+            return Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
+                group,
+                queue,
+                member,
+                generation,
+                lease,
+            })));
+        }
+        let since = match &lease.owner {
+            Some(owner) if *owner == member => lease.since,
+            _ => generation,
+        };
+        let lease = Lease {
+            owner: Some(member),
+            generation,
+            since,
+        };
+        self.leases.insert(key, lease.clone());
+        Outcome::Leased(lease)
+    }
+
+    /// Whether `member` holds `queue` and speaks for its current tenure: answers from before
+    /// it (an older generation) are refused, whatever they say.
+    fn holder_check(
+        &self,
+        group: &str,
+        queue: &QueueId,
+        member: &str,
+        generation: u64,
+    ) -> Result<(), Outcome> {
+        let lease = self
+            .leases
+            .get(&(group.to_string(), queue.clone()))
+            .cloned()
+            .unwrap_or_default();
+        if lease.owner.as_deref() == Some(member) && generation >= lease.since {
+            return Ok(());
+        }
+        Err(Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
+            group: group.to_string(),
+            queue: queue.clone(),
+            member: member.to_string(),
+            generation,
+            lease,
+        }))))
+    }
+
+    /// The holder gives the queue up; nobody may claim it at an older generation than the
+    /// one it gave it up at.
+    fn release(
+        &mut self,
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+    ) -> Outcome {
+        if let Err(refused) = self.holder_check(&group, &queue, &member, generation) {
+            return refused;
+        }
+        let lease = self.leases.entry((group, queue)).or_default();
+        lease.owner = None;
+        lease.generation = lease.generation.max(generation);
+        Outcome::Leased(lease.clone())
     }
 
     fn trim(&mut self, stamp_ms: u64) -> Outcome {
@@ -449,13 +553,40 @@ impl Model {
                 stamp_ms,
             } => self.reconsume_later(group, queue, offset, stamp_ms),
             Command::Trim { stamp_ms } => self.trim(stamp_ms),
-            // The fuzzer generates none of these (leases have their own tests in the core).
-            Command::Claim { .. }
-            | Command::Release { .. }
-            | Command::OwnedAck { .. }
-            | Command::OwnedReconsumeLater { .. } => {
-                Outcome::Refused(Refusal::Malformed("lease commands are not modelled".into()))
-            }
+            Command::Claim {
+                group,
+                queue,
+                member,
+                generation,
+                takeover,
+            } => self.claim(group, queue, member, generation, takeover),
+            Command::Release {
+                group,
+                queue,
+                member,
+                generation,
+            } => self.release(group, queue, member, generation),
+            Command::OwnedAck {
+                group,
+                queue,
+                member,
+                generation,
+                offsets,
+            } => match self.holder_check(&group, &queue, &member, generation) {
+                Err(refused) => refused,
+                Ok(()) => self.ack(group, queue, offsets),
+            },
+            Command::OwnedReconsumeLater {
+                group,
+                queue,
+                member,
+                generation,
+                offset,
+                stamp_ms,
+            } => match self.holder_check(&group, &queue, &member, generation) {
+                Err(refused) => refused,
+                Ok(()) => self.reconsume_later(group, queue, offset, stamp_ms),
+            },
             // Nor the operator's seek and delete, which move offsets back by design.
             Command::Seek { .. }
             | Command::DeleteGroup { .. }
@@ -519,6 +650,7 @@ impl Broker {
                 batches: BTreeMap::new(),
                 seq_max: BTreeMap::new(),
                 acked: BTreeMap::new(),
+                leases: BTreeMap::new(),
             },
             topic_queues: u32::from(setup.queues % 3) + 1,
             now_ms: 0,
@@ -566,6 +698,15 @@ impl Broker {
     }
 
     fn apply_checked(&mut self, bytes: &[u8], command: Option<Command>) -> Outcome {
+        let lease_command = matches!(
+            command,
+            Some(
+                Command::Claim { .. }
+                    | Command::Release { .. }
+                    | Command::OwnedAck { .. }
+                    | Command::OwnedReconsumeLater { .. }
+            )
+        );
         let expected = match command {
             Some(command) => self.model.apply(command),
             None => Outcome::Refused(Refusal::Malformed(String::new())),
@@ -575,6 +716,9 @@ impl Broker {
         match (&expected, &outcome) {
             (Outcome::Refused(Refusal::Malformed(_)), Outcome::Refused(Refusal::Malformed(_))) => {}
             _ => assert_eq!(outcome, expected, "the broker disagrees with the model"),
+        }
+        if lease_command {
+            self.stats.lease_commands += 1;
         }
         match &outcome {
             Outcome::Appended {
@@ -643,6 +787,9 @@ impl Broker {
             })
             .collect();
         assert_eq!(tracked, expected, "consume offsets differ from the model");
+        let leases: Vec<_> = self.state.leases().collect();
+        let expected: Vec<_> = self.model.leases.iter().collect();
+        assert_eq!(leases, expected, "leases differ from the model");
         for (group, queue, offset) in tracked {
             assert_eq!(self.state.consume_offset(&group, &queue), offset);
             let before = self.consume.insert((group, queue.clone()), offset);

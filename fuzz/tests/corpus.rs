@@ -294,6 +294,7 @@ fn broker_goals() -> Vec<Goal<BrokerStats>> {
         ("topics", |s| s.topics_created as u64),
         ("trimmed", |s| s.trimmed as u64),
         ("restores", |s| s.restores as u64),
+        ("leases", |s| s.lease_commands as u64),
     ]
 }
 

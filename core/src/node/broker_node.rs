@@ -413,6 +413,9 @@ struct Group {
     /// The commit index recovered from disk while the entries up to it are still being
     /// applied in steps (see [`NodeConfig::replay_store_bytes_max`]); 0 once they are.
     replay_to: Index,
+    /// The driver holds this group's writes and store operations and can take no more for
+    /// now (see [`BrokerNode::pause`]).
+    paused: bool,
 }
 
 impl Group {
@@ -440,6 +443,7 @@ impl Group {
             group_seen: BTreeMap::new(),
             config_waiters: BTreeMap::new(),
             replay_to,
+            paused: false,
         }
     }
 }
@@ -684,6 +688,13 @@ impl BrokerNode {
             return;
         }
         if let Some(group) = self.groups.get_mut(&envelope.group) {
+            if group.paused
+                && matches!(&envelope.message, crate::raft::Message::Append { entries, .. } if !entries.is_empty())
+            {
+                // Taken, it would only add to the writes the driver cannot take (see
+                // `pause`); lost, it is sent again.
+                return;
+            }
             group.raft.step(now, envelope.from, envelope.message);
         }
         self.settle(now);
@@ -1643,9 +1654,48 @@ impl BrokerNode {
     /// [`BrokerNode::poll_store`] (carrying every operation out) and [`BrokerNode::replay`],
     /// before it serves anything: the node answers no proposal and takes no snapshot
     /// meanwhile.
+    /// A paused group (see [`BrokerNode::pause`]) takes no step until it is resumed, so it
+    /// does not count here.
     #[inline]
     pub fn replaying(&self) -> bool {
-        self.groups.values().any(|g| g.replay_to != 0)
+        self.groups.values().any(|g| g.replay_to != 0 && !g.paused)
+    }
+
+    /// The driver cannot take more of `group`'s writes and store operations for now (its store
+    /// is catching up from peers and holds them meanwhile): until [`BrokerNode::resume`], the
+    /// group takes no new input that would make more of them. It applies nothing (committed
+    /// entries wait in the log, a replay step included, and the answers to their proposals
+    /// with them), proposes nothing (clients are answered `Busy`, and a leader hands its
+    /// leadership to the best placed peer), and drops a leader's Appends that carry entries
+    /// (Raft sends them again: a follower whose writes are held has answered none of them, so
+    /// the leader still counts them as not held here). Nothing is lost, and since nothing
+    /// new is accepted, nothing is acknowledged that is not durable.
+    pub fn pause(&mut self, now: Instant, group: GroupId) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        g.paused = true;
+        if g.raft.status().role == Role::Leader
+            && g.raft.transferring_to().is_none()
+            && let Some(to) = g.raft.transfer_candidate()
+        {
+            // Refused only by a replica that is not leading or already transferring.
+            let _ = g.raft.transfer_leadership(now, to);
+        }
+        self.settle(now);
+    }
+
+    /// `group` may go on after [`BrokerNode::pause`]: what committed meanwhile applies now.
+    pub fn resume(&mut self, now: Instant, group: GroupId) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.paused = false;
+        }
+        self.settle(now);
+    }
+
+    /// Whether `group` is paused (see [`BrokerNode::pause`]).
+    pub fn paused(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|g| g.paused)
     }
 
     /// Applies the next step of the recovered log (nothing once [`BrokerNode::replaying`] is
@@ -2381,7 +2431,8 @@ impl BrokerNode {
                     config: state.config().clone(),
                 });
             }
-            loop {
+            // A paused group applies nothing: see `pause`.
+            while !group.paused {
                 if group.replay_to != 0 {
                     // A replay step counts the writes of each entry as it goes and ends once
                     // they weigh enough; the driver takes them before the next (`replay`).
@@ -2550,6 +2601,7 @@ impl BrokerNode {
             }
             // An outcome is known once its entry is applied; none is proposed during a replay.
             while group.replay_to == 0
+                && !group.paused
                 && let Some(fate) = group.raft.poll_proposal()
             {
                 if let Some((client, request)) = group.config_waiters.remove(&fate.id) {
@@ -3019,7 +3071,13 @@ fn propose_entry(
     *next_proposal += 1;
     let commands: Vec<Bytes> = batch.iter().map(|(_, b)| b.clone()).collect();
     let status = group.raft.status();
-    match group.raft.propose(now, id, commands) {
+    let proposed = if group.paused {
+        // See `BrokerNode::pause`: the client tries again later, or at the next leader.
+        Err(ProposeError::Busy)
+    } else {
+        group.raft.propose(now, id, commands)
+    };
+    match proposed {
         Ok(index) => {
             group.proposal_index.insert(id, index);
             group

@@ -1241,6 +1241,7 @@ impl Server {
                     }
                     if self.catch_ups.holds(group) {
                         self.catch_ups.hold_op(group, op);
+                        self.catch_ups.pause_if_full(&mut self.node, now, group);
                         continue;
                     }
                     if let StoreOp::Recover { queues } = &op {
@@ -1330,6 +1331,8 @@ impl Server {
         while let Some((group, write)) = self.node.poll_write() {
             if self.catch_ups.holds(group) {
                 self.catch_ups.hold_write(group, write);
+                let now = self.clock.now();
+                self.catch_ups.pause_if_full(&mut self.node, now, group);
             } else {
                 self.storage.submit(group, write);
             }
@@ -1407,8 +1410,15 @@ impl Server {
                 );
                 ServerError(format!("group {group}: queue store sync failed: {e}"))
             })?;
-        for write in released.into_iter().flatten() {
+        let Some(released) = released else {
+            return Ok(());
+        };
+        for write in released {
             self.storage.submit(group, write);
+        }
+        if self.node.paused(group) {
+            info!(group, "caught up: the group takes input again");
+            self.node.resume(self.clock.now(), group);
         }
         Ok(())
     }

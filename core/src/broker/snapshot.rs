@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct, SerializeTuple};
 use serde::{Deserialize, Serialize, Serializer};
@@ -92,9 +93,23 @@ impl std::error::Error for SnapshotError {}
 pub(super) struct ImageRef<'a, 'r> {
     pub(super) queues: QueuesRef<'a, 'r>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
-    pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) producers: ProducersRef<'a>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
     pub(super) marks: &'a BTreeMap<String, TopicMark>,
+}
+
+/// The producers' windows, written as a map of the windows themselves (the same bytes as
+/// before they were shared).
+pub(super) struct ProducersRef<'a>(pub(super) &'a BTreeMap<ProducerId, Arc<ProducerWindow>>);
+
+impl Serialize for ProducersRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (id, window) in self.0 {
+            map.serialize_entry(id, &**window)?;
+        }
+        map.end()
+    }
 }
 
 /// The queues as the image holds them: each queue's window with the messages in it, read one
@@ -198,7 +213,7 @@ pub(super) enum Decoded {
 pub(super) struct IndexImageRef<'a> {
     pub(super) queues: QueueIndexesRef<'a>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
-    pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) producers: ProducersRef<'a>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
     pub(super) marks: &'a BTreeMap<String, TopicMark>,
 }
@@ -608,7 +623,7 @@ pub(super) mod v5 {
     pub(in crate::broker) struct IndexImageRef<'a> {
         pub(in crate::broker) queues: QueueIndexesRef<'a>,
         pub(in crate::broker) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
-        pub(in crate::broker) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+        pub(in crate::broker) producers: ProducersRef<'a>,
         pub(in crate::broker) leases: &'a BTreeMap<(String, QueueId), Lease>,
         pub(in crate::broker) marks: &'a BTreeMap<String, TopicMark>,
     }

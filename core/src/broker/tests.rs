@@ -1131,6 +1131,28 @@ fn a_metadata_snapshot_of_the_previous_format_restores_the_same_state() {
     );
 }
 
+/// A snapshot job's copy of the state shares the index's blocks and the producers' windows
+/// with the state; what the state applies afterwards (appends into a shared block, a shared
+/// window recorded to, retention) leaves the copy, and so the snapshot, as it was.
+#[test]
+fn a_snapshot_jobs_copy_does_not_see_later_commands() {
+    let mut state = retaining(Some(10_000), None);
+    for seq in 0..1_500u64 {
+        send(&mut state, 0, 1 + seq % 3, seq / 3, &["m"], 1_000 + seq);
+    }
+    let copy = state.clone();
+    let before = state.metadata_snapshot().expect("encodes");
+    assert_eq!(copy.metadata_snapshot().expect("encodes"), before);
+    for seq in 1_500..1_600u64 {
+        send(&mut state, 0, 1 + seq % 3, seq / 3, &["m"], 1_000 + seq);
+    }
+    trim(&mut state, 11_700);
+    assert_ne!(state.metadata_snapshot().expect("encodes"), before);
+    assert_eq!(copy.metadata_snapshot().expect("encodes"), before);
+    let restored = BrokerState::restore(state.config().clone(), &before).expect("restores");
+    assert_eq!(restored.queue_len(&QueueId::new("orders", 0)), Some(1_500));
+}
+
 /// A metadata snapshot holds a few bytes per message and none of their bodies; damaged, it is
 /// refused; a store that lacks what it references refuses it too, naming the offset.
 #[test]

@@ -8,13 +8,14 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
-use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct};
+use serde::ser::{Error as _, SerializeMap, SerializeSeq, SerializeStruct, SerializeTuple};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::dedup::{ProducerWindow, ProducerWindowV1};
 use super::offsets::GroupOffsets;
-use super::queue_log::{IndexEntry, QueueLog};
+use super::queue_log::{Block, BlockImage, IndexEntry, QueueLog};
 use super::types::{Lease, Offset, ProducerId, QueueId, StoredMessage, TopicMark};
 
 /// Reads the retained message at `(queue, offset)` for a snapshot: from the cache or the
@@ -30,7 +31,10 @@ pub const SNAPSHOT_VERSION: u8 = 4;
 /// few bytes per retained message and none of their contents, which stay in the node's queue
 /// store. Valid only together with that store, synced before the snapshot was written: what a
 /// node compacts its own log into and restarts from, never what it sends another node.
-pub const METADATA_SNAPSHOT_VERSION: u8 = 5;
+/// Version 6 writes each queue's index in blocks of packed columns (see `queue_log.rs`).
+pub const METADATA_SNAPSHOT_VERSION: u8 = 6;
+/// The metadata format with each index entry encoded on its own; still read.
+const METADATA_SNAPSHOT_VERSION_V5: u8 = 5;
 /// The formats before topics' incarnations ([`TopicMark`]); still read (with no marks).
 const SNAPSHOT_VERSION_V2: u8 = 2;
 const METADATA_SNAPSHOT_VERSION_V3: u8 = 3;
@@ -89,9 +93,23 @@ impl std::error::Error for SnapshotError {}
 pub(super) struct ImageRef<'a, 'r> {
     pub(super) queues: QueuesRef<'a, 'r>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
-    pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) producers: ProducersRef<'a>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
     pub(super) marks: &'a BTreeMap<String, TopicMark>,
+}
+
+/// The producers' windows, written as a map of the windows themselves (the same bytes as
+/// before they were shared).
+pub(super) struct ProducersRef<'a>(pub(super) &'a BTreeMap<ProducerId, Arc<ProducerWindow>>);
+
+impl Serialize for ProducersRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (id, window) in self.0 {
+            map.serialize_entry(id, &**window)?;
+        }
+        map.end()
+    }
 }
 
 /// The queues as the image holds them: each queue's window with the messages in it, read one
@@ -190,12 +208,12 @@ pub(super) enum Decoded {
 }
 
 /// The state as a metadata snapshot writes it: borrowed, as [`ImageRef`] is; the same shape as
-/// [`IndexImage`].
+/// [`IndexImageWire`].
 #[derive(Serialize)]
 pub(super) struct IndexImageRef<'a> {
     pub(super) queues: QueueIndexesRef<'a>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
-    pub(super) producers: &'a BTreeMap<ProducerId, ProducerWindow>,
+    pub(super) producers: ProducersRef<'a>,
     pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
     pub(super) marks: &'a BTreeMap<String, TopicMark>,
 }
@@ -204,12 +222,14 @@ pub(super) struct QueueIndexesRef<'a>(pub(super) &'a BTreeMap<QueueId, QueueLog>
 
 struct QueueIndexRef<'a>(&'a QueueLog);
 
-struct EntriesRef<'a>(&'a QueueLog);
+struct BlocksRef<'a>(&'a QueueLog);
 
-/// One retained message in a metadata snapshot: its time stamp as the difference from the
-/// previous message's (zigzag varints: a byte or two where the time barely moves), then its
-/// due time, size and delivery attempts. About five bytes a message.
-type EntryImage = (i64, u64, u32, u32);
+/// One index block as a snapshot holds it: the first entry's time stamp, then the block's
+/// columns as bytes, each written with one copy (see `queue_log.rs` for the layout).
+struct BlockRef<'a>(&'a Block);
+
+/// Bytes written as bytes (a length and the bytes), not as a sequence of numbers.
+struct Raw<'a>(&'a [u8]);
 
 impl Serialize for QueueIndexesRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -225,66 +245,168 @@ impl Serialize for QueueIndexRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut fields = serializer.serialize_struct("QueueIndex", 2)?;
         fields.serialize_field("start", &self.0.start())?;
-        fields.serialize_field("entries", &EntriesRef(self.0))?;
+        fields.serialize_field("blocks", &BlocksRef(self.0))?;
         fields.end()
     }
 }
 
-impl Serialize for EntriesRef<'_> {
+impl Serialize for BlocksRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-        let mut previous = 0u64;
-        for (_, entry) in self.0.iter_from(0) {
-            let delta = entry.stored_ms.wrapping_sub(previous) as i64;
-            previous = entry.stored_ms;
-            let image: EntryImage = (delta, entry.due_ms, entry.size, entry.reconsume_times);
-            seq.serialize_element(&image)?;
+        let blocks: Vec<_> = self.0.snapshot_blocks().collect();
+        let mut seq = serializer.serialize_seq(Some(blocks.len()))?;
+        for block in &blocks {
+            seq.serialize_element(&BlockRef(block))?;
         }
         seq.end()
     }
 }
 
-/// A queue as a metadata snapshot holds it.
-#[derive(Deserialize)]
-pub(super) struct QueueIndexImage {
-    pub(super) start: Offset,
-    entries: Vec<EntryImage>,
-}
-
-impl QueueIndexImage {
-    /// The index entries, oldest first.
-    pub(super) fn entries(&self) -> impl Iterator<Item = IndexEntry> + '_ {
-        let mut previous = 0u64;
-        self.entries
-            .iter()
-            .map(move |(delta, due_ms, size, reconsume_times)| {
-                previous = previous.wrapping_add(*delta as u64);
-                IndexEntry {
-                    stored_ms: previous,
-                    due_ms: *due_ms,
-                    size: *size,
-                    reconsume_times: *reconsume_times,
-                }
-            })
+impl Serialize for BlockRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (base_ms, [stamps, sizes, due, reconsume]) = self.0.columns();
+        let mut tuple = serializer.serialize_tuple(5)?;
+        tuple.serialize_element(&base_ms)?;
+        tuple.serialize_element(&Raw(stamps))?;
+        tuple.serialize_element(&Raw(sizes))?;
+        tuple.serialize_element(&Raw(due))?;
+        tuple.serialize_element(&Raw(reconsume))?;
+        tuple.end()
     }
 }
 
+impl Serialize for Raw<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// Bytes read back as bytes: [`Raw`]'s other half.
+struct ByteBuf(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ByteBuf, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ByteBuf;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(bytes.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(bytes))
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
+/// [`BlockRef`] read back.
 #[derive(Deserialize)]
+struct BlockWire(u64, ByteBuf, ByteBuf, ByteBuf, ByteBuf);
+
+impl From<BlockWire> for BlockImage {
+    fn from(wire: BlockWire) -> BlockImage {
+        let BlockWire(base_ms, stamps, sizes, due, reconsume) = wire;
+        BlockImage {
+            base_ms,
+            stamps: stamps.0,
+            sizes: sizes.0,
+            due: due.0,
+            reconsume: reconsume.0,
+        }
+    }
+}
+
+/// A queue as a metadata snapshot holds it.
+#[derive(Deserialize)]
+struct QueueBlocksWire {
+    start: Offset,
+    blocks: Vec<BlockWire>,
+}
+
+/// One retained message in a metadata snapshot of version 5 or 3: its time stamp as the
+/// difference from the previous message's (zigzag varints), then its due time, size and
+/// delivery attempts. About five bytes a message, but encoded and decoded one by one, which
+/// took a snapshot hundreds of milliseconds with a million messages retained.
+type EntryImage = (i64, u64, u32, u32);
+
+/// A queue as a metadata snapshot of version 5 or 3 holds it.
+#[derive(Deserialize)]
+struct QueueEntriesWire {
+    start: Offset,
+    entries: Vec<EntryImage>,
+}
+
+impl QueueEntriesWire {
+    fn into_log(self) -> Result<QueueLog, String> {
+        QueueLog::check_end(self.start, self.entries.len())?;
+        let mut log = QueueLog::starting_at(self.start);
+        let mut previous = 0u64;
+        for (delta, due_ms, size, reconsume_times) in self.entries {
+            previous = previous.wrapping_add(delta as u64);
+            log.push_uncached(IndexEntry {
+                stored_ms: previous,
+                due_ms,
+                size,
+                reconsume_times,
+            });
+        }
+        Ok(log)
+    }
+}
+
+/// What a metadata snapshot restores: each queue's index, rebuilt.
 pub(super) struct IndexImage {
-    pub(super) queues: BTreeMap<QueueId, QueueIndexImage>,
+    pub(super) queues: BTreeMap<QueueId, QueueLog>,
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
     pub(super) leases: BTreeMap<(String, QueueId), Lease>,
     pub(super) marks: BTreeMap<String, TopicMark>,
 }
 
-/// [`IndexImage`] before topics' marks.
+/// [`IndexImageRef`] read back.
 #[derive(Deserialize)]
-struct IndexImageV3 {
-    queues: BTreeMap<QueueId, QueueIndexImage>,
+struct IndexImageWire {
+    queues: BTreeMap<QueueId, QueueBlocksWire>,
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
     leases: BTreeMap<(String, QueueId), Lease>,
+    marks: BTreeMap<String, TopicMark>,
+}
+
+/// The metadata snapshot before index blocks (version 5).
+#[derive(Deserialize)]
+struct IndexImageV5 {
+    queues: BTreeMap<QueueId, QueueEntriesWire>,
+    offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    producers: BTreeMap<ProducerId, ProducerWindow>,
+    leases: BTreeMap<(String, QueueId), Lease>,
+    marks: BTreeMap<String, TopicMark>,
+}
+
+/// [`IndexImageV5`] before topics' marks.
+#[derive(Deserialize)]
+struct IndexImageV3 {
+    queues: BTreeMap<QueueId, QueueEntriesWire>,
+    offsets: BTreeMap<(String, QueueId), GroupOffsets>,
+    producers: BTreeMap<ProducerId, ProducerWindow>,
+    leases: BTreeMap<(String, QueueId), Lease>,
+}
+
+/// Each queue's index rebuilt from its image; `Err` names the queue that does not fit.
+fn rebuild<W>(
+    queues: BTreeMap<QueueId, W>,
+    into_log: impl Fn(W) -> Result<QueueLog, String>,
+) -> Result<BTreeMap<QueueId, QueueLog>, SnapshotError> {
+    queues
+        .into_iter()
+        .map(|(queue, wire)| match into_log(wire) {
+            Ok(log) => Ok((queue, log)),
+            Err(why) => Err(SnapshotError::Inconsistent(format!("{queue}: {why}"))),
+        })
+        .collect()
 }
 
 /// A metadata snapshot's bytes; it reads nothing, so it fails only if serde does.
@@ -315,6 +437,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
         SNAPSHOT_VERSION_V2,
         SNAPSHOT_VERSION_V1,
         METADATA_SNAPSHOT_VERSION,
+        METADATA_SNAPSHOT_VERSION_V5,
         METADATA_SNAPSHOT_VERSION_V3,
     ]
     .contains(&version)
@@ -337,20 +460,50 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
         return Err(SnapshotError::Checksum { stored, computed });
     }
     let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
-    if version == METADATA_SNAPSHOT_VERSION || version == METADATA_SNAPSHOT_VERSION_V3 {
-        let (image, rest): (IndexImage, &[u8]) = if version == METADATA_SNAPSHOT_VERSION_V3 {
+    if [
+        METADATA_SNAPSHOT_VERSION,
+        METADATA_SNAPSHOT_VERSION_V5,
+        METADATA_SNAPSHOT_VERSION_V3,
+    ]
+    .contains(&version)
+    {
+        let body = &checked[1..];
+        let (image, rest) = if version == METADATA_SNAPSHOT_VERSION_V3 {
             let (v3, rest): (IndexImageV3, &[u8]) =
-                postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+                postcard::take_from_bytes(body).map_err(undecodable)?;
             let image = IndexImage {
-                queues: v3.queues,
+                queues: rebuild(v3.queues, QueueEntriesWire::into_log)?,
                 offsets: v3.offsets,
                 producers: v3.producers,
                 leases: v3.leases,
                 marks: BTreeMap::new(),
             };
             (image, rest)
+        } else if version == METADATA_SNAPSHOT_VERSION_V5 {
+            let (v5, rest): (IndexImageV5, &[u8]) =
+                postcard::take_from_bytes(body).map_err(undecodable)?;
+            let image = IndexImage {
+                queues: rebuild(v5.queues, QueueEntriesWire::into_log)?,
+                offsets: v5.offsets,
+                producers: v5.producers,
+                leases: v5.leases,
+                marks: v5.marks,
+            };
+            (image, rest)
         } else {
-            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?
+            let (wire, rest): (IndexImageWire, &[u8]) =
+                postcard::take_from_bytes(body).map_err(undecodable)?;
+            let image = IndexImage {
+                queues: rebuild(wire.queues, |queue| {
+                    let blocks = queue.blocks.into_iter().map(BlockImage::from).collect();
+                    QueueLog::from_blocks(queue.start, blocks)
+                })?,
+                offsets: wire.offsets,
+                producers: wire.producers,
+                leases: wire.leases,
+                marks: wire.marks,
+            };
+            (image, rest)
         };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
@@ -358,7 +511,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
         let queues = image
             .queues
             .iter()
-            .map(|(q, log)| (q, log.start, log.entries.len()));
+            .map(|(q, log)| (q, log.start(), log.len()));
         validate(queues, &image.offsets, &image.leases, &image.producers)
             .map_err(SnapshotError::Inconsistent)?;
         return Ok(Decoded::Index(image));
@@ -409,7 +562,11 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
 pub fn holds_messages(bytes: &[u8]) -> bool {
     !matches!(
         bytes.first(),
-        Some(&METADATA_SNAPSHOT_VERSION | &METADATA_SNAPSHOT_VERSION_V3)
+        Some(
+            &METADATA_SNAPSHOT_VERSION
+                | &METADATA_SNAPSHOT_VERSION_V5
+                | &METADATA_SNAPSHOT_VERSION_V3
+        )
     )
 }
 
@@ -455,4 +612,68 @@ fn validate<'q>(
         }
     }
     Ok(())
+}
+
+/// Version 5's layout, written by tests only: what a node of the previous build left on disk.
+#[cfg(test)]
+pub(super) mod v5 {
+    use super::*;
+
+    #[derive(Serialize)]
+    pub(in crate::broker) struct IndexImageRef<'a> {
+        pub(in crate::broker) queues: QueueIndexesRef<'a>,
+        pub(in crate::broker) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
+        pub(in crate::broker) producers: ProducersRef<'a>,
+        pub(in crate::broker) leases: &'a BTreeMap<(String, QueueId), Lease>,
+        pub(in crate::broker) marks: &'a BTreeMap<String, TopicMark>,
+    }
+
+    pub(in crate::broker) struct QueueIndexesRef<'a>(
+        pub(in crate::broker) &'a BTreeMap<QueueId, QueueLog>,
+    );
+
+    struct QueueIndexRef<'a>(&'a QueueLog);
+
+    struct EntriesRef<'a>(&'a QueueLog);
+
+    impl Serialize for QueueIndexesRef<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut map = serializer.serialize_map(Some(self.0.len()))?;
+            for (queue, log) in self.0 {
+                map.serialize_entry(queue, &QueueIndexRef(log))?;
+            }
+            map.end()
+        }
+    }
+
+    impl Serialize for QueueIndexRef<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut fields = serializer.serialize_struct("QueueIndex", 2)?;
+            fields.serialize_field("start", &self.0.start())?;
+            fields.serialize_field("entries", &EntriesRef(self.0))?;
+            fields.end()
+        }
+    }
+
+    impl Serialize for EntriesRef<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+            let mut previous = 0u64;
+            for (_, entry) in self.0.iter_from(0) {
+                let delta = entry.stored_ms.wrapping_sub(previous) as i64;
+                previous = entry.stored_ms;
+                let image: EntryImage = (delta, entry.due_ms, entry.size, entry.reconsume_times);
+                seq.serialize_element(&image)?;
+            }
+            seq.end()
+        }
+    }
+
+    pub(in crate::broker) fn encode(image: &IndexImageRef<'_>) -> Vec<u8> {
+        let mut bytes =
+            postcard::to_extend(image, vec![METADATA_SNAPSHOT_VERSION_V5]).unwrap_or_default();
+        let checksum = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
 }

@@ -1066,6 +1066,93 @@ fn equal_states_give_equal_snapshots_and_different_ones_differ() {
     assert_eq!(restored.map(|s| s.queues().count()).ok(), Some(0));
 }
 
+/// A metadata snapshot as the previous build wrote it (version 5: each index entry on its
+/// own) restores the state today's format (version 6: blocks of packed columns) restores,
+/// across block boundaries, a front cut by retention and retry queues with due times, and
+/// the restored state writes today's bytes; so does a state restored from a transfer image,
+/// whose first block never held what retention dropped.
+#[test]
+fn a_metadata_snapshot_of_the_previous_format_restores_the_same_state() {
+    let mut state = retaining(Some(10_000), None);
+    for seq in 0..3_000u64 {
+        send(
+            &mut state,
+            (seq % 7 == 0) as u32,
+            1,
+            seq,
+            &["m"],
+            1_000 + seq,
+        );
+    }
+    trim(&mut state, 12_400);
+    let q0 = QueueId::new("orders", 0);
+    let start = state.start_offset(&q0).expect("exists");
+    assert!(
+        start > 1_000 && !start.is_multiple_of(1_024),
+        "the front is cut mid-block: {start}"
+    );
+    for offset in [start, start + 1, start + 1_000] {
+        nack(&mut state, "billing", &q0, offset, 20_000 + offset);
+    }
+    let retry = QueueId::retry("billing", 0);
+    assert_eq!(state.queue_len(&retry), Some(3));
+    let old = state.metadata_snapshot_v5();
+    let new = state.metadata_snapshot().expect("encodes");
+    assert_eq!((old[0], new[0]), (5, METADATA_SNAPSHOT_VERSION));
+    assert!(!holds_messages(&old) && !holds_messages(&new));
+    let config = state.config().clone();
+    let mut from_old = BrokerState::restore(config.clone(), &old).expect("restores");
+    let mut from_new = BrokerState::restore(config.clone(), &new).expect("restores");
+    assert_eq!(from_old.metadata_snapshot().expect("encodes"), new);
+    assert_eq!(from_new.metadata_snapshot().expect("encodes"), new);
+    assert_eq!(from_old.take_store_ops(), from_new.take_store_ops());
+    for now_ms in [0, 21_000, u64::MAX] {
+        assert_eq!(observe(&from_old, now_ms), observe(&from_new, now_ms));
+    }
+    for ms in [0, 2_000, 2_500, 3_599, 3_600, 30_000] {
+        for queue in [&q0, &retry] {
+            let seek = |s: &mut BrokerState| {
+                s.apply(Command::Seek {
+                    group: "seeker".into(),
+                    queue: queue.clone(),
+                    to: SeekTo::Time(ms),
+                    force: true,
+                })
+            };
+            let expected = seek(&mut state);
+            assert_eq!(seek(&mut from_old), expected, "seek {queue} to {ms} ms");
+            assert_eq!(seek(&mut from_new), expected, "seek {queue} to {ms} ms");
+        }
+    }
+    let transferred = BrokerState::restore(config, &state.snapshot()).expect("restores");
+    assert_eq!(
+        transferred.metadata_snapshot().expect("encodes"),
+        state.metadata_snapshot().expect("encodes")
+    );
+}
+
+/// A snapshot job's copy of the state shares the index's blocks and the producers' windows
+/// with the state; what the state applies afterwards (appends into a shared block, a shared
+/// window recorded to, retention) leaves the copy, and so the snapshot, as it was.
+#[test]
+fn a_snapshot_jobs_copy_does_not_see_later_commands() {
+    let mut state = retaining(Some(10_000), None);
+    for seq in 0..1_500u64 {
+        send(&mut state, 0, 1 + seq % 3, seq / 3, &["m"], 1_000 + seq);
+    }
+    let copy = state.clone();
+    let before = state.metadata_snapshot().expect("encodes");
+    assert_eq!(copy.metadata_snapshot().expect("encodes"), before);
+    for seq in 1_500..1_600u64 {
+        send(&mut state, 0, 1 + seq % 3, seq / 3, &["m"], 1_000 + seq);
+    }
+    trim(&mut state, 11_700);
+    assert_ne!(state.metadata_snapshot().expect("encodes"), before);
+    assert_eq!(copy.metadata_snapshot().expect("encodes"), before);
+    let restored = BrokerState::restore(state.config().clone(), &before).expect("restores");
+    assert_eq!(restored.queue_len(&QueueId::new("orders", 0)), Some(1_500));
+}
+
 /// A metadata snapshot holds a few bytes per message and none of their bodies; damaged, it is
 /// refused; a store that lacks what it references refuses it too, naming the offset.
 #[test]

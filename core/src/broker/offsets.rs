@@ -128,4 +128,31 @@ mod tests {
         assert!(!offsets.consistent(4), "a consume offset past the end");
         assert_eq!(GroupOffsets::starting_at(9).consume_offset(), 9);
     }
+
+    /// Found by mutation testing: an ack held above the consume offset is never *at* it (the
+    /// gap would have closed), so a snapshot holding one is refused.
+    #[test]
+    fn an_ack_held_at_the_consume_offset_is_inconsistent() {
+        let held_at = |consume_offset, acked: &[Offset]| GroupOffsets {
+            consume_offset,
+            acked_above: acked.iter().copied().collect(),
+        };
+        assert!(held_at(3, &[4, 6]).consistent(7));
+        assert!(!held_at(3, &[3, 6]).consistent(7));
+        assert!(!held_at(3, &[2]).consistent(7));
+    }
+
+    /// The planted bug `overwrite-consume-offset` must do what it says for its canary to mean
+    /// anything: the consume offset lands just past the ack, back as well as forward.
+    #[test]
+    fn the_planted_overwrite_bug_moves_the_consume_offset_back() {
+        let mut offsets = GroupOffsets::default();
+        for offset in [0, 1, 2, 5] {
+            offsets.ack(offset);
+        }
+        offsets.overwrite(0);
+        assert_eq!((offsets.consume_offset(), offsets.pending_acks()), (1, 0));
+        offsets.overwrite(7);
+        assert_eq!(offsets.consume_offset(), 8);
+    }
 }

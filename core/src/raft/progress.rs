@@ -81,19 +81,19 @@ impl Progress {
 
     /// Records that the follower holds everything up to `index`. Returns true if that is news.
     pub(super) fn accept(&mut self, index: Index) -> bool {
+        // Every path keeps the next index above the match, so moving the match below is all
+        // an acceptance does to the next index. (Mutation testing found the separate `max`
+        // each state change here once did redundant: those mutants could not be caught.)
+        debug_assert!(self.next_index > self.match_index, "{self:?}");
         while self.inflight.front().is_some_and(|&last| last <= index) {
             self.inflight.pop_front();
         }
         self.probe_sent = false;
         match self.state {
-            ProgressState::Probe => {
-                self.state = ProgressState::Replicate;
-                self.next_index = self.next_index.max(index + 1);
-            }
+            ProgressState::Probe => self.state = ProgressState::Replicate,
             // An answer from before the snapshot was needed must not restart its transfer.
             ProgressState::Snapshot if index >= self.snapshot.index => {
                 self.state = ProgressState::Replicate;
-                self.next_index = index + 1;
             }
             ProgressState::Snapshot | ProgressState::Replicate => {}
         }
@@ -120,5 +120,57 @@ impl Progress {
         self.next_index = next_index.max(self.match_index + 1);
         self.probe_sent = false;
         self.inflight.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by mutation testing (`index > match_index` as `>=`, and `index + 1` as
+    /// `index - 1` in the next index): an acceptance moves the next index just past the match,
+    /// no further back (entries the follower holds sent again), and only a higher match is
+    /// news, on which the leader counts its commit again and may send `TimeoutNow`.
+    #[test]
+    fn an_acceptance_moves_next_just_past_the_match_and_only_a_higher_match_is_news() {
+        let mut progress = Progress::new(3);
+        assert!(progress.accept(7), "a probe that carried entries 3 to 7");
+        let at = |p: &Progress| (p.state, p.match_index, p.next_index);
+        assert_eq!(at(&progress), (ProgressState::Replicate, 7, 8));
+        assert!(!progress.accept(7), "a copy of the answer");
+        assert!(!progress.accept(4), "a late answer");
+        assert_eq!(at(&progress), (ProgressState::Replicate, 7, 8));
+        progress.inflight.extend([9, 12]);
+        progress.next_index = 13;
+        assert!(progress.accept(9));
+        assert_eq!(at(&progress), (ProgressState::Replicate, 9, 13));
+        assert_eq!(progress.inflight, [12]);
+    }
+
+    /// A rejection below the match lowers it (a follower that lost part of its log), and the
+    /// next index stays above the match and above 0, which `send_append` subtracts 1 from.
+    /// Mutation testing: `match_index + 1` as `* 1` differs only here, at 0.
+    #[test]
+    fn a_probe_keeps_the_next_index_above_the_match_and_zero() {
+        let mut progress = Progress::new(3);
+        progress.accept(7);
+        progress.probe_from(5);
+        let at = |p: &Progress| (p.state, p.match_index, p.next_index);
+        assert_eq!(at(&progress), (ProgressState::Probe, 4, 5));
+        progress.probe_from(9);
+        assert_eq!(at(&progress), (ProgressState::Probe, 4, 9));
+        progress.probe_from(0);
+        assert_eq!(at(&progress), (ProgressState::Probe, 0, 1));
+    }
+
+    #[test]
+    fn a_snapshot_transfer_ends_only_at_the_snapshot() {
+        let mut progress = Progress::new(3);
+        progress.send_snapshot(10);
+        assert!(progress.accept(5), "a late answer from before the snapshot");
+        assert_eq!(progress.state, ProgressState::Snapshot);
+        assert!(progress.accept(10));
+        let at = (progress.state, progress.match_index, progress.next_index);
+        assert_eq!(at, (ProgressState::Replicate, 10, 11));
     }
 }

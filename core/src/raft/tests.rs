@@ -503,6 +503,64 @@ fn a_follower_that_lost_its_chunks_is_served_from_where_it_is() {
     assert_eq!(resent, vec![0]);
 }
 
+/// Found by mutation testing (`Progress::accept` ending a snapshot transfer on any
+/// acknowledgement): a late answer to an Append from before the snapshot was needed moves the
+/// match but neither ends nor restarts the transfer.
+#[test]
+fn a_late_acknowledgement_below_the_snapshot_does_not_restart_its_transfer() {
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    let now = later(1);
+    let late = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::Accepted { match_index: 5 },
+    };
+    leader.step(now, 2, late);
+    assert_eq!(
+        chunk_offsets(&settle(&mut leader, now)),
+        Vec::<u64>::new(),
+        "the first chunk is still out"
+    );
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![64]);
+}
+
+/// Found by mutation testing (`Progress::accept` calling a repeated acknowledgement news):
+/// the leader sends a leadership transfer's target `TimeoutNow` once, when it catches up, not
+/// again on every copy of the acknowledgement that the network delivers.
+#[test]
+fn a_repeated_acknowledgement_sends_no_second_timeout_now() {
+    let (mut leader, _) = leader_sending_snapshot(64);
+    let now = later(1);
+    leader.step(now, 2, received(64));
+    settle(&mut leader, now);
+    let last = leader.status().last_index;
+    let ack = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::Accepted { match_index: 10 },
+    };
+    leader.step(now, 2, ack);
+    settle(&mut leader, now);
+    assert_eq!(leader.transfer_leadership(now, 2), Ok(()));
+    let timeouts = |sent: &[Message]| {
+        sent.iter()
+            .filter(|m| matches!(m, Message::TimeoutNow { .. }))
+            .count()
+    };
+    assert_eq!(timeouts(&settle(&mut leader, now)), 0, "not caught up yet");
+    let ack = Message::AppendResponse {
+        term: 2,
+        result: AppendResult::Accepted { match_index: last },
+    };
+    leader.step(now, 2, ack.clone());
+    assert_eq!(timeouts(&settle(&mut leader, now)), 1);
+    leader.step(now, 2, ack);
+    assert_eq!(
+        timeouts(&settle(&mut leader, now)),
+        0,
+        "a copy of the answer"
+    );
+}
+
 #[test]
 fn a_leader_refuses_proposals_while_its_oldest_has_waited_too_long() {
     let (mut leader, _) = leader_sending_snapshot(100);

@@ -18,9 +18,6 @@ use holdfast_shell::client::{
 use holdfast_shell::config::{InitialClusterState, ServerConfig};
 use holdfast_shell::output::{self, Failed, Failure, Format};
 use holdfast_shell::{bench, cluster, out, server};
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::json;
 
 #[derive(Parser)]

@@ -201,9 +201,9 @@ pub struct Consumer {
     /// Broker groups whose answers bounced off a node that knew no leader: until when they
     /// are held, so that an election costs a few retries instead of one per round trip.
     answers_wait: BTreeMap<GroupId, Instant>,
-    /// Answers, pulls and releases in a row a group's nodes bounced with no leader (heartbeats
-    /// under the metadata group): the wait doubles with each, up to `NO_LEADER_RETRY_MAX_MS`,
-    /// so a long outage is not polled 100 times a second per queue.
+    /// Answers and pulls in a row a group's nodes bounced with no leader: the wait doubles
+    /// with each, up to `NO_LEADER_RETRY_MAX_MS`, so a long outage is not polled 100 times a
+    /// second per queue.
     no_leader_bounces: BTreeMap<GroupId, u32>,
     deliveries: VecDeque<Delivery>,
     events: VecDeque<ConsumerEvent>,
@@ -320,9 +320,6 @@ impl Consumer {
         let Some((what, _)) = self.in_flight.remove(&request) else {
             return;
         };
-        if matches!(what, InFlight::Heartbeat) && !matches!(response, Response::NotLeader { .. }) {
-            self.no_leader_bounces.remove(&METADATA_GROUP);
-        }
         match (what, response) {
             (
                 InFlight::Heartbeat,
@@ -340,13 +337,7 @@ impl Consumer {
             }
             (InFlight::Heartbeat, Response::NotLeader { leader_hint, .. }) => {
                 self.hint(METADATA_GROUP, leader_hint);
-                // Without a hint (an election in the metadata group) a heartbeat every 10 ms
-                // only bounced again: the wait grows as for pulls, well within the session.
-                let pause_ms = match leader_hint {
-                    Some(_) => NO_LEADER_RETRY_MS,
-                    None => self.no_leader_pause_ms(METADATA_GROUP),
-                };
-                self.heartbeat_due = now + Duration::from_millis(pause_ms);
+                self.heartbeat_due = now + Duration::from_millis(10);
             }
             (InFlight::Heartbeat, _) => {
                 self.heartbeat_due = now + Duration::from_millis(100);
@@ -892,9 +883,6 @@ impl Consumer {
 
     fn released(&mut self, now: Instant, broker: GroupId, queue: QueueId, response: Response) {
         let key = (broker, queue);
-        if !matches!(response, Response::NotLeader { .. }) {
-            self.no_leader_bounces.remove(&broker);
-        }
         match response {
             // Released, or not ours to release any more: either way the queue is let go.
             Response::Released { .. } | Response::Revoked { .. } | Response::Refused { .. } => {
@@ -910,12 +898,8 @@ impl Consumer {
             }
             Response::NotLeader { leader_hint, .. } => {
                 self.hint(broker, leader_hint);
-                let pause_ms = match leader_hint {
-                    Some(_) => NO_LEADER_RETRY_MS,
-                    None => self.no_leader_pause_ms(broker),
-                };
                 if let Some(r) = self.releasing.get_mut(&key) {
-                    r.send_at = now + Duration::from_millis(pause_ms);
+                    r.send_at = now + Duration::from_millis(10);
                 }
             }
             _ => {

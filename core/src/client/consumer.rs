@@ -714,6 +714,19 @@ impl Consumer {
         if !matches!(response, Response::NotLeader { .. }) {
             self.no_leader_bounces.remove(&broker);
         }
+        // The pull that was in flight when the member rewound ended without messages: the
+        // next pull starts at the committed offset, and its answer is not stale. (Left set,
+        // that answer would be taken for the stale one and the member would pull from the
+        // committed offset for ever.)
+        if !matches!(response, Response::Pulled { .. })
+            && let Some(owned) = self.owned.get_mut(&key)
+            && std::mem::take(&mut owned.stale_pull)
+        {
+            self.push_event(ConsumerEvent::Rewound {
+                broker,
+                queue: queue.clone(),
+            });
+        }
         match response {
             Response::Pulled {
                 messages,

@@ -153,8 +153,10 @@ fn next_request(consumer: &mut Consumer, now: Instant) -> (RequestId, Request) {
 /// then the first owned it again. Its answers from its first tenure were refused: those
 /// messages stay unacknowledged below where it pulls from, so it must pull again from the
 /// group's committed offset, or they wait for ever.
-#[test]
-fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committed_offset() {
+/// A member of group "g" whose answers for `orders/0` (offsets 29 and 30, pulled in its
+/// first tenure) were refused after it owned the queue again: returns it with the pull that
+/// was in flight at the refusal, and the time.
+fn member_whose_answers_were_refused() -> (Consumer, RequestId, Instant) {
     let q = QueueId::new("orders", 0);
     let mut now = Instant::from_micros(1_000_000);
     let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
@@ -216,6 +218,13 @@ fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committe
         reason: "another member held it in between".into(),
     };
     consumer.handle_response(now, ack, refused);
+    (consumer, pull_in_flight.expect("a pull was in flight"), now)
+}
+
+#[test]
+fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committed_offset() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull_in_flight, mut now) = member_whose_answers_were_refused();
     // The pull in flight when the answers were refused comes back: it must not move the
     // member past the refused messages again.
     let stale = Response::Pulled {
@@ -224,7 +233,7 @@ fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committe
         next_offset: 31,
         delivered_below: 31,
     };
-    consumer.handle_response(now, pull_in_flight.expect("a pull was in flight"), stale);
+    consumer.handle_response(now, pull_in_flight, stale);
     now = now + Duration::from_millis(50);
     let mut froms = Vec::new();
     consumer.handle_timeout(now);
@@ -251,6 +260,56 @@ fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committe
         froms.first(),
         Some(&0),
         "pulls after the refusal: {froms:?}"
+    );
+}
+
+/// Seed 100116 (5 nodes, 3 groups): the pull in flight when the member rewound was answered
+/// NotLeader, not with messages. The member's next pull (from the committed offset) is not
+/// the stale one: its messages move the member on, and the member says it rewound before
+/// it hands them out.
+#[test]
+fn a_rewind_whose_pull_in_flight_bounced_pulls_once_from_the_committed_offset() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull_in_flight, mut now) = member_whose_answers_were_refused();
+    while consumer.poll_event().is_some() {}
+    let bounced = Response::NotLeader {
+        group: 1,
+        leader_hint: Some(1),
+    };
+    consumer.handle_response(now, pull_in_flight, bounced);
+    let events: Vec<ConsumerEvent> = std::iter::from_fn(|| consumer.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConsumerEvent::Rewound { .. })),
+        "the rewind is said once the pull in flight is over: {events:?}"
+    );
+    let mut froms = Vec::new();
+    for _ in 0..3 {
+        now = now + Duration::from_millis(50);
+        consumer.handle_timeout(now);
+        while let Some((_, id, request)) = consumer.poll_request() {
+            if let Request::Pull { from, .. } = request {
+                froms.push(from);
+                let response = Response::Pulled {
+                    queue: q.clone(),
+                    messages: if from == 0 {
+                        vec![(29, stored(29)), (30, stored(30))]
+                    } else {
+                        Vec::new()
+                    },
+                    next_offset: 31,
+                    delivered_below: 31,
+                };
+                consumer.handle_response(now, id, response);
+            }
+        }
+        while consumer.poll_delivery().is_some() {}
+    }
+    assert_eq!(froms.first(), Some(&0), "pulls after the bounce: {froms:?}");
+    assert!(
+        froms.iter().skip(1).all(|from| *from == 31),
+        "the pull from the committed offset moves the member on: {froms:?}"
     );
 }
 

@@ -444,7 +444,7 @@ pub fn dlq_list(
             };
             for (offset, stored) in messages {
                 let origin = stored.origin.clone();
-                if topic.is_some_and(|t| origin.as_ref().is_none_or(|o| o.queue.topic != t)) {
+                if topic.is_some_and(|t| origin.as_ref().is_none_or(|o| &*o.queue.topic != t)) {
                     continue;
                 }
                 if shown == count {

@@ -418,7 +418,7 @@ impl Collector for StatsCollector {
         let queue_labels = |group: u64, q: &holdfast_core::broker::QueueId| -> Labels {
             vec![
                 ("group", group.to_string()),
-                ("topic", q.topic.clone()),
+                ("topic", q.topic.to_string()),
                 ("queue", q.queue.to_string()),
             ]
         };

@@ -336,7 +336,7 @@ impl BrokerState {
                 // Drops every incarnation older than `epoch`.
                 Command::CreateQueuesAt { queues } => {
                     for (epoch, queue) in queues {
-                        let e = newer_than.entry(queue.topic.as_str()).or_insert(*epoch);
+                        let e = newer_than.entry(queue.topic.as_ref()).or_insert(*epoch);
                         *e = (*e).max(*epoch);
                     }
                 }
@@ -348,12 +348,12 @@ impl BrokerState {
         }
         let marks = &self.marks;
         let goes = |queue: &QueueId| {
-            let epoch = marks.get(&queue.topic).map_or(0, |m| m.epoch);
+            let epoch = marks.get(&*queue.topic).map_or(0, |m| m.epoch);
             dropped_from
-                .get(queue.topic.as_str())
+                .get(queue.topic.as_ref())
                 .is_some_and(|e| *e >= epoch)
                 || newer_than
-                    .get(queue.topic.as_str())
+                    .get(queue.topic.as_ref())
                     .is_some_and(|e| *e > epoch)
         };
         let mut gone = Vec::new();
@@ -536,7 +536,7 @@ impl BrokerState {
     /// Creates `queue` as a queue of its topic's incarnation `epoch` (see
     /// [`Command::CreateQueuesAt`]).
     fn create_queue(&mut self, epoch: u64, queue: QueueId) {
-        let mark = self.marks.get(&queue.topic).copied().unwrap_or_default();
+        let mark = self.marks.get(&*queue.topic).copied().unwrap_or_default();
         if mark.epoch > epoch || (mark.epoch == epoch && mark.dropped) {
             return; // a creation of an incarnation gone already
         }
@@ -547,7 +547,7 @@ impl BrokerState {
         }
         if mark.epoch != epoch || mark.dropped {
             self.marks.insert(
-                queue.topic.clone(),
+                queue.topic.to_string(),
                 TopicMark {
                     epoch,
                     dropped: false,
@@ -575,8 +575,8 @@ impl BrokerState {
             }
             self.store_ops.push(StoreOp::DropQueue { queue });
         }
-        self.offsets.retain(|(_, q), _| q.topic != topic);
-        self.leases.retain(|(_, q), _| q.topic != topic);
+        self.offsets.retain(|(_, q), _| &*q.topic != topic);
+        self.leases.retain(|(_, q), _| &*q.topic != topic);
         let dropped = self.marks.values().filter(|m| m.dropped).count();
         if dropped >= crate::limits::TOMBSTONES_MAX
             && let Some(oldest) = self

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -15,12 +16,12 @@ pub type Seq = u64;
 /// the topics [`QueueId::retry`] and [`QueueId::dead_letter`].
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QueueId {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub queue: u32,
 }
 
 impl QueueId {
-    pub fn new(topic: impl Into<String>, queue: u32) -> QueueId {
+    pub fn new(topic: impl Into<Arc<str>>, queue: u32) -> QueueId {
         QueueId {
             topic: topic.into(),
             queue,

@@ -3166,7 +3166,7 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
             consume_offset,
         },
         Outcome::GroupDeleted { offsets, leases } => Response::GroupDeleted {
-            group: queue.map(|q| q.topic).unwrap_or_default(),
+            group: queue.map(|q| q.topic.to_string()).unwrap_or_default(),
             offsets,
             leases,
         },
@@ -3181,7 +3181,7 @@ fn respond(applied: Applied, queue: Option<QueueId>) -> Response {
             reason: refusal.to_string(),
         },
         Outcome::Redriven { moved, remaining } => Response::Redriven {
-            group: queue.map(|q| q.topic).unwrap_or_default(),
+            group: queue.map(|q| q.topic.to_string()).unwrap_or_default(),
             moved,
             remaining,
         },

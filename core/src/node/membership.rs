@@ -182,7 +182,7 @@ fn allocate(
     let mut out: BTreeMap<String, Vec<(GroupId, QueueId)>> = BTreeMap::new();
     let mut topics: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (name, m) in members {
-        topics.entry(m.topic.as_str()).or_default().push(name);
+        topics.entry(m.topic.as_ref()).or_default().push(name);
     }
     let mut brokers: Vec<GroupId> = Vec::new();
     for (topic, names) in &topics {

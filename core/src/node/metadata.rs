@@ -542,7 +542,7 @@ impl MetaState {
     /// The broker group that holds `queue`, if the table has it.
     pub fn group_of(&self, queue: &QueueId) -> Option<GroupId> {
         self.topics
-            .get(&queue.topic)?
+            .get(&*queue.topic)?
             .get(usize::try_from(queue.queue).ok()?)
             .copied()
     }

@@ -129,16 +129,17 @@ impl Counters {
     pub fn forget_consumer_group(&mut self, group: GroupId, consumer_group: &str) {
         self.consumers
             .retain(|(g, c, _), _| !(*g == group && c == consumer_group));
-        self.topics.remove(&QueueId::retry(consumer_group, 0).topic);
         self.topics
-            .remove(&QueueId::dead_letter(consumer_group).topic);
+            .remove(&*QueueId::retry(consumer_group, 0).topic);
+        self.topics
+            .remove(&*QueueId::dead_letter(consumer_group).topic);
     }
 
     /// Queues of `topic` in broker group `group` for which `gone` holds were dropped: their
     /// consumer series end.
     pub fn forget_queues(&mut self, group: GroupId, topic: &str, gone: impl Fn(&QueueId) -> bool) {
         self.consumers
-            .retain(|(g, _, q), _| !(*g == group && q.topic == topic && gone(q)));
+            .retain(|(g, _, q), _| !(*g == group && &*q.topic == topic && gone(q)));
     }
 }
 

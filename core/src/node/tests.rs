@@ -1130,7 +1130,7 @@ fn stats_count_what_happened_on_every_node() {
         let stored: u64 = s
             .queues
             .iter()
-            .filter(|q| q.queue.topic == "orders")
+            .filter(|q| &*q.queue.topic == "orders")
             .map(|q| q.next_offset)
             .sum();
         assert_eq!(stored, total as u64, "node {}", s.node);
@@ -1139,7 +1139,7 @@ fn stats_count_what_happened_on_every_node() {
         let by_consumer: u64 = s
             .consumers
             .iter()
-            .filter(|c| c.consumer_group == "billing" && c.queue.topic == "orders")
+            .filter(|c| c.consumer_group == "billing" && &*c.queue.topic == "orders")
             .map(|c| c.counters.reconsumed)
             .sum();
         assert_eq!(
@@ -1150,7 +1150,7 @@ fn stats_count_what_happened_on_every_node() {
         let lag: u64 = s
             .lag
             .iter()
-            .filter(|l| l.consumer_group == "billing" && l.queue.topic == "orders")
+            .filter(|l| l.consumer_group == "billing" && &*l.queue.topic == "orders")
             .map(|l| l.lag)
             .sum();
         assert_eq!(lag, 0, "node {}: everything was acknowledged", s.node);
@@ -1278,7 +1278,7 @@ fn status_counts_the_lag_of_a_claimed_queue_with_nothing_acknowledged() {
         .stats()
         .lag
         .into_iter()
-        .filter(|l| l.consumer_group == "billing" && l.queue.topic == "orders")
+        .filter(|l| l.consumer_group == "billing" && &*l.queue.topic == "orders")
         .map(|l| (l.queue, l.consume_offset, l.lag))
         .collect();
     assert_eq!(lag, vec![(QueueId::new("orders", 0), 0, 3)]);
@@ -1335,7 +1335,7 @@ fn a_deleted_topic_is_gone_everywhere_and_comes_back_empty() {
     for (id, node) in &cluster.nodes {
         let state = node.broker_state(1).expect("a broker group");
         assert_eq!(
-            state.queues().filter(|q| q.topic == "orders").count(),
+            state.queues().filter(|q| &*q.topic == "orders").count(),
             0,
             "node {id}"
         );
@@ -1505,7 +1505,7 @@ fn consumer_counters_per_group_and_queue_end_with_their_group_or_topic() {
         cluster.nodes[&leader]
             .stats()
             .topics
-            .contains_key(&dlq.topic)
+            .contains_key(&*dlq.topic)
     );
 
     let delete = Request::DeleteGroup {
@@ -1531,7 +1531,7 @@ fn consumer_counters_per_group_and_queue_end_with_their_group_or_topic() {
             "node {node} still reports the deleted group: {:?}",
             stats.consumers
         );
-        assert!(!stats.topics.contains_key(&dlq.topic), "node {node}");
+        assert!(!stats.topics.contains_key(&*dlq.topic), "node {node}");
     }
     // audit still has its (all zero) series until the topic goes.
     let pulled = cluster.ask(leader, pull_as("audit", "m", 1));

@@ -178,7 +178,7 @@ impl QueueStore {
     /// `topic|retry|dlq/n<name>/<queue number>`: names are `[A-Za-z0-9._-]`, at most 249 bytes
     /// (the core checks them), and the `n` in front keeps `.` and `..` from meaning a directory.
     fn queue_dir(&self, group: GroupId, queue: &QueueId) -> PathBuf {
-        let topic = queue.topic.as_str();
+        let topic = queue.topic.as_ref();
         let (kind, name) = if let Some(name) = topic.strip_prefix("%RETRY%") {
             ("retry", name)
         } else if let Some(name) = topic.strip_prefix("%DLQ%") {
@@ -525,22 +525,29 @@ impl QueueStore {
         offset: Offset,
         record: &[u8],
     ) -> Result<(), String> {
-        let dir = self.queue_dir(group, &queue);
         let key = (group, queue);
         if !self.dirty.contains(&key) {
             self.dirty.insert(key.clone());
         }
-        let files = self.queues.entry(key).or_default();
-        match files.end() {
-            // Written before (a log entry applied again): the same bytes are there.
-            Some(end) if offset < end => return Ok(()),
-            _ => {}
-        }
-        let roll = match files.segments.values().next_back() {
-            None => true,
-            Some(last) => last.end() != offset || last.len >= SEGMENT_BYTES_MAX,
+        let (end, roll) = match self.queues.get(&key) {
+            None => (None, true),
+            Some(files) => (
+                files.end(),
+                match files.segments.values().next_back() {
+                    None => true,
+                    Some(last) => last.end() != offset || last.len >= SEGMENT_BYTES_MAX,
+                },
+            ),
         };
-        if roll {
+        // Written before (a log entry applied again): the same bytes are there.
+        if end.is_some_and(|end| offset < end) {
+            return Ok(());
+        }
+        // The directory's path is built only when a segment is created: building it for
+        // every record cost allocations per message.
+        let dir = roll.then(|| self.queue_dir(group, &key.1));
+        let files = self.queues.entry(key).or_default();
+        if let Some(dir) = dir {
             if let Some(last) = files.segments.values_mut().next_back() {
                 flush(last)?;
                 seal(last)?;

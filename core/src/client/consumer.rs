@@ -120,6 +120,9 @@ struct Owned {
     retry_at: Instant,
     /// `next` was rewound while a pull was in flight: that pull's answer must not move it on.
     stale_pull: bool,
+    /// When this tenure of the queue began (assigned for the first time, or again after the
+    /// member let it go): pulls sent before belong to an earlier tenure.
+    since: Instant,
 }
 
 const NEVER: Instant = Instant::from_micros(u64::MAX);
@@ -754,6 +757,22 @@ impl Consumer {
                     return;
                 };
                 let stale = std::mem::take(&mut owned.stale_pull);
+                if sent_at < owned.since {
+                    // Sent in an earlier tenure, before this member let the queue go: the
+                    // broker served it then, but since the release another member may have
+                    // been handed the same messages (an answer the network held back: queue
+                    // seed 1775156482413113839 of an explore run, exclusive-owner). They are
+                    // not handed out; unacknowledged, they come again to whoever holds the
+                    // queue.
+                    owned.retry_at = now;
+                    if stale {
+                        self.push_event(ConsumerEvent::Rewound {
+                            broker,
+                            queue: queue.clone(),
+                        });
+                    }
+                    return;
+                }
                 if !stale {
                     owned.next = owned.next.max(next_offset);
                 }
@@ -1021,6 +1040,7 @@ impl Consumer {
                     unanswered: 0,
                     retry_at: now,
                     stale_pull: false,
+                    since: now,
                 },
             );
         }

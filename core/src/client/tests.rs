@@ -153,6 +153,26 @@ fn next_request(consumer: &mut Consumer, now: Instant) -> (RequestId, Request) {
 /// then the first owned it again. Its answers from its first tenure were refused: those
 /// messages stay unacknowledged below where it pulls from, so it must pull again from the
 /// group's committed offset, or they wait for ever.
+/// A pull's answer: the message at `offset`, handed out for the first time.
+fn pulled_one(q: &QueueId, offset: u64) -> Response {
+    Response::Pulled {
+        queue: q.clone(),
+        messages: vec![(offset, stored(offset))],
+        next_offset: offset + 1,
+        delivered_below: 0,
+    }
+}
+
+/// A pull's answer: `messages`, with everything below offset 31 handed out before.
+fn pulled_below_31(q: &QueueId, messages: Vec<(u64, crate::broker::StoredMessage)>) -> Response {
+    Response::Pulled {
+        queue: q.clone(),
+        messages,
+        next_offset: 31,
+        delivered_below: 31,
+    }
+}
+
 /// A member of group "g" whose answers for `orders/0` (offsets 29 and 30, pulled in its
 /// first tenure) were refused after it owned the queue again: returns it with the pull that
 /// was in flight at the refusal, and the time.
@@ -227,12 +247,7 @@ fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committe
     let (mut consumer, pull_in_flight, mut now) = member_whose_answers_were_refused();
     // The pull in flight when the answers were refused comes back: it must not move the
     // member past the refused messages again.
-    let stale = Response::Pulled {
-        queue: q.clone(),
-        messages: Vec::new(),
-        next_offset: 31,
-        delivered_below: 31,
-    };
+    let stale = pulled_below_31(&q, Vec::new());
     consumer.handle_response(now, pull_in_flight, stale);
     now = now + Duration::from_millis(50);
     let mut froms = Vec::new();
@@ -240,13 +255,7 @@ fn answers_refused_from_an_earlier_tenure_make_the_member_pull_from_the_committe
     while let Some((_, id, request)) = consumer.poll_request() {
         if let Request::Pull { from, .. } = request {
             froms.push(from);
-            let response = Response::Pulled {
-                queue: q.clone(),
-                messages: Vec::new(),
-                next_offset: 31,
-                delivered_below: 31,
-            };
-            consumer.handle_response(now, id, response);
+            consumer.handle_response(now, id, pulled_below_31(&q, Vec::new()));
         }
     }
     now = now + Duration::from_millis(50);
@@ -291,16 +300,12 @@ fn a_rewind_whose_pull_in_flight_bounced_pulls_once_from_the_committed_offset() 
         while let Some((_, id, request)) = consumer.poll_request() {
             if let Request::Pull { from, .. } = request {
                 froms.push(from);
-                let response = Response::Pulled {
-                    queue: q.clone(),
-                    messages: if from == 0 {
-                        vec![(29, stored(29)), (30, stored(30))]
-                    } else {
-                        Vec::new()
-                    },
-                    next_offset: 31,
-                    delivered_below: 31,
+                let messages = if from == 0 {
+                    vec![(29, stored(29)), (30, stored(30))]
+                } else {
+                    Vec::new()
                 };
+                let response = pulled_below_31(&q, messages);
                 consumer.handle_response(now, id, response);
             }
         }
@@ -444,13 +449,7 @@ fn answers_bounced_with_no_leader_known_wait_before_going_again() {
     };
     consumer.handle_response(now, id, assignment);
     let (pull, _) = next_request(&mut consumer, now);
-    let pulled = Response::Pulled {
-        queue: q.clone(),
-        messages: vec![(0, stored(0))],
-        next_offset: 1,
-        delivered_below: 0,
-    };
-    consumer.handle_response(now, pull, pulled);
+    consumer.handle_response(now, pull, pulled_one(&q, 0));
     let delivery = consumer.poll_delivery().expect("a delivery");
     consumer.answer(now, &delivery, AckStatus::Success);
     // Sends the ack; returns the times it left at over 100 ms of bounces.
@@ -493,4 +492,69 @@ fn answers_bounced_with_no_leader_known_wait_before_going_again() {
         .map(|(node, _, _)| node)
         .collect();
     assert_eq!(acks, vec![2], "the ack follows the hint at once");
+}
+
+/// Queue seed 1775156482413113839 (explore run, exclusive-owner): a pull sent before the member
+/// let its queue go was answered while it still held the queue, but the network held the answer
+/// back until the queue was the member's again. Meanwhile another member held the queue and
+/// was handed the same messages: the late answer's messages are not handed out.
+#[test]
+fn an_answer_from_an_earlier_tenure_of_a_queue_is_not_handed_out() {
+    let q = QueueId::new("orders", 0);
+    let mut now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
+    let assign = |consumer: &mut Consumer, now, id, generation, queues: Vec<(u64, QueueId)>| {
+        let response = Response::Assignment {
+            group: "g".into(),
+            generation,
+            members: 2,
+            queues,
+        };
+        consumer.handle_response(now, id, response);
+    };
+    let (id, _) = next_request(&mut consumer, now);
+    assign(&mut consumer, now, id, 5, vec![(1, q.clone())]);
+    let (early_pull, request) = next_request(&mut consumer, now);
+    assert!(matches!(request, Request::Pull { .. }), "{request:?}");
+    // The queue goes to another member before the pull is answered; this member releases it.
+    now = now + Duration::from_millis(1_000);
+    consumer.handle_timeout(now);
+    let mut released = false;
+    while let Some((_, id, request)) = consumer.poll_request() {
+        match request {
+            Request::Heartbeat { .. } => assign(&mut consumer, now, id, 6, Vec::new()),
+            Request::Release { .. } => {
+                consumer.handle_response(now, id, Response::Released { queue: q.clone() });
+                released = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(released, "the member lets the queue go");
+    // The queue is its again; then the early pull's answer comes.
+    now = now + Duration::from_millis(1_000);
+    consumer.handle_timeout(now);
+    while let Some((_, id, request)) = consumer.poll_request() {
+        if let Request::Heartbeat { .. } = request {
+            assign(&mut consumer, now, id, 7, vec![(1, q.clone())]);
+        }
+    }
+    consumer.handle_response(now, early_pull, pulled_one(&q, 4));
+    assert!(
+        consumer.poll_delivery().is_none(),
+        "the late answer's message is not handed out"
+    );
+    now = now + Duration::from_millis(10);
+    consumer.handle_timeout(now);
+    let froms: Vec<u64> = std::iter::from_fn(|| consumer.poll_request())
+        .filter_map(|(_, _, r)| match r {
+            Request::Pull { from, .. } => Some(from),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        froms,
+        [0],
+        "it pulls from the committed offset, not past the late answer"
+    );
 }

@@ -2916,6 +2916,26 @@ impl BrokerNode {
         });
     }
 
+    /// Whether the queue a parked pull waits on has no owner now: released since the pull
+    /// was served under its lease.
+    fn released_under(&self, pull: &ParkedPull) -> bool {
+        let Request::Pull {
+            broker,
+            group,
+            queue,
+            ..
+        } = &pull.request_body
+        else {
+            return false;
+        };
+        match self.groups.get(broker).map(|g| &g.machine) {
+            Some(Machine::Broker(state)) => state
+                .lease(group, queue)
+                .is_none_or(|lease| lease.owner.is_none()),
+            _ => false,
+        }
+    }
+
     fn retry_parked(&mut self, now: Instant, woken: &BTreeSet<GroupId>) {
         // Most steps wake no parked pull: leave the list as it is rather than rebuild it (the
         // simulator spent a tenth of its time here).
@@ -2928,10 +2948,17 @@ impl BrokerNode {
         let capacity = self.parked.len();
         let parked = std::mem::replace(&mut self.parked, Vec::with_capacity(capacity));
         for pull in parked {
-            if pull.for_lease
-                && now >= pull.deadline
-                && let Request::Pull { queue, from, .. } = &pull.request_body
-            {
+            // A pull waiting for its queue's lease is answered empty at its deadline. One
+            // waiting for messages whose queue was released meanwhile (its member leaves, or
+            // hands the queue on) is answered empty at once: run again, it would claim the
+            // queue back and wait out the rest of its long poll, and a leaving member could
+            // go only after it.
+            let answer_empty = if pull.for_lease {
+                now >= pull.deadline
+            } else {
+                woken.contains(&pull.group) && self.released_under(&pull)
+            };
+            if answer_empty && let Request::Pull { queue, from, .. } = &pull.request_body {
                 let response = Response::Pulled {
                     queue: queue.clone(),
                     messages: Vec::new(),

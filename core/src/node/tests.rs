@@ -607,6 +607,54 @@ fn a_producer_and_two_consumers_move_every_message_with_retries() {
     );
 }
 
+/// A consumer that leaves releases its queues while its long polls wait on them for
+/// messages. Such a pull is answered at once, and claims nothing: run again after the release,
+/// it would take the queue back and hold its member (and the queue) for the rest of its wait.
+#[test]
+fn a_long_poll_whose_member_released_its_queue_is_answered_at_once_and_claims_nothing() {
+    let (mut cluster, _) = one_group_with_orders(1, |c| c.member_session_ms = 2_000);
+    let leader = cluster.leader(1).unwrap_or(1);
+    let mut long_poll = lease_request("pull", "a", 10);
+    if let Request::Pull { wait_ms, .. } = &mut long_poll {
+        *wait_ms = 5_000;
+    }
+    let parked = cluster.send(leader, long_poll);
+    for _ in 0..50 {
+        cluster.step();
+    }
+    assert_eq!(
+        cluster.answer(leader, parked),
+        None,
+        "nothing to pull: it waits"
+    );
+    let released_at = cluster.now;
+    assert!(matches!(
+        cluster.ask(leader, lease_request("release", "a", 10)),
+        Response::Released { .. }
+    ));
+    let mut answer = None;
+    while answer.is_none() && cluster.now.saturating_since(released_at) < Duration::from_secs(6) {
+        cluster.step();
+        answer = cluster.answer(leader, parked);
+    }
+    assert!(
+        matches!(&answer, Some(Response::Pulled { messages, .. }) if messages.is_empty()),
+        "{answer:?}"
+    );
+    let waited = cluster.now.saturating_since(released_at);
+    assert!(
+        waited < Duration::from_millis(500),
+        "answered after {waited:?}"
+    );
+    send_x_to_orders_0(&mut cluster, leader);
+    let taken = cluster.ask(leader, lease_request("pull", "b", 11));
+    assert!(
+        matches!(&taken, Response::Pulled { messages, .. } if messages.len() == 1),
+        "the queue stayed released: the next member is served at once, not after a's \
+         session: {taken:?}"
+    );
+}
+
 #[test]
 fn a_member_that_leaves_hands_its_queues_over_before_its_session_would_expire() {
     let (mut cluster, mut producer, mut consumers) = a_producer_and_two_consumers();
@@ -939,6 +987,18 @@ impl Cluster {
 }
 
 /// A pull, ack or release of "orders"/0 in group "billing" by `member` at `generation`.
+/// Producer 1 sends "x" to `orders/0` of broker group 1, and it is stored.
+fn send_x_to_orders_0(cluster: &mut Cluster, leader: NodeId) {
+    let send = Request::Send {
+        broker: 1,
+        queue: QueueId::new("orders", 0),
+        producer_id: 1,
+        first_seq: 0,
+        messages: batch(&["x"]),
+    };
+    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+}
+
 fn lease_request(kind: &str, member: &str, generation: u64) -> Request {
     let (broker, group, member, queue) = (
         1,
@@ -1568,14 +1628,7 @@ fn consumer_counters_per_group_and_queue_end_with_their_group_or_topic() {
 fn a_dead_consumers_lease_does_not_keep_its_group_from_deletion() {
     let (mut cluster, _) = one_group_with_orders(1, |c| c.member_session_ms = 2_000);
     let leader = cluster.leader(1).unwrap_or(1);
-    let send = Request::Send {
-        broker: 1,
-        queue: QueueId::new("orders", 0),
-        producer_id: 1,
-        first_seq: 0,
-        messages: batch(&["x"]),
-    };
-    assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
+    send_x_to_orders_0(&mut cluster, leader);
     let pulled = cluster.ask(leader, lease_request("pull", "a", 1));
     assert!(matches!(&pulled, Response::Pulled { messages, .. } if messages.len() == 1));
     let delete = Request::DeleteGroup {

@@ -385,12 +385,9 @@ impl Consumer {
                 }
                 InFlight::Pull { broker, queue, .. } => {
                     self.leaders.remove(&broker);
-                    if let Some(owned) = self.owned.get_mut(&(broker, queue.clone()))
-                        && std::mem::take(&mut owned.stale_pull)
-                    {
-                        owned.retry_at = now;
-                        self.push_event(ConsumerEvent::Rewound { broker, queue });
-                    } else if let Some(owned) = self.owned.get_mut(&(broker, queue)) {
+                    let key = (broker, queue);
+                    self.stale_pull_over(&key);
+                    if let Some(owned) = self.owned.get_mut(&key) {
                         owned.retry_at = now;
                     }
                 }
@@ -717,18 +714,8 @@ impl Consumer {
         if !matches!(response, Response::NotLeader { .. }) {
             self.no_leader_bounces.remove(&broker);
         }
-        // The pull that was in flight when the member rewound ended without messages: the
-        // next pull starts at the committed offset, and its answer is not stale. (Left set,
-        // that answer would be taken for the stale one and the member would pull from the
-        // committed offset for ever.)
-        if !matches!(response, Response::Pulled { .. })
-            && let Some(owned) = self.owned.get_mut(&key)
-            && std::mem::take(&mut owned.stale_pull)
-        {
-            self.push_event(ConsumerEvent::Rewound {
-                broker,
-                queue: queue.clone(),
-            });
+        if !matches!(response, Response::Pulled { .. }) {
+            self.stale_pull_over(&key);
         }
         match response {
             Response::Pulled {
@@ -756,7 +743,6 @@ impl Consumer {
                     }
                     return;
                 };
-                let stale = std::mem::take(&mut owned.stale_pull);
                 if sent_at < owned.since {
                     // Sent in an earlier tenure, before this member let the queue go: the
                     // broker served it then, but since the release another member may have
@@ -765,14 +751,10 @@ impl Consumer {
                     // not handed out; unacknowledged, they come again to whoever holds the
                     // queue.
                     owned.retry_at = now;
-                    if stale {
-                        self.push_event(ConsumerEvent::Rewound {
-                            broker,
-                            queue: queue.clone(),
-                        });
-                    }
+                    self.stale_pull_over(&key);
                     return;
                 }
+                let stale = std::mem::take(&mut owned.stale_pull);
                 if !stale {
                     owned.next = owned.next.max(next_offset);
                 }
@@ -940,6 +922,21 @@ impl Consumer {
                     r.send_at = now + Duration::from_millis(100);
                 }
             }
+        }
+    }
+
+    /// The pull that was in flight when the member rewound `key` is over without handing
+    /// anything out: the rewind takes effect now, and the next pull's answer is not the stale
+    /// one. (Left set, that answer would be taken for the stale one and the member would pull
+    /// from the committed offset for ever: queue seed 100116.)
+    fn stale_pull_over(&mut self, key: &(GroupId, QueueId)) {
+        if let Some(owned) = self.owned.get_mut(key)
+            && std::mem::take(&mut owned.stale_pull)
+        {
+            self.push_event(ConsumerEvent::Rewound {
+                broker: key.0,
+                queue: key.1.clone(),
+            });
         }
     }
 

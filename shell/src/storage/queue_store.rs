@@ -172,24 +172,11 @@ impl QueueStore {
     }
 
     fn group_dir(&self, group: GroupId) -> PathBuf {
-        self.dir.join(format!("group-{group}"))
+        group_dir_under(&self.dir, group)
     }
 
-    /// `topic|retry|dlq/n<name>/<queue number>`: names are `[A-Za-z0-9._-]`, at most 249 bytes
-    /// (the core checks them), and the `n` in front keeps `.` and `..` from meaning a directory.
     fn queue_dir(&self, group: GroupId, queue: &QueueId) -> PathBuf {
-        let topic = queue.topic.as_ref();
-        let (kind, name) = if let Some(name) = topic.strip_prefix("%RETRY%") {
-            ("retry", name)
-        } else if let Some(name) = topic.strip_prefix("%DLQ%") {
-            ("dlq", name)
-        } else {
-            ("topic", topic)
-        };
-        self.group_dir(group)
-            .join(kind)
-            .join(format!("n{name}"))
-            .join(queue.queue.to_string())
+        queue_dir_under(&self.dir, group, queue)
     }
 
     fn check(&self) -> Result<(), String> {
@@ -529,24 +516,20 @@ impl QueueStore {
         if !self.dirty.contains(&key) {
             self.dirty.insert(key.clone());
         }
-        let (end, roll) = match self.queues.get(&key) {
-            None => (None, true),
-            Some(files) => (
-                files.end(),
-                match files.segments.values().next_back() {
-                    None => true,
-                    Some(last) => last.end() != offset || last.len >= SEGMENT_BYTES_MAX,
-                },
-            ),
-        };
+        // One lookup per record (the key's clone is a reference count): the map's entry and
+        // the directory's fields are borrowed apart.
+        let files = self.queues.entry(key.clone()).or_default();
         // Written before (a log entry applied again): the same bytes are there.
-        if end.is_some_and(|end| offset < end) {
+        if files.end().is_some_and(|end| offset < end) {
             return Ok(());
         }
+        let roll = match files.segments.values().next_back() {
+            None => true,
+            Some(last) => last.end() != offset || last.len >= SEGMENT_BYTES_MAX,
+        };
         // The directory's path is built only when a segment is created: building it for
         // every record cost allocations per message.
-        let dir = roll.then(|| self.queue_dir(group, &key.1));
-        let files = self.queues.entry(key).or_default();
+        let dir = roll.then(|| queue_dir_under(&self.dir, group, &key.1));
         if let Some(dir) = dir {
             if let Some(last) = files.segments.values_mut().next_back() {
                 flush(last)?;
@@ -904,6 +887,27 @@ impl SyncPlan {
 
 /// Pending bytes beyond this are written out at once.
 const PENDING_BYTES_MAX: usize = 1 << 20;
+
+fn group_dir_under(root: &Path, group: GroupId) -> PathBuf {
+    root.join(format!("group-{group}"))
+}
+
+/// `topic|retry|dlq/n<name>/<queue number>`: names are `[A-Za-z0-9._-]`, at most 249 bytes
+/// (the core checks them), and the `n` in front keeps `.` and `..` from meaning a directory.
+fn queue_dir_under(root: &Path, group: GroupId, queue: &QueueId) -> PathBuf {
+    let topic = queue.topic.as_ref();
+    let (kind, name) = if let Some(name) = topic.strip_prefix("%RETRY%") {
+        ("retry", name)
+    } else if let Some(name) = topic.strip_prefix("%DLQ%") {
+        ("dlq", name)
+    } else {
+        ("topic", topic)
+    };
+    group_dir_under(root, group)
+        .join(kind)
+        .join(format!("n{name}"))
+        .join(queue.queue.to_string())
+}
 
 fn flush(segment: &mut Segment) -> Result<(), String> {
     if segment.pending.is_empty() {

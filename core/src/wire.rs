@@ -131,22 +131,53 @@ impl std::error::Error for WireError {}
 
 /// Appends `frame`, header included, to `out`. On error `out` is unchanged.
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
-    let payload =
-        postcard::to_allocvec(frame).map_err(|e| WireError::Malformed(format!("encode: {e}")))?;
-    let len = match u32::try_from(payload.len()) {
-        Ok(len) if payload.len() <= FRAME_BYTES_MAX => len,
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    let payload_at = out.len();
+    // Serialised straight into `out`, which a connection keeps between frames: a payload
+    // grown in a vector of its own (a large Append frame reallocated a dozen times) and
+    // copied in cost a publishing node more than the copy itself.
+    let encoded = postcard::serialize_with_flavor(frame, AppendTo(out));
+    let payload_len = out.len() - payload_at;
+    let len = match (encoded, u32::try_from(payload_len)) {
+        (Ok(()), Ok(len)) if payload_len <= FRAME_BYTES_MAX => len,
+        (Err(e), _) => {
+            out.truncate(start);
+            return Err(WireError::Malformed(format!("encode: {e}")));
+        }
         _ => {
+            out.truncate(start);
             return Err(WireError::TooLarge {
-                len_bytes: payload.len() as u64,
+                len_bytes: payload_len as u64,
                 max_bytes: FRAME_BYTES_MAX as u64,
             });
         }
     };
-    out.reserve(FRAME_HEADER_BYTES + payload.len());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let crc = crc32c::crc32c(&out[payload_at..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..payload_at].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// A postcard flavor that appends to a vector it borrows.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reassembles frames from a byte stream that arrives in arbitrary pieces.

@@ -30,12 +30,20 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Memory a node frees goes back to the system at once. mimalloc 3 waits a second by
 /// default, and keeps it if nothing else is allocated meanwhile: a burst of hostile input
 /// (megabyte frames refused, thousands of answers parked) then stays resident after it is
-/// dealt with (+58 MiB in `hostile.rs`, against +26 MiB purging at once). Measured: no more
-/// CPU than the default on a publishing node (BENCHMARKS.md).
+/// dealt with (+58 MiB in `hostile.rs`, against +26 MiB purging at once).
+///
+/// And in small pages: with transparent huge pages, each buffer grown again after a purge
+/// faulted in a whole 2 MiB page, zeroed, and a fresh cluster's publishing nodes spent 26%
+/// of their CPU in `clear_page` (30% more CPU per message than without; BENCHMARKS.md).
+/// The `no_thp` feature stops mimalloc asking for them; this also refuses them where the
+/// system gives them unasked (`transparent_hugepage=always`).
 fn return_freed_memory_at_once() {
     // SAFETY: mi_option_set only stores a value that mimalloc reads when it next purges;
     // it is valid for every option index and any value, at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    // SAFETY: PR_SET_THP_DISABLE takes one integer flag and changes only this process's
+    // future page faults. It can fail on old kernels, where nothing is lost but speed.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
 #[derive(Parser)]

@@ -124,6 +124,10 @@ pub struct QueueStore {
     trimmed: BTreeMap<(GroupId, QueueId), Offset>,
     /// The first error of a sync: the store cannot be trusted after it.
     failed: Option<String>,
+    /// Emptied write buffers, kept for the next round's writes: a buffer freed after every
+    /// round and grown again from nothing cost a fresh (huge) page from the system, zeroed,
+    /// each round: 14% of a publishing node's main thread.
+    spare: Vec<Vec<u8>>,
 }
 
 impl QueueStore {
@@ -138,6 +142,7 @@ impl QueueStore {
             floors: BTreeMap::new(),
             trimmed: BTreeMap::new(),
             failed: None,
+            spare: Vec::new(),
         };
         for (group, group_dir) in entries(&store.dir)? {
             let Some(group) = group
@@ -576,12 +581,18 @@ impl QueueStore {
         };
         let position = u32::try_from(segment.len)
             .map_err(|_| format!("{} passed 4 GiB", segment.path.display()))?;
+        if segment.pending.capacity() == 0 {
+            segment.pending = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(PENDING_BYTES_MAX));
+        }
         segment.pending.extend_from_slice(record);
         segment.unsynced = true;
         segment.positions.push(position);
         segment.len += record.len() as u64;
         if segment.pending.len() >= PENDING_BYTES_MAX {
-            flush(segment)?;
+            write_pending(segment)?;
         }
         Ok(())
     }
@@ -832,8 +843,8 @@ impl QueueStore {
     }
 
     /// Hands every pending record to its file (fsynced only by [`QueueStore::sync_group`]: the
-    /// Raft log is the durable copy of everything no snapshot covers yet) and frees the
-    /// buffers.
+    /// Raft log is the durable copy of everything no snapshot covers yet) and takes the
+    /// buffers back: a few are kept for the next round, so idle queues hold none.
     pub fn flush(&mut self) -> Result<(), String> {
         self.check()?;
         for key in std::mem::take(&mut self.dirty) {
@@ -842,7 +853,11 @@ impl QueueStore {
                 .get_mut(&key)
                 .and_then(|q| q.segments.values_mut().next_back())
             {
-                flush(segment)?;
+                write_pending(segment)?;
+                let buffer = std::mem::take(&mut segment.pending);
+                if self.spare.len() < SPARE_BUFFERS_MAX && buffer.capacity() <= SPARE_BYTES_MAX {
+                    self.spare.push(buffer);
+                }
             }
         }
         Ok(())
@@ -887,6 +902,10 @@ impl SyncPlan {
 
 /// Pending bytes beyond this are written out at once.
 const PENDING_BYTES_MAX: usize = 1 << 20;
+/// Emptied write buffers kept between rounds, and the largest kept (one that took a large
+/// record is let go): at most 16 MiB held for writes to come.
+const SPARE_BUFFERS_MAX: usize = 8;
+const SPARE_BYTES_MAX: usize = 2 * PENDING_BYTES_MAX;
 
 fn group_dir_under(root: &Path, group: GroupId) -> PathBuf {
     root.join(format!("group-{group}"))
@@ -909,7 +928,15 @@ fn queue_dir_under(root: &Path, group: GroupId, queue: &QueueId) -> PathBuf {
         .join(queue.queue.to_string())
 }
 
+/// Writes the segment's pending records and frees their buffer.
 fn flush(segment: &mut Segment) -> Result<(), String> {
+    write_pending(segment)?;
+    segment.pending = Vec::new();
+    Ok(())
+}
+
+/// Writes the segment's pending records, keeping their buffer's capacity.
+fn write_pending(segment: &mut Segment) -> Result<(), String> {
     if segment.pending.is_empty() {
         return Ok(());
     }
@@ -919,7 +946,7 @@ fn flush(segment: &mut Segment) -> Result<(), String> {
         .file
         .write_all_at(&segment.pending, at)
         .map_err(|e| format!("cannot write {}: {e}", segment.path.display()))?;
-    segment.pending = Vec::new();
+    segment.pending.clear();
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use super::files::{
     io_error, list_dir, open_file, read_damage_marker, read_synced, remove_file, segment_name,
     snapshot_name, sync_dir, write_damage_marker,
 };
-use super::group_store::{GroupStore, Segment};
+use super::group_store::{GroupStore, Segment, SpareBuffers};
 use super::{StorageConfig, StorageError};
 
 impl GroupStore {
@@ -187,6 +187,7 @@ impl GroupStore {
             synced_record,
             fsyncs,
             failed: None,
+            buffers: SpareBuffers::default(),
             #[cfg(test)]
             crash_after_steps: None,
             #[cfg(test)]

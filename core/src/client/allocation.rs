@@ -95,4 +95,30 @@ mod tests {
         assert_eq!(allocate(&queues, &members, "m1"), &[4, 5, 6, 7]);
         assert!(allocate(&queues, &["a".into()], "stranger").is_empty());
     }
+
+    /// `allocate` shares out as `Averagely` does: contiguous, one owner per queue, the first
+    /// `queues % members` members one queue more, whatever the remainder (11 queues among 3
+    /// members leave 2 over; among 4, 3; among 5, 1).
+    #[test]
+    fn allocate_gives_every_queue_one_owner_and_the_remainder_to_the_first_members() {
+        let queues: Vec<u32> = (0..11).collect();
+        for size in 1..8 {
+            let members: Vec<String> = (0..size).map(|i| format!("m{i}")).collect();
+            let shares: Vec<&[u32]> = members
+                .iter()
+                .map(|m| allocate(&queues, &members, m))
+                .collect();
+            assert_eq!(shares.concat(), queues, "{size} members: {shares:?}");
+            for (me, share) in shares.iter().enumerate() {
+                let expected = AllocationStrategy::Averagely.share(&queues, size, me);
+                assert_eq!(share.to_vec(), expected, "member {me} of {size}");
+                let extra = usize::from(me < queues.len() % size);
+                assert_eq!(
+                    share.len(),
+                    queues.len() / size + extra,
+                    "member {me} of {size}"
+                );
+            }
+        }
+    }
 }

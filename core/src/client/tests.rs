@@ -7,15 +7,8 @@ use crate::broker::{Message, QueueId};
 use crate::node::protocol::{Request, RequestId, Response, Route};
 use crate::time::Instant;
 
-/// A producer whose routes name node 1 as the leader of both broker groups, with a send to
-/// node 1 in flight.
-fn producer_with_a_send_to_node_1() -> (Producer, Instant) {
-    let now = Instant::from_micros(1_000_000);
-    let mut producer = Producer::new(ProducerConfig::new(7, vec![1, 2, 3]));
-    producer.send(now, "orders", vec![Message::with_body(Bytes::from("m"))]);
-    let Some((_, route_request, Request::Route { .. })) = producer.poll_request() else {
-        panic!("a producer asks for routes first");
-    };
+/// The routes of `orders`: queue `q` in broker group `q + 1`, led by node 1.
+fn orders_routes() -> Response {
     let routes = (0..2)
         .map(|q| Route {
             queue: QueueId::new("orders", q),
@@ -23,11 +16,29 @@ fn producer_with_a_send_to_node_1() -> (Producer, Instant) {
             leader: Some(1),
         })
         .collect();
-    let response = Response::Routes {
+    Response::Routes {
         topic: "orders".into(),
         routes,
+    }
+}
+
+/// A producer (`config`) with a send to `orders` whose routes (`orders_routes`) have
+/// arrived, its first Send request waiting in the outbox.
+fn producer_with_routes(config: ProducerConfig, now: Instant) -> Producer {
+    let mut producer = Producer::new(config);
+    producer.send(now, "orders", vec![Message::with_body(Bytes::from("m"))]);
+    let Some((_, route_request, Request::Route { .. })) = producer.poll_request() else {
+        panic!("a producer asks for routes first");
     };
-    producer.handle_response(now, route_request, response);
+    producer.handle_response(now, route_request, orders_routes());
+    producer
+}
+
+/// A producer whose routes name node 1 as the leader of both broker groups, with a send to
+/// node 1 in flight.
+fn producer_with_a_send_to_node_1() -> (Producer, Instant) {
+    let now = Instant::from_micros(1_000_000);
+    let mut producer = producer_with_routes(ProducerConfig::new(7, vec![1, 2, 3]), now);
     let Some((node, _, Request::Send { .. })) = producer.poll_request() else {
         panic!("then it sends");
     };
@@ -556,5 +567,356 @@ fn an_answer_from_an_earlier_tenure_of_a_queue_is_not_handed_out() {
         froms,
         [0],
         "it pulls from the committed offset, not past the late answer"
+    );
+}
+
+/// The driver tells the producer the cluster's nodes as it learns them: routes are asked of
+/// those; an empty list (the driver knows of none yet) keeps the ones it had.
+#[test]
+fn routes_are_asked_of_the_nodes_the_driver_last_named_and_an_empty_list_changes_nothing() {
+    let now = Instant::from_micros(1_000_000);
+    let mut producer = Producer::new(ProducerConfig::new(7, vec![1, 2, 3]));
+    producer.set_nodes(Vec::new());
+    let mut asked = Vec::new();
+    for _ in 0..3 {
+        producer.send(now, "orders", vec![Message::with_body(Bytes::from("m"))]);
+        let Some((node, request, Request::Route { .. })) = producer.poll_request() else {
+            panic!("a producer asks for routes first");
+        };
+        asked.push(node);
+        // No routes yet: the next send asks again.
+        let refused = Response::Refused {
+            reason: "unknown topic".into(),
+        };
+        producer.handle_response(now, request, refused);
+    }
+    asked.sort();
+    assert_eq!(asked, [1, 2, 3], "round-robin over the nodes it had");
+    producer.set_nodes(vec![4, 5]);
+    let later = now + Duration::from_millis(500);
+    producer.handle_timeout(later);
+    let asked: Vec<crate::raft::NodeId> = std::iter::from_fn(|| producer.poll_request())
+        .filter(|(_, _, r)| matches!(r, Request::Route { .. }))
+        .map(|(node, _, _)| node)
+        .collect();
+    assert!(!asked.is_empty(), "the sends ask for routes again");
+    assert!(
+        asked.iter().all(|n| [4, 5].contains(n)),
+        "of the nodes last named: {asked:?}"
+    );
+}
+
+/// Drives a producer made by `producer_with_routes` at `now` until its send ends, answering
+/// its route requests with `orders_routes` and handing each Send request (node, request,
+/// broker group) to `answer`; returns how many Sends left and how the send ended.
+fn sends_until_the_end(
+    mut now: Instant,
+    mut answer: impl FnMut(&mut Producer, Instant, crate::raft::NodeId, RequestId, u64),
+) -> (u32, SendResult) {
+    let mut producer = producer_with_routes(ProducerConfig::new(7, vec![1, 2, 3]), now);
+    let mut sends = 0;
+    loop {
+        while let Some((node, id, request)) = producer.poll_request() {
+            match request {
+                Request::Send { broker, .. } => {
+                    sends += 1;
+                    answer(&mut producer, now, node, id, broker);
+                }
+                Request::Route { .. } => producer.handle_response(now, id, orders_routes()),
+                other => panic!("{other:?}"),
+            }
+        }
+        if let Some((_, result)) = producer.poll_result() {
+            return (sends, result);
+        }
+        now = now + Duration::from_millis(1);
+        producer.handle_timeout(now);
+    }
+}
+
+/// Every Send is answered `NotLeader` with a hint: each attempt follows `redirects_max`
+/// redirects, and the one after that counts as a failed attempt; after `retries` more such
+/// attempts the send gives up, saying why, with nothing written.
+#[test]
+fn a_send_follows_redirects_max_redirects_before_counting_a_failed_attempt() {
+    let config = ProducerConfig::new(7, vec![]);
+    let (sends, result) = sends_until_the_end(
+        Instant::from_micros(1_000_000),
+        |producer, now, _, id, broker| {
+            let bounce = Response::NotLeader {
+                group: broker,
+                leader_hint: Some(2),
+            };
+            producer.handle_response(now, id, bounce);
+        },
+    );
+    assert_eq!(sends, (config.retries + 1) * (config.redirects_max + 1));
+    assert_eq!(
+        result,
+        SendResult::Failed {
+            reason: "too many redirects".into(),
+            maybe_written: false,
+            refused: false,
+        }
+    );
+}
+
+/// A lost connection counts as a redirect: each attempt goes again `redirects_max` times
+/// after one, and the next loss counts as a failed attempt; the send gives up after
+/// `retries` more, saying it may have been written.
+#[test]
+fn a_send_goes_again_after_redirects_max_lost_connections_before_counting_a_failed_attempt() {
+    let config = ProducerConfig::new(7, vec![]);
+    let mut last = None;
+    let (sends, result) = sends_until_the_end(
+        Instant::from_micros(1_000_000),
+        |producer, now, node, _, _| {
+            producer.connection_lost(now, node);
+            last = Some(node);
+        },
+    );
+    assert_eq!(sends, (config.retries + 1) * (config.redirects_max + 1));
+    let last = last.expect("a send left");
+    assert_eq!(
+        result,
+        SendResult::Failed {
+            reason: format!("connection to node {last} lost"),
+            maybe_written: true,
+            refused: false,
+        }
+    );
+}
+
+/// A route request in flight on a connection that closes goes again at once, to another
+/// node; a connection lost to a node nothing was asked of changes nothing.
+#[test]
+fn a_route_request_in_flight_on_a_lost_connection_goes_again_at_once_to_another_node() {
+    let now = Instant::from_micros(1_000_000);
+    let mut producer = Producer::new(ProducerConfig::new(7, vec![1, 2, 3]));
+    producer.send(now, "orders", vec![Message::with_body(Bytes::from("m"))]);
+    let Some((asked, _, Request::Route { .. })) = producer.poll_request() else {
+        panic!("a producer asks for routes first");
+    };
+    let idle = [1, 2, 3].into_iter().find(|n| *n != asked).expect("a node");
+    producer.connection_lost(now, idle);
+    assert!(
+        producer.poll_request().is_none(),
+        "nothing was asked of {idle}"
+    );
+    producer.connection_lost(now, asked);
+    let Some((again, _, Request::Route { topic })) = producer.poll_request() else {
+        panic!("the routes are asked for again at once");
+    };
+    assert_eq!(topic, "orders");
+    assert_ne!(again, asked, "{asked}'s connection is gone");
+    assert!(producer.poll_request().is_none(), "once");
+}
+
+/// A send the broker refuses (a permission, a queue not created yet) counts a failed attempt
+/// per refusal, asking for routes again before each retry, and gives up after `retries` of
+/// them with the broker's reason, as refused and not written.
+#[test]
+fn a_send_the_broker_refuses_gives_up_after_retries_refused_attempts() {
+    let config = ProducerConfig::new(7, vec![]);
+    let (sends, result) = sends_until_the_end(
+        Instant::from_micros(1_000_000),
+        |producer, now, _, id, _| {
+            let refused = Response::Refused {
+                reason: "not authorised".into(),
+            };
+            producer.handle_response(now, id, refused);
+        },
+    );
+    assert_eq!(sends, config.retries + 1);
+    assert_eq!(
+        result,
+        SendResult::Failed {
+            reason: "not authorised".into(),
+            maybe_written: false,
+            refused: true,
+        }
+    );
+}
+
+/// A tick before a request's timeout leaves it in flight; a send whose deadline passes while
+/// its request is still in flight (the deadline before the request's timeout) gives up then,
+/// as maybe written.
+#[test]
+fn a_send_with_a_request_in_flight_gives_up_at_its_deadline_not_before() {
+    let now = Instant::from_micros(1_000_000);
+    let mut config = ProducerConfig::new(7, vec![1, 2, 3]);
+    config.send_timeout_ms = 500;
+    config.request_timeout_ms = 1_000;
+    let mut producer = producer_with_routes(config, now);
+    let Some((_, _, Request::Send { .. })) = producer.poll_request() else {
+        panic!("the send leaves");
+    };
+    let deadline = now + Duration::from_millis(500);
+    assert_eq!(producer.poll_timeout(), Some(deadline));
+    producer.handle_timeout(now + Duration::from_millis(1));
+    assert!(
+        producer.poll_request().is_none(),
+        "the request is in flight"
+    );
+    assert!(producer.poll_result().is_none());
+    producer.handle_timeout(deadline);
+    let Some((_, SendResult::Failed { maybe_written, .. })) = producer.poll_result() else {
+        panic!("the send gives up at its deadline");
+    };
+    assert!(maybe_written, "the request in flight may have been written");
+    assert!(producer.poll_request().is_none());
+    assert_eq!(producer.in_flight(), 0);
+}
+
+/// Cached routes are used until they are `route_ttl_ms` old; from then a send asks for them
+/// again first.
+#[test]
+fn routes_are_fetched_again_once_route_ttl_old() {
+    let now = Instant::from_micros(1_000_000);
+    let config = ProducerConfig::new(7, vec![1, 2, 3]);
+    let ttl = Duration::from_millis(config.route_ttl_ms);
+    let mut producer = producer_with_routes(config, now);
+    let answer_sends = |producer: &mut Producer, at: Instant| {
+        let mut routes_asked = false;
+        while let Some((_, id, request)) = producer.poll_request() {
+            match request {
+                Request::Send { queue, .. } => {
+                    let sent = Response::Sent {
+                        queue,
+                        base_offset: 0,
+                        duplicate: false,
+                    };
+                    producer.handle_response(at, id, sent);
+                }
+                Request::Route { .. } => routes_asked = true,
+                other => panic!("{other:?}"),
+            }
+        }
+        routes_asked
+    };
+    assert!(!answer_sends(&mut producer, now));
+    let message = || vec![Message::with_body(Bytes::from("m"))];
+    let young = now + ttl - Duration::from_millis(1);
+    producer.send(young, "orders", message());
+    assert!(
+        !answer_sends(&mut producer, young),
+        "the cached routes serve"
+    );
+    let old = now + ttl;
+    producer.send(old, "orders", message());
+    assert!(
+        answer_sends(&mut producer, old),
+        "the routes are asked for again"
+    );
+}
+
+/// Answers every request the producer has sent: route requests with `orders_routes`, Sends
+/// as written. Returns each Send's node and broker group.
+fn answer_all(producer: &mut Producer, now: Instant) -> Vec<(crate::raft::NodeId, u64)> {
+    let mut sends = Vec::new();
+    while let Some((node, id, request)) = producer.poll_request() {
+        match request {
+            Request::Send { broker, queue, .. } => {
+                sends.push((node, broker));
+                let sent = Response::Sent {
+                    queue,
+                    base_offset: 0,
+                    duplicate: false,
+                };
+                producer.handle_response(now, id, sent);
+            }
+            Request::Route { .. } => producer.handle_response(now, id, orders_routes()),
+            other => panic!("{other:?}"),
+        }
+    }
+    while producer.poll_result().is_some() {}
+    sends
+}
+
+fn one_message() -> Vec<Message> {
+    vec![Message::with_body(Bytes::from("m"))]
+}
+
+/// Successive sends take the topic's queues in turn (groups 1 and 2 alternate), each to the
+/// leader the routes name.
+#[test]
+fn successive_sends_take_the_topics_queues_in_turn() {
+    let now = Instant::from_micros(1_000_000);
+    let mut producer = producer_with_routes(ProducerConfig::new(7, vec![1, 2, 3]), now);
+    let mut sends = answer_all(&mut producer, now);
+    for _ in 0..3 {
+        producer.send(now, "orders", one_message());
+        sends.extend(answer_all(&mut producer, now));
+    }
+    assert!(sends.iter().all(|(node, _)| *node == 1), "{sends:?}");
+    let groups: Vec<u64> = sends.iter().map(|(_, group)| *group).collect();
+    assert!(
+        groups == [1, 2, 1, 2] || groups == [2, 1, 2, 1],
+        "groups in turn: {groups:?}"
+    );
+}
+
+/// A broker group a request timed out in is avoided by new sends while another is available,
+/// for `avoid_ms`; after that it is chosen again.
+#[test]
+fn a_broker_group_that_timed_out_is_avoided_for_avoid_ms() {
+    let now = Instant::from_micros(1_000_000);
+    let config = ProducerConfig::new(7, vec![1, 2, 3]);
+    let (request_timeout, avoid) = (config.request_timeout_ms, config.avoid_ms);
+    let mut producer = producer_with_routes(config, now);
+    let Some((_, _, Request::Send { broker: silent, .. })) = producer.poll_request() else {
+        panic!("the send leaves");
+    };
+    let t = now + Duration::from_millis(request_timeout);
+    producer.handle_timeout(t);
+    let mut groups = Vec::new();
+    for _ in 0..4 {
+        groups.extend(answer_all(&mut producer, t).into_iter().map(|(_, g)| g));
+        producer.send(t, "orders", one_message());
+    }
+    groups.extend(answer_all(&mut producer, t).into_iter().map(|(_, g)| g));
+    assert_eq!(groups.len(), 5, "the retry and four new sends: {groups:?}");
+    assert!(
+        !groups.contains(&silent),
+        "group {silent} timed out: {groups:?}"
+    );
+    // Once avoid_ms have passed it is a candidate again.
+    let later = t + Duration::from_millis(avoid);
+    let mut groups = Vec::new();
+    for _ in 0..4 {
+        producer.send(later, "orders", one_message());
+        groups.extend(answer_all(&mut producer, later).into_iter().map(|(_, g)| g));
+    }
+    assert!(groups.contains(&silent), "{groups:?}");
+}
+
+/// A node whose connection was lost is not sent to, even as the leader fresh routes name,
+/// until `avoid_ms` later; from exactly then it is trusted again.
+#[test]
+fn a_suspect_leader_is_trusted_again_once_avoid_ms_have_passed() {
+    let now = Instant::from_micros(1_000_000);
+    let mut config = ProducerConfig::new(7, vec![1, 2, 3]);
+    // Routes (naming node 1 the leader) are fetched again while node 1 is still suspect.
+    config.route_ttl_ms = 1_000;
+    let avoid = Duration::from_millis(config.avoid_ms);
+    let mut producer = producer_with_routes(config, now);
+    let Some((1, _, Request::Send { .. })) = producer.poll_request() else {
+        panic!("the send leaves for node 1");
+    };
+    producer.connection_lost(now, 1);
+    let retried = answer_all(&mut producer, now);
+    assert!(retried.iter().all(|(node, _)| *node != 1), "{retried:?}");
+    let just_before = now + avoid - Duration::from_micros(1);
+    producer.send(just_before, "orders", one_message());
+    let sends = answer_all(&mut producer, just_before);
+    assert_eq!(sends.len(), 1);
+    assert!(sends.iter().all(|(node, _)| *node != 1), "{sends:?}");
+    let then = now + avoid;
+    producer.send(then, "orders", one_message());
+    let sends = answer_all(&mut producer, then);
+    assert_eq!(
+        sends.iter().map(|(node, _)| *node).collect::<Vec<_>>(),
+        [1],
+        "the routes' leader"
     );
 }

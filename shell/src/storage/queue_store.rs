@@ -64,8 +64,8 @@ struct Segment {
     path: PathBuf,
     file: File,
     /// Records written but not yet handed to the file: written out at the end of each round
-    /// of the event loop ([`QueueStore::flush`]) and before a read of this segment, then freed,
-    /// so that idle queues hold no buffer.
+    /// of the event loop ([`QueueStore::flush`], which takes the buffer back into the store's
+    /// spares) and before a read of this segment, so that idle queues hold no buffer.
     pending: Vec<u8>,
     /// The position of the record of offset `first + i`.
     positions: Vec<u32>,

@@ -314,11 +314,14 @@ impl Disk {
         rng: &mut ChaCha8Rng,
         canary: Option<Canary>,
     ) -> Result<(), Violation> {
-        self.lower_synced_record(&write);
+        if !write.discard_log {
+            self.lower_synced_record(&write);
+        }
         if write.discard_log && Canary::DiscardBeforeSnapshot.planted(canary) {
             // The planted bug: the old log goes first, so the crash can come before the
             // snapshot that replaces it is durable. The model keeps what a correct disk
             // would still hold: the old log.
+            self.lower_synced_record(&write);
             let keep = rng.random_range(0..=self.offsets.len());
             self.keep_records(keep);
             if keep > 0 || rng.random_bool(0.5) {
@@ -334,6 +337,12 @@ impl Disk {
         }
         if write.discard_log {
             self.log.clear();
+            if rng.random_bool(0.5) {
+                // The crash came before the synced record was lowered: the old log is whole,
+                // and the record may still name its end.
+                return Ok(());
+            }
+            self.lower_synced_record(&write);
             let keep = rng.random_range(0..=self.offsets.len());
             self.keep_records(keep);
             if keep > 0 {
@@ -381,8 +390,9 @@ impl Disk {
         Ok(())
     }
 
-    /// Before a write that cuts the log (a truncation, or a discard for a snapshot it does not
-    /// continue) touches anything, the synced record goes down to what the write keeps.
+    /// Before a write that cuts the log touches anything, the synced record goes down to what
+    /// the write keeps; for a discard, once its snapshot is durable (as the shell's
+    /// `sync_files`: until then the old log's synced entries stay protected).
     fn lower_synced_record(&mut self, write: &Write) {
         let mut floor = cut_floor(write);
         if write.discard_log

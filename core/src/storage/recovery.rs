@@ -45,7 +45,10 @@
 //!   is damage ([`LogGap`]).
 //! - The log must reach the commit of the state file and the index of the synced record:
 //!   short of either, the "torn tail" was synced data, and that is damage. With the synced
-//!   record unreadable, any torn tail may have been synced: damage too.
+//!   record unreadable, any torn tail may have been synced: damage too. The synced record does
+//!   not count for a log that holds the snapshot's index under another term: that log was
+//!   replaced, and the record, lowered only once the snapshot is durable (so that a crash
+//!   before it keeps the old log's synced entries protected), may still name its end.
 //! - A state file that is missing or empty beside a log, a snapshot or a synced record above
 //!   0, or that does not decode, lost this replica's votes ([`StateLost`]).
 //!
@@ -531,6 +534,13 @@ fn plan_log(input: &RecoveryInput<'_>, commit: Index) -> Result<RecoveryPlan, Re
     }
 
     let snapshot_at = plan.snapshot.as_ref().map(|_| (base, base_term));
+    // A log holding the snapshot's index under another term is one the snapshot was installed
+    // over (the two cannot share a later entry): the synced record may still describe it, as
+    // the record is lowered only once the snapshot is durable.
+    let replaced = snapshot_at.is_some()
+        && entries
+            .iter()
+            .any(|e| e.index == base && e.term != base_term);
     let kept = match log_after_snapshot(snapshot_at, entries) {
         Ok(kept) => kept,
         Err(gap) => {
@@ -570,7 +580,7 @@ fn plan_log(input: &RecoveryInput<'_>, commit: Index) -> Result<RecoveryPlan, Re
             let why = torn.map(|t| t.why);
             let cause = if last < commit {
                 Some(DamageCause::ShortOfCommit { commit, last, why })
-            } else if let Some(synced) = input.synced.filter(|synced| last < *synced) {
+            } else if let Some(synced) = input.synced.filter(|synced| last < *synced && !replaced) {
                 Some(DamageCause::ShortOfSynced { synced, last, why })
             } else if input.synced.is_none() && torn.is_some() {
                 Some(DamageCause::SyncedUnreadable { why })
@@ -991,6 +1001,45 @@ mod tests {
         assert_eq!(plan.damage, None);
         assert_eq!(plan.remove_trailing, vec![1]);
         assert!(plan.segments.is_empty() && plan.entries.is_empty());
+    }
+
+    #[test]
+    fn a_replaced_log_the_synced_record_still_describes_goes_without_damage() {
+        // A crash after the installed snapshot at 3@3 was renamed into place and before the
+        // synced record was lowered for the discard: the record still names the old log's end.
+        let (a, _) = segment(&[entry(1, 1), entry(2, 1), entry(3, 1), entry(4, 1)]);
+        let state = state(3);
+        let input = RecoveryInput {
+            state: &state,
+            synced: Some(4),
+            snapshot: Some(SnapshotFile {
+                index: 3,
+                bytes: Bytes::from(encode_snapshot(&snapshot_at(3, 3))),
+            }),
+            segments: vec![SegmentFile {
+                first: 1,
+                bytes: Some(&a),
+            }],
+        };
+        let plan = plan_recovery(&input).expect("plans");
+        assert_eq!(plan.damage, None);
+        assert_eq!(plan.remove_trailing, vec![1]);
+        assert!(plan.entries.is_empty());
+
+        // The same files with the snapshot's own entry in the log: a log that continues the
+        // snapshot and lost a synced entry, which is damage.
+        let (b, _) = segment(&[entry(1, 1), entry(2, 1), entry(3, 3)]);
+        let input = RecoveryInput {
+            segments: vec![SegmentFile {
+                first: 1,
+                bytes: Some(&b),
+            }],
+            ..input
+        };
+        let plan = plan_recovery(&input).expect("plans");
+        let damage = plan.damage.expect("damage");
+        assert_eq!(damage.from, 4);
+        assert!(damage.cause.to_string().contains("synced through index 4"));
     }
 
     #[test]

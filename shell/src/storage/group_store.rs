@@ -468,22 +468,22 @@ impl GroupStore {
 
     fn sync_files(&mut self) -> Result<(), StorageError> {
         // Lowered before anything that could leave the recovered log shorter than the record
-        // says (a truncation, a discard, or a snapshot the old log does not continue), or
-        // recovery would call a legitimate cut damage. Rare: only writes that cut need it.
-        if self
-            .synced_record
-            .index
-            .is_none_or(|index| index > self.durable_floor)
-        {
-            self.write_synced(self.durable_floor)?;
-            self.step("lowered the synced record")?;
+        // says (a truncation, or a discard), or recovery would call a legitimate cut damage.
+        // Rare: only writes that cut need it. For a discard, only once its snapshot is
+        // durable: until then a crash keeps the old log, whose synced entries the record must
+        // still protect (a bit flip in one would otherwise pass for a torn tail); recovery
+        // ignores the record beside a snapshot that replaced the log it describes.
+        let discard = std::mem::take(&mut self.discard_staged);
+        if !discard {
+            self.lower_synced_record()?;
         }
         if let Some(snapshot) = self.staged_snapshot.take() {
             self.write_snapshot(&snapshot)?;
             self.durable_floor = self.durable_floor.max(snapshot.index);
             self.remove_older_snapshots(snapshot.index)?;
         }
-        if std::mem::take(&mut self.discard_staged) {
+        if discard {
+            self.lower_synced_record()?;
             self.delete_doomed()?;
         }
         if self.state_dirty {
@@ -494,6 +494,18 @@ impl GroupStore {
         self.write_segments()?;
         self.compact()?;
         self.durable_floor = self.last_index();
+        Ok(())
+    }
+
+    fn lower_synced_record(&mut self) -> Result<(), StorageError> {
+        if self
+            .synced_record
+            .index
+            .is_none_or(|index| index > self.durable_floor)
+        {
+            self.write_synced(self.durable_floor)?;
+            self.step("lowered the synced record")?;
+        }
         Ok(())
     }
 

@@ -990,9 +990,9 @@ fn an_installed_snapshot_discards_the_log_safely_at_every_step() {
     );
 
     // The crash state with only the newest old segment removed, built by hand as the sync
-    // leaves it: the synced record lowered to the snapshot first, then the snapshot, then the
-    // removal. (With the record still at 30, the same files are damage: entries it calls
-    // synced are gone.)
+    // leaves it: the snapshot first, then the synced record lowered to it, then the removal.
+    // (The record is lowered before any segment goes, so a prefix of the old log never meets
+    // a record naming entries that are gone.)
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut store, _) = thirty(dir.path(), &tiny());
     store.write_synced(25).expect("lower the record");
@@ -1016,6 +1016,41 @@ fn an_installed_snapshot_discards_the_log_safely_at_every_step() {
         segment_files(dir.path()).is_empty(),
         "and its removal finished"
     );
+}
+
+/// Until an installed snapshot is durable a crash keeps the old log, and its synced entries
+/// stay protected: the synced record is lowered for the discard only after the snapshot, so a
+/// bit flip in the old log's last record is damage, never a torn tail to cut (seed 91300527
+/// of the raft workload).
+#[test]
+fn a_crash_before_an_installed_snapshot_keeps_the_old_logs_tail_protected() {
+    let change = full_write(100, Some(hs(3, None, 0)), Some(snap(25, 3)), true, vec![]);
+    for crash_after in 0..3 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, log) = thirty(dir.path(), &tiny());
+        store.crash_after_steps = Some(store.steps + crash_after);
+        store.write(&change).expect("write");
+        if crash_after > 0 {
+            assert!(store.sync().is_err(), "crashes after step {crash_after}");
+        }
+        drop(store);
+        if read_disk(dir.path()).0.is_some() {
+            continue;
+        }
+        let (_, last) = segment_files(dir.path()).pop().expect("the old log");
+        let mut bytes = fs::read(&last).expect("read");
+        let at = bytes.len() - 2;
+        bytes[at] ^= 0x10;
+        fs::write(&last, &bytes).expect("write");
+        let (_, recovered, damage) =
+            GroupStore::open_repairing(dir.path(), 1, &tiny()).expect("opens damaged");
+        assert_eq!(
+            damage.map(|d| d.from),
+            Some(30),
+            "crash after step {crash_after}"
+        );
+        assert_eq!(recovered.entries, log[..29]);
+    }
 }
 
 #[test]

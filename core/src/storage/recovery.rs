@@ -980,24 +980,33 @@ mod tests {
         assert!(plan.snapshot.is_none() && plan.entries.is_empty());
     }
 
+    /// One segment from index 1 beside `snapshot`, with the synced record at `synced`.
+    fn beside<'a>(
+        state: &'a [u8],
+        synced: Index,
+        snapshot: Snapshot,
+        log: &'a [u8],
+    ) -> RecoveryInput<'a> {
+        RecoveryInput {
+            state,
+            synced: Some(synced),
+            snapshot: Some(SnapshotFile {
+                index: snapshot.index,
+                bytes: Bytes::from(encode_snapshot(&snapshot)),
+            }),
+            segments: vec![SegmentFile {
+                first: 1,
+                bytes: Some(log),
+            }],
+        }
+    }
+
     #[test]
     fn a_replaced_log_beside_an_installed_snapshot_goes_without_damage() {
         // An installed snapshot at 10@3 replaced a log whose removal stopped half way.
         let (a, _) = segment(&[entry(1, 1), entry(2, 1)]);
         let state = state(10);
-        let input = RecoveryInput {
-            state: &state,
-            synced: Some(2),
-            snapshot: Some(SnapshotFile {
-                index: 10,
-                bytes: Bytes::from(encode_snapshot(&snapshot_at(10, 3))),
-            }),
-            segments: vec![SegmentFile {
-                first: 1,
-                bytes: Some(&a),
-            }],
-        };
-        let plan = plan_recovery(&input).expect("plans");
+        let plan = plan_recovery(&beside(&state, 2, snapshot_at(10, 3), &a)).expect("plans");
         assert_eq!(plan.damage, None);
         assert_eq!(plan.remove_trailing, vec![1]);
         assert!(plan.segments.is_empty() && plan.entries.is_empty());
@@ -1009,19 +1018,7 @@ mod tests {
         // synced record was lowered for the discard: the record still names the old log's end.
         let (a, _) = segment(&[entry(1, 1), entry(2, 1), entry(3, 1), entry(4, 1)]);
         let state = state(3);
-        let input = RecoveryInput {
-            state: &state,
-            synced: Some(4),
-            snapshot: Some(SnapshotFile {
-                index: 3,
-                bytes: Bytes::from(encode_snapshot(&snapshot_at(3, 3))),
-            }),
-            segments: vec![SegmentFile {
-                first: 1,
-                bytes: Some(&a),
-            }],
-        };
-        let plan = plan_recovery(&input).expect("plans");
+        let plan = plan_recovery(&beside(&state, 4, snapshot_at(3, 3), &a)).expect("plans");
         assert_eq!(plan.damage, None);
         assert_eq!(plan.remove_trailing, vec![1]);
         assert!(plan.entries.is_empty());
@@ -1029,14 +1026,7 @@ mod tests {
         // The same files with the snapshot's own entry in the log: a log that continues the
         // snapshot and lost a synced entry, which is damage.
         let (b, _) = segment(&[entry(1, 1), entry(2, 1), entry(3, 3)]);
-        let input = RecoveryInput {
-            segments: vec![SegmentFile {
-                first: 1,
-                bytes: Some(&b),
-            }],
-            ..input
-        };
-        let plan = plan_recovery(&input).expect("plans");
+        let plan = plan_recovery(&beside(&state, 4, snapshot_at(3, 3), &b)).expect("plans");
         let damage = plan.damage.expect("damage");
         assert_eq!(damage.from, 4);
         assert!(damage.cause.to_string().contains("synced through index 4"));

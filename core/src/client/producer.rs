@@ -107,8 +107,11 @@ pub struct Producer {
     next_seq: Seq,
     next_send: SendId,
     next_request: RequestId,
-    /// Round-robin counters for queue and node choice.
+    /// Round-robin counter for queue choice.
     turn: u64,
+    /// Round-robin counter for node choice, apart from the queues' so that picking a node
+    /// (no leader known) does not skip a queue.
+    node_turn: u64,
     routes: BTreeMap<String, (Vec<Route>, Instant)>,
     route_requests: BTreeMap<RequestId, (String, Instant, NodeId)>,
     leaders: BTreeMap<GroupId, NodeId>,
@@ -139,6 +142,7 @@ impl Producer {
             next_send: 1,
             next_request: 1,
             turn: 0,
+            node_turn: 0,
             routes: BTreeMap::new(),
             route_requests: BTreeMap::new(),
             leaders: BTreeMap::new(),
@@ -279,7 +283,7 @@ impl Producer {
                             Some(leader) => leader,
                             None => pick_live(
                                 &self.config.nodes,
-                                &mut self.turn,
+                                &mut self.node_turn,
                                 &self.suspect_until,
                                 now,
                             ),
@@ -364,7 +368,12 @@ impl Producer {
             if let Some(target) = pending.target.as_mut() {
                 target.node = match self.leaders.get(&target.broker) {
                     Some(leader) => *leader,
-                    None => pick_live(&self.config.nodes, &mut self.turn, &self.suspect_until, now),
+                    None => pick_live(
+                        &self.config.nodes,
+                        &mut self.node_turn,
+                        &self.suspect_until,
+                        now,
+                    ),
                 };
             }
             self.advance(now, id);
@@ -584,7 +593,12 @@ impl Producer {
     }
 
     fn pick_node(&mut self, now: Instant) -> NodeId {
-        pick_live(&self.config.nodes, &mut self.turn, &self.suspect_until, now)
+        pick_live(
+            &self.config.nodes,
+            &mut self.node_turn,
+            &self.suspect_until,
+            now,
+        )
     }
 
     fn request_routes(&mut self, now: Instant, topic: &str) {

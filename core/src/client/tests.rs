@@ -856,6 +856,31 @@ fn successive_sends_take_the_topics_queues_in_turn() {
     );
 }
 
+/// Queues keep their turn when the producer must pick a node for each send (the routes'
+/// leader is suspect): node choice has a round-robin of its own. (With one shared counter, on
+/// four nodes every send went to the same queue.)
+#[test]
+fn queues_keep_their_turn_while_nodes_are_picked() {
+    let now = Instant::from_micros(1_000_000);
+    let mut producer = producer_with_routes(ProducerConfig::new(7, vec![1, 2, 3, 4]), now);
+    let Some((1, _, Request::Send { .. })) = producer.poll_request() else {
+        panic!("the send leaves for node 1");
+    };
+    producer.connection_lost(now, 1);
+    answer_all(&mut producer, now);
+    let mut sends = Vec::new();
+    for _ in 0..8 {
+        producer.send(now, "orders", one_message());
+        sends.extend(answer_all(&mut producer, now));
+    }
+    assert!(sends.iter().all(|(node, _)| *node != 1), "{sends:?}");
+    let groups: Vec<u64> = sends.iter().map(|(_, group)| *group).collect();
+    assert!(
+        groups.windows(2).all(|pair| pair[0] != pair[1]),
+        "groups in turn: {groups:?}"
+    );
+}
+
 /// A broker group a request timed out in is avoided by new sends while another is available,
 /// for `avoid_ms`; after that it is chosen again.
 #[test]

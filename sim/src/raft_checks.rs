@@ -172,6 +172,17 @@ pub fn check_status(
             ),
         ));
     }
+    if status.applied_index > status.commit_index {
+        // State machine safety: only committed entries are applied (a snapshot counts as
+        // committed through its index, and installing or restoring one raises the commit).
+        return Err(violation(
+            "committed-prefix",
+            format!(
+                "group {group} node {node}: applied through {} but its commit index is {}",
+                status.applied_index, status.commit_index
+            ),
+        ));
+    }
     let newly_committed = status.commit_index > view.commit;
     view.commit = status.commit_index;
     let durable = status.durable_index;

@@ -5,6 +5,7 @@
 //! - A snapshot transfer sends one chunk per answer that moves it forward.
 //! - A leader takes no proposal while its oldest pending one has waited too long.
 //! - A snapshot that replaces a conflicting log is durable only once its own write is.
+//! - A pre-vote is granted only for a term above the replica's own.
 
 use std::time::Duration;
 
@@ -646,6 +647,21 @@ fn the_counters_name_the_paths_a_replica_took() {
     settle(&mut follower, later(5));
     assert_eq!(follower.entry(3).map(|e| e.term), Some(2));
     assert_eq!(follower.counters().conflicting_tails_dropped, 1);
+    // A whole snapshot from the leader is installed, and counted once (found by mutation
+    // testing: the count as `*=` stayed 0).
+    let chunk = Message::InstallSnapshot {
+        term: 2,
+        index: 8,
+        snapshot_term: 2,
+        offset: 0,
+        total: 3,
+        chunk: Bytes::from_static(b"abc"),
+        membership: None,
+    };
+    follower.step(later(5), 3, chunk);
+    settle(&mut follower, later(5));
+    assert_eq!(follower.status().snapshot_index, 8);
+    assert_eq!(follower.counters().snapshots_installed, 1);
 }
 
 #[test]
@@ -692,4 +708,23 @@ fn a_snapshot_replacing_a_conflicting_log_is_not_durable_before_its_own_write() 
     );
     replica.persisted(now, second.id);
     assert!(replica.status().durable_index >= 8);
+}
+
+/// Found by mutation testing (`term > self.term` as `>=`): a pre-vote is granted only for a
+/// term above ours. One for our own term comes from a node a term behind, whose campaign would
+/// ask for votes in a term that may have spent them already.
+#[test]
+fn a_pre_vote_for_a_term_not_above_ours_is_refused() {
+    let mut replica = recovered(3, 2, None);
+    let now = later(1);
+    let pre_vote = |term| Message::PreVote {
+        term,
+        last_index: 9,
+        last_term: 3,
+    };
+    replica.step(now, 2, pre_vote(3));
+    assert!(!granted(&settle(&mut replica, now)), "our own term");
+    replica.step(now, 2, pre_vote(4));
+    assert!(granted(&settle(&mut replica, now)), "the next term");
+    assert_eq!(replica.status().term, 3, "a pre-vote moves no term");
 }

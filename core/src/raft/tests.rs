@@ -6,6 +6,7 @@
 //! - A leader takes no proposal while its oldest pending one has waited too long.
 //! - A snapshot that replaces a conflicting log is durable only once its own write is.
 //! - A pre-vote is granted only for a term above the replica's own.
+//! - A leader commits entries of an earlier term only behind one of its own (figure 8).
 
 use std::time::Duration;
 
@@ -49,6 +50,26 @@ fn settle(replica: &mut Replica, now: Instant) -> Vec<Message> {
     std::iter::from_fn(|| replica.poll_message())
         .map(|e| e.message)
         .collect()
+}
+
+/// Node 1 of a three-node group, recovered at `term` with entries 1..=last of that term,
+/// `commit` of them committed.
+fn with_log(term: Term, last: Index, commit: Index) -> Replica {
+    let recovered = Recovered {
+        hard_state: HardState {
+            term,
+            vote: None,
+            commit,
+        },
+        snapshot: None,
+        entries: (1..=last).map(|i| entry(i, term)).collect(),
+    };
+    Replica::new(
+        Config::new(1, 1, vec![1, 2, 3]),
+        recovered,
+        7,
+        Instant::ZERO,
+    )
 }
 
 fn later(seconds: u64) -> Instant {
@@ -628,21 +649,7 @@ fn the_counters_name_the_paths_a_replica_took() {
     assert_ne!(replica.status().role, Role::Leader);
     assert_eq!(replica.counters().check_quorum_step_downs, 1);
     // A follower holding an uncommitted stale tail drops it for the leader's entries.
-    let recovered = Recovered {
-        hard_state: HardState {
-            term: 1,
-            vote: None,
-            commit: 2,
-        },
-        snapshot: None,
-        entries: (1..=4).map(|i| entry(i, 1)).collect(),
-    };
-    let mut follower = Replica::new(
-        Config::new(1, 1, vec![1, 2, 3]),
-        recovered,
-        7,
-        Instant::ZERO,
-    );
+    let mut follower = with_log(1, 4, 2);
     follower.step(later(5), 3, append(2, 2, 1, vec![entry(3, 2)], 2));
     settle(&mut follower, later(5));
     assert_eq!(follower.entry(3).map(|e| e.term), Some(2));
@@ -727,4 +734,51 @@ fn a_pre_vote_for_a_term_not_above_ours_is_refused() {
     replica.step(now, 2, pre_vote(4));
     assert!(granted(&settle(&mut replica, now)), "the next term");
     assert_eq!(replica.status().term, 3, "a pre-vote moves no term");
+}
+
+/// Raft's figure 8: a leader counts replicas to commit only entries of its own term. Entries of
+/// an earlier term held by a majority commit only with one of its own after them.
+#[test]
+fn a_leader_commits_an_earlier_terms_entries_only_behind_one_of_its_own() {
+    let mut replica = with_log(2, 5, 3);
+    let now = later(1);
+    replica.handle_timeout(now);
+    settle(&mut replica, now);
+    replica.step(
+        now,
+        2,
+        Message::PreVoteResponse {
+            term: 3,
+            granted: true,
+        },
+    );
+    settle(&mut replica, now);
+    replica.step(
+        now,
+        2,
+        Message::VoteResponse {
+            term: 3,
+            granted: true,
+        },
+    );
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::Leader);
+    assert_eq!(replica.status().term, 3);
+    let accepted = |match_index| Message::AppendResponse {
+        term: 3,
+        result: AppendResult::Accepted { match_index },
+    };
+    // Node 2 holds the term-2 entries up to 5: with the leader, a majority, yet not committed.
+    replica.step(now, 2, accepted(5));
+    settle(&mut replica, now);
+    assert_eq!(
+        replica.status().commit_index,
+        3,
+        "entries of term 2 committed by counting replicas"
+    );
+    // Once node 2 holds the leader's own no-op (index 6, term 3), everything up to it commits.
+    assert_eq!(replica.status().last_index, 6);
+    replica.step(now, 2, accepted(6));
+    settle(&mut replica, now);
+    assert_eq!(replica.status().commit_index, 6);
 }

@@ -21,7 +21,7 @@ use crate::node::protocol::{Request, RequestId, Response};
 use crate::raft::{Envelope, GroupId, NodeId};
 
 /// Bumped on any change of [`Frame`] or of the types it carries.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The largest payload a frame may carry. Bounds what a garbage length field can make a
 /// receiver buffer.
 pub use crate::limits::FRAME_BYTES_MAX;

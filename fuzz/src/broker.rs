@@ -16,8 +16,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use holdfast_core::broker::{
     BrokerConfig, BrokerState, CACHE_BYTES_DEFAULT, Command, DEDUP_WINDOW_SEQS, Holder, Lease,
-    MemoryStore, Message, NotOwner, Offset, Origin, Outcome, ProducerId, PullPlan, QueueId,
-    Refusal, Seq, StoredMessage, decode_command, decode_record, encode_command,
+    MemoryStore, Message, Offset, Origin, Outcome, ProducerId, PullPlan, QueueId, Refusal, Seq,
+    StoredMessage, decode_command, decode_record, encode_command,
 };
 use holdfast_core::node::{
     MetaCommand, MetaState, QUEUES_PER_TOPIC_MAX, TopicApplied, decode_entry,
@@ -265,7 +265,8 @@ impl Model {
     /// claimed. It is granted if `generation` is not older than the lease's, and the queue is
     /// free, or already the member's, or taken over from its exact holder (member and
     /// generation) at a newer generation. A member's tenure begins at the generation it
-    /// claimed a queue it did not hold.
+    /// claimed a queue it did not hold; its number is `tenure` then, and the highest the
+    /// holder claimed under while it holds.
     fn claim(
         &mut self,
         group: String,
@@ -273,6 +274,7 @@ impl Model {
         member: String,
         generation: u64,
         takeover: Option<Holder>,
+        tenure: u64,
     ) -> Outcome {
         let configured_retry =
             queue.is_retry() && (queue.queue as usize) < self.config.reconsume_delays_ms.len();
@@ -293,22 +295,17 @@ impl Model {
             };
         if !granted {
             let (group, queue) = key;
-            return Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
-                group,
-                queue,
-                member,
-                generation,
-                lease,
-            })));
+            return Outcome::Refused(Refusal::not_owner(group, queue, member, generation, lease));
         }
-        let since = match &lease.owner {
-            Some(owner) if *owner == member => lease.since,
-            _ => generation,
+        let (since, tenure) = match &lease.owner {
+            Some(owner) if *owner == member => (lease.since, lease.tenure.max(tenure)),
+            _ => (generation, tenure),
         };
         let lease = Lease {
             owner: Some(member),
             generation,
             since,
+            tenure,
         };
         self.leases.insert(key, lease.clone());
         Outcome::Leased(lease)
@@ -331,28 +328,40 @@ impl Model {
         if lease.owner.as_deref() == Some(member) && generation >= lease.since {
             return Ok(());
         }
-        Err(Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
-            group: group.to_string(),
-            queue: queue.clone(),
-            member: member.to_string(),
+        Err(Outcome::Refused(Refusal::not_owner(
+            group.to_string(),
+            queue.clone(),
+            member.to_string(),
             generation,
             lease,
-        }))))
+        )))
     }
 
     /// The holder gives the queue up; nobody may claim it at an older generation than the
-    /// one it gave it up at.
+    /// one it gave it up at. Not from an earlier tenure than the holder's.
     fn release(
         &mut self,
         group: String,
         queue: QueueId,
         member: String,
         generation: u64,
+        tenure: u64,
     ) -> Outcome {
         if let Err(refused) = self.holder_check(&group, &queue, &member, generation) {
             return refused;
         }
-        let lease = self.leases.entry((group, queue)).or_default();
+        let key = (group, queue);
+        let lease = self.leases.entry(key.clone()).or_default();
+        if tenure < lease.tenure {
+            let (group, queue) = key;
+            return Outcome::Refused(Refusal::not_owner(
+                group,
+                queue,
+                member,
+                generation,
+                lease.clone(),
+            ));
+        }
         lease.owner = None;
         lease.generation = lease.generation.max(generation);
         Outcome::Leased(lease.clone())
@@ -559,13 +568,28 @@ impl Model {
                 member,
                 generation,
                 takeover,
-            } => self.claim(group, queue, member, generation, takeover),
+            } => self.claim(group, queue, member, generation, takeover, 0),
+            Command::ClaimTenure {
+                group,
+                queue,
+                member,
+                generation,
+                takeover,
+                tenure,
+            } => self.claim(group, queue, member, generation, takeover, tenure),
             Command::Release {
                 group,
                 queue,
                 member,
                 generation,
-            } => self.release(group, queue, member, generation),
+            } => self.release(group, queue, member, generation, 0),
+            Command::ReleaseTenure {
+                group,
+                queue,
+                member,
+                generation,
+                tenure,
+            } => self.release(group, queue, member, generation, tenure),
             Command::OwnedAck {
                 group,
                 queue,
@@ -703,6 +727,8 @@ impl Broker {
             Some(
                 Command::Claim { .. }
                     | Command::Release { .. }
+                    | Command::ClaimTenure { .. }
+                    | Command::ReleaseTenure { .. }
                     | Command::OwnedAck { .. }
                     | Command::OwnedReconsumeLater { .. }
             )

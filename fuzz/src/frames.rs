@@ -352,6 +352,7 @@ impl Template {
                     group,
                     member: "m".into(),
                     generation: from,
+                    tenure: from,
                     queue,
                     from,
                     messages_max: 32,

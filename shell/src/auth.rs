@@ -309,6 +309,7 @@ mod tests {
             group: group.into(),
             member: "m".into(),
             generation: 0,
+            tenure: 1,
             queue,
             from: 0,
             messages_max: 1,

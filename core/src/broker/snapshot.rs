@@ -25,14 +25,21 @@ pub type ReadMessage<'r> = dyn FnMut(&QueueId, Offset) -> Result<StoredMessage, 
 /// The format of [`crate::broker::BrokerState::snapshot`]'s bytes, the state with every
 /// retained message in it: what a leader sends a follower that needs a snapshot (the
 /// follower's store may hold none of the messages). Bump it when the image changes shape, so
-/// an old build refuses a new snapshot instead of misreading it.
-pub const SNAPSHOT_VERSION: u8 = 4;
+/// an old build refuses a new snapshot instead of misreading it. Version 8 gives each lease
+/// its holder's tenure. The two formats share one numbering (the version byte says which
+/// format the bytes are in): a new version of either takes the next number unused by both.
+pub const SNAPSHOT_VERSION: u8 = 8;
+/// The format before leases carried tenures ([`LeaseV1`]); still read (with tenure 0).
+const SNAPSHOT_VERSION_V4: u8 = 4;
 /// The format of [`crate::broker::BrokerState::metadata_snapshot`]'s bytes: the state with a
 /// few bytes per retained message and none of their contents, which stay in the node's queue
 /// store. Valid only together with that store, synced before the snapshot was written: what a
 /// node compacts its own log into and restarts from, never what it sends another node.
-/// Version 6 writes each queue's index in blocks of packed columns (see `queue_log.rs`).
-pub const METADATA_SNAPSHOT_VERSION: u8 = 6;
+/// Version 6 writes each queue's index in blocks of packed columns (see `queue_log.rs`);
+/// version 7 gives each lease its holder's tenure.
+pub const METADATA_SNAPSHOT_VERSION: u8 = 7;
+/// Version 7 with [`LeaseV1`]s; still read (with tenure 0).
+pub(super) const METADATA_SNAPSHOT_VERSION_V6: u8 = 6;
 /// The metadata format with each index entry encoded on its own; still read.
 const METADATA_SNAPSHOT_VERSION_V5: u8 = 5;
 /// The formats before topics' incarnations ([`TopicMark`]); still read (with no marks).
@@ -41,6 +48,44 @@ const METADATA_SNAPSHOT_VERSION_V3: u8 = 3;
 /// The format before producers' windows carried their place in the least-recently-used order
 /// and before queue leases; still read (with no leases).
 const SNAPSHOT_VERSION_V1: u8 = 1;
+
+/// [`Lease`] before tenures: what every snapshot format before [`SNAPSHOT_VERSION`] and
+/// [`METADATA_SNAPSHOT_VERSION`] holds.
+#[derive(Serialize, Deserialize)]
+pub(super) struct LeaseV1 {
+    owner: Option<String>,
+    generation: u64,
+    since: u64,
+}
+
+impl From<LeaseV1> for Lease {
+    fn from(old: LeaseV1) -> Lease {
+        Lease {
+            owner: old.owner,
+            generation: old.generation,
+            since: old.since,
+            tenure: 0,
+        }
+    }
+}
+
+impl From<&Lease> for LeaseV1 {
+    fn from(lease: &Lease) -> LeaseV1 {
+        LeaseV1 {
+            owner: lease.owner.clone(),
+            generation: lease.generation,
+            since: lease.since,
+        }
+    }
+}
+
+type Leases<L> = BTreeMap<(String, QueueId), L>;
+
+fn with_tenures(old: Leases<LeaseV1>) -> Leases<Lease> {
+    old.into_iter()
+        .map(|(key, lease)| (key, lease.into()))
+        .collect()
+}
 
 /// The version byte in front, the checksum behind.
 const CHECKSUM_LEN: usize = 4;
@@ -176,12 +221,13 @@ pub(super) struct QueueImage {
     pub(super) messages: Vec<StoredMessage>,
 }
 
+/// `L`: [`LeaseV1`] in version 4.
 #[derive(Deserialize)]
-pub(super) struct Image {
+pub(super) struct Image<L = Lease> {
     pub(super) queues: BTreeMap<QueueId, QueueImage>,
     pub(super) offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: BTreeMap<ProducerId, ProducerWindow>,
-    pub(super) leases: BTreeMap<(String, QueueId), Lease>,
+    pub(super) leases: Leases<L>,
     pub(super) marks: BTreeMap<String, TopicMark>,
 }
 
@@ -191,7 +237,7 @@ struct ImageV2 {
     queues: BTreeMap<QueueId, QueueImage>,
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
-    leases: BTreeMap<(String, QueueId), Lease>,
+    leases: Leases<LeaseV1>,
 }
 
 #[derive(Deserialize)]
@@ -210,11 +256,12 @@ pub(super) enum Decoded {
 /// The state as a metadata snapshot writes it: borrowed, as [`ImageRef`] is; the same shape as
 /// [`IndexImageWire`].
 #[derive(Serialize)]
-pub(super) struct IndexImageRef<'a> {
+/// `L`: [`LeaseV1`] when tests write version 6.
+pub(super) struct IndexImageRef<'a, L = Lease> {
     pub(super) queues: QueueIndexesRef<'a>,
     pub(super) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
     pub(super) producers: ProducersRef<'a>,
-    pub(super) leases: &'a BTreeMap<(String, QueueId), Lease>,
+    pub(super) leases: &'a Leases<L>,
     pub(super) marks: &'a BTreeMap<String, TopicMark>,
 }
 
@@ -366,13 +413,13 @@ pub(super) struct IndexImage {
     pub(super) marks: BTreeMap<String, TopicMark>,
 }
 
-/// [`IndexImageRef`] read back.
+/// [`IndexImageRef`] read back; `L`: [`LeaseV1`] in version 6.
 #[derive(Deserialize)]
-struct IndexImageWire {
+struct IndexImageWire<L> {
     queues: BTreeMap<QueueId, QueueBlocksWire>,
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
-    leases: BTreeMap<(String, QueueId), Lease>,
+    leases: Leases<L>,
     marks: BTreeMap<String, TopicMark>,
 }
 
@@ -382,7 +429,7 @@ struct IndexImageV5 {
     queues: BTreeMap<QueueId, QueueEntriesWire>,
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
-    leases: BTreeMap<(String, QueueId), Lease>,
+    leases: Leases<LeaseV1>,
     marks: BTreeMap<String, TopicMark>,
 }
 
@@ -392,7 +439,25 @@ struct IndexImageV3 {
     queues: BTreeMap<QueueId, QueueEntriesWire>,
     offsets: BTreeMap<(String, QueueId), GroupOffsets>,
     producers: BTreeMap<ProducerId, ProducerWindow>,
-    leases: BTreeMap<(String, QueueId), Lease>,
+    leases: Leases<LeaseV1>,
+}
+
+impl<L> IndexImageWire<L> {
+    fn into_image(
+        self,
+        leases: impl FnOnce(Leases<L>) -> Leases<Lease>,
+    ) -> Result<IndexImage, SnapshotError> {
+        Ok(IndexImage {
+            queues: rebuild(self.queues, |queue| {
+                let blocks = queue.blocks.into_iter().map(BlockImage::from).collect();
+                QueueLog::from_blocks(queue.start, blocks)
+            })?,
+            offsets: self.offsets,
+            producers: self.producers,
+            leases: leases(self.leases),
+            marks: self.marks,
+        })
+    }
 }
 
 /// Each queue's index rebuilt from its image; `Err` names the queue that does not fit.
@@ -418,6 +483,17 @@ pub(super) fn encode_index(image: &IndexImageRef<'_>) -> Result<Vec<u8>, String>
     Ok(bytes)
 }
 
+/// Version 6's bytes, written by tests only: what a node of the build before tenures left on
+/// disk.
+#[cfg(test)]
+pub(super) fn encode_index_v6(image: &IndexImageRef<'_, LeaseV1>) -> Vec<u8> {
+    let mut bytes =
+        postcard::to_extend(image, vec![METADATA_SNAPSHOT_VERSION_V6]).unwrap_or_default();
+    let checksum = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+    bytes
+}
+
 /// The image's bytes; an error if a retained message could not be read.
 pub(super) fn encode(image: &ImageRef<'_, '_>) -> Result<Vec<u8>, String> {
     let mut bytes =
@@ -434,9 +510,11 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
     };
     if ![
         SNAPSHOT_VERSION,
+        SNAPSHOT_VERSION_V4,
         SNAPSHOT_VERSION_V2,
         SNAPSHOT_VERSION_V1,
         METADATA_SNAPSHOT_VERSION,
+        METADATA_SNAPSHOT_VERSION_V6,
         METADATA_SNAPSHOT_VERSION_V5,
         METADATA_SNAPSHOT_VERSION_V3,
     ]
@@ -462,6 +540,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
     let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
     if [
         METADATA_SNAPSHOT_VERSION,
+        METADATA_SNAPSHOT_VERSION_V6,
         METADATA_SNAPSHOT_VERSION_V5,
         METADATA_SNAPSHOT_VERSION_V3,
     ]
@@ -475,7 +554,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
                 queues: rebuild(v3.queues, QueueEntriesWire::into_log)?,
                 offsets: v3.offsets,
                 producers: v3.producers,
-                leases: v3.leases,
+                leases: with_tenures(v3.leases),
                 marks: BTreeMap::new(),
             };
             (image, rest)
@@ -486,24 +565,18 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
                 queues: rebuild(v5.queues, QueueEntriesWire::into_log)?,
                 offsets: v5.offsets,
                 producers: v5.producers,
-                leases: v5.leases,
+                leases: with_tenures(v5.leases),
                 marks: v5.marks,
             };
             (image, rest)
-        } else {
-            let (wire, rest): (IndexImageWire, &[u8]) =
+        } else if version == METADATA_SNAPSHOT_VERSION_V6 {
+            let (wire, rest): (IndexImageWire<LeaseV1>, &[u8]) =
                 postcard::take_from_bytes(body).map_err(undecodable)?;
-            let image = IndexImage {
-                queues: rebuild(wire.queues, |queue| {
-                    let blocks = queue.blocks.into_iter().map(BlockImage::from).collect();
-                    QueueLog::from_blocks(queue.start, blocks)
-                })?,
-                offsets: wire.offsets,
-                producers: wire.producers,
-                leases: wire.leases,
-                marks: wire.marks,
-            };
-            (image, rest)
+            (wire.into_image(with_tenures)?, rest)
+        } else {
+            let (wire, rest): (IndexImageWire<Lease>, &[u8]) =
+                postcard::take_from_bytes(body).map_err(undecodable)?;
+            (wire.into_image(|leases| leases)?, rest)
         };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
@@ -538,8 +611,19 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
             queues: v2.queues,
             offsets: v2.offsets,
             producers: v2.producers,
-            leases: v2.leases,
+            leases: with_tenures(v2.leases),
             marks: BTreeMap::new(),
+        };
+        (image, rest)
+    } else if version == SNAPSHOT_VERSION_V4 {
+        let (v4, rest): (Image<LeaseV1>, &[u8]) =
+            postcard::take_from_bytes(&checked[1..]).map_err(undecodable)?;
+        let image = Image {
+            queues: v4.queues,
+            offsets: v4.offsets,
+            producers: v4.producers,
+            leases: with_tenures(v4.leases),
+            marks: v4.marks,
         };
         (image, rest)
     } else {
@@ -564,6 +648,7 @@ pub fn holds_messages(bytes: &[u8]) -> bool {
         bytes.first(),
         Some(
             &METADATA_SNAPSHOT_VERSION
+                | &METADATA_SNAPSHOT_VERSION_V6
                 | &METADATA_SNAPSHOT_VERSION_V5
                 | &METADATA_SNAPSHOT_VERSION_V3
         )
@@ -624,7 +709,7 @@ pub(super) mod v5 {
         pub(in crate::broker) queues: QueueIndexesRef<'a>,
         pub(in crate::broker) offsets: &'a BTreeMap<(String, QueueId), GroupOffsets>,
         pub(in crate::broker) producers: ProducersRef<'a>,
-        pub(in crate::broker) leases: &'a BTreeMap<(String, QueueId), Lease>,
+        pub(in crate::broker) leases: &'a BTreeMap<(String, QueueId), LeaseV1>,
         pub(in crate::broker) marks: &'a BTreeMap<String, TopicMark>,
     }
 

@@ -215,9 +215,29 @@ impl BrokerState {
             queues: snapshot::v5::QueueIndexesRef(&self.queues),
             offsets: &self.offsets,
             producers: ProducersRef(&self.producers),
-            leases: &self.leases,
+            leases: &self.leases_v1(),
             marks: &self.marks,
         })
+    }
+
+    /// [`BrokerState::metadata_snapshot`] as the build before tenures (version 6) wrote it.
+    #[cfg(test)]
+    pub(super) fn metadata_snapshot_v6(&self) -> Vec<u8> {
+        snapshot::encode_index_v6(&IndexImageRef {
+            queues: QueuesIndexRef(&self.queues),
+            offsets: &self.offsets,
+            producers: ProducersRef(&self.producers),
+            leases: &self.leases_v1(),
+            marks: &self.marks,
+        })
+    }
+
+    #[cfg(test)]
+    fn leases_v1(&self) -> BTreeMap<(String, QueueId), snapshot::LeaseV1> {
+        self.leases
+            .iter()
+            .map(|(k, l)| (k.clone(), l.into()))
+            .collect()
     }
 
     /// The state [`BrokerState::snapshot`] or [`BrokerState::metadata_snapshot`] wrote, under
@@ -456,13 +476,28 @@ impl BrokerState {
                 member,
                 generation,
                 takeover,
-            } => self.claim(group, queue, member, generation, takeover),
+            } => self.claim(group, queue, member, generation, takeover, 0),
+            Command::ClaimTenure {
+                group,
+                queue,
+                member,
+                generation,
+                takeover,
+                tenure,
+            } => self.claim(group, queue, member, generation, takeover, tenure),
             Command::Release {
                 group,
                 queue,
                 member,
                 generation,
-            } => self.release(group, queue, member, generation),
+            } => self.release(group, queue, member, generation, 0),
+            Command::ReleaseTenure {
+                group,
+                queue,
+                member,
+                generation,
+                tenure,
+            } => self.release(group, queue, member, generation, tenure),
             Command::OwnedAck {
                 group,
                 queue,
@@ -713,13 +748,13 @@ impl BrokerState {
         if lease.owner.as_deref() == Some(member) && generation >= lease.since {
             return Ok(());
         }
-        Err(Refusal::NotOwner(Box::new(NotOwner {
-            group: group.to_string(),
-            queue: queue.clone(),
-            member: member.to_string(),
+        Err(Refusal::not_owner(
+            group.to_string(),
+            queue.clone(),
+            member.to_string(),
             generation,
             lease,
-        })))
+        ))
     }
 
     fn claim(
@@ -729,6 +764,7 @@ impl BrokerState {
         member: String,
         generation: u64,
         takeover: Option<Holder>,
+        tenure: u64,
     ) -> Outcome {
         // Retry queues come into being with their first message; a claim may come first.
         let retry_level_ok =
@@ -758,23 +794,20 @@ impl BrokerState {
         };
         if !granted {
             let (group, queue) = key;
-            return Outcome::Refused(Refusal::NotOwner(Box::new(NotOwner {
-                group,
-                queue,
-                member,
-                generation,
-                lease,
-            })));
+            return Outcome::Refused(Refusal::not_owner(group, queue, member, generation, lease));
         }
-        let since = if lease.owner.as_deref() == Some(member.as_str()) {
-            lease.since
+        // The holder's claims continue its tenure: a pull from an earlier one, arriving late,
+        // must not take the number back down to what a late release of that tenure names.
+        let (since, tenure) = if lease.owner.as_deref() == Some(member.as_str()) {
+            (lease.since, lease.tenure.max(tenure))
         } else {
-            generation
+            (generation, tenure)
         };
         let lease = Lease {
             owner: Some(member),
             generation,
             since,
+            tenure,
         };
         self.leases.insert(key, lease.clone());
         Outcome::Leased(lease)
@@ -786,9 +819,18 @@ impl BrokerState {
         queue: QueueId,
         member: String,
         generation: u64,
+        tenure: u64,
     ) -> Outcome {
         if let Err(refusal) = self.holder_check(&group, &queue, &member, generation) {
             return Outcome::Refused(refusal);
+        }
+        if let Some(lease) = self.lease(&group, &queue)
+            && tenure < lease.tenure
+        {
+            // Sent in an earlier tenure of this member's and held back: the member took the
+            // queue again since and still consumes it.
+            let lease = lease.clone();
+            return Outcome::Refused(Refusal::not_owner(group, queue, member, generation, lease));
         }
         let Some(lease) = self.leases.get_mut(&(group, queue)) else {
             return Outcome::Leased(Lease::default());

@@ -114,7 +114,8 @@ pub struct Holder {
     pub generation: u64,
 }
 
-/// A command in a broker group's Raft log.
+/// A command in a broker group's Raft log. New variants go last, and a variant's fields never
+/// change: postcard numbers variants in order, and logs on disk hold the earlier encodings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Creates these queues in this group; creating one again is harmless.
@@ -150,9 +151,6 @@ pub enum Command {
     /// itself (`respond` in the node already tells a client "internal command" for it) rather
     /// than a new variant that every exhaustive match on outcomes would have to learn; what was
     /// dropped shows in [`crate::broker::BrokerState::start_offset`].
-    ///
-    /// The last variant: postcard numbers variants in order, so the earlier ones keep the
-    /// encodings already in logs.
     Trim { stamp_ms: u64 },
     /// `member` of consumer group `group` takes `queue` at `generation` (decided by the
     /// metadata leader). Granted if nobody holds the queue and `generation` is not older than
@@ -216,7 +214,7 @@ pub enum Command {
     /// the group's members consume them again. Each message is copied and acknowledged in the
     /// dead-letter queue by this one command, so a message is in exactly one of the two
     /// queues whatever happens around it (a redrive stopped half way leaves the rest where
-    /// they were). The last variant (see [`Command::Trim`]).
+    /// they were).
     Redrive {
         group: String,
         messages_max: u32,
@@ -237,6 +235,31 @@ pub enum Command {
     /// offsets and leases go. The leader's judgement travels in the command, so every
     /// replica forgets the same groups.
     ExpireGroups { groups: Vec<String> },
+    /// [`Command::Claim`] with the member's number for this tenure of the queue, which it
+    /// counts up each time it takes a queue (again): a claim by another member, or of a
+    /// released queue, records it; the holder's own claims raise it, never lower it (a pull
+    /// from an earlier tenure may arrive late). [`Command::Claim`] is this with tenure 0.
+    ClaimTenure {
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        takeover: Option<Holder>,
+        tenure: u64,
+    },
+    /// [`Command::Release`] naming the tenure it ends: refused if the holder's tenure is
+    /// newer. A member may release a queue, be given it back at the same generation and
+    /// claim it again while its release's first copy is still held back by the network; that
+    /// copy, applied late, would otherwise strip the new tenure and let another member be
+    /// served while this one still consumes (queue seed 612008318 on 243ad3e,
+    /// exclusive-owner). [`Command::Release`] is this with tenure 0.
+    ReleaseTenure {
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        tenure: u64,
+    },
 }
 
 /// What a broker group knows of a topic's incarnation: the epoch of its queues here, and
@@ -273,6 +296,9 @@ pub struct Lease {
     /// The generation at which the current owner's tenure began: its answers from before it
     /// (an earlier tenure, perhaps before someone else held the queue) are refused.
     pub since: u64,
+    /// The owner's own number for its current tenure of the queue (see
+    /// [`Command::ClaimTenure`]); 0 for claims logged before members numbered their tenures.
+    pub tenure: u64,
 }
 
 /// What applying a command did; handed back to whoever proposed it.
@@ -409,6 +435,25 @@ pub struct NotOwner {
     pub member: String,
     pub generation: u64,
     pub lease: Lease,
+}
+
+impl Refusal {
+    /// `member`, speaking for `generation`, does not hold `queue` as `lease` says.
+    pub fn not_owner(
+        group: String,
+        queue: QueueId,
+        member: String,
+        generation: u64,
+        lease: Lease,
+    ) -> Refusal {
+        Refusal::NotOwner(Box::new(NotOwner {
+            group,
+            queue,
+            member,
+            generation,
+            lease,
+        }))
+    }
 }
 
 /// How a broker group treats consumer failures and how long it keeps messages. Applying

@@ -123,6 +123,9 @@ struct Owned {
     /// When this tenure of the queue began (assigned for the first time, or again after the
     /// member let it go): pulls sent before belong to an earlier tenure.
     since: Instant,
+    /// This member's number for this tenure, carried by its pulls and its release: the broker
+    /// refuses a release from an earlier tenure (see [`crate::broker::Command::ReleaseTenure`]).
+    tenure: u64,
 }
 
 const NEVER: Instant = Instant::from_micros(u64::MAX);
@@ -141,6 +144,7 @@ enum InFlight {
         queue: QueueId,
         sent_at: Instant,
         generation: u64,
+        tenure: u64,
     },
     Ack(Answer),
     Release {
@@ -150,10 +154,19 @@ enum InFlight {
     Leave,
 }
 
+/// What a pull in flight was sent under.
+struct PullSent {
+    at: Instant,
+    generation: u64,
+    tenure: u64,
+}
+
 /// A queue this member no longer owns: its answers are confirmed, then it is released.
 struct Releasing {
     /// The generation this member last pulled the queue under: the release speaks for it.
     generation: u64,
+    /// The newest tenure a pull of the queue was sent under: the release ends it.
+    tenure: u64,
     /// Handed to the application and not answered yet.
     unanswered: u32,
     /// When the release may be (re)sent; [`NEVER`] while one is in flight.
@@ -192,6 +205,9 @@ pub struct Consumer {
     assigned: Vec<(GroupId, QueueId)>,
     owned: BTreeMap<(GroupId, QueueId), Owned>,
     releasing: BTreeMap<(GroupId, QueueId), Releasing>,
+    /// The number the next tenure of a queue gets. Member names are unique to a process (and
+    /// to a simulated consumer's incarnation), so counting from 1 in each is enough.
+    next_tenure: u64,
     /// Queues a broker revoked at this generation, and when: not taken again before a newer
     /// generation, or a few heartbeats later (the queue may be free by then, and the metadata
     /// leader still gives it to this member).
@@ -236,6 +252,7 @@ impl Consumer {
             assigned: Vec::new(),
             owned: BTreeMap::new(),
             releasing: BTreeMap::new(),
+            next_tenure: 1,
             revoked: BTreeMap::new(),
             leaders: BTreeMap::new(),
             heartbeat_due: now,
@@ -351,9 +368,17 @@ impl Consumer {
                     queue,
                     sent_at,
                     generation,
+                    tenure,
                 },
                 response,
-            ) => self.pulled(now, broker, queue, sent_at, generation, response),
+            ) => {
+                let sent = PullSent {
+                    at: sent_at,
+                    generation,
+                    tenure,
+                };
+                self.pulled(now, broker, queue, sent, response)
+            }
             (InFlight::Ack(answer), response) => self.acked(now, answer, response),
             (InFlight::Release { broker, queue }, response) => {
                 self.released(now, broker, queue, response);
@@ -602,13 +627,13 @@ impl Consumer {
     /// Releases each dropped queue whose answers are all confirmed: an answer that overtook
     /// the release would be refused, and its message delivered again to the next owner.
     fn send_releases(&mut self, now: Instant) {
-        let due: Vec<(GroupId, QueueId, u64)> = self
+        let due: Vec<(GroupId, QueueId, u64, u64)> = self
             .releasing
             .iter()
             .filter(|(key, r)| r.unanswered == 0 && now >= r.send_at && !self.answering(key))
-            .map(|(key, r)| (key.0, key.1.clone(), r.generation))
+            .map(|(key, r)| (key.0, key.1.clone(), r.generation, r.tenure))
             .collect();
-        for (broker, queue, generation) in due {
+        for (broker, queue, generation, tenure) in due {
             if let Some(releasing) = self.releasing.get_mut(&(broker, queue.clone())) {
                 releasing.send_at = NEVER;
             }
@@ -617,6 +642,7 @@ impl Consumer {
                 group: self.config.group.clone(),
                 member: self.config.member.clone(),
                 generation,
+                tenure,
                 queue: queue.clone(),
             };
             self.push_event(ConsumerEvent::ReleaseSent {
@@ -658,13 +684,13 @@ impl Consumer {
             self.heartbeat_due = now + Duration::from_millis(self.config.heartbeat_ms);
             self.request(now, METADATA_GROUP, InFlight::Heartbeat, request, 0);
         }
-        let ready: Vec<(GroupId, QueueId, Offset)> = self
+        let ready: Vec<(GroupId, QueueId, Offset, u64)> = self
             .owned
             .iter()
             .filter(|(_, o)| o.unanswered < self.config.unanswered_max && now >= o.retry_at)
-            .map(|((broker, queue), o)| (*broker, queue.clone(), o.next))
+            .map(|((broker, queue), o)| (*broker, queue.clone(), o.next, o.tenure))
             .collect();
-        for (broker, queue, from) in ready {
+        for (broker, queue, from, tenure) in ready {
             let pulling = waiting(
                 self,
                 &|w| matches!(w, InFlight::Pull { broker: b, queue: q, .. } if *b == broker && *q == queue),
@@ -684,6 +710,7 @@ impl Consumer {
                 group: self.config.group.clone(),
                 member: self.config.member.clone(),
                 generation: self.generation,
+                tenure,
                 queue: queue.clone(),
                 from,
                 messages_max: self.config.pull_batch,
@@ -695,6 +722,7 @@ impl Consumer {
                 queue,
                 sent_at: now,
                 generation: self.generation,
+                tenure,
             };
             let wait_ms = self.config.long_poll_ms;
             self.request(now, broker, what, request, wait_ms);
@@ -706,10 +734,14 @@ impl Consumer {
         now: Instant,
         broker: GroupId,
         queue: QueueId,
-        sent_at: Instant,
-        generation: u64,
+        sent: PullSent,
         response: Response,
     ) {
+        let PullSent {
+            at: sent_at,
+            generation,
+            tenure,
+        } = sent;
         let key = (broker, queue.clone());
         if !matches!(response, Response::NotLeader { .. }) {
             self.no_leader_bounces.remove(&broker);
@@ -729,12 +761,14 @@ impl Consumer {
                     // before this member let the queue go, may have claimed it back.
                     if let Some(releasing) = self.releasing.get_mut(&key) {
                         releasing.generation = releasing.generation.max(generation);
+                        releasing.tenure = releasing.tenure.max(tenure);
                         releasing.again = releasing.send_at == NEVER;
                     } else if self.leaving != Leaving::Left {
                         self.releasing.insert(
                             key,
                             Releasing {
                                 generation,
+                                tenure,
                                 unanswered: 0,
                                 send_at: now,
                                 again: false,
@@ -969,7 +1003,7 @@ impl Consumer {
         let dropped = (before - self.deliveries.len()) as u32;
         // A pull still on its way (sent before the queue was last dropped and taken again,
         // say) may claim the queue: release under its generation too.
-        let in_flight = self
+        let (in_flight, in_flight_tenure) = self
             .in_flight
             .values()
             .filter_map(|(w, _)| match w {
@@ -977,12 +1011,14 @@ impl Consumer {
                     broker,
                     queue,
                     generation,
+                    tenure,
                     ..
-                } if (*broker, queue) == (key.0, &key.1) => Some(*generation),
+                } if (*broker, queue) == (key.0, &key.1) => Some((*generation, *tenure)),
                 _ => None,
             })
-            .max()
-            .unwrap_or(0);
+            .fold((0, 0), |(g, t), (generation, tenure)| {
+                (g.max(generation), t.max(tenure))
+            });
         let generation = owned.generation.max(in_flight);
         if generation == 0 {
             return; // never pulled, so never claimed: nothing to release
@@ -991,6 +1027,7 @@ impl Consumer {
             key.clone(),
             Releasing {
                 generation,
+                tenure: owned.tenure.max(in_flight_tenure),
                 unanswered: owned.unanswered.saturating_sub(dropped),
                 send_at: now,
                 again: false,
@@ -1029,6 +1066,8 @@ impl Consumer {
                 continue;
             }
             changed = true;
+            let tenure = self.next_tenure;
+            self.next_tenure += 1;
             self.owned.insert(
                 key.clone(),
                 Owned {
@@ -1038,6 +1077,7 @@ impl Consumer {
                     retry_at: now,
                     stale_pull: false,
                     since: now,
+                    tenure,
                 },
             );
         }

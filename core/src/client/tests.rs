@@ -945,3 +945,59 @@ fn a_suspect_leader_is_trusted_again_once_avoid_ms_have_passed() {
         "the routes' leader"
     );
 }
+
+/// Queue seed 612008318: each time a member takes a queue (again) its pulls carry a new,
+/// higher tenure number, and its release names the tenure it ends, so the broker can refuse
+/// a release of an earlier tenure that arrives after the member took the queue back.
+#[test]
+fn each_tenure_of_a_queue_has_its_own_number_and_the_release_names_it() {
+    let q = QueueId::new("orders", 0);
+    let mut now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
+    let assignment = |queues: Vec<(u64, QueueId)>| Response::Assignment {
+        group: "g".into(),
+        generation: 5,
+        members: 2,
+        queues,
+    };
+    let empty = Response::Pulled {
+        queue: q.clone(),
+        messages: Vec::new(),
+        next_offset: 0,
+        delivered_below: 0,
+    };
+    let mut tenures = Vec::new();
+    let mut released = Vec::new();
+    // Given the queue, then not, then again, all at generation 5.
+    for queues in [vec![(1, q.clone())], Vec::new(), vec![(1, q.clone())]] {
+        for _ in 0..4 {
+            consumer.handle_timeout(now);
+            while let Some((_, id, request)) = consumer.poll_request() {
+                match request {
+                    Request::Heartbeat { .. } => {
+                        consumer.handle_response(now, id, assignment(queues.clone()));
+                    }
+                    Request::Pull { tenure, .. } => {
+                        tenures.push(tenure);
+                        consumer.handle_response(now, id, empty.clone());
+                    }
+                    Request::Release { tenure, .. } => {
+                        released.push(tenure);
+                        let response = Response::Released { queue: q.clone() };
+                        consumer.handle_response(now, id, response);
+                    }
+                    _ => {}
+                }
+            }
+            now = now + Duration::from_millis(600);
+        }
+    }
+    tenures.dedup();
+    assert_eq!(tenures.len(), 2, "pulls in two tenures: {tenures:?}");
+    assert!(tenures[0] < tenures[1], "{tenures:?}");
+    // (Released twice: a pull in flight when the queue went may have claimed it back.)
+    assert!(
+        !released.is_empty() && released.iter().all(|t| *t == tenures[0]),
+        "the release ends the first tenure: {released:?}"
+    );
+}

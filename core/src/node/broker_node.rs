@@ -1076,16 +1076,18 @@ impl BrokerNode {
                 group,
                 member,
                 generation,
+                tenure,
                 queue,
             } => {
                 if let Err(why) = check_consumer_queue(&group, &queue).and(check_member(&member)) {
                     return self.refuse(client, id, why);
                 }
-                let command = Command::Release {
+                let command = Command::ReleaseTenure {
                     group,
                     queue: queue.clone(),
                     member,
                     generation,
+                    tenure,
                 };
                 self.propose_to_queue(client, id, broker, queue, command);
             }
@@ -1251,6 +1253,7 @@ impl BrokerNode {
                 group,
                 member,
                 generation,
+                tenure,
                 queue,
                 from,
                 messages_max,
@@ -1267,6 +1270,7 @@ impl BrokerNode {
                     group,
                     member,
                     generation,
+                    tenure,
                     queue,
                     from,
                     messages_max: messages_max.min(PULL_MESSAGES_MAX),
@@ -2174,6 +2178,7 @@ impl BrokerNode {
             group: consumer_group,
             member,
             generation,
+            tenure,
             queue,
             from,
             messages_max,
@@ -2207,6 +2212,7 @@ impl BrokerNode {
                 queue,
                 member,
                 generation: *generation,
+                tenure: *tenure,
                 session_ms: self.config.member_session_ms,
                 serve_any: Canary::ServeStaleGeneration.planted(self.config.canary) || stale_reads,
                 hand_over_early: Canary::HandOverEarly.planted(self.config.canary),
@@ -3248,12 +3254,13 @@ fn needs_creation(state: &BrokerState, epoch: u64, queue: &QueueId) -> bool {
 }
 
 fn claim_command(ask: &PullAsk<'_>, takeover: Option<Holder>) -> Command {
-    Command::Claim {
+    Command::ClaimTenure {
         group: ask.group.to_string(),
         queue: ask.queue.clone(),
         member: ask.member.to_string(),
         generation: ask.generation,
         takeover,
+        tenure: ask.tenure,
     }
 }
 

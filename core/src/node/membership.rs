@@ -247,7 +247,9 @@ pub(super) struct LeaseClocks {
     /// to let go. (One at the same or a newer generation keeps it: the waiter is the stale
     /// one. A takeover after the holder's lease expired is [`LeaseClocks::ousting`]'s.)
     pending: BTreeMap<LeaseKey, (String, u64)>,
-    claiming: BTreeMap<LeaseKey, (String, u64, Instant)>,
+    /// The claim this leader proposed last for each queue: member, generation, tenure and
+    /// when (proposed again only for another of them, or once it is overdue).
+    claiming: BTreeMap<LeaseKey, (String, u64, u64, Instant)>,
     /// The holder a takeover proposed by this leader (in this term) ousts once it applies:
     /// that holder is not served while its lease stays as the takeover found it, whoever
     /// else comes to wait meanwhile. Dropped once the lease changes (the takeover applied, or
@@ -269,6 +271,7 @@ pub(super) struct PullAsk<'a> {
     pub queue: &'a QueueId,
     pub member: &'a str,
     pub generation: u64,
+    pub tenure: u64,
     pub session_ms: u64,
     pub serve_any: bool,
     pub hand_over_early: bool,
@@ -344,17 +347,20 @@ impl LeaseClocks {
     pub(super) fn claim_in_flight(&mut self, ask: &PullAsk<'_>, now: Instant) -> bool {
         let key = (ask.broker, ask.group.to_string(), ask.queue.clone());
         match self.claiming.get(&key) {
-            Some((m, g, at))
+            Some((m, g, t, at))
                 if m == ask.member
                     && *g == ask.generation
+                    && *t == ask.tenure
                     && now.saturating_since(*at) < CLAIM_RETRY =>
             {
                 true
             }
             _ => {
                 if self.claiming.len() < CLOCK_ENTRIES_MAX || self.claiming.contains_key(&key) {
-                    self.claiming
-                        .insert(key, (ask.member.to_string(), ask.generation, now));
+                    self.claiming.insert(
+                        key,
+                        (ask.member.to_string(), ask.generation, ask.tenure, now),
+                    );
                 }
                 false
             }
@@ -408,7 +414,9 @@ impl LeaseClocks {
                     }
                     self.pending.remove(&key);
                 }
-                if ask.generation > lease.generation {
+                // A newer tenure is recorded too, so a late release of an earlier one cannot
+                // end it.
+                if ask.generation > lease.generation || ask.tenure > lease.tenure {
                     PullVerdict::ServeAndBump
                 } else {
                     PullVerdict::Serve
@@ -537,6 +545,7 @@ mod tests {
             queue,
             member,
             generation,
+            tenure: 1,
             session_ms: 1_000,
             serve_any: false,
             hand_over_early: false,
@@ -556,6 +565,7 @@ mod tests {
             owner: Some("a".into()),
             generation: 5,
             since: 5,
+            tenure: 1,
         };
         assert_eq!(
             clocks.decide(&ask(&q, "a", 5), Some(&held), at(10)),
@@ -585,6 +595,7 @@ mod tests {
             owner: Some("b".into()),
             generation: 6,
             since: 6,
+            tenure: 1,
         };
         assert!(matches!(
             clocks.decide(&ask(&q, "a", 5), Some(&moved), at(1_040)),
@@ -610,6 +621,7 @@ mod tests {
             owner: Some("a".into()),
             generation: 5,
             since: 5,
+            tenure: 1,
         };
         assert_eq!(
             clocks.decide(&ask(&q, "a", 5), Some(&held), at(0)),
@@ -637,6 +649,7 @@ mod tests {
             owner: Some("b".into()),
             generation: 6,
             since: 6,
+            tenure: 1,
         };
         assert_eq!(
             clocks.decide(&ask(&q, "b", 7), Some(&moved), at(1_004)),
@@ -657,6 +670,7 @@ mod tests {
             owner: Some("a".into()),
             generation: 9,
             since: 9,
+            tenure: 1,
         };
         assert_eq!(
             clocks.decide(&ask(&q, "a", 9), Some(&held), at(0)),
@@ -670,6 +684,7 @@ mod tests {
             owner: Some("a".into()),
             generation: 7,
             since: 7,
+            tenure: 1,
         };
         assert!(matches!(
             clocks.decide(&ask(&q, "b", 8), Some(&older), at(20)),

@@ -49,11 +49,14 @@ pub enum Request {
     /// Messages of `queue` from `from` on that `group` has not acknowledged; waits up to
     /// `wait_ms` for some to arrive if there are none. Served only to the member that holds
     /// the queue at `generation` (claimed on its first pull); a stale one is `Revoked`.
+    /// `tenure` is the member's number for its current tenure of the queue (see
+    /// [`crate::broker::Command::ClaimTenure`]).
     Pull {
         broker: GroupId,
         group: String,
         member: String,
         generation: u64,
+        tenure: u64,
         queue: QueueId,
         from: Offset,
         messages_max: u32,
@@ -78,12 +81,14 @@ pub enum Request {
         offset: Offset,
     },
     /// The holder of `queue` gives it up (its answers are confirmed): the next owner may
-    /// start at once instead of after the lease expires.
+    /// start at once instead of after the lease expires. Refused if it names an earlier
+    /// tenure than the member's current one.
     Release {
         broker: GroupId,
         group: String,
         member: String,
         generation: u64,
+        tenure: u64,
         queue: QueueId,
     },
     /// Admin: moves consumer group `group`'s position on `queue` (see

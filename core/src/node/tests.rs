@@ -363,6 +363,7 @@ fn produce_consume_ack_and_retry(tweak: impl Fn(&mut NodeConfig)) {
         group: "billing".into(),
         member: "m".into(),
         generation: 1,
+        tenure: 1,
         queue: route.queue.clone(),
         from,
         messages_max: 10,
@@ -434,6 +435,7 @@ fn produce_consume_ack_and_retry(tweak: impl Fn(&mut NodeConfig)) {
         group: "billing".into(),
         member: "m".into(),
         generation: 1,
+        tenure: 1,
         queue: retry,
         from: 0,
         messages_max: 10,
@@ -747,6 +749,7 @@ fn back_from_a_long_absence(segment_catch_up: bool) -> Cluster {
         group: "billing".into(),
         member: "m".into(),
         generation: 1,
+        tenure: 1,
         queue: queue.clone(),
         from: 0,
         messages_max: 1,
@@ -947,6 +950,7 @@ fn the_leader_trims_by_retention_and_every_replica_deletes_the_same_messages() {
         group: "billing".into(),
         member: "m".into(),
         generation: 1,
+        tenure: 1,
         queue: queue.clone(),
         from: 0,
         messages_max: 10,
@@ -1012,6 +1016,7 @@ fn lease_request(kind: &str, member: &str, generation: u64) -> Request {
             group,
             member,
             generation,
+            tenure: 1,
             queue,
             from: 0,
             messages_max: 10,
@@ -1031,6 +1036,7 @@ fn lease_request(kind: &str, member: &str, generation: u64) -> Request {
             group,
             member,
             generation,
+            tenure: 1,
             queue,
         },
     }
@@ -1133,6 +1139,62 @@ fn a_queue_is_served_to_one_holder_and_moves_on_release_or_expiry() {
         waited >= Duration::from_millis(2_000) && waited < Duration::from_millis(3_500),
         "after the session: {waited:?}"
     );
+}
+
+/// `request` (a pull or a release) sent in the member's tenure `number`.
+fn in_tenure(mut request: Request, number: u64) -> Request {
+    if let Request::Pull { tenure, .. } | Request::Release { tenure, .. } = &mut request {
+        *tenure = number;
+    }
+    request
+}
+
+/// Queue seed 612008318 (exclusive-owner): a member released a queue, the network held the
+/// release back, the member's resent release let the queue go, and the member, given the
+/// queue again at the same generation, claimed it back. The first release, applied late, must
+/// not end the new tenure: another member would be served while this one still consumes.
+#[test]
+fn a_late_release_from_an_earlier_tenure_leaves_the_queue_with_its_holder() {
+    let (mut cluster, _) = one_group_with_orders(1, |c| c.member_session_ms = 2_000);
+    let leader = cluster.leader(1).unwrap_or(1);
+    send_x_to_orders_0(&mut cluster, leader);
+    let pulled =
+        |r: &Response| matches!(r, Response::Pulled { messages, .. } if !messages.is_empty());
+    let first = cluster.ask(leader, in_tenure(lease_request("pull", "a", 10), 1));
+    assert!(pulled(&first), "{first:?}");
+    // The release's first copy is held back by the network; the second lets the queue go.
+    assert!(matches!(
+        cluster.ask(leader, in_tenure(lease_request("release", "a", 10), 1)),
+        Response::Released { .. }
+    ));
+    let again = cluster.ask(leader, in_tenure(lease_request("pull", "a", 10), 2));
+    assert!(
+        matches!(again, Response::Pulled { .. }),
+        "a claims the queue again: {again:?}"
+    );
+    let late = cluster.ask(leader, in_tenure(lease_request("release", "a", 10), 1));
+    assert!(
+        matches!(late, Response::Revoked { .. }),
+        "the late release is refused: {late:?}"
+    );
+    for _ in 0..100 {
+        cluster.step();
+    }
+    for (id, node) in &cluster.nodes {
+        let state = node.broker_state(1).expect("a broker group");
+        let lease = state.lease("billing", &QueueId::new("orders", 0));
+        assert_eq!(
+            lease.and_then(|l| l.owner.as_deref()),
+            Some("a"),
+            "node {id}: a still holds the queue"
+        );
+    }
+    let b = cluster.send(leader, lease_request("pull", "b", 10));
+    for _ in 0..200 {
+        cluster.step();
+    }
+    let b = cluster.answer(leader, b);
+    assert!(!b.as_ref().is_some_and(pulled), "b is not served: {b:?}");
 }
 
 #[test]
@@ -1267,6 +1329,7 @@ fn a_damaged_stored_message_is_reported_and_never_delivered() {
         group: "billing".into(),
         member: "m".into(),
         generation: 1,
+        tenure: 1,
         queue: queue.clone(),
         from: 0,
         messages_max: 10,
@@ -1550,6 +1613,7 @@ fn consumer_counters_per_group_and_queue_end_with_their_group_or_topic() {
         group: "billing".into(),
         member: "m".into(),
         generation: 1,
+        tenure: 1,
         queue: dlq.clone(),
         from: 0,
         messages_max: 10,
@@ -1669,6 +1733,7 @@ fn pull_as(group: &str, member: &str, generation: u64) -> Request {
         group: group.into(),
         member: member.into(),
         generation,
+        tenure: 1,
         queue: QueueId::new("orders", 0),
         from: 0,
         messages_max: 10,

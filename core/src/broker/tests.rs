@@ -1600,6 +1600,27 @@ fn at_the_most_leases_a_new_lease_is_refused_and_held_ones_are_claimed_again() {
     assert!(matches!(again, Outcome::Leased(_)), "{again:?}");
 }
 
+/// A takeover is for a newer generation than the expired holder's: one at the holder's own
+/// generation is refused (both members would hold the queue at that generation).
+#[test]
+fn a_takeover_at_the_holders_own_generation_is_refused() {
+    let mut state = orders();
+    assert!(matches!(
+        claim(&mut state, "a", 5, None),
+        Outcome::Leased(_)
+    ));
+    assert!(matches!(
+        claim(&mut state, "b", 5, Some(("a", 5))),
+        Outcome::Refused(Refusal::NotOwner(_))
+    ));
+    assert_eq!(holder(&state), (Some("a".into()), 5));
+    assert!(matches!(
+        claim(&mut state, "b", 6, Some(("a", 5))),
+        Outcome::Leased(_)
+    ));
+    assert_eq!(holder(&state), (Some("b".into()), 6));
+}
+
 /// A release does not move the queue's generation past the holder's: the metadata may give
 /// the queue to the same member at the same generation again (seed 7103028), and it must be
 /// able to claim it. Older generations stay fenced.

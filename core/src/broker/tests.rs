@@ -1538,6 +1538,89 @@ fn a_release_from_an_earlier_tenure_is_refused() {
     assert!(leased(&release_tenure(&mut restored, "a", 6, 1)));
 }
 
+/// A claim names a queue of the broker group, or a retry queue of a delay level the group
+/// has (retry queues come into being with their first message, and a claim may come first):
+/// any other queue is refused, a queue of another topic too, even one numbered like a level.
+#[test]
+fn a_claim_of_a_queue_the_group_does_not_have_is_refused_unless_it_is_a_retry_level() {
+    let mut state = orders();
+    let levels = state.config().reconsume_delays_ms.len() as u32;
+    let mut claim_of = |queue: &QueueId| {
+        state.apply(Command::ClaimTenure {
+            group: "g".into(),
+            queue: queue.clone(),
+            member: "a".into(),
+            generation: 1,
+            takeover: None,
+            tenure: 1,
+        })
+    };
+    let unknown = |q: &QueueId| Outcome::Refused(Refusal::UnknownQueue(q.clone()));
+    for queue in [QueueId::new("orders", 0), QueueId::new("orders", 1)] {
+        assert!(matches!(claim_of(&queue), Outcome::Leased(_)), "{queue:?}");
+    }
+    for queue in [QueueId::new("orders", 2), QueueId::new("payments", 0)] {
+        assert_eq!(claim_of(&queue), unknown(&queue));
+    }
+    for level in [0, levels - 1] {
+        let queue = QueueId::retry("g", level);
+        assert!(matches!(claim_of(&queue), Outcome::Leased(_)), "{queue:?}");
+    }
+    let past = QueueId::retry("g", levels);
+    assert_eq!(claim_of(&past), unknown(&past));
+}
+
+/// A broker group holds at most `LEASES_PER_BROKER_GROUP_MAX` queue leases: at the limit a
+/// claim that would add one is refused, while the claims of leases it holds still go.
+#[test]
+fn at_the_most_leases_a_new_lease_is_refused_and_held_ones_are_claimed_again() {
+    use crate::limits::LEASES_PER_BROKER_GROUP_MAX;
+    let mut state = orders();
+    let claim_in = |state: &mut BrokerState, group: usize| {
+        state.apply(Command::ClaimTenure {
+            group: format!("g{group}"),
+            queue: QueueId::new("orders", 0),
+            member: "a".into(),
+            generation: 1,
+            takeover: None,
+            tenure: 1,
+        })
+    };
+    for group in 0..LEASES_PER_BROKER_GROUP_MAX {
+        assert!(matches!(claim_in(&mut state, group), Outcome::Leased(_)));
+    }
+    assert_eq!(state.leases().count(), LEASES_PER_BROKER_GROUP_MAX);
+    let more = claim_in(&mut state, LEASES_PER_BROKER_GROUP_MAX);
+    assert!(
+        matches!(more, Outcome::Refused(Refusal::Malformed(_))),
+        "{more:?}"
+    );
+    assert_eq!(state.leases().count(), LEASES_PER_BROKER_GROUP_MAX);
+    let again = claim_in(&mut state, 0);
+    assert!(matches!(again, Outcome::Leased(_)), "{again:?}");
+}
+
+/// A takeover is for a newer generation than the expired holder's: one at the holder's own
+/// generation is refused (both members would hold the queue at that generation).
+#[test]
+fn a_takeover_at_the_holders_own_generation_is_refused() {
+    let mut state = orders();
+    assert!(matches!(
+        claim(&mut state, "a", 5, None),
+        Outcome::Leased(_)
+    ));
+    assert!(matches!(
+        claim(&mut state, "b", 5, Some(("a", 5))),
+        Outcome::Refused(Refusal::NotOwner(_))
+    ));
+    assert_eq!(holder(&state), (Some("a".into()), 5));
+    assert!(matches!(
+        claim(&mut state, "b", 6, Some(("a", 5))),
+        Outcome::Leased(_)
+    ));
+    assert_eq!(holder(&state), (Some("b".into()), 6));
+}
+
 /// A release does not move the queue's generation past the holder's: the metadata may give
 /// the queue to the same member at the same generation again (seed 7103028), and it must be
 /// able to claim it. Older generations stay fenced.

@@ -1001,3 +1001,299 @@ fn each_tenure_of_a_queue_has_its_own_number_and_the_release_names_it() {
         "the release ends the first tenure: {released:?}"
     );
 }
+
+/// A member of group "g" given `orders/0` (broker group 1) and `orders/1` (broker group 2) at
+/// generation 5, with a pull of each sent and unanswered: returns it with the pulls' ids (in
+/// that order) and the time.
+fn member_of_both_queues(nodes: Vec<crate::raft::NodeId>) -> (Consumer, [RequestId; 2], Instant) {
+    let now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", nodes), now);
+    let (id, request) = next_request(&mut consumer, now);
+    assert!(matches!(request, Request::Heartbeat { .. }));
+    let assignment = Response::Assignment {
+        group: "g".into(),
+        generation: 5,
+        members: 2,
+        queues: vec![
+            (1, QueueId::new("orders", 0)),
+            (2, QueueId::new("orders", 1)),
+        ],
+    };
+    consumer.handle_response(now, id, assignment);
+    let mut pulls = Vec::new();
+    while let Some((_, id, request)) = consumer.poll_request() {
+        if let Request::Pull { queue, .. } = request {
+            pulls.push((queue.queue, id));
+        }
+    }
+    pulls.sort();
+    let [(0, q0), (1, q1)] = pulls[..] else {
+        panic!("a pull of each queue: {pulls:?}");
+    };
+    (consumer, [q0, q1], now)
+}
+
+/// A tick at `now`: the member's heartbeat is answered with `queues` at `generation`;
+/// returns the other requests that leave (or were waiting to).
+fn assigned(
+    consumer: &mut Consumer,
+    now: Instant,
+    generation: u64,
+    queues: Vec<(u64, QueueId)>,
+) -> Vec<(crate::raft::NodeId, RequestId, Request)> {
+    consumer.handle_timeout(now);
+    let mut others = Vec::new();
+    while let Some((node, id, request)) = consumer.poll_request() {
+        if let Request::Heartbeat { .. } = request {
+            let response = Response::Assignment {
+                group: "g".into(),
+                generation,
+                members: 2,
+                queues: queues.clone(),
+            };
+            consumer.handle_response(now, id, response);
+        } else {
+            others.push((node, id, request));
+        }
+    }
+    others.extend(std::iter::from_fn(|| consumer.poll_request()));
+    others
+}
+
+/// A dropped queue's deliveries not yet handed out go, and only those: another queue's stay.
+/// Its release waits until the application has answered what it was handed of the queue
+/// (an answer that overtook the release would be refused, and its message delivered again
+/// to the next owner), and leaves once that answer is confirmed.
+#[test]
+fn a_dropped_queue_is_released_once_its_handed_out_deliveries_are_answered() {
+    let (q0, q1) = (QueueId::new("orders", 0), QueueId::new("orders", 1));
+    let (mut consumer, [pull0, pull1], mut now) = member_of_both_queues(vec![1]);
+    let two = Response::Pulled {
+        queue: q0.clone(),
+        messages: vec![(0, stored(0)), (1, stored(1))],
+        next_offset: 2,
+        delivered_below: 0,
+    };
+    consumer.handle_response(now, pull0, two);
+    consumer.handle_response(now, pull1, pulled_one(&q1, 7));
+    let handed = consumer.poll_delivery().expect("a delivery");
+    assert_eq!((&handed.queue, handed.offset), (&q0, 0));
+    // orders/0 goes; orders/1 stays.
+    now = now + Duration::from_millis(1_000);
+    let sent = assigned(&mut consumer, now, 6, vec![(2, q1.clone())]);
+    let releases = |sent: &[(crate::raft::NodeId, RequestId, Request)]| {
+        sent.iter()
+            .filter(|(_, _, r)| matches!(r, Request::Release { .. }))
+            .count()
+    };
+    assert_eq!(releases(&sent), 0, "a delivery is unanswered: {sent:?}");
+    let left: Vec<(QueueId, u64)> = std::iter::from_fn(|| consumer.poll_delivery())
+        .map(|d| (d.queue, d.offset))
+        .collect();
+    assert_eq!(left, [(q1.clone(), 7)], "orders/0's second message went");
+    now = now + Duration::from_millis(100);
+    consumer.handle_timeout(now);
+    let sent: Vec<_> = std::iter::from_fn(|| consumer.poll_request()).collect();
+    assert_eq!(releases(&sent), 0, "still unanswered: {sent:?}");
+    // Answered: the ack leaves first, the release once the ack is confirmed.
+    consumer.answer(now, &handed, AckStatus::Success);
+    let sent: Vec<_> = std::iter::from_fn(|| consumer.poll_request()).collect();
+    assert_eq!(releases(&sent), 0, "the ack is not confirmed yet: {sent:?}");
+    let Some((_, ack, _)) = sent
+        .iter()
+        .find(|(_, _, r)| matches!(r, Request::Ack { queue, .. } if *queue == q0))
+    else {
+        panic!("the answer leaves: {sent:?}");
+    };
+    let acked = Response::Acked {
+        queue: q0.clone(),
+        consume_offset: 1,
+    };
+    consumer.handle_response(now, *ack, acked);
+    let sent: Vec<_> = std::iter::from_fn(|| consumer.poll_request()).collect();
+    assert!(
+        sent.iter().any(
+            |(_, _, r)| matches!(r, Request::Release { queue, generation: 5, .. } if *queue == q0)
+        ),
+        "{sent:?}"
+    );
+}
+
+/// A member that held `orders/0` at generation 5 (a pull sent) and lost it at generation 6:
+/// returns it with the release that left, where to, and the time.
+fn member_releasing(
+    nodes: Vec<crate::raft::NodeId>,
+) -> (Consumer, crate::raft::NodeId, RequestId, Instant) {
+    let q = QueueId::new("orders", 0);
+    let mut now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", nodes), now);
+    let sent = assigned(&mut consumer, now, 5, vec![(1, q.clone())]);
+    assert!(
+        sent.iter()
+            .any(|(_, _, r)| matches!(r, Request::Pull { .. })),
+        "{sent:?}"
+    );
+    now = now + Duration::from_millis(1_000);
+    let sent = assigned(&mut consumer, now, 6, Vec::new());
+    let Some((node, release, _)) = sent
+        .into_iter()
+        .find(|(_, _, r)| matches!(r, Request::Release { queue, .. } if *queue == q))
+    else {
+        panic!("the queue is released");
+    };
+    (consumer, node, release, now)
+}
+
+/// A release answered by a node that does not lead the broker group goes again to the node
+/// the answer names.
+#[test]
+fn a_release_bounced_with_a_hint_goes_again_to_the_hinted_node() {
+    let (mut consumer, node, release, now) = member_releasing(vec![1, 2, 3, 4, 5]);
+    let hinted = [4, 2].into_iter().find(|n| *n != node).expect("a node");
+    let bounce = Response::NotLeader {
+        group: 1,
+        leader_hint: Some(hinted),
+    };
+    consumer.handle_response(now, release, bounce);
+    let mut to = Vec::new();
+    for ms in 0..=200 {
+        let t = now + Duration::from_millis(ms);
+        consumer.handle_timeout(t);
+        while let Some((node, _, request)) = consumer.poll_request() {
+            if matches!(request, Request::Release { .. }) {
+                to.push(node);
+            }
+        }
+    }
+    assert_eq!(
+        to,
+        [hinted],
+        "the release goes again, once, to the hinted node"
+    );
+}
+
+/// While the broker group's nodes bounce a release (each naming another as the leader, as
+/// stale hints do during an election, or saying they are busy), the release goes again after
+/// a pause, not once per round trip.
+#[test]
+fn a_bounced_release_waits_before_going_again() {
+    for bounce in [
+        Response::NotLeader {
+            group: 1,
+            leader_hint: Some(2),
+        },
+        Response::Busy,
+    ] {
+        let (mut consumer, _, release, now) = member_releasing(vec![1, 2, 3]);
+        let mut pending = vec![release];
+        let mut sent = 1;
+        let end = now + Duration::from_millis(100);
+        let mut t = now;
+        while t <= end && sent < 1_000 {
+            for id in std::mem::take(&mut pending) {
+                let bounce = match &bounce {
+                    Response::NotLeader { leader_hint, .. } => Response::NotLeader {
+                        group: 1,
+                        // Node 2 names node 3, node 3 names node 2.
+                        leader_hint: leader_hint.map(|_| if sent % 2 == 0 { 2 } else { 3 }),
+                    },
+                    other => other.clone(),
+                };
+                consumer.handle_response(t, id, bounce);
+            }
+            consumer.handle_timeout(t);
+            while let Some((_, id, request)) = consumer.poll_request() {
+                if matches!(request, Request::Release { .. }) && sent < 1_000 {
+                    sent += 1;
+                    pending.push(id);
+                }
+            }
+            if pending.is_empty() {
+                t = t + Duration::from_millis(1);
+            }
+        }
+        // NotLeader: every 10 ms, 11 in 100 ms; Busy: every 100 ms, 2.
+        assert!(
+            (2..=11).contains(&sent),
+            "{sent} releases in 100 ms after {bounce:?}"
+        );
+    }
+}
+
+/// A pull sent in the member's first tenure of a queue is still on its way when the member,
+/// having let the queue go and been given it back, loses it again before it pulled in its
+/// second tenure: that pull may yet claim the queue, so the queue is released under the
+/// pull's generation, naming the newest tenure.
+#[test]
+fn a_queue_dropped_with_a_pull_of_an_earlier_tenure_in_flight_is_released() {
+    let q = QueueId::new("orders", 0);
+    let mut now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
+    let sent = assigned(&mut consumer, now, 5, vec![(1, q.clone())]);
+    let Some(Request::Pull { tenure: first, .. }) = sent.into_iter().map(|(_, _, r)| r).next()
+    else {
+        panic!("a pull");
+    };
+    let mut releases = Vec::new();
+    for (generation, queues) in [(6, Vec::new()), (7, vec![(1, q.clone())]), (8, Vec::new())] {
+        now = now + Duration::from_millis(1_000);
+        for (_, id, request) in assigned(&mut consumer, now, generation, queues) {
+            match request {
+                Request::Release {
+                    generation, tenure, ..
+                } => {
+                    releases.push((generation, tenure));
+                    let response = Response::Released { queue: q.clone() };
+                    consumer.handle_response(now, id, response);
+                }
+                other => panic!("only releases leave, the pull being in flight: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(releases.len(), 2, "{releases:?}");
+    assert_eq!(releases[0], (5, first));
+    assert_eq!(releases[1].0, 5, "the pull's generation: {releases:?}");
+    assert!(releases[1].1 > first, "the second tenure's: {releases:?}");
+}
+
+/// A queue's release names the tenure of that queue's pulls, not that of another queue's pull
+/// in flight (a member numbers its tenures of all its queues in one sequence).
+#[test]
+fn a_release_names_its_own_queues_tenure_not_another_queues() {
+    let (q0, q1) = (QueueId::new("orders", 0), QueueId::new("orders", 1));
+    let (mut consumer, [pull0, _], mut now) = member_of_both_queues(vec![1]);
+    consumer.handle_response(now, pull0, pulled_one(&q0, 0));
+    let delivery = consumer.poll_delivery().expect("a delivery");
+    consumer.answer(now, &delivery, AckStatus::Success);
+    let mut tenure0 = None;
+    while let Some((_, id, request)) = consumer.poll_request() {
+        match request {
+            Request::Ack { .. } => {
+                let acked = Response::Acked {
+                    queue: q0.clone(),
+                    consume_offset: 1,
+                };
+                consumer.handle_response(now, id, acked);
+            }
+            Request::Pull { tenure, .. } => tenure0 = Some(tenure),
+            _ => {}
+        }
+    }
+    let tenure0 = tenure0.expect("orders/0 is pulled again");
+    // orders/1's pull, of a later tenure, is still in flight.
+    now = now + Duration::from_millis(1_000);
+    let sent = assigned(&mut consumer, now, 6, vec![(2, q1.clone())]);
+    let released: Vec<(u64, u64)> = sent
+        .iter()
+        .filter_map(|(_, _, r)| match r {
+            Request::Release {
+                queue,
+                generation,
+                tenure,
+                ..
+            } if *queue == q0 => Some((*generation, *tenure)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, [(5, tenure0)]);
+}

@@ -50,8 +50,9 @@ const METADATA_SNAPSHOT_VERSION_V3: u8 = 3;
 const SNAPSHOT_VERSION_V1: u8 = 1;
 
 /// [`Lease`] before tenures: what every snapshot format before [`SNAPSHOT_VERSION`] and
-/// [`METADATA_SNAPSHOT_VERSION`] holds.
-#[derive(Serialize, Deserialize)]
+/// [`METADATA_SNAPSHOT_VERSION`] holds. Only tests write it (as an older build did).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub(super) struct LeaseV1 {
     owner: Option<String>,
     generation: u64,
@@ -69,6 +70,7 @@ impl From<LeaseV1> for Lease {
     }
 }
 
+#[cfg(test)]
 impl From<&Lease> for LeaseV1 {
     fn from(lease: &Lease) -> LeaseV1 {
         LeaseV1 {

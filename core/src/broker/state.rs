@@ -824,17 +824,17 @@ impl BrokerState {
         if let Err(refusal) = self.holder_check(&group, &queue, &member, generation) {
             return Outcome::Refused(refusal);
         }
-        if let Some(lease) = self.lease(&group, &queue)
-            && tenure < lease.tenure
-        {
+        let key = (group, queue);
+        let Some(lease) = self.leases.get_mut(&key) else {
+            return Outcome::Leased(Lease::default());
+        };
+        if tenure < lease.tenure {
             // Sent in an earlier tenure of this member's and held back: the member took the
             // queue again since and still consumes it.
+            let (group, queue) = key;
             let lease = lease.clone();
             return Outcome::Refused(Refusal::not_owner(group, queue, member, generation, lease));
         }
-        let Some(lease) = self.leases.get_mut(&(group, queue)) else {
-            return Outcome::Leased(Lease::default());
-        };
         // The generation stays: the metadata may still give the queue to this member at this
         // generation (an expired lease taken over by a waiter whose claim then failed), and a
         // generation past every one handed out would fence everyone until the next rebalance

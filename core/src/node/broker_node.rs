@@ -49,6 +49,29 @@ const CLAIM_WAIT_MS: u64 = 1_000;
 /// A parked claim looks again after this long, in case its entry was lost.
 const CLAIM_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Why a node cannot go on (polled with [`BrokerNode::poll_fault`]): the driver stops it, as
+/// going on would apply or answer from state that is known to be wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeFault {
+    /// A group's snapshot does not decode (a bug, or bytes damaged past their checksums): that
+    /// group can no longer apply anything.
+    SnapshotUndecodable(String),
+    /// Raft reported a proposal of this node committed where the log holds another entry, or
+    /// above the commit index: a Raft bug, found before any client was told its command took
+    /// effect (those clients hear that the outcome is unknown).
+    ProposalMisreported(String),
+}
+
+impl std::fmt::Display for NodeFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeFault::SnapshotUndecodable(why) | NodeFault::ProposalMisreported(why) => {
+                f.write_str(why)
+            }
+        }
+    }
+}
+
 /// What happened in a node that its operator should see in the log: elections, leader
 /// changes, and input refused. Polled with [`BrokerNode::poll_event`]; the core reports them
 /// as they happen rather than leaving the driver to infer them from changes of state.
@@ -387,8 +410,8 @@ struct Group {
     proposed: BTreeMap<ProposalId, Vec<Option<Waiter>>>,
     /// Outcomes of applied entries that carry proposals of ours, until their fate arrives.
     applied: BTreeMap<Index, Vec<Applied>>,
-    /// Index of each proposal still in flight.
-    proposal_index: BTreeMap<ProposalId, Index>,
+    /// Index and term of each proposal still in flight.
+    proposal_index: BTreeMap<ProposalId, (Index, Term)>,
     /// Queues (with their topic's epoch) this node asked the group to create.
     creating: BTreeSet<(u64, QueueId)>,
     /// The topic table changed, or this replica's leadership did, since its leader last
@@ -480,8 +503,8 @@ pub struct BrokerNode {
     #[cfg(test)]
     pub(super) placement_scans: u64,
     applied: VecDeque<(GroupId, Entry)>,
-    /// Snapshots whose state did not decode: the node cannot go on with that group.
-    faults: VecDeque<String>,
+    /// Why the node cannot go on: see [`NodeFault`].
+    faults: VecDeque<NodeFault>,
     snapshot_jobs: VecDeque<SnapshotJob>,
     transfer_jobs: VecDeque<TransferJob>,
     /// What [`BrokerNode::stats`] reports.
@@ -1823,10 +1846,9 @@ impl BrokerNode {
         self.settle(now);
     }
 
-    /// A snapshot whose state does not decode (a bug, or bytes damaged past their checksums):
-    /// the driver must stop the node, since that group can no longer apply anything.
+    /// Something the node cannot go on from (see [`NodeFault`]): the driver must stop it.
     #[inline]
-    pub fn poll_fault(&mut self) -> Option<String> {
+    pub fn poll_fault(&mut self) -> Option<NodeFault> {
         self.faults.pop_front()
     }
 
@@ -2415,11 +2437,13 @@ impl BrokerNode {
                         group.encoding = None;
                         woken.insert(*group_id);
                     }
-                    Err(e) => self.faults.push_back(format!(
-                        "group {group_id}: the snapshot at index {} from the leader does not \
+                    Err(e) => self
+                        .faults
+                        .push_back(NodeFault::SnapshotUndecodable(format!(
+                            "group {group_id}: the snapshot at index {} from the leader does not \
                          restore: {e}",
-                        snapshot.index
-                    )),
+                            snapshot.index
+                        ))),
                 }
             }
             if let Some(index) = group.raft.poll_transfer_wanted()
@@ -2583,7 +2607,11 @@ impl BrokerNode {
                         }
                     }
                 }
-                if group.proposal_index.values().any(|i| *i == entry.index) {
+                if group
+                    .proposal_index
+                    .values()
+                    .any(|(i, _)| *i == entry.index)
+                {
                     group.applied.insert(entry.index, outcomes);
                 }
             }
@@ -2626,13 +2654,24 @@ impl BrokerNode {
                     self.responses.push_back((client, request, response));
                     continue;
                 }
-                let index = group.proposal_index.remove(&fate.id);
+                let proposed = group.proposal_index.remove(&fate.id);
                 let waiters = group.proposed.remove(&fate.id).unwrap_or_default();
-                let outcomes = match (fate.outcome, index) {
+                let outcomes = match (fate.outcome, proposed) {
                     (ProposalOutcome::Committed { index }, _) => {
-                        group.applied.remove(&index).unwrap_or_default()
+                        let outcomes = group.applied.remove(&index).unwrap_or_default();
+                        match misreported(&group.raft, fate.id, index, proposed) {
+                            // The outcomes there are another entry's: no client hears them.
+                            Some(why) => {
+                                self.faults
+                                    .push_back(NodeFault::ProposalMisreported(format!(
+                                        "group {group_id}: {why}"
+                                    )));
+                                Vec::new()
+                            }
+                            None => outcomes,
+                        }
                     }
-                    (ProposalOutcome::Dropped { .. }, Some(index)) => {
+                    (ProposalOutcome::Dropped { .. }, Some((index, _))) => {
                         group.applied.remove(&index);
                         Vec::new()
                     }
@@ -3112,7 +3151,7 @@ fn propose_entry(
     };
     match proposed {
         Ok(index) => {
-            group.proposal_index.insert(id, index);
+            group.proposal_index.insert(id, (index, status.term));
             group
                 .proposed
                 .insert(id, batch.into_iter().map(|(w, _)| w).collect());
@@ -3322,13 +3361,47 @@ fn check_consumer_queue(group: &str, queue: &QueueId) -> Result<(), String> {
     check_name("topic", &queue.topic)
 }
 
+/// Why Raft's report that proposal `id` committed at `index` cannot be true, if it cannot:
+/// it was proposed at another index, the commit index is below it, or the entry there is of
+/// another term than the one it was proposed in (another leader's entry took its place).
+/// Checked by the node rather than trusted, since a client is told its command took effect.
+pub(super) fn misreported(
+    raft: &Replica,
+    id: ProposalId,
+    index: Index,
+    proposed: Option<(Index, Term)>,
+) -> Option<String> {
+    let (at, term) = proposed?;
+    let commit = raft.status().commit_index;
+    let held = raft.entry(index).map(|e| e.term);
+    if at != index {
+        Some(format!(
+            "proposal {id} was reported committed at index {index} but was proposed at {at}"
+        ))
+    } else if commit < index {
+        Some(format!(
+            "proposal {id} was reported committed at index {index} above the commit index \
+             {commit}"
+        ))
+    } else if let Some(held) = held
+        && held != term
+    {
+        Some(format!(
+            "proposal {id} of term {term} was reported committed at index {index}, where the \
+             log holds an entry of term {held}"
+        ))
+    } else {
+        None
+    }
+}
+
 /// The state a group's snapshot on disk restores, or `machine` as it is (with a fault for
 /// the operator) when there is none or it does not decode.
 fn restore_machine(
     group: GroupId,
     machine: Machine,
     disk: &Recovered,
-    faults: &mut VecDeque<String>,
+    faults: &mut VecDeque<NodeFault>,
 ) -> (Machine, SnapshotPace) {
     let mut pace = SnapshotPace::default();
     let Some(snapshot) = &disk.snapshot else {
@@ -3359,10 +3432,10 @@ fn restore_machine(
             (restored, pace)
         }
         Err(e) => {
-            faults.push_back(format!(
+            faults.push_back(NodeFault::SnapshotUndecodable(format!(
                 "group {group}: the snapshot at index {} on disk does not restore: {e}",
                 snapshot.index
-            ));
+            )));
             (machine, pace)
         }
     }

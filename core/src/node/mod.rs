@@ -11,8 +11,8 @@ mod seen_requests;
 mod stats;
 
 pub use broker_node::{
-    BrokerNode, NodeConfig, NodeEvent, SEND_BYTES_MAX, SnapshotJob, StoreRead, TransferJob,
-    decode_entry,
+    BrokerNode, NodeConfig, NodeEvent, NodeFault, SEND_BYTES_MAX, SnapshotJob, StoreRead,
+    TransferJob, decode_entry,
 };
 pub use metadata::{
     METADATA_GROUP, MetaCommand, MetaState, NodeApplied, NodeRecord, QUEUES_PER_TOPIC_MAX,

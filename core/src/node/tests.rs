@@ -893,7 +893,11 @@ fn a_node_restarts_from_a_snapshot_on_its_disk() {
         5,
         cluster.now,
     );
-    assert!(broken.poll_fault().is_some_and(|f| f.contains("group 1")));
+    assert!(
+        broken
+            .poll_fault()
+            .is_some_and(|f| f.to_string().contains("group 1"))
+    );
 }
 
 #[test]
@@ -2005,4 +2009,30 @@ fn a_restart_replays_its_log_in_steps_bounded_by_their_store_writes() {
     assert_eq!(snapshot, snapshot_once, "the same state");
     let flat: Vec<(GroupId, StoreOp)> = steps.into_iter().flatten().collect();
     assert_eq!(flat, once.into_iter().flatten().collect::<Vec<_>>());
+}
+
+#[test]
+fn a_proposal_reported_committed_where_the_log_holds_another_entry_is_not_believed() {
+    use super::broker_node::misreported;
+    let (cluster, _) = cluster_with_orders();
+    let leader = cluster.leader(1).expect("group 1 has a leader");
+    let raft = cluster.nodes[&leader].replica(1).expect("group 1");
+    let index = raft.status().commit_index;
+    let term = raft.entry(index).expect("the committed entry is held").term;
+    assert_eq!(misreported(raft, 7, index, Some((index, term))), None);
+    // Not a proposal this node knows of: nobody waits for it, so there is nothing to check.
+    assert_eq!(misreported(raft, 7, index, None), None);
+    let said = |why: Option<String>, what: &str| why.is_some_and(|w| w.contains(what));
+    assert!(said(
+        misreported(raft, 7, index, Some((index, term + 1))),
+        "holds an entry of term"
+    ));
+    assert!(said(
+        misreported(raft, 7, index, Some((index - 1, term))),
+        "was proposed at"
+    ));
+    assert!(said(
+        misreported(raft, 7, index + 1, Some((index + 1, term))),
+        "above the commit index"
+    ));
 }

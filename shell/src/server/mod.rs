@@ -482,7 +482,7 @@ impl Server {
             self.abandon_slow_dials();
             if let Some(fault) = self.node.poll_fault() {
                 error!("stopping this node: {fault}");
-                return Err(ServerError(fault));
+                return Err(ServerError(fault.to_string()));
             }
             self.forget_repaired_damage()?;
             self.sync_node_table();

@@ -17,7 +17,7 @@ use holdfast_core::broker::{
     BrokerConfig, BrokerState, MemoryStore, Offset, QueueId, StoredMessage,
 };
 use holdfast_core::node::protocol::{ClientId, Request, RequestId, Response};
-use holdfast_core::node::{BrokerNode, METADATA_GROUP, NodeConfig};
+use holdfast_core::node::{BrokerNode, METADATA_GROUP, NodeConfig, NodeFault};
 use holdfast_core::raft::{Envelope, GroupId, Index, Message, NodeId, Recovered, WriteId};
 use holdfast_core::time::Instant;
 use rand::{Rng, RngExt};
@@ -630,10 +630,13 @@ impl QueueWorld {
             }
         }
         if let Some(fault) = broker.poll_fault() {
-            return Err(violation(
-                "snapshot-agreement",
-                format!("node {node}: {fault}"),
-            ));
+            let checker = match fault {
+                NodeFault::SnapshotUndecodable(_) => "snapshot-agreement",
+                // The raft workload's clients see their proposals' fates themselves; here the
+                // node does, and checks each against its log before answering anyone.
+                NodeFault::ProposalMisreported(_) => "acked-stays",
+            };
+            return Err(violation(checker, format!("node {node}: {fault}")));
         }
         // Store operations before the reads and snapshots that need them; a read's pull may
         // answer at once, so round again until nothing is left.

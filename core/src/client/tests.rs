@@ -1440,18 +1440,25 @@ fn a_pull_answered_empty_or_busy_goes_again_after_a_pause() {
     assert_eq!(sent, [500], "pulls left at {sent:?} ms");
 }
 
+/// A member whose first pull of `orders/0`, sent under its generation (5), the broker revoked:
+/// returns it and the time.
+fn member_whose_pull_was_revoked() -> (Consumer, Instant) {
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    let revoked = Response::Revoked {
+        queue: QueueId::new("orders", 0),
+        reason: "another member holds it".into(),
+    };
+    consumer.handle_response(now, pull, revoked);
+    (consumer, now)
+}
+
 /// A pull the broker revokes, sent under the member's generation, means another member holds
 /// the queue: it is dropped (and released), the member asks for the new assignment at once,
 /// and it does not pull the queue again while the assignment it has still names it.
 #[test]
 fn a_pull_revoked_under_the_members_generation_drops_the_queue_until_a_new_assignment() {
     let q = QueueId::new("orders", 0);
-    let (mut consumer, pull, now) = member_pulling(|_| {});
-    let revoked = Response::Revoked {
-        queue: q.clone(),
-        reason: "another member holds it".into(),
-    };
-    consumer.handle_response(now, pull, revoked);
+    let (mut consumer, now) = member_whose_pull_was_revoked();
     let events: Vec<ConsumerEvent> = std::iter::from_fn(|| consumer.poll_event()).collect();
     assert!(
         events
@@ -1800,4 +1807,127 @@ fn an_answer_bounced_during_its_groups_wait_joins_it_and_one_bounced_as_it_ends_
         }
     }
     assert_eq!(again, Some(70), "a wait of 40 ms");
+}
+
+/// Answers that wait to go (their broker group's answers bounced with no leader known) are
+/// batched: successes of one queue under one generation in one `Ack`; a `ReconsumeLater`, or
+/// a success of another queue, goes on its own.
+#[test]
+fn answers_waiting_to_go_are_batched_per_queue_and_a_reconsume_later_goes_alone() {
+    let (q0, q1) = (QueueId::new("orders", 0), QueueId::new("orders", 1));
+    let now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
+    let both = vec![(1, q0.clone()), (1, q1.clone())];
+    for (_, id, request) in assigned(&mut consumer, now, 5, both) {
+        let Request::Pull { queue, .. } = request else {
+            panic!("{request:?}");
+        };
+        let response = if queue == q0 {
+            pulled_below_31(&q0, vec![(0, stored(0)), (1, stored(1)), (2, stored(2))])
+        } else {
+            pulled_one(&q1, 7)
+        };
+        consumer.handle_response(now, id, response);
+    }
+    let deliveries: Vec<Delivery> = std::iter::from_fn(|| consumer.poll_delivery()).collect();
+    let [d0, d1, d2, d7] = &deliveries[..] else {
+        panic!("four deliveries: {deliveries:?}");
+    };
+    // The first answer bounces: the group's answers wait 10 ms.
+    consumer.answer(now, d0, AckStatus::Success);
+    let Some((_, ack, _)) = std::iter::from_fn(|| consumer.poll_request())
+        .find(|(_, _, r)| matches!(r, Request::Ack { .. }))
+    else {
+        panic!("the ack leaves");
+    };
+    let bounce = Response::NotLeader {
+        group: 1,
+        leader_hint: None,
+    };
+    consumer.handle_response(now, ack, bounce);
+    consumer.answer(now, d1, AckStatus::Success);
+    consumer.answer(now, d2, AckStatus::ReconsumeLater);
+    consumer.answer(now, d7, AckStatus::Success);
+    consumer.handle_timeout(now + Duration::from_millis(10));
+    let mut answers: Vec<(u32, &str, Vec<u64>)> = sent_requests(&mut consumer)
+        .into_iter()
+        .filter_map(|r| match r {
+            Request::Ack { queue, offsets, .. } => Some((queue.queue, "ack", offsets)),
+            Request::ReconsumeLater { queue, offset, .. } => {
+                Some((queue.queue, "later", vec![offset]))
+            }
+            _ => None,
+        })
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers,
+        [
+            (0, "ack", vec![0, 1]),
+            (0, "later", vec![2]),
+            (1, "ack", vec![7])
+        ]
+    );
+}
+
+/// A rewind with a pull in flight takes effect when that pull is over, and is said then, once.
+#[test]
+fn a_rewind_is_said_once_when_it_takes_effect() {
+    let (mut consumer, pull_in_flight, now) = member_whose_answers_were_refused();
+    let rewound = |consumer: &mut Consumer| {
+        std::iter::from_fn(|| consumer.poll_event())
+            .filter(|e| matches!(e, ConsumerEvent::Rewound { .. }))
+            .count()
+    };
+    assert_eq!(rewound(&mut consumer), 0, "the pull is in flight");
+    let bounced = Response::NotLeader {
+        group: 1,
+        leader_hint: Some(1),
+    };
+    consumer.handle_response(now, pull_in_flight, bounced);
+    assert_eq!(rewound(&mut consumer), 1);
+}
+
+/// A queue a broker revoked is not taken again while the assignment, at the same generation,
+/// still names it, until two heartbeats have passed: then it is (the queue may be free).
+#[test]
+fn a_revoked_queue_still_assigned_is_taken_again_two_heartbeats_later() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, now) = member_whose_pull_was_revoked();
+    let mut pulled_at = Vec::new();
+    for ms in (0..=2_000).step_by(500) {
+        let t = now + Duration::from_millis(ms);
+        for (_, id, request) in assigned(&mut consumer, t, 5, vec![(1, q.clone())]) {
+            match request {
+                Request::Release { .. } => {
+                    consumer.handle_response(t, id, Response::Released { queue: q.clone() });
+                }
+                Request::Pull { .. } => pulled_at.push(ms),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(pulled_at, [2_000]);
+}
+
+/// The member says it rebalanced when the queues it owns change (one given, one taken away),
+/// not when an assignment changes nothing.
+#[test]
+fn a_rebalance_is_said_when_the_owned_queues_change_and_only_then() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, _, mut now) = member_pulling(|_| {});
+    // Said since the start: the queue given at generation 5; then the same assignment again,
+    // and one without the queue.
+    let mut said = Vec::new();
+    for (generation, queues) in [(5, vec![(1, q.clone())]), (6, Vec::new())] {
+        now = now + Duration::from_millis(1_000);
+        assigned(&mut consumer, now, generation, queues);
+        said.extend(
+            std::iter::from_fn(|| consumer.poll_event()).filter_map(|e| match e {
+                ConsumerEvent::Rebalanced { generation, owned } => Some((generation, owned.len())),
+                _ => None,
+            }),
+        );
+    }
+    assert_eq!(said, [(5, 1), (6, 0)]);
 }

@@ -1297,3 +1297,637 @@ fn a_release_names_its_own_queues_tenure_not_another_queues() {
         .collect();
     assert_eq!(released, [(5, tenure0)]);
 }
+
+/// A pull's answer: nothing to hand out.
+fn pulled_nothing(q: &QueueId) -> Response {
+    Response::Pulled {
+        queue: q.clone(),
+        messages: Vec::new(),
+        next_offset: 0,
+        delivered_below: 0,
+    }
+}
+
+/// A pull's answer: the messages at offsets 0 and 1, handed out for the first time.
+fn pulled_two(q: &QueueId) -> Response {
+    Response::Pulled {
+        queue: q.clone(),
+        messages: vec![(0, stored(0)), (1, stored(1))],
+        next_offset: 2,
+        delivered_below: 0,
+    }
+}
+
+/// The requests waiting to leave.
+fn sent_requests(consumer: &mut Consumer) -> Vec<Request> {
+    std::iter::from_fn(|| consumer.poll_request())
+        .map(|(_, _, r)| r)
+        .collect()
+}
+
+/// A member of group "g" (its configuration changed by `configure`) given `orders/0` of broker
+/// group 1 at generation 5, with its first pull sent and unanswered: returns it with the
+/// pull's id and the time.
+fn member_pulling(configure: impl FnOnce(&mut ConsumerConfig)) -> (Consumer, RequestId, Instant) {
+    let now = Instant::from_micros(1_000_000);
+    let mut config = ConsumerConfig::new("g", "m", "orders", vec![1]);
+    configure(&mut config);
+    let mut consumer = Consumer::new(config, now);
+    let sent = assigned(&mut consumer, now, 5, vec![(1, QueueId::new("orders", 0))]);
+    let [(_, pull, Request::Pull { generation: 5, .. })] = &sent[..] else {
+        panic!("one pull leaves: {sent:?}");
+    };
+    (consumer, *pull, now)
+}
+
+/// From `from` to `to`, a tick every millisecond; every pull that leaves is answered at once
+/// with `answer`. Returns when each pull left, in milliseconds after `from` (at most 100: a
+/// member that pulls again at once stops there).
+fn pulls_answered(
+    consumer: &mut Consumer,
+    from: Instant,
+    to: Instant,
+    answer: impl Fn() -> Response,
+) -> Vec<u64> {
+    let mut sent = Vec::new();
+    let mut t = from;
+    while t <= to && sent.len() < 100 {
+        consumer.handle_timeout(t);
+        while let Some((_, id, request)) = consumer.poll_request() {
+            if matches!(request, Request::Pull { .. }) && sent.len() < 100 {
+                sent.push(t.saturating_since(from).as_millis() as u64);
+                consumer.handle_response(t, id, answer());
+            }
+        }
+        t = t + Duration::from_millis(1);
+    }
+    sent
+}
+
+/// A delivery says it was redelivered exactly when the broker handed it to the group before
+/// (below the answer's `delivered_below`) or it came back from a retry queue.
+#[test]
+fn a_delivery_is_redelivered_exactly_when_handed_out_before_or_back_from_a_retry_queue() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    let retried = crate::broker::StoredMessage {
+        reconsume_times: 1,
+        ..stored(32)
+    };
+    let messages = vec![
+        (30, stored(30)),
+        (31, stored(31)),
+        (32, retried),
+        (33, stored(33)),
+    ];
+    let response = Response::Pulled {
+        queue: q.clone(),
+        messages,
+        next_offset: 34,
+        delivered_below: 31,
+    };
+    consumer.handle_response(now, pull, response);
+    let redelivered: Vec<(u64, bool)> = std::iter::from_fn(|| consumer.poll_delivery())
+        .map(|d| (d.offset, d.redelivered))
+        .collect();
+    assert_eq!(
+        redelivered,
+        [(30, true), (31, false), (32, true), (33, false)]
+    );
+}
+
+/// While the broker group's nodes know no leader, a pull goes again after a pause that
+/// doubles with each bounce (10, 20, 40, 80 ms, no more), not once per round trip; a pull
+/// served ends the run, and the next bounce pauses 10 ms again.
+#[test]
+fn pulls_bounced_with_no_leader_known_wait_longer_each_time_until_one_is_served() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    let bounce = || Response::NotLeader {
+        group: 1,
+        leader_hint: None,
+    };
+    consumer.handle_response(now, pull, bounce());
+    let t = now + Duration::from_millis(1);
+    let sent = pulls_answered(&mut consumer, t, t + Duration::from_millis(300), bounce);
+    // After 10 ms, then 20, 40, 80 and 80 ms more.
+    assert_eq!(sent, [9, 29, 69, 149, 229], "pulls left at {sent:?} ms");
+    // Served (nothing to hand out), then bounced: 10 ms after the empty pull, then 10 ms.
+    let t = t + Duration::from_millis(301);
+    let empty = || pulled_nothing(&q);
+    let sent = pulls_answered(&mut consumer, t, t + Duration::from_millis(100), empty);
+    assert!(!sent.is_empty(), "a pull leaves");
+    let t = t + Duration::from_millis(101);
+    let sent = pulls_answered(&mut consumer, t, t + Duration::from_millis(20), bounce);
+    assert_eq!(sent.len(), 2, "pulls left at {sent:?} ms");
+    assert_eq!(sent[1] - sent[0], 10, "pulls left at {sent:?} ms");
+}
+
+/// A pull answered with nothing to hand out goes again after 10 ms, and one the broker was
+/// too busy for after 500 ms: neither at once.
+#[test]
+fn a_pull_answered_empty_or_busy_goes_again_after_a_pause() {
+    let q = QueueId::new("orders", 0);
+    let empty = || pulled_nothing(&q);
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    consumer.handle_response(now, pull, empty());
+    let sent = pulls_answered(&mut consumer, now, now + Duration::from_millis(50), empty);
+    assert_eq!(sent, [10, 20, 30, 40, 50], "pulls left at {sent:?} ms");
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    consumer.handle_response(now, pull, Response::Busy);
+    let end = now + Duration::from_millis(900);
+    let sent = pulls_answered(&mut consumer, now, end, || Response::Busy);
+    assert_eq!(sent, [500], "pulls left at {sent:?} ms");
+}
+
+/// A member whose first pull of `orders/0`, sent under its generation (5), the broker revoked:
+/// returns it and the time.
+fn member_whose_pull_was_revoked() -> (Consumer, Instant) {
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    let revoked = Response::Revoked {
+        queue: QueueId::new("orders", 0),
+        reason: "another member holds it".into(),
+    };
+    consumer.handle_response(now, pull, revoked);
+    (consumer, now)
+}
+
+/// A pull the broker revokes, sent under the member's generation, means another member holds
+/// the queue: it is dropped (and released), the member asks for the new assignment at once,
+/// and it does not pull the queue again while the assignment it has still names it.
+#[test]
+fn a_pull_revoked_under_the_members_generation_drops_the_queue_until_a_new_assignment() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, now) = member_whose_pull_was_revoked();
+    let events: Vec<ConsumerEvent> = std::iter::from_fn(|| consumer.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConsumerEvent::Revoked { queue, .. } if *queue == q)),
+        "{events:?}"
+    );
+    // The heartbeat's answer still names the queue; the release is answered.
+    let mut sent = Vec::new();
+    while let Some((_, id, request)) = consumer.poll_request() {
+        let response = match request {
+            Request::Heartbeat { .. } => Response::Assignment {
+                group: "g".into(),
+                generation: 5,
+                members: 2,
+                queues: vec![(1, q.clone())],
+            },
+            _ => Response::Released { queue: q.clone() },
+        };
+        consumer.handle_response(now, id, response);
+        sent.push(request);
+    }
+    assert!(
+        matches!(
+            &sent[..],
+            [
+                Request::Release { generation: 5, .. },
+                Request::Heartbeat { .. }
+            ]
+        ),
+        "the queue is released and a heartbeat leaves at once: {sent:?}"
+    );
+    let sent = pulls_answered(&mut consumer, now, now + Duration::from_millis(900), || {
+        unreachable!("no pull")
+    });
+    assert!(sent.is_empty(), "pulls left at {sent:?} ms");
+    let later = now + Duration::from_millis(1_000);
+    let sent = assigned(&mut consumer, later, 6, vec![(1, q.clone())]);
+    assert!(
+        sent.iter()
+            .any(|(_, _, r)| matches!(r, Request::Pull { generation: 6, .. })),
+        "the new assignment's queue is pulled: {sent:?}"
+    );
+}
+
+/// A pull revoked that was sent under a generation older than the member's says nothing about
+/// the newer one: the queue stays the member's and is pulled again at once.
+#[test]
+fn a_pull_revoked_under_an_older_generation_leaves_the_queue_with_the_member() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, mut now) = member_pulling(|_| {});
+    now = now + Duration::from_millis(1_000);
+    let sent = assigned(&mut consumer, now, 6, vec![(1, q.clone())]);
+    assert!(sent.is_empty(), "the pull is in flight: {sent:?}");
+    let revoked = Response::Revoked {
+        queue: q.clone(),
+        reason: "an older generation".into(),
+    };
+    consumer.handle_response(now, pull, revoked);
+    let sent = sent_requests(&mut consumer);
+    assert!(
+        matches!(
+            &sent[..],
+            [Request::Pull {
+                generation: 6,
+                from: 0,
+                ..
+            }]
+        ),
+        "pulled again at once, and not released: {sent:?}"
+    );
+    assert_eq!(consumer.owned().collect::<Vec<_>>(), [&(1, q)]);
+}
+
+/// A pull sent before the member let its queue go may have claimed the queue back on the
+/// broker if it is answered with messages: the member releases the queue again, whether the
+/// answer comes while the release is on its way or after it was answered. The messages are not
+/// handed out.
+#[test]
+fn a_pull_served_after_its_queue_was_let_go_makes_the_member_release_it_again() {
+    let q = QueueId::new("orders", 0);
+    for pull_answered_first in [true, false] {
+        let (mut consumer, pull, mut now) = member_pulling(|_| {});
+        now = now + Duration::from_millis(1_000);
+        let sent = assigned(&mut consumer, now, 6, Vec::new());
+        let [(_, release, Request::Release { tenure, .. })] = &sent[..] else {
+            panic!("the queue is released: {sent:?}");
+        };
+        let (release, tenure) = (*release, *tenure);
+        let released = Response::Released { queue: q.clone() };
+        if pull_answered_first {
+            consumer.handle_response(now, pull, pulled_one(&q, 0));
+            consumer.handle_response(now, release, released);
+        } else {
+            consumer.handle_response(now, release, released);
+            consumer.handle_response(now, pull, pulled_one(&q, 0));
+        }
+        let sent = sent_requests(&mut consumer);
+        assert!(
+            matches!(&sent[..], [Request::Release { generation: 5, tenure: t, .. }] if *t == tenure),
+            "released again (pull answered first: {pull_answered_first}): {sent:?}"
+        );
+        assert!(consumer.poll_delivery().is_none());
+    }
+}
+
+/// No pull leaves while `unanswered_max` messages of the queue wait for the application's
+/// answer; one answer lets the next pull go.
+#[test]
+fn no_pull_leaves_while_unanswered_max_messages_wait_for_an_answer() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, now) = member_pulling(|config| config.unanswered_max = 2);
+    consumer.handle_response(now, pull, pulled_two(&q));
+    let sent = pulls_answered(&mut consumer, now, now + Duration::from_millis(100), || {
+        unreachable!("no pull")
+    });
+    assert!(sent.is_empty(), "pulls left at {sent:?} ms");
+    let first = consumer.poll_delivery().expect("a delivery");
+    let later = now + Duration::from_millis(100);
+    consumer.answer(later, &first, AckStatus::Success);
+    let sent = sent_requests(&mut consumer);
+    assert!(
+        sent.iter()
+            .any(|r| matches!(r, Request::Pull { from: 2, .. })),
+        "{sent:?}"
+    );
+}
+
+/// A queue dropped between two pulls (none in flight) was claimed by the last one: it is
+/// released under that pull's generation.
+#[test]
+fn a_queue_dropped_between_pulls_is_released_under_the_last_pulls_generation() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, start) = member_pulling(|_| {});
+    // The heartbeat a second later leaves with the pull in flight; the pull is answered first.
+    let now = start + Duration::from_millis(1_000);
+    let (heartbeat, request) = next_request(&mut consumer, now);
+    assert!(matches!(request, Request::Heartbeat { .. }), "{request:?}");
+    consumer.handle_response(now, pull, pulled_nothing(&q));
+    assert!(consumer.poll_request().is_none(), "the next pull waits");
+    let assignment = Response::Assignment {
+        group: "g".into(),
+        generation: 6,
+        members: 2,
+        queues: Vec::new(),
+    };
+    consumer.handle_response(now, heartbeat, assignment);
+    let sent = sent_requests(&mut consumer);
+    assert!(
+        matches!(&sent[..], [Request::Release { generation: 5, .. }]),
+        "{sent:?}"
+    );
+}
+
+/// A pull asks for `pull_batch` messages and leaves room in bytes for a batch of them, not
+/// for one message at a time.
+#[test]
+fn a_pull_asks_for_a_batch_of_messages_with_room_for_more_than_one() {
+    let now = Instant::from_micros(1_000_000);
+    let config = ConsumerConfig::new("g", "m", "orders", vec![1]);
+    let pull_batch = config.pull_batch;
+    let mut consumer = Consumer::new(config, now);
+    let sent = assigned(&mut consumer, now, 5, vec![(1, QueueId::new("orders", 0))]);
+    let [
+        (
+            _,
+            _,
+            Request::Pull {
+                messages_max,
+                bytes_max,
+                ..
+            },
+        ),
+    ] = &sent[..]
+    else {
+        panic!("a pull: {sent:?}");
+    };
+    assert_eq!(*messages_max, pull_batch);
+    assert!(*bytes_max >= 1 << 20, "bytes_max {bytes_max}");
+}
+
+/// A member answers the message at offset 3 with `status`, and for a second every send of that
+/// answer gets `response`: returns the member and how often the answer was sent (at most 100).
+fn answer_sent_against(status: AckStatus, response: Response) -> (Consumer, usize) {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    consumer.handle_response(now, pull, pulled_one(&q, 3));
+    let delivery = consumer.poll_delivery().expect("a delivery");
+    consumer.answer(now, &delivery, status);
+    let mut sent = 0;
+    for ms in 0..=1_000 {
+        let t = now + Duration::from_millis(ms);
+        consumer.handle_timeout(t);
+        while let Some((_, id, request)) = consumer.poll_request() {
+            let answer = match request {
+                Request::Ack { offsets, .. } => offsets == [3],
+                Request::ReconsumeLater { offset, .. } => offset == 3,
+                _ => false,
+            };
+            if answer && sent < 100 {
+                sent += 1;
+                consumer.handle_response(t, id, response.clone());
+            }
+        }
+    }
+    (consumer, sent)
+}
+
+/// An answer the broker refuses for good (the offset is not there) is not sent again.
+#[test]
+fn an_answer_the_broker_refuses_is_not_sent_again() {
+    let refused = Response::Refused {
+        reason: "no such offset".into(),
+    };
+    let (consumer, sent) = answer_sent_against(AckStatus::Success, refused);
+    assert_eq!(sent, 1);
+    assert_eq!(consumer.unconfirmed(), 0);
+}
+
+/// A member that leaves says goodbye to the group once, after its queues are released and
+/// every pull it had in flight is answered (one may have claimed its queue back, to be
+/// released again first), and sends nothing once the group confirmed it left.
+#[test]
+fn a_leaving_member_says_goodbye_once_its_pulls_are_answered_and_its_queues_released() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    consumer.leave(now);
+    let requests = |consumer: &mut Consumer| -> Vec<(RequestId, Request)> {
+        std::iter::from_fn(|| consumer.poll_request())
+            .map(|(_, id, r)| (id, r))
+            .collect()
+    };
+    let sent = requests(&mut consumer);
+    let [(release, Request::Release { generation: 5, .. })] = &sent[..] else {
+        panic!("the queue is released: {sent:?}");
+    };
+    let released = || Response::Released { queue: q.clone() };
+    consumer.handle_response(now, *release, released());
+    let sent = requests(&mut consumer);
+    assert!(sent.is_empty(), "the pull is in flight: {sent:?}");
+    // The pull is served: it may have claimed the queue, which is released again.
+    consumer.handle_response(now, pull, pulled_nothing(&q));
+    let sent = requests(&mut consumer);
+    let [(release, Request::Release { .. })] = &sent[..] else {
+        panic!("released again, no goodbye yet: {sent:?}");
+    };
+    consumer.handle_response(now, *release, released());
+    let sent = requests(&mut consumer);
+    let [(leave, Request::Leave { .. })] = &sent[..] else {
+        panic!("the goodbye: {sent:?}");
+    };
+    assert!(!consumer.has_left());
+    consumer.handle_response(now, *leave, Response::Left { group: "g".into() });
+    assert!(consumer.has_left());
+    for ms in 0..=5_000 {
+        consumer.handle_timeout(now + Duration::from_millis(ms));
+    }
+    let sent = requests(&mut consumer);
+    assert!(sent.is_empty(), "nothing once gone: {sent:?}");
+}
+
+/// A `ReconsumeLater` the broker confirms (the message moved to a retry queue) is said as
+/// `Requeued` and not sent again.
+#[test]
+fn a_reconsume_later_the_broker_requeued_is_confirmed_and_not_sent_again() {
+    let requeued = Response::Requeued {
+        to: QueueId::new("%RETRY%g", 0),
+        offset: 0,
+        dead_letter: false,
+    };
+    let (mut consumer, sent) = answer_sent_against(AckStatus::ReconsumeLater, requeued);
+    assert_eq!(sent, 1);
+    assert_eq!(consumer.unconfirmed(), 0);
+    let events: Vec<ConsumerEvent> = std::iter::from_fn(|| consumer.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            ConsumerEvent::Requeued {
+                offset: 3,
+                dead_letter: false,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+}
+
+/// Answers to one broker group bounced with no leader known wait together: one bounced while
+/// the group's answers wait joins that wait without lengthening it, and one bounced just as the
+/// wait ends starts a new, longer one instead of going again at once.
+#[test]
+fn an_answer_bounced_during_its_groups_wait_joins_it_and_one_bounced_as_it_ends_waits_again() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, pull, now) = member_pulling(|_| {});
+    consumer.handle_response(now, pull, pulled_two(&q));
+    let acks = |consumer: &mut Consumer| -> Vec<RequestId> {
+        std::iter::from_fn(|| consumer.poll_request())
+            .filter_map(|(_, id, r)| matches!(r, Request::Ack { .. }).then_some(id))
+            .collect()
+    };
+    // Each answer leaves on its own.
+    let mut sent = Vec::new();
+    while let Some(delivery) = consumer.poll_delivery() {
+        consumer.answer(now, &delivery, AckStatus::Success);
+        sent.extend(acks(&mut consumer));
+    }
+    let [a, b] = sent[..] else {
+        panic!("two acks: {sent:?}");
+    };
+    let bounce = || Response::NotLeader {
+        group: 1,
+        leader_hint: None,
+    };
+    let ms = |ms| now + Duration::from_millis(ms);
+    // A waits 10 ms; B, bounced 5 ms later, waits with it.
+    consumer.handle_response(now, a, bounce());
+    consumer.handle_response(ms(5), b, bounce());
+    let mut again = None;
+    for t in 5..=40 {
+        consumer.handle_timeout(ms(t));
+        let sent = acks(&mut consumer);
+        if !sent.is_empty() {
+            again = Some((t, sent));
+            break;
+        }
+    }
+    let Some((10, sent)) = again else {
+        panic!("both go again after 10 ms: {again:?}");
+    };
+    let [a, b] = sent[..] else {
+        panic!("two acks: {sent:?}");
+    };
+    // A bounces again at once (a wait of 20 ms, to 30 ms); B just as that wait ends.
+    consumer.handle_response(ms(10), a, bounce());
+    consumer.handle_response(ms(30), b, bounce());
+    assert!(
+        acks(&mut consumer).is_empty(),
+        "a bounce as the wait ends waits again"
+    );
+    let mut again = None;
+    for t in 30..=100 {
+        consumer.handle_timeout(ms(t));
+        if !acks(&mut consumer).is_empty() {
+            again = Some(t);
+            break;
+        }
+    }
+    assert_eq!(again, Some(70), "a wait of 40 ms");
+}
+
+/// Answers that wait to go (their broker group's answers bounced with no leader known) are
+/// batched: successes of one queue under one generation in one `Ack`; a `ReconsumeLater`, or
+/// a success of another queue, goes on its own.
+#[test]
+fn answers_waiting_to_go_are_batched_per_queue_and_a_reconsume_later_goes_alone() {
+    let (q0, q1) = (QueueId::new("orders", 0), QueueId::new("orders", 1));
+    let now = Instant::from_micros(1_000_000);
+    let mut consumer = Consumer::new(ConsumerConfig::new("g", "m", "orders", vec![1]), now);
+    let both = vec![(1, q0.clone()), (1, q1.clone())];
+    for (_, id, request) in assigned(&mut consumer, now, 5, both) {
+        let Request::Pull { queue, .. } = request else {
+            panic!("{request:?}");
+        };
+        let response = if queue == q0 {
+            pulled_below_31(&q0, vec![(0, stored(0)), (1, stored(1)), (2, stored(2))])
+        } else {
+            pulled_one(&q1, 7)
+        };
+        consumer.handle_response(now, id, response);
+    }
+    let deliveries: Vec<Delivery> = std::iter::from_fn(|| consumer.poll_delivery()).collect();
+    let [d0, d1, d2, d7] = &deliveries[..] else {
+        panic!("four deliveries: {deliveries:?}");
+    };
+    // The first answer bounces: the group's answers wait 10 ms.
+    consumer.answer(now, d0, AckStatus::Success);
+    let Some((_, ack, _)) = std::iter::from_fn(|| consumer.poll_request())
+        .find(|(_, _, r)| matches!(r, Request::Ack { .. }))
+    else {
+        panic!("the ack leaves");
+    };
+    let bounce = Response::NotLeader {
+        group: 1,
+        leader_hint: None,
+    };
+    consumer.handle_response(now, ack, bounce);
+    consumer.answer(now, d1, AckStatus::Success);
+    consumer.answer(now, d2, AckStatus::ReconsumeLater);
+    consumer.answer(now, d7, AckStatus::Success);
+    consumer.handle_timeout(now + Duration::from_millis(10));
+    let mut answers: Vec<(u32, &str, Vec<u64>)> = sent_requests(&mut consumer)
+        .into_iter()
+        .filter_map(|r| match r {
+            Request::Ack { queue, offsets, .. } => Some((queue.queue, "ack", offsets)),
+            Request::ReconsumeLater { queue, offset, .. } => {
+                Some((queue.queue, "later", vec![offset]))
+            }
+            _ => None,
+        })
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers,
+        [
+            (0, "ack", vec![0, 1]),
+            (0, "later", vec![2]),
+            (1, "ack", vec![7])
+        ]
+    );
+}
+
+/// A rewind with a pull in flight takes effect when that pull is over, and is said then, once.
+#[test]
+fn a_rewind_is_said_once_when_it_takes_effect() {
+    let (mut consumer, pull_in_flight, now) = member_whose_answers_were_refused();
+    let rewound = |consumer: &mut Consumer| {
+        std::iter::from_fn(|| consumer.poll_event())
+            .filter(|e| matches!(e, ConsumerEvent::Rewound { .. }))
+            .count()
+    };
+    assert_eq!(rewound(&mut consumer), 0, "the pull is in flight");
+    let bounced = Response::NotLeader {
+        group: 1,
+        leader_hint: Some(1),
+    };
+    consumer.handle_response(now, pull_in_flight, bounced);
+    assert_eq!(rewound(&mut consumer), 1);
+}
+
+/// A queue a broker revoked is not taken again while the assignment, at the same generation,
+/// still names it, until two heartbeats have passed: then it is (the queue may be free).
+#[test]
+fn a_revoked_queue_still_assigned_is_taken_again_two_heartbeats_later() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, now) = member_whose_pull_was_revoked();
+    let mut pulled_at = Vec::new();
+    for ms in (0..=2_000).step_by(500) {
+        let t = now + Duration::from_millis(ms);
+        for (_, id, request) in assigned(&mut consumer, t, 5, vec![(1, q.clone())]) {
+            match request {
+                Request::Release { .. } => {
+                    consumer.handle_response(t, id, Response::Released { queue: q.clone() });
+                }
+                Request::Pull { .. } => pulled_at.push(ms),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(pulled_at, [2_000]);
+}
+
+/// The member says it rebalanced when the queues it owns change (one given, one taken away),
+/// not when an assignment changes nothing.
+#[test]
+fn a_rebalance_is_said_when_the_owned_queues_change_and_only_then() {
+    let q = QueueId::new("orders", 0);
+    let (mut consumer, _, mut now) = member_pulling(|_| {});
+    // Said since the start: the queue given at generation 5; then the same assignment again,
+    // and one without the queue.
+    let mut said = Vec::new();
+    for (generation, queues) in [(5, vec![(1, q.clone())]), (6, Vec::new())] {
+        now = now + Duration::from_millis(1_000);
+        assigned(&mut consumer, now, generation, queues);
+        said.extend(
+            std::iter::from_fn(|| consumer.poll_event()).filter_map(|e| match e {
+                ConsumerEvent::Rebalanced { generation, owned } => Some((generation, owned.len())),
+                _ => None,
+            }),
+        );
+    }
+    assert_eq!(said, [(5, 1), (6, 0)]);
+}

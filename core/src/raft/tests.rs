@@ -7,6 +7,11 @@
 //! - A snapshot that replaces a conflicting log is durable only once its own write is.
 //! - A pre-vote is granted only for a term above the replica's own.
 //! - A leader commits entries of an earlier term only behind one of its own (figure 8).
+//! - A leader ignores a copy of a rejection below a follower's match, unless the follower says
+//!   its disk was damaged; a rejection's hint skips the leader's entries the follower cannot
+//!   hold; any answer to an Append counts for CheckQuorum.
+//! - A new leader's timers start at its election; a sync notice for a write not handed out yet
+//!   is ignored.
 
 use std::time::Duration;
 
@@ -55,6 +60,12 @@ fn settle(replica: &mut Replica, now: Instant) -> Vec<Message> {
 /// Node 1 of a three-node group, recovered at `term` with entries 1..=last of that term,
 /// `commit` of them committed.
 fn with_log(term: Term, last: Index, commit: Index) -> Replica {
+    with_terms(term, &vec![term; last as usize], commit)
+}
+
+/// Node 1 of a three-node group, recovered at `term` with entries from index 1 of the given
+/// terms, `commit` of them committed.
+fn with_terms(term: Term, terms: &[Term], commit: Index) -> Replica {
     let recovered = Recovered {
         hard_state: HardState {
             term,
@@ -62,7 +73,7 @@ fn with_log(term: Term, last: Index, commit: Index) -> Replica {
             commit,
         },
         snapshot: None,
-        entries: (1..=last).map(|i| entry(i, term)).collect(),
+        entries: (1..).zip(terms).map(|(i, t)| entry(i, *t)).collect(),
     };
     Replica::new(
         Config::new(1, 1, vec![1, 2, 3]),
@@ -74,6 +85,32 @@ fn with_log(term: Term, last: Index, commit: Index) -> Replica {
 
 fn later(seconds: u64) -> Instant {
     Instant::ZERO + Duration::from_secs(seconds)
+}
+
+/// Makes node 1 leader of the next term at `now` (its election timeout has passed) with node
+/// 2's pre-vote and vote; returns what it sends as the new leader.
+fn elect(replica: &mut Replica, now: Instant) -> Vec<Message> {
+    replica.handle_timeout(now);
+    settle(replica, now);
+    let term = replica.status().term + 1;
+    let pre_vote = Message::PreVoteResponse {
+        term,
+        granted: true,
+    };
+    replica.step(now, 2, pre_vote);
+    settle(replica, now);
+    replica.step(
+        now,
+        2,
+        Message::VoteResponse {
+            term,
+            granted: true,
+        },
+    );
+    let sent = settle(replica, now);
+    assert_eq!(replica.status().role, Role::Leader);
+    assert_eq!(replica.status().term, term);
+    sent
 }
 
 fn damage(from: Index) -> Option<Damage> {
@@ -425,24 +462,7 @@ fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
     };
     let mut replica = Replica::new(config, recovered, 7, Instant::ZERO);
     let now = later(1);
-    replica.handle_timeout(now);
-    settle(&mut replica, now);
-    let pre_vote = Message::PreVoteResponse {
-        term: 2,
-        granted: true,
-    };
-    replica.step(now, 2, pre_vote);
-    settle(&mut replica, now);
-    replica.step(
-        now,
-        2,
-        Message::VoteResponse {
-            term: 2,
-            granted: true,
-        },
-    );
-    settle(&mut replica, now);
-    assert_eq!(replica.status().role, Role::Leader);
+    elect(&mut replica, now);
     let rejected = Message::AppendResponse {
         term: 2,
         result: AppendResult::Rejected {
@@ -614,27 +634,7 @@ fn the_counters_name_the_paths_a_replica_took() {
     assert_eq!(replica.counters(), RaftCounters::default());
     // An election timeout starts a PreVote round; a granted pre-vote, a real campaign; a
     // granted vote, leadership.
-    replica.handle_timeout(later(1));
-    settle(&mut replica, later(1));
-    replica.step(
-        later(1),
-        2,
-        Message::PreVoteResponse {
-            term: 2,
-            granted: true,
-        },
-    );
-    settle(&mut replica, later(1));
-    replica.step(
-        later(1),
-        2,
-        Message::VoteResponse {
-            term: 2,
-            granted: true,
-        },
-    );
-    settle(&mut replica, later(1));
-    assert_eq!(replica.status().role, Role::Leader);
+    elect(&mut replica, later(1));
     let c = replica.counters();
     assert_eq!(
         (c.pre_vote_campaigns, c.campaigns, c.elections_won),
@@ -742,27 +742,7 @@ fn a_pre_vote_for_a_term_not_above_ours_is_refused() {
 fn a_leader_commits_an_earlier_terms_entries_only_behind_one_of_its_own() {
     let mut replica = with_log(2, 5, 3);
     let now = later(1);
-    replica.handle_timeout(now);
-    settle(&mut replica, now);
-    replica.step(
-        now,
-        2,
-        Message::PreVoteResponse {
-            term: 3,
-            granted: true,
-        },
-    );
-    settle(&mut replica, now);
-    replica.step(
-        now,
-        2,
-        Message::VoteResponse {
-            term: 3,
-            granted: true,
-        },
-    );
-    settle(&mut replica, now);
-    assert_eq!(replica.status().role, Role::Leader);
+    elect(&mut replica, now);
     assert_eq!(replica.status().term, 3);
     let accepted = |match_index| Message::AppendResponse {
         term: 3,
@@ -781,4 +761,207 @@ fn a_leader_commits_an_earlier_terms_entries_only_behind_one_of_its_own() {
     replica.step(now, 2, accepted(6));
     settle(&mut replica, now);
     assert_eq!(replica.status().commit_index, 6);
+}
+
+fn answer(term: Term, result: AppendResult) -> Message {
+    Message::AppendResponse { term, result }
+}
+
+fn rejection(rejected_index: Index, hint_index: Index, hint_term: Term) -> AppendResult {
+    AppendResult::Rejected {
+        rejected_index,
+        hint_index,
+        hint_term,
+    }
+}
+
+/// The Appends in `sent` as (prev_index, last index sent).
+fn appends(sent: &[Message]) -> Vec<(Index, Index)> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::Append {
+                prev_index,
+                entries,
+                ..
+            } => Some((*prev_index, entries.last().map_or(*prev_index, |e| e.index))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Found by mutation testing (`recent_active = !progress.votes_lost` on a rejection with its
+/// `!` deleted; the node tests catch the same on an acknowledgement): a follower that answers
+/// the leader's Appends, and no heartbeat, has been heard from, and with the leader it is a
+/// quorum that keeps the leader in CheckQuorum, whether it accepts or refuses them.
+#[test]
+fn check_quorum_counts_a_follower_heard_only_through_its_answers_to_appends() {
+    let mut leader = with_log(2, 5, 5);
+    let start = later(1);
+    elect(&mut leader, start);
+    let last = leader.status().last_index;
+    let accepted = AppendResult::Accepted { match_index: last };
+    // A late copy of a rejection from before it caught up: stale, yet an answer.
+    let rejected = rejection(1, 1, 2);
+    let mut at = start;
+    for (result, what) in [(accepted, "acknowledgements"), (rejected, "rejections")] {
+        for _ in 0..20 {
+            at = at + Duration::from_millis(50);
+            leader.step(at, 2, answer(3, result));
+            leader.handle_timeout(at);
+            settle(&mut leader, at);
+        }
+        assert_eq!(leader.status().role, Role::Leader, "{what}");
+    }
+}
+
+/// Found by mutation testing (the staleness test's `!(damaged && ..)` as `(damaged && ..)` or
+/// `!(damaged || ..)`): a copy of an old rejection, delivered after the follower acknowledged
+/// more, neither lowers its match nor sends again what it holds.
+#[test]
+fn a_late_copy_of_a_rejection_below_the_followers_match_is_ignored() {
+    let mut leader = with_log(2, 5, 5);
+    let now = later(1);
+    assert_eq!(appends(&elect(&mut leader, now)), vec![(5, 6), (5, 6)]);
+    // Node 2 holds 1..=4 only: it refuses the probe, and takes 5 and 6 after 4.
+    let rejected = rejection(5, 4, 2);
+    leader.step(now, 2, answer(3, rejected));
+    assert_eq!(appends(&settle(&mut leader, now)), vec![(4, 6)]);
+    leader.step(now, 2, answer(3, AppendResult::Accepted { match_index: 6 }));
+    assert_eq!(
+        appends(&settle(&mut leader, now)),
+        vec![],
+        "nothing more to send"
+    );
+    assert_eq!(leader.status().commit_index, 6);
+    // The network delivers the rejection again.
+    leader.step(now, 2, answer(3, rejected));
+    assert_eq!(appends(&settle(&mut leader, now)), vec![]);
+    // Node 2 is still known to hold 6: the next entry goes out alone.
+    assert!(
+        leader
+            .propose(now, 1, vec![Bytes::from_static(b"c")])
+            .is_ok()
+    );
+    let sent = settle(&mut leader, now);
+    assert!(appends(&sent).contains(&(6, 7)), "{sent:?}");
+    assert!(
+        !appends(&sent).iter().any(|&(prev, _)| prev < 6),
+        "{sent:?}"
+    );
+}
+
+/// Found by mutation testing (`rejected_index <= match_index` as `>` in the damaged case): a
+/// follower whose damaged disk lost entries it acknowledged says so, and the leader believes
+/// it: it sends them again from where the follower's valid log ends.
+#[test]
+fn a_damaged_followers_rejection_below_its_match_is_believed() {
+    let mut leader = with_log(2, 5, 5);
+    let now = later(1);
+    elect(&mut leader, now);
+    leader.step(now, 2, answer(3, AppendResult::Accepted { match_index: 6 }));
+    settle(&mut leader, now);
+    assert_eq!(leader.status().commit_index, 6);
+    // Node 2 restarts with only 1..=3 valid and answers a heartbeat committing 6.
+    let damaged = AppendResult::RejectedDamaged {
+        rejected_index: 6,
+        hint_index: 3,
+        hint_term: 2,
+    };
+    leader.step(now, 2, answer(3, damaged));
+    assert_eq!(appends(&settle(&mut leader, now)), vec![(3, 6)]);
+}
+
+/// Found by mutation testing (`probe.min(rejected_index) + 1` as `* 1`: the probe starts one
+/// entry lower, sending again one the follower holds; also `hint_term > 0` as `==` or `<`,
+/// which hang the simulation): a rejection that names the follower's term at its hint lets the
+/// leader skip, in one round, its own entries of terms above that one, which the follower
+/// cannot hold, and the next probe starts just past the last entry that can match.
+#[test]
+fn a_rejection_skips_the_leaders_entries_of_terms_above_the_followers() {
+    // Entries 1..=3 of term 1 and 4..=5 of term 2; the new leader adds 6 of term 3.
+    let mut leader = with_terms(2, &[1, 1, 1, 2, 2], 3);
+    let now = later(1);
+    assert_eq!(appends(&elect(&mut leader, now)), vec![(5, 6), (5, 6)]);
+    // Node 2 holds 1..=5 all of term 1: its entry 5 is of term 1, not 2.
+    let rejected = rejection(5, 5, 1);
+    leader.step(now, 2, answer(3, rejected));
+    assert_eq!(
+        appends(&settle(&mut leader, now)),
+        vec![(3, 6)],
+        "the leader's entries of term 2 cannot match the follower's"
+    );
+}
+
+/// Found by mutation testing (`persisted`'s guard `id > writes_issued` with `&&` for `||`, or
+/// `<` for `>`): a sync notice for a write not yet handed out makes nothing durable, and lets
+/// no answer go that waits for the writes before it.
+#[test]
+fn a_sync_notice_for_a_write_not_handed_out_yet_is_ignored() {
+    let mut follower = with_log(2, 5, 5);
+    let now = later(1);
+    follower.step(now, 2, append(2, 5, 2, vec![entry(6, 2), entry(7, 2)], 5));
+    let write = follower.poll_write().expect("the new entries are written");
+    assert_eq!(follower.status().durable_index, 5);
+    follower.persisted(now, write.id + 1);
+    assert_eq!(follower.status().durable_index, 5);
+    assert!(
+        follower.poll_message().is_none(),
+        "acknowledged before it is durable"
+    );
+    follower.persisted(now, write.id);
+    assert_eq!(follower.status().durable_index, 7);
+    assert!(matches!(
+        follower.poll_message().map(|e| e.message),
+        Some(Message::AppendResponse {
+            result: AppendResult::Accepted { match_index: 7 },
+            ..
+        })
+    ));
+}
+
+/// Found by mutation testing (`become_leader`'s `now + ..` as `now - ..`): a new leader's
+/// first heartbeat is due a heartbeat interval after its election (its first Appends have just
+/// gone out), and its first CheckQuorum round an election timeout after it, so that followers
+/// that never answer depose it two minimum election timeouts after its election, not before.
+#[test]
+fn a_new_leaders_timers_start_at_its_election() {
+    let mut leader = with_log(2, 5, 5);
+    let start = later(1);
+    elect(&mut leader, start);
+    let config = leader.config().clone();
+    assert_eq!(leader.poll_timeout(), start + config.heartbeat_interval);
+    let deposed_at = start + config.election_timeout_min * 2;
+    let mut at = start;
+    while at < deposed_at {
+        assert_eq!(leader.status().role, Role::Leader, "at {at}");
+        at = at + config.heartbeat_interval;
+        leader.handle_timeout(at);
+        settle(&mut leader, at);
+    }
+    assert_eq!(leader.status().role, Role::Follower);
+}
+
+/// Found by mutation testing (`persisted`'s `self.role == Role::Leader` as `!=`): a leader
+/// counts its own copy of an entry once its write is synced, so an entry the followers
+/// acknowledged before the leader's own sync commits at that sync, without waiting for another
+/// answer (an idle leader gets none).
+#[test]
+fn a_leader_commits_when_its_own_write_syncs_after_a_followers_acknowledgement() {
+    let mut leader = with_log(2, 5, 5);
+    let now = later(1);
+    elect(&mut leader, now);
+    assert!(
+        leader
+            .propose(now, 1, vec![Bytes::from_static(b"c")])
+            .is_ok()
+    );
+    let write = leader.poll_write().expect("the proposal is written");
+    leader.step(now, 2, answer(3, AppendResult::Accepted { match_index: 7 }));
+    assert_eq!(
+        leader.status().commit_index,
+        6,
+        "entry 7 is on one disk of three"
+    );
+    leader.persisted(now, write.id);
+    assert_eq!(leader.status().commit_index, 7);
 }

@@ -1971,6 +1971,23 @@ impl BrokerNode {
     }
 
     /// Whether the topic table places `queue`, so counting its topic stays within `TOPICS_MAX`.
+    /// Whether a claim of `queue` in broker group `group` can be granted as far as this node
+    /// knows: the group holds the queue, the topic table places it there (the claim's entry
+    /// then follows its creation), or it is a retry queue (created by its first message).
+    fn claimable(&self, group: GroupId, queue: &QueueId) -> bool {
+        if queue.is_retry() {
+            return true;
+        }
+        let held = matches!(
+            self.groups.get(&group).map(|g| &g.machine),
+            Some(Machine::Broker(state)) if state.queue_len(queue).is_some()
+        );
+        held || matches!(
+            self.groups.get(&METADATA_GROUP).map(|g| &g.machine),
+            Some(Machine::Meta(meta)) if meta.group_of(queue) == Some(group)
+        )
+    }
+
     fn queue_known(&self, queue: &QueueId) -> bool {
         matches!(
             self.groups.get(&METADATA_GROUP).map(|g| &g.machine),
@@ -2255,6 +2272,17 @@ impl BrokerNode {
                     return;
                 }
                 PullVerdict::Claim { takeover } => {
+                    if !self.claimable(group, queue) {
+                        // This node's topic table lacks the queue's topic yet: a follower of
+                        // the metadata group learns a commit with its leader's next
+                        // heartbeat, and a consumer may hear of a new topic first. A claim
+                        // now would be refused as for an unknown queue and hold the pull for
+                        // CLAIM_RECHECK (500 ms of end-to-end latency on every new topic's
+                        // first messages); look again soon instead, proposing nothing.
+                        let wake_at = now + LEASE_RECHECK;
+                        self.park_for_lease(now, client, id, group, request, wake_at);
+                        return;
+                    }
                     let claim = claim_command(&ask, takeover);
                     let wake_at = now + CLAIM_RECHECK;
                     if !self.lease_clocks.claim_in_flight(&ask, now) {

@@ -48,6 +48,16 @@ const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 const CLAIM_WAIT_MS: u64 = 1_000;
 /// A parked claim looks again after this long, in case its entry was lost.
 const CLAIM_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long the metadata leader looks out for followers to tell of a topic-table change;
+/// after it, the ordinary heartbeats tell them (see `BrokerNode::tell_table_change`).
+const TABLE_NOTICE_MS: u64 = 100;
+
+/// A topic-table change the metadata leader announces: the entry, the followers told.
+struct TableNotice {
+    index: Index,
+    told: BTreeSet<NodeId>,
+    until: Instant,
+}
 
 /// Why a node cannot go on (polled with [`BrokerNode::poll_fault`]): the driver stops it, as
 /// going on would apply or answer from state that is known to be wrong.
@@ -529,6 +539,9 @@ pub struct BrokerNode {
     new_groups: VecDeque<(GroupId, Vec<NodeId>)>,
     /// The metadata table's broker groups may list one this node should host and does not.
     added_groups_stale: bool,
+    /// On the metadata leader, for a short while after the topic table changed: the
+    /// followers told of the change so far (see `tell_table_change`).
+    table_notice: Option<TableNotice>,
     /// Seeds the replicas of broker groups added at runtime.
     seed: u64,
 }
@@ -599,6 +612,7 @@ impl BrokerNode {
             dormant: recovered,
             new_groups: VecDeque::new(),
             added_groups_stale: true,
+            table_notice: None,
             seed,
         };
         node.settle(now);
@@ -2765,6 +2779,7 @@ impl BrokerNode {
                 group.placement_stale = true;
             }
         }
+        self.tell_table_change(now, table_changed);
         for (group_id, group) in &self.groups {
             if *group_id == METADATA_GROUP {
                 continue;
@@ -2781,6 +2796,53 @@ impl BrokerNode {
             }
         }
         self.retry_parked(now, &woken);
+    }
+
+    /// The creator of a topic is answered once the change commits, and its producers and
+    /// consumers go straight to broker leaders that may be followers of the topic table. A
+    /// follower learns a commit with the leader's next heartbeat, up to its interval later,
+    /// and only once it holds the entry; until then it refused the sends (each waited out the
+    /// producer's 100 ms back-off: `bench`'s send p999 on every new topic) and held the pulls.
+    /// So the metadata leader announces the commit to each follower as soon as that follower
+    /// holds the change, for [`TABLE_NOTICE_MS`] after it.
+    fn tell_table_change(&mut self, now: Instant, changed: bool) {
+        if !changed && self.table_notice.is_none() {
+            return;
+        }
+        let me = self.config.id;
+        let Some(meta) = self.groups.get_mut(&METADATA_GROUP) else {
+            return;
+        };
+        let status = meta.raft.status();
+        if status.role != Role::Leader {
+            self.table_notice = None;
+            return;
+        }
+        if changed {
+            self.table_notice = Some(TableNotice {
+                index: status.commit_index,
+                told: BTreeSet::new(),
+                until: now + std::time::Duration::from_millis(TABLE_NOTICE_MS),
+            });
+        }
+        let Some(notice) = &mut self.table_notice else {
+            return;
+        };
+        if now >= notice.until {
+            self.table_notice = None;
+            return;
+        }
+        let holding: Vec<NodeId> = meta
+            .raft
+            .progress_matches()
+            .into_iter()
+            .filter(|(id, index)| *id != me && *index >= notice.index && !notice.told.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        if !holding.is_empty() {
+            meta.raft.announce_commit(now);
+            notice.told.extend(holding);
+        }
     }
 
     /// A request may reach a group's leader before it has created a queue the topic table

@@ -953,6 +953,19 @@ impl Replica {
         Ok(())
     }
 
+    /// On a leader, a heartbeat round out of turn: every follower learns the commit index
+    /// now rather than at the next heartbeat, up to `heartbeat_interval` later. For a commit
+    /// the followers' state machines must act on promptly (a new topic, which clients are
+    /// told of at once and take to broker leaders elsewhere). The next round is due a whole
+    /// interval after this one, so rounds are no more frequent than these calls make them.
+    pub fn announce_commit(&mut self, now: Instant) {
+        if self.role != Role::Leader {
+            return;
+        }
+        self.heartbeat_deadline = now + self.config.heartbeat_interval;
+        self.broadcast_heartbeat(now);
+    }
+
     /// The node a leadership transfer is under way to, on a leader.
     pub fn transferring_to(&self) -> Option<NodeId> {
         self.transfer.as_ref().map(|t| t.to)

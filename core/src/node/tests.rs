@@ -1177,10 +1177,7 @@ fn in_tenure(mut request: Request, number: u64) -> Request {
 /// served as soon as the node knows the topic and the message is there.
 #[test]
 fn a_pull_that_reaches_a_node_before_its_topic_does_is_served_once_the_topic_arrives() {
-    let mut cluster = Cluster::new(3, 1);
-    cluster.settle_leaders(&[METADATA_GROUP, 1]);
-    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
-    let broker = leader_apart_from(&mut cluster, 1, meta);
+    let (mut cluster, meta, broker) = leaders_apart();
     cluster.hold = Some((METADATA_GROUP, broker));
     let create = Request::CreateTopic {
         topic: "orders".into(),
@@ -1230,10 +1227,7 @@ fn a_pull_that_reaches_a_node_before_its_topic_does_is_served_once_the_topic_arr
 /// then waited 100 ms: `bench`'s send p999 on every new topic).
 #[test]
 fn a_new_topic_reaches_the_topic_tables_followers_before_the_next_heartbeat() {
-    let mut cluster = Cluster::new(3, 1);
-    cluster.settle_leaders(&[METADATA_GROUP, 1]);
-    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
-    let broker = leader_apart_from(&mut cluster, 1, meta);
+    let (mut cluster, meta, broker) = leaders_apart();
     // The creation and the send take less than a heartbeat interval: without the notice,
     // the follower may not know the topic yet (in this cluster's schedule it does not).
     let interval = cluster.nodes[&meta]
@@ -1263,6 +1257,16 @@ fn a_new_topic_reaches_the_topic_tables_followers_before_the_next_heartbeat() {
     };
     let answer = cluster.ask(broker, send);
     assert!(matches!(answer, Response::Sent { .. }), "{answer:?}");
+}
+
+/// Three nodes, one broker group, no topic; the metadata leader, and broker group 1's leader
+/// on another node.
+fn leaders_apart() -> (Cluster, NodeId, NodeId) {
+    let mut cluster = Cluster::new(3, 1);
+    cluster.settle_leaders(&[METADATA_GROUP, 1]);
+    let meta = cluster.leader(METADATA_GROUP).unwrap_or(1);
+    let broker = leader_apart_from(&mut cluster, 1, meta);
+    (cluster, meta, broker)
 }
 
 /// Makes the leader of `group` a node other than `apart_from` (by a transfer if need be),

@@ -1011,7 +1011,6 @@ impl Cluster {
     }
 }
 
-/// A pull, ack or release of "orders"/0 in group "billing" by `member` at `generation`.
 /// Producer 1 sends "x" to `orders/0` of broker group 1, and it is stored.
 fn send_x_to_orders_0(cluster: &mut Cluster, leader: NodeId) {
     let send = Request::Send {
@@ -1024,6 +1023,7 @@ fn send_x_to_orders_0(cluster: &mut Cluster, leader: NodeId) {
     assert!(matches!(cluster.ask(leader, send), Response::Sent { .. }));
 }
 
+/// A pull, ack or release of "orders"/0 in group "billing" by `member` at `generation`.
 fn lease_request(kind: &str, member: &str, generation: u64) -> Request {
     let (broker, group, member, queue) = (
         1,
@@ -1248,15 +1248,7 @@ fn a_new_topic_reaches_the_topic_tables_followers_before_the_next_heartbeat() {
         cluster.now.saturating_since(asked_at) < interval,
         "the creation took a heartbeat interval"
     );
-    let send = Request::Send {
-        broker: 1,
-        queue: QueueId::new("orders", 0),
-        producer_id: 1,
-        first_seq: 0,
-        messages: batch(&["x"]),
-    };
-    let answer = cluster.ask(broker, send);
-    assert!(matches!(answer, Response::Sent { .. }), "{answer:?}");
+    send_x_to_orders_0(&mut cluster, broker);
 }
 
 /// Three nodes, one broker group, no topic; the metadata leader, and broker group 1's leader

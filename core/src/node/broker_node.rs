@@ -1984,7 +1984,6 @@ impl BrokerNode {
         }
     }
 
-    /// Whether the topic table places `queue`, so counting its topic stays within `TOPICS_MAX`.
     /// Whether a claim of `queue` in broker group `group` can be granted as far as this node
     /// knows: the group holds the queue, the topic table places it there (the claim's entry
     /// then follows its creation), or it is a retry queue (created by its first message).
@@ -2002,6 +2001,7 @@ impl BrokerNode {
         )
     }
 
+    /// Whether the topic table places `queue`, so counting its topic stays within `TOPICS_MAX`.
     fn queue_known(&self, queue: &QueueId) -> bool {
         matches!(
             self.groups.get(&METADATA_GROUP).map(|g| &g.machine),

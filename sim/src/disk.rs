@@ -96,6 +96,12 @@ pub struct Disk {
     /// torn write missed may already hold the values it would have written (the slot's
     /// checksum ends it), so the slot can read back whole: see [`Disk::recover`].
     unconfirmed: BTreeMap<u64, HardState>,
+    /// A torn write that replaces the log's tail lowered the synced record to this index and
+    /// the crash came before it cut anything: the old entries above it are being replaced and
+    /// no longer protected, so recovery may keep them, or drop them from any one on (a latent
+    /// bit flip in one reads as a torn tail then). Safe: the replica took the write from a
+    /// leader whose log differs there, so none of them is committed.
+    cut_begun: Option<Index>,
 }
 
 impl Default for Disk {
@@ -120,6 +126,7 @@ impl Default for Disk {
             ever: BTreeSet::new(),
             votes_ever: BTreeSet::new(),
             unconfirmed: BTreeMap::new(),
+            cut_begun: None,
         }
     }
 }
@@ -316,6 +323,10 @@ impl Disk {
     ) -> Result<(), Violation> {
         if !write.discard_log {
             self.lower_synced_record(&write);
+            let floor = cut_floor(&write);
+            if floor < self.last_index() {
+                self.cut_begun = Some(floor);
+            }
         }
         if write.discard_log && Canary::DiscardBeforeSnapshot.planted(canary) {
             // The planted bug: the old log goes first, so the crash can come before the
@@ -364,6 +375,7 @@ impl Disk {
             return Ok(());
         };
         self.cut(write.id, first.index)?;
+        self.cut_begun = None;
         let mut bytes = Vec::new();
         let mut ends = Vec::with_capacity(write.entries.len());
         for entry in &write.entries {
@@ -843,8 +855,11 @@ impl Disk {
             entries.iter().map(|e| (e.index, e.term)).collect()
         };
         let (recovered_ids, durable_ids) = (ids(&entries), ids(&self.log));
+        let cut_begun = self.cut_begun.take().is_some_and(|floor| {
+            snapshot == self.snapshot && durable_ids.starts_with(&recovered_ids) && last >= floor
+        });
         match self.damage {
-            None if recovered_ids != durable_ids => problems.push(format!(
+            None if recovered_ids != durable_ids && !cut_begun => problems.push(format!(
                 "recovered {} entries after the snapshot at {snapshot_index} (last {:?}) as \
                  undamaged, but {} entries (last {:?}) were durable: a durable entry was lost or \
                  changed without marking the replica damaged",

@@ -323,8 +323,16 @@ impl Disk {
     ) -> Result<(), Violation> {
         if !write.discard_log {
             self.lower_synced_record(&write);
+            // Only a genuine conflict: the new entry at the cut has another term than the old
+            // one, so by log matching no old entry from there on is in the writing leader's
+            // log, and none is committed. (A write that rewrote entries it already holds would
+            // get no such allowance.)
             let floor = cut_floor(&write);
-            if floor < self.last_index() {
+            let conflicts = write
+                .entries
+                .first()
+                .is_some_and(|first| self.term_at(first.index).is_some_and(|t| t != first.term));
+            if floor < self.last_index() && conflicts {
                 self.cut_begun = Some(floor);
             }
         }

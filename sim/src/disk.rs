@@ -327,13 +327,10 @@ impl Disk {
             // one, so by log matching no old entry from there on is in the writing leader's
             // log, and none is committed. (A write that rewrote entries it already holds would
             // get no such allowance.)
-            let floor = cut_floor(&write);
-            let conflicts = write
-                .entries
-                .first()
-                .is_some_and(|first| self.term_at(first.index).is_some_and(|t| t != first.term));
-            if floor < self.last_index() && conflicts {
-                self.cut_begun = Some(floor);
+            if let Some(first) = write.entries.first()
+                && self.term_at(first.index).is_some_and(|t| t != first.term)
+            {
+                self.cut_begun = Some(cut_floor(&write));
             }
         }
         if write.discard_log && Canary::DiscardBeforeSnapshot.planted(canary) {

@@ -188,6 +188,7 @@ impl GroupStore {
             fsyncs,
             failed: None,
             buffers: SpareBuffers::default(),
+            remover: None,
             #[cfg(test)]
             crash_after_steps: None,
             #[cfg(test)]

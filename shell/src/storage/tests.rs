@@ -947,6 +947,87 @@ fn compaction_survives_a_crash_at_every_step() {
 }
 
 #[test]
+fn compacted_files_go_to_the_remover_and_a_crash_before_their_removal_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, log) = thirty(dir.path(), &tiny());
+    let (remover, unneeded) = mpsc::channel();
+    store.remove_unneeded_with(remover);
+    let segments_before = segment_files(dir.path());
+    store
+        .write(&full_write(
+            100,
+            Some(hs(2, Some(1), 20)),
+            Some(snap(20, 2)),
+            false,
+            vec![cmd(31, 2, "31")],
+        ))
+        .expect("write");
+    store.sync().expect("sync");
+    store
+        .write(&full_write(101, None, Some(snap(28, 2)), false, vec![]))
+        .expect("write");
+    store.sync().expect("sync");
+    // The sync left the removal to the remover: every file sent is still there, and they are
+    // exactly the segments the snapshot holds entirely and the older snapshot.
+    let sent: Vec<PathBuf> = unneeded.try_iter().collect();
+    assert!(sent.iter().all(|path| path.exists()), "{sent:?}");
+    let mut expected: Vec<PathBuf> = segments_before
+        .iter()
+        .zip(segments_before.iter().skip(1))
+        .filter(|(_, next)| next.0 <= 29)
+        .map(|(segment, _)| segment.1.clone())
+        .collect();
+    expected.push(snapshot_files(dir.path())[0].1.clone());
+    let (mut sent_sorted, mut expected_sorted) = (sent.clone(), expected);
+    sent_sorted.sort();
+    expected_sorted.sort();
+    assert_eq!(sent_sorted, expected_sorted);
+    assert!(sent.len() >= 3, "{sent:?}");
+
+    // A crash before the remover ran: recovery takes the newest snapshot, skips and removes
+    // the compacted segments, and recovers what the finished compaction would have left.
+    drop(store);
+    let (_, recovered) = GroupStore::open(dir.path(), 1, &tiny()).expect("reopen");
+    assert_eq!(recovered.snapshot, Some(snap(28, 2)));
+    let mut kept = log[28..].to_vec();
+    kept.push(cmd(31, 2, "31"));
+    assert_eq!(recovered.entries, kept);
+    // Recovery keeps the segment holding the snapshot's own entry; the ones below it are gone.
+    let segments = segment_files(dir.path());
+    assert_eq!(
+        segments.iter().filter(|s| s.0 <= 28).count(),
+        1,
+        "{segments:?}"
+    );
+}
+
+#[test]
+fn the_storage_thread_removes_compacted_files_beside_its_syncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = thirty(dir.path(), &tiny());
+    let segments_before = segment_files(dir.path()).len();
+    let (thread, _wakeups) = spawn_gated(BTreeMap::from([(1, store)]), Gate::new(true));
+    thread.submit(
+        1,
+        full_write(
+            100,
+            Some(hs(2, Some(1), 28)),
+            Some(snap(28, 2)),
+            false,
+            vec![],
+        ),
+    );
+    thread.shutdown();
+    // Shutting down waits for the remover too: the compacted segments are gone.
+    let segments = segment_files(dir.path());
+    assert!(segments.len() < segments_before, "{segments:?}");
+    assert!(segments[0].0 <= 29 && segments.get(1).is_none_or(|s| s.0 > 29));
+    let (_, recovered) = GroupStore::open(dir.path(), 1, &tiny()).expect("reopen");
+    assert_eq!(recovered.snapshot, Some(snap(28, 2)));
+    assert_eq!(recovered.entries.len(), 2);
+}
+
+#[test]
 fn an_installed_snapshot_discards_the_log_safely_at_every_step() {
     let (_, log) = thirty(tempfile::tempdir().expect("tempdir").path(), &tiny());
     let new_entries = vec![noop(26, 3), cmd(27, 3, "27")];

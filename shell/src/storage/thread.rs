@@ -14,6 +14,7 @@
 //! last batch before a crash that came within the delay.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use holdfast_core::raft::{GroupId, Write, WriteId};
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{GroupStore, StorageError};
 
@@ -63,6 +64,10 @@ pub struct StorageThread {
     stores: Sender<(GroupId, GroupStore)>,
     shared: Arc<Shared>,
     handle: Option<JoinHandle<()>>,
+    /// Files the groups' logs no longer need, for the remover thread; `None` when it could
+    /// not start (the stores then remove them in their syncs).
+    remover: Option<Sender<PathBuf>>,
+    remover_handle: Option<JoinHandle<()>>,
 }
 
 impl StorageThread {
@@ -77,10 +82,19 @@ impl StorageThread {
 
     /// [`StorageThread::spawn`], recording each sync's latency, entries and bytes in `metrics`.
     pub fn spawn_measured(
-        stores: BTreeMap<GroupId, GroupStore>,
+        mut stores: BTreeMap<GroupId, GroupStore>,
         notify: Box<dyn Fn() + Send>,
         metrics: Option<crate::metrics::ShellMetrics>,
     ) -> StorageThread {
+        let (remover, remover_handle) = match spawn_remover() {
+            Some((remover, handle)) => (Some(remover), Some(handle)),
+            None => (None, None),
+        };
+        if let Some(remover) = &remover {
+            for store in stores.values_mut() {
+                store.remove_unneeded_with(remover.clone());
+            }
+        }
         let (sender, receiver) = mpsc::channel();
         let (stores_sender, stores_receiver) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -112,11 +126,16 @@ impl StorageThread {
             stores: stores_sender,
             shared,
             handle,
+            remover,
+            remover_handle,
         }
     }
 
     /// Hands the thread the store of a group created at runtime; submit its writes after.
-    pub fn add_store(&self, group: GroupId, store: GroupStore) {
+    pub fn add_store(&self, group: GroupId, mut store: GroupStore) {
+        if let Some(remover) = &self.remover {
+            store.remove_unneeded_with(remover.clone());
+        }
         if self.stores.send((group, store)).is_err() {
             self.shared
                 .report(vec![Err((group, StorageError::ThreadGone))]);
@@ -160,6 +179,8 @@ impl StorageThread {
             sender,
             stores,
             handle,
+            remover,
+            remover_handle,
             ..
         } = self;
         // The thread sees the channel close only after it has drained every queued write.
@@ -167,6 +188,41 @@ impl StorageThread {
         drop(stores);
         if let Some(Err(_)) = handle.map(JoinHandle::join) {
             error!("the storage thread panicked");
+        }
+        // The stores, and their senders, went with the storage thread: the remover ends once
+        // it has removed what they sent.
+        drop(remover);
+        if let Some(Err(_)) = remover_handle.map(JoinHandle::join) {
+            error!("the file remover thread panicked");
+        }
+    }
+}
+
+/// Starts the thread that removes files the groups' logs no longer need: compacted segments
+/// and older snapshots. Their removal is never waited for: recovery skips and removes segments
+/// the newest snapshot holds entirely, and the next snapshot removes every older one, so a
+/// crash (or a failed unlink) leaves only disk space to reclaim later.
+fn spawn_remover() -> Option<(Sender<PathBuf>, JoinHandle<()>)> {
+    let (remover, unneeded) = mpsc::channel::<PathBuf>();
+    let spawned = std::thread::Builder::new()
+        .name("holdfast-remover".to_string())
+        .spawn(move || {
+            for path in unneeded {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!(
+                        path = %path.display(),
+                        "cannot remove a file the log no longer needs ({e}); the next start (a segment) or snapshot (an older snapshot) removes it"
+                    ),
+                }
+            }
+        });
+    match spawned {
+        Ok(handle) => Some((remover, handle)),
+        Err(e) => {
+            error!("cannot start the file remover thread ({e}); files are removed in syncs");
+            None
         }
     }
 }

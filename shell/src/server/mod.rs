@@ -1,5 +1,5 @@
-//! The server: one mio event loop around one `BrokerNode`, a storage thread that writes and
-//! syncs in batches, links to every peer, and client connections.
+//! The server: one mio event loop around one `BrokerNode`, a storage thread per group that
+//! writes and syncs in batches, links to every peer, and client connections.
 //!
 //! Peers and clients have listeners of their own. On the peer port a connection must complete
 //! mutual TLS with a certificate of the cluster CA naming the node its Hello claims; on the
@@ -12,8 +12,8 @@
 //! authenticated, at most `REQUESTS_PENDING_PER_CONNECTION_MAX` requests unanswered (reading
 //! stops meanwhile, and while much output waits), and bounded buffers each way.
 //!
-//! The loop never waits on disk: writes go to the storage thread, and the node learns they are
-//! durable when the thread wakes the loop. Nor on encoding a snapshot of a large state: a
+//! The loop never waits on disk: writes go to the group's storage thread, and the node learns
+//! they are durable when the thread wakes the loop. Nor on encoding a snapshot of a large state: a
 //! snapshot thread does that. A storage error stops the server: an fsync that
 //! failed is never taken for a success.
 

@@ -534,7 +534,9 @@ fn thread_batches_many_writes_into_few_syncs() {
     let writes = 2 * writes_per_group;
     let syncs = thread.syncs();
     assert!(syncs * 10 < writes, "{syncs} syncs for {writes} writes");
-    assert!(thread.batches() <= 3, "{} batches", thread.batches());
+    // Each group's thread: its first write, perhaps a few more before the gate held the
+    // report, then everything else at once.
+    assert!(thread.batches() <= 6, "{} batches", thread.batches());
     thread.shutdown();
 
     for group in [1, 2] {

@@ -566,6 +566,28 @@ fn shutdown_finishes_submitted_writes() {
 }
 
 #[test]
+fn a_store_handed_over_again_takes_over_once_the_first_has_finished_its_queue() {
+    let (first_dir, second_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (first, _) = open(first_dir.path(), 1).expect("open");
+    let (thread, _wakeups) = spawn_gated(BTreeMap::from([(1, first)]), Gate::new(true));
+    for i in 1..=200 {
+        let state = (i == 1).then(|| hs(1, None, 0));
+        thread.submit(1, write(i, state, vec![noop(i, 1)]));
+    }
+    let (second, _) = open(second_dir.path(), 1).expect("open");
+    thread.add_store(1, second);
+    thread.submit(1, write(1, Some(hs(1, None, 0)), vec![noop(1, 1)]));
+    thread.shutdown();
+    let (_, recovered) = open(first_dir.path(), 1).expect("reopen");
+    assert_eq!(recovered.entries.len(), 200);
+    let (_, recovered) = open(second_dir.path(), 1).expect("reopen");
+    assert_eq!(recovered.entries, vec![noop(1, 1)]);
+}
+
+#[test]
 fn thread_reports_a_hole_once_and_nothing_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut stores = BTreeMap::new();

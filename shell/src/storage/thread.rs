@@ -147,6 +147,24 @@ impl StorageThread {
         if let Some(remover) = &self.remover {
             store.remove_unneeded_with(remover.clone());
         }
+        // Never two threads on one group's files: a store handed over again (which the server
+        // does not do) takes over only once the first one's thread has finished its queue.
+        let replaced = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_group
+            .remove(&group);
+        if let Some(Worker {
+            sender,
+            handle: Some(handle),
+        }) = replaced
+        {
+            drop(sender);
+            if handle.join().is_err() {
+                error!(group, "the group's storage thread panicked");
+            }
+        }
         let (sender, receiver) = mpsc::channel();
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
@@ -160,8 +178,6 @@ impl StorageThread {
                     sender,
                     handle: Some(handle),
                 };
-                // A store handed over twice replaces the first; its thread finishes what it
-                // was given and ends.
                 workers.by_group.insert(group, worker);
             }
             Err(e) => {

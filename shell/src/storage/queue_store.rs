@@ -55,6 +55,10 @@ pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
 /// gigabytes.
 const RECORD_READ_BYTES_MAX: usize = 2 * holdfast_core::limits::COMMAND_BYTES_MAX + 4096;
 
+/// Consecutive records are read back together, up to this many bytes in one read (a record
+/// longer than this is read alone).
+const RUN_READ_BYTES_MAX: usize = 1 << 20;
+
 /// A sealed segment's index is refused beyond this many positions (a damaged count must not
 /// allocate gigabytes): more than a segment of [`SEGMENT_BYTES_MAX`] can hold.
 const INDEX_POSITIONS_MAX: u64 = SEGMENT_BYTES_MAX / 16 + 1;
@@ -780,41 +784,92 @@ impl QueueStore {
         queue: &QueueId,
         offset: Offset,
     ) -> Result<Bytes, String> {
-        let missing = || format!("{queue}@{offset} is not in the queue store");
+        let mut run = self.read_run(group, queue, &[offset])?;
+        run.pop()
+            .ok_or_else(|| format!("{queue}@{offset} is not in the queue store"))
+    }
+
+    /// The records of the longest prefix of `offsets` (not empty) that runs on consecutively
+    /// in one segment, up to [`RUN_READ_BYTES_MAX`], read with one `pread`: a pull of
+    /// thousands of small messages read each one's header and then its record, two system
+    /// calls and an allocation per message. Each record's header must claim the length the
+    /// segment's positions give it; the records before the first that does not are returned,
+    /// and that one alone is the next run's, whose error says why. Unchecked (the core checks
+    /// them).
+    fn read_run(
+        &mut self,
+        group: GroupId,
+        queue: &QueueId,
+        offsets: &[Offset],
+    ) -> Result<Vec<Bytes>, String> {
+        let Some(&first) = offsets.first() else {
+            return Ok(Vec::new());
+        };
+        let missing = || format!("{queue}@{first} is not in the queue store");
         let files = self
             .queues
             .get_mut(&(group, queue.clone()))
             .ok_or_else(missing)?;
         let segment = files
             .segments
-            .range_mut(..=offset)
+            .range_mut(..=first)
             .next_back()
             .map(|(_, s)| s)
-            .filter(|s| offset < s.end())
+            .filter(|s| first < s.end())
             .ok_or_else(missing)?;
-        let index = (offset - segment.first) as usize;
-        let position = u64::from(segment.positions[index]);
-        let next = segment
-            .positions
-            .get(index + 1)
-            .map_or(segment.len, |p| u64::from(*p));
         flush(segment)?;
-        let file = &segment.file;
-        let mut header = [0u8; 4];
-        file.read_exact_at(&mut header, position)
-            .map_err(|e| format!("cannot read {}: {e}", segment.path.display()))?;
-        let len = record_len(&header).unwrap_or(0);
-        let expected = (next - position) as usize;
-        if len != expected || len > RECORD_READ_BYTES_MAX {
+        let index = (first - segment.first) as usize;
+        let position = |i: usize| {
+            segment
+                .positions
+                .get(i)
+                .map_or(segment.len, |p| u64::from(*p))
+        };
+        let start = position(index);
+        let mut count = 1;
+        while let Some(&offset) = offsets.get(count) {
+            let consecutive = offset == first + count as u64 && offset < segment.end();
+            if !consecutive || position(index + count + 1) - start > RUN_READ_BYTES_MAX as u64 {
+                break;
+            }
+            count += 1;
+        }
+        let len = position(index + count) - start;
+        if count == 1 && len > RECORD_READ_BYTES_MAX as u64 {
             return Err(format!(
-                "{}: the record of offset {offset} claims {len} bytes where {expected} were written",
+                "{}: the record of offset {first} claims {len} bytes",
                 segment.path.display()
             ));
         }
-        let mut record = vec![0u8; len];
-        file.read_exact_at(&mut record, position)
-            .map_err(|e| format!("cannot read {}: {e}", segment.path.display()))?;
-        Ok(Bytes::from(record))
+        let mut bytes = vec![0u8; len as usize];
+        if let Err(e) = segment.file.read_exact_at(&mut bytes, start) {
+            let why = format!("cannot read {}: {e}", segment.path.display());
+            if count == 1 {
+                return Err(why);
+            }
+            // The records before a cut file's end are still there: one at a time.
+            return self.read_run(group, queue, &offsets[..1]);
+        }
+        let bytes = Bytes::from(bytes);
+        let mut records = Vec::with_capacity(count);
+        for i in index..index + count {
+            let (from, to) = (position(i) - start, position(i + 1) - start);
+            let record = bytes.slice(from as usize..to as usize);
+            let claimed = record_len(&record).unwrap_or(0);
+            if claimed as u64 != to - from {
+                if records.is_empty() {
+                    return Err(format!(
+                        "{}: the record of offset {} claims {claimed} bytes where {} were written",
+                        segment.path.display(),
+                        segment.first + i as u64,
+                        to - from
+                    ));
+                }
+                break;
+            }
+            records.push(record);
+        }
+        Ok(records)
     }
 
     /// The records of `offsets`, up to the first that cannot be read (and why).
@@ -825,9 +880,9 @@ impl QueueStore {
         offsets: &[Offset],
     ) -> (Vec<Bytes>, Option<String>) {
         let mut records = Vec::with_capacity(offsets.len());
-        for offset in offsets {
-            match self.read_one(group, queue, *offset) {
-                Ok(record) => records.push(record),
+        while records.len() < offsets.len() {
+            match self.read_run(group, queue, &offsets[records.len()..]) {
+                Ok(run) => records.extend(run),
                 Err(why) => return (records, Some(why)),
             }
         }
@@ -1263,6 +1318,74 @@ mod tests {
         // A Reset removes every file of the group.
         store.apply(1, StoreOp::Reset).expect("resets");
         assert!(!dir.path().join("queues/group-1").exists());
+    }
+
+    #[test]
+    fn consecutive_records_are_read_together_and_a_bad_one_ends_the_read_at_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = QueueStore::open(dir.path()).expect("opens");
+        let queue = QueueId::new("orders", 0);
+        // Small records in one segment, and bodies of 300 KiB that pass a run's byte limit.
+        let body = |offset: Offset| {
+            if (40..48).contains(&offset) {
+                format!("{offset}:{}", "y".repeat(300 << 10))
+            } else {
+                format!("message {offset}")
+            }
+        };
+        for offset in 0..100 {
+            write(&mut store, &queue, offset, &body(offset));
+        }
+        let wanted: Vec<Offset> = (0..60).chain([62, 63, 70]).chain(90..100).collect();
+        let (records, error) = store.read(1, &queue, &wanted);
+        assert_eq!((records.len(), error), (wanted.len(), None));
+        for (record, offset) in records.iter().zip(&wanted) {
+            let found = decode_record(record, *offset).expect("decodes");
+            assert_eq!(found, stored(&body(*offset)), "offset {offset}");
+        }
+
+        // A record whose header claims another length, in the middle of a run: the records
+        // before it come back, and the error names it.
+        let files = store.queues.get_mut(&(1, queue.clone())).expect("queue");
+        let segment = files.segments.values_mut().next().expect("segment");
+        flush(segment).expect("flushes");
+        let (path, at) = (segment.path.clone(), segment.positions[20] as usize);
+        let mut bytes = fs::read(&path).expect("reads");
+        bytes[at] ^= 0x01;
+        fs::write(&path, &bytes).expect("writes");
+        let (records, error) = store.read(1, &queue, &(10..30).collect::<Vec<_>>());
+        assert_eq!(records.len(), 10);
+        assert!(
+            error
+                .as_ref()
+                .is_some_and(|e| e.contains("offset 20 claims")),
+            "{error:?}"
+        );
+
+        // A file cut short: the records before the cut still come back.
+        let cut = segment_len_before(&store, &queue, 80);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(cut))
+            .expect("cuts");
+        let (records, error) = store.read(1, &queue, &(70..90).collect::<Vec<_>>());
+        assert_eq!(records.len(), 10);
+        assert!(error.is_some_and(|e| e.contains("cannot read")));
+        for (record, offset) in records.iter().zip(70..) {
+            assert_eq!(decode_record(record, offset), Ok(stored(&body(offset))));
+        }
+    }
+
+    /// Where `offset`'s record starts in its segment, which must be the queue's first.
+    fn segment_len_before(store: &QueueStore, queue: &QueueId, offset: Offset) -> u64 {
+        let segment = store.queues[&(1, queue.clone())]
+            .segments
+            .values()
+            .next()
+            .expect("segment");
+        assert!(offset < segment.end());
+        u64::from(segment.positions[(offset - segment.first) as usize])
     }
 
     fn range(queue: &QueueId, start: Offset, end: Offset) -> QueueRange {

@@ -54,6 +54,8 @@ struct Shared {
     /// Where sync latencies and sizes go, when the server exports metrics.
     metrics: Option<crate::metrics::ShellMetrics>,
     notify: Notify,
+    /// Groups an error was reported for: nothing of theirs is reported again.
+    failed: Mutex<BTreeSet<GroupId>>,
 }
 
 impl Shared {
@@ -61,6 +63,14 @@ impl Shared {
     fn report(&self, reports: Vec<Done>) {
         if reports.is_empty() {
             return;
+        }
+        for report in &reports {
+            if let Err((group, _)) = report {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(*group);
+            }
         }
         {
             // A poisoned lock only means another thread panicked while holding it; the Vec
@@ -89,8 +99,6 @@ struct Worker {
 #[derive(Default)]
 struct Workers {
     by_group: BTreeMap<GroupId, Worker>,
-    /// Groups written to without a store: reported once each, as a failed group is.
-    unknown: BTreeSet<GroupId>,
 }
 
 /// Owns every group's [`GroupStore`], each on a thread of its own.
@@ -131,6 +139,7 @@ impl StorageThread {
                 batches: AtomicU64::new(0),
                 metrics,
                 notify: Mutex::new(notify),
+                failed: Mutex::new(BTreeSet::new()),
             }),
             remover,
             remover_handle,
@@ -196,22 +205,26 @@ impl StorageThread {
 
     /// Queues `write` for `group`; never blocks on the disk.
     pub fn submit(&self, group: GroupId, write: Write) {
-        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        let error = if let Some(worker) = workers.by_group.get(&group) {
-            match worker.sender.send(write) {
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let error = match workers.by_group.get(&group) {
+            Some(worker) => match worker.sender.send(write) {
                 Ok(()) => return,
-                // The thread ended after a failure it reported.
-                Err(_) if worker.handle.is_some() => return,
-                // The thread never started.
+                // The thread ended: after a failure it reported, or it never started, or it
+                // panicked (and the write can never become durable).
                 Err(_) => StorageError::ThreadGone,
-            }
-        } else if workers.unknown.insert(group) {
-            StorageError::UnknownGroup { group }
-        } else {
-            return;
+            },
+            None => StorageError::UnknownGroup { group },
         };
         drop(workers);
-        self.shared.report(vec![Err((group, error))]);
+        let reported = self
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&group);
+        if !reported {
+            self.shared.report(vec![Err((group, error))]);
+        }
     }
 
     /// Takes the reports so far, without blocking: `Ok((group, id))` means every write of

@@ -171,7 +171,7 @@ fn members_share_a_backlog_hand_over_on_ctrl_c_and_refuse_an_unknown_topic() {
     assert!(created.status.success(), "{created:?}");
 
     // Scale-out: four members start together on a backlog.
-    let backlog = 4_000;
+    let backlog = 12_000;
     cluster.produce("work", "a", backlog, "");
     // Members give up after 15 s without a message: a member that joins while another
     // still holds its queues can wait for their handover (see BENCHMARKS.md, consumer groups).

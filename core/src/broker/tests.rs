@@ -1964,6 +1964,64 @@ fn the_cache_stays_bounded_and_the_store_serves_the_rest() {
     assert!(matches!(plan, Ok(PullPlan::Ready(p)) if p.messages.len() == 1));
 }
 
+/// The cache's order keeps an entry for every cached write, and entries whose messages left
+/// the cache stay in it until the order is looked through: only once it has doubled since the
+/// last look, so that a write costs no pass over the queues, and then, the stale entries
+/// outnumbering the cached ones, it is cut back to what is still cached.
+#[test]
+fn the_caches_order_is_looked_through_only_when_it_has_doubled() {
+    let mut state = BrokerState::new(BrokerConfig {
+        cache_bytes_max: 20,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let kept: Vec<String> = (0..10).map(|i| format!("{i}")).collect();
+    let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+    send(&mut state, 1, 2, 0, &kept, 0);
+    let big = "x".repeat(21);
+    let mut longest = 0;
+    for seq in 0..2_100u64 {
+        // A cached message, then one over the cache's size, which empties the queue's cache:
+        // the first one's entry in the order is stale from then on.
+        send(&mut state, 0, 1, 2 * seq, &["a"], 0);
+        longest = longest.max(state.cache_order.len());
+        send(&mut state, 0, 1, 2 * seq + 1, &[big.as_str()], 0);
+    }
+    assert!(
+        longest >= 2_000,
+        "looked through before it doubled: at most {longest} entries"
+    );
+    assert!(
+        state.cache_order.len() < 100,
+        "then cut back: {} entries",
+        state.cache_order.len()
+    );
+    let queue = QueueId::new("orders", 1);
+    assert!((0..10).all(|o| state.message(&queue, o).is_some()));
+    assert_eq!(state.cache_bytes, 10);
+}
+
+/// The look at a doubled order cuts it back only when its stale entries outnumber the cached
+/// ones by more than 1,024: else the pass over the order would free little.
+#[test]
+fn the_caches_order_keeps_its_stale_entries_while_they_do_not_outnumber_the_cached_ones() {
+    let mut state = BrokerState::new(BrokerConfig {
+        cache_bytes_max: 700,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let kept = vec!["b"; 600];
+    send(&mut state, 1, 2, 0, &kept, 0);
+    let big = "x".repeat(701);
+    for seq in 0..1_500u64 {
+        send(&mut state, 0, 1, 2 * seq, &["a"], 0);
+        send(&mut state, 0, 1, 2 * seq + 1, &[big.as_str()], 0);
+    }
+    // Looked at 2,049 entries, 601 of them cached: not cut.
+    assert_eq!(state.cache_order.len(), 2_100);
+    assert_eq!(state.cache_bytes, 600);
+}
+
 /// The bytes of every message the queues' caches hold.
 fn cached_bytes(state: &BrokerState) -> u64 {
     state

@@ -700,6 +700,39 @@ fn no_retention_and_the_default_keep_messages() {
 }
 
 #[test]
+fn a_queue_of_several_messages_exactly_at_its_size_limit_keeps_them_all() {
+    let mut state = retaining(None, Some(5));
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["aa", "bbb"], 0);
+    assert!(!state.trim_due(0), "5 bytes of 5");
+    trim(&mut state, 0);
+    assert_eq!(state.start_offset(&queue), Some(0));
+    send(&mut state, 0, 1, 2, &["c"], 0);
+    assert!(state.trim_due(0), "6 bytes of 5");
+    trim(&mut state, 0);
+    assert_eq!(state.start_offset(&queue), Some(1), "down to 4 bytes");
+}
+
+#[test]
+fn a_queue_retains_exactly_its_offsets_from_its_start_to_its_end() {
+    let mut state = retaining(Some(10_000), None);
+    let queue = QueueId::new("orders", 0);
+    send(&mut state, 0, 1, 0, &["a", "b"], 1_000);
+    send(&mut state, 0, 1, 2, &["c"], 20_000);
+    trim(&mut state, 11_000);
+    assert_eq!(
+        (0..4).map(|o| state.retains(&queue, o)).collect::<Vec<_>>(),
+        vec![false, false, true, false],
+        "dropped, dropped, retained, not written yet"
+    );
+    assert!(
+        !state.retains(&QueueId::new("orders", 1), 0),
+        "an empty queue"
+    );
+    assert!(!state.retains(&QueueId::new("nope", 0), 0), "no such queue");
+}
+
+#[test]
 fn pulls_from_below_the_start_begin_at_the_start() {
     let mut state = retaining(Some(10), None);
     let queue = QueueId::new("orders", 0);
@@ -1775,6 +1808,89 @@ fn deleting_a_group_forgets_its_offsets_and_leases_and_no_other_groups() {
     assert_eq!(restored.consume_offset("audit", &q0), 1);
 }
 
+/// Member `m1` of `group` claims `queue` (generation 1).
+fn hold(state: &mut BrokerState, group: &str, queue: &QueueId) {
+    let claimed = state.apply(Command::Claim {
+        group: group.into(),
+        queue: queue.clone(),
+        member: "m1".into(),
+        generation: 1,
+        takeover: None,
+    });
+    assert!(matches!(claimed, Outcome::Leased(_)), "{claimed:?}");
+}
+
+#[test]
+fn expiring_groups_counts_the_offsets_and_leases_of_all_of_them() {
+    let mut state = orders();
+    let q0 = QueueId::new("orders", 0);
+    let q1 = QueueId::new("orders", 1);
+    appended_at(append(&mut state, 0, 1, 0, 3));
+    appended_at(append(&mut state, 1, 1, 3, 3));
+    ack(&mut state, "billing", &q0, &[0]);
+    ack(&mut state, "billing", &q1, &[0]);
+    ack(&mut state, "audit", &q0, &[0]);
+    ack(&mut state, "kept", &q0, &[0]);
+    for (group, queue) in [("billing", &q1), ("audit", &q0), ("kept", &q1)] {
+        hold(&mut state, group, queue);
+    }
+    // Expiry is forced: held leases go too.
+    assert_eq!(
+        state.apply(Command::ExpireGroups {
+            groups: vec!["billing".into(), "audit".into(), "unknown".into()],
+        }),
+        Outcome::GroupDeleted {
+            offsets: 3,
+            leases: 2
+        }
+    );
+    assert_eq!(
+        state.consumer_groups(),
+        std::collections::BTreeSet::from(["kept"])
+    );
+}
+
+#[test]
+fn only_a_member_of_the_same_group_holding_the_same_queue_blocks_a_seek_or_a_deletion() {
+    let mut state = orders();
+    let q0 = QueueId::new("orders", 0);
+    let q1 = QueueId::new("orders", 1);
+    appended_at(append(&mut state, 0, 1, 0, 3));
+    ack(&mut state, "report", &q0, &[0]);
+    // audit holds orders/0, billing holds orders/1; report holds nothing.
+    hold(&mut state, "audit", &q0);
+    hold(&mut state, "billing", &q1);
+    let seek = |state: &mut BrokerState, group: &str, queue: &QueueId| {
+        state.apply(Command::Seek {
+            group: group.into(),
+            queue: queue.clone(),
+            to: SeekTo::Latest,
+            force: false,
+        })
+    };
+    assert_eq!(
+        seek(&mut state, "billing", &q0),
+        Outcome::Sought { consume_offset: 3 },
+        "another group's holder of orders/0, and billing's of another queue, do not count"
+    );
+    let refused = seek(&mut state, "billing", &q1);
+    assert!(
+        matches!(&refused, Outcome::Refused(Refusal::GroupActive { group, queue, .. }) if group == "billing" && *queue == q1),
+        "{refused:?}"
+    );
+    assert_eq!(
+        state.apply(Command::DeleteGroup {
+            group: "report".into(),
+            force: false,
+        }),
+        Outcome::GroupDeleted {
+            offsets: 1,
+            leases: 0
+        },
+        "other groups' holders do not block a deletion"
+    );
+}
+
 // ----- the cache and the queue store -----
 
 /// The cache stays within its size whatever is written, its bookkeeping does not grow with the
@@ -1846,6 +1962,236 @@ fn the_cache_stays_bounded_and_the_store_serves_the_rest() {
     let end = state.queue_len(&queue).expect("queue");
     let plan = state.plan_pull("billing", &queue, end - 1, 5, 1 << 20, 0);
     assert!(matches!(plan, Ok(PullPlan::Ready(p)) if p.messages.len() == 1));
+}
+
+/// The cache's order keeps an entry for every cached write, and entries whose messages left
+/// the cache stay in it until the order is looked through: only once it has doubled since the
+/// last look, so that a write costs no pass over the queues, and then, the stale entries
+/// outnumbering the cached ones, it is cut back to what is still cached.
+#[test]
+fn the_caches_order_is_looked_through_only_when_it_has_doubled() {
+    let mut state = BrokerState::new(BrokerConfig {
+        cache_bytes_max: 20,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let kept: Vec<String> = (0..10).map(|i| format!("{i}")).collect();
+    let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+    send(&mut state, 1, 2, 0, &kept, 0);
+    let big = "x".repeat(21);
+    let mut longest = 0;
+    for seq in 0..2_100u64 {
+        // A cached message, then one over the cache's size, which empties the queue's cache:
+        // the first one's entry in the order is stale from then on.
+        send(&mut state, 0, 1, 2 * seq, &["a"], 0);
+        longest = longest.max(state.cache_order.len());
+        send(&mut state, 0, 1, 2 * seq + 1, &[big.as_str()], 0);
+    }
+    assert!(
+        longest >= 2_000,
+        "looked through before it doubled: at most {longest} entries"
+    );
+    assert!(
+        state.cache_order.len() < 100,
+        "then cut back: {} entries",
+        state.cache_order.len()
+    );
+    let queue = QueueId::new("orders", 1);
+    assert!((0..10).all(|o| state.message(&queue, o).is_some()));
+    assert_eq!(state.cache_bytes, 10);
+}
+
+/// The look at a doubled order cuts it back only when its stale entries outnumber the cached
+/// ones by more than 1,024: else the pass over the order would free little.
+#[test]
+fn the_caches_order_keeps_its_stale_entries_while_they_do_not_outnumber_the_cached_ones() {
+    let mut state = BrokerState::new(BrokerConfig {
+        cache_bytes_max: 700,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let kept = vec!["b"; 600];
+    send(&mut state, 1, 2, 0, &kept, 0);
+    let big = "x".repeat(701);
+    for seq in 0..1_500u64 {
+        send(&mut state, 0, 1, 2 * seq, &["a"], 0);
+        send(&mut state, 0, 1, 2 * seq + 1, &[big.as_str()], 0);
+    }
+    // Looked at 2,049 entries, 601 of them cached: not cut.
+    assert_eq!(state.cache_order.len(), 2_100);
+    assert_eq!(state.cache_bytes, 600);
+}
+
+/// The bytes of every message the queues' caches hold.
+fn cached_bytes(state: &BrokerState) -> u64 {
+    state
+        .queues()
+        .flat_map(|queue| {
+            let start = state.start_offset(queue).unwrap_or(0);
+            let end = state.queue_len(queue).unwrap_or(0);
+            (start..end).filter_map(move |offset| state.message(queue, offset))
+        })
+        .map(|stored| stored.message.size_bytes() as u64)
+        .sum()
+}
+
+/// A write the cache cannot hold (a message over its size, or a copy made by the store) empties
+/// the cache of the queue it goes to, which must stay a suffix: the bytes that frees are no
+/// longer counted, so the messages of other queues are not evicted for them.
+#[test]
+fn the_caches_byte_count_is_what_the_caches_hold_when_an_uncached_write_empties_one() {
+    let mut state = BrokerState::new(BrokerConfig {
+        reconsume_delays_ms: vec![1_000, 2_000],
+        max_reconsume: 1,
+        cache_bytes_max: 10,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let (q0, q1) = (QueueId::new("orders", 0), QueueId::new("orders", 1));
+    let big = "x".repeat(11);
+    let mut seq = 0;
+    let step = |state: &mut BrokerState, command: Command, what: &str| {
+        let outcome = state.apply(command);
+        assert_eq!(
+            state.cache_bytes,
+            cached_bytes(state),
+            "after {what}: {outcome:?}"
+        );
+        outcome
+    };
+    let mut sent = |queue: u32, body: &str| {
+        seq += 1;
+        Command::Append {
+            queue: QueueId::new("orders", queue),
+            producer_id: 1,
+            first_seq: seq,
+            messages: vec![Message::with_body(body.to_string())],
+            stamp_ms: 1_000,
+        }
+    };
+    let nacked = |queue: &QueueId, offset: Offset| Command::ReconsumeLater {
+        group: "billing".into(),
+        queue: queue.clone(),
+        offset,
+        stamp_ms: 2_000,
+    };
+    step(&mut state, sent(0, &big), "a message over the cache's size");
+    step(&mut state, sent(1, "b"), "a cached message");
+    step(&mut state, sent(0, "aaa"), "a cached message");
+    step(
+        &mut state,
+        sent(0, &big),
+        "an uncached write after cached ones",
+    );
+    assert!(state.message(&q1, 0).is_some(), "orders/1 keeps its cache");
+    // orders/0:0, uncached, goes to the first retry queue, then to the dead-letter queue.
+    let Outcome::Requeued { to: retry, .. } = step(&mut state, nacked(&q0, 0), "a requeue") else {
+        panic!("not requeued");
+    };
+    let requeued = step(&mut state, nacked(&retry, 0), "a dead-lettering");
+    assert!(
+        matches!(
+            requeued,
+            Outcome::Requeued {
+                dead_letter: true,
+                ..
+            }
+        ),
+        "{requeued:?}"
+    );
+    // A cached copy in the retry queue, then an uncached one (made by the store) after it.
+    step(&mut state, sent(1, "c"), "a cached message");
+    step(&mut state, nacked(&q1, 1), "a cached copy");
+    assert!(state.message(&retry, 1).is_some());
+    step(&mut state, nacked(&q0, 2), "a copy made by the store");
+    assert!(
+        state.message(&retry, 1).is_none(),
+        "the retry queue's cache emptied"
+    );
+    // A cached copy again, then a redrive of the uncached dead letter after it.
+    step(&mut state, sent(1, "d"), "a cached message");
+    step(&mut state, nacked(&q1, 2), "a cached copy");
+    let redriven = step(
+        &mut state,
+        Command::Redrive {
+            group: "billing".into(),
+            messages_max: 1,
+            stamp_ms: 3_000,
+        },
+        "a redrive of an uncached dead letter",
+    );
+    assert_eq!(
+        redriven,
+        Outcome::Redriven {
+            moved: 1,
+            remaining: 0
+        }
+    );
+    assert!(
+        state.message(&retry, 3).is_none(),
+        "the retry queue's cache emptied"
+    );
+    // The cache holds "b", "c" and "d" of orders/1: a 7-byte message fits beside them.
+    step(&mut state, sent(0, "eeeeeee"), "a cached message");
+    assert!(
+        state.message(&q1, 0).is_some(),
+        "nothing evicted for bytes no longer cached"
+    );
+}
+
+#[test]
+fn retention_stops_counting_the_cached_bytes_it_drops() {
+    let mut state = BrokerState::new(BrokerConfig {
+        retention_ms: Some(10_000),
+        cache_bytes_max: 10,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 2);
+    let (q0, q1) = (QueueId::new("orders", 0), QueueId::new("orders", 1));
+    send(&mut state, 0, 1, 0, &["aaaa"], 1_000);
+    send(&mut state, 1, 1, 1, &["bbb"], 20_000);
+    assert_eq!(state.cache_bytes, 7);
+    trim(&mut state, 11_000);
+    assert_eq!(state.start_offset(&q0), Some(1), "the old message dropped");
+    assert_eq!(state.cache_bytes, 3);
+    assert_eq!(state.cache_bytes, cached_bytes(&state));
+    // Room for seven bytes more: nothing is evicted for the bytes retention dropped.
+    send(&mut state, 1, 1, 2, &["ccccccc"], 20_000);
+    assert!(
+        state.message(&q1, 0).is_some(),
+        "orders/1 keeps its oldest message cached"
+    );
+}
+
+/// The store is read only for messages the cache does not hold: a pull starting at the oldest
+/// cached message is answered at once.
+#[test]
+fn a_pull_from_the_oldest_cached_message_is_served_without_a_read() {
+    let mut state = BrokerState::new(BrokerConfig {
+        cache_bytes_max: 15,
+        ..BrokerConfig::default()
+    });
+    topic(&mut state, "orders", 1);
+    let queue = QueueId::new("orders", 0);
+    appended_at(append(&mut state, 0, 1, 0, 3));
+    let plan = state.plan_pull("billing", &queue, 0, 10, 1 << 20, 0);
+    assert!(
+        matches!(&plan, Ok(PullPlan::Ready(p)) if p.messages.len() == 3 && p.next_offset == 3),
+        "{plan:?}"
+    );
+    // Three messages more evict the first three ("p1 sN" is 5 bytes): the cache starts at 3.
+    appended_at(append(&mut state, 0, 1, 3, 3));
+    assert!(state.message(&queue, 2).is_none() && state.message(&queue, 3).is_some());
+    let plan = state.plan_pull("billing", &queue, 3, 10, 1 << 20, 0);
+    assert!(
+        matches!(&plan, Ok(PullPlan::Ready(p)) if p.messages.len() == 3 && p.next_offset == 6),
+        "{plan:?}"
+    );
+    let plan = state.plan_pull("billing", &queue, 2, 10, 1 << 20, 0);
+    assert!(
+        matches!(&plan, Ok(PullPlan::Read { offsets, .. }) if offsets[0] == 2),
+        "{plan:?}"
+    );
 }
 
 /// Five messages of orders/0, each answered `ReconsumeLater` once by `billing`: with no retry

@@ -843,9 +843,8 @@ impl QueueStore {
         }
         let mut bytes = vec![0u8; len as usize];
         if let Err(e) = segment.file.read_exact_at(&mut bytes, start) {
-            let why = format!("cannot read {}: {e}", segment.path.display());
             if count == 1 {
-                return Err(why);
+                return Err(format!("cannot read {}: {e}", segment.path.display()));
             }
             // The records before a cut file's end are still there: one at a time.
             return self.read_run(group, queue, &offsets[..1]);

@@ -59,24 +59,19 @@ struct Shared {
 }
 
 impl Shared {
-    /// Adds `reports` and wakes the event loop.
-    fn report(&self, reports: Vec<Done>) {
-        if reports.is_empty() {
-            return;
-        }
-        for report in &reports {
-            if let Err((group, _)) = report {
-                self.failed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(*group);
-            }
+    /// Adds `report` and wakes the event loop.
+    fn report(&self, report: Done) {
+        if let Err((group, _)) = &report {
+            self.failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(*group);
         }
         {
             // A poisoned lock only means another thread panicked while holding it; the Vec
             // is still a valid list of reports.
             let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-            done.extend(reports);
+            done.push(report);
         }
         let notify = self.notify.lock().unwrap_or_else(PoisonError::into_inner);
         notify();
@@ -96,14 +91,9 @@ struct Worker {
     handle: Option<JoinHandle<()>>,
 }
 
-#[derive(Default)]
-struct Workers {
-    by_group: BTreeMap<GroupId, Worker>,
-}
-
 /// Owns every group's [`GroupStore`], each on a thread of its own.
 pub struct StorageThread {
-    workers: Mutex<Workers>,
+    workers: Mutex<BTreeMap<GroupId, Worker>>,
     shared: Arc<Shared>,
     /// Files the groups' logs no longer need, for the remover thread; `None` when it could
     /// not start (the stores then remove them in their syncs).
@@ -132,7 +122,7 @@ impl StorageThread {
             None => (None, None),
         };
         let thread = StorageThread {
-            workers: Mutex::new(Workers::default()),
+            workers: Mutex::new(BTreeMap::new()),
             shared: Arc::new(Shared {
                 done: Mutex::new(Vec::new()),
                 fsyncs: AtomicU64::new(0),
@@ -162,7 +152,6 @@ impl StorageThread {
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .by_group
             .remove(&group);
         if let Some(Worker {
             sender,
@@ -187,12 +176,12 @@ impl StorageThread {
                     sender,
                     handle: Some(handle),
                 };
-                workers.by_group.insert(group, worker);
+                workers.insert(group, worker);
             }
             Err(e) => {
                 error!(group, "cannot start the group's storage thread: {e}");
                 // Every write of the group is refused (the receiver went with the closure).
-                workers.by_group.insert(
+                workers.insert(
                     group,
                     Worker {
                         sender,
@@ -206,7 +195,7 @@ impl StorageThread {
     /// Queues `write` for `group`; never blocks on the disk.
     pub fn submit(&self, group: GroupId, write: Write) {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        let error = match workers.by_group.get(&group) {
+        let error = match workers.get(&group) {
             Some(worker) => match worker.sender.send(write) {
                 Ok(()) => return,
                 // The thread ended: after a failure it reported, or it never started, or it
@@ -223,7 +212,7 @@ impl StorageThread {
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&group);
         if !reported {
-            self.shared.report(vec![Err((group, error))]);
+            self.shared.report(Err((group, error)));
         }
     }
 
@@ -260,13 +249,10 @@ impl StorageThread {
         } = self;
         let workers = workers.into_inner().unwrap_or_else(PoisonError::into_inner);
         // Each thread sees its channel close only after it has drained every queued write.
-        let handles: Vec<(GroupId, JoinHandle<()>)> = workers
-            .by_group
-            .into_iter()
-            .filter_map(|(group, worker)| worker.handle.map(|handle| (group, handle)))
-            .collect();
-        for (group, handle) in handles {
-            if handle.join().is_err() {
+        for (group, worker) in workers {
+            let Worker { sender, handle } = worker;
+            drop(sender);
+            if let Some(Err(_)) = handle.map(JoinHandle::join) {
                 error!(group, "the group's storage thread panicked");
             }
         }
@@ -306,7 +292,7 @@ fn run(group: GroupId, mut store: GroupStore, receiver: &Receiver<Write>, shared
         record_due = true;
         let started = Instant::now();
         let (mut entries, mut bytes) = (0u64, 0u64);
-        let mut last_id = None;
+        let mut last_id = first.id;
         let queued = receiver.try_iter().take(BATCH_WRITES_MAX - 1);
         for write in std::iter::once(first).chain(queued) {
             entries += write.entries.len() as u64;
@@ -316,15 +302,12 @@ fn run(group: GroupId, mut store: GroupStore, receiver: &Receiver<Write>, shared
                 .map(|e| e.command_bytes() as u64)
                 .sum::<u64>();
             if let Err(e) = store.write(&write) {
-                shared.report(vec![Err((group, e))]);
+                shared.report(Err((group, e)));
                 return;
             }
-            last_id = Some(write.id);
+            last_id = write.id;
         }
         shared.batches.fetch_add(1, Ordering::Relaxed);
-        let Some(id) = last_id else {
-            continue;
-        };
         let before = store.fsyncs();
         let result = store.sync();
         shared.count_fsyncs(store.fsyncs().saturating_sub(before));
@@ -333,10 +316,10 @@ fn run(group: GroupId, mut store: GroupStore, receiver: &Receiver<Write>, shared
                 if let Some(metrics) = &shared.metrics {
                     metrics.synced(started.elapsed(), entries, bytes);
                 }
-                shared.report(vec![Ok((group, id))]);
+                shared.report(Ok((group, last_id)));
             }
             Err(e) => {
-                shared.report(vec![Err((group, e))]);
+                shared.report(Err((group, e)));
                 return;
             }
         }
@@ -354,7 +337,7 @@ fn record_synced(group: GroupId, store: &mut GroupStore, shared: &Shared) -> boo
     match result {
         Ok(()) => true,
         Err(e) => {
-            shared.report(vec![Err((group, e))]);
+            shared.report(Err((group, e)));
             false
         }
     }

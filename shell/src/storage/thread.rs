@@ -249,9 +249,12 @@ impl StorageThread {
         } = self;
         let workers = workers.into_inner().unwrap_or_else(PoisonError::into_inner);
         // Each thread sees its channel close only after it has drained every queued write.
-        for (group, worker) in workers {
-            let Worker { sender, handle } = worker;
-            drop(sender);
+        // Every channel closes before the first join, so the groups finish side by side.
+        let handles: Vec<(GroupId, Option<JoinHandle<()>>)> = workers
+            .into_iter()
+            .map(|(group, worker)| (group, worker.handle))
+            .collect();
+        for (group, handle) in handles {
             if let Some(Err(_)) = handle.map(JoinHandle::join) {
                 error!(group, "the group's storage thread panicked");
             }

@@ -2,30 +2,13 @@
 //! commands, then Ctrl-C, then `cluster` again finding its data.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
+mod common;
 
-/// Three consecutive free ports, and the three 100 above them, as `cluster --base-port` needs
-/// (clients on base.., peers on base + 100..).
-fn base_port() -> u16 {
-    for _ in 0..100 {
-        let first = TcpListener::bind("127.0.0.1:0").expect("a port");
-        let base = first.local_addr().expect("addr").port();
-        drop(first);
-        let rest_free = (0..3u16).chain(100..103).chain(200..203).all(|i| {
-            base.checked_add(i)
-                .is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        });
-        if rest_free {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
+const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 
 struct LocalCluster {
     child: Child,
@@ -130,7 +113,7 @@ fn stdout(output: &Output) -> String {
 fn the_readme_walkthrough_works_and_survives_a_restart() {
     let top = tempfile::tempdir().expect("temp dir");
     let dir = top.path().join("holdfast-data");
-    let base = base_port();
+    let base = common::cluster_base_port();
     let cluster = LocalCluster::start(&dir, base);
 
     let created = stdout(&holdfast(

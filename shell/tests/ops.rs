@@ -101,23 +101,6 @@ fn a_second_server_on_a_locked_data_directory_refuses_at_once_naming_the_holder(
     let _ = third.wait();
 }
 
-/// Three consecutive free ports and the three 100 above them, as `cluster --base-port` needs.
-fn base_port() -> u16 {
-    for _ in 0..100 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-        let base = first.local_addr().expect("addr").port();
-        drop(first);
-        let rest_free = (0..3u16).chain(100..103).chain(200..203).all(|i| {
-            base.checked_add(i)
-                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        });
-        if rest_free {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
-
 /// A `holdfast cluster` process that is stopped (SIGTERM, then SIGKILL after 5 s) when the
 /// test ends, passed or not: a dropped `Child` is left running, and a supervisor left behind
 /// keeps restarting nodes on a directory that is gone.
@@ -231,7 +214,7 @@ impl Drop for Reaper {
 #[test]
 fn the_local_cluster_restarts_a_killed_node_and_its_nodes_die_with_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = base_port();
+    let base = common::cluster_base_port();
     let (mut cluster, lines) = start_cluster(dir.path(), base);
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     // Whatever happens, the test leaves no node behind.
@@ -250,7 +233,12 @@ fn the_local_cluster_restarts_a_killed_node_and_its_nodes_die_with_it() {
 
     // A second cluster on the same directory refuses instead of rewriting its files.
     let second = Command::new(HOLDFAST)
-        .args(["cluster", "--base-port", &base_port().to_string(), "--dir"])
+        .args([
+            "cluster",
+            "--base-port",
+            &common::cluster_base_port().to_string(),
+            "--dir",
+        ])
         .arg(dir.path())
         .stdin(Stdio::null())
         .output()
@@ -302,9 +290,9 @@ fn client(client_file: Option<&Path>, args: &[&str]) -> std::process::Output {
     command.output().expect("holdfast runs")
 }
 
+/// A port nothing listens on: no other test of this process is given it.
 fn closed_port() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-    listener.local_addr().expect("addr")
+    common::free_addrs(1)[0]
 }
 
 #[test]
@@ -352,7 +340,7 @@ fn servers_that_accept_but_never_answer_are_a_timeout_code_5() {
 #[test]
 fn refusals_exit_4_and_json_output_parses() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = base_port();
+    let base = common::cluster_base_port();
     let (_cluster, lines) = start_cluster(dir.path(), base);
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
@@ -544,7 +532,7 @@ fn the_local_cluster_refuses_ports_past_65535_or_zero() {
 fn produce_from_stdin_pipelines_and_prints_every_receipt_once() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = base_port();
+    let base = common::cluster_base_port();
     let (_cluster, lines) = start_cluster(dir.path(), base);
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
@@ -636,7 +624,7 @@ fn sample_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 #[test]
 fn every_node_serves_prometheus_metrics_from_the_core_and_the_shell_and_a_health_check() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = base_port();
+    let base = common::cluster_base_port();
     let (_cluster, lines) = start_cluster(dir.path(), base);
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
@@ -776,7 +764,7 @@ fn committed_and_lag(file: &Path, group: &str, topic: &str) -> (u64, u64) {
 #[test]
 fn consumer_groups_are_listed_described_sought_and_deleted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let (_cluster, lines) = start_cluster(dir.path(), common::cluster_base_port());
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
     expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
@@ -945,7 +933,7 @@ fn consumer_groups_are_listed_described_sought_and_deleted() {
 #[test]
 fn consume_prints_formats_and_answers_reconsume_later_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let (_cluster, lines) = start_cluster(dir.path(), common::cluster_base_port());
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
     expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
@@ -1069,7 +1057,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 fn async_sends_resolve_as_futures_with_settings_from_a_builder() {
     use holdfast_shell::client::{AsyncProducer, ClientConfig, ProducerSettings};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let (_cluster, lines) = start_cluster(dir.path(), common::cluster_base_port());
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
     expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
@@ -1362,7 +1350,7 @@ fn retries_and_dead_letters_are_counted_per_consumer_group_and_queue_in_the_metr
 fn an_async_consumer_streams_deliveries_answers_them_and_says_when_acks_are_confirmed() {
     use holdfast_shell::client::{AsyncConsumer, ClientConfig, ConsumerSettings};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let (_cluster, lines) = start_cluster(dir.path(), common::cluster_base_port());
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
     expect_line(&lines, "Ctrl-C stops the cluster", Duration::from_secs(60));
@@ -1439,7 +1427,7 @@ async fn the_async_client_runs_under_tokio_with_a_stream_of_deliveries() {
     use tokio_stream::StreamExt as _;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_cluster, lines) = start_cluster(dir.path(), base_port());
+    let (_cluster, lines) = start_cluster(dir.path(), common::cluster_base_port());
     let data = |id: usize| dir.path().join(format!("node-{id}")).join("data");
     let _reaper = Reaper(vec![data(1), data(2), data(3)]);
     let file = dir.path().join("client.toml");

@@ -4,28 +4,13 @@
 //! new messages.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
+mod common;
 
-fn base_port() -> u16 {
-    for _ in 0..100 {
-        let first = TcpListener::bind("127.0.0.1:0").expect("a port");
-        let base = first.local_addr().expect("addr").port();
-        drop(first);
-        let rest_free = (0..3u16).chain(100..103).chain(200..203).all(|i| {
-            base.checked_add(i)
-                .is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        });
-        if rest_free {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
+const HOLDFAST: &str = env!("CARGO_BIN_EXE_holdfast");
 
 /// `holdfast cluster`, stopped with Ctrl-C when dropped.
 struct LocalCluster {
@@ -45,7 +30,7 @@ impl Drop for LocalCluster {
 
 impl LocalCluster {
     fn start(dir: &Path) -> LocalCluster {
-        let base = base_port();
+        let base = common::cluster_base_port();
         let mut child = Command::new(HOLDFAST)
             .args(["cluster", "--base-port", &base.to_string(), "--dir"])
             .arg(dir)

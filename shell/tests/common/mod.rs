@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use holdfast_shell::auth::{admin_file, token_sha256_hex};
@@ -82,16 +83,63 @@ impl Pki {
     }
 }
 
-/// `n` distinct free loopback ports.
+/// Test servers listen on ports from here, below Linux's ephemeral range (32768-60999 by
+/// default). Every outgoing connection (a client, a node dialling its peers) takes its local
+/// port from that range, so a port picked there and released could be taken before the server
+/// bound it, or while a killed node was down before its restart; and two tests picking ports
+/// at once could be handed the same one. Seen in CI: a node's metrics port answered by a
+/// server of another test.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// The next port of [`TEST_PORTS`] this process has not handed out; `None` before the first.
+static NEXT_TEST_PORT: Mutex<Option<u16>> = Mutex::new(None);
+
+/// A first port such that `first + o` is free for each of `offsets`, from a run of ports no
+/// other test of this process has been given (test binaries run one at a time; the start
+/// depends on the process id, so processes run side by side, as nextest does, start apart).
+pub fn free_port_run(offsets: &[u16]) -> u16 {
+    let span = offsets.iter().max().map_or(1, |m| m + 1);
+    let len = TEST_PORTS.end - TEST_PORTS.start;
+    assert!(
+        span < len,
+        "a run of {span} ports does not fit in {TEST_PORTS:?}"
+    );
+    for _ in 0..1_000 {
+        let first = {
+            let mut next = NEXT_TEST_PORT.lock().unwrap_or_else(|e| e.into_inner());
+            let start = next.unwrap_or_else(|| {
+                let offset = (std::process::id() % u32::from(len / 64)) * 64;
+                TEST_PORTS.start + u16::try_from(offset).expect("within the range")
+            });
+            let first = if start + span > TEST_PORTS.end {
+                TEST_PORTS.start
+            } else {
+                start
+            };
+            *next = Some(first + span);
+            first
+        };
+        let all_free = offsets
+            .iter()
+            .all(|o| TcpListener::bind(("127.0.0.1", first + o)).is_ok());
+        if all_free {
+            return first;
+        }
+    }
+    panic!("no free run of ports {offsets:?} in {TEST_PORTS:?}");
+}
+
+/// `n` distinct free loopback ports (see [`TEST_PORTS`]).
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    // All held at once, so they differ.
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("an address"))
+    (0..n)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port_run(&[0]))))
         .collect()
+}
+
+/// The first of three consecutive free ports with the three 100 and 200 above them free too,
+/// as `holdfast cluster --base-port` needs (clients, peers, metrics).
+pub fn cluster_base_port() -> u16 {
+    free_port_run(&[0, 1, 2, 100, 101, 102, 200, 201, 202])
 }
 
 /// Where a test cluster's nodes listen and how it is secured.

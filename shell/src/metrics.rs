@@ -6,14 +6,16 @@
 //! before a request reaches the core, snapshot encoding). `prometheus-client` encodes both, the
 //! first through a [`Collector`] over the latest snapshot, so a scrape never waits for the loop.
 //!
-//! The HTTP side is a small handler on a thread of its own: one connection at a time, a request
-//! head of at most [`HTTP_REQUEST_BYTES_MAX`] read within [`HTTP_IO_TIMEOUT`], `GET /metrics`
-//! and `GET /healthz` answered, anything else a 404 or 400, then the connection is closed. It
-//! never panics on what a client sends.
+//! The HTTP side is a small handler: an accepting thread, and a short-lived thread per
+//! connection, at most [`HTTP_CONNECTIONS_MAX`] at once (more are closed unanswered), so a
+//! stranger who connects and says nothing does not hold up Prometheus' scrapes. Each reads a
+//! request head of at most [`HTTP_REQUEST_BYTES_MAX`] within [`HTTP_IO_TIMEOUT`], answers
+//! `GET /metrics` and `GET /healthz`, anything else with a 404 or 400, then closes the
+//! connection. It never panics on what a client sends.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,8 @@ pub const STATS_STALE_AFTER: Duration = Duration::from_secs(5);
 pub const HTTP_REQUEST_BYTES_MAX: usize = 8 << 10;
 /// A client must send its request head, and take the answer, within this.
 pub const HTTP_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections answered at once; one accepted beyond this is closed at once, unanswered.
+pub const HTTP_CONNECTIONS_MAX: usize = 8;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -551,17 +555,28 @@ pub fn serve(
 ) -> Result<std::thread::JoinHandle<()>, String> {
     let listener =
         TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    info!(%addr, "metrics on http://{addr}/metrics, health on /healthz");
+    serve_on(listener, metrics, stop, HTTP_IO_TIMEOUT)
+}
+
+/// [`serve`] on a listener already bound, each connection given `io_timeout`.
+fn serve_on(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    io_timeout: Duration,
+) -> Result<std::thread::JoinHandle<()>, String> {
     // Non-blocking accept, so the thread sees `stop` within a tick.
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("metrics listener: {e}"))?;
-    info!(%addr, "metrics on http://{addr}/metrics, health on /healthz");
+    let answering = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("holdfast-metrics".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => answer(stream, &metrics),
+                    Ok((stream, _)) => answer_aside(stream, &metrics, &answering, io_timeout),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(50));
                     }
@@ -573,6 +588,51 @@ pub fn serve(
             }
         })
         .map_err(|e| format!("cannot start the metrics thread: {e}"))
+}
+
+/// Counts a connection being answered for as long as it lives.
+struct Answering(Arc<AtomicUsize>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers `stream` on a thread of its own, or closes it unanswered when
+/// [`HTTP_CONNECTIONS_MAX`] are being answered already.
+fn answer_aside(
+    stream: TcpStream,
+    metrics: &Arc<Metrics>,
+    answering: &Arc<AtomicUsize>,
+    io_timeout: Duration,
+) {
+    let refuse = |metrics: &Metrics| {
+        let reason = "metrics_connections_max";
+        metrics
+            .shell
+            .refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    };
+    if answering.load(Ordering::Relaxed) >= HTTP_CONNECTIONS_MAX {
+        refuse(metrics);
+        return;
+    }
+    answering.fetch_add(1, Ordering::Relaxed);
+    // Made before the spawn, so a thread that cannot start still gives its count back.
+    let counted = Answering(answering.clone());
+    let for_thread = metrics.clone();
+    let spawned = std::thread::Builder::new()
+        .name("holdfast-metrics-answer".into())
+        .spawn(move || {
+            let _counted = counted;
+            answer(stream, &for_thread, io_timeout);
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start a thread to answer a metrics request: {e}");
+        refuse(metrics);
+    }
 }
 
 /// What a request head asks for, or the status to refuse it with.
@@ -598,11 +658,11 @@ pub fn route(head: &[u8]) -> Result<&'static str, (u16, &'static str)> {
     }
 }
 
-fn answer(mut stream: TcpStream, metrics: &Metrics) {
+fn answer(mut stream: TcpStream, metrics: &Metrics, io_timeout: Duration) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(HTTP_IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(HTTP_IO_TIMEOUT));
-    let deadline = Instant::now() + HTTP_IO_TIMEOUT;
+    let _ = stream.set_read_timeout(Some(io_timeout));
+    let _ = stream.set_write_timeout(Some(io_timeout));
+    let deadline = Instant::now() + io_timeout;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let complete = loop {
@@ -659,6 +719,64 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `GET /metrics` on a new connection to `addr`: the answer (empty if closed unanswered).
+    fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    }
+
+    /// Silent connections, held open by the server for `io_timeout` (a minute here, so that
+    /// no step of the test races it): each holds a thread of its own, not the port, up to
+    /// the limit; one beyond it is closed unanswered; once they go, scrapes are answered.
+    #[test]
+    fn silent_connections_hold_up_no_scrape_and_beyond_the_limit_are_closed_unanswered() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        let metrics = Arc::new(Metrics::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let io_timeout = Duration::from_secs(60);
+        let server = serve_on(listener, metrics.clone(), stop.clone(), io_timeout).expect("serve");
+
+        let mut silent: Vec<TcpStream> = (0..HTTP_CONNECTIONS_MAX - 1)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let answer = scrape(addr).expect("a scrape beside silent connections is answered");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+        silent.push(TcpStream::connect(addr).expect("connect"));
+        // Closed with the request unread, so reset as often as ended; a timeout would be the
+        // connection left waiting.
+        match scrape(addr) {
+            Ok(answer) => assert_eq!(answer, "", "answered beyond the limit"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        let refused = metrics.encode();
+        assert!(
+            refused.contains("holdfast_shell_refused_total{reason=\"metrics_connections_max\"} 1"),
+            "{refused}"
+        );
+
+        drop(silent);
+        let mut answered = None;
+        for _ in 0..600 {
+            match scrape(addr) {
+                Ok(a) if !a.is_empty() => {
+                    answered = Some(a);
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        let answer = answered.expect("answered again once the silent connections went");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        stop.store(true, Ordering::Relaxed);
+        server.join().expect("the metrics thread ends");
+    }
 
     #[test]
     fn routes_requests_and_refuses_junk_without_panicking() {

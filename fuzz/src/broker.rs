@@ -738,6 +738,9 @@ impl Broker {
             None => Outcome::Refused(Refusal::Malformed(String::new())),
         };
         let outcome = self.state.apply_bytes(bytes);
+        if let Err(e) = self.state.check_invariants_fully() {
+            panic!("the broker state breaks its invariants after {outcome:?}: {e}");
+        }
         self.sync_store();
         match (&expected, &outcome) {
             (Outcome::Refused(Refusal::Malformed(_)), Outcome::Refused(Refusal::Malformed(_))) => {}

@@ -41,8 +41,11 @@ pub const MEMBERSHIP_CHECKERS: [&str; 3] =
 /// copy asked of it (a restart from a metadata-only snapshot checks the first).
 pub const SNAPSHOT_CHECKERS: [&str; 2] = ["snapshot-agreement", "queue-store"];
 
-/// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them.
-pub const QUEUE_CHECKERS: [&str; 10] = [
+/// The queue's checkers (DESIGN §1 items 1-5), named as Jepsen names them, and
+/// `state-invariants`: what the parts of each node's broker state must agree on
+/// (`BrokerState::check_invariants`: index, cache and its accounting, offsets, producers),
+/// which no delivery shows.
+pub const QUEUE_CHECKERS: [&str; 11] = [
     "exclusive-owner",
     "dead-letter",
     "retention",
@@ -53,6 +56,7 @@ pub const QUEUE_CHECKERS: [&str; 10] = [
     "nonmonotonic-poll",
     "offset-regression",
     "order",
+    "state-invariants",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -290,6 +290,51 @@ impl QueueLog {
         }
     }
 
+    /// What the index and the cache must agree on, or the first disagreement: the cache a
+    /// suffix of the retained messages, each as the index holds it; with `every_entry`, also
+    /// every retained offset indexed and `bytes` their sizes summed (a pass over them all).
+    pub(super) fn check_invariants(&self, every_entry: bool) -> Result<(), String> {
+        if self.start > self.end {
+            return Err(format!("start {} past end {}", self.start, self.end));
+        }
+        if self.cached.len() as u64 > self.end - self.start {
+            return Err(format!(
+                "{} cached of {} retained",
+                self.cached.len(),
+                self.end - self.start
+            ));
+        }
+        for (offset, stored) in (self.cached_from()..).zip(&self.cached) {
+            let entry = self.entry(offset);
+            if entry != Some(IndexEntry::of(stored)) {
+                return Err(format!(
+                    "offset {offset}: cached {stored:?}, indexed {entry:?}"
+                ));
+            }
+        }
+        if every_entry {
+            let mut bytes = 0;
+            for offset in self.start..self.end {
+                let entry = self
+                    .entry(offset)
+                    .ok_or_else(|| format!("no index entry for retained offset {offset}"))?;
+                bytes += u64::from(entry.size);
+            }
+            if bytes != self.bytes {
+                return Err(format!("{} bytes counted, {bytes} retained", self.bytes));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cached messages' sizes summed.
+    pub(super) fn cached_bytes(&self) -> u64 {
+        self.cached
+            .iter()
+            .map(|m| m.message.size_bytes() as u64)
+            .sum()
+    }
+
     /// The first retained offset.
     pub(super) fn start(&self) -> Offset {
         self.start
@@ -373,11 +418,7 @@ impl QueueLog {
 
     /// Empties the cache; returns the bytes it held.
     pub(super) fn drop_cache(&mut self) -> u64 {
-        let freed = self
-            .cached
-            .iter()
-            .map(|m| m.message.size_bytes() as u64)
-            .sum();
+        let freed = self.cached_bytes();
         self.cached.clear();
         freed
     }

@@ -152,6 +152,100 @@ impl BrokerState {
             .sum()
     }
 
+    /// What the parts of the state must agree on, or the first disagreement: each queue's
+    /// cache a suffix of its messages as the index holds them; the cache's byte count (their
+    /// sizes summed) within its bound, and every cached message in the eviction order (else
+    /// nothing would ever evict it); consume offsets and acks within their queues; as many
+    /// producers in the order by last write as there are. A pass over the cache, the order
+    /// and the offsets, not over every retained message: the simulator runs it on every node
+    /// at its periodic checks. [`BrokerState::check_invariants_fully`] adds the rest.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.check(false)
+    }
+
+    /// [`BrokerState::check_invariants`], and every retained message indexed with each
+    /// queue's byte count their sizes summed, and each producer's window and its place in
+    /// the order by last write: a pass over the whole state. The core's unit tests run it
+    /// after every command on small states, the simulator at the end of a run.
+    pub fn check_invariants_fully(&self) -> Result<(), String> {
+        self.check(true)?;
+        for (id, window) in &self.producers {
+            if !window.consistent() {
+                return Err(format!("producer {id:?}'s window: {window:?}"));
+            }
+            if !self.by_touch.contains(&(window.touched, *id)) || window.touched > self.touched_max
+            {
+                return Err(format!(
+                    "producer {id:?} last wrote at {}, the order by last write does not say so \
+                     (latest {})",
+                    window.touched, self.touched_max
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, every_entry: bool) -> Result<(), String> {
+        let mut cached_bytes = 0;
+        for (queue, log) in &self.queues {
+            log.check_invariants(every_entry)
+                .map_err(|e| format!("{queue}: {e}"))?;
+            cached_bytes += log.cached_bytes();
+        }
+        if cached_bytes != self.cache_bytes {
+            return Err(format!(
+                "the cache counts {} bytes and holds {cached_bytes}",
+                self.cache_bytes
+            ));
+        }
+        if self.cache_bytes > self.config.cache_bytes_max {
+            return Err(format!(
+                "the cache holds {} bytes, past its bound of {}",
+                self.cache_bytes, self.config.cache_bytes_max
+            ));
+        }
+        // Each queue's cached offsets, marked as the order names them.
+        let mut named: BTreeMap<&QueueId, Vec<bool>> = self
+            .queues
+            .iter()
+            .map(|(queue, log)| (queue, vec![false; (log.end() - log.cached_from()) as usize]))
+            .collect();
+        for (queue, offset) in &self.cache_order {
+            if let (Some(log), Some(marks)) = (self.queues.get(queue), named.get_mut(queue))
+                && let Some(i) = offset.checked_sub(log.cached_from())
+                && let Some(mark) = marks.get_mut(i as usize)
+            {
+                *mark = true;
+            }
+        }
+        for (queue, marks) in &named {
+            if let Some(i) = marks.iter().position(|named| !named) {
+                let offset = self.queues.get(*queue).map_or(0, QueueLog::cached_from) + i as u64;
+                return Err(format!(
+                    "{queue}@{offset} is cached but not in the eviction order"
+                ));
+            }
+        }
+        for ((group, queue), offsets) in &self.offsets {
+            if let Some(log) = self.queues.get(queue)
+                && !offsets.consistent(log.end())
+            {
+                return Err(format!(
+                    "{group}'s offsets in {queue} (ending at {}): {offsets:?}",
+                    log.end()
+                ));
+            }
+        }
+        if self.by_touch.len() != self.producers.len() {
+            return Err(format!(
+                "{} producers, {} in the order by last write",
+                self.producers.len(),
+                self.by_touch.len()
+            ));
+        }
+        Ok(())
+    }
+
     pub fn config(&self) -> &BrokerConfig {
         &self.config
     }
@@ -415,6 +509,20 @@ impl BrokerState {
     }
 
     pub fn apply(&mut self, command: Command) -> Outcome {
+        let outcome = self.apply_unchecked(command);
+        // A pass over every retained message: on small states only, or a test of tens of
+        // thousands of messages would be quadratic.
+        #[cfg(test)]
+        if self.queues.values().map(QueueLog::len).sum::<usize>() <= 4_096
+            && self.producers.len() <= 4_096
+            && let Err(e) = self.check_invariants_fully()
+        {
+            panic!("after {outcome:?}: {e}");
+        }
+        outcome
+    }
+
+    fn apply_unchecked(&mut self, command: Command) -> Outcome {
         match command {
             // Logs from before epochs hold this: every topic of theirs is of epoch 0.
             Command::CreateQueues { queues } => {
@@ -1042,7 +1150,9 @@ impl BrokerState {
                         size: entry.size,
                         reconsume_times: attempt,
                     });
-                    self.cache_bytes -= freed;
+                    if !Canary::RequeueKeepsCacheBytes.planted(self.config.canary) {
+                        self.cache_bytes -= freed;
+                    }
                     requeue.offset = at;
                     self.store_ops.push(StoreOp::Requeue(requeue.clone()));
                 }

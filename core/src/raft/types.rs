@@ -684,10 +684,14 @@ pub enum Canary {
     /// Retention drops a queue's oldest message once it is half `retention_ms` old, while it
     /// is still inside the retention window.
     TrimInsideRetention,
+    /// A `ReconsumeLater` of a message the cache no longer holds empties the retry queue's
+    /// cache (it must stay a suffix) but leaves the bytes it held counted: nothing delivered
+    /// changes, the cache just shrinks for good.
+    RequeueKeepsCacheBytes,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 43] = [
+    pub const ALL: [Canary; 44] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -731,6 +735,7 @@ impl Canary {
         Canary::SecondChangeWhilePending,
         Canary::LearnerVotes,
         Canary::TrimInsideRetention,
+        Canary::RequeueKeepsCacheBytes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -778,6 +783,7 @@ impl Canary {
             Canary::SecondChangeWhilePending => "second-change-while-pending",
             Canary::LearnerVotes => "learner-votes",
             Canary::TrimInsideRetention => "trim-inside-retention",
+            Canary::RequeueKeepsCacheBytes => "requeue-keeps-cache-bytes",
         }
     }
 
@@ -812,6 +818,7 @@ impl Canary {
                 | Canary::AckOnDelivery
                 | Canary::SnapshotBeforeStoreSync
                 | Canary::TrimInsideRetention
+                | Canary::RequeueKeepsCacheBytes
         )
     }
 

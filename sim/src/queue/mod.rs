@@ -190,9 +190,24 @@ pub(crate) struct QueueWorld {
     initial: Vec<NodeId>,
     operator: operator::Operator,
     tally: crate::membership::Tally,
+    /// Periodic checks made so far: every [`STATE_CHECK_EVERY`]-th also checks each node's
+    /// broker states' own invariants.
+    checks: u64,
 }
 
 crate::kernel_deref!(QueueWorld, Event);
+
+/// A broker state's invariants are checked at every this many periodic checks (and fully at
+/// the end): a pass over its cache costs more than most checks, and a state that breaks
+/// them stays broken (the checked counts do not heal by themselves).
+const STATE_CHECK_EVERY: u64 = 4;
+
+fn state_violation(node: usize, group: GroupId, why: String) -> Violation {
+    violation(
+        "state-invariants",
+        format!("node {node} group {group}: {why}"),
+    )
+}
 
 /// Redelivery delays short enough that retries come back within a run, and the seed's
 /// retention (the history knows it, to tell a trim retention allows from a loss).
@@ -247,6 +262,7 @@ impl QueueWorld {
             canary: options.canary,
             snapshot_entries_min: None,
             snapshot_chunk_bytes_max: 1 << 20,
+            checks: 0,
             k: Kernel::new(options, node_ids.len() + spares),
             initial: node_ids,
         }
@@ -1003,9 +1019,11 @@ impl QueueWorld {
         Ok(())
     }
 
-    /// Periodic checks: consume offsets never move back; after healing, has everything
-    /// drained?
+    /// Periodic checks: each broker state's own invariants; consume offsets never move back;
+    /// after healing, has everything drained?
     fn check(&mut self) -> Result<bool, Violation> {
+        self.checks += 1;
+        let check_states = self.checks.is_multiple_of(STATE_CHECK_EVERY);
         for (i, host) in self.nodes.iter().enumerate() {
             let process = &self.k.hosts[i];
             let (Some(broker), true) = (host.broker.as_deref(), process.up) else {
@@ -1013,6 +1031,10 @@ impl QueueWorld {
             };
             for group in 1..=self.broker_groups {
                 if let Some(state) = broker.broker_state(group) {
+                    if check_states {
+                        let checked = state.check_invariants();
+                        checked.map_err(|e| state_violation(i + 1, group, e))?;
+                    }
                     self.history.consume_offsets(
                         i as u64 + 1,
                         process.incarnation,
@@ -1125,6 +1147,17 @@ impl QueueWorld {
     fn final_check(&mut self) -> Result<(), Violation> {
         self.checker.all_acked_stay()?;
         self.check_committed_bytes()?;
+        for (i, host) in self.nodes.iter().enumerate() {
+            let (Some(broker), true) = (host.broker.as_deref(), self.k.hosts[i].up) else {
+                continue;
+            };
+            for group in 1..=self.broker_groups {
+                if let Some(state) = broker.broker_state(group) {
+                    let checked = state.check_invariants_fully();
+                    checked.map_err(|e| state_violation(i + 1, group, e))?;
+                }
+            }
+        }
         let mut states: BTreeMap<GroupId, StateView<'_>> = BTreeMap::new();
         for group in 1..=self.broker_groups {
             let leader = self

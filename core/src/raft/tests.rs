@@ -20,6 +20,8 @@
 //! - A pre-candidate counts grants only for its next term; a heartbeat is rejected only by a
 //!   damaged follower lacking committed entries; following the same leader in a newer term is
 //!   no leader change.
+//! - A leadership transfer is given up at its deadline and not before, and its leader steps down
+//!   then only if it sent `TimeoutNow`.
 
 use std::time::Duration;
 
@@ -1212,4 +1214,64 @@ fn a_follower_reports_no_leader_change_when_its_leader_leads_a_newer_term() {
         events(&mut replica),
         vec![RaftEvent::LeaderChanged { term: 6, leader: 3 }]
     );
+}
+
+/// Found by mutation testing (`handle_timeout`'s `now >= transfer.deadline` as `<`: a transfer
+/// given up at the first timer before its deadline, and never after it; `transfers_aborted +=
+/// 1` as `*=`; `timeout_now_term == self.term` as `!=`: the wrong leader stepped down): a
+/// leadership transfer is given up at its deadline, an election timeout after it began, and not
+/// before; the leader, which sent no `TimeoutNow`, keeps leading and takes proposals again. One
+/// that did send `TimeoutNow` steps down as it gives up (its read lease is void for the term).
+#[test]
+fn a_leadership_transfer_is_given_up_at_its_deadline_and_not_before() {
+    let command = || vec![Bytes::from_static(b"c")];
+    let acked = || answer(3, AppendResult::Accepted { match_index: 6 });
+    let mut leader = with_log(2, 5, 5);
+    let start = later(1);
+    elect(&mut leader, start);
+    leader.step(start, 3, acked());
+    settle(&mut leader, start);
+    events(&mut leader);
+    assert_eq!(leader.transfer_leadership(start, 2), Ok(()));
+    let config = leader.config().clone();
+    let deadline = start + config.election_timeout_min;
+    let mut at = start;
+    while at + config.heartbeat_interval < deadline {
+        at = at + config.heartbeat_interval;
+        leader.step(at, 3, acked());
+        leader.handle_timeout(at);
+        settle(&mut leader, at);
+        assert_eq!(events(&mut leader), vec![], "at {at}");
+        assert_eq!(
+            leader.propose(at, 1, command()),
+            Err(ProposeError::Transferring { to: 2 })
+        );
+    }
+    leader.step(deadline, 3, acked());
+    leader.handle_timeout(deadline);
+    settle(&mut leader, deadline);
+    assert_eq!(
+        events(&mut leader),
+        vec![RaftEvent::TransferAborted { term: 3, to: 2 }]
+    );
+    assert_eq!(leader.counters().transfers_aborted, 1);
+    assert_eq!(leader.status().role, Role::Leader);
+    assert!(leader.propose(deadline, 1, command()).is_ok());
+
+    // Node 2 caught up and was sent `TimeoutNow`, and never took over.
+    let mut leader = with_log(2, 5, 5);
+    elect(&mut leader, start);
+    leader.step(start, 3, acked());
+    leader.step(start, 2, acked());
+    settle(&mut leader, start);
+    assert_eq!(leader.transfer_leadership(start, 2), Ok(()));
+    let sent = settle(&mut leader, start);
+    assert!(
+        sent.iter().any(|m| matches!(m, Message::TimeoutNow { .. })),
+        "{sent:?}"
+    );
+    leader.step(deadline, 3, acked());
+    leader.handle_timeout(deadline);
+    assert_eq!(leader.status().role, Role::Follower);
+    assert_eq!(leader.counters().transfers_aborted, 1);
 }

@@ -12,6 +12,16 @@
 //!   hold; any answer to an Append counts for CheckQuorum.
 //! - A new leader's timers start at its election; a sync notice for a write not handed out yet
 //!   is ignored.
+//! - Terms: a vote request from a member with a log behind ours moves our term, one from outside
+//!   the configuration does not; terms up to the limit are taken however far ahead, an absurd
+//!   one moves the term to the limit (a vote request only outside the lease) and never to
+//!   `TERM_MAX`; within the lease a vote request is ignored; a stale leader is told the newer
+//!   term; a candidate that lost keeps its vote for itself.
+//! - A pre-candidate counts grants only for its next term; a heartbeat is rejected only by a
+//!   damaged follower lacking committed entries; following the same leader in a newer term is
+//!   no leader change.
+//! - A leadership transfer is given up at its deadline and not before, and its leader steps down
+//!   then only if it sent `TimeoutNow`.
 
 use std::time::Duration;
 
@@ -964,4 +974,304 @@ fn a_leader_commits_when_its_own_write_syncs_after_a_followers_acknowledgement()
     );
     leader.persisted(now, write.id);
     assert_eq!(leader.status().commit_index, 7);
+}
+
+fn vote_responses(sent: &[Message]) -> Vec<(Term, bool)> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::VoteResponse { term, granted } => Some((*term, *granted)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Found by mutation testing (the check that drops a vote request unread, `!contains(from) &&
+/// !is_up_to_date(..)`, with either `!` deleted): a vote request of a newer
+/// term from a member whose log is behind ours is refused and its term becomes ours (Raft
+/// §5.1); one from outside our configuration with such a log is dropped unread and moves no
+/// term; one from outside with a log as long as ours is answered (a server added in a
+/// configuration we lack).
+#[test]
+fn a_vote_request_with_a_log_behind_ours_is_refused_in_its_term_unless_from_outside_the_group() {
+    let now = later(1);
+    let vote = |last_index, last_term| Message::Vote {
+        term: 5,
+        last_index,
+        last_term,
+    };
+    let mut replica = recovered(3, 10, None);
+    replica.step(now, 2, vote(2, 1));
+    assert_eq!(vote_responses(&settle(&mut replica, now)), vec![(5, false)]);
+    assert_eq!(replica.status().term, 5, "a member's term is taken");
+
+    let mut replica = recovered(3, 10, None);
+    replica.step(now, 4, vote(2, 1));
+    assert_eq!(settle(&mut replica, now), vec![], "dropped unread");
+    assert_eq!(replica.status().term, 3);
+
+    let mut replica = recovered(3, 10, None);
+    replica.step(now, 4, vote(10, 3));
+    assert_eq!(vote_responses(&settle(&mut replica, now)), vec![(5, true)]);
+    assert_eq!(replica.status().vote, Some(4));
+}
+
+/// Found by mutation testing (the term limit's `term > TERM_ACCEPTED_MAX` as `>=`): a message
+/// of any term up to the limit is taken as Raft takes it, however far past the replica's own
+/// term, and its leader is followed.
+#[test]
+fn a_leader_of_any_term_up_to_the_limit_is_followed_however_far_ahead() {
+    for term in [5, TERM_ACCEPTED_MAX] {
+        let mut replica = recovered(3, 2, None);
+        heartbeat_answers(&mut replica, later(1), (2, term), 2, 0);
+        assert_eq!(replica.status().term, term);
+        assert_eq!(replica.status().leader, Some(2), "term {term}");
+    }
+}
+
+/// Found by mutation testing (the `Vote` arm of the refused absurd term's `bumps`, deleted or
+/// with its `!` deleted): a vote request of an absurd term moves the replica's term to the
+/// limit like any other message of a newer term, except within the CheckQuorum lease, where
+/// any vote request is ignored.
+#[test]
+fn an_absurd_vote_request_moves_the_term_to_the_limit_only_outside_the_lease() {
+    let mut replica = recovered(3, 2, None);
+    let now = later(1);
+    heartbeat_answers(&mut replica, now, (2, 3), 2, 0);
+    let absurd = || Message::Vote {
+        term: u64::MAX,
+        last_index: 9,
+        last_term: 3,
+    };
+    let soon = now + Duration::from_millis(50);
+    replica.step(soon, 3, absurd());
+    assert_eq!(settle(&mut replica, soon), vec![]);
+    assert_eq!(replica.status().term, 3, "within the lease");
+    assert_eq!(replica.status().leader, Some(2));
+    let lease_over = now + replica.config().election_timeout_min * 2;
+    replica.step(lease_over, 3, absurd());
+    assert_eq!(settle(&mut replica, lease_over), vec![]);
+    assert_eq!(
+        replica.status().term,
+        TERM_ACCEPTED_MAX,
+        "outside the lease"
+    );
+    assert_eq!(replica.status().leader, None);
+}
+
+/// Found by mutation testing (`bumped < TERM_MAX` as `<=`): no message moves a replica's term
+/// to `TERM_MAX`, where every message of its own term would be dropped unread.
+#[test]
+fn no_message_moves_a_replicas_term_to_term_max() {
+    let mut replica = recovered(TERM_MAX - 1, 2, None);
+    heartbeat_answers(&mut replica, later(1), (2, u64::MAX), 2, 0);
+    assert_eq!(replica.status().term, TERM_MAX - 1);
+}
+
+/// Found by mutation testing (the guard `Vote if self.in_lease(now)` as `false`): a follower
+/// that heard from its leader less than an election timeout ago ignores a vote request of a
+/// newer term (the CheckQuorum lease, thesis §4.2.3), and grants it once that time is over.
+#[test]
+fn a_follower_ignores_a_vote_request_while_its_leader_was_heard_within_an_election_timeout() {
+    let mut replica = recovered(3, 2, None);
+    let now = later(1);
+    heartbeat_answers(&mut replica, now, (2, 3), 2, 0);
+    let timeout = replica.config().election_timeout_min;
+    let soon = now + timeout - Duration::from_millis(1);
+    replica.step(soon, 3, vote_for(4));
+    assert_eq!(settle(&mut replica, soon), vec![]);
+    assert_eq!(replica.status().term, 3);
+    assert_eq!(replica.status().leader, Some(2));
+    let after = now + timeout;
+    replica.step(after, 3, vote_for(4));
+    assert_eq!(
+        vote_responses(&settle(&mut replica, after)),
+        vec![(4, true)]
+    );
+}
+
+/// Found by mutation testing (the stale branch's `Append | Heartbeat | InstallSnapshot` arm
+/// deleted: the stale leader was not answered): a leader of an older term is told the newer
+/// one, so that it steps down, and its entries are not taken.
+#[test]
+fn a_stale_leader_is_told_the_newer_term_and_its_entries_are_not_taken() {
+    let mut replica = with_terms(3, &[1, 1], 2);
+    let now = later(1);
+    replica.step(now, 2, append(2, 2, 1, vec![entry(3, 2)], 2));
+    let told = |sent: &[Message]| {
+        sent.iter()
+            .any(|m| matches!(m, Message::HeartbeatResponse { term: 3, .. }))
+    };
+    let sent = settle(&mut replica, now);
+    assert!(told(&sent), "{sent:?}");
+    assert_eq!(replica.status().last_index, 2);
+    assert_eq!(replica.status().leader, None);
+    let sent = heartbeat_answers(&mut replica, now, (2, 2), 2, 0);
+    assert!(told(&sent), "{sent:?}");
+}
+
+/// Found by mutation testing (`!granted || term == self.term + 1` with the `!` deleted): a
+/// pre-candidate counts a grant only for the term it would campaign in (a late grant of an
+/// earlier round is not one), and a refusal whatever its term.
+#[test]
+fn a_pre_candidate_counts_grants_for_its_next_term_only_and_refusals_of_any_term() {
+    let mut replica = recovered(3, 2, None);
+    let now = later(1);
+    replica.handle_timeout(now);
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::PreCandidate);
+    let late_grant = Message::PreVoteResponse {
+        term: 3,
+        granted: true,
+    };
+    replica.step(now, 2, late_grant);
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::PreCandidate);
+    for from in [2, 3] {
+        let refusal = Message::PreVoteResponse {
+            term: 3,
+            granted: false,
+        };
+        replica.step(now, from, refusal);
+    }
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::Follower, "a majority refused");
+    assert_eq!(replica.status().term, 3);
+}
+
+/// Found by mutation testing (`self.damage.is_some() && commit > last_index` with `||`, or `>`
+/// as `>=`): a heartbeat is answered with a rejection only by a damaged follower that lacks
+/// entries the leader committed; a follower merely behind, or a damaged one holding them all,
+/// just answers it.
+#[test]
+fn only_a_damaged_follower_lacking_committed_entries_rejects_a_heartbeat() {
+    let rejects = |sent: &[Message]| {
+        sent.iter()
+            .any(|m| matches!(m, Message::AppendResponse { .. }))
+    };
+    let mut behind = recovered(3, 5, None);
+    let sent = heartbeat_answers(&mut behind, later(1), (2, 3), 10, 1);
+    assert!(!rejects(&sent), "{sent:?}");
+    let mut damaged = recovered(3, 10, damage(6));
+    let sent = heartbeat_answers(&mut damaged, later(1), (2, 3), 5, 1);
+    assert!(!rejects(&sent), "{sent:?}");
+    let sent = heartbeat_answers(&mut damaged, later(1), (2, 3), 6, 1);
+    assert!(rejects(&sent), "{sent:?}");
+}
+
+/// Found by mutation testing (`become_follower`'s `term > self.term` as `>=`): a candidate
+/// that loses its campaign keeps its vote for itself in that term, and refuses another
+/// candidate of the same term.
+#[test]
+fn a_candidate_that_lost_its_campaign_votes_for_no_one_else_in_its_term() {
+    let mut replica = recovered(3, 2, None);
+    let now = later(1);
+    replica.handle_timeout(now);
+    settle(&mut replica, now);
+    let grant = Message::PreVoteResponse {
+        term: 4,
+        granted: true,
+    };
+    replica.step(now, 2, grant);
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::Candidate);
+    for from in [2, 3] {
+        let refusal = Message::VoteResponse {
+            term: 4,
+            granted: false,
+        };
+        replica.step(now, from, refusal);
+    }
+    settle(&mut replica, now);
+    assert_eq!(replica.status().role, Role::Follower);
+    assert_eq!(replica.status().vote, Some(1));
+    replica.step(now, 3, vote_for(4));
+    assert_eq!(vote_responses(&settle(&mut replica, now)), vec![(4, false)]);
+}
+
+fn events(replica: &mut Replica) -> Vec<RaftEvent> {
+    std::iter::from_fn(|| replica.poll_event()).collect()
+}
+
+/// Found by mutation testing (the newer term's `Append | Heartbeat | InstallSnapshot` arm
+/// deleted, so the replica first follows no one in the new term, then the sender): the leader
+/// changes, for the driver's `leader_changes` count, when the replica follows another node, not
+/// when the node it follows leads a newer term.
+#[test]
+fn a_follower_reports_no_leader_change_when_its_leader_leads_a_newer_term() {
+    let mut replica = recovered(3, 2, None);
+    let now = later(1);
+    heartbeat_answers(&mut replica, now, (2, 3), 2, 0);
+    assert_eq!(
+        events(&mut replica),
+        vec![RaftEvent::LeaderChanged { term: 3, leader: 2 }]
+    );
+    heartbeat_answers(&mut replica, now, (2, 5), 2, 0);
+    assert_eq!(replica.status().term, 5);
+    assert_eq!(replica.status().leader, Some(2));
+    assert_eq!(events(&mut replica), vec![]);
+    heartbeat_answers(&mut replica, now, (3, 6), 2, 0);
+    assert_eq!(
+        events(&mut replica),
+        vec![RaftEvent::LeaderChanged { term: 6, leader: 3 }]
+    );
+}
+
+/// Found by mutation testing (`handle_timeout`'s `now >= transfer.deadline` as `<`: a transfer
+/// given up at the first timer before its deadline, and never after it; `transfers_aborted +=
+/// 1` as `*=`; `timeout_now_term == self.term` as `!=`: the wrong leader stepped down): a
+/// leadership transfer is given up at its deadline, an election timeout after it began, and not
+/// before; the leader, which sent no `TimeoutNow`, keeps leading and takes proposals again. One
+/// that did send `TimeoutNow` steps down as it gives up (its read lease is void for the term).
+#[test]
+fn a_leadership_transfer_is_given_up_at_its_deadline_and_not_before() {
+    let command = || vec![Bytes::from_static(b"c")];
+    let acked = || answer(3, AppendResult::Accepted { match_index: 6 });
+    let mut leader = with_log(2, 5, 5);
+    let start = later(1);
+    elect(&mut leader, start);
+    leader.step(start, 3, acked());
+    settle(&mut leader, start);
+    events(&mut leader);
+    assert_eq!(leader.transfer_leadership(start, 2), Ok(()));
+    let config = leader.config().clone();
+    let deadline = start + config.election_timeout_min;
+    let mut at = start;
+    while at + config.heartbeat_interval < deadline {
+        at = at + config.heartbeat_interval;
+        leader.step(at, 3, acked());
+        leader.handle_timeout(at);
+        settle(&mut leader, at);
+        assert_eq!(events(&mut leader), vec![], "at {at}");
+        assert_eq!(
+            leader.propose(at, 1, command()),
+            Err(ProposeError::Transferring { to: 2 })
+        );
+    }
+    leader.step(deadline, 3, acked());
+    leader.handle_timeout(deadline);
+    settle(&mut leader, deadline);
+    assert_eq!(
+        events(&mut leader),
+        vec![RaftEvent::TransferAborted { term: 3, to: 2 }]
+    );
+    assert_eq!(leader.counters().transfers_aborted, 1);
+    assert_eq!(leader.status().role, Role::Leader);
+    assert!(leader.propose(deadline, 1, command()).is_ok());
+
+    // Node 2 caught up and was sent `TimeoutNow`, and never took over.
+    let mut leader = with_log(2, 5, 5);
+    elect(&mut leader, start);
+    leader.step(start, 3, acked());
+    leader.step(start, 2, acked());
+    settle(&mut leader, start);
+    assert_eq!(leader.transfer_leadership(start, 2), Ok(()));
+    let sent = settle(&mut leader, start);
+    assert!(
+        sent.iter().any(|m| matches!(m, Message::TimeoutNow { .. })),
+        "{sent:?}"
+    );
+    leader.step(deadline, 3, acked());
+    leader.handle_timeout(deadline);
+    assert_eq!(leader.status().role, Role::Follower);
+    assert_eq!(leader.counters().transfers_aborted, 1);
 }

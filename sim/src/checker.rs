@@ -13,8 +13,9 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use crate::disk::Disk;
 
 /// The Raft checkers, by the name a violation reports.
-pub const RAFT_CHECKERS: [&str; 12] = [
+pub const RAFT_CHECKERS: [&str; 13] = [
     "one-leader-per-term",
+    "one-vote-per-term",
     "read-lease",
     "commit-safety",
     "recovery",
@@ -195,6 +196,9 @@ struct SnapshotSeen {
 #[derive(Default)]
 pub struct Checker {
     leaders: BTreeMap<(GroupId, Term), NodeId>,
+    /// Whom each `(group, voter, term)` gave its vote, as the messages that left it say: a
+    /// candidate's request is its vote for itself, a granted answer its vote for the asker.
+    votes: BTreeMap<(GroupId, NodeId, Term), NodeId>,
     /// What every `(group, index, term)` ever written holds: its content and the term of the
     /// entry before it. Log matching says both are fixed once any replica writes it.
     written: BTreeMap<(GroupId, Index, Term), (u64, Term)>,
@@ -247,6 +251,33 @@ impl Checker {
             return Err(violation(
                 "one-leader-per-term",
                 format!("group {group} term {term}: node {first} and node {node} both lead"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A vote that left a replica: each replica votes for at most one candidate per term, or
+    /// two candidates can each count it towards a majority. (A pre-vote binds nothing.)
+    pub fn voted(&mut self, envelope: &Envelope) -> Result<(), Violation> {
+        let (term, candidate) = match envelope.message {
+            Message::Vote { term, .. } | Message::TransferVote { term, .. } => {
+                (term, envelope.from)
+            }
+            Message::VoteResponse {
+                term,
+                granted: true,
+            } => (term, envelope.to),
+            _ => return Ok(()),
+        };
+        let (group, voter) = (envelope.group, envelope.from);
+        let first = *self.votes.entry((group, voter, term)).or_insert(candidate);
+        if first != candidate {
+            return Err(violation(
+                "one-vote-per-term",
+                format!(
+                    "group {group} node {voter} voted for node {first} and then for node \
+                     {candidate} in term {term}"
+                ),
             ));
         }
         Ok(())

@@ -14,6 +14,8 @@ use crate::swarm::Mix;
 pub enum NodeFault {
     Crash(NodeId),
     Pause(NodeId, Duration),
+    /// Pause these nodes until the same instant.
+    PauseTogether(Vec<NodeId>, Duration),
     /// Slow the node's fsyncs down, or back to normal if they are slow.
     ToggleSlowDisk(NodeId),
     /// Damage synced bytes of one replica's log on the node (the world picks the group, and
@@ -116,6 +118,20 @@ pub fn draw<R: Rng>(
         "late-messages" => {
             network.late_ppm = rng.random_range(20_000..200_000);
             ("late-messages", None)
+        }
+        "pause-together" => {
+            let mut stalled = nodes.to_vec();
+            for i in 0..stalled.len() {
+                let j = rng.random_range(i..stalled.len());
+                stalled.swap(i, j);
+            }
+            stalled.truncate(rng.random_range(2..=nodes.len().max(2)));
+            // Past the longest election timeout (300 ms), so every stalled timer has run out.
+            let pause = Duration::from_millis(rng.random_range(300..1_500));
+            (
+                "pause-together",
+                Some(NodeFault::PauseTogether(stalled, pause)),
+            )
         }
         "consumer-crash" => ("consumer-crash", Some(NodeFault::ConsumerCrash)),
         "isolate-leader" => ("isolate-leader", Some(NodeFault::IsolateLeader)),

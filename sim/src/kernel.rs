@@ -610,6 +610,13 @@ pub trait Workload: DerefMut<Target = Kernel<Self::Event>> {
                 let until = self.now + pause;
                 self.host_mut(node).paused_until = until;
             }
+            Some(NodeFault::PauseTogether(nodes, pause)) => {
+                let until = self.now + pause;
+                for node in nodes {
+                    let host = self.host_mut(node);
+                    host.paused_until = host.paused_until.max(until);
+                }
+            }
             Some(NodeFault::ToggleSlowDisk(node)) => {
                 let host = self.host_mut(node);
                 host.fsync_us = faults::toggle_fsync_us(host.fsync_us);

@@ -14,8 +14,11 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::options::Workload;
 
+/// How many fault kinds there are.
+pub const KIND_COUNT: usize = 19;
+
 /// Every fault kind the fault phase can draw, in the order of [`FIXED`].
-pub const KINDS: [&str; 18] = [
+pub const KINDS: [&str; KIND_COUNT] = [
     "isolate",
     "partition",
     "one-way",
@@ -39,17 +42,23 @@ pub const KINDS: [&str; 18] = [
     // Cut off whichever node leads a group: in a row, these leave leaders with entries only
     // they hold and bring them back (Raft's figure 8).
     "isolate-leader",
+    // Several nodes stall at once (a hypervisor or a shared disk hiccups) and wake at the same
+    // instant with their election timers run out: they campaign together, votes split, and
+    // candidates lose elections (where a candidate's vote in its own term must hold).
+    "pause-together",
 ];
 
 /// The blend every seed explored before swarm testing (`--faults fixed`): these weights, and
 /// consumer crashes drawn apart, one fault in eight. A run with it replays exactly as it did
 /// then, which keeps the regression list's old seeds meaningful.
-pub const FIXED: [u32; 18] = [12, 10, 10, 15, 15, 10, 8, 8, 6, 6, 4, 3, 3, 2, 2, 0, 0, 0];
+pub const FIXED: [u32; KIND_COUNT] = [
+    12, 10, 10, 15, 15, 10, 8, 8, 6, 6, 4, 3, 3, 2, 2, 0, 0, 0, 0,
+];
 
 /// The weight of each fault kind, in the order of [`KINDS`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mix {
-    pub weights: [u32; 18],
+    pub weights: [u32; KIND_COUNT],
 }
 
 impl Mix {
@@ -62,7 +71,7 @@ impl Mix {
         if text == "fixed" {
             return Ok(Mix::fixed());
         }
-        let mut weights = [0; 18];
+        let mut weights = [0; KIND_COUNT];
         for part in text.split(',').filter(|p| !p.is_empty()) {
             let (kind, weight) = part
                 .split_once('=')
@@ -240,7 +249,7 @@ impl Swarm {
 /// Each kind is on in about two seeds of three, at a weight around its fixed one; crashes
 /// and isolation of a leader are what most bugs need, so they are on more often.
 fn draw_mix(rng: &mut ChaCha8Rng, workload: Workload) -> Mix {
-    let mut weights = [0; 18];
+    let mut weights = [0; KIND_COUNT];
     for (i, kind) in KINDS.iter().enumerate() {
         if *kind == "consumer-crash" && workload != Workload::Queue {
             continue;

@@ -413,7 +413,7 @@ fn the_canary_table_names_the_first_catching_seed_per_workload() {
         "--seeds",
         "3",
         "--only",
-        "commit-from-minority,no-dedup",
+        "commit-from-minority,write-despite-refusal",
     ]);
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
@@ -427,7 +427,7 @@ fn the_canary_table_names_the_first_catching_seed_per_workload() {
     );
     // A queue canary is out of the raft workload's reach.
     assert!(
-        text.contains("| `no-dedup` | 0 (duplicated) | not in 3 |"),
+        text.contains("| `write-despite-refusal` | 0 (unexpected) | not in 3 |"),
         "{text}"
     );
 }

@@ -125,7 +125,8 @@ fn the_queue_survives_a_hundred_and_fifty_seeds_of_three_nodes() {
     assert!(sum(&|s| s.deliveries) > sum(&|s| s.messages_acked));
     assert!(sum(&|s| s.redeliveries) > 0);
     assert!(sum(&|s| s.faults.get("crash").copied().unwrap_or(0)) > 150);
-    assert!(sum(&|s| s.faults.get("consumer-crash").copied().unwrap_or(0)) > 150);
+    // About one consumer crash per seed (144 in these 150).
+    assert!(sum(&|s| s.faults.get("consumer-crash").copied().unwrap_or(0)) > 100);
     // Half the seeds grow and shrink the cluster through the operator's requests (about 0.8
     // nodes added and 0.5 removed per seed over 500 seeds).
     assert!(sum(&|s| s.faults.get("node-add").copied().unwrap_or(0)) > 50);
@@ -274,6 +275,12 @@ mod canaries {
             .into_iter()
             .filter(|c| c.is_raft() && !c.is_disk() && !c.is_snapshot() && !c.is_membership())
             .flat_map(|c| [case(c, "raft", 3), case(c, "raft", 5)])
+            // A second vote after a lost campaign needs, in a group of three, the winner's
+            // request to overtake both refusals and to come before the winner's first append
+            // (the loser then has no leader): about one raft seed in 150 builds it (13 of
+            // seeds 500..2500, none of 0..500). Five nodes lose campaigns far more often, and
+            // the queue workload (the default, three nodes) catches it within 100 seeds.
+            .filter(|c| !(c.canary == Canary::ForgetVoteOnStepDown && c.nodes == 3))
             .collect();
         expect_caught(cases, false, "raft", &RAFT_CHECKERS);
     }

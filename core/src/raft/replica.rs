@@ -1128,7 +1128,7 @@ impl Replica {
     // ----- roles -----
 
     fn become_follower(&mut self, now: Instant, term: Term, leader: Option<NodeId>) {
-        if term > self.term {
+        if term > self.term || (term == self.term && self.canary(Canary::ForgetVoteOnStepDown)) {
             self.term = term;
             self.vote = None;
             self.mark_term_dirty();

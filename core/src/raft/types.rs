@@ -587,6 +587,9 @@ pub enum Canary {
     VoteBeforeDurable,
     /// A restarted replica forgets whom it voted for.
     ForgetVoteOnRestart,
+    /// A replica that becomes a follower in its own term (a candidate that lost its campaign,
+    /// hearing from the winner) forgets whom it voted for, and may vote again in that term.
+    ForgetVoteOnStepDown,
     /// Followers accept AppendEntries from a leader of an older term.
     AcceptStaleAppend,
     /// Votes are granted without checking that the candidate's log is up to date.
@@ -691,12 +694,13 @@ pub enum Canary {
 }
 
 impl Canary {
-    pub const ALL: [Canary; 44] = [
+    pub const ALL: [Canary; 45] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
         Canary::VoteBeforeDurable,
         Canary::ForgetVoteOnRestart,
+        Canary::ForgetVoteOnStepDown,
         Canary::AcceptStaleAppend,
         Canary::VoteWithoutLogCheck,
         Canary::SkipPrevLogCheck,
@@ -745,6 +749,7 @@ impl Canary {
             Canary::AckBeforeDurable => "ack-before-durable",
             Canary::VoteBeforeDurable => "vote-before-durable",
             Canary::ForgetVoteOnRestart => "forget-vote-on-restart",
+            Canary::ForgetVoteOnStepDown => "forget-vote-on-step-down",
             Canary::AcceptStaleAppend => "accept-stale-append",
             Canary::VoteWithoutLogCheck => "vote-without-log-check",
             Canary::SkipPrevLogCheck => "skip-prev-log-check",

@@ -800,6 +800,7 @@ impl QueueWorld {
             if let Some(disk) = host.disks.get(&envelope.group) {
                 Checker::sent(&envelope, disk)?;
             }
+            self.checker.voted(&envelope)?;
             if !host.retired.contains(&envelope.to) {
                 outbox.push(envelope);
             }

@@ -599,6 +599,7 @@ impl World {
         let mut outbox = Vec::new();
         while let Some(envelope) = replica.poll_message() {
             Checker::sent(&envelope, &slot.disk)?;
+            self.checker.voted(&envelope)?;
             outbox.push(envelope);
         }
 

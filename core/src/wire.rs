@@ -160,7 +160,7 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
 }
 
 /// A postcard flavor that appends to a vector it borrows.
-struct AppendTo<'a>(&'a mut Vec<u8>);
+pub(crate) struct AppendTo<'a>(pub(crate) &'a mut Vec<u8>);
 
 impl postcard::ser_flavors::Flavor for AppendTo<'_> {
     type Output = ();

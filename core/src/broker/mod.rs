@@ -39,7 +39,7 @@ pub use state::BrokerState;
 pub(crate) use store::decode_record_checking;
 pub use store::{
     MemoryStore, QueueRange, Requeue, STORE_RECORD_HEADER_BYTES, StoreOp, StoreRecordError,
-    check_record, decode_record, encode_record, record_len,
+    check_record, decode_record, encode_record, encode_record_into, record_len,
 };
 pub use types::*;
 

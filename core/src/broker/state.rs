@@ -12,7 +12,7 @@ use super::snapshot::{
     self, Decoded, ImageRef, IndexImageRef, ProducersRef, QueueIndexesRef as QueuesIndexRef,
     QueuesRef, ReadMessage, SnapshotError,
 };
-use super::store::{QueueRange, Requeue, StoreOp, encode_record};
+use super::store::{QueueRange, Requeue, StoreOp};
 use super::types::*;
 use crate::limits::PRODUCERS_PER_GROUP_MAX;
 use crate::raft::Canary;
@@ -103,7 +103,7 @@ impl BrokerState {
         self.store_ops.push(StoreOp::Write {
             queue: queue.clone(),
             offset,
-            record: encode_record(offset, &stored),
+            message: stored,
         });
         if cache {
             self.cache_bytes += size;

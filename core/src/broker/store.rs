@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use super::types::{Offset, Origin, QueueId, StoredMessage};
 use crate::storage::{QueueSegment, plan_queue_recovery};
+use crate::wire::AppendTo;
 
 /// Bytes in front of a record's offset: its length and checksum.
 pub const STORE_RECORD_HEADER_BYTES: usize = 8;
@@ -28,12 +29,15 @@ pub enum StoreOp {
     /// Forget every message of the group: the node starts afresh (every message it retains is
     /// written again, from a snapshot and from its log).
     Reset,
-    /// Hold `record` (see [`encode_record`]) as the message at `(queue, offset)`. A write to an
-    /// offset already held carries the same bytes (the log is deterministic): overwrite it.
+    /// Hold `message` as the record at `(queue, offset)`, encoded by [`encode_record_into`]
+    /// straight into whatever buffer the store writes from (an encoded record of its own per
+    /// message, allocated and copied again, was a tenth of a publishing node's CPU). A write
+    /// to an offset already held carries the same message (the log is deterministic): the
+    /// store may keep what it has or overwrite it.
     Write {
         queue: QueueId,
         offset: Offset,
-        record: Bytes,
+        message: StoredMessage,
     },
     /// Copy the message at `(from, from_offset)` to `(to, offset)` as [`Requeue::record`] says:
     /// a `ReconsumeLater` of a message the cache no longer held.
@@ -69,7 +73,9 @@ impl StoreOp {
     pub fn weight_bytes(&self) -> u64 {
         const SMALL_BYTES: u64 = 64;
         match self {
-            StoreOp::Write { record, .. } => SMALL_BYTES + record.len() as u64,
+            StoreOp::Write { message, .. } => {
+                SMALL_BYTES + (message.message.size_bytes() + RECORD_SLACK_BYTES) as u64
+            }
             StoreOp::Recover { queues } | StoreOp::CatchUp { queues, .. } => {
                 SMALL_BYTES * (1 + queues.len() as u64)
             }
@@ -159,23 +165,33 @@ impl std::error::Error for StoreRecordError {}
 /// prefixes, time stamps, counts.
 const RECORD_SLACK_BYTES: usize = 64;
 
-/// The record of `stored` at `offset`.
+/// The record of `stored` at `offset`, in a buffer of its own.
 pub fn encode_record(offset: Offset, stored: &StoredMessage) -> Bytes {
-    // Sized for the whole record at once: grown from the header, a 1 KiB message took seven
-    // reallocations, and those were a tenth of a busy node's CPU.
-    let capacity = STORE_RECORD_HEADER_BYTES + 8 + stored.message.size_bytes() + RECORD_SLACK_BYTES;
-    let mut head = Vec::with_capacity(capacity);
-    head.resize(STORE_RECORD_HEADER_BYTES, 0);
-    head.extend_from_slice(&offset.to_le_bytes());
-    // A message of plain values always serialises; were serde ever to fail, the record
-    // would be refused as truncated on every read, never misread.
-    let mut bytes =
-        postcard::to_extend(stored, head).unwrap_or_else(|_| vec![0; STORE_RECORD_HEADER_BYTES]);
-    let len = (bytes.len() - STORE_RECORD_HEADER_BYTES) as u32;
-    let crc = crc32c::crc32c(&bytes[STORE_RECORD_HEADER_BYTES..]);
-    bytes[0..4].copy_from_slice(&len.to_le_bytes());
-    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+    let mut bytes = Vec::new();
+    encode_record_into(&mut bytes, offset, stored);
     Bytes::from(bytes)
+}
+
+/// Appends the record of `stored` at `offset` to `out`; returns its length.
+pub fn encode_record_into(out: &mut Vec<u8>, offset: Offset, stored: &StoredMessage) -> usize {
+    // Room for the whole record at once: grown from the header, a 1 KiB message took seven
+    // reallocations, and those were a tenth of a busy node's CPU.
+    out.reserve(STORE_RECORD_HEADER_BYTES + 8 + stored.message.size_bytes() + RECORD_SLACK_BYTES);
+    let start = out.len();
+    out.resize(start + STORE_RECORD_HEADER_BYTES, 0);
+    out.extend_from_slice(&offset.to_le_bytes());
+    // A message of plain values always serialises; were serde ever to fail, the record is
+    // left a bare header of length 0, which every read refuses as truncated, never misreads.
+    let body_at = start + STORE_RECORD_HEADER_BYTES;
+    if postcard::serialize_with_flavor(stored, AppendTo(out)).is_err() {
+        out.truncate(body_at);
+        return STORE_RECORD_HEADER_BYTES;
+    }
+    let len = (out.len() - body_at) as u32;
+    let crc = crc32c::crc32c(&out[body_at..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..body_at].copy_from_slice(&crc.to_le_bytes());
+    out.len() - start
 }
 
 /// The length of the record starting `bytes`, header included, if the header is there.
@@ -281,13 +297,8 @@ impl MemoryStore {
             StoreOp::Write {
                 queue,
                 offset,
-                record,
-            } => {
-                self.queues
-                    .entry((group, queue))
-                    .or_default()
-                    .insert(offset, record);
-            }
+                message,
+            } => self.insert_record(group, queue, offset, encode_record(offset, &message)),
             StoreOp::Requeue(requeue) => {
                 let original = self
                     .record(group, &requeue.from, requeue.from_offset)
@@ -300,10 +311,7 @@ impl MemoryStore {
                 let record = requeue.record(original).map_err(|e| {
                     format!("requeue of {}@{}: {e}", requeue.from, requeue.from_offset)
                 })?;
-                self.queues
-                    .entry((group, requeue.to))
-                    .or_default()
-                    .insert(requeue.offset, record);
+                self.insert_record(group, requeue.to, requeue.offset, record);
             }
             StoreOp::Trim { .. } => {}
             // Drivers with a memory store (the simulator) send transfer images instead.
@@ -343,6 +351,15 @@ impl MemoryStore {
             }
         }
         Ok(())
+    }
+
+    /// Holds `record` as it is at `(queue, offset)` of `group`: a record copied whole from
+    /// another store (a catch-up), or bytes a test makes up.
+    pub fn insert_record(&mut self, group: u64, queue: QueueId, offset: Offset, record: Bytes) {
+        self.queues
+            .entry((group, queue))
+            .or_default()
+            .insert(offset, record);
     }
 
     /// The record at `(queue, offset)` of `group`, unchecked.
@@ -449,6 +466,22 @@ mod tests {
                 "cut at {cut} passed"
             );
         }
+    }
+
+    #[test]
+    fn records_encoded_into_a_buffer_follow_what_it_holds_and_read_back() {
+        let mut pending = b"earlier records".to_vec();
+        let len = encode_record_into(&mut pending, 42, &stored());
+        let mut other = stored();
+        other.message.body = Bytes::from_static(b"a second one");
+        let second = encode_record_into(&mut pending, 43, &other);
+        let first_at = b"earlier records".len();
+        assert_eq!(&pending[..first_at], b"earlier records");
+        let record = &pending[first_at..first_at + len];
+        assert_eq!(record, &encode_record(42, &stored())[..]);
+        assert_eq!(decode_record(record, 42), Ok(stored()));
+        assert_eq!(pending.len(), first_at + len + second);
+        assert_eq!(decode_record(&pending[first_at + len..], 43), Ok(other));
     }
 
     #[test]

@@ -1223,24 +1223,10 @@ fn a_metadata_snapshot_is_small_and_checked() {
     let mut lacking = MemoryStore::default();
     for offset in (0..200).filter(|o| *o != 57) {
         let record = store.record(0, &queue, offset).expect("held").clone();
-        lacking
-            .apply(
-                0,
-                StoreOp::Write {
-                    queue: queue.clone(),
-                    offset,
-                    record,
-                },
-            )
-            .expect("writes");
+        lacking.insert_record(0, queue.clone(), offset, record);
     }
     let mut complete = store.clone();
-    let past_the_end = StoreOp::Write {
-        queue: queue.clone(),
-        offset: 200,
-        record: Bytes::from_static(b"torn"),
-    };
-    complete.apply(0, past_the_end).expect("writes");
+    complete.insert_record(0, queue.clone(), 200, Bytes::from_static(b"torn"));
     let ops = restored.take_store_ops();
     let error = ops
         .iter()

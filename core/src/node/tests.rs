@@ -88,12 +88,7 @@ impl Cluster {
                 if store.record(group, &range.queue, offset).is_none()
                     && let Some(record) = source.record(group, &range.queue, offset)
                 {
-                    let write = StoreOp::Write {
-                        queue: range.queue.clone(),
-                        offset,
-                        record: record.clone(),
-                    };
-                    store.apply(group, write).expect("writes");
+                    store.insert_record(group, range.queue.clone(), offset, record.clone());
                 }
             }
         }

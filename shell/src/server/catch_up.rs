@@ -393,7 +393,7 @@ impl CatchUps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use holdfast_core::broker::{Message, QueueRange, StoredMessage, encode_record};
+    use holdfast_core::broker::{Message, QueueRange, StoredMessage};
 
     pub(super) fn write(store: &mut QueueStore, queue: &QueueId, offset: Offset) {
         let stored = StoredMessage {
@@ -408,7 +408,7 @@ mod tests {
         let op = StoreOp::Write {
             queue: queue.clone(),
             offset,
-            record: encode_record(offset, &stored),
+            message: stored,
         };
         store.apply(1, op).expect("writes");
     }

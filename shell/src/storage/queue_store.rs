@@ -43,7 +43,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use holdfast_core::broker::{
-    Offset, QueueId, QueueRange, StoreOp, StoredMessage, check_record, decode_record, record_len,
+    Offset, QueueId, QueueRange, StoreOp, StoredMessage, check_record, decode_record,
+    encode_record_into, record_len,
 };
 use holdfast_core::raft::GroupId;
 use holdfast_core::storage::{QueueRecoveryPlan, QueueSegment, plan_queue_recovery};
@@ -112,6 +113,13 @@ impl QueueFiles {
             })
             .collect()
     }
+}
+
+/// What a write puts at its offset: a record already encoded (copied from a peer, a requeue's
+/// copy), or a message encoded straight into the segment's pending bytes.
+enum Record<'a> {
+    Encoded(&'a [u8]),
+    Message(&'a StoredMessage),
 }
 
 /// Every queue's files under `<data_dir>/queues`.
@@ -218,14 +226,14 @@ impl QueueStore {
             StoreOp::Write {
                 queue,
                 offset,
-                record,
-            } => self.write(group, queue, offset, &record),
+                message,
+            } => self.write(group, queue, offset, Record::Message(&message)),
             StoreOp::Requeue(requeue) => {
                 let original = self.read_one(group, &requeue.from, requeue.from_offset)?;
                 let record = requeue.record(&original).map_err(|e| {
                     format!("requeue of {}@{}: {e}", requeue.from, requeue.from_offset)
                 })?;
-                self.write(group, requeue.to, requeue.offset, &record)
+                self.write(group, requeue.to, requeue.offset, Record::Encoded(&record))
             }
             StoreOp::Trim { queue, start } => {
                 self.trimmed.insert((group, queue.clone()), start);
@@ -451,7 +459,8 @@ impl QueueStore {
                 .filter(|l| *l <= RECORD_READ_BYTES_MAX && at + l <= records.len())
                 .ok_or_else(|| {
                     format!(
-                        "{queue}@{offset}: a record cut short or longer than                          {RECORD_READ_BYTES_MAX} bytes at byte {at} of {}",
+                        "{queue}@{offset}: a record cut short or longer than \
+                         {RECORD_READ_BYTES_MAX} bytes at byte {at} of {}",
                         records.len()
                     )
                 })?;
@@ -463,8 +472,13 @@ impl QueueStore {
         }
         for (offset, start, stop) in bounds {
             // An I/O error fails the store (the node stops); bad bytes above only refuse.
-            self.write(group, queue.clone(), offset, &records[start..stop])
-                .inspect_err(|e| self.fail(e))?;
+            self.write(
+                group,
+                queue.clone(),
+                offset,
+                Record::Encoded(&records[start..stop]),
+            )
+            .inspect_err(|e| self.fail(e))?;
         }
         Ok(offset)
     }
@@ -521,7 +535,7 @@ impl QueueStore {
         group: GroupId,
         queue: QueueId,
         offset: Offset,
-        record: &[u8],
+        record: Record<'_>,
     ) -> Result<(), String> {
         let key = (group, queue);
         if !self.dirty.contains(&key) {
@@ -594,10 +608,16 @@ impl QueueStore {
                 .pop()
                 .unwrap_or_else(|| Vec::with_capacity(PENDING_BYTES_MAX));
         }
-        segment.pending.extend_from_slice(record);
+        let len = match record {
+            Record::Encoded(bytes) => {
+                segment.pending.extend_from_slice(bytes);
+                bytes.len()
+            }
+            Record::Message(stored) => encode_record_into(&mut segment.pending, offset, stored),
+        };
         segment.unsynced = true;
         segment.positions.push(position);
-        segment.len += record.len() as u64;
+        segment.len += len as u64;
         if segment.pending.len() >= PENDING_BYTES_MAX {
             write_pending(segment)?;
         }
@@ -1208,7 +1228,7 @@ fn remove(path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use holdfast_core::broker::{Message, Requeue, encode_record};
+    use holdfast_core::broker::{Message, Requeue};
     use std::io::Write;
 
     fn stored(body: &str) -> StoredMessage {
@@ -1227,7 +1247,7 @@ mod tests {
         let op = StoreOp::Write {
             queue: queue.clone(),
             offset,
-            record: encode_record(offset, &stored(body)),
+            message: stored(body),
         };
         store.apply(1, op).expect("writes");
     }

@@ -4,7 +4,8 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use super::types::Command;
+use super::types::{Command, Message};
+use crate::wire::AppendTo;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodecError(String);
@@ -17,12 +18,84 @@ impl fmt::Display for CodecError {
 
 impl std::error::Error for CodecError {}
 
+/// Room for a command's fields besides its messages.
+const COMMAND_SLACK_BYTES: usize = 64;
+
+/// About what postcard adds around a message's bytes: a length prefix per field and per tag
+/// and property string, counts, the key's tag. A little over, so the vector never grows;
+/// not much over, as a Raft log holds the entry in memory until it is compacted.
+fn message_slack_bytes(message: &Message) -> usize {
+    16 + 5 * (message.tags.len() + 2 * message.properties.len())
+}
+
+/// What to reserve for `command`'s encoding.
+fn capacity_bytes(command: &Command) -> usize {
+    let messages = match command {
+        Command::Append { messages, .. } => messages
+            .iter()
+            .map(|m| m.size_bytes() + message_slack_bytes(m))
+            .sum(),
+        _ => 0,
+    };
+    messages + COMMAND_SLACK_BYTES
+}
+
 pub fn encode_command(command: &Command) -> Bytes {
-    // Serialising an in-memory value to a Vec cannot fail for these plain types; if serde
-    // ever reports an error, an empty entry decodes as malformed and is refused on apply.
-    Bytes::from(postcard::to_allocvec(command).unwrap_or_default())
+    // Sized for the whole command at once: grown from empty, an append of 256 messages of
+    // 1 KiB reallocated and copied a dozen times, and it was 8 % of a publishing node's CPU.
+    let mut bytes = Vec::with_capacity(capacity_bytes(command));
+    // Serialising an in-memory value cannot fail for these plain types; if serde ever
+    // reports an error, an empty entry decodes as malformed and is refused on apply.
+    if postcard::serialize_with_flavor(command, AppendTo(&mut bytes)).is_err() {
+        bytes.clear();
+    }
+    Bytes::from(bytes)
 }
 
 pub fn decode_command(bytes: &[u8]) -> Result<Command, CodecError> {
     postcard::from_bytes(bytes).map_err(|e| CodecError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::QueueId;
+
+    #[test]
+    fn a_command_encodes_as_postcard_does_within_the_room_reserved_and_decodes_back() {
+        let mut tagged = Message::with_body(vec![7u8; 300]);
+        tagged.key = Some(Bytes::from_static(b"key"));
+        tagged.tags = vec!["a".into(), "bb".into()];
+        tagged.properties.insert("trace".into(), "x".repeat(200));
+        let append = Command::Append {
+            queue: QueueId::new("orders", 3),
+            producer_id: u64::MAX,
+            first_seq: u64::MAX - 5,
+            messages: vec![
+                Message::with_body(vec![1u8; 1024]),
+                tagged,
+                Message::default(),
+            ],
+            stamp_ms: u64::MAX,
+        };
+        let bytes = encode_command(&append);
+        assert_eq!(
+            &bytes[..],
+            &postcard::to_allocvec(&append).expect("encodes")[..]
+        );
+        let reserved = capacity_bytes(&append);
+        assert!(bytes.len() <= reserved, "{} > {reserved}", bytes.len());
+        assert!(
+            reserved <= bytes.len() + 200,
+            "{reserved} reserved for {}",
+            bytes.len()
+        );
+        assert_eq!(decode_command(&bytes), Ok(append));
+        let ack = Command::Ack {
+            group: "billing".into(),
+            queue: QueueId::new("orders", 0),
+            offsets: (0..100).collect(),
+        };
+        assert_eq!(decode_command(&encode_command(&ack)), Ok(ack));
+    }
 }

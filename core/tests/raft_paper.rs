@@ -488,6 +488,31 @@ fn follower_rejects_append_without_matching_prev_entry_and_repairs_conflicts() {
     assert_eq!(terms_of(&r), [1, 1, 3]);
 }
 
+/// Figure 2: commitIndex = min(leaderCommit, index of last new entry). A follower holding a
+/// stale tail past what an append proved (an old leader's entries 3 and 4, which the new
+/// leader's append of entry 2 alone does not reach) must not commit that tail because the
+/// leader's commit is past it: the leader's entries there may differ.
+#[test]
+fn a_follower_commits_no_further_than_the_append_proved_its_log() {
+    let mut r = solo(2, recovered(2, &[1, 1, 2, 2]));
+    let now = Instant::ZERO + ms(1000);
+    r.step(
+        now,
+        1,
+        Message::Append {
+            term: 3,
+            prev_index: 1,
+            prev_term: 1,
+            entries: vec![entry(2, 1)],
+            commit: 4,
+        },
+    );
+    let result = append_answer(&settle(&mut r, now));
+    assert_eq!(result, Some(AppendResult::Accepted { match_index: 2 }));
+    assert_eq!(terms_of(&r), [1, 1, 2, 2], "nothing conflicted");
+    assert_eq!(r.status().commit_index, 2, "entries 3 and 4 are not proven");
+}
+
 #[test]
 fn new_leader_overwrites_conflicting_follower_suffix_until_logs_match() {
     let mut net = Net::recovered(

@@ -46,9 +46,10 @@ pub const SNAPSHOT_CHECKERS: [&str; 2] = ["snapshot-agreement", "queue-store"];
 /// `state-invariants`: what the parts of each node's broker state must agree on
 /// (`BrokerState::check_invariants`: index, cache and its accounting, offsets, producers),
 /// which no delivery shows.
-pub const QUEUE_CHECKERS: [&str; 11] = [
+pub const QUEUE_CHECKERS: [&str; 12] = [
     "exclusive-owner",
     "dead-letter",
+    "retry-delay",
     "retention",
     "lost",
     "unexpected",

@@ -1233,7 +1233,10 @@ impl BrokerState {
             if offsets.len() >= messages_max || (!offsets.is_empty() && bytes >= bytes_max) {
                 break;
             }
-            if queue.is_retry() && entry.due_ms > now_ms {
+            if queue.is_retry()
+                && entry.due_ms > now_ms
+                && !Canary::RetryIgnoresDelay.planted(self.config.canary)
+            {
                 break;
             }
             next_offset = offset + 1;

@@ -691,10 +691,13 @@ pub enum Canary {
     /// cache (it must stay a suffix) but leaves the bytes it held counted: nothing delivered
     /// changes, the cache just shrinks for good.
     RequeueKeepsCacheBytes,
+    /// A pull of a retry queue hands out messages that are not due yet: a `ReconsumeLater`
+    /// comes back at once instead of after its delay.
+    RetryIgnoresDelay,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 45] = [
+    pub const ALL: [Canary; 46] = [
         Canary::CommitOldTerm,
         Canary::CommitFromMinority,
         Canary::AckBeforeDurable,
@@ -740,6 +743,7 @@ impl Canary {
         Canary::LearnerVotes,
         Canary::TrimInsideRetention,
         Canary::RequeueKeepsCacheBytes,
+        Canary::RetryIgnoresDelay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -789,6 +793,7 @@ impl Canary {
             Canary::LearnerVotes => "learner-votes",
             Canary::TrimInsideRetention => "trim-inside-retention",
             Canary::RequeueKeepsCacheBytes => "requeue-keeps-cache-bytes",
+            Canary::RetryIgnoresDelay => "retry-ignores-delay",
         }
     }
 
@@ -824,6 +829,7 @@ impl Canary {
                 | Canary::SnapshotBeforeStoreSync
                 | Canary::TrimInsideRetention
                 | Canary::RequeueKeepsCacheBytes
+                | Canary::RetryIgnoresDelay
         )
     }
 

@@ -449,6 +449,18 @@ impl QueueWorld {
                     delivery.offset,
                     &found,
                 )?;
+                if delivery.queue.is_retry() {
+                    let delay_ms = super::broker_config(self.k.swarm.retention)
+                        .reconsume_delay_ms(found.reconsume_times);
+                    self.history.check_retry_delay(
+                        now,
+                        group,
+                        &delivery.queue,
+                        delivery.offset,
+                        &found,
+                        delay_ms,
+                    )?;
+                }
                 self.history.delivered(
                     id,
                     group,

@@ -4,6 +4,7 @@
 //! retention, on what a trim may delete.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use bytes::Bytes;
 use holdfast_core::broker::{BrokerState, Offset, ProducerId, QueueId, Seq, StoredMessage};
@@ -352,6 +353,44 @@ impl History {
         }
         self.deliveries
             .push((group.to_string(), broker, queue.clone(), offset, found));
+        Ok(())
+    }
+
+    /// retry-delay: a copy in a retry queue is handed out no earlier than `delay_ms` (its
+    /// attempt's delay) after the first `ReconsumeLater` a listener answered to the attempt
+    /// before. The broker stamps the copy no earlier than that answer (its request leaves
+    /// after it) and serves it from the stamp plus the delay on, in whole milliseconds: one
+    /// millisecond of rounding is allowed.
+    pub fn check_retry_delay(
+        &self,
+        now: Instant,
+        group: &str,
+        queue: &QueueId,
+        offset: Offset,
+        found: &Found,
+        delay_ms: u64,
+    ) -> Result<(), Violation> {
+        let Some(before) = found.reconsume_times.checked_sub(1) else {
+            return Ok(());
+        };
+        let key = (group.to_string(), found.producer_id, found.seq, before);
+        let Some(nacked) = self.nacked.get(&key) else {
+            return Ok(());
+        };
+        let due = *nacked + Duration::from_millis(delay_ms.saturating_sub(1));
+        if now < due {
+            return Err(violation(
+                "retry-delay",
+                format!(
+                    "{group} was handed {queue}@{offset} (producer {} seq {}, attempt {}) at \
+                     {now:?}, {:?} after its ReconsumeLater at {nacked:?}; its delay is {delay_ms} ms",
+                    found.producer_id,
+                    found.seq,
+                    found.reconsume_times,
+                    now.saturating_since(*nacked),
+                ),
+            ));
+        }
         Ok(())
     }
 

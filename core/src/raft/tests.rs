@@ -22,6 +22,12 @@
 //!   no leader change.
 //! - A leadership transfer is given up at its deadline and not before, and its leader steps down
 //!   then only if it sent `TimeoutNow`.
+//! - Leases and heartbeat answers: one follower's answer gives a leader of three its read lease
+//!   for four fifths of an election timeout, and none without CheckQuorum or once that follower
+//!   says its votes were lost; a restarted replica ignores vote requests for an election timeout;
+//!   heartbeat answers keep a leader in power only if they carry a promise, send an unanswered
+//!   snapshot chunk again only after its wait, an Append only to a follower behind (even with a
+//!   full window), and drop a transfer image only once no follower is sent it.
 
 use std::time::Duration;
 
@@ -1274,4 +1280,258 @@ fn a_leadership_transfer_is_given_up_at_its_deadline_and_not_before() {
     leader.handle_timeout(deadline);
     assert_eq!(leader.status().role, Role::Follower);
     assert_eq!(leader.counters().transfers_aborted, 1);
+}
+
+/// Node 1 of three with `config`, leader of term 2 from `later(1)`, that has committed its
+/// own entry with node 2's acknowledgement; no heartbeat answered yet.
+fn committed_leader(config: Config) -> Replica {
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 2,
+        },
+        snapshot: None,
+        entries: (1..=2).map(|i| entry(i, 1)).collect(),
+    };
+    let mut leader = Replica::new(config, recovered, 7, Instant::ZERO);
+    let now = later(1);
+    elect(&mut leader, now);
+    let last = leader.status().last_index;
+    leader.step(
+        now,
+        2,
+        answer(2, AppendResult::Accepted { match_index: last }),
+    );
+    settle(&mut leader, now);
+    assert_eq!(leader.status().commit_index, last);
+    leader
+}
+
+fn heartbeat_answer(context: Instant) -> Message {
+    Message::HeartbeatResponse {
+        term: 2,
+        context: context.as_micros(),
+    }
+}
+
+/// Found by mutation testing (`read_lease`'s `now < context + lease` as `<=`): in a group of
+/// three, one follower's answer to a heartbeat sent at `t` gives the leader its read lease from then until
+/// `t` plus four fifths of an election timeout, and not a microsecond longer; without an answer
+/// it has none.
+#[test]
+fn one_followers_heartbeat_answer_gives_a_leader_of_three_its_lease_for_four_fifths_of_a_timeout() {
+    let mut leader = committed_leader(Config::new(1, 1, vec![1, 2, 3]));
+    let sent = later(1) + Duration::from_millis(10);
+    assert!(!leader.read_lease(sent), "no answer yet");
+    let now = sent + Duration::from_millis(1);
+    leader.step(now, 2, heartbeat_answer(sent));
+    settle(&mut leader, now);
+    let timeout = leader.config().election_timeout_min;
+    let lease = timeout - timeout / 5;
+    assert_eq!(lease, Duration::from_millis(120));
+    assert!(leader.read_lease(now));
+    assert!(leader.read_lease(sent + lease - Duration::from_micros(1)));
+    assert!(
+        !leader.read_lease(sent + lease),
+        "the lease ends at t + lease"
+    );
+}
+
+/// Found by mutation testing (`read_lease`'s `role != Leader || !check_quorum` as `&&`):
+/// without CheckQuorum followers promise nothing (they vote whenever asked), so a leader holds
+/// no read lease however recently they answered.
+#[test]
+fn a_leader_without_check_quorum_holds_no_read_lease() {
+    let mut config = Config::new(1, 1, vec![1, 2, 3]);
+    config.check_quorum = false;
+    let mut leader = committed_leader(config);
+    let now = later(1) + Duration::from_millis(10);
+    leader.step(now, 2, heartbeat_answer(now));
+    leader.step(now, 3, heartbeat_answer(now));
+    settle(&mut leader, now);
+    assert!(!leader.read_lease(now));
+}
+
+/// Found by mutation testing (`read_lease`'s filter `is_voter && !votes_lost` as `||`): a
+/// follower's earlier answer counts for no read lease once it says its votes were lost (its
+/// disk was wiped: it may not remember the promise).
+#[test]
+fn a_followers_answer_counts_for_no_lease_once_it_says_its_votes_were_lost() {
+    let mut leader = committed_leader(Config::new(1, 1, vec![1, 2, 3]));
+    let now = later(1) + Duration::from_millis(10);
+    leader.step(now, 2, heartbeat_answer(now));
+    settle(&mut leader, now);
+    assert!(leader.read_lease(now));
+    let last = leader.status().last_index;
+    leader.step(now, 2, wiped_ack_at(last));
+    settle(&mut leader, now);
+    assert!(!leader.read_lease(now));
+}
+
+/// Found by mutation testing (`in_lease`'s `now < started_at + election_timeout_min` as `==`
+/// or `<=`, or with `-`): a replica keeps the promise it may have made before a restart, so it
+/// ignores vote requests of newer terms for an election timeout after it starts, and no
+/// longer.
+#[test]
+fn a_restarted_replica_ignores_vote_requests_for_an_election_timeout_after_it_starts() {
+    let mut replica = recovered(3, 2, None);
+    let timeout = replica.config().election_timeout_min;
+    let soon = Instant::ZERO + timeout - Duration::from_millis(1);
+    replica.step(soon, 3, vote_for(4));
+    assert_eq!(settle(&mut replica, soon), vec![]);
+    assert_eq!(replica.status().term, 3);
+    let after = Instant::ZERO + timeout;
+    replica.step(after, 3, vote_for(4));
+    assert_eq!(
+        vote_responses(&settle(&mut replica, after)),
+        vec![(4, true)]
+    );
+}
+
+/// Found by mutation testing (`handle_heartbeat_response`'s `context > 0 && !votes_lost` with
+/// `||`, or `>` as `>=`; the other half pins `>` as `==` and the `!` deleted, caught): for
+/// CheckQuorum, a follower that answers only heartbeats keeps its leader in power if its
+/// answers carry a promise (a context), and not if they carry none (a wiped follower's 0).
+#[test]
+fn heartbeat_answers_keep_a_leader_in_power_only_if_they_carry_a_promise() {
+    for promise in [true, false] {
+        let mut leader = committed_leader(Config::new(1, 1, vec![1, 2, 3]));
+        for ms in (1_050..1_600).step_by(50) {
+            let at = Instant::ZERO + Duration::from_millis(ms);
+            let context = if promise { at.as_micros() } else { 0 };
+            leader.step(at, 2, Message::HeartbeatResponse { term: 2, context });
+            leader.handle_timeout(at);
+            settle(&mut leader, at);
+        }
+        assert_eq!(leader.status().role == Role::Leader, promise);
+    }
+}
+
+/// Found by mutation testing (`wait_heartbeats > 0` as `==` or `<`): an unanswered snapshot
+/// chunk goes again only once `snapshot_resend_heartbeats` heartbeats were answered since it
+/// went (the follower may be busy syncing), not at the first.
+#[test]
+fn an_unanswered_snapshot_chunk_goes_again_only_after_its_heartbeats_of_wait() {
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    let wait = leader.config().snapshot_resend_heartbeats;
+    let now = later(1);
+    for _ in 0..wait {
+        leader.step(now, 2, heartbeat_answer(now));
+        assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
+    }
+    leader.step(now, 2, heartbeat_answer(now));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![0]);
+}
+
+/// Written for a mutant the time-boxed mutation run did not reach (`match_index < last_index`
+/// as `<=`, checked by hand): a heartbeat answer from a follower that holds the whole log draws
+/// no Append.
+#[test]
+fn a_caught_up_followers_heartbeat_answer_draws_no_append() {
+    let mut leader = committed_leader(Config::new(1, 1, vec![1, 2, 3]));
+    let now = later(1) + Duration::from_millis(10);
+    leader.step(now, 2, heartbeat_answer(now));
+    assert_eq!(appends(&settle(&mut leader, now)), vec![]);
+}
+
+/// Written for mutants the time-boxed mutation run did not reach (`match_index < last_index`
+/// as `==`, `inflight.len() >= window` as `<`, checked by hand): a heartbeat answer from a
+/// follower behind the leader's log, whose window of Appends is full (one may have been lost),
+/// makes room for one more and sends it.
+#[test]
+fn a_lagging_followers_heartbeat_answer_sends_an_append_despite_a_full_window() {
+    let mut config = Config::new(1, 1, vec![1, 2, 3]);
+    config.inflight_appends_max = 1;
+    let mut leader = committed_leader(config);
+    let now = later(1) + Duration::from_millis(10);
+    let command = || vec![Bytes::from_static(b"c")];
+    assert!(leader.propose(now, 1, command()).is_ok());
+    let first = appends(&settle(&mut leader, now));
+    assert!(leader.propose(now, 2, command()).is_ok());
+    let second = appends(&settle(&mut leader, now));
+    let last = leader.status().last_index;
+    assert!(first.contains(&(last - 2, last - 1)), "{first:?}");
+    assert!(
+        !second.contains(&(last - 1, last)),
+        "the window is full: {second:?}"
+    );
+    leader.step(now, 2, heartbeat_answer(now));
+    assert_eq!(appends(&settle(&mut leader, now)), vec![(last - 1, last)]);
+}
+
+/// Node 1 of three, leader of term 2 using transfer images, holding only a snapshot of
+/// `bytes` bytes at index 10: node 2 needs it, the leader asks for its transfer image, is
+/// given it and sends its first 64-byte chunk.
+fn leader_sending_a_transfer_image(bytes: usize) -> Replica {
+    let mut config = Config::new(1, 1, vec![1, 2, 3]);
+    config.snapshot_chunk_bytes_max = 64;
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 10,
+        },
+        snapshot: Some(Snapshot {
+            index: 10,
+            term: 1,
+            data: Bytes::from(vec![7u8; bytes]),
+            membership: None,
+        }),
+        entries: Vec::new(),
+    };
+    let mut leader = Replica::new(config, recovered, 7, Instant::ZERO);
+    leader.use_transfer_images(true);
+    let now = later(1);
+    elect(&mut leader, now);
+    leader.step(now, 2, answer(2, rejection(10, 0, 0)));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
+    assert_eq!(leader.poll_transfer_wanted(), Some(10));
+    let image = leader.snapshot().cloned().expect("a snapshot");
+    leader.set_transfer(image);
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![0]);
+    leader
+}
+
+/// Found by mutation testing (the guard that drops the transfer image, `is_some() &&
+/// !any(Snapshot)`, as `||` or without its `!`): a heartbeat answer keeps the image while a
+/// follower is still being sent it, so its next chunk goes at once, without asking the driver
+/// for a new image.
+#[test]
+fn a_transfer_image_is_kept_while_a_follower_is_sent_it() {
+    let mut leader = leader_sending_a_transfer_image(1_000);
+    let now = later(1);
+    leader.step(now, 3, heartbeat_answer(now));
+    leader.step(now, 2, heartbeat_answer(now));
+    settle(&mut leader, now);
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), vec![64]);
+    assert_eq!(leader.poll_transfer_wanted(), None);
+}
+
+/// Found by mutation testing (`any(|p| p.state == Snapshot)` as `!=`): once no follower is
+/// sent the transfer image, the next heartbeat answer drops it (it may hold a whole broker's
+/// messages), and a follower that needs the snapshot again waits for a new one.
+#[test]
+fn a_transfer_image_is_dropped_once_no_follower_is_sent_it() {
+    let mut leader = leader_sending_a_transfer_image(64);
+    let now = later(1);
+    leader.step(now, 2, received(64));
+    settle(&mut leader, now);
+    leader.step(
+        now,
+        2,
+        answer(2, AppendResult::Accepted { match_index: 10 }),
+    );
+    settle(&mut leader, now);
+    leader.step(now, 2, heartbeat_answer(now));
+    settle(&mut leader, now);
+    let damaged = AppendResult::RejectedDamaged {
+        rejected_index: 10,
+        hint_index: 0,
+        hint_term: 0,
+    };
+    leader.step(now, 2, answer(2, damaged));
+    assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
+    assert_eq!(leader.poll_transfer_wanted(), Some(10));
 }

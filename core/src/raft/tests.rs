@@ -457,9 +457,10 @@ fn above_the_term_limit_terms_are_taken_one_at_a_time() {
     assert!(!granted(&settle(&mut replica, later(3))));
 }
 
-/// Node 1 of three, leader of term 2, holding only a snapshot of `bytes` bytes at index 10
-/// and sending it to node 2 in 64-byte chunks; returns the leader and the first chunk sent.
-fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
+/// Node 1 of three, elected leader of term 2 at `later(1)` (returned), holding only a
+/// snapshot of `bytes` bytes at index 10, which it sends in 64-byte chunks (from transfer
+/// images when `transfer_images`).
+fn leader_holding_only_a_snapshot(bytes: usize, transfer_images: bool) -> (Replica, Instant) {
     let mut config = Config::new(1, 1, vec![1, 2, 3]);
     config.snapshot_chunk_bytes_max = 64;
     let recovered = Recovered {
@@ -476,9 +477,17 @@ fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
         }),
         entries: Vec::new(),
     };
-    let mut replica = Replica::new(config, recovered, 7, Instant::ZERO);
+    let mut leader = Replica::new(config, recovered, 7, Instant::ZERO);
+    leader.use_transfer_images(transfer_images);
     let now = later(1);
-    elect(&mut replica, now);
+    elect(&mut leader, now);
+    (leader, now)
+}
+
+/// Node 1 of three, leader of term 2, holding only a snapshot of `bytes` bytes at index 10
+/// and sending it to node 2 in 64-byte chunks; returns the leader and the first chunk sent.
+fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
+    let (mut replica, now) = leader_holding_only_a_snapshot(bytes, false);
     let rejected = Message::AppendResponse {
         term: 2,
         result: AppendResult::Rejected {
@@ -1464,26 +1473,7 @@ fn a_lagging_followers_heartbeat_answer_sends_an_append_despite_a_full_window() 
 /// `bytes` bytes at index 10: node 2 needs it, the leader asks for its transfer image, is
 /// given it and sends its first 64-byte chunk.
 fn leader_sending_a_transfer_image(bytes: usize) -> Replica {
-    let mut config = Config::new(1, 1, vec![1, 2, 3]);
-    config.snapshot_chunk_bytes_max = 64;
-    let recovered = Recovered {
-        hard_state: HardState {
-            term: 1,
-            vote: None,
-            commit: 10,
-        },
-        snapshot: Some(Snapshot {
-            index: 10,
-            term: 1,
-            data: Bytes::from(vec![7u8; bytes]),
-            membership: None,
-        }),
-        entries: Vec::new(),
-    };
-    let mut leader = Replica::new(config, recovered, 7, Instant::ZERO);
-    leader.use_transfer_images(true);
-    let now = later(1);
-    elect(&mut leader, now);
+    let (mut leader, now) = leader_holding_only_a_snapshot(bytes, true);
     leader.step(now, 2, answer(2, rejection(10, 0, 0)));
     assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
     assert_eq!(leader.poll_transfer_wanted(), Some(10));

@@ -1026,12 +1026,12 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
             last_index,
             last_term: lt,
         } => Message::PreVote {
-            term: near_term(t, term + 1),
+            term: near_term(t, term.saturating_add(1)),
             last_index: near_index(last_index, last),
             last_term: near_term(lt, last_term),
         },
         Forged::PreVoteResponse { term: t, granted } => Message::PreVoteResponse {
-            term: near_term(t, term + 1),
+            term: near_term(t, term.saturating_add(1)),
             granted,
         },
         Forged::Vote {
@@ -1039,7 +1039,7 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
             last_index,
             last_term: lt,
         } => Message::Vote {
-            term: near_term(t, term + 1),
+            term: near_term(t, term.saturating_add(1)),
             last_index: near_index(last_index, last),
             last_term: near_term(lt, last_term),
         },
@@ -1070,7 +1070,7 @@ fn forge(to: &Replica, now: Instant, forged: Forged) -> Message {
                 .enumerate()
                 .map(|(i, e)| {
                     if e.term_step % 2 == 1 {
-                        entry_term = (entry_term + 1).min(term);
+                        entry_term = entry_term.saturating_add(1).min(term);
                     }
                     Entry {
                         term: entry_term,

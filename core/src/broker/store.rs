@@ -116,7 +116,11 @@ impl Requeue {
     }
 
     /// The copy of `stored`, the message at `(from, from_offset)`.
-    pub fn copy_of(&self, stored: StoredMessage) -> StoredMessage {
+    pub fn copy_of(&self, mut stored: StoredMessage) -> StoredMessage {
+        // Its own bytes: a cached original's body is a slice of the whole Raft entry it came
+        // in, which a copy in a retry queue could otherwise keep alive long after.
+        stored.message.body = Bytes::copy_from_slice(&stored.message.body);
+        stored.message.key = stored.message.key.map(|k| Bytes::copy_from_slice(&k));
         let origin = stored.origin.clone().unwrap_or(Origin {
             queue: self.from.clone(),
             offset: self.from_offset,

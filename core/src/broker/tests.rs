@@ -290,6 +290,31 @@ fn pulls_respect_message_and_byte_limits() {
     );
 }
 
+/// Appends of messages with keys, tags and properties, which `arb_command`'s lack.
+fn arb_append_of_full_messages() -> impl Strategy<Value = Command> {
+    let message = (
+        prop::option::of(prop::collection::vec(any::<u8>(), 0..5)),
+        prop::collection::vec("[a-z]{0,3}", 0..3),
+        prop::collection::btree_map("[a-z]{1,3}", "[a-z]{0,4}", 0..3),
+        prop::collection::vec(any::<u8>(), 0..40),
+    )
+        .prop_map(|(key, tags, properties, body)| Message {
+            key: key.map(Bytes::from),
+            tags,
+            properties,
+            body: Bytes::from(body),
+        });
+    (prop::collection::vec(message, 0..4), any::<u64>()).prop_map(|(messages, seq)| {
+        Command::Append {
+            queue: QueueId::new("orders", 1),
+            producer_id: seq / 3,
+            first_seq: seq,
+            messages,
+            stamp_ms: seq / 7,
+        }
+    })
+}
+
 fn arb_command() -> impl Strategy<Value = Command> {
     let queue = (0..3u32).prop_map(|q| QueueId::new("orders", q));
     prop_oneof![
@@ -372,6 +397,38 @@ proptest! {
     #[test]
     fn commands_survive_the_codec(command in arb_command()) {
         prop_assert_eq!(decode_command(&encode_command(&command)), Ok(command));
+    }
+
+    /// The decoding that slices messages out of the entry gives the same command as the one
+    /// that copies them, for every kind of command, and its bodies and keys are slices of the
+    /// entry's bytes (no copy); bytes that are no command are refused by both alike.
+    #[test]
+    fn a_command_decoded_as_slices_of_its_entry_is_the_command(
+        command in prop_oneof![arb_command(), arb_append_of_full_messages()],
+        cut in any::<prop::sample::Index>(),
+        flip in any::<prop::sample::Index>(),
+    ) {
+        let bytes = encode_command(&command);
+        let shared = decode_command_shared(&bytes);
+        prop_assert_eq!(&shared, &Ok(command));
+        if let Ok(Command::Append { messages, .. }) = &shared {
+            let within = bytes.as_ptr_range();
+            for m in messages {
+                let parts = m.key.iter().chain([&m.body]).filter(|b| !b.is_empty());
+                for part in parts {
+                    prop_assert!(within.contains(&part.as_ptr()), "a copy, not a slice");
+                }
+            }
+        }
+        // Damaged: cut short, or a byte changed.
+        let short = bytes.slice(..cut.index(bytes.len().max(1)));
+        prop_assert_eq!(decode_command_shared(&short), decode_command(&short));
+        if !bytes.is_empty() {
+            let mut changed = bytes.to_vec();
+            changed[flip.index(bytes.len())] ^= 0x5a;
+            let changed = bytes::Bytes::from(changed);
+            prop_assert_eq!(decode_command_shared(&changed), decode_command(&changed));
+        }
     }
 
     /// Whatever the commands, every (producer, seq) is written at most once, and no consume

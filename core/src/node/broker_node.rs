@@ -20,8 +20,8 @@ use super::protocol::{
 use super::seen_requests::SeenRequests;
 use crate::broker::{
     BrokerConfig, BrokerState, Command, Holder, Message, Offset, Outcome, PullPlan, QueueId,
-    ReadMessage, Refusal, StoreOp, decode_command, decode_record_checking, encode_command,
-    holds_messages,
+    ReadMessage, Refusal, StoreOp, decode_command, decode_command_shared, decode_record_checking,
+    encode_command, holds_messages,
 };
 use crate::client::AllocationStrategy;
 use crate::limits::{
@@ -2544,7 +2544,7 @@ impl BrokerNode {
                         Machine::Broker(state) => {
                             // Decoded here rather than by `apply_bytes`, to count what the
                             // command did per consumer group and queue.
-                            let (outcome, counted) = match decode_command(bytes) {
+                            let (outcome, counted) = match decode_command_shared(bytes) {
                                 Ok(command) => {
                                     let counted = Counted::of(&command);
                                     (state.apply(command), counted)

@@ -173,6 +173,12 @@ pub const CONNECTION_OUTPUT_BYTES_MAX: usize = 64 << 20;
 /// buffer megabytes.
 pub const UNAUTHENTICATED_FRAME_BYTES_MAX: usize = 16 << 10;
 
+/// The Raft commands of an append frame at least this long are kept as slices of the frame
+/// rather than copied: entries stay in the log until it is compacted, and a slice keeps its
+/// whole read buffer (up to a read's 64 KiB beside the frame) alive, so only frames large
+/// against that are sliced.
+pub const SHARED_FRAME_BYTES_MIN: usize = 16 << 10;
+
 /// The `len` and `crc32c` fields in front of every frame (and every log record).
 pub const FRAME_HEADER_BYTES: usize = 8;
 

@@ -14,6 +14,7 @@
 
 use std::fmt;
 
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{Offset, QueueId};
@@ -183,12 +184,11 @@ impl postcard::ser_flavors::Flavor for AppendTo<'_> {
 /// Reassembles frames from a byte stream that arrives in arbitrary pieces.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
+    /// Received bytes not yet returned as frames. A frame is split off its front, and a frame's
+    /// large commands and message bodies are slices of it (see `shared`).
+    buf: BytesMut,
     /// The largest payload accepted: a header announcing more ends the stream.
     frame_bytes_max: usize,
-    /// Bytes of `buf` already returned as frames; compacted lazily so a burst of small frames
-    /// does not shift the buffer once per frame.
-    consumed: usize,
     /// Set after the first error: the stream has lost its framing and nothing after it can be
     /// trusted.
     failed: Option<WireError>,
@@ -209,9 +209,8 @@ impl FrameDecoder {
     /// a server reads a stranger's frames with a small maximum until it has authenticated.
     pub fn with_frame_bytes_max(frame_bytes_max: usize) -> FrameDecoder {
         FrameDecoder {
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             frame_bytes_max: frame_bytes_max.min(FRAME_BYTES_MAX),
-            consumed: 0,
             failed: None,
         }
     }
@@ -226,16 +225,12 @@ impl FrameDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.consumed > 0 && self.consumed >= self.buf.len() / 2 {
-            self.buf.drain(..self.consumed);
-            self.consumed = 0;
-        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes received and not yet returned as frames.
     pub fn buffered_bytes(&self) -> usize {
-        self.buf.len() - self.consumed
+        self.buf.len()
     }
 
     /// The next complete frame, `None` if more bytes are needed, or the error that ends this
@@ -254,7 +249,7 @@ impl FrameDecoder {
     }
 
     fn decode_next(&mut self) -> Result<Option<Frame>, WireError> {
-        let rest = self.buf.get(self.consumed..).unwrap_or_default();
+        let rest = &self.buf[..];
         let Some((len, stored)) = read_header(rest) else {
             return Ok(None);
         };
@@ -272,7 +267,11 @@ impl FrameDecoder {
         if computed != stored {
             return Err(WireError::Checksum { stored, computed });
         }
-        let frame = match postcard::take_from_bytes::<Frame>(payload) {
+        let payload = self.buf.split_to(end).freeze().slice(FRAME_HEADER_BYTES..);
+        if let Some(frame) = shared::decode_sliced(&payload) {
+            return Ok(Some(frame));
+        }
+        let frame = match postcard::take_from_bytes::<Frame>(&payload) {
             Ok((frame, [])) => frame,
             Ok((_, trailing)) => {
                 return Err(WireError::Malformed(format!(
@@ -282,7 +281,6 @@ impl FrameDecoder {
             }
             Err(e) => return Err(WireError::Malformed(e.to_string())),
         };
-        self.consumed += end;
         Ok(Some(frame))
     }
 }
@@ -315,5 +313,6 @@ pub fn check_hello(frame: &Frame) -> Result<Hello, WireError> {
     }
 }
 
+mod shared;
 #[cfg(test)]
 mod tests;

@@ -66,7 +66,6 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, CodecError> {
 /// written, so at most the one entry being evicted is held partly.
 pub fn decode_command_shared(bytes: &Bytes) -> Result<Command, CodecError> {
     match postcard::from_bytes::<BorrowedCommand<'_>>(bytes) {
-        Ok(BorrowedCommand::CreateQueues { queues }) => Ok(Command::CreateQueues { queues }),
         Ok(BorrowedCommand::Append {
             queue,
             producer_id,
@@ -77,31 +76,21 @@ pub fn decode_command_shared(bytes: &Bytes) -> Result<Command, CodecError> {
             queue,
             producer_id,
             first_seq,
-            messages: messages
-                .into_iter()
-                .map(|m| Message {
-                    key: m.key.map(|key| bytes.slice_ref(key)),
-                    tags: m.tags,
-                    properties: m.properties,
-                    body: bytes.slice_ref(m.body),
-                })
-                .collect(),
+            messages: messages.into_iter().map(|m| m.sliced(bytes)).collect(),
             stamp_ms,
         }),
         // Any other command (or bytes that are none): as `decode_command` sees it.
-        Err(_) => decode_command(bytes),
+        Ok(BorrowedCommand::CreateQueues(_)) | Err(_) => decode_command(bytes),
     }
 }
 
-/// The first two variants of [`Command`], in its order and with its fields, borrowing the
-/// bytes of messages: postcard names a variant by its index, so this decodes exactly the
-/// `CreateQueues` and `Append` commands and refuses the others (a test checks it against
-/// `decode_command` on arbitrary commands).
+/// The first two variants of [`Command`] in its order, `Append` with its fields, borrowing
+/// the bytes of messages: postcard names a variant by its index, so this decodes exactly the
+/// `Append` commands and refuses the others (a test checks it against `decode_command` on
+/// arbitrary commands).
 #[derive(Deserialize)]
 enum BorrowedCommand<'a> {
-    CreateQueues {
-        queues: Vec<QueueId>,
-    },
+    CreateQueues(Elsewhere),
     Append {
         queue: QueueId,
         producer_id: ProducerId,
@@ -114,13 +103,35 @@ enum BorrowedCommand<'a> {
 
 /// [`Message`], borrowing its key and body.
 #[derive(Deserialize)]
-struct BorrowedMessage<'a> {
+pub(crate) struct BorrowedMessage<'a> {
     #[serde(borrow)]
     key: Option<&'a [u8]>,
     tags: Vec<String>,
     properties: BTreeMap<String, String>,
     #[serde(borrow)]
     body: &'a [u8],
+}
+
+/// In a mirror of an enum, the place of a variant that the mirror leaves to the plain
+/// decoding: refuses to decode, so the mirror's decoding fails there.
+pub(crate) struct Elsewhere;
+
+impl<'de> Deserialize<'de> for Elsewhere {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Elsewhere, D::Error> {
+        Err(serde::de::Error::custom("decoded elsewhere"))
+    }
+}
+
+impl BorrowedMessage<'_> {
+    /// The message, its key and body slices of `source`, the bytes it was decoded from.
+    pub(crate) fn sliced(self, source: &Bytes) -> Message {
+        Message {
+            key: self.key.map(|key| source.slice_ref(key)),
+            tags: self.tags,
+            properties: self.properties,
+            body: source.slice_ref(self.body),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ mod state;
 mod store;
 mod types;
 
+pub(crate) use codec::{BorrowedMessage, Elsewhere};
 pub use codec::{CodecError, decode_command, decode_command_shared, encode_command};
 pub use dedup::DEDUP_WINDOW_SEQS;
 pub use offsets::GroupOffsets;

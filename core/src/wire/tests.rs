@@ -271,3 +271,104 @@ fn a_small_maximum_refuses_what_the_default_accepts() {
         FRAME_BYTES_MAX
     );
 }
+
+/// Every kind of frame the sliced decoding handles, and some it hands back, decode through a
+/// decoder exactly as postcard decodes their bytes; the commands of a large append and a
+/// send's keys and bodies are then slices of the frame's bytes, and a small append's
+/// commands copies of their own.
+#[test]
+fn frames_decoded_with_slices_are_the_frames_postcard_decodes() {
+    let large = vec![0xab; crate::limits::SHARED_FRAME_BYTES_MIN];
+    let mut config = append(vec![b"c".to_vec()], 4);
+    if let Frame::Peer(Envelope {
+        message: Message::Append { entries, .. },
+        ..
+    }) = &mut config
+    {
+        entries[1].kind = EntryKind::Config(crate::raft::Membership::new([1, 2, 3]));
+    }
+    let mut tagged = send(&[vec![1; 100], vec![2; 200]]);
+    if let Frame::Request {
+        request: Request::Send { messages, .. },
+        ..
+    } = &mut tagged
+    {
+        messages[0].key = Some(Bytes::from_static(b"key"));
+        messages[0].tags = vec!["a".into()];
+        messages[0].properties.insert("p".into(), "v".into());
+    }
+    let frames = vec![
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            node: Some(2),
+            token: None,
+        },
+        append(vec![large.clone(), b"small".to_vec()], 3),
+        append(vec![b"one".to_vec(), b"two".to_vec()], 3),
+        append(vec![], u64::MAX),
+        config,
+        Frame::Peer(Envelope {
+            group: 1,
+            from: 2,
+            to: 3,
+            message: Message::Heartbeat {
+                term: 2,
+                commit: 3,
+                context: 4,
+            },
+        }),
+        send(&[vec![5; 1000], vec![6; 1000], vec![]]),
+        tagged,
+        Frame::Request {
+            id: 1,
+            request: Request::Topics,
+        },
+        Frame::Goodbye {
+            reason: "bye".into(),
+        },
+    ];
+    let mut sliced = 0;
+    for frame in &frames {
+        let bytes = encoded(std::slice::from_ref(frame));
+        let payload = Bytes::copy_from_slice(&bytes[FRAME_HEADER_BYTES..]);
+        let plain: Frame = postcard::from_bytes(&payload).expect("decodes");
+        assert_eq!(&plain, frame);
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes);
+        assert_eq!(decoder.next_frame(), Ok(Some(frame.clone())));
+
+        let Some(got) = shared::decode_sliced(&payload) else {
+            continue;
+        };
+        sliced += 1;
+        assert_eq!(&got, frame);
+        let within = payload.as_ptr_range();
+        let inside = |b: &Bytes| b.is_empty() || within.contains(&b.as_ptr());
+        match &got {
+            Frame::Peer(Envelope {
+                message: Message::Append { entries, .. },
+                ..
+            }) => {
+                for entry in entries {
+                    if let EntryKind::Commands(commands) = &entry.kind {
+                        for command in commands.iter().filter(|c| !c.is_empty()) {
+                            let large = payload.len() >= crate::limits::SHARED_FRAME_BYTES_MIN;
+                            assert_eq!(inside(command), large, "{command:?} in {frame:?}");
+                        }
+                    }
+                }
+            }
+            Frame::Request {
+                request: Request::Send { messages, .. },
+                ..
+            } => {
+                for m in messages {
+                    assert!(inside(&m.body) && m.key.as_ref().is_none_or(inside));
+                }
+            }
+            other => panic!("sliced a frame it does not slice: {other:?}"),
+        }
+    }
+    // The appends without a configuration entry, and both sends.
+    assert_eq!(sliced, 5);
+}

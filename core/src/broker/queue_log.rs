@@ -595,6 +595,55 @@ mod tests {
         assert!(log.entry(2).is_some(), "the index keeps it all the same");
     }
 
+    /// The core's unit tests run the check after every command, so it must pass on every
+    /// state `apply` builds; and it must fail, never panic, on each disagreement it names
+    /// (the simulator reports what it returns).
+    #[test]
+    fn the_invariant_check_reports_each_disagreement_of_index_and_cache() {
+        let mut good = QueueLog::default();
+        for body in ["a", "bb", "ccc"] {
+            good.push(&stored(body), true);
+        }
+        good.pop_front();
+        assert_eq!(good.check_invariants(true), Ok(()));
+        // The start past the end.
+        let mut bad = good.clone();
+        bad.start = bad.end + 1;
+        assert!(bad.check_invariants(false).is_err());
+        // More cached than retained, by fewer than the start: the first cached offset would
+        // be below 0.
+        let mut bad = good.clone();
+        bad.start = 2;
+        bad.cached.push_front(stored("z"));
+        bad.cached.push_front(stored("y"));
+        assert_eq!(
+            (
+                bad.cached.len() as Offset,
+                bad.end - bad.start,
+                bad.end + bad.start
+            ),
+            (4, 1, 5)
+        );
+        assert_eq!(
+            bad.check_invariants(false),
+            Err("4 cached of 1 retained".to_string())
+        );
+        // A cached message the index holds otherwise.
+        let mut bad = good.clone();
+        bad.cached[1] = stored("cc");
+        assert!(bad.check_invariants(false).is_err());
+        // The byte count off: only the full pass looks.
+        let mut bad = good.clone();
+        bad.bytes += 1;
+        assert_eq!(bad.check_invariants(false), Ok(()));
+        assert!(bad.check_invariants(true).is_err());
+        // A retained offset with no entry.
+        let mut bad = good.clone();
+        bad.drop_cache();
+        bad.end += 1;
+        assert!(bad.check_invariants(true).is_err());
+    }
+
     #[test]
     fn a_queue_ending_too_far_is_refused() {
         assert!(QueueLog::check_end(END_MAX - 1, 1).is_err());
@@ -779,6 +828,25 @@ mod tests {
         assert_eq!(all(&round_trip(&cut)), vec![]);
     }
 
+    /// Writing a snapshot copies each block's columns as they are: only a first block that
+    /// retention cut into is laid out again (once a snapshot, the module's doc says), not a
+    /// queue's blocks that hold no dropped entry, nor a restored queue's first block that
+    /// starts in the middle of its span.
+    #[test]
+    fn a_snapshot_lays_out_again_only_a_first_block_retention_cut_into() {
+        let relaid = |log: &QueueLog| -> Vec<bool> {
+            log.snapshot_blocks()
+                .map(|b| matches!(b, Cow::Owned(_)))
+                .collect()
+        };
+        let mut log = filled(0, 2 * B + 3, entry_at);
+        assert_eq!(relaid(&log), vec![false, false, false]);
+        log.pop_front();
+        assert_eq!(relaid(&log), vec![true, false, false]);
+        let fresh = filled(B + 10, 2 * B + 3, entry_at);
+        assert_eq!(relaid(&fresh), vec![false, false]);
+    }
+
     #[test]
     fn a_snapshot_job_shares_full_blocks_and_sees_no_later_change() {
         let mut log = filled(0, 2 * B + 3, entry_at);
@@ -821,6 +889,29 @@ mod tests {
         // An end past the maximum.
         assert!(QueueLog::from_blocks(END_MAX - 2, images[1..].to_vec()).is_err());
         assert!(QueueLog::from_blocks(END_MAX, Vec::new()).is_err());
+    }
+
+    /// `snapshot_blocks` writes no empty block and sizes of whole entries only, so an image
+    /// with either is damaged: refused, not restored into an index whose next snapshot writes
+    /// other bytes (an empty block) or whose sizes are read out of step (a partial size).
+    #[test]
+    fn a_block_of_no_entries_or_of_a_partial_size_is_refused() {
+        let log = filled(0, B + 4, entry_at);
+        let images = round_trip_images(&log);
+        assert!(QueueLog::from_blocks(0, images.clone()).is_ok());
+        // After a full block, or alone.
+        let empty = vec![images[0].clone(), BlockImage::default()];
+        assert!(QueueLog::from_blocks(0, images[..1].to_vec()).is_ok());
+        assert!(QueueLog::from_blocks(0, empty).is_err());
+        assert!(QueueLog::from_blocks(B, vec![BlockImage::default()]).is_err());
+        for extra in 1..4 {
+            let mut partial = images.clone();
+            partial[1].sizes.extend(std::iter::repeat_n(0, extra));
+            assert!(
+                QueueLog::from_blocks(0, partial).is_err(),
+                "{extra} bytes of a size"
+            );
+        }
     }
 
     fn round_trip_images(log: &QueueLog) -> Vec<BlockImage> {

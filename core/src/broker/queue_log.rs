@@ -914,6 +914,34 @@ mod tests {
         }
     }
 
+    /// Only the last block may be short: a short one before it, even with the next one
+    /// starting where it stops, leaves offsets no block's span indexes.
+    #[test]
+    fn a_short_block_before_the_last_is_refused_even_where_the_next_one_follows_it() {
+        let first = round_trip_images(&filled(0, 4, entry_at));
+        let next = round_trip_images(&filled(4, 8, entry_at));
+        assert_eq!((first.len(), next.len()), (1, 1));
+        let mut images = first.clone();
+        images.extend(next.clone());
+        assert!(QueueLog::from_blocks(0, images).is_err());
+        // The same entries as one block are fine.
+        let whole = filled(0, 8, entry_at);
+        let back = QueueLog::from_blocks(0, round_trip_images(&whole)).expect("reads back");
+        assert_eq!(all(&back), all(&whole));
+    }
+
+    /// `from_blocks` checks the end itself (a caller other than the snapshot's decoding, which
+    /// checks again, gets no index past the maximum): a first block that ends exactly at
+    /// [`END_MAX`] is refused, one that ends just below it is not.
+    #[test]
+    fn a_restored_queue_ending_at_the_maximum_is_refused() {
+        let at = filled(END_MAX - 2, END_MAX, |_| entry_at(0));
+        assert!(QueueLog::from_blocks(END_MAX - 2, round_trip_images(&at)).is_err());
+        let below = filled(END_MAX - 3, END_MAX - 1, |_| entry_at(0));
+        let back = QueueLog::from_blocks(END_MAX - 3, round_trip_images(&below));
+        assert_eq!(back.map(|log| log.end()), Ok(END_MAX - 1));
+    }
+
     fn round_trip_images(log: &QueueLog) -> Vec<BlockImage> {
         log.snapshot_blocks()
             .map(|block| {

@@ -1735,6 +1735,14 @@ impl Replica {
             AppendResult::Accepted { match_index }
             | AppendResult::AcceptedVotesLost { match_index } => {
                 let votes_lost = matches!(result, AppendResult::AcceptedVotesLost { .. });
+                if progress.votes_lost && !votes_lost {
+                    // A wiped replica stays wiped (see `Damage::votes_lost`): an ordinary
+                    // answer after one that said so was sent before the wipe and delivered
+                    // late. Taken, it would count the match the wiped replica reported since,
+                    // and a deposed leader could commit over the new leader's entries (seed
+                    // 719002261 of the raft workload).
+                    return;
+                }
                 let counting_changed = progress.votes_lost != votes_lost;
                 progress.votes_lost = votes_lost;
                 progress.recent_active = !votes_lost;

@@ -387,6 +387,52 @@ fn a_wiped_followers_acknowledgement_counts_for_no_commit_lease_or_check_quorum(
     assert_eq!(leader.status().commit_index, last);
 }
 
+/// Seed 719002261 of the raft workload: a follower's disk was wiped, the deposed leader it
+/// followed repaired it (its answers said its votes were lost, and were not counted), then an
+/// answer the follower sent before the wipe arrived late. Taken as a sign the follower counts
+/// again, it let the deposed leader commit, with the match the wiped follower had reported
+/// since, an entry the new leader had overwritten.
+#[test]
+fn a_late_answer_from_before_a_followers_wipe_does_not_make_it_count_again() {
+    let now = later(1);
+    let mut leader = elected_with_a_proposal(now);
+    settle(&mut leader, now);
+    let last = leader.status().last_index;
+    let term = leader.status().term;
+    let wiped = AppendResult::AcceptedVotesLost { match_index: last };
+    leader.step(now, 2, answer(term, wiped));
+    settle(&mut leader, now);
+    assert_eq!(
+        leader.status().commit_index,
+        5,
+        "a wiped follower counts for nothing"
+    );
+    let from_before_the_wipe = AppendResult::Accepted { match_index: 5 };
+    leader.step(now, 2, answer(term, from_before_the_wipe));
+    settle(&mut leader, now);
+    assert_eq!(
+        leader.status().commit_index,
+        5,
+        "committed with the match a wiped follower reported"
+    );
+    leader.handle_timeout(now + Duration::from_millis(50));
+    settle(&mut leader, now + Duration::from_millis(50));
+    assert!(!leader.read_lease(now + Duration::from_millis(50)));
+}
+
+/// Node 1 elected in term 3 over 1..=5 of term 2 at `now`, with one proposal (7, after its
+/// term's first entry) not yet written.
+fn elected_with_a_proposal(now: Instant) -> Replica {
+    let mut leader = with_log(2, 5, 5);
+    elect(&mut leader, now);
+    assert!(
+        leader
+            .propose(now, 1, vec![Bytes::from_static(b"c")])
+            .is_ok()
+    );
+    leader
+}
+
 fn wiped_ack_at(match_index: Index) -> Message {
     Message::AppendResponse {
         term: 2,
@@ -972,14 +1018,8 @@ fn a_new_leaders_timers_start_at_its_election() {
 /// answer (an idle leader gets none).
 #[test]
 fn a_leader_commits_when_its_own_write_syncs_after_a_followers_acknowledgement() {
-    let mut leader = with_log(2, 5, 5);
     let now = later(1);
-    elect(&mut leader, now);
-    assert!(
-        leader
-            .propose(now, 1, vec![Bytes::from_static(b"c")])
-            .is_ok()
-    );
+    let mut leader = elected_with_a_proposal(now);
     let write = leader.poll_write().expect("the proposal is written");
     leader.step(now, 2, answer(3, AppendResult::Accepted { match_index: 7 }));
     assert_eq!(

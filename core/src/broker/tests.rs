@@ -2672,3 +2672,65 @@ fn an_operator_seeks_a_group_to_the_first_message_stored_at_or_after_a_time() {
         "after the newest message: the end"
     );
 }
+
+/// A restart from a snapshot taken before a creation of a newer incarnation of a topic whose
+/// older incarnation's drop never arrived (its tombstone was forgotten): replaying the
+/// creation drops the older queues, whose files the store removed before the crash, so the
+/// restored state no longer asks the store for them. A creation of an older incarnation, or
+/// of the same one, drops nothing and everything is asked for.
+#[test]
+fn a_restart_before_a_newer_incarnations_creation_finds_the_older_queues_legitimately_gone() {
+    let q0 = QueueId::new("orders", 0);
+    let q1 = QueueId::new("orders", 1);
+    let mut state = BrokerState::new(BrokerConfig::default());
+    let mut store = MemoryStore::default();
+    create_at(&mut state, 3, "orders", 2);
+    appended_at(append(&mut state, 0, 1, 0, 3));
+    appended_at(append(&mut state, 1, 1, 3, 2));
+    for op in state.take_store_ops() {
+        store.apply(1, op).expect("applies");
+    }
+    let before = state.metadata_snapshot().expect("encodes");
+
+    let log = [Command::CreateQueuesAt {
+        queues: vec![(4, q0.clone())],
+    }];
+    for command in &log {
+        state.apply(command.clone());
+    }
+    for op in state.take_store_ops() {
+        store.apply(1, op).expect("applies");
+    }
+    assert_eq!(state.queue_len(&q1), None, "the older incarnation went");
+
+    let mut restored = BrokerState::restore(BrokerConfig::default(), &before).expect("ok");
+    let mut gone = restored.expect_replay(&log);
+    gone.sort();
+    assert_eq!(gone, vec![q0.clone(), q1.clone()]);
+    let mut recovered = store.clone();
+    for op in restored.take_store_ops() {
+        recovered
+            .apply(1, op)
+            .expect("recovery finds the older queues legitimately gone");
+    }
+    for command in &log {
+        restored.apply(command.clone());
+    }
+    assert_eq!(restored.snapshot(), state.snapshot());
+
+    for epoch in [2, 3] {
+        let mut restored = BrokerState::restore(BrokerConfig::default(), &before).expect("ok");
+        let older = [Command::CreateQueuesAt {
+            queues: vec![(epoch, q0.clone())],
+        }];
+        assert_eq!(
+            restored.expect_replay(&older),
+            Vec::<QueueId>::new(),
+            "{epoch}"
+        );
+        match restored.take_store_ops().as_slice() {
+            [StoreOp::Recover { queues }] => assert_eq!(queues.len(), 2, "{epoch}"),
+            other => panic!("restoring asks {other:?}"),
+        }
+    }
+}

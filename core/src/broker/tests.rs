@@ -2734,3 +2734,37 @@ fn a_restart_before_a_newer_incarnations_creation_finds_the_older_queues_legitim
         }
     }
 }
+
+fn drop_at(state: &mut BrokerState, topic: &str, epoch: u64) {
+    state.apply(Command::DropTopic {
+        topic: topic.into(),
+        epoch,
+    });
+}
+
+/// A drop of a newer incarnation than the one this group dropped (its creation here is still
+/// to come, or never came) raises the tombstone to it: a late creation of that incarnation is
+/// refused like one of the dropped incarnation, and only a newer one is created.
+#[test]
+fn a_drop_of_a_newer_incarnation_over_a_tombstone_refuses_its_late_creation() {
+    let mut state = BrokerState::new(BrokerConfig::default());
+    let q0 = QueueId::new("orders", 0);
+    create_at(&mut state, 3, "orders", 1);
+    drop_at(&mut state, "orders", 3);
+    drop_at(&mut state, "orders", 4);
+    assert_eq!(
+        state.topic_mark("orders"),
+        Some(TopicMark {
+            epoch: 4,
+            dropped: true
+        })
+    );
+    create_at(&mut state, 4, "orders", 1);
+    assert_eq!(
+        state.queue_len(&q0),
+        None,
+        "the dropped incarnation 4 came back"
+    );
+    create_at(&mut state, 5, "orders", 1);
+    assert_eq!(state.queue_len(&q0), Some(0));
+}

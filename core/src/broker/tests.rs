@@ -2768,3 +2768,57 @@ fn a_drop_of_a_newer_incarnation_over_a_tombstone_refuses_its_late_creation() {
     create_at(&mut state, 5, "orders", 1);
     assert_eq!(state.queue_len(&q0), Some(0));
 }
+
+/// The group keeps at most `TOMBSTONES_MAX` tombstones: under it every one is kept; past it the
+/// one of the oldest incarnation among the other topics is forgotten (so a late creation of
+/// it would be taken), never the mark of a topic that is not dropped, however old.
+#[test]
+fn past_the_most_tombstones_only_the_oldest_other_tombstone_is_forgotten() {
+    use crate::limits::TOMBSTONES_MAX;
+    let mut state = BrokerState::new(BrokerConfig::default());
+    // A live topic of an incarnation older than every tombstone's.
+    create_at(&mut state, 1, "live", 1);
+    let name = |t: usize| format!("t{t}");
+    for t in 0..TOMBSTONES_MAX {
+        drop_at(&mut state, &name(t), 2 + t as u64);
+    }
+    for t in [0, 1, TOMBSTONES_MAX - 1] {
+        assert_eq!(
+            state.topic_mark(&name(t)),
+            Some(TopicMark {
+                epoch: 2 + t as u64,
+                dropped: true
+            }),
+            "{t}: at the limit, none forgotten"
+        );
+    }
+    drop_at(&mut state, "last", 2 + TOMBSTONES_MAX as u64);
+    assert_eq!(state.topic_mark(&name(0)), None, "the oldest forgotten");
+    for t in [1, TOMBSTONES_MAX - 1] {
+        assert_eq!(
+            state.topic_mark(&name(t)).map(|m| m.dropped),
+            Some(true),
+            "{t}"
+        );
+    }
+    assert_eq!(
+        state.topic_mark("last"),
+        Some(TopicMark {
+            epoch: 2 + TOMBSTONES_MAX as u64,
+            dropped: true
+        })
+    );
+    assert_eq!(
+        state.topic_mark("live"),
+        Some(TopicMark {
+            epoch: 1,
+            dropped: false
+        }),
+        "a live topic's mark is no tombstone"
+    );
+    // What the tombstones are for: a late creation of t1 is refused, of t0 no longer.
+    create_at(&mut state, 3, &name(1), 1);
+    assert_eq!(state.queue_len(&QueueId::new(name(1), 0)), None);
+    create_at(&mut state, 2, &name(0), 1);
+    assert_eq!(state.queue_len(&QueueId::new(name(0), 0)), Some(0));
+}

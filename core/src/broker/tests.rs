@@ -2672,3 +2672,153 @@ fn an_operator_seeks_a_group_to_the_first_message_stored_at_or_after_a_time() {
         "after the newest message: the end"
     );
 }
+
+/// A restart from a snapshot taken before a creation of a newer incarnation of a topic whose
+/// older incarnation's drop never arrived (its tombstone was forgotten): replaying the
+/// creation drops the older queues, whose files the store removed before the crash, so the
+/// restored state no longer asks the store for them. A creation of an older incarnation, or
+/// of the same one, drops nothing and everything is asked for.
+#[test]
+fn a_restart_before_a_newer_incarnations_creation_finds_the_older_queues_legitimately_gone() {
+    let q0 = QueueId::new("orders", 0);
+    let q1 = QueueId::new("orders", 1);
+    let mut state = BrokerState::new(BrokerConfig::default());
+    let mut store = MemoryStore::default();
+    create_at(&mut state, 3, "orders", 2);
+    appended_at(append(&mut state, 0, 1, 0, 3));
+    appended_at(append(&mut state, 1, 1, 3, 2));
+    for op in state.take_store_ops() {
+        store.apply(1, op).expect("applies");
+    }
+    let before = state.metadata_snapshot().expect("encodes");
+
+    let log = [Command::CreateQueuesAt {
+        queues: vec![(4, q0.clone())],
+    }];
+    for command in &log {
+        state.apply(command.clone());
+    }
+    for op in state.take_store_ops() {
+        store.apply(1, op).expect("applies");
+    }
+    assert_eq!(state.queue_len(&q1), None, "the older incarnation went");
+
+    let mut restored = BrokerState::restore(BrokerConfig::default(), &before).expect("ok");
+    let mut gone = restored.expect_replay(&log);
+    gone.sort();
+    assert_eq!(gone, vec![q0.clone(), q1.clone()]);
+    let mut recovered = store.clone();
+    for op in restored.take_store_ops() {
+        recovered
+            .apply(1, op)
+            .expect("recovery finds the older queues legitimately gone");
+    }
+    for command in &log {
+        restored.apply(command.clone());
+    }
+    assert_eq!(restored.snapshot(), state.snapshot());
+
+    for epoch in [2, 3] {
+        let mut restored = BrokerState::restore(BrokerConfig::default(), &before).expect("ok");
+        let older = [Command::CreateQueuesAt {
+            queues: vec![(epoch, q0.clone())],
+        }];
+        assert_eq!(
+            restored.expect_replay(&older),
+            Vec::<QueueId>::new(),
+            "{epoch}"
+        );
+        match restored.take_store_ops().as_slice() {
+            [StoreOp::Recover { queues }] => assert_eq!(queues.len(), 2, "{epoch}"),
+            other => panic!("restoring asks {other:?}"),
+        }
+    }
+}
+
+fn drop_at(state: &mut BrokerState, topic: &str, epoch: u64) {
+    state.apply(Command::DropTopic {
+        topic: topic.into(),
+        epoch,
+    });
+}
+
+/// A drop of a newer incarnation than the one this group dropped (its creation here is still
+/// to come, or never came) raises the tombstone to it: a late creation of that incarnation is
+/// refused like one of the dropped incarnation, and only a newer one is created.
+#[test]
+fn a_drop_of_a_newer_incarnation_over_a_tombstone_refuses_its_late_creation() {
+    let mut state = BrokerState::new(BrokerConfig::default());
+    let q0 = QueueId::new("orders", 0);
+    create_at(&mut state, 3, "orders", 1);
+    drop_at(&mut state, "orders", 3);
+    drop_at(&mut state, "orders", 4);
+    assert_eq!(
+        state.topic_mark("orders"),
+        Some(TopicMark {
+            epoch: 4,
+            dropped: true
+        })
+    );
+    create_at(&mut state, 4, "orders", 1);
+    assert_eq!(
+        state.queue_len(&q0),
+        None,
+        "the dropped incarnation 4 came back"
+    );
+    create_at(&mut state, 5, "orders", 1);
+    assert_eq!(state.queue_len(&q0), Some(0));
+}
+
+/// The group keeps at most `TOMBSTONES_MAX` tombstones: under it every one is kept; past it the
+/// one of the oldest incarnation among the other topics is forgotten (so a late creation of
+/// it would be taken), never the mark of a topic that is not dropped, however old.
+#[test]
+fn past_the_most_tombstones_only_the_oldest_other_tombstone_is_forgotten() {
+    use crate::limits::TOMBSTONES_MAX;
+    let mut state = BrokerState::new(BrokerConfig::default());
+    // A live topic of an incarnation older than every tombstone's.
+    create_at(&mut state, 1, "live", 1);
+    let name = |t: usize| format!("t{t}");
+    for t in 0..TOMBSTONES_MAX {
+        drop_at(&mut state, &name(t), 2 + t as u64);
+    }
+    for t in [0, 1, TOMBSTONES_MAX - 1] {
+        assert_eq!(
+            state.topic_mark(&name(t)),
+            Some(TopicMark {
+                epoch: 2 + t as u64,
+                dropped: true
+            }),
+            "{t}: at the limit, none forgotten"
+        );
+    }
+    drop_at(&mut state, "last", 2 + TOMBSTONES_MAX as u64);
+    assert_eq!(state.topic_mark(&name(0)), None, "the oldest forgotten");
+    for t in [1, TOMBSTONES_MAX - 1] {
+        assert_eq!(
+            state.topic_mark(&name(t)).map(|m| m.dropped),
+            Some(true),
+            "{t}"
+        );
+    }
+    assert_eq!(
+        state.topic_mark("last"),
+        Some(TopicMark {
+            epoch: 2 + TOMBSTONES_MAX as u64,
+            dropped: true
+        })
+    );
+    assert_eq!(
+        state.topic_mark("live"),
+        Some(TopicMark {
+            epoch: 1,
+            dropped: false
+        }),
+        "a live topic's mark is no tombstone"
+    );
+    // What the tombstones are for: a late creation of t1 is refused, of t0 no longer.
+    create_at(&mut state, 3, &name(1), 1);
+    assert_eq!(state.queue_len(&QueueId::new(name(1), 0)), None);
+    create_at(&mut state, 2, &name(0), 1);
+    assert_eq!(state.queue_len(&QueueId::new(name(0), 0)), Some(0));
+}

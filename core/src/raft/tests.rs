@@ -694,6 +694,17 @@ fn the_counters_name_the_paths_a_replica_took() {
     settle(&mut follower, later(5));
     assert_eq!(follower.status().snapshot_index, 8);
     assert_eq!(follower.counters().snapshots_installed, 1);
+    // A leader counts each snapshot chunk it sends, and a damaged replica its repair, once
+    // (found by mutation testing: both counts as `*=` stayed 0).
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    leader.step(later(1), 2, received(64));
+    settle(&mut leader, later(1));
+    assert_eq!(leader.counters().snapshot_chunks_sent, 2);
+    let mut damaged = recovered(3, 10, damage(6));
+    damaged.step(later(1), 3, append(4, 5, 3, vec![entry(6, 4)], 6));
+    settle(&mut damaged, later(1));
+    assert_eq!(damaged.damaged_from(), None);
+    assert_eq!(damaged.counters().damage_repaired, 1);
 }
 
 #[test]

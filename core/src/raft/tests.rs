@@ -28,6 +28,8 @@
 //!   heartbeat answers keep a leader in power only if they carry a promise, send an unanswered
 //!   snapshot chunk again only after its wait, an Append only to a follower behind (even with a
 //!   full window), and drop a transfer image only once no follower is sent it.
+//! - Snapshot transfers: a follower takes a chunk only at the offset it has reached and within
+//!   the snapshot's size, and drops a partly received snapshot for a newer one.
 
 use std::time::Duration;
 
@@ -1535,4 +1537,100 @@ fn a_transfer_image_is_dropped_once_no_follower_is_sent_it() {
     leader.step(now, 2, answer(2, damaged));
     assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
     assert_eq!(leader.poll_transfer_wanted(), Some(10));
+}
+
+/// A chunk from node 2, leader of term 2, of the snapshot at `index` (of term 1), `total`
+/// bytes long: `data` at `offset`.
+fn snapshot_chunk(index: Index, offset: u64, total: u64, data: &[u8]) -> Message {
+    Message::InstallSnapshot {
+        term: 2,
+        index,
+        snapshot_term: 1,
+        offset,
+        total,
+        chunk: Bytes::copy_from_slice(data),
+        membership: None,
+    }
+}
+
+/// The snapshot answers in `sent` as (index, received).
+fn snapshot_answers(sent: &[Message]) -> Vec<(Index, u64)> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::SnapshotResponse {
+                index, received, ..
+            } => Some((*index, *received)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Found by mutation testing (`handle_snapshot_chunk`'s `offset == held && fits` as `||`): a
+/// follower takes a chunk only at the offset it has reached and only if it ends within the
+/// snapshot's size; a copy of a chunk it holds, one past a lost one, or one running past the
+/// end changes nothing, and the snapshot installed is exactly the leader's.
+#[test]
+fn a_follower_takes_a_snapshot_chunk_only_at_the_offset_it_has_reached_and_within_the_size() {
+    let data: Vec<u8> = (0..192).collect();
+    let mut follower = recovered(1, 0, None);
+    let now = later(1);
+    let answers = |follower: &mut Replica, offset: u64, chunk: &[u8]| {
+        follower.step(now, 2, snapshot_chunk(10, offset, 192, chunk));
+        snapshot_answers(&settle(follower, now))
+    };
+    assert_eq!(answers(&mut follower, 0, &data[..64]), vec![(10, 64)]);
+    assert_eq!(
+        answers(&mut follower, 0, &data[..64]),
+        vec![(10, 64)],
+        "a copy"
+    );
+    assert_eq!(
+        answers(&mut follower, 128, &data[128..]),
+        vec![(10, 64)],
+        "ahead"
+    );
+    let too_long = [data[64..].to_vec(), vec![0; 64]].concat();
+    assert_eq!(
+        answers(&mut follower, 64, &too_long),
+        vec![(10, 64)],
+        "past the end"
+    );
+    assert_eq!(answers(&mut follower, 64, &data[64..128]), vec![(10, 128)]);
+    assert_eq!(follower.poll_restore(), None);
+    follower.step(now, 2, snapshot_chunk(10, 128, 192, &data[128..]));
+    settle(&mut follower, now);
+    let installed = follower
+        .poll_restore()
+        .expect("the whole snapshot is installed");
+    assert_eq!((installed.index, installed.data), (10, Bytes::from(data)));
+}
+
+/// Found by mutation testing (`handle_snapshot_chunk`'s guard that keeps the bytes received,
+/// `incoming.index == index && incoming.term == term && incoming.total == total`, as `true`,
+/// or with either `&&` as `||`): a follower holding part of one snapshot drops it when the
+/// leader starts over with a newer one, even of the same term and size, instead of finishing
+/// the newer one on the older one's bytes.
+#[test]
+fn a_partly_received_snapshot_is_dropped_for_a_newer_one_of_the_same_term_and_size() {
+    let older = [1u8; 128];
+    let newer: Vec<u8> = (0..128).collect();
+    let mut follower = recovered(1, 0, None);
+    let now = later(1);
+    follower.step(now, 2, snapshot_chunk(10, 0, 128, &older[..64]));
+    assert_eq!(
+        snapshot_answers(&settle(&mut follower, now)),
+        vec![(10, 64)]
+    );
+    // The leader compacted further meanwhile and sends its newer snapshot from the start.
+    follower.step(now, 2, snapshot_chunk(12, 0, 128, &newer[..64]));
+    assert_eq!(
+        snapshot_answers(&settle(&mut follower, now)),
+        vec![(12, 64)]
+    );
+    follower.step(now, 2, snapshot_chunk(12, 64, 128, &newer[64..]));
+    settle(&mut follower, now);
+    let installed = follower
+        .poll_restore()
+        .expect("the newer snapshot is installed");
+    assert_eq!((installed.index, installed.data), (12, Bytes::from(newer)));
 }

@@ -29,7 +29,9 @@
 //!   snapshot chunk again only after its wait, an Append only to a follower behind (even with a
 //!   full window), and drop a transfer image only once no follower is sent it.
 //! - Snapshot transfers: a follower takes a chunk only at the offset it has reached and within
-//!   the snapshot's size, and drops a partly received snapshot for a newer one.
+//!   the snapshot's size, and drops a partly received snapshot for a newer one; a leader that
+//!   compacts during a transfer starts it over with the newer snapshot (and that one's transfer
+//!   image), and answers about the older one move nothing.
 
 use std::time::Duration;
 
@@ -1633,4 +1635,69 @@ fn a_partly_received_snapshot_is_dropped_for_a_newer_one_of_the_same_term_and_si
         .poll_restore()
         .expect("the newer snapshot is installed");
     assert_eq!((installed.index, installed.data), (12, Bytes::from(newer)));
+}
+
+/// The snapshot chunks in `sent` as (index, offset).
+fn chunk_places(sent: &[Message]) -> Vec<(Index, u64)> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::InstallSnapshot { index, offset, .. } => Some((*index, *offset)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Node 3 acknowledges the leader's whole log, which the driver applies and compacts into a
+/// snapshot of `bytes` bytes; returns the new snapshot's index.
+fn compact_the_whole_log(leader: &mut Replica, now: Instant, bytes: usize) -> Index {
+    let last = leader.status().last_index;
+    leader.step(
+        now,
+        3,
+        answer(2, AppendResult::Accepted { match_index: last }),
+    );
+    settle(leader, now);
+    while leader.poll_committed().is_some() {}
+    assert_eq!(leader.compact(last, Bytes::from(vec![9u8; bytes])), Ok(()));
+    last
+}
+
+/// Found by mutation testing (`send_snapshot_chunk`'s `state != Snapshot || snapshot.index !=
+/// snapshot.index` and `handle_snapshot_response`'s same test, each with `||` as `&&`): a
+/// leader that compacts further while it sends a follower a snapshot starts the transfer over
+/// with the newer snapshot, from its first byte, and a late answer about the older one moves
+/// the new transfer nowhere.
+#[test]
+fn a_transfer_starts_over_with_a_newer_snapshot_and_ignores_answers_about_the_older() {
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    let now = later(1);
+    let index = compact_the_whole_log(&mut leader, now, 1_000);
+    assert!(index > 10);
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![(index, 0)]);
+    leader.step(now, 2, received(128));
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![]);
+    let answer = Message::SnapshotResponse {
+        term: 2,
+        index,
+        received: 64,
+    };
+    leader.step(now, 2, answer);
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![(index, 64)]);
+}
+
+/// Found by mutation testing (`send_snapshot_chunk`'s guard `image.index == snapshot.index` as
+/// `true`): once the leader compacts further, the transfer image of its older snapshot is not
+/// sent for the newer one; the leader asks for the newer one's image and sends that.
+#[test]
+fn a_transfer_image_of_an_older_snapshot_is_not_sent_for_a_newer_one() {
+    let mut leader = leader_sending_a_transfer_image(1_000);
+    let now = later(1);
+    let index = compact_the_whole_log(&mut leader, now, 1_000);
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![]);
+    assert_eq!(leader.poll_transfer_wanted(), Some(index));
+    let image = leader.snapshot().cloned().expect("a snapshot");
+    leader.set_transfer(image);
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![(index, 0)]);
 }

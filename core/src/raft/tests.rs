@@ -28,6 +28,10 @@
 //!   heartbeat answers keep a leader in power only if they carry a promise, send an unanswered
 //!   snapshot chunk again only after its wait, an Append only to a follower behind (even with a
 //!   full window), and drop a transfer image only once no follower is sent it.
+//! - Snapshot transfers: a follower takes a chunk only at the offset it has reached and within
+//!   the snapshot's size, and drops a partly received snapshot for a newer one; a leader that
+//!   compacts during a transfer starts it over with the newer snapshot (and that one's transfer
+//!   image), and answers about the older one move nothing.
 
 use std::time::Duration;
 
@@ -740,6 +744,17 @@ fn the_counters_name_the_paths_a_replica_took() {
     settle(&mut follower, later(5));
     assert_eq!(follower.status().snapshot_index, 8);
     assert_eq!(follower.counters().snapshots_installed, 1);
+    // A leader counts each snapshot chunk it sends, and a damaged replica its repair, once
+    // (found by mutation testing: both counts as `*=` stayed 0).
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    leader.step(later(1), 2, received(64));
+    settle(&mut leader, later(1));
+    assert_eq!(leader.counters().snapshot_chunks_sent, 2);
+    let mut damaged = recovered(3, 10, damage(6));
+    damaged.step(later(1), 3, append(4, 5, 3, vec![entry(6, 4)], 6));
+    settle(&mut damaged, later(1));
+    assert_eq!(damaged.damaged_from(), None);
+    assert_eq!(damaged.counters().damage_repaired, 1);
 }
 
 #[test]
@@ -1564,4 +1579,165 @@ fn a_transfer_image_is_dropped_once_no_follower_is_sent_it() {
     leader.step(now, 2, answer(2, damaged));
     assert_eq!(chunk_offsets(&settle(&mut leader, now)), Vec::<u64>::new());
     assert_eq!(leader.poll_transfer_wanted(), Some(10));
+}
+
+/// A chunk from node 2, leader of term 2, of the snapshot at `index` (of term 1), `total`
+/// bytes long: `data` at `offset`.
+fn snapshot_chunk(index: Index, offset: u64, total: u64, data: &[u8]) -> Message {
+    Message::InstallSnapshot {
+        term: 2,
+        index,
+        snapshot_term: 1,
+        offset,
+        total,
+        chunk: Bytes::copy_from_slice(data),
+        membership: None,
+    }
+}
+
+/// The snapshot answers in `sent` as (index, received).
+fn snapshot_answers(sent: &[Message]) -> Vec<(Index, u64)> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::SnapshotResponse {
+                index, received, ..
+            } => Some((*index, *received)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Found by mutation testing (`handle_snapshot_chunk`'s `offset == held && fits` as `||`): a
+/// follower takes a chunk only at the offset it has reached and only if it ends within the
+/// snapshot's size; a copy of a chunk it holds, one past a lost one, or one running past the
+/// end changes nothing, and the snapshot installed is exactly the leader's.
+#[test]
+fn a_follower_takes_a_snapshot_chunk_only_at_the_offset_it_has_reached_and_within_the_size() {
+    let data: Vec<u8> = (0..192).collect();
+    let mut follower = recovered(1, 0, None);
+    let now = later(1);
+    let answers = |follower: &mut Replica, offset: u64, chunk: &[u8]| {
+        follower.step(now, 2, snapshot_chunk(10, offset, 192, chunk));
+        snapshot_answers(&settle(follower, now))
+    };
+    assert_eq!(answers(&mut follower, 0, &data[..64]), vec![(10, 64)]);
+    assert_eq!(
+        answers(&mut follower, 0, &data[..64]),
+        vec![(10, 64)],
+        "a copy"
+    );
+    assert_eq!(
+        answers(&mut follower, 128, &data[128..]),
+        vec![(10, 64)],
+        "ahead"
+    );
+    let too_long = [data[64..].to_vec(), vec![0; 64]].concat();
+    assert_eq!(
+        answers(&mut follower, 64, &too_long),
+        vec![(10, 64)],
+        "past the end"
+    );
+    assert_eq!(answers(&mut follower, 64, &data[64..128]), vec![(10, 128)]);
+    assert_eq!(follower.poll_restore(), None);
+    follower.step(now, 2, snapshot_chunk(10, 128, 192, &data[128..]));
+    settle(&mut follower, now);
+    let installed = follower
+        .poll_restore()
+        .expect("the whole snapshot is installed");
+    assert_eq!((installed.index, installed.data), (10, Bytes::from(data)));
+}
+
+/// Found by mutation testing (`handle_snapshot_chunk`'s guard that keeps the bytes received,
+/// `incoming.index == index && incoming.term == term && incoming.total == total`, as `true`,
+/// or with either `&&` as `||`): a follower holding part of one snapshot drops it when the
+/// leader starts over with a newer one, even of the same term and size, instead of finishing
+/// the newer one on the older one's bytes.
+#[test]
+fn a_partly_received_snapshot_is_dropped_for_a_newer_one_of_the_same_term_and_size() {
+    let older = [1u8; 128];
+    let newer: Vec<u8> = (0..128).collect();
+    let mut follower = recovered(1, 0, None);
+    let now = later(1);
+    follower.step(now, 2, snapshot_chunk(10, 0, 128, &older[..64]));
+    assert_eq!(
+        snapshot_answers(&settle(&mut follower, now)),
+        vec![(10, 64)]
+    );
+    // The leader compacted further meanwhile and sends its newer snapshot from the start.
+    follower.step(now, 2, snapshot_chunk(12, 0, 128, &newer[..64]));
+    assert_eq!(
+        snapshot_answers(&settle(&mut follower, now)),
+        vec![(12, 64)]
+    );
+    follower.step(now, 2, snapshot_chunk(12, 64, 128, &newer[64..]));
+    settle(&mut follower, now);
+    let installed = follower
+        .poll_restore()
+        .expect("the newer snapshot is installed");
+    assert_eq!((installed.index, installed.data), (12, Bytes::from(newer)));
+}
+
+/// The snapshot chunks in `sent` as (index, offset).
+fn chunk_places(sent: &[Message]) -> Vec<(Index, u64)> {
+    sent.iter()
+        .filter_map(|m| match m {
+            Message::InstallSnapshot { index, offset, .. } => Some((*index, *offset)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Node 3 acknowledges the leader's whole log, which the driver applies and compacts into a
+/// snapshot of `bytes` bytes; returns the new snapshot's index.
+fn compact_the_whole_log(leader: &mut Replica, now: Instant, bytes: usize) -> Index {
+    let last = leader.status().last_index;
+    leader.step(
+        now,
+        3,
+        answer(2, AppendResult::Accepted { match_index: last }),
+    );
+    settle(leader, now);
+    while leader.poll_committed().is_some() {}
+    assert_eq!(leader.compact(last, Bytes::from(vec![9u8; bytes])), Ok(()));
+    last
+}
+
+/// Found by mutation testing (`send_snapshot_chunk`'s `state != Snapshot || snapshot.index !=
+/// snapshot.index` and `handle_snapshot_response`'s same test, each with `||` as `&&`): a
+/// leader that compacts further while it sends a follower a snapshot starts the transfer over
+/// with the newer snapshot, from its first byte, and a late answer about the older one moves
+/// the new transfer nowhere.
+#[test]
+fn a_transfer_starts_over_with_a_newer_snapshot_and_ignores_answers_about_the_older() {
+    let (mut leader, _) = leader_sending_snapshot(1_000);
+    let now = later(1);
+    let index = compact_the_whole_log(&mut leader, now, 1_000);
+    assert!(index > 10);
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![(index, 0)]);
+    leader.step(now, 2, received(128));
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![]);
+    let answer = Message::SnapshotResponse {
+        term: 2,
+        index,
+        received: 64,
+    };
+    leader.step(now, 2, answer);
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![(index, 64)]);
+}
+
+/// Found by mutation testing (`send_snapshot_chunk`'s guard `image.index == snapshot.index` as
+/// `true`): once the leader compacts further, the transfer image of its older snapshot is not
+/// sent for the newer one; the leader asks for the newer one's image and sends that.
+#[test]
+fn a_transfer_image_of_an_older_snapshot_is_not_sent_for_a_newer_one() {
+    let mut leader = leader_sending_a_transfer_image(1_000);
+    let now = later(1);
+    let index = compact_the_whole_log(&mut leader, now, 1_000);
+    leader.step(now, 2, received(64));
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![]);
+    assert_eq!(leader.poll_transfer_wanted(), Some(index));
+    let image = leader.snapshot().cloned().expect("a snapshot");
+    leader.set_transfer(image);
+    assert_eq!(chunk_places(&settle(&mut leader, now)), vec![(index, 0)]);
 }

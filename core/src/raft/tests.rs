@@ -557,11 +557,9 @@ fn leader_sending_snapshot(bytes: usize) -> (Replica, Message) {
 }
 
 fn chunk_offsets(sent: &[Message]) -> Vec<u64> {
-    sent.iter()
-        .filter_map(|m| match m {
-            Message::InstallSnapshot { offset, .. } => Some(*offset),
-            _ => None,
-        })
+    chunk_places(sent)
+        .into_iter()
+        .map(|(_, offset)| offset)
         .collect()
 }
 

@@ -6,10 +6,8 @@
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::broker::Elsewhere;
-
 use super::Frame;
-use crate::broker::{BorrowedMessage, ProducerId, QueueId, Seq};
+use crate::broker::{BorrowedMessage, Elsewhere, ProducerId, QueueId, Seq};
 use crate::limits::SHARED_FRAME_BYTES_MIN;
 use crate::node::protocol::{Request, RequestId};
 use crate::raft::{Entry, EntryKind, Envelope, GroupId, Index, Message, NodeId, Term};
